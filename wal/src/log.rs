@@ -1,0 +1,755 @@
+//! The log itself: open and recover a directory of segments, stage and group-commit records,
+//! read them in place, truncate either end, and keep hard state and snapshots beside them.
+
+use crate::atomic::{decode_framed, encode_framed, fsync_dir, write_atomic, DualFile};
+use crate::error::{Result, WalError};
+use crate::format::{encode_record_into, record_size, RecordHeader, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
+use crate::recovery::{judge_sealed, judge_tail, scan_segment, TailVerdict};
+use crate::segment::{parse_segment_file_name, preallocate, Segment};
+use crate::sync::{SyncBackend, SyncChoice, Writer};
+use std::fs::{self, File, OpenOptions};
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+/// Segments are at least a page and at most 1 GiB: offsets are u32 and a whole segment must
+/// fit one io_uring write.
+pub const SEGMENT_SIZE_MIN_BYTES: u64 = 4096;
+pub const SEGMENT_SIZE_MAX_BYTES: u64 = 1 << 30;
+pub const SEGMENT_SIZE_DEFAULT_BYTES: u64 = 64 << 20;
+/// Hard state is a small record (Raft's term, vote and commit index); bounded to keep it so.
+pub const HARD_STATE_MAX_BYTES: usize = 64 << 10;
+/// Snapshots are read whole into memory; this bounds that memory.
+pub const SNAPSHOT_MAX_BYTES: usize = 1 << 30;
+/// Zeroing (torn tails, suffix truncation) writes at most this much per call.
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+const META_MAGIC: [u8; 8] = *b"SUNDMETA";
+const HARD_STATE_MAGIC: [u8; 8] = *b"SUNDHARD";
+const SNAPSHOT_MAGIC: [u8; 8] = *b"SUNDSNAP";
+const LOCK_FILE: &str = "LOCK";
+
+/// Settings for opening a log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalOptions {
+    /// Size of each preallocated segment file (default 64 MiB; 4 KiB..=1 GiB, a multiple of
+    /// 4 KiB). Existing segments keep the size they were made with.
+    pub segment_size_bytes: u64,
+    /// How durable writes are made (default: io_uring if the kernel allows it).
+    pub sync: SyncChoice,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions { segment_size_bytes: SEGMENT_SIZE_DEFAULT_BYTES, sync: SyncChoice::Auto }
+    }
+}
+
+impl WalOptions {
+    fn validate(&self) -> Result<()> {
+        let size = self.segment_size_bytes;
+        if !(SEGMENT_SIZE_MIN_BYTES..=SEGMENT_SIZE_MAX_BYTES).contains(&size) {
+            return Err(WalError::InvalidOption { field: "segment_size_bytes", rule: "must be within 4 KiB..=1 GiB" });
+        }
+        if size % SEGMENT_SIZE_MIN_BYTES != 0 {
+            return Err(WalError::InvalidOption { field: "segment_size_bytes", rule: "must be a multiple of 4 KiB" });
+        }
+        Ok(())
+    }
+}
+
+/// One record read in place from the mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub index: u64,
+    pub tag: u64,
+    pub body: &'a [u8],
+}
+
+/// A snapshot as stored by [`Wal::save_snapshot`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The last log index the snapshot covers.
+    pub index: u64,
+    /// The tag of that index (Raft: its term).
+    pub tag: u64,
+    pub data: Vec<u8>,
+}
+
+/// What recovery found and did when the log opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub first_index: u64,
+    pub last_index: u64,
+    pub segments: usize,
+    /// Bytes of a torn, never-acknowledged tail that were zeroed.
+    pub torn_tail_bytes: u64,
+    /// Leftover files of an interrupted operation that were removed.
+    pub leftover_files_removed: usize,
+    pub backend: Option<SyncBackend>,
+}
+
+/// Records appended since the last commit: encoded, not yet written.
+#[derive(Default)]
+struct Staged {
+    bytes: Vec<u8>,
+    offsets: Vec<u32>,
+    first_index: u64,
+    last_crc: u32,
+}
+
+/// The logical bounds kept in the metadata file (twice): what recovery must find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Meta {
+    /// First index readable (records below it were truncated away).
+    first_index: u64,
+    /// First index of the newest segment, so a lost newest segment is noticed.
+    newest_segment_first_index: u64,
+}
+
+impl Meta {
+    fn encode(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        out[..8].copy_from_slice(&self.first_index.to_le_bytes());
+        out[8..].copy_from_slice(&self.newest_segment_first_index.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8], path: &Path) -> Result<Meta> {
+        let corrupt = || WalError::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            reason: "metadata has the wrong length".into(),
+        };
+        let field = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let first_index = field(0).ok_or_else(corrupt)?;
+        let newest_segment_first_index = field(8).ok_or_else(corrupt)?;
+        Ok(Meta { first_index, newest_segment_first_index })
+    }
+}
+
+/// A segmented, durable, append-only log of `(index, tag, bytes)` records.
+///
+/// Records are staged by [`Wal::append`] and made durable together by [`Wal::commit`] (one
+/// write and one fdatasync per batch). Only committed records are readable. After a failed
+/// write or sync the log refuses further writes ([`WalError::Poisoned`]) until reopened, because
+/// what reached the disk is then unknown and only recovery may decide.
+pub struct Wal {
+    dir: PathBuf,
+    options: WalOptions,
+    /// Ordered by first index; never empty; the last one is the one appended to.
+    segments: Vec<Segment>,
+    first_index: u64,
+    last_index: u64,
+    last_crc: u32,
+    staged: Staged,
+    writer: Writer,
+    poisoned: bool,
+    meta: Meta,
+    meta_file: DualFile,
+    hard_state_file: DualFile,
+    hard_state: Option<Vec<u8>>,
+    _lock: File,
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir` and recovers it. See ARCHITECTURE.md for the rules:
+    /// a torn tail of the newest segment is cut; damage to acknowledged records is an error.
+    pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<(Wal, RecoveryReport)> {
+        options.validate()?;
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir).map_err(|e| WalError::io("create directory", &dir, e))?;
+        let lock = lock_directory(&dir)?;
+        let writer = Writer::open(options.sync).map_err(WalError::IoUringUnavailable)?;
+        let mut report = RecoveryReport { backend: Some(writer.backend()), ..RecoveryReport::default() };
+        report.leftover_files_removed += remove_temp_files(&dir)?;
+        let mut meta_file = DualFile::new("meta", META_MAGIC);
+        let mut hard_state_file = DualFile::new("hardstate", HARD_STATE_MAGIC);
+        let hard_state = hard_state_file.load(&dir)?;
+        let mut wal = Wal {
+            dir,
+            options,
+            segments: Vec::new(),
+            first_index: 1,
+            last_index: 0,
+            last_crc: 0,
+            staged: Staged::default(),
+            writer,
+            poisoned: false,
+            meta: Meta { first_index: 1, newest_segment_first_index: 1 },
+            meta_file: DualFile::new("meta", META_MAGIC),
+            hard_state_file,
+            hard_state,
+            _lock: lock,
+        };
+        let meta_path = wal.dir.join("meta.0");
+        match meta_file.load(&wal.dir)? {
+            Some(payload) => {
+                wal.meta = Meta::decode(&payload, &meta_path)?;
+                wal.meta_file = meta_file;
+                wal.recover(&mut report)?;
+            }
+            None => wal.initialize(&mut report)?,
+        }
+        report.first_index = wal.first_index;
+        report.last_index = wal.last_index;
+        report.segments = wal.segments.len();
+        tracing::info!(dir = %wal.dir.display(), backend = ?wal.backend(), first_index = wal.first_index,
+            last_index = wal.last_index, segments = wal.segments.len(), torn_tail_bytes = report.torn_tail_bytes, "log opened");
+        Ok((wal, report))
+    }
+
+    /// A directory without metadata: a new log, or one whose creation was interrupted after
+    /// its first (still empty) segment was made. Anything else is refused.
+    fn initialize(&mut self, report: &mut RecoveryReport) -> Result<()> {
+        let existing = list_segments(&self.dir)?;
+        match existing.as_slice() {
+            [] => {}
+            [(1, path)] if segment_is_empty(path)? => {
+                fs::remove_file(path).map_err(|e| WalError::io("remove", path, e))?;
+                report.leftover_files_removed += 1;
+            }
+            [(_, path), ..] => {
+                return Err(WalError::Inconsistent {
+                    path: path.clone(),
+                    reason: "segments exist but the metadata files (meta.0, meta.1) are missing".into(),
+                })
+            }
+        }
+        let segment = Segment::create(&self.dir, 1, 0, self.options.segment_size_bytes)?;
+        self.segments.push(segment);
+        self.meta_file.store(&self.dir, &self.meta.encode())
+    }
+
+    /// Recovery proper: finish interrupted truncations and rotations, scan every segment,
+    /// check the chain across segments, cut a torn tail, refuse damage.
+    fn recover(&mut self, report: &mut RecoveryReport) -> Result<()> {
+        let mut names = list_segments(&self.dir)?;
+        // A segment newer than the metadata knows was created by a rotation or reset that did
+        // not finish; nothing was appended to it (appends follow the metadata update).
+        while let Some((first, path)) = names.last().cloned() {
+            if first <= self.meta.newest_segment_first_index {
+                break;
+            }
+            if !segment_is_empty(&path)? {
+                return Err(WalError::Inconsistent {
+                    path,
+                    reason: "segment newer than the metadata holds records".into(),
+                });
+            }
+            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+            report.leftover_files_removed += 1;
+            names.pop();
+        }
+        // Segments wholly below the first index are leftovers of an interrupted prefix truncation.
+        while names.len() >= 2 && names[1].0 <= self.meta.first_index {
+            let (_, path) = names.remove(0);
+            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+            report.leftover_files_removed += 1;
+        }
+        if report.leftover_files_removed > 0 {
+            fsync_dir(&self.dir)?;
+        }
+        self.check_segment_names(&names)?;
+        let count = names.len();
+        for (position, (first, path)) in names.into_iter().enumerate() {
+            let newest = position + 1 == count;
+            let segment = self.recover_segment(&path, first, newest, report)?;
+            self.last_index = segment.next_index() - 1;
+            self.segments.push(segment);
+        }
+        self.first_index = self.meta.first_index;
+        if self.last_index + 1 < self.first_index {
+            return Err(WalError::Inconsistent {
+                path: self.segments[self.segments.len() - 1].path.clone(),
+                reason: format!(
+                    "log ends at index {} but the metadata says it starts at {}",
+                    self.last_index, self.first_index
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn check_segment_names(&self, names: &[(u64, PathBuf)]) -> Result<()> {
+        let meta_path = self.dir.join("meta.0");
+        let Some((newest, _)) = names.last() else {
+            return Err(WalError::Inconsistent { path: self.dir.clone(), reason: "no segment files".into() });
+        };
+        if *newest != self.meta.newest_segment_first_index {
+            return Err(WalError::Inconsistent {
+                path: meta_path,
+                reason: format!(
+                    "newest segment should start at index {}, but the newest present starts at {newest}",
+                    self.meta.newest_segment_first_index
+                ),
+            });
+        }
+        if names[0].0 > self.meta.first_index {
+            return Err(WalError::Inconsistent {
+                path: names[0].1.clone(),
+                reason: format!(
+                    "log should start at index {} but the oldest segment starts at {}",
+                    self.meta.first_index, names[0].0
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Opens and scans one segment, checking it continues the chain of the one before.
+    fn recover_segment(
+        &mut self,
+        path: &Path,
+        first: u64,
+        newest: bool,
+        report: &mut RecoveryReport,
+    ) -> Result<Segment> {
+        let mut segment = Segment::open(path, first)?;
+        let corrupt = |offset: usize, reason: String| WalError::Corrupt {
+            path: path.to_path_buf(),
+            offset: offset as u64,
+            reason,
+        };
+        let scan = scan_segment(&segment.map).map_err(|fault| corrupt(0, fault.to_string()))?;
+        if scan.header.first_index != first {
+            return Err(corrupt(
+                0,
+                format!("header says first index {}, file name says {first}", scan.header.first_index),
+            ));
+        }
+        if let Some(previous) = self.segments.last() {
+            if previous.next_index() != first || self.last_crc != scan.header.prev_crc {
+                let reason = format!(
+                    "does not continue the previous segment, which ends at index {}",
+                    previous.next_index() - 1
+                );
+                return Err(corrupt(0, reason));
+            }
+        }
+        if newest {
+            match judge_tail(&segment.map, &scan) {
+                TailVerdict::Clean => {}
+                TailVerdict::Corrupt { offset, reason } => return Err(corrupt(offset, reason.to_string())),
+                TailVerdict::Torn { cut_offset, dirty_end } => {
+                    tracing::warn!(path = %path.display(), cut_offset, bytes = dirty_end - cut_offset,
+                        first_lost_index = scan.next_index(), "torn tail of unacknowledged records cut");
+                    zero_range(&mut self.writer, &segment.file, path, cut_offset, dirty_end)?;
+                    report.torn_tail_bytes += (dirty_end - cut_offset) as u64;
+                }
+            }
+            // A newest segment cut short (a truncated file) is made whole again so appends
+            // stay inside the mapping.
+            if (segment.map.len() as u64) < scan.header.segment_size_bytes {
+                preallocate(&segment.file, scan.header.segment_size_bytes)
+                    .map_err(|e| WalError::io("preallocate", path, e))?;
+                segment = Segment::open(path, first)?;
+            }
+        } else if let Some((offset, reason)) = judge_sealed(&segment.map, &scan) {
+            return Err(corrupt(offset, reason.to_string()));
+        }
+        segment.offsets = scan.offsets;
+        segment.write_offset = scan.end_offset;
+        self.last_crc = scan.last_crc;
+        Ok(segment)
+    }
+
+    /// Which durable-write implementation this log uses.
+    pub fn backend(&self) -> SyncBackend {
+        self.writer.backend()
+    }
+
+    /// First readable index. When the log is empty, `first_index() == last_index() + 1`.
+    pub fn first_index(&self) -> u64 {
+        self.first_index
+    }
+
+    /// Last durable index (`first_index() - 1` when empty).
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    /// Number of records staged and not yet committed.
+    pub fn staged_count(&self) -> u64 {
+        self.staged.offsets.len() as u64
+    }
+
+    /// Largest record body a segment of this log can hold.
+    pub fn record_body_max_bytes(&self) -> usize {
+        self.options.segment_size_bytes as usize - SEGMENT_HEADER_SIZE - RECORD_HEADER_SIZE
+    }
+
+    /// Stages a record and returns its index. It becomes durable and readable at the next
+    /// [`Wal::commit`]. If it does not fit the newest segment, the records staged so far are
+    /// committed first and a new segment is started.
+    pub fn append(&mut self, tag: u64, body: &[u8]) -> Result<u64> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if body.len() > self.record_body_max_bytes() {
+            return Err(WalError::TooLarge {
+                what: "record body",
+                len_bytes: body.len(),
+                max_bytes: self.record_body_max_bytes(),
+            });
+        }
+        let size = record_size(body.len());
+        let active = self.segments.last().expect("a log always has a segment");
+        let segment_end = active.map.len();
+        if active.write_offset + self.staged.bytes.len() + size > segment_end {
+            self.commit()?;
+            self.rotate()?;
+        }
+        let index = self.last_index + self.staged_count() + 1;
+        if self.staged.offsets.is_empty() {
+            self.staged.first_index = index;
+            self.staged.last_crc = self.last_crc;
+        }
+        let batch_offset = u32::try_from(index - self.staged.first_index).expect("a batch fits one segment");
+        let header = RecordHeader::new(index, tag, self.staged.last_crc, batch_offset, body);
+        let active = self.segments.last().expect("a log always has a segment");
+        let offset = active.write_offset + self.staged.bytes.len();
+        self.staged.offsets.push(u32::try_from(offset).expect("segments are at most 1 GiB"));
+        encode_record_into(&mut self.staged.bytes, &header, body);
+        self.staged.last_crc = header.crc;
+        Ok(index)
+    }
+
+    /// Makes every staged record durable with one write and one fdatasync (group commit) and
+    /// returns the last durable index. On failure the staged records are dropped and the log
+    /// is poisoned; [`Wal::last_index`] still tells what is durable.
+    pub fn commit(&mut self) -> Result<u64> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if self.staged.offsets.is_empty() {
+            return Ok(self.last_index);
+        }
+        let active = self.segments.last_mut().expect("a log always has a segment");
+        let written = self.writer.write_durable(&active.file, active.write_offset as u64, &self.staged.bytes);
+        if let Err(e) = written {
+            self.poisoned = true;
+            self.staged.bytes.clear();
+            self.staged.offsets.clear();
+            return Err(WalError::io("write", &active.path, e));
+        }
+        debug_assert_eq!(self.staged.offsets[0] as usize, active.write_offset);
+        active.write_offset += self.staged.bytes.len();
+        active.offsets.append(&mut self.staged.offsets);
+        self.last_index = active.next_index() - 1;
+        self.last_crc = self.staged.last_crc;
+        self.staged.bytes.clear();
+        Ok(self.last_index)
+    }
+
+    /// Appends a batch of `(tag, body)` records and commits them: one durability barrier.
+    pub fn append_batch<'a>(&mut self, records: impl IntoIterator<Item = (u64, &'a [u8])>) -> Result<u64> {
+        for (tag, body) in records {
+            self.append(tag, body)?;
+        }
+        self.commit()
+    }
+
+    /// Starts a new segment after the last durable record.
+    fn rotate(&mut self) -> Result<()> {
+        debug_assert!(self.staged.offsets.is_empty());
+        let first = self.last_index + 1;
+        let segment = Segment::create(&self.dir, first, self.last_crc, self.options.segment_size_bytes)?;
+        let meta = Meta { newest_segment_first_index: first, ..self.meta };
+        if let Err(e) = self.store_meta(meta) {
+            // The new segment is empty; recovery would remove it too.
+            let _ = fs::remove_file(&segment.path);
+            return Err(e);
+        }
+        self.segments.push(segment);
+        Ok(())
+    }
+
+    fn store_meta(&mut self, meta: Meta) -> Result<()> {
+        self.meta_file.store(&self.dir, &meta.encode())?;
+        self.meta = meta;
+        Ok(())
+    }
+
+    /// The durable record at `index`, read in place from the mapping; `None` outside the log.
+    pub fn get(&self, index: u64) -> Option<Entry<'_>> {
+        if index < self.first_index || index > self.last_index {
+            return None;
+        }
+        let segment = &self.segments[self.segment_position(index)];
+        let offset = segment.offset_of(index);
+        let header = RecordHeader::decode_unchecked(&segment.map[offset..offset + RECORD_HEADER_SIZE]);
+        debug_assert_eq!(header.index, index, "the in-memory index points at the right record");
+        let body_start = offset + RECORD_HEADER_SIZE;
+        let body = &segment.map[body_start..body_start + header.body_len as usize];
+        Some(Entry { index, tag: header.tag, body })
+    }
+
+    /// Iterates over the durable records from `from` (clamped to the first index) to the end.
+    pub fn iter_from(&self, from: u64) -> impl Iterator<Item = Entry<'_>> + '_ {
+        (from.max(self.first_index)..=self.last_index).map_while(move |index| self.get(index))
+    }
+
+    /// The segment file and byte offset holding the record at `index` (for error messages).
+    pub(crate) fn location(&self, index: u64) -> Option<(PathBuf, u64)> {
+        self.get(index)?;
+        let segment = &self.segments[self.segment_position(index)];
+        Some((segment.path.clone(), segment.offset_of(index) as u64))
+    }
+
+    fn segment_position(&self, index: u64) -> usize {
+        self.segments.partition_point(|s| s.first_index <= index) - 1
+    }
+
+    /// Removes every record with index ≥ `from` (Raft: a conflicting suffix). Durable when it
+    /// returns: the removed records are zeroed on disk and later segments deleted.
+    pub fn truncate_suffix(&mut self, from: u64) -> Result<()> {
+        self.check_writable("truncate_suffix")?;
+        if from > self.last_index {
+            return Ok(());
+        }
+        if from < self.first_index {
+            return Err(WalError::OutOfRange { index: from, first: self.first_index, last: self.last_index });
+        }
+        let keep = self.segment_position(from);
+        let keep_first = self.segments[keep].first_index;
+        if keep_first != self.meta.newest_segment_first_index {
+            self.store_meta(Meta { newest_segment_first_index: keep_first, ..self.meta })?;
+        }
+        // Newest first, so a crash leaves a shorter but still chained log.
+        while self.segments.len() > keep + 1 {
+            let segment = self.segments.pop().expect("len > keep + 1");
+            let path = segment.path.clone();
+            drop(segment);
+            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+        }
+        fsync_dir(&self.dir)?;
+        let segment = self.segments.last_mut().expect("kept segment");
+        let cut = if from == segment.first_index { SEGMENT_HEADER_SIZE } else { segment.offset_of(from) };
+        if let Err(e) = zero_range(&mut self.writer, &segment.file, &segment.path, cut, segment.write_offset) {
+            self.poisoned = true;
+            return Err(e);
+        }
+        segment.offsets.truncate((from - segment.first_index) as usize);
+        segment.write_offset = cut;
+        self.last_index = from - 1;
+        self.last_crc = self.crc_of_last();
+        Ok(())
+    }
+
+    /// Checksum of the last durable record, read back from the mapping (the chain's next link).
+    fn crc_of_last(&self) -> u32 {
+        let segment = self.segments.last().expect("a log always has a segment");
+        match segment.offsets.last() {
+            Some(&offset) => RecordHeader::decode_unchecked(&segment.map[offset as usize..]).crc,
+            None => crate::format::SegmentHeader::decode(&segment.map).map(|h| h.prev_crc).unwrap_or(0),
+        }
+    }
+
+    /// Makes every record with index ≤ `upto` unreadable and deletes the segments that hold
+    /// only such records (Raft: after a snapshot). With `upto ≥ last_index()` the log becomes
+    /// empty and continues at `upto + 1`.
+    pub fn truncate_prefix(&mut self, upto: u64) -> Result<()> {
+        self.check_writable("truncate_prefix")?;
+        if upto < self.first_index {
+            return Ok(());
+        }
+        if upto >= self.last_index {
+            return self.reset(upto + 1);
+        }
+        self.store_meta(Meta { first_index: upto + 1, ..self.meta })?;
+        self.first_index = upto + 1;
+        self.remove_segments_below(upto + 1)
+    }
+
+    /// Empties the log so the next record gets `next_index`; the checksum chain restarts.
+    fn reset(&mut self, next_index: u64) -> Result<()> {
+        let active = self.segments.last().expect("a log always has a segment");
+        let reuse_active = active.offsets.is_empty() && active.first_index == next_index;
+        if !reuse_active {
+            let segment = Segment::create(&self.dir, next_index, 0, self.options.segment_size_bytes)?;
+            self.segments.push(segment);
+        }
+        let meta = Meta { first_index: next_index, newest_segment_first_index: next_index };
+        if let Err(e) = self.store_meta(meta) {
+            if !reuse_active {
+                let segment = self.segments.pop().expect("just pushed");
+                let _ = fs::remove_file(&segment.path);
+            }
+            return Err(e);
+        }
+        self.first_index = next_index;
+        self.last_index = next_index - 1;
+        self.last_crc = self.crc_of_last();
+        self.remove_segments_below(next_index)
+    }
+
+    /// Deletes the oldest segments while the next one starts at or below `first_index`.
+    fn remove_segments_below(&mut self, first_index: u64) -> Result<()> {
+        let mut removed = 0;
+        while self.segments.len() >= 2 && self.segments[1].first_index <= first_index {
+            let segment = self.segments.remove(0);
+            let path = segment.path.clone();
+            drop(segment);
+            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+            removed += 1;
+        }
+        if removed > 0 {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self, op: &'static str) -> Result<()> {
+        if self.poisoned {
+            return Err(WalError::Poisoned);
+        }
+        if !self.staged.offsets.is_empty() {
+            return Err(WalError::StagedPending { op, staged: self.staged_count() });
+        }
+        Ok(())
+    }
+
+    /// The hard state last saved with [`Wal::save_hard_state`], if any.
+    pub fn hard_state(&self) -> Option<&[u8]> {
+        self.hard_state.as_deref()
+    }
+
+    /// Saves a small opaque record (Raft: term, vote, commit) atomically, in two copies.
+    pub fn save_hard_state(&mut self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > HARD_STATE_MAX_BYTES {
+            return Err(WalError::TooLarge {
+                what: "hard state",
+                len_bytes: bytes.len(),
+                max_bytes: HARD_STATE_MAX_BYTES,
+            });
+        }
+        self.hard_state_file.store(&self.dir, bytes)?;
+        self.hard_state = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    /// Saves a snapshot atomically, then removes older snapshots. It does not truncate the
+    /// log: call [`Wal::truncate_prefix`] when the snapshot should replace records.
+    pub fn save_snapshot(&mut self, index: u64, tag: u64, data: &[u8]) -> Result<()> {
+        if data.len() > SNAPSHOT_MAX_BYTES {
+            return Err(WalError::TooLarge { what: "snapshot", len_bytes: data.len(), max_bytes: SNAPSHOT_MAX_BYTES });
+        }
+        let mut payload = Vec::with_capacity(16 + data.len());
+        payload.extend_from_slice(&index.to_le_bytes());
+        payload.extend_from_slice(&tag.to_le_bytes());
+        payload.extend_from_slice(data);
+        let name = snapshot_file_name(index);
+        write_atomic(&self.dir, &name, &encode_framed(SNAPSHOT_MAGIC, index, &payload))?;
+        let mut removed = 0;
+        for (older, path) in list_snapshots(&self.dir)? {
+            if older < index {
+                fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the newest snapshot. A damaged newest snapshot is an error, not a fallback.
+    pub fn load_snapshot(&self) -> Result<Option<Snapshot>> {
+        let Some((_, path)) = list_snapshots(&self.dir)?.pop() else {
+            return Ok(None);
+        };
+        let bytes = fs::read(&path).map_err(|e| WalError::io("read", &path, e))?;
+        let corrupt = |reason: &str| WalError::Corrupt { path: path.clone(), offset: 0, reason: reason.to_string() };
+        let (_, payload) = decode_framed(SNAPSHOT_MAGIC, &bytes).map_err(corrupt)?;
+        let field = |at: usize| payload.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        let (Some(index), Some(tag)) = (field(0), field(8)) else {
+            return Err(corrupt("snapshot payload shorter than its header"));
+        };
+        Ok(Some(Snapshot { index, tag, data: payload[16..].to_vec() }))
+    }
+}
+
+fn snapshot_file_name(index: u64) -> String {
+    format!("snapshot-{index:020}.snap")
+}
+
+/// Snapshot files sorted by index.
+fn list_snapshots(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = list_dir(dir, |name| name.strip_prefix("snapshot-")?.strip_suffix(".snap")?.parse().ok())?;
+    found.sort();
+    Ok(found)
+}
+
+/// Segment files sorted by first index.
+fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = list_dir(dir, parse_segment_file_name)?;
+    found.sort();
+    Ok(found)
+}
+
+fn list_dir(dir: &Path, parse: impl Fn(&str) -> Option<u64>) -> Result<Vec<(u64, PathBuf)>> {
+    let entries = fs::read_dir(dir).map_err(|e| WalError::io("read directory", dir, e))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| WalError::io("read directory", dir, e))?;
+        if let Some(key) = entry.file_name().to_str().and_then(&parse) {
+            found.push((key, entry.path()));
+        }
+    }
+    Ok(found)
+}
+
+/// True when the segment at `path` holds no valid record (used only for leftovers).
+fn segment_is_empty(path: &Path) -> Result<bool> {
+    let bytes = fs::read(path).map_err(|e| WalError::io("read", path, e))?;
+    Ok(scan_segment(&bytes).map(|scan| scan.offsets.is_empty()).unwrap_or(true))
+}
+
+/// Removes `*.tmp` files left by an interrupted atomic write or segment creation.
+fn remove_temp_files(dir: &Path) -> Result<usize> {
+    let entries = fs::read_dir(dir).map_err(|e| WalError::io("read directory", dir, e))?;
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry.map_err(|e| WalError::io("read directory", dir, e))?;
+        if entry.file_name().to_string_lossy().ends_with(".tmp") {
+            fs::remove_file(entry.path()).map_err(|e| WalError::io("remove", entry.path(), e))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Overwrites `[from, to)` of a segment with zeros, durably.
+fn zero_range(writer: &mut Writer, file: &File, path: &Path, from: usize, to: usize) -> Result<()> {
+    let zeros = vec![0u8; (to.saturating_sub(from)).min(ZERO_CHUNK_BYTES)];
+    let mut offset = from;
+    // Bounded: each turn advances by a non-empty chunk until `to`.
+    while offset < to {
+        let len = (to - offset).min(zeros.len());
+        writer.write_durable(file, offset as u64, &zeros[..len]).map_err(|e| WalError::io("zero", path, e))?;
+        offset += len;
+    }
+    Ok(())
+}
+
+/// Takes an exclusive advisory lock on the directory so two logs never share it.
+fn lock_directory(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| WalError::io("open", &path, e))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall on a valid, owned descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.kind() == ErrorKind::WouldBlock {
+            return Err(WalError::Locked { path });
+        }
+        return Err(WalError::io("lock", &path, error));
+    }
+    Ok(file)
+}

@@ -1,0 +1,148 @@
+//! Durable writes: a positioned write followed by fdatasync, through io_uring where the kernel
+//! allows it and through plain system calls otherwise. Chosen once, when a log opens.
+
+use std::fs::File;
+use std::io;
+
+/// Which implementation a log uses for its durable writes (queryable, and logged at open).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncBackend {
+    /// One io_uring submission: a write linked to an fdatasync.
+    IoUring,
+    /// `pwrite` then `fdatasync`.
+    Syscall,
+}
+
+/// What the caller asks for when opening a log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SyncChoice {
+    /// io_uring when the kernel allows it, else system calls.
+    #[default]
+    Auto,
+    /// io_uring or an error (used by tests to cover both paths).
+    IoUring,
+    Syscall,
+}
+
+pub(crate) struct Writer {
+    #[cfg(target_os = "linux")]
+    ring: Option<io_uring::IoUring>,
+}
+
+/// Submission queue depth: one write and its fsync are in flight at a time.
+#[cfg(target_os = "linux")]
+const RING_ENTRIES: u32 = 4;
+
+impl Writer {
+    /// Opens the writer; with `Auto`, an io_uring refusal selects the syscall path.
+    pub(crate) fn open(choice: SyncChoice) -> Result<Writer, io::Error> {
+        match choice {
+            SyncChoice::Syscall => Ok(Writer::syscall()),
+            SyncChoice::IoUring => Writer::io_uring(),
+            SyncChoice::Auto => Ok(Writer::io_uring().unwrap_or_else(|error| {
+                tracing::warn!(%error, "io_uring refused; durable writes use pwrite + fdatasync");
+                Writer::syscall()
+            })),
+        }
+    }
+
+    fn syscall() -> Writer {
+        Writer {
+            #[cfg(target_os = "linux")]
+            ring: None,
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn io_uring() -> Result<Writer, io::Error> {
+        Ok(Writer { ring: Some(io_uring::IoUring::new(RING_ENTRIES)?) })
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn io_uring() -> Result<Writer, io::Error> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "io_uring exists only on Linux"))
+    }
+
+    pub(crate) fn backend(&self) -> SyncBackend {
+        #[cfg(target_os = "linux")]
+        if self.ring.is_some() {
+            return SyncBackend::IoUring;
+        }
+        SyncBackend::Syscall
+    }
+
+    /// Writes all of `bytes` at `offset` and makes them durable (fdatasync) before returning.
+    pub(crate) fn write_durable(&mut self, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = self.ring.as_mut() {
+            return uring::write_durable(ring, file, offset, bytes);
+        }
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(bytes, offset)?;
+        file.sync_data()
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod uring {
+    use io_uring::{opcode, squeue, types, IoUring};
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+
+    const WRITE_ID: u64 = 1;
+    const SYNC_ID: u64 = 2;
+    /// One submission writes at most this much, so its length fits the SQE's u32.
+    const WRITE_CHUNK_MAX_BYTES: usize = 1 << 30;
+
+    /// Write linked to fdatasync in one submission. A short write cancels the linked sync
+    /// (the kernel breaks the link), so the loop writes the rest and syncs again; each turn
+    /// writes at least one byte, bounding the loop by `bytes.len()`.
+    pub(super) fn write_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let fd = types::Fd(file.as_raw_fd());
+        let mut written = 0usize;
+        loop {
+            let rest = &bytes[written..];
+            let chunk = &rest[..rest.len().min(WRITE_CHUNK_MAX_BYTES)];
+            let chunk_len = u32::try_from(chunk.len()).expect("chunk is bounded below u32::MAX");
+            let write = opcode::Write::new(fd, chunk.as_ptr(), chunk_len)
+                .offset(offset + written as u64)
+                .build()
+                .flags(squeue::Flags::IO_LINK)
+                .user_data(WRITE_ID);
+            let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC_ID);
+            // SAFETY: the buffer `chunk` and the file stay alive until both completions are
+            // reaped below, before this function returns.
+            unsafe {
+                let mut queue = ring.submission();
+                queue.push(&write).map_err(|_| io::Error::other("io_uring submission queue full"))?;
+                queue.push(&sync).map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            }
+            ring.submit_and_wait(2)?;
+            let (mut write_res, mut sync_res) = (None, None);
+            for cqe in ring.completion() {
+                match cqe.user_data() {
+                    WRITE_ID => write_res = Some(cqe.result()),
+                    SYNC_ID => sync_res = Some(cqe.result()),
+                    other => return Err(io::Error::other(format!("unexpected io_uring completion {other}"))),
+                }
+            }
+            let write_res = write_res.ok_or_else(|| io::Error::other("io_uring write completion missing"))?;
+            let sync_res = sync_res.ok_or_else(|| io::Error::other("io_uring fsync completion missing"))?;
+            if write_res < 0 {
+                return Err(io::Error::from_raw_os_error(-write_res));
+            }
+            if write_res == 0 {
+                return Err(io::Error::new(io::ErrorKind::WriteZero, "io_uring write wrote nothing"));
+            }
+            written += write_res as usize;
+            if written < bytes.len() {
+                continue; // short write: the sync was cancelled; write the rest.
+            }
+            if sync_res < 0 {
+                return Err(io::Error::from_raw_os_error(-sync_res));
+            }
+            return Ok(());
+        }
+    }
+}
