@@ -27,6 +27,8 @@ const META_MAGIC: [u8; 8] = *b"SUNDMETA";
 const HARD_STATE_MAGIC: [u8; 8] = *b"SUNDHARD";
 const SNAPSHOT_MAGIC: [u8; 8] = *b"SUNDSNAP";
 const LOCK_FILE: &str = "LOCK";
+const LOCK_RETRIES: u32 = 20;
+const LOCK_RETRY_DELAY_MS: u64 = 10;
 
 /// Settings for opening a log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -311,6 +313,10 @@ impl Wal {
             reason,
         };
         let scan = scan_segment(&segment.map).map_err(|fault| corrupt(0, fault.to_string()))?;
+        let size = scan.header.segment_size_bytes;
+        if !(SEGMENT_SIZE_MIN_BYTES..=SEGMENT_SIZE_MAX_BYTES).contains(&size) || size % SEGMENT_SIZE_MIN_BYTES != 0 {
+            return Err(corrupt(0, format!("header gives an impossible segment size of {size} bytes")));
+        }
         if scan.header.first_index != first {
             return Err(corrupt(
                 0,
@@ -742,14 +748,22 @@ fn lock_directory(dir: &Path) -> Result<File> {
         .open(&path)
         .map_err(|e| WalError::io("open", &path, e))?;
     use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on a valid, owned descriptor.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let error = std::io::Error::last_os_error();
-        if error.kind() == ErrorKind::WouldBlock {
-            return Err(WalError::Locked { path });
+    // A lock just released can still be held for a moment by a child forked by another thread
+    // of this process (the descriptor lives on until the child's exec closes it), so a busy
+    // lock is retried briefly before it is reported.
+    for attempt in 0..=LOCK_RETRIES {
+        // SAFETY: plain syscall on a valid, owned descriptor.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
         }
-        return Err(WalError::io("lock", &path, error));
+        let error = std::io::Error::last_os_error();
+        if error.kind() != ErrorKind::WouldBlock {
+            return Err(WalError::io("lock", &path, error));
+        }
+        if attempt < LOCK_RETRIES {
+            std::thread::sleep(std::time::Duration::from_millis(LOCK_RETRY_DELAY_MS));
+        }
     }
-    Ok(file)
+    Err(WalError::Locked { path })
 }

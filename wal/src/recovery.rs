@@ -91,6 +91,11 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, HeaderFault> {
                 });
                 break;
             }
+            // The writer always writes the padding too: a record cut inside it is truncated.
+            Ok((record, _)) if offset + record.size() > bytes.len() => {
+                scan.stop = Some(StopReason::Truncated);
+                break;
+            }
             Ok((record, _)) if record.index != expected => {
                 scan.stop = Some(StopReason::WrongIndex { found: record.index, expected });
                 break;
@@ -198,6 +203,34 @@ pub fn nonzero_end(bytes: &[u8], from: usize) -> usize {
     }
 }
 
+/// Runs the reader over arbitrary bytes and checks what it claims (the fuzz target's body, also
+/// run by the unit tests): no panic, every record it accepts decodes, is chained and in bounds,
+/// and the verdicts point inside the segment.
+#[doc(hidden)]
+pub fn check_arbitrary_segment(bytes: &[u8]) {
+    let Ok(scan) = scan_segment(bytes) else { return };
+    let mut prev_crc = scan.header.prev_crc;
+    for (position, &offset) in scan.offsets.iter().enumerate() {
+        let (record, body) = decode_record(bytes, offset as usize).expect("accepted records decode");
+        assert_eq!(record.index, scan.header.first_index + position as u64, "accepted records are consecutive");
+        assert_eq!(record.prev_crc, prev_crc, "accepted records are chained");
+        assert!(offset as usize + RECORD_HEADER_SIZE + body.len() <= scan.end_offset, "records lie before the end");
+        prev_crc = record.crc;
+    }
+    assert_eq!(prev_crc, scan.last_crc);
+    assert!(scan.end_offset <= bytes.len().max(SEGMENT_HEADER_SIZE), "the valid prefix lies inside the bytes");
+    match judge_tail(bytes, &scan) {
+        TailVerdict::Clean => {}
+        TailVerdict::Torn { cut_offset, dirty_end } => {
+            assert!(cut_offset == scan.end_offset && cut_offset < dirty_end && dirty_end <= bytes.len())
+        }
+        TailVerdict::Corrupt { offset, .. } => assert_eq!(offset, scan.end_offset),
+    }
+    if let Some((offset, _)) = judge_sealed(bytes, &scan) {
+        assert_eq!(offset, scan.end_offset);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +303,23 @@ mod tests {
         assert_eq!(scan.stop, Some(StopReason::Zeroed));
         assert!(matches!(judge_tail(&bytes, &scan), TailVerdict::Corrupt { .. }));
         assert_eq!(judge_sealed(&bytes, &scan), Some((offsets[1], StopReason::Zeroed)));
+    }
+
+    proptest::proptest! {
+        /// What the fuzz target does, on random damage to real segment images.
+        #[test]
+        fn reader_never_panics_and_accepts_only_chained_records(
+            batches in proptest::collection::vec(1usize..6, 1..6),
+            flips in proptest::collection::vec((0usize..4096, 0u8..8), 0..4),
+            cut in 0usize..4096,
+        ) {
+            let (mut bytes, _) = segment_image(3, &batches, 4096);
+            for (at, bit) in flips {
+                bytes[at] ^= 1 << bit;
+            }
+            check_arbitrary_segment(&bytes);
+            check_arbitrary_segment(&bytes[..cut]);
+        }
     }
 
     #[test]

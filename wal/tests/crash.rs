@@ -65,7 +65,8 @@ fn kill_9_at_random_moments_loses_no_acknowledged_record() {
             .spawn()
             .expect("spawn crash child");
         let stdout = child.stdout.take().expect("piped stdout");
-        let reader = std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
+        let reader =
+            std::thread::spawn(move || BufReader::new(stdout).lines().map_while(Result::ok).collect::<Vec<_>>());
         std::thread::sleep(Duration::from_millis(20 + next(&mut rng) % 200));
         child.kill().expect("kill -9");
         let status = child.wait().expect("reap child");
