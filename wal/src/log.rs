@@ -5,7 +5,7 @@ use crate::atomic::{decode_framed, encode_framed, fsync_dir, write_atomic, DualF
 use crate::error::{Result, WalError};
 use crate::format::{encode_record_into, record_size, RecordHeader, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use crate::recovery::{judge_sealed, judge_tail, scan_segment, TailVerdict};
-use crate::segment::{parse_segment_file_name, preallocate, Segment};
+use crate::segment::{free_file_name, parse_free_file_name, parse_segment_file_name, preallocate, Segment};
 use crate::sync::{SyncBackend, SyncChoice, Writer};
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
@@ -27,6 +27,8 @@ const META_MAGIC: [u8; 8] = *b"SUNDMETA";
 const HARD_STATE_MAGIC: [u8; 8] = *b"SUNDHARD";
 const SNAPSHOT_MAGIC: [u8; 8] = *b"SUNDSNAP";
 const LOCK_FILE: &str = "LOCK";
+/// Retired segments kept for reuse (disk held: this many segment sizes).
+const FREE_SEGMENTS_MAX: usize = 4;
 const LOCK_RETRIES: u32 = 20;
 const LOCK_RETRY_DELAY_MS: u64 = 10;
 
@@ -144,6 +146,8 @@ pub struct Wal {
     last_index: u64,
     last_crc: u32,
     staged: Staged,
+    /// Retired segment files (all of this log's segment size) waiting to be reused.
+    free: Vec<PathBuf>,
     writer: Writer,
     poisoned: bool,
     meta: Meta,
@@ -164,6 +168,7 @@ impl Wal {
         let writer = Writer::open(options.sync).map_err(WalError::IoUringUnavailable)?;
         let mut report = RecoveryReport { backend: Some(writer.backend()), ..RecoveryReport::default() };
         report.leftover_files_removed += remove_temp_files(&dir)?;
+        let free = load_free_segments(&dir, options.segment_size_bytes)?;
         let mut meta_file = DualFile::new("meta", META_MAGIC);
         let mut hard_state_file = DualFile::new("hardstate", HARD_STATE_MAGIC);
         let hard_state = hard_state_file.load(&dir)?;
@@ -175,6 +180,7 @@ impl Wal {
             last_index: 0,
             last_crc: 0,
             staged: Staged::default(),
+            free: Vec::new(),
             writer,
             poisoned: false,
             meta: Meta { first_index: 1, newest_segment_first_index: 1 },
@@ -183,6 +189,7 @@ impl Wal {
             hard_state,
             _lock: lock,
         };
+        wal.free = free;
         let meta_path = wal.dir.join("meta.0");
         match meta_file.load(&wal.dir)? {
             Some(payload) => {
@@ -431,6 +438,12 @@ impl Wal {
             return Ok(self.last_index);
         }
         let active = self.segments.last_mut().expect("a log always has a segment");
+        let records_len = self.staged.bytes.len();
+        // A zeroed header after the batch marks the clean end, even over a recycled
+        // segment's old bytes; the next batch overwrites it.
+        if active.write_offset + records_len + RECORD_HEADER_SIZE <= active.map.len() {
+            self.staged.bytes.extend_from_slice(&[0u8; RECORD_HEADER_SIZE]);
+        }
         let written = self.writer.write_durable(&active.file, active.write_offset as u64, &self.staged.bytes);
         if let Err(e) = written {
             self.poisoned = true;
@@ -439,7 +452,7 @@ impl Wal {
             return Err(WalError::io("write", &active.path, e));
         }
         debug_assert_eq!(self.staged.offsets[0] as usize, active.write_offset);
-        active.write_offset += self.staged.bytes.len();
+        active.write_offset += records_len;
         active.offsets.append(&mut self.staged.offsets);
         self.last_index = active.next_index() - 1;
         self.last_crc = self.staged.last_crc;
@@ -459,7 +472,7 @@ impl Wal {
     fn rotate(&mut self) -> Result<()> {
         debug_assert!(self.staged.offsets.is_empty());
         let first = self.last_index + 1;
-        let segment = Segment::create(&self.dir, first, self.last_crc, self.options.segment_size_bytes)?;
+        let segment = self.new_segment(first, self.last_crc)?;
         let meta = Meta { newest_segment_first_index: first, ..self.meta };
         if let Err(e) = self.store_meta(meta) {
             // The new segment is empty; recovery would remove it too.
@@ -468,6 +481,22 @@ impl Wal {
         }
         self.segments.push(segment);
         Ok(())
+    }
+
+    /// A segment starting at `first_index`: a recycled one when the pool has one, else a new
+    /// preallocated file.
+    fn new_segment(&mut self, first_index: u64, prev_crc: u32) -> Result<Segment> {
+        let size = self.options.segment_size_bytes;
+        if let Some(free) = self.free.pop() {
+            match Segment::recycle(&self.dir, &free, first_index, prev_crc, size) {
+                Ok(segment) => return Ok(segment),
+                Err(error) => {
+                    tracing::warn!(%error, "recycling a segment failed; creating a new one");
+                    let _ = fs::remove_file(&free);
+                }
+            }
+        }
+        Segment::create(&self.dir, first_index, prev_crc, size)
     }
 
     fn store_meta(&mut self, meta: Meta) -> Result<()> {
@@ -572,7 +601,7 @@ impl Wal {
         let active = self.segments.last().expect("a log always has a segment");
         let reuse_active = active.offsets.is_empty() && active.first_index == next_index;
         if !reuse_active {
-            let segment = Segment::create(&self.dir, next_index, 0, self.options.segment_size_bytes)?;
+            let segment = self.new_segment(next_index, 0)?;
             self.segments.push(segment);
         }
         let meta = Meta { first_index: next_index, newest_segment_first_index: next_index };
@@ -589,17 +618,27 @@ impl Wal {
         self.remove_segments_below(next_index)
     }
 
-    /// Deletes the oldest segments while the next one starts at or below `first_index`.
+    /// Retires the oldest segments while the next one starts at or below `first_index`: kept
+    /// for reuse while the pool has room, deleted otherwise. Only prefix truncation retires
+    /// segments for reuse, so every index a retired segment holds is below every index that
+    /// will ever be written again (the invariant recovery uses to ignore old records).
     fn remove_segments_below(&mut self, first_index: u64) -> Result<()> {
-        let mut removed = 0;
+        let mut changed = false;
         while self.segments.len() >= 2 && self.segments[1].first_index <= first_index {
             let segment = self.segments.remove(0);
-            let path = segment.path.clone();
+            let reusable = segment.map.len() as u64 == self.options.segment_size_bytes;
+            let (path, old_first) = (segment.path.clone(), segment.first_index);
             drop(segment);
-            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
-            removed += 1;
+            if reusable && self.free.len() < FREE_SEGMENTS_MAX {
+                let free = self.dir.join(free_file_name(old_first));
+                fs::rename(&path, &free).map_err(|e| WalError::io("rename", &path, e))?;
+                self.free.push(free);
+            } else {
+                fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+            }
+            changed = true;
         }
-        if removed > 0 {
+        if changed {
             fsync_dir(&self.dir)?;
         }
         Ok(())
@@ -703,6 +742,21 @@ fn list_dir(dir: &Path, parse: impl Fn(&str) -> Option<u64>) -> Result<Vec<(u64,
         }
     }
     Ok(found)
+}
+
+/// Retired segments to reuse: those of this log's segment size, at most the pool's bound;
+/// any others are deleted.
+fn load_free_segments(dir: &Path, segment_size_bytes: u64) -> Result<Vec<PathBuf>> {
+    let mut free = Vec::new();
+    for (_, path) in list_dir(dir, parse_free_file_name)? {
+        let len = fs::metadata(&path).map_err(|e| WalError::io("stat", &path, e))?.len();
+        if len == segment_size_bytes && free.len() < FREE_SEGMENTS_MAX {
+            free.push(path);
+        } else {
+            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+        }
+    }
+    Ok(free)
 }
 
 /// True when the segment at `path` holds no valid record (used only for leftovers).

@@ -76,10 +76,7 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, HeaderFault> {
         let offset = scan.end_offset;
         let remaining = &bytes[offset..];
         if remaining.len() < RECORD_HEADER_SIZE {
-            if remaining.iter().any(|&b| b != 0) {
-                scan.stop = Some(StopReason::Truncated);
-            }
-            break;
+            break; // no record can start here, whatever the bytes (a recycled segment's old data)
         }
         let expected = scan.next_index();
         match decode_record(bytes, offset) {
@@ -131,23 +128,31 @@ pub enum TailVerdict {
 /// A batch is written and then synced, and the next batch is written only after that sync
 /// returned, so a record of a later batch found past the damage proves the damaged record was
 /// acknowledged: that is corruption. Valid records of the damaged record's own batch (a torn
-/// write can land later sectors before earlier ones) and garbage are a torn tail.
+/// write can land later sectors before earlier ones) make a torn tail. Records with lower
+/// indexes are old data of a recycled segment and are ignored; so is unparseable garbage past
+/// a clean end (each commit writes a zeroed header after its last record, so a clean end is
+/// always marked).
 pub fn judge_tail(bytes: &[u8], scan: &SegmentScan) -> TailVerdict {
     let limit = usize::try_from(scan.header.segment_size_bytes).unwrap_or(usize::MAX).min(bytes.len());
     let bytes = &bytes[..limit];
     let cut = scan.end_offset;
     let first_lost = scan.next_index();
-    let later_batch = later_records(bytes, cut, first_lost).find(|r| r.batch_first_index > first_lost);
-    if let Some(later) = later_batch {
-        let reason = scan.stop.unwrap_or(StopReason::Truncated);
-        debug_assert!(later.offset > cut);
-        return TailVerdict::Corrupt { offset: cut, reason };
+    let mut torn_end = None;
+    for later in later_records(bytes, cut, first_lost) {
+        if later.batch_first_index > first_lost {
+            let reason = scan.stop.unwrap_or(StopReason::Truncated);
+            return TailVerdict::Corrupt { offset: cut, reason };
+        }
+        torn_end = Some(later.end);
     }
-    let dirty_end = nonzero_end(bytes, cut);
-    if dirty_end == cut {
-        TailVerdict::Clean
-    } else {
-        TailVerdict::Torn { cut_offset: cut, dirty_end }
+    match (scan.stop, torn_end) {
+        (None | Some(StopReason::Zeroed), None) => TailVerdict::Clean,
+        // Zero the torn batch's own records, or at least the header at the cut, which then
+        // marks the clean end.
+        (_, end) => {
+            let dirty_end = end.unwrap_or(0).max(cut + RECORD_HEADER_SIZE).min(bytes.len());
+            TailVerdict::Torn { cut_offset: cut, dirty_end }
+        }
     }
 }
 
@@ -170,6 +175,8 @@ pub fn judge_sealed(bytes: &[u8], scan: &SegmentScan) -> Option<(usize, StopReas
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaterRecord {
     pub offset: usize,
+    /// Offset just past the record (padding included).
+    pub end: usize,
     pub index: u64,
     pub batch_first_index: u64,
 }
@@ -186,21 +193,12 @@ pub fn later_records(bytes: &[u8], from: usize, min_index: u64) -> impl Iterator
                 if record.index >= min_index {
                     offset = at + record.size();
                     let batch_first_index = record.batch_first_index();
-                    return Some(LaterRecord { offset: at, index: record.index, batch_first_index });
+                    return Some(LaterRecord { offset: at, end: offset, index: record.index, batch_first_index });
                 }
             }
         }
         None
     })
-}
-
-/// Offset just past the last non-zero aligned chunk at or after `from` (`from` if all zero).
-pub fn nonzero_end(bytes: &[u8], from: usize) -> usize {
-    let tail = bytes.get(from..).unwrap_or(&[]);
-    match tail.iter().rposition(|&b| b != 0) {
-        None => from,
-        Some(last) => (from + crate::format::align_up(last + 1)).min(bytes.len()),
-    }
 }
 
 /// Runs the reader over arbitrary bytes and checks what it claims (the fuzz target's body, also

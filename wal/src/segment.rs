@@ -3,7 +3,7 @@
 
 use crate::atomic::fsync_dir;
 use crate::error::{Result, WalError};
-use crate::format::{SegmentHeader, SEGMENT_HEADER_SIZE};
+use crate::format::{SegmentHeader, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use memmap2::Mmap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
@@ -11,6 +11,16 @@ use std::path::{Path, PathBuf};
 /// Segment files are named by the first index they hold, zero-padded so names sort by index.
 pub(crate) fn segment_file_name(first_index: u64) -> String {
     format!("{first_index:020}.wal")
+}
+
+/// A retired segment kept for reuse is named by the first index it held.
+pub(crate) fn free_file_name(old_first_index: u64) -> String {
+    format!("free-{old_first_index:020}.wal")
+}
+
+/// Parses a free (retired) segment's file name; `None` for any other file.
+pub(crate) fn parse_free_file_name(name: &str) -> Option<u64> {
+    parse_segment_file_name(name.strip_prefix("free-")?)
 }
 
 /// Parses a segment file name back to its first index; `None` for any other file.
@@ -48,6 +58,32 @@ impl Segment {
             }
         };
         fs::rename(&tmp, &path).map_err(|e| WalError::io("rename", &path, e))?;
+        fsync_dir(dir)?;
+        let map = map_file(&file, &path)?;
+        Ok(Segment { path, file, map, first_index, offsets: Vec::new(), write_offset: SEGMENT_HEADER_SIZE })
+    }
+
+    /// Reuses a retired segment file: a new header and a zeroed first record header (so the
+    /// old records behind it are past a clean end), synced, then renamed into place. Its old
+    /// records all have indexes below `first_index`, which recovery relies on to ignore them.
+    /// Writing into already-written blocks needs no allocation, so later fdatasyncs flush no
+    /// file-system metadata: the reason segments are recycled.
+    pub(crate) fn recycle(
+        dir: &Path,
+        free: &Path,
+        first_index: u64,
+        prev_crc: u32,
+        size_bytes: u64,
+    ) -> Result<Segment> {
+        let path = dir.join(segment_file_name(first_index));
+        let file = OpenOptions::new().read(true).write(true).open(free).map_err(|e| WalError::io("open", free, e))?;
+        let header = SegmentHeader { first_index, prev_crc, segment_size_bytes: size_bytes };
+        let mut head = header.encode().to_vec();
+        head.extend_from_slice(&[0u8; RECORD_HEADER_SIZE]);
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&head, 0).map_err(|e| WalError::io("write header", free, e))?;
+        file.sync_data().map_err(|e| WalError::io("fdatasync", free, e))?;
+        fs::rename(free, &path).map_err(|e| WalError::io("rename", &path, e))?;
         fsync_dir(dir)?;
         let map = map_file(&file, &path)?;
         Ok(Segment { path, file, map, first_index, offsets: Vec::new(), write_offset: SEGMENT_HEADER_SIZE })
@@ -134,5 +170,7 @@ mod tests {
         assert_eq!(parse_segment_file_name("00000000000000001234.wal.tmp"), None);
         assert_eq!(parse_segment_file_name("meta.0"), None);
         assert_eq!(parse_segment_file_name("1234.wal"), None);
+        assert_eq!(parse_free_file_name(&free_file_name(77)), Some(77));
+        assert_eq!(parse_segment_file_name(&free_file_name(77)), None);
     }
 }

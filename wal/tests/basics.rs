@@ -122,10 +122,42 @@ fn prefix_truncation_past_the_end_continues_after_the_snapshot_index() {
     drop(wal);
     let (wal, _) = Wal::open(dir.path(), options(8192)).expect("reopen");
     assert_records(&wal, 501, 501);
-    let segments = fs::read_dir(dir.path())
+    let (segments, free) = segment_files(dir.path());
+    assert_eq!(segments, 1, "only the new segment remains");
+    assert!(free <= 4, "retired segments are kept for reuse, at most 4 ({free})");
+}
+
+/// Counts (segment files, retired segment files kept for reuse) in a log directory.
+fn segment_files(dir: &std::path::Path) -> (usize, usize) {
+    let names: Vec<String> = fs::read_dir(dir)
         .expect("read dir")
-        .filter(|e| e.as_ref().map(|e| e.file_name().to_string_lossy().ends_with(".wal")).unwrap_or(false));
-    assert_eq!(segments.count(), 1, "old segments were deleted");
+        .map(|e| e.expect("dir entry").file_name().to_string_lossy().into_owned())
+        .filter(|name| name.ends_with(".wal"))
+        .collect();
+    let free = names.iter().filter(|name| name.starts_with("free-")).count();
+    (names.len() - free, free)
+}
+
+#[test]
+fn retired_segments_are_reused_and_their_old_records_never_return() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut wal, _) = Wal::open(dir.path(), options(8192)).expect("open");
+    // 20 rounds of 100 records (about 2.5 segments each), keeping only the last 150 records:
+    // segments retire and are reused over and over.
+    for round in 0..20u64 {
+        for index in round * 100 + 1..=round * 100 + 100 {
+            wal.append(index, &body(index)).expect("append");
+        }
+        wal.commit().expect("commit");
+        wal.truncate_prefix(wal.last_index().saturating_sub(150)).expect("truncate prefix");
+        let (segments, free) = segment_files(dir.path());
+        assert!(segments <= 5 && free <= 4, "round {round}: {segments} segments, {free} free");
+    }
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), options(8192)).expect("reopen");
+    assert_eq!(report.torn_tail_bytes, 0, "old records behind the end are not mistaken for a torn tail");
+    assert_records(&wal, 1851, 2000);
+    assert!(wal.get(1850).is_none());
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize, Debug, PartialEq)]
