@@ -3,7 +3,7 @@
 //!
 //! Usage:
 //!   sundial-wal inspect DIR
-//!   sundial-wal bench [--dir DIR] [--seconds S] [--sync auto|io-uring|syscall]
+//!   sundial-wal bench [--dir DIR] [--seconds S] [--sync auto|io-uring|syscall] [--cold]
 //!   sundial-wal crash-child DIR SEED   (used by wal/tests/crash.rs)
 
 use std::fs::OpenOptions;
@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Some("inspect") if args.len() == 2 => inspect(Path::new(&args[1])),
         Some("bench") => bench(&args[1..]),
         Some("crash-child") if args.len() == 3 => crash_child(Path::new(&args[1]), &args[2]),
-        _ => Err("usage: sundial-wal inspect DIR | bench [--dir DIR] [--seconds S] [--sync auto|io-uring|syscall] | crash-child DIR SEED".into()),
+        _ => Err("usage: sundial-wal inspect DIR | bench [--dir DIR] [--seconds S] [--sync auto|io-uring|syscall] [--cold] | crash-child DIR SEED".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,18 +102,30 @@ const BATCH_SIZES: [usize; 4] = [1, 16, 256, 4096];
 
 struct BenchArgs {
     dir: PathBuf,
-    seconds: f64,
+    per_cell: Duration,
     sync: SyncChoice,
+    warm: bool,
 }
 
 fn parse_bench_args(args: &[String]) -> Result<BenchArgs, Box<dyn std::error::Error>> {
-    let mut parsed = BenchArgs { dir: std::env::temp_dir(), seconds: 2.0, sync: SyncChoice::Auto };
+    let mut parsed =
+        BenchArgs { dir: std::env::temp_dir(), per_cell: Duration::from_secs(2), sync: SyncChoice::Auto, warm: true };
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
+        if flag == "--cold" {
+            parsed.warm = false;
+            continue;
+        }
         let value = rest.next().ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--dir" => parsed.dir = PathBuf::from(value),
-            "--seconds" => parsed.seconds = value.parse().map_err(|_| "--seconds: must be a number")?,
+            "--seconds" => {
+                let seconds: f64 = value.parse().map_err(|_| "--seconds: must be a number")?;
+                if !(0.1..=600.0).contains(&seconds) {
+                    return Err("--seconds: must be within 0.1..=600".into());
+                }
+                parsed.per_cell = Duration::from_secs_f64(seconds);
+            }
             "--sync" => {
                 parsed.sync = match value.as_str() {
                     "auto" => SyncChoice::Auto,
@@ -125,11 +137,12 @@ fn parse_bench_args(args: &[String]) -> Result<BenchArgs, Box<dyn std::error::Er
             _ => return Err(format!("unknown flag {flag}").into()),
         }
     }
-    if !(0.1..=600.0).contains(&parsed.seconds) {
-        return Err("--seconds: must be within 0.1..=600".into());
-    }
     Ok(parsed)
 }
+
+/// Rounds per cell: the log and both references take turns, and each reports its median, so
+/// a drift of this machine's shared disk hits all three alike.
+const ROUNDS: u32 = 3;
 
 /// Throughput of the log beside two bare write + fdatasync loops with the same batch sizes:
 /// one writing only the payload bytes, one writing as many bytes as the log does (payload plus
@@ -137,25 +150,38 @@ fn parse_bench_args(args: &[String]) -> Result<BenchArgs, Box<dyn std::error::Er
 fn bench(args: &[String]) -> CliResult {
     let args = parse_bench_args(args)?;
     let scratch = tempfile_in(&args.dir)?;
-    let per_cell = Duration::from_secs_f64(args.seconds);
+    let round = args.per_cell / ROUNDS;
+    let mut disk = BareDisk::create(&scratch.join("bare"))?;
     println!("| record B | batch | log rec/s | log MB/s | disk rec/s (payload) | log/disk | disk rec/s (framed) | log/disk framed |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for record in RECORD_SIZES {
         for batch in BATCH_SIZES {
-            let payload = bare_disk(&scratch.join("bare"), record, batch, per_cell)?;
-            let framed = bare_disk(&scratch.join("bare"), sundial_wal::format::record_size(record), batch, per_cell)?;
-            let log = log_throughput(&scratch.join("log"), args.sync, record, batch, per_cell)?;
+            let mut log = LogBench::open(&scratch.join("log"), &args, record)?;
+            let (mut payload, mut framed, mut logged) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                payload.push(disk.run(record, batch, round)?);
+                framed.push(disk.run(sundial_wal::format::record_size(record), batch, round)?);
+                logged.push(log.run(batch, round)?);
+            }
+            log.close()?;
+            let (payload, framed, logged) = (median(payload), median(framed), median(logged));
             println!(
-                "| {record} | {batch} | {log:.0} | {:.1} | {payload:.0} | {:.2} | {framed:.0} | {:.2} |",
-                log * record as f64 / 1e6,
-                log / payload,
-                log / framed
+                "| {record} | {batch} | {logged:.0} | {:.1} | {payload:.0} | {:.2} | {framed:.0} | {:.2} |",
+                logged * record as f64 / 1e6,
+                logged / payload,
+                logged / framed
             );
         }
     }
+    disk.remove()?;
     read_costs(&scratch.join("read"))?;
     std::fs::remove_dir_all(&scratch)?;
     Ok(())
+}
+
+fn median(mut samples: Vec<f64>) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
 }
 
 fn tempfile_in(dir: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
@@ -164,54 +190,108 @@ fn tempfile_in(dir: &Path) -> Result<PathBuf, Box<dyn std::error::Error>> {
     Ok(path)
 }
 
-/// Records/s of `Wal::append` × `batch` + `commit`, on a fresh log (segment rotations included).
-fn log_throughput(
-    dir: &Path,
-    sync: SyncChoice,
-    record: usize,
-    batch: usize,
-    budget: Duration,
-) -> Result<f64, Box<dyn std::error::Error>> {
-    let _ = std::fs::remove_dir_all(dir);
-    let (mut wal, _) = Wal::open(dir, WalOptions { sync, ..WalOptions::default() })?;
-    let body = vec![0x5au8; record];
-    let started = Instant::now();
-    let mut records = 0u64;
-    while started.elapsed() < budget {
-        for _ in 0..batch {
-            wal.append(7, &body)?;
-        }
-        wal.commit()?;
-        records += batch as u64;
-    }
-    let rate = records as f64 / started.elapsed().as_secs_f64();
-    drop(wal);
-    std::fs::remove_dir_all(dir)?;
-    Ok(rate)
+/// A log under load. It is truncated as a Raft node would after snapshots (keeping about one
+/// segment of records), so retired segments are recycled. With warm-up, 5 segments are written
+/// first so the timed part runs on recycled segments (the steady state); with `--cold` it
+/// starts on freshly preallocated ones.
+struct LogBench {
+    wal: Wal,
+    dir: PathBuf,
+    body: Vec<u8>,
+    keep_records: u64,
 }
 
-/// The reference: `pwrite` of `batch × record` bytes then `fdatasync`, into a preallocated
-/// 64 MiB file overwritten in a cycle.
-fn bare_disk(path: &Path, record: usize, batch: usize, budget: Duration) -> Result<f64, Box<dyn std::error::Error>> {
-    let file_len = 64u64 << 20;
-    let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?;
-    file.write_all_at(&vec![0u8; file_len as usize], 0)?;
-    file.sync_all()?;
-    let bytes = vec![0x5au8; record * batch];
-    let started = Instant::now();
-    let (mut records, mut offset) = (0u64, 0u64);
-    while started.elapsed() < budget {
-        if offset + bytes.len() as u64 > file_len {
-            offset = 0;
+impl LogBench {
+    fn open(dir: &Path, args: &BenchArgs, record: usize) -> Result<LogBench, Box<dyn std::error::Error>> {
+        let _ = std::fs::remove_dir_all(dir);
+        let options = WalOptions { sync: args.sync, ..WalOptions::default() };
+        let (wal, _) = Wal::open(dir, options)?;
+        let keep_records = options.segment_size_bytes / sundial_wal::format::record_size(record) as u64;
+        let mut bench = LogBench { wal, dir: dir.to_path_buf(), body: vec![0x5a; record], keep_records };
+        if args.warm {
+            // Bounded: 5 segments' worth of records.
+            for _ in 0..(5 * keep_records).div_ceil(4096) {
+                bench.append_batch(4096)?;
+            }
         }
-        file.write_all_at(&bytes, offset)?;
-        file.sync_data()?;
-        offset += bytes.len() as u64;
-        records += batch as u64;
+        Ok(bench)
     }
-    let rate = records as f64 / started.elapsed().as_secs_f64();
-    std::fs::remove_file(path)?;
-    Ok(rate)
+
+    fn append_batch(&mut self, count: usize) -> Result<(), sundial_wal::WalError> {
+        for _ in 0..count {
+            self.wal.append(7, &self.body)?;
+        }
+        self.wal.commit()?;
+        if self.wal.last_index() + 1 - self.wal.first_index() > 2 * self.keep_records {
+            self.wal.truncate_prefix(self.wal.last_index() - self.keep_records)?;
+        }
+        Ok(())
+    }
+
+    /// Records/s of `append` × `batch` + `commit` for `budget`.
+    fn run(&mut self, batch: usize, budget: Duration) -> Result<f64, Box<dyn std::error::Error>> {
+        let started = Instant::now();
+        let mut records = 0u64;
+        while started.elapsed() < budget {
+            self.append_batch(batch)?;
+            records += batch as u64;
+        }
+        Ok(records as f64 / started.elapsed().as_secs_f64())
+    }
+
+    fn close(self) -> CliResult {
+        drop(self.wal);
+        std::fs::remove_dir_all(&self.dir)?;
+        Ok(())
+    }
+}
+
+/// The reference: `pwrite` of `batch × record` bytes then `fdatasync`, into a file written
+/// in full beforehand (so no block allocation) and overwritten in a cycle. It is as large as
+/// the log's working set (5 segments of 64 MiB), so neither side rewrites recently written
+/// blocks more often than the other; the same file serves every measurement of a run.
+struct BareDisk {
+    file: std::fs::File,
+    path: PathBuf,
+    offset: u64,
+}
+
+const BARE_DISK_BYTES: u64 = 320 << 20;
+
+impl BareDisk {
+    fn create(path: &Path) -> Result<BareDisk, Box<dyn std::error::Error>> {
+        let file = OpenOptions::new().create(true).truncate(true).read(true).write(true).open(path)?;
+        let zeros = vec![0u8; 1 << 20];
+        // Bounded: BARE_DISK_BYTES / 1 MiB writes.
+        for chunk in 0..BARE_DISK_BYTES >> 20 {
+            file.write_all_at(&zeros, chunk << 20)?;
+        }
+        file.sync_all()?;
+        Ok(BareDisk { file, path: path.to_path_buf(), offset: 0 })
+    }
+
+    /// Records/s of one write + fdatasync per batch, for `budget`.
+    fn run(&mut self, record: usize, batch: usize, budget: Duration) -> Result<f64, Box<dyn std::error::Error>> {
+        let bytes = vec![0x5au8; record * batch];
+        let started = Instant::now();
+        let mut records = 0u64;
+        while started.elapsed() < budget {
+            if self.offset + bytes.len() as u64 > BARE_DISK_BYTES {
+                self.offset = 0;
+            }
+            self.file.write_all_at(&bytes, self.offset)?;
+            self.file.sync_data()?;
+            self.offset += bytes.len() as u64;
+            records += batch as u64;
+        }
+        Ok(records as f64 / started.elapsed().as_secs_f64())
+    }
+
+    fn remove(self) -> CliResult {
+        drop(self.file);
+        std::fs::remove_file(&self.path)?;
+        Ok(())
+    }
 }
 
 #[derive(rkyv::Archive, rkyv::Serialize)]
