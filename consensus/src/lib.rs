@@ -1,0 +1,47 @@
+//! `sundial-consensus`: Raft as a pure state machine, in the manner of etcd's raft library,
+//! and the deterministic simulator that tries to break it.
+//!
+//! The caller owns all I/O. It feeds inputs — [`RawNode::tick`], [`RawNode::step`] (a peer's
+//! message), [`RawNode::propose`], [`RawNode::read_index`] — and drains outputs:
+//!
+//! ```
+//! use sundial_consensus::{Config, MemStorage, RawNode, Storage};
+//! let storage = MemStorage::new_with_voters(&[1]);
+//! let mut node = RawNode::new(Config::new(1), storage.clone()).expect("valid config");
+//! // Bounded for the example; a server loops forever on its event loop.
+//! for _ in 0..100 {
+//!     node.tick();
+//!     if node.raft.role == sundial_consensus::Role::Leader && node.raft.log.committed < 2 {
+//!         node.propose(b"set x=1".to_vec()).expect("leader accepts");
+//!     }
+//!     while node.has_ready() {
+//!         let ready = node.ready();
+//!         // 1. persist (here: the in-memory storage the node reads through)
+//!         if let Some(snapshot) = &ready.snapshot { node.raft.log.storage.apply_snapshot(snapshot.clone()); }
+//!         node.raft.log.storage.append(&ready.entries);
+//!         if let Some(hs) = ready.hard_state { node.raft.log.storage.hard_state = hs; }
+//!         // 2. send ready.messages to peers; 3. apply ready.committed_entries
+//!         node.advance(ready);
+//!     }
+//! }
+//! assert!(node.raft.log.committed >= 2, "the no-op and the proposal committed");
+//! ```
+//!
+//! Main types: [`RawNode`], [`Ready`], [`Config`], [`Storage`] (implemented by the engine on
+//! sundial-wal; [`MemStorage`] for tests), [`Message`]. The simulator lives in [`sim`].
+//!
+//! This crate never does I/O, never reads a clock, never spawns a thread, and draws
+//! randomness only from the seed in [`Config`].
+
+mod log;
+mod progress;
+mod raft;
+mod raw_node;
+mod storage;
+mod types;
+
+pub use progress::{Inflights, Progress, ProgressState};
+pub use raft::{Config, ConfigError, InjectedBug, ProposeError, Raft};
+pub use raw_node::{RawNode, Ready, SoftState};
+pub use storage::{MemStorage, Storage, StorageError};
+pub use types::*;

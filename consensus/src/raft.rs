@@ -1,0 +1,901 @@
+//! The Raft state machine: elections (with PreVote and CheckQuorum), replication with flow
+//! control, commitment, ReadIndex, snapshots, leadership transfer and membership changes.
+//! Inputs are ticks, messages and proposals; outputs accumulate in `msgs` and `read_states`
+//! for `RawNode::ready` to hand out. No I/O, no clock, no threads.
+
+use crate::log::RaftLog;
+use crate::progress::{Inflights, Progress, ProgressState};
+use crate::storage::Storage;
+use crate::types::*;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// A deliberately broken variant, for proving the simulator's checks can fail. Never set it
+/// outside tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InjectedBug {
+    /// Commit entries of earlier terms by counting replicas (what Figure 8 warns against).
+    CommitEarlierTermsByCounting,
+    /// Grant votes without checking that the candidate's log is up to date.
+    VoteWithoutLogCheck,
+}
+
+/// Settings of one node. Ticks are the caller's unit of time (Sundial: 10 ms).
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    /// Ticks without hearing from a leader before campaigning (randomized in [n, 2n)).
+    pub election_tick: u32,
+    pub heartbeat_tick: u32,
+    /// Ask for pre-votes first, so a node that was cut off does not disrupt the group.
+    pub pre_vote: bool,
+    /// A leader that has not heard from a quorum within an election timeout steps down, and
+    /// followers that heard from a leader within it ignore vote requests.
+    pub check_quorum: bool,
+    /// Serve reads on the leader without a heartbeat round, relying on check-quorum's lease.
+    /// Only safe with bounded clock drift between nodes; off by default.
+    pub lease_read: bool,
+    /// Bytes of entries per Append message (at least one entry is always sent).
+    pub max_size_per_msg: usize,
+    /// Flow control per follower: appends and bytes in flight.
+    pub max_inflight_msgs: usize,
+    pub max_inflight_bytes: usize,
+    /// Proposals are refused once this many entries are uncommitted.
+    pub max_uncommitted_entries: u64,
+    /// Pending linearizable reads on a leader.
+    pub max_pending_reads: usize,
+    pub snapshot_chunk_bytes: usize,
+    /// A learner is promoted to voter only when it is at most this many entries behind.
+    pub learner_catch_up_entries: u64,
+    /// Seeds the election-timeout randomization.
+    pub seed: u64,
+    #[doc(hidden)]
+    pub injected_bug: Option<InjectedBug>,
+}
+
+impl Config {
+    pub fn new(id: NodeId) -> Config {
+        Config {
+            id,
+            election_tick: 10,
+            heartbeat_tick: 1,
+            pre_vote: true,
+            check_quorum: true,
+            lease_read: false,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            max_inflight_bytes: 8 << 20,
+            max_uncommitted_entries: 100_000,
+            max_pending_reads: 4096,
+            snapshot_chunk_bytes: 1 << 20,
+            learner_catch_up_entries: 100,
+            seed: id,
+            injected_bug: None,
+        }
+    }
+
+    /// Checks the settings; the error names the field and the rule.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let rule = |field, rule| Err(ConfigError { field, rule });
+        if self.id == 0 {
+            return rule("id", "must not be 0");
+        }
+        if self.heartbeat_tick == 0 {
+            return rule("heartbeat_tick", "must be at least 1");
+        }
+        if self.election_tick <= self.heartbeat_tick {
+            return rule("election_tick", "must be greater than heartbeat_tick");
+        }
+        if self.lease_read && !self.check_quorum {
+            return rule("lease_read", "needs check_quorum");
+        }
+        if self.max_inflight_msgs == 0 || self.max_inflight_bytes == 0 || self.snapshot_chunk_bytes == 0 {
+            return rule("max_inflight_msgs/max_inflight_bytes/snapshot_chunk_bytes", "must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid raft config {field}: {rule}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub rule: &'static str,
+}
+
+/// Why a proposal, read or membership change was refused. Nothing was appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProposeError {
+    /// Proposals go to the leader; Sundial forwards requests, Raft does not.
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("a leadership transfer is in progress")]
+    TransferInProgress,
+    #[error("too many uncommitted entries ({uncommitted} ≥ {max})")]
+    Overloaded { uncommitted: u64, max: u64 },
+    #[error("too many pending reads ({max})")]
+    TooManyReads { max: usize },
+    #[error("a membership change is still pending")]
+    ConfChangePending,
+    #[error("learner {id} is {behind} entries behind; it votes only once caught up")]
+    LearnerBehind { id: NodeId, behind: u64 },
+    #[error("node {0} is not a member")]
+    UnknownNode(NodeId),
+    #[error("the group must keep at least one voter")]
+    LastVoter,
+}
+
+/// A read waiting for a quorum to confirm leadership.
+#[derive(Clone, Debug)]
+struct PendingRead {
+    context: u64,
+    index: Index,
+    /// `None`: the read is local; `Some(node)`: answer that follower.
+    requester: Option<NodeId>,
+    acks: BTreeSet<NodeId>,
+}
+
+/// A snapshot being received in chunks.
+struct IncomingSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+pub struct Raft<S: Storage> {
+    pub id: NodeId,
+    pub term: Term,
+    pub vote: Option<NodeId>,
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    pub log: RaftLog<S>,
+    pub(crate) config: Config,
+    voters: BTreeSet<NodeId>,
+    learners: BTreeSet<NodeId>,
+    progress: BTreeMap<NodeId, Progress>,
+    votes: BTreeMap<NodeId, bool>,
+    pub(crate) msgs: Vec<Message>,
+    pub(crate) read_states: Vec<ReadState>,
+    pending_reads: VecDeque<PendingRead>,
+    /// Reads asked for before this leader committed an entry of its term.
+    reads_awaiting_commit: Vec<(u64, Option<NodeId>)>,
+    election_elapsed: u32,
+    heartbeat_elapsed: u32,
+    randomized_election_timeout: u32,
+    transferee: Option<NodeId>,
+    /// Index of the last membership change appended; another waits until it is applied.
+    pending_conf_index: Index,
+    incoming_snapshot: Option<IncomingSnapshot>,
+    rng: u64,
+}
+
+impl<S: Storage> Raft<S> {
+    pub fn new(config: Config, storage: S) -> Result<Raft<S>, ConfigError> {
+        config.validate()?;
+        let (hard_state, conf) = storage.initial_state();
+        let log = RaftLog::new(storage);
+        let mut raft = Raft {
+            id: config.id,
+            term: hard_state.term,
+            vote: hard_state.vote,
+            role: Role::Follower,
+            leader: None,
+            log,
+            voters: BTreeSet::new(),
+            learners: BTreeSet::new(),
+            progress: BTreeMap::new(),
+            votes: BTreeMap::new(),
+            msgs: Vec::new(),
+            read_states: Vec::new(),
+            pending_reads: VecDeque::new(),
+            reads_awaiting_commit: Vec::new(),
+            election_elapsed: 0,
+            heartbeat_elapsed: 0,
+            randomized_election_timeout: config.election_tick,
+            transferee: None,
+            pending_conf_index: 0,
+            incoming_snapshot: None,
+            rng: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            config,
+        };
+        raft.set_conf(&conf);
+        raft.become_follower(hard_state.term, None);
+        Ok(raft)
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        HardState { term: self.term, vote: self.vote, commit: self.log.committed }
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        ConfState { voters: self.voters.iter().copied().collect(), learners: self.learners.iter().copied().collect() }
+    }
+
+    fn quorum(&self) -> usize {
+        self.voters.len() / 2 + 1
+    }
+
+    fn promotable(&self) -> bool {
+        self.voters.contains(&self.id) && self.log.pending_snapshot().is_none()
+    }
+
+    fn next_random(&mut self) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    fn reset_election_timer(&mut self) {
+        self.election_elapsed = 0;
+        self.heartbeat_elapsed = 0;
+        let spread = u64::from(self.config.election_tick);
+        self.randomized_election_timeout = self.config.election_tick + (self.next_random() % spread) as u32;
+    }
+
+    fn send(&mut self, to: NodeId, kind: MessageKind) {
+        self.send_with_term(to, self.term, kind);
+    }
+
+    fn send_with_term(&mut self, to: NodeId, term: Term, kind: MessageKind) {
+        self.msgs.push(Message { from: self.id, to, term, kind });
+    }
+
+    fn peers(&self) -> Vec<NodeId> {
+        self.progress.keys().copied().filter(|&id| id != self.id).collect()
+    }
+
+    // ---- roles -----------------------------------------------------------------------
+
+    pub fn become_follower(&mut self, term: Term, leader: Option<NodeId>) {
+        if term != self.term {
+            self.term = term;
+            self.vote = None;
+        }
+        self.role = Role::Follower;
+        self.leader = leader;
+        self.transferee = None;
+        self.pending_reads.clear();
+        self.reads_awaiting_commit.clear();
+        self.reset_election_timer();
+    }
+
+    fn become_pre_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader does not campaign");
+        self.role = Role::PreCandidate;
+        self.leader = None;
+        self.votes.clear();
+        self.reset_election_timer();
+    }
+
+    fn become_candidate(&mut self) {
+        assert_ne!(self.role, Role::Leader, "a leader does not campaign");
+        self.term += 1;
+        self.vote = Some(self.id);
+        self.role = Role::Candidate;
+        self.leader = None;
+        self.votes.clear();
+        self.reset_election_timer();
+    }
+
+    fn become_leader(&mut self) {
+        assert!(matches!(self.role, Role::Candidate), "only a candidate becomes leader");
+        self.role = Role::Leader;
+        self.leader = Some(self.id);
+        self.transferee = None;
+        self.reset_election_timer();
+        let next = self.log.last_index() + 1;
+        for (&id, progress) in self.progress.iter_mut() {
+            *progress = Progress::new(next, Inflights::new(self.config.max_inflight_msgs, self.config.max_inflight_bytes));
+            progress.recent_active = id == self.id;
+        }
+        if let Some(own) = self.progress.get_mut(&self.id) {
+            own.match_index = self.log.persisted_index();
+            own.become_replicate();
+        }
+        // A membership change may be proposed only after this term's first entry is applied.
+        self.pending_conf_index = self.log.last_index() + 1;
+        let noop = Entry { term: self.term, index: self.log.last_index() + 1, kind: EntryKind::Normal, data: Vec::new() };
+        self.log.append(&[noop]);
+        self.broadcast_append();
+        self.maybe_commit();
+    }
+
+    /// Starts an election: a pre-vote round first when configured, unless `force`d by a
+    /// leadership transfer.
+    fn campaign(&mut self, pre: bool, force: bool) {
+        if pre {
+            self.become_pre_candidate();
+        } else {
+            self.become_candidate();
+        }
+        let term = if pre { self.term + 1 } else { self.term };
+        self.votes.insert(self.id, true);
+        if self.tally_votes() {
+            return;
+        }
+        let (last_index, last_term) = (self.log.last_index(), self.log.last_term());
+        for id in self.voters.clone() {
+            if id != self.id {
+                self.send_with_term(id, term, MessageKind::VoteRequest { pre, last_index, last_term, force });
+            }
+        }
+    }
+
+    /// Counts votes and acts on a decided election; true when decided.
+    fn tally_votes(&mut self) -> bool {
+        let granted = self.votes.iter().filter(|(id, &g)| g && self.voters.contains(id)).count();
+        let rejected = self.votes.iter().filter(|(id, &g)| !g && self.voters.contains(id)).count();
+        if granted >= self.quorum() {
+            if self.role == Role::PreCandidate {
+                self.campaign(false, false);
+            } else {
+                self.become_leader();
+            }
+            return true;
+        }
+        if rejected >= self.quorum() {
+            self.become_follower(self.term, None);
+            return true;
+        }
+        false
+    }
+
+    // ---- inputs ----------------------------------------------------------------------
+
+    pub fn tick(&mut self) {
+        self.election_elapsed += 1;
+        if self.role == Role::Leader {
+            self.tick_leader();
+        } else if self.promotable() && self.election_elapsed >= self.randomized_election_timeout {
+            self.campaign(self.config.pre_vote, false);
+        }
+    }
+
+    fn tick_leader(&mut self) {
+        self.heartbeat_elapsed += 1;
+        if self.election_elapsed >= self.config.election_tick {
+            self.election_elapsed = 0;
+            if self.config.check_quorum && !self.quorum_active() {
+                self.become_follower(self.term, None);
+                return;
+            }
+            for (&id, progress) in self.progress.iter_mut() {
+                progress.recent_active = id == self.id;
+                // An unanswered snapshot is retried.
+                if matches!(progress.state, ProgressState::Snapshot { .. }) {
+                    progress.become_probe();
+                }
+            }
+            self.transferee = None; // a transfer that took a whole election timeout failed
+        }
+        if self.heartbeat_elapsed >= self.config.heartbeat_tick {
+            self.heartbeat_elapsed = 0;
+            self.broadcast_heartbeat(None);
+        }
+    }
+
+    fn quorum_active(&self) -> bool {
+        let active = self.voters.iter().filter(|id| self.progress.get(id).is_some_and(|p| p.recent_active)).count();
+        active >= self.quorum()
+    }
+
+    /// Handles a message from a peer.
+    pub fn step(&mut self, m: Message) {
+        if m.term > self.term {
+            if let MessageKind::VoteRequest { force, .. } = m.kind {
+                let in_lease = self.config.check_quorum
+                    && self.leader.is_some()
+                    && self.election_elapsed < self.config.election_tick;
+                if in_lease && !force {
+                    return; // a leader is alive: a disruptive candidate is ignored
+                }
+            }
+            match m.kind {
+                MessageKind::VoteRequest { pre: true, .. } => {}
+                MessageKind::VoteResponse { pre: true, granted: true } => {}
+                MessageKind::Append { .. } | MessageKind::Heartbeat { .. } | MessageKind::Snapshot { .. } => {
+                    self.become_follower(m.term, Some(m.from))
+                }
+                _ => self.become_follower(m.term, None),
+            }
+        } else if m.term < self.term {
+            match m.kind {
+                MessageKind::Append { .. } | MessageKind::Heartbeat { .. }
+                    if self.config.check_quorum || self.config.pre_vote =>
+                {
+                    // Tell a deposed leader about the newer term so it steps down.
+                    self.send(m.from, MessageKind::HeartbeatResponse { context: None });
+                }
+                MessageKind::VoteRequest { pre: true, .. } => {
+                    self.send(m.from, MessageKind::VoteResponse { pre: true, granted: false });
+                }
+                _ => {}
+            }
+            return;
+        }
+        if let MessageKind::VoteRequest { pre, last_index, last_term, .. } = m.kind {
+            self.handle_vote_request(m.from, m.term, pre, last_index, last_term);
+            return;
+        }
+        match self.role {
+            Role::Leader => self.step_leader(m),
+            Role::Candidate | Role::PreCandidate => self.step_candidate(m),
+            Role::Follower => self.step_follower(m),
+        }
+    }
+
+    fn handle_vote_request(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
+        let can_vote = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre && term > self.term);
+        let log_ok = self.config.injected_bug == Some(InjectedBug::VoteWithoutLogCheck)
+            || self.log.is_up_to_date(last_index, last_term);
+        let granted = can_vote && log_ok;
+        if granted && !pre {
+            self.election_elapsed = 0;
+            self.vote = Some(from);
+        }
+        // A granted pre-vote answers in the term the candidate would have.
+        let reply_term = if pre && granted { term } else { self.term };
+        self.send_with_term(from, reply_term, MessageKind::VoteResponse { pre, granted });
+    }
+
+    fn step_candidate(&mut self, m: Message) {
+        match m.kind {
+            MessageKind::Append { .. } | MessageKind::Heartbeat { .. } | MessageKind::Snapshot { .. } => {
+                self.become_follower(m.term, Some(m.from));
+                self.step_follower(m);
+            }
+            MessageKind::VoteResponse { pre, granted } => {
+                if pre == (self.role == Role::PreCandidate) {
+                    self.votes.insert(m.from, granted);
+                    self.tally_votes();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn step_follower(&mut self, m: Message) {
+        match m.kind {
+            MessageKind::Append { prev_index, prev_term, entries, commit } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_append(m.from, prev_index, prev_term, commit, &entries);
+            }
+            MessageKind::Heartbeat { commit, context } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.log.commit_to(commit.min(self.log.last_index()));
+                self.send(m.from, MessageKind::HeartbeatResponse { context });
+            }
+            MessageKind::Snapshot { meta, offset, chunk, done } => {
+                self.election_elapsed = 0;
+                self.leader = Some(m.from);
+                self.handle_snapshot_chunk(m.from, meta, offset, chunk, done);
+            }
+            MessageKind::TimeoutNow if self.promotable() => self.campaign(false, true),
+            MessageKind::ReadIndexResponse { context, index } => self.read_states.push(ReadState { context, index }),
+            _ => {}
+        }
+    }
+
+    fn handle_append(&mut self, from: NodeId, prev_index: Index, prev_term: Term, commit: Index, entries: &[Entry]) {
+        if prev_index < self.log.committed {
+            let index = self.log.committed;
+            self.send(from, MessageKind::AppendResponse { reject: false, index, hint_index: 0, hint_term: 0 });
+            return;
+        }
+        match self.log.maybe_append(prev_index, prev_term, commit, entries) {
+            Some(last) => self.send(from, MessageKind::AppendResponse { reject: false, index: last, hint_index: 0, hint_term: 0 }),
+            None => {
+                let probe = prev_index.min(self.log.last_index());
+                let (hint_index, hint_term) = self.log.find_conflict_by_term(probe, prev_term);
+                let reject = MessageKind::AppendResponse { reject: true, index: prev_index, hint_index, hint_term };
+                self.send(from, reject);
+            }
+        }
+    }
+
+    fn handle_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, chunk: Vec<u8>, done: bool) {
+        if meta.index <= self.log.committed {
+            self.incoming_snapshot = None;
+            let index = self.log.committed;
+            self.send(from, MessageKind::SnapshotResponse { reject: false, index });
+            return;
+        }
+        if offset == 0 {
+            self.incoming_snapshot = Some(IncomingSnapshot { meta: meta.clone(), data: Vec::new() });
+        }
+        let in_order = self
+            .incoming_snapshot
+            .as_ref()
+            .is_some_and(|s| s.meta == meta && s.data.len() as u64 == offset);
+        if !in_order {
+            self.incoming_snapshot = None;
+            self.send(from, MessageKind::SnapshotResponse { reject: true, index: meta.index });
+            return;
+        }
+        let incoming = self.incoming_snapshot.as_mut().expect("checked in order");
+        incoming.data.extend_from_slice(&chunk);
+        if !done {
+            return;
+        }
+        let IncomingSnapshot { meta, data } = self.incoming_snapshot.take().expect("checked in order");
+        let index = meta.index;
+        if self.log.match_term(meta.index, meta.term) {
+            // The log already holds the snapshot's last entry: just commit up to it.
+            self.log.commit_to(index);
+        } else {
+            self.set_conf(&meta.conf);
+            self.log.restore(Snapshot { meta, data });
+        }
+        self.send(from, MessageKind::SnapshotResponse { reject: false, index: self.log.last_index() });
+    }
+
+    fn step_leader(&mut self, m: Message) {
+        let from = m.from;
+        let Some(progress) = self.progress.get_mut(&from) else { return };
+        progress.recent_active = true;
+        match m.kind {
+            MessageKind::AppendResponse { reject: true, index, hint_index, hint_term } => {
+                let probe_hint = if hint_term > 0 { self.log.find_conflict_by_term(hint_index, hint_term).0 } else { hint_index };
+                let progress = self.progress.get_mut(&from).expect("looked up above");
+                if progress.maybe_decrease_to(index, probe_hint) {
+                    if progress.state == ProgressState::Replicate {
+                        progress.become_probe();
+                    }
+                    self.send_append(from);
+                }
+            }
+            MessageKind::AppendResponse { reject: false, index, .. } => self.handle_append_success(from, index),
+            MessageKind::HeartbeatResponse { context } => {
+                progress.probe_sent = false;
+                if progress.match_index < self.log.last_index() {
+                    self.send_append(from);
+                }
+                if let Some(context) = context {
+                    self.ack_read(from, context);
+                }
+            }
+            MessageKind::SnapshotResponse { reject, index } => {
+                if !reject {
+                    progress.maybe_update(index);
+                }
+                progress.become_probe();
+                self.send_append(from);
+            }
+            MessageKind::ReadIndex { context } => {
+                if let Err(error) = self.read_index_as_leader(context, Some(from)) {
+                    let _ = error; // refused reads are dropped; the follower's caller times out and retries
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_append_success(&mut self, from: NodeId, index: Index) {
+        let progress = self.progress.get_mut(&from).expect("caller checked");
+        if !progress.maybe_update(index) {
+            return;
+        }
+        match progress.state {
+            ProgressState::Probe => progress.become_replicate(),
+            ProgressState::Snapshot { index: snapshot } if progress.match_index >= snapshot => progress.become_probe(),
+            _ => progress.inflights.free_up_to(index),
+        }
+        if self.maybe_commit() {
+            self.broadcast_append();
+        } else {
+            while self.maybe_send_append(from, false) {}
+        }
+        if self.transferee == Some(from) && self.progress[&from].match_index == self.log.last_index() {
+            self.send(from, MessageKind::TimeoutNow);
+        }
+    }
+
+    // ---- replication -------------------------------------------------------------------
+
+    fn broadcast_append(&mut self) {
+        for id in self.peers() {
+            self.send_append(id);
+        }
+    }
+
+    fn send_append(&mut self, to: NodeId) {
+        self.maybe_send_append(to, true);
+    }
+
+    /// Sends the next append (or a snapshot) to `to` if flow control allows; true if sent.
+    fn maybe_send_append(&mut self, to: NodeId, send_if_empty: bool) -> bool {
+        let Some(progress) = self.progress.get(&to) else { return false };
+        if progress.is_paused() {
+            return false;
+        }
+        let next = progress.next_index;
+        let prev_index = next - 1;
+        let prev_term = self.log.term(prev_index);
+        let entries = self.log.entries(next, self.log.last_index() + 1, self.config.max_size_per_msg);
+        let (Ok(prev_term), Ok(entries)) = (prev_term, entries) else {
+            return self.send_snapshot(to);
+        };
+        if entries.is_empty() && !send_if_empty {
+            return false;
+        }
+        let progress = self.progress.get_mut(&to).expect("looked up above");
+        if let Some(last) = entries.last() {
+            match progress.state {
+                ProgressState::Replicate => {
+                    progress.next_index = last.index + 1;
+                    progress.inflights.add(last.index, entries.iter().map(Entry::size_bytes).sum());
+                }
+                _ => progress.probe_sent = true,
+            }
+        } else if progress.state == ProgressState::Probe {
+            progress.probe_sent = true;
+        }
+        let commit = self.log.committed;
+        self.send(to, MessageKind::Append { prev_index, prev_term, entries, commit });
+        true
+    }
+
+    /// Sends the storage's snapshot in chunks; the follower is paused until it answers.
+    fn send_snapshot(&mut self, to: NodeId) -> bool {
+        let snapshot = self.log.storage.snapshot();
+        let meta = snapshot.meta.clone();
+        if let Some(progress) = self.progress.get_mut(&to) {
+            progress.become_snapshot(meta.index);
+        }
+        let chunk_bytes = self.config.snapshot_chunk_bytes;
+        let chunks = snapshot.data.len().div_ceil(chunk_bytes).max(1);
+        for chunk in 0..chunks {
+            let start = chunk * chunk_bytes;
+            let end = (start + chunk_bytes).min(snapshot.data.len());
+            let kind = MessageKind::Snapshot {
+                meta: meta.clone(),
+                offset: start as u64,
+                chunk: snapshot.data[start..end].to_vec(),
+                done: chunk + 1 == chunks,
+            };
+            self.send(to, kind);
+        }
+        true
+    }
+
+    fn broadcast_heartbeat(&mut self, context: Option<u64>) {
+        for id in self.peers() {
+            let commit = self.progress[&id].match_index.min(self.log.committed);
+            self.send(id, MessageKind::Heartbeat { commit, context });
+        }
+    }
+
+    /// Advances the commit index to what a quorum of voters has persisted; true if it moved.
+    pub(crate) fn maybe_commit(&mut self) -> bool {
+        let mut matched: Vec<Index> =
+            self.voters.iter().map(|id| self.progress.get(id).map_or(0, |p| p.match_index)).collect();
+        if matched.is_empty() {
+            return false;
+        }
+        matched.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum_index = matched[self.quorum() - 1];
+        let committed = if self.config.injected_bug == Some(InjectedBug::CommitEarlierTermsByCounting) {
+            let moved = quorum_index > self.log.committed && quorum_index <= self.log.last_index();
+            if moved {
+                self.log.commit_to(quorum_index);
+            }
+            moved
+        } else {
+            self.log.maybe_commit(quorum_index, self.term)
+        };
+        if committed {
+            self.release_reads_awaiting_commit();
+        }
+        committed
+    }
+
+    /// The caller persisted entries up to the log's persisted index: count the leader's own.
+    pub(crate) fn on_persisted(&mut self) {
+        if self.role != Role::Leader {
+            return;
+        }
+        let persisted = self.log.persisted_index();
+        if let Some(own) = self.progress.get_mut(&self.id) {
+            own.maybe_update(persisted);
+        }
+        if self.maybe_commit() {
+            self.broadcast_append();
+        }
+    }
+
+    // ---- proposals ---------------------------------------------------------------------
+
+    fn check_can_propose(&self) -> Result<(), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if self.transferee.is_some() {
+            return Err(ProposeError::TransferInProgress);
+        }
+        let uncommitted = self.log.last_index() - self.log.committed;
+        if uncommitted >= self.config.max_uncommitted_entries {
+            return Err(ProposeError::Overloaded { uncommitted, max: self.config.max_uncommitted_entries });
+        }
+        Ok(())
+    }
+
+    fn append_and_replicate(&mut self, kind: EntryKind, data: Vec<u8>) -> Index {
+        let index = self.log.last_index() + 1;
+        self.log.append(&[Entry { term: self.term, index, kind, data }]);
+        self.broadcast_append();
+        index
+    }
+
+    /// Appends application data; returns its index. Only the leader accepts proposals.
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<Index, ProposeError> {
+        self.check_can_propose()?;
+        Ok(self.append_and_replicate(EntryKind::Normal, data))
+    }
+
+    /// Proposes a membership change (one at a time).
+    pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<Index, ProposeError> {
+        self.check_can_propose()?;
+        if self.pending_conf_index > self.log.applied {
+            return Err(ProposeError::ConfChangePending);
+        }
+        match change {
+            ConfChange::AddVoter(id) if self.learners.contains(&id) => {
+                let matched = self.progress.get(&id).map_or(0, |p| p.match_index);
+                let behind = self.log.last_index().saturating_sub(matched);
+                if behind > self.config.learner_catch_up_entries {
+                    return Err(ProposeError::LearnerBehind { id, behind });
+                }
+            }
+            ConfChange::Remove(id) if !self.voters.contains(&id) && !self.learners.contains(&id) => {
+                return Err(ProposeError::UnknownNode(id));
+            }
+            ConfChange::Remove(id) if self.voters.len() == 1 && self.voters.contains(&id) => {
+                return Err(ProposeError::LastVoter);
+            }
+            _ => {}
+        }
+        let index = self.append_and_replicate(EntryKind::ConfChange(change), Vec::new());
+        self.pending_conf_index = index;
+        Ok(index)
+    }
+
+    /// Applies a committed membership change (the caller calls this when it applies the entry).
+    pub fn apply_conf_change(&mut self, change: ConfChange) -> ConfState {
+        match change {
+            ConfChange::AddVoter(id) => {
+                self.learners.remove(&id);
+                self.voters.insert(id);
+            }
+            ConfChange::AddLearner(id) => {
+                if !self.voters.contains(&id) {
+                    self.learners.insert(id);
+                }
+            }
+            ConfChange::Remove(id) => {
+                self.voters.remove(&id);
+                self.learners.remove(&id);
+            }
+        }
+        self.sync_progress();
+        if self.role == Role::Leader {
+            if !self.voters.contains(&self.id) {
+                self.become_follower(self.term, None);
+            } else if self.maybe_commit() {
+                self.broadcast_append();
+            }
+        }
+        self.conf_state()
+    }
+
+    fn set_conf(&mut self, conf: &ConfState) {
+        self.voters = conf.voters.iter().copied().collect();
+        self.learners = conf.learners.iter().copied().collect();
+        self.sync_progress();
+    }
+
+    /// Keeps one progress entry per member.
+    fn sync_progress(&mut self) {
+        let members: BTreeSet<NodeId> = self.voters.union(&self.learners).copied().collect();
+        self.progress.retain(|id, _| members.contains(id));
+        let next = self.log.last_index() + 1;
+        for id in members {
+            self.progress.entry(id).or_insert_with(|| {
+                Progress::new(next, Inflights::new(self.config.max_inflight_msgs, self.config.max_inflight_bytes))
+            });
+        }
+    }
+
+    /// Starts handing leadership to `to`; proposals are refused until it ends.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), ProposeError> {
+        if self.role != Role::Leader {
+            return Err(ProposeError::NotLeader { leader: self.leader });
+        }
+        if !self.voters.contains(&to) {
+            return Err(ProposeError::UnknownNode(to));
+        }
+        if to == self.id {
+            return Ok(());
+        }
+        self.transferee = Some(to);
+        self.election_elapsed = 0;
+        if self.progress[&to].match_index == self.log.last_index() {
+            self.send(to, MessageKind::TimeoutNow);
+        } else {
+            self.send_append(to);
+        }
+        Ok(())
+    }
+
+    // ---- reads -------------------------------------------------------------------------
+
+    /// Asks for a linearizable read; a `ReadState` with `context` comes out of a later `Ready`.
+    pub fn read_index(&mut self, context: u64) -> Result<(), ProposeError> {
+        match self.role {
+            Role::Leader => self.read_index_as_leader(context, None),
+            _ => match self.leader {
+                Some(leader) => {
+                    self.send(leader, MessageKind::ReadIndex { context });
+                    Ok(())
+                }
+                None => Err(ProposeError::NotLeader { leader: None }),
+            },
+        }
+    }
+
+    fn read_index_as_leader(&mut self, context: u64, requester: Option<NodeId>) -> Result<(), ProposeError> {
+        if self.pending_reads.len() + self.reads_awaiting_commit.len() >= self.config.max_pending_reads {
+            return Err(ProposeError::TooManyReads { max: self.config.max_pending_reads });
+        }
+        // Until an entry of this term is committed, the commit index may lag what an earlier
+        // leader acknowledged.
+        if self.log.term_or_zero(self.log.committed) != self.term {
+            self.reads_awaiting_commit.push((context, requester));
+            return Ok(());
+        }
+        let index = self.log.committed;
+        if self.voters.len() == 1 || self.config.lease_read {
+            self.answer_read(context, index, requester);
+            return Ok(());
+        }
+        let acks = BTreeSet::from([self.id]);
+        self.pending_reads.push_back(PendingRead { context, index, requester, acks });
+        self.broadcast_heartbeat(Some(context));
+        Ok(())
+    }
+
+    fn answer_read(&mut self, context: u64, index: Index, requester: Option<NodeId>) {
+        match requester {
+            None => self.read_states.push(ReadState { context, index }),
+            Some(to) => self.send(to, MessageKind::ReadIndexResponse { context, index }),
+        }
+    }
+
+    fn release_reads_awaiting_commit(&mut self) {
+        if self.log.term_or_zero(self.log.committed) != self.term {
+            return;
+        }
+        for (context, requester) in std::mem::take(&mut self.reads_awaiting_commit) {
+            let _ = self.read_index_as_leader(context, requester);
+        }
+    }
+
+    /// A heartbeat answer carrying `context`: once a quorum confirmed it, that read and every
+    /// earlier one are answered.
+    fn ack_read(&mut self, from: NodeId, context: u64) {
+        let Some(position) = self.pending_reads.iter().position(|r| r.context == context) else { return };
+        self.pending_reads[position].acks.insert(from);
+        let confirmed = self.pending_reads[position].acks.iter().filter(|id| self.voters.contains(id)).count();
+        if confirmed < self.quorum() {
+            return;
+        }
+        for read in self.pending_reads.drain(..=position).collect::<Vec<_>>() {
+            self.answer_read(read.context, read.index, read.requester);
+        }
+    }
+
+    /// Progress of every member as the leader sees it (for status pages and tests).
+    pub fn progress_of(&self, id: NodeId) -> Option<&Progress> {
+        self.progress.get(&id)
+    }
+}

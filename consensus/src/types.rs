@@ -1,0 +1,116 @@
+//! The values Raft exchanges with its caller and its peers: entries, hard state, membership,
+//! snapshots, messages and read states.
+
+pub type NodeId = u64;
+pub type Term = u64;
+pub type Index = u64;
+
+/// What an entry carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    /// Application data (the engine's commands). Empty data is the no-op a new leader appends.
+    Normal,
+    /// A membership change, applied by the caller through `RawNode::apply_conf_change`.
+    ConfChange(ConfChange),
+}
+
+/// One log entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub term: Term,
+    pub index: Index,
+    pub kind: EntryKind,
+    pub data: Vec<u8>,
+}
+
+impl Entry {
+    /// Bytes counted against message and flow-control limits.
+    pub fn size_bytes(&self) -> usize {
+        self.data.len() + 24
+    }
+}
+
+/// What must be persisted before messages of the same `Ready` are sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HardState {
+    pub term: Term,
+    pub vote: Option<NodeId>,
+    pub commit: Index,
+}
+
+/// The membership of a group: voters decide; learners receive the log but do not vote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfState {
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
+/// A single-server membership change (one at a time, Raft dissertation §4.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConfChange {
+    /// Adds a voter; a learner is promoted only once it has caught up.
+    AddVoter(NodeId),
+    AddLearner(NodeId),
+    Remove(NodeId),
+}
+
+/// Where a snapshot stands in the log, and the membership at that point.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotMeta {
+    pub index: Index,
+    pub term: Term,
+    pub conf: ConfState,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub meta: SnapshotMeta,
+    pub data: Vec<u8>,
+}
+
+/// A message between two members of a group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub from: NodeId,
+    pub to: NodeId,
+    pub term: Term,
+    pub kind: MessageKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageKind {
+    /// Asks for a (pre-)vote. `term` of the message is the term the candidate would have.
+    /// `force` is set after a leadership transfer, so followers skip their lease check.
+    VoteRequest { pre: bool, last_index: Index, last_term: Term, force: bool },
+    VoteResponse { pre: bool, granted: bool },
+    Append { prev_index: Index, prev_term: Term, entries: Vec<Entry>, commit: Index },
+    /// `index` is the last matching index on success; on rejection `hint_index` and
+    /// `hint_term` let the leader skip a whole term at once (fast backtracking).
+    AppendResponse { reject: bool, index: Index, hint_index: Index, hint_term: Term },
+    Heartbeat { commit: Index, context: Option<u64> },
+    HeartbeatResponse { context: Option<u64> },
+    /// One chunk of a snapshot; chunks travel in order, `done` on the last.
+    Snapshot { meta: SnapshotMeta, offset: u64, chunk: Vec<u8>, done: bool },
+    /// A follower's answer to a snapshot: `index` installed, or a reject to start over.
+    SnapshotResponse { reject: bool, index: Index },
+    /// Tells the transfer target to campaign now.
+    TimeoutNow,
+    /// A follower forwarding a linearizable read to the leader.
+    ReadIndex { context: u64 },
+    ReadIndexResponse { context: u64, index: Index },
+}
+
+/// A linearizable read that may proceed once the applied index reaches `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadState {
+    pub context: u64,
+    pub index: Index,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Follower,
+    PreCandidate,
+    Candidate,
+    Leader,
+}
