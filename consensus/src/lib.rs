@@ -33,10 +33,12 @@
 //! This crate never does I/O, never reads a clock, never spawns a thread, and draws
 //! randomness only from the seed in [`Config`].
 
+pub mod linearizability;
 mod log;
 mod progress;
 mod raft;
 mod raw_node;
+pub mod sim;
 mod storage;
 mod types;
 

@@ -132,7 +132,12 @@ impl<S: Storage> RaftLog<S> {
     /// Appends entries (which may replace a conflicting suffix) and returns the last index.
     pub fn append(&mut self, entries: &[Entry]) -> Index {
         let Some(first) = entries.first() else { return self.last_index() };
-        assert!(first.index > self.committed, "never overwrite a committed entry ({} ≤ {})", first.index, self.committed);
+        assert!(
+            first.index > self.committed,
+            "never overwrite a committed entry ({} ≤ {})",
+            first.index,
+            self.committed
+        );
         let after = first.index;
         if after == self.unstable_offset + self.unstable.len() as u64 {
             self.unstable.extend_from_slice(entries);
@@ -148,7 +153,13 @@ impl<S: Storage> RaftLog<S> {
 
     /// The follower's side of an Append: `Some(last new index)` when the log matched at
     /// `prev_index`, after appending what was new and advancing the commit index.
-    pub fn maybe_append(&mut self, prev_index: Index, prev_term: Term, commit: Index, entries: &[Entry]) -> Option<Index> {
+    pub fn maybe_append(
+        &mut self,
+        prev_index: Index,
+        prev_term: Term,
+        commit: Index,
+        entries: &[Entry],
+    ) -> Option<Index> {
         if !self.match_term(prev_index, prev_term) {
             return None;
         }

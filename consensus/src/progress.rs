@@ -50,6 +50,14 @@ impl Inflights {
         }
     }
 
+    /// Frees the oldest append: a heartbeat answer proves the follower is alive, and if
+    /// appends were lost the window would otherwise stay full forever.
+    pub fn free_first_one(&mut self) {
+        if let Some((_, bytes)) = self.sent.pop_front() {
+            self.bytes -= bytes;
+        }
+    }
+
     pub fn reset(&mut self) {
         self.sent.clear();
         self.bytes = 0;
@@ -78,7 +86,14 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(next_index: Index, inflights: Inflights) -> Progress {
-        Progress { match_index: 0, next_index, state: ProgressState::Probe, probe_sent: false, recent_active: false, inflights }
+        Progress {
+            match_index: 0,
+            next_index,
+            state: ProgressState::Probe,
+            probe_sent: false,
+            recent_active: false,
+            inflights,
+        }
     }
 
     pub fn is_paused(&self) -> bool {

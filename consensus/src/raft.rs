@@ -284,7 +284,8 @@ impl<S: Storage> Raft<S> {
         self.reset_election_timer();
         let next = self.log.last_index() + 1;
         for (&id, progress) in self.progress.iter_mut() {
-            *progress = Progress::new(next, Inflights::new(self.config.max_inflight_msgs, self.config.max_inflight_bytes));
+            *progress =
+                Progress::new(next, Inflights::new(self.config.max_inflight_msgs, self.config.max_inflight_bytes));
             progress.recent_active = id == self.id;
         }
         if let Some(own) = self.progress.get_mut(&self.id) {
@@ -293,7 +294,8 @@ impl<S: Storage> Raft<S> {
         }
         // A membership change may be proposed only after this term's first entry is applied.
         self.pending_conf_index = self.log.last_index() + 1;
-        let noop = Entry { term: self.term, index: self.log.last_index() + 1, kind: EntryKind::Normal, data: Vec::new() };
+        let noop =
+            Entry { term: self.term, index: self.log.last_index() + 1, kind: EntryKind::Normal, data: Vec::new() };
         self.log.append(&[noop]);
         self.broadcast_append();
         self.maybe_commit();
@@ -424,7 +426,8 @@ impl<S: Storage> Raft<S> {
     }
 
     fn handle_vote_request(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
-        let can_vote = self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre && term > self.term);
+        let can_vote =
+            self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre && term > self.term);
         let log_ok = self.config.injected_bug == Some(InjectedBug::VoteWithoutLogCheck)
             || self.log.is_up_to_date(last_index, last_term);
         let granted = can_vote && log_ok;
@@ -443,11 +446,9 @@ impl<S: Storage> Raft<S> {
                 self.become_follower(m.term, Some(m.from));
                 self.step_follower(m);
             }
-            MessageKind::VoteResponse { pre, granted } => {
-                if pre == (self.role == Role::PreCandidate) {
-                    self.votes.insert(m.from, granted);
-                    self.tally_votes();
-                }
+            MessageKind::VoteResponse { pre, granted } if pre == (self.role == Role::PreCandidate) => {
+                self.votes.insert(m.from, granted);
+                self.tally_votes();
             }
             _ => {}
         }
@@ -484,7 +485,9 @@ impl<S: Storage> Raft<S> {
             return;
         }
         match self.log.maybe_append(prev_index, prev_term, commit, entries) {
-            Some(last) => self.send(from, MessageKind::AppendResponse { reject: false, index: last, hint_index: 0, hint_term: 0 }),
+            Some(last) => {
+                self.send(from, MessageKind::AppendResponse { reject: false, index: last, hint_index: 0, hint_term: 0 })
+            }
             None => {
                 let probe = prev_index.min(self.log.last_index());
                 let (hint_index, hint_term) = self.log.find_conflict_by_term(probe, prev_term);
@@ -504,10 +507,7 @@ impl<S: Storage> Raft<S> {
         if offset == 0 {
             self.incoming_snapshot = Some(IncomingSnapshot { meta: meta.clone(), data: Vec::new() });
         }
-        let in_order = self
-            .incoming_snapshot
-            .as_ref()
-            .is_some_and(|s| s.meta == meta && s.data.len() as u64 == offset);
+        let in_order = self.incoming_snapshot.as_ref().is_some_and(|s| s.meta == meta && s.data.len() as u64 == offset);
         if !in_order {
             self.incoming_snapshot = None;
             self.send(from, MessageKind::SnapshotResponse { reject: true, index: meta.index });
@@ -536,7 +536,8 @@ impl<S: Storage> Raft<S> {
         progress.recent_active = true;
         match m.kind {
             MessageKind::AppendResponse { reject: true, index, hint_index, hint_term } => {
-                let probe_hint = if hint_term > 0 { self.log.find_conflict_by_term(hint_index, hint_term).0 } else { hint_index };
+                let probe_hint =
+                    if hint_term > 0 { self.log.find_conflict_by_term(hint_index, hint_term).0 } else { hint_index };
                 let progress = self.progress.get_mut(&from).expect("looked up above");
                 if progress.maybe_decrease_to(index, probe_hint) {
                     if progress.state == ProgressState::Replicate {
@@ -548,6 +549,9 @@ impl<S: Storage> Raft<S> {
             MessageKind::AppendResponse { reject: false, index, .. } => self.handle_append_success(from, index),
             MessageKind::HeartbeatResponse { context } => {
                 progress.probe_sent = false;
+                if progress.state == ProgressState::Replicate && progress.inflights.full() {
+                    progress.inflights.free_first_one();
+                }
                 if progress.match_index < self.log.last_index() {
                     self.send_append(from);
                 }

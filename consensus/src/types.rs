@@ -81,23 +81,59 @@ pub struct Message {
 pub enum MessageKind {
     /// Asks for a (pre-)vote. `term` of the message is the term the candidate would have.
     /// `force` is set after a leadership transfer, so followers skip their lease check.
-    VoteRequest { pre: bool, last_index: Index, last_term: Term, force: bool },
-    VoteResponse { pre: bool, granted: bool },
-    Append { prev_index: Index, prev_term: Term, entries: Vec<Entry>, commit: Index },
+    VoteRequest {
+        pre: bool,
+        last_index: Index,
+        last_term: Term,
+        force: bool,
+    },
+    VoteResponse {
+        pre: bool,
+        granted: bool,
+    },
+    Append {
+        prev_index: Index,
+        prev_term: Term,
+        entries: Vec<Entry>,
+        commit: Index,
+    },
     /// `index` is the last matching index on success; on rejection `hint_index` and
     /// `hint_term` let the leader skip a whole term at once (fast backtracking).
-    AppendResponse { reject: bool, index: Index, hint_index: Index, hint_term: Term },
-    Heartbeat { commit: Index, context: Option<u64> },
-    HeartbeatResponse { context: Option<u64> },
+    AppendResponse {
+        reject: bool,
+        index: Index,
+        hint_index: Index,
+        hint_term: Term,
+    },
+    Heartbeat {
+        commit: Index,
+        context: Option<u64>,
+    },
+    HeartbeatResponse {
+        context: Option<u64>,
+    },
     /// One chunk of a snapshot; chunks travel in order, `done` on the last.
-    Snapshot { meta: SnapshotMeta, offset: u64, chunk: Vec<u8>, done: bool },
+    Snapshot {
+        meta: SnapshotMeta,
+        offset: u64,
+        chunk: Vec<u8>,
+        done: bool,
+    },
     /// A follower's answer to a snapshot: `index` installed, or a reject to start over.
-    SnapshotResponse { reject: bool, index: Index },
+    SnapshotResponse {
+        reject: bool,
+        index: Index,
+    },
     /// Tells the transfer target to campaign now.
     TimeoutNow,
     /// A follower forwarding a linearizable read to the leader.
-    ReadIndex { context: u64 },
-    ReadIndexResponse { context: u64, index: Index },
+    ReadIndex {
+        context: u64,
+    },
+    ReadIndexResponse {
+        context: u64,
+        index: Index,
+    },
 }
 
 /// A linearizable read that may proceed once the applied index reaches `index`.

@@ -1,0 +1,848 @@
+//! The deterministic cluster simulator: N Raft nodes on a simulated network, clock and disk,
+//! all driven by one seed, with faults (loss, duplication, reordering, partitions, crashes that
+//! lose unpersisted state, slow disks, clock-rate differences) and a key-value workload whose
+//! history is checked for linearizability. Safety is checked at every step; liveness after the
+//! faults stop.
+
+use crate::linearizability::{self, Operation, RegisterOp, Verdict};
+use crate::raft::{Config, InjectedBug};
+use crate::raw_node::{RawNode, Ready};
+use crate::storage::{MemStorage, Storage};
+use crate::types::*;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::fmt;
+
+/// Everything a run depends on, expanded from its seed (printed so a run can be understood).
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub nodes: usize,
+    /// Faults happen in `[0, faults_until_ms)`; then everything heals.
+    pub faults_until_ms: u64,
+    /// After healing, every node must apply a new entry within this many ticks.
+    pub liveness_bound_ticks: u64,
+    pub loss_permille: u64,
+    pub duplicate_permille: u64,
+    pub delay_max_ms: u64,
+    /// Milliseconds between ticks, per node (clock-rate differences).
+    pub tick_ms: Vec<u64>,
+    pub clients: usize,
+    pub keys: u64,
+    /// Applied entries between snapshots (log compaction), per node.
+    pub compact_every: u64,
+    pub injected_bug: Option<InjectedBug>,
+}
+
+/// Nominal tick length; the liveness bound in ms is computed from it.
+const TICK_MS: u64 = 10;
+const CLIENT_TIMEOUT_MS: u64 = 2_000;
+
+impl SimOptions {
+    pub fn from_seed(seed: u64) -> SimOptions {
+        let mut rng = Rng::new(seed ^ 0x5EED);
+        let nodes = if rng.below(3) == 0 { 5 } else { 3 };
+        SimOptions {
+            seed,
+            nodes,
+            faults_until_ms: 3_000 + rng.below(2_000),
+            liveness_bound_ticks: 300,
+            loss_permille: rng.below(120),
+            duplicate_permille: rng.below(50),
+            delay_max_ms: 1 + rng.below(30),
+            tick_ms: (0..nodes).map(|_| TICK_MS - 1 + rng.below(3)).collect(),
+            clients: 2 + rng.below(3) as usize,
+            keys: 1 + rng.below(3),
+            compact_every: 40 + rng.below(200),
+            injected_bug: None,
+        }
+    }
+
+    fn end_ms(&self) -> u64 {
+        self.faults_until_ms + self.liveness_bound_ticks * TICK_MS + 500
+    }
+}
+
+impl fmt::Display for SimOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed={} nodes={} faults_until={}ms loss={}‰ dup={}‰ delay≤{}ms tick_ms={:?} clients={} keys={} compact_every={} bug={:?}",
+            self.seed,
+            self.nodes,
+            self.faults_until_ms,
+            self.loss_permille,
+            self.duplicate_permille,
+            self.delay_max_ms,
+            self.tick_ms,
+            self.clients,
+            self.keys,
+            self.compact_every,
+            self.injected_bug
+        )
+    }
+}
+
+/// A broken invariant, with when it was seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    pub at_ms: u64,
+    pub what: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "at {} ms: {}", self.at_ms, self.what)
+    }
+}
+
+/// What a passing run did (to show the workload was not trivial).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimReport {
+    pub committed_entries: u64,
+    pub leaders_elected: usize,
+    pub writes_ok: u64,
+    pub writes_unknown: u64,
+    pub reads_ok: u64,
+    pub snapshots_installed: u64,
+    pub messages_delivered: u64,
+}
+
+/// xorshift64*: the simulator's only source of randomness.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+
+    fn chance(&mut self, permille: u64) -> bool {
+        self.below(1000) < permille
+    }
+}
+
+/// The state machine each node applies: a register per key, plus who wrote it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Kv {
+    values: BTreeMap<u64, u64>,
+}
+
+impl Kv {
+    fn encode(&self) -> Vec<u8> {
+        self.values.iter().flat_map(|(k, v)| k.to_le_bytes().into_iter().chain(v.to_le_bytes())).collect()
+    }
+
+    fn decode(bytes: &[u8]) -> Kv {
+        let values = bytes
+            .chunks_exact(16)
+            .map(|c| {
+                (u64::from_le_bytes(c[..8].try_into().expect("8")), u64::from_le_bytes(c[8..].try_into().expect("8")))
+            })
+            .collect();
+        Kv { values }
+    }
+}
+
+/// A write's entry: op id · key · value.
+fn encode_write(op_id: u64, key: u64, value: u64) -> Vec<u8> {
+    [op_id, key, value].iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn decode_write(data: &[u8]) -> Option<(u64, u64, u64)> {
+    if data.len() != 24 {
+        return None;
+    }
+    let field = |i: usize| u64::from_le_bytes(data[i * 8..i * 8 + 8].try_into().expect("8"));
+    Some((field(0), field(1), field(2)))
+}
+
+fn hash(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+struct SimNode {
+    id: NodeId,
+    /// `None` while crashed.
+    node: Option<RawNode<MemStorage>>,
+    /// What survives a crash, while the node is down (a running node's storage is its own).
+    durable: MemStorage,
+    kv: Kv,
+    /// A `Ready` being persisted, completing at the given time.
+    persisting: Option<(u64, Ready)>,
+    disk_delay_max_ms: u64,
+    next_tick_ms: u64,
+    restart_at_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Pending {
+    Write { node: NodeId, index: Index, key: u64, value: u64, history: usize, deadline: u64 },
+    Read { node: NodeId, context: u64, key: u64, called_at: u64, deadline: u64, index: Option<Index> },
+}
+
+struct Client {
+    pending: Option<Pending>,
+    next_op_ms: u64,
+}
+
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct InFlight {
+    deliver_at: std::cmp::Reverse<(u64, u64)>,
+    message: MessageBox,
+}
+
+/// Messages ordered only by delivery time and sequence.
+struct MessageBox(Message);
+
+impl PartialEq for MessageBox {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for MessageBox {}
+impl PartialOrd for MessageBox {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for MessageBox {
+    fn cmp(&self, _: &Self) -> std::cmp::Ordering {
+        std::cmp::Ordering::Equal
+    }
+}
+
+pub struct Simulation {
+    options: SimOptions,
+    rng: Rng,
+    now_ms: u64,
+    nodes: Vec<SimNode>,
+    network: BinaryHeap<InFlight>,
+    sequence: u64,
+    /// Directed pairs that cannot talk.
+    blocked: BTreeSet<(NodeId, NodeId)>,
+    loss_permille: u64,
+    duplicate_permille: u64,
+    clients: Vec<Client>,
+    history: Vec<Operation>,
+    /// Logical time for the history: strictly increasing across calls and returns.
+    history_clock: u64,
+    next_op_id: u64,
+    // What the checks remember.
+    leaders: BTreeMap<Term, NodeId>,
+    applied: BTreeMap<Index, (Term, u64)>,
+    log_terms: HashMap<(Index, Term), u64>,
+    healed: bool,
+    heal_applied: Option<Index>,
+    report: SimReport,
+}
+
+impl Simulation {
+    pub fn new(options: SimOptions) -> Simulation {
+        let voters: Vec<NodeId> = (1..=options.nodes as u64).collect();
+        let mut rng = Rng::new(options.seed);
+        let nodes = voters
+            .iter()
+            .map(|&id| {
+                let durable = MemStorage::new_with_voters(&voters);
+                SimNode {
+                    id,
+                    node: None,
+                    durable,
+                    kv: Kv::default(),
+                    persisting: None,
+                    disk_delay_max_ms: 0,
+                    next_tick_ms: rng.below(TICK_MS),
+                    restart_at_ms: Some(0),
+                }
+            })
+            .collect();
+        let clients = (0..options.clients).map(|i| Client { pending: None, next_op_ms: 50 + i as u64 * 7 }).collect();
+        Simulation {
+            loss_permille: options.loss_permille,
+            duplicate_permille: options.duplicate_permille,
+            options,
+            rng,
+            now_ms: 0,
+            nodes,
+            network: BinaryHeap::new(),
+            sequence: 0,
+            blocked: BTreeSet::new(),
+            clients,
+            history: Vec::new(),
+            history_clock: 0,
+            next_op_id: 1,
+            leaders: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            log_terms: HashMap::new(),
+            healed: false,
+            heal_applied: None,
+            report: SimReport::default(),
+        }
+    }
+
+    fn config(&self, id: NodeId) -> Config {
+        let mut config = Config::new(id);
+        config.seed = self.options.seed.wrapping_mul(31).wrapping_add(id);
+        config.max_size_per_msg = 4096;
+        config.max_inflight_msgs = 8;
+        config.snapshot_chunk_bytes = 64;
+        config.injected_bug = self.options.injected_bug;
+        config
+    }
+
+    fn violation(&self, what: String) -> Violation {
+        Violation { at_ms: self.now_ms, what }
+    }
+
+    /// Runs to the end; the first broken invariant stops the run.
+    pub fn run(mut self) -> Result<SimReport, Violation> {
+        let end = self.options.end_ms();
+        // Bounded: one iteration per simulated millisecond.
+        while self.now_ms < end {
+            self.step_ms()?;
+            self.now_ms += 1;
+        }
+        self.check_liveness_at_end()?;
+        self.check_history()?;
+        self.report.leaders_elected = self.leaders.len();
+        self.report.committed_entries = self.applied.len() as u64;
+        Ok(self.report)
+    }
+
+    fn step_ms(&mut self) -> Result<(), Violation> {
+        self.nemesis();
+        self.restart_due_nodes();
+        self.deliver_messages();
+        self.tick_nodes();
+        self.run_clients();
+        for i in 0..self.nodes.len() {
+            self.process_node(i)?;
+        }
+        self.check_liveness_progress()
+    }
+
+    // ---- faults ------------------------------------------------------------------------
+
+    fn nemesis(&mut self) {
+        if self.now_ms >= self.options.faults_until_ms {
+            if !self.healed {
+                self.heal();
+            }
+            return;
+        }
+        // On average one fault decision every 400 ms.
+        if !self.rng.chance(2) && self.now_ms > 0 {
+            return;
+        }
+        if self.now_ms == 0 {
+            return;
+        }
+        let n = self.options.nodes as u64;
+        match self.rng.below(8) {
+            0 => self.blocked.clear(),
+            1 => {
+                // Isolate one node.
+                let node = 1 + self.rng.below(n);
+                self.partition(&[node]);
+            }
+            2 => {
+                // Majority / minority halves.
+                let minority: Vec<NodeId> = (1..=n).filter(|_| self.rng.chance(400)).take((n / 2) as usize).collect();
+                self.partition(&minority);
+            }
+            3 => {
+                // Bridge: two sides that cannot talk, one node that talks to both.
+                self.blocked.clear();
+                let bridge = 1 + self.rng.below(n);
+                let others: Vec<NodeId> = (1..=n).filter(|&x| x != bridge).collect();
+                let (left, right) = others.split_at(others.len() / 2);
+                for &a in left {
+                    for &b in right {
+                        self.blocked.insert((a, b));
+                        self.blocked.insert((b, a));
+                    }
+                }
+            }
+            4 => {
+                // One-way: a node hears everyone but nobody hears it.
+                let node = 1 + self.rng.below(n);
+                for other in (1..=n).filter(|&x| x != node) {
+                    self.blocked.insert((node, other));
+                }
+            }
+            5 | 6 => {
+                let index = self.rng.below(n) as usize;
+                let down_for = 100 + self.rng.below(1_500);
+                self.crash(index, self.now_ms + down_for);
+            }
+            _ => {
+                let index = self.rng.below(n) as usize;
+                self.nodes[index].disk_delay_max_ms = if self.rng.chance(500) { 0 } else { 5 + self.rng.below(60) };
+            }
+        }
+    }
+
+    fn partition(&mut self, side: &[NodeId]) {
+        self.blocked.clear();
+        for &a in side {
+            for b in 1..=self.options.nodes as u64 {
+                if !side.contains(&b) {
+                    self.blocked.insert((a, b));
+                    self.blocked.insert((b, a));
+                }
+            }
+        }
+    }
+
+    fn heal(&mut self) {
+        self.healed = true;
+        self.blocked.clear();
+        self.loss_permille = 0;
+        self.duplicate_permille = 0;
+        for node in &mut self.nodes {
+            node.disk_delay_max_ms = 0;
+            if node.node.is_none() {
+                node.restart_at_ms = Some(self.now_ms);
+            }
+        }
+        self.restart_due_nodes();
+        self.heal_applied =
+            Some(self.nodes.iter().map(|n| n.node.as_ref().map_or(0, |r| r.raft.log.applied)).max().unwrap_or(0));
+    }
+
+    /// Crashes a node: everything not yet persisted (including a `Ready` being persisted) is lost.
+    fn crash(&mut self, index: usize, restart_at_ms: u64) {
+        let node = &mut self.nodes[index];
+        let Some(raw) = node.node.take() else { return };
+        // The node's storage holds exactly what completed persists wrote.
+        node.durable = raw.raft.log.storage;
+        node.persisting = None;
+        node.restart_at_ms = Some(restart_at_ms);
+    }
+
+    fn restart_due_nodes(&mut self) {
+        for i in 0..self.nodes.len() {
+            let due = self.nodes[i].restart_at_ms.is_some_and(|at| at <= self.now_ms);
+            if !due {
+                continue;
+            }
+            let config = self.config(self.nodes[i].id);
+            let node = &mut self.nodes[i];
+            node.restart_at_ms = None;
+            let raw = RawNode::new(config, std::mem::take(&mut node.durable)).expect("simulator config is valid");
+            // The state machine restarts from the snapshot; committed entries are re-applied.
+            node.kv = Kv::decode(&raw.raft.log.storage.snapshot.data);
+            node.node = Some(raw);
+        }
+    }
+
+    // ---- network -----------------------------------------------------------------------
+
+    fn send(&mut self, message: Message) {
+        if self.blocked.contains(&(message.from, message.to)) || self.rng.chance(self.loss_permille) {
+            return;
+        }
+        let copies = if self.rng.chance(self.duplicate_permille) { 2 } else { 1 };
+        for _ in 0..copies {
+            let at = self.now_ms + 1 + self.rng.below(self.options.delay_max_ms);
+            self.sequence += 1;
+            let deliver_at = std::cmp::Reverse((at, self.sequence));
+            self.network.push(InFlight { deliver_at, message: MessageBox(message.clone()) });
+        }
+    }
+
+    fn deliver_messages(&mut self) {
+        // Bounded: each message is popped once.
+        while self.network.peek().is_some_and(|m| m.deliver_at.0 .0 <= self.now_ms) {
+            let InFlight { message: MessageBox(message), .. } = self.network.pop().expect("peeked");
+            if self.blocked.contains(&(message.from, message.to)) {
+                continue;
+            }
+            let Some(target) = self.nodes.get_mut(message.to as usize - 1) else { continue };
+            if let Some(node) = target.node.as_mut() {
+                node.step(message);
+                self.report.messages_delivered += 1;
+            }
+        }
+    }
+
+    fn tick_nodes(&mut self) {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if node.next_tick_ms <= self.now_ms {
+                node.next_tick_ms = self.now_ms + self.options.tick_ms[i];
+                if let Some(raw) = node.node.as_mut() {
+                    raw.tick();
+                }
+            }
+        }
+    }
+
+    // ---- persistence and applying --------------------------------------------------------
+
+    fn process_node(&mut self, i: usize) -> Result<(), Violation> {
+        if self.nodes[i].node.is_none() {
+            return Ok(());
+        }
+        if let Some((done_at, _)) = &self.nodes[i].persisting {
+            if *done_at > self.now_ms {
+                return Ok(());
+            }
+            let (_, ready) = self.nodes[i].persisting.take().expect("checked");
+            self.complete_ready(i, ready)?;
+        }
+        // Bounded: a node produces a finite amount of work per millisecond; cap the rounds.
+        for _ in 0..16 {
+            let has_ready = self.nodes[i].node.as_ref().is_some_and(|n| n.has_ready());
+            if !has_ready {
+                break;
+            }
+            let ready = self.nodes[i].node.as_mut().expect("checked").ready();
+            self.check_ready(i, &ready)?;
+            let delay = self.rng.below(self.nodes[i].disk_delay_max_ms + 1);
+            if delay > 0 && (!ready.entries.is_empty() || ready.hard_state.is_some() || ready.snapshot.is_some()) {
+                self.nodes[i].persisting = Some((self.now_ms + delay, ready));
+                break;
+            }
+            self.complete_ready(i, ready)?;
+        }
+        Ok(())
+    }
+
+    /// Checks made when a `Ready` comes out: election safety, leader completeness.
+    fn check_ready(&mut self, i: usize, ready: &Ready) -> Result<(), Violation> {
+        let id = self.nodes[i].id;
+        let Some(soft) = ready.soft_state else { return Ok(()) };
+        if soft.role != Role::Leader {
+            return Ok(());
+        }
+        let raft = &self.nodes[i].node.as_ref().expect("running").raft;
+        let term = raft.term;
+        if let Some(&other) = self.leaders.get(&term) {
+            if other != id {
+                return Err(self.violation(format!("two leaders in term {term}: {other} and {id}")));
+            }
+        }
+        self.leaders.insert(term, id);
+        for (&index, &(entry_term, _)) in &self.applied {
+            if index < raft.log.first_index() {
+                continue;
+            }
+            if raft.log.term_or_zero(index) != entry_term {
+                return Err(self.violation(format!(
+                    "leader completeness: leader {id} of term {term} lacks committed entry {index} (term {entry_term})"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Persists, sends, applies and acknowledges one `Ready`.
+    fn complete_ready(&mut self, i: usize, ready: Ready) -> Result<(), Violation> {
+        let id = self.nodes[i].id;
+        {
+            let node = self.nodes[i].node.as_mut().expect("running");
+            let storage = &mut node.raft.log.storage;
+            if let Some(snapshot) = &ready.snapshot {
+                storage.apply_snapshot(snapshot.clone());
+            }
+            storage.append(&ready.entries);
+            if let Some(hard_state) = ready.hard_state {
+                storage.hard_state = hard_state;
+            }
+        }
+        for entry in &ready.entries {
+            let h = hash(&entry.data);
+            if let Some(&other) = self.log_terms.get(&(entry.index, entry.term)) {
+                if other != h {
+                    return Err(self.violation(format!(
+                        "log matching: two different entries at index {} in term {}",
+                        entry.index, entry.term
+                    )));
+                }
+            }
+            self.log_terms.insert((entry.index, entry.term), h);
+        }
+        for message in ready.messages.iter().cloned() {
+            self.send(message);
+        }
+        if let Some(snapshot) = &ready.snapshot {
+            self.nodes[i].kv = Kv::decode(&snapshot.data);
+            self.report.snapshots_installed += 1;
+        }
+        for entry in &ready.committed_entries {
+            self.apply_entry(i, entry)?;
+        }
+        let node = self.nodes[i].node.as_mut().expect("running");
+        let read_states = ready.read_states.clone();
+        node.advance(ready);
+        self.take_read_states(id, &read_states);
+        self.maybe_compact(i);
+        Ok(())
+    }
+
+    fn apply_entry(&mut self, i: usize, entry: &Entry) -> Result<(), Violation> {
+        let h = hash(&entry.data);
+        match self.applied.get(&entry.index) {
+            Some(&(term, other)) if term != entry.term || other != h => {
+                return Err(self.violation(format!(
+                    "state machine safety: node {} applied a different entry at index {} (term {} vs {term})",
+                    self.nodes[i].id, entry.index, entry.term
+                )));
+            }
+            _ => {
+                self.applied.insert(entry.index, (entry.term, h));
+            }
+        }
+        if let EntryKind::ConfChange(change) = entry.kind {
+            self.nodes[i].node.as_mut().expect("running").apply_conf_change(change);
+        }
+        if let Some((_, key, value)) = decode_write(&entry.data) {
+            self.nodes[i].kv.values.insert(key, value);
+        }
+        self.finish_writes(self.nodes[i].id, entry);
+        Ok(())
+    }
+
+    /// Replaces applied entries by a snapshot of the state machine now and then.
+    fn maybe_compact(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let Some(raw) = node.node.as_mut() else { return };
+        let applied = raw.raft.log.applied;
+        let storage = &mut raw.raft.log.storage;
+        if applied >= storage.first_index() + self.options.compact_every && applied <= storage.last_index() {
+            let conf = raw.raft.conf_state();
+            raw.raft.log.storage.compact(applied, node.kv.encode(), conf);
+        }
+    }
+
+    // ---- workload ----------------------------------------------------------------------
+
+    fn tick_history(&mut self) -> u64 {
+        self.history_clock += 1;
+        self.history_clock
+    }
+
+    fn run_clients(&mut self) {
+        for c in 0..self.clients.len() {
+            self.expire_client(c);
+            if self.clients[c].pending.is_some() || self.clients[c].next_op_ms > self.now_ms {
+                continue;
+            }
+            self.clients[c].next_op_ms = self.now_ms + 5 + self.rng.below(40);
+            let node_index = self.rng.below(self.options.nodes as u64) as usize;
+            let key = self.rng.below(self.options.keys);
+            let op_id = self.next_op_id;
+            self.next_op_id += 1;
+            if self.rng.chance(600) {
+                self.start_write(c, node_index, op_id, key);
+            } else {
+                self.start_read(c, node_index, op_id, key);
+            }
+        }
+    }
+
+    fn start_write(&mut self, c: usize, node_index: usize, op_id: u64, key: u64) {
+        let value = op_id;
+        let called_at = self.tick_history();
+        let deadline = self.now_ms + CLIENT_TIMEOUT_MS;
+        let node_id = self.nodes[node_index].id;
+        let Some(node) = self.nodes[node_index].node.as_mut() else { return };
+        // A refused proposal was never appended: it did not happen and is not recorded.
+        if let Ok(index) = node.propose(encode_write(op_id, key, value)) {
+            let history = self.history.len();
+            self.history.push(Operation { key, op: RegisterOp::Write(value), called_at, returned_at: None });
+            self.clients[c].pending = Some(Pending::Write { node: node_id, index, key, value, history, deadline });
+        }
+    }
+
+    fn start_read(&mut self, c: usize, node_index: usize, context: u64, key: u64) {
+        let node_id = self.nodes[node_index].id;
+        let Some(node) = self.nodes[node_index].node.as_mut() else { return };
+        if node.read_index(context).is_ok() {
+            let called_at = self.tick_history();
+            let deadline = self.now_ms + CLIENT_TIMEOUT_MS;
+            self.clients[c].pending =
+                Some(Pending::Read { node: node_id, context, key, called_at, deadline, index: None });
+        }
+    }
+
+    /// A write waiting on `node` completes when that node applies its index.
+    fn finish_writes(&mut self, node: NodeId, entry: &Entry) {
+        for c in 0..self.clients.len() {
+            let Some(Pending::Write { node: on, index, key, value, history, .. }) = self.clients[c].pending else {
+                continue;
+            };
+            if on != node || index != entry.index {
+                continue;
+            }
+            self.clients[c].pending = None;
+            if decode_write(&entry.data) == Some((value, key, value)) {
+                let returned_at = self.tick_history();
+                self.history[history].returned_at = Some(returned_at);
+                self.report.writes_ok += 1;
+            } else {
+                // Another entry took the index: this write can never commit. It is turned into a
+                // read without an outcome, which the checker ignores.
+                self.history[history].op = RegisterOp::Read(None);
+                self.history[history].returned_at = None;
+            }
+        }
+    }
+
+    fn take_read_states(&mut self, node: NodeId, read_states: &[ReadState]) {
+        for state in read_states {
+            for client in &mut self.clients {
+                if let Some(Pending::Read { node: on, context, index, .. }) = &mut client.pending {
+                    if *on == node && *context == state.context {
+                        *index = Some(state.index);
+                    }
+                }
+            }
+        }
+        self.finish_reads(node);
+    }
+
+    /// A read with a read index completes once its node has applied up to that index.
+    fn finish_reads(&mut self, node: NodeId) {
+        let Some(raw) = self.nodes[node as usize - 1].node.as_ref() else { return };
+        let applied = raw.raft.log.applied;
+        for c in 0..self.clients.len() {
+            let Some(Pending::Read { node: on, key, called_at, index: Some(index), .. }) = self.clients[c].pending
+            else {
+                continue;
+            };
+            if on != node || applied < index {
+                continue;
+            }
+            let value = self.nodes[node as usize - 1].kv.values.get(&key).copied();
+            self.clients[c].pending = None;
+            let returned_at = self.tick_history();
+            self.history.push(Operation {
+                key,
+                op: RegisterOp::Read(value),
+                called_at,
+                returned_at: Some(returned_at),
+            });
+            self.report.reads_ok += 1;
+        }
+    }
+
+    fn expire_client(&mut self, c: usize) {
+        let now = self.now_ms;
+        let node_down = |sim: &Simulation, id: NodeId| sim.nodes[id as usize - 1].node.is_none();
+        match self.clients[c].pending {
+            Some(Pending::Write { deadline, node, .. }) if deadline <= now || node_down(self, node) => {
+                // Unknown outcome: it stays in the history without a return.
+                self.clients[c].pending = None;
+                self.report.writes_unknown += 1;
+            }
+            Some(Pending::Read { deadline, node, .. }) if deadline <= now || node_down(self, node) => {
+                self.clients[c].pending = None;
+            }
+            Some(Pending::Read { node, .. }) => self.finish_reads(node),
+            _ => {}
+        }
+    }
+
+    // ---- liveness and history ------------------------------------------------------------
+
+    fn check_liveness_progress(&self) -> Result<(), Violation> {
+        let Some(heal_applied) = self.heal_applied else { return Ok(()) };
+        let deadline = self.options.faults_until_ms + self.options.liveness_bound_ticks * TICK_MS;
+        if self.now_ms != deadline {
+            return Ok(());
+        }
+        for node in &self.nodes {
+            let applied = node.node.as_ref().map_or(0, |n| n.raft.log.applied);
+            if applied <= heal_applied {
+                return Err(self.violation(format!(
+                    "liveness: node {} applied nothing new within {} ticks of healing (applied {applied}, at heal {heal_applied}); {}",
+                    node.id,
+                    self.options.liveness_bound_ticks,
+                    self.describe_nodes()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// One line per node: role, term, leader, log bounds, and the leader's view of followers.
+    fn describe_nodes(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let Some(raw) = node.node.as_ref() else {
+                out.push_str(&format!("[node {} down] ", node.id));
+                continue;
+            };
+            let raft = &raw.raft;
+            out.push_str(&format!(
+                "[node {} {:?} term {} leader {:?} log {}..={} commit {} applied {} persisting {}",
+                node.id,
+                raft.role,
+                raft.term,
+                raft.leader,
+                raft.log.first_index(),
+                raft.log.last_index(),
+                raft.log.committed,
+                raft.log.applied,
+                node.persisting.is_some()
+            ));
+            if raft.role == Role::Leader {
+                for peer in &self.nodes {
+                    if let Some(p) = raft.progress_of(peer.id) {
+                        out.push_str(&format!(
+                            " | {}: match {} next {} {:?} paused {}",
+                            peer.id,
+                            p.match_index,
+                            p.next_index,
+                            p.state,
+                            p.is_paused()
+                        ));
+                    }
+                }
+            }
+            out.push_str("] ");
+        }
+        out
+    }
+
+    fn check_liveness_at_end(&self) -> Result<(), Violation> {
+        if self.heal_applied.is_none() {
+            return Err(self.violation("the run ended before the faults healed".into()));
+        }
+        Ok(())
+    }
+
+    fn check_history(&self) -> Result<(), Violation> {
+        match linearizability::check(&self.history) {
+            Verdict::Linearizable => Ok(()),
+            Verdict::NotLinearizable { key } => {
+                Err(self.violation(format!("history of key {key} is not linearizable")))
+            }
+            Verdict::Inconclusive { key } => {
+                Err(self.violation(format!("linearizability check of key {key} exceeded its budget")))
+            }
+        }
+    }
+}
+
+/// Runs one seed with the options it expands to.
+pub fn run_seed(seed: u64, injected_bug: Option<InjectedBug>) -> Result<SimReport, Violation> {
+    let mut options = SimOptions::from_seed(seed);
+    options.injected_bug = injected_bug;
+    Simulation::new(options).run()
+}
