@@ -108,13 +108,17 @@ struct Meta {
     first_index: u64,
     /// First index of the newest segment, so a lost newest segment is noticed.
     newest_segment_first_index: u64,
+    /// While a suffix truncation is in progress: records at or after this index are removed,
+    /// whatever recovery finds of them (0: none). Makes the truncation atomic across crashes.
+    cut_from: u64,
 }
 
 impl Meta {
-    fn encode(&self) -> [u8; 16] {
-        let mut out = [0u8; 16];
+    fn encode(&self) -> [u8; 24] {
+        let mut out = [0u8; 24];
         out[..8].copy_from_slice(&self.first_index.to_le_bytes());
-        out[8..].copy_from_slice(&self.newest_segment_first_index.to_le_bytes());
+        out[8..16].copy_from_slice(&self.newest_segment_first_index.to_le_bytes());
+        out[16..].copy_from_slice(&self.cut_from.to_le_bytes());
         out
     }
 
@@ -127,7 +131,15 @@ impl Meta {
         let field = |at: usize| bytes.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
         let first_index = field(0).ok_or_else(corrupt)?;
         let newest_segment_first_index = field(8).ok_or_else(corrupt)?;
-        Ok(Meta { first_index, newest_segment_first_index })
+        let cut_from = field(16).ok_or_else(corrupt)?;
+        if first_index == 0 || newest_segment_first_index == 0 {
+            return Err(WalError::Corrupt {
+                path: path.to_path_buf(),
+                offset: 0,
+                reason: "metadata names index 0".into(),
+            });
+        }
+        Ok(Meta { first_index, newest_segment_first_index, cut_from })
     }
 }
 
@@ -183,7 +195,7 @@ impl Wal {
             free: Vec::new(),
             writer,
             poisoned: false,
-            meta: Meta { first_index: 1, newest_segment_first_index: 1 },
+            meta: Meta { first_index: 1, newest_segment_first_index: 1, cut_from: 0 },
             meta_file: DualFile::new("meta", META_MAGIC),
             hard_state_file,
             hard_state,
@@ -233,17 +245,12 @@ impl Wal {
     /// check the chain across segments, cut a torn tail, refuse damage.
     fn recover(&mut self, report: &mut RecoveryReport) -> Result<()> {
         let mut names = list_segments(&self.dir)?;
-        // A segment newer than the metadata knows was created by a rotation or reset that did
-        // not finish; nothing was appended to it (appends follow the metadata update).
+        // A segment newer than the metadata knows is either an empty one made by a rotation or
+        // reset that did not finish (appends follow the metadata update), or one a suffix
+        // truncation had already cut off in the metadata: either way it holds nothing to keep.
         while let Some((first, path)) = names.last().cloned() {
             if first <= self.meta.newest_segment_first_index {
                 break;
-            }
-            if !segment_is_empty(&path)? {
-                return Err(WalError::Inconsistent {
-                    path,
-                    reason: "segment newer than the metadata holds records".into(),
-                });
             }
             fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
             report.leftover_files_removed += 1;
@@ -267,6 +274,9 @@ impl Wal {
             self.segments.push(segment);
         }
         self.first_index = self.meta.first_index;
+        if self.meta.cut_from != 0 {
+            self.finish_cut(report)?;
+        }
         if self.last_index + 1 < self.first_index {
             return Err(WalError::Inconsistent {
                 path: self.segments[self.segments.len() - 1].path.clone(),
@@ -292,6 +302,9 @@ impl Wal {
                     self.meta.newest_segment_first_index
                 ),
             });
+        }
+        if names[0].0 == 0 {
+            return Err(WalError::Inconsistent { path: names[0].1.clone(), reason: "a segment named index 0".into() });
         }
         if names[0].0 > self.meta.first_index {
             return Err(WalError::Inconsistent {
@@ -338,6 +351,26 @@ impl Wal {
                 );
                 return Err(corrupt(0, reason));
             }
+        }
+        let cut_here = newest && self.meta.cut_from != 0 && self.meta.cut_from <= scan.next_index();
+        if cut_here {
+            // A suffix truncation was interrupted: keep only records below the cut; the rest
+            // (whatever state the zeroing left it in) is removed by `finish_cut`.
+            let keep = self.meta.cut_from.saturating_sub(first) as usize;
+            let mut scan = scan;
+            scan.offsets.truncate(keep);
+            scan.end_offset = scan.offsets.last().map_or(SEGMENT_HEADER_SIZE, |&o| {
+                let header = RecordHeader::decode_unchecked(&segment.map[o as usize..]);
+                o as usize + header.size()
+            });
+            scan.last_crc = scan
+                .offsets
+                .last()
+                .map_or(scan.header.prev_crc, |&o| RecordHeader::decode_unchecked(&segment.map[o as usize..]).crc);
+            segment.offsets = scan.offsets;
+            segment.write_offset = scan.end_offset;
+            self.last_crc = scan.last_crc;
+            return Ok(segment);
         }
         if newest {
             match judge_tail(&segment.map, &scan) {
@@ -473,14 +506,19 @@ impl Wal {
         debug_assert!(self.staged.offsets.is_empty());
         let first = self.last_index + 1;
         let segment = self.new_segment(first, self.last_crc)?;
-        let meta = Meta { newest_segment_first_index: first, ..self.meta };
-        if let Err(e) = self.store_meta(meta) {
-            // The new segment is empty; recovery would remove it too.
-            let _ = fs::remove_file(&segment.path);
-            return Err(e);
+        let active = self.segments.last().expect("a log always has a segment");
+        if active.first_index == first {
+            // The active segment is empty and too small (segment_size_bytes grew between
+            // opens): the new file has replaced it under the same name, atomically.
+            debug_assert!(active.offsets.is_empty());
+            self.segments.pop();
+            self.segments.push(segment);
+            return Ok(());
         }
         self.segments.push(segment);
-        Ok(())
+        // If this fails the new, empty segment stays: recovery removes it, or keeps it when
+        // one copy of the metadata already names it.
+        self.store_meta(Meta { newest_segment_first_index: first, ..self.meta })
     }
 
     /// A segment starting at `first_index`: a recycled one when the pool has one, else a new
@@ -535,8 +573,10 @@ impl Wal {
         self.segments.partition_point(|s| s.first_index <= index) - 1
     }
 
-    /// Removes every record with index ≥ `from` (Raft: a conflicting suffix). Durable when it
-    /// returns: the removed records are zeroed on disk and later segments deleted.
+    /// Removes every record with index ≥ `from` (Raft: a conflicting suffix). Durable and
+    /// atomic: the cut is first recorded in the metadata, so a crash at any point leaves the
+    /// log either as it was or cut at `from`; then later segments are deleted and the removed
+    /// records zeroed, and the mark is cleared.
     pub fn truncate_suffix(&mut self, from: u64) -> Result<()> {
         self.check_writable("truncate_suffix")?;
         if from > self.last_index {
@@ -547,28 +587,56 @@ impl Wal {
         }
         let keep = self.segment_position(from);
         let keep_first = self.segments[keep].first_index;
-        if keep_first != self.meta.newest_segment_first_index {
-            self.store_meta(Meta { newest_segment_first_index: keep_first, ..self.meta })?;
-        }
-        // Newest first, so a crash leaves a shorter but still chained log.
-        while self.segments.len() > keep + 1 {
-            let segment = self.segments.pop().expect("len > keep + 1");
-            let path = segment.path.clone();
-            drop(segment);
-            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
-        }
-        fsync_dir(&self.dir)?;
+        self.store_meta(Meta { newest_segment_first_index: keep_first, cut_from: from, ..self.meta })?;
+        // From here on the cut is decided: memory follows at once, so reads never see a
+        // removed record even if the file work below fails (which poisons the log).
+        let removed: Vec<Segment> = self.segments.drain(keep + 1..).collect();
         let segment = self.segments.last_mut().expect("kept segment");
+        let old_end = segment.write_offset;
         let cut = if from == segment.first_index { SEGMENT_HEADER_SIZE } else { segment.offset_of(from) };
-        if let Err(e) = zero_range(&mut self.writer, &segment.file, &segment.path, cut, segment.write_offset) {
-            self.poisoned = true;
-            return Err(e);
-        }
         segment.offsets.truncate((from - segment.first_index) as usize);
         segment.write_offset = cut;
         self.last_index = from - 1;
         self.last_crc = self.crc_of_last();
-        Ok(())
+        let finished = self.remove_files(removed).and_then(|()| {
+            let segment = self.segments.last().expect("kept segment");
+            // The end marker at `old_end` is zero already; cover it anyway when it fits.
+            let end = (old_end + RECORD_HEADER_SIZE).min(segment.map.len());
+            zero_range(&mut self.writer, &segment.file, &segment.path, cut, end)
+        });
+        let finished = finished.and_then(|()| self.store_meta(Meta { cut_from: 0, ..self.meta }));
+        if finished.is_err() {
+            self.poisoned = true;
+        }
+        finished
+    }
+
+    /// Recovery's half of an interrupted suffix truncation: the newest segment was already
+    /// loaded only up to the cut; zero every record at or after it and clear the mark.
+    fn finish_cut(&mut self, report: &mut RecoveryReport) -> Result<()> {
+        let from = self.meta.cut_from;
+        let segment = self.segments.last().expect("a log always has a segment");
+        let cut = segment.write_offset;
+        let end = crate::recovery::later_records(&segment.map, cut.saturating_sub(crate::format::RECORD_ALIGN), from)
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(0)
+            .max(cut + RECORD_HEADER_SIZE)
+            .min(segment.map.len());
+        tracing::warn!(path = %segment.path.display(), from, "finishing an interrupted suffix truncation");
+        zero_range(&mut self.writer, &segment.file, &segment.path, cut, end)?;
+        report.torn_tail_bytes += (end - cut) as u64;
+        self.store_meta(Meta { cut_from: 0, ..self.meta })
+    }
+
+    /// Deletes segment files newest first, then makes the deletions durable.
+    fn remove_files(&mut self, segments: Vec<Segment>) -> Result<()> {
+        for segment in segments.into_iter().rev() {
+            let path = segment.path.clone();
+            drop(segment);
+            fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
+        }
+        fsync_dir(&self.dir)
     }
 
     /// Checksum of the last durable record, read back from the mapping (the chain's next link).
@@ -585,6 +653,9 @@ impl Wal {
     /// empty and continues at `upto + 1`.
     pub fn truncate_prefix(&mut self, upto: u64) -> Result<()> {
         self.check_writable("truncate_prefix")?;
+        if upto == u64::MAX {
+            return Err(WalError::OutOfRange { index: upto, first: self.first_index, last: self.last_index });
+        }
         if upto < self.first_index {
             return Ok(());
         }
@@ -604,12 +675,14 @@ impl Wal {
             let segment = self.new_segment(next_index, 0)?;
             self.segments.push(segment);
         }
-        let meta = Meta { first_index: next_index, newest_segment_first_index: next_index };
+        let meta = Meta { first_index: next_index, newest_segment_first_index: next_index, cut_from: 0 };
         if let Err(e) = self.store_meta(meta) {
+            // The new segment stays on disk (one metadata copy may already name it) but the
+            // log in memory is unchanged; writes stop until a reopen sorts it out.
             if !reuse_active {
-                let segment = self.segments.pop().expect("just pushed");
-                let _ = fs::remove_file(&segment.path);
+                self.segments.pop();
             }
+            self.poisoned = true;
             return Err(e);
         }
         self.first_index = next_index;

@@ -126,7 +126,8 @@ impl Segment {
 
     /// Byte offset of the record with `index`, which must be in this segment.
     pub(crate) fn offset_of(&self, index: u64) -> usize {
-        self.offsets[(index - self.first_index) as usize] as usize
+        let position = index.checked_sub(self.first_index).expect("index is in this segment") as usize;
+        self.offsets[position] as usize
     }
 }
 

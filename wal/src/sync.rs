@@ -55,7 +55,11 @@ impl Writer {
 
     #[cfg(target_os = "linux")]
     fn io_uring() -> Result<Writer, io::Error> {
-        Ok(Writer { ring: Some(io_uring::IoUring::new(RING_ENTRIES)?) })
+        let ring = io_uring::IoUring::new(RING_ENTRIES)?;
+        if !uring::supports_write_and_fsync(&ring) {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "the kernel's io_uring lacks write or fsync"));
+        }
+        Ok(Writer { ring: Some(ring) })
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -90,10 +94,44 @@ mod uring {
     use std::io;
     use std::os::fd::AsRawFd;
 
+    /// Waits interrupted by signals are retried at most this many times in a row.
+    const WAIT_RETRIES_MAX: u32 = 1000;
     const WRITE_ID: u64 = 1;
     const SYNC_ID: u64 = 2;
     /// One submission writes at most this much, so its length fits the SQE's u32.
     const WRITE_CHUNK_MAX_BYTES: usize = 1 << 30;
+
+    /// Submits what is queued and waits until both completions are reaped. A wait cut short
+    /// by a signal (EINTR, or fewer completions than asked) is resumed, so this never returns
+    /// while the kernel may still use the caller's buffer.
+    fn reap_both(ring: &mut IoUring) -> io::Result<(i32, i32)> {
+        let (mut write_res, mut sync_res) = (None, None);
+        let mut retries = 0;
+        while write_res.is_none() || sync_res.is_none() {
+            let wanted = usize::from(write_res.is_none()) + usize::from(sync_res.is_none());
+            match ring.submit_and_wait(wanted) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && retries < WAIT_RETRIES_MAX => retries += 1,
+                Err(e) => return Err(e),
+            }
+            for cqe in ring.completion() {
+                match cqe.user_data() {
+                    WRITE_ID => write_res = Some(cqe.result()),
+                    SYNC_ID => sync_res = Some(cqe.result()),
+                    other => return Err(io::Error::other(format!("unexpected io_uring completion {other}"))),
+                }
+            }
+        }
+        Ok((write_res.expect("loop ends when set"), sync_res.expect("loop ends when set")))
+    }
+
+    /// True when the kernel supports the two opcodes this writer uses.
+    pub(super) fn supports_write_and_fsync(ring: &IoUring) -> bool {
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe).is_ok()
+            && probe.is_supported(opcode::Write::CODE)
+            && probe.is_supported(opcode::Fsync::CODE)
+    }
 
     /// Write linked to fdatasync in one submission. A short write cancels the linked sync
     /// (the kernel breaks the link), so the loop writes the rest and syncs again; each turn
@@ -118,17 +156,7 @@ mod uring {
                 queue.push(&write).map_err(|_| io::Error::other("io_uring submission queue full"))?;
                 queue.push(&sync).map_err(|_| io::Error::other("io_uring submission queue full"))?;
             }
-            ring.submit_and_wait(2)?;
-            let (mut write_res, mut sync_res) = (None, None);
-            for cqe in ring.completion() {
-                match cqe.user_data() {
-                    WRITE_ID => write_res = Some(cqe.result()),
-                    SYNC_ID => sync_res = Some(cqe.result()),
-                    other => return Err(io::Error::other(format!("unexpected io_uring completion {other}"))),
-                }
-            }
-            let write_res = write_res.ok_or_else(|| io::Error::other("io_uring write completion missing"))?;
-            let sync_res = sync_res.ok_or_else(|| io::Error::other("io_uring fsync completion missing"))?;
+            let (write_res, sync_res) = reap_both(ring)?;
             if write_res < 0 {
                 return Err(io::Error::from_raw_os_error(-write_res));
             }

@@ -29,6 +29,8 @@ where
 {
     /// Opens and recovers the log, then validates every record as an archived `T`.
     pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<(TypedWal<T>, RecoveryReport)> {
+        // Record bodies start on RECORD_ALIGN boundaries; in-place access needs no more.
+        const { assert!(std::mem::align_of::<T::Archived>() <= crate::format::RECORD_ALIGN) };
         let (wal, report) = Wal::open(dir, options)?;
         for entry in wal.iter_from(wal.first_index()) {
             if let Err(error) = rkyv::access::<T::Archived, rancor::Error>(entry.body) {

@@ -13,7 +13,13 @@ fn committed_records_survive_reopen_across_segments_on_both_backends() {
     for (sync, backend) in [(SyncChoice::Syscall, SyncBackend::Syscall), (SyncChoice::IoUring, SyncBackend::IoUring)] {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = WalOptions { segment_size_bytes: 8192, sync };
-        let (mut wal, report) = Wal::open(dir.path(), options).expect("open");
+        let (mut wal, report) = match Wal::open(dir.path(), options) {
+            Err(WalError::IoUringUnavailable(e)) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipping the io_uring half: {e}");
+                continue;
+            }
+            opened => opened.expect("open"),
+        };
         assert_eq!((wal.backend(), report.backend), (backend, Some(backend)));
         assert_eq!((wal.first_index(), wal.last_index()), (1, 0), "a new log is empty");
         for batch in 0..10u64 {
@@ -28,6 +34,21 @@ fn committed_records_survive_reopen_across_segments_on_both_backends() {
         assert!(report.segments >= 4, "200 records of 144 bytes span several 8 KiB segments");
         assert_eq!(wal.iter_from(150).map(|e| e.index).collect::<Vec<_>>(), (150..=200).collect::<Vec<_>>());
     }
+}
+
+#[test]
+fn a_larger_segment_size_replaces_an_empty_smaller_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Wal::open(dir.path(), options(8192)).expect("open with 8 KiB segments"));
+    let (mut wal, _) = Wal::open(dir.path(), options(64 << 10)).expect("reopen with 64 KiB segments");
+    // Too big for the empty 8 KiB segment 1: a 64 KiB segment 1 takes its place.
+    wal.append_batch([(1, &vec![3u8; 20_000][..])]).expect("large record");
+    wal.append_batch([(2, &b"small"[..])]).expect("small record");
+    drop(wal);
+    let (wal, _) = Wal::open(dir.path(), options(64 << 10)).expect("reopen");
+    assert_eq!((wal.first_index(), wal.last_index()), (1, 2));
+    assert_eq!(wal.get(1).map(|e| e.body.len()), Some(20_000));
+    assert_eq!(segment_files(dir.path()), (1, 0));
 }
 
 #[test]

@@ -70,8 +70,11 @@ fn crash_child(dir: &Path, seed: &str) -> CliResult {
             writeln!(out, "P {upto}")?;
             out.flush()?;
             wal.truncate_prefix(upto)?;
-        } else if roll % 50 == 1 && wal.last_index() >= wal.first_index() + 10 {
-            let from = wal.last_index() - next(&mut rng) % 10;
+        } else if roll % 50 == 1 && wal.last_index() > wal.first_index() {
+            // Mostly short (a Raft conflict), sometimes across several 256 KiB segments.
+            let span = if roll % 200 == 1 { 1500 } else { 10 };
+            let depth = (next(&mut rng) % span).min(wal.last_index() - wal.first_index());
+            let from = wal.last_index() - depth;
             writeln!(out, "S {from}")?;
             out.flush()?;
             wal.truncate_suffix(from)?;
