@@ -389,6 +389,13 @@ impl Simulation {
                 let down_for = 100 + self.rng.below(1_500);
                 self.crash(index, self.now_ms + down_for);
             }
+            7 if self.rng.chance(500) => {
+                // Hand leadership to a random node (refused unless it is a voter and we lead).
+                let to = 1 + self.rng.below(n);
+                for node in self.nodes.iter_mut().filter_map(|n| n.node.as_mut()) {
+                    let _ = node.transfer_leader(to);
+                }
+            }
             _ => {
                 let index = self.rng.below(n) as usize;
                 self.nodes[index].disk_delay_max_ms = if self.rng.chance(500) { 0 } else { 5 + self.rng.below(60) };
@@ -836,6 +843,51 @@ impl Simulation {
             Verdict::Inconclusive { key } => {
                 Err(self.violation(format!("linearizability check of key {key} exceeded its budget")))
             }
+        }
+    }
+}
+
+impl Simulation {
+    /// The benchmark: a fault-free 3-node cluster on a 1 ms network whose leader is handed
+    /// `batch` proposals every simulated millisecond until `entries` are committed. Returns the
+    /// committed count and the simulated milliseconds it took; the caller times the CPU.
+    pub fn run_commit_benchmark(mut self, entries: u64, batch: usize) -> Result<(u64, u64), Violation> {
+        self.heal();
+        // Bounded: stops at `entries` committed or after a simulated hour.
+        while self.now_ms < 3_600_000 {
+            self.step_ms()?;
+            if let Some(leader) =
+                self.nodes.iter_mut().filter_map(|n| n.node.as_mut()).find(|n| n.raft.role == Role::Leader)
+            {
+                if leader.raft.log.committed >= entries {
+                    return Ok((leader.raft.log.committed, self.now_ms));
+                }
+                for _ in 0..batch {
+                    if leader.propose(vec![0u8; 64]).is_err() {
+                        break; // overloaded: wait for commits
+                    }
+                }
+            }
+            self.now_ms += 1;
+        }
+        Err(self.violation(format!("benchmark committed fewer than {entries} entries in a simulated hour")))
+    }
+
+    /// Options for the commit benchmark: 3 nodes, no faults, no clients.
+    pub fn benchmark_options() -> SimOptions {
+        SimOptions {
+            seed: 1,
+            nodes: 3,
+            faults_until_ms: 0,
+            liveness_bound_ticks: 300,
+            loss_permille: 0,
+            duplicate_permille: 0,
+            delay_max_ms: 1,
+            tick_ms: vec![TICK_MS; 3],
+            clients: 0,
+            keys: 1,
+            compact_every: 10_000,
+            injected_bug: None,
         }
     }
 }

@@ -1,0 +1,455 @@
+//! Raft's features one by one, on a hand-driven network of real `RawNode`s: the test decides
+//! which messages are delivered, so each scenario (the paper's Figure 8 among them) is exact.
+
+use std::collections::{BTreeMap, BTreeSet};
+use sundial_consensus::*;
+
+/// A cluster whose messages move only when the test says so.
+struct Net {
+    nodes: BTreeMap<NodeId, RawNode<MemStorage>>,
+    /// Messages sent and not yet delivered.
+    queue: Vec<Message>,
+    /// Directed pairs whose messages are dropped.
+    cut: BTreeSet<(NodeId, NodeId)>,
+    /// Committed entries each node applied, in order.
+    applied: BTreeMap<NodeId, Vec<Entry>>,
+    read_states: BTreeMap<NodeId, Vec<ReadState>>,
+}
+
+impl Net {
+    fn new(ids: &[NodeId], configure: impl Fn(&mut Config)) -> Net {
+        Net::with_storages(ids.iter().map(|&id| (id, MemStorage::new_with_voters(ids))).collect(), configure)
+    }
+
+    fn with_storages(storages: Vec<(NodeId, MemStorage)>, configure: impl Fn(&mut Config)) -> Net {
+        let mut nodes = BTreeMap::new();
+        for (id, storage) in storages {
+            let mut config = Config::new(id);
+            configure(&mut config);
+            nodes.insert(id, RawNode::new(config, storage).expect("valid config"));
+        }
+        Net { nodes, queue: Vec::new(), cut: BTreeSet::new(), applied: BTreeMap::new(), read_states: BTreeMap::new() }
+    }
+
+    /// Persists, applies and collects the messages of every node's pending `Ready`s.
+    fn collect(&mut self) {
+        for (&id, node) in self.nodes.iter_mut() {
+            // Bounded: a node has finitely many readies between inputs.
+            for _ in 0..100 {
+                if !node.has_ready() {
+                    break;
+                }
+                let ready = node.ready();
+                let storage = &mut node.raft.log.storage;
+                if let Some(snapshot) = &ready.snapshot {
+                    storage.apply_snapshot(snapshot.clone());
+                }
+                storage.append(&ready.entries);
+                if let Some(hard_state) = ready.hard_state {
+                    storage.hard_state = hard_state;
+                }
+                self.queue.extend(ready.messages.iter().cloned());
+                for entry in &ready.committed_entries {
+                    if let EntryKind::ConfChange(change) = entry.kind {
+                        node.apply_conf_change(change);
+                    }
+                    self.applied.entry(id).or_default().push(entry.clone());
+                }
+                self.read_states.entry(id).or_default().extend(ready.read_states.iter().copied());
+                node.advance(ready);
+            }
+        }
+    }
+
+    /// Delivers queued messages that match `filter` (others stay queued), once.
+    fn deliver_if(&mut self, filter: impl Fn(&Message) -> bool) -> usize {
+        self.collect();
+        let (now, later): (Vec<Message>, Vec<Message>) = std::mem::take(&mut self.queue).into_iter().partition(&filter);
+        self.queue = later;
+        let count = now.len();
+        for message in now {
+            if self.cut.contains(&(message.from, message.to)) {
+                continue;
+            }
+            if let Some(node) = self.nodes.get_mut(&message.to) {
+                node.step(message);
+            }
+        }
+        self.collect();
+        count
+    }
+
+    /// Delivers everything until the network is quiet (bounded rounds).
+    fn settle(&mut self) {
+        for _ in 0..200 {
+            if self.deliver_if(|_| true) == 0 {
+                return;
+            }
+        }
+        panic!("the network did not settle in 200 rounds");
+    }
+
+    fn tick(&mut self, id: NodeId, ticks: u32) {
+        for _ in 0..ticks {
+            self.nodes.get_mut(&id).expect("node").tick();
+            self.collect();
+        }
+    }
+
+    /// Makes `id` campaign by ticking only it past its election timeout, then settles.
+    fn elect(&mut self, id: NodeId) {
+        self.tick(id, 40);
+        self.settle();
+        assert_eq!(self.role(id), Role::Leader, "node {id} should have won");
+    }
+
+    fn role(&self, id: NodeId) -> Role {
+        self.nodes[&id].raft.role
+    }
+
+    fn raft(&self, id: NodeId) -> &Raft<MemStorage> {
+        &self.nodes[&id].raft
+    }
+
+    fn node(&mut self, id: NodeId) -> &mut RawNode<MemStorage> {
+        self.nodes.get_mut(&id).expect("node")
+    }
+
+    fn isolate(&mut self, id: NodeId) {
+        for &other in self.nodes.keys() {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    fn applied_data(&self, id: NodeId) -> Vec<Vec<u8>> {
+        self.applied.get(&id).map_or(Vec::new(), |entries| {
+            entries.iter().filter(|e| !e.data.is_empty()).map(|e| e.data.clone()).collect()
+        })
+    }
+}
+
+fn entry(index: Index, term: Term) -> Entry {
+    Entry { index, term, kind: EntryKind::Normal, data: format!("{index}@{term}").into_bytes() }
+}
+
+fn storage_with(voters: &[NodeId], term: Term, entries: &[Entry]) -> MemStorage {
+    let mut storage = MemStorage::new_with_voters(voters);
+    storage.append(entries);
+    storage.hard_state.term = term;
+    // In every scenario here, index 1 is on all logs: committed.
+    storage.hard_state.commit = entries.len().min(1) as u64;
+    storage
+}
+
+#[test]
+fn single_node_elects_itself_and_commits_once_persisted() {
+    let mut net = Net::new(&[1], |_| {});
+    net.elect(1);
+    let index = net.node(1).propose(b"x".to_vec()).expect("leader accepts");
+    net.collect();
+    assert_eq!(net.raft(1).log.committed, index);
+    assert_eq!(net.applied_data(1), vec![b"x".to_vec()]);
+}
+
+#[test]
+fn three_nodes_elect_one_leader_and_apply_the_same_entries() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    assert_eq!((net.role(2), net.role(3)), (Role::Follower, Role::Follower));
+    for i in 0..5u8 {
+        net.node(1).propose(vec![i]).expect("leader accepts");
+    }
+    net.settle();
+    net.tick(1, 1); // a heartbeat carries the commit index to followers
+    net.settle();
+    let expected: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i]).collect();
+    for id in [1, 2, 3] {
+        assert_eq!(net.applied_data(id), expected, "node {id}");
+        assert_eq!(net.raft(id).leader, Some(1));
+    }
+}
+
+#[test]
+fn a_proposal_to_a_follower_is_refused_naming_the_leader() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    assert_eq!(net.node(2).propose(b"x".to_vec()), Err(ProposeError::NotLeader { leader: Some(1) }));
+    assert!(net.raft(2).log.unstable_entries().is_empty(), "nothing was appended");
+}
+
+#[test]
+fn pre_vote_keeps_an_isolated_node_from_disrupting_the_leader() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    let term = net.raft(1).term;
+    net.isolate(3);
+    net.tick(3, 100);
+    net.settle();
+    assert_eq!(net.raft(3).term, term, "pre-votes failed, so the term did not rise");
+    net.cut.clear();
+    net.tick(1, 1);
+    net.settle();
+    assert_eq!((net.role(1), net.raft(1).term), (Role::Leader, term));
+}
+
+#[test]
+fn without_pre_vote_an_isolated_node_raises_the_term_on_return() {
+    // The contrast to the test above: the same scenario, pre-vote and check-quorum off.
+    let mut net = Net::new(&[1, 2, 3], |c| {
+        c.pre_vote = false;
+        c.check_quorum = false;
+    });
+    net.elect(1);
+    let term = net.raft(1).term;
+    net.isolate(3);
+    net.tick(3, 100);
+    assert!(net.raft(3).term > term);
+    net.cut.clear();
+    net.tick(1, 1);
+    net.settle();
+    assert!(net.raft(1).term > term, "the returning node forced a new election");
+}
+
+#[test]
+fn check_quorum_makes_a_cut_off_leader_step_down() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    net.isolate(1);
+    net.tick(1, 25);
+    assert_eq!(net.role(1), Role::Follower, "no quorum heard within an election timeout");
+}
+
+#[test]
+fn a_divergent_follower_is_repaired_in_few_round_trips() {
+    // Leader 1: terms 1 1 1 4 4 5 5 6 6 6; follower 2: terms 1 1 1 2 2 2 3 3 3 3 3.
+    let leader_terms = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6];
+    let follower_terms = [1, 1, 1, 2, 2, 2, 3, 3, 3, 3, 3];
+    let log = |terms: &[Term]| terms.iter().enumerate().map(|(i, &t)| entry(i as u64 + 1, t)).collect::<Vec<_>>();
+    let storages = vec![
+        (1, storage_with(&[1, 2, 3], 6, &log(&leader_terms))),
+        (2, storage_with(&[1, 2, 3], 6, &log(&follower_terms))),
+        (3, storage_with(&[1, 2, 3], 6, &log(&leader_terms))),
+    ];
+    let mut net = Net::with_storages(storages, |_| {});
+    net.cut.insert((1, 2));
+    net.cut.insert((2, 1));
+    net.elect(1);
+    net.cut.clear();
+    net.tick(1, 1);
+    // Count the rejections node 2 sends while it is repaired.
+    let mut rejections = 0;
+    for _ in 0..50 {
+        net.collect();
+        rejections += net
+            .queue
+            .iter()
+            .filter(|m| matches!(m.kind, MessageKind::AppendResponse { reject: true, .. }) && m.from == 2)
+            .count();
+        if net.deliver_if(|_| true) == 0 {
+            break;
+        }
+    }
+    net.tick(1, 1);
+    net.settle();
+    let leader_log: Vec<Term> = (1..=net.raft(1).log.last_index()).map(|i| net.raft(1).log.term_or_zero(i)).collect();
+    let follower_log: Vec<Term> = (1..=net.raft(2).log.last_index()).map(|i| net.raft(2).log.term_or_zero(i)).collect();
+    assert_eq!(follower_log, leader_log, "the follower's log now matches the leader's");
+    assert!(rejections <= 3, "term hints skip whole terms: {rejections} rejections for 8 divergent entries");
+}
+
+/// The paper's Figure 8: S1 leads term 4 with an entry of term 2 at index 2 that S3 and S4
+/// lack; S5 holds a different entry of term 3 at index 2. S1 replicates the term-2 entry to S3
+/// and S4, so it is on a majority (S1, S3, S4) — but it must not be committed by counting,
+/// because S5 can still win an election and overwrite it. (Paper Raft: no pre-vote, no
+/// check-quorum, one entry per append so S3 and S4 can acknowledge index 2 alone.)
+fn figure_8(injected_bug: Option<InjectedBug>) -> Net {
+    let voters = [1, 2, 3, 4, 5];
+    let storages = vec![
+        (1, storage_with(&voters, 3, &[entry(1, 1), entry(2, 2)])),
+        (2, storage_with(&voters, 3, &[entry(1, 1), entry(2, 2)])),
+        (3, storage_with(&voters, 3, &[entry(1, 1)])),
+        (4, storage_with(&voters, 3, &[entry(1, 1)])),
+        (5, storage_with(&voters, 3, &[entry(1, 1), entry(2, 3)])),
+    ];
+    let mut net = Net::with_storages(storages, |c| {
+        c.injected_bug = injected_bug;
+        c.pre_vote = false;
+        c.check_quorum = false;
+        c.max_size_per_msg = 1;
+    });
+    // S1 campaigns for term 4 (ticked one at a time so it does not time out again).
+    for _ in 0..40 {
+        if net.role(1) == Role::Candidate {
+            break;
+        }
+        net.tick(1, 1);
+    }
+    for _ in 0..3 {
+        net.deliver_if(|m| matches!(m.kind, MessageKind::VoteRequest { .. } | MessageKind::VoteResponse { .. }));
+    }
+    assert_eq!((net.role(1), net.raft(1).term), (Role::Leader, 4));
+    let s3_s4 = |id: NodeId| id == 3 || id == 4;
+    // S1's first appends (after index 2) are rejected by S3 and S4, which lack index 2 ...
+    net.deliver_if(|m| s3_s4(m.to) && matches!(m.kind, MessageKind::Append { prev_index: 2, .. }));
+    net.deliver_if(|m| s3_s4(m.from) && matches!(m.kind, MessageKind::AppendResponse { reject: true, .. }));
+    // ... so S1 backs up and sends index 2 (term 2) alone, which they acknowledge.
+    net.deliver_if(|m| s3_s4(m.to) && matches!(m.kind, MessageKind::Append { prev_index: 1, .. }));
+    net.deliver_if(|m| s3_s4(m.from) && matches!(m.kind, MessageKind::AppendResponse { reject: false, .. }));
+    net
+}
+
+#[test]
+fn figure_8_an_earlier_term_entry_on_a_majority_is_not_committed_by_counting() {
+    let net = figure_8(None);
+    let matched: Vec<Index> =
+        [1, 3, 4].iter().map(|&id| net.raft(1).progress_of(id).map_or(0, |p| p.match_index)).collect();
+    assert!(matched.iter().all(|&m| m >= 2), "index 2 is on S1, S3 and S4: {matched:?}");
+    assert_eq!(net.raft(1).log.committed, 1, "index 2 has term 2, not the leader's term 4");
+}
+
+#[test]
+fn figure_8_broken_variant_commits_by_counting_and_loses_the_entry() {
+    let mut net = figure_8(Some(InjectedBug::CommitEarlierTermsByCounting));
+    assert_eq!(net.raft(1).log.committed, 2, "the broken variant committed index 2 by counting");
+    // S1 crashes; S5 (last term 3) wins a later term with votes of S2, S3 and S4, and
+    // overwrites index 2: the "committed" entry is gone.
+    net.queue.clear();
+    net.isolate(1);
+    for _ in 0..6 {
+        net.tick(5, 25);
+        net.settle();
+        if net.role(5) == Role::Leader {
+            break;
+        }
+    }
+    assert_eq!(net.role(5), Role::Leader);
+    net.tick(5, 1);
+    net.settle();
+    assert_eq!(net.raft(3).log.term_or_zero(2), 3, "index 2 now holds S5's term-3 entry on S3");
+}
+
+#[test]
+fn read_index_answers_on_the_leader_and_through_a_follower() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    net.node(1).propose(b"x".to_vec()).expect("leader accepts");
+    net.settle();
+    let committed = net.raft(1).log.committed;
+    net.node(1).read_index(7).expect("leader read");
+    net.node(2).read_index(8).expect("follower read is forwarded");
+    net.settle();
+    assert_eq!(net.read_states.get(&1).cloned().unwrap_or_default(), vec![ReadState { context: 7, index: committed }]);
+    assert_eq!(net.read_states.get(&2).cloned().unwrap_or_default(), vec![ReadState { context: 8, index: committed }]);
+}
+
+#[test]
+fn a_leader_cut_off_from_the_quorum_answers_no_read() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    net.isolate(1);
+    net.node(1).read_index(9).expect("queued");
+    net.settle();
+    assert!(net.read_states.get(&1).is_none_or(|r| r.is_empty()), "no quorum confirmed leadership");
+}
+
+#[test]
+fn a_lagging_follower_catches_up_through_a_chunked_snapshot() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.snapshot_chunk_bytes = 100);
+    net.elect(1);
+    net.isolate(3);
+    for i in 0..20u8 {
+        net.node(1).propose(vec![i; 10]).expect("leader accepts");
+        net.settle();
+    }
+    // The leader replaces its log with a 1000-byte snapshot (10 chunks of 100 bytes).
+    let applied = net.raft(1).log.applied;
+    let conf = net.raft(1).conf_state();
+    net.node(1).raft.log.storage.compact(applied, vec![42; 1000], conf);
+    net.cut.clear();
+    let mut chunks = 0;
+    for _ in 0..20 {
+        net.tick(1, 1);
+        // Deliver round by round, counting the snapshot chunks that go to node 3.
+        for _ in 0..50 {
+            net.collect();
+            chunks += net.queue.iter().filter(|m| m.to == 3 && matches!(m.kind, MessageKind::Snapshot { .. })).count();
+            if net.deliver_if(|_| true) == 0 {
+                break;
+            }
+        }
+    }
+    assert!(chunks >= 10, "the snapshot went in chunks ({chunks})");
+    let storage = &net.raft(3).log.storage;
+    assert_eq!((storage.snapshot.meta.index, storage.snapshot.data.len()), (applied, 1000));
+    assert_eq!(net.raft(3).log.committed, net.raft(1).log.committed);
+}
+
+#[test]
+fn leadership_transfer_moves_the_leader_and_refuses_proposals_meanwhile() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    net.node(1).transfer_leader(2).expect("transfer starts");
+    assert_eq!(net.node(1).propose(b"x".to_vec()), Err(ProposeError::TransferInProgress));
+    net.settle();
+    assert_eq!((net.role(2), net.role(1)), (Role::Leader, Role::Follower));
+}
+
+#[test]
+fn a_learner_votes_only_once_caught_up() {
+    let mut storages: Vec<(NodeId, MemStorage)> =
+        [1, 2, 3].iter().map(|&id| (id, MemStorage::new_with_voters(&[1, 2, 3]))).collect();
+    // A joining node starts with the group's current membership (the engine's join gives it);
+    // it is not a voter, so it never campaigns.
+    storages.push((4, MemStorage::new_with_voters(&[1, 2, 3])));
+    let mut net = Net::with_storages(storages, |c| c.learner_catch_up_entries = 5);
+    net.elect(1);
+    net.node(1).propose_conf_change(ConfChange::AddLearner(4)).expect("add learner");
+    assert_eq!(
+        net.node(1).propose_conf_change(ConfChange::AddVoter(4)),
+        Err(ProposeError::ConfChangePending),
+        "one membership change at a time"
+    );
+    net.isolate(4);
+    net.settle();
+    net.tick(1, 1);
+    net.settle();
+    assert_eq!(net.raft(1).conf_state().learners, vec![4]);
+    for i in 0..10u8 {
+        net.node(1).propose(vec![i]).expect("leader accepts");
+    }
+    net.settle();
+    let refused = net.node(1).propose_conf_change(ConfChange::AddVoter(4));
+    assert!(matches!(refused, Err(ProposeError::LearnerBehind { id: 4, .. })), "{refused:?}");
+    net.cut.clear();
+    for _ in 0..5 {
+        net.tick(1, 1);
+        net.settle();
+    }
+    net.node(1).propose_conf_change(ConfChange::AddVoter(4)).expect("caught up: promotion accepted");
+    net.settle();
+    net.tick(1, 1);
+    net.settle();
+    assert_eq!(net.raft(1).conf_state().voters, vec![1, 2, 3, 4]);
+    assert_eq!(net.raft(4).conf_state().voters, vec![1, 2, 3, 4], "the new member applied its own promotion");
+}
+
+#[test]
+fn an_overloaded_leader_refuses_proposals_explicitly() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.max_uncommitted_entries = 3);
+    net.elect(1);
+    net.isolate(1);
+    let results: Vec<_> = (0..5u8).map(|i| net.node(1).propose(vec![i])).collect();
+    assert!(results[..3].iter().all(Result::is_ok), "{results:?}");
+    assert!(matches!(results[3], Err(ProposeError::Overloaded { uncommitted: 3, max: 3 })), "{results:?}");
+}
+
+#[test]
+fn invalid_config_is_refused_naming_the_field() {
+    let mut config = Config::new(1);
+    config.election_tick = 1;
+    let error = RawNode::new(config, MemStorage::new_with_voters(&[1])).err().expect("refused");
+    assert_eq!(error.to_string(), "invalid raft config election_tick: must be greater than heartbeat_tick");
+}
