@@ -737,6 +737,26 @@ impl<S: Storage> Raft<S> {
         Ok(self.append_and_replicate(EntryKind::Normal, data))
     }
 
+    /// Appends several entries at once with one broadcast (batching); returns the index of
+    /// the last. All or nothing: refused as a whole when the batch would pass the bound.
+    pub fn propose_batch(&mut self, batch: Vec<Vec<u8>>) -> Result<Index, ProposeError> {
+        self.check_can_propose()?;
+        let uncommitted = self.log.last_index() - self.log.committed;
+        let max = self.config.max_uncommitted_entries;
+        if uncommitted + batch.len() as u64 > max {
+            return Err(ProposeError::Overloaded { uncommitted, max });
+        }
+        let first = self.log.last_index() + 1;
+        let entries: Vec<Entry> = batch
+            .into_iter()
+            .enumerate()
+            .map(|(i, data)| Entry { term: self.term, index: first + i as u64, kind: EntryKind::Normal, data })
+            .collect();
+        let last = self.log.append(&entries);
+        self.broadcast_append();
+        Ok(last)
+    }
+
     /// Proposes a membership change (one at a time).
     pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<Index, ProposeError> {
         self.check_can_propose()?;

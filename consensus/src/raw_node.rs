@@ -65,6 +65,11 @@ impl<S: Storage> RawNode<S> {
         self.raft.propose(data)
     }
 
+    /// Proposes several entries with one broadcast; returns the last index.
+    pub fn propose_batch(&mut self, batch: Vec<Vec<u8>>) -> Result<Index, ProposeError> {
+        self.raft.propose_batch(batch)
+    }
+
     pub fn propose_conf_change(&mut self, change: ConfChange) -> Result<Index, ProposeError> {
         self.raft.propose_conf_change(change)
     }

@@ -453,3 +453,72 @@ fn invalid_config_is_refused_naming_the_field() {
     let error = RawNode::new(config, MemStorage::new_with_voters(&[1])).err().expect("refused");
     assert_eq!(error.to_string(), "invalid raft config election_tick: must be greater than heartbeat_tick");
 }
+
+#[test]
+fn a_batch_of_proposals_goes_out_in_one_append_per_follower() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    let last = net.node(1).propose_batch((0..10u8).map(|i| vec![i]).collect()).expect("leader accepts");
+    net.collect();
+    let appends: Vec<usize> = net
+        .queue
+        .iter()
+        .filter_map(|m| match &m.kind {
+            MessageKind::Append { entries, .. } if !entries.is_empty() => Some(entries.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(appends, vec![10, 10], "one append of 10 entries to each follower");
+    net.settle();
+    assert_eq!(net.raft(1).log.committed, last);
+}
+
+#[test]
+fn flow_control_bounds_appends_in_flight_to_a_silent_follower() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.max_inflight_msgs = 3);
+    net.elect(1);
+    // Follower 2 stops answering; the leader keeps proposing one entry at a time.
+    net.cut.insert((2, 1));
+    for i in 0..20u8 {
+        net.node(1).propose(vec![i]).expect("leader accepts");
+        net.settle();
+    }
+    let progress = net.raft(1).progress_of(2).expect("member");
+    assert_eq!(progress.state, ProgressState::Replicate);
+    assert!(progress.is_paused(), "the window of 3 is full");
+    assert_eq!(progress.inflights.len(), 3);
+    assert!(net.raft(1).log.committed >= 20, "node 3 still forms a quorum with the leader");
+}
+
+#[test]
+fn lease_reads_answer_without_a_heartbeat_round() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.lease_read = true);
+    net.elect(1);
+    net.node(1).read_index(5).expect("leader read");
+    net.collect();
+    let committed = net.raft(1).log.committed;
+    assert_eq!(net.read_states.get(&1).cloned().unwrap_or_default(), vec![ReadState { context: 5, index: committed }]);
+    assert!(
+        !net.queue.iter().any(|m| matches!(m.kind, MessageKind::Heartbeat { context: Some(5), .. })),
+        "no heartbeat round was needed"
+    );
+}
+
+#[test]
+fn a_removed_voter_no_longer_counts_and_the_last_voter_cannot_go() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    net.node(1).propose_conf_change(ConfChange::Remove(3)).expect("remove accepted");
+    net.settle();
+    net.tick(1, 1);
+    net.settle();
+    assert_eq!(net.raft(1).conf_state().voters, vec![1, 2]);
+    // With voters {1, 2}, the quorum is both: cutting 2 off stops commits.
+    net.isolate(2);
+    let index = net.node(1).propose(b"x".to_vec()).expect("leader accepts");
+    net.settle();
+    assert!(net.raft(1).log.committed < index, "1 of 2 voters is not a quorum");
+    let mut single = Net::new(&[1], |_| {});
+    single.elect(1);
+    assert_eq!(single.node(1).propose_conf_change(ConfChange::Remove(1)), Err(ProposeError::LastVoter));
+}
