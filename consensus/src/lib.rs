@@ -17,9 +17,7 @@
 //!     while node.has_ready() {
 //!         let ready = node.ready();
 //!         // 1. persist (here: the in-memory storage the node reads through)
-//!         if let Some(snapshot) = &ready.snapshot { node.raft.log.storage.apply_snapshot(snapshot.clone()); }
-//!         node.raft.log.storage.append(&ready.entries);
-//!         if let Some(hs) = ready.hard_state { node.raft.log.storage.hard_state = hs; }
+//!         node.raft.log.storage.persist(&ready);
 //!         // 2. send ready.messages to peers; 3. apply ready.committed_entries
 //!         node.advance(ready);
 //!     }

@@ -2,7 +2,7 @@
 //! a `Ready` batch and takes the caller's acknowledgement (`advance`) once it is persisted.
 
 use crate::raft::{Config, ConfigError, ProposeError, Raft};
-use crate::storage::Storage;
+use crate::storage::{MemStorage, Storage};
 use crate::types::*;
 
 /// Bytes of committed entries handed out per `Ready`.
@@ -145,5 +145,19 @@ impl<S: Storage> RawNode<S> {
             log.applied_to(last.index);
         }
         self.raft.on_persisted();
+    }
+}
+
+impl MemStorage {
+    /// Step 1 of handling a `Ready` for the in-memory storage: install the snapshot, append
+    /// the entries (replacing a conflicting suffix), record the hard state.
+    pub fn persist(&mut self, ready: &Ready) {
+        if let Some(snapshot) = &ready.snapshot {
+            self.apply_snapshot(snapshot.clone());
+        }
+        self.append(&ready.entries);
+        if let Some(hard_state) = ready.hard_state {
+            self.hard_state = hard_state;
+        }
     }
 }

@@ -560,17 +560,7 @@ impl Simulation {
     /// Persists, sends, applies and acknowledges one `Ready`.
     fn complete_ready(&mut self, i: usize, ready: Ready) -> Result<(), Violation> {
         let id = self.nodes[i].id;
-        {
-            let node = self.nodes[i].node.as_mut().expect("running");
-            let storage = &mut node.raft.log.storage;
-            if let Some(snapshot) = &ready.snapshot {
-                storage.apply_snapshot(snapshot.clone());
-            }
-            storage.append(&ready.entries);
-            if let Some(hard_state) = ready.hard_state {
-                storage.hard_state = hard_state;
-            }
-        }
+        self.nodes[i].node.as_mut().expect("running").raft.log.storage.persist(&ready);
         for entry in &ready.entries {
             let h = hash(&entry.data);
             if let Some(&other) = self.log_terms.get(&(entry.index, entry.term)) {

@@ -40,14 +40,7 @@ impl Net {
                     break;
                 }
                 let ready = node.ready();
-                let storage = &mut node.raft.log.storage;
-                if let Some(snapshot) = &ready.snapshot {
-                    storage.apply_snapshot(snapshot.clone());
-                }
-                storage.append(&ready.entries);
-                if let Some(hard_state) = ready.hard_state {
-                    storage.hard_state = hard_state;
-                }
+                node.raft.log.storage.persist(&ready);
                 self.queue.extend(ready.messages.iter().cloned());
                 for entry in &ready.committed_entries {
                     if let EntryKind::ConfChange(change) = entry.kind {
