@@ -31,8 +31,9 @@ pub struct Config {
     /// A leader that has not heard from a quorum within an election timeout steps down, and
     /// followers that heard from a leader within it ignore vote requests.
     pub check_quorum: bool,
-    /// Serve reads on the leader without a heartbeat round, relying on check-quorum's lease.
-    /// Only safe with bounded clock drift between nodes; off by default.
+    /// Serve reads on the leader without a heartbeat round. NOT YET SAFE: the lease is not
+    /// measured from the last quorum contact, so a just-deposed leader can serve a stale read
+    /// for up to two election timeouts. Off by default; do not enable in production.
     pub lease_read: bool,
     /// Bytes of entries per Append message (at least one entry is always sent).
     pub max_size_per_msg: usize,
@@ -523,6 +524,11 @@ impl<S: Storage> Raft<S> {
         if self.log.match_term(meta.index, meta.term) {
             // The log already holds the snapshot's last entry: just commit up to it.
             self.log.commit_to(index);
+            // Answer with what is known to match (committed), never the whole log: a suffix
+            // past the snapshot may come from an older leader and must not be counted.
+            let committed = self.log.committed;
+            self.send(from, MessageKind::SnapshotResponse { reject: false, index: committed });
+            return;
         } else {
             self.set_conf(&meta.conf);
             self.log.restore(Snapshot { meta, data });
