@@ -72,6 +72,19 @@ impl Inflights {
     }
 }
 
+/// How far a chunked snapshot has gone to one follower (bytes of the snapshot's data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotTransfer {
+    /// Bytes sent so far, and whether the last chunk went.
+    pub sent_bytes: u64,
+    pub sent_done: bool,
+    /// Bytes the follower confirmed it holds, in order.
+    pub acked_bytes: u64,
+    /// `acked_bytes` at the previous heartbeat answer: no movement since means chunks were
+    /// lost, and sending resumes from `acked_bytes`.
+    pub acked_at_last_heartbeat: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Progress {
     pub match_index: Index,
@@ -81,6 +94,10 @@ pub struct Progress {
     pub probe_sent: bool,
     /// Heard from since the last check-quorum round.
     pub recent_active: bool,
+    /// The newest heartbeat round this follower answered (this leadership).
+    pub acked_round: u64,
+    /// Meaningful in `Snapshot` state only.
+    pub snapshot_transfer: SnapshotTransfer,
     pub inflights: Inflights,
 }
 
@@ -92,6 +109,8 @@ impl Progress {
             state: ProgressState::Probe,
             probe_sent: false,
             recent_active: false,
+            acked_round: 0,
+            snapshot_transfer: SnapshotTransfer::default(),
             inflights,
         }
     }
@@ -124,6 +143,7 @@ impl Progress {
 
     pub fn become_snapshot(&mut self, index: Index) {
         self.state = ProgressState::Snapshot { index };
+        self.snapshot_transfer = SnapshotTransfer::default();
         self.probe_sent = false;
         self.inflights.reset();
     }

@@ -31,9 +31,12 @@ pub struct Config {
     /// A leader that has not heard from a quorum within an election timeout steps down, and
     /// followers that heard from a leader within it ignore vote requests.
     pub check_quorum: bool,
-    /// Serve reads on the leader without a heartbeat round. NOT YET SAFE: the lease is not
-    /// measured from the last quorum contact, so a just-deposed leader can serve a stale read
-    /// for up to two election timeouts. Off by default; do not enable in production.
+    /// Serve reads on the leader without a heartbeat round while it holds a lease: for
+    /// `election_tick / 2` ticks from the sending of the newest heartbeat round a quorum
+    /// answered. It is safe because a voter that heard from the leader ignores vote requests
+    /// for `election_tick` of its own ticks (check_quorum), and a (re)started node ignores them
+    /// for its first `election_tick` ticks; the margin covers tick granularity and clock rates
+    /// that differ by up to 1.5×. Faster clocks than that break it: off by default.
     pub lease_read: bool,
     /// Bytes of entries per Append message (at least one entry is always sent).
     pub max_size_per_msg: usize,
@@ -119,21 +122,29 @@ pub enum ProposeError {
     ConfChangePending,
     #[error("learner {id} is {behind} entries behind; it votes only once caught up")]
     LearnerBehind { id: NodeId, behind: u64 },
+    /// A new node joins as a learner first, so it catches up before its vote counts.
+    #[error("node {0} must join as a learner before it can become a voter")]
+    NotALearner(NodeId),
     #[error("node {0} is not a member")]
     UnknownNode(NodeId),
     #[error("the group must keep at least one voter")]
     LastVoter,
 }
 
-/// A read waiting for a quorum to confirm leadership.
+/// A read waiting for a quorum to answer heartbeat `round` (sent after the read arrived).
 #[derive(Clone, Debug)]
 struct PendingRead {
     context: u64,
     index: Index,
     /// `None`: the read is local; `Some(node)`: answer that follower.
     requester: Option<NodeId>,
-    acks: BTreeSet<NodeId>,
+    round: u64,
 }
+
+/// Heartbeat rounds whose sending tick is remembered for the lease; older rounds give none.
+const HEARTBEAT_ROUNDS_REMEMBERED: usize = 256;
+/// Snapshot chunks sent to one follower before it acknowledges the first of them.
+pub const SNAPSHOT_CHUNKS_IN_FLIGHT: u64 = 4;
 
 /// A snapshot being received in chunks.
 struct IncomingSnapshot {
@@ -166,6 +177,14 @@ pub struct Raft<S: Storage> {
     pending_conf_index: Index,
     incoming_snapshot: Option<IncomingSnapshot>,
     rng: u64,
+    /// Ticks since this node started: the clock of leases and of the start-up vote hold.
+    ticks: u64,
+    /// The newest heartbeat round sent, and when (in `ticks`) recent rounds went out.
+    heartbeat_round: u64,
+    round_sent_at: VecDeque<(u64, u64)>,
+    /// Set once this leader started a transfer: the target may campaign at any time after, so
+    /// no lease can be trusted for the rest of the term.
+    lease_revoked: bool,
 }
 
 impl<S: Storage> Raft<S> {
@@ -194,12 +213,20 @@ impl<S: Storage> Raft<S> {
             transferee: None,
             pending_conf_index: 0,
             incoming_snapshot: None,
+            ticks: 0,
+            heartbeat_round: 0,
+            round_sent_at: VecDeque::new(),
+            lease_revoked: false,
             rng: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             config,
         };
         raft.set_conf(&conf);
         raft.become_follower(hard_state.term, None);
         Ok(raft)
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     pub fn hard_state(&self) -> HardState {
@@ -282,6 +309,8 @@ impl<S: Storage> Raft<S> {
         self.role = Role::Leader;
         self.leader = Some(self.id);
         self.transferee = None;
+        self.lease_revoked = false;
+        self.round_sent_at.clear();
         self.reset_election_timer();
         let next = self.log.last_index() + 1;
         for (&id, progress) in self.progress.iter_mut() {
@@ -345,6 +374,7 @@ impl<S: Storage> Raft<S> {
     // ---- inputs ----------------------------------------------------------------------
 
     pub fn tick(&mut self) {
+        self.ticks += 1;
         self.election_elapsed += 1;
         if self.role == Role::Leader {
             self.tick_leader();
@@ -362,17 +392,17 @@ impl<S: Storage> Raft<S> {
                 return;
             }
             for (&id, progress) in self.progress.iter_mut() {
-                progress.recent_active = id == self.id;
-                // An unanswered snapshot is retried.
-                if matches!(progress.state, ProgressState::Snapshot { .. }) {
+                // A snapshot to a follower silent for a whole election timeout starts over.
+                if matches!(progress.state, ProgressState::Snapshot { .. }) && !progress.recent_active {
                     progress.become_probe();
                 }
+                progress.recent_active = id == self.id;
             }
             self.transferee = None; // a transfer that took a whole election timeout failed
         }
         if self.heartbeat_elapsed >= self.config.heartbeat_tick {
             self.heartbeat_elapsed = 0;
-            self.broadcast_heartbeat(None);
+            self.broadcast_heartbeat();
         }
     }
 
@@ -385,10 +415,7 @@ impl<S: Storage> Raft<S> {
     pub fn step(&mut self, m: Message) {
         if m.term > self.term {
             if let MessageKind::VoteRequest { force, .. } = m.kind {
-                let in_lease = self.config.check_quorum
-                    && self.leader.is_some()
-                    && self.election_elapsed < self.config.election_tick;
-                if in_lease && !force {
+                if self.withholds_votes() && !force {
                     return; // a leader is alive: a disruptive candidate is ignored
                 }
             }
@@ -406,7 +433,7 @@ impl<S: Storage> Raft<S> {
                     if self.config.check_quorum || self.config.pre_vote =>
                 {
                     // Tell a deposed leader about the newer term so it steps down.
-                    self.send(m.from, MessageKind::HeartbeatResponse { context: None });
+                    self.send(m.from, MessageKind::HeartbeatResponse { round: 0 });
                 }
                 MessageKind::VoteRequest { pre: true, .. } => {
                     self.send(m.from, MessageKind::VoteResponse { pre: true, granted: false });
@@ -424,6 +451,15 @@ impl<S: Storage> Raft<S> {
             Role::Candidate | Role::PreCandidate => self.step_candidate(m),
             Role::Follower => self.step_follower(m),
         }
+    }
+
+    /// True while this node must not help elect anyone: it heard from a leader within an
+    /// election timeout (check_quorum), or it started less than one ago and may have heard
+    /// from one before a crash (lease reads count on that).
+    fn withholds_votes(&self) -> bool {
+        let heard_from_leader = self.leader.is_some() && self.election_elapsed < self.config.election_tick;
+        let just_started = self.config.lease_read && self.ticks < u64::from(self.config.election_tick);
+        self.config.check_quorum && (heard_from_leader || just_started)
     }
 
     fn handle_vote_request(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
@@ -462,11 +498,11 @@ impl<S: Storage> Raft<S> {
                 self.leader = Some(m.from);
                 self.handle_append(m.from, prev_index, prev_term, commit, &entries);
             }
-            MessageKind::Heartbeat { commit, context } => {
+            MessageKind::Heartbeat { commit, round } => {
                 self.election_elapsed = 0;
                 self.leader = Some(m.from);
                 self.log.commit_to(commit.min(self.log.last_index()));
-                self.send(m.from, MessageKind::HeartbeatResponse { context });
+                self.send(m.from, MessageKind::HeartbeatResponse { round });
             }
             MessageKind::Snapshot { meta, offset, chunk, done } => {
                 self.election_elapsed = 0;
@@ -498,28 +534,37 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    /// Takes chunks only in order; anything else is answered with what is held so far, so the
+    /// leader resumes from there instead of starting over.
     fn handle_snapshot_chunk(&mut self, from: NodeId, meta: SnapshotMeta, offset: u64, chunk: Vec<u8>, done: bool) {
         if meta.index <= self.log.committed {
             self.incoming_snapshot = None;
             let index = self.log.committed;
-            self.send(from, MessageKind::SnapshotResponse { reject: false, index });
+            self.send(from, MessageKind::SnapshotResponse { index });
             return;
         }
-        if offset == 0 {
-            self.incoming_snapshot = Some(IncomingSnapshot { meta: meta.clone(), data: Vec::new() });
+        let same_snapshot = self.incoming_snapshot.as_ref().is_some_and(|s| s.meta == meta);
+        if !same_snapshot {
+            self.incoming_snapshot =
+                if offset == 0 { Some(IncomingSnapshot { meta: meta.clone(), data: Vec::new() }) } else { None };
         }
-        let in_order = self.incoming_snapshot.as_ref().is_some_and(|s| s.meta == meta && s.data.len() as u64 == offset);
-        if !in_order {
-            self.incoming_snapshot = None;
-            self.send(from, MessageKind::SnapshotResponse { reject: true, index: meta.index });
+        let Some(incoming) = self.incoming_snapshot.as_mut() else {
+            self.send(from, MessageKind::SnapshotProgress { index: meta.index, received_bytes: 0 });
+            return;
+        };
+        let received_bytes = incoming.data.len() as u64;
+        if offset != received_bytes {
+            // A duplicate, or a chunk behind a lost one.
+            self.send(from, MessageKind::SnapshotProgress { index: meta.index, received_bytes });
             return;
         }
-        let incoming = self.incoming_snapshot.as_mut().expect("checked in order");
         incoming.data.extend_from_slice(&chunk);
         if !done {
+            let received_bytes = incoming.data.len() as u64;
+            self.send(from, MessageKind::SnapshotProgress { index: meta.index, received_bytes });
             return;
         }
-        let IncomingSnapshot { meta, data } = self.incoming_snapshot.take().expect("checked in order");
+        let IncomingSnapshot { meta, data } = self.incoming_snapshot.take().expect("matched above");
         let index = meta.index;
         if self.log.match_term(meta.index, meta.term) {
             // The log already holds the snapshot's last entry: just commit up to it.
@@ -527,13 +572,12 @@ impl<S: Storage> Raft<S> {
             // Answer with what is known to match (committed), never the whole log: a suffix
             // past the snapshot may come from an older leader and must not be counted.
             let committed = self.log.committed;
-            self.send(from, MessageKind::SnapshotResponse { reject: false, index: committed });
+            self.send(from, MessageKind::SnapshotResponse { index: committed });
             return;
-        } else {
-            self.set_conf(&meta.conf);
-            self.log.restore(Snapshot { meta, data });
         }
-        self.send(from, MessageKind::SnapshotResponse { reject: false, index: self.log.last_index() });
+        self.set_conf(&meta.conf);
+        self.log.restore(Snapshot { meta, data });
+        self.send(from, MessageKind::SnapshotResponse { index: self.log.last_index() });
     }
 
     fn step_leader(&mut self, m: Message) {
@@ -553,22 +597,40 @@ impl<S: Storage> Raft<S> {
                 }
             }
             MessageKind::AppendResponse { reject: false, index, .. } => self.handle_append_success(from, index),
-            MessageKind::HeartbeatResponse { context } => {
+            MessageKind::HeartbeatResponse { round } => {
                 progress.probe_sent = false;
+                progress.acked_round = progress.acked_round.max(round);
                 if progress.state == ProgressState::Replicate && progress.inflights.full() {
                     progress.inflights.free_first_one();
                 }
-                if progress.match_index < self.log.last_index() {
+                if matches!(progress.state, ProgressState::Snapshot { .. }) {
+                    let transfer = &mut progress.snapshot_transfer;
+                    if transfer.acked_bytes == transfer.acked_at_last_heartbeat
+                        && transfer.sent_bytes > transfer.acked_bytes
+                    {
+                        // Nothing moved for a heartbeat round trip: resend from what it holds.
+                        transfer.sent_bytes = transfer.acked_bytes;
+                        transfer.sent_done = false;
+                    }
+                    transfer.acked_at_last_heartbeat = transfer.acked_bytes;
+                    self.send_snapshot_chunks(from);
+                } else if progress.match_index < self.log.last_index() {
                     self.send_append(from);
                 }
-                if let Some(context) = context {
-                    self.ack_read(from, context);
-                }
+                self.confirm_reads();
             }
-            MessageKind::SnapshotResponse { reject, index } => {
-                if !reject {
-                    progress.maybe_update(index);
+            MessageKind::SnapshotProgress { index, received_bytes }
+                if progress.state == (ProgressState::Snapshot { index }) =>
+            {
+                let transfer = &mut progress.snapshot_transfer;
+                transfer.acked_bytes = transfer.acked_bytes.max(received_bytes);
+                if transfer.sent_bytes < transfer.acked_bytes {
+                    transfer.sent_bytes = transfer.acked_bytes;
                 }
+                self.send_snapshot_chunks(from);
+            }
+            MessageKind::SnapshotResponse { index } => {
+                progress.maybe_update(index);
                 progress.become_probe();
                 self.send_append(from);
             }
@@ -646,34 +708,91 @@ impl<S: Storage> Raft<S> {
         true
     }
 
-    /// Sends the storage's snapshot in chunks; the follower is paused until it answers.
+    /// Starts sending the storage's snapshot; appends to `to` pause until it is answered.
     fn send_snapshot(&mut self, to: NodeId) -> bool {
-        let snapshot = self.log.storage.snapshot();
-        let meta = snapshot.meta.clone();
-        if let Some(progress) = self.progress.get_mut(&to) {
-            progress.become_snapshot(meta.index);
-        }
-        let chunk_bytes = self.config.snapshot_chunk_bytes;
-        let chunks = snapshot.data.len().div_ceil(chunk_bytes).max(1);
-        for chunk in 0..chunks {
-            let start = chunk * chunk_bytes;
-            let end = (start + chunk_bytes).min(snapshot.data.len());
-            let kind = MessageKind::Snapshot {
-                meta: meta.clone(),
-                offset: start as u64,
-                chunk: snapshot.data[start..end].to_vec(),
-                done: chunk + 1 == chunks,
-            };
-            self.send(to, kind);
-        }
+        let index = self.log.storage.snapshot().meta.index;
+        let Some(progress) = self.progress.get_mut(&to) else { return false };
+        progress.become_snapshot(index);
+        self.send_snapshot_chunks(to);
         true
     }
 
-    fn broadcast_heartbeat(&mut self, context: Option<u64>) {
+    /// Sends the next chunks of the snapshot to `to`, at most `SNAPSHOT_CHUNKS_IN_FLIGHT`
+    /// beyond what it acknowledged. A snapshot replaced meanwhile is started over.
+    fn send_snapshot_chunks(&mut self, to: NodeId) {
+        let snapshot = self.log.storage.snapshot();
+        let chunk_bytes = self.config.snapshot_chunk_bytes as u64;
+        let total_bytes = snapshot.data.len() as u64;
+        let Some(progress) = self.progress.get_mut(&to) else { return };
+        match progress.state {
+            ProgressState::Snapshot { index } if index == snapshot.meta.index => {}
+            ProgressState::Snapshot { .. } => progress.become_snapshot(snapshot.meta.index),
+            _ => return,
+        }
+        let transfer = &mut progress.snapshot_transfer;
+        let mut chunks = Vec::new();
+        // Bounded: at most SNAPSHOT_CHUNKS_IN_FLIGHT chunks per call.
+        while !transfer.sent_done
+            && transfer.sent_bytes < transfer.acked_bytes + SNAPSHOT_CHUNKS_IN_FLIGHT * chunk_bytes
+        {
+            let start = transfer.sent_bytes.min(total_bytes);
+            let end = (start + chunk_bytes).min(total_bytes);
+            let done = end == total_bytes;
+            chunks.push(MessageKind::Snapshot {
+                meta: snapshot.meta.clone(),
+                offset: start,
+                chunk: snapshot.data[start as usize..end as usize].to_vec(),
+                done,
+            });
+            transfer.sent_bytes = end;
+            transfer.sent_done = done;
+        }
+        for kind in chunks {
+            self.send(to, kind);
+        }
+    }
+
+    /// Sends a new heartbeat round to every peer and remembers when it went out.
+    fn broadcast_heartbeat(&mut self) {
+        self.heartbeat_round += 1;
+        let round = self.heartbeat_round;
+        if self.round_sent_at.len() == HEARTBEAT_ROUNDS_REMEMBERED {
+            self.round_sent_at.pop_front();
+        }
+        self.round_sent_at.push_back((round, self.ticks));
         for id in self.peers() {
             let commit = self.progress[&id].match_index.min(self.log.committed);
-            self.send(id, MessageKind::Heartbeat { commit, context });
+            self.send(id, MessageKind::Heartbeat { commit, round });
         }
+    }
+
+    /// The newest heartbeat round a quorum of voters answered (the leader answers its own).
+    fn quorum_round(&self) -> u64 {
+        let mut rounds: Vec<u64> =
+            self.voters
+                .iter()
+                .map(|id| {
+                    if *id == self.id {
+                        self.heartbeat_round
+                    } else {
+                        self.progress.get(id).map_or(0, |p| p.acked_round)
+                    }
+                })
+                .collect();
+        rounds.sort_unstable_by(|a, b| b.cmp(a));
+        rounds.get(self.quorum() - 1).copied().unwrap_or(0)
+    }
+
+    /// True while no other leader can have been elected: a quorum answered a heartbeat sent
+    /// less than `election_tick / 2` ticks ago, and those voters ignore candidates for a whole
+    /// election timeout after hearing it (see `Config::lease_read`).
+    fn holds_lease(&self) -> bool {
+        if !self.config.lease_read || self.lease_revoked || self.transferee.is_some() {
+            return false;
+        }
+        let round = self.quorum_round();
+        let Some(&(_, sent_at)) = self.round_sent_at.iter().find(|(r, _)| *r == round) else { return false };
+        self.ticks < sent_at + u64::from(self.config.election_tick / 2)
     }
 
     /// Advances the commit index to what a quorum of voters has persisted; true if it moved.
@@ -770,6 +889,7 @@ impl<S: Storage> Raft<S> {
             return Err(ProposeError::ConfChangePending);
         }
         match change {
+            ConfChange::AddVoter(id) if self.voters.contains(&id) => {}
             ConfChange::AddVoter(id) if self.learners.contains(&id) => {
                 let matched = self.progress.get(&id).map_or(0, |p| p.match_index);
                 let behind = self.log.last_index().saturating_sub(matched);
@@ -777,6 +897,7 @@ impl<S: Storage> Raft<S> {
                     return Err(ProposeError::LearnerBehind { id, behind });
                 }
             }
+            ConfChange::AddVoter(id) => return Err(ProposeError::NotALearner(id)),
             ConfChange::Remove(id) if !self.voters.contains(&id) && !self.learners.contains(&id) => {
                 return Err(ProposeError::UnknownNode(id));
             }
@@ -848,6 +969,7 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
         self.transferee = Some(to);
+        self.lease_revoked = true;
         self.election_elapsed = 0;
         if self.progress[&to].match_index == self.log.last_index() {
             self.send(to, MessageKind::TimeoutNow);
@@ -884,13 +1006,14 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
         let index = self.log.committed;
-        if self.voters.len() == 1 || self.config.lease_read {
+        if self.voters.len() == 1 || self.holds_lease() {
             self.answer_read(context, index, requester);
             return Ok(());
         }
-        let acks = BTreeSet::from([self.id]);
-        self.pending_reads.push_back(PendingRead { context, index, requester, acks });
-        self.broadcast_heartbeat(Some(context));
+        // Answered once a quorum answers a round sent after the read arrived.
+        self.broadcast_heartbeat();
+        let round = self.heartbeat_round;
+        self.pending_reads.push_back(PendingRead { context, index, requester, round });
         Ok(())
     }
 
@@ -910,16 +1033,12 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// A heartbeat answer carrying `context`: once a quorum confirmed it, that read and every
-    /// earlier one are answered.
-    fn ack_read(&mut self, from: NodeId, context: u64) {
-        let Some(position) = self.pending_reads.iter().position(|r| r.context == context) else { return };
-        self.pending_reads[position].acks.insert(from);
-        let confirmed = self.pending_reads[position].acks.iter().filter(|id| self.voters.contains(id)).count();
-        if confirmed < self.quorum() {
-            return;
-        }
-        for read in self.pending_reads.drain(..=position).collect::<Vec<_>>() {
+    /// Answers, in order, every pending read whose round a quorum has answered.
+    fn confirm_reads(&mut self) {
+        let confirmed_round = self.quorum_round();
+        // Bounded by the pending reads (at most `max_pending_reads`).
+        while self.pending_reads.front().is_some_and(|read| read.round <= confirmed_round) {
+            let read = self.pending_reads.pop_front().expect("checked");
             self.answer_read(read.context, read.index, read.requester);
         }
     }

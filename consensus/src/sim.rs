@@ -5,7 +5,7 @@
 //! faults stop.
 
 use crate::linearizability::{self, Operation, RegisterOp, Verdict};
-use crate::raft::{Config, InjectedBug};
+use crate::raft::{Config, InjectedBug, ProposeError};
 use crate::raw_node::{RawNode, Ready};
 use crate::storage::{MemStorage, Storage};
 use crate::types::*;
@@ -30,6 +30,12 @@ pub struct SimOptions {
     pub keys: u64,
     /// Applied entries between snapshots (log compaction), per node.
     pub compact_every: u64,
+    /// Raft options under test (lease_read only with check_quorum).
+    pub pre_vote: bool,
+    pub check_quorum: bool,
+    pub lease_read: bool,
+    /// The nemesis also removes voters and adds them back (learner first, then voter).
+    pub membership_changes: bool,
     pub injected_bug: Option<InjectedBug>,
 }
 
@@ -41,6 +47,7 @@ impl SimOptions {
     pub fn from_seed(seed: u64) -> SimOptions {
         let mut rng = Rng::new(seed ^ 0x5EED);
         let nodes = if rng.below(3) == 0 { 5 } else { 3 };
+        let check_quorum = rng.below(4) != 0;
         SimOptions {
             seed,
             nodes,
@@ -53,6 +60,10 @@ impl SimOptions {
             clients: 2 + rng.below(3) as usize,
             keys: 1 + rng.below(3),
             compact_every: 40 + rng.below(200),
+            pre_vote: rng.below(4) != 0,
+            check_quorum,
+            lease_read: check_quorum && rng.chance(500),
+            membership_changes: rng.chance(500),
             injected_bug: None,
         }
     }
@@ -66,7 +77,7 @@ impl fmt::Display for SimOptions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "seed={} nodes={} faults_until={}ms loss={}‰ dup={}‰ delay≤{}ms tick_ms={:?} clients={} keys={} compact_every={} bug={:?}",
+            "seed={} nodes={} faults_until={}ms loss={}‰ dup={}‰ delay≤{}ms tick_ms={:?} clients={} keys={} compact_every={} pre_vote={} check_quorum={} lease_read={} membership_changes={} bug={:?}",
             self.seed,
             self.nodes,
             self.faults_until_ms,
@@ -77,6 +88,10 @@ impl fmt::Display for SimOptions {
             self.clients,
             self.keys,
             self.compact_every,
+            self.pre_vote,
+            self.check_quorum,
+            self.lease_read,
+            self.membership_changes,
             self.injected_bug
         )
     }
@@ -105,6 +120,9 @@ pub struct SimReport {
     pub reads_ok: u64,
     pub snapshots_installed: u64,
     pub messages_delivered: u64,
+    pub membership_changes: u64,
+    /// A digest of every delivery (time, endpoints, term): equal digests mean equal runs.
+    pub trace_digest: u64,
 }
 
 /// xorshift64*: the simulator's only source of randomness.
@@ -170,8 +188,35 @@ fn decode_write(data: &[u8]) -> Option<(u64, u64, u64)> {
     Some((field(0), field(1), field(2)))
 }
 
-fn hash(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+/// FNV-1a, continued from `h`.
+fn hash_into(h: u64, data: &[u8]) -> u64 {
+    data.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// An entry's identity for the checks: its kind and its data (not its index or term).
+fn hash_entry(entry: &Entry) -> u64 {
+    let kind: [u8; 9] = match entry.kind {
+        EntryKind::Normal => [0; 9],
+        EntryKind::ConfChange(ConfChange::AddVoter(id)) => with_tag(1, id),
+        EntryKind::ConfChange(ConfChange::AddLearner(id)) => with_tag(2, id),
+        EntryKind::ConfChange(ConfChange::Remove(id)) => with_tag(3, id),
+    };
+    hash_into(hash_into(FNV_OFFSET, &kind), &entry.data)
+}
+
+fn with_tag(tag: u8, id: NodeId) -> [u8; 9] {
+    let mut bytes = [tag; 9];
+    bytes[1..].copy_from_slice(&id.to_le_bytes());
+    bytes
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CommittedEntry {
+    term: Term,
+    hash: u64,
+    known_in_term: Term,
 }
 
 struct SimNode {
@@ -186,6 +231,8 @@ struct SimNode {
     disk_delay_max_ms: u64,
     next_tick_ms: u64,
     restart_at_ms: Option<u64>,
+    /// Entries up to this index were checked against the committed record.
+    commit_checked: Index,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -197,6 +244,8 @@ enum Pending {
 struct Client {
     pending: Option<Pending>,
     next_op_ms: u64,
+    /// The node this client believes leads (learned from refusals), like a real client.
+    leader_hint: Option<usize>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -243,8 +292,14 @@ pub struct Simulation {
     next_op_id: u64,
     // What the checks remember.
     leaders: BTreeMap<Term, NodeId>,
+    /// Every entry some node knew committed, by index: its term and hash (kind and data),
+    /// and the lowest current term of a node that knew it committed (it was committed in
+    /// that term or earlier).
+    committed: BTreeMap<Index, CommittedEntry>,
     applied: BTreeMap<Index, (Term, u64)>,
-    log_terms: HashMap<(Index, Term), u64>,
+    /// Every entry persisted anywhere, by (index, term): its hash and the term of the entry
+    /// before it in that node's log (`None` when compacted away).
+    log_entries: HashMap<(Index, Term), (u64, Option<Term>)>,
     healed: bool,
     heal_applied: Option<Index>,
     report: SimReport,
@@ -267,10 +322,13 @@ impl Simulation {
                     disk_delay_max_ms: 0,
                     next_tick_ms: rng.below(TICK_MS),
                     restart_at_ms: Some(0),
+                    commit_checked: 0,
                 }
             })
             .collect();
-        let clients = (0..options.clients).map(|i| Client { pending: None, next_op_ms: 50 + i as u64 * 7 }).collect();
+        let clients = (0..options.clients)
+            .map(|i| Client { pending: None, next_op_ms: 50 + i as u64 * 7, leader_hint: None })
+            .collect();
         Simulation {
             loss_permille: options.loss_permille,
             duplicate_permille: options.duplicate_permille,
@@ -286,8 +344,9 @@ impl Simulation {
             history_clock: 0,
             next_op_id: 1,
             leaders: BTreeMap::new(),
+            committed: BTreeMap::new(),
             applied: BTreeMap::new(),
-            log_terms: HashMap::new(),
+            log_entries: HashMap::new(),
             healed: false,
             heal_applied: None,
             report: SimReport::default(),
@@ -299,7 +358,11 @@ impl Simulation {
         config.seed = self.options.seed.wrapping_mul(31).wrapping_add(id);
         config.max_size_per_msg = 4096;
         config.max_inflight_msgs = 8;
-        config.snapshot_chunk_bytes = 64;
+        // Snapshots of 1-3 keys are 16-48 bytes: several chunks each.
+        config.snapshot_chunk_bytes = 8;
+        config.pre_vote = self.options.pre_vote;
+        config.check_quorum = self.options.check_quorum;
+        config.lease_read = self.options.lease_read;
         config.injected_bug = self.options.injected_bug;
         config
     }
@@ -317,6 +380,7 @@ impl Simulation {
             self.now_ms += 1;
         }
         self.check_liveness_at_end()?;
+        self.check_committed_entries_durable()?;
         self.check_history()?;
         self.report.leaders_elected = self.leaders.len();
         self.report.committed_entries = self.applied.len() as u64;
@@ -324,7 +388,7 @@ impl Simulation {
     }
 
     fn step_ms(&mut self) -> Result<(), Violation> {
-        self.nemesis();
+        self.nemesis()?;
         self.restart_due_nodes();
         self.deliver_messages();
         self.tick_nodes();
@@ -332,31 +396,36 @@ impl Simulation {
         for i in 0..self.nodes.len() {
             self.process_node(i)?;
         }
+        self.check_leaders()?;
+        if self.healed && self.options.membership_changes && self.now_ms % 20 == 0 {
+            self.change_membership();
+        }
         self.check_liveness_progress()
     }
 
     // ---- faults ------------------------------------------------------------------------
 
-    fn nemesis(&mut self) {
+    fn nemesis(&mut self) -> Result<(), Violation> {
         if self.now_ms >= self.options.faults_until_ms {
             if !self.healed {
                 self.heal();
             }
-            return;
+            return Ok(());
         }
-        // On average one fault decision every 400 ms.
-        if !self.rng.chance(2) && self.now_ms > 0 {
-            return;
-        }
-        if self.now_ms == 0 {
-            return;
+        // On average one fault decision every 500 ms.
+        if !self.rng.chance(2) || self.now_ms == 0 {
+            return Ok(());
         }
         let n = self.options.nodes as u64;
         match self.rng.below(8) {
             0 => self.blocked.clear(),
             1 => {
-                // Isolate one node.
-                let node = 1 + self.rng.below(n);
+                // Isolate one node, often the leader (the case that tests step-down and leases).
+                let random = 1 + self.rng.below(n);
+                let node = match self.current_leader() {
+                    Some(leader) if self.rng.chance(500) => leader,
+                    _ => random,
+                };
                 self.partition(&[node]);
             }
             2 => {
@@ -386,9 +455,13 @@ impl Simulation {
             }
             5 | 6 => {
                 let index = self.rng.below(n) as usize;
-                let down_for = 100 + self.rng.below(1_500);
+                // Sometimes shorter than an election timeout: a quick restart must not vote
+                // while a lease it granted may still run.
+                let down_for = 5 + self.rng.below(1_500);
                 self.crash(index, self.now_ms + down_for);
+                self.check_committed_entries_durable()?;
             }
+            7 if self.options.membership_changes && self.rng.chance(500) => self.change_membership(),
             7 if self.rng.chance(500) => {
                 // Hand leadership to a random node (refused unless it is a voter and we lead).
                 let to = 1 + self.rng.below(n);
@@ -401,6 +474,39 @@ impl Simulation {
                 self.nodes[index].disk_delay_max_ms = if self.rng.chance(500) { 0 } else { 5 + self.rng.below(60) };
             }
         }
+        Ok(())
+    }
+
+    /// One step of the membership nemesis, through the current leader: while some node is
+    /// not a voter, bring it back (learner first, then voter once caught up); otherwise, during
+    /// the faults, remove a random node. So at most one node is out at a time.
+    fn change_membership(&mut self) {
+        let Some(leader) = self.nodes.iter_mut().filter_map(|n| n.node.as_mut()).find(|n| n.raft.role == Role::Leader)
+        else {
+            return;
+        };
+        let conf = leader.raft.conf_state();
+        let missing = (1..=self.options.nodes as u64).find(|id| !conf.voters.contains(id));
+        let change = match missing {
+            Some(id) if conf.learners.contains(&id) => ConfChange::AddVoter(id),
+            Some(id) => ConfChange::AddLearner(id),
+            None if !self.healed => ConfChange::Remove(1 + self.rng.below(self.options.nodes as u64)),
+            None => return,
+        };
+        // Refused while another change is pending or the learner lags: tried again later.
+        if leader.propose_conf_change(change).is_ok() {
+            self.report.membership_changes += 1;
+        }
+    }
+
+    /// The running leader of the highest term, if any.
+    fn current_leader(&self) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.node.as_ref())
+            .filter(|n| n.raft.role == Role::Leader)
+            .max_by_key(|n| n.raft.term)
+            .map(|n| n.raft.id)
     }
 
     fn partition(&mut self, side: &[NodeId]) {
@@ -453,6 +559,7 @@ impl Simulation {
             let raw = RawNode::new(config, std::mem::take(&mut node.durable)).expect("simulator config is valid");
             // The state machine restarts from the snapshot; committed entries are re-applied.
             node.kv = Kv::decode(&raw.raft.log.storage.snapshot.data);
+            node.commit_checked = raw.raft.log.storage.snapshot.meta.index;
             node.node = Some(raw);
         }
     }
@@ -481,6 +588,9 @@ impl Simulation {
             }
             let Some(target) = self.nodes.get_mut(message.to as usize - 1) else { continue };
             if let Some(node) = target.node.as_mut() {
+                let digest = [self.now_ms, message.from, message.to, message.term];
+                self.report.trace_digest =
+                    digest.iter().fold(self.report.trace_digest, |h, v| hash_into(h, &v.to_le_bytes()));
                 node.step(message);
                 self.report.messages_delivered += 1;
             }
@@ -518,7 +628,6 @@ impl Simulation {
                 break;
             }
             let ready = self.nodes[i].node.as_mut().expect("checked").ready();
-            self.check_ready(i, &ready)?;
             let delay = self.rng.below(self.nodes[i].disk_delay_max_ms + 1);
             if delay > 0 && (!ready.entries.is_empty() || ready.hard_state.is_some() || ready.snapshot.is_some()) {
                 self.nodes[i].persisting = Some((self.now_ms + delay, ready));
@@ -529,28 +638,94 @@ impl Simulation {
         Ok(())
     }
 
-    /// Checks made when a `Ready` comes out: election safety, leader completeness.
-    fn check_ready(&mut self, i: usize, ready: &Ready) -> Result<(), Violation> {
-        let id = self.nodes[i].id;
-        let Some(soft) = ready.soft_state else { return Ok(()) };
-        if soft.role != Role::Leader {
-            return Ok(());
-        }
-        let raft = &self.nodes[i].node.as_ref().expect("running").raft;
-        let term = raft.term;
-        if let Some(&other) = self.leaders.get(&term) {
-            if other != id {
-                return Err(self.violation(format!("two leaders in term {term}: {other} and {id}")));
-            }
-        }
-        self.leaders.insert(term, id);
-        for (&index, &(entry_term, _)) in &self.applied {
-            if index < raft.log.first_index() {
+    /// Election safety (at most one leader per term) at every step, and leader completeness
+    /// when a node is first seen leading term T: it holds every entry known committed in a
+    /// term below T. (A leader of an older term may still be elected late — its votes were
+    /// granted long ago — and need not hold what later terms committed; it cannot commit.)
+    fn check_leaders(&mut self) -> Result<(), Violation> {
+        for i in 0..self.nodes.len() {
+            let id = self.nodes[i].id;
+            let Some(raw) = self.nodes[i].node.as_ref() else { continue };
+            let raft = &raw.raft;
+            if raft.role != Role::Leader {
                 continue;
             }
-            if raft.log.term_or_zero(index) != entry_term {
+            let term = raft.term;
+            match self.leaders.get(&term) {
+                Some(&other) if other != id => {
+                    return Err(self.violation(format!("two leaders in term {term}: {other} and {id}")));
+                }
+                Some(_) => continue,
+                None => {}
+            }
+            for (&index, entry) in self.committed.range(raft.log.first_index()..) {
+                let entry_term = entry.term;
+                if entry.known_in_term < term && raft.log.term_or_zero(index) != entry_term {
+                    return Err(self.violation(format!(
+                        "leader completeness: leader {id} of term {term} lacks committed entry {index} (term {entry_term})"
+                    )));
+                }
+            }
+            self.leaders.insert(term, id);
+        }
+        Ok(())
+    }
+
+    /// Records the entries a node newly knows committed; two different entries committed at
+    /// one index is a violation (before anyone applies them).
+    fn check_commits(&mut self, i: usize) -> Result<(), Violation> {
+        let Some(raw) = self.nodes[i].node.as_ref() else { return Ok(()) };
+        let log = &raw.raft.log;
+        let from = (self.nodes[i].commit_checked + 1).max(log.first_index());
+        let to = log.committed.min(log.last_index());
+        if from > to {
+            return Ok(());
+        }
+        let entries = log.entries(from, to + 1, usize::MAX).map_err(|error| {
+            self.violation(format!(
+                "node {} cannot read its committed entries {from}..={to}: {error}",
+                self.nodes[i].id
+            ))
+        })?;
+        let observer_term = raw.raft.term;
+        for entry in &entries {
+            let hash = hash_entry(entry);
+            match self.committed.get_mut(&entry.index) {
+                Some(known) if (known.term, known.hash) != (entry.term, hash) => {
+                    let known_term = known.term;
+                    return Err(self.violation(format!(
+                        "commit safety: node {} holds a different committed entry at index {} (term {} vs {known_term})",
+                        self.nodes[i].id, entry.index, entry.term
+                    )));
+                }
+                Some(known) => known.known_in_term = known.known_in_term.min(observer_term),
+                None => {
+                    let committed = CommittedEntry { term: entry.term, hash, known_in_term: observer_term };
+                    self.committed.insert(entry.index, committed);
+                }
+            }
+        }
+        self.nodes[i].commit_checked = to;
+        Ok(())
+    }
+
+    /// No committed entry is lost: each is durably held (or covered by a snapshot) by a
+    /// majority of nodes. With at most one node removed at a time, every quorum of every
+    /// configuration the run passes through is such a majority. Checked after each crash.
+    fn check_committed_entries_durable(&self) -> Result<(), Violation> {
+        let majority = self.options.nodes / 2 + 1;
+        let storages: Vec<&MemStorage> =
+            self.nodes.iter().map(|n| n.node.as_ref().map_or(&n.durable, |r| &r.raft.log.storage)).collect();
+        let covered_by_all = storages.iter().map(|s| s.snapshot.meta.index).min().unwrap_or(0);
+        for (&index, &CommittedEntry { term, .. }) in self.committed.range(covered_by_all + 1..) {
+            let holders = storages
+                .iter()
+                .filter(|s| index <= s.snapshot.meta.index || s.term(index).is_ok_and(|t| t == term))
+                .count();
+            if holders < majority {
                 return Err(self.violation(format!(
-                    "leader completeness: leader {id} of term {term} lacks committed entry {index} (term {entry_term})"
+                    "committed entry {index} (term {term}) is durable on only {holders} of {} nodes",
+                    self.options.nodes
                 )));
             }
         }
@@ -561,18 +736,7 @@ impl Simulation {
     fn complete_ready(&mut self, i: usize, ready: Ready) -> Result<(), Violation> {
         let id = self.nodes[i].id;
         self.nodes[i].node.as_mut().expect("running").raft.log.storage.persist(&ready);
-        for entry in &ready.entries {
-            let h = hash(&entry.data);
-            if let Some(&other) = self.log_terms.get(&(entry.index, entry.term)) {
-                if other != h {
-                    return Err(self.violation(format!(
-                        "log matching: two different entries at index {} in term {}",
-                        entry.index, entry.term
-                    )));
-                }
-            }
-            self.log_terms.insert((entry.index, entry.term), h);
-        }
+        self.check_log_matching(i, &ready.entries)?;
         for message in ready.messages.iter().cloned() {
             self.send(message);
         }
@@ -586,13 +750,44 @@ impl Simulation {
         let node = self.nodes[i].node.as_mut().expect("running");
         let read_states = ready.read_states.clone();
         node.advance(ready);
+        self.check_commits(i)?;
         self.take_read_states(id, &read_states);
         self.maybe_compact(i);
         Ok(())
     }
 
+    /// Log matching, checked the way it is proved: an entry of a given index and term is always
+    /// the same entry, and always follows an entry of the same term. By induction, two logs
+    /// that share an (index, term) share everything before it.
+    fn check_log_matching(&mut self, i: usize, entries: &[Entry]) -> Result<(), Violation> {
+        let storage = &self.nodes[i].node.as_ref().expect("running").raft.log.storage;
+        for entry in entries {
+            let identity = hash_entry(entry);
+            let previous_term = storage.term(entry.index - 1).ok();
+            match self.log_entries.get(&(entry.index, entry.term)) {
+                Some(&(known, _)) if known != identity => {
+                    return Err(self.violation(format!(
+                        "log matching: two different entries at index {} in term {}",
+                        entry.index, entry.term
+                    )));
+                }
+                Some(&(_, Some(known_previous))) if previous_term.is_some_and(|t| t != known_previous) => {
+                    return Err(self.violation(format!(
+                        "log matching: entry {} of term {} follows terms {known_previous} and {:?} on different nodes",
+                        entry.index, entry.term, previous_term
+                    )));
+                }
+                Some(&(_, Some(_))) => {}
+                _ => {
+                    self.log_entries.insert((entry.index, entry.term), (identity, previous_term));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn apply_entry(&mut self, i: usize, entry: &Entry) -> Result<(), Violation> {
-        let h = hash(&entry.data);
+        let h = hash_entry(entry);
         match self.applied.get(&entry.index) {
             Some(&(term, other)) if term != entry.term || other != h => {
                 return Err(self.violation(format!(
@@ -640,7 +835,12 @@ impl Simulation {
                 continue;
             }
             self.clients[c].next_op_ms = self.now_ms + 5 + self.rng.below(40);
-            let node_index = self.rng.below(self.options.nodes as u64) as usize;
+            // Mostly the believed leader; now and then any node (reads through followers).
+            let random_index = self.rng.below(self.options.nodes as u64) as usize;
+            let node_index = match self.clients[c].leader_hint {
+                Some(hint) if self.rng.chance(800) => hint,
+                _ => random_index,
+            };
             let key = self.rng.below(self.options.keys);
             let op_id = self.next_op_id;
             self.next_op_id += 1;
@@ -657,12 +857,22 @@ impl Simulation {
         let called_at = self.tick_history();
         let deadline = self.now_ms + CLIENT_TIMEOUT_MS;
         let node_id = self.nodes[node_index].id;
-        let Some(node) = self.nodes[node_index].node.as_mut() else { return };
+        let Some(node) = self.nodes[node_index].node.as_mut() else {
+            self.clients[c].leader_hint = None;
+            return;
+        };
         // A refused proposal was never appended: it did not happen and is not recorded.
-        if let Ok(index) = node.propose(encode_write(op_id, key, value)) {
-            let history = self.history.len();
-            self.history.push(Operation { key, op: RegisterOp::Write(value), called_at, returned_at: None });
-            self.clients[c].pending = Some(Pending::Write { node: node_id, index, key, value, history, deadline });
+        match node.propose(encode_write(op_id, key, value)) {
+            Ok(index) => {
+                let history = self.history.len();
+                self.history.push(Operation { key, op: RegisterOp::Write(value), called_at, returned_at: None });
+                self.clients[c].pending = Some(Pending::Write { node: node_id, index, key, value, history, deadline });
+                self.clients[c].leader_hint = Some(node_index);
+            }
+            Err(ProposeError::NotLeader { leader }) => {
+                self.clients[c].leader_hint = leader.map(|id| id as usize - 1);
+            }
+            Err(_) => {}
         }
     }
 
@@ -852,11 +1062,8 @@ impl Simulation {
                 if leader.raft.log.committed >= entries {
                     return Ok((leader.raft.log.committed, self.now_ms));
                 }
-                for _ in 0..batch {
-                    if leader.propose(vec![0u8; 64]).is_err() {
-                        break; // overloaded: wait for commits
-                    }
-                }
+                // Refused as a whole when overloaded: the next millisecond tries again.
+                let _ = leader.propose_batch(vec![vec![0u8; 64]; batch]);
             }
             self.now_ms += 1;
         }
@@ -877,6 +1084,10 @@ impl Simulation {
             clients: 0,
             keys: 1,
             compact_every: 10_000,
+            pre_vote: true,
+            check_quorum: true,
+            lease_read: false,
+            membership_changes: false,
             injected_bug: None,
         }
     }
@@ -886,5 +1097,119 @@ impl Simulation {
 pub fn run_seed(seed: u64, injected_bug: Option<InjectedBug>) -> Result<SimReport, Violation> {
     let mut options = SimOptions::from_seed(seed);
     options.injected_bug = injected_bug;
-    Simulation::new(options).run()
+    run_options(options)
+}
+
+/// Runs a simulation. A panic inside Raft or the simulator is reported as a violation, so the
+/// seed and its replay command get printed like any other failure.
+pub fn run_options(options: SimOptions) -> Result<SimReport, Violation> {
+    std::panic::catch_unwind(move || Simulation::new(options).run()).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a panic without a message".into());
+        Err(Violation { at_ms: 0, what: format!("panic: {message}") })
+    })
+}
+
+/// Each check shown catching a broken state: a healthy run is stopped part-way, one thing is
+/// corrupted the way a bug would, and the check must name it.
+#[cfg(test)]
+mod checks_catch_broken_states {
+    use super::*;
+
+    /// A fault-free 3-node run stopped after 1.5 simulated seconds.
+    fn healthy_run() -> Simulation {
+        let mut options = SimOptions::from_seed(11);
+        options.nodes = 3;
+        options.tick_ms = vec![TICK_MS; 3];
+        options.faults_until_ms = 0;
+        let mut sim = Simulation::new(options);
+        while sim.now_ms < 1_500 {
+            sim.step_ms().expect("a healthy run passes");
+            sim.now_ms += 1;
+        }
+        assert!(sim.committed.len() > 10, "the run committed entries");
+        sim
+    }
+
+    fn leader_index(sim: &Simulation) -> usize {
+        sim.current_leader().expect("a leader after 1.5 s") as usize - 1
+    }
+
+    #[test]
+    fn two_leaders_in_one_term() {
+        let mut sim = healthy_run();
+        let term = sim.nodes[leader_index(&sim)].node.as_ref().expect("running").raft.term;
+        sim.leaders.insert(term, 99);
+        let violation = sim.check_leaders().expect_err("caught");
+        assert!(violation.what.contains("two leaders in term"), "{violation}");
+    }
+
+    #[test]
+    fn a_leader_missing_an_entry_committed_in_an_earlier_term() {
+        let mut sim = healthy_run();
+        let leader = leader_index(&sim);
+        let term = sim.nodes[leader].node.as_ref().expect("running").raft.term;
+        sim.leaders.remove(&term);
+        let last = *sim.committed.keys().next_back().expect("committed");
+        // Recorded as committed with another term, and known committed before this term.
+        let entry = sim.committed.get_mut(&last).expect("present");
+        entry.term += 7;
+        entry.known_in_term = term - 1;
+        let violation = sim.check_leaders().expect_err("caught");
+        assert!(violation.what.contains("leader completeness"), "{violation}");
+        // Known committed only in this term or later: a late leader need not hold it.
+        sim.committed.get_mut(&last).expect("present").known_in_term = term;
+        sim.check_leaders().expect("not required of this leader");
+    }
+
+    #[test]
+    fn a_different_entry_committed_at_one_index() {
+        let mut sim = healthy_run();
+        let index = *sim.committed.keys().next_back().expect("committed");
+        sim.committed.get_mut(&index).expect("present").hash ^= 1;
+        sim.nodes[0].commit_checked = index - 1;
+        let violation = sim.check_commits(0).expect_err("caught");
+        assert!(violation.what.contains("commit safety"), "{violation}");
+    }
+
+    #[test]
+    fn log_matching_by_content_and_by_predecessor() {
+        let mut sim = healthy_run();
+        let raw = sim.nodes[0].node.as_ref().expect("running");
+        let last = raw.raft.log.storage.last_index();
+        let entry = raw.raft.log.entries(last, last + 1, usize::MAX).expect("held")[0].clone();
+        let mut other_data = entry.clone();
+        other_data.data.push(1);
+        let violation = sim.check_log_matching(0, &[other_data]).expect_err("caught");
+        assert!(violation.what.contains("two different entries"), "{violation}");
+        // Same entry, but recorded as following a different term elsewhere.
+        let (identity, previous) = sim.log_entries[&(entry.index, entry.term)];
+        sim.log_entries.insert((entry.index, entry.term), (identity, previous.map(|t| t + 1)));
+        let violation = sim.check_log_matching(0, &[entry]).expect_err("caught");
+        assert!(violation.what.contains("follows terms"), "{violation}");
+    }
+
+    #[test]
+    fn a_committed_entry_lost_from_a_majority() {
+        let mut sim = healthy_run();
+        sim.check_committed_entries_durable().expect("healthy");
+        // Two of three nodes crash and lose their logs (what acknowledging before persisting does).
+        for index in [0, 1] {
+            sim.crash(index, u64::MAX);
+            sim.nodes[index].durable = MemStorage::new_with_voters(&[1, 2, 3]);
+        }
+        let violation = sim.check_committed_entries_durable().expect_err("caught");
+        assert!(violation.what.contains("durable on only"), "{violation}");
+    }
+
+    #[test]
+    fn a_panic_is_reported_as_a_violation_with_its_message() {
+        let mut options = SimOptions::from_seed(3);
+        options.tick_ms.clear(); // inconsistent options: indexing a node's tick length panics
+        let violation = run_options(options).expect_err("caught");
+        assert!(violation.what.starts_with("panic: index out of bounds"), "{violation}");
+    }
 }

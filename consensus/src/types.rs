@@ -105,23 +105,33 @@ pub enum MessageKind {
         hint_index: Index,
         hint_term: Term,
     },
+    /// `round` numbers the leader's heartbeat broadcasts; the answer echoes it, and a quorum
+    /// answering round r confirms leadership as of the moment round r was sent (ReadIndex,
+    /// lease). Round 0 is never sent: it marks answers that confirm nothing.
     Heartbeat {
         commit: Index,
-        context: Option<u64>,
+        round: u64,
     },
     HeartbeatResponse {
-        context: Option<u64>,
+        round: u64,
     },
-    /// One chunk of a snapshot; chunks travel in order, `done` on the last.
+    /// One chunk of a snapshot, `done` on the last. A few chunks travel at once (a window);
+    /// the follower takes them only in order.
     Snapshot {
         meta: SnapshotMeta,
         offset: u64,
         chunk: Vec<u8>,
         done: bool,
     },
-    /// A follower's answer to a snapshot: `index` installed, or a reject to start over.
+    /// A follower's answer to a chunk that did not finish the snapshot: it holds the first
+    /// `received_bytes` of the snapshot at `index` (a cumulative acknowledgement; the leader
+    /// resends from there if it stops moving).
+    SnapshotProgress {
+        index: Index,
+        received_bytes: u64,
+    },
+    /// A follower's answer to a whole snapshot: its log now matches up to `index`.
     SnapshotResponse {
-        reject: bool,
         index: Index,
     },
     /// Tells the transfer target to campaign now.

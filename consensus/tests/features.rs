@@ -89,6 +89,17 @@ impl Net {
         }
     }
 
+    /// Ticks every node but `except` through one election timeout, dropping any campaign it
+    /// started: with lease reads, a node withholds its vote for its first election timeout.
+    fn warm_up_except(&mut self, except: NodeId) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().filter(|&id| id != except).collect();
+        for id in ids {
+            let ticks = self.nodes[&id].raft.config().election_tick;
+            self.tick(id, ticks);
+            self.queue.retain(|m| m.from != id);
+        }
+    }
+
     /// Makes `id` campaign by ticking only it past its election timeout, then settles.
     fn elect(&mut self, id: NodeId) {
         self.tick(id, 40);
@@ -375,9 +386,66 @@ fn a_lagging_follower_catches_up_through_a_chunked_snapshot() {
         }
     }
     assert!(chunks >= 10, "the snapshot went in chunks ({chunks})");
+    assert!(chunks <= 14, "no chunk is resent on a clean network beyond a heartbeat's doubt ({chunks})");
     let storage = &net.raft(3).log.storage;
     assert_eq!((storage.snapshot.meta.index, storage.snapshot.data.len()), (applied, 1000));
     assert_eq!(net.raft(3).log.committed, net.raft(1).log.committed);
+}
+
+#[test]
+fn a_lost_snapshot_chunk_is_resent_from_where_the_follower_stopped() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.snapshot_chunk_bytes = 100);
+    net.elect(1);
+    net.isolate(3);
+    for i in 0..5u8 {
+        net.node(1).propose(vec![i; 10]).expect("leader accepts");
+        net.settle();
+    }
+    let applied = net.raft(1).log.applied;
+    let conf = net.raft(1).conf_state();
+    net.node(1).raft.log.storage.compact(applied, (0..1000).map(|i| i as u8).collect(), conf);
+    net.cut.clear();
+    // Node 3 learns it is behind; the leader starts the snapshot with a window of chunks.
+    net.tick(1, 1);
+    let mut offsets_sent = Vec::new();
+    let mut dropped = false;
+    // Bounded rounds: deliver everything except, once, the chunk at offset 200.
+    for _ in 0..200 {
+        net.collect();
+        for m in &net.queue {
+            if let MessageKind::Snapshot { offset, .. } = m.kind {
+                offsets_sent.push(offset);
+            }
+        }
+        if !dropped {
+            let chunk_200 = |m: &Message| m.to == 3 && matches!(m.kind, MessageKind::Snapshot { offset: 200, .. });
+            if let Some(at) = net.queue.iter().position(chunk_200) {
+                net.queue.remove(at);
+                dropped = true;
+            }
+        }
+        let delivered = net.deliver_if(|_| true);
+        if delivered == 0 {
+            if net.raft(3).log.storage.snapshot.meta.index == applied {
+                break;
+            }
+            net.tick(1, 1);
+        }
+    }
+    assert!(dropped, "the chunk at offset 200 was dropped once");
+    let storage = &net.raft(3).log.storage;
+    assert_eq!(storage.snapshot.meta.index, applied, "the follower installed the snapshot");
+    assert_eq!(storage.snapshot.data, (0..1000).map(|i| i as u8).collect::<Vec<u8>>());
+    assert_eq!(offsets_sent.iter().filter(|&&o| o == 0).count(), 1, "never started over: {offsets_sent:?}");
+    assert!(offsets_sent.len() <= 10 + 4, "at most a window resent: {offsets_sent:?}");
+}
+
+#[test]
+fn a_new_node_must_join_as_a_learner_first() {
+    let mut net = Net::new(&[1, 2, 3], |_| {});
+    net.elect(1);
+    assert_eq!(net.node(1).propose_conf_change(ConfChange::AddVoter(4)), Err(ProposeError::NotALearner(4)));
+    assert!(net.raft(1).log.last_index() == net.raft(1).log.committed, "nothing was appended");
 }
 
 #[test]
@@ -483,18 +551,69 @@ fn flow_control_bounds_appends_in_flight_to_a_silent_follower() {
     assert!(net.raft(1).log.committed >= 20, "node 3 still forms a quorum with the leader");
 }
 
+fn heartbeats_queued(net: &Net) -> usize {
+    net.queue.iter().filter(|m| matches!(m.kind, MessageKind::Heartbeat { .. })).count()
+}
+
 #[test]
 fn lease_reads_answer_without_a_heartbeat_round() {
     let mut net = Net::new(&[1, 2, 3], |c| c.lease_read = true);
+    net.warm_up_except(1);
     net.elect(1);
+    // A quorum answers one heartbeat round: that starts the lease.
+    net.tick(1, 1);
+    net.settle();
     net.node(1).read_index(5).expect("leader read");
     net.collect();
     let committed = net.raft(1).log.committed;
     assert_eq!(net.read_states.get(&1).cloned().unwrap_or_default(), vec![ReadState { context: 5, index: committed }]);
+    assert_eq!(heartbeats_queued(&net), 0, "no heartbeat round was needed");
+}
+
+#[test]
+fn a_lease_ends_half_an_election_timeout_after_the_last_quorum_contact() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.lease_read = true);
+    net.warm_up_except(1);
+    net.elect(1);
+    net.tick(1, 1);
+    net.settle();
+    net.isolate(1);
+    // election_tick is 10: the lease counts from the round sent 1 tick ago and lasts 5 ticks.
+    net.tick(1, 3);
+    net.node(1).read_index(6).expect("leader read");
+    net.collect();
+    assert_eq!(net.read_states.get(&1).map_or(0, Vec::len), 1, "still within the lease");
+    net.tick(1, 2);
+    net.node(1).read_index(7).expect("leader read");
+    net.settle();
+    assert_eq!(net.read_states.get(&1).map_or(0, Vec::len), 1, "the lease ended: the read waits for a quorum");
+    net.cut.clear();
+    net.tick(1, 1);
+    net.settle();
+    let contexts: Vec<u64> = net.read_states[&1].iter().map(|r| r.context).collect();
+    assert_eq!(contexts, vec![6, 7], "a quorum answered again: the waiting read is served");
+}
+
+#[test]
+fn a_restarted_node_with_leases_withholds_its_vote_for_an_election_timeout() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.lease_read = true);
+    // Node 3 "restarts": a fresh RawNode on its storage has heard from no leader, yet before a
+    // crash it may have answered a leader's heartbeat that a lease counts on.
+    net.tick(1, 40);
+    net.collect();
+    let requests = net.deliver_if(|m| matches!(m.kind, MessageKind::VoteRequest { .. }) && m.to == 3);
+    assert!(requests >= 1, "node 1 asked node 3 for a pre-vote");
     assert!(
-        !net.queue.iter().any(|m| matches!(m.kind, MessageKind::Heartbeat { context: Some(5), .. })),
-        "no heartbeat round was needed"
+        !net.queue.iter().any(|m| m.from == 3 && matches!(m.kind, MessageKind::VoteResponse { .. })),
+        "node 3 started 0 ticks ago: it ignores the request"
     );
+    net.tick(3, 10);
+    net.tick(1, 40);
+    net.settle();
+    // Node 2 never ticked, so it still withholds: only 1 and 3 together can elect anyone.
+    let leaders: Vec<NodeId> = [1, 3].into_iter().filter(|&id| net.role(id) == Role::Leader).collect();
+    assert_eq!(leaders.len(), 1, "once node 3's hold passed, its vote elected a leader");
+    assert_eq!(net.role(2), Role::Follower);
 }
 
 #[test]

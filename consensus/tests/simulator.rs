@@ -41,7 +41,8 @@ fn thousands_of_seeds_pass_every_safety_liveness_and_linearizability_check() {
     let failures = run_seeds(0..count, None, false);
     for (seed, violation) in &failures {
         eprintln!("FAIL {}\n     {violation}", SimOptions::from_seed(*seed));
-        eprintln!("     replay: cargo run --release -p sundial-consensus --bin raft-sim -- --seed {seed}");
+        // The dev profile keeps the debug assertions these tests ran with.
+        eprintln!("     replay: cargo run -p sundial-consensus --bin raft-sim -- --seed {seed}");
     }
     assert!(failures.is_empty(), "{} of {count} seeds failed", failures.len());
 }
@@ -51,7 +52,9 @@ fn a_replay_of_a_seed_is_identical() {
     for seed in [3, 77, 1234] {
         let first = run_seed(seed, None).expect("seed passes");
         let second = run_seed(seed, None).expect("seed passes");
+        // The report includes a digest of every message delivery, not just counts.
         assert_eq!(first, second, "seed {seed} ran differently twice");
+        assert_ne!(first.trace_digest, run_seed(seed + 1, None).expect("seed passes").trace_digest);
         assert!(first.committed_entries > 0 && first.reads_ok > 0, "seed {seed} did real work: {first:?}");
     }
 }
@@ -72,8 +75,10 @@ fn the_workload_exercises_faults_snapshots_and_reads() {
         total.writes_ok += report.writes_ok;
         total.writes_unknown += report.writes_unknown;
         total.reads_ok += report.reads_ok;
+        total.membership_changes += report.membership_changes;
     }
     assert!(total.leaders_elected > 100, "faults forced re-elections: {total:?}");
     assert!(total.snapshots_installed > 0, "lagging nodes caught up by snapshot: {total:?}");
     assert!(total.writes_ok > 1000 && total.reads_ok > 1000, "{total:?}");
+    assert!(total.membership_changes > 20, "voters were removed and added back: {total:?}");
 }

@@ -129,7 +129,9 @@ fn main() -> ExitCode {
         options.injected_bug = args.bug;
         println!("FAIL {options}");
         println!("     {violation}");
-        println!("     replay: cargo run --release -p sundial-consensus --bin raft-sim -- --seed {seed}{bug}");
+        // Replay with the same assertions this run had (debug builds check more).
+        let profile = if cfg!(debug_assertions) { "" } else { " --release" };
+        println!("     replay: cargo run{profile} -p sundial-consensus --bin raft-sim -- --seed {seed}{bug}");
     }
     let count = args.seeds.end - args.seeds.start;
     println!(
