@@ -622,11 +622,14 @@ impl<S: Storage> Raft<S> {
             MessageKind::SnapshotProgress { index, received_bytes }
                 if progress.state == (ProgressState::Snapshot { index }) =>
             {
+                // The follower's count is authoritative: one lower than before means it lost
+                // what it held (a restart, another snapshot), so sending resumes from there.
                 let transfer = &mut progress.snapshot_transfer;
-                transfer.acked_bytes = transfer.acked_bytes.max(received_bytes);
-                if transfer.sent_bytes < transfer.acked_bytes {
-                    transfer.sent_bytes = transfer.acked_bytes;
+                if received_bytes < transfer.acked_bytes || transfer.sent_bytes < received_bytes {
+                    transfer.sent_bytes = received_bytes;
+                    transfer.sent_done = false;
                 }
+                transfer.acked_bytes = received_bytes;
                 self.send_snapshot_chunks(from);
             }
             MessageKind::SnapshotResponse { index } => {

@@ -441,6 +441,42 @@ fn a_lost_snapshot_chunk_is_resent_from_where_the_follower_stopped() {
 }
 
 #[test]
+fn a_snapshot_transfer_survives_the_follower_restarting_mid_way() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.snapshot_chunk_bytes = 100);
+    net.elect(1);
+    net.isolate(3);
+    for i in 0..5u8 {
+        net.node(1).propose(vec![i; 10]).expect("leader accepts");
+        net.settle();
+    }
+    let applied = net.raft(1).log.applied;
+    let conf = net.raft(1).conf_state();
+    net.node(1).raft.log.storage.compact(applied, vec![7; 1000], conf);
+    net.cut.clear();
+    net.tick(1, 1);
+    // Deliver the first window of chunks, then node 3 restarts: what it received is gone.
+    let acked = |net: &Net| net.raft(1).progress_of(3).expect("member").snapshot_transfer.acked_bytes;
+    // Bounded: one round at a time until the first chunks are acknowledged.
+    for _ in 0..20 {
+        if acked(&net) > 0 {
+            break;
+        }
+        net.deliver_if(|_| true);
+    }
+    let acked_bytes = acked(&net);
+    assert!((1..1000).contains(&acked_bytes), "part-way: {acked_bytes} bytes acknowledged");
+    let storage = net.nodes.remove(&3).expect("node 3").raft.log.storage;
+    net.nodes.insert(3, RawNode::new(Config::new(3), storage).expect("valid config"));
+    // Bounded: heartbeat rounds until the transfer finishes.
+    for _ in 0..30 {
+        net.tick(1, 1);
+        net.settle();
+    }
+    let storage = &net.raft(3).log.storage;
+    assert_eq!((storage.snapshot.meta.index, storage.snapshot.data.len()), (applied, 1000));
+}
+
+#[test]
 fn a_new_node_must_join_as_a_learner_first() {
     let mut net = Net::new(&[1, 2, 3], |_| {});
     net.elect(1);
