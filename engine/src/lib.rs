@@ -1,0 +1,7 @@
+//! `sundial-engine`: what a job is, when it fires and how an attempt is made. This first part
+//! holds the hierarchical timing wheel, the deterministic core that decides what is due; the
+//! job model, the state machine and the dispatcher build on it (ARCHITECTURE.md).
+
+pub mod wheel;
+
+pub use wheel::{TimerHandle, TimingWheel, WheelFull};

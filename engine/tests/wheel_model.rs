@@ -1,0 +1,113 @@
+//! The timing wheel against a BTreeMap model: random inserts (from 0 ms to past the horizon),
+//! cancels and advances (from 1 ms to years) must fire exactly the timers the model says, in
+//! deadline order, and `next_wakeup_ms` must never be later than the model's next deadline.
+
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+use sundial_engine::wheel::{Expired, TimerHandle, TimingWheel};
+
+#[derive(Clone, Debug)]
+enum Op {
+    Insert { ahead_ms: u64 },
+    Cancel { pick: usize },
+    Advance { by_ms: u64 },
+    AdvanceToWakeup,
+}
+
+/// Distances at every scale: same millisecond, one slot, across levels, past the 2^36 horizon.
+fn distance() -> impl Strategy<Value = u64> {
+    prop_oneof![0u64..4, 0u64..64, 0u64..5_000, 0u64..300_000, 0u64..(1 << 30), (1u64 << 35)..(1u64 << 38),]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => distance().prop_map(|ahead_ms| Op::Insert { ahead_ms }),
+        1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+        2 => distance().prop_map(|by_ms| Op::Advance { by_ms }),
+        1 => Just(Op::AdvanceToWakeup),
+    ]
+}
+
+struct Model {
+    /// (deadline, id) of pending timers.
+    pending: BTreeMap<(u64, u64), TimerHandle>,
+    now_ms: u64,
+}
+
+fn check_advance(wheel: &mut TimingWheel<u64>, model: &mut Model, to_ms: u64) -> Result<(), TestCaseError> {
+    let mut expired: Vec<Expired<u64>> = Vec::new();
+    wheel.advance_to(to_ms, &mut expired);
+    model.now_ms = model.now_ms.max(to_ms);
+    let due: Vec<(u64, u64)> = model.pending.range(..=(model.now_ms, u64::MAX)).map(|(&key, _)| key).collect();
+    for key in &due {
+        model.pending.remove(key);
+    }
+    let fired: Vec<(u64, u64)> = expired.iter().map(|e| (e.deadline_ms, e.value)).collect();
+    prop_assert!(fired.windows(2).all(|w| w[0].0 <= w[1].0), "fired out of deadline order: {:?}", fired);
+    let mut fired_sorted = fired.clone();
+    fired_sorted.sort_unstable();
+    prop_assert_eq!(fired_sorted, due, "at {} ms", model.now_ms);
+    prop_assert_eq!(wheel.len(), model.pending.len());
+    prop_assert_eq!(wheel.now_ms(), model.now_ms);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_wheel_fires_exactly_what_the_model_says(start_ms in prop_oneof![Just(0u64), 0u64..(1 << 40)], ops in prop::collection::vec(op(), 1..300)) {
+        let mut wheel = TimingWheel::new(start_ms, 10_000);
+        let mut model = Model { pending: BTreeMap::new(), now_ms: start_ms };
+        let mut next_id = 0u64;
+        for op in ops {
+            match op {
+                Op::Insert { ahead_ms } => {
+                    let deadline_ms = model.now_ms.saturating_add(ahead_ms);
+                    let handle = wheel.insert(deadline_ms, next_id).expect("room");
+                    model.pending.insert((deadline_ms, next_id), handle);
+                    next_id += 1;
+                }
+                Op::Cancel { pick } => {
+                    if model.pending.is_empty() {
+                        continue;
+                    }
+                    let key = *model.pending.keys().nth(pick % model.pending.len()).expect("in range");
+                    let handle = model.pending.remove(&key).expect("present");
+                    prop_assert_eq!(wheel.cancel(handle), Some(key.1));
+                    prop_assert_eq!(wheel.cancel(handle), None);
+                }
+                Op::Advance { by_ms } => {
+                    let to_ms = model.now_ms.saturating_add(by_ms);
+                    check_advance(&mut wheel, &mut model, to_ms)?;
+                }
+                Op::AdvanceToWakeup => {
+                    match wheel.next_wakeup_ms() {
+                        None => prop_assert!(model.pending.is_empty()),
+                        Some(wakeup_ms) => {
+                            let (&(next_deadline, _), _) = model.pending.first_key_value().expect("not empty");
+                            prop_assert!(wakeup_ms <= next_deadline.max(model.now_ms), "woke at {} after the deadline {}", wakeup_ms, next_deadline);
+                            // Just before the wake-up nothing is due.
+                            if wakeup_ms > model.now_ms {
+                                check_advance(&mut wheel, &mut model, wakeup_ms - 1)?;
+                            }
+                            check_advance(&mut wheel, &mut model, wakeup_ms)?;
+                        }
+                    }
+                }
+            }
+        }
+        check_advance(&mut wheel, &mut model, u64::MAX)?;
+        prop_assert!(wheel.is_empty());
+    }
+}
+
+/// The checker itself catches a wrong wheel: a timer fired early is reported.
+#[test]
+fn the_model_check_catches_an_early_fire() {
+    let mut wheel = TimingWheel::new(0, 10);
+    let handle = wheel.insert(100, 7).expect("room");
+    // The model believes the deadline is 101: the wheel firing at 100 is a mismatch.
+    let mut model = Model { pending: BTreeMap::from([((101, 7), handle)]), now_ms: 0 };
+    assert!(check_advance(&mut wheel, &mut model, 100).is_err());
+}
