@@ -5,10 +5,13 @@
 //! Layout: `LEVELS` levels of 64 slots; level `l` slot `s` holds timers whose deadline shares
 //! every bit above `6·(l+1)` with the wheel's current time and has `s` in bits `6l..6l+6`.
 //! Level 0 slots are single milliseconds; a timer in a higher level is moved down (cascaded)
-//! when time reaches the start of its slot. Each slot is an intrusive doubly-linked list
-//! through a slab, so cancel unlinks in O(1); a 64-bit occupancy mask per level finds the
-//! next busy slot in O(1). Deadlines more than 2^36 ms (~2.2 years) ahead wait in an ordered
-//! overflow and enter the wheel when time gets within the horizon.
+//! when time reaches the start of its slot. A slot is a vector of small entries (deadline,
+//! slab index, generation), so cascading reads and writes contiguous memory and never
+//! touches the timer itself; a 64-bit occupancy mask per level finds the next busy slot in
+//! O(1). Cancel frees the timer at once and leaves its entry behind as a tombstone that is
+//! skipped when its slot comes up; when tombstones outnumber live timers, one sweep drops
+//! them all (amortized O(1)). Deadlines more than 2^36 ms (~2.2 years) ahead wait in an
+//! ordered overflow and enter the wheel when time gets within the horizon.
 
 use std::collections::BTreeSet;
 
@@ -17,7 +20,8 @@ const SLOTS: usize = 1 << SLOT_BITS;
 const LEVELS: usize = 6;
 /// Deadlines differing from the current time at or above this bit go to the overflow.
 const HORIZON_BITS: u32 = SLOT_BITS * LEVELS as u32;
-const NIL: u32 = u32::MAX;
+/// Tombstones are swept once they pass both this and the number of live timers.
+const TOMBSTONES_BEFORE_SWEEP_MIN: usize = 1024;
 
 /// Names one inserted timer; stale once it fired or was cancelled (generation check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,7 +40,7 @@ pub struct WheelFull {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Place {
     Free,
-    Slot { level: u8, slot: u8 },
+    Wheel,
     Overflow,
 }
 
@@ -45,9 +49,15 @@ struct Node<T> {
     deadline_ms: u64,
     generation: u32,
     place: Place,
-    prev: u32,
-    next: u32,
     value: Option<T>,
+}
+
+/// A slot's reference to a timer; stale (a tombstone) once the timer's generation moved on.
+#[derive(Clone, Copy, Debug)]
+struct SlotEntry {
+    deadline_ms: u64,
+    index: u32,
+    generation: u32,
 }
 
 /// A fired timer: its handle, its deadline and the value given at insert.
@@ -64,27 +74,37 @@ pub struct TimingWheel<T> {
     nodes: Vec<Node<T>>,
     /// Free slab entries, reused before the slab grows.
     free: Vec<u32>,
-    heads: [[u32; SLOTS]; LEVELS],
+    slots: Vec<Vec<SlotEntry>>,
     occupied: [u64; LEVELS],
     overflow: BTreeSet<(u64, u32)>,
     len: usize,
+    tombstones: usize,
+    tombstones_before_sweep_min: usize,
     capacity: usize,
 }
 
 impl<T> TimingWheel<T> {
     /// An empty wheel at time `now_ms` that holds at most `capacity` timers.
     pub fn new(now_ms: u64, capacity: usize) -> TimingWheel<T> {
-        assert!(capacity > 0 && capacity < NIL as usize, "capacity must be within 1..2^32-1");
+        assert!(capacity > 0 && capacity < u32::MAX as usize, "capacity must be within 1..2^32-1");
         TimingWheel {
             now_ms,
             nodes: Vec::new(),
             free: Vec::new(),
-            heads: [[NIL; SLOTS]; LEVELS],
+            slots: (0..LEVELS * SLOTS).map(|_| Vec::new()).collect(),
             occupied: [0; LEVELS],
             overflow: BTreeSet::new(),
             len: 0,
+            tombstones: 0,
+            tombstones_before_sweep_min: TOMBSTONES_BEFORE_SWEEP_MIN,
             capacity,
         }
+    }
+
+    /// Sweeps tombstones sooner (tests use it to exercise the sweep with few timers).
+    #[doc(hidden)]
+    pub fn set_tombstones_before_sweep_min(&mut self, count: usize) {
+        self.tombstones_before_sweep_min = count;
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -107,14 +127,7 @@ impl<T> TimingWheel<T> {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
-                self.nodes.push(Node {
-                    deadline_ms: 0,
-                    generation: 0,
-                    place: Place::Free,
-                    prev: NIL,
-                    next: NIL,
-                    value: None,
-                });
+                self.nodes.push(Node { deadline_ms: 0, generation: 0, place: Place::Free, value: None });
                 (self.nodes.len() - 1) as u32
             }
         };
@@ -122,10 +135,10 @@ impl<T> TimingWheel<T> {
         debug_assert_eq!(node.place, Place::Free, "a free slab entry");
         node.deadline_ms = deadline_ms;
         node.value = Some(value);
-        let handle = TimerHandle { index, generation: node.generation };
-        self.place(index);
+        let generation = node.generation;
+        self.place(SlotEntry { deadline_ms, index, generation });
         self.len += 1;
-        Ok(handle)
+        Ok(TimerHandle { index, generation })
     }
 
     /// Removes a pending timer and returns its value; `None` if it fired or was cancelled.
@@ -134,8 +147,17 @@ impl<T> TimingWheel<T> {
         if node.generation != handle.generation || node.place == Place::Free {
             return None;
         }
-        self.unplace(handle.index);
-        Some(self.release(handle.index))
+        match node.place {
+            Place::Overflow => {
+                self.overflow.remove(&(node.deadline_ms, handle.index));
+            }
+            _ => self.tombstones += 1,
+        }
+        let value = self.release(handle.index);
+        if self.tombstones > self.tombstones_before_sweep_min.max(self.len) {
+            self.sweep_tombstones();
+        }
+        Some(value)
     }
 
     /// The deadline of a pending timer.
@@ -144,11 +166,14 @@ impl<T> TimingWheel<T> {
         (node.generation == handle.generation && node.place != Place::Free).then_some(node.deadline_ms)
     }
 
-    /// The earliest time at which `advance_to` has work: exact when the next timer is due
-    /// within 64 ms, otherwise the start of the slot that holds it (a cascade point, never
-    /// after the true deadline). `None` when empty. A runtime sleeps until this, advances,
-    /// and asks again.
+    /// When the runtime should next call `advance_to`: never after the next timer's deadline;
+    /// exactly it when that timer is due within 64 ms and no cancelled timer's entry sits
+    /// earlier; otherwise an earlier cascade point. `None` when no timer is pending. A runtime
+    /// sleeps until this, advances, and asks again.
     pub fn next_wakeup_ms(&self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
         if let Some((_, _, start_ms)) = self.next_slot() {
             return Some(start_ms.max(self.now_ms));
         }
@@ -162,8 +187,8 @@ impl<T> TimingWheel<T> {
         if now_ms < self.now_ms {
             return;
         }
-        // Bounded: each pass fires or moves down the timers of one slot, or jumps to the
-        // overflow's next block; levels only go down, so passes ≤ timers × LEVELS + blocks.
+        // Bounded: each pass fires or moves down the entries of one slot, or jumps to the
+        // overflow's next block; entries only move down, so passes ≤ entries × LEVELS + blocks.
         loop {
             self.refill_from_overflow();
             if let Some((level, slot, start_ms)) = self.next_slot() {
@@ -190,8 +215,8 @@ impl<T> TimingWheel<T> {
         for level in 0..LEVELS {
             let shift = SLOT_BITS * level as u32;
             let current = ((self.now_ms >> shift) as usize) & (SLOTS - 1);
-            let busy = self.occupied[level] & (u64::MAX << current);
             debug_assert_eq!(self.occupied[level] & !(u64::MAX << current), 0, "no timer sits behind the current slot");
+            let busy = self.occupied[level] & (u64::MAX << current);
             if busy != 0 {
                 let slot = busy.trailing_zeros() as usize;
                 let level_span = 1u64 << (shift + SLOT_BITS);
@@ -203,91 +228,68 @@ impl<T> TimingWheel<T> {
     }
 
     fn process_slot(&mut self, level: usize, slot: usize, expired: &mut Vec<Expired<T>>) {
-        let mut index = self.heads[level][slot];
-        self.heads[level][slot] = NIL;
+        let mut entries = std::mem::take(&mut self.slots[level * SLOTS + slot]);
         self.occupied[level] &= !(1u64 << slot);
-        // Bounded by the slot's list, which this pass empties.
-        while index != NIL {
-            let next = self.nodes[index as usize].next;
-            let node = &mut self.nodes[index as usize];
-            node.place = Place::Overflow; // detached; `place` or `release` sets it again
-            node.prev = NIL;
-            node.next = NIL;
-            if node.deadline_ms <= self.now_ms {
-                let deadline_ms = node.deadline_ms;
-                let handle = TimerHandle { index, generation: node.generation };
-                let value = self.release(index);
-                expired.push(Expired { handle, deadline_ms, value });
+        for entry in entries.drain(..) {
+            let node = &self.nodes[entry.index as usize];
+            if node.generation != entry.generation || node.place != Place::Wheel {
+                self.tombstones -= 1;
+                continue;
+            }
+            if entry.deadline_ms <= self.now_ms {
+                let handle = TimerHandle { index: entry.index, generation: entry.generation };
+                let value = self.release(entry.index);
+                expired.push(Expired { handle, deadline_ms: entry.deadline_ms, value });
             } else {
                 debug_assert!(level > 0, "level 0 slots are single milliseconds");
-                self.place(index);
+                self.place(entry);
             }
-            index = next;
         }
+        // Entries only move to lower levels, so this slot is still empty: keep its buffer.
+        debug_assert!(self.slots[level * SLOTS + slot].is_empty());
+        self.slots[level * SLOTS + slot] = entries;
     }
 
-    /// Puts a detached node where its deadline belongs relative to `now_ms`.
-    fn place(&mut self, index: u32) {
-        let deadline_ms = self.nodes[index as usize].deadline_ms.max(self.now_ms);
+    /// Puts an entry where its deadline belongs relative to `now_ms`.
+    fn place(&mut self, entry: SlotEntry) {
+        let deadline_ms = entry.deadline_ms.max(self.now_ms);
         let differing = (deadline_ms ^ self.now_ms) | (SLOTS as u64 - 1);
         let highest_bit = 63 - differing.leading_zeros();
         if highest_bit >= HORIZON_BITS {
-            self.nodes[index as usize].place = Place::Overflow;
-            self.overflow.insert((self.nodes[index as usize].deadline_ms, index));
+            self.nodes[entry.index as usize].place = Place::Overflow;
+            self.overflow.insert((entry.deadline_ms, entry.index));
             return;
         }
+        self.nodes[entry.index as usize].place = Place::Wheel;
         let level = (highest_bit / SLOT_BITS) as usize;
         let slot = ((deadline_ms >> (SLOT_BITS * level as u32)) as usize) & (SLOTS - 1);
-        let head = self.heads[level][slot];
-        if head != NIL {
-            self.nodes[head as usize].prev = index;
-        }
-        let node = &mut self.nodes[index as usize];
-        node.place = Place::Slot { level: level as u8, slot: slot as u8 };
-        node.prev = NIL;
-        node.next = head;
-        self.heads[level][slot] = index;
+        self.slots[level * SLOTS + slot].push(entry);
         self.occupied[level] |= 1u64 << slot;
     }
 
-    /// Takes a node out of its slot list or the overflow.
-    fn unplace(&mut self, index: u32) {
-        let (place, prev, next, deadline_ms) = {
-            let node = &self.nodes[index as usize];
-            (node.place, node.prev, node.next, node.deadline_ms)
-        };
-        match place {
-            Place::Free => unreachable!("checked by the caller"),
-            Place::Overflow => {
-                self.overflow.remove(&(deadline_ms, index));
-            }
-            Place::Slot { level, slot } => {
-                let (level, slot) = (level as usize, slot as usize);
-                if prev == NIL {
-                    self.heads[level][slot] = next;
-                    if next == NIL {
-                        self.occupied[level] &= !(1u64 << slot);
-                    }
-                } else {
-                    self.nodes[prev as usize].next = next;
-                }
-                if next != NIL {
-                    self.nodes[next as usize].prev = prev;
-                }
-            }
-        }
-    }
-
-    /// Frees a detached node and returns its value; its handle becomes stale.
+    /// Frees a timer and returns its value; its handle and slot entry become stale.
     fn release(&mut self, index: u32) -> T {
         let node = &mut self.nodes[index as usize];
         node.place = Place::Free;
         node.generation = node.generation.wrapping_add(1);
-        node.prev = NIL;
-        node.next = NIL;
         self.free.push(index);
         self.len -= 1;
-        node.value.take().expect("a placed node holds its value")
+        node.value.take().expect("a pending timer holds its value")
+    }
+
+    /// Drops every tombstone at once (when they outnumber live timers: amortized O(1)).
+    fn sweep_tombstones(&mut self) {
+        let nodes = &self.nodes;
+        for (position, entries) in self.slots.iter_mut().enumerate() {
+            entries.retain(|e| {
+                let node = &nodes[e.index as usize];
+                node.generation == e.generation && node.place == Place::Wheel
+            });
+            if entries.is_empty() {
+                self.occupied[position / SLOTS] &= !(1u64 << (position % SLOTS));
+            }
+        }
+        self.tombstones = 0;
     }
 
     /// Moves overflow timers that are now within the horizon into the wheel.
@@ -298,7 +300,8 @@ impl<T> TimingWheel<T> {
                 break;
             }
             self.overflow.pop_first();
-            self.place(index);
+            let generation = self.nodes[index as usize].generation;
+            self.place(SlotEntry { deadline_ms, index, generation });
         }
     }
 }
@@ -365,6 +368,20 @@ mod tests {
         assert_eq!(wheel.insert(3, 3), Err(WheelFull { capacity: 2 }));
         fire(&mut wheel, 1);
         wheel.insert(3, 3).expect("room again");
+    }
+
+    #[test]
+    fn many_cancels_are_swept_and_the_rest_still_fire() {
+        let mut wheel = TimingWheel::new(0, 10_000);
+        let handles: Vec<TimerHandle> =
+            (0..5_000).map(|i| wheel.insert(100_000 + i, i as u32).expect("room")).collect();
+        for handle in &handles[..4_990] {
+            wheel.cancel(*handle).expect("pending");
+        }
+        assert!(wheel.tombstones <= TOMBSTONES_BEFORE_SWEEP_MIN, "swept: {} tombstones", wheel.tombstones);
+        let fired = fire(&mut wheel, 200_000);
+        assert_eq!(fired.iter().map(|f| f.1).collect::<Vec<_>>(), (4_990..5_000).collect::<Vec<u32>>());
+        assert_eq!(wheel.tombstones, 0);
     }
 
     #[test]

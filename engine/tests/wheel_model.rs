@@ -56,8 +56,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_wheel_fires_exactly_what_the_model_says(start_ms in prop_oneof![Just(0u64), 0u64..(1 << 40)], ops in prop::collection::vec(op(), 1..300)) {
+    fn the_wheel_fires_exactly_what_the_model_says(
+        start_ms in prop_oneof![Just(0u64), 0u64..(1 << 40)],
+        sweep_after in 0usize..8,
+        ops in prop::collection::vec(op(), 1..300),
+    ) {
         let mut wheel = TimingWheel::new(start_ms, 10_000);
+        wheel.set_tombstones_before_sweep_min(sweep_after);
         let mut model = Model { pending: BTreeMap::new(), now_ms: start_ms };
         let mut next_id = 0u64;
         for op in ops {
