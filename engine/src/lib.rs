@@ -2,6 +2,7 @@
 //! holds the hierarchical timing wheel, the deterministic core that decides what is due; the
 //! job model, the state machine and the dispatcher build on it (ARCHITECTURE.md).
 
+pub mod cron;
 pub mod wheel;
 
 pub use wheel::{TimerHandle, TimingWheel, WheelFull};
