@@ -32,9 +32,7 @@ impl CronSchedule {
             .build()
             .parse(expression)
             .map_err(|error| CronError::Expression(error.to_string()))?;
-        let zone = jiff::tz::db()
-            .get(time_zone)
-            .map_err(|_| CronError::TimeZone(format!("unknown IANA time zone {time_zone:?}")))?;
+        let zone = time_zone_named(time_zone)?;
         Ok(CronSchedule { cron, zone })
     }
 
@@ -46,6 +44,11 @@ impl CronSchedule {
         let next = self.cron.find_next_occurrence(&zoned, false).ok()?;
         u64::try_from(next.timestamp().as_millisecond()).ok()
     }
+}
+
+/// The zone of that IANA name, from the bundled database.
+pub fn time_zone_named(name: &str) -> Result<TimeZone, CronError> {
+    jiff::tz::db().get(name).map_err(|_| CronError::TimeZone(format!("unknown IANA time zone {name:?}")))
 }
 
 #[cfg(test)]

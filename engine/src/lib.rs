@@ -3,6 +3,8 @@
 //! job model, the state machine and the dispatcher build on it (ARCHITECTURE.md).
 
 pub mod cron;
+pub mod job;
+pub mod request;
 pub mod wheel;
 
 pub use wheel::{TimerHandle, TimingWheel, WheelFull};

@@ -1,0 +1,474 @@
+//! Turns a JSON job request into a `JobSpec`: Sundial's own format, or Scheduled-DB's as it
+//! is (`type: unico|recurrente`, `timestamp`, `cron_expression`, `last_date`, `webhook_url`,
+//! `payload`). Every problem is reported at once, each with its field and rule; unknown
+//! fields are refused so a typo never silently drops a setting.
+
+use crate::job::*;
+use base64::Engine as _;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+
+/// Past times further back than this are refused as mistakes; nearer ones fire at once.
+pub const PAST_TOLERANCE_MS: u64 = 24 * 3600 * 1000;
+
+const SUNDIAL_FIELDS: [&str; 23] = [
+    "id",
+    "run_at",
+    "delay",
+    "cron",
+    "time_zone",
+    "start_at",
+    "end_at",
+    "misfire",
+    "misfire_max",
+    "overlap",
+    "url",
+    "method",
+    "headers",
+    "json",
+    "body",
+    "body_base64",
+    "retry",
+    "attempt_timeout_ms",
+    "deadline_ms",
+    "priority",
+    "depends_on",
+    "labels",
+    "secret",
+];
+const SCHEDULED_DB_FIELDS: [&str; 7] =
+    ["id", "type", "timestamp", "cron_expression", "last_date", "webhook_url", "payload"];
+const RETRY_FIELDS: [&str; 6] =
+    ["max_attempts", "initial_backoff_ms", "max_backoff_ms", "multiplier", "jitter", "retry_on"];
+
+/// Parses and validates a request made at `now_ms`; `generated_id` is used when it has none.
+pub fn parse_job_request(request: &Value, now_ms: u64, generated_id: &str) -> Result<JobSpec, Vec<FieldError>> {
+    let Some(object) = request.as_object() else {
+        return Err(vec![FieldError::new("(body)", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    let spec = if object.contains_key("type") {
+        parse_scheduled_db(object, now_ms, generated_id, &mut errors)
+    } else {
+        parse_sundial(object, now_ms, generated_id, &mut errors)
+    };
+    match spec {
+        Some(spec) if errors.is_empty() => spec.validate().map(|()| spec),
+        _ => {
+            if let Some(spec) = spec {
+                errors.extend(spec.validate().err().unwrap_or_default());
+            }
+            Err(errors)
+        }
+    }
+}
+
+fn unknown_fields(object: &Map<String, Value>, known: &[&str], prefix: &str, errors: &mut Vec<FieldError>) {
+    for key in object.keys() {
+        if !known.contains(&key.as_str()) {
+            errors.push(FieldError::new(format!("{prefix}{key}"), "is not a known field"));
+        }
+    }
+}
+
+fn parse_sundial(
+    object: &Map<String, Value>,
+    now_ms: u64,
+    generated_id: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<JobSpec> {
+    unknown_fields(object, &SUNDIAL_FIELDS, "", errors);
+    let id = optional_string(object, "id", errors).unwrap_or_else(|| generated_id.to_string());
+    let schedule_fields: Vec<&str> =
+        ["run_at", "delay", "cron"].into_iter().filter(|f| object.contains_key(*f)).collect();
+    let schedule = match schedule_fields.as_slice() {
+        ["run_at"] => time_field(object, "run_at", now_ms, errors).map(|at_ms| Schedule::Once { at_ms }),
+        ["delay"] => duration_field(object, "delay", errors).map(|delay| Schedule::Once { at_ms: now_ms + delay }),
+        ["cron"] => {
+            let expression = optional_string(object, "cron", errors);
+            let time_zone = optional_string(object, "time_zone", errors).unwrap_or_else(|| "UTC".into());
+            let start_ms =
+                object.contains_key("start_at").then(|| time_field(object, "start_at", now_ms, errors)).flatten();
+            let end_ms = object.contains_key("end_at").then(|| time_field(object, "end_at", 0, errors)).flatten();
+            let misfire = match optional_string(object, "misfire", errors).as_deref() {
+                None | Some("fire_once") => Some(Misfire::FireOnce),
+                Some("skip") => Some(Misfire::Skip),
+                Some("fire_all") => {
+                    let max = optional_u64(object, "misfire_max", errors).unwrap_or(100);
+                    Some(Misfire::FireAll { max: max.min(u64::from(u32::MAX)) as u32 })
+                }
+                Some(_) => {
+                    errors.push(FieldError::new("misfire", "must be fire_once, skip or fire_all"));
+                    None
+                }
+            };
+            let overlap = match optional_string(object, "overlap", errors).as_deref() {
+                None | Some("skip") => Some(Overlap::Skip),
+                Some("allow") => Some(Overlap::Allow),
+                Some(_) => {
+                    errors.push(FieldError::new("overlap", "must be skip or allow"));
+                    None
+                }
+            };
+            match (expression, misfire, overlap) {
+                (Some(expression), Some(misfire), Some(overlap)) => {
+                    Some(Schedule::Cron(CronSpec { expression, time_zone, start_ms, end_ms, misfire, overlap }))
+                }
+                _ => None,
+            }
+        }
+        [] => {
+            errors.push(FieldError::new("run_at", "one of run_at, delay or cron is required"));
+            None
+        }
+        _ => {
+            errors.push(FieldError::new(schedule_fields[1], "only one of run_at, delay or cron may be given"));
+            None
+        }
+    };
+    if !matches!(schedule, Some(Schedule::Cron(_))) {
+        for field in ["time_zone", "start_at", "end_at", "misfire", "misfire_max", "overlap"] {
+            if object.contains_key(field) {
+                errors.push(FieldError::new(field, "applies to cron jobs only"));
+            }
+        }
+    }
+    let url = optional_string(object, "url", errors);
+    if url.is_none() && !errors.iter().any(|e| e.field == "url") {
+        errors.push(FieldError::new("url", "is required"));
+    }
+    let method = match optional_string(object, "method", errors) {
+        None => Method::Post,
+        Some(name) => Method::parse(&name).unwrap_or_else(|| {
+            errors.push(FieldError::new("method", "must be GET, POST, PUT, PATCH or DELETE"));
+            Method::Post
+        }),
+    };
+    let headers = match object.get("headers") {
+        None => Vec::new(),
+        Some(Value::Object(map)) => map
+            .iter()
+            .filter_map(|(name, value)| match value {
+                Value::String(value) => Some((name.clone(), value.clone())),
+                _ => {
+                    errors.push(FieldError::new(format!("headers.{name}"), "must be a string"));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            errors.push(FieldError::new("headers", "must be an object of strings"));
+            Vec::new()
+        }
+    };
+    let body_fields: Vec<&str> =
+        ["json", "body", "body_base64"].into_iter().filter(|f| object.contains_key(*f)).collect();
+    let (body, content_type) = match body_fields.as_slice() {
+        [] => (Vec::new(), None),
+        ["json"] => (object["json"].to_string().into_bytes(), Some("application/json".to_string())),
+        ["body"] => match &object["body"] {
+            Value::String(text) => (text.clone().into_bytes(), None),
+            _ => {
+                errors.push(FieldError::new("body", "must be a string (use json for JSON values)"));
+                (Vec::new(), None)
+            }
+        },
+        ["body_base64"] => {
+            let decoded = object["body_base64"]
+                .as_str()
+                .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok());
+            match decoded {
+                Some(bytes) => (bytes, Some("application/octet-stream".to_string())),
+                None => {
+                    errors.push(FieldError::new("body_base64", "must be standard base64"));
+                    (Vec::new(), None)
+                }
+            }
+        }
+        _ => {
+            errors.push(FieldError::new(body_fields[1], "only one of json, body or body_base64 may be given"));
+            (Vec::new(), None)
+        }
+    };
+    let content_type = headers
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.clone())
+        .or(content_type);
+    let headers = headers.into_iter().filter(|(name, _)| !name.eq_ignore_ascii_case("content-type")).collect();
+    let retry = match object.get("retry") {
+        None => RetryPolicy::default(),
+        Some(Value::Object(retry)) => parse_retry(retry, errors),
+        Some(_) => {
+            errors.push(FieldError::new("retry", "must be an object"));
+            RetryPolicy::default()
+        }
+    };
+    let attempt_timeout_ms = optional_u64(object, "attempt_timeout_ms", errors).unwrap_or(ATTEMPT_TIMEOUT_MS_DEFAULT);
+    let deadline_ms = optional_u64(object, "deadline_ms", errors);
+    let priority = optional_u64(object, "priority", errors).unwrap_or(1).min(255) as u8;
+    let depends_on = match object.get("depends_on") {
+        None => Vec::new(),
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .enumerate()
+            .filter_map(|(position, id)| match id {
+                Value::String(id) => Some(id.clone()),
+                _ => {
+                    errors.push(FieldError::new(format!("depends_on[{position}]"), "must be a job id string"));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            errors.push(FieldError::new("depends_on", "must be an array of job ids"));
+            Vec::new()
+        }
+    };
+    let labels = match object.get("labels") {
+        None => BTreeMap::new(),
+        Some(Value::Object(map)) => map
+            .iter()
+            .filter_map(|(key, value)| match value {
+                Value::String(value) => Some((key.clone(), value.clone())),
+                _ => {
+                    errors.push(FieldError::new(format!("labels.{key}"), "must be a string"));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            errors.push(FieldError::new("labels", "must be an object of strings"));
+            BTreeMap::new()
+        }
+    };
+    let secret = optional_string(object, "secret", errors);
+    let target = Target { url: url?, method, headers, body, content_type };
+    Some(JobSpec {
+        id,
+        schedule: schedule?,
+        target,
+        retry,
+        attempt_timeout_ms,
+        deadline_ms,
+        priority,
+        depends_on,
+        labels,
+        secret,
+    })
+}
+
+fn parse_retry(retry: &Map<String, Value>, errors: &mut Vec<FieldError>) -> RetryPolicy {
+    unknown_fields(retry, &RETRY_FIELDS, "retry.", errors);
+    let defaults = RetryPolicy::default();
+    let field = |name: &str| format!("retry.{name}");
+    let u64_of = |name: &str, errors: &mut Vec<FieldError>| match retry.get(name) {
+        None => None,
+        Some(value) => value.as_u64().or_else(|| {
+            errors.push(FieldError::new(field(name), "must be a whole number ≥ 0"));
+            None
+        }),
+    };
+    let f64_of = |name: &str, errors: &mut Vec<FieldError>| match retry.get(name) {
+        None => None,
+        Some(value) => value.as_f64().filter(|v| v.is_finite()).or_else(|| {
+            errors.push(FieldError::new(field(name), "must be a number"));
+            None
+        }),
+    };
+    let retry_on = match retry.get("retry_on") {
+        None => defaults.retry_on.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|item| {
+                let parsed = match item {
+                    Value::Number(n) => n.as_u64().filter(|c| *c <= 999).map(|c| StatusMatch::Exact(c as u16)),
+                    Value::String(text) => parse_status_match(text),
+                    _ => None,
+                };
+                if parsed.is_none() {
+                    errors.push(FieldError::new(
+                        "retry.retry_on",
+                        "each is a status such as 429 or a class such as \"5xx\"",
+                    ));
+                }
+                parsed
+            })
+            .collect(),
+        Some(_) => {
+            errors.push(FieldError::new("retry.retry_on", "must be an array"));
+            defaults.retry_on.clone()
+        }
+    };
+    RetryPolicy {
+        max_attempts: u64_of("max_attempts", errors)
+            .map_or(defaults.max_attempts, |v| v.min(u64::from(u32::MAX)) as u32),
+        initial_backoff_ms: u64_of("initial_backoff_ms", errors).unwrap_or(defaults.initial_backoff_ms),
+        max_backoff_ms: u64_of("max_backoff_ms", errors).unwrap_or(defaults.max_backoff_ms),
+        multiplier_permille: f64_of("multiplier", errors)
+            .map_or(defaults.multiplier_permille, |m| (m * 1000.0).clamp(0.0, 1e9).round() as u32),
+        jitter_percent: f64_of("jitter", errors)
+            .map_or(defaults.jitter_percent, |j| (j * 100.0).clamp(0.0, 255.0).round() as u8),
+        retry_on,
+    }
+}
+
+fn parse_status_match(text: &str) -> Option<StatusMatch> {
+    let lower = text.to_ascii_lowercase();
+    if let Some(class) = lower.strip_suffix("xx") {
+        return class.parse::<u8>().ok().filter(|c| *c <= 9).map(StatusMatch::Class);
+    }
+    lower.parse::<u16>().ok().map(StatusMatch::Exact)
+}
+
+fn parse_scheduled_db(
+    object: &Map<String, Value>,
+    now_ms: u64,
+    generated_id: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<JobSpec> {
+    unknown_fields(object, &SCHEDULED_DB_FIELDS, "", errors);
+    let id = optional_string(object, "id", errors).unwrap_or_else(|| generated_id.to_string());
+    let schedule = match optional_string(object, "type", errors).as_deref() {
+        Some("unico") => {
+            if !object.contains_key("timestamp") {
+                errors.push(FieldError::new("timestamp", "is required for type unico"));
+            }
+            time_field(object, "timestamp", now_ms, errors).map(|at_ms| Schedule::Once { at_ms })
+        }
+        Some("recurrente") => {
+            let expression = optional_string(object, "cron_expression", errors);
+            if expression.is_none() {
+                errors.push(FieldError::new("cron_expression", "is required for type recurrente"));
+            }
+            let end_ms = object.contains_key("last_date").then(|| time_field(object, "last_date", 0, errors)).flatten();
+            expression.map(|expression| {
+                Schedule::Cron(CronSpec {
+                    expression,
+                    time_zone: "UTC".into(),
+                    start_ms: None,
+                    end_ms,
+                    misfire: Misfire::FireOnce,
+                    overlap: Overlap::Skip,
+                })
+            })
+        }
+        _ => {
+            errors.push(FieldError::new("type", "must be unico or recurrente"));
+            None
+        }
+    };
+    let url = optional_string(object, "webhook_url", errors);
+    if url.is_none() {
+        errors.push(FieldError::new("webhook_url", "is required"));
+    }
+    let (body, content_type) = match object.get("payload") {
+        None | Some(Value::Null) => (Vec::new(), None),
+        Some(payload) => (payload.to_string().into_bytes(), Some("application/json".to_string())),
+    };
+    Some(JobSpec {
+        id,
+        schedule: schedule?,
+        target: Target { url: url?, method: Method::Post, headers: Vec::new(), body, content_type },
+        retry: RetryPolicy::default(),
+        attempt_timeout_ms: ATTEMPT_TIMEOUT_MS_DEFAULT,
+        deadline_ms: None,
+        priority: 1,
+        depends_on: Vec::new(),
+        labels: BTreeMap::new(),
+        secret: None,
+    })
+}
+
+fn optional_string(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match object.get(field) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(text.clone()),
+        Some(_) => {
+            errors.push(FieldError::new(field, "must be a string"));
+            None
+        }
+    }
+}
+
+fn optional_u64(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
+    match object.get(field) {
+        None | Some(Value::Null) => None,
+        Some(value) => value.as_u64().or_else(|| {
+            errors.push(FieldError::new(field, "must be a whole number ≥ 0"));
+            None
+        }),
+    }
+}
+
+/// A point in time: RFC 3339 text, or epoch seconds or milliseconds (a number, or digits in
+/// a string; values below 10^11 are seconds). Refused when more than a day before `not_before_ms`
+/// (pass 0 to accept any past time).
+fn time_field(
+    object: &Map<String, Value>,
+    field: &str,
+    not_before_ms: u64,
+    errors: &mut Vec<FieldError>,
+) -> Option<u64> {
+    let rule = "must be an RFC 3339 time (2026-03-01T09:00:00Z) or epoch seconds or milliseconds";
+    let parsed = match object.get(field) {
+        Some(Value::Number(n)) => n.as_u64().map(epoch_to_ms),
+        Some(Value::String(text)) if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() => {
+            text.parse::<u64>().ok().map(epoch_to_ms)
+        }
+        Some(Value::String(text)) => {
+            text.parse::<jiff::Timestamp>().ok().and_then(|t| u64::try_from(t.as_millisecond()).ok())
+        }
+        _ => None,
+    };
+    let Some(at_ms) = parsed else {
+        errors.push(FieldError::new(field, rule));
+        return None;
+    };
+    if not_before_ms > 0 && at_ms + PAST_TOLERANCE_MS < not_before_ms {
+        errors.push(FieldError::new(field, "must not be more than 24 h in the past"));
+        return None;
+    }
+    Some(at_ms)
+}
+
+fn epoch_to_ms(value: u64) -> u64 {
+    if value < 100_000_000_000 {
+        value.saturating_mul(1000)
+    } else {
+        value
+    }
+}
+
+/// A duration: milliseconds as a number, or text such as "500ms", "90s", "5m", "2h", "1d".
+fn duration_field(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
+    let parsed = match object.get(field) {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(text)) => parse_duration_ms(text),
+        _ => None,
+    };
+    let limit_ms = 10 * 365 * 24 * 3600 * 1000u64;
+    match parsed {
+        Some(ms) if ms <= limit_ms => Some(ms),
+        _ => {
+            errors
+                .push(FieldError::new(field, "must be milliseconds or text like 500ms, 90s, 5m, 2h, 1d (≤ 10 years)"));
+            None
+        }
+    }
+}
+
+fn parse_duration_ms(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let value: u64 = digits.parse().ok()?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    value.checked_mul(unit_ms)
+}

@@ -1,0 +1,129 @@
+//! Job requests as clients send them: Scheduled-DB's format unchanged, Sundial's richer one,
+//! and bad requests answered with every broken rule, each naming its field.
+
+use serde_json::json;
+use sundial_engine::job::*;
+use sundial_engine::request::parse_job_request;
+
+const NOW_MS: u64 = 1_780_000_000_000; // 2026-05-28
+
+fn fields(result: Result<JobSpec, Vec<FieldError>>) -> Vec<String> {
+    let mut fields: Vec<String> = result.expect_err("refused").into_iter().map(|e| e.field).collect();
+    fields.sort();
+    fields
+}
+
+#[test]
+fn scheduled_db_one_shot_request_is_accepted_as_is() {
+    let request = json!({
+        "type": "unico",
+        "timestamp": "2026-06-01T09:00:00Z",
+        "webhook_url": "https://example.com/hook",
+        "payload": {"order": 42}
+    });
+    let spec = parse_job_request(&request, NOW_MS, "generated-1").expect("valid");
+    assert_eq!(spec.id, "generated-1");
+    assert_eq!(spec.schedule, Schedule::Once { at_ms: 1_780_304_400_000 });
+    assert_eq!(spec.target.url, "https://example.com/hook");
+    assert_eq!(spec.target.method, Method::Post);
+    assert_eq!(spec.target.body, br#"{"order":42}"#);
+    assert_eq!(spec.target.content_type.as_deref(), Some("application/json"));
+}
+
+#[test]
+fn scheduled_db_recurring_request_with_last_date_and_epoch_seconds() {
+    let request = json!({
+        "type": "recurrente",
+        "cron_expression": "*/5 * * * *",
+        "last_date": 1_790_000_000,
+        "webhook_url": "http://example.com/tick"
+    });
+    let spec = parse_job_request(&request, NOW_MS, "g").expect("valid");
+    let Schedule::Cron(cron) = spec.schedule else { panic!("a cron job") };
+    assert_eq!((cron.expression.as_str(), cron.time_zone.as_str()), ("*/5 * * * *", "UTC"));
+    assert_eq!(cron.end_ms, Some(1_790_000_000_000), "epoch seconds become milliseconds");
+}
+
+#[test]
+fn sundial_request_with_every_option() {
+    let request = json!({
+        "id": "invoice-7:reminder",
+        "cron": "0 9 * * MON-FRI",
+        "time_zone": "Europe/Paris",
+        "start_at": NOW_MS,
+        "misfire": "fire_all",
+        "misfire_max": 5,
+        "overlap": "allow",
+        "url": "https://billing.example.com/remind",
+        "method": "put",
+        "headers": {"Authorization": "Bearer x", "Content-Type": "application/vnd.example+json"},
+        "json": {"invoice": 7},
+        "retry": {"max_attempts": 8, "initial_backoff_ms": 500, "max_backoff_ms": 60000, "multiplier": 1.5, "jitter": 0.1, "retry_on": ["5xx", 429]},
+        "attempt_timeout_ms": 5000,
+        "deadline_ms": 3600000,
+        "priority": 0,
+        "depends_on": ["invoice-7"],
+        "labels": {"team": "billing"},
+        "secret": "s3cret"
+    });
+    let spec = parse_job_request(&request, NOW_MS, "unused").expect("valid");
+    assert_eq!(spec.id, "invoice-7:reminder");
+    assert_eq!(spec.target.method, Method::Put);
+    assert_eq!(spec.target.headers, vec![("Authorization".to_string(), "Bearer x".to_string())]);
+    assert_eq!(spec.target.content_type.as_deref(), Some("application/vnd.example+json"), "the client's type wins");
+    assert_eq!(spec.retry.multiplier_permille, 1_500);
+    assert_eq!(spec.retry.jitter_percent, 10);
+    assert_eq!(spec.retry.retry_on, vec![StatusMatch::Class(5), StatusMatch::Exact(429)]);
+    let Schedule::Cron(cron) = spec.schedule else { panic!("a cron job") };
+    assert_eq!((cron.misfire, cron.overlap), (Misfire::FireAll { max: 5 }, Overlap::Allow));
+}
+
+#[test]
+fn a_delay_is_counted_from_the_request_time() {
+    let spec = parse_job_request(&json!({"delay": "90s", "url": "https://e.com"}), NOW_MS, "g").expect("valid");
+    assert_eq!(spec.schedule, Schedule::Once { at_ms: NOW_MS + 90_000 });
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_field() {
+    let request = json!({
+        "id": "has space",
+        "cron": "61 * * * *",
+        "time_zone": "Mars/Olympus",
+        "url": "ftp://example.com",
+        "headers": {"Idempotency-Key": "mine"},
+        "retry": {"max_attempts": 0, "multiplier": 50, "colour": "red"},
+        "priority": 9,
+        "depends_on": ["has space"],
+        "extra": true
+    });
+    let got = fields(parse_job_request(&request, NOW_MS, "g"));
+    let expected = [
+        "cron",
+        "depends_on[0]",
+        "extra",
+        "headers.Idempotency-Key",
+        "id",
+        "priority",
+        "retry.colour",
+        "retry.max_attempts",
+        "retry.multiplier",
+        "time_zone",
+        "url",
+    ];
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn missing_and_conflicting_fields_are_named() {
+    assert_eq!(fields(parse_job_request(&json!({"url": "https://e.com"}), NOW_MS, "g")), ["run_at"]);
+    assert_eq!(fields(parse_job_request(&json!({"delay": 5}), NOW_MS, "g")), ["url"]);
+    let both = json!({"run_at": NOW_MS, "cron": "* * * * *", "url": "https://e.com"});
+    assert_eq!(fields(parse_job_request(&both, NOW_MS, "g")), ["cron"]);
+    let stale = json!({"run_at": "2020-01-01T00:00:00Z", "url": "https://e.com"});
+    assert_eq!(fields(parse_job_request(&stale, NOW_MS, "g")), ["run_at"]);
+    let scheduled_db = json!({"type": "semanal", "webhook_url": "https://e.com"});
+    assert_eq!(fields(parse_job_request(&scheduled_db, NOW_MS, "g")), ["type"]);
+    let error = parse_job_request(&json!([1]), NOW_MS, "g").expect_err("refused");
+    assert_eq!(error[0].to_string(), "(body): must be a JSON object");
+}
