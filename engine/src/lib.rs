@@ -5,6 +5,7 @@
 pub mod cron;
 pub mod job;
 pub mod request;
+pub mod state;
 pub mod wheel;
 
 pub use wheel::{TimerHandle, TimingWheel, WheelFull};

@@ -1,0 +1,759 @@
+//! The replicated state machine: jobs, their fires and attempts, the dead-letter list and the
+//! counts by status. `apply` takes a command with its leader-stamped times and changes the
+//! state deterministically — no clock, no randomness — so every replica that applies the same
+//! log holds the same state (checked by `digest`). A refused command changes nothing.
+
+use crate::cron::CronSchedule;
+use crate::job::{JobSpec, Misfire, Overlap, Schedule};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+
+/// Executions kept per job (oldest dropped first).
+pub const HISTORY_PER_JOB_MAX: usize = 50;
+/// Bytes of a response body kept in an execution record.
+pub const RESPONSE_BODY_KEPT_BYTES_MAX: usize = 512;
+/// A fire that starts more than this after it was due is missed under `Misfire::Skip`.
+pub const MISFIRE_THRESHOLD_MS: u64 = 60_000;
+/// Fires older than this when they could finally start are recorded as missed, whatever the
+/// policy (never silently dropped: they are counted and written to the history).
+pub const CATCH_UP_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// Missed cron occurrences counted one by one before the count is reported as a lower bound.
+const MISSED_COUNT_MAX: u64 = 10_000;
+/// Dead-letter entries kept; the oldest are purged beyond it.
+pub const DEAD_LETTERS_MAX: usize = 100_000;
+
+/// Scheduled-DB's status values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Status {
+    Pending,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    Timeout,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] =
+        [Status::Pending, Status::InProgress, Status::Completed, Status::Failed, Status::Cancelled, Status::Timeout];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Timeout => "timeout",
+        }
+    }
+
+    fn is_final(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled | Status::Timeout)
+    }
+}
+
+/// Why an attempt failed without a usable response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorClass {
+    Timeout,
+    Connect,
+    /// The target resolved to an address the SSRF guard refuses.
+    Refused,
+    /// The attempt was aborted (job cancelled meanwhile).
+    Aborted,
+    Other,
+}
+
+/// What one attempt produced, as the dispatcher saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Response { status: u16, body: Vec<u8>, retry_after_ms: Option<u64> },
+    Error(ErrorClass),
+}
+
+impl Outcome {
+    pub fn succeeded(&self) -> bool {
+        matches!(self, Outcome::Response { status: 200..=299, .. })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    Create {
+        spec: Box<JobSpec>,
+        now_ms: u64,
+    },
+    Cancel {
+        id: String,
+        now_ms: u64,
+    },
+    Delete {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+        now_ms: u64,
+    },
+    /// The leader started attempt `attempt` of the fire due at `fire_ms` on `node`.
+    FireStarted {
+        id: String,
+        fire_ms: u64,
+        attempt: u32,
+        node: u64,
+        now_ms: u64,
+    },
+    /// An attempt ended. `retry_at_ms` is when the leader would run the next attempt (backoff
+    /// with jitter, or Retry-After); the state machine decides whether there is one.
+    AttemptFinished {
+        id: String,
+        fire_ms: u64,
+        attempt: u32,
+        node: u64,
+        started_ms: u64,
+        finished_ms: u64,
+        outcome: Outcome,
+        retry_at_ms: u64,
+    },
+    /// Puts a dead-lettered fire back to be attempted again from attempt 1.
+    Redrive {
+        id: String,
+        fire_ms: u64,
+        now_ms: u64,
+    },
+    /// Drops dead-letter entries: of one job, or all.
+    Purge {
+        id: Option<String>,
+    },
+}
+
+/// Why a command was refused; nothing changed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ApplyError {
+    #[error("job {0} already exists with a different spec")]
+    Conflict(String),
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error("depends_on: job {0} does not exist")]
+    UnknownDependency(String),
+    #[error("depends_on: depending on {0} would make a cycle")]
+    Cycle(String),
+    #[error("job {id} is required by {dependents:?}; delete those first")]
+    Required { id: String, dependents: Vec<String> },
+    #[error("job {id} is {status:?}: {action} is not possible")]
+    InvalidState { id: String, status: Status, action: &'static str },
+    #[error("fire {fire_ms} of job {id} is not active, or attempt {attempt} is not the next")]
+    StaleAttempt { id: String, fire_ms: u64, attempt: u32 },
+    #[error("fire {fire_ms} of job {id} is not in the dead-letter list")]
+    NotDeadLettered { id: String, fire_ms: u64 },
+}
+
+/// What an applied command did, for the caller's reply and the runtime's timers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Applied {
+    Created,
+    /// The same spec was created before: nothing changed (idempotent create).
+    AlreadyExists,
+    Done,
+    /// The fire was not started: it was missed (policy or catch-up window).
+    Missed {
+        count: u64,
+    },
+}
+
+/// One attempt, as kept in a job's history.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Execution {
+    pub fire_ms: u64,
+    pub attempt: u32,
+    pub node: u64,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub status_code: Option<u16>,
+    pub error: Option<ErrorClass>,
+    pub response_body: Vec<u8>,
+    /// Fires recorded as missed instead of run (attempt 0).
+    pub missed: u64,
+}
+
+/// A fire that started and has not ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveFire {
+    /// Attempts finished so far.
+    pub attempts: u32,
+    /// An attempt is running (or was, on a leader that is gone: the next leader re-runs it).
+    pub in_flight: bool,
+    /// When the next attempt is due (meaningful when not in flight).
+    pub due_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub spec: JobSpec,
+    pub status: Status,
+    pub created_ms: u64,
+    pub paused: bool,
+    /// The next fire not yet started.
+    pub next_fire_ms: Option<u64>,
+    pub active: BTreeMap<u64, ActiveFire>,
+    pub history: VecDeque<Execution>,
+    pub fires_succeeded: u64,
+    pub fires_failed: u64,
+    pub fires_missed: u64,
+    /// Catch-up fires run in a row under `Misfire::FireAll`.
+    catch_up_run: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub attempts: u32,
+    pub reason: String,
+    pub moved_ms: u64,
+}
+
+/// What the runtime should do next for a job, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Due {
+    /// Start the fire due at `fire_ms` (attempt 1).
+    NewFire { fire_ms: u64 },
+    /// Run attempt `attempt` of an active fire.
+    Retry { fire_ms: u64, attempt: u32 },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    jobs: BTreeMap<String, Job>,
+    /// Job id → fire time → entry.
+    dead_letters: BTreeMap<String, BTreeMap<u64, DeadLetter>>,
+    dead_letter_count: usize,
+    counts: [u64; 6],
+}
+
+impl State {
+    pub fn new() -> State {
+        State::default()
+    }
+
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id)
+    }
+
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    /// Every dead-lettered fire: job id, fire time, entry.
+    pub fn dead_letters(&self) -> impl Iterator<Item = (&str, u64, &DeadLetter)> {
+        self.dead_letters
+            .iter()
+            .flat_map(|(id, fires)| fires.iter().map(move |(&fire_ms, d)| (id.as_str(), fire_ms, d)))
+    }
+
+    fn add_dead_letter(&mut self, id: &str, fire_ms: u64, letter: DeadLetter) {
+        if self.dead_letters.entry(id.to_string()).or_default().insert(fire_ms, letter).is_none() {
+            self.dead_letter_count += 1;
+        }
+        // Bounded: one insert adds at most one entry over the limit.
+        while self.dead_letter_count > DEAD_LETTERS_MAX {
+            let oldest = self
+                .dead_letters()
+                .min_by_key(|(_, _, d)| d.moved_ms)
+                .map(|(id, fire_ms, _)| (id.to_string(), fire_ms))
+                .expect("not empty");
+            self.remove_dead_letter(&oldest.0, oldest.1);
+        }
+    }
+
+    fn remove_dead_letter(&mut self, id: &str, fire_ms: u64) -> Option<DeadLetter> {
+        let fires = self.dead_letters.get_mut(id)?;
+        let removed = fires.remove(&fire_ms)?;
+        if fires.is_empty() {
+            self.dead_letters.remove(id);
+        }
+        self.dead_letter_count -= 1;
+        Some(removed)
+    }
+
+    fn purge_dead_letters_of(&mut self, id: &str) {
+        if let Some(fires) = self.dead_letters.remove(id) {
+            self.dead_letter_count -= fires.len();
+        }
+    }
+
+    /// Jobs per status (for /health), kept up to date on every change.
+    pub fn count(&self, status: Status) -> u64 {
+        self.counts[status as usize]
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
+        match command {
+            Command::Create { spec, now_ms } => self.create(*spec, now_ms),
+            Command::Cancel { id, now_ms } => {
+                let job = self.job_mut(&id)?;
+                if job.status.is_final() {
+                    return Err(invalid(&id, job.status, "cancel"));
+                }
+                job.active.clear();
+                job.next_fire_ms = None;
+                let _ = now_ms;
+                self.set_status(&id, Status::Cancelled);
+                Ok(Applied::Done)
+            }
+            Command::Delete { id } => {
+                self.job_mut(&id)?;
+                let dependents: Vec<String> =
+                    self.jobs.values().filter(|j| j.spec.depends_on.contains(&id)).map(|j| j.spec.id.clone()).collect();
+                if !dependents.is_empty() {
+                    return Err(ApplyError::Required { id, dependents });
+                }
+                let job = self.jobs.remove(&id).expect("checked");
+                self.counts[job.status as usize] -= 1;
+                self.purge_dead_letters_of(&id);
+                Ok(Applied::Done)
+            }
+            Command::Pause { id } => {
+                let job = self.job_mut(&id)?;
+                if job.status.is_final() {
+                    return Err(invalid(&id, job.status, "pause"));
+                }
+                job.paused = true;
+                Ok(Applied::Done)
+            }
+            Command::Resume { id, now_ms } => {
+                let job = self.job_mut(&id)?;
+                if job.status.is_final() || !job.paused {
+                    return Err(invalid(&id, job.status, "resume"));
+                }
+                job.paused = false;
+                let missed = catch_up(job, now_ms);
+                record_missed(job, missed, now_ms);
+                Ok(Applied::Done)
+            }
+            Command::FireStarted { id, fire_ms, attempt, node, now_ms } => {
+                self.fire_started(&id, fire_ms, attempt, node, now_ms)
+            }
+            Command::AttemptFinished { id, fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms } => {
+                let finished = AttemptRecord { fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms };
+                self.attempt_finished(&id, finished)
+            }
+            Command::Redrive { id, fire_ms, now_ms } => {
+                let job = self.job_mut(&id)?;
+                if job.status == Status::Cancelled {
+                    return Err(invalid(&id, job.status, "redrive"));
+                }
+                if self.remove_dead_letter(&id, fire_ms).is_none() {
+                    return Err(ApplyError::NotDeadLettered { id, fire_ms });
+                }
+                let job = self.jobs.get_mut(&id).expect("checked");
+                job.active.insert(fire_ms, ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms });
+                self.set_status(&id, Status::InProgress);
+                Ok(Applied::Done)
+            }
+            Command::Purge { id } => {
+                match id {
+                    Some(id) => self.purge_dead_letters_of(&id),
+                    None => {
+                        self.dead_letters.clear();
+                        self.dead_letter_count = 0;
+                    }
+                }
+                Ok(Applied::Done)
+            }
+        }
+    }
+
+    fn job_mut(&mut self, id: &str) -> Result<&mut Job, ApplyError> {
+        self.jobs.get_mut(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))
+    }
+
+    fn set_status(&mut self, id: &str, status: Status) {
+        let job = self.jobs.get_mut(id).expect("caller checked");
+        self.counts[job.status as usize] -= 1;
+        self.counts[status as usize] += 1;
+        job.status = status;
+    }
+
+    fn create(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
+        if let Some(existing) = self.jobs.get(&spec.id) {
+            return if existing.spec == spec { Ok(Applied::AlreadyExists) } else { Err(ApplyError::Conflict(spec.id)) };
+        }
+        for dependency in &spec.depends_on {
+            if !self.jobs.contains_key(dependency) {
+                return Err(ApplyError::UnknownDependency(dependency.clone()));
+            }
+            if self.reaches(dependency, &spec.id) {
+                return Err(ApplyError::Cycle(dependency.clone()));
+            }
+        }
+        let next_fire_ms = match &spec.schedule {
+            Schedule::Once { at_ms } => Some(*at_ms),
+            Schedule::Cron(cron) => {
+                let from_ms = cron.start_ms.map_or(now_ms, |start| start.saturating_sub(1).max(now_ms));
+                next_cron_fire(&spec, from_ms)
+            }
+        };
+        let status = if next_fire_ms.is_some() { Status::Pending } else { Status::Completed };
+        let id = spec.id.clone();
+        let job = Job {
+            spec,
+            status,
+            created_ms: now_ms,
+            paused: false,
+            next_fire_ms,
+            active: BTreeMap::new(),
+            history: VecDeque::new(),
+            fires_succeeded: 0,
+            fires_failed: 0,
+            fires_missed: 0,
+            catch_up_run: 0,
+        };
+        self.counts[status as usize] += 1;
+        self.jobs.insert(id, job);
+        Ok(Applied::Created)
+    }
+
+    /// True if `from` depends, directly or not, on `target` (bounded by the job count).
+    fn reaches(&self, from: &str, target: &str) -> bool {
+        let mut stack = vec![from.to_string()];
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(id) = stack.pop() {
+            if id == target {
+                return true;
+            }
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if let Some(job) = self.jobs.get(&id) {
+                stack.extend(job.spec.depends_on.iter().cloned());
+            }
+        }
+        false
+    }
+
+    fn dependencies_done(&self, job: &Job) -> bool {
+        job.spec.depends_on.iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
+    }
+
+    fn fire_started(
+        &mut self,
+        id: &str,
+        fire_ms: u64,
+        attempt: u32,
+        node: u64,
+        now_ms: u64,
+    ) -> Result<Applied, ApplyError> {
+        let _ = node;
+        let ready = {
+            let job = self.jobs.get(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
+            self.dependencies_done(job)
+        };
+        let job = self.jobs.get_mut(id).expect("checked");
+        if job.status.is_final() || job.paused {
+            return Err(invalid(id, job.status, "start a fire"));
+        }
+        if let Some(fire) = job.active.get_mut(&fire_ms) {
+            // A retry, or a re-run of an attempt whose leader died mid-way.
+            if attempt != fire.attempts + 1 {
+                return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
+            }
+            fire.in_flight = true;
+            return Ok(Applied::Done);
+        }
+        let overlap_blocks =
+            matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Skip) && !job.active.is_empty();
+        if job.next_fire_ms != Some(fire_ms) || attempt != 1 || !ready || overlap_blocks {
+            return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
+        }
+        let lateness_ms = now_ms.saturating_sub(fire_ms);
+        let skip_late = matches!(&job.spec.schedule, Schedule::Cron(c) if c.misfire == Misfire::Skip)
+            && lateness_ms > MISFIRE_THRESHOLD_MS;
+        if lateness_ms > CATCH_UP_WINDOW_MS || skip_late {
+            // Not run: recorded, and the schedule moves on to the future.
+            job.next_fire_ms = match &job.spec.schedule {
+                Schedule::Once { .. } => None,
+                Schedule::Cron(_) => next_cron_fire(&job.spec, now_ms),
+            };
+            let missed = 1 + count_cron_fires(&job.spec, fire_ms, now_ms);
+            record_missed(job, missed, now_ms);
+            let status = match (&job.spec.schedule, job.next_fire_ms) {
+                (Schedule::Once { .. }, _) => Status::Failed,
+                (_, None) if job.active.is_empty() => Status::Completed,
+                _ => job.status,
+            };
+            if status == Status::Failed {
+                let reason = "missed: later than the catch-up window".to_string();
+                self.add_dead_letter(id, fire_ms, DeadLetter { attempts: 0, reason, moved_ms: now_ms });
+            }
+            self.set_status(id, status);
+            return Ok(Applied::Missed { count: missed });
+        }
+        job.active.insert(fire_ms, ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms });
+        // The next fire is computed from the committed fire time, then caught up to now.
+        job.next_fire_ms = match &job.spec.schedule {
+            Schedule::Once { .. } => None,
+            Schedule::Cron(_) => next_cron_fire(&job.spec, fire_ms),
+        };
+        let missed = catch_up(job, now_ms);
+        record_missed(job, missed, now_ms);
+        self.set_status(id, Status::InProgress);
+        Ok(Applied::Done)
+    }
+
+    fn attempt_finished(&mut self, id: &str, record: AttemptRecord) -> Result<Applied, ApplyError> {
+        let AttemptRecord { fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms } = record;
+        let job = self.job_mut(id)?;
+        let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
+        let Some(fire) = job.active.get_mut(&fire_ms) else { return Err(stale()) };
+        if attempt != fire.attempts + 1 {
+            return Err(stale());
+        }
+        fire.attempts = attempt;
+        fire.in_flight = false;
+        let (status_code, error, body) = match &outcome {
+            Outcome::Response { status, body, .. } => {
+                (Some(*status), None, body[..body.len().min(RESPONSE_BODY_KEPT_BYTES_MAX)].to_vec())
+            }
+            Outcome::Error(class) => (None, Some(*class), Vec::new()),
+        };
+        push_history(
+            job,
+            Execution {
+                fire_ms,
+                attempt,
+                node,
+                started_ms,
+                finished_ms,
+                status_code,
+                error,
+                response_body: body,
+                missed: 0,
+            },
+        );
+        let retryable = match &outcome {
+            Outcome::Response { status, .. } => job.spec.retry.retries_status(*status),
+            Outcome::Error(ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other) => true,
+            Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted) => false,
+        };
+        let retry_at_ms = retry_at_ms.max(finished_ms);
+        let past_deadline =
+            job.spec.deadline_ms.is_some_and(|deadline| retry_at_ms >= fire_ms.saturating_add(deadline));
+        let ended = if outcome.succeeded() {
+            job.fires_succeeded += 1;
+            None
+        } else if retryable && attempt < job.spec.retry.max_attempts && !past_deadline {
+            job.active.get_mut(&fire_ms).expect("checked above").due_ms = retry_at_ms;
+            return Ok(Applied::Done);
+        } else {
+            job.fires_failed += 1;
+            let reason = if past_deadline && retryable && attempt < job.spec.retry.max_attempts {
+                "deadline exceeded".to_string()
+            } else if !retryable {
+                "not retryable".to_string()
+            } else {
+                format!("{attempt} attempts failed")
+            };
+            Some(reason)
+        };
+        job.active.remove(&fire_ms);
+        let once = matches!(job.spec.schedule, Schedule::Once { .. });
+        // A fire that waited for this one (overlap skip) may now be late: catch it up.
+        let missed = catch_up(job, finished_ms);
+        record_missed(job, missed, finished_ms);
+        let idle = job.active.is_empty();
+        let status = match (&ended, once) {
+            (Some(reason), true) if reason == "deadline exceeded" => Status::Timeout,
+            (Some(_), true) => Status::Failed,
+            (None, true) => Status::Completed,
+            (_, false) if idle && job.next_fire_ms.is_none() => Status::Completed,
+            (_, false) if idle => Status::Pending,
+            (_, false) => Status::InProgress,
+        };
+        if let Some(reason) = ended {
+            self.add_dead_letter(id, fire_ms, DeadLetter { attempts: attempt, reason, moved_ms: finished_ms });
+        }
+        self.set_status(id, status);
+        Ok(Applied::Done)
+    }
+
+    /// The next thing the runtime should do for `id`, and when (`None`: nothing to do).
+    pub fn next_due(&self, id: &str) -> Option<(u64, Due)> {
+        let job = self.jobs.get(id)?;
+        if job.status.is_final() || job.paused {
+            return None;
+        }
+        let retry = job
+            .active
+            .iter()
+            .filter(|(_, fire)| !fire.in_flight)
+            .map(|(&fire_ms, fire)| (fire.due_ms, Due::Retry { fire_ms, attempt: fire.attempts + 1 }))
+            .min_by_key(|(due_ms, _)| *due_ms);
+        let overlap_allows =
+            job.active.is_empty() || matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
+        let new_fire = job
+            .next_fire_ms
+            .filter(|_| overlap_allows && self.dependencies_done(job))
+            .map(|fire_ms| (fire_ms, Due::NewFire { fire_ms }));
+        match (retry, new_fire) {
+            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Attempts that a leader started and never finished: a new leader runs them again with
+    /// the same fire (same idempotency key) and the same attempt number.
+    pub fn in_flight(&self) -> Vec<(String, u64, u32)> {
+        let mut out = Vec::new();
+        for job in self.jobs.values().filter(|j| !j.status.is_final()) {
+            for (&fire_ms, fire) in job.active.iter().filter(|(_, f)| f.in_flight) {
+                out.push((job.spec.id.clone(), fire_ms, fire.attempts + 1));
+            }
+        }
+        out
+    }
+
+    /// Jobs waiting on `id` (re-checked by the runtime when `id` completes).
+    pub fn dependents_of(&self, id: &str) -> Vec<String> {
+        self.jobs.values().filter(|j| j.spec.depends_on.iter().any(|d| d == id)).map(|j| j.spec.id.clone()).collect()
+    }
+
+    pub fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("the state always serializes")
+    }
+
+    pub fn restore(bytes: &[u8]) -> Result<State, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// A digest of the whole state: equal on replicas that applied the same commands.
+    pub fn digest(&self) -> u64 {
+        self.snapshot().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    }
+}
+
+struct AttemptRecord {
+    fire_ms: u64,
+    attempt: u32,
+    node: u64,
+    started_ms: u64,
+    finished_ms: u64,
+    outcome: Outcome,
+    retry_at_ms: u64,
+}
+
+fn invalid(id: &str, status: Status, action: &'static str) -> ApplyError {
+    ApplyError::InvalidState { id: id.to_string(), status, action }
+}
+
+fn push_history(job: &mut Job, execution: Execution) {
+    if job.history.len() == HISTORY_PER_JOB_MAX {
+        job.history.pop_front();
+    }
+    job.history.push_back(execution);
+}
+
+fn record_missed(job: &mut Job, missed: u64, now_ms: u64) {
+    if missed == 0 {
+        return;
+    }
+    job.fires_missed += missed;
+    let execution = Execution {
+        fire_ms: now_ms,
+        attempt: 0,
+        node: 0,
+        started_ms: now_ms,
+        finished_ms: now_ms,
+        status_code: None,
+        error: None,
+        response_body: Vec::new(),
+        missed,
+    };
+    push_history(job, execution);
+}
+
+/// The first cron fire strictly after `after_ms` within the job's start and end, if any.
+fn next_cron_fire(spec: &JobSpec, after_ms: u64) -> Option<u64> {
+    let Schedule::Cron(cron) = &spec.schedule else { return None };
+    let schedule = CronSchedule::parse(&cron.expression, &cron.time_zone).ok()?;
+    let from_ms = match cron.start_ms {
+        Some(start) if start > after_ms => start - 1,
+        _ => after_ms,
+    };
+    let next = schedule.next_after_ms(from_ms)?;
+    if cron.end_ms.is_some_and(|end| next > end) {
+        return None;
+    }
+    Some(next)
+}
+
+/// Cron fires in `(after_ms, until_ms]`, counted up to `MISSED_COUNT_MAX`.
+fn count_cron_fires(spec: &JobSpec, after_ms: u64, until_ms: u64) -> u64 {
+    let mut count = 0;
+    let mut at = after_ms;
+    // Bounded by MISSED_COUNT_MAX.
+    while count < MISSED_COUNT_MAX {
+        match next_cron_fire(spec, at) {
+            Some(next) if next <= until_ms => {
+                count += 1;
+                at = next;
+            }
+            _ => break,
+        }
+    }
+    count
+}
+
+/// Applies the misfire policy when the next fire is already in the past at `now_ms` (a long
+/// fire, downtime, a pause); returns how many fires were recorded as missed.
+fn catch_up(job: &mut Job, now_ms: u64) -> u64 {
+    let Schedule::Cron(cron) = &job.spec.schedule else { return 0 };
+    let Some(next) = job.next_fire_ms else { return 0 };
+    if next > now_ms {
+        job.catch_up_run = 0;
+        return 0;
+    }
+    match cron.misfire {
+        Misfire::FireOnce => {
+            // Every missed fire but the latest is dropped; the latest runs now.
+            let skipped = count_cron_fires(&job.spec, next, now_ms);
+            let mut latest = next;
+            if skipped > 0 {
+                let mut at = next;
+                // Bounded by MISSED_COUNT_MAX (as counted above).
+                for _ in 0..skipped {
+                    match next_cron_fire(&job.spec, at) {
+                        Some(n) if n <= now_ms => {
+                            latest = n;
+                            at = n;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            job.next_fire_ms = Some(latest);
+            skipped
+        }
+        Misfire::Skip => {
+            let late_ms = now_ms - next;
+            if late_ms <= MISFIRE_THRESHOLD_MS {
+                return 0;
+            }
+            let missed = 1 + count_cron_fires(&job.spec, next, now_ms);
+            job.next_fire_ms = next_cron_fire(&job.spec, now_ms);
+            missed
+        }
+        Misfire::FireAll { max } => {
+            if job.catch_up_run < max {
+                job.catch_up_run += 1;
+                return 0;
+            }
+            let missed = 1 + count_cron_fires(&job.spec, next, now_ms);
+            job.next_fire_ms = next_cron_fire(&job.spec, now_ms);
+            job.catch_up_run = 0;
+            missed
+        }
+    }
+}
