@@ -80,9 +80,11 @@ pub struct SnapshotTransfer {
     pub sent_done: bool,
     /// Bytes the follower confirmed it holds, in order.
     pub acked_bytes: u64,
-    /// `acked_bytes` at the previous heartbeat answer: no movement since means chunks were
-    /// lost, and sending resumes from `acked_bytes`.
-    pub acked_at_last_heartbeat: u64,
+    /// `acked_bytes` when last looked at, and the leader tick it last moved: no movement for
+    /// a few ticks while chunks are out means some were lost, and sending resumes from
+    /// `acked_bytes`.
+    pub acked_at_last_check: u64,
+    pub last_progress_tick: u64,
 }
 
 #[derive(Clone, Debug)]

@@ -17,6 +17,8 @@ pub enum InjectedBug {
     CommitEarlierTermsByCounting,
     /// Grant votes without checking that the candidate's log is up to date.
     VoteWithoutLogCheck,
+    /// Count the lease from the newest heartbeat sent, answered or not (with `lease_read`).
+    LeaseWithoutQuorumContact,
 }
 
 /// Settings of one node. Ticks are the caller's unit of time (Sundial: 10 ms).
@@ -92,6 +94,9 @@ impl Config {
         if self.lease_read && !self.check_quorum {
             return rule("lease_read", "needs check_quorum");
         }
+        if self.lease_read && self.election_tick < 4 {
+            return rule("lease_read", "needs election_tick of at least 4 (the lease lasts election_tick / 2)");
+        }
         if self.max_inflight_msgs == 0 || self.max_inflight_bytes == 0 || self.snapshot_chunk_bytes == 0 {
             return rule("max_inflight_msgs/max_inflight_bytes/snapshot_chunk_bytes", "must be positive");
         }
@@ -145,10 +150,16 @@ struct PendingRead {
 const HEARTBEAT_ROUNDS_REMEMBERED: usize = 256;
 /// Snapshot chunks sent to one follower before it acknowledges the first of them.
 pub const SNAPSHOT_CHUNKS_IN_FLIGHT: u64 = 4;
+/// Leader ticks without an acknowledged chunk before the window is resent.
+const SNAPSHOT_STALL_TICKS: u64 = 3;
 
 /// A snapshot being received in chunks.
 struct IncomingSnapshot {
     meta: SnapshotMeta,
+    /// Chunks are taken from one leader in one term only: another leader's encoding of the
+    /// same snapshot may differ byte for byte.
+    from: NodeId,
+    term: Term,
     data: Vec<u8>,
 }
 
@@ -185,6 +196,12 @@ pub struct Raft<S: Storage> {
     /// Set once this leader started a transfer: the target may campaign at any time after, so
     /// no lease can be trusted for the rest of the term.
     lease_revoked: bool,
+    /// When (in `ticks`) a leader's message last arrived, whatever happened to the term since:
+    /// a lease may count on this node until an election timeout after it.
+    leader_contact_tick: Option<u64>,
+    /// A heartbeat round is owed to reads that arrived since the last one: sent once per
+    /// `Ready` (or tick), so many reads share one round.
+    read_round_owed: bool,
 }
 
 impl<S: Storage> Raft<S> {
@@ -217,6 +234,8 @@ impl<S: Storage> Raft<S> {
             heartbeat_round: 0,
             round_sent_at: VecDeque::new(),
             lease_revoked: false,
+            leader_contact_tick: None,
+            read_round_owed: false,
             rng: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             config,
         };
@@ -454,12 +473,17 @@ impl<S: Storage> Raft<S> {
     }
 
     /// True while this node must not help elect anyone: it heard from a leader within an
-    /// election timeout (check_quorum), or it started less than one ago and may have heard
-    /// from one before a crash (lease reads count on that).
+    /// election timeout (check_quorum); with lease reads also when it started less than one
+    /// ago (it may have heard from a leader before a crash), or heard from any leader less
+    /// than one ago even if a newer term has been seen since.
     fn withholds_votes(&self) -> bool {
+        let election_ticks = u64::from(self.config.election_tick);
         let heard_from_leader = self.leader.is_some() && self.election_elapsed < self.config.election_tick;
-        let just_started = self.config.lease_read && self.ticks < u64::from(self.config.election_tick);
-        self.config.check_quorum && (heard_from_leader || just_started)
+        // For leases, contact counts even if a higher term has cleared `leader` since.
+        let lease_contact = self.config.lease_read
+            && (self.ticks < election_ticks
+                || self.leader_contact_tick.is_some_and(|t| self.ticks < t + election_ticks));
+        self.config.check_quorum && (heard_from_leader || lease_contact)
     }
 
     fn handle_vote_request(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
@@ -492,6 +516,9 @@ impl<S: Storage> Raft<S> {
     }
 
     fn step_follower(&mut self, m: Message) {
+        if matches!(m.kind, MessageKind::Append { .. } | MessageKind::Heartbeat { .. } | MessageKind::Snapshot { .. }) {
+            self.leader_contact_tick = Some(self.ticks);
+        }
         match m.kind {
             MessageKind::Append { prev_index, prev_term, entries, commit } => {
                 self.election_elapsed = 0;
@@ -543,10 +570,15 @@ impl<S: Storage> Raft<S> {
             self.send(from, MessageKind::SnapshotResponse { index });
             return;
         }
-        let same_snapshot = self.incoming_snapshot.as_ref().is_some_and(|s| s.meta == meta);
+        let term = self.term;
+        let same_snapshot =
+            self.incoming_snapshot.as_ref().is_some_and(|s| s.meta == meta && s.from == from && s.term == term);
         if !same_snapshot {
-            self.incoming_snapshot =
-                if offset == 0 { Some(IncomingSnapshot { meta: meta.clone(), data: Vec::new() }) } else { None };
+            self.incoming_snapshot = if offset == 0 {
+                Some(IncomingSnapshot { meta: meta.clone(), from, term, data: Vec::new() })
+            } else {
+                None
+            };
         }
         let Some(incoming) = self.incoming_snapshot.as_mut() else {
             self.send(from, MessageKind::SnapshotProgress { index: meta.index, received_bytes: 0 });
@@ -564,7 +596,7 @@ impl<S: Storage> Raft<S> {
             self.send(from, MessageKind::SnapshotProgress { index: meta.index, received_bytes });
             return;
         }
-        let IncomingSnapshot { meta, data } = self.incoming_snapshot.take().expect("matched above");
+        let IncomingSnapshot { meta, data, .. } = self.incoming_snapshot.take().expect("matched above");
         let index = meta.index;
         if self.log.match_term(meta.index, meta.term) {
             // The log already holds the snapshot's last entry: just commit up to it.
@@ -605,14 +637,18 @@ impl<S: Storage> Raft<S> {
                 }
                 if matches!(progress.state, ProgressState::Snapshot { .. }) {
                     let transfer = &mut progress.snapshot_transfer;
-                    if transfer.acked_bytes == transfer.acked_at_last_heartbeat
-                        && transfer.sent_bytes > transfer.acked_bytes
+                    if transfer.acked_bytes != transfer.acked_at_last_check {
+                        transfer.acked_at_last_check = transfer.acked_bytes;
+                        transfer.last_progress_tick = self.ticks;
+                    } else if transfer.sent_bytes > transfer.acked_bytes
+                        && self.ticks >= transfer.last_progress_tick + SNAPSHOT_STALL_TICKS
                     {
-                        // Nothing moved for a heartbeat round trip: resend from what it holds.
+                        // Nothing acknowledged for a while although chunks are out: resend
+                        // from what the follower holds.
                         transfer.sent_bytes = transfer.acked_bytes;
                         transfer.sent_done = false;
+                        transfer.last_progress_tick = self.ticks;
                     }
-                    transfer.acked_at_last_heartbeat = transfer.acked_bytes;
                     self.send_snapshot_chunks(from);
                 } else if progress.match_index < self.log.last_index() {
                     self.send_append(from);
@@ -755,8 +791,21 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    /// Sends the heartbeat round reads are waiting for, if one is owed (called when a `Ready`
+    /// is collected, so all reads since the last one share a round).
+    pub(crate) fn send_owed_read_round(&mut self) {
+        if self.read_round_owed && self.role == Role::Leader {
+            self.broadcast_heartbeat();
+        }
+    }
+
+    pub(crate) fn owes_read_round(&self) -> bool {
+        self.read_round_owed && self.role == Role::Leader
+    }
+
     /// Sends a new heartbeat round to every peer and remembers when it went out.
     fn broadcast_heartbeat(&mut self) {
+        self.read_round_owed = false;
         self.heartbeat_round += 1;
         let round = self.heartbeat_round;
         if self.round_sent_at.len() == HEARTBEAT_ROUNDS_REMEMBERED {
@@ -789,11 +838,15 @@ impl<S: Storage> Raft<S> {
     /// True while no other leader can have been elected: a quorum answered a heartbeat sent
     /// less than `election_tick / 2` ticks ago, and those voters ignore candidates for a whole
     /// election timeout after hearing it (see `Config::lease_read`).
-    fn holds_lease(&self) -> bool {
+    pub(crate) fn holds_lease(&self) -> bool {
         if !self.config.lease_read || self.lease_revoked || self.transferee.is_some() {
             return false;
         }
-        let round = self.quorum_round();
+        let round = if self.config.injected_bug == Some(InjectedBug::LeaseWithoutQuorumContact) {
+            self.heartbeat_round
+        } else {
+            self.quorum_round()
+        };
         let Some(&(_, sent_at)) = self.round_sent_at.iter().find(|(r, _)| *r == round) else { return false };
         self.ticks < sent_at + u64::from(self.config.election_tick / 2)
     }
@@ -935,8 +988,12 @@ impl<S: Storage> Raft<S> {
         if self.role == Role::Leader {
             if !self.voters.contains(&self.id) {
                 self.become_follower(self.term, None);
-            } else if self.maybe_commit() {
-                self.broadcast_append();
+            } else {
+                if self.maybe_commit() {
+                    self.broadcast_append();
+                }
+                // A smaller quorum may already have confirmed waiting reads.
+                self.confirm_reads();
             }
         }
         self.conf_state()
@@ -1009,13 +1066,15 @@ impl<S: Storage> Raft<S> {
             return Ok(());
         }
         let index = self.log.committed;
-        if self.voters.len() == 1 || self.holds_lease() {
+        // Reads are answered in the order they arrived: a lease does not overtake a read
+        // still waiting for its round.
+        if self.pending_reads.is_empty() && (self.voters.len() == 1 || self.holds_lease()) {
             self.answer_read(context, index, requester);
             return Ok(());
         }
-        // Answered once a quorum answers a round sent after the read arrived.
-        self.broadcast_heartbeat();
-        let round = self.heartbeat_round;
+        // Answered once a quorum answers a round sent after the read arrived (the next one).
+        let round = self.heartbeat_round + 1;
+        self.read_round_owed = true;
         self.pending_reads.push_back(PendingRead { context, index, requester, round });
         Ok(())
     }

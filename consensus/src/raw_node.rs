@@ -102,6 +102,7 @@ impl<S: Storage> RawNode<S> {
             || !log.unstable_entries().is_empty()
             || !self.raft.msgs.is_empty()
             || !self.raft.read_states.is_empty()
+            || self.raft.owes_read_round()
             || log.committed.min(log.persisted_index()) > log.applied
     }
 
@@ -109,6 +110,7 @@ impl<S: Storage> RawNode<S> {
     pub fn ready(&mut self) -> Ready {
         assert!(!self.awaiting_advance, "ready() called again before advance()");
         self.awaiting_advance = true;
+        self.raft.send_owed_read_round();
         let soft_state = self.soft_state();
         let hard_state = self.raft.hard_state();
         let log = &self.raft.log;

@@ -188,6 +188,24 @@ fn decode_write(data: &[u8]) -> Option<(u64, u64, u64)> {
     Some((field(0), field(1), field(2)))
 }
 
+/// Which kind of message (and its main number), for the trace digest.
+fn kind_tag(kind: &MessageKind) -> u64 {
+    match kind {
+        MessageKind::VoteRequest { last_index, .. } => 1 << 56 | last_index,
+        MessageKind::VoteResponse { granted, .. } => 2 << 56 | u64::from(*granted),
+        MessageKind::Append { prev_index, entries, .. } => 3 << 56 | prev_index << 16 | entries.len() as u64,
+        MessageKind::AppendResponse { index, reject, .. } => 4 << 56 | index << 1 | u64::from(*reject),
+        MessageKind::Heartbeat { round, .. } => 5 << 56 | round,
+        MessageKind::HeartbeatResponse { round } => 6 << 56 | round,
+        MessageKind::Snapshot { offset, .. } => 7 << 56 | offset,
+        MessageKind::SnapshotProgress { received_bytes, .. } => 8 << 56 | received_bytes,
+        MessageKind::SnapshotResponse { index } => 9 << 56 | index,
+        MessageKind::TimeoutNow => 10 << 56,
+        MessageKind::ReadIndex { context } => 11 << 56 | context,
+        MessageKind::ReadIndexResponse { index, .. } => 12 << 56 | index,
+    }
+}
+
 /// FNV-1a, continued from `h`.
 fn hash_into(h: u64, data: &[u8]) -> u64 {
     data.iter().fold(h, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
@@ -388,6 +406,7 @@ impl Simulation {
     }
 
     fn step_ms(&mut self) -> Result<(), Violation> {
+        SIMULATED_MS.with(|at| at.set(self.now_ms));
         self.nemesis()?;
         self.restart_due_nodes();
         self.deliver_messages();
@@ -588,7 +607,7 @@ impl Simulation {
             }
             let Some(target) = self.nodes.get_mut(message.to as usize - 1) else { continue };
             if let Some(node) = target.node.as_mut() {
-                let digest = [self.now_ms, message.from, message.to, message.term];
+                let digest = [self.now_ms, message.from, message.to, message.term, kind_tag(&message.kind)];
                 self.report.trace_digest =
                     digest.iter().fold(self.report.trace_digest, |h, v| hash_into(h, &v.to_le_bytes()));
                 node.step(message);
@@ -668,6 +687,25 @@ impl Simulation {
             }
             self.leaders.insert(term, id);
         }
+        self.check_leases()
+    }
+
+    /// The lease's own claim, checked directly: while a leader of term T holds a lease, no
+    /// node leads a later term. (A stale read needs a write in between to show up in the
+    /// history; this catches the broken lease even when no such write happened.)
+    fn check_leases(&self) -> Result<(), Violation> {
+        if !self.options.lease_read {
+            return Ok(());
+        }
+        let running = || self.nodes.iter().filter_map(|n| n.node.as_ref()).map(|n| &n.raft);
+        for holder in running().filter(|r| r.role == Role::Leader && r.holds_lease()) {
+            if let Some(newer) = running().find(|r| r.role == Role::Leader && r.term > holder.term) {
+                return Err(self.violation(format!(
+                    "lease: leader {} of term {} holds a lease while {} leads term {}",
+                    holder.id, holder.term, newer.id, newer.term
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -688,6 +726,7 @@ impl Simulation {
             ))
         })?;
         let observer_term = raw.raft.term;
+        let mut newly_known = Vec::new();
         for entry in &entries {
             let hash = hash_entry(entry);
             match self.committed.get_mut(&entry.index) {
@@ -698,10 +737,29 @@ impl Simulation {
                         self.nodes[i].id, entry.index, entry.term
                     )));
                 }
-                Some(known) => known.known_in_term = known.known_in_term.min(observer_term),
+                Some(known) => {
+                    if observer_term < known.known_in_term {
+                        known.known_in_term = observer_term;
+                        newly_known.push((entry.index, entry.term, observer_term));
+                    }
+                }
                 None => {
                     let committed = CommittedEntry { term: entry.term, hash, known_in_term: observer_term };
                     self.committed.insert(entry.index, committed);
+                    newly_known.push((entry.index, entry.term, observer_term));
+                }
+            }
+        }
+        // Leaders elected before this was known committed must hold it too.
+        for (index, entry_term, known_in_term) in newly_known {
+            for node in self.nodes.iter().filter_map(|n| n.node.as_ref()) {
+                let raft = &node.raft;
+                let lacks = raft.log.first_index() <= index && raft.log.term_or_zero(index) != entry_term;
+                if raft.role == Role::Leader && raft.term > known_in_term && lacks {
+                    return Err(self.violation(format!(
+                        "leader completeness: leader {} of term {} lacks committed entry {index} (term {entry_term})",
+                        raft.id, raft.term
+                    )));
                 }
             }
         }
@@ -1093,6 +1151,11 @@ impl Simulation {
     }
 }
 
+thread_local! {
+    /// The simulated time of the step running on this thread, for reporting panics.
+    static SIMULATED_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Runs one seed with the options it expands to.
 pub fn run_seed(seed: u64, injected_bug: Option<InjectedBug>) -> Result<SimReport, Violation> {
     let mut options = SimOptions::from_seed(seed);
@@ -1109,7 +1172,7 @@ pub fn run_options(options: SimOptions) -> Result<SimReport, Violation> {
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "a panic without a message".into());
-        Err(Violation { at_ms: 0, what: format!("panic: {message}") })
+        Err(Violation { at_ms: SIMULATED_MS.with(|at| at.get()), what: format!("panic: {message}") })
     })
 }
 

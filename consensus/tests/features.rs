@@ -631,6 +631,37 @@ fn a_lease_ends_half_an_election_timeout_after_the_last_quorum_contact() {
 }
 
 #[test]
+fn a_voter_that_heard_the_leader_withholds_its_vote_even_after_a_higher_term_message() {
+    let mut net = Net::new(&[1, 2, 3], |c| {
+        c.lease_read = true;
+        c.pre_vote = false;
+    });
+    net.warm_up_except(1);
+    net.elect(1);
+    net.tick(1, 1);
+    net.settle();
+    let term = net.raft(2).term;
+    let last_index = net.raft(2).log.last_index();
+    // A stray higher-term message (a late vote answer) makes node 2 forget who leads...
+    net.node(2).step(Message {
+        from: 3,
+        to: 2,
+        term: term + 1,
+        kind: MessageKind::VoteResponse { pre: false, granted: false },
+    });
+    assert_eq!(net.raft(2).leader, None);
+    // ...yet a candidate asking within an election timeout of the leader's last heartbeat is
+    // ignored: node 1's lease counts on node 2.
+    let request = MessageKind::VoteRequest { pre: false, last_index: last_index + 10, last_term: term + 1, force: false };
+    net.node(2).step(Message { from: 3, to: 2, term: term + 2, kind: request });
+    net.collect();
+    assert!(
+        !net.queue.iter().any(|m| m.from == 2 && matches!(m.kind, MessageKind::VoteResponse { granted: true, .. })),
+        "node 2 granted a vote inside the lease"
+    );
+}
+
+#[test]
 fn a_restarted_node_with_leases_withholds_its_vote_for_an_election_timeout() {
     let mut net = Net::new(&[1, 2, 3], |c| c.lease_read = true);
     // Node 3 "restarts": a fresh RawNode on its storage has heard from no leader, yet before a

@@ -1,7 +1,8 @@
 //! `raft-sim`: runs the deterministic cluster simulator over seeds and prints, for each failure,
 //! the options the seed expands to, the broken invariant, and the command that replays it.
 //!
-//! Usage: raft-sim [--seeds FROM..TO | --seed N] [--bug commit-earlier-terms|vote-without-log-check]
+//! Usage: raft-sim [--seeds FROM..TO | --seed N]
+//!                 [--bug commit-earlier-terms|vote-without-log-check|lease-without-quorum-contact]
 //!                 [--threads T]
 //!        raft-sim --bench BATCH   (CPU cost per committed entry, 3 nodes, no faults)
 
@@ -11,6 +12,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 use sundial_consensus::sim::{run_seed, SimOptions};
 use sundial_consensus::InjectedBug;
+
+const BUG_NAMES: &str = "--bug: commit-earlier-terms, vote-without-log-check or lease-without-quorum-contact";
 
 struct Args {
     seeds: std::ops::Range<u64>,
@@ -41,7 +44,8 @@ fn parse() -> Result<Args, String> {
                 args.bug = Some(match value.as_str() {
                     "commit-earlier-terms" => InjectedBug::CommitEarlierTermsByCounting,
                     "vote-without-log-check" => InjectedBug::VoteWithoutLogCheck,
-                    _ => return Err("--bug: commit-earlier-terms or vote-without-log-check".into()),
+                    "lease-without-quorum-contact" => InjectedBug::LeaseWithoutQuorumContact,
+                    _ => return Err(BUG_NAMES.into()),
                 })
             }
             "--threads" => {
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
     let bug = match args.bug {
         Some(InjectedBug::CommitEarlierTermsByCounting) => " --bug commit-earlier-terms",
         Some(InjectedBug::VoteWithoutLogCheck) => " --bug vote-without-log-check",
+        Some(InjectedBug::LeaseWithoutQuorumContact) => " --bug lease-without-quorum-contact",
         None => "",
     };
     for (seed, violation) in &failures {
