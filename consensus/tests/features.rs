@@ -652,7 +652,8 @@ fn a_voter_that_heard_the_leader_withholds_its_vote_even_after_a_higher_term_mes
     assert_eq!(net.raft(2).leader, None);
     // ...yet a candidate asking within an election timeout of the leader's last heartbeat is
     // ignored: node 1's lease counts on node 2.
-    let request = MessageKind::VoteRequest { pre: false, last_index: last_index + 10, last_term: term + 1, force: false };
+    let request =
+        MessageKind::VoteRequest { pre: false, last_index: last_index + 10, last_term: term + 1, force: false };
     net.node(2).step(Message { from: 3, to: 2, term: term + 2, kind: request });
     net.collect();
     assert!(

@@ -1,0 +1,153 @@
+//! Per-host limits, pure and driven by the caller's clock: a token bucket (rate and burst)
+//! and a circuit breaker (closed → open after consecutive failures → half-open after a
+//! cool-down, one probe at a time → closed on success, open again on failure).
+
+/// Requests per second with a burst allowance. Time is in milliseconds from any origin.
+#[derive(Clone, Debug)]
+pub struct TokenBucket {
+    /// Thousandths of a token, so refills need no floating point.
+    milli_tokens: u64,
+    capacity_milli: u64,
+    refill_milli_per_ms: u64,
+    last_ms: u64,
+}
+
+impl TokenBucket {
+    pub fn new(per_second: u32, burst: u32, now_ms: u64) -> TokenBucket {
+        let capacity_milli = u64::from(burst.max(1)) * 1000;
+        TokenBucket {
+            milli_tokens: capacity_milli,
+            capacity_milli,
+            refill_milli_per_ms: u64::from(per_second),
+            last_ms: now_ms,
+        }
+    }
+
+    fn refill(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.last_ms);
+        self.milli_tokens = (self.milli_tokens + elapsed * self.refill_milli_per_ms).min(self.capacity_milli);
+        self.last_ms = self.last_ms.max(now_ms);
+    }
+
+    /// Takes a token if one is there.
+    pub fn try_take(&mut self, now_ms: u64) -> bool {
+        self.refill(now_ms);
+        if self.milli_tokens >= 1000 {
+            self.milli_tokens -= 1000;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// When the next token will be there (`now_ms` if one is).
+    pub fn next_token_ms(&mut self, now_ms: u64) -> u64 {
+        self.refill(now_ms);
+        if self.milli_tokens >= 1000 || self.refill_milli_per_ms == 0 {
+            return now_ms;
+        }
+        now_ms + (1000 - self.milli_tokens).div_ceil(self.refill_milli_per_ms)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open {
+        until_ms: u64,
+    },
+    /// One probe may go; its outcome decides.
+    HalfOpen {
+        probing: bool,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct CircuitBreaker {
+    pub state: BreakerState,
+    consecutive_failures: u32,
+    failures_to_open: u32,
+    open_ms: u64,
+}
+
+impl CircuitBreaker {
+    pub fn new(failures_to_open: u32, open_ms: u64) -> CircuitBreaker {
+        CircuitBreaker {
+            state: BreakerState::Closed,
+            consecutive_failures: 0,
+            failures_to_open: failures_to_open.max(1),
+            open_ms,
+        }
+    }
+
+    /// May a request go now? In half-open, only one at a time (the probe).
+    pub fn try_acquire(&mut self, now_ms: u64) -> bool {
+        match self.state {
+            BreakerState::Closed => true,
+            BreakerState::Open { until_ms } if now_ms >= until_ms => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+            BreakerState::Open { .. } => false,
+            BreakerState::HalfOpen { probing: false } => {
+                self.state = BreakerState::HalfOpen { probing: true };
+                true
+            }
+            BreakerState::HalfOpen { probing: true } => false,
+        }
+    }
+
+    /// When a request may go again, if the breaker refuses now.
+    pub fn reopens_at_ms(&self) -> Option<u64> {
+        match self.state {
+            BreakerState::Open { until_ms } => Some(until_ms),
+            _ => None,
+        }
+    }
+
+    pub fn record(&mut self, success: bool, now_ms: u64) {
+        if success {
+            self.consecutive_failures = 0;
+            self.state = BreakerState::Closed;
+            return;
+        }
+        self.consecutive_failures += 1;
+        let probe_failed = matches!(self.state, BreakerState::HalfOpen { .. });
+        if probe_failed || self.consecutive_failures >= self.failures_to_open {
+            self.state = BreakerState::Open { until_ms: now_ms + self.open_ms };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bucket_allows_a_burst_then_the_rate() {
+        let mut bucket = TokenBucket::new(10, 3, 0);
+        assert!((0..3).all(|_| bucket.try_take(0)), "a burst of 3");
+        assert!(!bucket.try_take(0));
+        assert_eq!(bucket.next_token_ms(0), 100, "10 per second: one every 100 ms");
+        assert!(!bucket.try_take(99));
+        assert!(bucket.try_take(100));
+    }
+
+    #[test]
+    fn the_breaker_opens_probes_and_closes() {
+        let mut breaker = CircuitBreaker::new(3, 1_000);
+        for _ in 0..3 {
+            assert!(breaker.try_acquire(0));
+            breaker.record(false, 0);
+        }
+        assert_eq!(breaker.state, BreakerState::Open { until_ms: 1_000 });
+        assert!(!breaker.try_acquire(999));
+        assert!(breaker.try_acquire(1_000), "half-open: one probe");
+        assert!(!breaker.try_acquire(1_000), "only one");
+        breaker.record(false, 1_010);
+        assert_eq!(breaker.state, BreakerState::Open { until_ms: 2_010 }, "a failed probe reopens");
+        assert!(breaker.try_acquire(2_010));
+        breaker.record(true, 2_020);
+        assert_eq!(breaker.state, BreakerState::Closed);
+    }
+}

@@ -1,0 +1,391 @@
+//! The webhook dispatcher, the engine's I/O shell: a bounded queue ordered by priority then
+//! due time, per-host concurrency limits, token buckets and circuit breakers, an HTTP/1.1
+//! client (hyper, pooled per host, TLS through rustls) behind the SSRF guard, per-attempt
+//! timeouts and cancellation. It decides nothing about retries: each attempt's outcome is
+//! sent back as a value, which the runtime turns into a command.
+
+pub mod guard;
+pub mod limits;
+pub mod sign;
+
+use crate::job::Target;
+use crate::state::{ErrorClass, Outcome};
+use bytes::Bytes;
+use guard::{AddressPolicy, GuardedResolver};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use limits::{CircuitBreaker, TokenBucket};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+/// Queued attempts looked at per pass when the first ones' hosts are busy.
+const SCAN_PER_PASS_MAX: usize = 1024;
+
+#[derive(Clone, Debug)]
+pub struct DispatchConfig {
+    /// Attempts waiting to start; beyond it `submit` refuses and the fire stays due.
+    pub queue_capacity: usize,
+    pub per_host_concurrency: usize,
+    pub per_host_rate_per_second: u32,
+    pub per_host_burst: u32,
+    /// Consecutive failures (connection errors, timeouts, 5xx, 429) that open a host's
+    /// breaker, and how long it stays open before one probe is let through.
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+    pub address_policy: AddressPolicy,
+    /// Signs requests of jobs without their own secret.
+    pub global_secret: Option<Vec<u8>>,
+    /// Bytes of a response body read (the rest is not read).
+    pub response_body_max_bytes: usize,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> DispatchConfig {
+        DispatchConfig {
+            queue_capacity: 10_000,
+            per_host_concurrency: 32,
+            per_host_rate_per_second: 1_000,
+            per_host_burst: 100,
+            breaker_failures: 5,
+            breaker_open_ms: 30_000,
+            address_policy: AddressPolicy::default(),
+            global_secret: None,
+            response_body_max_bytes: 4096,
+        }
+    }
+}
+
+/// One attempt to run.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub job_id: String,
+    pub fire_ms: u64,
+    pub attempt: u32,
+    pub priority: u8,
+    pub due_ms: u64,
+    pub target: Target,
+    pub timeout_ms: u64,
+    pub secret: Option<Vec<u8>>,
+}
+
+/// What became of an attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttemptResult {
+    pub job_id: String,
+    pub fire_ms: u64,
+    pub attempt: u32,
+    pub started_ms: u64,
+    pub finished_ms: u64,
+    pub outcome: Outcome,
+}
+
+/// The queue is full: the attempt is handed back and its fire stays due.
+#[derive(Debug, thiserror::Error)]
+#[error("the dispatch queue is full ({capacity} attempts)")]
+pub struct QueueFull {
+    pub capacity: usize,
+    pub attempt: Box<Attempt>,
+}
+
+struct HostState {
+    in_flight: usize,
+    bucket: TokenBucket,
+    breaker: CircuitBreaker,
+}
+
+struct Inner {
+    /// (priority, due, sequence) → attempt: 0 is the most urgent priority.
+    queue: BTreeMap<(u8, u64, u64), Attempt>,
+    sequence: u64,
+    hosts: HashMap<String, HostState>,
+    /// Cancel handles of running attempts, by (job, fire).
+    running: HashMap<(String, u64), oneshot::Sender<()>>,
+}
+
+type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+
+struct Shared {
+    inner: Mutex<Inner>,
+    wake: Notify,
+    config: DispatchConfig,
+    client: HttpClient,
+    results: mpsc::Sender<AttemptResult>,
+}
+
+/// A handle on the dispatcher; its driver runs on the current tokio runtime until every
+/// handle is dropped.
+#[derive(Clone)]
+pub struct Dispatcher {
+    shared: Arc<Shared>,
+}
+
+/// Wall-clock milliseconds: the shell stamps attempts; commands carry these times.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Dispatcher {
+    /// Starts a dispatcher whose results go to `results` (bounded: a slow consumer slows
+    /// attempts down rather than growing memory).
+    pub fn start(config: DispatchConfig, results: mpsc::Sender<AttemptResult>) -> Dispatcher {
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: config.address_policy });
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client =
+            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(config.per_host_concurrency).build(tls);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                queue: BTreeMap::new(),
+                sequence: 0,
+                hosts: HashMap::new(),
+                running: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            config,
+            client,
+            results,
+        });
+        tokio::spawn(drive(shared.clone()));
+        Dispatcher { shared }
+    }
+
+    /// Queues an attempt; refused (handed back) when the queue is full.
+    pub fn submit(&self, attempt: Attempt) -> Result<(), QueueFull> {
+        let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
+        if inner.queue.len() >= self.shared.config.queue_capacity {
+            return Err(QueueFull { capacity: self.shared.config.queue_capacity, attempt: Box::new(attempt) });
+        }
+        inner.sequence += 1;
+        let key = (attempt.priority, attempt.due_ms, inner.sequence);
+        inner.queue.insert(key, attempt);
+        drop(inner);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Drops a job's queued attempts and aborts its running ones (they report `Aborted`).
+    pub fn cancel(&self, job_id: &str) {
+        let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
+        inner.queue.retain(|_, attempt| attempt.job_id != job_id);
+        let running: Vec<(String, u64)> = inner.running.keys().filter(|(job, _)| job == job_id).cloned().collect();
+        for key in running {
+            if let Some(cancel) = inner.running.remove(&key) {
+                let _ = cancel.send(());
+            }
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.shared.inner.lock().expect("no panic holds the lock").queue.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.shared.inner.lock().expect("no panic holds the lock").running.len()
+    }
+}
+
+/// The driver: starts every queued attempt whose host allows it, then sleeps until
+/// something changes (a submit, an attempt ending) or a limit lifts. It ends once no handle
+/// and no running attempt holds the dispatcher any more.
+async fn drive(shared: Arc<Shared>) {
+    // Bounded by the handles' lifetime: each pass either starts work or sleeps.
+    while Arc::strong_count(&shared) > 1 {
+        let wake_at_ms = start_ready_attempts(&shared);
+        let notified = shared.wake.notified();
+        // Without a limit to wait for, sleep until woken, checking now and then that a handle
+        // still exists.
+        let wait =
+            wake_at_ms.map_or(Duration::from_secs(1), |at| Duration::from_millis(at.saturating_sub(now_ms()).max(1)));
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+}
+
+/// Starts what can start now; returns when a limit that blocks a queued attempt lifts.
+fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
+    let config = &shared.config;
+    let now = now_ms();
+    let mut inner = shared.inner.lock().expect("no panic holds the lock");
+    let mut wake_at: Option<u64> = None;
+    let mut to_start = Vec::new();
+    let keys: Vec<(u8, u64, u64)> = inner.queue.keys().take(SCAN_PER_PASS_MAX).copied().collect();
+    for key in keys {
+        let host = host_key(&inner.queue[&key].target.url);
+        let state = inner.hosts.entry(host).or_insert_with(|| HostState {
+            in_flight: 0,
+            bucket: TokenBucket::new(config.per_host_rate_per_second, config.per_host_burst, now),
+            breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_open_ms),
+        });
+        if state.in_flight >= config.per_host_concurrency {
+            continue; // an attempt ending wakes the driver
+        }
+        if let Some(reopen) = state.breaker.reopens_at_ms().filter(|at| *at > now) {
+            wake_at = Some(wake_at.map_or(reopen, |w| w.min(reopen)));
+            continue;
+        }
+        let token_at = state.bucket.next_token_ms(now);
+        if token_at > now {
+            wake_at = Some(wake_at.map_or(token_at, |w| w.min(token_at)));
+            continue;
+        }
+        if !state.breaker.try_acquire(now) {
+            continue; // half-open with its probe out
+        }
+        state.bucket.try_take(now);
+        state.in_flight += 1;
+        let attempt = inner.queue.remove(&key).expect("key from the queue");
+        let (cancel, cancelled) = oneshot::channel();
+        inner.running.insert((attempt.job_id.clone(), attempt.fire_ms), cancel);
+        to_start.push((attempt, cancelled));
+    }
+    drop(inner);
+    for (attempt, cancelled) in to_start {
+        tokio::spawn(run_attempt(shared.clone(), attempt, cancelled));
+    }
+    wake_at
+}
+
+fn host_key(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(uri) => format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str())),
+        Err(_) => url.to_string(),
+    }
+}
+
+async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, cancelled: oneshot::Receiver<()>) {
+    let started_ms = now_ms();
+    let outcome = tokio::select! {
+        outcome = send(&shared, &attempt) => outcome,
+        _ = cancelled => Outcome::Error(ErrorClass::Aborted),
+    };
+    let finished_ms = now_ms();
+    {
+        let mut inner = shared.inner.lock().expect("no panic holds the lock");
+        inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms));
+        if let Some(host) = inner.hosts.get_mut(&host_key(&attempt.target.url)) {
+            host.in_flight -= 1;
+            let host_failed = match &outcome {
+                Outcome::Response { status, .. } => *status >= 500 || *status == 429,
+                Outcome::Error(ErrorClass::Aborted | ErrorClass::Refused) => false,
+                Outcome::Error(_) => true,
+            };
+            if !matches!(outcome, Outcome::Error(ErrorClass::Aborted)) {
+                host.breaker.record(!host_failed, finished_ms);
+            }
+        }
+    }
+    shared.wake.notify_one();
+    let result = AttemptResult {
+        job_id: attempt.job_id,
+        fire_ms: attempt.fire_ms,
+        attempt: attempt.attempt,
+        started_ms,
+        finished_ms,
+        outcome,
+    };
+    let _ = shared.results.send(result).await;
+}
+
+/// Sends one request and reads (a bounded part of) the answer, within the attempt timeout.
+async fn send(shared: &Shared, attempt: &Attempt) -> Outcome {
+    let Ok(uri) = attempt.target.url.parse::<hyper::Uri>() else { return Outcome::Error(ErrorClass::Other) };
+    // IP literals never reach the resolver: check them here.
+    if let Some(host) = uri.host() {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+            if shared.config.address_policy.refuses(ip).is_some() {
+                return Outcome::Error(ErrorClass::Refused);
+            }
+        }
+    }
+    let request = match build_request(&shared.config, attempt, uri) {
+        Some(request) => request,
+        None => return Outcome::Error(ErrorClass::Other),
+    };
+    let limit = shared.config.response_body_max_bytes;
+    let exchange = async {
+        let response = shared.client.request(request).await?;
+        let status = response.status().as_u16();
+        let retry_after_ms =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let mut body = response.into_body();
+        let mut kept = Vec::new();
+        // Bounded: stops once `limit` bytes are kept (the rest is never read).
+        while kept.len() < limit {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        kept.extend_from_slice(&data[..data.len().min(limit - kept.len())]);
+                    }
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+        Ok::<Outcome, hyper_util::client::legacy::Error>(Outcome::Response { status, body: kept, retry_after_ms })
+    };
+    match tokio::time::timeout(Duration::from_millis(attempt.timeout_ms), exchange).await {
+        Err(_) => Outcome::Error(ErrorClass::Timeout),
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(error)) => Outcome::Error(classify(&error)),
+    }
+}
+
+fn classify(error: &hyper_util::client::legacy::Error) -> ErrorClass {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    // Bounded by the error chain's length.
+    while let Some(current) = source {
+        if let Some(io) = current.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::PermissionDenied {
+                return ErrorClass::Refused;
+            }
+        }
+        source = current.source();
+    }
+    if error.is_connect() {
+        ErrorClass::Connect
+    } else {
+        ErrorClass::Other
+    }
+}
+
+fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) -> Option<hyper::Request<Full<Bytes>>> {
+    let target = &attempt.target;
+    let key = sign::idempotency_key(&attempt.job_id, attempt.fire_ms);
+    let mut builder = hyper::Request::builder().method(target.method.as_str()).uri(uri);
+    for (name, value) in &target.headers {
+        builder = builder.header(name.as_str(), value.as_str());
+    }
+    if let Some(content_type) = &target.content_type {
+        builder = builder.header("content-type", content_type.as_str());
+    }
+    builder = builder
+        .header("user-agent", concat!("sundial/", env!("CARGO_PKG_VERSION")))
+        .header("idempotency-key", key.as_str())
+        .header("x-sundial-job-id", attempt.job_id.as_str())
+        .header("x-sundial-attempt", attempt.attempt.to_string())
+        .header("x-sundial-fire-time", attempt.fire_ms.to_string())
+        .header("x-correlation-id", key.as_str())
+        .header("traceparent", sign::traceparent(&attempt.job_id, attempt.fire_ms, attempt.attempt));
+    if let Some(secret) = attempt.secret.as_deref().or(config.global_secret.as_deref()) {
+        builder = builder.header("x-sundial-signature", sign::signature(secret, now_ms(), &target.body));
+    }
+    builder.body(Full::new(Bytes::from(target.body.clone()))).ok()
+}
+
+/// `Retry-After`: delay seconds, or an HTTP date.
+fn parse_retry_after(value: &str) -> Option<u64> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(seconds.saturating_mul(1000));
+    }
+    let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp().as_millisecond();
+    Some(u64::try_from(at).ok()?.saturating_sub(now_ms()))
+}

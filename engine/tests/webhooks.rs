@@ -1,0 +1,233 @@
+//! The life of a fire against a real HTTP receiver on 127.0.0.1: headers and signature,
+//! retries at growing gaps, Retry-After, dead letters, timeouts, cancellation mid-attempt,
+//! the circuit breaker, a full queue that delays but loses nothing, and the SSRF guard.
+//! Time bounds are generous (seconds); what is asserted is order and outcome: fired, not
+//! early, exactly once per fire.
+
+mod common;
+
+use common::{Receiver, Reply, Script};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use sundial_engine::dispatch::guard::AddressPolicy;
+use sundial_engine::dispatch::{now_ms, sign, DispatchConfig};
+use sundial_engine::request::parse_job_request;
+use sundial_engine::runtime::{LocalRuntime, RuntimeConfig};
+use sundial_engine::state::{Command, ErrorClass, State, Status};
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn runtime(configure: impl FnOnce(&mut DispatchConfig)) -> LocalRuntime {
+    let mut dispatch = DispatchConfig {
+        address_policy: AddressPolicy { allow_loopback: true, allow_private: false },
+        ..DispatchConfig::default()
+    };
+    configure(&mut dispatch);
+    LocalRuntime::start(RuntimeConfig { dispatch, ..RuntimeConfig::default() })
+}
+
+fn create(runtime: &mut LocalRuntime, request: serde_json::Value) {
+    let now = now_ms();
+    let spec = parse_job_request(&request, now, "unused").expect("valid request");
+    runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now }).expect("created");
+}
+
+fn status_of(state: &State, id: &str) -> Status {
+    state.job(id).expect("job").status
+}
+
+fn script(f: impl Fn(usize, &common::Received) -> Reply + Send + Sync + 'static) -> Script {
+    Arc::new(f)
+}
+
+#[tokio::test]
+async fn a_fire_arrives_with_every_header_and_a_signature_the_receiver_verifies() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let mut runtime = runtime(|_| {});
+    let due = now_ms() + 300;
+    create(
+        &mut runtime,
+        json!({"id": "signed", "run_at": due, "url": receiver.url("/hook?x=1"), "method": "PUT",
+               "headers": {"Authorization": "Bearer t"}, "json": {"hello": "world"}, "secret": "top-secret"}),
+    );
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "signed") == Status::Completed).await);
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 1, "fired exactly once");
+    let request = &requests[0];
+    assert!(request.at_ms >= due, "not early: arrived {} ms before due", due.saturating_sub(request.at_ms));
+    assert_eq!((request.method.as_str(), request.path.as_str()), ("PUT", "/hook"));
+    assert_eq!(request.body, br#"{"hello":"world"}"#);
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    assert_eq!(request.header("authorization"), Some("Bearer t"));
+    assert_eq!(request.header("x-sundial-job-id"), Some("signed"));
+    assert_eq!(request.header("x-sundial-attempt"), Some("1"));
+    let key = format!("signed:{due}");
+    assert_eq!(request.header("idempotency-key"), Some(key.as_str()));
+    assert_eq!(request.header("x-correlation-id"), Some(key.as_str()));
+    let traceparent = request.header("traceparent").expect("traceparent");
+    assert!(traceparent.starts_with("00-") && traceparent.ends_with("-01") && traceparent.len() == 55, "{traceparent}");
+    let signature = request.header("x-sundial-signature").expect("signed");
+    assert!(sign::verify(b"top-secret", signature, &request.body, now_ms(), 300_000), "{signature}");
+    assert!(!sign::verify(b"wrong", signature, &request.body, now_ms(), 300_000));
+    let history = &runtime.state().job("signed").expect("job").history;
+    assert_eq!(
+        (history[0].status_code, history[0].response_body.as_slice()),
+        (Some(200), b"receiver says hi".as_slice())
+    );
+}
+
+#[tokio::test]
+async fn a_500_then_200_is_retried_at_growing_gaps_with_the_same_idempotency_key() {
+    let receiver = Receiver::start(script(|n, _| Reply::status(if n < 2 { 500 } else { 200 }))).await;
+    let mut runtime = runtime(|_| {});
+    create(
+        &mut runtime,
+        json!({"id": "flaky", "delay": 0, "url": receiver.url("/"),
+               "retry": {"max_attempts": 5, "initial_backoff_ms": 200, "multiplier": 3.0, "jitter": 0}}),
+    );
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "flaky") == Status::Completed).await);
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 3);
+    let gaps: Vec<u64> = requests.windows(2).map(|w| w[1].at_ms - w[0].at_ms).collect();
+    assert!(gaps[0] >= 200 && gaps[1] >= 600, "backoff 200 ms then 600 ms: gaps {gaps:?}");
+    assert!(gaps[1] > gaps[0], "gaps grow: {gaps:?}");
+    let keys: Vec<Option<&str>> = requests.iter().map(|r| r.header("idempotency-key")).collect();
+    assert!(keys.iter().all(|k| *k == keys[0]), "one key for the fire: {keys:?}");
+    let attempts: Vec<Option<&str>> = requests.iter().map(|r| r.header("x-sundial-attempt")).collect();
+    assert_eq!(attempts, [Some("1"), Some("2"), Some("3")]);
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_waits_at_least_that_long() {
+    let receiver = Receiver::start(script(|n, _| {
+        if n == 0 {
+            Reply::status(429).with_header("retry-after", "1")
+        } else {
+            Reply::status(204)
+        }
+    }))
+    .await;
+    let mut runtime = runtime(|_| {});
+    create(
+        &mut runtime,
+        json!({"id": "limited", "delay": 0, "url": receiver.url("/"), "retry": {"initial_backoff_ms": 50, "jitter": 0}}),
+    );
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "limited") == Status::Completed).await);
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 2);
+    let gap = requests[1].at_ms - requests[0].at_ms;
+    assert!(gap >= 1_000, "Retry-After: 1 s beats the 50 ms backoff: gap {gap} ms");
+}
+
+#[tokio::test]
+async fn a_non_retryable_404_is_dead_lettered_after_one_attempt() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(404))).await;
+    let mut runtime = runtime(|_| {});
+    create(&mut runtime, json!({"id": "gone", "delay": 0, "url": receiver.url("/missing")}));
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "gone") == Status::Failed).await);
+    // Nothing more is sent afterwards.
+    runtime.run_until(Duration::from_millis(1_500), |_| false).await;
+    assert_eq!(receiver.requests().len(), 1);
+    let (id, _, letter) = runtime.state().dead_letters().next().expect("dead-lettered");
+    assert_eq!((id, letter.attempts, letter.reason.as_str()), ("gone", 1, "not retryable"));
+}
+
+#[tokio::test]
+async fn a_slow_receiver_times_out_and_the_fire_is_retried() {
+    let receiver =
+        Receiver::start(script(|n, _| if n == 0 { Reply::status(200).after_ms(3_000) } else { Reply::status(200) }))
+            .await;
+    let mut runtime = runtime(|_| {});
+    create(
+        &mut runtime,
+        json!({"id": "slow", "delay": 0, "url": receiver.url("/"), "attempt_timeout_ms": 300,
+               "retry": {"initial_backoff_ms": 100, "jitter": 0}}),
+    );
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "slow") == Status::Completed).await);
+    let history = &runtime.state().job("slow").expect("job").history;
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0].error, Some(ErrorClass::Timeout));
+    assert!(history[0].finished_ms - history[0].started_ms < 2_500, "gave up near the 300 ms timeout");
+    assert_eq!(history[1].status_code, Some(200));
+}
+
+#[tokio::test]
+async fn cancelling_a_job_aborts_its_attempt_in_flight() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200).after_ms(10_000))).await;
+    let mut runtime = runtime(|_| {});
+    create(&mut runtime, json!({"id": "doomed", "delay": 0, "url": receiver.url("/")}));
+    assert!(runtime.run_until(PATIENCE, |_| !receiver.requests().is_empty()).await, "the attempt reached the receiver");
+    assert_eq!(runtime.dispatcher().running(), 1);
+    runtime.apply(Command::Cancel { id: "doomed".into(), now_ms: now_ms() }).expect("cancelled");
+    // Two seconds of running the loop: the aborted attempt's outcome comes back and is applied.
+    runtime.run_until(Duration::from_secs(2), |_| false).await;
+    assert_eq!(runtime.dispatcher().running(), 0, "the request was aborted, not awaited for 10 s");
+    assert_eq!(runtime.stats().attempts_finished, 1);
+    assert_eq!(status_of(runtime.state(), "doomed"), Status::Cancelled);
+    assert_eq!(receiver.requests().len(), 1, "no retry after a cancel");
+}
+
+#[tokio::test]
+async fn the_circuit_opens_after_consecutive_failures_and_closes_after_a_good_probe() {
+    let receiver = Receiver::start(script(|n, _| Reply::status(if n < 3 { 503 } else { 200 }))).await;
+    let mut runtime = runtime(|d| {
+        d.breaker_failures = 3;
+        d.breaker_open_ms = 1_500;
+    });
+    create(
+        &mut runtime,
+        json!({"id": "breaker", "delay": 0, "url": receiver.url("/a"),
+               "retry": {"max_attempts": 10, "initial_backoff_ms": 50, "multiplier": 1.0, "jitter": 0}}),
+    );
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "breaker") == Status::Completed).await);
+    let requests = receiver.requests();
+    assert_eq!(requests.len(), 4, "three failures, then the probe succeeds");
+    let gap = requests[3].at_ms - requests[2].at_ms;
+    assert!(gap >= 1_500, "the open breaker held the 50 ms retry for its 1.5 s: gap {gap} ms");
+    // Closed again: a new job to the same host goes at once.
+    let before = now_ms();
+    create(&mut runtime, json!({"id": "after", "delay": 0, "url": receiver.url("/b")}));
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "after") == Status::Completed).await);
+    assert!(receiver.requests()[4].at_ms - before < 1_500, "not held by the breaker");
+}
+
+#[tokio::test]
+async fn a_full_queue_makes_fires_wait_and_loses_none() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200).after_ms(50))).await;
+    let mut runtime = runtime(|d| {
+        d.queue_capacity = 2;
+        d.per_host_concurrency = 1;
+    });
+    let due = now_ms() + 200;
+    for i in 0..20 {
+        create(&mut runtime, json!({"id": format!("job-{i}"), "run_at": due, "url": receiver.url("/")}));
+    }
+    let all_done = |s: &State| s.count(Status::Completed) == 20;
+    assert!(runtime.run_until(PATIENCE, all_done).await, "all 20 fired");
+    assert!(runtime.stats().queue_full_waits > 0, "the queue was full at times");
+    let mut keys: Vec<String> =
+        receiver.requests().iter().map(|r| r.header("idempotency-key").expect("key").to_string()).collect();
+    keys.sort();
+    let expected: Vec<String> = {
+        let mut k: Vec<String> = (0..20).map(|i| format!("job-{i}:{due}")).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys, expected, "each fire exactly once");
+}
+
+#[tokio::test]
+async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let mut runtime = runtime(|d| d.address_policy = AddressPolicy::default());
+    create(&mut runtime, json!({"id": "ip", "delay": 0, "url": receiver.url("/")}));
+    let by_name = format!("http://localhost:{}/", receiver.addr.port());
+    create(&mut runtime, json!({"id": "name", "delay": 0, "url": by_name}));
+    let refused = |s: &State| status_of(s, "ip") == Status::Failed && status_of(s, "name") == Status::Failed;
+    assert!(runtime.run_until(PATIENCE, refused).await);
+    for id in ["ip", "name"] {
+        assert_eq!(runtime.state().job(id).expect("job").history[0].error, Some(ErrorClass::Refused), "{id}");
+    }
+    assert!(receiver.requests().is_empty(), "nothing reached the receiver");
+}
