@@ -231,3 +231,27 @@ async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
     }
     assert!(receiver.requests().is_empty(), "nothing reached the receiver");
 }
+
+#[tokio::test]
+async fn a_cron_job_fires_each_second_on_the_second_never_early() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let mut runtime = runtime(|_| {});
+    create(
+        &mut runtime,
+        json!({"id": "tick", "cron": "* * * * * *", "time_zone": "Europe/Paris", "url": receiver.url("/")}),
+    );
+    let three_fires = |s: &State| s.job("tick").expect("job").fires_succeeded >= 3;
+    assert!(runtime.run_until(PATIENCE, three_fires).await);
+    let fires: Vec<u64> = receiver
+        .requests()
+        .iter()
+        .map(|r| r.header("x-sundial-fire-time").expect("fire time").parse().expect("ms"))
+        .collect();
+    // Strictly increasing: no fire twice. (A loaded machine may coalesce a late second under
+    // the default fire_once misfire policy, so gaps are not asserted.)
+    assert!(fires.windows(2).all(|w| w[1] > w[0]), "each fire once, in order: {fires:?}");
+    for (request, fire) in receiver.requests().iter().zip(&fires) {
+        assert_eq!(fire % 1_000, 0, "on the second");
+        assert!(request.at_ms >= *fire, "not early");
+    }
+}
