@@ -5,15 +5,16 @@
 //! Layout: `LEVELS` levels of 64 slots; level `l` slot `s` holds timers whose deadline shares
 //! every bit above `6·(l+1)` with the wheel's current time and has `s` in bits `6l..6l+6`.
 //! Level 0 slots are single milliseconds; a timer in a higher level is moved down (cascaded)
-//! when time reaches the start of its slot. A slot is a vector of small entries (deadline,
-//! slab index, generation), so cascading reads and writes contiguous memory and never
-//! touches the timer itself; a 64-bit occupancy mask per level finds the next busy slot in
-//! O(1). Cancel frees the timer at once and leaves its entry behind as a tombstone that is
-//! skipped when its slot comes up; when tombstones outnumber live timers, one sweep drops
-//! them all (amortized O(1)). Deadlines more than 2^36 ms (~2.2 years) ahead wait in an
-//! ordered overflow and enter the wheel when time gets within the horizon.
+//! when time reaches the start of its slot. A slot is a vector of entries that carry the
+//! timer itself (deadline, value, slab index, generation), so cascading and firing read and
+//! write contiguous memory; the slab keeps only a 4-byte state word and the deadline per
+//! timer. A 64-bit occupancy mask per level finds the next busy slot in O(1). Cancel frees
+//! the timer at once and leaves its entry behind as a tombstone that is skipped when its slot
+//! comes up; when tombstones outnumber live timers, one sweep drops them all (amortized O(1)).
+//! Deadlines more than 2^36 ms (~2.2 years) ahead wait in an ordered overflow and enter the
+//! wheel when time gets within the horizon.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 const SLOT_BITS: u32 = 6;
 const SLOTS: usize = 1 << SLOT_BITS;
@@ -22,6 +23,13 @@ const LEVELS: usize = 6;
 const HORIZON_BITS: u32 = SLOT_BITS * LEVELS as u32;
 /// Tombstones are swept once they pass both this and the number of live timers.
 const TOMBSTONES_BEFORE_SWEEP_MIN: usize = 1024;
+
+/// A slab state word: the generation in the low 30 bits, where the timer is in the top two.
+const PLACE_SHIFT: u32 = 30;
+const GENERATION_MASK: u32 = (1 << PLACE_SHIFT) - 1;
+const PLACE_FREE: u32 = 0;
+const PLACE_WHEEL: u32 = 1;
+const PLACE_OVERFLOW: u32 = 2;
 
 /// Names one inserted timer; stale once it fired or was cancelled (generation check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -37,27 +45,13 @@ pub struct WheelFull {
     pub capacity: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Place {
-    Free,
-    Wheel,
-    Overflow,
-}
-
+/// A slot's entry: the timer, or a tombstone once the slab's generation moved on.
 #[derive(Debug)]
-struct Node<T> {
-    deadline_ms: u64,
-    generation: u32,
-    place: Place,
-    value: Option<T>,
-}
-
-/// A slot's reference to a timer; stale (a tombstone) once the timer's generation moved on.
-#[derive(Clone, Copy, Debug)]
-struct SlotEntry {
+struct SlotEntry<T> {
     deadline_ms: u64,
     index: u32,
     generation: u32,
+    value: T,
 }
 
 /// A fired timer: its handle, its deadline and the value given at insert.
@@ -71,16 +65,22 @@ pub struct Expired<T> {
 pub struct TimingWheel<T> {
     /// Every timer with a deadline at or before this has fired.
     now_ms: u64,
-    nodes: Vec<Node<T>>,
-    /// Free slab entries, reused before the slab grows.
+    /// Per slab index: place and generation (see PLACE_SHIFT), and the deadline.
+    states: Vec<u32>,
+    deadlines: Vec<u64>,
+    /// Free slab indexes, reused before the slab grows.
     free: Vec<u32>,
-    slots: Vec<Vec<SlotEntry>>,
+    slots: Vec<Vec<SlotEntry<T>>>,
     occupied: [u64; LEVELS],
-    overflow: BTreeSet<(u64, u32)>,
+    overflow: BTreeMap<(u64, u32), T>,
     len: usize,
     tombstones: usize,
     tombstones_before_sweep_min: usize,
     capacity: usize,
+}
+
+fn state_word(place: u32, generation: u32) -> u32 {
+    place << PLACE_SHIFT | (generation & GENERATION_MASK)
 }
 
 impl<T> TimingWheel<T> {
@@ -89,11 +89,12 @@ impl<T> TimingWheel<T> {
         assert!(capacity > 0 && capacity < u32::MAX as usize, "capacity must be within 1..2^32-1");
         TimingWheel {
             now_ms,
-            nodes: Vec::new(),
+            states: Vec::new(),
+            deadlines: Vec::new(),
             free: Vec::new(),
             slots: (0..LEVELS * SLOTS).map(|_| Vec::new()).collect(),
             occupied: [0; LEVELS],
-            overflow: BTreeSet::new(),
+            overflow: BTreeMap::new(),
             len: 0,
             tombstones: 0,
             tombstones_before_sweep_min: TOMBSTONES_BEFORE_SWEEP_MIN,
@@ -127,43 +128,44 @@ impl<T> TimingWheel<T> {
         let index = match self.free.pop() {
             Some(index) => index,
             None => {
-                self.nodes.push(Node { deadline_ms: 0, generation: 0, place: Place::Free, value: None });
-                (self.nodes.len() - 1) as u32
+                self.states.push(state_word(PLACE_FREE, 0));
+                self.deadlines.push(0);
+                (self.states.len() - 1) as u32
             }
         };
-        let node = &mut self.nodes[index as usize];
-        debug_assert_eq!(node.place, Place::Free, "a free slab entry");
-        node.deadline_ms = deadline_ms;
-        node.value = Some(value);
-        let generation = node.generation;
-        self.place(SlotEntry { deadline_ms, index, generation });
+        let generation = self.states[index as usize] & GENERATION_MASK;
+        debug_assert_eq!(self.states[index as usize] >> PLACE_SHIFT, PLACE_FREE, "a free slab entry");
+        self.deadlines[index as usize] = deadline_ms;
+        self.place(SlotEntry { deadline_ms, index, generation, value });
         self.len += 1;
         Ok(TimerHandle { index, generation })
     }
 
-    /// Removes a pending timer and returns its value; `None` if it fired or was cancelled.
-    pub fn cancel(&mut self, handle: TimerHandle) -> Option<T> {
-        let node = self.nodes.get(handle.index as usize)?;
-        if node.generation != handle.generation || node.place == Place::Free {
-            return None;
+    /// Removes a pending timer; false if it fired or was cancelled already.
+    pub fn cancel(&mut self, handle: TimerHandle) -> bool {
+        let Some(&word) = self.states.get(handle.index as usize) else { return false };
+        if word & GENERATION_MASK != handle.generation {
+            return false;
         }
-        match node.place {
-            Place::Overflow => {
-                self.overflow.remove(&(node.deadline_ms, handle.index));
+        match word >> PLACE_SHIFT {
+            PLACE_WHEEL => self.tombstones += 1,
+            PLACE_OVERFLOW => {
+                self.overflow.remove(&(self.deadlines[handle.index as usize], handle.index));
             }
-            _ => self.tombstones += 1,
+            _ => return false,
         }
-        let value = self.release(handle.index);
+        self.release(handle.index);
         if self.tombstones > self.tombstones_before_sweep_min.max(self.len) {
             self.sweep_tombstones();
         }
-        Some(value)
+        true
     }
 
     /// The deadline of a pending timer.
     pub fn deadline_ms(&self, handle: TimerHandle) -> Option<u64> {
-        let node = self.nodes.get(handle.index as usize)?;
-        (node.generation == handle.generation && node.place != Place::Free).then_some(node.deadline_ms)
+        let word = *self.states.get(handle.index as usize)?;
+        let pending = word >> PLACE_SHIFT != PLACE_FREE && word & GENERATION_MASK == handle.generation;
+        pending.then(|| self.deadlines[handle.index as usize])
     }
 
     /// When the runtime should next call `advance_to`: never after the next timer's deadline;
@@ -177,7 +179,7 @@ impl<T> TimingWheel<T> {
         if let Some((_, _, start_ms)) = self.next_slot() {
             return Some(start_ms.max(self.now_ms));
         }
-        self.overflow.first().map(|&(deadline_ms, _)| block_start(deadline_ms).max(self.now_ms))
+        self.overflow.keys().next().map(|&(deadline_ms, _)| block_start(deadline_ms).max(self.now_ms))
     }
 
     /// Moves time to `now_ms` (never backwards) and appends every timer due by then to
@@ -199,7 +201,7 @@ impl<T> TimingWheel<T> {
                 self.process_slot(level, slot, expired);
                 continue;
             }
-            match self.overflow.first() {
+            match self.overflow.keys().next() {
                 Some(&(deadline_ms, _)) if block_start(deadline_ms) <= now_ms => {
                     self.now_ms = block_start(deadline_ms);
                 }
@@ -227,19 +229,22 @@ impl<T> TimingWheel<T> {
         None
     }
 
+    fn is_live(&self, entry: &SlotEntry<T>) -> bool {
+        self.states[entry.index as usize] == state_word(PLACE_WHEEL, entry.generation)
+    }
+
     fn process_slot(&mut self, level: usize, slot: usize, expired: &mut Vec<Expired<T>>) {
         let mut entries = std::mem::take(&mut self.slots[level * SLOTS + slot]);
         self.occupied[level] &= !(1u64 << slot);
         for entry in entries.drain(..) {
-            let node = &self.nodes[entry.index as usize];
-            if node.generation != entry.generation || node.place != Place::Wheel {
+            if !self.is_live(&entry) {
                 self.tombstones -= 1;
                 continue;
             }
             if entry.deadline_ms <= self.now_ms {
                 let handle = TimerHandle { index: entry.index, generation: entry.generation };
-                let value = self.release(entry.index);
-                expired.push(Expired { handle, deadline_ms: entry.deadline_ms, value });
+                self.release(entry.index);
+                expired.push(Expired { handle, deadline_ms: entry.deadline_ms, value: entry.value });
             } else {
                 debug_assert!(level > 0, "level 0 slots are single milliseconds");
                 self.place(entry);
@@ -251,40 +256,35 @@ impl<T> TimingWheel<T> {
     }
 
     /// Puts an entry where its deadline belongs relative to `now_ms`.
-    fn place(&mut self, entry: SlotEntry) {
+    fn place(&mut self, entry: SlotEntry<T>) {
         let deadline_ms = entry.deadline_ms.max(self.now_ms);
         let differing = (deadline_ms ^ self.now_ms) | (SLOTS as u64 - 1);
         let highest_bit = 63 - differing.leading_zeros();
         if highest_bit >= HORIZON_BITS {
-            self.nodes[entry.index as usize].place = Place::Overflow;
-            self.overflow.insert((entry.deadline_ms, entry.index));
+            self.states[entry.index as usize] = state_word(PLACE_OVERFLOW, entry.generation);
+            self.overflow.insert((entry.deadline_ms, entry.index), entry.value);
             return;
         }
-        self.nodes[entry.index as usize].place = Place::Wheel;
+        self.states[entry.index as usize] = state_word(PLACE_WHEEL, entry.generation);
         let level = (highest_bit / SLOT_BITS) as usize;
         let slot = ((deadline_ms >> (SLOT_BITS * level as u32)) as usize) & (SLOTS - 1);
         self.slots[level * SLOTS + slot].push(entry);
         self.occupied[level] |= 1u64 << slot;
     }
 
-    /// Frees a timer and returns its value; its handle and slot entry become stale.
-    fn release(&mut self, index: u32) -> T {
-        let node = &mut self.nodes[index as usize];
-        node.place = Place::Free;
-        node.generation = node.generation.wrapping_add(1);
+    /// Frees a slab index; its handle and any slot entry become stale.
+    fn release(&mut self, index: u32) {
+        let generation = (self.states[index as usize] & GENERATION_MASK).wrapping_add(1);
+        self.states[index as usize] = state_word(PLACE_FREE, generation);
         self.free.push(index);
         self.len -= 1;
-        node.value.take().expect("a pending timer holds its value")
     }
 
     /// Drops every tombstone at once (when they outnumber live timers: amortized O(1)).
     fn sweep_tombstones(&mut self) {
-        let nodes = &self.nodes;
+        let states = &self.states;
         for (position, entries) in self.slots.iter_mut().enumerate() {
-            entries.retain(|e| {
-                let node = &nodes[e.index as usize];
-                node.generation == e.generation && node.place == Place::Wheel
-            });
+            entries.retain(|e| states[e.index as usize] == state_word(PLACE_WHEEL, e.generation));
             if entries.is_empty() {
                 self.occupied[position / SLOTS] &= !(1u64 << (position % SLOTS));
             }
@@ -295,13 +295,13 @@ impl<T> TimingWheel<T> {
     /// Moves overflow timers that are now within the horizon into the wheel.
     fn refill_from_overflow(&mut self) {
         // Bounded by the overflow's size.
-        while let Some(&(deadline_ms, index)) = self.overflow.first() {
+        while let Some((&(deadline_ms, index), _)) = self.overflow.first_key_value() {
             if (deadline_ms.max(self.now_ms) ^ self.now_ms) >> HORIZON_BITS != 0 {
                 break;
             }
-            self.overflow.pop_first();
-            let generation = self.nodes[index as usize].generation;
-            self.place(SlotEntry { deadline_ms, index, generation });
+            let ((_, _), value) = self.overflow.pop_first().expect("looked at");
+            let generation = self.states[index as usize] & GENERATION_MASK;
+            self.place(SlotEntry { deadline_ms, index, generation, value });
         }
     }
 }
@@ -350,13 +350,13 @@ mod tests {
         let mut wheel = TimingWheel::new(0, 10);
         let a = wheel.insert(100, 1).expect("room");
         let b = wheel.insert(100, 2).expect("room");
-        assert_eq!(wheel.cancel(a), Some(1));
-        assert_eq!(wheel.cancel(a), None, "already cancelled");
+        assert!(wheel.cancel(a));
+        assert!(!wheel.cancel(a), "already cancelled");
         assert_eq!(fire(&mut wheel, 100), vec![(100, 2)]);
-        assert_eq!(wheel.cancel(b), None, "already fired");
+        assert!(!wheel.cancel(b), "already fired");
         let c = wheel.insert(200, 3).expect("room");
         assert_eq!(c.index, b.index, "the slab entry is reused");
-        assert_eq!(wheel.cancel(b), None, "a stale handle does not cancel the new timer");
+        assert!(!wheel.cancel(b), "a stale handle does not cancel the new timer");
         assert_eq!(wheel.deadline_ms(c), Some(200));
     }
 
@@ -376,7 +376,7 @@ mod tests {
         let handles: Vec<TimerHandle> =
             (0..5_000).map(|i| wheel.insert(100_000 + i, i as u32).expect("room")).collect();
         for handle in &handles[..4_990] {
-            wheel.cancel(*handle).expect("pending");
+            assert!(wheel.cancel(*handle), "pending");
         }
         assert!(wheel.tombstones <= TOMBSTONES_BEFORE_SWEEP_MIN, "swept: {} tombstones", wheel.tombstones);
         let fired = fire(&mut wheel, 200_000);
