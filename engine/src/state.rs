@@ -179,6 +179,13 @@ pub struct Execution {
     pub missed: u64,
 }
 
+impl Execution {
+    /// How long the attempt took, send to answer (or to giving up).
+    pub fn latency_ms(&self) -> u64 {
+        self.finished_ms.saturating_sub(self.started_ms)
+    }
+}
+
 /// A fire that started and has not ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActiveFire {
