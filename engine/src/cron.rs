@@ -1,10 +1,11 @@
 //! Cron schedules in a time zone: 5-field (minute precision) or 6-field (with seconds)
-//! expressions evaluated by croner on jiff's bundled zone data, so every replica computes the
-//! same fire times. DST: a wall time that occurs twice fires once, at its first occurrence; a
+//! expressions evaluated by croner on the zone database compiled into the binary (never the
+//! host's tzdata), so every replica running the same build computes the same fire times. DST: a wall time that occurs twice fires once, at its first occurrence; a
 //! wall time skipped by a spring-forward gap fires at the first instant after the gap.
 
-use jiff::tz::TimeZone;
+use jiff::tz::{TimeZone, TimeZoneDatabase};
 use jiff::{Timestamp, Zoned};
+use std::sync::OnceLock;
 
 /// A parsed schedule, ready to compute fire times.
 #[derive(Clone, Debug)]
@@ -36,6 +37,14 @@ impl CronSchedule {
         Ok(CronSchedule { cron, zone })
     }
 
+    /// The last fire at or before `at_ms`, if any within croner's search bound.
+    pub fn last_at_or_before_ms(&self, at_ms: u64) -> Option<u64> {
+        let at = Timestamp::from_millisecond(i64::try_from(at_ms).ok()?).ok()?;
+        let zoned = Zoned::new(at, self.zone.clone());
+        let previous = self.cron.find_previous_occurrence(&zoned, true).ok()?;
+        u64::try_from(previous.timestamp().as_millisecond()).ok()
+    }
+
     /// The first fire strictly after `after_ms` (UTC milliseconds), or `None` if there is
     /// none within croner's search bound (e.g. 30 February).
     pub fn next_after_ms(&self, after_ms: u64) -> Option<u64> {
@@ -46,9 +55,14 @@ impl CronSchedule {
     }
 }
 
-/// The zone of that IANA name, from the bundled database.
+/// The zone of that IANA name, from the database compiled into the binary. (`jiff::tz::db()`
+/// would prefer the host's /usr/share/zoneinfo, which differs between machines.)
 pub fn time_zone_named(name: &str) -> Result<TimeZone, CronError> {
-    jiff::tz::db().get(name).map_err(|_| CronError::TimeZone(format!("unknown IANA time zone {name:?}")))
+    static BUNDLED: OnceLock<TimeZoneDatabase> = OnceLock::new();
+    BUNDLED
+        .get_or_init(TimeZoneDatabase::bundled)
+        .get(name)
+        .map_err(|_| CronError::TimeZone(format!("unknown IANA time zone {name:?}")))
 }
 
 #[cfg(test)]
@@ -97,6 +111,13 @@ mod tests {
         let daily = CronSchedule::parse("45 1 * * *", "Australia/Lord_Howe").expect("valid");
         let got = fires(&daily, "2026-04-04T00:00:00Z", 2);
         assert_eq!(got, ["2026-04-04T14:45:00Z", "2026-04-05T15:15:00Z"], "once per day across the shift");
+    }
+
+    #[test]
+    fn the_last_fire_at_or_before_a_time() {
+        let every_5_min = CronSchedule::parse("*/5 * * * *", "UTC").expect("valid");
+        assert_eq!(every_5_min.last_at_or_before_ms(ms("2026-03-01T10:07:00Z")), Some(ms("2026-03-01T10:05:00Z")));
+        assert_eq!(every_5_min.last_at_or_before_ms(ms("2026-03-01T10:05:00Z")), Some(ms("2026-03-01T10:05:00Z")));
     }
 
     #[test]

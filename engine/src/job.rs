@@ -258,8 +258,10 @@ impl JobSpec {
             } else if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-sundial-") {
                 fail(&format!("headers.{name}"), "is set by Sundial or by HTTP itself".into());
             }
-            if name.len() + value.len() > HEADER_BYTES_MAX || value.bytes().any(|b| b == b'\r' || b == b'\n') {
-                fail(&format!("headers.{name}"), format!("at most {HEADER_BYTES_MAX} bytes, no line breaks"));
+            let value_ok = hyper::header::HeaderValue::from_str(value).is_ok();
+            if name.len() + value.len() > HEADER_BYTES_MAX || !value_ok {
+                let rule = format!("at most {HEADER_BYTES_MAX} bytes of visible text, no control characters");
+                fail(&format!("headers.{name}"), rule);
             }
         }
         if target.body.len() > BODY_BYTES_MAX {
@@ -360,6 +362,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
     }
     if url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
         return Err("must not contain spaces or control characters".into());
+    }
+    if url.parse::<hyper::Uri>().is_err() {
+        return Err("must be a valid URL".into());
     }
     Ok(())
 }

@@ -425,7 +425,7 @@ fn time_field(
         errors.push(FieldError::new(field, rule));
         return None;
     };
-    if not_before_ms > 0 && at_ms + PAST_TOLERANCE_MS < not_before_ms {
+    if not_before_ms > 0 && at_ms.saturating_add(PAST_TOLERANCE_MS) < not_before_ms {
         errors.push(FieldError::new(field, "must not be more than 24 h in the past"));
         return None;
     }

@@ -106,8 +106,10 @@ impl LocalRuntime {
             }
             self.arm(&id);
             // A completed job may release jobs that depend on it.
-            for dependent in self.state.dependents_of(&id) {
-                self.arm(&dependent);
+            if self.state.job(&id).is_some_and(|job| job.status == crate::state::Status::Completed) {
+                for dependent in self.state.dependents_of(&id) {
+                    self.arm(&dependent);
+                }
             }
         }
         Ok(applied)
@@ -138,7 +140,9 @@ impl LocalRuntime {
                 return false;
             }
             self.fire_due_jobs();
-            let wait_ms = self.wheel.next_wakeup_ms().map_or(50, |at| at.saturating_sub(now_ms()).clamp(1, 50));
+            // Sleeps until the next timer or an outcome; `done` is looked at on each wake-up and
+            // at least once a second.
+            let wait_ms = self.wheel.next_wakeup_ms().map_or(1_000, |at| at.saturating_sub(now_ms()).clamp(1, 1_000));
             tokio::select! {
                 result = self.results.recv() => {
                     if let Some(result) = result {
@@ -166,6 +170,20 @@ impl LocalRuntime {
                 Due::NewFire { fire_ms } => (fire_ms, 1),
                 Due::Retry { fire_ms, attempt } => (fire_ms, attempt),
             };
+            if !self.dispatcher.has_room() {
+                // The queue is full: the fire stays due and is tried again shortly.
+                self.stats.queue_full_waits += 1;
+                if let Ok(handle) = self.wheel.insert(now + QUEUE_FULL_RETRY_MS, id.clone()) {
+                    self.timers.insert(id, handle);
+                }
+                continue;
+            }
+            // Committed before the request goes out, so an outcome always finds its fire.
+            let started =
+                Command::FireStarted { id: id.clone(), fire_ms, attempt, node: self.config.node_id, now_ms: now };
+            if !matches!(self.apply(started), Ok(Applied::Done)) {
+                continue; // missed under the misfire policy, or no longer due: re-armed by apply
+            }
             let job = self.state.job(&id).expect("due jobs exist");
             let spec = &job.spec;
             let submission = Attempt {
@@ -178,20 +196,9 @@ impl LocalRuntime {
                 timeout_ms: spec.attempt_timeout_ms,
                 secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             };
-            if self.dispatcher.submit(submission).is_err() {
-                // The queue is full: the fire stays due and is tried again shortly.
-                self.stats.queue_full_waits += 1;
-                if let Ok(handle) = self.wheel.insert(now + QUEUE_FULL_RETRY_MS, id.clone()) {
-                    self.timers.insert(id, handle);
-                }
-                continue;
-            }
-            self.stats.attempts_started += 1;
-            let started =
-                Command::FireStarted { id: id.clone(), fire_ms, attempt, node: self.config.node_id, now_ms: now };
-            match self.apply(started) {
-                Ok(Applied::Missed { .. }) | Err(_) => self.dispatcher.cancel(&id),
-                Ok(_) => {}
+            // Room was checked above and only this loop submits: this cannot be refused.
+            if self.dispatcher.submit(submission).is_ok() {
+                self.stats.attempts_started += 1;
             }
         }
     }
@@ -207,7 +214,7 @@ impl LocalRuntime {
             Outcome::Response { retry_after_ms: Some(ms), .. } => *ms,
             _ => 0,
         };
-        let retry_at_ms = result.finished_ms + (backoff_ms + jitter_ms).max(retry_after_ms);
+        let retry_at_ms = result.finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms));
         let command = Command::AttemptFinished {
             id: result.job_id,
             fire_ms: result.fire_ms,

@@ -6,7 +6,7 @@
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Executions kept per job (oldest dropped first).
 pub const HISTORY_PER_JOB_MAX: usize = 50;
@@ -18,7 +18,7 @@ pub const MISFIRE_THRESHOLD_MS: u64 = 60_000;
 /// policy (never silently dropped: they are counted and written to the history).
 pub const CATCH_UP_WINDOW_MS: u64 = 24 * 3600 * 1000;
 /// Missed cron occurrences counted one by one before the count is reported as a lower bound.
-const MISSED_COUNT_MAX: u64 = 10_000;
+const MISSED_COUNT_MAX: u64 = 1_000;
 /// Dead-letter entries kept; the oldest are purged beyond it.
 pub const DEAD_LETTERS_MAX: usize = 100_000;
 
@@ -62,6 +62,8 @@ pub enum ErrorClass {
     Refused,
     /// The attempt was aborted (job cancelled meanwhile).
     Aborted,
+    /// The request could not be built from the job's target (never the host's fault).
+    InvalidRequest,
     Other,
 }
 
@@ -195,6 +197,8 @@ pub struct ActiveFire {
     pub in_flight: bool,
     /// When the next attempt is due (meaningful when not in flight).
     pub due_ms: u64,
+    /// The fire deadline counts from here: the due time, or the redrive.
+    pub deadline_from_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,6 +240,10 @@ pub struct State {
     /// Job id → fire time → entry.
     dead_letters: BTreeMap<String, BTreeMap<u64, DeadLetter>>,
     dead_letter_count: usize,
+    /// (moved_ms, job, fire) of every dead letter: the oldest is evicted first, in O(log n).
+    dead_letter_order: BTreeSet<(u64, String, u64)>,
+    /// Job id → jobs that depend on it.
+    dependents: BTreeMap<String, BTreeSet<String>>,
     counts: [u64; 6],
 }
 
@@ -260,17 +268,14 @@ impl State {
     }
 
     fn add_dead_letter(&mut self, id: &str, fire_ms: u64, letter: DeadLetter) {
-        if self.dead_letters.entry(id.to_string()).or_default().insert(fire_ms, letter).is_none() {
-            self.dead_letter_count += 1;
-        }
+        self.remove_dead_letter(id, fire_ms);
+        self.dead_letter_order.insert((letter.moved_ms, id.to_string(), fire_ms));
+        self.dead_letters.entry(id.to_string()).or_default().insert(fire_ms, letter);
+        self.dead_letter_count += 1;
         // Bounded: one insert adds at most one entry over the limit.
         while self.dead_letter_count > DEAD_LETTERS_MAX {
-            let oldest = self
-                .dead_letters()
-                .min_by_key(|(_, _, d)| d.moved_ms)
-                .map(|(id, fire_ms, _)| (id.to_string(), fire_ms))
-                .expect("not empty");
-            self.remove_dead_letter(&oldest.0, oldest.1);
+            let (_, oldest_id, oldest_fire) = self.dead_letter_order.first().cloned().expect("not empty");
+            self.remove_dead_letter(&oldest_id, oldest_fire);
         }
     }
 
@@ -280,6 +285,7 @@ impl State {
         if fires.is_empty() {
             self.dead_letters.remove(id);
         }
+        self.dead_letter_order.remove(&(removed.moved_ms, id.to_string(), fire_ms));
         self.dead_letter_count -= 1;
         Some(removed)
     }
@@ -287,6 +293,9 @@ impl State {
     fn purge_dead_letters_of(&mut self, id: &str) {
         if let Some(fires) = self.dead_letters.remove(id) {
             self.dead_letter_count -= fires.len();
+            for (fire_ms, letter) in fires {
+                self.dead_letter_order.remove(&(letter.moved_ms, id.to_string(), fire_ms));
+            }
         }
     }
 
@@ -312,12 +321,19 @@ impl State {
             }
             Command::Delete { id } => {
                 self.job_mut(&id)?;
-                let dependents: Vec<String> =
-                    self.jobs.values().filter(|j| j.spec.depends_on.contains(&id)).map(|j| j.spec.id.clone()).collect();
+                let dependents = self.dependents_of(&id);
                 if !dependents.is_empty() {
                     return Err(ApplyError::Required { id, dependents });
                 }
                 let job = self.jobs.remove(&id).expect("checked");
+                for dependency in &job.spec.depends_on {
+                    if let Some(set) = self.dependents.get_mut(dependency) {
+                        set.remove(&id);
+                        if set.is_empty() {
+                            self.dependents.remove(dependency);
+                        }
+                    }
+                }
                 self.counts[job.status as usize] -= 1;
                 self.purge_dead_letters_of(&id);
                 Ok(Applied::Done)
@@ -336,8 +352,7 @@ impl State {
                     return Err(invalid(&id, job.status, "resume"));
                 }
                 job.paused = false;
-                let missed = catch_up(job, now_ms);
-                record_missed(job, missed, now_ms);
+                catch_up(job, now_ms);
                 Ok(Applied::Done)
             }
             Command::FireStarted { id, fire_ms, attempt, node, now_ms } => {
@@ -356,7 +371,9 @@ impl State {
                     return Err(ApplyError::NotDeadLettered { id, fire_ms });
                 }
                 let job = self.jobs.get_mut(&id).expect("checked");
-                job.active.insert(fire_ms, ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms });
+                // A full new set of attempts, with the deadline counted from the redrive.
+                let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
+                job.active.insert(fire_ms, fire);
                 self.set_status(&id, Status::InProgress);
                 Ok(Applied::Done)
             }
@@ -365,6 +382,7 @@ impl State {
                     Some(id) => self.purge_dead_letters_of(&id),
                     None => {
                         self.dead_letters.clear();
+                        self.dead_letter_order.clear();
                         self.dead_letter_count = 0;
                     }
                 }
@@ -419,6 +437,9 @@ impl State {
             catch_up_run: 0,
         };
         self.counts[status as usize] += 1;
+        for dependency in &job.spec.depends_on {
+            self.dependents.entry(dependency.clone()).or_default().insert(id.clone());
+        }
         self.jobs.insert(id, job);
         Ok(Applied::Created)
     }
@@ -476,36 +497,44 @@ impl State {
             return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
         }
         let lateness_ms = now_ms.saturating_sub(fire_ms);
-        let skip_late = matches!(&job.spec.schedule, Schedule::Cron(c) if c.misfire == Misfire::Skip)
-            && lateness_ms > MISFIRE_THRESHOLD_MS;
-        if lateness_ms > CATCH_UP_WINDOW_MS || skip_late {
-            // Not run: recorded, and the schedule moves on to the future.
-            job.next_fire_ms = match &job.spec.schedule {
-                Schedule::Once { .. } => None,
-                Schedule::Cron(_) => next_cron_fire(&job.spec, now_ms),
-            };
-            let missed = 1 + count_cron_fires(&job.spec, fire_ms, now_ms);
-            record_missed(job, missed, now_ms);
-            let status = match (&job.spec.schedule, job.next_fire_ms) {
-                (Schedule::Once { .. }, _) => Status::Failed,
-                (_, None) if job.active.is_empty() => Status::Completed,
-                _ => job.status,
-            };
-            if status == Status::Failed {
+        let missed = match &job.spec.schedule {
+            // A once job's only fire is run however late, up to the catch-up window.
+            Schedule::Once { .. } if lateness_ms > CATCH_UP_WINDOW_MS => {
+                job.next_fire_ms = None;
+                record_missed(job, 1, fire_ms, now_ms);
                 let reason = "missed: later than the catch-up window".to_string();
                 self.add_dead_letter(id, fire_ms, DeadLetter { attempts: 0, reason, moved_ms: now_ms });
+                self.set_status(id, Status::Failed);
+                return Ok(Applied::Missed { count: 1 });
             }
-            self.set_status(id, status);
-            return Ok(Applied::Missed { count: missed });
-        }
-        job.active.insert(fire_ms, ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms });
+            Schedule::Once { .. } => 0,
+            // A late cron fire goes through the misfire policy first: it may be replaced by a
+            // later one (fire_once), skipped (skip, or past the window), or run (fire_all).
+            Schedule::Cron(_) => {
+                let missed = catch_up(job, now_ms);
+                if job.next_fire_ms != Some(fire_ms) {
+                    let status = if job.next_fire_ms.is_none() && job.active.is_empty() {
+                        Status::Completed
+                    } else {
+                        job.status
+                    };
+                    self.set_status(id, status);
+                    return Ok(Applied::Missed { count: missed });
+                }
+                missed
+            }
+        };
+        let job = self.jobs.get_mut(id).expect("checked");
+        job.catch_up_run = if lateness_ms > MISFIRE_THRESHOLD_MS { job.catch_up_run + 1 } else { 0 };
+        let fire = ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms, deadline_from_ms: fire_ms };
+        job.active.insert(fire_ms, fire);
         // The next fire is computed from the committed fire time, then caught up to now.
         job.next_fire_ms = match &job.spec.schedule {
             Schedule::Once { .. } => None,
             Schedule::Cron(_) => next_cron_fire(&job.spec, fire_ms),
         };
-        let missed = catch_up(job, now_ms);
-        record_missed(job, missed, now_ms);
+        let more_missed = catch_up(job, now_ms);
+        let _ = missed + more_missed; // recorded by catch_up
         self.set_status(id, Status::InProgress);
         Ok(Applied::Done)
     }
@@ -543,11 +572,12 @@ impl State {
         let retryable = match &outcome {
             Outcome::Response { status, .. } => job.spec.retry.retries_status(*status),
             Outcome::Error(ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other) => true,
-            Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted) => false,
+            Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted | ErrorClass::InvalidRequest) => false,
         };
         let retry_at_ms = retry_at_ms.max(finished_ms);
+        let deadline_from_ms = job.active.get(&fire_ms).map_or(fire_ms, |f| f.deadline_from_ms);
         let past_deadline =
-            job.spec.deadline_ms.is_some_and(|deadline| retry_at_ms >= fire_ms.saturating_add(deadline));
+            job.spec.deadline_ms.is_some_and(|deadline| retry_at_ms >= deadline_from_ms.saturating_add(deadline));
         let ended = if outcome.succeeded() {
             job.fires_succeeded += 1;
             None
@@ -568,8 +598,7 @@ impl State {
         job.active.remove(&fire_ms);
         let once = matches!(job.spec.schedule, Schedule::Once { .. });
         // A fire that waited for this one (overlap skip) may now be late: catch it up.
-        let missed = catch_up(job, finished_ms);
-        record_missed(job, missed, finished_ms);
+        catch_up(job, finished_ms);
         let idle = job.active.is_empty();
         let status = match (&ended, once) {
             (Some(reason), true) if reason == "deadline exceeded" => Status::Timeout,
@@ -624,7 +653,16 @@ impl State {
 
     /// Jobs waiting on `id` (re-checked by the runtime when `id` completes).
     pub fn dependents_of(&self, id: &str) -> Vec<String> {
-        self.jobs.values().filter(|j| j.spec.depends_on.iter().any(|d| d == id)).map(|j| j.spec.id.clone()).collect()
+        self.dependents.get(id).map(|set| set.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// True when the per-status counts match a recount of every job (tests use it).
+    pub fn counts_match_jobs(&self) -> bool {
+        let mut recount = [0u64; 6];
+        for job in self.jobs.values() {
+            recount[job.status as usize] += 1;
+        }
+        recount == self.counts
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
@@ -662,13 +700,14 @@ fn push_history(job: &mut Job, execution: Execution) {
     job.history.push_back(execution);
 }
 
-fn record_missed(job: &mut Job, missed: u64, now_ms: u64) {
+/// Counts `missed` fires (the first due at `first_fire_ms`) and writes one history line.
+fn record_missed(job: &mut Job, missed: u64, first_fire_ms: u64, now_ms: u64) {
     if missed == 0 {
         return;
     }
     job.fires_missed += missed;
     let execution = Execution {
-        fire_ms: now_ms,
+        fire_ms: first_fire_ms,
         attempt: 0,
         node: 0,
         started_ms: now_ms,
@@ -681,10 +720,19 @@ fn record_missed(job: &mut Job, missed: u64, now_ms: u64) {
     push_history(job, execution);
 }
 
+/// The job's parsed schedule (validated at create, so parsing succeeds).
+fn schedule_of(spec: &JobSpec) -> Option<(CronSchedule, &crate::job::CronSpec)> {
+    let Schedule::Cron(cron) = &spec.schedule else { return None };
+    Some((CronSchedule::parse(&cron.expression, &cron.time_zone).ok()?, cron))
+}
+
 /// The first cron fire strictly after `after_ms` within the job's start and end, if any.
 fn next_cron_fire(spec: &JobSpec, after_ms: u64) -> Option<u64> {
-    let Schedule::Cron(cron) = &spec.schedule else { return None };
-    let schedule = CronSchedule::parse(&cron.expression, &cron.time_zone).ok()?;
+    let (schedule, cron) = schedule_of(spec)?;
+    next_in(&schedule, cron, after_ms)
+}
+
+fn next_in(schedule: &CronSchedule, cron: &crate::job::CronSpec, after_ms: u64) -> Option<u64> {
     let from_ms = match cron.start_ms {
         Some(start) if start > after_ms => start - 1,
         _ => after_ms,
@@ -696,14 +744,15 @@ fn next_cron_fire(spec: &JobSpec, after_ms: u64) -> Option<u64> {
     Some(next)
 }
 
-/// Cron fires in `(after_ms, until_ms]`, counted up to `MISSED_COUNT_MAX`.
-fn count_cron_fires(spec: &JobSpec, after_ms: u64, until_ms: u64) -> u64 {
+/// Cron fires in `[from_ms, until_ms)`, counted up to `MISSED_COUNT_MAX` (a lower bound
+/// beyond it).
+fn count_fires(schedule: &CronSchedule, cron: &crate::job::CronSpec, from_ms: u64, until_ms: u64) -> u64 {
     let mut count = 0;
-    let mut at = after_ms;
+    let mut at = from_ms.saturating_sub(1);
     // Bounded by MISSED_COUNT_MAX.
     while count < MISSED_COUNT_MAX {
-        match next_cron_fire(spec, at) {
-            Some(next) if next <= until_ms => {
+        match next_in(schedule, cron, at) {
+            Some(next) if next < until_ms => {
                 count += 1;
                 at = next;
             }
@@ -713,54 +762,47 @@ fn count_cron_fires(spec: &JobSpec, after_ms: u64, until_ms: u64) -> u64 {
     count
 }
 
-/// Applies the misfire policy when the next fire is already in the past at `now_ms` (a long
-/// fire, downtime, a pause); returns how many fires were recorded as missed.
+/// Applies the catch-up window and the misfire policy when the next fire is already in the
+/// past at `now_ms` (downtime, a pause, a long previous fire). Missed fires are counted and
+/// written to the history; returns how many.
 fn catch_up(job: &mut Job, now_ms: u64) -> u64 {
-    let Schedule::Cron(cron) = &job.spec.schedule else { return 0 };
-    let Some(next) = job.next_fire_ms else { return 0 };
-    if next > now_ms {
-        job.catch_up_run = 0;
-        return 0;
+    let Some(next) = job.next_fire_ms.filter(|next| *next <= now_ms) else { return 0 };
+    let Some((schedule, cron)) = schedule_of(&job.spec) else { return 0 };
+    let mut missed = 0;
+    let mut next = next;
+    let first_missed = next;
+    // Fires older than the window are missed whatever the policy.
+    let window_start_ms = now_ms.saturating_sub(CATCH_UP_WINDOW_MS);
+    if next < window_start_ms {
+        missed += count_fires(&schedule, cron, next, window_start_ms);
+        match next_in(&schedule, cron, window_start_ms.saturating_sub(1)) {
+            Some(in_window) if in_window <= now_ms => next = in_window,
+            later => {
+                job.next_fire_ms = later;
+                record_missed(job, missed, first_missed, now_ms);
+                return missed;
+            }
+        }
     }
-    match cron.misfire {
+    let misfire = cron.misfire;
+    let new_next = match misfire {
+        // The fires due since coalesce into one: the latest, run now.
         Misfire::FireOnce => {
-            // Every missed fire but the latest is dropped; the latest runs now.
-            let skipped = count_cron_fires(&job.spec, next, now_ms);
-            let mut latest = next;
-            if skipped > 0 {
-                let mut at = next;
-                // Bounded by MISSED_COUNT_MAX (as counted above).
-                for _ in 0..skipped {
-                    match next_cron_fire(&job.spec, at) {
-                        Some(n) if n <= now_ms => {
-                            latest = n;
-                            at = n;
-                        }
-                        _ => break,
-                    }
-                }
-            }
-            job.next_fire_ms = Some(latest);
-            skipped
+            let latest = schedule.last_at_or_before_ms(now_ms.min(cron.end_ms.unwrap_or(u64::MAX))).unwrap_or(next);
+            let latest = latest.max(next);
+            missed += count_fires(&schedule, cron, next, latest);
+            Some(latest)
         }
-        Misfire::Skip => {
-            let late_ms = now_ms - next;
-            if late_ms <= MISFIRE_THRESHOLD_MS {
-                return 0;
-            }
-            let missed = 1 + count_cron_fires(&job.spec, next, now_ms);
-            job.next_fire_ms = next_cron_fire(&job.spec, now_ms);
-            missed
-        }
-        Misfire::FireAll { max } => {
-            if job.catch_up_run < max {
-                job.catch_up_run += 1;
-                return 0;
-            }
-            let missed = 1 + count_cron_fires(&job.spec, next, now_ms);
-            job.next_fire_ms = next_cron_fire(&job.spec, now_ms);
+        Misfire::Skip if now_ms - next <= MISFIRE_THRESHOLD_MS => Some(next),
+        Misfire::FireAll { max } if job.catch_up_run < max || now_ms - next <= MISFIRE_THRESHOLD_MS => Some(next),
+        // Skip, or fire_all past its cap: everything due so far is missed.
+        Misfire::Skip | Misfire::FireAll { .. } => {
+            missed += count_fires(&schedule, cron, next, now_ms.saturating_add(1));
             job.catch_up_run = 0;
-            missed
+            next_in(&schedule, cron, now_ms)
         }
-    }
+    };
+    job.next_fire_ms = new_next;
+    record_missed(job, missed, first_missed, now_ms);
+    missed
 }

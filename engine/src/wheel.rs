@@ -24,18 +24,19 @@ const HORIZON_BITS: u32 = SLOT_BITS * LEVELS as u32;
 /// Tombstones are swept once they pass both this and the number of live timers.
 const TOMBSTONES_BEFORE_SWEEP_MIN: usize = 1024;
 
-/// A slab state word: the generation in the low 30 bits, where the timer is in the top two.
-const PLACE_SHIFT: u32 = 30;
-const GENERATION_MASK: u32 = (1 << PLACE_SHIFT) - 1;
-const PLACE_FREE: u32 = 0;
-const PLACE_WHEEL: u32 = 1;
-const PLACE_OVERFLOW: u32 = 2;
+/// A slab state word: the generation in the low 62 bits (it never wraps: a stale tombstone
+/// can never look live again), where the timer is in the top two.
+const PLACE_SHIFT: u32 = 62;
+const GENERATION_MASK: u64 = (1 << PLACE_SHIFT) - 1;
+const PLACE_FREE: u64 = 0;
+const PLACE_WHEEL: u64 = 1;
+const PLACE_OVERFLOW: u64 = 2;
 
 /// Names one inserted timer; stale once it fired or was cancelled (generation check).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TimerHandle {
     index: u32,
-    generation: u32,
+    generation: u64,
 }
 
 /// The wheel holds its maximum number of timers; nothing was inserted.
@@ -49,8 +50,8 @@ pub struct WheelFull {
 #[derive(Debug)]
 struct SlotEntry<T> {
     deadline_ms: u64,
+    generation: u64,
     index: u32,
-    generation: u32,
     value: T,
 }
 
@@ -66,7 +67,7 @@ pub struct TimingWheel<T> {
     /// Every timer with a deadline at or before this has fired.
     now_ms: u64,
     /// Per slab index: place and generation (see PLACE_SHIFT), and the deadline.
-    states: Vec<u32>,
+    states: Vec<u64>,
     deadlines: Vec<u64>,
     /// Free slab indexes, reused before the slab grows.
     free: Vec<u32>,
@@ -79,7 +80,7 @@ pub struct TimingWheel<T> {
     capacity: usize,
 }
 
-fn state_word(place: u32, generation: u32) -> u32 {
+fn state_word(place: u64, generation: u64) -> u64 {
     place << PLACE_SHIFT | (generation & GENERATION_MASK)
 }
 

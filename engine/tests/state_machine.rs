@@ -142,8 +142,10 @@ fn dependencies_must_exist_never_cycle_and_gate_the_fire() {
     assert_eq!(state.next_due("b"), Some((T0 + 10, Due::NewFire { fire_ms: T0 + 10 })), "a completed: b is due");
 }
 
+/// Cycles cannot form: dependencies must exist first, specs never change, and a job that
+/// others depend on cannot be deleted (so it cannot be recreated with new dependencies).
 #[test]
-fn a_cycle_through_a_recreated_job_is_refused() {
+fn a_cycle_cannot_be_built_through_a_recreated_job() {
     let mut state = State::new();
     create(&mut state, once("a", T0 + 10)).expect("created");
     let mut b = once("b", T0 + 10);
@@ -191,29 +193,101 @@ fn cron_fires_follow_the_committed_fire_time_and_end_at_the_end() {
 
 #[test]
 fn misfires_after_downtime_follow_the_policy() {
-    for (policy, expected_missed, expected_next_offset) in [("fire_once", 11, 120_000), ("skip", 13, 130_000)] {
+    // Every 10 s; no leader for 125 s (past the 60 s misfire threshold): the first fire and
+    // the twelve after it (to +120 s) are late when a leader finally starts one.
+    for (policy, missed, next_offset, runs) in
+        [("fire_once", 12, 120_000, true), ("skip", 13, 130_000, false), ("fire_all", 0, 0, true)]
+    {
         let mut state = State::new();
         create(&mut state, cron("c", "*/10 * * * * *", policy, "skip")).expect("created");
         let (first, _) = state.next_due("c").expect("due");
-        // No leader for 125 s (past the 60 s misfire threshold): the fire starts late.
         let now = first + 125_000;
         let applied = start(&mut state, "c", first, 1, now).expect("applied");
         let job = state.job("c").expect("job");
-        match policy {
-            // The late fire runs; the twelve due since coalesce into one, due now (the
-            // latest): eleven are recorded missed.
-            "fire_once" => {
-                assert_eq!(applied, Applied::Done);
-                assert_eq!(job.next_fire_ms, Some(first + expected_next_offset));
-            }
-            // The late fire and the twelve after it are missed; the next is in the future.
-            _ => {
-                assert_eq!(applied, Applied::Missed { count: expected_missed });
-                assert_eq!(job.next_fire_ms, Some(first + expected_next_offset));
-            }
+        if runs && policy == "fire_all" {
+            // Each missed fire runs, oldest first: this one now, the next right after.
+            assert_eq!(applied, Applied::Done);
+            assert_eq!(job.next_fire_ms, Some(first + 10_000));
+        } else {
+            // fire_once: the thirteen coalesce into the latest (+120 s), due now; skip: all
+            // are missed and the next is in the future.
+            assert_eq!(applied, Applied::Missed { count: missed }, "{policy}");
+            assert_eq!(job.next_fire_ms, Some(first + next_offset), "{policy}");
+            assert_eq!(state.next_due("c").map(|(at, _)| at <= now), Some(runs), "{policy}");
         }
-        assert_eq!(job.fires_missed, expected_missed, "{policy}");
+        assert_eq!(job.fires_missed, missed, "{policy}");
+        assert!(state.counts_match_jobs());
     }
+}
+
+#[test]
+fn fire_all_runs_missed_fires_up_to_its_cap_then_skips() {
+    let mut state = State::new();
+    let spec = spec(
+        json!({"id": "c", "cron": "*/10 * * * * *", "misfire": "fire_all", "misfire_max": 3, "url": "https://e.com"}),
+    );
+    create(&mut state, spec).expect("created");
+    let (first, _) = state.next_due("c").expect("due");
+    let now = first + 125_000;
+    let mut ran = Vec::new();
+    // Bounded: at most 10 fires.
+    for _ in 0..10 {
+        let Some((due, Due::NewFire { fire_ms })) = state.next_due("c") else { break };
+        if due > now {
+            break;
+        }
+        if start(&mut state, "c", fire_ms, 1, now) == Ok(Applied::Done) {
+            ran.push(fire_ms - first);
+            finish(&mut state, "c", fire_ms, 1, now, 200).expect("recorded");
+        }
+    }
+    assert_eq!(ran, [0, 10_000, 20_000], "three late fires ran back to back, oldest first");
+    let job = state.job("c").expect("job");
+    assert_eq!(job.next_fire_ms, Some(first + 130_000), "then the rest were skipped");
+    assert_eq!(job.fires_missed, 10, "+30 s … +120 s recorded missed");
+}
+
+#[test]
+fn fires_older_than_the_catch_up_window_are_missed_but_recent_ones_still_run() {
+    let mut state = State::new();
+    create(&mut state, cron("c", "0 * * * * *", "fire_once", "skip")).expect("created"); // every minute
+    let (first, _) = state.next_due("c").expect("due");
+    // Two days without a leader: the first day's fires are beyond the 24 h window.
+    let now = first + 2 * 24 * 3_600_000 + 30_000;
+    let applied = start(&mut state, "c", first, 1, now).expect("applied");
+    assert!(matches!(applied, Applied::Missed { count } if count >= 1_000), "{applied:?}");
+    let (due, _) = state.next_due("c").expect("due");
+    assert_eq!(due, now - 30_000, "the latest fire, seconds old, still runs (fire_once)");
+    assert_eq!(start(&mut state, "c", due, 1, now), Ok(Applied::Done));
+}
+
+#[test]
+fn a_redriven_fire_gets_a_fresh_deadline() {
+    let mut state = State::new();
+    let at = T0 + 1_000;
+    let job = spec(
+        json!({"id": "d", "run_at": at, "url": "https://e.com", "deadline_ms": 5000, "retry": {"max_attempts": 3}}),
+    );
+    create(&mut state, job).expect("created");
+    start(&mut state, "d", at, 1, at).expect("started");
+    finish(&mut state, "d", at, 1, at + 10, 404).expect("dead-lettered");
+    // An hour later, redriven: its deadline counts from the redrive, so a 500 is retried.
+    let later = at + 3_600_000;
+    state.apply(Command::Redrive { id: "d".into(), fire_ms: at, now_ms: later }).expect("redriven");
+    start(&mut state, "d", at, 1, later).expect("started");
+    finish(&mut state, "d", at, 1, later + 10, 500).expect("recorded");
+    assert_eq!(state.next_due("d"), Some((later + 1_010, Due::Retry { fire_ms: at, attempt: 2 })));
+}
+
+#[test]
+fn resume_after_a_long_pause_follows_the_misfire_policy() {
+    let mut state = State::new();
+    create(&mut state, cron("c", "*/10 * * * * *", "skip", "skip")).expect("created");
+    let (first, _) = state.next_due("c").expect("due");
+    state.apply(Command::Pause { id: "c".into() }).expect("paused");
+    state.apply(Command::Resume { id: "c".into(), now_ms: first + 95_000 }).expect("resumed");
+    let job = state.job("c").expect("job");
+    assert_eq!((job.next_fire_ms, job.fires_missed), (Some(first + 100_000), 10));
 }
 
 #[test]
@@ -358,13 +432,16 @@ proptest! {
         let mut first = State::new();
         let mut second = State::new();
         let mut restored: Option<State> = None;
-        let mut applied_ok = 0;
         for (position, command) in commands.into_iter().enumerate() {
             let command = steer(&first, command);
+            let before = first.digest();
             let a = first.apply(command.clone());
             let b = second.apply(command.clone());
             prop_assert_eq!(&a, &b);
-            applied_ok += usize::from(a.is_ok());
+            if a.is_err() {
+                prop_assert_eq!(first.digest(), before, "a refused command changed the state");
+            }
+            prop_assert!(first.counts_match_jobs());
             if let Some(third) = restored.as_mut() {
                 prop_assert_eq!(third.apply(command), a);
             }
@@ -377,7 +454,6 @@ proptest! {
             prop_assert_eq!(third.digest(), first.digest());
             prop_assert_eq!(third, first);
         }
-        let _ = applied_ok;
     }
 }
 

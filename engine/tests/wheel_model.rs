@@ -37,6 +37,15 @@ struct Model {
 fn check_advance(wheel: &mut TimingWheel<u64>, model: &mut Model, to_ms: u64) -> Result<(), TestCaseError> {
     let mut expired: Vec<Expired<u64>> = Vec::new();
     wheel.advance_to(to_ms, &mut expired);
+    // Progress: once advanced, the next wake-up is strictly later (no busy loop).
+    if let Some(wakeup_ms) = wheel.next_wakeup_ms() {
+        prop_assert!(
+            wakeup_ms > to_ms || to_ms == u64::MAX,
+            "woke at {} right after advancing to {}",
+            wakeup_ms,
+            to_ms
+        );
+    }
     model.now_ms = model.now_ms.max(to_ms);
     let due: Vec<(u64, u64)> = model.pending.range(..=(model.now_ms, u64::MAX)).map(|(&key, _)| key).collect();
     for key in &due {

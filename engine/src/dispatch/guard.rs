@@ -41,8 +41,21 @@ impl AddressPolicy {
                     || a >= 240
             }
             IpAddr::V6(v6) => {
-                let first = v6.segments()[0];
-                (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+                let segments = v6.segments();
+                // An IPv4 address carried inside IPv6 (NAT64, 6to4, IPv4-compatible) is judged
+                // as that IPv4 address.
+                let embedded = if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] || segments[..6] == [0; 6] {
+                    Some(std::net::Ipv4Addr::from(((segments[6] as u32) << 16) | segments[7] as u32))
+                } else if segments[0] == 0x2002 {
+                    Some(std::net::Ipv4Addr::from(((segments[1] as u32) << 16) | segments[2] as u32))
+                } else {
+                    None
+                };
+                if let Some(v4) = embedded {
+                    return self.refuses(IpAddr::V4(v4));
+                }
+                let first = segments[0];
+                (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80 || (first & 0xffc0) == 0xfec0
             }
         };
         (private && !self.allow_private).then_some("private or link-local")
@@ -100,7 +113,11 @@ mod tests {
             "100.64.0.1",
             "fd00::1",
             "fe80::1",
+            "fec0::1",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::1",
             "0.0.0.0",
         ] {
             assert!(strict.refuses(ip.parse().expect("ip")).is_some(), "{ip}");

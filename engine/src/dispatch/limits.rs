@@ -97,6 +97,14 @@ impl CircuitBreaker {
         }
     }
 
+    /// An attempt let through was aborted before it said anything about the host: a probe
+    /// slot is handed back (otherwise the host would stay blocked for good).
+    pub fn release(&mut self) {
+        if let BreakerState::HalfOpen { probing: true } = self.state {
+            self.state = BreakerState::HalfOpen { probing: false };
+        }
+    }
+
     /// When a request may go again, if the breaker refuses now.
     pub fn reopens_at_ms(&self) -> Option<u64> {
         match self.state {
@@ -149,5 +157,15 @@ mod tests {
         assert!(breaker.try_acquire(2_010));
         breaker.record(true, 2_020);
         assert_eq!(breaker.state, BreakerState::Closed);
+    }
+
+    #[test]
+    fn an_aborted_probe_hands_its_slot_back() {
+        let mut breaker = CircuitBreaker::new(1, 100);
+        breaker.record(false, 0);
+        assert!(breaker.try_acquire(100), "the probe");
+        assert!(!breaker.try_acquire(100));
+        breaker.release(); // the probe was cancelled: it said nothing about the host
+        assert!(breaker.try_acquire(100), "another probe may go");
     }
 }

@@ -24,6 +24,10 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Queued attempts looked at per pass when the first ones' hosts are busy.
 const SCAN_PER_PASS_MAX: usize = 1024;
+/// Hosts whose limits are remembered; idle ones are forgotten beyond it.
+const HOSTS_REMEMBERED_MAX: usize = 10_000;
+/// A Retry-After longer than this is capped.
+const RETRY_AFTER_MS_MAX: u64 = 24 * 3600 * 1000;
 
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
@@ -174,14 +178,35 @@ impl Dispatcher {
 
     /// Drops a job's queued attempts and aborts its running ones (they report `Aborted`).
     pub fn cancel(&self, job_id: &str) {
+        self.cancel_matching(|job, _| job == job_id);
+    }
+
+    /// Drops or aborts the attempt of one fire only (other fires of the job go on).
+    pub fn cancel_fire(&self, job_id: &str, fire_ms: u64) {
+        self.cancel_matching(|job, fire| job == job_id && fire == fire_ms);
+    }
+
+    fn cancel_matching(&self, matches: impl Fn(&str, u64) -> bool) {
         let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
-        inner.queue.retain(|_, attempt| attempt.job_id != job_id);
-        let running: Vec<(String, u64)> = inner.running.keys().filter(|(job, _)| job == job_id).cloned().collect();
+        inner.queue.retain(|_, attempt| !matches(&attempt.job_id, attempt.fire_ms));
+        let running: Vec<(String, u64)> =
+            inner.running.keys().filter(|(job, fire)| matches(job, *fire)).cloned().collect();
         for key in running {
             if let Some(cancel) = inner.running.remove(&key) {
                 let _ = cancel.send(());
             }
         }
+    }
+
+    /// True when `submit` would accept an attempt now.
+    pub fn has_room(&self) -> bool {
+        self.shared.inner.lock().expect("no panic holds the lock").queue.len() < self.shared.config.queue_capacity
+    }
+
+    /// The breaker of the host `url` names, if it has been used (status pages, tests).
+    pub fn breaker_state(&self, url: &str) -> Option<limits::BreakerState> {
+        let inner = self.shared.inner.lock().expect("no panic holds the lock");
+        inner.hosts.get(&host_key(url)).map(|host| host.breaker.state)
     }
 
     pub fn queued(&self) -> usize {
@@ -216,6 +241,10 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
     let mut inner = shared.inner.lock().expect("no panic holds the lock");
     let mut wake_at: Option<u64> = None;
     let mut to_start = Vec::new();
+    if inner.hosts.len() > HOSTS_REMEMBERED_MAX {
+        // Forget hosts with nothing running and a closed breaker (their bucket refills anyway).
+        inner.hosts.retain(|_, host| host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed);
+    }
     let keys: Vec<(u8, u64, u64)> = inner.queue.keys().take(SCAN_PER_PASS_MAX).copied().collect();
     for key in keys {
         let host = host_key(&inner.queue[&key].target.url);
@@ -253,10 +282,17 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
     wake_at
 }
 
+/// `scheme://host:port`, lower-cased and without user info, so spellings of one host share
+/// its limits.
 fn host_key(url: &str) -> String {
     match url.parse::<hyper::Uri>() {
-        Ok(uri) => format!("{}://{}", uri.scheme_str().unwrap_or("http"), uri.authority().map_or("", |a| a.as_str())),
-        Err(_) => url.to_string(),
+        Ok(uri) => {
+            let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
+            let default_port = if scheme == "https" { 443 } else { 80 };
+            let host = uri.host().unwrap_or("").to_ascii_lowercase();
+            format!("{scheme}://{host}:{}", uri.port_u16().unwrap_or(default_port))
+        }
+        Err(_) => url.to_ascii_lowercase(),
     }
 }
 
@@ -272,13 +308,13 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, cancelled: oneshot::
         inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms));
         if let Some(host) = inner.hosts.get_mut(&host_key(&attempt.target.url)) {
             host.in_flight -= 1;
-            let host_failed = match &outcome {
-                Outcome::Response { status, .. } => *status >= 500 || *status == 429,
-                Outcome::Error(ErrorClass::Aborted | ErrorClass::Refused) => false,
-                Outcome::Error(_) => true,
-            };
-            if !matches!(outcome, Outcome::Error(ErrorClass::Aborted)) {
-                host.breaker.record(!host_failed, finished_ms);
+            match &outcome {
+                // Said nothing about the host: a probe slot is handed back.
+                Outcome::Error(ErrorClass::Aborted | ErrorClass::Refused | ErrorClass::InvalidRequest) => {
+                    host.breaker.release()
+                }
+                Outcome::Response { status, .. } => host.breaker.record(*status < 500 && *status != 429, finished_ms),
+                Outcome::Error(_) => host.breaker.record(false, finished_ms),
             }
         }
     }
@@ -296,7 +332,7 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, cancelled: oneshot::
 
 /// Sends one request and reads (a bounded part of) the answer, within the attempt timeout.
 async fn send(shared: &Shared, attempt: &Attempt) -> Outcome {
-    let Ok(uri) = attempt.target.url.parse::<hyper::Uri>() else { return Outcome::Error(ErrorClass::Other) };
+    let Ok(uri) = attempt.target.url.parse::<hyper::Uri>() else { return Outcome::Error(ErrorClass::InvalidRequest) };
     // IP literals never reach the resolver: check them here.
     if let Some(host) = uri.host() {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
@@ -308,7 +344,7 @@ async fn send(shared: &Shared, attempt: &Attempt) -> Outcome {
     }
     let request = match build_request(&shared.config, attempt, uri) {
         Some(request) => request,
-        None => return Outcome::Error(ErrorClass::Other),
+        None => return Outcome::Error(ErrorClass::InvalidRequest),
     };
     let limit = shared.config.response_body_max_bytes;
     let exchange = async {
@@ -384,8 +420,8 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
 fn parse_retry_after(value: &str) -> Option<u64> {
     let value = value.trim();
     if let Ok(seconds) = value.parse::<u64>() {
-        return Some(seconds.saturating_mul(1000));
+        return Some(seconds.saturating_mul(1000).min(RETRY_AFTER_MS_MAX));
     }
     let at = jiff::fmt::rfc2822::parse(value).ok()?.timestamp().as_millisecond();
-    Some(u64::try_from(at).ok()?.saturating_sub(now_ms()))
+    Some(u64::try_from(at).ok()?.saturating_sub(now_ms()).min(RETRY_AFTER_MS_MAX))
 }
