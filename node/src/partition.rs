@@ -1,0 +1,199 @@
+//! A partition: one Raft group whose log is a `WalStorage` and whose committed entries are
+//! the engine's commands. Commands reach the state machine only through the committed log,
+//! so a restart (or another replica) replays the same commands into the same state. The
+//! state machine is snapshotted into the WAL every `snapshot_every_entries` and the log
+//! before it dropped.
+
+use crate::storage::WalStorage;
+use std::collections::BTreeMap;
+use std::path::Path;
+use sundial_consensus::{Config, ConfigError, EntryKind, Index, ProposeError, RawNode, Role, Storage};
+use sundial_engine::state::{Applied, ApplyError, Command, State};
+use sundial_wal::{WalError, WalOptions};
+
+#[derive(Clone, Debug)]
+pub struct PartitionOptions {
+    pub node_id: u64,
+    /// The group's members when it is created (a single node: just itself).
+    pub voters: Vec<u64>,
+    pub wal: WalOptions,
+    /// Applied entries between state-machine snapshots (and log truncations).
+    pub snapshot_every_entries: u64,
+    /// Proposals are refused beyond this many uncommitted entries.
+    pub max_uncommitted_entries: u64,
+}
+
+impl PartitionOptions {
+    /// A single-node partition with default settings.
+    pub fn single_node(node_id: u64) -> PartitionOptions {
+        PartitionOptions {
+            node_id,
+            voters: vec![node_id],
+            wal: WalOptions::default(),
+            snapshot_every_entries: 10_000,
+            max_uncommitted_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error("partition log: {0}")]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Propose(#[from] ProposeError),
+    #[error("the partition's snapshot does not decode: {0}")]
+    Snapshot(String),
+    #[error("no leader elected within {ticks} ticks")]
+    NoLeader { ticks: u32 },
+}
+
+pub struct Partition {
+    node: RawNode<WalStorage>,
+    state: State,
+    options: PartitionOptions,
+    /// Outcomes of commands proposed here, by log index, until taken (bounded by the
+    /// uncommitted-entry limit plus what the caller has not taken yet).
+    outcomes: BTreeMap<Index, Option<Result<Applied, ApplyError>>>,
+    /// Entries applied since the last snapshot.
+    applied_since_snapshot: u64,
+    /// Committed entries whose data did not decode as a command (never expected).
+    undecodable_entries: u64,
+}
+
+impl Partition {
+    /// Opens (or creates) the partition in `dir`: recovers the log, restores the newest
+    /// snapshot, replays the committed entries after it, and (a single voter) elects itself.
+    pub fn open(dir: impl AsRef<Path>, options: PartitionOptions) -> Result<Partition, PartitionError> {
+        let storage = WalStorage::open(dir, options.wal, &options.voters)?;
+        let snapshot = storage.snapshot();
+        let state = if snapshot.data.is_empty() {
+            State::new()
+        } else {
+            State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?
+        };
+        let mut config = Config::new(options.node_id);
+        config.max_uncommitted_entries = options.max_uncommitted_entries;
+        let node = RawNode::new(config, storage)?;
+        let mut partition = Partition {
+            node,
+            state,
+            options,
+            outcomes: BTreeMap::new(),
+            applied_since_snapshot: 0,
+            undecodable_entries: 0,
+        };
+        partition.process()?;
+        if partition.options.voters == [partition.options.node_id] {
+            partition.elect_self()?;
+        }
+        Ok(partition)
+    }
+
+    /// A group of one campaigns after its election timeout: tick until it leads.
+    fn elect_self(&mut self) -> Result<(), PartitionError> {
+        const TICKS_MAX: u32 = 100;
+        for _ in 0..TICKS_MAX {
+            if self.is_leader() {
+                return Ok(());
+            }
+            self.node.tick();
+            self.process()?;
+        }
+        Err(PartitionError::NoLeader { ticks: TICKS_MAX })
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.node.raft.role == Role::Leader
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn tick(&mut self) {
+        self.node.tick();
+    }
+
+    /// Proposes a command; its outcome is known once `process` has applied its index.
+    pub fn propose(&mut self, command: &Command) -> Result<Index, PartitionError> {
+        let data = serde_json::to_vec(command).expect("commands always serialize");
+        let index = self.node.propose(data)?;
+        self.outcomes.insert(index, None);
+        Ok(index)
+    }
+
+    /// The outcome of the command proposed at `index`, once applied (taken once).
+    pub fn take_outcome(&mut self, index: Index) -> Option<Result<Applied, ApplyError>> {
+        let outcome = self.outcomes.get_mut(&index)?.take()?;
+        self.outcomes.remove(&index);
+        Some(outcome)
+    }
+
+    /// Persists, applies and acknowledges everything Raft has ready. Durable when it returns:
+    /// an outcome taken after it belongs to a command that survives a crash.
+    pub fn process(&mut self) -> Result<(), PartitionError> {
+        // Bounded: a single node produces a finite amount of work between inputs.
+        for _ in 0..1_000 {
+            if !self.node.has_ready() {
+                return Ok(());
+            }
+            let ready = self.node.ready();
+            self.node.raft.log.storage.persist(&ready)?;
+            // A group of one sends nothing; a cluster will hand `ready.messages` to the
+            // transport here.
+            if let Some(snapshot) = &ready.snapshot {
+                self.state = State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
+            }
+            for entry in &ready.committed_entries {
+                match &entry.kind {
+                    EntryKind::ConfChange(change) => {
+                        self.node.apply_conf_change(*change);
+                    }
+                    EntryKind::Normal if entry.data.is_empty() => {} // a new leader's no-op
+                    EntryKind::Normal => {
+                        let outcome = match serde_json::from_slice::<Command>(&entry.data) {
+                            Ok(command) => self.state.apply(command),
+                            Err(_) => {
+                                self.undecodable_entries += 1;
+                                continue;
+                            }
+                        };
+                        if let Some(slot) = self.outcomes.get_mut(&entry.index) {
+                            *slot = Some(outcome);
+                        }
+                    }
+                }
+                self.applied_since_snapshot += 1;
+            }
+            self.node.advance(ready);
+            self.maybe_snapshot()?;
+        }
+        Ok(())
+    }
+
+    fn maybe_snapshot(&mut self) -> Result<(), PartitionError> {
+        if self.applied_since_snapshot < self.options.snapshot_every_entries {
+            return Ok(());
+        }
+        let applied = self.node.raft.log.applied;
+        let conf = self.node.raft.conf_state();
+        let data = self.state.snapshot();
+        self.node.raft.log.storage.compact(applied, &data, conf)?;
+        self.applied_since_snapshot = 0;
+        Ok(())
+    }
+
+    /// Committed entries that were not commands (corruption the checksums missed, or a
+    /// newer format): counted, skipped alike on every replica.
+    pub fn undecodable_entries(&self) -> u64 {
+        self.undecodable_entries
+    }
+
+    /// Index of the newest snapshot (0 before the first).
+    pub fn snapshot_index(&self) -> Index {
+        self.node.raft.log.storage.snapshot().meta.index
+    }
+}

@@ -1,0 +1,281 @@
+//! `WalStorage`: Raft's `Storage` on a sundial-wal log. Entries are WAL records (the tag is
+//! the entry's term, the body its kind and data); the hard state is the WAL's atomic
+//! hard-state file; a snapshot is the WAL's snapshot file, whose data starts with the
+//! membership it was taken at. Everything `persist` writes is durable (fdatasync'd) when it
+//! returns, which is what `RawNode::advance` requires.
+
+use std::path::Path;
+use sundial_consensus::{
+    ConfChange, ConfState, Entry, EntryKind, HardState, Index, Ready, Snapshot, SnapshotMeta, Storage, StorageError,
+    Term,
+};
+use sundial_wal::{Wal, WalError, WalOptions};
+
+pub struct WalStorage {
+    wal: Wal,
+    hard_state: HardState,
+    /// The newest snapshot, kept in memory (Raft asks for it to send to followers).
+    snapshot: Snapshot,
+}
+
+/// A stored file that does not decode: the directory holds something this build did not write.
+fn corrupt(dir: &Path, what: &str) -> WalError {
+    WalError::Inconsistent { path: dir.to_path_buf(), reason: format!("{what} does not decode as a Raft {what}") }
+}
+
+impl WalStorage {
+    /// Opens (or creates) the log in `dir`. `voters` is the membership a brand-new group
+    /// starts with; an existing group keeps the one it recorded.
+    pub fn open(dir: impl AsRef<Path>, options: WalOptions, voters: &[u64]) -> Result<WalStorage, WalError> {
+        let dir = dir.as_ref();
+        let (wal, _report) = Wal::open(dir, options)?;
+        let hard_state = match wal.hard_state() {
+            Some(bytes) => decode_hard_state(bytes).ok_or_else(|| corrupt(dir, "hard state"))?,
+            None => HardState::default(),
+        };
+        let snapshot = match wal.load_snapshot()? {
+            Some(stored) => {
+                let (conf, data) = decode_snapshot_data(&stored.data).ok_or_else(|| corrupt(dir, "snapshot"))?;
+                Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data }
+            }
+            None => {
+                let conf = ConfState { voters: voters.to_vec(), learners: Vec::new() };
+                Snapshot { meta: SnapshotMeta { index: wal.first_index() - 1, term: 0, conf }, data: Vec::new() }
+            }
+        };
+        Ok(WalStorage { wal, hard_state, snapshot })
+    }
+
+    /// Step 1 of handling a `Ready`: installs its snapshot, appends its entries (replacing a
+    /// conflicting suffix) and saves its hard state — all durable on return.
+    pub fn persist(&mut self, ready: &Ready) -> Result<(), WalError> {
+        if let Some(snapshot) = &ready.snapshot {
+            self.install_snapshot(snapshot.clone())?;
+        }
+        if let Some(first) = ready.entries.first() {
+            if first.index <= self.wal.last_index() {
+                self.wal.truncate_suffix(first.index)?;
+            }
+            for entry in &ready.entries {
+                let index = self.wal.append(entry.term, &encode_entry(entry))?;
+                debug_assert_eq!(index, entry.index, "Raft entries are contiguous with the log");
+            }
+            self.wal.commit()?;
+        }
+        if let Some(hard_state) = ready.hard_state {
+            self.wal.save_hard_state(&encode_hard_state(&hard_state))?;
+            self.hard_state = hard_state;
+        }
+        Ok(())
+    }
+
+    /// Replaces entries up to `index` with a snapshot of the state machine at `index`.
+    pub fn compact(&mut self, index: Index, data: &[u8], conf: ConfState) -> Result<(), WalError> {
+        if index <= self.snapshot.meta.index || index > self.wal.last_index() {
+            return Ok(());
+        }
+        let Some(term) = self.wal.get(index).map(|e| e.tag) else {
+            return Err(WalError::OutOfRange { index, first: self.wal.first_index(), last: self.wal.last_index() });
+        };
+        let snapshot = Snapshot { meta: SnapshotMeta { index, term, conf }, data: data.to_vec() };
+        self.wal.save_snapshot(index, term, &encode_snapshot_data(&snapshot.meta.conf, &snapshot.data))?;
+        self.wal.truncate_prefix(index)?;
+        self.snapshot = snapshot;
+        Ok(())
+    }
+
+    /// A snapshot from the leader: saved, then the log keeps only entries that follow it
+    /// consistently.
+    fn install_snapshot(&mut self, snapshot: Snapshot) -> Result<(), WalError> {
+        let index = snapshot.meta.index;
+        if index <= self.snapshot.meta.index {
+            return Ok(());
+        }
+        let consistent = self.wal.get(index).is_some_and(|e| e.tag == snapshot.meta.term);
+        self.wal.save_snapshot(
+            index,
+            snapshot.meta.term,
+            &encode_snapshot_data(&snapshot.meta.conf, &snapshot.data),
+        )?;
+        if !consistent && index < self.wal.last_index() {
+            self.wal.truncate_suffix(index + 1)?;
+        }
+        self.wal.truncate_prefix(index)?;
+        self.hard_state.commit = self.hard_state.commit.max(index);
+        self.snapshot = snapshot;
+        Ok(())
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+}
+
+impl Storage for WalStorage {
+    fn initial_state(&self) -> (HardState, ConfState) {
+        (self.hard_state, self.snapshot.meta.conf.clone())
+    }
+
+    fn entries(&self, low: Index, high: Index, max_bytes: usize) -> Result<Vec<Entry>, StorageError> {
+        if low < self.first_index() {
+            return Err(StorageError::Compacted(low));
+        }
+        if high > self.last_index() + 1 {
+            return Err(StorageError::Unavailable(high));
+        }
+        let mut entries = Vec::new();
+        let mut total_bytes = 0usize;
+        for index in low..high {
+            let record = self.wal.get(index).ok_or(StorageError::Unavailable(index))?;
+            let entry = decode_entry(index, record.tag, record.body).ok_or(StorageError::Unavailable(index))?;
+            total_bytes += entry.size_bytes();
+            if !entries.is_empty() && total_bytes > max_bytes {
+                break;
+            }
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn term(&self, index: Index) -> Result<Term, StorageError> {
+        if index == self.snapshot.meta.index {
+            return Ok(self.snapshot.meta.term);
+        }
+        if index < self.snapshot.meta.index {
+            return Err(StorageError::Compacted(index));
+        }
+        self.wal.get(index).map(|e| e.tag).ok_or(StorageError::Unavailable(index))
+    }
+
+    fn first_index(&self) -> Index {
+        self.snapshot.meta.index + 1
+    }
+
+    fn last_index(&self) -> Index {
+        self.wal.last_index().max(self.snapshot.meta.index)
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot.clone()
+    }
+}
+
+// ---- encodings (little-endian) ---------------------------------------------------------
+
+fn encode_hard_state(hard_state: &HardState) -> Vec<u8> {
+    [hard_state.term, hard_state.vote.unwrap_or(0), hard_state.commit].iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn decode_hard_state(bytes: &[u8]) -> Option<HardState> {
+    let [term, vote, commit] = read_u64s::<3>(bytes)?;
+    Some(HardState { term, vote: (vote != 0).then_some(vote), commit })
+}
+
+fn read_u64s<const N: usize>(bytes: &[u8]) -> Option<[u64; N]> {
+    if bytes.len() != N * 8 {
+        return None;
+    }
+    let mut out = [0u64; N];
+    for (i, chunk) in bytes.chunks_exact(8).enumerate() {
+        out[i] = u64::from_le_bytes(chunk.try_into().ok()?);
+    }
+    Some(out)
+}
+
+/// Body of an entry's record: a kind byte (0 data, 1 add voter, 2 add learner, 3 remove),
+/// then the data or the node id.
+fn encode_entry(entry: &Entry) -> Vec<u8> {
+    let mut body = Vec::with_capacity(1 + entry.data.len().max(8));
+    match entry.kind {
+        EntryKind::Normal => {
+            body.push(0);
+            body.extend_from_slice(&entry.data);
+        }
+        EntryKind::ConfChange(change) => {
+            let (tag, id) = match change {
+                ConfChange::AddVoter(id) => (1u8, id),
+                ConfChange::AddLearner(id) => (2, id),
+                ConfChange::Remove(id) => (3, id),
+            };
+            body.push(tag);
+            body.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    body
+}
+
+fn decode_entry(index: Index, term: Term, body: &[u8]) -> Option<Entry> {
+    let (&kind, rest) = body.split_first()?;
+    let id = || rest.try_into().ok().map(u64::from_le_bytes);
+    let kind = match kind {
+        0 => return Some(Entry { term, index, kind: EntryKind::Normal, data: rest.to_vec() }),
+        1 => ConfChange::AddVoter(id()?),
+        2 => ConfChange::AddLearner(id()?),
+        3 => ConfChange::Remove(id()?),
+        _ => return None,
+    };
+    Some(Entry { term, index, kind: EntryKind::ConfChange(kind), data: Vec::new() })
+}
+
+/// Snapshot file data: voter count, voters, learner count, learners (u64 each), then the
+/// state machine's bytes.
+fn encode_snapshot_data(conf: &ConfState, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 8 * (conf.voters.len() + conf.learners.len()) + data.len());
+    for list in [&conf.voters, &conf.learners] {
+        out.extend_from_slice(&(list.len() as u64).to_le_bytes());
+        for id in list {
+            out.extend_from_slice(&id.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(data);
+    out
+}
+
+fn decode_snapshot_data(bytes: &[u8]) -> Option<(ConfState, Vec<u8>)> {
+    let mut at = 0usize;
+    let mut read = || -> Option<u64> {
+        let value = u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
+        at += 8;
+        Some(value)
+    };
+    let mut lists = [Vec::new(), Vec::new()];
+    for list in &mut lists {
+        let count = read()?;
+        if count > 1_000 {
+            return None;
+        }
+        for _ in 0..count {
+            list.push(read()?);
+        }
+    }
+    let [voters, learners] = lists;
+    Some((ConfState { voters, learners }, bytes.get(at..)?.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_every_kind_round_trip() {
+        let entries = [
+            Entry { term: 3, index: 7, kind: EntryKind::Normal, data: b"job".to_vec() },
+            Entry { term: 3, index: 8, kind: EntryKind::Normal, data: Vec::new() },
+            Entry { term: 4, index: 9, kind: EntryKind::ConfChange(ConfChange::AddLearner(5)), data: Vec::new() },
+            Entry { term: 4, index: 10, kind: EntryKind::ConfChange(ConfChange::Remove(2)), data: Vec::new() },
+        ];
+        for entry in entries {
+            assert_eq!(decode_entry(entry.index, entry.term, &encode_entry(&entry)), Some(entry));
+        }
+        assert_eq!(decode_entry(1, 1, &[9]), None, "an unknown kind is refused");
+    }
+
+    #[test]
+    fn hard_state_and_snapshot_data_round_trip() {
+        let hard_state = HardState { term: 9, vote: Some(2), commit: 41 };
+        assert_eq!(decode_hard_state(&encode_hard_state(&hard_state)), Some(hard_state));
+        let conf = ConfState { voters: vec![1, 2, 3], learners: vec![4] };
+        assert_eq!(decode_snapshot_data(&encode_snapshot_data(&conf, b"state")), Some((conf, b"state".to_vec())));
+        assert_eq!(decode_snapshot_data(&[1, 2, 3]), None);
+    }
+}
