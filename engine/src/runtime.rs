@@ -1,6 +1,6 @@
-//! A single-node runtime that runs the life of a fire end to end: the state machine (each
-//! command applied at once, standing in for the Raft log until the node binary wires one
-//! in), the timing wheel (one timer per job, at its next due time), and the dispatcher.
+//! The runtime that runs the life of a fire end to end: commands go to a `CommandLog` (a
+//! bare `State` here; the node's Raft partition over the WAL), the timing wheel keeps one
+//! timer per job at its next due time, and the dispatcher makes the attempts.
 //! Due fire → attempt submitted (a full queue leaves it due; it is tried again shortly) →
 //! `FireStarted` → outcome → `AttemptFinished` with a retry time (backoff with jitter, or
 //! Retry-After if longer) → the state machine decides retry, success or dead letter.
@@ -11,6 +11,31 @@ use crate::wheel::{Expired, TimerHandle, TimingWheel};
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
+
+/// Where commands go to be applied: straight into a `State` (tests, `LocalRuntime`), or
+/// through a replicated, durable log (the node's partitions). The inner result is the state
+/// machine's verdict; an outer error means the command's fate is unknown (the log failed),
+/// and the runtime stops rather than guess.
+pub trait CommandLog {
+    fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, LogError>;
+    fn state(&self) -> &State;
+}
+
+/// The log could not take a command (I/O failure, lost leadership): nothing more can be
+/// acknowledged until it is fixed.
+#[derive(Debug, thiserror::Error)]
+#[error("command log: {0}")]
+pub struct LogError(pub String);
+
+impl CommandLog for State {
+    fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, LogError> {
+        Ok(State::apply(self, command))
+    }
+
+    fn state(&self) -> &State {
+        self
+    }
+}
 
 /// A fire refused by a full dispatch queue is tried again after this.
 const QUEUE_FULL_RETRY_MS: u64 = 20;
@@ -45,9 +70,14 @@ pub struct RuntimeStats {
     pub queue_full_waits: u64,
 }
 
-pub struct LocalRuntime {
+/// The runtime with the state machine applied directly (no log): tests and tools.
+pub type LocalRuntime = Runtime<State>;
+
+pub struct Runtime<L: CommandLog> {
     config: RuntimeConfig,
-    state: State,
+    log: L,
+    /// Set when the log failed: nothing is applied any more.
+    log_failure: Option<String>,
     wheel: TimingWheel<String>,
     timers: HashMap<String, TimerHandle>,
     dispatcher: Dispatcher,
@@ -57,24 +87,72 @@ pub struct LocalRuntime {
 }
 
 impl LocalRuntime {
-    /// Starts on the current tokio runtime.
+    /// Starts on the current tokio runtime with an empty state.
     pub fn start(config: RuntimeConfig) -> LocalRuntime {
+        Runtime::with_log(config, State::new())
+    }
+}
+
+impl<L: CommandLog> Runtime<L> {
+    /// Starts on the current tokio runtime over `log`, arming a timer for every job it holds
+    /// and re-running the attempts a previous run left in flight.
+    pub fn with_log(config: RuntimeConfig, log: L) -> Runtime<L> {
         let (sender, results) = mpsc::channel(config.results_capacity);
         let dispatcher = Dispatcher::start(config.dispatch.clone(), sender);
-        LocalRuntime {
+        let mut runtime = Runtime {
             wheel: TimingWheel::new(now_ms(), config.timers_max),
             config,
-            state: State::new(),
+            log,
+            log_failure: None,
             timers: HashMap::new(),
             dispatcher,
             results,
             rng: now_ms() | 1,
             stats: RuntimeStats::default(),
+        };
+        let ids: Vec<String> = runtime.log.state().jobs().map(|job| job.spec.id.clone()).collect();
+        for id in &ids {
+            runtime.arm(id);
+        }
+        runtime.resume_in_flight();
+        runtime
+    }
+
+    /// Attempts a previous leader (or run) started and never finished are run again, with
+    /// the same fire (idempotency key) and attempt number.
+    fn resume_in_flight(&mut self) {
+        for (id, fire_ms, attempt) in self.log.state().in_flight() {
+            let Some(job) = self.log.state().job(&id) else { continue };
+            let spec = &job.spec;
+            let submission = Attempt {
+                job_id: id.clone(),
+                fire_ms,
+                attempt,
+                priority: spec.priority,
+                due_ms: fire_ms,
+                target: spec.target.clone(),
+                timeout_ms: spec.attempt_timeout_ms,
+                secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            };
+            // A full queue at start-up: the attempt stays in flight in the state and is
+            // re-run at the next start (rare: the queue holds thousands).
+            if self.dispatcher.submit(submission).is_ok() {
+                self.stats.attempts_started += 1;
+            }
         }
     }
 
     pub fn state(&self) -> &State {
-        &self.state
+        self.log.state()
+    }
+
+    pub fn log(&self) -> &L {
+        &self.log
+    }
+
+    /// Why the runtime stopped applying commands, if it did.
+    pub fn log_failure(&self) -> Option<&str> {
+        self.log_failure.as_deref()
     }
 
     pub fn stats(&self) -> RuntimeStats {
@@ -99,15 +177,24 @@ impl LocalRuntime {
             Command::Purge { .. } => None,
         };
         let stops_attempts = matches!(command, Command::Cancel { .. } | Command::Delete { .. });
-        let applied = self.state.apply(command)?;
+        if let Some(failure) = &self.log_failure {
+            return Err(ApplyError::Unavailable(failure.clone()));
+        }
+        let applied = match self.log.apply(command) {
+            Ok(verdict) => verdict?,
+            Err(error) => {
+                self.log_failure = Some(error.to_string());
+                return Err(ApplyError::Unavailable(error.to_string()));
+            }
+        };
         if let Some(id) = id {
             if stops_attempts {
                 self.dispatcher.cancel(&id);
             }
             self.arm(&id);
             // A completed job may release jobs that depend on it.
-            if self.state.job(&id).is_some_and(|job| job.status == crate::state::Status::Completed) {
-                for dependent in self.state.dependents_of(&id) {
+            if self.log.state().job(&id).is_some_and(|job| job.status == crate::state::Status::Completed) {
+                for dependent in self.log.state().dependents_of(&id) {
                     self.arm(&dependent);
                 }
             }
@@ -120,7 +207,7 @@ impl LocalRuntime {
         if let Some(handle) = self.timers.remove(id) {
             self.wheel.cancel(handle);
         }
-        if let Some((due_ms, _)) = self.state.next_due(id) {
+        if let Some((due_ms, _)) = self.log.state().next_due(id) {
             if let Ok(handle) = self.wheel.insert(due_ms, id.to_string()) {
                 self.timers.insert(id.to_string(), handle);
             }
@@ -130,10 +217,15 @@ impl LocalRuntime {
     /// Runs fires and applies outcomes until `done` holds or `limit` passes; returns whether
     /// `done` held.
     pub async fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&State) -> bool) -> bool {
+        self.run_until_with(limit, |runtime| done(runtime.state())).await
+    }
+
+    /// `run_until` with the whole runtime in view (the node's loop looks at its inbox).
+    pub async fn run_until_with(&mut self, limit: Duration, mut done: impl FnMut(&mut Self) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
         // Bounded by `limit`.
         loop {
-            if done(&self.state) {
+            if done(self) {
                 return true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -142,7 +234,7 @@ impl LocalRuntime {
             self.fire_due_jobs();
             // Sleeps until the next timer or an outcome; `done` is looked at on each wake-up and
             // at least once a second.
-            let wait_ms = self.wheel.next_wakeup_ms().map_or(1_000, |at| at.saturating_sub(now_ms()).clamp(1, 1_000));
+            let wait_ms = self.sleep_ms();
             tokio::select! {
                 result = self.results.recv() => {
                     if let Some(result) = result {
@@ -154,14 +246,25 @@ impl LocalRuntime {
         }
     }
 
-    fn fire_due_jobs(&mut self) {
+    /// How long the runtime may sleep before its next timer (at most a second).
+    pub fn sleep_ms(&self) -> u64 {
+        self.wheel.next_wakeup_ms().map_or(1_000, |at| at.saturating_sub(now_ms()).clamp(1, 1_000))
+    }
+
+    /// The next attempt outcome (for a caller driving its own loop: pass it to `finish`).
+    pub async fn next_result(&mut self) -> Option<AttemptResult> {
+        self.results.recv().await
+    }
+
+    /// Starts every fire due by now.
+    pub fn fire_due_jobs(&mut self) {
         let mut expired: Vec<Expired<String>> = Vec::new();
         self.wheel.advance_to(now_ms(), &mut expired);
         for timer in expired {
             let id = timer.value;
             self.timers.remove(&id);
             let now = now_ms();
-            let Some((due_ms, due)) = self.state.next_due(&id) else { continue };
+            let Some((due_ms, due)) = self.log.state().next_due(&id) else { continue };
             if due_ms > now {
                 self.arm(&id); // moved later meanwhile
                 continue;
@@ -184,7 +287,7 @@ impl LocalRuntime {
             if !matches!(self.apply(started), Ok(Applied::Done)) {
                 continue; // missed under the misfire policy, or no longer due: re-armed by apply
             }
-            let job = self.state.job(&id).expect("due jobs exist");
+            let job = self.log.state().job(&id).expect("due jobs exist");
             let spec = &job.spec;
             let submission = Attempt {
                 job_id: id.clone(),
@@ -203,9 +306,10 @@ impl LocalRuntime {
         }
     }
 
-    fn finish(&mut self, result: AttemptResult) {
+    /// Applies an attempt's outcome (with its retry time).
+    pub fn finish(&mut self, result: AttemptResult) {
         self.stats.attempts_finished += 1;
-        let Some(job) = self.state.job(&result.job_id) else { return };
+        let Some(job) = self.log.state().job(&result.job_id) else { return };
         let retry = &job.spec.retry;
         let backoff_ms = retry.backoff_ms(result.attempt);
         let jitter_ms = backoff_ms * u64::from(retry.jitter_percent) / 100;

@@ -151,6 +151,9 @@ pub enum ApplyError {
     StaleAttempt { id: String, fire_ms: u64, attempt: u32 },
     #[error("fire {fire_ms} of job {id} is not in the dead-letter list")]
     NotDeadLettered { id: String, fire_ms: u64 },
+    /// Not from the state machine: the log under it failed, so nothing can be applied.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// What an applied command did, for the caller's reply and the runtime's timers.
