@@ -2,6 +2,7 @@
 //! is a sundial-wal log (`storage`) and whose committed entries drive the engine's state
 //! machine (`partition`). The server binary, its APIs and the shard runtime build on this.
 
+pub mod api;
 pub mod partition;
 pub mod storage;
 

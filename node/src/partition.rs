@@ -197,3 +197,19 @@ impl Partition {
         self.node.raft.log.storage.snapshot().meta.index
     }
 }
+
+impl sundial_engine::runtime::CommandLog for Partition {
+    /// Proposes, persists (fdatasync) and applies the command: the verdict returned is that
+    /// of a committed, durable entry.
+    fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, sundial_engine::runtime::LogError> {
+        let log_error = |error: PartitionError| sundial_engine::runtime::LogError(error.to_string());
+        let index = self.propose(&command).map_err(log_error)?;
+        self.process().map_err(log_error)?;
+        self.take_outcome(index)
+            .ok_or_else(|| sundial_engine::runtime::LogError(format!("entry {index} was not applied")))
+    }
+
+    fn state(&self) -> &State {
+        &self.state
+    }
+}

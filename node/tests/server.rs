@@ -1,0 +1,207 @@
+//! The real `sundial` binary on a free loopback port, with a real webhook receiver: a job
+//! created over HTTP fires with its body and key; bad input is refused and creates nothing;
+//! a cancel prevents the fire; kill -9 with jobs pending, then a restart, fires each once.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use sundial_engine::dispatch::now_ms;
+
+/// A running node; killed (SIGKILL) when dropped.
+struct Node {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Node {
+    fn start(data: &Path) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
+            .args(["--http", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sundial");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut first_line = String::new();
+        stdout.read_line(&mut first_line).expect("banner");
+        // Keep reading what the node prints, so its stdout never blocks or breaks.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
+                sink.clear();
+            }
+        });
+        let addr = first_line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {first_line:?}"));
+        Node { child, addr }
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, JSON body or Null).
+    fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).expect("send");
+        stream.write_all(body).expect("send");
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).expect("read");
+        let text = String::from_utf8_lossy(&response);
+        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Hit {
+    at_ms: u64,
+    key: String,
+    body: Vec<u8>,
+}
+
+/// A webhook receiver on 127.0.0.1 answering 200 and recording every request.
+async fn receiver() -> (SocketAddr, Arc<Mutex<Vec<Hit>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
+    let log = hits.clone();
+    tokio::spawn(async move {
+        // Bounded by the test's runtime.
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let key = request
+                            .headers()
+                            .get("idempotency-key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("")
+                            .to_string();
+                        let body =
+                            request.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
+                        log.lock().expect("log").push(Hit { at_ms: now_ms(), key, body });
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// Waits (bounded) until `done` holds.
+async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_created_over_http_fires_and_bad_input_creates_nothing() {
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let run_at = now_ms() + 1_000;
+    let request =
+        json!({"id": "hello", "run_at": run_at, "url": format!("http://{target}/hook"), "json": {"hello": "world"}});
+    let (status, job) = node.call("POST", "/jobs", request.to_string().as_bytes());
+    assert_eq!((status, job["id"].as_str(), job["status"].as_str()), (201, Some("hello"), Some("pending")), "{job}");
+    assert!(wait_for(Duration::from_secs(20), || hits.lock().expect("hits").len() == 1).await, "it fired");
+    let hit = hits.lock().expect("hits")[0].clone();
+    assert!(hit.at_ms >= run_at, "not early");
+    assert_eq!((hit.key, hit.body), (format!("hello:{run_at}"), br#"{"hello":"world"}"#.to_vec()));
+    let completed =
+        wait_for(Duration::from_secs(10), || node.call("GET", "/jobs/hello/status", b"").1["status"] == "completed")
+            .await;
+    assert!(completed);
+    let (_, executions) = node.call("GET", "/jobs/hello/executions", b"");
+    assert_eq!(executions["executions"][0]["status_code"], 200);
+
+    // Bad input: each refused with a 4xx naming the problem; nothing is created.
+    let (status, error) = node.call("POST", "/jobs", b"{not json");
+    assert_eq!((status, error["code"].as_str()), (400, Some("malformed_json")));
+    let bad_cron = json!({"cron": "61 * * * *", "url": format!("http://{target}/")});
+    let (status, error) = node.call("POST", "/jobs", bad_cron.to_string().as_bytes());
+    assert_eq!((status, error["field"].as_str()), (400, Some("cron")), "{error}");
+    let (status, error) = node.call("POST", "/jobs", json!({"delay": 5, "url": "not a url"}).to_string().as_bytes());
+    assert_eq!((status, error["field"].as_str()), (400, Some("url")), "{error}");
+    let (status, _) = node.call("POST", "/jobs", &vec![b' '; 600 * 1024]);
+    assert_eq!(status, 413);
+    assert_eq!(node.call("GET", "/jobs", b"").1["jobs"].as_array().map(Vec::len), Some(1), "only the good job exists");
+    assert_eq!(node.call("GET", "/jobs/nope", b"").0, 404);
+
+    // A cancel before the fire prevents it.
+    let later = json!({"id": "cancelled", "delay": "2s", "url": format!("http://{target}/later")});
+    assert_eq!(node.call("POST", "/jobs", later.to_string().as_bytes()).0, 201);
+    let (status, job) = node.call("POST", "/jobs/cancelled/cancel", b"");
+    assert_eq!((status, job["status"].as_str()), (200, Some("cancelled")));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(hits.lock().expect("hits").len(), 1, "the cancelled job never fired");
+    assert_eq!(node.call("GET", "/health", b"").1["jobs"]["cancelled"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_minus_9_every_acknowledged_job_fires_exactly_once() {
+    const JOBS: usize = 200;
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    // Due well after the creates and the kill: none can fire before the restart.
+    let run_at = now_ms() + 8_000;
+    for i in 0..JOBS {
+        let request = json!({"id": format!("job-{i}"), "run_at": run_at, "url": format!("http://{target}/")});
+        let (status, _) = node.call("POST", "/jobs", request.to_string().as_bytes());
+        assert_eq!(status, 201, "job-{i} acknowledged");
+    }
+    assert!(now_ms() < run_at, "the creates took too long for this test's premise");
+    node.kill();
+    assert!(hits.lock().expect("hits").is_empty());
+    let node = Node::start(data.path());
+    let all_fired = wait_for(Duration::from_secs(60), || hits.lock().expect("hits").len() >= JOBS).await;
+    // A little longer, to see any duplicate.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hits = hits.lock().expect("hits").clone();
+    assert!(all_fired, "{} of {JOBS} fired", hits.len());
+    let mut keys: Vec<String> = hits.iter().map(|h| h.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((keys.len(), hits.len()), (JOBS, JOBS), "each job fired exactly once");
+    assert!(hits.iter().all(|h| h.at_ms >= run_at), "none early");
+    drop(node);
+}
