@@ -263,6 +263,10 @@ impl State {
         self.jobs.values()
     }
 
+    pub fn job_count(&self) -> usize {
+        self.jobs.len()
+    }
+
     /// Every dead-lettered fire: job id, fire time, entry.
     pub fn dead_letters(&self) -> impl Iterator<Item = (&str, u64, &DeadLetter)> {
         self.dead_letters

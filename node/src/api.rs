@@ -14,15 +14,31 @@ use sundial_engine::state::{Applied, ApplyError, Command, Job, State, Status};
 pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
 /// Jobs listed per `GET /jobs` at most (`?limit=` within it).
 pub const LIST_LIMIT_MAX: usize = 1_000;
+/// Jobs created per `POST /jobs/batch` at most.
+pub const BATCH_MAX: usize = 1_000;
 
-/// An answer: status code and JSON body (`None`: no body).
+/// Limits the API enforces before anything reaches the log.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Jobs this node holds (any status) before creates are refused with 507.
+    pub max_jobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_jobs: 1_000_000 }
+    }
+}
+
+/// An answer: status code, JSON body (`None`: no body) and, for 429/503/507, when to retry.
 pub struct Answer {
     pub status: u16,
     pub body: Option<Value>,
+    pub retry_after_s: Option<u32>,
 }
 
 fn answer(status: u16, body: Value) -> Answer {
-    Answer { status, body: Some(body) }
+    Answer { status, body: Some(body), retry_after_s: None }
 }
 
 fn error(status: u16, code: &str, message: impl Into<String>) -> Answer {
@@ -32,6 +48,7 @@ fn error(status: u16, code: &str, message: impl Into<String>) -> Answer {
 /// Routes one request. `random` feeds generated job ids.
 pub fn handle<L: CommandLog>(
     runtime: &mut Runtime<L>,
+    limits: &Limits,
     method: &str,
     path: &str,
     query: &str,
@@ -41,7 +58,18 @@ pub fn handle<L: CommandLog>(
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     match (method, segments.as_slice()) {
         ("GET", ["health"]) => health(runtime),
-        ("POST", ["jobs"]) => create(runtime, body, random),
+        ("POST", ["jobs"]) => match serde_json::from_slice::<Value>(body) {
+            Ok(request) => create(runtime, limits, &request, random),
+            Err(e) => error(400, "malformed_json", format!("the body is not JSON: {e}")),
+        },
+        ("POST", ["jobs", "batch"]) => batch(runtime, limits, body, random),
+        ("GET", ["dlq"]) => dead_letters(runtime.state()),
+        ("POST", ["dlq", id, fire_ms, "redrive"]) => match fire_ms.parse::<u64>() {
+            Ok(fire_ms) => command(runtime, Command::Redrive { id: id.to_string(), fire_ms, now_ms: now_ms() }),
+            Err(_) => error(400, "invalid", "fire_ms: must be a whole number of milliseconds"),
+        },
+        ("DELETE", ["dlq"]) => command(runtime, Command::Purge { id: None }),
+        ("DELETE", ["dlq", id]) => command(runtime, Command::Purge { id: Some(id.to_string()) }),
         ("GET", ["jobs"]) => list(runtime.state(), query),
         ("GET", ["jobs", id]) => with_job(runtime.state(), id, |job| answer(200, job_view(job))),
         ("GET", ["jobs", id, "status"]) => {
@@ -50,12 +78,12 @@ pub fn handle<L: CommandLog>(
         ("GET", ["jobs", id, "executions"]) => with_job(runtime.state(), id, |job| answer(200, executions(job))),
         ("POST", ["jobs", id, "cancel"]) => command(runtime, Command::Cancel { id: id.to_string(), now_ms: now_ms() }),
         ("DELETE", ["jobs", id]) => match command(runtime, Command::Delete { id: id.to_string() }) {
-            Answer { status: 200, .. } => Answer { status: 204, body: None },
+            Answer { status: 200, .. } => Answer { status: 204, body: None, retry_after_s: None },
             other => other,
         },
         ("POST", ["jobs", id, "pause"]) => command(runtime, Command::Pause { id: id.to_string() }),
         ("POST", ["jobs", id, "resume"]) => command(runtime, Command::Resume { id: id.to_string(), now_ms: now_ms() }),
-        (_, ["health"] | ["jobs"] | ["jobs", ..]) => {
+        (_, ["health"] | ["jobs"] | ["jobs", ..] | ["dlq", ..]) => {
             error(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
         }
         _ => error(404, "not_found", format!("no route {path}")),
@@ -69,13 +97,17 @@ fn with_job(state: &State, id: &str, view: impl FnOnce(&Job) -> Answer) -> Answe
     }
 }
 
-fn create<L: CommandLog>(runtime: &mut Runtime<L>, body: &[u8], random: u128) -> Answer {
-    let request: Value = match serde_json::from_slice(body) {
-        Ok(value) => value,
-        Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
-    };
+fn create<L: CommandLog>(runtime: &mut Runtime<L>, limits: &Limits, request: &Value, random: u128) -> Answer {
+    // Admission control: a full node refuses new jobs and keeps serving the ones it has.
+    if runtime.state().job_count() >= limits.max_jobs {
+        let message =
+            format!("this node holds its maximum of {} jobs; retry later or delete finished jobs", limits.max_jobs);
+        let mut full = error(507, "storage_full", message);
+        full.retry_after_s = Some(30);
+        return full;
+    }
     let now = now_ms();
-    let spec = match parse_job_request(&request, now, &new_job_id(now, random)) {
+    let spec = match parse_job_request(request, now, &new_job_id(now, random)) {
         Ok(spec) => spec,
         Err(problems) => {
             let first = problems.first().map(|p| p.field.clone()).unwrap_or_default();
@@ -86,19 +118,55 @@ fn create<L: CommandLog>(runtime: &mut Runtime<L>, body: &[u8], random: u128) ->
     };
     let id = spec.id.clone();
     match runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now }) {
-        Ok(Applied::Created) => {
-            answer(201, with_job(runtime.state(), &id, |job| answer(200, job_view(job))).body.unwrap_or(Value::Null))
+        Ok(applied) => {
+            let status = if applied == Applied::Created { 201 } else { 200 };
+            with_job(runtime.state(), &id, |job| answer(status, job_view(job)))
         }
-        Ok(_) => with_job(runtime.state(), &id, |job| answer(200, job_view(job))),
         Err(e) => apply_error(e),
     }
 }
 
+/// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`); each is created on its
+/// own and answered in order with its status and job or error.
+fn batch<L: CommandLog>(runtime: &mut Runtime<L>, limits: &Limits, body: &[u8], random: u128) -> Answer {
+    let requests = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut object)) => match object.remove("jobs") {
+            Some(Value::Array(requests)) if requests.len() <= BATCH_MAX => requests,
+            Some(Value::Array(_)) => return error(400, "invalid", format!("jobs: at most {BATCH_MAX} per batch")),
+            _ => return error(400, "invalid", "jobs: must be an array of job requests"),
+        },
+        Ok(_) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
+        Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
+    };
+    let results: Vec<Value> = requests
+        .iter()
+        .enumerate()
+        .map(|(position, request)| {
+            let answer = create(runtime, limits, request, random.wrapping_add(position as u128));
+            json!({"status": answer.status, "body": answer.body})
+        })
+        .collect();
+    answer(200, json!({"results": results}))
+}
+
+fn dead_letters(state: &State) -> Answer {
+    let letters: Vec<Value> = state
+        .dead_letters()
+        .take(LIST_LIMIT_MAX)
+        .map(|(id, fire_ms, letter)| {
+            json!({"id": id, "fire_ms": fire_ms, "attempts": letter.attempts, "reason": letter.reason, "moved_ms": letter.moved_ms})
+        })
+        .collect();
+    answer(200, json!({"dead_letters": letters}))
+}
+
 fn command<L: CommandLog>(runtime: &mut Runtime<L>, command: Command) -> Answer {
     let id = match &command {
-        Command::Cancel { id, .. } | Command::Delete { id } | Command::Pause { id } | Command::Resume { id, .. } => {
-            id.clone()
-        }
+        Command::Cancel { id, .. }
+        | Command::Delete { id }
+        | Command::Pause { id }
+        | Command::Resume { id, .. }
+        | Command::Redrive { id, .. } => id.clone(),
         _ => String::new(),
     };
     match runtime.apply(command) {
@@ -118,7 +186,11 @@ fn apply_error(e: ApplyError) -> Answer {
             return answer(400, json!({"error": e.to_string(), "code": "invalid", "field": "depends_on"}))
         }
         ApplyError::StaleAttempt { .. } | ApplyError::NotDeadLettered { .. } => 409,
-        ApplyError::Unavailable(_) => 503,
+        ApplyError::Unavailable(_) => {
+            let mut unavailable = error(503, "unavailable", e.to_string());
+            unavailable.retry_after_s = Some(5);
+            return unavailable;
+        }
     };
     let code = match status {
         404 => "not_found",

@@ -21,9 +21,14 @@ struct Node {
 
 impl Node {
     fn start(data: &Path) -> Node {
+        Node::start_with(data, &[])
+    }
+
+    fn start_with(data: &Path, extra: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
             .args(["--http", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
             .arg(data)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -54,6 +59,12 @@ impl Node {
 
     /// One HTTP/1.1 request on a fresh connection: (status, JSON body or Null).
     fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let (status, _, body) = self.call_with_headers(method, path, body);
+        (status, body)
+    }
+
+    /// Like `call`, with the response head too.
+    fn call_with_headers(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, Value) {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
         let head = format!(
@@ -67,8 +78,8 @@ impl Node {
         stream.read_to_end(&mut response).expect("read");
         let text = String::from_utf8_lossy(&response);
         let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        (status, head.to_ascii_lowercase(), serde_json::from_str(body).unwrap_or(Value::Null))
     }
 }
 
@@ -204,4 +215,62 @@ async fn after_kill_minus_9_every_acknowledged_job_fires_exactly_once() {
     assert_eq!((keys.len(), hits.len()), (JOBS, JOBS), "each job fired exactly once");
     assert!(hits.iter().all(|h| h.at_ms >= run_at), "none early");
     drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_node_refuses_creates_with_507_and_keeps_serving() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--max-jobs", "3"]);
+    let request = |id: &str| json!({"id": id, "delay": "1h", "url": "http://127.0.0.1:9/"}).to_string();
+    for id in ["a", "b", "c"] {
+        assert_eq!(node.call("POST", "/jobs", request(id).as_bytes()).0, 201);
+    }
+    let (status, head, error) = node.call_with_headers("POST", "/jobs", request("d").as_bytes());
+    assert_eq!((status, error["code"].as_str()), (507, Some("storage_full")), "{error}");
+    assert!(head.contains("retry-after: 30"), "{head}");
+    assert_eq!(node.call("GET", "/jobs/a", b"").0, 200, "what was accepted is still served");
+    assert_eq!(node.call("GET", "/jobs/d", b"").0, 404, "the refused job does not exist");
+    // A batch answers each request in order.
+    let batch = json!({"jobs": [{"id": "x", "delay": 5, "url": "ftp://bad"}]}).to_string();
+    let (status, results) = node.call("POST", "/jobs/batch", batch.as_bytes());
+    assert_eq!((status, results["results"][0]["status"].as_u64()), (200, Some(507)), "{results}");
+    assert_eq!(node.call("GET", "/dlq", b"").1["dead_letters"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_creates_each_job_or_names_its_problem() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let batch = json!({"jobs": [
+        {"id": "one", "delay": "1h", "url": "http://127.0.0.1:9/"},
+        {"id": "two", "delay": "1h", "url": "ftp://bad"},
+        {"id": "three", "cron": "*/5 * * * *", "url": "http://127.0.0.1:9/"}
+    ]});
+    let (status, results) = node.call("POST", "/jobs/batch", batch.to_string().as_bytes());
+    assert_eq!(status, 200);
+    let statuses: Vec<u64> =
+        results["results"].as_array().expect("results").iter().filter_map(|r| r["status"].as_u64()).collect();
+    assert_eq!(statuses, [201, 400, 201]);
+    assert_eq!(results["results"][1]["body"]["field"], "url");
+    assert_eq!(node.call("GET", "/jobs", b"").1["jobs"].as_array().map(Vec::len), Some(2));
+}
+
+#[test]
+fn sigterm_stops_the_node_cleanly() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::start(data.path());
+    assert_eq!(node.call("GET", "/health", b"").0, 200);
+    let pid = node.child.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
+    assert!(sent.success());
+    let started = Instant::now();
+    // Bounded: 20 s.
+    let status = loop {
+        if let Some(status) = node.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "still running 20 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
 }

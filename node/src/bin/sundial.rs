@@ -8,6 +8,7 @@
 //!   --secret TEXT              SUNDIAL_SECRET: signs webhooks of jobs without their own
 //!   --allow-loopback-targets   SUNDIAL_ALLOW_LOOPBACK_TARGETS=1 (tests, local receivers)
 //!   --allow-private-targets    SUNDIAL_ALLOW_PRIVATE_TARGETS=1
+//!   --max-jobs N               SUNDIAL_MAX_JOBS (default 1000000): creates beyond get 507
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -33,6 +34,7 @@ struct Settings {
     secret: Option<String>,
     allow_loopback: bool,
     allow_private: bool,
+    limits: api::Limits,
 }
 
 fn settings() -> Result<Settings, String> {
@@ -47,7 +49,11 @@ fn settings() -> Result<Settings, String> {
         secret: env("SUNDIAL_SECRET"),
         allow_loopback: flag_env("SUNDIAL_ALLOW_LOOPBACK_TARGETS"),
         allow_private: flag_env("SUNDIAL_ALLOW_PRIVATE_TARGETS"),
+        limits: api::Limits::default(),
     };
+    if let Some(max) = env("SUNDIAL_MAX_JOBS") {
+        settings.limits.max_jobs = max.parse().map_err(|_| "SUNDIAL_MAX_JOBS: must be a whole number")?;
+    }
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
@@ -59,6 +65,9 @@ fn settings() -> Result<Settings, String> {
             "--secret" => settings.secret = Some(value()?),
             "--allow-loopback-targets" => settings.allow_loopback = true,
             "--allow-private-targets" => settings.allow_private = true,
+            "--max-jobs" => {
+                settings.limits.max_jobs = value()?.parse().map_err(|_| "--max-jobs: must be a whole number")?
+            }
             "--help" | "-h" => return Err(usage()),
             _ => return Err(format!("unknown flag {flag}\n{}", usage())),
         }
@@ -67,8 +76,7 @@ fn settings() -> Result<Settings, String> {
 }
 
 fn usage() -> String {
-    "usage: sundial [--data DIR] [--http ADDR] [--secret TEXT] [--allow-loopback-targets] [--allow-private-targets]"
-        .into()
+    "usage: sundial [--data DIR] [--http ADDR] [--secret TEXT] [--max-jobs N] [--allow-loopback-targets] [--allow-private-targets]".into()
 }
 
 /// A request handed from a connection to the loop that owns the runtime.
@@ -137,7 +145,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
             request = requests.recv() => {
                 let Some(request) = request else { break };
                 random = random.wrapping_mul(0x2545_F491_4F6C_DD1D_2545_F491_4F6C_DD1D).wrapping_add(0x9E37_79B9);
-                let answer = api::handle(&mut runtime, &request.method, &request.path, &request.query, &request.body, random);
+                let answer = api::handle(&mut runtime, &settings.limits, &request.method, &request.path, &request.query, &request.body, random);
                 let _ = request.reply.send(answer);
             }
             result = runtime.next_result() => {
@@ -211,7 +219,13 @@ async fn respond(
         return response;
     }
     match answer.await {
-        Ok(Answer { status, body }) => json_response(status, body),
+        Ok(Answer { status, body, retry_after_s }) => {
+            let mut response = json_response(status, body);
+            if let Some(seconds) = retry_after_s {
+                response.headers_mut().insert("retry-after", hyper::header::HeaderValue::from(seconds));
+            }
+            response
+        }
         Err(_) => json_response(503, Some(serde_json::json!({"error": "the node is stopping", "code": "unavailable"}))),
     }
 }
