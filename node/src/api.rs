@@ -14,6 +14,10 @@ use sundial_engine::state::{Applied, ApplyError, Command, Job, State, Status};
 pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
 /// Jobs listed per `GET /jobs` at most (`?limit=` within it).
 pub const LIST_LIMIT_MAX: usize = 1_000;
+/// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
+/// route it lists answers).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
 /// Jobs created per `POST /jobs/batch` at most.
 pub const BATCH_MAX: usize = 1_000;
 
@@ -58,6 +62,7 @@ pub fn handle<L: CommandLog>(
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     match (method, segments.as_slice()) {
         ("GET", ["health"]) => health(runtime),
+        ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
         ("POST", ["jobs"]) => match serde_json::from_slice::<Value>(body) {
             Ok(request) => create(runtime, limits, &request, random),
             Err(e) => error(400, "malformed_json", format!("the body is not JSON: {e}")),

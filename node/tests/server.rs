@@ -274,3 +274,39 @@ fn sigterm_stops_the_node_cleanly() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+/// The OpenAPI document matches the router: every path and method it lists is routed (no
+/// 404 "no route" or 405), and every route the tests use is in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let (status, document) = node.call("GET", "/openapi.json", b"");
+    assert_eq!(status, 200);
+    let paths = document["paths"].as_object().expect("paths");
+    assert!(paths.len() >= 12, "{}", paths.len());
+    for (path, methods) in paths {
+        let concrete = path.replace("{id}", "no-such-job").replace("{fire_ms}", "1");
+        for method in methods.as_object().expect("methods").keys() {
+            let (status, body) = node.call(&method.to_uppercase(), &concrete, b"{}");
+            assert!(
+                status != 405 && body["error"].as_str().is_none_or(|e| !e.starts_with("no route")),
+                "{method} {path}: {status} {body}"
+            );
+        }
+    }
+    for used in [
+        "/jobs",
+        "/jobs/{id}",
+        "/jobs/{id}/status",
+        "/jobs/{id}/executions",
+        "/jobs/{id}/cancel",
+        "/jobs/batch",
+        "/dlq",
+        "/health",
+    ] {
+        assert!(paths.contains_key(used), "{used} is missing from the document");
+    }
+    // And an unknown route is a 404 naming it.
+    assert_eq!(node.call("GET", "/nope", b"").0, 404);
+}
