@@ -19,6 +19,12 @@ use tokio::sync::mpsc;
 pub trait CommandLog {
     fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, LogError>;
     fn state(&self) -> &State;
+
+    /// Applies several commands, in order; a durable log makes them durable together (one
+    /// fsync: group commit). Verdicts come back in the same order.
+    fn apply_batch(&mut self, commands: Vec<Command>) -> Result<Vec<Result<Applied, ApplyError>>, LogError> {
+        commands.into_iter().map(|command| self.apply(command)).collect()
+    }
 }
 
 /// The log could not take a command (I/O failure, lost leadership): nothing more can be
@@ -165,29 +171,25 @@ impl<L: CommandLog> Runtime<L> {
 
     /// Applies a client command (create, cancel, pause, …) and re-arms the job's timer.
     pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
-        let id = match &command {
-            Command::Create { spec, .. } => Some(spec.id.clone()),
-            Command::Cancel { id, .. }
-            | Command::Delete { id }
-            | Command::Pause { id }
-            | Command::Resume { id, .. }
-            | Command::FireStarted { id, .. }
-            | Command::AttemptFinished { id, .. }
-            | Command::Redrive { id, .. } => Some(id.clone()),
-            Command::Purge { .. } => None,
-        };
-        let stops_attempts = matches!(command, Command::Cancel { .. } | Command::Delete { .. });
+        self.apply_batch(vec![command]).pop().expect("one verdict per command")
+    }
+
+    /// Applies several commands through one log write (group commit) and re-arms the timers
+    /// of the jobs they touch; verdicts come back in order.
+    pub fn apply_batch(&mut self, commands: Vec<Command>) -> Vec<Result<Applied, ApplyError>> {
         if let Some(failure) = &self.log_failure {
-            return Err(ApplyError::Unavailable(failure.clone()));
+            return commands.iter().map(|_| Err(ApplyError::Unavailable(failure.clone()))).collect();
         }
-        let applied = match self.log.apply(command) {
-            Ok(verdict) => verdict?,
+        let touched: Vec<(Option<String>, bool)> = commands.iter().map(Self::touches).collect();
+        let verdicts = match self.log.apply_batch(commands) {
+            Ok(verdicts) => verdicts,
             Err(error) => {
                 self.log_failure = Some(error.to_string());
-                return Err(ApplyError::Unavailable(error.to_string()));
+                return touched.iter().map(|_| Err(ApplyError::Unavailable(error.to_string()))).collect();
             }
         };
-        if let Some(id) = id {
+        for ((id, stops_attempts), verdict) in touched.into_iter().zip(&verdicts) {
+            let (Some(id), true) = (id, verdict.is_ok()) else { continue };
             if stops_attempts {
                 self.dispatcher.cancel(&id);
             }
@@ -199,7 +201,23 @@ impl<L: CommandLog> Runtime<L> {
                 }
             }
         }
-        Ok(applied)
+        verdicts
+    }
+
+    /// The job a command touches, and whether it stops the job's attempts.
+    fn touches(command: &Command) -> (Option<String>, bool) {
+        let id = match command {
+            Command::Create { spec, .. } => Some(spec.id.clone()),
+            Command::Cancel { id, .. }
+            | Command::Delete { id }
+            | Command::Pause { id }
+            | Command::Resume { id, .. }
+            | Command::FireStarted { id, .. }
+            | Command::AttemptFinished { id, .. }
+            | Command::Redrive { id, .. } => Some(id.clone()),
+            Command::Purge { .. } => None,
+        };
+        (id, matches!(command, Command::Cancel { .. } | Command::Delete { .. }))
     }
 
     /// Sets the job's timer to its next due time (or removes it).

@@ -63,9 +63,9 @@ pub fn handle<L: CommandLog>(
     match (method, segments.as_slice()) {
         ("GET", ["health"]) => health(runtime),
         ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
-        ("POST", ["jobs"]) => match serde_json::from_slice::<Value>(body) {
+        ("POST", ["jobs"]) => match parse_body(body) {
             Ok(request) => create(runtime, limits, &request, random),
-            Err(e) => error(400, "malformed_json", format!("the body is not JSON: {e}")),
+            Err(refused) => refused,
         },
         ("POST", ["jobs", "batch"]) => batch(runtime, limits, body, random),
         ("GET", ["dlq"]) => dead_letters(runtime.state()),
@@ -103,36 +103,73 @@ fn with_job(state: &State, id: &str, view: impl FnOnce(&Job) -> Answer) -> Answe
 }
 
 fn create<L: CommandLog>(runtime: &mut Runtime<L>, limits: &Limits, request: &Value, random: u128) -> Answer {
-    // Admission control: a full node refuses new jobs and keeps serving the ones it has.
-    if runtime.state().job_count() >= limits.max_jobs {
-        let message =
-            format!("this node holds its maximum of {} jobs; retry later or delete finished jobs", limits.max_jobs);
-        let mut full = error(507, "storage_full", message);
-        full.retry_after_s = Some(30);
-        return full;
-    }
-    let now = now_ms();
-    let spec = match parse_job_request(request, now, &new_job_id(now, random)) {
-        Ok(spec) => spec,
-        Err(problems) => {
-            let first = problems.first().map(|p| p.field.clone()).unwrap_or_default();
-            let message = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
-            let problems: Vec<Value> = problems.iter().map(|p| json!({"field": p.field, "rule": p.rule})).collect();
-            return answer(400, json!({"error": message, "code": "invalid", "field": first, "problems": problems}));
-        }
-    };
-    let id = spec.id.clone();
-    match runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now }) {
-        Ok(applied) => {
-            let status = if applied == Applied::Created { 201 } else { 200 };
-            with_job(runtime.state(), &id, |job| answer(status, job_view(job)))
-        }
-        Err(e) => apply_error(e),
-    }
+    create_many(runtime, limits, vec![Ok(request.clone())], random).pop().expect("one answer per request")
 }
 
-/// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`); each is created on its
-/// own and answered in order with its status and job or error.
+/// Creates jobs from several requests with one write to the log (group commit): each is
+/// validated and admitted on its own, the admitted ones are applied together, and the
+/// answers come back in request order. `Err` entries are requests already refused.
+pub fn create_many<L: CommandLog>(
+    runtime: &mut Runtime<L>,
+    limits: &Limits,
+    requests: Vec<Result<Value, Answer>>,
+    random: u128,
+) -> Vec<Answer> {
+    let now = now_ms();
+    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(requests.len());
+    let mut commands = Vec::new();
+    let mut ids = Vec::new();
+    let mut admitted = 0usize;
+    for (position, request) in requests.into_iter().enumerate() {
+        let request = match request {
+            Ok(request) => request,
+            Err(refused) => {
+                answers.push(Some(refused));
+                continue;
+            }
+        };
+        // Admission control: a full node refuses new jobs and keeps serving the ones it has.
+        if runtime.state().job_count() + admitted >= limits.max_jobs {
+            let message =
+                format!("this node holds its maximum of {} jobs; retry later or delete finished jobs", limits.max_jobs);
+            let mut full = error(507, "storage_full", message);
+            full.retry_after_s = Some(30);
+            answers.push(Some(full));
+            continue;
+        }
+        match parse_job_request(&request, now, &new_job_id(now, random.wrapping_add(position as u128))) {
+            Ok(spec) => {
+                admitted += 1;
+                ids.push((answers.len(), spec.id.clone()));
+                commands.push(Command::Create { spec: Box::new(spec), now_ms: now });
+                answers.push(None);
+            }
+            Err(problems) => {
+                let first = problems.first().map(|p| p.field.clone()).unwrap_or_default();
+                let message = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+                let problems: Vec<Value> = problems.iter().map(|p| json!({"field": p.field, "rule": p.rule})).collect();
+                answers.push(Some(answer(
+                    400,
+                    json!({"error": message, "code": "invalid", "field": first, "problems": problems}),
+                )));
+            }
+        }
+    }
+    let verdicts = runtime.apply_batch(commands);
+    for ((slot, id), verdict) in ids.into_iter().zip(verdicts) {
+        answers[slot] = Some(match verdict {
+            Ok(applied) => {
+                let status = if applied == Applied::Created { 201 } else { 200 };
+                with_job(runtime.state(), &id, |job| answer(status, job_view(job)))
+            }
+            Err(e) => apply_error(e),
+        });
+    }
+    answers.into_iter().map(|a| a.expect("every request answered")).collect()
+}
+
+/// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), created with one log
+/// write and answered in order with each one's status and job or error.
 fn batch<L: CommandLog>(runtime: &mut Runtime<L>, limits: &Limits, body: &[u8], random: u128) -> Answer {
     let requests = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut object)) => match object.remove("jobs") {
@@ -143,15 +180,14 @@ fn batch<L: CommandLog>(runtime: &mut Runtime<L>, limits: &Limits, body: &[u8], 
         Ok(_) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
         Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
     };
-    let results: Vec<Value> = requests
-        .iter()
-        .enumerate()
-        .map(|(position, request)| {
-            let answer = create(runtime, limits, request, random.wrapping_add(position as u128));
-            json!({"status": answer.status, "body": answer.body})
-        })
-        .collect();
+    let answers = create_many(runtime, limits, requests.into_iter().map(Ok).collect(), random);
+    let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
     answer(200, json!({"results": results}))
+}
+
+/// The parsed body of a `POST /jobs`, or its refusal.
+pub fn parse_body(body: &[u8]) -> Result<Value, Answer> {
+    serde_json::from_slice(body).map_err(|e| error(400, "malformed_json", format!("the body is not JSON: {e}")))
 }
 
 fn dead_letters(state: &State) -> Answer {

@@ -212,4 +212,32 @@ impl sundial_engine::runtime::CommandLog for Partition {
     fn state(&self) -> &State {
         &self.state
     }
+
+    /// Proposes every command, then persists them with one fdatasync and applies them: the
+    /// verdicts are those of committed, durable entries. A refused proposal (overload) is
+    /// that command's verdict alone.
+    fn apply_batch(
+        &mut self,
+        commands: Vec<Command>,
+    ) -> Result<Vec<Result<Applied, ApplyError>>, sundial_engine::runtime::LogError> {
+        let log_error = |error: PartitionError| sundial_engine::runtime::LogError(error.to_string());
+        let proposed: Vec<Result<Index, ApplyError>> = commands
+            .iter()
+            .map(|command| match self.propose(command) {
+                Ok(index) => Ok(index),
+                Err(PartitionError::Propose(refused)) => Err(ApplyError::Unavailable(refused.to_string())),
+                Err(other) => Err(ApplyError::Unavailable(other.to_string())),
+            })
+            .collect();
+        self.process().map_err(log_error)?;
+        proposed
+            .into_iter()
+            .map(|proposal| match proposal {
+                Ok(index) => self
+                    .take_outcome(index)
+                    .ok_or_else(|| sundial_engine::runtime::LogError(format!("entry {index} was not applied"))),
+                Err(refused) => Ok(Err(refused)),
+            })
+            .collect()
+    }
 }

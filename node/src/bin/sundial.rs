@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Requests waiting for the loop; beyond it the server answers 503.
 const INBOX_CAPACITY: usize = 1_024;
+/// Requests handled per loop turn at most; their creates share one fsync.
+const GROUP_COMMIT_MAX: usize = 256;
 /// How long SIGTERM waits for attempts in flight.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
@@ -143,10 +145,18 @@ async fn serve(settings: Settings) -> Result<(), String> {
         let sleep_ms = runtime.sleep_ms();
         tokio::select! {
             request = requests.recv() => {
-                let Some(request) = request else { break };
+                let Some(first) = request else { break };
+                // Everything already waiting is taken too: creates go to the log together
+                // (one fsync for all of them), the rest are handled in arrival order.
+                let mut batch = vec![first];
+                while batch.len() < GROUP_COMMIT_MAX {
+                    match requests.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
+                }
                 random = random.wrapping_mul(0x2545_F491_4F6C_DD1D_2545_F491_4F6C_DD1D).wrapping_add(0x9E37_79B9);
-                let answer = api::handle(&mut runtime, &settings.limits, &request.method, &request.path, &request.query, &request.body, random);
-                let _ = request.reply.send(answer);
+                handle_batch(&mut runtime, &settings.limits, batch, random);
             }
             result = runtime.next_result() => {
                 if let Some(result) = result {
@@ -178,6 +188,30 @@ fn say(line: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+}
+
+/// Answers a batch of requests: the creates with one log write, then the others in order.
+fn handle_batch<L: sundial_engine::runtime::CommandLog>(
+    runtime: &mut Runtime<L>,
+    limits: &api::Limits,
+    batch: Vec<Inbound>,
+    random: u128,
+) {
+    let (creates, others): (Vec<Inbound>, Vec<Inbound>) =
+        batch.into_iter().partition(|r| r.method == "POST" && r.path.trim_end_matches('/') == "/jobs");
+    if !creates.is_empty() {
+        let requests = creates.iter().map(|r| api::parse_body(&r.body)).collect();
+        let answers = api::create_many(runtime, limits, requests, random);
+        for (request, answer) in creates.into_iter().zip(answers) {
+            let _ = request.reply.send(answer);
+        }
+    }
+    for (position, request) in others.into_iter().enumerate() {
+        let random = random.wrapping_add(1 << 64).wrapping_add(position as u128);
+        let answer =
+            api::handle(runtime, limits, &request.method, &request.path, &request.query, &request.body, random);
+        let _ = request.reply.send(answer);
+    }
 }
 
 async fn accept(listener: tokio::net::TcpListener, inbox: mpsc::Sender<Inbound>) {
