@@ -43,6 +43,9 @@ impl CommandLog for State {
     }
 }
 
+/// Fires started per `fire_due_jobs` call at most, so a burst of due jobs cannot starve
+/// requests and outcomes; the rest start on the next turn.
+const FIRES_PER_TURN_MAX: usize = 512;
 /// A fire refused by a full dispatch queue is tried again after this.
 const QUEUE_FULL_RETRY_MS: u64 = 20;
 
@@ -278,6 +281,12 @@ impl<L: CommandLog> Runtime<L> {
     pub fn fire_due_jobs(&mut self) {
         let mut expired: Vec<Expired<String>> = Vec::new();
         self.wheel.advance_to(now_ms(), &mut expired);
+        if expired.len() > FIRES_PER_TURN_MAX {
+            for timer in expired.split_off(FIRES_PER_TURN_MAX) {
+                self.timers.remove(&timer.value);
+                self.arm(&timer.value);
+            }
+        }
         for timer in expired {
             let id = timer.value;
             self.timers.remove(&id);

@@ -24,7 +24,7 @@ pub const BATCH_MAX: usize = 1_000;
 /// Limits the API enforces before anything reaches the log.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Jobs this node holds (any status) before creates are refused with 507.
+    /// Live jobs (pending or running) this node holds before creates are refused with 507.
     pub max_jobs: usize,
 }
 
@@ -128,16 +128,18 @@ pub fn create_many<L: CommandLog>(
                 continue;
             }
         };
-        // Admission control: a full node refuses new jobs and keeps serving the ones it has.
-        if runtime.state().job_count() + admitted >= limits.max_jobs {
-            let message =
-                format!("this node holds its maximum of {} jobs; retry later or delete finished jobs", limits.max_jobs);
-            let mut full = error(507, "storage_full", message);
-            full.retry_after_s = Some(30);
-            answers.push(Some(full));
-            continue;
-        }
         match parse_job_request(&request, now, &new_job_id(now, random.wrapping_add(position as u128))) {
+            // Admission control, after validation: a node holding its maximum of live
+            // (pending or running) jobs refuses new ones and keeps serving the rest.
+            Ok(_) if live_jobs(runtime.state()) + admitted >= limits.max_jobs => {
+                let message = format!(
+                    "this node holds its maximum of {} live jobs; retry when some have finished",
+                    limits.max_jobs
+                );
+                let mut full = error(507, "storage_full", message);
+                full.retry_after_s = Some(30);
+                answers.push(Some(full));
+            }
             Ok(spec) => {
                 admitted += 1;
                 ids.push((answers.len(), spec.id.clone()));
@@ -166,6 +168,11 @@ pub fn create_many<L: CommandLog>(
         });
     }
     answers.into_iter().map(|a| a.expect("every request answered")).collect()
+}
+
+/// Jobs not yet final (pending or running): what admission control counts.
+fn live_jobs(state: &State) -> usize {
+    (state.count(Status::Pending) + state.count(Status::InProgress)) as usize
 }
 
 /// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), created with one log
@@ -213,6 +220,7 @@ fn command<L: CommandLog>(runtime: &mut Runtime<L>, command: Command) -> Answer 
     match runtime.apply(command) {
         Ok(_) => match runtime.state().job(&id) {
             Some(job) => answer(200, job_view(job)),
+            None if id.is_empty() => answer(200, json!({"done": true})),
             None => answer(200, json!({"id": id})),
         },
         Err(e) => apply_error(e),

@@ -59,6 +59,9 @@ pub struct Partition {
     outcomes: BTreeMap<Index, Option<Result<Applied, ApplyError>>>,
     /// Entries applied since the last snapshot.
     applied_since_snapshot: u64,
+    /// Snapshots that could not be written (retried at the next interval; the log keeps
+    /// everything meanwhile).
+    snapshot_failures: u64,
     /// Committed entries whose data did not decode as a command (never expected).
     undecodable_entries: u64,
 }
@@ -83,6 +86,7 @@ impl Partition {
             options,
             outcomes: BTreeMap::new(),
             applied_since_snapshot: 0,
+            snapshot_failures: 0,
             undecodable_entries: 0,
         };
         partition.process()?;
@@ -169,7 +173,11 @@ impl Partition {
                 self.applied_since_snapshot += 1;
             }
             self.node.advance(ready);
-            self.maybe_snapshot()?;
+            // A failed snapshot is not the applied commands' failure: they are committed.
+            if self.maybe_snapshot().is_err() {
+                self.snapshot_failures += 1;
+                self.applied_since_snapshot = 0;
+            }
         }
         Ok(())
     }
@@ -190,6 +198,10 @@ impl Partition {
     /// newer format): counted, skipped alike on every replica.
     pub fn undecodable_entries(&self) -> u64 {
         self.undecodable_entries
+    }
+
+    pub fn snapshot_failures(&self) -> u64 {
+        self.snapshot_failures
     }
 
     /// Index of the newest snapshot (0 before the first).

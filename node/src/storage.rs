@@ -39,11 +39,31 @@ impl WalStorage {
                 Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data }
             }
             None => {
+                // Without a snapshot the log must start at the beginning: a log that starts
+                // later lost the snapshot that covered its prefix (refused, never replayed
+                // into an empty state).
+                if wal.first_index() > 1 {
+                    let reason = format!("the log starts at {} but there is no snapshot before it", wal.first_index());
+                    return Err(WalError::Inconsistent { path: dir.to_path_buf(), reason });
+                }
                 let conf = ConfState { voters: voters.to_vec(), learners: Vec::new() };
-                Snapshot { meta: SnapshotMeta { index: wal.first_index() - 1, term: 0, conf }, data: Vec::new() }
+                Snapshot { meta: SnapshotMeta { index: 0, term: 0, conf }, data: Vec::new() }
             }
         };
-        Ok(WalStorage { wal, hard_state, snapshot })
+        let mut storage = WalStorage { wal, hard_state, snapshot };
+        let snapshot_index = storage.snapshot.meta.index;
+        if storage.wal.first_index() > snapshot_index + 1 {
+            let reason = format!(
+                "the log starts at {} but the snapshot ends at {snapshot_index}: entries are missing",
+                storage.wal.first_index()
+            );
+            return Err(WalError::Inconsistent { path: dir.to_path_buf(), reason });
+        }
+        // A crash between saving a received snapshot and cutting the log: finish the cut.
+        if storage.wal.last_index() < snapshot_index || storage.wal.first_index() <= snapshot_index {
+            storage.wal.truncate_prefix(snapshot_index)?;
+        }
+        Ok(storage)
     }
 
     /// Step 1 of handling a `Ready`: installs its snapshot, appends its entries (replacing a
@@ -58,12 +78,21 @@ impl WalStorage {
             }
             for entry in &ready.entries {
                 let index = self.wal.append(entry.term, &encode_entry(entry))?;
-                debug_assert_eq!(index, entry.index, "Raft entries are contiguous with the log");
+                if index != entry.index {
+                    let reason = format!("entry {} would be written at index {index}", entry.index);
+                    return Err(WalError::Inconsistent { path: std::path::PathBuf::from("(raft log)"), reason });
+                }
             }
             self.wal.commit()?;
         }
         if let Some(hard_state) = ready.hard_state {
-            self.wal.save_hard_state(&encode_hard_state(&hard_state))?;
+            // Term and vote must be durable before messages go out; the commit index need
+            // not be (a restarted node learns it again — a group of one by committing its
+            // first entry), so a change of commit alone costs no fsync.
+            let vote_changed = (hard_state.term, hard_state.vote) != (self.hard_state.term, self.hard_state.vote);
+            if vote_changed {
+                self.wal.save_hard_state(&encode_hard_state(&hard_state))?;
+            }
             self.hard_state = hard_state;
         }
         Ok(())

@@ -71,6 +71,8 @@ fn crash_child() {
             partition.propose(&Command::Create { spec: Box::new(job(&id)), now_ms: T0 }).expect("leader accepts");
             writeln!(stdout, "ack {id}").expect("parent reads");
             stdout.flush().expect("parent reads");
+            // The window a real bug would have, made wide enough for the kill to land in.
+            std::thread::sleep(Duration::from_millis(30));
             partition.process().expect("persisted");
         } else {
             create(&mut partition, &id);
@@ -136,4 +138,24 @@ fn every_acknowledged_job_survives_kill_minus_9() {
 #[test]
 fn acknowledging_before_the_fsync_is_caught() {
     assert!(crash_rounds(20, true).is_err(), "20 rounds of early acknowledgements lost nothing");
+}
+
+#[test]
+fn a_log_whose_snapshot_went_missing_is_refused_not_replayed_into_an_empty_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let mut partition = Partition::open(dir.path(), options()).expect("open");
+        for i in 0..60 {
+            create(&mut partition, &format!("job-{i}"));
+        }
+        assert!(partition.snapshot_index() > 0, "a snapshot replaced the log's start");
+    }
+    for entry in std::fs::read_dir(dir.path()).expect("list") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "snap") {
+            std::fs::remove_file(&path).expect("remove the snapshot");
+        }
+    }
+    let error = Partition::open(dir.path(), options()).err().expect("refused");
+    assert!(error.to_string().contains("no snapshot"), "{error}");
 }

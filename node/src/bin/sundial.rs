@@ -136,9 +136,10 @@ async fn serve(settings: Settings) -> Result<(), String> {
         "create a job:  curl -X POST http://{address}/jobs -H 'content-type: application/json' \\\n  -d '{{\"delay\": \"10s\", \"url\": \"https://example.com/hook\", \"json\": {{\"hello\": \"world\"}}}}'"
     ));
     let (inbox, mut requests) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
-    tokio::spawn(accept(listener, inbox));
-    let mut terminate =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let acceptor = tokio::spawn(accept(listener, inbox));
+    let signal = |kind| tokio::signal::unix::signal(kind).map_err(|e| e.to_string());
+    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut random = u128::from(sundial_engine::dispatch::now_ms()) | 1;
     // The loop owns the runtime: requests, outcomes and timers are handled one at a time.
     loop {
@@ -164,13 +165,19 @@ async fn serve(settings: Settings) -> Result<(), String> {
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = interrupt.recv() => break,
             _ = terminate.recv() => break,
+        }
+        if let Some(failure) = runtime.log_failure() {
+            // What is durable is unknown until recovery runs: stop, and let a restart recover.
+            acceptor.abort();
+            return Err(format!("the partition log failed ({failure}); restart to recover"));
         }
         runtime.fire_due_jobs();
     }
-    // Stop: no new requests; attempts in flight finish (their outcomes are committed) or the
-    // next start re-runs them.
+    // Stop: no new connections or requests; attempts in flight finish (their outcomes are
+    // committed) or the next start re-runs them.
+    acceptor.abort();
     drop(requests);
     let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
     while runtime.dispatcher().running() > 0 && tokio::time::Instant::now() < deadline {
@@ -239,9 +246,13 @@ async fn respond(
     let query = request.uri().query().unwrap_or("").to_string();
     let body = match Limited::new(request.into_body(), REQUEST_BODY_MAX_BYTES).collect().await {
         Ok(body) => body.to_bytes().to_vec(),
-        Err(_) => {
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             let message = format!("the body exceeds {REQUEST_BODY_MAX_BYTES} bytes");
             return json_response(413, Some(serde_json::json!({"error": message, "code": "too_large"})));
+        }
+        Err(e) => {
+            let message = format!("the body could not be read: {e}");
+            return json_response(400, Some(serde_json::json!({"error": message, "code": "bad_body"})));
         }
     };
     let (reply, answer) = oneshot::channel();
