@@ -287,10 +287,12 @@ impl<L: CommandLog> Runtime<L> {
                 self.arm(&timer.value);
             }
         }
+        let now = now_ms();
+        let mut room = self.dispatcher.room();
+        let mut starts = Vec::new();
         for timer in expired {
             let id = timer.value;
             self.timers.remove(&id);
-            let now = now_ms();
             let Some((due_ms, due)) = self.log.state().next_due(&id) else { continue };
             if due_ms > now {
                 self.arm(&id); // moved later meanwhile
@@ -300,7 +302,7 @@ impl<L: CommandLog> Runtime<L> {
                 Due::NewFire { fire_ms } => (fire_ms, 1),
                 Due::Retry { fire_ms, attempt } => (fire_ms, attempt),
             };
-            if !self.dispatcher.has_room() {
+            if room == 0 {
                 // The queue is full: the fire stays due and is tried again shortly.
                 self.stats.queue_full_waits += 1;
                 if let Ok(handle) = self.wheel.insert(now + QUEUE_FULL_RETRY_MS, id.clone()) {
@@ -308,16 +310,30 @@ impl<L: CommandLog> Runtime<L> {
                 }
                 continue;
             }
-            // Committed before the request goes out, so an outcome always finds its fire.
-            let started =
-                Command::FireStarted { id: id.clone(), fire_ms, attempt, node: self.config.node_id, now_ms: now };
-            if !matches!(self.apply(started), Ok(Applied::Done)) {
-                continue; // missed under the misfire policy, or no longer due: re-armed by apply
+            room -= 1;
+            starts.push((id, fire_ms, attempt, due_ms));
+        }
+        // Committed (together: one log write) before the requests go out, so an outcome
+        // always finds its fire.
+        let commands = starts
+            .iter()
+            .map(|(id, fire_ms, attempt, _)| Command::FireStarted {
+                id: id.clone(),
+                fire_ms: *fire_ms,
+                attempt: *attempt,
+                node: self.config.node_id,
+                now_ms: now,
+            })
+            .collect();
+        let verdicts = self.apply_batch(commands);
+        for ((id, fire_ms, attempt, due_ms), verdict) in starts.into_iter().zip(verdicts) {
+            if !matches!(verdict, Ok(Applied::Done)) {
+                continue; // missed under the misfire policy, or no longer due: re-armed
             }
             let job = self.log.state().job(&id).expect("due jobs exist");
             let spec = &job.spec;
             let submission = Attempt {
-                job_id: id.clone(),
+                job_id: id,
                 fire_ms,
                 attempt,
                 priority: spec.priority,
@@ -326,7 +342,7 @@ impl<L: CommandLog> Runtime<L> {
                 timeout_ms: spec.attempt_timeout_ms,
                 secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             };
-            // Room was checked above and only this loop submits: this cannot be refused.
+            // Room was counted above and only this runtime submits: this is not refused.
             if self.dispatcher.submit(submission).is_ok() {
                 self.stats.attempts_started += 1;
             }
@@ -335,29 +351,49 @@ impl<L: CommandLog> Runtime<L> {
 
     /// Applies an attempt's outcome (with its retry time).
     pub fn finish(&mut self, result: AttemptResult) {
-        self.stats.attempts_finished += 1;
-        let Some(job) = self.log.state().job(&result.job_id) else { return };
-        let retry = &job.spec.retry;
-        let backoff_ms = retry.backoff_ms(result.attempt);
-        let jitter_ms = backoff_ms * u64::from(retry.jitter_percent) / 100;
-        let jitter_ms = if jitter_ms > 0 { self.next_random() % (jitter_ms + 1) } else { 0 };
-        let retry_after_ms = match &result.outcome {
-            Outcome::Response { retry_after_ms: Some(ms), .. } => *ms,
-            _ => 0,
-        };
-        let retry_at_ms = result.finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms));
-        let command = Command::AttemptFinished {
-            id: result.job_id,
-            fire_ms: result.fire_ms,
-            attempt: result.attempt,
-            node: self.config.node_id,
-            started_ms: result.started_ms,
-            finished_ms: result.finished_ms,
-            outcome: result.outcome,
-            retry_at_ms,
-        };
+        self.finish_many(vec![result]);
+    }
+
+    /// Applies several outcomes with one log write.
+    pub fn finish_many(&mut self, results: Vec<AttemptResult>) {
+        let mut commands = Vec::with_capacity(results.len());
+        for result in results {
+            self.stats.attempts_finished += 1;
+            let Some(job) = self.log.state().job(&result.job_id) else { continue };
+            let retry = &job.spec.retry;
+            let backoff_ms = retry.backoff_ms(result.attempt);
+            let jitter_ms = backoff_ms * u64::from(retry.jitter_percent) / 100;
+            let jitter_ms = if jitter_ms > 0 { self.next_random() % (jitter_ms + 1) } else { 0 };
+            let retry_after_ms = match &result.outcome {
+                Outcome::Response { retry_after_ms: Some(ms), .. } => *ms,
+                _ => 0,
+            };
+            let retry_at_ms = result.finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms));
+            commands.push(Command::AttemptFinished {
+                id: result.job_id,
+                fire_ms: result.fire_ms,
+                attempt: result.attempt,
+                node: self.config.node_id,
+                started_ms: result.started_ms,
+                finished_ms: result.finished_ms,
+                outcome: result.outcome,
+                retry_at_ms,
+            });
+        }
         // A stale outcome (the job was cancelled meanwhile) is refused and changes nothing.
-        let _ = self.apply(command);
+        let _ = self.apply_batch(commands);
+    }
+
+    /// Outcomes already waiting, without waiting (at most `max`).
+    pub fn ready_results(&mut self, max: usize) -> Vec<AttemptResult> {
+        let mut results = Vec::new();
+        while results.len() < max {
+            match self.results.try_recv() {
+                Ok(result) => results.push(result),
+                Err(_) => break,
+            }
+        }
+        results
     }
 
     fn next_random(&mut self) -> u64 {

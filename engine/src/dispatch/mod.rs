@@ -200,7 +200,13 @@ impl Dispatcher {
 
     /// True when `submit` would accept an attempt now.
     pub fn has_room(&self) -> bool {
-        self.shared.inner.lock().expect("no panic holds the lock").queue.len() < self.shared.config.queue_capacity
+        self.room() > 0
+    }
+
+    /// How many attempts `submit` would accept now.
+    pub fn room(&self) -> usize {
+        let queued = self.shared.inner.lock().expect("no panic holds the lock").queue.len();
+        self.shared.config.queue_capacity.saturating_sub(queued)
     }
 
     /// The breaker of the host `url` names, if it has been used (status pages, tests).

@@ -161,7 +161,10 @@ async fn serve(settings: Settings) -> Result<(), String> {
             }
             result = runtime.next_result() => {
                 if let Some(result) = result {
-                    runtime.finish(result);
+                    // Every outcome already waiting goes to the log with this one.
+                    let mut results = vec![result];
+                    results.extend(runtime.ready_results(GROUP_COMMIT_MAX));
+                    runtime.finish_many(results);
                 }
             }
             _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
