@@ -3,6 +3,7 @@
 //! machine (`partition`). The server binary, its APIs and the shard runtime build on this.
 
 pub mod api;
+pub mod auth;
 pub mod partition;
 pub mod storage;
 

@@ -63,12 +63,22 @@ impl Node {
         (status, body)
     }
 
+    /// `call` with `Authorization: Bearer <token>`.
+    fn call_authorized(&self, method: &str, path: &str, token: &str) -> (u16, Value) {
+        let (status, _, body) = self.exchange(method, path, b"", &format!("authorization: Bearer {token}\r\n"));
+        (status, body)
+    }
+
     /// Like `call`, with the response head too.
     fn call_with_headers(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, Value) {
+        self.exchange(method, path, body, "")
+    }
+
+    fn exchange(&self, method: &str, path: &str, body: &[u8], extra_headers: &str) -> (u16, String, Value) {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}connection: close\r\n\r\n",
             self.addr,
             body.len()
         );
@@ -317,4 +327,16 @@ async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
     }
     // And an unknown route is a 404 naming it.
     assert_eq!(node.call("GET", "/nope", b"").0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_configured_requests_need_it_and_are_rate_limited() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--token", "s3cret", "--rate-per-token", "5"]);
+    assert_eq!(node.call("GET", "/jobs", b"").0, 401, "no token");
+    assert_eq!(node.call_authorized("GET", "/jobs", "wrong").0, 401, "a wrong token");
+    assert_eq!(node.call("GET", "/health", b"").0, 200, "health stays open for probes");
+    let statuses: Vec<u16> = (0..20).map(|_| node.call_authorized("GET", "/jobs", "s3cret").0).collect();
+    assert_eq!(statuses[0], 200, "the right token");
+    assert!(statuses.contains(&429), "20 requests at once pass a burst of 5: {statuses:?}");
 }

@@ -9,6 +9,8 @@
 //!   --allow-loopback-targets   SUNDIAL_ALLOW_LOOPBACK_TARGETS=1 (tests, local receivers)
 //!   --allow-private-targets    SUNDIAL_ALLOW_PRIVATE_TARGETS=1
 //!   --max-jobs N               SUNDIAL_MAX_JOBS (default 1000000): creates beyond get 507
+//!   --token TEXT (repeatable)  SUNDIAL_TOKENS=a,b: bearer tokens; off when none is given
+//!   --rate-per-token N         SUNDIAL_RATE_PER_TOKEN (default 1000): requests/s per token
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -20,6 +22,7 @@ use sundial_engine::dispatch::guard::AddressPolicy;
 use sundial_engine::dispatch::DispatchConfig;
 use sundial_engine::runtime::{Runtime, RuntimeConfig};
 use sundial_node::api::{self, Answer, REQUEST_BODY_MAX_BYTES};
+use sundial_node::auth::{Gate, Verdict};
 use sundial_node::{Partition, PartitionOptions};
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +40,8 @@ struct Settings {
     allow_loopback: bool,
     allow_private: bool,
     limits: api::Limits,
+    tokens: Vec<String>,
+    rate_per_token: u32,
 }
 
 fn settings() -> Result<Settings, String> {
@@ -52,7 +57,14 @@ fn settings() -> Result<Settings, String> {
         allow_loopback: flag_env("SUNDIAL_ALLOW_LOOPBACK_TARGETS"),
         allow_private: flag_env("SUNDIAL_ALLOW_PRIVATE_TARGETS"),
         limits: api::Limits::default(),
+        tokens: env("SUNDIAL_TOKENS")
+            .map(|list| list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect())
+            .unwrap_or_default(),
+        rate_per_token: 1_000,
     };
+    if let Some(rate) = env("SUNDIAL_RATE_PER_TOKEN") {
+        settings.rate_per_token = rate.parse().map_err(|_| "SUNDIAL_RATE_PER_TOKEN: must be a whole number")?;
+    }
     if let Some(max) = env("SUNDIAL_MAX_JOBS") {
         settings.limits.max_jobs = max.parse().map_err(|_| "SUNDIAL_MAX_JOBS: must be a whole number")?;
     }
@@ -67,6 +79,10 @@ fn settings() -> Result<Settings, String> {
             "--secret" => settings.secret = Some(value()?),
             "--allow-loopback-targets" => settings.allow_loopback = true,
             "--allow-private-targets" => settings.allow_private = true,
+            "--token" => settings.tokens.push(value()?),
+            "--rate-per-token" => {
+                settings.rate_per_token = value()?.parse().map_err(|_| "--rate-per-token: must be a whole number")?
+            }
             "--max-jobs" => {
                 settings.limits.max_jobs = value()?.parse().map_err(|_| "--max-jobs: must be a whole number")?
             }
@@ -78,7 +94,7 @@ fn settings() -> Result<Settings, String> {
 }
 
 fn usage() -> String {
-    "usage: sundial [--data DIR] [--http ADDR] [--secret TEXT] [--max-jobs N] [--allow-loopback-targets] [--allow-private-targets]".into()
+    "usage: sundial [--data DIR] [--http ADDR] [--secret TEXT] [--max-jobs N] [--token TEXT]... [--rate-per-token N] [--allow-loopback-targets] [--allow-private-targets]".into()
 }
 
 /// A request handed from a connection to the loop that owns the runtime.
@@ -136,7 +152,11 @@ async fn serve(settings: Settings) -> Result<(), String> {
         "create a job:  curl -X POST http://{address}/jobs -H 'content-type: application/json' \\\n  -d '{{\"delay\": \"10s\", \"url\": \"https://example.com/hook\", \"json\": {{\"hello\": \"world\"}}}}'"
     ));
     let (inbox, mut requests) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
-    let acceptor = tokio::spawn(accept(listener, inbox));
+    let gate = std::sync::Arc::new(Gate::new(settings.tokens.clone(), settings.rate_per_token));
+    if gate.enabled() {
+        say(&format!("bearer tokens required ({} configured)", settings.tokens.len()));
+    }
+    let acceptor = tokio::spawn(accept(listener, inbox, gate));
     let signal = |kind| tokio::signal::unix::signal(kind).map_err(|e| e.to_string());
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -224,14 +244,16 @@ fn handle_batch<L: sundial_engine::runtime::CommandLog>(
     }
 }
 
-async fn accept(listener: tokio::net::TcpListener, inbox: mpsc::Sender<Inbound>) {
+async fn accept(listener: tokio::net::TcpListener, inbox: mpsc::Sender<Inbound>, gate: std::sync::Arc<Gate>) {
     // Bounded by the process: ends when the listener fails.
     while let Ok((stream, _)) = listener.accept().await {
         let inbox = inbox.clone();
+        let gate = gate.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let inbox = inbox.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(request, inbox).await) }
+                let gate = gate.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(request, inbox, &gate).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -243,10 +265,27 @@ async fn accept(listener: tokio::net::TcpListener, inbox: mpsc::Sender<Inbound>)
 async fn respond(
     request: hyper::Request<hyper::body::Incoming>,
     inbox: mpsc::Sender<Inbound>,
+    gate: &Gate,
 ) -> hyper::Response<Full<Bytes>> {
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
+    let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    match gate.check(&method, &path, authorization, sundial_engine::dispatch::now_ms()) {
+        Verdict::Allow => {}
+        Verdict::Unauthorized => {
+            let body = serde_json::json!({"error": "a valid bearer token is required", "code": "unauthorized"});
+            let mut response = json_response(401, Some(body));
+            response.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        Verdict::Limited { retry_after_s } => {
+            let body = serde_json::json!({"error": "this token's request rate is exceeded", "code": "rate_limited"});
+            let mut response = json_response(429, Some(body));
+            response.headers_mut().insert("retry-after", hyper::header::HeaderValue::from(retry_after_s));
+            return response;
+        }
+    }
     let body = match Limited::new(request.into_body(), REQUEST_BODY_MAX_BYTES).collect().await {
         Ok(body) => body.to_bytes().to_vec(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
