@@ -187,6 +187,7 @@ impl<L: CommandLog> Runtime<L> {
         let verdicts = match self.log.apply_batch(commands) {
             Ok(verdicts) => verdicts,
             Err(error) => {
+                tracing::error!(%error, "the command log failed; nothing more is applied");
                 self.log_failure = Some(error.to_string());
                 return touched.iter().map(|_| Err(ApplyError::Unavailable(error.to_string()))).collect();
             }
@@ -327,9 +328,15 @@ impl<L: CommandLog> Runtime<L> {
             .collect();
         let verdicts = self.apply_batch(commands);
         for ((id, fire_ms, attempt, due_ms), verdict) in starts.into_iter().zip(verdicts) {
-            if !matches!(verdict, Ok(Applied::Done)) {
-                continue; // missed under the misfire policy, or no longer due: re-armed
+            match &verdict {
+                Ok(Applied::Done) => {}
+                Ok(Applied::Missed { count }) => {
+                    tracing::warn!(job_id = %id, fire_ms, missed = count, "fires missed (misfire policy or catch-up window)");
+                    continue;
+                }
+                _ => continue, // no longer due: re-armed
             }
+            tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now.saturating_sub(due_ms), "attempt starting");
             let job = self.log.state().job(&id).expect("due jobs exist");
             let spec = &job.spec;
             let submission = Attempt {
@@ -369,6 +376,24 @@ impl<L: CommandLog> Runtime<L> {
                 _ => 0,
             };
             let retry_at_ms = result.finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms));
+            match &result.outcome {
+                Outcome::Response { status, .. } => tracing::info!(
+                    job_id = %result.job_id,
+                    fire_ms = result.fire_ms,
+                    attempt = result.attempt,
+                    status,
+                    latency_ms = result.finished_ms.saturating_sub(result.started_ms),
+                    "attempt answered"
+                ),
+                Outcome::Error(class) => tracing::warn!(
+                    job_id = %result.job_id,
+                    fire_ms = result.fire_ms,
+                    attempt = result.attempt,
+                    error = ?class,
+                    latency_ms = result.finished_ms.saturating_sub(result.started_ms),
+                    "attempt failed"
+                ),
+            }
             commands.push(Command::AttemptFinished {
                 id: result.job_id,
                 fire_ms: result.fire_ms,

@@ -160,6 +160,10 @@ pub fn create_many<L: CommandLog>(
     let verdicts = runtime.apply_batch(commands);
     for ((slot, id), verdict) in ids.into_iter().zip(verdicts) {
         answers[slot] = Some(match verdict {
+            Ok(Applied::Created) => {
+                tracing::info!(job_id = %id, "job created");
+                with_job(runtime.state(), &id, |job| answer(201, job_view(job)))
+            }
             Ok(applied) => {
                 let status = if applied == Applied::Created { 201 } else { 200 };
                 with_job(runtime.state(), &id, |job| answer(status, job_view(job)))

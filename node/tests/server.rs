@@ -340,3 +340,55 @@ async fn with_a_token_configured_requests_need_it_and_are_rate_limited() {
     assert_eq!(statuses[0], 200, "the right token");
     assert!(statuses.contains(&429), "20 requests at once pass a burst of 5: {statuses:?}");
 }
+
+#[test]
+fn json_logs_name_the_job_on_every_line_about_it() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
+        .args(["--http", "127.0.0.1:0", "--log-format", "json", "--data"])
+        .arg(data.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sundial");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let mut banner = String::new();
+    stdout.read_line(&mut banner).expect("banner");
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let collected = logs.clone();
+    let stderr = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            collected.lock().expect("logs").push(line);
+        }
+    });
+    let addr: SocketAddr = banner
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .expect("address");
+    let node = Node { child, addr };
+    let request = json!({"id": "logged", "delay": "1h", "url": "http://127.0.0.1:9/"});
+    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
+    let started = Instant::now();
+    // Bounded: 10 s for the line to arrive.
+    let line = loop {
+        let found = logs.lock().expect("logs").iter().find(|l| l.contains("job created")).cloned();
+        if let Some(line) = found {
+            break line;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no 'job created' line: {:?}", logs.lock().expect("logs"));
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let event: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    assert_eq!(event["fields"]["job_id"], "logged", "{event}");
+    assert_eq!(event["level"], "INFO");
+    assert!(logs.lock().expect("logs").iter().all(|l| serde_json::from_str::<Value>(l).is_ok()), "every line is JSON");
+}

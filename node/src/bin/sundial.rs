@@ -11,6 +11,8 @@
 //!   --max-jobs N               SUNDIAL_MAX_JOBS (default 1000000): creates beyond get 507
 //!   --token TEXT (repeatable)  SUNDIAL_TOKENS=a,b: bearer tokens; off when none is given
 //!   --rate-per-token N         SUNDIAL_RATE_PER_TOKEN (default 1000): requests/s per token
+//!   --log-format human|json    SUNDIAL_LOG_FORMAT (default human), on stderr
+//!   --log-level LEVEL          SUNDIAL_LOG_LEVEL: error, warn, info (default) or debug
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -42,6 +44,26 @@ struct Settings {
     limits: api::Limits,
     tokens: Vec<String>,
     rate_per_token: u32,
+    log_json: bool,
+    log_level: tracing::Level,
+}
+
+fn parse_log_format(value: &str) -> Result<bool, String> {
+    match value {
+        "human" => Ok(false),
+        "json" => Ok(true),
+        _ => Err(format!("log format: must be human or json, not {value:?}")),
+    }
+}
+
+fn parse_log_level(value: &str) -> Result<tracing::Level, String> {
+    match value {
+        "error" => Ok(tracing::Level::ERROR),
+        "warn" => Ok(tracing::Level::WARN),
+        "info" => Ok(tracing::Level::INFO),
+        "debug" => Ok(tracing::Level::DEBUG),
+        _ => Err(format!("log level: must be error, warn, info or debug, not {value:?}")),
+    }
 }
 
 fn settings() -> Result<Settings, String> {
@@ -61,7 +83,15 @@ fn settings() -> Result<Settings, String> {
             .map(|list| list.split(',').map(str::trim).filter(|t| !t.is_empty()).map(String::from).collect())
             .unwrap_or_default(),
         rate_per_token: 1_000,
+        log_json: false,
+        log_level: tracing::Level::INFO,
     };
+    if let Some(format) = env("SUNDIAL_LOG_FORMAT") {
+        settings.log_json = parse_log_format(&format)?;
+    }
+    if let Some(level) = env("SUNDIAL_LOG_LEVEL") {
+        settings.log_level = parse_log_level(&level)?;
+    }
     if let Some(rate) = env("SUNDIAL_RATE_PER_TOKEN") {
         settings.rate_per_token = rate.parse().map_err(|_| "SUNDIAL_RATE_PER_TOKEN: must be a whole number")?;
     }
@@ -80,6 +110,8 @@ fn settings() -> Result<Settings, String> {
             "--allow-loopback-targets" => settings.allow_loopback = true,
             "--allow-private-targets" => settings.allow_private = true,
             "--token" => settings.tokens.push(value()?),
+            "--log-format" => settings.log_json = parse_log_format(&value()?)?,
+            "--log-level" => settings.log_level = parse_log_level(&value()?)?,
             "--rate-per-token" => {
                 settings.rate_per_token = value()?.parse().map_err(|_| "--rate-per-token: must be a whole number")?
             }
@@ -114,6 +146,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Colours only on a terminal: a file or a pipe gets plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs =
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(colour).with_max_level(settings.log_level);
+    if settings.log_json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -143,6 +184,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
         global_secret: settings.secret.map(String::into_bytes),
         ..DispatchConfig::default()
     };
+    let jobs = partition.state().job_count();
     let mut runtime = Runtime::with_log(RuntimeConfig { dispatch, ..RuntimeConfig::default() }, partition);
     let listener =
         tokio::net::TcpListener::bind(settings.http).await.map_err(|e| format!("binding {}: {e}", settings.http))?;
@@ -152,6 +194,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
         "create a job:  curl -X POST http://{address}/jobs -H 'content-type: application/json' \\\n  -d '{{\"delay\": \"10s\", \"url\": \"https://example.com/hook\", \"json\": {{\"hello\": \"world\"}}}}'"
     ));
     let (inbox, mut requests) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
+    tracing::info!(%address, data = %settings.data.display(), jobs, "sundial started");
     let gate = std::sync::Arc::new(Gate::new(settings.tokens.clone(), settings.rate_per_token));
     if gate.enabled() {
         say(&format!("bearer tokens required ({} configured)", settings.tokens.len()));
@@ -209,6 +252,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
             _ = tokio::time::sleep_until(deadline) => {}
         }
     }
+    tracing::info!("sundial stopped");
     say("sundial stopped");
     Ok(())
 }
