@@ -43,5 +43,5 @@ mod types;
 pub use progress::{Inflights, Progress, ProgressState};
 pub use raft::{Config, ConfigError, InjectedBug, ProposeError, Raft};
 pub use raw_node::{RawNode, Ready, SoftState};
-pub use storage::{MemStorage, Storage, StorageError};
+pub use storage::{check_entries_range, MemStorage, Storage, StorageError};
 pub use types::*;

@@ -95,12 +95,7 @@ impl Storage for MemStorage {
     }
 
     fn entries(&self, low: Index, high: Index, max_bytes: usize) -> Result<Vec<Entry>, StorageError> {
-        if low < self.first_index() {
-            return Err(StorageError::Compacted(low));
-        }
-        if high > self.last_index() + 1 {
-            return Err(StorageError::Unavailable(high));
-        }
+        check_entries_range(self.first_index(), self.last_index(), low, high)?;
         let offset = self.snapshot.meta.index + 1;
         let slice = &self.entries[(low - offset) as usize..(high - offset) as usize];
         Ok(limit_size(slice, max_bytes).to_vec())
@@ -128,6 +123,18 @@ impl Storage for MemStorage {
     fn snapshot(&self) -> Snapshot {
         self.snapshot.clone()
     }
+}
+
+/// The `entries(low, high, ..)` contract's range check, shared by every `Storage`: `low` must
+/// not be compacted and `high` must not pass the last index + 1.
+pub fn check_entries_range(first: Index, last: Index, low: Index, high: Index) -> Result<(), StorageError> {
+    if low < first {
+        return Err(StorageError::Compacted(low));
+    }
+    if high > last + 1 {
+        return Err(StorageError::Unavailable(high));
+    }
+    Ok(())
 }
 
 /// The longest prefix of `entries` within `max_bytes`, but never empty when `entries` is not.

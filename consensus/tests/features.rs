@@ -359,20 +359,27 @@ fn a_leader_cut_off_from_the_quorum_answers_no_read() {
     assert!(net.read_states.get(&1).is_none_or(|r| r.is_empty()), "no quorum confirmed leadership");
 }
 
-#[test]
-fn a_lagging_follower_catches_up_through_a_chunked_snapshot() {
+/// Leader 1 commits `entries` while node 3 is cut off, then replaces its log with a snapshot
+/// of `data` (chunks of 100 bytes) and reconnects node 3; returns the snapshot's index.
+fn follower_behind_a_snapshot(entries: u8, data: Vec<u8>) -> (Net, Index) {
     let mut net = Net::new(&[1, 2, 3], |c| c.snapshot_chunk_bytes = 100);
     net.elect(1);
     net.isolate(3);
-    for i in 0..20u8 {
+    for i in 0..entries {
         net.node(1).propose(vec![i; 10]).expect("leader accepts");
         net.settle();
     }
-    // The leader replaces its log with a 1000-byte snapshot (10 chunks of 100 bytes).
     let applied = net.raft(1).log.applied;
     let conf = net.raft(1).conf_state();
-    net.node(1).raft.log.storage.compact(applied, vec![42; 1000], conf);
+    net.node(1).raft.log.storage.compact(applied, data, conf);
     net.cut.clear();
+    (net, applied)
+}
+
+#[test]
+fn a_lagging_follower_catches_up_through_a_chunked_snapshot() {
+    // A 1000-byte snapshot: 10 chunks of 100 bytes.
+    let (mut net, applied) = follower_behind_a_snapshot(20, vec![42; 1000]);
     let mut chunks = 0;
     for _ in 0..20 {
         net.tick(1, 1);
@@ -394,17 +401,7 @@ fn a_lagging_follower_catches_up_through_a_chunked_snapshot() {
 
 #[test]
 fn a_lost_snapshot_chunk_is_resent_from_where_the_follower_stopped() {
-    let mut net = Net::new(&[1, 2, 3], |c| c.snapshot_chunk_bytes = 100);
-    net.elect(1);
-    net.isolate(3);
-    for i in 0..5u8 {
-        net.node(1).propose(vec![i; 10]).expect("leader accepts");
-        net.settle();
-    }
-    let applied = net.raft(1).log.applied;
-    let conf = net.raft(1).conf_state();
-    net.node(1).raft.log.storage.compact(applied, (0..1000).map(|i| i as u8).collect(), conf);
-    net.cut.clear();
+    let (mut net, applied) = follower_behind_a_snapshot(5, (0..1000).map(|i| i as u8).collect());
     // Node 3 learns it is behind; the leader starts the snapshot with a window of chunks.
     net.tick(1, 1);
     let mut offsets_sent = Vec::new();
@@ -442,17 +439,7 @@ fn a_lost_snapshot_chunk_is_resent_from_where_the_follower_stopped() {
 
 #[test]
 fn a_snapshot_transfer_survives_the_follower_restarting_mid_way() {
-    let mut net = Net::new(&[1, 2, 3], |c| c.snapshot_chunk_bytes = 100);
-    net.elect(1);
-    net.isolate(3);
-    for i in 0..5u8 {
-        net.node(1).propose(vec![i; 10]).expect("leader accepts");
-        net.settle();
-    }
-    let applied = net.raft(1).log.applied;
-    let conf = net.raft(1).conf_state();
-    net.node(1).raft.log.storage.compact(applied, vec![7; 1000], conf);
-    net.cut.clear();
+    let (mut net, applied) = follower_behind_a_snapshot(5, vec![7; 1000]);
     net.tick(1, 1);
     // Deliver the first window of chunks, then node 3 restarts: what it received is gone.
     let acked = |net: &Net| net.raft(1).progress_of(3).expect("member").snapshot_transfer.acked_bytes;

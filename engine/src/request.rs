@@ -144,23 +144,7 @@ fn parse_sundial(
             Method::Post
         }),
     };
-    let headers = match object.get("headers") {
-        None => Vec::new(),
-        Some(Value::Object(map)) => map
-            .iter()
-            .filter_map(|(name, value)| match value {
-                Value::String(value) => Some((name.clone(), value.clone())),
-                _ => {
-                    errors.push(FieldError::new(format!("headers.{name}"), "must be a string"));
-                    None
-                }
-            })
-            .collect(),
-        Some(_) => {
-            errors.push(FieldError::new("headers", "must be an object of strings"));
-            Vec::new()
-        }
-    };
+    let headers: Vec<(String, String)> = string_map(object, "headers", errors).into_iter().collect();
     let body_fields: Vec<&str> =
         ["json", "body", "body_base64"].into_iter().filter(|f| object.contains_key(*f)).collect();
     let (body, content_type) = match body_fields.as_slice() {
@@ -225,23 +209,7 @@ fn parse_sundial(
             Vec::new()
         }
     };
-    let labels = match object.get("labels") {
-        None => BTreeMap::new(),
-        Some(Value::Object(map)) => map
-            .iter()
-            .filter_map(|(key, value)| match value {
-                Value::String(value) => Some((key.clone(), value.clone())),
-                _ => {
-                    errors.push(FieldError::new(format!("labels.{key}"), "must be a string"));
-                    None
-                }
-            })
-            .collect(),
-        Some(_) => {
-            errors.push(FieldError::new("labels", "must be an object of strings"));
-            BTreeMap::new()
-        }
-    };
+    let labels = string_map(object, "labels", errors);
     let secret = optional_string(object, "secret", errors);
     let target = Target { url: url?, method, headers, body, content_type };
     Some(JobSpec {
@@ -378,6 +346,27 @@ fn parse_scheduled_db(
         labels: BTreeMap::new(),
         secret: None,
     })
+}
+
+/// A field holding an object of strings (headers, labels): each non-string value is named.
+fn string_map(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> BTreeMap<String, String> {
+    match object.get(field) {
+        None => BTreeMap::new(),
+        Some(Value::Object(map)) => map
+            .iter()
+            .filter_map(|(key, value)| match value {
+                Value::String(value) => Some((key.clone(), value.clone())),
+                _ => {
+                    errors.push(FieldError::new(format!("{field}.{key}"), "must be a string"));
+                    None
+                }
+            })
+            .collect(),
+        Some(_) => {
+            errors.push(FieldError::new(field, "must be an object of strings"));
+            BTreeMap::new()
+        }
+    }
 }
 
 fn optional_string(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {

@@ -315,14 +315,13 @@ impl State {
     pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
         match command {
             Command::Create { spec, now_ms } => self.create(*spec, now_ms),
-            Command::Cancel { id, now_ms } => {
+            Command::Cancel { id, .. } => {
                 let job = self.job_mut(&id)?;
                 if job.status.is_final() {
                     return Err(invalid(&id, job.status, "cancel"));
                 }
                 job.active.clear();
                 job.next_fire_ms = None;
-                let _ = now_ms;
                 self.set_status(&id, Status::Cancelled);
                 Ok(Applied::Done)
             }
@@ -363,7 +362,8 @@ impl State {
                 Ok(Applied::Done)
             }
             Command::FireStarted { id, fire_ms, attempt, node, now_ms } => {
-                self.fire_started(&id, fire_ms, attempt, node, now_ms)
+                let _ = node; // recorded with the attempt's outcome, not at its start
+                self.fire_started(&id, fire_ms, attempt, now_ms)
             }
             Command::AttemptFinished { id, fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms } => {
                 let finished = AttemptRecord { fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms };
@@ -473,15 +473,7 @@ impl State {
         job.spec.depends_on.iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
     }
 
-    fn fire_started(
-        &mut self,
-        id: &str,
-        fire_ms: u64,
-        attempt: u32,
-        node: u64,
-        now_ms: u64,
-    ) -> Result<Applied, ApplyError> {
-        let _ = node;
+    fn fire_started(&mut self, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> Result<Applied, ApplyError> {
         let ready = {
             let job = self.jobs.get(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
             self.dependencies_done(job)
@@ -504,7 +496,7 @@ impl State {
             return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
         }
         let lateness_ms = now_ms.saturating_sub(fire_ms);
-        let missed = match &job.spec.schedule {
+        match &job.spec.schedule {
             // A once job's only fire is run however late, up to the catch-up window.
             Schedule::Once { .. } if lateness_ms > CATCH_UP_WINDOW_MS => {
                 job.next_fire_ms = None;
@@ -514,7 +506,7 @@ impl State {
                 self.set_status(id, Status::Failed);
                 return Ok(Applied::Missed { count: 1 });
             }
-            Schedule::Once { .. } => 0,
+            Schedule::Once { .. } => {}
             // A late cron fire goes through the misfire policy first: it may be replaced by a
             // later one (fire_once), skipped (skip, or past the window), or run (fire_all).
             Schedule::Cron(_) => {
@@ -528,9 +520,8 @@ impl State {
                     self.set_status(id, status);
                     return Ok(Applied::Missed { count: missed });
                 }
-                missed
             }
-        };
+        }
         let job = self.jobs.get_mut(id).expect("checked");
         job.catch_up_run = if lateness_ms > MISFIRE_THRESHOLD_MS { job.catch_up_run + 1 } else { 0 };
         let fire = ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms, deadline_from_ms: fire_ms };
@@ -540,8 +531,8 @@ impl State {
             Schedule::Once { .. } => None,
             Schedule::Cron(_) => next_cron_fire(&job.spec, fire_ms),
         };
-        let more_missed = catch_up(job, now_ms);
-        let _ = missed + more_missed; // recorded by catch_up
+        // Fires that came due while this one was late are handled (and recorded) here.
+        catch_up(job, now_ms);
         self.set_status(id, Status::InProgress);
         Ok(Applied::Done)
     }

@@ -146,12 +146,7 @@ impl Storage for WalStorage {
     }
 
     fn entries(&self, low: Index, high: Index, max_bytes: usize) -> Result<Vec<Entry>, StorageError> {
-        if low < self.first_index() {
-            return Err(StorageError::Compacted(low));
-        }
-        if high > self.last_index() + 1 {
-            return Err(StorageError::Unavailable(high));
-        }
+        sundial_consensus::check_entries_range(self.first_index(), self.last_index(), low, high)?;
         let mut entries = Vec::new();
         let mut total_bytes = 0usize;
         for index in low..high {

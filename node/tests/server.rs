@@ -13,6 +13,26 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sundial_engine::dispatch::now_ms;
 
+/// Reads the node's banner for the address it listens on, then keeps draining its stdout so
+/// the node never blocks on (or breaks) the pipe.
+fn listening_address(child: &mut Child) -> SocketAddr {
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+    let mut first_line = String::new();
+    stdout.read_line(&mut first_line).expect("banner");
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    first_line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {first_line:?}"))
+}
+
 /// A running node; killed (SIGKILL) when dropped.
 struct Node {
     child: Child,
@@ -33,22 +53,7 @@ impl Node {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start sundial");
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-        let mut first_line = String::new();
-        stdout.read_line(&mut first_line).expect("banner");
-        // Keep reading what the node prints, so its stdout never blocks or breaks.
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
-                sink.clear();
-            }
-        });
-        let addr = first_line
-            .split("http://")
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no address in {first_line:?}"));
+        let addr = listening_address(&mut child);
         Node { child, addr }
     }
 
@@ -351,15 +356,7 @@ fn json_logs_name_the_job_on_every_line_about_it() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start sundial");
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-    let mut banner = String::new();
-    stdout.read_line(&mut banner).expect("banner");
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
-            sink.clear();
-        }
-    });
+    let addr = listening_address(&mut child);
     let logs: Arc<Mutex<Vec<String>>> = Arc::default();
     let collected = logs.clone();
     let stderr = child.stderr.take().expect("piped");
@@ -368,12 +365,6 @@ fn json_logs_name_the_job_on_every_line_about_it() {
             collected.lock().expect("logs").push(line);
         }
     });
-    let addr: SocketAddr = banner
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .expect("address");
     let node = Node { child, addr };
     let request = json!({"id": "logged", "delay": "1h", "url": "http://127.0.0.1:9/"});
     assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
