@@ -90,7 +90,9 @@ pub struct Runtime<L: CommandLog> {
     wheel: TimingWheel<String>,
     timers: HashMap<String, TimerHandle>,
     dispatcher: Dispatcher,
-    results: mpsc::Receiver<AttemptResult>,
+    /// Outcomes of this runtime's attempts; `None` when they go to a channel the caller
+    /// shares between several runtimes (a shard routes them back with `finish_many`).
+    results: Option<mpsc::Receiver<AttemptResult>>,
     rng: u64,
     stats: RuntimeStats,
 }
@@ -107,6 +109,21 @@ impl<L: CommandLog> Runtime<L> {
     /// and re-running the attempts a previous run left in flight.
     pub fn with_log(config: RuntimeConfig, log: L) -> Runtime<L> {
         let (sender, results) = mpsc::channel(config.results_capacity);
+        Runtime::build(config, log, sender, Some(results))
+    }
+
+    /// `with_log`, with attempt outcomes sent to `results`, a channel the caller reads and
+    /// may share between runtimes: it hands each outcome back through `finish_many`.
+    pub fn with_shared_results(config: RuntimeConfig, log: L, results: mpsc::Sender<AttemptResult>) -> Runtime<L> {
+        Runtime::build(config, log, results, None)
+    }
+
+    fn build(
+        config: RuntimeConfig,
+        log: L,
+        sender: mpsc::Sender<AttemptResult>,
+        results: Option<mpsc::Receiver<AttemptResult>>,
+    ) -> Runtime<L> {
         let dispatcher = Dispatcher::start(config.dispatch.clone(), sender);
         let mut runtime = Runtime {
             wheel: TimingWheel::new(now_ms(), config.timers_max),
@@ -157,6 +174,12 @@ impl<L: CommandLog> Runtime<L> {
 
     pub fn log(&self) -> &L {
         &self.log
+    }
+
+    /// The log, for bookkeeping that applies no command (metrics): a command applied through
+    /// it would bypass the timers.
+    pub fn log_mut(&mut self) -> &mut L {
+        &mut self.log
     }
 
     /// Why the runtime stopped applying commands, if it did.
@@ -258,7 +281,7 @@ impl<L: CommandLog> Runtime<L> {
             // at least once a second.
             let wait_ms = self.sleep_ms();
             tokio::select! {
-                result = self.results.recv() => {
+                result = self.next_result() => {
                     if let Some(result) = result {
                         self.finish(result);
                     }
@@ -274,8 +297,12 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// The next attempt outcome (for a caller driving its own loop: pass it to `finish`).
+    /// With shared results it never resolves: the caller reads the shared channel.
     pub async fn next_result(&mut self) -> Option<AttemptResult> {
-        self.results.recv().await
+        match &mut self.results {
+            Some(results) => results.recv().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Starts every fire due by now.
@@ -412,8 +439,9 @@ impl<L: CommandLog> Runtime<L> {
     /// Outcomes already waiting, without waiting (at most `max`).
     pub fn ready_results(&mut self, max: usize) -> Vec<AttemptResult> {
         let mut results = Vec::new();
+        let Some(receiver) = &mut self.results else { return results };
         while results.len() < max {
-            match self.results.try_recv() {
+            match receiver.try_recv() {
                 Ok(result) => results.push(result),
                 Err(_) => break,
             }

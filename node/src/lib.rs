@@ -1,10 +1,17 @@
 //! `sundial-node`: what joins the leaves into a node. A partition is a Raft group whose log
 //! is a sundial-wal log (`storage`) and whose committed entries drive the engine's state
-//! machine (`partition`). The server binary, its APIs and the shard runtime build on this.
+//! machine (`partition`). Shards (`shard`) are threads that own partitions; the router
+//! (`router`) validates requests and sends them to the owning shard; the HTTP API (`http`)
+//! calls the router.
 
-pub mod api;
 pub mod auth;
+pub mod http;
+pub mod meta;
+pub mod metrics;
+pub mod ops;
 pub mod partition;
+pub mod router;
+pub mod shard;
 pub mod storage;
 
 pub use partition::{Partition, PartitionError, PartitionOptions};

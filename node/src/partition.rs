@@ -64,6 +64,33 @@ pub struct Partition {
     snapshot_failures: u64,
     /// Committed entries whose data did not decode as a command (never expected).
     undecodable_entries: u64,
+    /// Durable writes (one fdatasync each) since they were last taken, for metrics.
+    writes: Vec<LogWrite>,
+    /// Times this node became the group's leader.
+    elections_won: u64,
+    /// Whether it led at the end of the last `process`.
+    leading: bool,
+}
+
+/// One durable write of the log: how long it took and how many entries it carried.
+#[derive(Clone, Copy, Debug)]
+pub struct LogWrite {
+    pub duration: std::time::Duration,
+    pub entries: usize,
+}
+
+/// Writes kept for metrics until taken; beyond it the oldest are dropped (metrics only).
+const LOG_WRITES_KEPT_MAX: usize = 4_096;
+
+/// Where a partition's Raft group stands, for status pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub leader: bool,
+    pub term: u64,
+    pub commit_index: Index,
+    pub applied_index: Index,
+    pub last_index: Index,
+    pub snapshot_index: Index,
 }
 
 impl Partition {
@@ -88,6 +115,9 @@ impl Partition {
             applied_since_snapshot: 0,
             snapshot_failures: 0,
             undecodable_entries: 0,
+            writes: Vec::new(),
+            elections_won: 0,
+            leading: false,
         };
         partition.process()?;
         if partition.options.voters == [partition.options.node_id] {
@@ -145,7 +175,14 @@ impl Partition {
                 return Ok(());
             }
             let ready = self.node.ready();
+            let started = std::time::Instant::now();
             self.node.raft.log.storage.persist(&ready)?;
+            if !ready.entries.is_empty() {
+                if self.writes.len() >= LOG_WRITES_KEPT_MAX {
+                    self.writes.remove(0);
+                }
+                self.writes.push(LogWrite { duration: started.elapsed(), entries: ready.entries.len() });
+            }
             // A group of one sends nothing; a cluster will hand `ready.messages` to the
             // transport here.
             if let Some(snapshot) = &ready.snapshot {
@@ -173,6 +210,11 @@ impl Partition {
                 self.applied_since_snapshot += 1;
             }
             self.node.advance(ready);
+            // A single voter wins inside `tick`, so a change of role is seen here.
+            if self.is_leader() && !self.leading {
+                self.elections_won += 1;
+            }
+            self.leading = self.is_leader();
             // A failed snapshot is not the applied commands' failure: they are committed.
             if self.maybe_snapshot().is_err() {
                 self.snapshot_failures += 1;
@@ -198,6 +240,35 @@ impl Partition {
     /// newer format): counted, skipped alike on every replica.
     pub fn undecodable_entries(&self) -> u64 {
         self.undecodable_entries
+    }
+
+    /// The durable writes made since the last call (for metrics).
+    pub fn take_writes(&mut self) -> Vec<LogWrite> {
+        std::mem::take(&mut self.writes)
+    }
+
+    pub fn elections_won(&self) -> u64 {
+        self.elections_won
+    }
+
+    pub fn raft_status(&self) -> RaftStatus {
+        let log = &self.node.raft.log;
+        RaftStatus {
+            leader: self.is_leader(),
+            term: self.node.raft.term,
+            commit_index: log.committed,
+            applied_index: log.applied,
+            last_index: log.last_index(),
+            snapshot_index: self.snapshot_index(),
+        }
+    }
+
+    /// How the log makes writes durable: "io_uring" or "pwrite".
+    pub fn log_backend(&self) -> &'static str {
+        match self.node.raft.log.storage.wal().backend() {
+            sundial_wal::SyncBackend::IoUring => "io_uring",
+            sundial_wal::SyncBackend::Syscall => "pwrite",
+        }
     }
 
     pub fn snapshot_failures(&self) -> u64 {

@@ -327,6 +327,8 @@ async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
         "/jobs/batch",
         "/dlq",
         "/health",
+        "/metrics",
+        "/debug/cluster",
     ] {
         assert!(paths.contains_key(used), "{used} is missing from the document");
     }
@@ -382,4 +384,133 @@ fn json_logs_name_the_job_on_every_line_about_it() {
     assert_eq!(event["fields"]["job_id"], "logged", "{event}");
     assert_eq!(event["level"], "INFO");
     assert!(logs.lock().expect("logs").iter().all(|l| serde_json::from_str::<Value>(l).is_ok()), "every line is JSON");
+}
+
+/// `GET /metrics` as text.
+fn metrics_text(node: &Node) -> String {
+    let mut stream = TcpStream::connect(node.addr).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let head = format!("GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", node.addr);
+    stream.write_all(head.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response.split_once("\r\n\r\n").expect("a body").1.to_string()
+}
+
+/// The sum of a metric's samples (all label sets) in a text exposition.
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The metrics a fired job leaves behind are there, and the exposition passes
+/// `promtool check metrics` (Debian's prometheus package; .ci/run installs it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_pass_promtool() {
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let request = json!({"delay": "1s", "url": format!("http://{target}/m")});
+    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
+    assert_eq!(node.call("POST", "/jobs", b"{bad").0, 400);
+    assert!(wait_for(Duration::from_secs(20), || hits.lock().expect("hits").len() == 1).await, "it fired");
+    assert!(
+        wait_for(Duration::from_secs(10), || node.call("GET", "/health", b"").1["jobs"]["completed"] == 1).await,
+        "it completed"
+    );
+    let text = metrics_text(&node);
+    assert_eq!(metric_sum(&text, "sundial_jobs_created_total"), 1.0, "{text}");
+    assert_eq!(metric_sum(&text, "sundial_jobs_rejected_total"), 1.0);
+    assert!(text.contains("sundial_jobs_rejected_total{reason=\"malformed_json\"} 1"), "{text}");
+    assert_eq!(metric_sum(&text, "sundial_webhook_outcomes_total"), 1.0);
+    assert!(text.contains("sundial_webhook_outcomes_total{class=\"2xx\"} 1"));
+    assert_eq!(metric_sum(&text, "sundial_fire_lateness_seconds_count"), 1.0);
+    assert_eq!(metric_sum(&text, "sundial_attempt_duration_seconds_count"), 1.0);
+    assert!(metric_sum(&text, "sundial_wal_fsync_seconds_count") >= 3.0, "create, start and finish were written");
+    assert!(metric_sum(&text, "sundial_apply_latency_seconds_count") >= 1.0);
+    assert!(text.contains("sundial_jobs{status=\"completed\"} 1"));
+    for name in [
+        "sundial_dispatch_queue_depth",
+        "sundial_dead_letters",
+        "sundial_retries_total",
+        "sundial_raft_elections_total",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+    }
+
+    let promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut promtool = promtool.expect("promtool runs (apt-get install prometheus; .ci/run does)");
+    promtool.stdin.take().expect("stdin").write_all(text.as_bytes()).expect("write");
+    let checked = promtool.wait_with_output().expect("promtool ends");
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    // The checker is not a rubber stamp: a counter without its suffix is refused.
+    let mut broken = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    let bad = "# HELP sundial_bad A counter named wrongly.\n# TYPE sundial_bad counter\nsundial_bad 1\n";
+    broken.stdin.take().expect("stdin").write_all(bad.as_bytes()).expect("write");
+    assert!(!broken.wait_with_output().expect("promtool ends").status.success());
+}
+
+/// Jobs spread over the partitions (16 by default, on every shard); the count is kept in
+/// the cluster's metadata and a start asking for another is refused; a job that depends on
+/// another lives in its partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_spread_over_partitions_whose_count_is_fixed_at_creation() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--shards", "2"]);
+    let jobs: Vec<Value> =
+        (0..64).map(|i| json!({"id": format!("spread-{i}"), "delay": "1h", "url": "http://127.0.0.1:9/"})).collect();
+    let (status, _) = node.call("POST", "/jobs/batch", json!({"jobs": jobs}).to_string().as_bytes());
+    assert_eq!(status, 200);
+    let (status, cluster) = node.call("GET", "/debug/cluster", b"");
+    assert_eq!((status, cluster["partition_count"].as_u64()), (200, Some(16)), "{cluster}");
+    let partitions = cluster["partitions"].as_array().expect("partitions");
+    assert_eq!(partitions.len(), 16);
+    let holding = partitions.iter().filter(|p| p["jobs"].as_u64() > Some(0)).count();
+    assert!(holding >= 8, "64 jobs landed in only {holding} partitions");
+    let shards: std::collections::BTreeSet<u64> = partitions.iter().filter_map(|p| p["shard"].as_u64()).collect();
+    assert_eq!(shards.len(), 2, "both shards own partitions");
+    assert!(partitions.iter().all(|p| p["role"] == "leader" && p["commit_index"].as_u64() > Some(0)));
+    let (_, health) = node.call("GET", "/health", b"");
+    assert_eq!((health["jobs"]["pending"].as_u64(), health["shards"].as_u64()), (Some(64), Some(2)), "{health}");
+    assert!(health["runtime"].is_string() && health["log_backend"].is_string());
+    assert_eq!(node.call("GET", "/jobs?limit=1000", b"").1["jobs"].as_array().map(Vec::len), Some(64));
+
+    // A dependent job is placed with its dependency and runs after it.
+    let dependent = json!({"delay": "1h", "url": "http://127.0.0.1:9/", "depends_on": ["spread-3"]});
+    let (status, job) = node.call("POST", "/jobs", dependent.to_string().as_bytes());
+    assert_eq!(status, 201, "{job}");
+    let across = json!({"delay": "1h", "url": "http://127.0.0.1:9/", "depends_on": ["spread-0", "spread-1", "spread-2", "spread-3"]});
+    let (status, refused) = node.call("POST", "/jobs", across.to_string().as_bytes());
+    assert_eq!((status, refused["field"].as_str()), (400, Some("depends_on")), "{refused}");
+    node.kill();
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_sundial"))
+        .args(["--http", "127.0.0.1:0", "--partitions", "4", "--data"])
+        .arg(data.path())
+        .output()
+        .expect("run sundial");
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains("created with 16 partitions"), "{message}");
+    let node = Node::start_with(data.path(), &["--shards", "1"]);
+    assert_eq!(node.call("GET", "/health", b"").1["jobs"]["pending"], 65, "every job back, on one shard");
 }

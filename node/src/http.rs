@@ -1,0 +1,193 @@
+//! The HTTP/JSON API (Scheduled-DB compatible, plus Sundial's own routes): hyper serving,
+//! authentication, body limits, and the routing of each path to the router. Errors are
+//! `{"error": …, "code": …, "field"?: …, "problems"?: [{field, rule}]}` with the matching
+//! status.
+
+use crate::auth::{Gate, Verdict};
+use crate::ops::{answer, error, Answer, JobOp};
+use crate::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use sundial_engine::state::Status;
+
+/// Request bodies larger than this are refused with 413.
+pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
+/// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
+/// route it lists answers).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Accepts connections until the listener fails, spreading them over the shards' runtimes
+/// (round robin) so that parsing and routing run on every core.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Arc<Router>,
+    gate: Arc<Gate>,
+    shards: Vec<tokio::runtime::Handle>,
+) {
+    let mut next = 0usize;
+    // Bounded by the process: ends when the listener fails or the task is aborted.
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let gate = gate.clone();
+        let connection = async move {
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let router = router.clone();
+                let gate = gate.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        };
+        match shards.get(next % shards.len().max(1)) {
+            Some(shard) => drop(shard.spawn(connection)),
+            None => drop(tokio::spawn(connection)),
+        }
+        next = next.wrapping_add(1);
+    }
+}
+
+async fn respond(
+    request: hyper::Request<hyper::body::Incoming>,
+    router: &Router,
+    gate: &Gate,
+) -> hyper::Response<Full<Bytes>> {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    match gate.check(&method, &path, authorization, sundial_engine::dispatch::now_ms()) {
+        Verdict::Allow => {}
+        Verdict::Unauthorized => {
+            let mut response = to_response(error(401, "unauthorized", "a valid bearer token is required"));
+            response.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("Bearer"));
+            return response;
+        }
+        Verdict::Limited { retry_after_s } => {
+            router.metrics.rejected("rate_limited");
+            let limited = error(429, "rate_limited", "this token's request rate is exceeded");
+            return to_response(Answer { retry_after_s: Some(retry_after_s), ..limited });
+        }
+    }
+    let body = match Limited::new(request.into_body(), REQUEST_BODY_MAX_BYTES).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            router.metrics.rejected("too_large");
+            return to_response(error(413, "too_large", format!("the body exceeds {REQUEST_BODY_MAX_BYTES} bytes")));
+        }
+        Err(e) => return to_response(error(400, "bad_body", format!("the body could not be read: {e}"))),
+    };
+    if method == "GET" && path == "/metrics" {
+        return match router.metrics_text().await {
+            Ok(text) => {
+                let mut response = hyper::Response::new(Full::new(Bytes::from(text)));
+                response.headers_mut().insert(
+                    "content-type",
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            Err(refused) => to_response(refused),
+        };
+    }
+    to_response(route(router, &method, &path, &query, &body).await)
+}
+
+/// Routes one request to the router.
+pub async fn route(router: &Router, method: &str, path: &str, query: &str, body: &[u8]) -> Answer {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    match (method, segments.as_slice()) {
+        ("GET", ["health"]) => router.health().await,
+        ("GET", ["debug", "cluster"]) => router.cluster().await,
+        ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
+        ("POST", ["jobs"]) => router.create(vec![parse_body(body)]).await.pop().expect("one answer per request"),
+        ("POST", ["jobs", "batch"]) => batch(router, body).await,
+        ("GET", ["dlq"]) => router.dead_letters().await,
+        ("POST", ["dlq", id, fire_ms, "redrive"]) => match fire_ms.parse::<u64>() {
+            Ok(fire_ms) => router.job(id, JobOp::Redrive { fire_ms }).await,
+            Err(_) => error(400, "invalid", "fire_ms: must be a whole number of milliseconds"),
+        },
+        ("DELETE", ["dlq"]) => router.purge_dead_letters().await,
+        ("DELETE", ["dlq", id]) => router.job(id, JobOp::Purge).await,
+        ("GET", ["jobs"]) => match list_query(query) {
+            Ok((status, limit)) => router.list(status, limit).await,
+            Err(refused) => refused,
+        },
+        ("GET", ["jobs", id]) => router.job(id, JobOp::Get).await,
+        ("GET", ["jobs", id, "status"]) => router.job(id, JobOp::Status).await,
+        ("GET", ["jobs", id, "executions"]) => router.job(id, JobOp::Executions).await,
+        ("POST", ["jobs", id, "cancel"]) => router.job(id, JobOp::Cancel).await,
+        ("DELETE", ["jobs", id]) => router.job(id, JobOp::Delete).await,
+        ("POST", ["jobs", id, "pause"]) => router.job(id, JobOp::Pause).await,
+        ("POST", ["jobs", id, "resume"]) => router.job(id, JobOp::Resume).await,
+        (_, ["health"] | ["metrics"] | ["debug", "cluster"] | ["jobs"] | ["jobs", ..] | ["dlq", ..]) => {
+            error(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
+        }
+        _ => error(404, "not_found", format!("no route {path}")),
+    }
+}
+
+/// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), answered in order
+/// with each one's status and job or error.
+async fn batch(router: &Router, body: &[u8]) -> Answer {
+    let requests = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut object)) => match object.remove("jobs") {
+            Some(Value::Array(requests)) if requests.len() <= BATCH_MAX => requests,
+            Some(Value::Array(_)) => return error(400, "invalid", format!("jobs: at most {BATCH_MAX} per batch")),
+            _ => return error(400, "invalid", "jobs: must be an array of job requests"),
+        },
+        Ok(_) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
+        Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
+    };
+    let answers = router.create(requests.into_iter().map(Ok).collect()).await;
+    let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
+    answer(200, json!({"results": results}))
+}
+
+/// The parsed body of a create, or its refusal.
+pub fn parse_body(body: &[u8]) -> Result<Value, Answer> {
+    serde_json::from_slice(body).map_err(|e| error(400, "malformed_json", format!("the body is not JSON: {e}")))
+}
+
+/// `?status=…&limit=…` of `GET /jobs`.
+fn list_query(query: &str) -> Result<(Option<Status>, usize), Answer> {
+    let mut status_filter = None;
+    let mut limit = 100usize;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("status", value)) => match Status::ALL.iter().find(|s| s.as_str() == value) {
+                Some(status) => status_filter = Some(*status),
+                None => {
+                    return Err(error(
+                        400,
+                        "invalid",
+                        "status: must be one of pending, in_progress, completed, failed, cancelled, timeout",
+                    ))
+                }
+            },
+            Some(("limit", value)) => match value.parse::<usize>() {
+                Ok(n) if (1..=LIST_LIMIT_MAX).contains(&n) => limit = n,
+                _ => return Err(error(400, "invalid", format!("limit: must be within 1..={LIST_LIMIT_MAX}"))),
+            },
+            _ => return Err(error(400, "invalid", format!("unknown query parameter {pair}"))),
+        }
+    }
+    Ok((status_filter, limit))
+}
+
+fn to_response(answer: Answer) -> hyper::Response<Full<Bytes>> {
+    let bytes = answer.body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let mut response = hyper::Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(answer.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if answer.status != 204 {
+        response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+    }
+    if let Some(seconds) = answer.retry_after_s {
+        response.headers_mut().insert("retry-after", hyper::header::HeaderValue::from(seconds));
+    }
+    response
+}

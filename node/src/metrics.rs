@@ -1,0 +1,209 @@
+//! The node's Prometheus metrics (prometheus-client, OpenMetrics text at /metrics). Counters
+//! and histograms on the hot path are per shard (a `shard` label), so shards never contend
+//! on one; gauges (jobs, queue depth, dead letters) are read from the shards at scrape time.
+
+use crate::ops::Answer;
+use crate::partition::LogWrite;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::time::Duration;
+use sundial_engine::dispatch::AttemptResult;
+use sundial_engine::state::{ErrorClass, Outcome};
+
+type Labels = Vec<(&'static str, String)>;
+type HistogramFamily = Family<Labels, Histogram, fn() -> Histogram>;
+
+/// Seconds from 100 µs to ~52 s, doubling.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 20))
+}
+
+/// Entries per log write, 1 to 4096, doubling.
+fn entries_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    created: Family<Labels, Counter>,
+    rejected: Family<Labels, Counter>,
+    outcomes: Family<Labels, Counter>,
+    retries: Family<Labels, Counter>,
+    fire_lateness: HistogramFamily,
+    attempt_duration: HistogramFamily,
+    apply_latency: HistogramFamily,
+    fsync_latency: HistogramFamily,
+    write_entries: HistogramFamily,
+    /// Set at scrape time from the shards.
+    pub jobs: Family<Labels, Gauge>,
+    pub queue_depth: Family<Labels, Gauge>,
+    pub dead_letters: Gauge,
+    pub elections: Counter,
+    pub cancelled: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sundial");
+        let metrics = Metrics {
+            created: Family::default(),
+            rejected: Family::default(),
+            outcomes: Family::default(),
+            retries: Family::default(),
+            fire_lateness: Family::new_with_constructor(seconds_histogram),
+            attempt_duration: Family::new_with_constructor(seconds_histogram),
+            apply_latency: Family::new_with_constructor(seconds_histogram),
+            fsync_latency: Family::new_with_constructor(seconds_histogram),
+            write_entries: Family::new_with_constructor(entries_histogram),
+            jobs: Family::default(),
+            queue_depth: Family::default(),
+            dead_letters: Gauge::default(),
+            elections: Counter::default(),
+            cancelled: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("jobs_created", "Jobs created", metrics.created.clone());
+        registry.register("jobs_cancelled", "Jobs cancelled through the API", metrics.cancelled.clone());
+        registry.register("jobs_rejected", "Create requests refused, by reason", metrics.rejected.clone());
+        registry.register("jobs", "Jobs held, by status", metrics.jobs.clone());
+        registry.register("dispatch_queue_depth", "Attempts queued or running, by shard", metrics.queue_depth.clone());
+        registry.register("dead_letters", "Fires in the dead-letter queue", metrics.dead_letters.clone());
+        registry.register(
+            "fire_lateness_seconds",
+            "Start of a fire's first attempt minus its scheduled time",
+            metrics.fire_lateness.clone(),
+        );
+        registry.register("attempt_duration_seconds", "Webhook attempt duration", metrics.attempt_duration.clone());
+        registry.register("webhook_outcomes", "Webhook attempt outcomes by class", metrics.outcomes.clone());
+        registry.register("retries", "Attempts after a fire's first", metrics.retries.clone());
+        registry.register(
+            "apply_latency_seconds",
+            "Time to commit and apply a batch of commands (log write included)",
+            metrics.apply_latency.clone(),
+        );
+        registry.register(
+            "wal_fsync_seconds",
+            "Duration of a durable log write (write + fdatasync)",
+            metrics.fsync_latency.clone(),
+        );
+        registry.register("wal_batch_entries", "Entries per durable log write", metrics.write_entries.clone());
+        registry.register("raft_elections", "Leader elections this node won", metrics.elections.clone());
+        Metrics { registry, ..metrics }
+    }
+
+    /// The handles one shard records into (its own children of every family).
+    pub fn shard(&self, index: usize) -> ShardMetrics {
+        let shard = || vec![("shard", index.to_string())];
+        ShardMetrics {
+            created: self.created.get_or_create(&shard()).clone(),
+            fire_lateness: self.fire_lateness.get_or_create(&shard()).clone(),
+            attempt_duration: self.attempt_duration.get_or_create(&shard()).clone(),
+            apply_latency: self.apply_latency.get_or_create(&shard()).clone(),
+            fsync_latency: self.fsync_latency.get_or_create(&shard()).clone(),
+            write_entries: self.write_entries.get_or_create(&shard()).clone(),
+            retries: self.retries.get_or_create(&shard()).clone(),
+            outcomes: std::array::from_fn(|class| {
+                self.outcomes.get_or_create(&vec![("class", OUTCOME_CLASSES[class].to_string())]).clone()
+            }),
+        }
+    }
+
+    /// Counts a refused create by reason (the answer's code).
+    pub fn rejected(&self, reason: &str) {
+        self.rejected.get_or_create(&vec![("reason", reason.to_string())]).inc();
+    }
+
+    /// The Prometheus text exposition (format 0.0.4, what `promtool check metrics` reads).
+    pub fn encode(&self) -> String {
+        let mut open_metrics = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut open_metrics, &self.registry);
+        to_prometheus_text(&open_metrics)
+    }
+}
+
+/// OpenMetrics names a counter's family without `_total` and ends with `# EOF`; the
+/// Prometheus text format names HELP and TYPE after the sample (`x_total`) and has no EOF.
+fn to_prometheus_text(open_metrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        open_metrics.lines().filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut text = String::with_capacity(open_metrics.len() + 64);
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        text.push_str(renamed.as_deref().unwrap_or(line));
+        text.push('\n');
+    }
+    text
+}
+
+const OUTCOME_CLASSES: [&str; 9] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "refused", "aborted", "other"];
+
+fn outcome_class(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Response { status: 200..=299, .. } => 0,
+        Outcome::Response { status: 300..=399, .. } => 1,
+        Outcome::Response { status: 400..=499, .. } => 2,
+        Outcome::Response { .. } => 3,
+        Outcome::Error(ErrorClass::Timeout) => 4,
+        Outcome::Error(ErrorClass::Connect) => 5,
+        Outcome::Error(ErrorClass::Refused) => 6,
+        Outcome::Error(ErrorClass::Aborted) => 7,
+        Outcome::Error(ErrorClass::InvalidRequest | ErrorClass::Other) => 8,
+    }
+}
+
+/// One shard's metric handles: recording touches only this shard's children.
+pub struct ShardMetrics {
+    created: Counter,
+    fire_lateness: Histogram,
+    attempt_duration: Histogram,
+    apply_latency: Histogram,
+    fsync_latency: Histogram,
+    write_entries: Histogram,
+    retries: Counter,
+    outcomes: [Counter; OUTCOME_CLASSES.len()],
+}
+
+impl ShardMetrics {
+    pub fn attempt_finished(&self, result: &AttemptResult) {
+        if result.attempt == 1 {
+            self.fire_lateness.observe(result.started_ms.saturating_sub(result.fire_ms) as f64 / 1_000.0);
+        } else {
+            self.retries.inc();
+        }
+        self.attempt_duration.observe(result.finished_ms.saturating_sub(result.started_ms) as f64 / 1_000.0);
+        self.outcomes[outcome_class(&result.outcome)].inc();
+    }
+
+    pub fn applied(&self, elapsed: Duration) {
+        self.apply_latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn created(&self, answers: &[Answer]) {
+        self.created.inc_by(answers.iter().filter(|a| a.status == 201).count() as u64);
+    }
+
+    pub fn log_writes(&self, writes: &[LogWrite]) {
+        for write in writes {
+            self.fsync_latency.observe(write.duration.as_secs_f64());
+            self.write_entries.observe(write.entries as f64);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! What a shard does with a request for one of its partitions: commands and queries on the
+//! partition's runtime, answered as a status and a JSON body that both APIs (HTTP and the
+//! binary protocol) hand on in their own framing.
+
+use serde_json::{json, Value};
+use sundial_engine::dispatch::now_ms;
+use sundial_engine::job::{JobSpec, Schedule};
+use sundial_engine::runtime::{CommandLog, Runtime};
+use sundial_engine::state::{Applied, ApplyError, Command, Job, State, Status};
+
+/// An answer: status code (HTTP's; the binary protocol mirrors it), JSON body (`None`: no
+/// body) and, for 429/503/507, when to retry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Option<Value>,
+    pub retry_after_s: Option<u32>,
+}
+
+pub fn answer(status: u16, body: Value) -> Answer {
+    Answer { status, body: Some(body), retry_after_s: None }
+}
+
+/// An error answer: `{"error": message, "code": code}`.
+pub fn error(status: u16, code: &str, message: impl Into<String>) -> Answer {
+    answer(status, json!({"error": message.into(), "code": code}))
+}
+
+/// An error answer that names the offending field.
+pub fn field_error(field: &str, message: impl Into<String>) -> Answer {
+    answer(400, json!({"error": message.into(), "code": "invalid", "field": field}))
+}
+
+/// A refusal the client should retry after `retry_after_s`.
+pub fn retry_later(status: u16, code: &str, message: impl Into<String>, retry_after_s: u32) -> Answer {
+    Answer { retry_after_s: Some(retry_after_s), ..error(status, code, message) }
+}
+
+/// Operations on one job (or one of its dead letters), routed by the job's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOp {
+    Get,
+    Status,
+    Executions,
+    Cancel,
+    Delete,
+    Pause,
+    Resume,
+    Redrive {
+        fire_ms: u64,
+    },
+    /// Drops the job's dead letters.
+    Purge,
+}
+
+/// Runs `op` on the job `id` of this partition.
+pub fn job_op<L: CommandLog>(runtime: &mut Runtime<L>, id: &str, op: JobOp) -> Answer {
+    let id = id.to_string();
+    match op {
+        JobOp::Get => with_job(runtime.state(), &id, |job| answer(200, job_view(job))),
+        JobOp::Status => {
+            with_job(runtime.state(), &id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
+        }
+        JobOp::Executions => with_job(runtime.state(), &id, |job| answer(200, executions(job))),
+        JobOp::Cancel => command(runtime, Command::Cancel { id, now_ms: now_ms() }),
+        JobOp::Delete => match command(runtime, Command::Delete { id }) {
+            Answer { status: 200, .. } => Answer { status: 204, body: None, retry_after_s: None },
+            other => other,
+        },
+        JobOp::Pause => command(runtime, Command::Pause { id }),
+        JobOp::Resume => command(runtime, Command::Resume { id, now_ms: now_ms() }),
+        JobOp::Redrive { fire_ms } => command(runtime, Command::Redrive { id, fire_ms, now_ms: now_ms() }),
+        JobOp::Purge => command(runtime, Command::Purge { id: Some(id) }),
+    }
+}
+
+fn with_job(state: &State, id: &str, view: impl FnOnce(&Job) -> Answer) -> Answer {
+    match state.job(id) {
+        Some(job) => view(job),
+        None => error(404, "not_found", format!("job {id} not found")),
+    }
+}
+
+/// Creates validated jobs with one write to the log (group commit), admitting at most
+/// `room` of them (the node's live-job limit); answers come back in order.
+pub fn create_specs<L: CommandLog>(
+    runtime: &mut Runtime<L>,
+    specs: Vec<JobSpec>,
+    now_ms: u64,
+    room: usize,
+    max_jobs: usize,
+) -> Vec<Answer> {
+    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(specs.len());
+    let mut commands = Vec::new();
+    let mut ids = Vec::new();
+    for spec in specs {
+        if commands.len() >= room {
+            // Admission control: a node holding its maximum of live (pending or running)
+            // jobs refuses new ones and keeps serving the rest.
+            let message = format!("this node holds its maximum of {max_jobs} live jobs; retry when some have finished");
+            answers.push(Some(retry_later(507, "storage_full", message, 30)));
+            continue;
+        }
+        ids.push((answers.len(), spec.id.clone()));
+        commands.push(Command::Create { spec: Box::new(spec), now_ms });
+        answers.push(None);
+    }
+    let verdicts = runtime.apply_batch(commands);
+    for ((slot, id), verdict) in ids.into_iter().zip(verdicts) {
+        answers[slot] = Some(match verdict {
+            Ok(applied) => {
+                let status = if applied == Applied::Created { 201 } else { 200 };
+                if status == 201 {
+                    tracing::info!(job_id = %id, "job created");
+                }
+                with_job(runtime.state(), &id, |job| answer(status, job_view(job)))
+            }
+            Err(e) => apply_error(e),
+        });
+    }
+    answers.into_iter().map(|a| a.expect("every spec answered")).collect()
+}
+
+/// Jobs not yet final (pending or running): what admission control counts.
+pub fn live_jobs(state: &State) -> usize {
+    (state.count(Status::Pending) + state.count(Status::InProgress)) as usize
+}
+
+/// Up to `limit` jobs of this partition, optionally of one status, oldest first.
+pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Value> {
+    state.jobs().filter(|job| status.is_none_or(|s| job.status == s)).take(limit).map(job_view).collect()
+}
+
+/// Up to `limit` dead letters of this partition, oldest first.
+pub fn dead_letters(state: &State, limit: usize) -> Vec<Value> {
+    state
+        .dead_letters()
+        .take(limit)
+        .map(|(id, fire_ms, letter)| {
+            json!({"id": id, "fire_ms": fire_ms, "attempts": letter.attempts, "reason": letter.reason, "moved_ms": letter.moved_ms})
+        })
+        .collect()
+}
+
+/// Drops every dead letter of this partition.
+pub fn purge_all<L: CommandLog>(runtime: &mut Runtime<L>) -> Answer {
+    command(runtime, Command::Purge { id: None })
+}
+
+fn command<L: CommandLog>(runtime: &mut Runtime<L>, command: Command) -> Answer {
+    let id = match &command {
+        Command::Cancel { id, .. }
+        | Command::Delete { id }
+        | Command::Pause { id }
+        | Command::Resume { id, .. }
+        | Command::Redrive { id, .. } => id.clone(),
+        Command::Purge { id } => id.clone().unwrap_or_default(),
+        _ => String::new(),
+    };
+    match runtime.apply(command) {
+        Ok(_) => match runtime.state().job(&id) {
+            Some(job) => answer(200, job_view(job)),
+            None if id.is_empty() => answer(200, json!({"done": true})),
+            None => answer(200, json!({"id": id})),
+        },
+        Err(e) => apply_error(e),
+    }
+}
+
+pub fn apply_error(e: ApplyError) -> Answer {
+    match &e {
+        ApplyError::NotFound(_) => error(404, "not_found", e.to_string()),
+        ApplyError::Conflict(_)
+        | ApplyError::Required { .. }
+        | ApplyError::InvalidState { .. }
+        | ApplyError::StaleAttempt { .. }
+        | ApplyError::NotDeadLettered { .. } => error(409, "conflict", e.to_string()),
+        ApplyError::UnknownDependency(_) | ApplyError::Cycle(_) => field_error("depends_on", e.to_string()),
+        ApplyError::Unavailable(_) => retry_later(503, "unavailable", e.to_string(), 5),
+    }
+}
+
+/// A job as clients see it (Scheduled-DB's fields first).
+pub fn job_view(job: &Job) -> Value {
+    let (kind, schedule) = match &job.spec.schedule {
+        Schedule::Once { at_ms } => ("unico", json!({"run_at_ms": at_ms})),
+        Schedule::Cron(cron) => (
+            "recurrente",
+            json!({"cron_expression": cron.expression, "time_zone": cron.time_zone, "start_ms": cron.start_ms, "last_date_ms": cron.end_ms}),
+        ),
+    };
+    json!({
+        "id": job.spec.id,
+        "type": kind,
+        "status": job.status.as_str(),
+        "webhook_url": job.spec.target.url,
+        "method": job.spec.target.method.as_str(),
+        "schedule": schedule,
+        "next_fire_ms": job.next_fire_ms,
+        "paused": job.paused,
+        "priority": job.spec.priority,
+        "labels": job.spec.labels,
+        "created_ms": job.created_ms,
+        "fires": {"succeeded": job.fires_succeeded, "failed": job.fires_failed, "missed": job.fires_missed},
+    })
+}
+
+fn executions(job: &Job) -> Value {
+    let list: Vec<Value> = job
+        .history
+        .iter()
+        .map(|e| {
+            json!({
+                "fire_ms": e.fire_ms,
+                "attempt": e.attempt,
+                "node": e.node,
+                "started_ms": e.started_ms,
+                "finished_ms": e.finished_ms,
+                "latency_ms": e.latency_ms(),
+                "status_code": e.status_code,
+                "error": e.error.map(|c| format!("{c:?}").to_lowercase()),
+                "response_body": String::from_utf8_lossy(&e.response_body),
+                "missed": e.missed,
+            })
+        })
+        .collect();
+    json!({"id": job.spec.id, "executions": list})
+}

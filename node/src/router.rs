@@ -1,0 +1,378 @@
+//! The router: what both APIs call. It validates requests where they arrive (so bad input
+//! never crosses to a shard), sends each to the shard owning the job's partition over that
+//! shard's bounded inbox, fans queries out to every shard and merges their answers.
+
+use crate::meta::{partition_of, ClusterMeta};
+use crate::metrics::Metrics;
+use crate::ops::{answer, field_error, retry_later, Answer, JobOp};
+use crate::shard::{LiveJobs, Scan, Work};
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use sundial_engine::dispatch::now_ms;
+use sundial_engine::job::{new_job_id, JobSpec};
+use sundial_engine::request::parse_job_request;
+use sundial_engine::state::Status;
+use tokio::sync::{mpsc, oneshot};
+
+/// Jobs listed per `GET /jobs` at most (`?limit=` within it).
+pub const LIST_LIMIT_MAX: usize = 1_000;
+/// Jobs created per batch request at most (HTTP `POST /jobs/batch`, a protocol batch).
+pub const BATCH_MAX: usize = 1_000;
+
+/// Limits the router enforces before anything reaches a log.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Live jobs (pending or running) the node holds before creates are refused with 507.
+    pub max_jobs: usize,
+    /// Resident memory (bytes) beyond which creates are refused with 507; 0: no limit.
+    pub max_memory_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_jobs: 1_000_000, max_memory_bytes: 0 }
+    }
+}
+
+/// What the node is, for /health and /debug/cluster.
+#[derive(Clone, Debug)]
+pub struct NodeFacts {
+    pub node_id: u64,
+    pub meta: ClusterMeta,
+    pub shards: usize,
+    pub runtime: &'static str,
+    pub log_backend: &'static str,
+    pub http: String,
+    pub binary: String,
+    pub started_ms: u64,
+}
+
+pub struct Router {
+    shards: Vec<mpsc::Sender<Work>>,
+    partitions: u32,
+    limits: Limits,
+    live: Arc<LiveJobs>,
+    pub metrics: Arc<Metrics>,
+    pub facts: NodeFacts,
+    random: AtomicU64,
+}
+
+fn busy() -> Answer {
+    retry_later(503, "overloaded", "the node is busy; retry shortly", 1)
+}
+
+fn stopping() -> Answer {
+    retry_later(503, "unavailable", "the node is stopping", 5)
+}
+
+impl Router {
+    pub fn new(
+        shards: Vec<mpsc::Sender<Work>>,
+        limits: Limits,
+        live: Arc<LiveJobs>,
+        metrics: Arc<Metrics>,
+        facts: NodeFacts,
+    ) -> Router {
+        let partitions = facts.meta.partitions;
+        Router { shards, partitions, limits, live, metrics, facts, random: AtomicU64::new(now_ms() | 1) }
+    }
+
+    fn shard_of(&self, partition: u32) -> &mpsc::Sender<Work> {
+        &self.shards[partition as usize % self.shards.len()]
+    }
+
+    /// 128 random bits for a generated id (splitmix64 over a shared counter: unique per
+    /// call, unpredictable enough for ids, never blocking).
+    fn next_random(&self) -> u128 {
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let n = self.random.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        (u128::from(mix(n)) << 64) | u128::from(mix(n ^ 0x5555_5555_5555_5555))
+    }
+
+    /// Validates one create request and decides its partition: a job that depends on
+    /// others lives with them (its generated id is chosen to hash there).
+    fn prepare(&self, request: &Value, now: u64) -> Result<(u32, JobSpec), Answer> {
+        let generated = new_job_id(now, self.next_random());
+        let mut spec = parse_job_request(request, now, &generated).map_err(|problems| {
+            let first = problems.first().map(|p| p.field.clone()).unwrap_or_default();
+            let message = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+            let problems: Vec<Value> = problems.iter().map(|p| json!({"field": p.field, "rule": p.rule})).collect();
+            answer(400, json!({"error": message, "code": "invalid", "field": first, "problems": problems}))
+        })?;
+        let Some(first) = spec.depends_on.first() else {
+            return Ok((partition_of(&spec.id, self.partitions), spec));
+        };
+        let home = partition_of(first, self.partitions);
+        if spec.depends_on.iter().any(|id| partition_of(id, self.partitions) != home) {
+            return Err(field_error(
+                "depends_on",
+                "depends_on: the jobs must share a partition (create each with depends_on, or give them ids that hash to one partition)",
+            ));
+        }
+        if partition_of(&spec.id, self.partitions) != home {
+            if spec.id != generated {
+                return Err(field_error(
+                    "id",
+                    "id: a job with depends_on lives in its dependencies' partition, and this id hashes to another; omit id to have one chosen",
+                ));
+            }
+            // Expected `partitions` tries; the bound makes a miss impossible in practice.
+            let tries_max = 64 * self.partitions.max(1);
+            let found = (0..tries_max)
+                .map(|_| new_job_id(now, self.next_random()))
+                .find(|id| partition_of(id, self.partitions) == home);
+            match found {
+                Some(id) => spec.id = id,
+                None => return Err(retry_later(503, "unavailable", "no id found for the job's partition", 1)),
+            }
+        }
+        Ok((home, spec))
+    }
+
+    /// Creates jobs (one per request, in order): each validated on its own; the admitted
+    /// ones of a partition go to its log together.
+    pub async fn create(&self, requests: Vec<Result<Value, Answer>>) -> Vec<Answer> {
+        let now = now_ms();
+        let mut answers: Vec<Option<Answer>> = Vec::with_capacity(requests.len());
+        let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<JobSpec>)> = Default::default();
+        let memory_full = self.memory_full();
+        for request in requests {
+            let prepared = request.and_then(|request| self.prepare(&request, now));
+            match prepared {
+                Ok(_) if memory_full.is_some() => answers.push(memory_full.clone()),
+                Ok((partition, spec)) => {
+                    let (slots, specs) = by_partition.entry(partition).or_default();
+                    slots.push(answers.len());
+                    specs.push(spec);
+                    answers.push(None);
+                }
+                Err(refused) => answers.push(Some(refused)),
+            }
+        }
+        let mut pending = Vec::new();
+        for (partition, (slots, specs)) in by_partition {
+            let (reply, answer) = oneshot::channel();
+            let count = specs.len();
+            match self.shard_of(partition).try_send(Work::Create { partition, specs, now_ms: now, reply }) {
+                Ok(()) => pending.push((slots, Some(answer), count)),
+                Err(_) => pending.push((slots, None, count)),
+            }
+        }
+        for (slots, answer, count) in pending {
+            let shard_answers = match answer {
+                Some(answer) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
+                None => vec![busy(); count],
+            };
+            for (slot, shard_answer) in slots.into_iter().zip(shard_answers) {
+                answers[slot] = Some(shard_answer);
+            }
+        }
+        let answers: Vec<Answer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
+        for refused in answers.iter().filter(|a| a.status >= 400) {
+            let code = refused.body.as_ref().and_then(|b| b["code"].as_str()).unwrap_or("other");
+            self.metrics.rejected(code);
+        }
+        answers
+    }
+
+    /// Refuses creates while the process's resident memory is over the limit.
+    fn memory_full(&self) -> Option<Answer> {
+        let limit = self.limits.max_memory_bytes;
+        if limit == 0 {
+            return None;
+        }
+        let resident = resident_memory_bytes()?;
+        (resident > limit).then(|| {
+            let message = format!(
+                "this node uses {} MiB of memory, over its limit of {} MiB; retry when jobs have finished",
+                resident >> 20,
+                limit >> 20
+            );
+            retry_later(507, "storage_full", message, 30)
+        })
+    }
+
+    /// One operation on the job `id`, on the shard owning its partition.
+    pub async fn job(&self, id: &str, op: JobOp) -> Answer {
+        let partition = partition_of(id, self.partitions);
+        let (reply, answer) = oneshot::channel();
+        let work = Work::Job { partition, id: id.to_string(), op, reply };
+        if self.shard_of(partition).try_send(work).is_err() {
+            return busy();
+        }
+        let answer = answer.await.unwrap_or_else(|_| stopping());
+        if op == JobOp::Cancel && answer.status == 200 {
+            self.metrics.cancelled.inc();
+        }
+        answer
+    }
+
+    /// Runs `scan` on every shard; one value per partition, in partition order.
+    async fn scan(&self, scan: Scan) -> Result<Vec<Value>, Answer> {
+        let mut waiting = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (reply, answer) = oneshot::channel();
+            shard.try_send(Work::Scan { scan, reply }).map_err(|_| busy())?;
+            waiting.push(answer);
+        }
+        let mut values = Vec::new();
+        for answer in waiting {
+            values.extend(answer.await.map_err(|_| stopping())?);
+        }
+        Ok(values)
+    }
+
+    /// `GET /jobs`: the oldest `limit` jobs (of one status), across partitions.
+    pub async fn list(&self, status: Option<Status>, limit: usize) -> Answer {
+        let per_partition = match self.scan(Scan::Jobs { status, limit }).await {
+            Ok(values) => values,
+            Err(refused) => return refused,
+        };
+        let mut jobs: Vec<Value> =
+            per_partition.into_iter().flat_map(|v| if let Value::Array(jobs) = v { jobs } else { vec![] }).collect();
+        jobs.sort_by(|a, b| {
+            (a["created_ms"].as_u64(), a["id"].as_str()).cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
+        });
+        jobs.truncate(limit);
+        answer(200, json!({"jobs": jobs}))
+    }
+
+    /// `GET /dlq`: the oldest dead letters across partitions.
+    pub async fn dead_letters(&self) -> Answer {
+        let per_partition = match self.scan(Scan::DeadLetters { limit: LIST_LIMIT_MAX }).await {
+            Ok(values) => values,
+            Err(refused) => return refused,
+        };
+        let mut letters: Vec<Value> =
+            per_partition.into_iter().flat_map(|v| if let Value::Array(l) = v { l } else { vec![] }).collect();
+        letters.sort_by_key(|l| (l["moved_ms"].as_u64(), l["id"].as_str().map(String::from)));
+        letters.truncate(LIST_LIMIT_MAX);
+        answer(200, json!({"dead_letters": letters}))
+    }
+
+    /// `DELETE /dlq`: every partition drops its dead letters.
+    pub async fn purge_dead_letters(&self) -> Answer {
+        match self.scan(Scan::PurgeDeadLetters).await {
+            Ok(values) => match values.iter().find(|v| v["status"].as_u64() != Some(200)) {
+                Some(failed) => Answer {
+                    status: failed["status"].as_u64().unwrap_or(503) as u16,
+                    body: Some(failed["body"].clone()),
+                    retry_after_s: Some(5),
+                },
+                None => answer(200, json!({"done": true})),
+            },
+            Err(refused) => refused,
+        }
+    }
+
+    /// `GET /health`: role, runtime, memory, job counts and limits, execution stats. 503
+    /// when a partition's log failed.
+    pub async fn health(&self) -> Answer {
+        let partitions = match self.scan(Scan::Health).await {
+            Ok(values) => values,
+            Err(refused) => return refused,
+        };
+        let mut counts = serde_json::Map::new();
+        for status in Status::ALL {
+            let total: u64 = partitions.iter().map(|p| p["jobs"][status.as_str()].as_u64().unwrap_or(0)).sum();
+            counts.insert(status.as_str().to_string(), json!(total));
+        }
+        let sum = |field: &str| partitions.iter().map(|p| p[field].as_u64().unwrap_or(0)).sum::<u64>();
+        let failures: Vec<&Value> = partitions.iter().filter(|p| !p["log_failure"].is_null()).collect();
+        let healthy = failures.is_empty();
+        self.metrics.dead_letters.set(sum("dead_letters") as i64);
+        let facts = &self.facts;
+        answer(
+            if healthy { 200 } else { 503 },
+            json!({
+                "status": if healthy { "ok" } else { "unavailable" },
+                "role": "leader",
+                "node_id": facts.node_id,
+                "cluster_id": facts.meta.cluster_id,
+                "partitions": facts.meta.partitions,
+                "shards": facts.shards,
+                "runtime": facts.runtime,
+                "log_backend": facts.log_backend,
+                "uptime_ms": now_ms().saturating_sub(facts.started_ms),
+                "memory": {"resident_bytes": resident_memory_bytes(), "limit_bytes": self.limits.max_memory_bytes},
+                "jobs": counts,
+                "limits": {"max_jobs": self.limits.max_jobs, "live_jobs": self.live.total()},
+                "dead_letters": sum("dead_letters"),
+                "dispatch": {"queued": sum("queued"), "running": sum("running")},
+                "attempts": {"started": sum("attempts_started"), "finished": sum("attempts_finished"), "queue_full_waits": sum("queue_full_waits")},
+                "log_failures": failures,
+            }),
+        )
+    }
+
+    /// `GET /debug/cluster`: members, and per partition its shard, role, term and indexes.
+    pub async fn cluster(&self) -> Answer {
+        let partitions = match self.scan(Scan::Raft).await {
+            Ok(values) => values,
+            Err(refused) => return refused,
+        };
+        let mut partitions: Vec<Value> = partitions
+            .into_iter()
+            .map(|mut p| {
+                let shard = p["partition"].as_u64().unwrap_or(0) as usize % self.shards.len();
+                p["shard"] = json!(shard);
+                p["leader"] = json!(self.facts.node_id);
+                p["replication_lag"] = json!(0);
+                p
+            })
+            .collect();
+        partitions.sort_by_key(|p| p["partition"].as_u64());
+        let facts = &self.facts;
+        answer(
+            200,
+            json!({
+                "cluster_id": facts.meta.cluster_id,
+                "created_ms": facts.meta.created_ms,
+                "partition_count": facts.meta.partitions,
+                "members": [{"node_id": facts.node_id, "http": facts.http, "binary": facts.binary, "state": "up", "shards": facts.shards}],
+                "partitions": partitions,
+            }),
+        )
+    }
+
+    /// `GET /metrics`: gauges refreshed from the shards, then the text exposition.
+    pub async fn metrics_text(&self) -> Result<String, Answer> {
+        let partitions = self.scan(Scan::Health).await?;
+        let rafts = self.scan(Scan::Raft).await?;
+        for status in Status::ALL {
+            let total: u64 = partitions.iter().map(|p| p["jobs"][status.as_str()].as_u64().unwrap_or(0)).sum();
+            self.metrics.jobs.get_or_create(&vec![("status", status.as_str().to_string())]).set(total as i64);
+        }
+        for shard in 0..self.shards.len() {
+            let depth: u64 = partitions
+                .iter()
+                .filter(|p| p["partition"].as_u64().unwrap_or(0) as usize % self.shards.len() == shard)
+                .map(|p| p["queued"].as_u64().unwrap_or(0) + p["running"].as_u64().unwrap_or(0))
+                .sum();
+            self.metrics.queue_depth.get_or_create(&vec![("shard", shard.to_string())]).set(depth as i64);
+        }
+        self.metrics
+            .dead_letters
+            .set(partitions.iter().map(|p| p["dead_letters"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
+        let elections: u64 = rafts.iter().map(|p| p["elections_won"].as_u64().unwrap_or(0)).sum();
+        let counted = self.metrics.elections.get();
+        if elections > counted {
+            self.metrics.elections.inc_by(elections - counted);
+        }
+        Ok(self.metrics.encode())
+    }
+}
+
+/// The process's resident memory (Linux: /proc/self/statm); `None` where unknown.
+pub fn resident_memory_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page_bytes).ok()?)
+}
