@@ -1,0 +1,9 @@
+//! `sundial-net`: Sundial's wire. `codec` is the binary protocol v1 (docs/PROTOCOL.md) as a
+//! pure encoder/decoder of frames — no sockets — so it can be property-tested and fuzzed;
+//! `client` is the Rust client over TCP with connection reuse and automatic batching.
+
+pub mod client;
+pub mod codec;
+
+pub use client::{Client, ClientError, ClientOptions};
+pub use codec::{Code, DecodeError, Frame, Item, Message, PROTOCOL_VERSION};
