@@ -195,9 +195,10 @@ async fn open(addr: SocketAddr, options: &ClientOptions) -> Result<Connection, C
     codec::encode(&hello, FRAME_MAX_BYTES_DEFAULT, &mut bytes).map_err(|e| ClientError::Invalid(e.to_string()))?;
     writer.write_all(&bytes).await.map_err(|e| connect_error(e.to_string()))?;
     let mut buffer = Vec::new();
-    let welcome = tokio::time::timeout(options.connect_timeout, read_frame(&mut reader, &mut buffer, FRAME_MAX_BYTES_DEFAULT))
-        .await
-        .map_err(|_| connect_error("no handshake answer".into()))??;
+    let welcome =
+        tokio::time::timeout(options.connect_timeout, read_frame(&mut reader, &mut buffer, FRAME_MAX_BYTES_DEFAULT))
+            .await
+            .map_err(|_| connect_error("no handshake answer".into()))??;
     let info = match welcome.message {
         Message::Welcome { version, node_id, partitions, frame_max_bytes } => {
             NodeInfo { version, node_id, partitions, frame_max_bytes }
@@ -352,7 +353,8 @@ async fn read_answers(
 fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, Waiting)> {
     let mut groups: Vec<(Kind, Vec<Vec<u8>>, Waiting)> = Vec::new();
     for call in calls {
-        let open = groups.iter_mut().rev().find(|(kind, arguments, _)| *kind == call.kind && arguments.len() < batch_max);
+        let open =
+            groups.iter_mut().rev().find(|(kind, arguments, _)| *kind == call.kind && arguments.len() < batch_max);
         match open {
             Some((_, arguments, waiting)) => {
                 arguments.push(call.argument);

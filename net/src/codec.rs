@@ -79,21 +79,41 @@ pub struct Item {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
     /// Client → server, first frame: the versions it speaks and its bearer token ("" none).
-    Hello { min_version: u16, max_version: u16, token: String },
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        token: String,
+    },
     /// Server → client: the version chosen and what the client needs to know.
-    Welcome { version: u16, node_id: u64, partitions: u32, frame_max_bytes: u32 },
+    Welcome {
+        version: u16,
+        node_id: u64,
+        partitions: u32,
+        frame_max_bytes: u32,
+    },
     /// Create jobs; each item is a job request document (JSON, as `POST /jobs` takes).
-    Create { jobs: Vec<Vec<u8>> },
+    Create {
+        jobs: Vec<Vec<u8>>,
+    },
     /// Read jobs by id.
-    Get { ids: Vec<String> },
+    Get {
+        ids: Vec<String>,
+    },
     /// Cancel jobs by id.
-    Cancel { ids: Vec<String> },
+    Cancel {
+        ids: Vec<String>,
+    },
     Ping,
     Pong,
     /// The answers to a Create, Get or Cancel, one per item, in order.
-    Results { items: Vec<Item> },
+    Results {
+        items: Vec<Item>,
+    },
     /// The whole frame (or connection) was refused.
-    Error { code: Code, message: String },
+    Error {
+        code: Code,
+        message: String,
+    },
 }
 
 impl Message {

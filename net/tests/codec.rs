@@ -17,8 +17,11 @@ fn bytes() -> impl Strategy<Value = Vec<u8>> {
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (any::<u16>(), any::<u16>(), text())
-            .prop_map(|(min_version, max_version, token)| Message::Hello { min_version, max_version, token }),
+        (any::<u16>(), any::<u16>(), text()).prop_map(|(min_version, max_version, token)| Message::Hello {
+            min_version,
+            max_version,
+            token
+        }),
         (any::<u16>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(|(version, node_id, partitions, max)| {
             Message::Welcome { version, node_id, partitions, frame_max_bytes: max }
         }),
@@ -28,7 +31,10 @@ fn message() -> impl Strategy<Value = Message> {
         Just(Message::Ping),
         Just(Message::Pong),
         proptest::collection::vec((any::<u16>(), any::<u32>(), bytes()), 0..20).prop_map(|items| Message::Results {
-            items: items.into_iter().map(|(status, retry_after_s, body)| Item { status, retry_after_s, body }).collect()
+            items: items
+                .into_iter()
+                .map(|(status, retry_after_s, body)| Item { status, retry_after_s, body })
+                .collect()
         }),
         (any::<u16>(), text()).prop_map(|(code, message)| Message::Error { code: Code::from_u16(code), message }),
     ]

@@ -2,9 +2,12 @@
 //! is a sundial-wal log (`storage`) and whose committed entries drive the engine's state
 //! machine (`partition`). Shards (`shard`) are threads that own partitions; the router
 //! (`router`) validates requests and sends them to the owning shard; the HTTP API (`http`)
-//! calls the router.
+//! calls the router, and so does the binary protocol (`binary`).
 
 pub mod auth;
+pub mod binary;
+pub mod cli;
+pub mod config;
 pub mod http;
 pub mod meta;
 pub mod metrics;

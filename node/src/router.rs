@@ -48,10 +48,23 @@ pub struct NodeFacts {
     pub started_ms: u64,
 }
 
+/// Values given to jobs whose request leaves them out (node settings).
+#[derive(Clone, Copy, Debug)]
+pub struct JobDefaults {
+    pub attempt_timeout_ms: u64,
+}
+
+impl Default for JobDefaults {
+    fn default() -> JobDefaults {
+        JobDefaults { attempt_timeout_ms: sundial_engine::job::ATTEMPT_TIMEOUT_MS_DEFAULT }
+    }
+}
+
 pub struct Router {
     shards: Vec<mpsc::Sender<Work>>,
     partitions: u32,
     limits: Limits,
+    defaults: JobDefaults,
     live: Arc<LiveJobs>,
     pub metrics: Arc<Metrics>,
     pub facts: NodeFacts,
@@ -70,12 +83,14 @@ impl Router {
     pub fn new(
         shards: Vec<mpsc::Sender<Work>>,
         limits: Limits,
+        defaults: JobDefaults,
         live: Arc<LiveJobs>,
         metrics: Arc<Metrics>,
         facts: NodeFacts,
     ) -> Router {
         let partitions = facts.meta.partitions;
-        Router { shards, partitions, limits, live, metrics, facts, random: AtomicU64::new(now_ms() | 1) }
+        let random = AtomicU64::new(now_ms() | 1);
+        Router { shards, partitions, limits, defaults, live, metrics, facts, random }
     }
 
     fn shard_of(&self, partition: u32) -> &mpsc::Sender<Work> {
@@ -104,6 +119,9 @@ impl Router {
             let problems: Vec<Value> = problems.iter().map(|p| json!({"field": p.field, "rule": p.rule})).collect();
             answer(400, json!({"error": message, "code": "invalid", "field": first, "problems": problems}))
         })?;
+        if request.get("attempt_timeout_ms").is_none() {
+            spec.attempt_timeout_ms = self.defaults.attempt_timeout_ms;
+        }
         let Some(first) = spec.depends_on.first() else {
             return Ok((partition_of(&spec.id, self.partitions), spec));
         };
@@ -199,17 +217,31 @@ impl Router {
 
     /// One operation on the job `id`, on the shard owning its partition.
     pub async fn job(&self, id: &str, op: JobOp) -> Answer {
-        let partition = partition_of(id, self.partitions);
-        let (reply, answer) = oneshot::channel();
-        let work = Work::Job { partition, id: id.to_string(), op, reply };
-        if self.shard_of(partition).try_send(work).is_err() {
-            return busy();
+        self.job_many(&[id.to_string()], op).await.pop().expect("one answer per id")
+    }
+
+    /// One operation on each of several jobs: all sent to their shards first, then awaited,
+    /// so the shards work on them together. Answers in order.
+    pub async fn job_many(&self, ids: &[String], op: JobOp) -> Vec<Answer> {
+        let mut waiting = Vec::with_capacity(ids.len());
+        for id in ids {
+            let partition = partition_of(id, self.partitions);
+            let (reply, answer) = oneshot::channel();
+            let work = Work::Job { partition, id: id.clone(), op, reply };
+            waiting.push(self.shard_of(partition).try_send(work).ok().map(|()| answer));
         }
-        let answer = answer.await.unwrap_or_else(|_| stopping());
-        if op == JobOp::Cancel && answer.status == 200 {
-            self.metrics.cancelled.inc();
+        let mut answers = Vec::with_capacity(ids.len());
+        for answer in waiting {
+            let answer = match answer {
+                Some(answer) => answer.await.unwrap_or_else(|_| stopping()),
+                None => busy(),
+            };
+            if op == JobOp::Cancel && answer.status == 200 {
+                self.metrics.cancelled.inc();
+            }
+            answers.push(answer);
         }
-        answer
+        answers
     }
 
     /// Runs `scan` on every shard; one value per partition, in partition order.

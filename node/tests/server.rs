@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sundial_engine::dispatch::now_ms;
 
-/// Reads the node's banner for the address it listens on, then keeps draining its stdout so
-/// the node never blocks on (or breaks) the pipe.
-fn listening_address(child: &mut Child) -> SocketAddr {
+/// Reads the node's banner for the addresses it listens on (HTTP, binary), then keeps
+/// draining its stdout so the node never blocks on (or breaks) the pipe.
+fn listening_addresses(child: &mut Child) -> (SocketAddr, SocketAddr) {
     let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
     let mut first_line = String::new();
     stdout.read_line(&mut first_line).expect("banner");
@@ -25,18 +25,22 @@ fn listening_address(child: &mut Child) -> SocketAddr {
             sink.clear();
         }
     });
-    first_line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {first_line:?}"))
+    let after = |scheme: &str| {
+        first_line
+            .split(scheme)
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no {scheme} address in {first_line:?}"))
+    };
+    (after("http://"), after("sundial://"))
 }
 
 /// A running node; killed (SIGKILL) when dropped.
 struct Node {
     child: Child,
     addr: SocketAddr,
+    binary: SocketAddr,
 }
 
 impl Node {
@@ -46,15 +50,15 @@ impl Node {
 
     fn start_with(data: &Path, extra: &[&str]) -> Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
-            .args(["--http", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
+            .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
             .arg(data)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start sundial");
-        let addr = listening_address(&mut child);
-        Node { child, addr }
+        let (addr, binary) = listening_addresses(&mut child);
+        Node { child, addr, binary }
     }
 
     fn kill(mut self) {
@@ -110,6 +114,7 @@ struct Hit {
     at_ms: u64,
     key: String,
     body: Vec<u8>,
+    headers: Vec<(String, String)>,
 }
 
 /// A webhook receiver on 127.0.0.1 answering 200 and recording every request.
@@ -132,9 +137,14 @@ async fn receiver() -> (SocketAddr, Arc<Mutex<Vec<Hit>>>) {
                             .and_then(|v| v.to_str().ok())
                             .unwrap_or("")
                             .to_string();
+                        let headers = request
+                            .headers()
+                            .iter()
+                            .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").to_string()))
+                            .collect();
                         let body =
                             request.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                        log.lock().expect("log").push(Hit { at_ms: now_ms(), key, body });
+                        log.lock().expect("log").push(Hit { at_ms: now_ms(), key, body, headers });
                         Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
                     }
                 });
@@ -352,13 +362,13 @@ async fn with_a_token_configured_requests_need_it_and_are_rate_limited() {
 fn json_logs_name_the_job_on_every_line_about_it() {
     let data = tempfile::tempdir().expect("tempdir");
     let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
-        .args(["--http", "127.0.0.1:0", "--log-format", "json", "--data"])
+        .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--log-format", "json", "--data"])
         .arg(data.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start sundial");
-    let addr = listening_address(&mut child);
+    let (addr, binary) = listening_addresses(&mut child);
     let logs: Arc<Mutex<Vec<String>>> = Arc::default();
     let collected = logs.clone();
     let stderr = child.stderr.take().expect("piped");
@@ -367,7 +377,7 @@ fn json_logs_name_the_job_on_every_line_about_it() {
             collected.lock().expect("logs").push(line);
         }
     });
-    let node = Node { child, addr };
+    let node = Node { child, addr, binary };
     let request = json!({"id": "logged", "delay": "1h", "url": "http://127.0.0.1:9/"});
     assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
     let started = Instant::now();
@@ -504,7 +514,7 @@ async fn jobs_spread_over_partitions_whose_count_is_fixed_at_creation() {
     node.kill();
 
     let refused = std::process::Command::new(env!("CARGO_BIN_EXE_sundial"))
-        .args(["--http", "127.0.0.1:0", "--partitions", "4", "--data"])
+        .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--partitions", "4", "--data"])
         .arg(data.path())
         .output()
         .expect("run sundial");
@@ -513,4 +523,111 @@ async fn jobs_spread_over_partitions_whose_count_is_fixed_at_creation() {
     assert!(message.contains("created with 16 partitions"), "{message}");
     let node = Node::start_with(data.path(), &["--shards", "1"]);
     assert_eq!(node.call("GET", "/health", b"").1["jobs"]["pending"], 65, "every job back, on one shard");
+}
+
+/// The binary protocol end to end with the Rust client: a job created over it fires with its
+/// body and headers, a cancel prevents a fire, hundreds of creates travel in batches, and bad
+/// input — an invalid job, an unknown protocol version, an oversized frame, a missing token —
+/// gets a protocol error that says why while the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_protocol_creates_reads_and_cancels_and_refuses_bad_frames() {
+    use sundial_net::codec::{self, Code, Frame, Message};
+    use sundial_net::{Client, ClientError, ClientOptions};
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let client = Client::connect(node.binary, ClientOptions::default()).await.expect("connect");
+    assert_eq!(client.info().await.expect("info").partitions, 16);
+
+    let run_at = now_ms() + 1_000;
+    let request = json!({"id": "over-binary", "run_at": run_at, "url": format!("http://{target}/b"),
+        "headers": {"x-source": "binary"}, "json": {"via": "binary"}});
+    let created = client.create(&request).await.expect("create");
+    assert_eq!((created.status, created.json()["id"].as_str()), (201, Some("over-binary")), "{:?}", created.json());
+    let again = client.create(&request).await.expect("create again");
+    assert_eq!(again.status, 200, "the same id again is the same job: {:?}", again.json());
+    let later = json!({"id": "cancel-me", "run_at": run_at, "url": format!("http://{target}/never")});
+    assert_eq!(client.create(&later).await.expect("create").status, 201);
+    let cancelled = client.cancel("cancel-me").await.expect("cancel");
+    assert_eq!((cancelled.status, cancelled.json()["status"].as_str()), (200, Some("cancelled")));
+    assert!(wait_for(Duration::from_secs(20), || !hits.lock().expect("hits").is_empty()).await, "it fired");
+    // Both were due together: a second more shows whether the cancelled one fires.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hits.lock().expect("hits").len(), 1, "the cancelled job never fired");
+    let hit = hits.lock().expect("hits")[0].clone();
+    assert!(hit.at_ms >= run_at, "not early");
+    assert_eq!(
+        (hit.key.as_str(), hit.body.as_slice()),
+        (format!("over-binary:{run_at}").as_str(), br#"{"via":"binary"}"#.as_slice())
+    );
+    assert!(hit.headers.contains(&("x-source".to_string(), "binary".to_string())), "{:?}", hit.headers);
+    let read = client.get("over-binary").await.expect("get");
+    assert_eq!(read.status, 200);
+    assert_eq!(client.get("no-such-job").await.expect("get").status, 404);
+
+    // Many creates at once: they travel batched and each gets its answer.
+    let many: Vec<Value> = (0..500)
+        .map(|i| json!({"id": format!("many-{i}"), "delay": "1h", "url": format!("http://{target}/m")}))
+        .collect();
+    let items = client.create_many(&many).await.expect("create many");
+    assert_eq!(items.iter().filter(|i| i.status == 201).count(), 500);
+    // An invalid job is that item's 400, naming the field; its batch-mates are unaffected.
+    let mixed =
+        [json!({"delay": "1h", "url": "not a url"}), json!({"delay": "1h", "url": format!("http://{target}/ok")})];
+    let items = client.create_many(&mixed).await.expect("create");
+    assert_eq!((items[0].status, items[0].json()["field"].as_str(), items[1].status), (400, Some("url"), 201));
+
+    // Raw frames: an unknown version is refused with 505 and the reason.
+    let exchange = |frame: Vec<u8>| {
+        let mut stream = TcpStream::connect(node.binary).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        stream.write_all(&frame).expect("send");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        codec::decode(&answer, codec::FRAME_MAX_BYTES_DEFAULT).expect("a frame").expect("whole").0
+    };
+    let mut hello = Vec::new();
+    let future = Message::Hello { min_version: 2, max_version: 3, token: String::new() };
+    codec::encode(&Frame::new(0, future), codec::FRAME_MAX_BYTES_DEFAULT, &mut hello).expect("encode");
+    match exchange(hello).message {
+        Message::Error { code: Code::UnsupportedVersion, message } => {
+            assert!(message.contains("speaks 1"), "{message}")
+        }
+        other => panic!("expected a version refusal, got {other:?}"),
+    }
+    // An oversized frame after a good handshake: 413, before its bytes are read.
+    let mut frames = Vec::new();
+    let hello = Message::Hello { min_version: 1, max_version: 1, token: String::new() };
+    codec::encode(&Frame::new(0, hello), codec::FRAME_MAX_BYTES_DEFAULT, &mut frames).expect("encode");
+    frames.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    frames.extend_from_slice(&[0x10, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+    let mut stream = TcpStream::connect(node.binary).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    stream.write_all(&frames).expect("send");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let (welcome, used) = codec::decode(&answer, codec::FRAME_MAX_BYTES_DEFAULT).expect("frame").expect("whole");
+    assert!(matches!(welcome.message, Message::Welcome { version: 1, .. }), "{welcome:?}");
+    let refusal = codec::decode(&answer[used..], codec::FRAME_MAX_BYTES_DEFAULT).expect("frame").expect("whole").0;
+    match refusal.message {
+        Message::Error { code: Code::TooLarge, message } => assert!(message.contains("exceeds"), "{message}"),
+        other => panic!("expected 413, got {other:?}"),
+    }
+    // The node still serves, and nothing extra was created.
+    assert_eq!(client.get("over-binary").await.expect("get").status, 200);
+    let (_, health) = node.call("GET", "/health", b"");
+    assert_eq!(health["jobs"]["pending"], 501, "500 batched + the valid one of the mixed pair: {health}");
+    drop(client);
+    node.kill();
+
+    // With a token configured, a client without it is refused at the handshake.
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--token", "s3cret"]);
+    match Client::connect(node.binary, ClientOptions::default()).await {
+        Err(ClientError::Refused { code: Code::Unauthorized, .. }) => {}
+        other => panic!("expected 401, got {:?}", other.map(|_| "a connection")),
+    }
+    let options = ClientOptions { token: Some("s3cret".into()), ..ClientOptions::default() };
+    let client = Client::connect(node.binary, options).await.expect("with the token");
+    assert_eq!(client.get("none").await.expect("get").status, 404);
 }

@@ -1,0 +1,231 @@
+//! The binary protocol v1 server (docs/PROTOCOL.md; codec in sundial-net): a handshake, then
+//! pipelined request frames, each answered by request id as soon as it is done. Frames are
+//! handled concurrently up to a bound per connection; past it the connection is not read
+//! (backpressure). A malformed or oversized frame ends the connection after an Error frame
+//! saying why, since the stream cannot be trusted past it.
+
+use crate::auth::{Gate, Verdict};
+use crate::http::parse_body;
+use crate::ops::{Answer, JobOp};
+use crate::router::Router;
+use std::sync::Arc;
+use std::time::Duration;
+use sundial_net::codec::{self, Code, DecodeError, Frame, Item, Message, PROTOCOL_VERSION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+
+#[derive(Clone, Copy, Debug)]
+pub struct BinaryConfig {
+    /// Frames larger than this are refused (413) and the connection closed.
+    pub frame_max_bytes: u32,
+    /// Frames of one connection handled at once at most.
+    pub in_flight_max: usize,
+    /// How long a new connection may take to say Hello.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for BinaryConfig {
+    fn default() -> BinaryConfig {
+        BinaryConfig {
+            frame_max_bytes: codec::FRAME_MAX_BYTES_DEFAULT,
+            in_flight_max: 64,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Answers waiting to be written per connection.
+const ANSWERS_QUEUED_MAX: usize = 256;
+
+/// Accepts connections until the listener fails, spreading them over the shards' runtimes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Arc<Router>,
+    gate: Arc<Gate>,
+    shards: Vec<tokio::runtime::Handle>,
+    config: BinaryConfig,
+) {
+    let mut next = 0usize;
+    // Bounded by the process: ends when the listener fails or the task is aborted.
+    while let Ok((stream, _)) = listener.accept().await {
+        let _ = stream.set_nodelay(true);
+        let connection = serve_connection(stream, router.clone(), gate.clone(), config);
+        match shards.get(next % shards.len().max(1)) {
+            Some(shard) => drop(shard.spawn(connection)),
+            None => drop(tokio::spawn(connection)),
+        }
+        next = next.wrapping_add(1);
+    }
+}
+
+async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate>, config: BinaryConfig) {
+    let (mut reader, mut writer) = stream.into_split();
+    let mut buffer = Vec::new();
+    let token = match handshake(&mut reader, &mut writer, &mut buffer, &router, &gate, config).await {
+        Ok(token) => token,
+        Err(refusal) => {
+            let _ = write_frame(&mut writer, &refusal, config.frame_max_bytes).await;
+            return;
+        }
+    };
+    let (answers, mut to_write) = mpsc::channel::<Frame>(ANSWERS_QUEUED_MAX);
+    let frame_max_bytes = config.frame_max_bytes;
+    let writing = tokio::spawn(async move {
+        // Bounded by the connection: ends when every sender is gone or a write fails.
+        while let Some(frame) = to_write.recv().await {
+            if write_frame(&mut writer, &frame, frame_max_bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let permits = Arc::new(Semaphore::new(config.in_flight_max.max(1)));
+    // Bounded by the connection: ends when the client closes it or sends a bad frame.
+    loop {
+        let frame = match read_frame(&mut reader, &mut buffer, config.frame_max_bytes).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(e) => {
+                let code = if matches!(e, DecodeError::TooLarge { .. }) { Code::TooLarge } else { Code::BadRequest };
+                let _ = answers.send(refusal(0, code, format!("{e}; closing the connection"))).await;
+                break;
+            }
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
+        let verdict = gate.check("POST", "/binary", authorization.as_deref(), sundial_engine::dispatch::now_ms());
+        let router = router.clone();
+        let answers_for_frame = answers.clone();
+        tokio::spawn(async move {
+            let answer = match verdict {
+                Verdict::Allow => handle(&router, frame).await,
+                Verdict::Limited { .. } => {
+                    router.metrics.rejected("rate_limited");
+                    refusal(frame.request_id, Code::RateLimited, "this token's request rate is exceeded")
+                }
+                Verdict::Unauthorized => refusal(frame.request_id, Code::Unauthorized, "a valid token is required"),
+            };
+            let _ = answers_for_frame.send(answer).await;
+            drop(permit);
+        });
+    }
+    drop(answers);
+    // Answers of frames still being handled are written before the connection closes.
+    let _ = writing.await;
+}
+
+/// Reads the Hello and answers Welcome; the refusal to send otherwise.
+async fn handshake(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    buffer: &mut Vec<u8>,
+    router: &Router,
+    gate: &Gate,
+    config: BinaryConfig,
+) -> Result<Option<String>, Frame> {
+    let first =
+        tokio::time::timeout(config.handshake_timeout, read_frame(reader, buffer, config.frame_max_bytes)).await;
+    let hello = match first {
+        Err(_) => return Err(refusal(0, Code::BadRequest, "no Hello within the handshake timeout")),
+        Ok(Ok(Some(frame))) => frame,
+        Ok(Ok(None)) => return Err(refusal(0, Code::BadRequest, "closed before the handshake")),
+        Ok(Err(e)) => return Err(refusal(0, Code::BadRequest, format!("{e}"))),
+    };
+    let Message::Hello { min_version, max_version, token } = hello.message else {
+        return Err(refusal(hello.request_id, Code::BadRequest, "the first frame must be Hello"));
+    };
+    if !(min_version..=max_version).contains(&PROTOCOL_VERSION) {
+        let message = format!(
+            "unsupported protocol version: this node speaks {PROTOCOL_VERSION}, the client {min_version}..={max_version}"
+        );
+        return Err(refusal(hello.request_id, Code::UnsupportedVersion, message));
+    }
+    let token = (!token.is_empty()).then_some(token);
+    let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
+    match gate.check("POST", "/binary", authorization.as_deref(), sundial_engine::dispatch::now_ms()) {
+        Verdict::Allow => {}
+        Verdict::Unauthorized => {
+            return Err(refusal(hello.request_id, Code::Unauthorized, "a valid token is required"))
+        }
+        Verdict::Limited { .. } => {
+            return Err(refusal(hello.request_id, Code::RateLimited, "this token's request rate is exceeded"))
+        }
+    }
+    let welcome = Frame::new(
+        hello.request_id,
+        Message::Welcome {
+            version: PROTOCOL_VERSION,
+            node_id: router.facts.node_id,
+            partitions: router.facts.meta.partitions,
+            frame_max_bytes: config.frame_max_bytes,
+        },
+    );
+    write_frame(writer, &welcome, config.frame_max_bytes)
+        .await
+        .map_err(|e| refusal(0, Code::BadRequest, format!("writing Welcome: {e}")))?;
+    Ok(token)
+}
+
+/// Answers one request frame.
+async fn handle(router: &Router, frame: Frame) -> Frame {
+    let id = frame.request_id;
+    let answers = match frame.message {
+        Message::Ping => return Frame::new(id, Message::Pong),
+        Message::Create { jobs } => router.create(jobs.iter().map(|job| parse_body(job)).collect()).await,
+        Message::Get { ids } => router.job_many(&ids, JobOp::Get).await,
+        Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,
+        other => {
+            let kind = format!("{other:?}");
+            let name = kind.split([' ', '{', '(']).next().unwrap_or("this frame");
+            return refusal(id, Code::BadRequest, format!("{name} is not a request a client sends"));
+        }
+    };
+    Frame::new(id, Message::Results { items: answers.into_iter().map(item).collect() })
+}
+
+fn item(answer: Answer) -> Item {
+    Item {
+        status: answer.status,
+        retry_after_s: answer.retry_after_s.unwrap_or(0),
+        body: answer.body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
+    }
+}
+
+fn refusal(request_id: u64, code: Code, message: impl Into<String>) -> Frame {
+    Frame::new(request_id, Message::Error { code, message: message.into() })
+}
+
+/// The next frame, `None` at a clean end of stream. An oversized frame is refused from its
+/// length prefix, before its bytes are buffered.
+async fn read_frame(
+    reader: &mut tokio::net::tcp::OwnedReadHalf,
+    buffer: &mut Vec<u8>,
+    frame_max_bytes: u32,
+) -> Result<Option<Frame>, DecodeError> {
+    // Bounded: each pass reads more of one frame, whose size is bounded.
+    loop {
+        if let Some((frame, used)) = codec::decode(buffer, frame_max_bytes)? {
+            buffer.drain(..used);
+            return Ok(Some(frame));
+        }
+        let mut chunk = [0u8; 64 * 1024];
+        match reader.read(&mut chunk).await {
+            Ok(0) | Err(_) => return Ok(None),
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+async fn write_frame(
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    frame: &Frame,
+    frame_max_bytes: u32,
+) -> std::io::Result<()> {
+    let mut bytes = Vec::new();
+    if let Err(e) = codec::encode(frame, frame_max_bytes, &mut bytes) {
+        // An answer too large for a frame (a batch of big jobs): say so instead.
+        let refused = refusal(frame.request_id, Code::TooLarge, format!("the answer does not fit a frame: {e}"));
+        codec::encode(&refused, frame_max_bytes, &mut bytes).map_err(std::io::Error::other)?;
+    }
+    writer.write_all(&bytes).await
+}

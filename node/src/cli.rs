@@ -1,0 +1,337 @@
+//! The `sundial` client subcommands (job, dlq, status): they call a node's HTTP API and
+//! print what it answered — for people by default, the API's JSON with `--json`. Errors go
+//! to stderr with the API's message and field, and the exit status is 1.
+
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Connection {
+    /// The node's HTTP address.
+    #[arg(long, env = "SUNDIAL_NODE", default_value = "http://127.0.0.1:8080", global = true)]
+    pub node: String,
+    /// Bearer token, when the node requires one.
+    #[arg(long, env = "SUNDIAL_TOKEN", global = true)]
+    pub token: Option<String>,
+    /// Print the API's JSON instead of text (for scripts).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum JobCommand {
+    /// Create a job: give --url and one of --delay, --at or --cron, or a whole --request.
+    Create(CreateArgs),
+    /// Show a job.
+    Get { id: String },
+    /// Cancel a job (its pending fires never happen).
+    Cancel { id: String },
+    /// List jobs, oldest first.
+    List {
+        /// Only jobs with this status (pending, in_progress, completed, failed, cancelled, timeout).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show a job's attempts.
+    Executions { id: String },
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct CreateArgs {
+    /// The webhook URL.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Fire once after this long (e.g. 30s, 5m, 2h).
+    #[arg(long)]
+    pub delay: Option<String>,
+    /// Fire once at this time (RFC 3339, or Unix milliseconds).
+    #[arg(long)]
+    pub at: Option<String>,
+    /// Fire on this cron schedule (5 or 6 fields).
+    #[arg(long)]
+    pub cron: Option<String>,
+    /// The cron schedule's time zone (IANA name).
+    #[arg(long)]
+    pub time_zone: Option<String>,
+    /// JSON body to send.
+    #[arg(long = "body-json")]
+    pub body_json: Option<String>,
+    /// HTTP method (default POST).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// The job's id (default: one is generated).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// A whole job request document (JSON, as POST /jobs takes); `-` reads it from stdin.
+    #[arg(long, conflicts_with_all = ["url", "delay", "at", "cron", "time_zone", "body_json", "method", "id"])]
+    pub request: Option<String>,
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum DlqCommand {
+    /// List dead-lettered fires, oldest first.
+    List,
+    /// Put a dead-lettered fire back to run again.
+    Redrive { id: String, fire_ms: u64 },
+    /// Drop dead letters: one job's, or every one with --all.
+    Purge {
+        id: Option<String>,
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
+    },
+}
+
+/// An answer from the node: status and JSON body (Null when empty).
+struct Reply {
+    status: u16,
+    body: Value,
+}
+
+fn call(connection: &Connection, method: &str, path: &str, body: Option<&Value>) -> Result<Reply, String> {
+    let authority = connection
+        .node
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("--node: must start with http://, not {:?}", connection.node))?
+        .trim_end_matches('/');
+    let address: SocketAddr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("--node: {authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("--node: {authority} has no address"))?;
+    let unreachable = |e: std::io::Error| format!("cannot reach {}: {e}", connection.node);
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5)).map_err(unreachable)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(unreachable)?;
+    let payload = body.map(Value::to_string).unwrap_or_default();
+    let authorization = connection.token.as_ref().map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{authorization}connection: close\r\n\r\n",
+        payload.len()
+    );
+    stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(payload.as_bytes())).map_err(unreachable)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(unreachable)?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).ok_or("the node's answer is not HTTP")?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    Ok(Reply { status, body: serde_json::from_str(body).unwrap_or(Value::Null) })
+}
+
+/// Prints the reply with `human` (or as JSON), or the error; the exit status says which.
+fn finish(connection: &Connection, result: Result<Reply, String>, human: impl FnOnce(&Value) -> String) -> ExitCode {
+    match result {
+        Ok(reply) if reply.status < 400 => {
+            if connection.json {
+                println!("{}", serde_json::to_string_pretty(&reply.body).unwrap_or_default());
+            } else {
+                print!("{}", human(&reply.body));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(reply) => {
+            if connection.json {
+                println!("{}", serde_json::to_string_pretty(&reply.body).unwrap_or_default());
+            }
+            let message = reply.body["error"].as_str().unwrap_or("(no message)");
+            let code = reply.body["code"].as_str().unwrap_or("error");
+            eprintln!("sundial: {} {code}: {message}", reply.status);
+            ExitCode::FAILURE
+        }
+        Err(message) => {
+            eprintln!("sundial: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn job(connection: &Connection, command: &JobCommand) -> ExitCode {
+    match command {
+        JobCommand::Create(args) => {
+            let request = match create_request(args) {
+                Ok(request) => request,
+                Err(message) => {
+                    eprintln!("sundial: {message}");
+                    return ExitCode::from(2);
+                }
+            };
+            finish(connection, call(connection, "POST", "/jobs", Some(&request)), |job| {
+                format!("created {}\n{}", job["id"].as_str().unwrap_or("?"), job_text(job))
+            })
+        }
+        JobCommand::Get { id } => finish(connection, call(connection, "GET", &format!("/jobs/{id}"), None), job_text),
+        JobCommand::Cancel { id } => {
+            finish(connection, call(connection, "POST", &format!("/jobs/{id}/cancel"), None), |job| {
+                format!("cancelled {}\n", job["id"].as_str().unwrap_or(id))
+            })
+        }
+        JobCommand::List { status, limit } => {
+            let mut path = format!("/jobs?limit={limit}");
+            if let Some(status) = status {
+                path.push_str(&format!("&status={status}"));
+            }
+            finish(connection, call(connection, "GET", &path, None), |body| {
+                let mut text = format!("{:<38} {:<12} {:<26} URL\n", "ID", "STATUS", "NEXT FIRE");
+                for job in body["jobs"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "{:<38} {:<12} {:<26} {}\n",
+                        job["id"].as_str().unwrap_or("?"),
+                        job["status"].as_str().unwrap_or("?"),
+                        time_text(&job["next_fire_ms"]),
+                        job["webhook_url"].as_str().unwrap_or("")
+                    ));
+                }
+                text
+            })
+        }
+        JobCommand::Executions { id } => {
+            finish(connection, call(connection, "GET", &format!("/jobs/{id}/executions"), None), |body| {
+                let mut text = format!("{:<26} {:>7} {:>6} {:>8}  ERROR\n", "FIRE", "ATTEMPT", "STATUS", "LATENCY");
+                for e in body["executions"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "{:<26} {:>7} {:>6} {:>6}ms  {}\n",
+                        time_text(&e["fire_ms"]),
+                        e["attempt"],
+                        e["status_code"].as_u64().map_or("-".to_string(), |s| s.to_string()),
+                        e["latency_ms"],
+                        e["error"].as_str().unwrap_or("")
+                    ));
+                }
+                text
+            })
+        }
+    }
+}
+
+fn create_request(args: &CreateArgs) -> Result<Value, String> {
+    if let Some(request) = &args.request {
+        let text = if request == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(|e| format!("reading stdin: {e}"))?;
+            text
+        } else {
+            request.clone()
+        };
+        return serde_json::from_str(&text).map_err(|e| format!("--request: not JSON: {e}"));
+    }
+    let mut request = json!({});
+    let url = args.url.as_ref().ok_or("--url is required (or give a whole --request)")?;
+    request["url"] = json!(url);
+    match (&args.delay, &args.at, &args.cron) {
+        (Some(delay), None, None) => request["delay"] = json!(delay),
+        (None, Some(at), None) => {
+            request["run_at"] = at.parse::<u64>().map_or_else(|_| json!(at), |ms| json!(ms));
+        }
+        (None, None, Some(cron)) => request["cron"] = json!(cron),
+        _ => return Err("give exactly one of --delay, --at or --cron".into()),
+    }
+    if let Some(zone) = &args.time_zone {
+        request["time_zone"] = json!(zone);
+    }
+    if let Some(body) = &args.body_json {
+        request["json"] = serde_json::from_str(body).map_err(|e| format!("--body-json: not JSON: {e}"))?;
+    }
+    if let Some(method) = &args.method {
+        request["method"] = json!(method);
+    }
+    if let Some(id) = &args.id {
+        request["id"] = json!(id);
+    }
+    Ok(request)
+}
+
+pub fn dlq(connection: &Connection, command: &DlqCommand) -> ExitCode {
+    match command {
+        DlqCommand::List => finish(connection, call(connection, "GET", "/dlq", None), |body| {
+            let mut text = format!("{:<38} {:<15} {:>8}  REASON\n", "ID", "FIRE_MS", "ATTEMPTS");
+            for letter in body["dead_letters"].as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "{:<38} {:<15} {:>8}  {}\n",
+                    letter["id"].as_str().unwrap_or("?"),
+                    letter["fire_ms"],
+                    letter["attempts"],
+                    letter["reason"].as_str().unwrap_or("")
+                ));
+            }
+            text
+        }),
+        DlqCommand::Redrive { id, fire_ms } => {
+            let path = format!("/dlq/{id}/{fire_ms}/redrive");
+            finish(connection, call(connection, "POST", &path, None), |_| format!("redriven {id} fire {fire_ms}\n"))
+        }
+        DlqCommand::Purge { id: Some(id), .. } => {
+            finish(connection, call(connection, "DELETE", &format!("/dlq/{id}"), None), |_| format!("purged {id}\n"))
+        }
+        DlqCommand::Purge { id: None, all: true } => {
+            finish(connection, call(connection, "DELETE", "/dlq", None), |_| "purged every dead letter\n".into())
+        }
+        DlqCommand::Purge { id: None, all: false } => {
+            eprintln!("sundial: name a job id, or give --all to purge every dead letter");
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub fn status(connection: &Connection) -> ExitCode {
+    finish(connection, call(connection, "GET", "/health", None), |h| {
+        let jobs = &h["jobs"];
+        format!(
+            "node {} {} ({}), cluster {}\n  {} partitions on {} shards ({}, log {})\n  jobs: {} pending, {} running, {} completed, {} failed, {} cancelled; {} dead letters\n  dispatch: {} queued, {} running; limits: {} of {} live jobs\n  memory: {} MiB\n",
+            h["node_id"],
+            h["status"].as_str().unwrap_or("?"),
+            h["role"].as_str().unwrap_or("?"),
+            h["cluster_id"].as_str().unwrap_or("?"),
+            h["partitions"],
+            h["shards"],
+            h["runtime"].as_str().unwrap_or("?"),
+            h["log_backend"].as_str().unwrap_or("?"),
+            jobs["pending"],
+            jobs["in_progress"],
+            jobs["completed"],
+            jobs["failed"],
+            jobs["cancelled"],
+            h["dead_letters"],
+            h["dispatch"]["queued"],
+            h["dispatch"]["running"],
+            h["limits"]["live_jobs"],
+            h["limits"]["max_jobs"],
+            h["memory"]["resident_bytes"].as_u64().unwrap_or(0) >> 20,
+        )
+    })
+}
+
+fn job_text(job: &Value) -> String {
+    let schedule = &job["schedule"];
+    let when = match job["type"].as_str() {
+        Some("recurrente") => format!(
+            "cron {:?} in {}",
+            schedule["cron_expression"].as_str().unwrap_or("?"),
+            schedule["time_zone"].as_str().unwrap_or("UTC")
+        ),
+        _ => format!("once at {}", time_text(&schedule["run_at_ms"])),
+    };
+    let fires = &job["fires"];
+    format!(
+        "job {}  {}{}\n  schedule   {when}\n  target     {} {}\n  next fire  {}\n  fires      {} succeeded, {} failed, {} missed\n",
+        job["id"].as_str().unwrap_or("?"),
+        job["status"].as_str().unwrap_or("?"),
+        if job["paused"] == true { " (paused)" } else { "" },
+        job["method"].as_str().unwrap_or("POST"),
+        job["webhook_url"].as_str().unwrap_or("?"),
+        time_text(&job["next_fire_ms"]),
+        fires["succeeded"],
+        fires["failed"],
+        fires["missed"],
+    )
+}
+
+/// Unix milliseconds as RFC 3339 (UTC), or "-".
+fn time_text(ms: &Value) -> String {
+    ms.as_i64().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map_or_else(
+        || "-".to_string(),
+        |t| t.round(jiff::Unit::Second).map_or_else(|_| t.to_string(), |t| t.to_string()),
+    )
+}

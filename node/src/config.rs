@@ -1,0 +1,246 @@
+//! The server's settings. Each comes, in rising precedence, from its default, the optional
+//! TOML file (`--config`), a SUNDIAL_* environment variable and a flag. docs/CONFIGURATION.md
+//! lists every one with its default; a test keeps that page and this file in step.
+
+use crate::router::Limits;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The settings as given (any may be missing): flags and environment through clap, the file
+/// through serde, with the same names (`max_jobs` in TOML is `--max-jobs` and
+/// `SUNDIAL_MAX_JOBS`).
+#[derive(Clone, Debug, Default, serde::Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct ServerOptions {
+    /// A TOML file with any of these settings (flags and environment override it).
+    #[arg(long, env = "SUNDIAL_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Data directory [default: ./sundial-data].
+    #[arg(long, env = "SUNDIAL_DATA")]
+    pub data: Option<PathBuf>,
+    /// HTTP/JSON API address; port 0 picks a free one [default: 127.0.0.1:8080].
+    #[arg(long, env = "SUNDIAL_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Binary protocol address [default: 127.0.0.1:7070].
+    #[arg(long, env = "SUNDIAL_BINARY")]
+    pub binary: Option<SocketAddr>,
+    /// Partitions of a new cluster; fixed once created [default: 16].
+    #[arg(long, env = "SUNDIAL_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// Shard threads, one per core [default: the number of cores].
+    #[arg(long, env = "SUNDIAL_SHARDS")]
+    pub shards: Option<usize>,
+    /// Size of each preallocated log segment, MiB [default: 8].
+    #[arg(long, env = "SUNDIAL_SEGMENT_MB")]
+    pub segment_mb: Option<u64>,
+    /// Applied entries between state snapshots of a partition [default: 10000].
+    #[arg(long, env = "SUNDIAL_SNAPSHOT_EVERY")]
+    pub snapshot_every: Option<u64>,
+    /// Live (pending or running) jobs before creates get 507 [default: 1000000].
+    #[arg(long, env = "SUNDIAL_MAX_JOBS")]
+    pub max_jobs: Option<usize>,
+    /// Resident memory, MiB, before creates get 507; 0 is no limit [default: 0].
+    #[arg(long, env = "SUNDIAL_MAX_MEMORY_MB")]
+    pub max_memory_mb: Option<u64>,
+    /// Bearer tokens (repeat the flag, or a comma-separated list); none: no authentication.
+    #[arg(long = "token", env = "SUNDIAL_TOKENS", value_delimiter = ',')]
+    #[serde(default)]
+    pub tokens: Option<Vec<String>>,
+    /// Requests per second per token (a token bucket with an equal burst) [default: 1000].
+    #[arg(long, env = "SUNDIAL_RATE_PER_TOKEN")]
+    pub rate_per_token: Option<u32>,
+    /// Signs the webhooks of jobs without their own secret (HMAC-SHA256).
+    #[arg(long, env = "SUNDIAL_SECRET")]
+    pub secret: Option<String>,
+    /// Allow webhook targets on loopback addresses (tests, local receivers) [default: false].
+    #[arg(long, env = "SUNDIAL_ALLOW_LOOPBACK_TARGETS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_loopback_targets: Option<bool>,
+    /// Allow webhook targets on private networks [default: false].
+    #[arg(long, env = "SUNDIAL_ALLOW_PRIVATE_TARGETS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_private_targets: Option<bool>,
+    /// Attempt timeout of jobs that set none, ms (Scheduled-DB: a fixed 30 s) [default: 30000].
+    #[arg(long, env = "SUNDIAL_ATTEMPT_TIMEOUT_MS")]
+    pub attempt_timeout_ms: Option<u64>,
+    /// Attempts waiting to start per partition; beyond it fires wait [default: 10000].
+    #[arg(long, env = "SUNDIAL_DISPATCH_QUEUE")]
+    pub dispatch_queue: Option<usize>,
+    /// Attempts running at once per target host, per partition [default: 32].
+    #[arg(long, env = "SUNDIAL_PER_HOST_CONCURRENCY")]
+    pub per_host_concurrency: Option<usize>,
+    /// Attempts started per second per target host, per partition [default: 1000].
+    #[arg(long, env = "SUNDIAL_PER_HOST_RATE")]
+    pub per_host_rate: Option<u32>,
+    /// Consecutive failures that open a host's circuit breaker [default: 5].
+    #[arg(long, env = "SUNDIAL_BREAKER_FAILURES")]
+    pub breaker_failures: Option<u32>,
+    /// How long an open breaker waits before a probe, ms [default: 30000].
+    #[arg(long, env = "SUNDIAL_BREAKER_OPEN_MS")]
+    pub breaker_open_ms: Option<u64>,
+    /// Largest binary-protocol frame accepted, bytes [default: 4194304].
+    #[arg(long, env = "SUNDIAL_FRAME_MAX_BYTES")]
+    pub frame_max_bytes: Option<u32>,
+    /// How long SIGTERM waits for attempts in flight, seconds [default: 10].
+    #[arg(long, env = "SUNDIAL_DRAIN_SECONDS")]
+    pub drain_seconds: Option<u64>,
+    /// Log format on stderr: human or json [default: human].
+    #[arg(long, env = "SUNDIAL_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log level: error, warn, info or debug [default: info].
+    #[arg(long, env = "SUNDIAL_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The settings resolved: every value present and checked.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub data: PathBuf,
+    pub http: SocketAddr,
+    pub binary: SocketAddr,
+    pub partitions: Option<u32>,
+    pub shards: usize,
+    pub segment_bytes: u64,
+    pub snapshot_every: u64,
+    pub limits: Limits,
+    pub tokens: Vec<String>,
+    pub rate_per_token: u32,
+    pub secret: Option<String>,
+    pub allow_loopback_targets: bool,
+    pub allow_private_targets: bool,
+    pub attempt_timeout_ms: u64,
+    pub dispatch_queue: usize,
+    pub per_host_concurrency: usize,
+    pub per_host_rate: u32,
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+    pub frame_max_bytes: u32,
+    pub drain: Duration,
+    pub log_json: bool,
+    pub log_level: tracing::Level,
+}
+
+macro_rules! prefer {
+    ($flags:expr, $file:expr; $($field:ident),* $(,)?) => {
+        ServerOptions { config: $flags.config.clone(), $($field: $flags.$field.clone().or($file.$field.clone()),)* }
+    };
+}
+
+impl ServerOptions {
+    /// Flags and environment over the file's settings.
+    pub fn over(&self, file: &ServerOptions) -> ServerOptions {
+        prefer!(self, file; data, http, binary, partitions, shards, segment_mb, snapshot_every, max_jobs,
+            max_memory_mb, tokens, rate_per_token, secret, allow_loopback_targets, allow_private_targets,
+            attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
+            breaker_open_ms, frame_max_bytes, drain_seconds, log_format, log_level)
+    }
+
+    /// Reads the TOML file named by `config` (if any) and puts these options over it.
+    pub fn with_file(&self) -> Result<ServerOptions, String> {
+        let Some(path) = &self.config else { return Ok(self.clone()) };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let file: ServerOptions = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(self.over(&file))
+    }
+
+    /// Fills in defaults and checks each value; an error names the setting and the rule.
+    pub fn resolve(&self) -> Result<Settings, String> {
+        fn within<T: PartialOrd + std::fmt::Display + Copy>(
+            name: &str,
+            value: T,
+            low: T,
+            high: T,
+        ) -> Result<T, String> {
+            if value < low || value > high {
+                return Err(format!("{name}: must be within {low}..={high}, not {value}"));
+            }
+            Ok(value)
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let log_json = match self.log_format.as_deref().unwrap_or("human") {
+            "human" => false,
+            "json" => true,
+            other => return Err(format!("log_format: must be human or json, not {other:?}")),
+        };
+        let log_level = match self.log_level.as_deref().unwrap_or("info") {
+            "error" => tracing::Level::ERROR,
+            "warn" => tracing::Level::WARN,
+            "info" => tracing::Level::INFO,
+            "debug" => tracing::Level::DEBUG,
+            other => return Err(format!("log_level: must be error, warn, info or debug, not {other:?}")),
+        };
+        let segment_mb = within("segment_mb", self.segment_mb.unwrap_or(8), 1, 1_024)?;
+        Ok(Settings {
+            data: self.data.clone().unwrap_or_else(|| PathBuf::from("sundial-data")),
+            http: self.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            binary: self.binary.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
+            partitions: self.partitions,
+            shards: within("shards", self.shards.unwrap_or(cores), 1, 1_024)?,
+            segment_bytes: segment_mb << 20,
+            snapshot_every: within("snapshot_every", self.snapshot_every.unwrap_or(10_000), 1, u64::MAX)?,
+            limits: Limits {
+                max_jobs: self.max_jobs.unwrap_or(1_000_000),
+                max_memory_bytes: self.max_memory_mb.unwrap_or(0) << 20,
+            },
+            tokens: self
+                .tokens
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
+            rate_per_token: within("rate_per_token", self.rate_per_token.unwrap_or(1_000), 1, u32::MAX)?,
+            secret: self.secret.clone().filter(|s| !s.is_empty()),
+            allow_loopback_targets: self.allow_loopback_targets.unwrap_or(false),
+            allow_private_targets: self.allow_private_targets.unwrap_or(false),
+            attempt_timeout_ms: within(
+                "attempt_timeout_ms",
+                self.attempt_timeout_ms.unwrap_or(sundial_engine::job::ATTEMPT_TIMEOUT_MS_DEFAULT),
+                1,
+                sundial_engine::job::ATTEMPT_TIMEOUT_MS_MAX,
+            )?,
+            dispatch_queue: within("dispatch_queue", self.dispatch_queue.unwrap_or(10_000), 1, 10_000_000)?,
+            per_host_concurrency: within("per_host_concurrency", self.per_host_concurrency.unwrap_or(32), 1, 100_000)?,
+            per_host_rate: within("per_host_rate", self.per_host_rate.unwrap_or(1_000), 1, u32::MAX)?,
+            breaker_failures: within("breaker_failures", self.breaker_failures.unwrap_or(5), 1, 1_000_000)?,
+            breaker_open_ms: within("breaker_open_ms", self.breaker_open_ms.unwrap_or(30_000), 1, 86_400_000)?,
+            frame_max_bytes: within(
+                "frame_max_bytes",
+                self.frame_max_bytes.unwrap_or(sundial_net::codec::FRAME_MAX_BYTES_DEFAULT),
+                1_024,
+                1 << 30,
+            )?,
+            drain: Duration::from_secs(within("drain_seconds", self.drain_seconds.unwrap_or(10), 0, 3_600)?),
+            log_json,
+            log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: ServerOptions =
+            toml::from_str("max_jobs = 5\nhttp = \"127.0.0.1:9000\"\ntokens = [\"a\"]\n").unwrap();
+        let flags = ServerOptions { max_jobs: Some(7), ..ServerOptions::default() };
+        let settings = flags.over(&file).resolve().unwrap();
+        assert_eq!(settings.limits.max_jobs, 7);
+        assert_eq!(settings.http, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
+        assert_eq!(settings.tokens, ["a"]);
+        assert_eq!(settings.binary, "127.0.0.1:7070".parse::<SocketAddr>().unwrap(), "a default");
+    }
+
+    #[test]
+    fn a_bad_value_or_an_unknown_key_names_the_setting() {
+        let unknown = toml::from_str::<ServerOptions>("max_jobz = 5\n").unwrap_err().to_string();
+        assert!(unknown.contains("max_jobz"), "{unknown}");
+        let zero = ServerOptions { shards: Some(0), ..ServerOptions::default() }.resolve().unwrap_err();
+        assert_eq!(zero, "shards: must be within 1..=1024, not 0");
+        let level = ServerOptions { log_level: Some("loud".into()), ..ServerOptions::default() }.resolve().unwrap_err();
+        assert!(level.starts_with("log_level:"), "{level}");
+    }
+}
