@@ -45,14 +45,14 @@ pub struct ServerOptions {
     #[arg(long, env = "SUNDIAL_MAX_MEMORY_MB")]
     pub max_memory_mb: Option<u64>,
     /// Bearer tokens (repeat the flag, or a comma-separated list); none: no authentication.
-    #[arg(long = "token", env = "SUNDIAL_TOKENS", value_delimiter = ',')]
+    #[arg(long = "token", env = "SUNDIAL_TOKENS", value_delimiter = ',', hide_env_values = true)]
     #[serde(default)]
     pub tokens: Option<Vec<String>>,
     /// Requests per second per token (a token bucket with an equal burst) [default: 1000].
     #[arg(long, env = "SUNDIAL_RATE_PER_TOKEN")]
     pub rate_per_token: Option<u32>,
     /// Signs the webhooks of jobs without their own secret (HMAC-SHA256).
-    #[arg(long, env = "SUNDIAL_SECRET")]
+    #[arg(long, env = "SUNDIAL_SECRET", hide_env_values = true)]
     pub secret: Option<String>,
     /// Allow webhook targets on loopback addresses (tests, local receivers) [default: false].
     #[arg(long, env = "SUNDIAL_ALLOW_LOOPBACK_TARGETS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]

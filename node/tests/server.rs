@@ -631,3 +631,120 @@ async fn the_binary_protocol_creates_reads_and_cancels_and_refuses_bad_frames() 
     let client = Client::connect(node.binary, options).await.expect("with the token");
     assert_eq!(client.get("none").await.expect("get").status, 404);
 }
+
+/// Runs `sundial <args>` as the CLI: (exit success, stdout, stderr).
+fn sundial_cli(node: &Node, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_sundial"))
+        .args(args)
+        .env("SUNDIAL_NODE", format!("http://{}", node.addr))
+        .output()
+        .expect("run the CLI");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.success(), text(&output.stdout), text(&output.stderr))
+}
+
+/// The CLI against a real node: create, get, list, cancel, dlq and status, for people and
+/// with --json for scripts; a refusal prints the API's message and exits non-zero.
+#[test]
+fn the_cli_creates_shows_lists_and_cancels_jobs() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let (ok, out, err) =
+        sundial_cli(&node, &["job", "create", "--id", "cli-1", "--url", "http://127.0.0.1:9/x", "--delay", "1h"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("created cli-1") && out.contains("pending"), "{out}");
+    let (ok, out, _) = sundial_cli(&node, &["job", "get", "cli-1", "--json"]);
+    let job: Value = serde_json::from_str(&out).expect("--json prints JSON");
+    assert!(ok);
+    assert_eq!((job["id"].as_str(), job["status"].as_str()), (Some("cli-1"), Some("pending")));
+    let (ok, out, _) = sundial_cli(
+        &node,
+        &["job", "create", "--url", "http://127.0.0.1:9/c", "--cron", "*/5 * * * *", "--time-zone", "Europe/Paris"],
+    );
+    assert!(ok && out.contains("cron \"*/5 * * * *\" in Europe/Paris"), "{out}");
+    let (ok, out, _) = sundial_cli(&node, &["job", "list"]);
+    assert!(ok && out.lines().count() == 3 && out.contains("cli-1"), "a header and two jobs: {out}");
+    let (ok, out, _) = sundial_cli(&node, &["job", "cancel", "cli-1"]);
+    assert!(ok && out.contains("cancelled cli-1"), "{out}");
+    let (ok, out, _) = sundial_cli(&node, &["job", "list", "--status", "cancelled", "--json"]);
+    let listed: Value = serde_json::from_str(&out).expect("JSON");
+    assert!(ok);
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(1));
+    let (ok, out, _) = sundial_cli(&node, &["status"]);
+    assert!(ok && out.contains("16 partitions") && out.contains("1 pending") && out.contains("1 cancelled"), "{out}");
+    let (ok, out, _) = sundial_cli(&node, &["dlq", "list"]);
+    assert!(ok && out.starts_with("ID"), "{out}");
+
+    // Refusals: the API's message and field, a failing exit status, nothing created.
+    let (ok, _, err) = sundial_cli(&node, &["job", "create", "--url", "not a url", "--delay", "1h"]);
+    assert!(!ok && err.contains("400 invalid") && err.contains("url"), "{err}");
+    let (ok, _, err) = sundial_cli(&node, &["job", "get", "nope"]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) =
+        sundial_cli(&node, &["job", "create", "--url", "http://127.0.0.1:9/", "--delay", "1h", "--cron", "* * * * *"]);
+    assert!(!ok && err.contains("exactly one of"), "{err}");
+    assert_eq!(node.call("GET", "/health", b"").1["jobs"]["pending"], 1, "only the cron job is pending");
+    drop(node);
+    let (ok, _, err) = sundial_cli(&Node::start(data.path()), &["job", "get", "x", "--node", "http://127.0.0.1:1"]);
+    assert!(!ok && err.contains("cannot reach"), "{err}");
+}
+
+/// Settings come from a TOML file, under the environment, under flags; an unknown key or a
+/// bad value stops the start with the setting named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_come_from_the_file_the_environment_and_flags_in_that_order() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let config = data.path().join("sundial.toml");
+    std::fs::write(&config, "max_jobs = 1\npartitions = 4\n").expect("write config");
+    let node = Node::start_with(data.path(), &["--config", config.to_str().expect("utf-8")]);
+    let create = |id: &str| json!({"id": id, "delay": "1h", "url": "http://127.0.0.1:9/"}).to_string();
+    assert_eq!(node.call("POST", "/jobs", create("a").as_bytes()).0, 201);
+    assert_eq!(node.call("POST", "/jobs", create("b").as_bytes()).0, 507, "max_jobs = 1 from the file");
+    assert_eq!(node.call("GET", "/health", b"").1["partitions"], 4);
+    node.kill();
+    // A flag beats the file.
+    let node = Node::start_with(data.path(), &["--config", config.to_str().expect("utf-8"), "--max-jobs", "2"]);
+    assert_eq!(node.call("POST", "/jobs", create("b").as_bytes()).0, 201, "--max-jobs 2 over the file");
+    node.kill();
+
+    std::fs::write(&config, "max_jobz = 1\n").expect("write config");
+    let refused = Command::new(env!("CARGO_BIN_EXE_sundial"))
+        .args(["--config", config.to_str().expect("utf-8"), "--data"])
+        .arg(data.path())
+        .output()
+        .expect("run");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && message.contains("max_jobz"), "{message}");
+    let refused = Command::new(env!("CARGO_BIN_EXE_sundial"))
+        .args(["--data"])
+        .arg(data.path())
+        .env("SUNDIAL_LOG_LEVEL", "loud")
+        .output()
+        .expect("run");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && message.contains("log_level"), "{message}");
+}
+
+/// docs/CONFIGURATION.md documents every setting `sundial server --help` lists, with its
+/// flag and its environment variable.
+#[test]
+fn every_setting_is_documented() {
+    let help = Command::new(env!("CARGO_BIN_EXE_sundial")).args(["server", "--help"]).output().expect("run");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/CONFIGURATION.md")).expect("the page");
+    let mut checked = 0;
+    for line in help.lines().map(str::trim_start).filter(|l| l.starts_with("--") && !l.starts_with("--help")) {
+        let flag = line.split([' ', '[', '<']).next().expect("a flag");
+        assert!(page.contains(&format!("`{flag}`")), "{flag} is not in docs/CONFIGURATION.md");
+        let key = flag.trim_start_matches("--").replace('-', "_");
+        let key = if key == "token" { "tokens".to_string() } else { key };
+        assert!(
+            page.contains(&format!("`SUNDIAL_{}`", key.to_uppercase())),
+            "SUNDIAL_{} is not documented",
+            key.to_uppercase()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} settings found in --help:\n{help}");
+}
