@@ -57,6 +57,10 @@ pub struct JobSpec {
     pub labels: BTreeMap<String, String>,
     /// Signs requests (HMAC-SHA256) instead of the global secret.
     pub secret: Option<String>,
+    /// The trace the job was created in: its fires and attempts are spans of it and its
+    /// webhooks carry it (`traceparent`). Set by the node from the request, not the body.
+    #[serde(default)]
+    pub trace: Option<crate::trace::TraceContext>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,11 +223,20 @@ const RESERVED_HEADERS: [&str; 9] = [
 
 impl JobSpec {
     /// Checks every rule; returns all the broken ones.
+    /// Whether `other` asks for the same job: equal in everything but the trace it was
+    /// requested in (a retried create comes in a new request).
+    pub fn same_job(&self, other: &JobSpec) -> bool {
+        JobSpec { trace: None, ..self.clone() } == JobSpec { trace: None, ..other.clone() }
+    }
+
     pub fn validate(&self) -> Result<(), Vec<FieldError>> {
         let mut errors = Vec::new();
         let mut fail = |field: &str, rule: String| errors.push(FieldError::new(field, rule));
         if let Err(rule) = check_id(&self.id) {
             fail("id", rule);
+        }
+        if self.trace.as_ref().is_some_and(|trace| !trace.is_valid()) {
+            fail("trace", "must be a W3C trace context (32 and 16 lower-case hex digits, not all zeros)".into());
         }
         if let Schedule::Cron(cron) = &self.schedule {
             // The expression and the zone are checked apart, so both are reported.

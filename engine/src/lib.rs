@@ -8,6 +8,7 @@ pub mod job;
 pub mod request;
 pub mod runtime;
 pub mod state;
+pub mod trace;
 pub mod wheel;
 
 pub use wheel::{TimerHandle, TimingWheel, WheelFull};

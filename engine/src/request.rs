@@ -223,6 +223,7 @@ fn parse_sundial(
         depends_on,
         labels,
         secret,
+        trace: None,
     })
 }
 
@@ -345,6 +346,7 @@ fn parse_scheduled_db(
         depends_on: Vec::new(),
         labels: BTreeMap::new(),
         secret: None,
+        trace: None,
     })
 }
 

@@ -7,6 +7,7 @@
 
 use crate::dispatch::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 use crate::state::{Applied, ApplyError, Command, Due, Outcome, State};
+use crate::trace::{attempt_span_id, fire_span_id, fire_trace, SpanRecord};
 use crate::wheel::{Expired, TimerHandle, TimingWheel};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -57,6 +58,9 @@ pub struct RuntimeConfig {
     pub results_capacity: usize,
     /// Jobs with a pending timer.
     pub timers_max: usize,
+    /// Keep a `SpanRecord` of every attempt and fire (for OTLP export), taken with
+    /// `take_spans`.
+    pub record_spans: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -66,6 +70,7 @@ impl Default for RuntimeConfig {
             dispatch: DispatchConfig::default(),
             results_capacity: 4096,
             timers_max: 10_000_000,
+            record_spans: false,
         }
     }
 }
@@ -95,7 +100,14 @@ pub struct Runtime<L: CommandLog> {
     results: Option<mpsc::Receiver<AttemptResult>>,
     rng: u64,
     stats: RuntimeStats,
+    /// Finished spans not yet taken (bounded by `SPANS_KEPT_MAX`; beyond it they are
+    /// dropped and counted).
+    spans: Vec<SpanRecord>,
+    spans_dropped: u64,
 }
+
+/// Spans kept until taken; the node takes them every loop turn.
+const SPANS_KEPT_MAX: usize = 65_536;
 
 impl LocalRuntime {
     /// Starts on the current tokio runtime with an empty state.
@@ -135,6 +147,8 @@ impl<L: CommandLog> Runtime<L> {
             results,
             rng: now_ms() | 1,
             stats: RuntimeStats::default(),
+            spans: Vec::new(),
+            spans_dropped: 0,
         };
         let ids: Vec<String> = runtime.log.state().jobs().map(|job| job.spec.id.clone()).collect();
         for id in &ids {
@@ -159,6 +173,7 @@ impl<L: CommandLog> Runtime<L> {
                 target: spec.target.clone(),
                 timeout_ms: spec.attempt_timeout_ms,
                 secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+                traceparent: crate::trace::attempt_traceparent(spec.trace.as_ref(), &id, fire_ms, attempt),
             };
             // A full queue at start-up: the attempt stays in flight in the state and is
             // re-run at the next start (rare: the queue holds thousands).
@@ -366,6 +381,7 @@ impl<L: CommandLog> Runtime<L> {
             tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now.saturating_sub(due_ms), "attempt starting");
             let job = self.log.state().job(&id).expect("due jobs exist");
             let spec = &job.spec;
+            let traceparent = crate::trace::attempt_traceparent(spec.trace.as_ref(), &id, fire_ms, attempt);
             let submission = Attempt {
                 job_id: id,
                 fire_ms,
@@ -375,6 +391,7 @@ impl<L: CommandLog> Runtime<L> {
                 target: spec.target.clone(),
                 timeout_ms: spec.attempt_timeout_ms,
                 secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+                traceparent,
             };
             // Room was counted above and only this runtime submits: this is not refused.
             if self.dispatcher.submit(submission).is_ok() {
@@ -432,8 +449,102 @@ impl<L: CommandLog> Runtime<L> {
                 retry_at_ms,
             });
         }
+        let finished: Vec<(String, u64, u32, u64, u64, Outcome)> = if self.config.record_spans {
+            commands
+                .iter()
+                .filter_map(|command| match command {
+                    Command::AttemptFinished { id, fire_ms, attempt, started_ms, finished_ms, outcome, .. } => {
+                        Some((id.clone(), *fire_ms, *attempt, *started_ms, *finished_ms, outcome.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // A stale outcome (the job was cancelled meanwhile) is refused and changes nothing.
-        let _ = self.apply_batch(commands);
+        let verdicts = self.apply_batch(commands);
+        for ((id, fire_ms, attempt, started_ms, finished_ms, outcome), verdict) in finished.into_iter().zip(verdicts) {
+            if verdict.is_ok() {
+                self.record_attempt_spans(&id, fire_ms, attempt, started_ms, finished_ms, &outcome);
+            }
+        }
+    }
+
+    /// The spans of a finished attempt, and of its fire when that was the last attempt.
+    fn record_attempt_spans(
+        &mut self,
+        id: &str,
+        fire_ms: u64,
+        attempt: u32,
+        started_ms: u64,
+        finished_ms: u64,
+        outcome: &Outcome,
+    ) {
+        let Some(job) = self.log.state().job(id) else { return };
+        let trace = job.spec.trace.clone();
+        let trace_id = fire_trace(trace.as_ref(), id, fire_ms);
+        let fire_span = fire_span_id(id, fire_ms);
+        let result = match outcome {
+            Outcome::Response { status, .. } => ("http.response.status_code", status.to_string()),
+            Outcome::Error(class) => ("error.type", format!("{class:?}").to_lowercase()),
+        };
+        let retrying =
+            matches!(self.log.state().next_due(id), Some((_, Due::Retry { fire_ms: f, .. })) if f == fire_ms);
+        let mut records = vec![SpanRecord {
+            name: "attempt",
+            trace_id: trace_id.clone(),
+            span_id: attempt_span_id(id, fire_ms, attempt),
+            parent_span_id: Some(fire_span.clone()),
+            start_ms: started_ms,
+            end_ms: finished_ms,
+            attributes: vec![
+                ("sundial.job_id", id.to_string()),
+                ("sundial.fire_ms", fire_ms.to_string()),
+                ("sundial.attempt", attempt.to_string()),
+                ("url.full", job.spec.target.url.clone()),
+                result.clone(),
+            ],
+            failed: !outcome.succeeded(),
+        }];
+        if !retrying {
+            records.push(SpanRecord {
+                name: "fire",
+                trace_id,
+                span_id: fire_span,
+                parent_span_id: trace.map(|t| t.span_id),
+                start_ms: fire_ms.min(started_ms),
+                end_ms: finished_ms,
+                attributes: vec![
+                    ("sundial.job_id", id.to_string()),
+                    ("sundial.fire_ms", fire_ms.to_string()),
+                    ("sundial.attempts", attempt.to_string()),
+                    result,
+                ],
+                failed: !outcome.succeeded(),
+            });
+        }
+        self.keep_spans(records);
+    }
+
+    /// Keeps spans for `take_spans` (only when `record_spans` is on), within the bound.
+    pub fn keep_spans(&mut self, records: Vec<SpanRecord>) {
+        if !self.config.record_spans {
+            return;
+        }
+        for record in records {
+            if self.spans.len() >= SPANS_KEPT_MAX {
+                self.spans_dropped += 1;
+                continue;
+            }
+            self.spans.push(record);
+        }
+    }
+
+    /// The spans finished since the last call, and how many were dropped (the buffer was
+    /// full) since the start.
+    pub fn take_spans(&mut self) -> (Vec<SpanRecord>, u64) {
+        (std::mem::take(&mut self.spans), self.spans_dropped)
     }
 
     /// Outcomes already waiting, without waiting (at most `max`).

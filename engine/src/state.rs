@@ -411,7 +411,11 @@ impl State {
 
     fn create(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
         if let Some(existing) = self.jobs.get(&spec.id) {
-            return if existing.spec == spec { Ok(Applied::AlreadyExists) } else { Err(ApplyError::Conflict(spec.id)) };
+            return if existing.spec.same_job(&spec) {
+                Ok(Applied::AlreadyExists)
+            } else {
+                Err(ApplyError::Conflict(spec.id))
+            };
         }
         for dependency in &spec.depends_on {
             if !self.jobs.contains_key(dependency) {

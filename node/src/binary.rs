@@ -171,7 +171,7 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
     let id = frame.request_id;
     let answers = match frame.message {
         Message::Ping => return Frame::new(id, Message::Pong),
-        Message::Create { jobs } => router.create(jobs.iter().map(|job| parse_body(job)).collect()).await,
+        Message::Create { jobs } => router.create(jobs.iter().map(|job| parse_body(job)).collect(), None).await,
         Message::Get { ids } => router.job_many(&ids, JobOp::Get).await,
         Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,
         other => {

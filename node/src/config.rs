@@ -84,6 +84,9 @@ pub struct ServerOptions {
     /// How long SIGTERM waits for attempts in flight, seconds [default: 10].
     #[arg(long, env = "SUNDIAL_DRAIN_SECONDS")]
     pub drain_seconds: Option<u64>,
+    /// OTLP/HTTP collector for spans (e.g. http://127.0.0.1:4318); none: spans are not exported.
+    #[arg(long, env = "SUNDIAL_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Log format on stderr: human or json [default: human].
     #[arg(long, env = "SUNDIAL_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -116,6 +119,7 @@ pub struct Settings {
     pub breaker_open_ms: u64,
     pub frame_max_bytes: u32,
     pub drain: Duration,
+    pub otlp_endpoint: Option<String>,
     pub log_json: bool,
     pub log_level: tracing::Level,
 }
@@ -132,7 +136,7 @@ impl ServerOptions {
         prefer!(self, file; data, http, binary, partitions, shards, segment_mb, snapshot_every, max_jobs,
             max_memory_mb, tokens, rate_per_token, secret, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
-            breaker_open_ms, frame_max_bytes, drain_seconds, log_format, log_level)
+            breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level)
     }
 
     /// Reads the TOML file named by `config` (if any) and puts these options over it.
@@ -212,6 +216,7 @@ impl ServerOptions {
                 1 << 30,
             )?,
             drain: Duration::from_secs(within("drain_seconds", self.drain_seconds.unwrap_or(10), 0, 3_600)?),
+            otlp_endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
             log_json,
             log_level,
         })

@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use sundial_engine::state::Status;
+use sundial_engine::trace::TraceContext;
 
 /// Request bodies larger than this are refused with 413.
 pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
@@ -59,6 +60,8 @@ async fn respond(
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
     let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let parent =
+        request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceContext::parse_traceparent);
     match gate.check(&method, &path, authorization, sundial_engine::dispatch::now_ms()) {
         Verdict::Allow => {}
         Verdict::Unauthorized => {
@@ -93,18 +96,27 @@ async fn respond(
             Err(refused) => to_response(refused),
         };
     }
-    to_response(route(router, &method, &path, &query, &body).await)
+    to_response(route(router, &method, &path, &query, &body, parent).await)
 }
 
-/// Routes one request to the router.
-pub async fn route(router: &Router, method: &str, path: &str, query: &str, body: &[u8]) -> Answer {
+/// Routes one request to the router; `parent` is its W3C trace context, if it had one.
+pub async fn route(
+    router: &Router,
+    method: &str,
+    path: &str,
+    query: &str,
+    body: &[u8],
+    parent: Option<TraceContext>,
+) -> Answer {
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     match (method, segments.as_slice()) {
         ("GET", ["health"]) => router.health().await,
         ("GET", ["debug", "cluster"]) => router.cluster().await,
         ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
-        ("POST", ["jobs"]) => router.create(vec![parse_body(body)]).await.pop().expect("one answer per request"),
-        ("POST", ["jobs", "batch"]) => batch(router, body).await,
+        ("POST", ["jobs"]) => {
+            router.create(vec![parse_body(body)], parent).await.pop().expect("one answer per request")
+        }
+        ("POST", ["jobs", "batch"]) => batch(router, body, parent).await,
         ("GET", ["dlq"]) => router.dead_letters().await,
         ("POST", ["dlq", id, fire_ms, "redrive"]) => match fire_ms.parse::<u64>() {
             Ok(fire_ms) => router.job(id, JobOp::Redrive { fire_ms }).await,
@@ -132,7 +144,7 @@ pub async fn route(router: &Router, method: &str, path: &str, query: &str, body:
 
 /// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), answered in order
 /// with each one's status and job or error.
-async fn batch(router: &Router, body: &[u8]) -> Answer {
+async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>) -> Answer {
     let requests = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut object)) => match object.remove("jobs") {
             Some(Value::Array(requests)) if requests.len() <= BATCH_MAX => requests,
@@ -142,7 +154,7 @@ async fn batch(router: &Router, body: &[u8]) -> Answer {
         Ok(_) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
         Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
     };
-    let answers = router.create(requests.into_iter().map(Ok).collect()).await;
+    let answers = router.create(requests.into_iter().map(Ok).collect(), parent).await;
     let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
     answer(200, json!({"results": results}))
 }

@@ -16,6 +16,7 @@ pub mod partition;
 pub mod router;
 pub mod shard;
 pub mod storage;
+pub mod telemetry;
 
 pub use partition::{Partition, PartitionError, PartitionOptions};
 pub use storage::WalStorage;

@@ -6,6 +6,7 @@ use crate::meta::{partition_of, ClusterMeta};
 use crate::metrics::Metrics;
 use crate::ops::{answer, field_error, retry_later, Answer, JobOp};
 use crate::shard::{LiveJobs, Scan, Work};
+use crate::telemetry::{wall_ms, SpanSink};
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use sundial_engine::dispatch::now_ms;
 use sundial_engine::job::{new_job_id, JobSpec};
 use sundial_engine::request::parse_job_request;
 use sundial_engine::state::Status;
+use sundial_engine::trace::{SpanRecord, TraceContext};
 use tokio::sync::{mpsc, oneshot};
 
 /// Jobs listed per `GET /jobs` at most (`?limit=` within it).
@@ -69,6 +71,8 @@ pub struct Router {
     pub metrics: Arc<Metrics>,
     pub facts: NodeFacts,
     random: AtomicU64,
+    /// Where request spans go (OTLP configured), else `None`.
+    pub spans: Option<SpanSink>,
 }
 
 fn busy() -> Answer {
@@ -90,7 +94,7 @@ impl Router {
     ) -> Router {
         let partitions = facts.meta.partitions;
         let random = AtomicU64::new(now_ms() | 1);
-        Router { shards, partitions, limits, defaults, live, metrics, facts, random }
+        Router { shards, partitions, limits, defaults, live, metrics, facts, random, spans: None }
     }
 
     fn shard_of(&self, partition: u32) -> &mpsc::Sender<Work> {
@@ -111,7 +115,7 @@ impl Router {
 
     /// Validates one create request and decides its partition: a job that depends on
     /// others lives with them (its generated id is chosen to hash there).
-    fn prepare(&self, request: &Value, now: u64) -> Result<(u32, JobSpec), Answer> {
+    fn prepare(&self, request: &Value, now: u64, trace: &TraceContext) -> Result<(u32, JobSpec), Answer> {
         let generated = new_job_id(now, self.next_random());
         let mut spec = parse_job_request(request, now, &generated).map_err(|problems| {
             let first = problems.first().map(|p| p.field.clone()).unwrap_or_default();
@@ -122,6 +126,7 @@ impl Router {
         if request.get("attempt_timeout_ms").is_none() {
             spec.attempt_timeout_ms = self.defaults.attempt_timeout_ms;
         }
+        spec.trace = Some(trace.clone());
         let Some(first) = spec.depends_on.first() else {
             return Ok((partition_of(&spec.id, self.partitions), spec));
         };
@@ -153,14 +158,25 @@ impl Router {
     }
 
     /// Creates jobs (one per request, in order): each validated on its own; the admitted
-    /// ones of a partition go to its log together.
-    pub async fn create(&self, requests: Vec<Result<Value, Answer>>) -> Vec<Answer> {
+    /// ones of a partition go to its log together. `parent` is the caller's trace context
+    /// (an HTTP `traceparent`); the jobs belong to this request's span in its trace, or in a
+    /// new one.
+    pub async fn create(&self, requests: Vec<Result<Value, Answer>>, parent: Option<TraceContext>) -> Vec<Answer> {
         let now = now_ms();
+        let started_ms = wall_ms();
+        let random = self.next_random();
+        let trace = match &parent {
+            Some(parent) => {
+                TraceContext { trace_id: parent.trace_id.clone(), span_id: format!("{:016x}", (random as u64).max(1)) }
+            }
+            None => TraceContext::new(random, (random >> 64) as u64 ^ 0x5bd1_e995),
+        };
+        let count = requests.len();
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(requests.len());
         let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<JobSpec>)> = Default::default();
         let memory_full = self.memory_full();
         for request in requests {
-            let prepared = request.and_then(|request| self.prepare(&request, now));
+            let prepared = request.and_then(|request| self.prepare(&request, now, &trace));
             match prepared {
                 Ok(_) if memory_full.is_some() => answers.push(memory_full.clone()),
                 Ok((partition, spec)) => {
@@ -194,6 +210,19 @@ impl Router {
         for refused in answers.iter().filter(|a| a.status >= 400) {
             let code = refused.body.as_ref().and_then(|b| b["code"].as_str()).unwrap_or("other");
             self.metrics.rejected(code);
+        }
+        if let Some(spans) = &self.spans {
+            let created = answers.iter().filter(|a| a.status == 201).count();
+            spans.send([SpanRecord {
+                name: "request",
+                trace_id: trace.trace_id.clone(),
+                span_id: trace.span_id.clone(),
+                parent_span_id: parent.map(|p| p.span_id),
+                start_ms: started_ms,
+                end_ms: wall_ms(),
+                attributes: vec![("sundial.jobs", count.to_string()), ("sundial.created", created.to_string())],
+                failed: created < count,
+            }]);
         }
         answers
     }

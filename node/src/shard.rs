@@ -78,6 +78,8 @@ pub struct ShardConfig {
     /// How long a stopping shard waits for attempts in flight.
     pub drain_limit: Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Where finished spans go (OTLP configured), else `None`.
+    pub spans: Option<crate::telemetry::SpanSink>,
 }
 
 /// A running shard, as the rest of the node sees it.
@@ -326,10 +328,32 @@ impl Shard {
         let live = self.config.live.total() as usize;
         let room = self.config.max_jobs.saturating_sub(live);
         let started = Instant::now();
+        let started_ms = crate::telemetry::wall_ms();
+        let traces: std::collections::BTreeSet<(String, String)> = all
+            .iter()
+            .flatten()
+            .filter_map(|spec| spec.trace.as_ref().map(|t| (t.trace_id.clone(), t.span_id.clone())))
+            .collect();
         let mut answers =
             ops::create_specs(runtime, all.into_iter().flatten().collect(), now_ms, room, self.config.max_jobs)
                 .into_iter();
         self.metrics.applied(started.elapsed());
+        // One "commit" span per request whose jobs this log write carried.
+        let ended_ms = crate::telemetry::wall_ms();
+        let commits = traces.into_iter().map(|(trace_id, span_id)| sundial_engine::trace::SpanRecord {
+            name: "commit",
+            span_id: format!(
+                "{:016x}",
+                std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), &span_id).max(1)
+            ),
+            trace_id,
+            parent_span_id: Some(span_id),
+            start_ms: started_ms,
+            end_ms: ended_ms,
+            attributes: vec![("sundial.partition", partition.to_string())],
+            failed: false,
+        });
+        runtime.keep_spans(commits.collect());
         for (size, reply) in sizes.into_iter().zip(replies) {
             let answers: Vec<Answer> = answers.by_ref().take(size).collect();
             self.metrics.created(&answers);
@@ -349,6 +373,9 @@ impl Shard {
             // The log is the runtime's; its write records are metrics-only and taken here.
             let writes = runtime.log_mut().take_writes();
             self.metrics.log_writes(&writes);
+            if let Some(sink) = &self.config.spans {
+                sink.send(runtime.take_spans().0);
+            }
         }
     }
 }

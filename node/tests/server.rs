@@ -748,3 +748,79 @@ fn every_setting_is_documented() {
     }
     assert!(checked >= 20, "only {checked} settings found in --help:\n{help}");
 }
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex")).collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A create that carries a W3C `traceparent` puts the job in that trace: its webhook's
+/// `traceparent` has the same trace id and names the attempt's own span, and the spans of
+/// request → commit → fire → attempt reach an OTLP collector (a real HTTP receiver here;
+/// the protobuf payload holds the names and the raw ids).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_context_flows_from_the_create_into_the_webhook_and_out_over_otlp() {
+    let (target, hits) = receiver().await;
+    let (collector, exports) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--otlp-endpoint", &format!("http://{collector}")]);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller_span = "00f067aa0ba902b7";
+    let request = json!({"id": "traced", "delay": "1s", "url": format!("http://{target}/t")}).to_string();
+    let header = format!("traceparent: 00-{trace_id}-{caller_span}-01\r\n");
+    let (status, _, _) = node.exchange("POST", "/jobs", request.as_bytes(), &header);
+    assert_eq!(status, 201);
+    assert!(wait_for(Duration::from_secs(20), || !hits.lock().expect("hits").is_empty()).await, "it fired");
+    let hit = hits.lock().expect("hits")[0].clone();
+    let traceparent =
+        hit.headers.iter().find(|(name, _)| name == "traceparent").map(|(_, v)| v.clone()).expect("header");
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[1], parts[3]), (4, "00", trace_id, "01"), "{traceparent}");
+    let attempt_span = parts[2].to_string();
+    assert!(attempt_span.len() == 16 && attempt_span != caller_span, "{traceparent}");
+
+    let exported = || {
+        let exports = exports.lock().expect("exports");
+        let bytes: Vec<u8> = exports.iter().flat_map(|e| e.body.clone()).collect();
+        ["request", "commit", "fire", "attempt"].iter().all(|name| contains(&bytes, name.as_bytes()))
+            && contains(&bytes, &unhex(&attempt_span))
+    };
+    assert!(wait_for(Duration::from_secs(30), exported).await, "the spans reached the collector");
+    let exports = exports.lock().expect("exports").clone();
+    assert!(exports.iter().all(|e| e.headers.contains(&("content-type".into(), "application/x-protobuf".into()))));
+    let bytes: Vec<u8> = exports.iter().flat_map(|e| e.body.clone()).collect();
+    assert!(contains(&bytes, &unhex(trace_id)), "the caller's trace id is the spans' trace id");
+    assert!(contains(&bytes, &unhex(caller_span)), "the request span's parent is the caller's span");
+}
+
+/// A cron job fires on its schedule again and again, each fire once (its own idempotency
+/// key), and pausing it stops the fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_job_fires_repeatedly_until_paused() {
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let request = json!({"id": "every-second", "cron": "* * * * * *", "url": format!("http://{target}/cron")});
+    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
+    assert!(wait_for(Duration::from_secs(30), || hits.lock().expect("hits").len() >= 3).await, "three fires");
+    let (status, job) = node.call("POST", "/jobs/every-second/pause", b"");
+    assert_eq!((status, job["paused"].as_bool()), (200, Some(true)), "{job}");
+    // An attempt already started may still land; after that, nothing more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after_pause = hits.lock().expect("hits").len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let hits = hits.lock().expect("hits").clone();
+    assert_eq!(hits.len(), after_pause, "no fire while paused");
+    let mut keys: Vec<&str> = hits.iter().map(|h| h.key.as_str()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), hits.len(), "each fire once, with its own key");
+    for hit in &hits {
+        let fire_ms: u64 =
+            hit.key.rsplit(':').next().and_then(|ms| ms.parse().ok()).expect("key ends with the fire time");
+        assert!(fire_ms % 1_000 == 0 && hit.at_ms >= fire_ms, "on a second boundary and not early: {}", hit.key);
+    }
+}

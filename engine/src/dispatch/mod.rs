@@ -74,6 +74,8 @@ pub struct Attempt {
     pub target: Target,
     pub timeout_ms: u64,
     pub secret: Option<Vec<u8>>,
+    /// W3C trace context naming this attempt's span (`crate::trace`).
+    pub traceparent: String,
 }
 
 /// What became of an attempt.
@@ -415,7 +417,7 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
         .header("x-sundial-attempt", attempt.attempt.to_string())
         .header("x-sundial-fire-time", attempt.fire_ms.to_string())
         .header("x-correlation-id", key.as_str())
-        .header("traceparent", sign::traceparent(&attempt.job_id, attempt.fire_ms, attempt.attempt));
+        .header("traceparent", attempt.traceparent.as_str());
     if let Some(secret) = attempt.secret.as_deref().or(config.global_secret.as_deref()) {
         builder = builder.header("x-sundial-signature", sign::signature(secret, now_ms(), &target.body));
     }

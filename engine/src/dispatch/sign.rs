@@ -1,5 +1,5 @@
 //! What every attempt carries besides the job's own headers: the idempotency key (stable for
-//! a fire across retries and failovers), W3C trace context, and an HMAC-SHA256 signature.
+//! a fire across retries and failovers), W3C trace context (`crate::trace`), and an HMAC-SHA256 signature.
 //!
 //! Signature: `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //! A receiver recomputes the HMAC over the timestamp, a dot and the raw body bytes with the
@@ -7,19 +7,11 @@
 //! (say five minutes) so a captured request cannot be replayed later.
 
 use hmac::{Hmac, Mac};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
 /// `<job id>:<fire ms>`: the same for every attempt of one fire, on any leader.
 pub fn idempotency_key(job_id: &str, fire_ms: u64) -> String {
     format!("{job_id}:{fire_ms}")
-}
-
-/// W3C `traceparent`: the trace id is derived from the fire (one trace per fire), the span
-/// id from the attempt.
-pub fn traceparent(job_id: &str, fire_ms: u64, attempt: u32) -> String {
-    let fire = Sha256::digest(idempotency_key(job_id, fire_ms).as_bytes());
-    let span = Sha256::digest(format!("{}#{attempt}", idempotency_key(job_id, fire_ms)).as_bytes());
-    format!("00-{}-{}-01", hex(&fire[..16]), hex(&span[..8]))
 }
 
 /// The value of `X-Sundial-Signature` for `body` sent at `timestamp_ms`.
@@ -78,14 +70,5 @@ mod tests {
         assert!(!verify(b"secret", &header, b"{\"a\":2}", 1_000_500, 300_000), "body changed");
         assert!(!verify(b"other", &header, b"{\"a\":1}", 1_000_500, 300_000), "wrong secret");
         assert!(!verify(b"secret", &header, b"{\"a\":1}", 2_000_000, 300_000), "too old");
-    }
-
-    #[test]
-    fn trace_ids_are_stable_per_fire_and_spans_per_attempt() {
-        let first = traceparent("job", 5, 1);
-        let second = traceparent("job", 5, 2);
-        assert_eq!(first.len(), 55);
-        assert_eq!(first[..35], second[..35], "same trace id");
-        assert_ne!(first, second, "different span ids");
     }
 }

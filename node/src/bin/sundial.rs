@@ -18,6 +18,7 @@ use sundial_node::meta::ClusterMeta;
 use sundial_node::metrics::Metrics;
 use sundial_node::router::{JobDefaults, NodeFacts, Router};
 use sundial_node::shard::{self, LiveJobs, ShardConfig};
+use sundial_node::telemetry;
 use sundial_node::PartitionOptions;
 use sundial_wal::WalOptions;
 use tokio::sync::{mpsc, watch};
@@ -128,6 +129,11 @@ async fn serve(settings: Settings) -> Result<(), String> {
         ..DispatchConfig::default()
     };
     let live = Arc::new(LiveJobs::new(shard_count));
+    let exporter = match &settings.otlp_endpoint {
+        Some(endpoint) => Some(telemetry::start(endpoint)?),
+        None => None,
+    };
+    let spans = exporter.as_ref().map(|(sink, _)| sink.clone());
     let metrics = Arc::new(Metrics::new());
     let (stop, stopping) = watch::channel(false);
     let mut shards = Vec::with_capacity(shard_count);
@@ -143,11 +149,16 @@ async fn serve(settings: Settings) -> Result<(), String> {
                 snapshot_every_entries: settings.snapshot_every,
                 ..PartitionOptions::single_node(NODE_ID)
             },
-            runtime: RuntimeConfig { dispatch: dispatch.clone(), ..RuntimeConfig::default() },
+            runtime: RuntimeConfig {
+                dispatch: dispatch.clone(),
+                record_spans: spans.is_some(),
+                ..RuntimeConfig::default()
+            },
             max_jobs: settings.limits.max_jobs,
             live: live.clone(),
             drain_limit: settings.drain,
             metrics: metrics.clone(),
+            spans: spans.clone(),
         };
         match shard::spawn(config, stopping.clone()) {
             Ok(handle) => shards.push(handle),
@@ -179,14 +190,16 @@ async fn serve(settings: Settings) -> Result<(), String> {
         binary: binary_address.to_string(),
         started_ms,
     };
-    let router = Arc::new(Router::new(
+    let mut router = Router::new(
         shards.iter().map(|s| s.inbox.clone()).collect(),
         settings.limits,
         JobDefaults { attempt_timeout_ms: settings.attempt_timeout_ms },
         live,
         metrics,
         facts,
-    ));
+    );
+    router.spans = spans;
+    let router = Arc::new(router);
     say(&format!(
         "sundial listening on http://{address} and sundial://{binary_address} (data in {})",
         settings.data.display()
@@ -212,7 +225,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let handles: Vec<_> = shards.iter().map(|s| s.runtime.clone()).collect();
     let acceptor = tokio::spawn(http::serve(listener, router.clone(), gate.clone(), handles.clone()));
     let binary_config = BinaryConfig { frame_max_bytes: settings.frame_max_bytes, ..BinaryConfig::default() };
-    let binary_acceptor = tokio::spawn(binary::serve(binary_listener, router, gate, handles, binary_config));
+    let binary_acceptor = tokio::spawn(binary::serve(binary_listener, router.clone(), gate, handles, binary_config));
     let signal = |kind| tokio::signal::unix::signal(kind).map_err(|e| e.to_string());
     let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
@@ -241,6 +254,16 @@ async fn serve(settings: Settings) -> Result<(), String> {
     for outcome in waiting {
         if let Ok(Err(message)) = outcome.await {
             failure.get_or_insert(message);
+        }
+    }
+    // The last spans are exported once every sink is gone (bounded wait: a collector that
+    // does not answer must not hold the exit).
+    drop(router);
+    if let Some((sink, thread)) = exporter {
+        drop(sink);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while !thread.is_finished() && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
     match failure {
