@@ -268,6 +268,15 @@ async fn a_full_node_refuses_creates_with_507_and_keeps_serving() {
     assert_eq!(node.call("POST", "/jobs/a/cancel", b"").0, 200);
     assert_eq!(node.call("POST", "/jobs", request("d").as_bytes()).0, 201);
     assert_eq!(node.call("GET", "/dlq", b"").1["dead_letters"].as_array().map(Vec::len), Some(0));
+    node.kill();
+
+    // The memory limit: a node over it refuses creates the same way and serves the rest.
+    let node = Node::start_with(data.path(), &["--max-memory-mb", "1"]);
+    let (status, head, error) = node.call_with_headers("POST", "/jobs", request("e").as_bytes());
+    assert_eq!((status, error["code"].as_str()), (507, Some("storage_full")), "{error}");
+    assert!(error["error"].as_str().is_some_and(|e| e.contains("memory")) && head.contains("retry-after"), "{error}");
+    assert_eq!(node.call("GET", "/jobs/d", b"").0, 200);
+    assert_eq!(node.call("GET", "/health", b"").1["memory"]["limit_bytes"], 1 << 20);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
