@@ -22,7 +22,8 @@ async fn main() {
     while created < total {
         while sent < total && in_flight.len() < window {
             let client = client.clone();
-            let request = serde_json::json!({"id": format!("load-{run}-{sent}"), "delay": "1h", "url": "http://127.0.0.1:9/"});
+            let request =
+                serde_json::json!({"id": format!("load-{run}-{sent}"), "delay": "1h", "url": "http://127.0.0.1:9/"});
             in_flight.spawn(async move { client.create(&request).await });
             sent += 1;
         }
