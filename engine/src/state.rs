@@ -268,10 +268,12 @@ impl State {
     }
 
     /// Every dead-lettered fire: job id, fire time, entry.
+    /// Dead letters, oldest (first moved) first.
     pub fn dead_letters(&self) -> impl Iterator<Item = (&str, u64, &DeadLetter)> {
-        self.dead_letters
-            .iter()
-            .flat_map(|(id, fires)| fires.iter().map(move |(&fire_ms, d)| (id.as_str(), fire_ms, d)))
+        self.dead_letter_order.iter().filter_map(|(_, id, fire_ms)| {
+            let letter = self.dead_letters.get(id)?.get(fire_ms)?;
+            Some((id.as_str(), *fire_ms, letter))
+        })
     }
 
     fn add_dead_letter(&mut self, id: &str, fire_ms: u64, letter: DeadLetter) {

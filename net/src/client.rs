@@ -99,7 +99,8 @@ impl Client {
     /// The node's answer to the handshake.
     pub async fn info(&self) -> Result<NodeInfo, ClientError> {
         self.calls().await?;
-        Ok(self.connection.lock().await.as_ref().map(|c| c.info).expect("connected above"))
+        let connection = self.connection.lock().await;
+        connection.as_ref().map(|c| c.info).ok_or_else(|| ClientError::Connection("the connection closed".into()))
     }
 
     /// Creates a job from its request document (JSON, as `POST /jobs` takes). The item's
@@ -289,18 +290,26 @@ async fn write_calls(
         }
         let mut bytes = Vec::new();
         for (message, waiting) in batch(calls, batch_max) {
-            let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
-            let frame = Frame::new(next_id, message);
-            match codec::encode(&frame, info.frame_max_bytes, &mut bytes) {
-                Ok(()) => {
-                    if let Ok(mut map) = in_flight.lock() {
-                        map.insert(next_id, (waiting, permit));
+            // A batch that does not encode (too big together, or one bad item) is sent one
+            // call per frame, so only the calls that cannot be sent fail.
+            let frames = match codec::encode(&Frame::new(0, message.clone()), info.frame_max_bytes, &mut Vec::new()) {
+                Ok(()) => vec![(message, waiting)],
+                Err(_) => split(message).into_iter().zip(waiting.into_iter().map(|reply| vec![reply])).collect(),
+            };
+            for (message, waiting) in frames {
+                let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
+                let frame = Frame::new(next_id, message);
+                match codec::encode(&frame, info.frame_max_bytes, &mut bytes) {
+                    Ok(()) => {
+                        if let Ok(mut map) = in_flight.lock() {
+                            map.insert(next_id, (waiting, permit));
+                        }
+                        next_id += 1;
                     }
-                    next_id += 1;
-                }
-                Err(e) => {
-                    for reply in waiting {
-                        let _ = reply.send(Err(ClientError::Invalid(e.to_string())));
+                    Err(e) => {
+                        for reply in waiting {
+                            let _ = reply.send(Err(ClientError::Invalid(e.to_string())));
+                        }
                     }
                 }
             }
@@ -346,6 +355,16 @@ async fn read_answers(
                 }
             }
         }
+    }
+}
+
+/// A batch message as one message per item.
+fn split(message: Message) -> Vec<Message> {
+    match message {
+        Message::Create { jobs } => jobs.into_iter().map(|job| Message::Create { jobs: vec![job] }).collect(),
+        Message::Get { ids } => ids.into_iter().map(|id| Message::Get { ids: vec![id] }).collect(),
+        Message::Cancel { ids } => ids.into_iter().map(|id| Message::Cancel { ids: vec![id] }).collect(),
+        other => vec![other],
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use sundial_net::codec::{self, Code, DecodeError, Frame, Item, Message, PROTOCOL_VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Clone, Copy, Debug)]
 pub struct BinaryConfig {
@@ -23,6 +23,10 @@ pub struct BinaryConfig {
     pub in_flight_max: usize,
     /// How long a new connection may take to say Hello.
     pub handshake_timeout: Duration,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub connections_max: usize,
 }
 
 impl Default for BinaryConfig {
@@ -31,6 +35,8 @@ impl Default for BinaryConfig {
             frame_max_bytes: codec::FRAME_MAX_BYTES_DEFAULT,
             in_flight_max: 64,
             handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            connections_max: 1_024,
         }
     }
 }
@@ -38,7 +44,8 @@ impl Default for BinaryConfig {
 /// Answers waiting to be written per connection.
 const ANSWERS_QUEUED_MAX: usize = 256;
 
-/// Accepts connections until the listener fails, spreading them over the shards' runtimes.
+/// Accepts connections until the listener fails (at most `connections_max` at once),
+/// spreading them over the shards' runtimes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Arc<Router>,
@@ -47,10 +54,18 @@ pub async fn serve(
     config: BinaryConfig,
 ) {
     let mut next = 0usize;
+    let connections = Arc::new(Semaphore::new(config.connections_max.max(1)));
     // Bounded by the process: ends when the listener fails or the task is aborted.
-    while let Ok((stream, _)) = listener.accept().await {
+    loop {
+        // At the cap, stop accepting: new connections wait in the kernel's backlog.
+        let Ok(permit) = connections.clone().acquire_owned().await else { break };
+        let Ok((stream, _)) = listener.accept().await else { break };
         let _ = stream.set_nodelay(true);
-        let connection = serve_connection(stream, router.clone(), gate.clone(), config);
+        let served = serve_connection(stream, router.clone(), gate.clone(), config);
+        let connection = async move {
+            served.await;
+            drop(permit);
+        };
         match shards.get(next % shards.len().max(1)) {
             Some(shard) => drop(shard.spawn(connection)),
             None => drop(tokio::spawn(connection)),
@@ -69,25 +84,35 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
             return;
         }
     };
-    let (answers, mut to_write) = mpsc::channel::<Frame>(ANSWERS_QUEUED_MAX);
-    let frame_max_bytes = config.frame_max_bytes;
+    // Each answer travels with its frame's permit, released once it is written: at most
+    // `in_flight_max` frames are handled or waiting to be written.
+    let (answers, mut to_write) = mpsc::channel::<(Frame, Option<OwnedSemaphorePermit>)>(ANSWERS_QUEUED_MAX);
+    let answer_max_bytes = config.frame_max_bytes.max(codec::FRAME_MAX_BYTES_DEFAULT);
     let writing = tokio::spawn(async move {
         // Bounded by the connection: ends when every sender is gone or a write fails.
-        while let Some(frame) = to_write.recv().await {
-            if write_frame(&mut writer, &frame, frame_max_bytes).await.is_err() {
+        while let Some((frame, permit)) = to_write.recv().await {
+            let written = write_frame(&mut writer, &frame, answer_max_bytes).await;
+            drop(permit);
+            if written.is_err() {
                 break;
             }
         }
     });
     let permits = Arc::new(Semaphore::new(config.in_flight_max.max(1)));
-    // Bounded by the connection: ends when the client closes it or sends a bad frame.
+    // Bounded by the connection: ends when the client closes it, goes quiet for the idle
+    // limit, or sends a bad frame.
     loop {
-        let frame = match read_frame(&mut reader, &mut buffer, config.frame_max_bytes).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(e) => {
-                let code = if matches!(e, DecodeError::TooLarge { .. }) { Code::TooLarge } else { Code::BadRequest };
-                let _ = answers.send(refusal(0, code, format!("{e}; closing the connection"))).await;
+        let next =
+            tokio::time::timeout(config.idle_timeout, read_frame(&mut reader, &mut buffer, config.frame_max_bytes));
+        let frame = match next.await {
+            Err(_) => {
+                let _ = answers.send((refusal(0, Code::BadRequest, "idle for too long; closing"), None)).await;
+                break;
+            }
+            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                let _ = answers.send((refusal(0, code_of(&e), format!("{e}; closing the connection")), None)).await;
                 break;
             }
         };
@@ -105,8 +130,7 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
                 }
                 Verdict::Unauthorized => refusal(frame.request_id, Code::Unauthorized, "a valid token is required"),
             };
-            let _ = answers_for_frame.send(answer).await;
-            drop(permit);
+            let _ = answers_for_frame.send((answer, Some(permit))).await;
         });
     }
     drop(answers);
@@ -129,7 +153,7 @@ async fn handshake(
         Err(_) => return Err(refusal(0, Code::BadRequest, "no Hello within the handshake timeout")),
         Ok(Ok(Some(frame))) => frame,
         Ok(Ok(None)) => return Err(refusal(0, Code::BadRequest, "closed before the handshake")),
-        Ok(Err(e)) => return Err(refusal(0, Code::BadRequest, format!("{e}"))),
+        Ok(Err(e)) => return Err(refusal(0, code_of(&e), format!("{e}"))),
     };
     let Message::Hello { min_version, max_version, token } = hello.message else {
         return Err(refusal(hello.request_id, Code::BadRequest, "the first frame must be Hello"));
@@ -181,6 +205,14 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
         }
     };
     Frame::new(id, Message::Results { items: answers.into_iter().map(item).collect() })
+}
+
+/// The Error code for a frame that cannot be decoded.
+fn code_of(error: &DecodeError) -> Code {
+    match error {
+        DecodeError::TooLarge { .. } => Code::TooLarge,
+        _ => Code::BadRequest,
+    }
 }
 
 fn item(answer: Answer) -> Item {

@@ -15,12 +15,15 @@ use sundial_engine::trace::TraceContext;
 
 /// Request bodies larger than this are refused with 413.
 pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
+/// HTTP connections served at once; more wait in the listen backlog.
+pub const CONNECTIONS_MAX: usize = 4_096;
 /// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
 /// route it lists answers).
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
-/// Accepts connections until the listener fails, spreading them over the shards' runtimes
-/// (round robin) so that parsing and routing run on every core.
+/// Accepts connections until the listener fails (at most `CONNECTIONS_MAX` at once),
+/// spreading them over the shards' runtimes (round robin) so that parsing and routing run
+/// on every core.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Arc<Router>,
@@ -28,12 +31,17 @@ pub async fn serve(
     shards: Vec<tokio::runtime::Handle>,
 ) {
     let mut next = 0usize;
+    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     // Bounded by the process: ends when the listener fails or the task is aborted.
-    while let Ok((stream, _)) = listener.accept().await {
+    loop {
+        // At the cap, stop accepting: new connections wait in the kernel's backlog.
+        let Ok(permit) = connections.clone().acquire_owned().await else { break };
+        let Ok((stream, _)) = listener.accept().await else { break };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let gate = gate.clone();
         let connection = async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let router = router.clone();
                 let gate = gate.clone();
@@ -135,9 +143,19 @@ pub async fn route(
         ("DELETE", ["jobs", id]) => router.job(id, JobOp::Delete).await,
         ("POST", ["jobs", id, "pause"]) => router.job(id, JobOp::Pause).await,
         ("POST", ["jobs", id, "resume"]) => router.job(id, JobOp::Resume).await,
-        (_, ["health"] | ["metrics"] | ["debug", "cluster"] | ["jobs"] | ["jobs", ..] | ["dlq", ..]) => {
-            error(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
-        }
+        (
+            _,
+            ["health"]
+            | ["metrics"]
+            | ["openapi.json"]
+            | ["debug", "cluster"]
+            | ["jobs"]
+            | ["jobs", _]
+            | ["jobs", _, "status" | "executions" | "cancel" | "pause" | "resume"]
+            | ["dlq"]
+            | ["dlq", _]
+            | ["dlq", _, _, "redrive"],
+        ) => error(405, "method_not_allowed", format!("{method} is not allowed on {path}")),
         _ => error(404, "not_found", format!("no route {path}")),
     }
 }

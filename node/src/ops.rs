@@ -53,25 +53,35 @@ pub enum JobOp {
     Purge,
 }
 
-/// Runs `op` on the job `id` of this partition.
-pub fn job_op<L: CommandLog>(runtime: &mut Runtime<L>, id: &str, op: JobOp) -> Answer {
-    let id = id.to_string();
-    match op {
-        JobOp::Get => with_job(runtime.state(), &id, |job| answer(200, job_view(job))),
-        JobOp::Status => {
-            with_job(runtime.state(), &id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
-        }
-        JobOp::Executions => with_job(runtime.state(), &id, |job| answer(200, executions(job))),
-        JobOp::Cancel => command(runtime, Command::Cancel { id, now_ms: now_ms() }),
-        JobOp::Delete => match command(runtime, Command::Delete { id }) {
-            Answer { status: 200, .. } => Answer { status: 204, body: None, retry_after_s: None },
-            other => other,
-        },
-        JobOp::Pause => command(runtime, Command::Pause { id }),
-        JobOp::Resume => command(runtime, Command::Resume { id, now_ms: now_ms() }),
-        JobOp::Redrive { fire_ms } => command(runtime, Command::Redrive { id, fire_ms, now_ms: now_ms() }),
-        JobOp::Purge => command(runtime, Command::Purge { id: Some(id) }),
+/// Runs `op` on each of the jobs `ids` of this partition; commands among them go to the log
+/// together (one write). Answers in order.
+pub fn job_ops<L: CommandLog>(runtime: &mut Runtime<L>, ids: &[String], op: JobOp) -> Vec<Answer> {
+    let now = now_ms();
+    let command = |id: String| match op {
+        JobOp::Get | JobOp::Status | JobOp::Executions => None,
+        JobOp::Cancel => Some(Command::Cancel { id, now_ms: now }),
+        JobOp::Delete => Some(Command::Delete { id }),
+        JobOp::Pause => Some(Command::Pause { id }),
+        JobOp::Resume => Some(Command::Resume { id, now_ms: now }),
+        JobOp::Redrive { fire_ms } => Some(Command::Redrive { id, fire_ms, now_ms: now }),
+        JobOp::Purge => Some(Command::Purge { id: Some(id) }),
+    };
+    let commands: Vec<Command> = ids.iter().filter_map(|id| command(id.clone())).collect();
+    if commands.is_empty() {
+        let state = runtime.state();
+        return ids
+            .iter()
+            .map(|id| match op {
+                JobOp::Status => {
+                    with_job(state, id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
+                }
+                JobOp::Executions => with_job(state, id, |job| answer(200, executions(job))),
+                _ => with_job(state, id, |job| answer(200, job_view(job))),
+            })
+            .collect();
     }
+    let verdicts = runtime.apply_batch(commands);
+    ids.iter().zip(verdicts).map(|(id, verdict)| command_answer(runtime.state(), id, op, verdict)).collect()
 }
 
 fn with_job(state: &State, id: &str, view: impl FnOnce(&Job) -> Answer) -> Answer {
@@ -93,14 +103,19 @@ pub fn create_specs<L: CommandLog>(
     let mut answers: Vec<Option<Answer>> = Vec::with_capacity(specs.len());
     let mut commands = Vec::new();
     let mut ids = Vec::new();
+    let mut admitted = 0usize;
     for spec in specs {
-        if commands.len() >= room {
+        // A create of a job that exists is answered by the state machine (200 or 409); it
+        // takes no room.
+        let exists = runtime.state().job(&spec.id).is_some();
+        if !exists && admitted >= room {
             // Admission control: a node holding its maximum of live (pending or running)
             // jobs refuses new ones and keeps serving the rest.
             let message = format!("this node holds its maximum of {max_jobs} live jobs; retry when some have finished");
             answers.push(Some(retry_later(507, "storage_full", message, 30)));
             continue;
         }
+        admitted += usize::from(!exists);
         ids.push((answers.len(), spec.id.clone()));
         commands.push(Command::Create { spec: Box::new(spec), now_ms });
         answers.push(None);
@@ -126,9 +141,17 @@ pub fn live_jobs(state: &State) -> usize {
     (state.count(Status::Pending) + state.count(Status::InProgress)) as usize
 }
 
-/// Up to `limit` jobs of this partition, optionally of one status, oldest first.
+/// The `limit` oldest jobs (by creation time, then id) of this partition, optionally of one
+/// status, oldest first.
 pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Value> {
-    state.jobs().filter(|job| status.is_none_or(|s| job.status == s)).take(limit).map(job_view).collect()
+    let mut jobs: Vec<&Job> = state.jobs().filter(|job| status.is_none_or(|s| job.status == s)).collect();
+    let age = |job: &&Job| (job.created_ms, job.spec.id.clone());
+    if jobs.len() > limit && limit > 0 {
+        jobs.select_nth_unstable_by_key(limit - 1, age);
+        jobs.truncate(limit);
+    }
+    jobs.sort_by_key(age);
+    jobs.into_iter().take(limit).map(job_view).collect()
 }
 
 /// Up to `limit` dead letters of this partition, oldest first.
@@ -144,26 +167,22 @@ pub fn dead_letters(state: &State, limit: usize) -> Vec<Value> {
 
 /// Drops every dead letter of this partition.
 pub fn purge_all<L: CommandLog>(runtime: &mut Runtime<L>) -> Answer {
-    command(runtime, Command::Purge { id: None })
+    match runtime.apply(Command::Purge { id: None }) {
+        Ok(_) => answer(200, json!({"done": true})),
+        Err(e) => apply_error(e),
+    }
 }
 
-fn command<L: CommandLog>(runtime: &mut Runtime<L>, command: Command) -> Answer {
-    let id = match &command {
-        Command::Cancel { id, .. }
-        | Command::Delete { id }
-        | Command::Pause { id }
-        | Command::Resume { id, .. }
-        | Command::Redrive { id, .. } => id.clone(),
-        Command::Purge { id } => id.clone().unwrap_or_default(),
-        _ => String::new(),
-    };
-    match runtime.apply(command) {
-        Ok(_) => match runtime.state().job(&id) {
+/// The answer to a command on the job `id`: the job as it is now (204 for a delete), or
+/// the refusal.
+fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applied, ApplyError>) -> Answer {
+    match (verdict, op) {
+        (Err(e), _) => apply_error(e),
+        (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None },
+        (Ok(_), _) => match state.job(id) {
             Some(job) => answer(200, job_view(job)),
-            None if id.is_empty() => answer(200, json!({"done": true})),
             None => answer(200, json!({"id": id})),
         },
-        Err(e) => apply_error(e),
     }
 }
 

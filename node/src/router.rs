@@ -73,6 +73,8 @@ pub struct Router {
     random: AtomicU64,
     /// Where request spans go (OTLP configured), else `None`.
     pub spans: Option<SpanSink>,
+    /// Serializes the counter updates of concurrent /metrics scrapes (not on the hot path).
+    scrape_lock: std::sync::Mutex<()>,
 }
 
 fn busy() -> Answer {
@@ -81,6 +83,14 @@ fn busy() -> Answer {
 
 fn stopping() -> Answer {
     retry_later(503, "unavailable", "the node is stopping", 5)
+}
+
+/// Why a shard's inbox refused work: full (busy) or closed (stopping).
+fn refusal<T>(error: mpsc::error::TrySendError<T>) -> Answer {
+    match error {
+        mpsc::error::TrySendError::Full(_) => busy(),
+        mpsc::error::TrySendError::Closed(_) => stopping(),
+    }
 }
 
 impl Router {
@@ -94,7 +104,18 @@ impl Router {
     ) -> Router {
         let partitions = facts.meta.partitions;
         let random = AtomicU64::new(now_ms() | 1);
-        Router { shards, partitions, limits, defaults, live, metrics, facts, random, spans: None }
+        Router {
+            shards,
+            partitions,
+            limits,
+            defaults,
+            live,
+            metrics,
+            facts,
+            random,
+            spans: None,
+            scrape_lock: std::sync::Mutex::new(()),
+        }
     }
 
     fn shard_of(&self, partition: u32) -> &mpsc::Sender<Work> {
@@ -193,14 +214,14 @@ impl Router {
             let (reply, answer) = oneshot::channel();
             let count = specs.len();
             match self.shard_of(partition).try_send(Work::Create { partition, specs, now_ms: now, reply }) {
-                Ok(()) => pending.push((slots, Some(answer), count)),
-                Err(_) => pending.push((slots, None, count)),
+                Ok(()) => pending.push((slots, Ok(answer), count)),
+                Err(error) => pending.push((slots, Err(refusal(error)), count)),
             }
         }
         for (slots, answer, count) in pending {
             let shard_answers = match answer {
-                Some(answer) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
-                None => vec![busy(); count],
+                Ok(answer) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
+                Err(refused) => vec![refused; count],
             };
             for (slot, shard_answer) in slots.into_iter().zip(shard_answers) {
                 answers[slot] = Some(shard_answer);
@@ -249,28 +270,37 @@ impl Router {
         self.job_many(&[id.to_string()], op).await.pop().expect("one answer per id")
     }
 
-    /// One operation on each of several jobs: all sent to their shards first, then awaited,
-    /// so the shards work on them together. Answers in order.
+    /// One operation on each of several jobs: grouped by partition, each group sent to its
+    /// shard as one piece of work (one log write for commands), then awaited. Answers in
+    /// the order of `ids`.
     pub async fn job_many(&self, ids: &[String], op: JobOp) -> Vec<Answer> {
-        let mut waiting = Vec::with_capacity(ids.len());
-        for id in ids {
-            let partition = partition_of(id, self.partitions);
+        let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<String>)> = Default::default();
+        for (position, id) in ids.iter().enumerate() {
+            let (positions, group) = by_partition.entry(partition_of(id, self.partitions)).or_default();
+            positions.push(position);
+            group.push(id.clone());
+        }
+        let mut waiting = Vec::with_capacity(by_partition.len());
+        for (partition, (positions, group)) in by_partition {
             let (reply, answer) = oneshot::channel();
-            let work = Work::Job { partition, id: id.clone(), op, reply };
-            waiting.push(self.shard_of(partition).try_send(work).ok().map(|()| answer));
+            let count = group.len();
+            let sent = self.shard_of(partition).try_send(Work::Jobs { partition, ids: group, op, reply });
+            waiting.push((positions, sent.map(|()| answer).map_err(refusal), count));
         }
-        let mut answers = Vec::with_capacity(ids.len());
-        for answer in waiting {
-            let answer = match answer {
-                Some(answer) => answer.await.unwrap_or_else(|_| stopping()),
-                None => busy(),
+        let mut answers: Vec<Option<Answer>> = vec![None; ids.len()];
+        for (positions, answer, count) in waiting {
+            let group_answers = match answer {
+                Ok(answer) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
+                Err(refused) => vec![refused; count],
             };
-            if op == JobOp::Cancel && answer.status == 200 {
-                self.metrics.cancelled.inc();
+            for (position, answer) in positions.into_iter().zip(group_answers) {
+                if op == JobOp::Cancel && answer.status == 200 {
+                    self.metrics.cancelled.inc();
+                }
+                answers[position] = Some(answer);
             }
-            answers.push(answer);
         }
-        answers
+        answers.into_iter().map(|a| a.unwrap_or_else(stopping)).collect()
     }
 
     /// Runs `scan` on every shard; one value per partition, in partition order.
@@ -278,7 +308,7 @@ impl Router {
         let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
             let (reply, answer) = oneshot::channel();
-            shard.try_send(Work::Scan { scan, reply }).map_err(|_| busy())?;
+            shard.try_send(Work::Scan { scan, reply }).map_err(refusal)?;
             waiting.push(answer);
         }
         let mut values = Vec::new();
@@ -421,6 +451,8 @@ impl Router {
             .dead_letters
             .set(partitions.iter().map(|p| p["dead_letters"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
         let elections: u64 = rafts.iter().map(|p| p["elections_won"].as_u64().unwrap_or(0)).sum();
+        // Two scrapes at once must not both add the same difference.
+        let _scraping = self.scrape_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let counted = self.metrics.elections.get();
         if elections > counted {
             self.metrics.elections.inc_by(elections - counted);

@@ -32,8 +32,8 @@ const RESULTS_CAPACITY: usize = 4_096;
 pub enum Work {
     /// Create validated jobs of one partition.
     Create { partition: u32, specs: Vec<JobSpec>, now_ms: u64, reply: oneshot::Sender<Vec<Answer>> },
-    /// One operation on one job.
-    Job { partition: u32, id: String, op: JobOp, reply: oneshot::Sender<Answer> },
+    /// One operation on some jobs of one partition (one log write for commands).
+    Jobs { partition: u32, ids: Vec<String>, op: JobOp, reply: oneshot::Sender<Vec<Answer>> },
     /// A query or command run on every partition of the shard; one value per partition.
     Scan { scan: Scan, reply: oneshot::Sender<Vec<Value>> },
 }
@@ -229,6 +229,8 @@ impl Shard {
             for runtime in self.runtimes.values_mut() {
                 runtime.fire_due_jobs();
             }
+            // Fires and outcomes change the live count too: admission reads it fresh.
+            self.publish_live_jobs();
             self.observe();
             if let Some((partition, failure)) =
                 self.runtimes.iter().find_map(|(p, r)| r.log_failure().map(|f| (*p, f.to_string())))
@@ -290,17 +292,17 @@ impl Shard {
         for work in others {
             match work {
                 Work::Create { .. } => unreachable!("creates were taken above"),
-                Work::Job { partition, id, op, reply } => {
-                    let answer = match self.runtimes.get_mut(&partition) {
+                Work::Jobs { partition, ids, op, reply } => {
+                    let answers = match self.runtimes.get_mut(&partition) {
                         Some(runtime) => {
                             let started = Instant::now();
-                            let answer = ops::job_op(runtime, &id, op);
+                            let answers = ops::job_ops(runtime, &ids, op);
                             self.metrics.applied(started.elapsed());
-                            answer
+                            answers
                         }
-                        None => misrouted(partition),
+                        None => ids.iter().map(|_| misrouted(partition)).collect(),
                     };
-                    let _ = reply.send(answer);
+                    let _ = reply.send(answers);
                 }
                 Work::Scan { scan, reply } => {
                     let values =
@@ -324,7 +326,8 @@ impl Shard {
         let sizes: Vec<usize> = requests.iter().map(|(specs, _, _)| specs.len()).collect();
         let (all, replies): (Vec<Vec<JobSpec>>, Vec<_>) =
             requests.into_iter().map(|(specs, _, reply)| (specs, reply)).unzip();
-        // Others shards' live jobs as last published, plus this one's as of now.
+        // Every shard's live jobs as last published (this shard's after its last turn or
+        // request): shards admitting at the same moment may overshoot by one batch each.
         let live = self.config.live.total() as usize;
         let room = self.config.max_jobs.saturating_sub(live);
         let started = Instant::now();
