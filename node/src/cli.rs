@@ -1,10 +1,12 @@
 //! The `sundial` client subcommands (job, dlq, status): they call a node's HTTP API and
 //! print what it answered — for people by default, the API's JSON with `--json`. Errors go
-//! to stderr with the API's message and field, and the exit status is 1.
+//! to stderr with the API's message and field, and the exit status is 1. `certs` makes the
+//! cluster's CA and node certificates.
 
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -334,4 +336,54 @@ fn time_text(ms: &Value) -> String {
         || "-".to_string(),
         |t| t.round(jiff::Unit::Second).map_or_else(|_| t.to_string(), |t| t.to_string()),
     )
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum CertsCommand {
+    /// Create a cluster CA (ca.pem, ca.key) and a certificate for each named node.
+    Init {
+        /// Where the PEM files go (created; existing files are never overwritten).
+        #[arg(long, default_value = "sundial-certs")]
+        dir: PathBuf,
+        /// The cluster's name (in the CA's subject).
+        #[arg(long, default_value = "local")]
+        cluster: String,
+        /// Node names (letters, digits and '-').
+        nodes: Vec<String>,
+    },
+    /// Issue certificates for more nodes with an existing CA (ca.pem and ca.key in --dir).
+    Issue {
+        #[arg(long, default_value = "sundial-certs")]
+        dir: PathBuf,
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+/// `sundial certs …`: the cluster's CA and node certificates (mutual TLS between nodes).
+pub fn certs(command: &CertsCommand) -> ExitCode {
+    use sundial_net::certs::CertificateAuthority;
+    let result = match command {
+        CertsCommand::Init { dir, cluster, nodes } => CertificateAuthority::generate(cluster)
+            .and_then(|ca| ca.write(dir).map(|()| ca))
+            .and_then(|ca| nodes.iter().try_for_each(|node| ca.write_node(dir, node)))
+            .map(|()| format!("wrote ca.pem, ca.key{} in {}", node_files(nodes), dir.display())),
+        CertsCommand::Issue { dir, nodes } => CertificateAuthority::load(dir)
+            .and_then(|ca| nodes.iter().try_for_each(|node| ca.write_node(dir, node)))
+            .map(|()| format!("wrote{} in {}", node_files(nodes).trim_start_matches(','), dir.display())),
+    };
+    match result {
+        Ok(done) => {
+            println!("{done}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("sundial: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn node_files(nodes: &[String]) -> String {
+    nodes.iter().map(|n| format!(", {n}.pem, {n}.key")).collect()
 }

@@ -1,7 +1,8 @@
 //! `sundial`: the node and its command-line client. With no subcommand (or `server`) it runs
 //! a node: data in ./sundial-data, HTTP on 127.0.0.1:8080, the binary protocol on
 //! 127.0.0.1:7070 — each a setting (docs/CONFIGURATION.md: flags, SUNDIAL_* variables, an
-//! optional TOML file). `job`, `dlq` and `status` talk to a running node.
+//! optional TOML file). `job`, `dlq` and `status` talk to a running node; `certs` makes a
+//! cluster's CA and node certificates.
 
 use clap::Parser;
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use sundial_engine::dispatch::DispatchConfig;
 use sundial_engine::runtime::RuntimeConfig;
 use sundial_node::auth::Gate;
 use sundial_node::binary::{self, BinaryConfig};
-use sundial_node::cli::{self, Connection, DlqCommand, JobCommand};
+use sundial_node::cli::{self, CertsCommand, Connection, DlqCommand, JobCommand};
 use sundial_node::config::{ServerOptions, Settings};
 use sundial_node::http;
 use sundial_node::meta::ClusterMeta;
@@ -66,6 +67,11 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// The cluster's CA and node certificates (mutual TLS between nodes).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -76,6 +82,7 @@ fn main() -> ExitCode {
         Some(Command::Job { connection, command }) => return cli::job(&connection, &command),
         Some(Command::Dlq { connection, command }) => return cli::dlq(&connection, &command),
         Some(Command::Status { connection }) => return cli::status(&connection),
+        Some(Command::Certs { command }) => return cli::certs(&command),
     };
     let settings = match options.with_file().and_then(|options| options.resolve()) {
         Ok(settings) => settings,
