@@ -856,3 +856,25 @@ async fn a_cron_job_fires_repeatedly_until_paused() {
         assert!(fire_ms % 1_000 == 0 && hit.at_ms >= fire_ms, "on a second boundary and not early: {}", hit.key);
     }
 }
+
+/// `sundial certs` makes a cluster CA and node certificates, adds nodes later with the same
+/// CA, and never overwrites a file.
+#[test]
+fn the_certs_command_makes_a_ca_and_node_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    let run =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_sundial")).args(args).output().expect("run sundial certs");
+    let path = certs.to_str().expect("utf-8");
+    let made = run(&["certs", "init", "--dir", path, "--cluster", "demo", "node-1", "node-2"]);
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for file in ["ca.pem", "ca.key", "node-1.pem", "node-1.key", "node-2.pem", "node-2.key"] {
+        assert!(certs.join(file).exists(), "{file} missing");
+    }
+    assert!(run(&["certs", "issue", "--dir", path, "node-3"]).status.success());
+    sundial_net::certs::NodeIdentity::load(&certs, "node-3").expect("node-3 loads");
+    let again = run(&["certs", "init", "--dir", path, "node-1"]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let bad = run(&["certs", "issue", "--dir", path, "no/slashes"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("node name"));
+}
