@@ -39,6 +39,7 @@ mod raw_node;
 pub mod sim;
 mod storage;
 mod types;
+pub mod wire;
 
 pub use progress::{Inflights, Progress, ProgressState};
 pub use raft::{Config, ConfigError, InjectedBug, ProposeError, Raft};
