@@ -98,6 +98,11 @@ impl Metrics {
         );
         registry.register("wal_batch_entries", "Entries per durable log write", metrics.write_entries.clone());
         registry.register("raft_elections", "Leader elections this node won", metrics.elections.clone());
+        // Every known reason starts at zero, so the family is always there and a rate works
+        // from the first refusal.
+        for reason in REJECTION_REASONS {
+            metrics.rejected.get_or_create(&vec![("reason", reason.to_string())]).inc_by(0);
+        }
         Metrics { registry, ..metrics }
     }
 
@@ -152,6 +157,19 @@ fn to_prometheus_text(open_metrics: &str) -> String {
     }
     text
 }
+
+/// The `code`s a refused create can carry (the API's error codes).
+const REJECTION_REASONS: [&str; 9] = [
+    "invalid",
+    "malformed_json",
+    "bad_body",
+    "too_large",
+    "conflict",
+    "rate_limited",
+    "overloaded",
+    "unavailable",
+    "storage_full",
+];
 
 const OUTCOME_CLASSES: [&str; 9] = ["2xx", "3xx", "4xx", "5xx", "timeout", "connect", "refused", "aborted", "other"];
 

@@ -878,3 +878,84 @@ fn the_certs_command_makes_a_ca_and_node_certificates() {
     let bad = run(&["certs", "issue", "--dir", path, "no/slashes"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("node name"));
 }
+
+/// Whether a text exposition has the metric `name` (a family, or a histogram's
+/// `_bucket`/`_count`/`_sum` series).
+fn exports_metric(text: &str, name: &str) -> bool {
+    let family = ["_bucket", "_count", "_sum"].iter().find_map(|suffix| name.strip_suffix(suffix)).unwrap_or(name);
+    text.lines().any(|line| {
+        line.starts_with(&format!("# TYPE {name} ")) || line.starts_with(&format!("# TYPE {family} histogram"))
+    })
+}
+
+/// deploy/grafana/sundial.json names only metrics a real node exports (and names the ones
+/// its panels are about).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_names_only_metrics_a_node_exports() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let text = metrics_text(&node);
+    let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/sundial.json"))
+        .expect("the dashboard");
+    let dashboard: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            let mut rest = expr;
+            while let Some(start) = rest.find("sundial_") {
+                let tail = &rest[start..];
+                let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+                names.insert(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    for wanted in [
+        "sundial_fire_lateness_seconds_bucket",
+        "sundial_dispatch_queue_depth",
+        "sundial_webhook_outcomes_total",
+        "sundial_raft_elections_total",
+        "sundial_wal_fsync_seconds_bucket",
+    ] {
+        assert!(names.contains(wanted), "the dashboard has no panel on {wanted}");
+    }
+    for name in &names {
+        assert!(exports_metric(&text, name), "{name} is on the dashboard but not in /metrics");
+    }
+    // The check is not a rubber stamp.
+    assert!(!exports_metric(&text, "sundial_no_such_metric"));
+    assert!(!exports_metric(&text, "sundial_jobs_bucket"), "a gauge has no buckets");
+}
+
+/// deploy/systemd/sundial.service passes `systemd-analyze verify` (with ExecStart pointed
+/// at the built binary), and the example configuration beside it starts a node.
+#[test]
+fn the_systemd_unit_verifies_and_its_example_configuration_starts_a_node() {
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/systemd");
+    let unit = std::fs::read_to_string(format!("{deploy}/sundial.service")).expect("the unit");
+    assert!(unit.contains("ExecStart=/usr/local/bin/sundial server --config /etc/sundial/sundial.toml"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("sundial.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/sundial", env!("CARGO_BIN_EXE_sundial"))).expect("copy");
+    let verify = |path: &Path| {
+        Command::new("systemd-analyze")
+            .args(["verify", path.to_str().expect("utf-8")])
+            .output()
+            .expect("systemd-analyze runs (Debian: systemd)")
+    };
+    let verified = verify(&copy);
+    let said = String::from_utf8_lossy(&verified.stderr).into_owned();
+    assert!(verified.status.success() && said.trim().is_empty(), "systemd-analyze: {said}");
+    // The verifier is not a rubber stamp: an unknown key or a missing binary is reported.
+    let broken = dir.path().join("broken.service");
+    std::fs::write(&broken, unit.replace("LimitNOFILE=", "LimitNOFILES=")).expect("broken copy");
+    let refused = verify(&broken);
+    assert!(!refused.status.success() || !refused.stderr.is_empty(), "a broken unit passed");
+
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--config", &format!("{deploy}/sundial.toml")]);
+    let (status, health) = node.call("GET", "/health", b"");
+    assert_eq!((status, health["limits"]["max_jobs"].as_u64()), (200, Some(5_000_000)), "{health}");
+    assert_eq!(node.call("GET", "/jobs", b"").0, 401, "the example turns tokens on");
+}
