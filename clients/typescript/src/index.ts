@@ -1,0 +1,253 @@
+// Sundial's HTTP API as typed calls (fetch, Node 18+), and the verifier receivers use for
+// Sundial's webhook signatures. Each request has a timeout; 429 and 503 are retried after
+// their Retry-After (at most `retries` times, each wait capped); other error statuses
+// throw SundialError with the API's code, message and field.
+
+import { createHmac, timingSafeEqual } from "node:crypto";
+
+/** Every [method, path] the client calls; a test checks each against /openapi.json. */
+export const ROUTES: ReadonlyArray<readonly [string, string]> = [
+  ["POST", "/jobs"],
+  ["GET", "/jobs"],
+  ["GET", "/jobs/{id}"],
+  ["GET", "/jobs/{id}/status"],
+  ["GET", "/jobs/{id}/executions"],
+  ["POST", "/jobs/{id}/cancel"],
+  ["POST", "/jobs/{id}/pause"],
+  ["POST", "/jobs/{id}/resume"],
+  ["DELETE", "/jobs/{id}"],
+  ["GET", "/dlq"],
+  ["POST", "/dlq/{id}/{fire_ms}/redrive"],
+  ["DELETE", "/dlq"],
+  ["DELETE", "/dlq/{id}"],
+  ["GET", "/health"],
+];
+
+export type JobStatus = "pending" | "in_progress" | "completed" | "failed" | "cancelled" | "timeout";
+
+/** A job as the API shows it (Scheduled-DB's field names first). */
+export interface Job {
+  id: string;
+  type: "unico" | "recurrente";
+  status: JobStatus;
+  webhook_url: string;
+  method: string;
+  schedule: Record<string, unknown>;
+  next_fire_ms: number | null;
+  paused: boolean;
+  priority: number;
+  labels: Record<string, string>;
+  created_ms: number;
+  fires: { succeeded: number; failed: number; missed: number };
+}
+
+/** The Job fields, for checking against the server's document. */
+export const JOB_FIELDS: ReadonlyArray<keyof Job> = [
+  "id", "type", "status", "webhook_url", "method", "schedule",
+  "next_fire_ms", "paused", "priority", "labels", "created_ms", "fires",
+];
+
+export interface Execution {
+  fire_ms: number;
+  attempt: number;
+  node: number;
+  started_ms: number;
+  finished_ms: number | null;
+  latency_ms: number | null;
+  status_code: number | null;
+  error: string | null;
+  response_body: string;
+  missed: boolean;
+}
+
+export interface DeadLetter {
+  id: string;
+  fire_ms: number;
+  attempts: number;
+  reason: string;
+  moved_ms: number;
+}
+
+/** Sundial's job request (exactly one of run_at, delay, cron); see node/openapi.json. */
+export interface SundialJobRequest {
+  url: string;
+  id?: string;
+  run_at?: string | number;
+  delay?: string | number;
+  cron?: string;
+  time_zone?: string;
+  method?: "GET" | "POST" | "PUT" | "PATCH" | "DELETE";
+  headers?: Record<string, string>;
+  json?: unknown;
+  body?: string;
+  retry?: Record<string, unknown>;
+  priority?: number;
+  labels?: Record<string, string>;
+  [more: string]: unknown;
+}
+
+/** Scheduled-DB's request, unchanged. */
+export interface ScheduledDbJobRequest {
+  type: "unico" | "recurrente";
+  webhook_url: string;
+  id?: string;
+  timestamp?: string;
+  cron_expression?: string;
+  last_date?: string;
+  payload?: unknown;
+}
+
+export class SundialError extends Error {
+  constructor(
+    readonly status: number,
+    readonly code: string,
+    message: string,
+    readonly field?: string,
+  ) {
+    super(`${status} ${code}: ${message}`);
+    this.name = "SundialError";
+  }
+}
+
+export interface ClientOptions {
+  token?: string;
+  /** Per request, milliseconds (default 10,000). */
+  timeoutMs?: number;
+  /** Retries of 429 and 503 (default 3). */
+  retries?: number;
+  /** Longest wait before a retry, milliseconds (default 30,000). */
+  retryWaitMaxMs?: number;
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+export class Client {
+  private readonly base: string;
+  private readonly options: Required<Omit<ClientOptions, "token">> & { token?: string };
+
+  constructor(baseUrl = "http://127.0.0.1:8080", options: ClientOptions = {}) {
+    const url = new URL(baseUrl);
+    if (url.protocol !== "http:" && url.protocol !== "https:") {
+      throw new Error(`baseUrl: must be http(s)://host[:port], not ${baseUrl}`);
+    }
+    this.base = url.origin;
+    this.options = {
+      token: options.token,
+      timeoutMs: options.timeoutMs ?? 10_000,
+      retries: options.retries ?? 3,
+      retryWaitMaxMs: options.retryWaitMaxMs ?? 30_000,
+    };
+  }
+
+  /** One call, with its timeout and the retries of 429 and 503. */
+  async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const headers: Record<string, string> = { "content-type": "application/json" };
+    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
+    for (let attempt = 0; ; attempt++) {
+      const response = await fetch(this.base + path, {
+        method,
+        headers,
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: AbortSignal.timeout(this.options.timeoutMs),
+      });
+      const text = await response.text();
+      if ((response.status === 429 || response.status === 503) && attempt < this.options.retries) {
+        const seconds = Number(response.headers.get("retry-after"));
+        const waitMs = Number.isFinite(seconds) && seconds >= 0 ? seconds * 1000 : 500 * 2 ** attempt;
+        await sleep(Math.min(waitMs, this.options.retryWaitMaxMs));
+        continue;
+      }
+      const value = text ? JSON.parse(text) : undefined;
+      if (response.status >= 400) {
+        throw new SundialError(response.status, value?.code ?? "error", value?.error ?? "", value?.field);
+      }
+      return value as T;
+    }
+  }
+
+  private static id(id: string): string {
+    return encodeURIComponent(id);
+  }
+
+  /** Creates a job from Sundial's request or Scheduled-DB's. */
+  create(request: SundialJobRequest | ScheduledDbJobRequest): Promise<Job> {
+    return this.call<Job>("POST", "/jobs", request);
+  }
+
+  get(id: string): Promise<Job> {
+    return this.call<Job>("GET", `/jobs/${Client.id(id)}`);
+  }
+
+  async status(id: string): Promise<JobStatus> {
+    return (await this.call<{ status: JobStatus }>("GET", `/jobs/${Client.id(id)}/status`)).status;
+  }
+
+  async executions(id: string): Promise<Execution[]> {
+    return (await this.call<{ executions: Execution[] }>("GET", `/jobs/${Client.id(id)}/executions`)).executions;
+  }
+
+  cancel(id: string): Promise<Job> {
+    return this.call<Job>("POST", `/jobs/${Client.id(id)}/cancel`);
+  }
+
+  pause(id: string): Promise<Job> {
+    return this.call<Job>("POST", `/jobs/${Client.id(id)}/pause`);
+  }
+
+  resume(id: string): Promise<Job> {
+    return this.call<Job>("POST", `/jobs/${Client.id(id)}/resume`);
+  }
+
+  async delete(id: string): Promise<void> {
+    await this.call<void>("DELETE", `/jobs/${Client.id(id)}`);
+  }
+
+  async list(filter: { status?: JobStatus; limit?: number } = {}): Promise<Job[]> {
+    const query = new URLSearchParams();
+    if (filter.status) query.set("status", filter.status);
+    query.set("limit", String(filter.limit ?? 100));
+    return (await this.call<{ jobs: Job[] }>("GET", `/jobs?${query}`)).jobs;
+  }
+
+  async deadLetters(): Promise<DeadLetter[]> {
+    return (await this.call<{ dead_letters: DeadLetter[] }>("GET", "/dlq")).dead_letters;
+  }
+
+  redrive(id: string, fireMs: number): Promise<Job> {
+    return this.call<Job>("POST", `/dlq/${Client.id(id)}/${Math.trunc(fireMs)}/redrive`);
+  }
+
+  async purge(id?: string): Promise<void> {
+    await this.call<void>("DELETE", id === undefined ? "/dlq" : `/dlq/${Client.id(id)}`);
+  }
+
+  health(): Promise<Record<string, unknown>> {
+    return this.call<Record<string, unknown>>("GET", "/health");
+  }
+}
+
+/**
+ * Checks `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` in
+ * constant time, refusing timestamps further than `toleranceMs` from now (replays).
+ * `body` is the raw request body.
+ */
+export function verifySignature(
+  secret: string | Buffer,
+  header: string,
+  body: string | Buffer,
+  nowMs: number = Date.now(),
+  toleranceMs = 300_000,
+): boolean {
+  const parts = new Map(
+    header.split(",").flatMap((part): [string, string][] => {
+      const at = part.indexOf("=");
+      return at > 0 ? [[part.slice(0, at), part.slice(at + 1)]] : [];
+    }),
+  );
+  const timestamp = Number(parts.get("t"));
+  const given = parts.get("v1");
+  if (!Number.isSafeInteger(timestamp) || given === undefined) return false;
+  if (Math.abs(nowMs - timestamp) > toleranceMs) return false;
+  const expected = createHmac("sha256", secret).update(`${timestamp}.`).update(body).digest("hex");
+  return expected.length === given.length && timingSafeEqual(Buffer.from(expected), Buffer.from(given));
+}
