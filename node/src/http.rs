@@ -67,10 +67,28 @@ async fn respond(
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let query = request.uri().query().unwrap_or("").to_string();
-    let authorization = request.headers().get("authorization").and_then(|v| v.to_str().ok());
+    let header_token = request.headers().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
+    // Console pages (GET /ui/…) may carry the token in the console's cookie instead; API
+    // calls (the console's too) carry it in the header.
+    let console = method == "GET" && (path == "/ui" || path.starts_with("/ui/"));
+    let cookie_token = console
+        .then(|| request.headers().get("cookie").and_then(|v| v.to_str().ok()))
+        .flatten()
+        .and_then(|cookies| cookies.split(';').find_map(|c| c.trim().strip_prefix("sundial_token=")))
+        .map(|token| format!("Bearer {}", crate::ui::percent_decoded(token)));
+    let authorization = header_token.or(cookie_token);
+    let authorization = authorization.as_deref();
     let parent =
         request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceContext::parse_traceparent);
-    match gate.check(&method, &path, authorization, sundial_engine::dispatch::now_ms()) {
+    let verdict = if console && path == "/ui/login" {
+        Verdict::Allow
+    } else {
+        gate.check(&method, &path, authorization, sundial_engine::dispatch::now_ms())
+    };
+    if console && verdict != Verdict::Allow {
+        return html_response(crate::ui::refused(verdict));
+    }
+    match verdict {
         Verdict::Allow => {}
         Verdict::Unauthorized => {
             let mut response = to_response(error(401, "unauthorized", "a valid bearer token is required"));
@@ -91,6 +109,11 @@ async fn respond(
         }
         Err(e) => return to_response(error(400, "bad_body", format!("the body could not be read: {e}"))),
     };
+    if console {
+        if let Some(page) = crate::ui::route(router, &path, &query).await {
+            return html_response(page);
+        }
+    }
     if method == "GET" && path == "/metrics" {
         return match router.metrics_text().await {
             Ok(text) => {
@@ -206,6 +229,21 @@ fn list_query(query: &str) -> Result<(Option<Status>, usize), Answer> {
         }
     }
     Ok((status_filter, limit))
+}
+
+fn html_response(page: crate::ui::Page) -> hyper::Response<Full<Bytes>> {
+    let mut response = hyper::Response::new(Full::new(Bytes::from(page.html)));
+    *response.status_mut() = hyper::StatusCode::from_u16(page.status).unwrap_or(hyper::StatusCode::OK);
+    let headers = response.headers_mut();
+    headers.insert("content-type", hyper::header::HeaderValue::from_static("text/html; charset=utf-8"));
+    // Everything the console needs is inline in the page: nothing else may load.
+    headers.insert(
+        "content-security-policy",
+        hyper::header::HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src data:; form-action 'self'",
+        ),
+    );
+    response
 }
 
 fn to_response(answer: Answer) -> hyper::Response<Full<Bytes>> {

@@ -17,6 +17,7 @@ pub mod router;
 pub mod shard;
 pub mod storage;
 pub mod telemetry;
+pub mod ui;
 
 pub use partition::{Partition, PartitionError, PartitionOptions};
 pub use storage::WalStorage;
