@@ -889,7 +889,8 @@ fn exports_metric(text: &str, name: &str) -> bool {
 }
 
 /// deploy/grafana/sundial.json names only metrics a real node exports (and names the ones
-/// its panels are about).
+/// its panels are about); deploy/prometheus/alerts.yml passes `promtool check rules` and
+/// names only exported metrics too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_grafana_dashboard_names_only_metrics_a_node_exports() {
     let data = tempfile::tempdir().expect("tempdir");
@@ -926,6 +927,22 @@ async fn the_grafana_dashboard_names_only_metrics_a_node_exports() {
     // The check is not a rubber stamp.
     assert!(!exports_metric(&text, "sundial_no_such_metric"));
     assert!(!exports_metric(&text, "sundial_jobs_bucket"), "a gauge has no buckets");
+
+    // The alerting rules beside it: valid for promtool, and about metrics that exist.
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheus/alerts.yml");
+    let checked = Command::new("promtool").args(["check", "rules", rules]).output().expect("promtool runs");
+    assert!(checked.status.success(), "promtool: {}", String::from_utf8_lossy(&checked.stderr));
+    let rules_text = std::fs::read_to_string(rules).expect("the rules");
+    let mut rest = rules_text.as_str();
+    let mut named = 0;
+    while let Some(start) = rest.find("sundial_") {
+        let tail = &rest[start..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        assert!(exports_metric(&text, &tail[..end]), "{} is in alerts.yml but not in /metrics", &tail[..end]);
+        named += 1;
+        rest = &tail[end..];
+    }
+    assert!(named >= 7, "the rules name {named} metrics");
 }
 
 /// deploy/systemd/sundial.service passes `systemd-analyze verify` (with ExecStart pointed
