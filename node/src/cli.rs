@@ -330,8 +330,8 @@ fn job_text(job: &Value) -> String {
     )
 }
 
-/// Unix milliseconds as RFC 3339 (UTC), or "-".
-fn time_text(ms: &Value) -> String {
+/// Unix milliseconds as RFC 3339 (UTC, whole seconds), or "-".
+pub fn time_text(ms: &Value) -> String {
     ms.as_i64().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map_or_else(
         || "-".to_string(),
         |t| t.round(jiff::Unit::Second).map_or_else(|_| t.to_string(), |t| t.to_string()),

@@ -75,7 +75,7 @@ async fn respond(
         .then(|| request.headers().get("cookie").and_then(|v| v.to_str().ok()))
         .flatten()
         .and_then(|cookies| cookies.split(';').find_map(|c| c.trim().strip_prefix("sundial_token=")))
-        .map(|token| format!("Bearer {}", crate::ui::percent_decoded(token)));
+        .map(|token| format!("Bearer {}", crate::ui::decoded(token)));
     let authorization = header_token.or(cookie_token);
     let authorization = authorization.as_deref();
     let parent =

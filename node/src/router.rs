@@ -6,7 +6,7 @@ use crate::meta::{partition_of, ClusterMeta};
 use crate::metrics::Metrics;
 use crate::ops::{answer, field_error, retry_later, Answer, JobOp};
 use crate::shard::{LiveJobs, Scan, Work};
-use crate::telemetry::{wall_ms, SpanSink};
+use crate::telemetry::SpanSink;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -184,7 +184,6 @@ impl Router {
     /// new one.
     pub async fn create(&self, requests: Vec<Result<Value, Answer>>, parent: Option<TraceContext>) -> Vec<Answer> {
         let now = now_ms();
-        let started_ms = wall_ms();
         let random = self.next_random();
         let trace = match &parent {
             Some(parent) => {
@@ -239,8 +238,8 @@ impl Router {
                 trace_id: trace.trace_id.clone(),
                 span_id: trace.span_id.clone(),
                 parent_span_id: parent.map(|p| p.span_id),
-                start_ms: started_ms,
-                end_ms: wall_ms(),
+                start_ms: now,
+                end_ms: now_ms(),
                 attributes: vec![("sundial.jobs", count.to_string()), ("sundial.created", created.to_string())],
                 failed: created < count,
             }]);
@@ -376,7 +375,6 @@ impl Router {
         let sum = |field: &str| partitions.iter().map(|p| p[field].as_u64().unwrap_or(0)).sum::<u64>();
         let failures: Vec<&Value> = partitions.iter().filter(|p| !p["log_failure"].is_null()).collect();
         let healthy = failures.is_empty();
-        self.metrics.dead_letters.set(sum("dead_letters") as i64);
         let facts = &self.facts;
         answer(
             if healthy { 200 } else { 503 },

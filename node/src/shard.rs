@@ -331,7 +331,7 @@ impl Shard {
         let live = self.config.live.total() as usize;
         let room = self.config.max_jobs.saturating_sub(live);
         let started = Instant::now();
-        let started_ms = crate::telemetry::wall_ms();
+        let started_ms = sundial_engine::dispatch::now_ms();
         let traces: std::collections::BTreeSet<(String, String)> = all
             .iter()
             .flatten()
@@ -342,7 +342,7 @@ impl Shard {
                 .into_iter();
         self.metrics.applied(started.elapsed());
         // One "commit" span per request whose jobs this log write carried.
-        let ended_ms = crate::telemetry::wall_ms();
+        let ended_ms = sundial_engine::dispatch::now_ms();
         let commits = traces.into_iter().map(|(trace_id, span_id)| sundial_engine::trace::SpanRecord {
             name: "commit",
             span_id: format!(

@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 use sundial_engine::trace::SpanRecord;
 
 /// Spans waiting for the exporter; beyond it new ones are dropped (and counted).
@@ -133,11 +133,6 @@ fn span_data(record: SpanRecord, scope: &InstrumentationScope) -> SpanData {
         status: if record.failed { Status::error("failed") } else { Status::Unset },
         instrumentation_scope: scope.clone(),
     }
-}
-
-/// Unix milliseconds now (span times).
-pub fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The exporter's HTTP client: one blocking HTTP/1.1 request per export over a plain TCP

@@ -54,12 +54,6 @@ fn layout(title: &str, body: &str) -> String {
     )
 }
 
-fn time(ms: &Value) -> String {
-    ms.as_i64()
-        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
-        .map_or_else(|| "—".into(), |t| t.round(jiff::Unit::Second).map_or_else(|_| t.to_string(), |t| t.to_string()))
-}
-
 fn text(value: &Value) -> String {
     match value {
         Value::String(s) => escape(s),
@@ -77,11 +71,6 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
     query.split('&').filter_map(|pair| pair.split_once('=')).find(|(key, _)| *key == name).map(|(_, value)| value)
 }
 
-/// A cookie or query value with `%XX` escapes (and `+` as a space) decoded.
-pub fn percent_decoded(value: &str) -> String {
-    decoded(value)
-}
-
 /// The page for a console request the gate refused.
 pub fn refused(verdict: crate::auth::Verdict) -> Page {
     match verdict {
@@ -96,7 +85,8 @@ pub fn refused(verdict: crate::auth::Verdict) -> Page {
     }
 }
 
-fn decoded(value: &str) -> String {
+/// A cookie, query or path value with `%XX` escapes (and `+` as a space) decoded.
+pub fn decoded(value: &str) -> String {
     let bytes = value.replace('+', " ").into_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -163,7 +153,7 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
             id = escape(id),
             status = escape(status),
             kind = if job["type"] == "recurrente" { "cron" } else { "once" },
-            next = time(&job["next_fire_ms"]),
+            next = crate::cli::time_text(&job["next_fire_ms"]),
             url = text(&job["webhook_url"]),
             labels = escape(&job["labels"].as_object().map(|l| l.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ));
@@ -238,9 +228,9 @@ pub async fn job(router: &Router, id: &str) -> Page {
         ));
         rows.push_str(&format!(
             "<tr class=\"execution\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td><td>{}</td><td>{}</td></tr>",
-            time(&e["fire_ms"]),
+            crate::cli::time_text(&e["fire_ms"]),
             e["attempt"],
-            time(&e["started_ms"]),
+            crate::cli::time_text(&e["started_ms"]),
             text(&e["status_code"]),
             text(&e["latency_ms"]),
             text(&e["error"]),
@@ -251,7 +241,7 @@ pub async fn job(router: &Router, id: &str) -> Page {
     let when = if job["type"] == "recurrente" {
         format!("cron {} in {}", text(&schedule["cron_expression"]), text(&schedule["time_zone"]))
     } else {
-        format!("once at {}", time(&schedule["run_at_ms"]))
+        format!("once at {}", crate::cli::time_text(&schedule["run_at_ms"]))
     };
     let body = format!(
         "<table class=\"spec\"><tr><th>ID</th><td id=\"job-id\">{id}</td></tr><tr><th>Status</th><td id=\"job-status\" class=\"{status}\">{status}{paused}</td></tr>\
@@ -264,11 +254,11 @@ pub async fn job(router: &Router, id: &str) -> Page {
         paused = if job["paused"] == true { " (paused)" } else { "" },
         method = text(&job["method"]),
         url = text(&job["webhook_url"]),
-        next = time(&job["next_fire_ms"]),
+        next = crate::cli::time_text(&job["next_fire_ms"]),
         ok = job["fires"]["succeeded"],
         failed = job["fires"]["failed"],
         missed = job["fires"]["missed"],
-        created = time(&job["created_ms"]),
+        created = crate::cli::time_text(&job["created_ms"]),
     );
     Page { status: 200, html: layout(&format!("Job {id}"), &body) }
 }
@@ -286,7 +276,7 @@ pub async fn dead_letters(router: &Router) -> Page {
             "<tr class=\"dead-letter\"><td><a href=\"/ui/jobs/{href}\">{id}</a></td><td>{fire_time}</td><td>{attempts}</td><td>{reason}</td><td><button class=\"redrive\" onclick='redrive({js},{fire})'>Redrive</button> <button class=\"purge\" onclick='purge({js})'>Purge</button></td></tr>",
             href = escape(&segment(id)),
             id = escape(id),
-            fire_time = time(&letter["fire_ms"]),
+            fire_time = crate::cli::time_text(&letter["fire_ms"]),
             attempts = letter["attempts"],
             reason = text(&letter["reason"]),
             js = escape(&js),
