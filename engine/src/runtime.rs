@@ -1,9 +1,11 @@
-//! The runtime that runs the life of a fire end to end: commands go to a `CommandLog` (a
-//! bare `State` here; the node's Raft partition over the WAL), the timing wheel keeps one
-//! timer per job at its next due time, and the dispatcher makes the attempts.
-//! Due fire → attempt submitted (a full queue leaves it due; it is tried again shortly) →
-//! `FireStarted` → outcome → `AttemptFinished` with a retry time (backoff with jitter, or
-//! Retry-After if longer) → the state machine decides retry, success or dead letter.
+//! The runtime that runs the life of a fire end to end: commands are proposed to a
+//! `CommandLog` (`DirectLog` here, the node's Raft partition over the WAL) and take effect
+//! when the log reports them applied; the timing wheel keeps one timer per job at its next
+//! due time, and the dispatcher makes the attempts — on the replica that leads, only.
+//! Due fire → `FireStarted` proposed → applied: attempt submitted (a full queue leaves it
+//! due; it is tried again shortly) → outcome → `AttemptFinished` with a retry time (backoff
+//! with jitter, or Retry-After if longer) → the state machine decides retry, success or dead
+//! letter. Every step is completion-driven: nothing waits for the log inside a call.
 
 use crate::dispatch::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 use crate::state::{Applied, ApplyError, Command, Due, Outcome, State};
@@ -13,34 +15,117 @@ use std::collections::HashMap;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Where commands go to be applied: straight into a `State` (tests, `LocalRuntime`), or
-/// through a replicated, durable log (the node's partitions). The inner result is the state
-/// machine's verdict; an outer error means the command's fate is unknown (the log failed),
-/// and the runtime stops rather than guess.
-pub trait CommandLog {
-    fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, LogError>;
-    fn state(&self) -> &State;
+/// Names a proposed command until the log reports it applied (a log index, for a partition).
+pub type Ticket = u64;
 
-    /// Applies several commands, in order; a durable log makes them durable together (one
-    /// fsync: group commit). Verdicts come back in the same order.
-    fn apply_batch(&mut self, commands: Vec<Command>) -> Result<Vec<Result<Applied, ApplyError>>, LogError> {
-        commands.into_iter().map(|command| self.apply(command)).collect()
+/// A command the log applied, as the runtime needs to see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Committed {
+    /// Set when the command was proposed here (and its ticket is still good).
+    pub ticket: Option<Ticket>,
+    /// The job it touched, if any.
+    pub job: Option<String>,
+    /// Whether it stops the job's attempts (cancel, delete).
+    pub stops_attempts: bool,
+    pub verdict: Result<Applied, ApplyError>,
+}
+
+impl Committed {
+    /// What `command` touches, with its verdict.
+    pub fn of(command: &Command, ticket: Option<Ticket>, verdict: Result<Applied, ApplyError>) -> Committed {
+        let job = match command {
+            Command::Create { spec, .. } => Some(spec.id.clone()),
+            Command::Cancel { id, .. }
+            | Command::Delete { id }
+            | Command::Pause { id }
+            | Command::Resume { id, .. }
+            | Command::FireStarted { id, .. }
+            | Command::AttemptFinished { id, .. }
+            | Command::Redrive { id, .. } => Some(id.clone()),
+            Command::Purge { .. } => None,
+        };
+        let stops_attempts = matches!(command, Command::Cancel { .. } | Command::Delete { .. });
+        Committed { ticket, job, stops_attempts, verdict }
+    }
+
+    /// A proposal that will never be applied (leadership moved before it committed): its
+    /// ticket is answered with this, so no caller waits forever.
+    pub fn abandoned(ticket: Ticket, reason: impl Into<String>) -> Committed {
+        Committed {
+            ticket: Some(ticket),
+            job: None,
+            stops_attempts: false,
+            verdict: Err(ApplyError::Unavailable(reason.into())),
+        }
     }
 }
 
-/// The log could not take a command (I/O failure, lost leadership): nothing more can be
-/// acknowledged until it is fixed.
+/// Where commands go to be applied: straight into a `State` (`DirectLog`: tests, tools), or
+/// through a replicated, durable log (the node's partitions). Proposing never blocks; the
+/// verdicts come back from `advance` once the commands are committed and applied.
+pub trait CommandLog {
+    /// Proposes commands, in order; each gets a ticket or is refused (not leading, overload).
+    fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>>;
+
+    /// Does the log's pending work (persist, exchange with peers, apply what committed) and
+    /// returns what was applied since the last call, in log order, including commands other
+    /// replicas proposed. An error means the fate of proposals is unknown (the log failed),
+    /// and the runtime stops rather than guess.
+    fn advance(&mut self) -> Result<Vec<Committed>, LogError>;
+
+    fn state(&self) -> &State;
+
+    /// Whether this replica fires the jobs: it leads and has applied everything committed
+    /// before it took over (so it sees every fire its predecessors started).
+    fn leading(&self) -> bool;
+}
+
+/// The log could not take a command (I/O failure): nothing more can be acknowledged until
+/// it is fixed.
 #[derive(Debug, thiserror::Error)]
 #[error("command log: {0}")]
 pub struct LogError(pub String);
 
-impl CommandLog for State {
-    fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, LogError> {
-        Ok(State::apply(self, command))
+/// A log that applies each command at once to an in-memory `State`: no durability, no
+/// replication. For tests and tools.
+#[derive(Default)]
+pub struct DirectLog {
+    state: State,
+    next_ticket: Ticket,
+    applied: Vec<Committed>,
+}
+
+impl DirectLog {
+    pub fn new(state: State) -> DirectLog {
+        DirectLog { state, next_ticket: 1, applied: Vec::new() }
+    }
+}
+
+impl CommandLog for DirectLog {
+    fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>> {
+        commands
+            .into_iter()
+            .map(|command| {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                let summary = Committed::of(&command, Some(ticket), Ok(Applied::Done));
+                let verdict = self.state.apply(command);
+                self.applied.push(Committed { verdict, ..summary });
+                Ok(ticket)
+            })
+            .collect()
+    }
+
+    fn advance(&mut self) -> Result<Vec<Committed>, LogError> {
+        Ok(std::mem::take(&mut self.applied))
     }
 
     fn state(&self) -> &State {
-        self
+        &self.state
+    }
+
+    fn leading(&self) -> bool {
+        true
     }
 }
 
@@ -82,18 +167,36 @@ pub struct RuntimeStats {
     pub attempts_finished: u64,
     /// Times a due fire found the dispatch queue full and waited.
     pub queue_full_waits: u64,
+    /// Times this runtime took over firing (became the leader and caught up).
+    pub leaderships: u64,
 }
 
 /// The runtime with the state machine applied directly (no log): tests and tools.
-pub type LocalRuntime = Runtime<State>;
+pub type LocalRuntime = Runtime<DirectLog>;
+
+/// What the runtime proposed itself, by ticket, until applied.
+enum OwnProposal {
+    /// `FireStarted` of a fire due at `due_ms`: the attempt is submitted once it applies.
+    FireStart { id: String, fire_ms: u64, attempt: u32, due_ms: u64 },
+    /// `AttemptFinished`: spans are recorded once it applies.
+    Finish { id: String, fire_ms: u64, attempt: u32, started_ms: u64, finished_ms: u64, outcome: Option<Outcome> },
+}
+
+/// Proposals the runtime waits for at most; beyond it, due fires wait for the next turn.
+const OWN_PROPOSALS_MAX: usize = 65_536;
 
 pub struct Runtime<L: CommandLog> {
     config: RuntimeConfig,
     log: L,
     /// Set when the log failed: nothing is applied any more.
     log_failure: Option<String>,
+    /// Whether this runtime fires (its log leads and caught up); timers exist only then.
+    leading: bool,
     wheel: TimingWheel<String>,
     timers: HashMap<String, TimerHandle>,
+    own: HashMap<Ticket, OwnProposal>,
+    /// Verdicts of callers' proposals, until taken (`take_resolved`).
+    resolved: Vec<(Ticket, Result<Applied, ApplyError>)>,
     dispatcher: Dispatcher,
     /// Outcomes of this runtime's attempts; `None` when they go to a channel the caller
     /// shares between several runtimes (a shard routes them back with `finish_many`).
@@ -112,13 +215,13 @@ const SPANS_KEPT_MAX: usize = 65_536;
 impl LocalRuntime {
     /// Starts on the current tokio runtime with an empty state.
     pub fn start(config: RuntimeConfig) -> LocalRuntime {
-        Runtime::with_log(config, State::new())
+        Runtime::with_log(config, DirectLog::new(State::new()))
     }
 }
 
 impl<L: CommandLog> Runtime<L> {
-    /// Starts on the current tokio runtime over `log`, arming a timer for every job it holds
-    /// and re-running the attempts a previous run left in flight.
+    /// Starts on the current tokio runtime over `log`; once the log leads, a timer is armed
+    /// for every job it holds and the attempts a previous leader left in flight run again.
     pub fn with_log(config: RuntimeConfig, log: L) -> Runtime<L> {
         let (sender, results) = mpsc::channel(config.results_capacity);
         Runtime::build(config, log, sender, Some(results))
@@ -142,7 +245,10 @@ impl<L: CommandLog> Runtime<L> {
             config,
             log,
             log_failure: None,
+            leading: false,
             timers: HashMap::new(),
+            own: HashMap::new(),
+            resolved: Vec::new(),
             dispatcher,
             results,
             rng: now_ms() | 1,
@@ -150,37 +256,56 @@ impl<L: CommandLog> Runtime<L> {
             spans: Vec::new(),
             spans_dropped: 0,
         };
-        let ids: Vec<String> = runtime.log.state().jobs().map(|job| job.spec.id.clone()).collect();
-        for id in &ids {
-            runtime.arm(id);
-        }
-        runtime.resume_in_flight();
+        runtime.advance();
         runtime
     }
 
-    /// Attempts a previous leader (or run) started and never finished are run again, with
-    /// the same fire (idempotency key) and attempt number.
-    fn resume_in_flight(&mut self) {
+    /// Takes over firing: a timer for every job, and the attempts a previous leader (or
+    /// run) started and never finished run again with the same fire (idempotency key) and
+    /// attempt number.
+    fn start_leading(&mut self) {
+        self.leading = true;
+        self.stats.leaderships += 1;
+        self.wheel = TimingWheel::new(now_ms(), self.config.timers_max);
+        self.timers.clear();
+        let ids: Vec<String> = self.log.state().jobs().map(|job| job.spec.id.clone()).collect();
+        for id in &ids {
+            self.arm(id);
+        }
         for (id, fire_ms, attempt) in self.log.state().in_flight() {
-            let Some(job) = self.log.state().job(&id) else { continue };
-            let spec = &job.spec;
-            let submission = Attempt {
-                job_id: id.clone(),
-                fire_ms,
-                attempt,
-                priority: spec.priority,
-                due_ms: fire_ms,
-                target: spec.target.clone(),
-                timeout_ms: spec.attempt_timeout_ms,
-                secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
-                traceparent: crate::trace::attempt_traceparent(spec.trace.as_ref(), &id, fire_ms, attempt),
-            };
-            // A full queue at start-up: the attempt stays in flight in the state and is
-            // re-run at the next start (rare: the queue holds thousands).
-            if self.dispatcher.submit(submission).is_ok() {
+            // A full queue at take-over: the attempt stays in flight in the state and is
+            // re-run at the next take-over (rare: the queue holds thousands).
+            if self.submit(&id, fire_ms, attempt, fire_ms) {
                 self.stats.attempts_started += 1;
             }
         }
+    }
+
+    /// Stops firing: another replica leads now and re-runs what was in flight here.
+    fn stop_leading(&mut self) {
+        self.leading = false;
+        self.wheel = TimingWheel::new(now_ms(), self.config.timers_max);
+        self.timers.clear();
+        self.own.clear();
+        self.dispatcher.cancel_all();
+    }
+
+    /// Submits an attempt of a fire to the dispatcher; false when its queue is full.
+    fn submit(&mut self, id: &str, fire_ms: u64, attempt: u32, due_ms: u64) -> bool {
+        let Some(job) = self.log.state().job(id) else { return false };
+        let spec = &job.spec;
+        let submission = Attempt {
+            job_id: id.to_string(),
+            fire_ms,
+            attempt,
+            priority: spec.priority,
+            due_ms,
+            target: spec.target.clone(),
+            timeout_ms: spec.attempt_timeout_ms,
+            secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            traceparent: crate::trace::attempt_traceparent(spec.trace.as_ref(), id, fire_ms, attempt),
+        };
+        self.dispatcher.submit(submission).is_ok()
     }
 
     pub fn state(&self) -> &State {
@@ -191,8 +316,8 @@ impl<L: CommandLog> Runtime<L> {
         &self.log
     }
 
-    /// The log, for bookkeeping that applies no command (metrics): a command applied through
-    /// it would bypass the timers.
+    /// The log, for bookkeeping and for feeding it (ticks, peer messages): a command
+    /// proposed through it directly would bypass the runtime.
     pub fn log_mut(&mut self) -> &mut L {
         &mut self.log
     }
@@ -200,6 +325,11 @@ impl<L: CommandLog> Runtime<L> {
     /// Why the runtime stopped applying commands, if it did.
     pub fn log_failure(&self) -> Option<&str> {
         self.log_failure.as_deref()
+    }
+
+    /// Whether this runtime fires the jobs (its log leads).
+    pub fn is_leading(&self) -> bool {
+        self.leading
     }
 
     pub fn stats(&self) -> RuntimeStats {
@@ -210,56 +340,123 @@ impl<L: CommandLog> Runtime<L> {
         &self.dispatcher
     }
 
-    /// Applies a client command (create, cancel, pause, …) and re-arms the job's timer.
+    /// Proposes client commands (create, cancel, pause, …); their verdicts come back from
+    /// `take_resolved` once applied (after an `advance`).
+    pub fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>> {
+        if let Some(failure) = &self.log_failure {
+            return commands.iter().map(|_| Err(ApplyError::Unavailable(failure.clone()))).collect();
+        }
+        self.log.propose(commands)
+    }
+
+    /// Verdicts of proposals that were applied (or abandoned) since the last call.
+    pub fn take_resolved(&mut self) -> Vec<(Ticket, Result<Applied, ApplyError>)> {
+        std::mem::take(&mut self.resolved)
+    }
+
+    /// Applies a client command and waits for nothing: for logs that apply at once
+    /// (`DirectLog`, a partition of one); `Unavailable` when its verdict is not known yet.
     pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
         self.apply_batch(vec![command]).pop().expect("one verdict per command")
     }
 
-    /// Applies several commands through one log write (group commit) and re-arms the timers
-    /// of the jobs they touch; verdicts come back in order.
+    /// `apply` for several commands, proposed together (one log write); verdicts in order.
     pub fn apply_batch(&mut self, commands: Vec<Command>) -> Vec<Result<Applied, ApplyError>> {
-        if let Some(failure) = &self.log_failure {
-            return commands.iter().map(|_| Err(ApplyError::Unavailable(failure.clone()))).collect();
+        let tickets = self.propose(commands);
+        self.advance();
+        let mut verdicts: HashMap<Ticket, Result<Applied, ApplyError>> = HashMap::new();
+        let wanted: std::collections::HashSet<Ticket> =
+            tickets.iter().filter_map(|t| t.as_ref().ok().copied()).collect();
+        self.resolved.retain(|(ticket, verdict)| {
+            if wanted.contains(ticket) {
+                verdicts.insert(*ticket, verdict.clone());
+                false
+            } else {
+                true
+            }
+        });
+        tickets
+            .into_iter()
+            .map(|ticket| {
+                let ticket = ticket?;
+                verdicts
+                    .remove(&ticket)
+                    .unwrap_or_else(|| Err(ApplyError::Unavailable("the command is not committed yet".into())))
+            })
+            .collect()
+    }
+
+    /// Drives the log and takes the effects of what it applied: timers re-armed, attempts
+    /// of fires this runtime started submitted, cancelled attempts stopped, callers'
+    /// verdicts kept for `take_resolved`; and takes over or gives up firing when the log's
+    /// leadership changed.
+    pub fn advance(&mut self) {
+        if self.log_failure.is_some() {
+            return;
         }
-        let touched: Vec<(Option<String>, bool)> = commands.iter().map(Self::touches).collect();
-        let verdicts = match self.log.apply_batch(commands) {
-            Ok(verdicts) => verdicts,
+        let applied = match self.log.advance() {
+            Ok(applied) => applied,
             Err(error) => {
                 tracing::error!(%error, "the command log failed; nothing more is applied");
                 self.log_failure = Some(error.to_string());
-                return touched.iter().map(|_| Err(ApplyError::Unavailable(error.to_string()))).collect();
+                self.own.clear();
+                return;
             }
         };
-        for ((id, stops_attempts), verdict) in touched.into_iter().zip(&verdicts) {
-            let (Some(id), true) = (id, verdict.is_ok()) else { continue };
-            if stops_attempts {
-                self.dispatcher.cancel(&id);
+        for committed in applied {
+            self.take_effect(committed);
+        }
+        match (self.leading, self.log.leading()) {
+            (false, true) => self.start_leading(),
+            (true, false) => self.stop_leading(),
+            _ => {}
+        }
+    }
+
+    fn take_effect(&mut self, committed: Committed) {
+        let own = committed.ticket.and_then(|ticket| self.own.remove(&ticket));
+        if own.is_none() {
+            if let Some(ticket) = committed.ticket {
+                self.resolved.push((ticket, committed.verdict.clone()));
             }
-            self.arm(&id);
+        }
+        if !self.leading {
+            return; // a follower keeps no timers and makes no attempts
+        }
+        if let (Some(id), true) = (&committed.job, committed.verdict.is_ok()) {
+            if committed.stops_attempts {
+                self.dispatcher.cancel(id);
+            }
+            self.arm(id);
             // A completed job may release jobs that depend on it.
-            if self.log.state().job(&id).is_some_and(|job| job.status == crate::state::Status::Completed) {
-                for dependent in self.log.state().dependents_of(&id) {
+            if self.log.state().job(id).is_some_and(|job| job.status == crate::state::Status::Completed) {
+                for dependent in self.log.state().dependents_of(id) {
                     self.arm(&dependent);
                 }
             }
         }
-        verdicts
-    }
-
-    /// The job a command touches, and whether it stops the job's attempts.
-    fn touches(command: &Command) -> (Option<String>, bool) {
-        let id = match command {
-            Command::Create { spec, .. } => Some(spec.id.clone()),
-            Command::Cancel { id, .. }
-            | Command::Delete { id }
-            | Command::Pause { id }
-            | Command::Resume { id, .. }
-            | Command::FireStarted { id, .. }
-            | Command::AttemptFinished { id, .. }
-            | Command::Redrive { id, .. } => Some(id.clone()),
-            Command::Purge { .. } => None,
-        };
-        (id, matches!(command, Command::Cancel { .. } | Command::Delete { .. }))
+        match own {
+            Some(OwnProposal::FireStart { id, fire_ms, attempt, due_ms }) => match &committed.verdict {
+                Ok(Applied::Missed { count }) => {
+                    tracing::warn!(job_id = %id, fire_ms, missed = count, "fires missed (misfire policy or catch-up window)");
+                }
+                Ok(_) => {
+                    tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now_ms().saturating_sub(due_ms), "attempt starting");
+                    // Room was counted when the fire was proposed; a queue filled meanwhile
+                    // leaves the attempt in flight in the state, re-run at the next take-over.
+                    if self.submit(&id, fire_ms, attempt, due_ms) {
+                        self.stats.attempts_started += 1;
+                    }
+                }
+                Err(_) => {} // no longer due (cancelled, paused): re-armed above
+            },
+            Some(OwnProposal::Finish { id, fire_ms, attempt, started_ms, finished_ms, outcome: Some(outcome) }) => {
+                if committed.verdict.is_ok() {
+                    self.record_attempt_spans(&id, fire_ms, attempt, started_ms, finished_ms, &outcome);
+                }
+            }
+            Some(OwnProposal::Finish { outcome: None, .. }) | None => {}
+        }
     }
 
     /// Sets the job's timer to its next due time (or removes it).
@@ -320,12 +517,17 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
-    /// Starts every fire due by now.
+    /// Proposes a start for every fire due by now (leading only); each attempt is
+    /// submitted when its start is applied.
     pub fn fire_due_jobs(&mut self) {
+        if !self.leading || self.log_failure.is_some() {
+            return;
+        }
         let mut expired: Vec<Expired<String>> = Vec::new();
         self.wheel.advance_to(now_ms(), &mut expired);
-        if expired.len() > FIRES_PER_TURN_MAX {
-            for timer in expired.split_off(FIRES_PER_TURN_MAX) {
+        let turn_max = FIRES_PER_TURN_MAX.min(OWN_PROPOSALS_MAX.saturating_sub(self.own.len()));
+        if expired.len() > turn_max {
+            for timer in expired.split_off(turn_max) {
                 self.timers.remove(&timer.value);
                 self.arm(&timer.value);
             }
@@ -354,48 +556,48 @@ impl<L: CommandLog> Runtime<L> {
                 continue;
             }
             room -= 1;
-            starts.push((id, fire_ms, attempt, due_ms));
+            starts.push(OwnProposal::FireStart { id, fire_ms, attempt, due_ms });
+        }
+        if starts.is_empty() {
+            return;
         }
         // Committed (together: one log write) before the requests go out, so an outcome
-        // always finds its fire.
+        // always finds its fire, and a new leader knows which fires were started.
         let commands = starts
             .iter()
-            .map(|(id, fire_ms, attempt, _)| Command::FireStarted {
-                id: id.clone(),
-                fire_ms: *fire_ms,
-                attempt: *attempt,
-                node: self.config.node_id,
-                now_ms: now,
+            .map(|start| match start {
+                OwnProposal::FireStart { id, fire_ms, attempt, .. } => Command::FireStarted {
+                    id: id.clone(),
+                    fire_ms: *fire_ms,
+                    attempt: *attempt,
+                    node: self.config.node_id,
+                    now_ms: now,
+                },
+                OwnProposal::Finish { .. } => unreachable!("only starts are gathered here"),
             })
             .collect();
-        let verdicts = self.apply_batch(commands);
-        for ((id, fire_ms, attempt, due_ms), verdict) in starts.into_iter().zip(verdicts) {
-            match &verdict {
-                Ok(Applied::Done) => {}
-                Ok(Applied::Missed { count }) => {
-                    tracing::warn!(job_id = %id, fire_ms, missed = count, "fires missed (misfire policy or catch-up window)");
-                    continue;
+        self.propose_own(commands, starts);
+        self.advance();
+    }
+
+    /// Proposes commands of the runtime's own, remembering each by its ticket. A refused
+    /// one (no longer leading, overload) is dropped: its fire stays due, or its attempt in
+    /// flight, for whoever leads to run again.
+    fn propose_own(&mut self, commands: Vec<Command>, proposals: Vec<OwnProposal>) {
+        for (ticket, proposal) in self.log.propose(commands).into_iter().zip(proposals) {
+            match ticket {
+                Ok(ticket) => {
+                    self.own.insert(ticket, proposal);
                 }
-                _ => continue, // no longer due: re-armed
-            }
-            tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now.saturating_sub(due_ms), "attempt starting");
-            let job = self.log.state().job(&id).expect("due jobs exist");
-            let spec = &job.spec;
-            let traceparent = crate::trace::attempt_traceparent(spec.trace.as_ref(), &id, fire_ms, attempt);
-            let submission = Attempt {
-                job_id: id,
-                fire_ms,
-                attempt,
-                priority: spec.priority,
-                due_ms,
-                target: spec.target.clone(),
-                timeout_ms: spec.attempt_timeout_ms,
-                secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
-                traceparent,
-            };
-            // Room was counted above and only this runtime submits: this is not refused.
-            if self.dispatcher.submit(submission).is_ok() {
-                self.stats.attempts_started += 1;
+                Err(error) => {
+                    if let OwnProposal::FireStart { id, .. } = &proposal {
+                        tracing::debug!(job_id = %id, %error, "could not start a fire; it stays due");
+                        let id = id.clone();
+                        if let Ok(handle) = self.wheel.insert(now_ms() + QUEUE_FULL_RETRY_MS, id.clone()) {
+                            self.timers.insert(id, handle);
+                        }
+                    }
+                }
             }
         }
     }
@@ -405,11 +607,16 @@ impl<L: CommandLog> Runtime<L> {
         self.finish_many(vec![result]);
     }
 
-    /// Applies several outcomes with one log write.
+    /// Proposes several outcomes with one log write. Outcomes of a runtime that no longer
+    /// leads are dropped: the new leader runs those attempts again.
     pub fn finish_many(&mut self, results: Vec<AttemptResult>) {
         let mut commands = Vec::with_capacity(results.len());
+        let mut proposals = Vec::with_capacity(results.len());
         for result in results {
             self.stats.attempts_finished += 1;
+            if !self.leading {
+                continue;
+            }
             let Some(job) = self.log.state().job(&result.job_id) else { continue };
             let retry = &job.spec.retry;
             let backoff_ms = retry.backoff_ms(result.attempt);
@@ -438,6 +645,14 @@ impl<L: CommandLog> Runtime<L> {
                     "attempt failed"
                 ),
             }
+            proposals.push(OwnProposal::Finish {
+                id: result.job_id.clone(),
+                fire_ms: result.fire_ms,
+                attempt: result.attempt,
+                started_ms: result.started_ms,
+                finished_ms: result.finished_ms,
+                outcome: self.config.record_spans.then(|| result.outcome.clone()),
+            });
             commands.push(Command::AttemptFinished {
                 id: result.job_id,
                 fire_ms: result.fire_ms,
@@ -449,26 +664,12 @@ impl<L: CommandLog> Runtime<L> {
                 retry_at_ms,
             });
         }
-        let finished: Vec<(String, u64, u32, u64, u64, Outcome)> = if self.config.record_spans {
-            commands
-                .iter()
-                .filter_map(|command| match command {
-                    Command::AttemptFinished { id, fire_ms, attempt, started_ms, finished_ms, outcome, .. } => {
-                        Some((id.clone(), *fire_ms, *attempt, *started_ms, *finished_ms, outcome.clone()))
-                    }
-                    _ => None,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
-        // A stale outcome (the job was cancelled meanwhile) is refused and changes nothing.
-        let verdicts = self.apply_batch(commands);
-        for ((id, fire_ms, attempt, started_ms, finished_ms, outcome), verdict) in finished.into_iter().zip(verdicts) {
-            if verdict.is_ok() {
-                self.record_attempt_spans(&id, fire_ms, attempt, started_ms, finished_ms, &outcome);
-            }
+        if commands.is_empty() {
+            return;
         }
+        // A stale outcome (the job was cancelled meanwhile) is refused and changes nothing.
+        self.propose_own(commands, proposals);
+        self.advance();
     }
 
     /// The spans of a finished attempt, and of its fire when that was the last attempt.

@@ -7,7 +7,10 @@
 use crate::storage::WalStorage;
 use std::collections::BTreeMap;
 use std::path::Path;
-use sundial_consensus::{Config, ConfigError, EntryKind, Index, ProposeError, RawNode, Role, Storage};
+use sundial_consensus::{
+    Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Storage, Term,
+};
+use sundial_engine::runtime::{CommandLog, Committed, LogError, Ticket};
 use sundial_engine::state::{Applied, ApplyError, Command, State};
 use sundial_wal::{WalError, WalOptions};
 
@@ -21,6 +24,9 @@ pub struct PartitionOptions {
     pub snapshot_every_entries: u64,
     /// Proposals are refused beyond this many uncommitted entries.
     pub max_uncommitted_entries: u64,
+    /// Ticks without a leader before a replica campaigns (randomized in [n, 2n)).
+    pub election_ticks: u32,
+    pub heartbeat_ticks: u32,
 }
 
 impl PartitionOptions {
@@ -32,6 +38,8 @@ impl PartitionOptions {
             wal: WalOptions::default(),
             snapshot_every_entries: 10_000,
             max_uncommitted_entries: 100_000,
+            election_ticks: 10,
+            heartbeat_ticks: 1,
         }
     }
 }
@@ -54,9 +62,20 @@ pub struct Partition {
     node: RawNode<WalStorage>,
     state: State,
     options: PartitionOptions,
-    /// Outcomes of commands proposed here, by log index, until taken (bounded by the
-    /// uncommitted-entry limit plus what the caller has not taken yet).
-    outcomes: BTreeMap<Index, Option<Result<Applied, ApplyError>>>,
+    /// Commands proposed here and not yet applied: log index (their ticket) → the term they
+    /// were proposed in (bounded by the uncommitted-entry limit). An entry applied at that
+    /// index with another term is someone else's: the proposal was lost.
+    proposed: BTreeMap<Index, Term>,
+    /// Linearizable reads asked here: ticket → the index the state must reach (once Raft
+    /// confirmed it; `None` until then). Bounded by Raft's pending-read limit.
+    reads: BTreeMap<Ticket, Option<Index>>,
+    next_read_ticket: Ticket,
+    /// Applied commands not yet taken by the runtime.
+    applied: Vec<Committed>,
+    /// Messages for peers, taken by the shard after each `process`.
+    outbox: Vec<Message>,
+    /// The first index of this node's current leadership; it fires once it applied that far.
+    leading_from: Option<Index>,
     /// Entries applied since the last snapshot.
     applied_since_snapshot: u64,
     /// Snapshots that could not be written (retried at the next interval; the log keeps
@@ -106,12 +125,20 @@ impl Partition {
         };
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
+        config.election_tick = options.election_ticks;
+        config.heartbeat_tick = options.heartbeat_ticks;
+        config.seed = options.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(options.election_ticks);
         let node = RawNode::new(config, storage)?;
         let mut partition = Partition {
             node,
             state,
             options,
-            outcomes: BTreeMap::new(),
+            proposed: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            next_read_ticket: READ_TICKETS_FROM,
+            applied: Vec::new(),
+            outbox: Vec::new(),
+            leading_from: None,
             applied_since_snapshot: 0,
             snapshot_failures: 0,
             undecodable_entries: 0,
@@ -151,19 +178,53 @@ impl Partition {
         self.node.tick();
     }
 
-    /// Proposes a command; its outcome is known once `process` has applied its index.
-    pub fn propose(&mut self, command: &Command) -> Result<Index, PartitionError> {
+    /// A message from a peer replica of this group.
+    pub fn step(&mut self, message: Message) {
+        self.node.step(message);
+    }
+
+    /// Messages for peers produced since the last call (sent only after what they promise
+    /// was persisted: `process` persists before it queues them).
+    pub fn take_messages(&mut self) -> Vec<Message> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// The node this replica believes leads the group.
+    pub fn leader(&self) -> Option<NodeId> {
+        self.node.raft.leader
+    }
+
+    /// The group's voters.
+    pub fn voters(&self) -> Vec<NodeId> {
+        self.node.raft.conf_state().voters
+    }
+
+    /// How far a follower's log matches this leader's (leaders only).
+    pub fn follower_match(&self, id: NodeId) -> Option<Index> {
+        self.node.raft.progress_of(id).map(|progress| progress.match_index)
+    }
+
+    /// Hands leadership to `to` (balancing); refused unless this replica leads.
+    pub fn transfer_leader(&mut self, to: NodeId) -> Result<(), ProposeError> {
+        self.node.transfer_leader(to)
+    }
+
+    /// Proposes a command; its ticket is its log index, answered once applied.
+    pub fn propose_one(&mut self, command: &Command) -> Result<Index, PartitionError> {
         let data = serde_json::to_vec(command).expect("commands always serialize");
         let index = self.node.propose(data)?;
-        self.outcomes.insert(index, None);
+        self.proposed.insert(index, self.node.raft.term);
         Ok(index)
     }
 
-    /// The outcome of the command proposed at `index`, once applied (taken once).
-    pub fn take_outcome(&mut self, index: Index) -> Option<Result<Applied, ApplyError>> {
-        let outcome = self.outcomes.get_mut(&index)?.take()?;
-        self.outcomes.remove(&index);
-        Some(outcome)
+    /// Asks for a linearizable read: the ticket is answered (`Applied::Done`) once this
+    /// replica's state includes every write acknowledged before the read was asked.
+    pub fn read(&mut self) -> Result<Ticket, ProposeError> {
+        let ticket = self.next_read_ticket;
+        self.node.read_index(ticket)?;
+        self.next_read_ticket += 1;
+        self.reads.insert(ticket, None);
+        Ok(ticket)
     }
 
     /// Persists, applies and acknowledges everything Raft has ready. Durable when it returns:
@@ -183,8 +244,13 @@ impl Partition {
                 }
                 self.writes.push(LogWrite { duration: started.elapsed(), entries: ready.entries.len() });
             }
-            // A group of one sends nothing; a cluster will hand `ready.messages` to the
-            // transport here.
+            // Sent only now: what they promise (votes, appended entries) is durable.
+            self.outbox.extend(ready.messages.iter().cloned());
+            for read in &ready.read_states {
+                if let Some(slot) = self.reads.get_mut(&read.context) {
+                    *slot = Some(read.index);
+                }
+            }
             if let Some(snapshot) = &ready.snapshot {
                 self.state = State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
             }
@@ -195,24 +261,42 @@ impl Partition {
                     }
                     EntryKind::Normal if entry.data.is_empty() => {} // a new leader's no-op
                     EntryKind::Normal => {
-                        let outcome = match serde_json::from_slice::<Command>(&entry.data) {
-                            Ok(command) => self.state.apply(command),
+                        let ticket = match self.proposed.remove(&entry.index) {
+                            Some(term) if term == entry.term => Some(entry.index),
+                            Some(_) => {
+                                let reason = "leadership moved before the command committed; retry it";
+                                self.applied.push(Committed::abandoned(entry.index, reason));
+                                None
+                            }
+                            None => None,
+                        };
+                        match serde_json::from_slice::<Command>(&entry.data) {
+                            Ok(command) => {
+                                let summary = Committed::of(&command, ticket, Ok(Applied::Done));
+                                let verdict = self.state.apply(command);
+                                self.applied.push(Committed { verdict, ..summary });
+                            }
                             Err(_) => {
                                 self.undecodable_entries += 1;
-                                continue;
+                                if let Some(ticket) = ticket {
+                                    self.applied.push(Committed::abandoned(ticket, "the entry did not decode"));
+                                }
                             }
-                        };
-                        if let Some(slot) = self.outcomes.get_mut(&entry.index) {
-                            *slot = Some(outcome);
                         }
                     }
                 }
                 self.applied_since_snapshot += 1;
             }
             self.node.advance(ready);
+            self.answer_reads();
             // A single voter wins inside `tick`, so a change of role is seen here.
             if self.is_leader() && !self.leading {
                 self.elections_won += 1;
+                self.leading_from = Some(self.node.raft.log.last_index());
+            }
+            if !self.is_leader() && self.leading {
+                self.leading_from = None;
+                self.abandon_proposals();
             }
             self.leading = self.is_leader();
             // A failed snapshot is not the applied commands' failure: they are committed.
@@ -222,6 +306,34 @@ impl Partition {
             }
         }
         Ok(())
+    }
+
+    /// Reads whose index this replica has applied are answered.
+    fn answer_reads(&mut self) {
+        let applied = self.node.raft.log.applied;
+        let ready: Vec<Ticket> =
+            self.reads.iter().filter(|(_, index)| index.is_some_and(|i| i <= applied)).map(|(t, _)| *t).collect();
+        for ticket in ready {
+            self.reads.remove(&ticket);
+            self.applied.push(Committed {
+                ticket: Some(ticket),
+                job: None,
+                stops_attempts: false,
+                verdict: Ok(Applied::Done),
+            });
+        }
+    }
+
+    /// This replica stopped leading: its proposals may or may not commit under the next
+    /// leader, and its reads are not confirmed. Their callers are told to retry (a create
+    /// retried with its id is answered by the job that exists).
+    fn abandon_proposals(&mut self) {
+        for index in std::mem::take(&mut self.proposed).into_keys() {
+            self.applied.push(Committed::abandoned(index, "leadership moved; the outcome is unknown, retry it"));
+        }
+        for ticket in std::mem::take(&mut self.reads).into_keys() {
+            self.applied.push(Committed::abandoned(ticket, "leadership moved during the read; retry it"));
+        }
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), PartitionError> {
@@ -281,46 +393,34 @@ impl Partition {
     }
 }
 
-impl sundial_engine::runtime::CommandLog for Partition {
-    /// Proposes, persists (fdatasync) and applies the command: the verdict returned is that
-    /// of a committed, durable entry.
-    fn apply(&mut self, command: Command) -> Result<Result<Applied, ApplyError>, sundial_engine::runtime::LogError> {
-        let log_error = |error: PartitionError| sundial_engine::runtime::LogError(error.to_string());
-        let index = self.propose(&command).map_err(log_error)?;
-        self.process().map_err(log_error)?;
-        self.take_outcome(index)
-            .ok_or_else(|| sundial_engine::runtime::LogError(format!("entry {index} was not applied")))
+impl CommandLog for Partition {
+    /// Proposes every command; `process` (through `advance`) persists them with one
+    /// fdatasync and, once a quorum has them, applies them. A refused proposal (not the
+    /// leader, overload) is that command's verdict alone.
+    fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>> {
+        commands
+            .iter()
+            .map(|command| match self.propose_one(command) {
+                Ok(index) => Ok(index),
+                Err(PartitionError::Propose(refused)) => Err(ApplyError::Unavailable(refused.to_string())),
+                Err(other) => Err(ApplyError::Unavailable(other.to_string())),
+            })
+            .collect()
+    }
+
+    fn advance(&mut self) -> Result<Vec<Committed>, LogError> {
+        self.process().map_err(|error| LogError(error.to_string()))?;
+        Ok(std::mem::take(&mut self.applied))
     }
 
     fn state(&self) -> &State {
         &self.state
     }
 
-    /// Proposes every command, then persists them with one fdatasync and applies them: the
-    /// verdicts are those of committed, durable entries. A refused proposal (overload) is
-    /// that command's verdict alone.
-    fn apply_batch(
-        &mut self,
-        commands: Vec<Command>,
-    ) -> Result<Vec<Result<Applied, ApplyError>>, sundial_engine::runtime::LogError> {
-        let log_error = |error: PartitionError| sundial_engine::runtime::LogError(error.to_string());
-        let proposed: Vec<Result<Index, ApplyError>> = commands
-            .iter()
-            .map(|command| match self.propose(command) {
-                Ok(index) => Ok(index),
-                Err(PartitionError::Propose(refused)) => Err(ApplyError::Unavailable(refused.to_string())),
-                Err(other) => Err(ApplyError::Unavailable(other.to_string())),
-            })
-            .collect();
-        self.process().map_err(log_error)?;
-        proposed
-            .into_iter()
-            .map(|proposal| match proposal {
-                Ok(index) => self
-                    .take_outcome(index)
-                    .ok_or_else(|| sundial_engine::runtime::LogError(format!("entry {index} was not applied"))),
-                Err(refused) => Ok(Err(refused)),
-            })
-            .collect()
+    fn leading(&self) -> bool {
+        self.is_leader() && self.leading_from.is_some_and(|from| self.node.raft.log.applied >= from)
     }
 }
+
+/// Read tickets live above every log index, so the two never collide.
+const READ_TICKETS_FROM: Ticket = 1 << 62;

@@ -7,6 +7,7 @@ use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 use sundial_engine::job::JobSpec;
 use sundial_engine::request::parse_job_request;
+use sundial_engine::runtime::CommandLog;
 use sundial_engine::state::{Applied, Command};
 use sundial_node::{Partition, PartitionOptions};
 use sundial_wal::WalOptions;
@@ -29,9 +30,11 @@ fn job(id: &str) -> JobSpec {
 
 /// Proposes a create and processes until its outcome is known (durable by then).
 fn create(partition: &mut Partition, id: &str) -> Applied {
-    let index = partition.propose(&Command::Create { spec: Box::new(job(id)), now_ms: T0 }).expect("leader accepts");
-    partition.process().expect("persisted");
-    partition.take_outcome(index).expect("applied").expect("created")
+    let index =
+        partition.propose_one(&Command::Create { spec: Box::new(job(id)), now_ms: T0 }).expect("leader accepts");
+    let applied = partition.advance().expect("persisted");
+    let mine = applied.into_iter().find(|c| c.ticket == Some(index)).expect("applied");
+    mine.verdict.expect("created")
 }
 
 #[test]
@@ -68,12 +71,12 @@ fn crash_child() {
     for i in first..first + 1_000_000 {
         let id = format!("job-{i}");
         if ack_early {
-            partition.propose(&Command::Create { spec: Box::new(job(&id)), now_ms: T0 }).expect("leader accepts");
+            partition.propose_one(&Command::Create { spec: Box::new(job(&id)), now_ms: T0 }).expect("leader accepts");
             writeln!(stdout, "ack {id}").expect("parent reads");
             stdout.flush().expect("parent reads");
             // The window a real bug would have, made wide enough for the kill to land in.
             std::thread::sleep(Duration::from_millis(30));
-            partition.process().expect("persisted");
+            partition.advance().expect("persisted");
         } else {
             create(&mut partition, &id);
             writeln!(stdout, "ack {id}").expect("parent reads");

@@ -183,6 +183,11 @@ impl Dispatcher {
         self.cancel_matching(|job, _| job == job_id);
     }
 
+    /// Drops every queued attempt and aborts the running ones (leadership moved away).
+    pub fn cancel_all(&self) {
+        self.cancel_matching(|_, _| true);
+    }
+
     /// Drops or aborts the attempt of one fire only (other fires of the job go on).
     pub fn cancel_fire(&self, job_id: &str, fire_ms: u64) {
         self.cancel_matching(|job, fire| job == job_id && fire == fire_ms);
