@@ -387,3 +387,107 @@ pub fn certs(command: &CertsCommand) -> ExitCode {
 fn node_files(nodes: &[String]) -> String {
     nodes.iter().map(|n| format!(", {n}.pem, {n}.key")).collect()
 }
+
+/// `sundial dev-cluster`: a local cluster for newcomers and tests.
+#[derive(clap::Args, Debug)]
+pub struct DevClusterArgs {
+    /// Members to start (1..=9).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Folder for the certificates (made once) and each node's data (node-ID).
+    #[arg(long, default_value = "sundial-dev")]
+    pub dir: PathBuf,
+    /// Node i serves HTTP on this port + i (the binary protocol on 7070 + i, peers on 7400 + i).
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// Partitions of the new cluster.
+    #[arg(long, default_value_t = 16)]
+    pub partitions: u32,
+}
+
+/// Starts `nodes` members on loopback (certificates generated on first use), prints where
+/// they listen, and stops them all on Ctrl-C or when one of them ends.
+pub fn dev_cluster(args: &DevClusterArgs) -> ExitCode {
+    use sundial_net::certs::CertificateAuthority;
+    if !(1..=9).contains(&args.nodes) {
+        eprintln!("sundial: nodes: must be within 1..=9, not {}", args.nodes);
+        return ExitCode::from(2);
+    }
+    let certs = args.dir.join("certs");
+    let names: Vec<String> = (1..=args.nodes).map(|i| format!("node-{i}")).collect();
+    let made = if certs.join("ca.pem").exists() {
+        CertificateAuthority::load(&certs).and_then(|ca| {
+            names.iter().filter(|n| !certs.join(format!("{n}.pem")).exists()).try_for_each(|n| ca.write_node(&certs, n))
+        })
+    } else {
+        CertificateAuthority::generate("dev").and_then(|ca| {
+            ca.write(&certs)?;
+            names.iter().try_for_each(|n| ca.write_node(&certs, n))
+        })
+    };
+    if let Err(e) = made {
+        eprintln!("sundial: certificates: {e}");
+        return ExitCode::FAILURE;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("sundial: cannot find its own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let offset = |base: u16, i: u64| base.saturating_add(i as u16);
+    let peers: Vec<String> = (1..=args.nodes).map(|i| format!("{i}@127.0.0.1:{}", offset(7400, i))).collect();
+    let mut children = Vec::new();
+    for i in 1..=args.nodes {
+        let child = std::process::Command::new(&exe)
+            .arg("server")
+            .args(["--node-id", &i.to_string()])
+            .arg("--data")
+            .arg(args.dir.join(format!("node-{i}")))
+            .args(["--http", &format!("127.0.0.1:{}", offset(args.http_port, i))])
+            .args(["--binary", &format!("127.0.0.1:{}", offset(7070, i))])
+            .args(["--peers", &peers.join(",")])
+            .arg("--certs")
+            .arg(&certs)
+            .args(["--partitions", &args.partitions.to_string()])
+            .arg("--allow-loopback-targets")
+            .spawn();
+        match child {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                eprintln!("sundial: cannot start node {i}: {e}");
+                stop_all(&mut children);
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("a {}-node cluster (data and certificates in {}):", args.nodes, args.dir.display());
+    for i in 1..=args.nodes {
+        println!("  node {i}: http://127.0.0.1:{}  sundial://127.0.0.1:{}", offset(args.http_port, i), offset(7070, i));
+    }
+    println!("see it: curl http://127.0.0.1:{}/debug/cluster   stop: Ctrl-C", offset(args.http_port, 1));
+    // Ctrl-C reaches the children too (same process group); otherwise wait for one to end.
+    // Bounded by the children: it returns once one of them has ended.
+    loop {
+        if children.iter_mut().any(|c| c.try_wait().ok().flatten().is_some()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop_all(&mut children);
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM to every child, then waits for each.
+fn stop_all(children: &mut [std::process::Child]) {
+    for child in children.iter() {
+        // SAFETY: kill only sends a signal to a process this one started.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+    }
+    for child in children.iter_mut() {
+        let _ = child.wait();
+    }
+}

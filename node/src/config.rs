@@ -93,6 +93,44 @@ pub struct ServerOptions {
     /// Log level: error, warn, info or debug [default: info].
     #[arg(long, env = "SUNDIAL_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// This node's id in its cluster, 1 or more [default: 1].
+    #[arg(long, env = "SUNDIAL_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Every member of the cluster as ID@HOST:PORT (their QUIC addresses), comma-separated; none: a single node.
+    #[arg(long, env = "SUNDIAL_PEERS", value_delimiter = ',')]
+    #[serde(default)]
+    pub peers: Option<Vec<String>>,
+    /// Where this node listens for its peers (QUIC) [default: its address in --peers].
+    #[arg(long, env = "SUNDIAL_RAFT")]
+    pub raft: Option<SocketAddr>,
+    /// Folder with ca.pem and this node's node-ID.pem and node-ID.key (`sundial certs init`) [default: DATA/certs].
+    #[arg(long, env = "SUNDIAL_CERTS")]
+    pub certs: Option<PathBuf>,
+    /// Replicas of each partition, capped at the member count [default: 3].
+    #[arg(long, env = "SUNDIAL_REPLICATION")]
+    pub replication: Option<usize>,
+    /// One Raft tick, ms [default: 10].
+    #[arg(long, env = "SUNDIAL_RAFT_TICK_MS")]
+    pub raft_tick_ms: Option<u64>,
+    /// Ticks without a leader before a replica campaigns (randomized up to twice it) [default: 20].
+    #[arg(long, env = "SUNDIAL_ELECTION_TICKS")]
+    pub election_ticks: Option<u32>,
+    /// Ticks between a leader's heartbeats [default: 2].
+    #[arg(long, env = "SUNDIAL_HEARTBEAT_TICKS")]
+    pub heartbeat_ticks: Option<u32>,
+}
+
+/// The cluster settings, when the node is one of several.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// Every member's id and QUIC address (this node's included).
+    pub members: std::collections::BTreeMap<u64, SocketAddr>,
+    pub raft: SocketAddr,
+    pub certs: PathBuf,
+    pub replication: usize,
+    pub tick: Duration,
+    pub election_ticks: u32,
+    pub heartbeat_ticks: u32,
 }
 
 /// The settings resolved: every value present and checked.
@@ -122,6 +160,8 @@ pub struct Settings {
     pub otlp_endpoint: Option<String>,
     pub log_json: bool,
     pub log_level: tracing::Level,
+    pub node_id: u64,
+    pub cluster: Option<ClusterSettings>,
 }
 
 macro_rules! prefer {
@@ -136,7 +176,8 @@ impl ServerOptions {
         prefer!(self, file; data, http, binary, partitions, shards, segment_mb, snapshot_every, max_jobs,
             max_memory_mb, tokens, rate_per_token, secret, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
-            breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level)
+            breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
+            raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks)
     }
 
     /// Reads the TOML file named by `config` (if any) and puts these options over it.
@@ -174,8 +215,13 @@ impl ServerOptions {
             other => return Err(format!("log_level: must be error, warn, info or debug, not {other:?}")),
         };
         let segment_mb = within("segment_mb", self.segment_mb.unwrap_or(8), 1, 1_024)?;
+        let data = self.data.clone().unwrap_or_else(|| PathBuf::from("sundial-data"));
+        let node_id = within("node_id", self.node_id.unwrap_or(1), 1, u64::MAX)?;
+        let cluster = self.cluster(node_id, &data)?;
         Ok(Settings {
-            data: self.data.clone().unwrap_or_else(|| PathBuf::from("sundial-data")),
+            node_id,
+            cluster,
+            data,
             http: self.http.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
             binary: self.binary.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070))),
             partitions: self.partitions,
@@ -220,6 +266,55 @@ impl ServerOptions {
             log_json,
             log_level,
         })
+    }
+
+    /// The cluster settings: `None` without peers (a single node).
+    fn cluster(&self, node_id: u64, data: &std::path::Path) -> Result<Option<ClusterSettings>, String> {
+        let peers = self.peers.clone().unwrap_or_default();
+        let peers: Vec<&str> = peers.iter().map(|p| p.trim()).filter(|p| !p.is_empty()).collect();
+        if peers.is_empty() {
+            return Ok(None);
+        }
+        let mut members = std::collections::BTreeMap::new();
+        for peer in peers {
+            let rule = || format!("peers: {peer:?} is not ID@HOST:PORT (e.g. 2@127.0.0.1:7402)");
+            let (id, addr) = peer.split_once('@').ok_or_else(rule)?;
+            let id: u64 = id.parse().ok().filter(|id| *id > 0).ok_or_else(rule)?;
+            let addr: SocketAddr = addr.parse().map_err(|_| rule())?;
+            if members.insert(id, addr).is_some() {
+                return Err(format!("peers: node {id} is listed twice"));
+            }
+        }
+        let raft = match (self.raft, members.get(&node_id)) {
+            (Some(raft), _) => raft,
+            (None, Some(listed)) => *listed,
+            (None, None) => return Err(format!("peers: this node ({node_id}) is not listed, and --raft is not set")),
+        };
+        members.entry(node_id).or_insert(raft);
+        let election_ticks = self.election_ticks.unwrap_or(20);
+        let heartbeat_ticks = self.heartbeat_ticks.unwrap_or(2);
+        if heartbeat_ticks == 0 || election_ticks <= heartbeat_ticks {
+            return Err(format!(
+                "election_ticks: must be greater than heartbeat_ticks ({heartbeat_ticks}, at least 1), not {election_ticks}"
+            ));
+        }
+        let tick_ms = self.raft_tick_ms.unwrap_or(10);
+        if !(1..=1_000).contains(&tick_ms) {
+            return Err(format!("raft_tick_ms: must be within 1..=1000, not {tick_ms}"));
+        }
+        let replication = self.replication.unwrap_or(crate::meta::REPLICATION_DEFAULT);
+        if !(1..=7).contains(&replication) {
+            return Err(format!("replication: must be within 1..=7, not {replication}"));
+        }
+        Ok(Some(ClusterSettings {
+            members,
+            raft,
+            certs: self.certs.clone().unwrap_or_else(|| data.join("certs")),
+            replication,
+            tick: Duration::from_millis(tick_ms),
+            election_ticks,
+            heartbeat_ticks,
+        }))
     }
 }
 

@@ -129,9 +129,45 @@ pub fn partition_of(id: &str, partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
+/// Replicas per partition unless configured (tolerates one failed node).
+pub const REPLICATION_DEFAULT: usize = 3;
+
+/// The members holding a replica of `partition`: `factor` of them (all, when fewer),
+/// consecutive in id order from position `partition mod members`. The first is the
+/// partition's preferred leader, so leadership spreads evenly over the members.
+pub fn replicas_of(partition: u32, members: &[u64], factor: usize) -> Vec<u64> {
+    let mut sorted = members.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let count = sorted.len();
+    if count == 0 {
+        return Vec::new();
+    }
+    let start = partition as usize % count;
+    (0..factor.clamp(1, count)).map(|k| sorted[(start + k) % count]).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_spread_preferred_leaders_evenly_and_never_repeat_a_member() {
+        let members = [3, 1, 2];
+        let mut preferred = [0usize; 4];
+        for partition in 0..16 {
+            let replicas = replicas_of(partition, &members, 3);
+            assert_eq!(replicas.len(), 3);
+            let mut unique = replicas.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            assert_eq!(unique, [1, 2, 3], "partition {partition}: {replicas:?}");
+            preferred[replicas[0] as usize] += 1;
+        }
+        assert_eq!(&preferred[1..], [6, 5, 5], "16 partitions over 3 members");
+        assert_eq!(replicas_of(4, &[1, 2, 3, 4, 5], 3), [5, 1, 2]);
+        assert_eq!(replicas_of(0, &[7], 3), [7], "a single node holds every partition");
+    }
 
     #[test]
     fn the_partition_count_is_kept_and_a_change_is_refused() {

@@ -10,7 +10,7 @@ use sundial_engine::state::{Applied, ApplyError, Command, Job, State, Status};
 
 /// An answer: status code (HTTP's; the binary protocol mirrors it), JSON body (`None`: no
 /// body) and, for 429/503/507, when to retry.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Answer {
     pub status: u16,
     pub body: Option<Value>,
@@ -37,7 +37,7 @@ pub fn retry_later(status: u16, code: &str, message: impl Into<String>, retry_af
 }
 
 /// Operations on one job (or one of its dead letters), routed by the job's id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum JobOp {
     Get,
     Status,
@@ -53,11 +53,10 @@ pub enum JobOp {
     Purge,
 }
 
-/// Runs `op` on each of the jobs `ids` of this partition; commands among them go to the log
-/// together (one write). Answers in order.
-pub fn job_ops<L: CommandLog>(runtime: &mut Runtime<L>, ids: &[String], op: JobOp) -> Vec<Answer> {
-    let now = now_ms();
-    let command = |id: String| match op {
+/// The command `op` makes of the job `id`; `None` for a read.
+pub fn job_command(id: &str, op: JobOp, now: u64) -> Option<Command> {
+    let id = id.to_string();
+    match op {
         JobOp::Get | JobOp::Status | JobOp::Executions => None,
         JobOp::Cancel => Some(Command::Cancel { id, now_ms: now }),
         JobOp::Delete => Some(Command::Delete { id }),
@@ -65,20 +64,27 @@ pub fn job_ops<L: CommandLog>(runtime: &mut Runtime<L>, ids: &[String], op: JobO
         JobOp::Resume => Some(Command::Resume { id, now_ms: now }),
         JobOp::Redrive { fire_ms } => Some(Command::Redrive { id, fire_ms, now_ms: now }),
         JobOp::Purge => Some(Command::Purge { id: Some(id) }),
-    };
-    let commands: Vec<Command> = ids.iter().filter_map(|id| command(id.clone())).collect();
+    }
+}
+
+/// The answer to a read `op` of the job `id`.
+pub fn read_answer(state: &State, id: &str, op: JobOp) -> Answer {
+    match op {
+        JobOp::Status => {
+            with_job(state, id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
+        }
+        JobOp::Executions => with_job(state, id, |job| answer(200, executions(job))),
+        _ => with_job(state, id, |job| answer(200, job_view(job))),
+    }
+}
+
+/// Runs `op` on each of the jobs `ids` of this partition at once: for logs that apply
+/// immediately (a partition of one). Answers in order.
+pub fn job_ops<L: CommandLog>(runtime: &mut Runtime<L>, ids: &[String], op: JobOp) -> Vec<Answer> {
+    let now = now_ms();
+    let commands: Vec<Command> = ids.iter().filter_map(|id| job_command(id, op, now)).collect();
     if commands.is_empty() {
-        let state = runtime.state();
-        return ids
-            .iter()
-            .map(|id| match op {
-                JobOp::Status => {
-                    with_job(state, id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
-                }
-                JobOp::Executions => with_job(state, id, |job| answer(200, executions(job))),
-                _ => with_job(state, id, |job| answer(200, job_view(job))),
-            })
-            .collect();
+        return ids.iter().map(|id| read_answer(runtime.state(), id, op)).collect();
     }
     let verdicts = runtime.apply_batch(commands);
     ids.iter().zip(verdicts).map(|(id, verdict)| command_answer(runtime.state(), id, op, verdict)).collect()
@@ -91,49 +97,76 @@ fn with_job(state: &State, id: &str, view: impl FnOnce(&Job) -> Answer) -> Answe
     }
 }
 
-/// Creates validated jobs with one write to the log (group commit), admitting at most
-/// `room` of them (the node's live-job limit); answers come back in order.
-pub fn create_specs<L: CommandLog>(
-    runtime: &mut Runtime<L>,
-    specs: Vec<JobSpec>,
-    now_ms: u64,
-    room: usize,
-    max_jobs: usize,
-) -> Vec<Answer> {
-    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(specs.len());
-    let mut commands = Vec::new();
-    let mut ids = Vec::new();
+/// Creates admitted: answered already (refused) or waiting for their command's verdict.
+pub struct CreatePlan {
+    /// One per spec, in order; `None` until the verdict of its create is known.
+    pub answers: Vec<Option<Answer>>,
+    /// For each command: the slot it answers and the job's id.
+    pub waiting: Vec<(usize, String)>,
+    pub commands: Vec<Command>,
+}
+
+/// Admits at most `room` new jobs (the node's live-job limit) and makes their creates.
+pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, room: usize, max_jobs: usize) -> CreatePlan {
+    let mut plan = CreatePlan { answers: Vec::with_capacity(specs.len()), waiting: Vec::new(), commands: Vec::new() };
     let mut admitted = 0usize;
     for spec in specs {
         // A create of a job that exists is answered by the state machine (200 or 409); it
         // takes no room.
-        let exists = runtime.state().job(&spec.id).is_some();
+        let exists = state.job(&spec.id).is_some();
         if !exists && admitted >= room {
             // Admission control: a node holding its maximum of live (pending or running)
             // jobs refuses new ones and keeps serving the rest.
             let message = format!("this node holds its maximum of {max_jobs} live jobs; retry when some have finished");
-            answers.push(Some(retry_later(507, "storage_full", message, 30)));
+            plan.answers.push(Some(retry_later(507, "storage_full", message, 30)));
             continue;
         }
         admitted += usize::from(!exists);
-        ids.push((answers.len(), spec.id.clone()));
-        commands.push(Command::Create { spec: Box::new(spec), now_ms });
-        answers.push(None);
+        plan.waiting.push((plan.answers.len(), spec.id.clone()));
+        plan.commands.push(Command::Create { spec: Box::new(spec), now_ms });
+        plan.answers.push(None);
     }
-    let verdicts = runtime.apply_batch(commands);
-    for ((slot, id), verdict) in ids.into_iter().zip(verdicts) {
-        answers[slot] = Some(match verdict {
-            Ok(applied) => {
-                let status = if applied == Applied::Created { 201 } else { 200 };
-                if status == 201 {
-                    tracing::info!(job_id = %id, "job created");
-                }
-                with_job(runtime.state(), &id, |job| answer(status, job_view(job)))
+    plan
+}
+
+/// The answer to a create of `id` once its verdict is known.
+pub fn create_answer(state: &State, id: &str, verdict: Result<Applied, ApplyError>) -> Answer {
+    match verdict {
+        Ok(applied) => {
+            let status = if applied == Applied::Created { 201 } else { 200 };
+            if status == 201 {
+                tracing::info!(job_id = %id, "job created");
             }
-            Err(e) => apply_error(e),
-        });
+            with_job(state, id, |job| answer(status, job_view(job)))
+        }
+        Err(e) => apply_error(e),
     }
-    answers.into_iter().map(|a| a.expect("every spec answered")).collect()
+}
+
+/// This replica does not lead the partition: the request belongs on `leader` (the router
+/// forwards it there), or nowhere yet while an election runs.
+pub fn not_leader(partition: u32, leader: Option<u64>) -> Answer {
+    match leader {
+        Some(leader) => Answer {
+            status: NOT_LEADER_STATUS,
+            body: Some(
+                json!({"error": format!("partition {partition} is led by node {leader}"), "code": "not_leader", "leader": leader}),
+            ),
+            retry_after_s: None,
+        },
+        None => {
+            retry_later(503, "unavailable", format!("partition {partition} is electing a leader; retry shortly"), 1)
+        }
+    }
+}
+
+/// The status of a `not_leader` answer (HTTP's "misdirected request"); the router turns
+/// it into a forward, so a client sees it only when forwarding failed.
+pub const NOT_LEADER_STATUS: u16 = 421;
+
+/// The node that leads, when `answer` says another does.
+pub fn leader_named(answer: &Answer) -> Option<u64> {
+    (answer.status == NOT_LEADER_STATUS).then(|| answer.body.as_ref()?["leader"].as_u64()).flatten()
 }
 
 /// Jobs not yet final (pending or running): what admission control counts.
@@ -175,7 +208,7 @@ pub fn purge_all<L: CommandLog>(runtime: &mut Runtime<L>) -> Answer {
 
 /// The answer to a command on the job `id`: the job as it is now (204 for a delete), or
 /// the refusal.
-fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applied, ApplyError>) -> Answer {
+pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applied, ApplyError>) -> Answer {
     match (verdict, op) {
         (Err(e), _) => apply_error(e),
         (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None },

@@ -1,12 +1,16 @@
 //! The router: what both APIs call. It validates requests where they arrive (so bad input
 //! never crosses to a shard), sends each to the shard owning the job's partition over that
 //! shard's bounded inbox, fans queries out to every shard and merges their answers.
+//! In a cluster, work for a partition this node does not lead is forwarded over the mesh
+//! to the node that does (at most `FORWARD_HOPS_MAX` hops), and queries fan out to every
+//! member.
 
 use crate::meta::{partition_of, ClusterMeta};
 use crate::metrics::Metrics;
 use crate::ops::{answer, field_error, retry_later, Answer, JobOp};
 use crate::shard::{LiveJobs, Scan, Work};
 use crate::telemetry::SpanSink;
+use futures_util::future::join_all as futures_join_all;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -75,6 +79,53 @@ pub struct Router {
     pub spans: Option<SpanSink>,
     /// Serializes the counter updates of concurrent /metrics scrapes (not on the hot path).
     scrape_lock: std::sync::Mutex<()>,
+    /// Set when the node is a member of a cluster of several.
+    pub cluster: Option<RouterCluster>,
+}
+
+/// How the router reaches the rest of the cluster.
+pub struct RouterCluster {
+    pub mesh: crate::mesh::Mesh,
+    pub members: Vec<u64>,
+    pub replication: usize,
+}
+
+/// Times a request may be forwarded on (a leader that moved meanwhile sends it once more).
+const FORWARD_HOPS_MAX: u8 = 2;
+
+/// Work for one partition, as it is forwarded to the node leading it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum PartitionWork {
+    Create { specs: Vec<JobSpec>, now_ms: u64 },
+    Jobs { ids: Vec<String>, op: JobOp },
+}
+
+impl PartitionWork {
+    fn len(&self) -> usize {
+        match self {
+            PartitionWork::Create { specs, .. } => specs.len(),
+            PartitionWork::Jobs { ids, .. } => ids.len(),
+        }
+    }
+
+    /// The items at `positions`, as work of their own.
+    fn select(&self, positions: &[usize]) -> PartitionWork {
+        match self {
+            PartitionWork::Create { specs, now_ms } => {
+                PartitionWork::Create { specs: positions.iter().map(|i| specs[*i].clone()).collect(), now_ms: *now_ms }
+            }
+            PartitionWork::Jobs { ids, op } => {
+                PartitionWork::Jobs { ids: positions.iter().map(|i| ids[*i].clone()).collect(), op: *op }
+            }
+        }
+    }
+}
+
+/// A request between members.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum Forwarded {
+    Work { partition: u32, work: PartitionWork, hops: u8 },
+    Scan { scan: Scan },
 }
 
 fn busy() -> Answer {
@@ -115,7 +166,97 @@ impl Router {
             random,
             spans: None,
             scrape_lock: std::sync::Mutex::new(()),
+            cluster: None,
         }
+    }
+
+    /// Runs work on a partition: on this node's shard when it holds a replica, and on the
+    /// leader (forwarded) for the items the local replica does not lead. Answers in order.
+    pub async fn partition_work(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
+        let count = work.len();
+        let me = self.facts.node_id;
+        let local = match &self.cluster {
+            Some(cluster) => {
+                let replicas = crate::meta::replicas_of(partition, &cluster.members, cluster.replication);
+                if replicas.contains(&me) {
+                    None
+                } else {
+                    // Not held here: its preferred leader knows (or forwards once more).
+                    Some(vec![crate::ops::not_leader(partition, replicas.first().copied()); count])
+                }
+            }
+            None => None,
+        };
+        let mut answers = match local {
+            Some(answers) => answers,
+            None => self.shard_work(partition, work.clone()).await,
+        };
+        let Some(cluster) = &self.cluster else { return answers };
+        let mut by_leader: std::collections::BTreeMap<u64, Vec<usize>> = Default::default();
+        for (position, answer) in answers.iter().enumerate() {
+            if let Some(leader) = crate::ops::leader_named(answer).filter(|l| *l != me) {
+                by_leader.entry(leader).or_default().push(position);
+            }
+        }
+        for (leader, positions) in by_leader {
+            let forwarded = if hops < FORWARD_HOPS_MAX {
+                let request = Forwarded::Work { partition, work: work.select(&positions), hops: hops + 1 };
+                let bytes = serde_json::to_vec(&request).expect("forwarded work serializes");
+                cluster.mesh.forward(leader, &bytes).await.and_then(|reply| {
+                    serde_json::from_slice::<Vec<Answer>>(&reply)
+                        .map_err(|e| format!("an answer from node {leader}: {e}"))
+                })
+            } else {
+                Err("the partition's leader moved while the request was forwarded".to_string())
+            };
+            match forwarded {
+                Ok(remote) if remote.len() == positions.len() => {
+                    for (position, answer) in positions.into_iter().zip(remote) {
+                        answers[position] = answer;
+                    }
+                }
+                Ok(_) => {
+                    for position in positions {
+                        answers[position] =
+                            retry_later(503, "unavailable", format!("node {leader} answered another count"), 1);
+                    }
+                }
+                Err(reason) => {
+                    tracing::debug!(partition, leader, %reason, "forwarding failed");
+                    for position in positions {
+                        answers[position] =
+                            retry_later(503, "unavailable", format!("partition {partition}: {reason}"), 1);
+                    }
+                }
+            }
+        }
+        answers
+    }
+
+    /// Work for a partition on the local shard that owns it.
+    async fn shard_work(&self, partition: u32, work: PartitionWork) -> Vec<Answer> {
+        let count = work.len();
+        let (reply, answer) = oneshot::channel();
+        let item = match work {
+            PartitionWork::Create { specs, now_ms } => Work::Create { partition, specs, now_ms, reply },
+            PartitionWork::Jobs { ids, op } => Work::Jobs { partition, ids, op, reply },
+        };
+        match self.shard_of(partition).try_send(item) {
+            Ok(()) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
+            Err(error) => vec![refusal(error); count],
+        }
+    }
+
+    /// Serves a request another member forwarded; the answer goes back as JSON.
+    pub async fn serve_forwarded(&self, request: &[u8]) -> Vec<u8> {
+        let answer = match serde_json::from_slice::<Forwarded>(request) {
+            Ok(Forwarded::Work { partition, work, hops }) if partition < self.partitions => {
+                serde_json::to_vec(&self.partition_work(partition, work, hops).await)
+            }
+            Ok(Forwarded::Scan { scan }) => serde_json::to_vec(&self.local_scan(scan).await.unwrap_or_default()),
+            Ok(Forwarded::Work { .. }) | Err(_) => serde_json::to_vec(&Vec::<Answer>::new()),
+        };
+        answer.unwrap_or_default()
     }
 
     fn shard_of(&self, partition: u32) -> &mpsc::Sender<Work> {
@@ -208,22 +349,12 @@ impl Router {
                 Err(refused) => answers.push(Some(refused)),
             }
         }
-        let mut pending = Vec::new();
-        for (partition, (slots, specs)) in by_partition {
-            let (reply, answer) = oneshot::channel();
-            let count = specs.len();
-            match self.shard_of(partition).try_send(Work::Create { partition, specs, now_ms: now, reply }) {
-                Ok(()) => pending.push((slots, Ok(answer), count)),
-                Err(error) => pending.push((slots, Err(refusal(error)), count)),
-            }
-        }
-        for (slots, answer, count) in pending {
-            let shard_answers = match answer {
-                Ok(answer) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
-                Err(refused) => vec![refused; count],
-            };
-            for (slot, shard_answer) in slots.into_iter().zip(shard_answers) {
-                answers[slot] = Some(shard_answer);
+        let groups = by_partition.into_iter().map(|(partition, (slots, specs))| async move {
+            (slots, self.partition_work(partition, PartitionWork::Create { specs, now_ms: now }, 0).await)
+        });
+        for (slots, group_answers) in futures_join_all(groups).await {
+            for (slot, answer) in slots.into_iter().zip(group_answers) {
+                answers[slot] = Some(answer);
             }
         }
         let answers: Vec<Answer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
@@ -279,19 +410,11 @@ impl Router {
             positions.push(position);
             group.push(id.clone());
         }
-        let mut waiting = Vec::with_capacity(by_partition.len());
-        for (partition, (positions, group)) in by_partition {
-            let (reply, answer) = oneshot::channel();
-            let count = group.len();
-            let sent = self.shard_of(partition).try_send(Work::Jobs { partition, ids: group, op, reply });
-            waiting.push((positions, sent.map(|()| answer).map_err(refusal), count));
-        }
+        let groups = by_partition.into_iter().map(|(partition, (positions, group))| async move {
+            (positions, self.partition_work(partition, PartitionWork::Jobs { ids: group, op }, 0).await)
+        });
         let mut answers: Vec<Option<Answer>> = vec![None; ids.len()];
-        for (positions, answer, count) in waiting {
-            let group_answers = match answer {
-                Ok(answer) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
-                Err(refused) => vec![refused; count],
-            };
+        for (positions, group_answers) in futures_join_all(groups).await {
             for (position, answer) in positions.into_iter().zip(group_answers) {
                 if op == JobOp::Cancel && answer.status == 200 {
                     self.metrics.cancelled.inc();
@@ -302,8 +425,30 @@ impl Router {
         answers.into_iter().map(|a| a.unwrap_or_else(stopping)).collect()
     }
 
-    /// Runs `scan` on every shard; one value per partition, in partition order.
+    /// Runs `scan` on every shard of this node and, in a cluster, of every member it
+    /// reaches (each partition is counted by the replica leading it; a member that cannot be
+    /// reached adds nothing).
     async fn scan(&self, scan: Scan) -> Result<Vec<Value>, Answer> {
+        let mut values = self.local_scan(scan).await?;
+        let Some(cluster) = &self.cluster else { return Ok(values) };
+        if matches!(scan, Scan::Raft) {
+            return Ok(values);
+        }
+        let bytes = serde_json::to_vec(&Forwarded::Scan { scan }).expect("a scan serializes");
+        let others = cluster.members.iter().filter(|m| **m != self.facts.node_id).map(|member| {
+            let bytes = &bytes;
+            async move { cluster.mesh.forward(*member, bytes).await }
+        });
+        for reply in futures_join_all(others).await.into_iter().flatten() {
+            if let Ok(remote) = serde_json::from_slice::<Vec<Value>>(&reply) {
+                values.extend(remote);
+            }
+        }
+        Ok(values)
+    }
+
+    /// Runs `scan` on every shard of this node; one value per partition it covers.
+    async fn local_scan(&self, scan: Scan) -> Result<Vec<Value>, Answer> {
         let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
             let (reply, answer) = oneshot::channel();

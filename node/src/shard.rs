@@ -2,9 +2,12 @@
 //! the partitions p with p mod S == s (their logs, state machines, wheels and dispatchers).
 //! Nothing on its hot path is shared with another shard: requests arrive over its bounded
 //! inbox, attempt outcomes over its own channel, and it sleeps until the next of those or
-//! its earliest timer — there is no polling loop.
+//! its earliest timer — there is no polling loop. In a cluster it also holds the replicas
+//! of other nodes' partitions: it ticks their Raft groups, steps the messages the mesh
+//! delivers, hands theirs to the mesh, and answers a request once its command is applied
+//! (completion-driven: nothing waits inside the loop).
 
-use crate::meta::partition_of;
+use crate::meta::{partition_of, replicas_of};
 use crate::metrics::ShardMetrics;
 use crate::ops::{self, Answer, JobOp};
 use crate::{Partition, PartitionOptions};
@@ -14,10 +17,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use sundial_consensus::Message;
 use sundial_engine::dispatch::AttemptResult;
 use sundial_engine::job::JobSpec;
-use sundial_engine::runtime::{Runtime, RuntimeConfig};
-use sundial_engine::state::Status;
+use sundial_engine::runtime::{Runtime, RuntimeConfig, Ticket};
+use sundial_engine::state::{Applied, ApplyError, Status};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Requests waiting in a shard's inbox; beyond it callers are told the node is busy.
@@ -38,7 +42,7 @@ pub enum Work {
     Scan { scan: Scan, reply: oneshot::Sender<Vec<Value>> },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Scan {
     Jobs { status: Option<Status>, limit: usize },
     DeadLetters { limit: usize },
@@ -80,7 +84,29 @@ pub struct ShardConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Where finished spans go (OTLP configured), else `None`.
     pub spans: Option<crate::telemetry::SpanSink>,
+    /// Set when the node is a member of a cluster of several.
+    pub cluster: Option<ShardCluster>,
 }
+
+/// What a shard of a cluster member needs to know.
+#[derive(Clone)]
+pub struct ShardCluster {
+    /// Every member's id (this node's included).
+    pub members: Vec<u64>,
+    /// Replicas per partition.
+    pub replication: usize,
+    /// One Raft tick.
+    pub tick: Duration,
+    /// Where this shard's Raft messages go (the mesh).
+    pub outbox: mpsc::Sender<Vec<(u32, Message)>>,
+}
+
+/// Raft messages for a shard's partitions, delivered by the mesh.
+pub type PeerMessages = mpsc::Receiver<Vec<(u32, Message)>>;
+/// Peer batches waiting for a shard; beyond it they are dropped (Raft resends).
+pub const PEER_INBOX_CAPACITY: usize = 1_024;
+/// How often a leader looks whether its partition's preferred leader should take over.
+const BALANCE_EVERY: Duration = Duration::from_secs(1);
 
 /// A running shard, as the rest of the node sees it.
 pub struct ShardHandle {
@@ -102,7 +128,11 @@ impl ShardHandle {
 
 /// Starts the shard's thread, opens its partitions (recovering their logs) and returns once
 /// it serves. `stop` turning true makes it drain and end.
-pub fn spawn(config: ShardConfig, stop: watch::Receiver<bool>) -> Result<ShardHandle, String> {
+pub fn spawn(
+    config: ShardConfig,
+    peers: Option<PeerMessages>,
+    stop: watch::Receiver<bool>,
+) -> Result<ShardHandle, String> {
     let (opened, opening) = std::sync::mpsc::sync_channel(1);
     let name = format!("shard-{}", config.index);
     let thread = std::thread::Builder::new()
@@ -125,7 +155,7 @@ pub fn spawn(config: ShardConfig, stop: watch::Receiver<bool>) -> Result<ShardHa
                 let (inbox, requests) = mpsc::channel(INBOX_CAPACITY);
                 let facts = (shard.partition_ids(), shard.log_backend(), shard.job_count());
                 let _ = opened.send(Ok((inbox, handle, facts)));
-                shard.run(requests, stop).await
+                shard.run(requests, peers, stop).await
             })
         })
         .map_err(|e| format!("cannot start a shard thread: {e}"))?;
@@ -157,26 +187,96 @@ fn pin_to_core(index: usize) {
 
 struct Shard {
     config: ShardConfig,
-    /// The shard's partitions by id, each with its runtime.
+    /// The shard's partitions (replicas, in a cluster) by id, each with its runtime.
     runtimes: BTreeMap<u32, Runtime<Partition>>,
+    /// Each partition's replicas; the first is its preferred leader.
+    replicas: BTreeMap<u32, Vec<u64>>,
     results: mpsc::Receiver<AttemptResult>,
     metrics: ShardMetrics,
+    /// Requests waiting for verdicts, by number.
+    waiting: std::collections::HashMap<u64, Waiting>,
+    next_waiting: u64,
+    /// What each outstanding ticket answers.
+    tickets: std::collections::HashMap<(u32, Ticket), TicketUse>,
+}
+
+/// A request some of whose answers wait for verdicts.
+struct Waiting {
+    answers: Vec<Option<Answer>>,
+    missing: usize,
+    reply: Reply,
+}
+
+enum Reply {
+    Answers(oneshot::Sender<Vec<Answer>>),
+    /// Creates: counted in the metrics, with a "commit" span per request trace.
+    Created(oneshot::Sender<Vec<Answer>>, CommitSpan),
+    /// A scan's reply: each answer as `{"status", "body"}`.
+    Values(oneshot::Sender<Vec<Value>>),
+}
+
+/// The log write that carried a request's creates, for its trace.
+struct CommitSpan {
+    partition: u32,
+    started_ms: u64,
+    traces: Vec<(String, String)>,
+}
+
+/// What a ticket's verdict answers: slot `slot` of request `waiting`, as `kind`.
+struct TicketUse {
+    waiting: u64,
+    slot: usize,
+    kind: AnswerKind,
+}
+
+enum AnswerKind {
+    Create {
+        id: String,
+    },
+    Command {
+        id: String,
+        op: JobOp,
+    },
+    /// One read answering slots 0.. with the jobs `ids`.
+    Read {
+        ids: Vec<String>,
+        op: JobOp,
+    },
+    Purged,
 }
 
 impl Shard {
     fn open(config: ShardConfig) -> Result<Shard, String> {
         let (sender, results) = mpsc::channel(RESULTS_CAPACITY);
         let mut runtimes = BTreeMap::new();
+        let mut replicas = BTreeMap::new();
         for partition in (0..config.partitions).filter(|p| *p as usize % config.shards == config.index) {
+            let voters = match &config.cluster {
+                Some(cluster) => replicas_of(partition, &cluster.members, cluster.replication),
+                None => vec![config.node_id],
+            };
+            if !voters.contains(&config.node_id) {
+                continue; // held by other members
+            }
             let dir = config.data.join(format!("partition-{partition}"));
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let log = Partition::open(&dir, config.partition.clone())
-                .map_err(|e| format!("opening {}: {e}", dir.display()))?;
+            let options = PartitionOptions { voters: voters.clone(), ..config.partition.clone() };
+            let log = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+            replicas.insert(partition, voters);
             let runtime_config = RuntimeConfig { node_id: config.node_id, ..config.runtime.clone() };
             runtimes.insert(partition, Runtime::with_shared_results(runtime_config, log, sender.clone()));
         }
         let metrics = config.metrics.shard(config.index);
-        let shard = Shard { config, runtimes, results, metrics };
+        let shard = Shard {
+            config,
+            runtimes,
+            replicas,
+            results,
+            metrics,
+            waiting: Default::default(),
+            next_waiting: 0,
+            tickets: Default::default(),
+        };
         shard.publish_live_jobs();
         Ok(shard)
     }
@@ -193,10 +293,23 @@ impl Shard {
         self.runtimes.values().map(|r| r.state().job_count()).sum()
     }
 
-    async fn run(mut self, mut requests: mpsc::Receiver<Work>, mut stop: watch::Receiver<bool>) -> Result<(), String> {
+    async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Work>,
+        peers: Option<PeerMessages>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), String> {
+        let mut peers = peers;
+        let tick = self.config.cluster.as_ref().map(|c| c.tick);
+        let mut next_tick = Instant::now();
+        let mut next_balance = Instant::now() + BALANCE_EVERY;
         // Bounded by `stop` (or a failed log).
         while !*stop.borrow() {
-            let sleep_ms = self.runtimes.values().map(|r| r.sleep_ms()).min().unwrap_or(1_000);
+            let wheel_ms = self.runtimes.values().map(|r| r.sleep_ms()).min().unwrap_or(1_000);
+            let mut sleep = Duration::from_millis(wheel_ms);
+            if tick.is_some() {
+                sleep = sleep.min(next_tick.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 work = requests.recv() => {
                     let Some(first) = work else { break };
@@ -223,12 +336,39 @@ impl Shard {
                         self.finish(results);
                     }
                 }
-                _ = tokio::time::sleep(Duration::from_millis(sleep_ms)) => {}
+                messages = async { match &mut peers { Some(p) => p.recv().await, None => std::future::pending().await } } => {
+                    if let Some(messages) = messages {
+                        self.step(messages);
+                        // Whatever else arrived meanwhile is stepped in the same turn.
+                        for _ in 0..GROUP_COMMIT_MAX {
+                            match peers.as_mut().map(|p| p.try_recv()) {
+                                Some(Ok(more)) => self.step(more),
+                                _ => break,
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(sleep) => {}
                 _ = stop.changed() => {}
+            }
+            if let Some(tick) = tick {
+                let now = Instant::now();
+                if now >= next_tick {
+                    for runtime in self.runtimes.values_mut() {
+                        runtime.log_mut().tick();
+                    }
+                    // A shard that fell far behind ticks once, not in a burst.
+                    next_tick = (next_tick + tick).max(now);
+                }
+                if now >= next_balance {
+                    self.balance_leaders();
+                    next_balance = now + BALANCE_EVERY;
+                }
             }
             for runtime in self.runtimes.values_mut() {
                 runtime.fire_due_jobs();
             }
+            self.settle();
             // Fires and outcomes change the live count too: admission reads it fresh.
             self.publish_live_jobs();
             self.observe();
@@ -242,6 +382,164 @@ impl Shard {
         drop(requests);
         self.drain().await;
         Ok(())
+    }
+
+    /// Steps messages from peer replicas into their partitions.
+    fn step(&mut self, messages: Vec<(u32, Message)>) {
+        for (partition, message) in messages {
+            if let Some(runtime) = self.runtimes.get_mut(&partition) {
+                runtime.log_mut().step(message);
+            }
+        }
+    }
+
+    /// Drives every partition's log (persist, apply), answers the requests whose verdicts
+    /// came, and hands the turn's Raft messages to the mesh in one batch.
+    fn settle(&mut self) {
+        let mut outgoing = Vec::new();
+        let mut resolved = Vec::new();
+        for (partition, runtime) in self.runtimes.iter_mut() {
+            runtime.advance();
+            for (ticket, verdict) in runtime.take_resolved() {
+                resolved.push((*partition, ticket, verdict));
+            }
+            outgoing.extend(runtime.log_mut().take_messages().into_iter().map(|m| (*partition, m)));
+        }
+        for (partition, ticket, verdict) in resolved {
+            self.resolve(partition, ticket, verdict);
+        }
+        if let (Some(cluster), false) = (&self.config.cluster, outgoing.is_empty()) {
+            // A full mesh queue drops the batch: Raft resends what matters.
+            let _ = cluster.outbox.try_send(outgoing);
+        }
+    }
+
+    /// Answers the slot a ticket stands for; a request whose slots are all answered is sent.
+    fn resolve(&mut self, partition: u32, ticket: Ticket, verdict: Result<Applied, ApplyError>) {
+        let Some(TicketUse { waiting, slot, kind }) = self.tickets.remove(&(partition, ticket)) else { return };
+        let Some(runtime) = self.runtimes.get(&partition) else { return };
+        let state = runtime.state();
+        if let AnswerKind::Read { ids, op } = &kind {
+            let answers: Vec<Answer> = ids
+                .iter()
+                .map(|id| match &verdict {
+                    Ok(_) => ops::read_answer(state, id, *op),
+                    Err(e) => ops::apply_error(e.clone()),
+                })
+                .collect();
+            for (slot, answer) in answers.into_iter().enumerate() {
+                self.fill(waiting, slot, answer);
+            }
+            return;
+        }
+        let answer = match kind {
+            AnswerKind::Create { id } => ops::create_answer(state, &id, verdict),
+            AnswerKind::Command { id, op } => ops::command_answer(state, &id, op, verdict),
+            AnswerKind::Read { .. } => unreachable!("answered above"),
+            AnswerKind::Purged => match verdict {
+                Ok(_) => ops::answer(200, json!({"done": true})),
+                Err(e) => ops::apply_error(e),
+            },
+        };
+        self.fill(waiting, slot, answer);
+    }
+
+    fn fill(&mut self, waiting: u64, slot: usize, answer: Answer) {
+        let Some(request) = self.waiting.get_mut(&waiting) else { return };
+        if request.answers[slot].replace(answer).is_none() {
+            request.missing -= 1;
+        }
+        if request.missing == 0 {
+            let request = self.waiting.remove(&waiting).expect("present");
+            self.send_reply(request.reply, request.answers.into_iter().map(|a| a.unwrap_or_else(lost)).collect());
+        }
+    }
+
+    /// Registers a request whose `answers` are partly known; `pending` are the slots still
+    /// to come, each with its ticket (or its refusal). Sends it at once when complete.
+    fn wait_for(
+        &mut self,
+        partition: u32,
+        mut answers: Vec<Option<Answer>>,
+        pending: Vec<(usize, Result<Ticket, ApplyError>, AnswerKind)>,
+        reply: Reply,
+    ) {
+        let key = self.next_waiting;
+        self.next_waiting += 1;
+        let mut missing = 0;
+        for (slot, ticket, kind) in pending {
+            match ticket {
+                Ok(ticket) => {
+                    missing += 1;
+                    self.tickets.insert((partition, ticket), TicketUse { waiting: key, slot, kind });
+                }
+                Err(refused) => answers[slot] = Some(ops::apply_error(refused)),
+            }
+        }
+        if missing == 0 {
+            self.send_reply(reply, answers.into_iter().map(|a| a.unwrap_or_else(lost)).collect());
+            return;
+        }
+        self.waiting.insert(key, Waiting { answers, missing, reply });
+    }
+
+    fn send_reply(&mut self, reply: Reply, answers: Vec<Answer>) {
+        match reply {
+            Reply::Answers(reply) => {
+                let _ = reply.send(answers);
+            }
+            Reply::Created(reply, commit) => {
+                self.metrics.created(&answers);
+                if self.config.spans.is_some() {
+                    self.commit_spans(commit);
+                }
+                let _ = reply.send(answers);
+            }
+            Reply::Values(reply) => {
+                let values = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
+                let _ = reply.send(values);
+            }
+        }
+    }
+
+    /// One "commit" span per request trace whose jobs a log write carried.
+    fn commit_spans(&mut self, commit: CommitSpan) {
+        let Some(runtime) = self.runtimes.get_mut(&commit.partition) else { return };
+        let ended_ms = sundial_engine::dispatch::now_ms();
+        let traces: std::collections::BTreeSet<(String, String)> = commit.traces.into_iter().collect();
+        let spans = traces.into_iter().map(|(trace_id, span_id)| sundial_engine::trace::SpanRecord {
+            name: "commit",
+            span_id: format!(
+                "{:016x}",
+                std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), &span_id).max(1)
+            ),
+            trace_id,
+            parent_span_id: Some(span_id),
+            start_ms: commit.started_ms,
+            end_ms: ended_ms,
+            attributes: vec![("sundial.partition", commit.partition.to_string())],
+            failed: false,
+        });
+        runtime.keep_spans(spans.collect());
+    }
+
+    /// A leader hands each partition whose preferred leader (its first replica) is another
+    /// member, caught up with the log, back to it: leaders spread evenly over the members,
+    /// and return to a member that restarted once it has caught up.
+    fn balance_leaders(&mut self) {
+        let me = self.config.node_id;
+        for (partition, runtime) in self.runtimes.iter_mut() {
+            let Some(preferred) = self.replicas.get(partition).and_then(|r| r.first().copied()) else { continue };
+            let log = runtime.log_mut();
+            if preferred == me || !log.is_leader() {
+                continue;
+            }
+            let last = log.raft_status().last_index;
+            if log.follower_match(preferred).is_some_and(|matched| matched >= last) {
+                tracing::info!(partition, to = preferred, "handing leadership to the partition's preferred leader");
+                let _ = log.transfer_leader(preferred);
+            }
+        }
     }
 
     /// Attempts in flight finish (their outcomes are committed) until the drain limit; the
@@ -292,21 +590,14 @@ impl Shard {
         for work in others {
             match work {
                 Work::Create { .. } => unreachable!("creates were taken above"),
-                Work::Jobs { partition, ids, op, reply } => {
-                    let answers = match self.runtimes.get_mut(&partition) {
-                        Some(runtime) => {
-                            let started = Instant::now();
-                            let answers = ops::job_ops(runtime, &ids, op);
-                            self.metrics.applied(started.elapsed());
-                            answers
-                        }
-                        None => ids.iter().map(|_| misrouted(partition)).collect(),
-                    };
-                    let _ = reply.send(answers);
-                }
+                Work::Jobs { partition, ids, op, reply } => self.job_ops(partition, ids, op, reply),
+                Work::Scan { scan: Scan::PurgeDeadLetters, reply } => self.purge_dead_letters(reply),
                 Work::Scan { scan, reply } => {
-                    let values =
-                        self.runtimes.iter_mut().map(|(partition, runtime)| scan_one(*partition, runtime, scan));
+                    let values = self
+                        .runtimes
+                        .iter_mut()
+                        .filter(|(_, runtime)| scan_covers(scan, runtime))
+                        .map(|(partition, runtime)| scan_one(*partition, runtime, scan));
                     let _ = reply.send(values.collect());
                 }
             }
@@ -314,7 +605,88 @@ impl Shard {
         }
     }
 
-    /// Creates the jobs of several requests for one partition with one log write.
+    /// One operation on some jobs of a partition: commands are proposed together (one log
+    /// write) on the leader; reads are linearizable (confirmed with the leader) on any replica.
+    fn job_ops(&mut self, partition: u32, ids: Vec<String>, op: JobOp, reply: oneshot::Sender<Vec<Answer>>) {
+        let Some(runtime) = self.runtimes.get_mut(&partition) else {
+            let _ = reply.send(ids.iter().map(|_| misrouted(partition)).collect());
+            return;
+        };
+        let now = sundial_engine::dispatch::now_ms();
+        let commands: Vec<_> = ids.iter().filter_map(|id| ops::job_command(id, op, now)).collect();
+        let answers = vec![None; ids.len()];
+        if commands.is_empty() {
+            // One linearizable read confirms them all.
+            match runtime.log_mut().read() {
+                Ok(ticket) => {
+                    let key = self.next_waiting;
+                    self.next_waiting += 1;
+                    let count = ids.len();
+                    self.tickets.insert(
+                        (partition, ticket),
+                        TicketUse { waiting: key, slot: 0, kind: AnswerKind::Read { ids, op } },
+                    );
+                    self.waiting.insert(key, Waiting { answers, missing: count, reply: Reply::Answers(reply) });
+                }
+                Err(refused) => {
+                    let answer = match refused {
+                        sundial_consensus::ProposeError::NotLeader { leader } => ops::not_leader(partition, leader),
+                        other => ops::retry_later(503, "overloaded", other.to_string(), 1),
+                    };
+                    let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
+                }
+            }
+            return;
+        }
+        if !runtime.log().is_leader() {
+            let answer = ops::not_leader(partition, runtime.log().leader());
+            let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
+            return;
+        }
+        let started = Instant::now();
+        let tickets = runtime.propose(commands);
+        self.metrics.applied(started.elapsed());
+        let pending = ids
+            .into_iter()
+            .zip(tickets)
+            .enumerate()
+            .map(|(slot, (id, ticket))| (slot, ticket, AnswerKind::Command { id, op }))
+            .collect();
+        self.wait_for(partition, answers, pending, Reply::Answers(reply));
+    }
+
+    /// `DELETE /dlq` on the partitions this shard leads: one purge command each.
+    fn purge_dead_letters(&mut self, reply: oneshot::Sender<Vec<Value>>) {
+        let leading: Vec<u32> = self.runtimes.iter().filter(|(_, r)| r.log().is_leader()).map(|(p, _)| *p).collect();
+        if leading.is_empty() {
+            let _ = reply.send(Vec::new());
+            return;
+        }
+        let key = self.next_waiting;
+        self.next_waiting += 1;
+        let mut answers = vec![None; leading.len()];
+        let mut missing = 0;
+        for (slot, partition) in leading.iter().enumerate() {
+            let runtime = self.runtimes.get_mut(partition).expect("listed above");
+            match runtime.propose(vec![sundial_engine::state::Command::Purge { id: None }]).pop() {
+                Some(Ok(ticket)) => {
+                    missing += 1;
+                    self.tickets
+                        .insert((*partition, ticket), TicketUse { waiting: key, slot, kind: AnswerKind::Purged });
+                }
+                Some(Err(refused)) => answers[slot] = Some(ops::apply_error(refused)),
+                None => answers[slot] = Some(lost()),
+            }
+        }
+        if missing == 0 {
+            self.send_reply(Reply::Values(reply), answers.into_iter().map(|a| a.unwrap_or_else(lost)).collect());
+        } else {
+            self.waiting.insert(key, Waiting { answers, missing, reply: Reply::Values(reply) });
+        }
+    }
+
+    /// Creates the jobs of several requests for one partition with one log write; each
+    /// request is answered once all its creates are applied.
     fn create(&mut self, partition: u32, requests: Vec<CreateRequest>) {
         let Some(runtime) = self.runtimes.get_mut(&partition) else {
             for (specs, _, reply) in requests {
@@ -322,45 +694,45 @@ impl Shard {
             }
             return;
         };
-        let now_ms = requests.iter().map(|(_, now, _)| *now).max().unwrap_or(0);
-        let sizes: Vec<usize> = requests.iter().map(|(specs, _, _)| specs.len()).collect();
-        let (all, replies): (Vec<Vec<JobSpec>>, Vec<_>) =
-            requests.into_iter().map(|(specs, _, reply)| (specs, reply)).unzip();
+        if !runtime.log().is_leader() {
+            let answer = ops::not_leader(partition, runtime.log().leader());
+            for (specs, _, reply) in requests {
+                let _ = reply.send(specs.iter().map(|_| answer.clone()).collect());
+            }
+            return;
+        }
         // Every shard's live jobs as last published (this shard's after its last turn or
         // request): shards admitting at the same moment may overshoot by one batch each.
         let live = self.config.live.total() as usize;
-        let room = self.config.max_jobs.saturating_sub(live);
+        let mut room = self.config.max_jobs.saturating_sub(live);
         let started = Instant::now();
         let started_ms = sundial_engine::dispatch::now_ms();
-        let traces: std::collections::BTreeSet<(String, String)> = all
-            .iter()
-            .flatten()
-            .filter_map(|spec| spec.trace.as_ref().map(|t| (t.trace_id.clone(), t.span_id.clone())))
-            .collect();
-        let mut answers =
-            ops::create_specs(runtime, all.into_iter().flatten().collect(), now_ms, room, self.config.max_jobs)
-                .into_iter();
+        let mut plans = Vec::with_capacity(requests.len());
+        let mut commands = Vec::new();
+        for (specs, now_ms, reply) in requests {
+            let traces: Vec<(String, String)> = specs
+                .iter()
+                .filter_map(|spec| spec.trace.as_ref().map(|t| (t.trace_id.clone(), t.span_id.clone())))
+                .collect();
+            let mut plan = ops::plan_creates(runtime.state(), specs, now_ms, room, self.config.max_jobs);
+            room = room.saturating_sub(plan.commands.len());
+            commands.append(&mut plan.commands);
+            plans.push((plan, traces, reply));
+        }
+        // Proposed together: one log write (group commit) for every request of the turn.
+        let mut tickets = runtime.propose(commands).into_iter();
         self.metrics.applied(started.elapsed());
-        // One "commit" span per request whose jobs this log write carried.
-        let ended_ms = sundial_engine::dispatch::now_ms();
-        let commits = traces.into_iter().map(|(trace_id, span_id)| sundial_engine::trace::SpanRecord {
-            name: "commit",
-            span_id: format!(
-                "{:016x}",
-                std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), &span_id).max(1)
-            ),
-            trace_id,
-            parent_span_id: Some(span_id),
-            start_ms: started_ms,
-            end_ms: ended_ms,
-            attributes: vec![("sundial.partition", partition.to_string())],
-            failed: false,
-        });
-        runtime.keep_spans(commits.collect());
-        for (size, reply) in sizes.into_iter().zip(replies) {
-            let answers: Vec<Answer> = answers.by_ref().take(size).collect();
-            self.metrics.created(&answers);
-            let _ = reply.send(answers);
+        for (plan, traces, reply) in plans {
+            let pending = plan
+                .waiting
+                .into_iter()
+                .map(|(slot, id)| {
+                    let ticket = tickets.next().unwrap_or_else(|| Err(ApplyError::Unavailable("not proposed".into())));
+                    (slot, ticket, AnswerKind::Create { id })
+                })
+                .collect();
+            let commit = CommitSpan { partition, started_ms, traces };
+            self.wait_for(partition, plan.answers, pending, Reply::Created(reply, commit));
         }
         self.publish_live_jobs();
     }
@@ -381,6 +753,17 @@ impl Shard {
             }
         }
     }
+}
+
+/// A slot nothing answered (never expected: every ticket is resolved or abandoned).
+fn lost() -> Answer {
+    ops::retry_later(503, "unavailable", "the request's outcome was lost; retry it", 1)
+}
+
+/// Whether `scan` looks at this partition here: lists and counts come from the replica that
+/// leads (each partition counted once across the cluster); Raft status from every replica.
+fn scan_covers(scan: Scan, runtime: &Runtime<Partition>) -> bool {
+    matches!(scan, Scan::Raft) || runtime.log().is_leader()
 }
 
 fn misrouted(partition: u32) -> Answer {

@@ -15,17 +15,16 @@ use sundial_node::binary::{self, BinaryConfig};
 use sundial_node::cli::{self, CertsCommand, Connection, DlqCommand, JobCommand};
 use sundial_node::config::{ServerOptions, Settings};
 use sundial_node::http;
+use sundial_node::mesh;
 use sundial_node::meta::ClusterMeta;
 use sundial_node::metrics::Metrics;
-use sundial_node::router::{JobDefaults, NodeFacts, Router};
-use sundial_node::shard::{self, LiveJobs, ShardConfig};
+use sundial_node::router::{JobDefaults, NodeFacts, Router, RouterCluster};
+use sundial_node::shard::{self, LiveJobs, ShardCluster, ShardConfig};
 use sundial_node::telemetry;
 use sundial_node::PartitionOptions;
 use sundial_wal::WalOptions;
 use tokio::sync::{mpsc, watch};
 
-/// A single node is node 1 (a cluster numbers its members).
-const NODE_ID: u64 = 1;
 /// What each shard thread runs (see ARCHITECTURE.md: file I/O goes through the log's own
 /// io_uring ring, so the async runtime itself is tokio's).
 const RUNTIME_KIND: &str = "tokio current-thread per shard";
@@ -47,7 +46,7 @@ struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Run a node (the default when no subcommand is given).
-    Server(ServerOptions),
+    Server(Box<ServerOptions>),
     /// Create, show, cancel and list jobs on a node.
     Job {
         #[command(flatten)]
@@ -67,6 +66,8 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Start a local cluster on loopback (generated certificates, data under one folder).
+    DevCluster(cli::DevClusterArgs),
     /// The cluster's CA and node certificates (mutual TLS between nodes).
     Certs {
         #[command(subcommand)]
@@ -78,11 +79,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let options = match cli.command {
         None => cli.server,
-        Some(Command::Server(options)) => options,
+        Some(Command::Server(options)) => *options,
         Some(Command::Job { connection, command }) => return cli::job(&connection, &command),
         Some(Command::Dlq { connection, command }) => return cli::dlq(&connection, &command),
         Some(Command::Status { connection }) => return cli::status(&connection),
         Some(Command::Certs { command }) => return cli::certs(&command),
+        Some(Command::DevCluster(args)) => return cli::dev_cluster(&args),
     };
     let settings = match options.with_file().and_then(|options| options.resolve()) {
         Ok(settings) => settings,
@@ -143,6 +145,29 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let spans = exporter.as_ref().map(|(sink, _)| sink.clone());
     let metrics = Arc::new(Metrics::new());
     let (stop, stopping) = watch::channel(false);
+    let node_id = settings.node_id;
+    // A cluster member: its QUIC endpoint (refused without certificates from the CA), the
+    // channels between the shards and the mesh.
+    let (outbox, outgoing) = tokio::sync::mpsc::channel(mesh::OUTBOX_CAPACITY);
+    let mut peer_inboxes = Vec::new();
+    let mut peer_receivers = std::collections::VecDeque::new();
+    for _ in 0..shard_count {
+        let (sender, receiver) = tokio::sync::mpsc::channel(shard::PEER_INBOX_CAPACITY);
+        peer_inboxes.push(sender);
+        peer_receivers.push_back(receiver);
+    }
+    let endpoint = match &settings.cluster {
+        Some(cluster) => {
+            let name = format!("node-{node_id}");
+            let identity = sundial_net::certs::NodeIdentity::load(&cluster.certs, &name).map_err(|e| {
+                format!("certs: {e} (make them with `sundial certs init --dir {} {name}`)", cluster.certs.display())
+            })?;
+            let endpoint = sundial_net::quic::Endpoint::bind(cluster.raft, &identity).map_err(|e| e.to_string())?;
+            Some(Arc::new(endpoint))
+        }
+        None => None,
+    };
+    let mut forwarding = None;
     let mut shards = Vec::with_capacity(shard_count);
     for index in 0..shard_count {
         let config = ShardConfig {
@@ -150,11 +175,13 @@ async fn serve(settings: Settings) -> Result<(), String> {
             shards: shard_count,
             partitions: meta.partitions,
             data: settings.data.clone(),
-            node_id: NODE_ID,
+            node_id,
             partition: PartitionOptions {
                 wal: WalOptions { segment_size_bytes: settings.segment_bytes, ..WalOptions::default() },
                 snapshot_every_entries: settings.snapshot_every,
-                ..PartitionOptions::single_node(NODE_ID)
+                election_ticks: settings.cluster.as_ref().map_or(10, |c| c.election_ticks),
+                heartbeat_ticks: settings.cluster.as_ref().map_or(1, |c| c.heartbeat_ticks),
+                ..PartitionOptions::single_node(node_id)
             },
             runtime: RuntimeConfig {
                 dispatch: dispatch.clone(),
@@ -166,8 +193,16 @@ async fn serve(settings: Settings) -> Result<(), String> {
             drain_limit: settings.drain,
             metrics: metrics.clone(),
             spans: spans.clone(),
+            cluster: settings.cluster.as_ref().map(|c| ShardCluster {
+                members: c.members.keys().copied().collect(),
+                replication: c.replication,
+                tick: c.tick,
+                outbox: outbox.clone(),
+            }),
         };
-        match shard::spawn(config, stopping.clone()) {
+        // Taken in shard order: shard `index` gets the receiver of `peer_inboxes[index]`.
+        let peers = peer_receivers.pop_front().filter(|_| settings.cluster.is_some());
+        match shard::spawn(config, peers, stopping.clone()) {
             Ok(handle) => shards.push(handle),
             Err(message) => {
                 let _ = stop.send(true);
@@ -188,7 +223,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let jobs: usize = shards.iter().map(|s| s.jobs).sum();
     let log_backend = shards[0].log_backend;
     let facts = NodeFacts {
-        node_id: NODE_ID,
+        node_id,
         meta: meta.clone(),
         shards: shard_count,
         runtime: RUNTIME_KIND,
@@ -206,7 +241,36 @@ async fn serve(settings: Settings) -> Result<(), String> {
         facts,
     );
     router.spans = spans;
+    drop(outbox);
+    if let (Some(cluster), Some(endpoint)) = (&settings.cluster, &endpoint) {
+        let (serve, mut forwarded) =
+            tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Vec<u8>>)>(1_024);
+        let me = mesh::MemberFacts { node_id, http: address.to_string(), binary: binary_address.to_string() };
+        let config = mesh::MeshConfig { node_id, me, members: cluster.members.clone() };
+        let mesh = mesh::Mesh::start(config, endpoint.clone(), outgoing, peer_inboxes, serve);
+        router.cluster = Some(RouterCluster {
+            mesh,
+            members: cluster.members.keys().copied().collect(),
+            replication: cluster.replication,
+        });
+        let router = Arc::new(std::sync::OnceLock::<Arc<Router>>::new());
+        let serving = router.clone();
+        tokio::spawn(async move {
+            // Bounded by the mesh: it ends when the mesh is gone.
+            while let Some((request, reply)) = forwarded.recv().await {
+                let Some(router) = serving.get().cloned() else { continue };
+                tokio::spawn(async move {
+                    let _ = reply.send(router.serve_forwarded(&request).await);
+                });
+            }
+        });
+        forwarding = Some(router);
+        say(&format!("cluster member {node_id} of {} (peers over QUIC on {})", cluster.members.len(), cluster.raft));
+    }
     let router = Arc::new(router);
+    if let Some(slot) = &forwarding {
+        let _ = slot.set(router.clone());
+    }
     say(&format!(
         "sundial listening on http://{address} and sundial://{binary_address} (data in {})",
         settings.data.display()

@@ -1,0 +1,402 @@
+//! The mesh: this node's links to the other members over QUIC with mutual TLS (one
+//! connection per pair: the member with the lower id dials, and redials with backoff). It
+//! carries the Raft messages of every partition — each shard hands over its turn's messages
+//! at once and the mesh sends one batch per peer — and requests forwarded to the node that
+//! leads a partition. Messages: a tag byte, then the body.
+//!   0 hello    JSON `Member` facts of the sender (its id, HTTP and binary addresses)
+//!   1 raft     `sundial_consensus::wire` batch of (partition, message)
+//!   2 request  u64 id, then JSON (a forwarded piece of work)
+//!   3 answer   u64 id, then JSON
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use sundial_consensus::{wire, Message, NodeId};
+use sundial_net::quic::{Connection, Endpoint};
+use tokio::sync::{mpsc, oneshot};
+
+const TAG_HELLO: u8 = 0;
+const TAG_RAFT: u8 = 1;
+const TAG_REQUEST: u8 = 2;
+const TAG_ANSWER: u8 = 3;
+
+/// Batches waiting to be sent to one peer; beyond it Raft messages are dropped (Raft
+/// resends what matters) and forwarded requests refused.
+const PEER_QUEUE_MAX: usize = 1_024;
+/// Raft batches from the shards waiting for the mesh.
+pub const OUTBOX_CAPACITY: usize = 4_096;
+/// Forwarded requests waiting for their answer, per node.
+const FORWARDS_PENDING_MAX: usize = 4_096;
+/// A forwarded request not answered by then is answered with 503 by the caller.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+const REDIAL_MIN: Duration = Duration::from_millis(50);
+const REDIAL_MAX: Duration = Duration::from_secs(1);
+
+/// What one member tells the others about itself.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MemberFacts {
+    pub node_id: NodeId,
+    pub http: String,
+    pub binary: String,
+}
+
+/// A member as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberView {
+    pub node_id: NodeId,
+    pub raft: SocketAddr,
+    pub http: Option<String>,
+    pub binary: Option<String>,
+    pub connected: bool,
+    /// Milliseconds since the epoch of the last message from it (0: never).
+    pub last_heard_ms: u64,
+}
+
+struct Peer {
+    raft: SocketAddr,
+    facts: Option<MemberFacts>,
+    queue: Option<mpsc::Sender<Vec<u8>>>,
+    last_heard_ms: u64,
+}
+
+struct Shared {
+    node_id: NodeId,
+    peers: Mutex<BTreeMap<NodeId, Peer>>,
+    forwards: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
+    next_forward: std::sync::atomic::AtomicU64,
+    me: MemberFacts,
+    /// Where incoming Raft batches go: one channel per shard (partition mod shards).
+    shards: Vec<mpsc::Sender<Vec<(u32, Message)>>>,
+    /// Where forwarded requests go to be served (the router), with the channel for the answer.
+    serve: mpsc::Sender<(Vec<u8>, oneshot::Sender<Vec<u8>>)>,
+}
+
+/// The mesh, as shards and the router see it.
+#[derive(Clone)]
+pub struct Mesh {
+    shared: Arc<Shared>,
+}
+
+pub struct MeshConfig {
+    pub node_id: NodeId,
+    pub me: MemberFacts,
+    /// Every member's Raft (QUIC) address, this node's included.
+    pub members: BTreeMap<NodeId, SocketAddr>,
+}
+
+impl Mesh {
+    /// Starts the mesh on the current tokio runtime over `endpoint`. Raft batches the shards
+    /// produce arrive on `outbox`; incoming ones go to `shards`; forwarded requests to `serve`.
+    pub fn start(
+        config: MeshConfig,
+        endpoint: Arc<Endpoint>,
+        outbox: mpsc::Receiver<Vec<(u32, Message)>>,
+        shards: Vec<mpsc::Sender<Vec<(u32, Message)>>>,
+        serve: mpsc::Sender<(Vec<u8>, oneshot::Sender<Vec<u8>>)>,
+    ) -> Mesh {
+        let peers = config
+            .members
+            .iter()
+            .filter(|(id, _)| **id != config.node_id)
+            .map(|(id, raft)| (*id, Peer { raft: *raft, facts: None, queue: None, last_heard_ms: 0 }))
+            .collect();
+        let shared = Arc::new(Shared {
+            node_id: config.node_id,
+            peers: Mutex::new(peers),
+            forwards: Mutex::new(HashMap::new()),
+            next_forward: std::sync::atomic::AtomicU64::new(1),
+            me: config.me,
+            shards,
+            serve,
+        });
+        let dial: Vec<(NodeId, SocketAddr)> =
+            config.members.iter().filter(|(id, _)| **id > config.node_id).map(|(id, a)| (*id, *a)).collect();
+        for (peer, addr) in dial {
+            tokio::spawn(dial_loop(shared.clone(), endpoint.clone(), peer, addr));
+        }
+        tokio::spawn(accept_loop(shared.clone(), endpoint));
+        tokio::spawn(send_loop(shared.clone(), outbox));
+        Mesh { shared }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// Every member, this node first.
+    pub fn members(&self) -> Vec<MemberView> {
+        let me = &self.shared.me;
+        let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut views = vec![MemberView {
+            node_id: me.node_id,
+            raft: SocketAddr::from(([0, 0, 0, 0], 0)),
+            http: Some(me.http.clone()),
+            binary: Some(me.binary.clone()),
+            connected: true,
+            last_heard_ms: sundial_engine::dispatch::now_ms(),
+        }];
+        views.extend(peers.iter().map(|(id, peer)| MemberView {
+            node_id: *id,
+            raft: peer.raft,
+            http: peer.facts.as_ref().map(|f| f.http.clone()),
+            binary: peer.facts.as_ref().map(|f| f.binary.clone()),
+            connected: peer.queue.is_some(),
+            last_heard_ms: peer.last_heard_ms,
+        }));
+        views
+    }
+
+    /// Sends a request to `to` and waits for its answer (at most `FORWARD_TIMEOUT`).
+    pub async fn forward(&self, to: NodeId, request: &[u8]) -> Result<Vec<u8>, String> {
+        let id = self.shared.next_forward.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut forwards = self.shared.forwards.lock().unwrap_or_else(|p| p.into_inner());
+            if forwards.len() >= FORWARDS_PENDING_MAX {
+                forwards.retain(|_, waiting| !waiting.is_closed());
+                if forwards.len() >= FORWARDS_PENDING_MAX {
+                    return Err("too many forwarded requests in flight".into());
+                }
+            }
+            forwards.insert(id, reply);
+        }
+        let mut message = Vec::with_capacity(9 + request.len());
+        message.push(TAG_REQUEST);
+        message.extend_from_slice(&id.to_le_bytes());
+        message.extend_from_slice(request);
+        if !self.shared.enqueue(to, message) {
+            self.shared.forwards.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            return Err(format!("node {to} is not connected"));
+        }
+        let outcome = tokio::time::timeout(FORWARD_TIMEOUT, answer).await;
+        self.shared.forwards.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        match outcome {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(_)) => Err(format!("node {to} went away")),
+            Err(_) => Err(format!("node {to} did not answer within {FORWARD_TIMEOUT:?}")),
+        }
+    }
+}
+
+impl Shared {
+    /// Queues a message for `to`; false when it is not connected or its queue is full.
+    fn enqueue(&self, to: NodeId, message: Vec<u8>) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get(&to).and_then(|peer| peer.queue.as_ref()) {
+            Some(queue) => queue.try_send(message).is_ok(),
+            None => false,
+        }
+    }
+
+    fn hello(&self) -> Vec<u8> {
+        let mut message = vec![TAG_HELLO];
+        message.extend(serde_json::to_vec(&self.me).unwrap_or_default());
+        message
+    }
+
+    /// Takes a connection to a member: its messages are read until it fails, ours sent over
+    /// it meanwhile. Returns when it fails.
+    async fn run_link(self: &Arc<Shared>, peer: NodeId, connection: Connection) {
+        let (queue, mut queued) = mpsc::channel::<Vec<u8>>(PEER_QUEUE_MAX);
+        {
+            let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = peers.entry(peer).or_insert_with(|| Peer {
+                raft: connection.remote_address(),
+                facts: None,
+                queue: None,
+                last_heard_ms: 0,
+            });
+            entry.queue = Some(queue);
+        }
+        tracing::info!(peer, remote = %connection.remote_address(), "linked to a cluster member");
+        let sender = connection.clone();
+        let writer = tokio::spawn(async move {
+            // Bounded by the queue: it ends when the link is dropped.
+            while let Some(message) = queued.recv().await {
+                if sender.send(&message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Bounded by the connection: `receive` fails once it closes.
+        while let Ok(message) = connection.receive().await {
+            self.receive(peer, &connection, message).await;
+        }
+        writer.abort();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = peers.get_mut(&peer) {
+            entry.queue = None;
+        }
+        tracing::warn!(peer, "lost the link to a cluster member");
+    }
+
+    async fn receive(self: &Arc<Shared>, peer: NodeId, connection: &Connection, message: Vec<u8>) {
+        let Some((&tag, body)) = message.split_first() else { return };
+        if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
+            entry.last_heard_ms = sundial_engine::dispatch::now_ms();
+        }
+        match tag {
+            TAG_HELLO => {
+                if let Ok(facts) = serde_json::from_slice::<MemberFacts>(body) {
+                    if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
+                        entry.facts = Some(facts);
+                    }
+                }
+            }
+            TAG_RAFT => match wire::decode_batch(body) {
+                Ok(batch) => self.deliver(batch),
+                Err(error) => tracing::warn!(peer, %error, "a Raft batch from a member did not decode"),
+            },
+            TAG_REQUEST if body.len() >= 8 => {
+                let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                let (reply, answer) = oneshot::channel();
+                if self.serve.try_send((body[8..].to_vec(), reply)).is_err() {
+                    return; // the caller times out and answers 503
+                }
+                let connection = connection.clone();
+                tokio::spawn(async move {
+                    if let Ok(bytes) = answer.await {
+                        let mut message = Vec::with_capacity(9 + bytes.len());
+                        message.push(TAG_ANSWER);
+                        message.extend_from_slice(&id.to_le_bytes());
+                        message.extend_from_slice(&bytes);
+                        let _ = connection.send(&message).await;
+                    }
+                });
+            }
+            TAG_ANSWER if body.len() >= 8 => {
+                let id = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+                let waiting = self.forwards.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                if let Some(waiting) = waiting {
+                    let _ = waiting.send(body[8..].to_vec());
+                }
+            }
+            _ => tracing::warn!(peer, tag, "an unknown message from a member"),
+        }
+    }
+
+    /// Hands each partition's messages to the shard that owns it (dropped when its inbox is
+    /// full: Raft resends).
+    fn deliver(&self, batch: Vec<(u32, Message)>) {
+        let shards = self.shards.len();
+        let mut by_shard: Vec<Vec<(u32, Message)>> = vec![Vec::new(); shards];
+        for (partition, message) in batch {
+            by_shard[partition as usize % shards].push((partition, message));
+        }
+        for (shard, messages) in by_shard.into_iter().enumerate() {
+            if !messages.is_empty() {
+                let _ = self.shards[shard].try_send(messages);
+            }
+        }
+    }
+}
+
+/// Dials a member (with a higher id) and keeps the link up, backing off between tries.
+async fn dial_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>, peer: NodeId, addr: SocketAddr) {
+    let mut backoff = REDIAL_MIN;
+    // Bounded by the process: the mesh lives as long as the node.
+    loop {
+        match endpoint.connect(addr).await {
+            Ok(connection) => {
+                backoff = REDIAL_MIN;
+                if connection.send(&shared.hello()).await.is_ok() {
+                    shared.run_link(peer, connection).await;
+                }
+            }
+            Err(error) => tracing::debug!(peer, %addr, %error, "cannot reach a cluster member yet"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(REDIAL_MAX);
+    }
+}
+
+/// Takes links from members with lower ids: the first message names the member.
+async fn accept_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
+    // Bounded by the endpoint: `accept` ends when it closes.
+    while let Some(connection) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let Ok(first) = tokio::time::timeout(Duration::from_secs(5), connection.receive()).await else { return };
+            let Ok(first) = first else { return };
+            let facts = match first.split_first() {
+                Some((&TAG_HELLO, body)) => serde_json::from_slice::<MemberFacts>(body).ok(),
+                _ => None,
+            };
+            let Some(facts) = facts.filter(|f| f.node_id != shared.node_id) else {
+                tracing::warn!(remote = %connection.remote_address(), "a member did not introduce itself; closed");
+                connection.close();
+                return;
+            };
+            let peer = facts.node_id;
+            if let Some(entry) = shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
+                entry.facts = Some(facts);
+            }
+            if connection.send(&shared.hello()).await.is_ok() {
+                shared.run_link(peer, connection).await;
+            }
+        });
+    }
+}
+
+/// Sends the shards' Raft messages: everything waiting is gathered and each peer gets one
+/// batch (the heartbeats of all partitions travel together).
+async fn send_loop(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Vec<(u32, Message)>>) {
+    // Bounded by the shards: it ends when every sender is gone.
+    while let Some(first) = outbox.recv().await {
+        let mut by_peer: BTreeMap<NodeId, Vec<(u32, Message)>> = BTreeMap::new();
+        let mut add = |batch: Vec<(u32, Message)>| {
+            for (partition, message) in batch {
+                by_peer.entry(message.to).or_default().push((partition, message));
+            }
+        };
+        add(first);
+        for _ in 0..OUTBOX_CAPACITY {
+            match outbox.try_recv() {
+                Ok(batch) => add(batch),
+                Err(_) => break,
+            }
+        }
+        for (peer, batch) in by_peer {
+            // Split so no message nears the transport's limit (appends of many partitions).
+            let mut part: Vec<(u32, Message)> = Vec::new();
+            let mut part_bytes = 0usize;
+            for item in batch {
+                let bytes = message_bytes(&item.1);
+                if !part.is_empty() && part_bytes + bytes > BATCH_BYTES_MAX {
+                    shared.enqueue(peer, raft_message(&part));
+                    part.clear();
+                    part_bytes = 0;
+                }
+                part_bytes += bytes;
+                part.push(item);
+            }
+            if !part.is_empty() {
+                shared.enqueue(peer, raft_message(&part));
+            }
+        }
+    }
+}
+
+/// Bytes of Raft messages per transport message at most (the transport allows 16 MiB; a
+/// snapshot chunk or an append of 1 MiB fits whole).
+const BATCH_BYTES_MAX: usize = 4 << 20;
+
+fn raft_message(batch: &[(u32, Message)]) -> Vec<u8> {
+    let mut message = vec![TAG_RAFT];
+    message.extend(wire::encode_batch(batch));
+    message
+}
+
+/// About how many bytes a Raft message takes on the wire.
+fn message_bytes(message: &Message) -> usize {
+    use sundial_consensus::MessageKind;
+    64 + match &message.kind {
+        MessageKind::Append { entries, .. } => entries.iter().map(|e| e.size_bytes()).sum(),
+        MessageKind::Snapshot { chunk, meta, .. } => {
+            chunk.len() + 8 * (meta.conf.voters.len() + meta.conf.learners.len())
+        }
+        _ => 0,
+    }
+}
