@@ -17,9 +17,10 @@ pub const MESSAGE_MAX_BYTES: usize = 16 * 1024 * 1024;
 /// The name every node certificate carries and every client checks: membership in the
 /// cluster is proven by the CA's signature, not by a host name.
 pub const CLUSTER_SERVER_NAME: &str = "sundial.cluster";
-/// A silent connection is closed after this (keep-alives keep a healthy one open).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A silent connection is closed after this (keep-alives keep a healthy one open): short,
+/// so a peer killed without closing is noticed, and redialled, within seconds.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

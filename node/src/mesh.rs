@@ -58,6 +58,9 @@ struct Peer {
     raft: SocketAddr,
     facts: Option<MemberFacts>,
     queue: Option<mpsc::Sender<Vec<u8>>>,
+    /// Which link the queue belongs to: a member that restarted links anew before the old
+    /// link has timed out, and the old one's end must not take the new one's queue.
+    link: u64,
     last_heard_ms: u64,
 }
 
@@ -66,6 +69,7 @@ struct Shared {
     peers: Mutex<BTreeMap<NodeId, Peer>>,
     forwards: Mutex<HashMap<u64, oneshot::Sender<Vec<u8>>>>,
     next_forward: std::sync::atomic::AtomicU64,
+    next_link: std::sync::atomic::AtomicU64,
     me: MemberFacts,
     /// Where incoming Raft batches go: one channel per shard (partition mod shards).
     shards: Vec<mpsc::Sender<Vec<(u32, Message)>>>,
@@ -100,13 +104,14 @@ impl Mesh {
             .members
             .iter()
             .filter(|(id, _)| **id != config.node_id)
-            .map(|(id, raft)| (*id, Peer { raft: *raft, facts: None, queue: None, last_heard_ms: 0 }))
+            .map(|(id, raft)| (*id, Peer { raft: *raft, facts: None, queue: None, link: 0, last_heard_ms: 0 }))
             .collect();
         let shared = Arc::new(Shared {
             node_id: config.node_id,
             peers: Mutex::new(peers),
             forwards: Mutex::new(HashMap::new()),
             next_forward: std::sync::atomic::AtomicU64::new(1),
+            next_link: std::sync::atomic::AtomicU64::new(1),
             me: config.me,
             shards,
             serve,
@@ -200,15 +205,18 @@ impl Shared {
     /// it meanwhile. Returns when it fails.
     async fn run_link(self: &Arc<Shared>, peer: NodeId, connection: Connection) {
         let (queue, mut queued) = mpsc::channel::<Vec<u8>>(PEER_QUEUE_MAX);
+        let link = self.next_link.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
             let entry = peers.entry(peer).or_insert_with(|| Peer {
                 raft: connection.remote_address(),
                 facts: None,
                 queue: None,
+                link: 0,
                 last_heard_ms: 0,
             });
             entry.queue = Some(queue);
+            entry.link = link;
         }
         tracing::info!(peer, remote = %connection.remote_address(), "linked to a cluster member");
         let sender = connection.clone();
@@ -226,7 +234,7 @@ impl Shared {
         }
         writer.abort();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = peers.get_mut(&peer) {
+        if let Some(entry) = peers.get_mut(&peer).filter(|entry| entry.link == link) {
             entry.queue = None;
         }
         tracing::warn!(peer, "lost the link to a cluster member");

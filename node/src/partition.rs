@@ -189,6 +189,10 @@ impl Partition {
         std::mem::take(&mut self.outbox)
     }
 
+    pub fn node_id(&self) -> NodeId {
+        self.options.node_id
+    }
+
     /// The node this replica believes leads the group.
     pub fn leader(&self) -> Option<NodeId> {
         self.node.raft.leader

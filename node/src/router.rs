@@ -555,20 +555,31 @@ impl Router {
             .map(|mut p| {
                 let shard = p["partition"].as_u64().unwrap_or(0) as usize % self.shards.len();
                 p["shard"] = json!(shard);
-                p["leader"] = json!(self.facts.node_id);
-                p["replication_lag"] = json!(0);
                 p
             })
             .collect();
         partitions.sort_by_key(|p| p["partition"].as_u64());
         let facts = &self.facts;
+        let members = match &self.cluster {
+            Some(cluster) => cluster
+                .mesh
+                .members()
+                .into_iter()
+                .map(|m| {
+                    let state = if m.connected { "up" } else { "unreachable" };
+                    json!({"node_id": m.node_id, "http": m.http, "binary": m.binary, "raft": m.raft, "connected": m.connected, "state": state, "last_heard_ms": m.last_heard_ms})
+                })
+                .collect(),
+            None => vec![json!({"node_id": facts.node_id, "http": facts.http, "binary": facts.binary, "state": "up", "connected": true, "shards": facts.shards})],
+        };
         answer(
             200,
             json!({
                 "cluster_id": facts.meta.cluster_id,
                 "created_ms": facts.meta.created_ms,
                 "partition_count": facts.meta.partitions,
-                "members": [{"node_id": facts.node_id, "http": facts.http, "binary": facts.binary, "state": "up", "shards": facts.shards}],
+                "node_id": facts.node_id,
+                "members": members,
                 "partitions": partitions,
             }),
         )

@@ -798,9 +798,26 @@ fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: Scan) -> Val
         Scan::Raft => {
             let log = runtime.log();
             let raft = log.raft_status();
+            let followers: Vec<Value> = if raft.leader {
+                log.voters()
+                    .into_iter()
+                    .filter(|id| *id != log.node_id())
+                    .map(|id| {
+                        let matched = log.follower_match(id).unwrap_or(0);
+                        json!({"node_id": id, "match_index": matched, "lag": raft.last_index.saturating_sub(matched)})
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let lag = followers.iter().filter_map(|f| f["lag"].as_u64()).max().unwrap_or(0);
             json!({
                 "partition": partition,
                 "role": if raft.leader { "leader" } else { "follower" },
+                "leader": log.leader(),
+                "replicas": log.voters(),
+                "followers": followers,
+                "replication_lag": lag,
                 "term": raft.term,
                 "commit_index": raft.commit_index,
                 "applied_index": raft.applied_index,

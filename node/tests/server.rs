@@ -2,8 +2,6 @@
 //! created over HTTP fires with its body and key; bad input is refused and creates nothing;
 //! a cancel prevents the fire; kill -9 with jobs pending, then a restart, fires each once.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,28 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sundial_engine::dispatch::now_ms;
 
-/// Reads the node's banner for the addresses it listens on (HTTP, binary), then keeps
-/// draining its stdout so the node never blocks on (or breaks) the pipe.
-fn listening_addresses(child: &mut Child) -> (SocketAddr, SocketAddr) {
-    let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
-    let mut first_line = String::new();
-    stdout.read_line(&mut first_line).expect("banner");
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while stdout.read_line(&mut sink).is_ok_and(|n| n > 0) {
-            sink.clear();
-        }
-    });
-    let after = |scheme: &str| {
-        first_line
-            .split(scheme)
-            .nth(1)
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no {scheme} address in {first_line:?}"))
-    };
-    (after("http://"), after("sundial://"))
-}
+mod support;
+use support::{exchange, listening_addresses, receiver, wait_for};
 
 /// A running node; killed (SIGKILL) when dropped.
 struct Node {
@@ -84,21 +62,7 @@ impl Node {
     }
 
     fn exchange(&self, method: &str, path: &str, body: &[u8], extra_headers: &str) -> (u16, String, Value) {
-        let mut stream = TcpStream::connect(self.addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra_headers}connection: close\r\n\r\n",
-            self.addr,
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).expect("send");
-        stream.write_all(body).expect("send");
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).expect("read");
-        let text = String::from_utf8_lossy(&response);
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        (status, head.to_ascii_lowercase(), serde_json::from_str(body).unwrap_or(Value::Null))
+        exchange(self.addr, method, path, body, extra_headers)
     }
 }
 
@@ -107,65 +71,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-#[derive(Clone, Debug)]
-struct Hit {
-    at_ms: u64,
-    key: String,
-    body: Vec<u8>,
-    headers: Vec<(String, String)>,
-}
-
-/// A webhook receiver on 127.0.0.1 answering 200 and recording every request.
-async fn receiver() -> (SocketAddr, Arc<Mutex<Vec<Hit>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("address");
-    let hits: Arc<Mutex<Vec<Hit>>> = Arc::default();
-    let log = hits.clone();
-    tokio::spawn(async move {
-        // Bounded by the test's runtime.
-        while let Ok((stream, _)) = listener.accept().await {
-            let log = log.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                    let log = log.clone();
-                    async move {
-                        let key = request
-                            .headers()
-                            .get("idempotency-key")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("")
-                            .to_string();
-                        let headers = request
-                            .headers()
-                            .iter()
-                            .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").to_string()))
-                            .collect();
-                        let body =
-                            request.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                        log.lock().expect("log").push(Hit { at_ms: now_ms(), key, body, headers });
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
-            });
-        }
-    });
-    (addr, hits)
-}
-
-/// Waits (bounded) until `done` holds.
-async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    done()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

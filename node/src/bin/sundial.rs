@@ -265,7 +265,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
             }
         });
         forwarding = Some(router);
-        say(&format!("cluster member {node_id} of {} (peers over QUIC on {})", cluster.members.len(), cluster.raft));
+        tracing::info!(node_id, members = cluster.members.len(), raft = %cluster.raft, "cluster member; peers over QUIC");
     }
     let router = Arc::new(router);
     if let Some(slot) = &forwarding {

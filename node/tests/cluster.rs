@@ -1,0 +1,371 @@
+//! Real `sundial` processes as a 3-node cluster on loopback (QUIC between them, mutual TLS
+//! with a generated CA), with a real webhook receiver: leaders spread over the members,
+//! jobs created through any member fire once, a kill -9 of the busiest leader loses no
+//! acknowledged job, and a node with a certificate from another CA is refused.
+
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use sundial_engine::dispatch::now_ms;
+
+mod support;
+use support::{exchange, listening_addresses, receiver, try_exchange, wait_for, Hit};
+
+const PARTITIONS: u32 = 16;
+
+/// A cluster's members as processes; each killed (SIGKILL) when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    certs: PathBuf,
+    peers: String,
+    members: BTreeMap<u64, Member>,
+}
+
+struct Member {
+    child: Child,
+    http: SocketAddr,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Free UDP ports on loopback for the members' QUIC endpoints (found by binding port 0).
+fn free_udp_ports(count: usize) -> Vec<u16> {
+    let sockets: Vec<UdpSocket> = (0..count).map(|_| UdpSocket::bind("127.0.0.1:0").expect("bind")).collect();
+    sockets.iter().map(|s| s.local_addr().expect("address").port()).collect()
+}
+
+fn sundial() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_sundial"))
+}
+
+/// Makes a CA and node certificates with the CLI (`sundial certs init`).
+fn make_certs(dir: &Path, cluster: &str, nodes: &[&str]) {
+    let made = sundial()
+        .args(["certs", "init", "--cluster", cluster, "--dir"])
+        .arg(dir)
+        .args(nodes)
+        .output()
+        .expect("run certs init");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+impl Cluster {
+    fn start(size: u64) -> Cluster {
+        let mut cluster = Cluster::new(size);
+        for id in 1..=size {
+            cluster.start_member(id);
+        }
+        cluster
+    }
+
+    /// Certificates and addresses for `size` members, none started yet.
+    fn new(size: u64) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs");
+        let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+        make_certs(&certs, "test", &names.iter().map(String::as_str).collect::<Vec<_>>());
+        let ports = free_udp_ports(size as usize);
+        let peers: Vec<String> = (1..=size).zip(ports).map(|(i, port)| format!("{i}@127.0.0.1:{port}")).collect();
+        Cluster { dir, certs, peers: peers.join(","), members: BTreeMap::new() }
+    }
+
+    /// Starts (or restarts, on its data) member `id`; its log goes to `node-ID.log`.
+    fn start_member(&mut self, id: u64) {
+        let certs = self.certs.clone();
+        self.start_member_with(id, &certs);
+    }
+
+    fn start_member_with(&mut self, id: u64, certs: &Path) {
+        let data = self.dir.path().join(format!("node-{id}"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("node-{id}.log")))
+            .expect("log file");
+        let mut child = sundial()
+            .args(["server", "--node-id", &id.to_string(), "--peers", &self.peers, "--certs"])
+            .arg(certs)
+            .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--shards", "2"])
+            .args(["--partitions", &PARTITIONS.to_string(), "--data"])
+            .arg(&data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start sundial");
+        let (http, _) = listening_addresses(&mut child);
+        self.members.insert(id, Member { child, http });
+    }
+
+    fn kill(&mut self, id: u64) {
+        self.members.remove(&id);
+    }
+
+    fn http(&self, id: u64) -> SocketAddr {
+        self.members[&id].http
+    }
+
+    /// The partitions each live member leads, by its own /debug/cluster.
+    fn leaders(&self) -> BTreeMap<u64, Vec<u64>> {
+        self.members
+            .iter()
+            .map(|(id, member)| {
+                let (_, view) = call(member.http, "GET", "/debug/cluster", b"");
+                let led = view["partitions"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter().filter(|p| p["role"] == "leader").filter_map(|p| p["partition"].as_u64()).collect()
+                    })
+                    .unwrap_or_default();
+                (*id, led)
+            })
+            .collect()
+    }
+
+    /// Waits until every partition has a leader among the live members.
+    async fn wait_for_leaders(&self, limit: Duration) -> bool {
+        wait_for(limit, || {
+            let mut led: Vec<u64> = self.leaders().into_values().flatten().collect();
+            led.sort_unstable();
+            led.dedup();
+            led.len() == PARTITIONS as usize
+        })
+        .await
+    }
+
+    /// The last lines of every member's log (for a failing assertion).
+    fn logs(&self) -> String {
+        let mut text = String::new();
+        for id in 1..=3 {
+            let log = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            text += &format!("--- node {id}\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        text
+    }
+}
+
+/// One HTTP call: (status, JSON body).
+fn call(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+    let (status, _, body) = exchange(addr, method, path, body, "");
+    (status, body)
+}
+
+fn job(id: &str, run_at_ms: u64, target: SocketAddr) -> Value {
+    json!({"id": id, "run_at": run_at_ms, "url": format!("http://{target}/hook"), "json": {"id": id}})
+}
+
+/// What the receiver saw, by job id: (first receive time, idempotency keys of every delivery).
+fn deliveries(hits: &Mutex<Vec<Hit>>) -> HashMap<String, (u64, Vec<String>)> {
+    let mut by_id: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+    for hit in hits.lock().expect("hits").iter() {
+        let id = hit.headers.iter().find(|(n, _)| n == "x-sundial-job-id").map(|(_, v)| v.clone()).unwrap_or_default();
+        let entry = by_id.entry(id).or_insert((hit.at_ms, Vec::new()));
+        entry.0 = entry.0.min(hit.at_ms);
+        entry.1.push(hit.key.clone());
+    }
+    by_id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_node_cluster_spreads_leaders_and_fires_jobs_created_anywhere_once() {
+    let (target, hits) = receiver().await;
+    let cluster = Cluster::start(3);
+    assert!(
+        cluster.wait_for_leaders(Duration::from_secs(30)).await,
+        "no leader for some partition\n{}",
+        cluster.logs()
+    );
+    // Leadership is handed to each partition's preferred member once it has caught up.
+    let spread =
+        wait_for(Duration::from_secs(20), || cluster.leaders().values().filter(|led| !led.is_empty()).count() >= 2)
+            .await;
+    assert!(spread, "leaders stayed on one node: {:?}", cluster.leaders());
+
+    let run_at = now_ms() + 3_000;
+    let mut scheduled = HashMap::new();
+    for node in 1..=3u64 {
+        for i in 0..30 {
+            let id = format!("c-{node}-{i}");
+            let (status, body) =
+                call(cluster.http(node), "POST", "/jobs", job(&id, run_at + i * 10, target).to_string().as_bytes());
+            assert_eq!(status, 201, "create {id} through node {node}: {body}");
+            scheduled.insert(id, run_at + i * 10);
+        }
+    }
+    let all = wait_for(Duration::from_secs(60), || deliveries(&hits).len() >= scheduled.len()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // room for a duplicate to show
+    let seen = deliveries(&hits);
+    assert!(all, "{} of {} fired\n{}", seen.len(), scheduled.len(), cluster.logs());
+    for (id, due_ms) in &scheduled {
+        let (first_ms, keys) = &seen[id];
+        assert_eq!(keys.len(), 1, "{id} delivered {} times", keys.len());
+        assert!(first_ms >= due_ms, "{id} fired {} ms early", due_ms - first_ms);
+    }
+    // A read through any member is linearizable: it sees the fire its leader recorded.
+    for node in 1..=3u64 {
+        let (status, job) = call(cluster.http(node), "GET", "/jobs/c-1-0", b"");
+        assert_eq!((status, job["status"].as_str()), (200, Some("completed")), "through node {node}: {job}");
+    }
+    let (_, listed) = call(cluster.http(2), "GET", "/jobs?limit=1000", b"");
+    assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(scheduled.len()), "a list covers every partition once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_busiest_leader_loses_no_acknowledged_job() {
+    const PENDING: usize = 2_000;
+    let (target, hits) = receiver().await;
+    let mut cluster = Cluster::start(3);
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader\n{}", cluster.logs());
+
+    // 2,000 jobs due 8–12 s from now, created in batches through every member.
+    let base_ms = now_ms() + 8_000;
+    let acknowledged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    for batch in 0..(PENDING / 200) {
+        let jobs: Vec<Value> = (0..200)
+            .map(|i| {
+                let n = batch * 200 + i;
+                job(&format!("p-{n}"), base_ms + (n as u64 * 2), target)
+            })
+            .collect();
+        let node = 1 + (batch as u64 % 3);
+        let (status, results) =
+            call(cluster.http(node), "POST", "/jobs/batch", json!({"jobs": jobs}).to_string().as_bytes());
+        assert_eq!(status, 200, "{results}");
+        for (job, result) in jobs.iter().zip(results["results"].as_array().expect("results")) {
+            assert!(result["status"] == 201, "{result}");
+            acknowledged
+                .lock()
+                .expect("acks")
+                .insert(job["id"].as_str().expect("id").to_string(), job["run_at"].as_u64().expect("due"));
+        }
+    }
+
+    // More are created while the leader dies: only acknowledged ones must fire.
+    let creating = Arc::new(AtomicBool::new(true));
+    let nodes: Vec<SocketAddr> = (1..=3).map(|id| cluster.http(id)).collect();
+    let creator = {
+        let (creating, acknowledged) = (creating.clone(), acknowledged.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            // Bounded by the flag the test clears.
+            while creating.load(Ordering::Relaxed) {
+                let id = format!("live-{n}");
+                let due = now_ms() + 3_000;
+                let node = nodes[n as usize % nodes.len()];
+                let body = job(&id, due, target).to_string();
+                // A refused connection (the killed member) or a 503 is simply not acknowledged.
+                if let Ok((201, _, _)) = try_exchange(node, "POST", "/jobs", body.as_bytes(), "") {
+                    acknowledged.lock().expect("acks").insert(id, due);
+                }
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leaders = cluster.leaders();
+    let (&busiest, led) = leaders.iter().max_by_key(|(_, led)| led.len()).expect("members");
+    assert!(!led.is_empty(), "someone leads");
+    let killed_ms = now_ms();
+    cluster.kill(busiest);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.start_member(busiest);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    creating.store(false, Ordering::Relaxed);
+    creator.join().expect("creator");
+    let acknowledged = acknowledged.lock().expect("acks").clone();
+    assert!(
+        acknowledged.keys().filter(|id| id.starts_with("live-")).count() > 10,
+        "creates went on during the failover"
+    );
+
+    let all = wait_for(Duration::from_secs(90), || {
+        let seen = deliveries(&hits);
+        acknowledged.keys().all(|id| seen.contains_key(id))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = deliveries(&hits);
+    let lost: Vec<&String> = acknowledged.keys().filter(|id| !seen.contains_key(*id)).collect();
+    assert!(
+        all && lost.is_empty(),
+        "{} acknowledged jobs never fired, e.g. {:?}\n{}",
+        lost.len(),
+        &lost[..lost.len().min(5)],
+        cluster.logs()
+    );
+    let mut duplicates = 0;
+    for (id, due_ms) in &acknowledged {
+        let (first_ms, keys) = &seen[id];
+        assert!(first_ms >= due_ms, "{id} fired {} ms early", due_ms - first_ms);
+        assert!(keys.iter().all(|k| k == &keys[0]), "{id}: a duplicate with another key: {keys:?}");
+        duplicates += keys.len() - 1;
+    }
+    eprintln!(
+        "{} acknowledged, all fired; {duplicates} duplicate deliveries (same key); node {busiest} led {} partitions when killed at {killed_ms}",
+        acknowledged.len(),
+        led.len()
+    );
+
+    // The restarted member catches up: each of its replicas applies what its leader committed.
+    let caught_up = wait_for(Duration::from_secs(30), || {
+        let view = |id: u64| call(cluster.http(id), "GET", "/debug/cluster", b"").1;
+        let mine = view(busiest);
+        let others: Vec<Value> = (1..=3).filter(|id| *id != busiest).map(view).collect();
+        mine["partitions"].as_array().is_some_and(|ps| {
+            ps.iter().all(|p| {
+                let committed = others
+                    .iter()
+                    .flat_map(|o| o["partitions"].as_array().cloned().unwrap_or_default())
+                    .filter(|q| q["partition"] == p["partition"] && q["role"] == "leader")
+                    .filter_map(|q| q["commit_index"].as_u64())
+                    .max()
+                    .unwrap_or(0);
+                p["applied_index"].as_u64().unwrap_or(0) >= committed
+            })
+        })
+    })
+    .await;
+    assert!(caught_up, "node {busiest} did not catch up\n{}", cluster.logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_certificate_from_another_ca_cannot_join() {
+    // Members 2 and 3 run with the cluster's certificates; member 1 — listed by both, and
+    // the one that dials them — presents a certificate from another CA.
+    let mut cluster = Cluster::new(3);
+    cluster.start_member(2);
+    cluster.start_member(3);
+    let foreign = cluster.dir.path().join("foreign");
+    make_certs(&foreign, "other", &["node-1"]);
+    cluster.start_member_with(1, &foreign);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, view) = call(cluster.http(1), "GET", "/debug/cluster", b"");
+    let linked: Vec<&Value> =
+        view["members"].as_array().map(|ms| ms.iter().filter(|m| m["connected"] == true).collect()).unwrap_or_default();
+    assert_eq!(linked.len(), 1, "only itself: no member accepted it\n{view}");
+    // The two members refused its handshake, and serve on their own (a quorum of each
+    // partition's three replicas).
+    let logs = cluster.logs();
+    assert!(logs.contains("refused a peer at the handshake"), "{logs}");
+    cluster.kill(1);
+    let led = cluster.wait_for_leaders(Duration::from_secs(30)).await;
+    assert!(led, "members 2 and 3 lead every partition\n{}", cluster.logs());
+    let (status, body) = call(
+        cluster.http(2),
+        "POST",
+        "/jobs",
+        json!({"delay": "1h", "url": "https://example.com/hook"}).to_string().as_bytes(),
+    );
+    assert_eq!(status, 201, "{body}");
+}
