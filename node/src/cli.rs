@@ -491,3 +491,49 @@ fn stop_all(children: &mut [std::process::Child]) {
         let _ = child.wait();
     }
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Members, and per partition its leader, term, commit and applied indexes and lag.
+    Status,
+}
+
+/// `sundial cluster status`: the cluster as the node at `--node` sees it.
+pub fn cluster(connection: &Connection, command: &ClusterCommand) -> ExitCode {
+    match command {
+        ClusterCommand::Status => finish(connection, call(connection, "GET", "/debug/cluster", None), cluster_text),
+    }
+}
+
+fn cluster_text(view: &Value) -> String {
+    let mut text = format!(
+        "cluster {} as node {} sees it\nmembers:\n",
+        view["cluster_id"].as_str().unwrap_or("?"),
+        view["node_id"]
+    );
+    for member in view["members"].as_array().into_iter().flatten() {
+        text += &format!(
+            "  node {:<3} {:<12} http {}  binary {}\n",
+            member["node_id"],
+            member["state"].as_str().unwrap_or("?"),
+            member["http"].as_str().unwrap_or("?"),
+            member["binary"].as_str().unwrap_or("?"),
+        );
+    }
+    text += "partition  role      leader  term  commit  applied  lag  replicas\n";
+    for p in view["partitions"].as_array().into_iter().flatten() {
+        let replicas: Vec<String> = p["replicas"].as_array().into_iter().flatten().map(|r| r.to_string()).collect();
+        text += &format!(
+            "{:>9}  {:<8}  {:>6}  {:>4}  {:>6}  {:>7}  {:>3}  {}\n",
+            p["partition"],
+            p["role"].as_str().unwrap_or("?"),
+            p["leader"].as_u64().map_or("-".to_string(), |l| l.to_string()),
+            p["term"],
+            p["commit_index"],
+            p["applied_index"],
+            p["replication_lag"],
+            replicas.join(","),
+        );
+    }
+    text
+}

@@ -130,6 +130,16 @@ async fn respond(
     to_response(route(router, &method, &path, &query, &body, parent).await)
 }
 
+/// A read of one job: linearizable, or with `?stale=true` from a local replica as it stands.
+async fn read(router: &Router, id: &str, op: JobOp, query: &str) -> Answer {
+    let stale = match query.split('&').find_map(|pair| pair.strip_prefix("stale=")) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return error(400, "invalid", format!("stale: must be true or false, not {other:?}")),
+    };
+    router.job_many_read(&[id.to_string()], op, stale).await.pop().expect("one answer per id")
+}
+
 /// Routes one request to the router; `parent` is its W3C trace context, if it had one.
 pub async fn route(
     router: &Router,
@@ -159,9 +169,9 @@ pub async fn route(
             Ok((status, limit)) => router.list(status, limit).await,
             Err(refused) => refused,
         },
-        ("GET", ["jobs", id]) => router.job(id, JobOp::Get).await,
-        ("GET", ["jobs", id, "status"]) => router.job(id, JobOp::Status).await,
-        ("GET", ["jobs", id, "executions"]) => router.job(id, JobOp::Executions).await,
+        ("GET", ["jobs", id]) => read(router, id, JobOp::Get, query).await,
+        ("GET", ["jobs", id, "status"]) => read(router, id, JobOp::Status, query).await,
+        ("GET", ["jobs", id, "executions"]) => read(router, id, JobOp::Executions, query).await,
         ("POST", ["jobs", id, "cancel"]) => router.job(id, JobOp::Cancel).await,
         ("DELETE", ["jobs", id]) => router.job(id, JobOp::Delete).await,
         ("POST", ["jobs", id, "pause"]) => router.job(id, JobOp::Pause).await,

@@ -96,8 +96,18 @@ const FORWARD_HOPS_MAX: u8 = 2;
 /// Work for one partition, as it is forwarded to the node leading it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum PartitionWork {
-    Create { specs: Vec<JobSpec>, now_ms: u64 },
-    Jobs { ids: Vec<String>, op: JobOp },
+    Create {
+        specs: Vec<JobSpec>,
+        now_ms: u64,
+    },
+    /// `stale`: a read may be answered from the local replica without confirming it is
+    /// current (no round trip to the leader).
+    Jobs {
+        ids: Vec<String>,
+        op: JobOp,
+        #[serde(default)]
+        stale: bool,
+    },
 }
 
 impl PartitionWork {
@@ -114,8 +124,8 @@ impl PartitionWork {
             PartitionWork::Create { specs, now_ms } => {
                 PartitionWork::Create { specs: positions.iter().map(|i| specs[*i].clone()).collect(), now_ms: *now_ms }
             }
-            PartitionWork::Jobs { ids, op } => {
-                PartitionWork::Jobs { ids: positions.iter().map(|i| ids[*i].clone()).collect(), op: *op }
+            PartitionWork::Jobs { ids, op, stale } => {
+                PartitionWork::Jobs { ids: positions.iter().map(|i| ids[*i].clone()).collect(), op: *op, stale: *stale }
             }
         }
     }
@@ -239,7 +249,7 @@ impl Router {
         let (reply, answer) = oneshot::channel();
         let item = match work {
             PartitionWork::Create { specs, now_ms } => Work::Create { partition, specs, now_ms, reply },
-            PartitionWork::Jobs { ids, op } => Work::Jobs { partition, ids, op, reply },
+            PartitionWork::Jobs { ids, op, stale } => Work::Jobs { partition, ids, op, stale, reply },
         };
         match self.shard_of(partition).try_send(item) {
             Ok(()) => answer.await.unwrap_or_else(|_| vec![stopping(); count]),
@@ -404,6 +414,12 @@ impl Router {
     /// shard as one piece of work (one log write for commands), then awaited. Answers in
     /// the order of `ids`.
     pub async fn job_many(&self, ids: &[String], op: JobOp) -> Vec<Answer> {
+        self.job_many_read(ids, op, false).await
+    }
+
+    /// `job_many`; with `stale`, reads are served by a local replica as it stands (HTTP
+    /// `?stale=true`, the protocol's stale-ok flag) instead of linearizably.
+    pub async fn job_many_read(&self, ids: &[String], op: JobOp, stale: bool) -> Vec<Answer> {
         let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<String>)> = Default::default();
         for (position, id) in ids.iter().enumerate() {
             let (positions, group) = by_partition.entry(partition_of(id, self.partitions)).or_default();
@@ -411,7 +427,7 @@ impl Router {
             group.push(id.clone());
         }
         let groups = by_partition.into_iter().map(|(partition, (positions, group))| async move {
-            (positions, self.partition_work(partition, PartitionWork::Jobs { ids: group, op }, 0).await)
+            (positions, self.partition_work(partition, PartitionWork::Jobs { ids: group, op, stale }, 0).await)
         });
         let mut answers: Vec<Option<Answer>> = vec![None; ids.len()];
         for (positions, group_answers) in futures_join_all(groups).await {
@@ -525,7 +541,7 @@ impl Router {
             if healthy { 200 } else { 503 },
             json!({
                 "status": if healthy { "ok" } else { "unavailable" },
-                "role": "leader",
+                "role": if self.cluster.is_some() { "member" } else { "leader" },
                 "node_id": facts.node_id,
                 "cluster_id": facts.meta.cluster_id,
                 "partitions": facts.meta.partitions,

@@ -37,7 +37,9 @@ pub enum Work {
     /// Create validated jobs of one partition.
     Create { partition: u32, specs: Vec<JobSpec>, now_ms: u64, reply: oneshot::Sender<Vec<Answer>> },
     /// One operation on some jobs of one partition (one log write for commands).
-    Jobs { partition: u32, ids: Vec<String>, op: JobOp, reply: oneshot::Sender<Vec<Answer>> },
+    /// One operation on some jobs of one partition (one log write for commands); `stale`
+    /// reads are answered from this replica as it stands.
+    Jobs { partition: u32, ids: Vec<String>, op: JobOp, stale: bool, reply: oneshot::Sender<Vec<Answer>> },
     /// A query or command run on every partition of the shard; one value per partition.
     Scan { scan: Scan, reply: oneshot::Sender<Vec<Value>> },
 }
@@ -590,7 +592,7 @@ impl Shard {
         for work in others {
             match work {
                 Work::Create { .. } => unreachable!("creates were taken above"),
-                Work::Jobs { partition, ids, op, reply } => self.job_ops(partition, ids, op, reply),
+                Work::Jobs { partition, ids, op, stale, reply } => self.job_ops(partition, ids, op, stale, reply),
                 Work::Scan { scan: Scan::PurgeDeadLetters, reply } => self.purge_dead_letters(reply),
                 Work::Scan { scan, reply } => {
                     let values = self
@@ -607,7 +609,14 @@ impl Shard {
 
     /// One operation on some jobs of a partition: commands are proposed together (one log
     /// write) on the leader; reads are linearizable (confirmed with the leader) on any replica.
-    fn job_ops(&mut self, partition: u32, ids: Vec<String>, op: JobOp, reply: oneshot::Sender<Vec<Answer>>) {
+    fn job_ops(
+        &mut self,
+        partition: u32,
+        ids: Vec<String>,
+        op: JobOp,
+        stale: bool,
+        reply: oneshot::Sender<Vec<Answer>>,
+    ) {
         let Some(runtime) = self.runtimes.get_mut(&partition) else {
             let _ = reply.send(ids.iter().map(|_| misrouted(partition)).collect());
             return;
@@ -615,6 +624,10 @@ impl Shard {
         let now = sundial_engine::dispatch::now_ms();
         let commands: Vec<_> = ids.iter().filter_map(|id| ops::job_command(id, op, now)).collect();
         let answers = vec![None; ids.len()];
+        if commands.is_empty() && stale {
+            let _ = reply.send(ids.iter().map(|id| ops::read_answer(runtime.state(), id, op)).collect());
+            return;
+        }
         if commands.is_empty() {
             // One linearizable read confirms them all.
             match runtime.log_mut().read() {

@@ -216,6 +216,21 @@ async fn a_three_node_cluster_spreads_leaders_and_fires_jobs_created_anywhere_on
         let (status, job) = call(cluster.http(node), "GET", "/jobs/c-1-0", b"");
         assert_eq!((status, job["status"].as_str()), (200, Some("completed")), "through node {node}: {job}");
     }
+    // `sundial cluster status` shows the members and every partition's leader.
+    let status = sundial()
+        .args(["cluster", "status", "--node", &format!("http://{}", cluster.http(1))])
+        .output()
+        .expect("run cluster status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}{}", String::from_utf8_lossy(&status.stderr));
+    assert_eq!(text.lines().filter(|l| l.trim_start().starts_with("node ")).count(), 3, "{text}");
+    let rows = text.lines().filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()));
+    assert_eq!(rows.count(), 16, "{text}");
+    // A stale read is served by the local replica as it stands; a bad flag is refused.
+    let (status, job) = call(cluster.http(3), "GET", "/jobs/c-2-1?stale=true", b"");
+    assert_eq!((status, job["id"].as_str()), (200, Some("c-2-1")), "{job}");
+    let (status, refused) = call(cluster.http(3), "GET", "/jobs/c-2-1?stale=maybe", b"");
+    assert_eq!((status, refused["code"].as_str()), (400, Some("invalid")), "{refused}");
     let (_, listed) = call(cluster.http(2), "GET", "/jobs?limit=1000", b"");
     assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(scheduled.len()), "a list covers every partition once");
 }

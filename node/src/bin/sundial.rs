@@ -66,6 +66,13 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// The cluster: members, partitions, leaders, indexes and replication lag.
+    Cluster {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: cli::ClusterCommand,
+    },
     /// Start a local cluster on loopback (generated certificates, data under one folder).
     DevCluster(cli::DevClusterArgs),
     /// The cluster's CA and node certificates (mutual TLS between nodes).
@@ -85,6 +92,7 @@ fn main() -> ExitCode {
         Some(Command::Status { connection }) => return cli::status(&connection),
         Some(Command::Certs { command }) => return cli::certs(&command),
         Some(Command::DevCluster(args)) => return cli::dev_cluster(&args),
+        Some(Command::Cluster { connection, command }) => return cli::cluster(&connection, &command),
     };
     let settings = match options.with_file().and_then(|options| options.resolve()) {
         Ok(settings) => settings,
