@@ -496,13 +496,40 @@ fn stop_all(children: &mut [std::process::Child]) {
 pub enum ClusterCommand {
     /// Members, and per partition its leader, term, commit and applied indexes and lag.
     Status,
+    /// Add a member (started with --join): ID@HOST:PORT, its peer address.
+    Add { member: String },
+    /// Remove a member: its replicas move to the others first.
+    Remove { node_id: u64 },
 }
 
 /// `sundial cluster status`: the cluster as the node at `--node` sees it.
 pub fn cluster(connection: &Connection, command: &ClusterCommand) -> ExitCode {
     match command {
         ClusterCommand::Status => finish(connection, call(connection, "GET", "/debug/cluster", None), cluster_text),
+        ClusterCommand::Add { member } => {
+            let Some((node_id, raft)) =
+                member.split_once('@').and_then(|(id, raft)| Some((id.parse::<u64>().ok()?, raft)))
+            else {
+                eprintln!("sundial: member: {member:?} is not ID@HOST:PORT (e.g. 4@10.0.0.4:7400)");
+                return ExitCode::from(2);
+            };
+            let body = json!({"node_id": node_id, "raft": raft});
+            finish(connection, call(connection, "POST", "/cluster/members", Some(&body)), members_text)
+        }
+        ClusterCommand::Remove { node_id } => {
+            finish(connection, call(connection, "DELETE", &format!("/cluster/members/{node_id}"), None), members_text)
+        }
     }
+}
+
+fn members_text(answer: &Value) -> String {
+    let members: Vec<String> = answer["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| format!("  node {} at {}\n", m["node_id"], m["raft"].as_str().unwrap_or("?")))
+        .collect();
+    format!("members now:\n{}", members.concat())
 }
 
 fn cluster_text(view: &Value) -> String {

@@ -118,6 +118,9 @@ pub struct ServerOptions {
     /// Ticks between a leader's heartbeats [default: 2].
     #[arg(long, env = "SUNDIAL_HEARTBEAT_TICKS")]
     pub heartbeat_ticks: Option<u32>,
+    /// Join an existing cluster: create no partitions, wait for `sundial cluster add` [default: false].
+    #[arg(long, env = "SUNDIAL_JOIN", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub join: Option<bool>,
 }
 
 /// The cluster settings, when the node is one of several.
@@ -131,6 +134,8 @@ pub struct ClusterSettings {
     pub tick: Duration,
     pub election_ticks: u32,
     pub heartbeat_ticks: u32,
+    /// A node added to a running cluster: it bootstraps nothing.
+    pub join: bool,
 }
 
 /// The settings resolved: every value present and checked.
@@ -177,7 +182,7 @@ impl ServerOptions {
             max_memory_mb, tokens, rate_per_token, secret, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
-            raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks)
+            raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join)
     }
 
     /// Reads the TOML file named by `config` (if any) and puts these options over it.
@@ -314,6 +319,7 @@ impl ServerOptions {
             tick: Duration::from_millis(tick_ms),
             election_ticks,
             heartbeat_ticks,
+            join: self.join.unwrap_or(false),
         }))
     }
 }

@@ -4,7 +4,7 @@
 //! status.
 
 use crate::auth::{Gate, Verdict};
-use crate::ops::{answer, error, Answer, JobOp};
+use crate::ops::{answer, error, field_error, Answer, JobOp};
 use crate::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -130,6 +130,21 @@ async fn respond(
     to_response(route(router, &method, &path, &query, &body, parent).await)
 }
 
+/// `{"node_id": 4, "raft": "10.0.0.4:7400"}`: the member to add, checked.
+fn member_to_add(body: &[u8]) -> Result<crate::members::MembersCommand, Answer> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| error(400, "invalid", format!("body: not JSON ({e})")))?;
+    let node_id = value["node_id"]
+        .as_u64()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| field_error("node_id", "node_id: must be a whole number of 1 or more"))?;
+    let raft = value["raft"]
+        .as_str()
+        .filter(|raft| raft.parse::<std::net::SocketAddr>().is_ok())
+        .ok_or_else(|| field_error("raft", "raft: must be the member's peer address as IP:PORT, e.g. 10.0.0.4:7400"))?;
+    Ok(crate::members::MembersCommand::Add { node_id, raft: raft.to_string() })
+}
+
 /// A read of one job: linearizable, or with `?stale=true` from a local replica as it stands.
 async fn read(router: &Router, id: &str, op: JobOp, query: &str) -> Answer {
     let stale = match query.split('&').find_map(|pair| pair.strip_prefix("stale=")) {
@@ -153,6 +168,17 @@ pub async fn route(
     match (method, segments.as_slice()) {
         ("GET", ["health"]) => router.health().await,
         ("GET", ["debug", "cluster"]) => router.cluster().await,
+        ("GET", ["cluster", "members"]) => router.members(),
+        ("POST", ["cluster", "members"] | ["join"]) => match member_to_add(body) {
+            Ok(command) => router.change_members(command, 0).await,
+            Err(refused) => refused,
+        },
+        ("DELETE", ["cluster", "members", id]) => match id.parse::<u64>() {
+            Ok(node_id) if node_id > 0 => {
+                router.change_members(crate::members::MembersCommand::Remove { node_id }, 0).await
+            }
+            _ => field_error("node_id", "node_id: must be a whole number of 1 or more"),
+        },
         ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
         ("POST", ["jobs"]) => {
             router.create(vec![parse_body(body)], parent).await.pop().expect("one answer per request")
@@ -182,6 +208,9 @@ pub async fn route(
             | ["metrics"]
             | ["openapi.json"]
             | ["debug", "cluster"]
+            | ["cluster", "members"]
+            | ["cluster", "members", _]
+            | ["join"]
             | ["jobs"]
             | ["jobs", _]
             | ["jobs", _, "status" | "executions" | "cancel" | "pause" | "resume"]

@@ -9,6 +9,7 @@ pub mod binary;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod members;
 pub mod mesh;
 pub mod meta;
 pub mod metrics;

@@ -86,8 +86,9 @@ pub struct Mesh {
 pub struct MeshConfig {
     pub node_id: NodeId,
     pub me: MemberFacts,
-    /// Every member's Raft (QUIC) address, this node's included.
-    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// The members and their peer (QUIC) addresses, as the meta group has them; the mesh
+    /// links to members as they are added.
+    pub membership: Arc<crate::members::Membership>,
 }
 
 impl Mesh {
@@ -100,15 +101,9 @@ impl Mesh {
         shards: Vec<mpsc::Sender<Vec<(u32, Message)>>>,
         serve: mpsc::Sender<(Vec<u8>, oneshot::Sender<Vec<u8>>)>,
     ) -> Mesh {
-        let peers = config
-            .members
-            .iter()
-            .filter(|(id, _)| **id != config.node_id)
-            .map(|(id, raft)| (*id, Peer { raft: *raft, facts: None, queue: None, link: 0, last_heard_ms: 0 }))
-            .collect();
         let shared = Arc::new(Shared {
             node_id: config.node_id,
-            peers: Mutex::new(peers),
+            peers: Mutex::new(BTreeMap::new()),
             forwards: Mutex::new(HashMap::new()),
             next_forward: std::sync::atomic::AtomicU64::new(1),
             next_link: std::sync::atomic::AtomicU64::new(1),
@@ -116,11 +111,7 @@ impl Mesh {
             shards,
             serve,
         });
-        let dial: Vec<(NodeId, SocketAddr)> =
-            config.members.iter().filter(|(id, _)| **id > config.node_id).map(|(id, a)| (*id, *a)).collect();
-        for (peer, addr) in dial {
-            tokio::spawn(dial_loop(shared.clone(), endpoint.clone(), peer, addr));
-        }
+        tokio::spawn(follow_membership(shared.clone(), endpoint.clone(), config.membership));
         tokio::spawn(accept_loop(shared.clone(), endpoint));
         tokio::spawn(send_loop(shared.clone(), outbox));
         Mesh { shared }
@@ -291,7 +282,9 @@ impl Shared {
         let shards = self.shards.len();
         let mut by_shard: Vec<Vec<(u32, Message)>> = vec![Vec::new(); shards];
         for (partition, message) in batch {
-            by_shard[partition as usize % shards].push((partition, message));
+            // The meta group lives on shard 0.
+            let shard = if partition == crate::members::META_GROUP { 0 } else { partition as usize % shards };
+            by_shard[shard].push((partition, message));
         }
         for (shard, messages) in by_shard.into_iter().enumerate() {
             if !messages.is_empty() {
@@ -301,11 +294,49 @@ impl Shared {
     }
 }
 
-/// Dials a member (with a higher id) and keeps the link up, backing off between tries.
+/// Keeps the peers in step with the membership: a new member is linked to (dialled when
+/// its id is higher), a removed one is dropped.
+async fn follow_membership(shared: Arc<Shared>, endpoint: Arc<Endpoint>, membership: Arc<crate::members::Membership>) {
+    let mut changes = membership.watch();
+    // Bounded by the membership: it ends when its sender is gone.
+    loop {
+        let members = membership.get();
+        let mut dial = Vec::new();
+        {
+            let mut peers = shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.retain(|id, _| members.nodes.contains_key(id));
+            for (id, raft) in &members.nodes {
+                let Ok(raft) = raft.parse::<SocketAddr>() else {
+                    tracing::warn!(member = id, raft, "a member's address does not parse; not linked");
+                    continue;
+                };
+                if *id == shared.node_id || peers.contains_key(id) {
+                    continue;
+                }
+                peers.insert(*id, Peer { raft, facts: None, queue: None, link: 0, last_heard_ms: 0 });
+                if *id > shared.node_id {
+                    dial.push((*id, raft));
+                }
+            }
+        }
+        for (peer, addr) in dial {
+            tokio::spawn(dial_loop(shared.clone(), endpoint.clone(), peer, addr));
+        }
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Dials a member (with a higher id) and keeps the link up, backing off between tries,
+/// until it is no longer a member.
 async fn dial_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>, peer: NodeId, addr: SocketAddr) {
     let mut backoff = REDIAL_MIN;
-    // Bounded by the process: the mesh lives as long as the node.
+    // Bounded by the membership: it ends once the peer was removed.
     loop {
+        if !shared.peers.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&peer) {
+            return;
+        }
         match endpoint.connect(addr).await {
             Ok(connection) => {
                 backoff = REDIAL_MIN;
@@ -338,6 +369,8 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
                 return;
             };
             let peer = facts.node_id;
+            // A node that is not (yet) a member may link: it is how a joining node hears its
+            // partitions' leaders before its own membership view has caught up.
             if let Some(entry) = shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
                 entry.facts = Some(facts);
             }

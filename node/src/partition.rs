@@ -4,6 +4,7 @@
 //! state machine is snapshotted into the WAL every `snapshot_every_entries` and the log
 //! before it dropped.
 
+use crate::members::{Members, MembersCommand};
 use crate::storage::WalStorage;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +28,9 @@ pub struct PartitionOptions {
     /// Ticks without a leader before a replica campaigns (randomized in [n, 2n)).
     pub election_ticks: u32,
     pub heartbeat_ticks: u32,
+    /// Set for the meta group: its entries are membership changes applied to `Members`
+    /// (starting from this, for a brand-new group) instead of jobs commands.
+    pub members: Option<Members>,
 }
 
 impl PartitionOptions {
@@ -40,6 +44,7 @@ impl PartitionOptions {
             max_uncommitted_entries: 100_000,
             election_ticks: 10,
             heartbeat_ticks: 1,
+            members: None,
         }
     }
 }
@@ -61,6 +66,8 @@ pub enum PartitionError {
 pub struct Partition {
     node: RawNode<WalStorage>,
     state: State,
+    /// The meta group's state machine (`None` for a partition of jobs).
+    members: Option<Members>,
     options: PartitionOptions,
     /// Commands proposed here and not yet applied: log index (their ticket) → the term they
     /// were proposed in (bounded by the uncommitted-entry limit). An entry applied at that
@@ -115,13 +122,17 @@ pub struct RaftStatus {
 impl Partition {
     /// Opens (or creates) the partition in `dir`: recovers the log, restores the newest
     /// snapshot, replays the committed entries after it, and (a single voter) elects itself.
-    pub fn open(dir: impl AsRef<Path>, options: PartitionOptions) -> Result<Partition, PartitionError> {
+    pub fn open(dir: impl AsRef<Path>, mut options: PartitionOptions) -> Result<Partition, PartitionError> {
+        let dir = dir.as_ref();
+        options.voters = initial_voters(dir, &options.voters)?;
         let storage = WalStorage::open(dir, options.wal, &options.voters)?;
         let snapshot = storage.snapshot();
-        let state = if snapshot.data.is_empty() {
-            State::new()
-        } else {
-            State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?
+        let snapshot_error = |e: String| PartitionError::Snapshot(e);
+        let (state, members) = match (&options.members, snapshot.data.is_empty()) {
+            (Some(initial), true) => (State::new(), Some(initial.clone())),
+            (Some(_), false) => (State::new(), Some(Members::restore(&snapshot.data).map_err(snapshot_error)?)),
+            (None, true) => (State::new(), None),
+            (None, false) => (State::restore(&snapshot.data).map_err(|e| snapshot_error(e.to_string()))?, None),
         };
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
@@ -132,6 +143,7 @@ impl Partition {
         let mut partition = Partition {
             node,
             state,
+            members,
             options,
             proposed: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -256,7 +268,11 @@ impl Partition {
                 }
             }
             if let Some(snapshot) = &ready.snapshot {
-                self.state = State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
+                if self.members.is_some() {
+                    self.members = Some(Members::restore(&snapshot.data).map_err(PartitionError::Snapshot)?);
+                } else {
+                    self.state = State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
+                }
             }
             for entry in &ready.committed_entries {
                 match &entry.kind {
@@ -274,6 +290,15 @@ impl Partition {
                             }
                             None => None,
                         };
+                        if let Some(members) = &mut self.members {
+                            let verdict = match serde_json::from_slice::<MembersCommand>(&entry.data) {
+                                Ok(command) => members.apply(command),
+                                Err(e) => Err(ApplyError::Conflict(format!("not a membership change: {e}"))),
+                            };
+                            self.applied.push(Committed { ticket, job: None, stops_attempts: false, verdict });
+                            self.applied_since_snapshot += 1;
+                            continue;
+                        }
                         match serde_json::from_slice::<Command>(&entry.data) {
                             Ok(command) => {
                                 let summary = Committed::of(&command, ticket, Ok(Applied::Done));
@@ -344,12 +369,45 @@ impl Partition {
         if self.applied_since_snapshot < self.options.snapshot_every_entries {
             return Ok(());
         }
+        self.compact()
+    }
+
+    /// Snapshots the state machine at the applied index and drops the log before it. A
+    /// leader does so before adding a replica, so the newcomer starts from a snapshot that
+    /// carries the group's membership (an empty log would not).
+    pub fn compact(&mut self) -> Result<(), PartitionError> {
         let applied = self.node.raft.log.applied;
         let conf = self.node.raft.conf_state();
-        let data = self.state.snapshot();
+        let data = match &self.members {
+            Some(members) => members.snapshot(),
+            None => self.state.snapshot(),
+        };
         self.node.raft.log.storage.compact(applied, &data, conf)?;
         self.applied_since_snapshot = 0;
         Ok(())
+    }
+
+    /// The meta group's membership (`None` for a partition of jobs).
+    pub fn members(&self) -> Option<&Members> {
+        self.members.as_ref()
+    }
+
+    /// Proposes a membership change (meta group, leader only); answered by its ticket.
+    pub fn propose_members(&mut self, command: &MembersCommand) -> Result<Ticket, PartitionError> {
+        let data = serde_json::to_vec(command).expect("membership changes serialize");
+        let index = self.node.propose(data)?;
+        self.proposed.insert(index, self.node.raft.term);
+        Ok(index)
+    }
+
+    /// The group's learners (replicas catching up before they vote).
+    pub fn learners(&self) -> Vec<NodeId> {
+        self.node.raft.conf_state().learners
+    }
+
+    /// Proposes a single-server membership change of the group (leader only).
+    pub fn propose_conf_change(&mut self, change: sundial_consensus::ConfChange) -> Result<Index, ProposeError> {
+        self.node.propose_conf_change(change)
     }
 
     /// Committed entries that were not commands (corruption the checksums missed, or a
@@ -394,6 +452,35 @@ impl Partition {
     /// Index of the newest snapshot (0 before the first).
     pub fn snapshot_index(&self) -> Index {
         self.node.raft.log.storage.snapshot().meta.index
+    }
+}
+
+/// The membership a group started with. Raft's log does not hold it (only changes to it),
+/// so it is written next to the log when the group is created and read back on every
+/// open; a group created empty (a replica added later) learns it from the leader's snapshot.
+fn initial_voters(dir: &Path, voters: &[NodeId]) -> Result<Vec<NodeId>, PartitionError> {
+    let path = dir.join("initial-voters.json");
+    let io =
+        |e: std::io::Error| PartitionError::Wal(WalError::Io { op: "initial voters", path: path.clone(), source: e });
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            let reason = format!("{}: not a list of node ids ({e})", path.display());
+            PartitionError::Wal(WalError::Inconsistent { path: path.clone(), reason })
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if voters.is_empty() {
+                return Ok(Vec::new());
+            }
+            std::fs::create_dir_all(dir).map_err(io)?;
+            let partial = dir.join("initial-voters.json.partial");
+            let mut file = std::fs::File::create(&partial).map_err(io)?;
+            std::io::Write::write_all(&mut file, &serde_json::to_vec(voters).expect("ids serialize")).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            std::fs::rename(&partial, &path).map_err(io)?;
+            std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            Ok(voters.to_vec())
+        }
+        Err(e) => Err(io(e)),
     }
 }
 

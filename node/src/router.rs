@@ -86,7 +86,7 @@ pub struct Router {
 /// How the router reaches the rest of the cluster.
 pub struct RouterCluster {
     pub mesh: crate::mesh::Mesh,
-    pub members: Vec<u64>,
+    pub membership: Arc<crate::members::Membership>,
     pub replication: usize,
 }
 
@@ -136,6 +136,7 @@ impl PartitionWork {
 enum Forwarded {
     Work { partition: u32, work: PartitionWork, hops: u8 },
     Scan { scan: Scan },
+    Members { command: crate::members::MembersCommand, hops: u8 },
 }
 
 fn busy() -> Answer {
@@ -187,7 +188,7 @@ impl Router {
         let me = self.facts.node_id;
         let local = match &self.cluster {
             Some(cluster) => {
-                let replicas = crate::meta::replicas_of(partition, &cluster.members, cluster.replication);
+                let replicas = crate::meta::replicas_of(partition, &cluster.membership.ids(), cluster.replication);
                 if replicas.contains(&me) {
                     None
                 } else {
@@ -243,6 +244,46 @@ impl Router {
         answers
     }
 
+    /// Adds or removes a member: proposed to the meta group on its leader (forwarded there),
+    /// answered once applied with the membership.
+    pub async fn change_members(&self, command: crate::members::MembersCommand, hops: u8) -> Answer {
+        let Some(cluster) = &self.cluster else {
+            return crate::ops::error(
+                409,
+                "not_a_cluster",
+                "this node runs alone (no --peers): there are no members to change",
+            );
+        };
+        let (reply, answer) = oneshot::channel();
+        let local = match self.shards[0].try_send(Work::Members { command: command.clone(), reply }) {
+            Ok(()) => answer.await.unwrap_or_else(|_| stopping()),
+            Err(error) => return refusal(error),
+        };
+        let Some(leader) = crate::ops::leader_named(&local).filter(|l| *l != self.facts.node_id) else { return local };
+        if hops >= FORWARD_HOPS_MAX {
+            return retry_later(503, "unavailable", "the meta group's leader moved; retry", 1);
+        }
+        let request = serde_json::to_vec(&Forwarded::Members { command, hops: hops + 1 }).expect("serializes");
+        match cluster.mesh.forward(leader, &request).await {
+            Ok(reply) => serde_json::from_slice(&reply)
+                .unwrap_or_else(|e| retry_later(503, "unavailable", format!("an answer from node {leader}: {e}"), 1)),
+            Err(reason) => retry_later(503, "unavailable", reason, 1),
+        }
+    }
+
+    /// The membership as this node last applied it.
+    pub fn members(&self) -> Answer {
+        match &self.cluster {
+            Some(cluster) => {
+                let members = cluster.membership.get();
+                let nodes: Vec<Value> =
+                    members.nodes.iter().map(|(id, raft)| json!({"node_id": id, "raft": raft})).collect();
+                answer(200, json!({"members": nodes}))
+            }
+            None => answer(200, json!({"members": [{"node_id": self.facts.node_id}]})),
+        }
+    }
+
     /// Work for a partition on the local shard that owns it.
     async fn shard_work(&self, partition: u32, work: PartitionWork) -> Vec<Answer> {
         let count = work.len();
@@ -264,6 +305,7 @@ impl Router {
                 serde_json::to_vec(&self.partition_work(partition, work, hops).await)
             }
             Ok(Forwarded::Scan { scan }) => serde_json::to_vec(&self.local_scan(scan).await.unwrap_or_default()),
+            Ok(Forwarded::Members { command, hops }) => serde_json::to_vec(&self.change_members(command, hops).await),
             Ok(Forwarded::Work { .. }) | Err(_) => serde_json::to_vec(&Vec::<Answer>::new()),
         };
         answer.unwrap_or_default()
@@ -451,7 +493,8 @@ impl Router {
             return Ok(values);
         }
         let bytes = serde_json::to_vec(&Forwarded::Scan { scan }).expect("a scan serializes");
-        let others = cluster.members.iter().filter(|m| **m != self.facts.node_id).map(|member| {
+        let members = cluster.membership.ids();
+        let others = members.iter().filter(|m| **m != self.facts.node_id).map(|member| {
             let bytes = &bytes;
             async move { cluster.mesh.forward(*member, bytes).await }
         });

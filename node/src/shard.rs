@@ -7,6 +7,7 @@
 //! delivers, hands theirs to the mesh, and answers a request once its command is applied
 //! (completion-driven: nothing waits inside the loop).
 
+use crate::members::{Members, MembersCommand, Membership, META_GROUP};
 use crate::meta::{partition_of, replicas_of};
 use crate::metrics::ShardMetrics;
 use crate::ops::{self, Answer, JobOp};
@@ -34,6 +35,8 @@ const RESULTS_CAPACITY: usize = 4_096;
 
 /// Work for a shard, each with the channel its answer goes back on.
 pub enum Work {
+    /// A membership change, for the meta group's leader (shard 0).
+    Members { command: MembersCommand, reply: oneshot::Sender<Answer> },
     /// Create validated jobs of one partition.
     Create { partition: u32, specs: Vec<JobSpec>, now_ms: u64, reply: oneshot::Sender<Vec<Answer>> },
     /// One operation on some jobs of one partition (one log write for commands).
@@ -93,8 +96,12 @@ pub struct ShardConfig {
 /// What a shard of a cluster member needs to know.
 #[derive(Clone)]
 pub struct ShardCluster {
-    /// Every member's id (this node's included).
-    pub members: Vec<u64>,
+    /// The members as the meta group has them (replicas are placed by it).
+    pub membership: Arc<Membership>,
+    /// This node's first start in a new cluster: it creates the replicas the membership
+    /// places on it. Otherwise (a restart, or a node added later) replicas it lacks are
+    /// created when their leader first reaches it, and start from the leader's snapshot.
+    pub bootstrap: bool,
     /// Replicas per partition.
     pub replication: usize,
     /// One Raft tick.
@@ -133,6 +140,7 @@ impl ShardHandle {
 pub fn spawn(
     config: ShardConfig,
     peers: Option<PeerMessages>,
+    meta: Option<Partition>,
     stop: watch::Receiver<bool>,
 ) -> Result<ShardHandle, String> {
     let (opened, opening) = std::sync::mpsc::sync_channel(1);
@@ -147,7 +155,7 @@ pub fn spawn(
                 .map_err(|e| format!("{name}: cannot start its runtime: {e}"))?;
             let handle = runtime.handle().clone();
             runtime.block_on(async move {
-                let shard = match Shard::open(config) {
+                let shard = match Shard::open(config, meta) {
                     Ok(shard) => shard,
                     Err(message) => {
                         let _ = opened.send(Err(message.clone()));
@@ -191,9 +199,13 @@ struct Shard {
     config: ShardConfig,
     /// The shard's partitions (replicas, in a cluster) by id, each with its runtime.
     runtimes: BTreeMap<u32, Runtime<Partition>>,
-    /// Each partition's replicas; the first is its preferred leader.
-    replicas: BTreeMap<u32, Vec<u64>>,
+    /// The meta group's replica (shard 0 of a cluster member), with the membership changes
+    /// waiting for their verdicts.
+    meta: Option<Partition>,
+    meta_waiting: std::collections::HashMap<Ticket, oneshot::Sender<Answer>>,
     results: mpsc::Receiver<AttemptResult>,
+    /// Where the attempts of a replica created later report (the same channel).
+    results_sender: mpsc::Sender<AttemptResult>,
     metrics: ShardMetrics,
     /// Requests waiting for verdicts, by number.
     waiting: std::collections::HashMap<u64, Waiting>,
@@ -248,32 +260,39 @@ enum AnswerKind {
 }
 
 impl Shard {
-    fn open(config: ShardConfig) -> Result<Shard, String> {
+    fn open(config: ShardConfig, meta: Option<Partition>) -> Result<Shard, String> {
         let (sender, results) = mpsc::channel(RESULTS_CAPACITY);
         let mut runtimes = BTreeMap::new();
-        let mut replicas = BTreeMap::new();
         for partition in (0..config.partitions).filter(|p| *p as usize % config.shards == config.index) {
+            let dir = config.data.join(format!("partition-{partition}"));
             let voters = match &config.cluster {
-                Some(cluster) => replicas_of(partition, &cluster.members, cluster.replication),
+                // A replica held before is opened whatever the membership says now.
+                Some(_) if dir.exists() => Vec::new(),
+                Some(cluster) if cluster.bootstrap => {
+                    let voters = replicas_of(partition, &cluster.membership.ids(), cluster.replication);
+                    if !voters.contains(&config.node_id) {
+                        continue; // held by other members
+                    }
+                    voters
+                }
+                Some(_) => continue, // created when its leader reaches this node
                 None => vec![config.node_id],
             };
-            if !voters.contains(&config.node_id) {
-                continue; // held by other members
-            }
-            let dir = config.data.join(format!("partition-{partition}"));
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let options = PartitionOptions { voters: voters.clone(), ..config.partition.clone() };
+            let options = PartitionOptions { voters, ..config.partition.clone() };
             let log = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
-            replicas.insert(partition, voters);
             let runtime_config = RuntimeConfig { node_id: config.node_id, ..config.runtime.clone() };
             runtimes.insert(partition, Runtime::with_shared_results(runtime_config, log, sender.clone()));
+            // A runtime starts a dispatcher task: it must be on this shard's runtime.
         }
         let metrics = config.metrics.shard(config.index);
         let shard = Shard {
             config,
             runtimes,
-            replicas,
+            meta,
+            meta_waiting: Default::default(),
             results,
+            results_sender: sender,
             metrics,
             waiting: Default::default(),
             next_waiting: 0,
@@ -359,11 +378,15 @@ impl Shard {
                     for runtime in self.runtimes.values_mut() {
                         runtime.log_mut().tick();
                     }
+                    if let Some(meta) = &mut self.meta {
+                        meta.tick();
+                    }
                     // A shard that fell far behind ticks once, not in a burst.
                     next_tick = (next_tick + tick).max(now);
                 }
                 if now >= next_balance {
                     self.balance_leaders();
+                    self.reconcile_replicas();
                     next_balance = now + BALANCE_EVERY;
                 }
             }
@@ -389,8 +412,49 @@ impl Shard {
     /// Steps messages from peer replicas into their partitions.
     fn step(&mut self, messages: Vec<(u32, Message)>) {
         for (partition, message) in messages {
+            if partition == META_GROUP {
+                if let Some(meta) = &mut self.meta {
+                    meta.step(message);
+                }
+                continue;
+            }
+            if !self.runtimes.contains_key(&partition) && !self.add_replica(partition) {
+                continue;
+            }
             if let Some(runtime) = self.runtimes.get_mut(&partition) {
                 runtime.log_mut().step(message);
+            }
+        }
+    }
+
+    /// A leader reached this node for a partition it holds no replica of: the replica is
+    /// created, empty, when the membership places one here (it starts from the leader's
+    /// snapshot). Messages for a partition placed elsewhere are dropped.
+    fn add_replica(&mut self, partition: u32) -> bool {
+        let Some(cluster) = &self.config.cluster else { return false };
+        if partition >= self.config.partitions || partition as usize % self.config.shards != self.config.index {
+            return false;
+        }
+        let placed = replicas_of(partition, &cluster.membership.ids(), cluster.replication);
+        if !placed.contains(&self.config.node_id) {
+            return false;
+        }
+        let dir = self.config.data.join(format!("partition-{partition}"));
+        let options = PartitionOptions { voters: Vec::new(), ..self.config.partition.clone() };
+        match std::fs::create_dir_all(&dir)
+            .map_err(|e| e.to_string())
+            .and_then(|()| Partition::open(&dir, options).map_err(|e| e.to_string()))
+        {
+            Ok(log) => {
+                tracing::info!(partition, "a new replica of this partition, filled by its leader");
+                let runtime_config = RuntimeConfig { node_id: self.config.node_id, ..self.config.runtime.clone() };
+                self.runtimes
+                    .insert(partition, Runtime::with_shared_results(runtime_config, log, self.results_sender.clone()));
+                true
+            }
+            Err(error) => {
+                tracing::error!(partition, %error, "cannot create a replica of this partition");
+                false
             }
         }
     }
@@ -410,9 +474,75 @@ impl Shard {
         for (partition, ticket, verdict) in resolved {
             self.resolve(partition, ticket, verdict);
         }
+        self.settle_meta(&mut outgoing);
         if let (Some(cluster), false) = (&self.config.cluster, outgoing.is_empty()) {
             // A full mesh queue drops the batch: Raft resends what matters.
             let _ = cluster.outbox.try_send(outgoing);
+        }
+    }
+
+    /// Drives the meta group: membership changes applied are published, their requests
+    /// answered.
+    fn settle_meta(&mut self, outgoing: &mut Vec<(u32, Message)>) {
+        let Some(meta) = &mut self.meta else { return };
+        let applied = match sundial_engine::runtime::CommandLog::advance(meta) {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::error!(%error, "the meta group's log failed");
+                return;
+            }
+        };
+        for committed in applied {
+            let Some(ticket) = committed.ticket else { continue };
+            if let Some(reply) = self.meta_waiting.remove(&ticket) {
+                let answer = match committed.verdict {
+                    Ok(_) => ops::answer(200, json!({"members": members_view(meta.members())})),
+                    Err(e) => ops::apply_error(e),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+        if let (Some(cluster), Some(members)) = (&self.config.cluster, meta.members()) {
+            cluster.membership.publish(members);
+        }
+        outgoing.extend(meta.take_messages().into_iter().map(|m| (META_GROUP, m)));
+    }
+
+    /// A membership change: proposed on the meta group's leader, answered once applied.
+    fn change_members(&mut self, command: MembersCommand, reply: oneshot::Sender<Answer>) {
+        let Some(meta) = &mut self.meta else {
+            let _ = reply.send(ops::error(409, "not_a_cluster", "this node is not a member of a cluster"));
+            return;
+        };
+        if !meta.is_leader() {
+            let _ = reply.send(ops::not_leader(META_GROUP, meta.leader()));
+            return;
+        }
+        match meta.propose_members(&command) {
+            Ok(ticket) => {
+                self.meta_waiting.insert(ticket, reply);
+            }
+            Err(error) => {
+                let _ = reply.send(ops::retry_later(503, "unavailable", error.to_string(), 1));
+            }
+        }
+    }
+
+    /// Moves each group this node leads one step toward the replicas the membership places
+    /// (one single-server change at a time, each after the last committed): a missing
+    /// replica joins as a learner (after a snapshot, which carries the group's membership),
+    /// a caught-up learner becomes a voter, and only then is a replica no longer placed
+    /// removed. A leader that is itself to go hands leadership to a placed voter first.
+    fn reconcile_replicas(&mut self) {
+        let Some(cluster) = &self.config.cluster else { return };
+        let members = cluster.membership.ids();
+        let me = self.config.node_id;
+        if let Some(meta) = &mut self.meta {
+            reconcile(meta, &members, me, "meta");
+        }
+        for (partition, runtime) in self.runtimes.iter_mut() {
+            let placed = replicas_of(*partition, &members, cluster.replication);
+            reconcile(runtime.log_mut(), &placed, me, "partition");
         }
     }
 
@@ -529,15 +659,19 @@ impl Shard {
     /// member, caught up with the log, back to it: leaders spread evenly over the members,
     /// and return to a member that restarted once it has caught up.
     fn balance_leaders(&mut self) {
+        let Some(cluster) = &self.config.cluster else { return };
+        let members = cluster.membership.ids();
         let me = self.config.node_id;
         for (partition, runtime) in self.runtimes.iter_mut() {
-            let Some(preferred) = self.replicas.get(partition).and_then(|r| r.first().copied()) else { continue };
+            let placed = replicas_of(*partition, &members, cluster.replication);
+            let Some(preferred) = placed.first().copied() else { continue };
             let log = runtime.log_mut();
             if preferred == me || !log.is_leader() {
                 continue;
             }
             let last = log.raft_status().last_index;
-            if log.follower_match(preferred).is_some_and(|matched| matched >= last) {
+            if log.voters().contains(&preferred) && log.follower_match(preferred).is_some_and(|matched| matched >= last)
+            {
                 tracing::info!(partition, to = preferred, "handing leadership to the partition's preferred leader");
                 let _ = log.transfer_leader(preferred);
             }
@@ -593,6 +727,7 @@ impl Shard {
             match work {
                 Work::Create { .. } => unreachable!("creates were taken above"),
                 Work::Jobs { partition, ids, op, stale, reply } => self.job_ops(partition, ids, op, stale, reply),
+                Work::Members { command, reply } => self.change_members(command, reply),
                 Work::Scan { scan: Scan::PurgeDeadLetters, reply } => self.purge_dead_letters(reply),
                 Work::Scan { scan, reply } => {
                     let values = self
@@ -766,6 +901,54 @@ impl Shard {
             }
         }
     }
+}
+
+/// One step of `Shard::reconcile_replicas` for one group this node may lead.
+fn reconcile(log: &mut Partition, placed: &[u64], me: u64, kind: &str) {
+    use sundial_consensus::ConfChange;
+    if !log.is_leader() || placed.is_empty() {
+        return;
+    }
+    let voters = log.voters();
+    let learners = log.learners();
+    let change = if let Some(new) = placed.iter().find(|id| !voters.contains(id) && !learners.contains(id)) {
+        // The newcomer starts from a snapshot: one taken now carries the membership.
+        if let Err(error) = log.compact() {
+            tracing::warn!(%error, "could not snapshot before adding a replica");
+            return;
+        }
+        ConfChange::AddLearner(*new)
+    } else if let Some(learner) = learners.iter().find(|id| placed.contains(id)) {
+        ConfChange::AddVoter(*learner)
+    } else if let Some(gone) = voters.iter().find(|id| !placed.contains(id)) {
+        if *gone == me {
+            // Leadership goes to a placed voter that has caught up; it removes this node.
+            let last = log.raft_status().last_index;
+            if let Some(next) =
+                placed.iter().find(|id| voters.contains(id) && log.follower_match(**id).is_some_and(|m| m >= last))
+            {
+                let _ = log.transfer_leader(*next);
+            }
+            return;
+        }
+        ConfChange::Remove(*gone)
+    } else if let Some(learner) = learners.first() {
+        ConfChange::Remove(*learner)
+    } else {
+        return;
+    };
+    match log.propose_conf_change(change) {
+        Ok(_) => tracing::info!(group = kind, ?change, "changing the group's replicas"),
+        Err(error) => tracing::debug!(group = kind, ?change, %error, "a replica change waits"),
+    }
+}
+
+/// The membership as the API shows it.
+fn members_view(members: Option<&Members>) -> Value {
+    let nodes = members
+        .map(|m| m.nodes.iter().map(|(id, raft)| json!({"node_id": id, "raft": raft})).collect())
+        .unwrap_or_default();
+    Value::Array(nodes)
 }
 
 /// A slot nothing answered (never expected: every ticket is resolved or abandoned).

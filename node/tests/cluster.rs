@@ -22,7 +22,10 @@ const PARTITIONS: u32 = 16;
 struct Cluster {
     dir: tempfile::TempDir,
     certs: PathBuf,
+    /// The founding members, as every member is started with.
     peers: String,
+    /// Peer addresses of every node id there are certificates for.
+    addresses: BTreeMap<u64, String>,
     members: BTreeMap<u64, Member>,
 }
 
@@ -68,15 +71,22 @@ impl Cluster {
         cluster
     }
 
-    /// Certificates and addresses for `size` members, none started yet.
+    /// Certificates and addresses for `size` founding members, none started yet.
     fn new(size: u64) -> Cluster {
+        Cluster::with_spares(size, 0)
+    }
+
+    /// `new`, with certificates and addresses for `spares` more nodes to add later.
+    fn with_spares(size: u64, spares: u64) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let certs = dir.path().join("certs");
-        let names: Vec<String> = (1..=size).map(|i| format!("node-{i}")).collect();
+        let names: Vec<String> = (1..=size + spares).map(|i| format!("node-{i}")).collect();
         make_certs(&certs, "test", &names.iter().map(String::as_str).collect::<Vec<_>>());
-        let ports = free_udp_ports(size as usize);
-        let peers: Vec<String> = (1..=size).zip(ports).map(|(i, port)| format!("{i}@127.0.0.1:{port}")).collect();
-        Cluster { dir, certs, peers: peers.join(","), members: BTreeMap::new() }
+        let ports = free_udp_ports((size + spares) as usize);
+        let addresses: BTreeMap<u64, String> =
+            (1..=size + spares).zip(ports).map(|(i, p)| (i, format!("127.0.0.1:{p}"))).collect();
+        let peers: Vec<String> = addresses.iter().take(size as usize).map(|(i, a)| format!("{i}@{a}")).collect();
+        Cluster { dir, certs, peers: peers.join(","), addresses, members: BTreeMap::new() }
     }
 
     /// Starts (or restarts, on its data) member `id`; its log goes to `node-ID.log`.
@@ -86,6 +96,18 @@ impl Cluster {
     }
 
     fn start_member_with(&mut self, id: u64, certs: &Path) {
+        let peers = self.peers.clone();
+        self.spawn_member(id, certs, &peers, &[]);
+    }
+
+    /// Starts a node that joins the running cluster (it must then be added).
+    fn start_joining(&mut self, id: u64, peers: &[u64]) {
+        let peers: Vec<String> = peers.iter().map(|i| format!("{i}@{}", self.addresses[i])).collect();
+        let certs = self.certs.clone();
+        self.spawn_member(id, &certs, &peers.join(","), &["--join"]);
+    }
+
+    fn spawn_member(&mut self, id: u64, certs: &Path, peers: &str, extra: &[&str]) {
         let data = self.dir.path().join(format!("node-{id}"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -93,8 +115,9 @@ impl Cluster {
             .open(self.dir.path().join(format!("node-{id}.log")))
             .expect("log file");
         let mut child = sundial()
-            .args(["server", "--node-id", &id.to_string(), "--peers", &self.peers, "--certs"])
+            .args(["server", "--node-id", &id.to_string(), "--peers", peers, "--certs"])
             .arg(certs)
+            .args(extra)
             .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--shards", "2"])
             .args(["--partitions", &PARTITIONS.to_string(), "--data"])
             .arg(&data)
@@ -145,7 +168,7 @@ impl Cluster {
     /// The last lines of every member's log (for a failing assertion).
     fn logs(&self) -> String {
         let mut text = String::new();
-        for id in 1..=3 {
+        for id in 1..=4 {
             let log = std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
             text += &format!("--- node {id}\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
@@ -383,4 +406,72 @@ async fn a_node_with_a_certificate_from_another_ca_cannot_join() {
         json!({"delay": "1h", "url": "https://example.com/hook"}).to_string().as_bytes(),
     );
     assert_eq!(status, 201, "{body}");
+}
+
+/// The replicas of every partition as their leaders report them.
+fn placement(cluster: &Cluster) -> BTreeMap<u64, Vec<u64>> {
+    let mut placed = BTreeMap::new();
+    for member in cluster.members.values() {
+        let (_, view) = call(member.http, "GET", "/debug/cluster", b"");
+        for p in view["partitions"].as_array().into_iter().flatten().filter(|p| p["role"] == "leader") {
+            let replicas = p["replicas"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+            placed.insert(p["partition"].as_u64().unwrap_or(0), replicas);
+        }
+    }
+    placed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_node_and_adding_a_fresh_one_loses_no_acknowledged_job() {
+    let (target, hits) = receiver().await;
+    let mut cluster = Cluster::with_spares(3, 1);
+    for id in 1..=3 {
+        cluster.start_member(id);
+    }
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader\n{}", cluster.logs());
+    let due_ms = now_ms() + 25_000;
+    let jobs: Vec<Value> = (0..300).map(|i| job(&format!("m-{i}"), due_ms + i * 5, target)).collect();
+    let (status, results) = call(cluster.http(1), "POST", "/jobs/batch", json!({"jobs": jobs}).to_string().as_bytes());
+    assert_eq!(status, 200, "{results}");
+    assert!(results["results"].as_array().is_some_and(|r| r.iter().all(|r| r["status"] == 201)), "{results}");
+
+    // Remove node 3: its replicas move to the others before it is stopped.
+    let node_1 = format!("http://{}", cluster.http(1));
+    let cli = |args: &[&str]| {
+        let out = sundial().args(args).args(["--node", &node_1]).output().expect("run");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, text) = cli(&["cluster", "remove", "3"]);
+    assert!(ok && !text.contains("node 3 "), "{text}");
+    let moved = wait_for(Duration::from_secs(30), || {
+        let placed = placement(&cluster);
+        placed.len() == PARTITIONS as usize && placed.values().all(|r| !r.contains(&3))
+    })
+    .await;
+    assert!(moved, "node 3 still holds replicas: {:?}\n{}", placement(&cluster), cluster.logs());
+    cluster.kill(3);
+
+    // Add node 4: it starts empty and receives a snapshot of every partition placed on it.
+    cluster.start_joining(4, &[1, 2, 4]);
+    let add = format!("4@{}", cluster.addresses[&4]);
+    let (ok, text) = cli(&["cluster", "add", &add]);
+    assert!(ok && text.contains("node 4 "), "{text}");
+    let joined = wait_for(Duration::from_secs(60), || {
+        let placed = placement(&cluster);
+        placed.len() == PARTITIONS as usize && placed.values().all(|r| r.contains(&4) && r.len() == 3)
+    })
+    .await;
+    assert!(joined, "node 4 is not a replica everywhere: {:?}\n{}", placement(&cluster), cluster.logs());
+
+    // Node 2 goes: every partition now needs node 4's copy for a quorum.
+    cluster.kill(2);
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader without node 2\n{}", cluster.logs());
+    let fired = wait_for(Duration::from_secs(60), || deliveries(&hits).len() >= jobs.len()).await;
+    let seen = deliveries(&hits);
+    assert!(fired, "{} of {} fired\n{}", seen.len(), jobs.len(), cluster.logs());
+    for job in &jobs {
+        let id = job["id"].as_str().expect("id");
+        let (first_ms, _) = &seen[id];
+        assert!(*first_ms >= job["run_at"].as_u64().expect("due"), "{id} fired early");
+    }
 }

@@ -15,13 +15,14 @@ use sundial_node::binary::{self, BinaryConfig};
 use sundial_node::cli::{self, CertsCommand, Connection, DlqCommand, JobCommand};
 use sundial_node::config::{ServerOptions, Settings};
 use sundial_node::http;
+use sundial_node::members::{Members, Membership};
 use sundial_node::mesh;
 use sundial_node::meta::ClusterMeta;
 use sundial_node::metrics::Metrics;
 use sundial_node::router::{JobDefaults, NodeFacts, Router, RouterCluster};
 use sundial_node::shard::{self, LiveJobs, ShardCluster, ShardConfig};
 use sundial_node::telemetry;
-use sundial_node::PartitionOptions;
+use sundial_node::{Partition, PartitionOptions};
 use sundial_wal::WalOptions;
 use tokio::sync::{mpsc, watch};
 
@@ -175,6 +176,26 @@ async fn serve(settings: Settings) -> Result<(), String> {
         }
         None => None,
     };
+    // The meta group (membership) of a cluster member: opened first, as placement needs it.
+    let mut meta_group = None;
+    let mut membership = None;
+    let mut bootstrap = false;
+    if let Some(cluster) = &settings.cluster {
+        let dir = settings.data.join("meta");
+        bootstrap = !cluster.join && !dir.exists();
+        let initial = Members { nodes: cluster.members.iter().map(|(id, addr)| (*id, addr.to_string())).collect() };
+        let options = PartitionOptions {
+            voters: if cluster.join { Vec::new() } else { initial.ids() },
+            members: Some(initial),
+            election_ticks: cluster.election_ticks,
+            heartbeat_ticks: cluster.heartbeat_ticks,
+            ..PartitionOptions::single_node(node_id)
+        };
+        let group = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+        let members = group.members().cloned().unwrap_or_default();
+        membership = Some(Arc::new(Membership::new(members)));
+        meta_group = Some(group);
+    }
     let mut forwarding = None;
     let mut shards = Vec::with_capacity(shard_count);
     for index in 0..shard_count {
@@ -201,8 +222,9 @@ async fn serve(settings: Settings) -> Result<(), String> {
             drain_limit: settings.drain,
             metrics: metrics.clone(),
             spans: spans.clone(),
-            cluster: settings.cluster.as_ref().map(|c| ShardCluster {
-                members: c.members.keys().copied().collect(),
+            cluster: settings.cluster.as_ref().zip(membership.clone()).map(|(c, membership)| ShardCluster {
+                membership,
+                bootstrap,
                 replication: c.replication,
                 tick: c.tick,
                 outbox: outbox.clone(),
@@ -210,7 +232,8 @@ async fn serve(settings: Settings) -> Result<(), String> {
         };
         // Taken in shard order: shard `index` gets the receiver of `peer_inboxes[index]`.
         let peers = peer_receivers.pop_front().filter(|_| settings.cluster.is_some());
-        match shard::spawn(config, peers, stopping.clone()) {
+        let group = if index == 0 { meta_group.take() } else { None };
+        match shard::spawn(config, peers, group, stopping.clone()) {
             Ok(handle) => shards.push(handle),
             Err(message) => {
                 let _ = stop.send(true);
@@ -254,13 +277,10 @@ async fn serve(settings: Settings) -> Result<(), String> {
         let (serve, mut forwarded) =
             tokio::sync::mpsc::channel::<(Vec<u8>, tokio::sync::oneshot::Sender<Vec<u8>>)>(1_024);
         let me = mesh::MemberFacts { node_id, http: address.to_string(), binary: binary_address.to_string() };
-        let config = mesh::MeshConfig { node_id, me, members: cluster.members.clone() };
+        let membership = membership.clone().expect("a cluster member has a membership");
+        let config = mesh::MeshConfig { node_id, me, membership: membership.clone() };
         let mesh = mesh::Mesh::start(config, endpoint.clone(), outgoing, peer_inboxes, serve);
-        router.cluster = Some(RouterCluster {
-            mesh,
-            members: cluster.members.keys().copied().collect(),
-            replication: cluster.replication,
-        });
+        router.cluster = Some(RouterCluster { mesh, membership, replication: cluster.replication });
         let router = Arc::new(std::sync::OnceLock::<Arc<Router>>::new());
         let serving = router.clone();
         tokio::spawn(async move {
