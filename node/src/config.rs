@@ -341,6 +341,34 @@ mod tests {
     }
 
     #[test]
+    fn the_example_cluster_configurations_resolve_to_one_cluster() {
+        let mut seen = Vec::new();
+        for id in 1..=3u64 {
+            let path = format!("{}/../deploy/cluster/node-{id}.toml", env!("CARGO_MANIFEST_DIR"));
+            let options = ServerOptions { config: Some(path.into()), ..ServerOptions::default() };
+            let settings = options.with_file().and_then(|o| o.resolve()).expect("the example resolves");
+            let cluster = settings.cluster.expect("a cluster member");
+            assert_eq!((settings.node_id, cluster.members.len(), cluster.replication), (id, 3, 3));
+            seen.push(cluster.members);
+        }
+        assert!(seen.windows(2).all(|pair| pair[0] == pair[1]), "every member lists the same peers");
+    }
+
+    #[test]
+    fn a_bad_peer_list_names_the_setting() {
+        let peers = |list: &[&str]| ServerOptions {
+            peers: Some(list.iter().map(|p| p.to_string()).collect()),
+            ..ServerOptions::default()
+        };
+        let bad = peers(&["1@127.0.0.1:7401", "two@127.0.0.1:7402"]).resolve().unwrap_err();
+        assert!(bad.starts_with("peers:") && bad.contains("two@"), "{bad}");
+        let twice = peers(&["1@127.0.0.1:7401", "1@127.0.0.1:7402"]).resolve().unwrap_err();
+        assert!(twice.contains("listed twice"), "{twice}");
+        let absent = ServerOptions { node_id: Some(5), ..peers(&["1@127.0.0.1:7401"]) }.resolve().unwrap_err();
+        assert!(absent.contains("not listed"), "{absent}");
+    }
+
+    #[test]
     fn a_bad_value_or_an_unknown_key_names_the_setting() {
         let unknown = toml::from_str::<ServerOptions>("max_jobz = 5\n").unwrap_err().to_string();
         assert!(unknown.contains("max_jobz"), "{unknown}");

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub queue_depth: Family<Labels, Gauge>,
     pub dead_letters: Gauge,
     pub elections: Counter,
+    /// Entries the slowest follower is behind, per partition this node leads.
+    pub replication_lag: Family<Labels, Gauge>,
+    /// Partitions this node leads.
+    pub partitions_led: Gauge,
     pub cancelled: Counter,
 }
 
@@ -69,6 +73,8 @@ impl Metrics {
             queue_depth: Family::default(),
             dead_letters: Gauge::default(),
             elections: Counter::default(),
+            replication_lag: Family::default(),
+            partitions_led: Gauge::default(),
             cancelled: Counter::default(),
             registry: Registry::default(),
         };
@@ -98,6 +104,12 @@ impl Metrics {
         );
         registry.register("wal_batch_entries", "Entries per durable log write", metrics.write_entries.clone());
         registry.register("raft_elections", "Leader elections this node won", metrics.elections.clone());
+        registry.register(
+            "replication_lag_entries",
+            "Entries the slowest follower is behind, by partition this node leads",
+            metrics.replication_lag.clone(),
+        );
+        registry.register("partitions_led", "Partitions this node leads", metrics.partitions_led.clone());
         // Every known reason starts at zero, so the family is always there and a rate works
         // from the first refusal.
         for reason in REJECTION_REASONS {

@@ -663,6 +663,14 @@ impl Router {
         self.metrics
             .dead_letters
             .set(partitions.iter().map(|p| p["dead_letters"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
+        let led: Vec<&Value> = rafts.iter().filter(|p| p["role"] == "leader").collect();
+        self.metrics.partitions_led.set(led.len() as i64);
+        self.metrics.replication_lag.clear();
+        for partition in led {
+            let label = vec![("partition", partition["partition"].as_u64().unwrap_or(0).to_string())];
+            let lag = partition["replication_lag"].as_u64().unwrap_or(0);
+            self.metrics.replication_lag.get_or_create(&label).set(lag as i64);
+        }
         let elections: u64 = rafts.iter().map(|p| p["elections_won"].as_u64().unwrap_or(0)).sum();
         // Two scrapes at once must not both add the same difference.
         let _scraping = self.scrape_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
