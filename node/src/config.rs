@@ -118,6 +118,9 @@ pub struct ServerOptions {
     /// Ticks between a leader's heartbeats [default: 2].
     #[arg(long, env = "SUNDIAL_HEARTBEAT_TICKS")]
     pub heartbeat_ticks: Option<u32>,
+    /// Members a new cluster must list in --peers before it bootstraps (a guard against a partial list).
+    #[arg(long, env = "SUNDIAL_BOOTSTRAP_EXPECT")]
+    pub bootstrap_expect: Option<usize>,
     /// Join an existing cluster: create no partitions, wait for `sundial cluster add` [default: false].
     #[arg(long, env = "SUNDIAL_JOIN", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub join: Option<bool>,
@@ -182,7 +185,7 @@ impl ServerOptions {
             max_memory_mb, tokens, rate_per_token, secret, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
-            raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join)
+            raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join, bootstrap_expect)
     }
 
     /// Reads the TOML file named by `config` (if any) and puts these options over it.
@@ -296,6 +299,14 @@ impl ServerOptions {
             (None, None) => return Err(format!("peers: this node ({node_id}) is not listed, and --raft is not set")),
         };
         members.entry(node_id).or_insert(raft);
+        if let Some(expected) = self.bootstrap_expect {
+            if expected != members.len() {
+                return Err(format!(
+                    "bootstrap_expect: {expected} members were expected and peers lists {}; every member must be started with the same, complete list",
+                    members.len()
+                ));
+            }
+        }
         let election_ticks = self.election_ticks.unwrap_or(20);
         let heartbeat_ticks = self.heartbeat_ticks.unwrap_or(2);
         if heartbeat_ticks == 0 || election_ticks <= heartbeat_ticks {
@@ -364,6 +375,9 @@ mod tests {
         assert!(bad.starts_with("peers:") && bad.contains("two@"), "{bad}");
         let twice = peers(&["1@127.0.0.1:7401", "1@127.0.0.1:7402"]).resolve().unwrap_err();
         assert!(twice.contains("listed twice"), "{twice}");
+        let partial =
+            ServerOptions { bootstrap_expect: Some(3), ..peers(&["1@127.0.0.1:7401"]) }.resolve().unwrap_err();
+        assert!(partial.starts_with("bootstrap_expect:"), "{partial}");
         let absent = ServerOptions { node_id: Some(5), ..peers(&["1@127.0.0.1:7401"]) }.resolve().unwrap_err();
         assert!(absent.contains("not listed"), "{absent}");
     }

@@ -31,6 +31,8 @@ pub const OUTBOX_CAPACITY: usize = 4_096;
 const FORWARDS_PENDING_MAX: usize = 4_096;
 /// A forwarded request not answered by then is answered with 503 by the caller.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Messages larger than this are sent concurrently with the peer's other messages.
+const LARGE_MESSAGE_BYTES: usize = 64 << 10;
 const REDIAL_MIN: Duration = Duration::from_millis(50);
 const REDIAL_MAX: Duration = Duration::from_secs(1);
 
@@ -214,7 +216,14 @@ impl Shared {
         let writer = tokio::spawn(async move {
             // Bounded by the queue: it ends when the link is dropped.
             while let Some(message) = queued.recv().await {
-                if sender.send(&message).await.is_err() {
+                if message.len() > LARGE_MESSAGE_BYTES {
+                    // A large append or snapshot chunk goes on its own stream, beside the
+                    // rest (QUIC flow control paces it): heartbeats do not wait behind it.
+                    let sender = sender.clone();
+                    tokio::spawn(async move {
+                        let _ = sender.send(&message).await;
+                    });
+                } else if sender.send(&message).await.is_err() {
                     break;
                 }
             }
