@@ -1105,6 +1105,11 @@ impl<S: Storage> Raft<S> {
         }
     }
 
+    /// A leadership transfer is under way (proposals are refused until it ends).
+    pub fn transferring(&self) -> bool {
+        self.transferee.is_some()
+    }
+
     /// Progress of every member as the leader sees it (for status pages and tests).
     pub fn progress_of(&self, id: NodeId) -> Option<&Progress> {
         self.progress.get(&id)

@@ -68,6 +68,9 @@ enum Kind {
     Create,
     Get,
     Cancel,
+    Topology,
+    /// A get that a replica may answer from its local state (flag STALE_OK).
+    GetStale,
 }
 
 struct Call {
@@ -96,6 +99,11 @@ impl Client {
         Ok(client)
     }
 
+    /// The address this client connects to.
+    pub fn address(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// The node's answer to the handshake.
     pub async fn info(&self) -> Result<NodeInfo, ClientError> {
         self.calls().await?;
@@ -115,6 +123,19 @@ impl Client {
 
     pub async fn cancel(&self, id: &str) -> Result<Item, ClientError> {
         self.call(Kind::Cancel, id.as_bytes().to_vec()).await
+    }
+
+    /// The cluster's map as this node sees it (`Message::Topology`).
+    pub async fn topology(&self) -> Result<crate::cluster::Topology, ClientError> {
+        let item = self.call(Kind::Topology, Vec::new()).await?;
+        serde_json::from_slice(&item.body)
+            .map_err(|e| ClientError::Invalid(format!("a topology that does not decode: {e}")))
+    }
+
+    /// Reads a job from the node's replica as it stands (the protocol's STALE_OK flag): no
+    /// round trip to the partition's leader, possibly behind it.
+    pub async fn get_stale(&self, id: &str) -> Result<Item, ClientError> {
+        self.call(Kind::GetStale, id.as_bytes().to_vec()).await
     }
 
     /// Creates many jobs concurrently (they travel in batches); answers in order.
@@ -289,7 +310,7 @@ async fn write_calls(
             }
         }
         let mut bytes = Vec::new();
-        for (message, waiting) in batch(calls, batch_max) {
+        for (message, flags, waiting) in batch(calls, batch_max) {
             // A batch that does not encode (too big together, or one bad item) is sent one
             // call per frame, so only the calls that cannot be sent fail.
             let frames = match codec::encode(&Frame::new(0, message.clone()), info.frame_max_bytes, &mut Vec::new()) {
@@ -298,7 +319,7 @@ async fn write_calls(
             };
             for (message, waiting) in frames {
                 let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
-                let frame = Frame::new(next_id, message);
+                let frame = Frame { flags, ..Frame::new(next_id, message) };
                 match codec::encode(&frame, info.frame_max_bytes, &mut bytes) {
                     Ok(()) => {
                         if let Ok(mut map) = in_flight.lock() {
@@ -368,12 +389,15 @@ fn split(message: Message) -> Vec<Message> {
     }
 }
 
-/// Groups calls by kind into messages of at most `batch_max` items.
-fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, Waiting)> {
+/// Groups calls by kind into messages of at most `batch_max` items, each with its flags.
+fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, u8, Waiting)> {
     let mut groups: Vec<(Kind, Vec<Vec<u8>>, Waiting)> = Vec::new();
     for call in calls {
-        let open =
-            groups.iter_mut().rev().find(|(kind, arguments, _)| *kind == call.kind && arguments.len() < batch_max);
+        // A topology request has no items: each is a frame of its own.
+        let open = groups
+            .iter_mut()
+            .rev()
+            .find(|(kind, arguments, _)| *kind == call.kind && *kind != Kind::Topology && arguments.len() < batch_max);
         match open {
             Some((_, arguments, waiting)) => {
                 arguments.push(call.argument);
@@ -386,12 +410,14 @@ fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, Waiting)> {
         .into_iter()
         .map(|(kind, arguments, waiting)| {
             let ids = || arguments.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-            let message = match kind {
-                Kind::Create => Message::Create { jobs: arguments.clone() },
-                Kind::Get => Message::Get { ids: ids() },
-                Kind::Cancel => Message::Cancel { ids: ids() },
+            let (message, flags) = match kind {
+                Kind::Create => (Message::Create { jobs: arguments.clone() }, 0),
+                Kind::Get => (Message::Get { ids: ids() }, 0),
+                Kind::GetStale => (Message::Get { ids: ids() }, codec::FLAG_STALE_OK),
+                Kind::Cancel => (Message::Cancel { ids: ids() }, 0),
+                Kind::Topology => (Message::Topology, 0),
             };
-            (message, waiting)
+            (message, flags, waiting)
         })
         .collect()
 }

@@ -105,6 +105,10 @@ pub enum Message {
     },
     Ping,
     Pong,
+    /// Asks for the cluster's map; answered by `Results` with one item whose body is JSON:
+    /// `{"partitions": N, "members": [{"node_id", "binary"}], "leaders": [node id or null,
+    /// one per partition]}`. A client sends a job's requests to its partition's leader.
+    Topology,
     /// The answers to a Create, Get or Cancel, one per item, in order.
     Results {
         items: Vec<Item>,
@@ -126,6 +130,7 @@ impl Message {
             Message::Cancel { .. } => 0x12,
             Message::Ping => 0x13,
             Message::Pong => 0x14,
+            Message::Topology => 0x15,
             Message::Results { .. } => 0x20,
             Message::Error { .. } => 0x7F,
         }
@@ -225,7 +230,7 @@ fn encode_unchecked(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError>
                 put_string(out, "ids[]", id)?;
             }
         }
-        Message::Ping | Message::Pong => {}
+        Message::Ping | Message::Pong | Message::Topology => {}
         Message::Results { items } => {
             put_count(out, "items", items.len())?;
             for item in items {
@@ -325,6 +330,7 @@ pub fn decode(buf: &[u8], frame_max_bytes: u32) -> Result<Option<(Frame, usize)>
         }
         0x13 => Message::Ping,
         0x14 => Message::Pong,
+        0x15 => Message::Topology,
         0x20 => {
             let count = reader.count("items")?;
             let items = (0..count)

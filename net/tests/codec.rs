@@ -30,6 +30,7 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::collection::vec(text(), 0..20).prop_map(|ids| Message::Cancel { ids }),
         Just(Message::Ping),
         Just(Message::Pong),
+        Just(Message::Topology),
         proptest::collection::vec((any::<u16>(), any::<u32>(), bytes()), 0..20).prop_map(|items| Message::Results {
             items: items
                 .into_iter()

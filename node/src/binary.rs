@@ -196,6 +196,7 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
     let stale_ok = frame.flags & sundial_net::codec::FLAG_STALE_OK != 0;
     let answers = match frame.message {
         Message::Ping => return Frame::new(id, Message::Pong),
+        Message::Topology => vec![router.topology().await],
         Message::Create { jobs } => router.create(jobs.iter().map(|job| parse_body(job)).collect(), None).await,
         Message::Get { ids } => router.job_many_read(&ids, JobOp::Get, stale_ok).await,
         Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,

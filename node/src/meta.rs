@@ -121,12 +121,8 @@ impl ClusterMeta {
 /// Stable across versions and machines: it decides where a job's log lives.
 pub fn partition_of(id: &str, partitions: u32) -> u32 {
     debug_assert!(partitions > 0);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in id.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (hash % u64::from(partitions.max(1))) as u32
+    // One definition for nodes and clients (a client routes requests by it).
+    sundial_net::partition_of(id, partitions)
 }
 
 /// Replicas per partition unless configured (tolerates one failed node).

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub replication_lag: Family<Labels, Gauge>,
     /// Partitions this node leads.
     pub partitions_led: Gauge,
+    /// Request items this node forwarded to another member (the partition's leader).
+    pub forwarded: Counter,
     pub cancelled: Counter,
 }
 
@@ -75,6 +77,7 @@ impl Metrics {
             elections: Counter::default(),
             replication_lag: Family::default(),
             partitions_led: Gauge::default(),
+            forwarded: Counter::default(),
             cancelled: Counter::default(),
             registry: Registry::default(),
         };
@@ -110,6 +113,11 @@ impl Metrics {
             metrics.replication_lag.clone(),
         );
         registry.register("partitions_led", "Partitions this node leads", metrics.partitions_led.clone());
+        registry.register(
+            "forwarded",
+            "Request items forwarded to the member leading their partition",
+            metrics.forwarded.clone(),
+        );
         // Every known reason starts at zero, so the family is always there and a rate works
         // from the first refusal.
         for reason in REJECTION_REASONS {

@@ -155,10 +155,15 @@ pub fn not_leader(partition: u32, leader: Option<u64>) -> Answer {
             retry_after_s: None,
         },
         None => {
-            retry_later(503, "unavailable", format!("partition {partition} is electing a leader; retry shortly"), 1)
+            retry_later(503, NO_LEADER_CODE, format!("partition {partition} is electing a leader; retry shortly"), 1)
         }
     }
 }
+
+/// The code of a refusal made before anything was proposed because the partition has no
+/// leader that takes proposals (an election or a leadership transfer): safe to retry, and
+/// the router does, briefly, before answering.
+pub const NO_LEADER_CODE: &str = "no_leader";
 
 /// The status of a `not_leader` answer (HTTP's "misdirected request"); the router turns
 /// it into a forward, so a client sees it only when forwarding failed.

@@ -205,6 +205,11 @@ impl Partition {
         self.options.node_id
     }
 
+    /// Whether this replica takes proposals now: it leads and is not handing leadership over.
+    pub fn accepts_proposals(&self) -> bool {
+        self.is_leader() && !self.node.raft.transferring()
+    }
+
     /// The node this replica believes leads the group.
     pub fn leader(&self) -> Option<NodeId> {
         self.node.raft.leader

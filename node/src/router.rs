@@ -90,6 +90,9 @@ pub struct RouterCluster {
     pub replication: usize,
 }
 
+/// Pauses before trying again items refused for want of a leader (1.5 s in all).
+const NO_LEADER_RETRIES_MS: [u64; 5] = [50, 100, 200, 400, 750];
+
 /// Times a request may be forwarded on (a leader that moved meanwhile sends it once more).
 const FORWARD_HOPS_MAX: u8 = 2;
 
@@ -184,6 +187,32 @@ impl Router {
     /// Runs work on a partition: on this node's shard when it holds a replica, and on the
     /// leader (forwarded) for the items the local replica does not lead. Answers in order.
     pub async fn partition_work(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
+        let mut answers = self.partition_work_once(partition, work.clone(), hops).await;
+        if hops > 0 {
+            return answers; // the member the request arrived at does the waiting
+        }
+        // An election or a leadership transfer lasts well under a second: items refused
+        // for want of a leader (nothing was proposed) are tried again before answering.
+        for backoff_ms in NO_LEADER_RETRIES_MS {
+            let waiting: Vec<usize> = answers
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.body.as_ref().is_some_and(|b| b["code"] == crate::ops::NO_LEADER_CODE))
+                .map(|(position, _)| position)
+                .collect();
+            if waiting.is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
+            let again = self.partition_work_once(partition, work.select(&waiting), hops).await;
+            for (position, answer) in waiting.into_iter().zip(again) {
+                answers[position] = answer;
+            }
+        }
+        answers
+    }
+
+    async fn partition_work_once(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
         let count = work.len();
         let me = self.facts.node_id;
         let local = match &self.cluster {
@@ -210,6 +239,7 @@ impl Router {
             }
         }
         for (leader, positions) in by_leader {
+            self.metrics.forwarded.inc_by(positions.len() as u64);
             let forwarded = if hops < FORWARD_HOPS_MAX {
                 let request = Forwarded::Work { partition, work: work.select(&positions), hops: hops + 1 };
                 let bytes = serde_json::to_vec(&request).expect("forwarded work serializes");
@@ -269,6 +299,28 @@ impl Router {
                 .unwrap_or_else(|e| retry_later(503, "unavailable", format!("an answer from node {leader}: {e}"), 1)),
             Err(reason) => retry_later(503, "unavailable", reason, 1),
         }
+    }
+
+    /// The map a client routes by: partitions, members' binary addresses, each partition's
+    /// leader as this node's replicas see it (`null` where it holds none or none is known).
+    pub async fn topology(&self) -> Answer {
+        let rafts = match self.local_scan(Scan::Raft).await {
+            Ok(rafts) => rafts,
+            Err(refused) => return refused,
+        };
+        let mut leaders = vec![Value::Null; self.partitions as usize];
+        for raft in &rafts {
+            if let Some(slot) = raft["partition"].as_u64().and_then(|p| leaders.get_mut(p as usize)) {
+                *slot = raft["leader"].clone();
+            }
+        }
+        let members: Vec<Value> = match &self.cluster {
+            Some(cluster) => {
+                cluster.mesh.members().into_iter().map(|m| json!({"node_id": m.node_id, "binary": m.binary})).collect()
+            }
+            None => vec![json!({"node_id": self.facts.node_id, "binary": self.facts.binary})],
+        };
+        answer(200, json!({"partitions": self.partitions, "members": members, "leaders": leaders}))
     }
 
     /// The membership as this node last applied it.

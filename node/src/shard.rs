@@ -786,8 +786,8 @@ impl Shard {
             }
             return;
         }
-        if !runtime.log().is_leader() {
-            let answer = ops::not_leader(partition, runtime.log().leader());
+        if !runtime.log().accepts_proposals() {
+            let answer = ops::not_leader(partition, runtime.log().leader().filter(|l| *l != self.config.node_id));
             let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
             return;
         }
@@ -842,8 +842,8 @@ impl Shard {
             }
             return;
         };
-        if !runtime.log().is_leader() {
-            let answer = ops::not_leader(partition, runtime.log().leader());
+        if !runtime.log().accepts_proposals() {
+            let answer = ops::not_leader(partition, runtime.log().leader().filter(|l| *l != self.config.node_id));
             for (specs, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| answer.clone()).collect());
             }

@@ -32,6 +32,7 @@ struct Cluster {
 struct Member {
     child: Child,
     http: SocketAddr,
+    binary: SocketAddr,
 }
 
 impl Drop for Member {
@@ -125,8 +126,8 @@ impl Cluster {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start sundial");
-        let (http, _) = listening_addresses(&mut child);
-        self.members.insert(id, Member { child, http });
+        let (http, binary) = listening_addresses(&mut child);
+        self.members.insert(id, Member { child, http, binary });
     }
 
     fn kill(&mut self, id: u64) {
@@ -474,4 +475,61 @@ async fn removing_a_node_and_adding_a_fresh_one_loses_no_acknowledged_job() {
         let (first_ms, _) = &seen[id];
         assert!(*first_ms >= job["run_at"].as_u64().expect("due"), "{id} fired early");
     }
+}
+
+/// Items a member forwarded to another (its `sundial_forwarded_total`).
+fn forwarded(member: SocketAddr) -> u64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(member).expect("connect");
+    write!(stream, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("send");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read");
+    body.lines()
+        .find_map(|line| line.strip_prefix("sundial_forwarded_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_client_sends_each_job_to_its_partitions_leader() {
+    let cluster = Cluster::start(3);
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader\n{}", cluster.logs());
+    // Leaders settle on their preferred members (the same map twice, a second apart).
+    let settled = wait_for(Duration::from_secs(20), || {
+        let before = cluster.leaders();
+        std::thread::sleep(Duration::from_secs(1));
+        before == cluster.leaders() && before.values().all(|led| !led.is_empty())
+    })
+    .await;
+    assert!(settled, "leaders kept moving: {:?}", cluster.leaders());
+    let total = || (1..=3).map(|id| forwarded(cluster.http(id))).sum::<u64>();
+    let binary: Vec<SocketAddr> = (1..=3).map(|id| cluster.members[&id].binary).collect();
+    let jobs = |prefix: &str| -> Vec<Value> {
+        (0..90)
+            .map(|i| json!({"id": format!("{prefix}-{i}"), "delay": "1h", "url": "https://example.com/hook"}))
+            .collect()
+    };
+
+    // One connection to member 1: the jobs of partitions led elsewhere are forwarded.
+    let before = total();
+    let single = sundial_net::Client::connect(binary[0], Default::default()).await.expect("connect");
+    let items = single.create_many(&jobs("one")).await.expect("creates");
+    assert!(items.iter().all(|item| item.status == 201), "{items:?}");
+    let through_one = total() - before;
+    assert!(through_one >= 30, "about two thirds of 90 are forwarded, not {through_one}");
+
+    // The cluster client sends each to its leader: nothing is forwarded.
+    let before = total();
+    let client = sundial_net::ClusterClient::connect(&binary, Default::default()).await.expect("connect");
+    let topology = client.topology().await;
+    assert_eq!((topology.partitions, topology.members.len()), (PARTITIONS, 3), "{topology:?}");
+    let items = client.create_many(&jobs("routed")).await.expect("creates");
+    assert!(items.iter().all(|item| item.status == 201), "{items:?}");
+    let got = client.get("routed-7").await.expect("get");
+    assert_eq!((got.status, got.json()["id"].as_str()), (200, Some("routed-7")));
+    let cancelled = client.cancel("routed-8").await.expect("cancel");
+    assert_eq!(cancelled.status, 200, "{:?}", cancelled.json());
+    assert_eq!(total() - before, 0, "the cluster client's requests all reached leaders");
+    let stale = single.get_stale("routed-9").await.expect("a stale read");
+    assert_eq!(stale.status, 200);
 }
