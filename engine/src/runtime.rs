@@ -75,9 +75,10 @@ pub trait CommandLog {
 
     fn state(&self) -> &State;
 
-    /// Whether this replica fires the jobs: it leads and has applied everything committed
-    /// before it took over (so it sees every fire its predecessors started).
-    fn leading(&self) -> bool;
+    /// `Some(term)` while this replica fires the jobs: it leads (in that term) and has
+    /// applied everything committed before it took over (so it sees every fire its
+    /// predecessors started). A new term is a new leadership, even without a gap.
+    fn leadership(&self) -> Option<u64>;
 }
 
 /// The log could not take a command (I/O failure): nothing more can be acknowledged until
@@ -124,8 +125,8 @@ impl CommandLog for DirectLog {
         &self.state
     }
 
-    fn leading(&self) -> bool {
-        true
+    fn leadership(&self) -> Option<u64> {
+        Some(1)
     }
 }
 
@@ -192,6 +193,8 @@ pub struct Runtime<L: CommandLog> {
     log_failure: Option<String>,
     /// Whether this runtime fires (its log leads and caught up); timers exist only then.
     leading: bool,
+    /// The term of the leadership it fires in.
+    leading_term: Option<u64>,
     wheel: TimingWheel<String>,
     timers: HashMap<String, TimerHandle>,
     own: HashMap<Ticket, OwnProposal>,
@@ -246,6 +249,7 @@ impl<L: CommandLog> Runtime<L> {
             log,
             log_failure: None,
             leading: false,
+            leading_term: None,
             timers: HashMap::new(),
             own: HashMap::new(),
             resolved: Vec::new(),
@@ -406,10 +410,15 @@ impl<L: CommandLog> Runtime<L> {
         for committed in applied {
             self.take_effect(committed);
         }
-        match (self.leading, self.log.leading()) {
-            (false, true) => self.start_leading(),
-            (true, false) => self.stop_leading(),
-            _ => {}
+        let now = self.log.leadership();
+        if now != self.leading_term {
+            if self.leading {
+                self.stop_leading();
+            }
+            if now.is_some() {
+                self.start_leading();
+            }
+            self.leading_term = now;
         }
     }
 
@@ -448,7 +457,9 @@ impl<L: CommandLog> Runtime<L> {
                         self.stats.attempts_started += 1;
                     }
                 }
-                Err(_) => {} // no longer due (cancelled, paused): re-armed above
+                // Refused (no longer due: cancelled, paused) or abandoned (leadership moved
+                // before it committed): the job's timer follows its state again.
+                Err(_) => self.arm(&id),
             },
             Some(OwnProposal::Finish { id, fire_ms, attempt, started_ms, finished_ms, outcome: Some(outcome) }) => {
                 if committed.verdict.is_ok() {

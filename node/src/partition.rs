@@ -72,10 +72,10 @@ pub struct Partition {
     /// Commands proposed here and not yet applied: log index (their ticket) → the term they
     /// were proposed in (bounded by the uncommitted-entry limit). An entry applied at that
     /// index with another term is someone else's: the proposal was lost.
-    proposed: BTreeMap<Index, Term>,
+    proposed: BTreeMap<Index, (Term, std::time::Instant)>,
     /// Linearizable reads asked here: ticket → the index the state must reach (once Raft
     /// confirmed it; `None` until then). Bounded by Raft's pending-read limit.
-    reads: BTreeMap<Ticket, Option<Index>>,
+    reads: BTreeMap<Ticket, (Option<Index>, std::time::Instant)>,
     next_read_ticket: Ticket,
     /// Applied commands not yet taken by the runtime.
     applied: Vec<Committed>,
@@ -234,7 +234,7 @@ impl Partition {
     pub fn propose_one(&mut self, command: &Command) -> Result<Index, PartitionError> {
         let data = serde_json::to_vec(command).expect("commands always serialize");
         let index = self.node.propose(data)?;
-        self.proposed.insert(index, self.node.raft.term);
+        self.proposed.insert(index, (self.node.raft.term, std::time::Instant::now()));
         Ok(index)
     }
 
@@ -244,7 +244,7 @@ impl Partition {
         let ticket = self.next_read_ticket;
         self.node.read_index(ticket)?;
         self.next_read_ticket += 1;
-        self.reads.insert(ticket, None);
+        self.reads.insert(ticket, (None, std::time::Instant::now()));
         Ok(ticket)
     }
 
@@ -268,7 +268,7 @@ impl Partition {
             // Sent only now: what they promise (votes, appended entries) is durable.
             self.outbox.extend(ready.messages.iter().cloned());
             for read in &ready.read_states {
-                if let Some(slot) = self.reads.get_mut(&read.context) {
+                if let Some((slot, _)) = self.reads.get_mut(&read.context) {
                     *slot = Some(read.index);
                 }
             }
@@ -287,7 +287,7 @@ impl Partition {
                     EntryKind::Normal if entry.data.is_empty() => {} // a new leader's no-op
                     EntryKind::Normal => {
                         let ticket = match self.proposed.remove(&entry.index) {
-                            Some(term) if term == entry.term => Some(entry.index),
+                            Some((term, _)) if term == entry.term => Some(entry.index),
                             Some(_) => {
                                 let reason = "leadership moved before the command committed; retry it";
                                 self.applied.push(Committed::abandoned(entry.index, reason));
@@ -330,7 +330,7 @@ impl Partition {
             }
             if !self.is_leader() && self.leading {
                 self.leading_from = None;
-                self.abandon_proposals();
+                self.abandon_reads();
             }
             self.leading = self.is_leader();
             // A failed snapshot is not the applied commands' failure: they are committed.
@@ -346,7 +346,7 @@ impl Partition {
     fn answer_reads(&mut self) {
         let applied = self.node.raft.log.applied;
         let ready: Vec<Ticket> =
-            self.reads.iter().filter(|(_, index)| index.is_some_and(|i| i <= applied)).map(|(t, _)| *t).collect();
+            self.reads.iter().filter(|(_, (index, _))| index.is_some_and(|i| i <= applied)).map(|(t, _)| *t).collect();
         for ticket in ready {
             self.reads.remove(&ticket);
             self.applied.push(Committed {
@@ -358,15 +358,40 @@ impl Partition {
         }
     }
 
-    /// This replica stopped leading: its proposals may or may not commit under the next
-    /// leader, and its reads are not confirmed. Their callers are told to retry (a create
-    /// retried with its id is answered by the job that exists).
-    fn abandon_proposals(&mut self) {
-        for index in std::mem::take(&mut self.proposed).into_keys() {
-            self.applied.push(Committed::abandoned(index, "leadership moved; the outcome is unknown, retry it"));
-        }
+    /// This replica stopped leading: its reads are not confirmed (retrying one is safe).
+    /// Its proposals stay: each is answered when its index is applied — its verdict when
+    /// the entry there is the one proposed (the next leader committed it), "lost" when the
+    /// next leader put another there.
+    fn abandon_reads(&mut self) {
         for ticket in std::mem::take(&mut self.reads).into_keys() {
             self.applied.push(Committed::abandoned(ticket, "leadership moved during the read; retry it"));
+        }
+    }
+
+    /// Proposals and reads not answered in time (this replica cannot reach a quorum, or
+    /// a read's request to the leader was lost) are answered "unknown" rather than never.
+    fn expire_waiting(&mut self) {
+        let now = std::time::Instant::now();
+        let expired: Vec<Index> = self
+            .proposed
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) >= PROPOSAL_WAIT_MAX)
+            .map(|(index, _)| *index)
+            .collect();
+        for index in expired {
+            self.proposed.remove(&index);
+            let reason = format!("not committed within {PROPOSAL_WAIT_MAX:?}; the outcome is unknown, retry it");
+            self.applied.push(Committed::abandoned(index, reason));
+        }
+        let expired: Vec<Ticket> = self
+            .reads
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) >= READ_WAIT_MAX)
+            .map(|(ticket, _)| *ticket)
+            .collect();
+        for ticket in expired {
+            self.reads.remove(&ticket);
+            self.applied.push(Committed::abandoned(ticket, "the read was not confirmed in time; retry it"));
         }
     }
 
@@ -401,7 +426,7 @@ impl Partition {
     pub fn propose_members(&mut self, command: &MembersCommand) -> Result<Ticket, PartitionError> {
         let data = serde_json::to_vec(command).expect("membership changes serialize");
         let index = self.node.propose(data)?;
-        self.proposed.insert(index, self.node.raft.term);
+        self.proposed.insert(index, (self.node.raft.term, std::time::Instant::now()));
         Ok(index)
     }
 
@@ -506,6 +531,9 @@ impl CommandLog for Partition {
 
     fn advance(&mut self) -> Result<Vec<Committed>, LogError> {
         self.process().map_err(|error| LogError(error.to_string()))?;
+        if !self.proposed.is_empty() || !self.reads.is_empty() {
+            self.expire_waiting();
+        }
         Ok(std::mem::take(&mut self.applied))
     }
 
@@ -513,10 +541,16 @@ impl CommandLog for Partition {
         &self.state
     }
 
-    fn leading(&self) -> bool {
-        self.is_leader() && self.leading_from.is_some_and(|from| self.node.raft.log.applied >= from)
+    fn leadership(&self) -> Option<u64> {
+        let caught_up = self.leading_from.is_some_and(|from| self.node.raft.log.applied >= from);
+        (self.is_leader() && caught_up).then_some(self.node.raft.term)
     }
 }
+
+/// How long a proposal waits for its entry to be applied before its caller is answered
+/// "unknown"; a read, before it is answered "retry".
+const PROPOSAL_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+const READ_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Read tickets live above every log index, so the two never collide.
 const READ_TICKETS_FROM: Ticket = 1 << 62;

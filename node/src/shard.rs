@@ -556,6 +556,10 @@ impl Shard {
                 .iter()
                 .map(|id| match &verdict {
                     Ok(_) => ops::read_answer(state, id, *op),
+                    // Nothing happened: the router may retry it on the next leader.
+                    Err(ApplyError::Unavailable(reason)) => {
+                        ops::retry_later(503, ops::NO_LEADER_CODE, format!("partition {partition}: {reason}"), 1)
+                    }
                     Err(e) => ops::apply_error(e.clone()),
                 })
                 .collect();
