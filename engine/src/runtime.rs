@@ -331,6 +331,11 @@ impl<L: CommandLog> Runtime<L> {
         self.log_failure.as_deref()
     }
 
+    /// Commands this runtime proposed (fire starts, outcomes) not yet applied.
+    pub fn proposals_waiting(&self) -> usize {
+        self.own.len()
+    }
+
     /// Whether this runtime fires the jobs (its log leads).
     pub fn is_leading(&self) -> bool {
         self.leading

@@ -152,7 +152,25 @@ impl Connection {
         stream.read_to_end(MESSAGE_MAX_BYTES).await.map_err(|e| failed(&e))
     }
 
+    /// The next message's stream, to be read apart (`IncomingMessage::read`), so a large
+    /// message does not hold up the small ones behind it.
+    pub async fn accept_message(&self) -> Result<IncomingMessage, TransportError> {
+        let stream = self.connection.accept_uni().await.map_err(|e| TransportError::Connection(e.to_string()))?;
+        Ok(IncomingMessage { stream })
+    }
+
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"closing");
+    }
+}
+
+/// A message whose stream has arrived; `read` takes it whole (bounded in size).
+pub struct IncomingMessage {
+    stream: quinn::RecvStream,
+}
+
+impl IncomingMessage {
+    pub async fn read(mut self) -> Result<Vec<u8>, TransportError> {
+        self.stream.read_to_end(MESSAGE_MAX_BYTES).await.map_err(|e| TransportError::Connection(e.to_string()))
     }
 }

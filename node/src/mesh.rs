@@ -31,8 +31,12 @@ pub const OUTBOX_CAPACITY: usize = 4_096;
 const FORWARDS_PENDING_MAX: usize = 4_096;
 /// A forwarded request not answered by then is answered with 503 by the caller.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Messages larger than this are sent concurrently with the peer's other messages.
+/// Messages larger than this are sent concurrently with the peer's other messages, at
+/// most `LARGE_SENDS_MAX` at once per peer (beyond it, in line).
 const LARGE_MESSAGE_BYTES: usize = 64 << 10;
+const LARGE_SENDS_MAX: usize = 8;
+/// Messages being read from one link at once.
+const READS_MAX: usize = 64;
 const REDIAL_MIN: Duration = Duration::from_millis(50);
 const REDIAL_MAX: Duration = Duration::from_secs(1);
 
@@ -213,24 +217,38 @@ impl Shared {
         }
         tracing::info!(peer, remote = %connection.remote_address(), "linked to a cluster member");
         let sender = connection.clone();
+        let large = Arc::new(tokio::sync::Semaphore::new(LARGE_SENDS_MAX));
         let writer = tokio::spawn(async move {
             // Bounded by the queue: it ends when the link is dropped.
             while let Some(message) = queued.recv().await {
-                if message.len() > LARGE_MESSAGE_BYTES {
+                let permit =
+                    (message.len() > LARGE_MESSAGE_BYTES).then(|| large.clone().try_acquire_owned().ok()).flatten();
+                if let Some(permit) = permit {
                     // A large append or snapshot chunk goes on its own stream, beside the
                     // rest (QUIC flow control paces it): heartbeats do not wait behind it.
                     let sender = sender.clone();
                     tokio::spawn(async move {
                         let _ = sender.send(&message).await;
+                        drop(permit);
                     });
                 } else if sender.send(&message).await.is_err() {
                     break;
                 }
             }
         });
-        // Bounded by the connection: `receive` fails once it closes.
-        while let Ok(message) = connection.receive().await {
-            self.receive(peer, &connection, message).await;
+        // Each message is read on its own task (a snapshot chunk does not hold up the
+        // heartbeats behind it), at most `READS_MAX` at once per link.
+        let reads = Arc::new(tokio::sync::Semaphore::new(READS_MAX));
+        // Bounded by the connection: `accept_message` fails once it closes.
+        while let Ok(incoming) = connection.accept_message().await {
+            let Ok(permit) = reads.clone().acquire_owned().await else { break };
+            let (shared, connection) = (self.clone(), connection.clone());
+            tokio::spawn(async move {
+                if let Ok(message) = incoming.read().await {
+                    shared.receive(peer, &connection, message).await;
+                }
+                drop(permit);
+            });
         }
         writer.abort();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());

@@ -334,7 +334,7 @@ impl Partition {
             }
             self.leading = self.is_leader();
             // A failed snapshot is not the applied commands' failure: they are committed.
-            if self.maybe_snapshot().is_err() {
+            if self.seed_snapshot().is_err() || self.maybe_snapshot().is_err() {
                 self.snapshot_failures += 1;
                 self.applied_since_snapshot = 0;
             }
@@ -395,6 +395,18 @@ impl Partition {
         }
     }
 
+    /// A replica that knows the group's initial membership snapshots once it has applied
+    /// the first entry, so no replica's log starts at index 1 any more: a replica added
+    /// later, which starts empty, is then always sent a snapshot (carrying the membership)
+    /// first, whichever replica leads — never entries from 1, which would leave it blind to
+    /// the initial voters.
+    fn seed_snapshot(&mut self) -> Result<(), PartitionError> {
+        if self.snapshot_index() > 0 || self.node.raft.log.applied == 0 || self.options.voters.is_empty() {
+            return Ok(());
+        }
+        self.compact()
+    }
+
     fn maybe_snapshot(&mut self) -> Result<(), PartitionError> {
         if self.applied_since_snapshot < self.options.snapshot_every_entries {
             return Ok(());
@@ -428,6 +440,15 @@ impl Partition {
         let index = self.node.propose(data)?;
         self.proposed.insert(index, (self.node.raft.term, std::time::Instant::now()));
         Ok(index)
+    }
+
+    /// Whether the group's membership no longer includes this replica (it was removed). A
+    /// replica created empty, still waiting for its first snapshot, is not "removed".
+    pub fn is_removed(&self) -> bool {
+        let conf = self.node.raft.conf_state();
+        let me = self.options.node_id;
+        let started = self.snapshot_index() > 0 || self.node.raft.log.applied > 0;
+        started && !conf.voters.contains(&me) && !conf.learners.contains(&me)
     }
 
     /// The group's learners (replicas catching up before they vote).

@@ -203,6 +203,8 @@ struct Shard {
     /// waiting for their verdicts.
     meta: Option<Partition>,
     meta_waiting: std::collections::HashMap<Ticket, oneshot::Sender<Answer>>,
+    /// Why the meta group's log failed, if it did (the shard then stops).
+    meta_failure: Option<String>,
     results: mpsc::Receiver<AttemptResult>,
     /// Where the attempts of a replica created later report (the same channel).
     results_sender: mpsc::Sender<AttemptResult>,
@@ -266,8 +268,8 @@ impl Shard {
         for partition in (0..config.partitions).filter(|p| *p as usize % config.shards == config.index) {
             let dir = config.data.join(format!("partition-{partition}"));
             let voters = match &config.cluster {
-                // A replica held before is opened whatever the membership says now.
-                Some(_) if dir.exists() => Vec::new(),
+                // The first start of a new cluster (again, if it stopped before it finished):
+                // the replicas placed here, with the placement's voters.
                 Some(cluster) if cluster.bootstrap => {
                     let voters = replicas_of(partition, &cluster.membership.ids(), cluster.replication);
                     if !voters.contains(&config.node_id) {
@@ -275,6 +277,9 @@ impl Shard {
                     }
                     voters
                 }
+                // A replica held before is opened whatever the membership says now (its
+                // voters are beside its log, or in its snapshot).
+                Some(_) if dir.exists() => Vec::new(),
                 Some(_) => continue, // created when its leader reaches this node
                 None => vec![config.node_id],
             };
@@ -291,6 +296,7 @@ impl Shard {
             runtimes,
             meta,
             meta_waiting: Default::default(),
+            meta_failure: None,
             results,
             results_sender: sender,
             metrics,
@@ -397,6 +403,9 @@ impl Shard {
             // Fires and outcomes change the live count too: admission reads it fresh.
             self.publish_live_jobs();
             self.observe();
+            if let Some(failure) = &self.meta_failure {
+                return Err(format!("the membership log failed ({failure}); restart to recover"));
+            }
             if let Some((partition, failure)) =
                 self.runtimes.iter().find_map(|(p, r)| r.log_failure().map(|f| (*p, f.to_string())))
             {
@@ -405,7 +414,7 @@ impl Shard {
             }
         }
         drop(requests);
-        self.drain().await;
+        self.drain(peers.as_mut()).await;
         Ok(())
     }
 
@@ -488,7 +497,11 @@ impl Shard {
         let applied = match sundial_engine::runtime::CommandLog::advance(meta) {
             Ok(applied) => applied,
             Err(error) => {
-                tracing::error!(%error, "the meta group's log failed");
+                // Like a partition's: the node stops, and a restart recovers the log.
+                for (_, reply) in self.meta_waiting.drain() {
+                    let _ = reply.send(ops::retry_later(503, "unavailable", "the membership log failed", 5));
+                }
+                self.meta_failure.get_or_insert(error.to_string());
                 return;
             }
         };
@@ -540,9 +553,33 @@ impl Shard {
         if let Some(meta) = &mut self.meta {
             reconcile(meta, &members, me, "meta");
         }
+        let mut removed = Vec::new();
         for (partition, runtime) in self.runtimes.iter_mut() {
             let placed = replicas_of(*partition, &members, cluster.replication);
             reconcile(runtime.log_mut(), &placed, me, "partition");
+            // Out of the group by its own log (it applied its removal: committed) and by the
+            // placement: this replica is done. A replica removed before it saw the commit
+            // of its removal (the leader stops writing to it) stays until the node stops:
+            // deleting a voter's log on a guess could lose a quorum's data.
+            if !placed.contains(&me) && runtime.log().is_removed() {
+                removed.push(*partition);
+            }
+        }
+        for partition in removed {
+            // Requests still waiting on it are told to retry (they reach the group's leader).
+            let stranded: Vec<Ticket> = self.tickets.keys().filter(|(p, _)| *p == partition).map(|(_, t)| *t).collect();
+            for ticket in stranded {
+                self.resolve(partition, ticket, Err(ApplyError::Unavailable("this replica was removed".into())));
+            }
+            self.runtimes.remove(&partition);
+            let dir = self.config.data.join(format!("partition-{partition}"));
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => tracing::info!(
+                    partition,
+                    "this node's replica was removed from the partition; its files are deleted"
+                ),
+                Err(error) => tracing::warn!(partition, %error, "a removed replica's files could not be deleted"),
+            }
         }
     }
 
@@ -684,16 +721,36 @@ impl Shard {
 
     /// Attempts in flight finish (their outcomes are committed) until the drain limit; the
     /// next start re-runs the rest with the same idempotency keys.
-    async fn drain(&mut self) {
+    /// In a cluster the outcomes commit through the other replicas, so the drain keeps
+    /// ticking, stepping their messages and sending this shard's until the outcomes
+    /// proposed are applied.
+    async fn drain(&mut self, mut peers: Option<&mut PeerMessages>) {
         let deadline = tokio::time::Instant::now() + self.config.drain_limit;
-        while self.runtimes.values().any(|r| r.dispatcher().running() > 0) && tokio::time::Instant::now() < deadline {
+        let tick = self.config.cluster.as_ref().map_or(Duration::from_secs(1), |c| c.tick);
+        // Bounded by the deadline.
+        while self.runtimes.values().any(|r| r.dispatcher().running() > 0 || r.proposals_waiting() > 0)
+            && tokio::time::Instant::now() < deadline
+        {
             tokio::select! {
                 result = self.results.recv() => match result {
                     Some(result) => self.finish(vec![result]),
                     None => break,
                 },
+                messages = async { match peers.as_mut() { Some(p) => p.recv().await, None => std::future::pending().await } } => {
+                    if let Some(messages) = messages {
+                        self.step(messages);
+                    }
+                }
+                _ = tokio::time::sleep(tick) => {
+                    if self.config.cluster.is_some() {
+                        for runtime in self.runtimes.values_mut() {
+                            runtime.log_mut().tick();
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+            self.settle();
         }
     }
 

@@ -162,3 +162,18 @@ fn a_log_whose_snapshot_went_missing_is_refused_not_replayed_into_an_empty_state
     let error = Partition::open(dir.path(), options()).err().expect("refused");
     assert!(error.to_string().contains("no snapshot"), "{error}");
 }
+
+/// A group snapshots right after its first entry, so its log never starts at index 1 again:
+/// a replica added later (which starts empty, without the group's initial membership) is
+/// always sent a snapshot first, never entries from 1.
+#[test]
+fn a_new_group_snapshots_after_its_first_entry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut partition = Partition::open(dir.path(), options()).expect("open");
+    assert!(partition.snapshot_index() > 0, "the leader's first entry was applied and snapshotted");
+    create(&mut partition, "first");
+    drop(partition);
+    let reopened = Partition::open(dir.path(), options()).expect("reopen");
+    assert!(reopened.snapshot_index() > 0);
+    assert!(reopened.state().job("first").is_some());
+}

@@ -26,6 +26,9 @@ use sundial_node::{Partition, PartitionOptions};
 use sundial_wal::WalOptions;
 use tokio::sync::{mpsc, watch};
 
+/// Written once a new cluster member's first start has created its replicas.
+const BOOTSTRAPPED: &str = "bootstrapped";
+
 /// What each shard thread runs (see ARCHITECTURE.md: file I/O goes through the log's own
 /// io_uring ring, so the async runtime itself is tokio's).
 const RUNTIME_KIND: &str = "tokio current-thread per shard";
@@ -182,7 +185,9 @@ async fn serve(settings: Settings) -> Result<(), String> {
     let mut bootstrap = false;
     if let Some(cluster) = &settings.cluster {
         let dir = settings.data.join("meta");
-        bootstrap = !cluster.join && !dir.exists();
+        // Until every replica of the first start exists (the marker below), a restart
+        // bootstraps again, with the same placement.
+        bootstrap = !cluster.join && !settings.data.join(BOOTSTRAPPED).exists();
         let initial = Members { nodes: cluster.members.iter().map(|(id, addr)| (*id, addr.to_string())).collect() };
         let options = PartitionOptions {
             voters: if cluster.join { Vec::new() } else { initial.ids() },
@@ -243,6 +248,12 @@ async fn serve(settings: Settings) -> Result<(), String> {
                 return Err(message);
             }
         }
+    }
+    if bootstrap {
+        let marker = settings.data.join(BOOTSTRAPPED);
+        std::fs::write(&marker, b"the first start of this cluster member created its replicas\n")
+            .and_then(|()| std::fs::File::open(&settings.data)?.sync_all())
+            .map_err(|e| format!("{}: {e}", marker.display()))?;
     }
     let listener =
         tokio::net::TcpListener::bind(settings.http).await.map_err(|e| format!("binding {}: {e}", settings.http))?;
