@@ -675,7 +675,7 @@ impl<S: Storage> Raft<S> {
             }
             MessageKind::ReadIndex { context } => {
                 if let Err(error) = self.read_index_as_leader(context, Some(from)) {
-                    let _ = error; // refused reads are dropped; the follower's caller times out and retries
+                    let _ = error; // refused reads are dropped; the follower's read expires and is retried
                 }
             }
             _ => {}

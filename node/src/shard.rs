@@ -946,8 +946,11 @@ impl Shard {
         self.publish_live_jobs();
     }
 
+    /// Live jobs of the partitions this shard leads (a follower replica's jobs are counted
+    /// by their leader: `max_jobs` limits what a node leads, not what it replicates).
     fn publish_live_jobs(&self) {
-        let live: usize = self.runtimes.values().map(|r| ops::live_jobs(r.state())).sum();
+        let live: usize =
+            self.runtimes.values().filter(|r| r.log().is_leader()).map(|r| ops::live_jobs(r.state())).sum();
         self.config.live.0[self.config.index].store(live as u64, Ordering::Relaxed);
     }
 
