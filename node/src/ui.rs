@@ -288,7 +288,8 @@ pub async fn dead_letters(router: &Router) -> Page {
     Page { status: 200, html: layout("Dead letters", &body) }
 }
 
-/// `GET /ui/cluster`: members and partitions with their leaders, terms and indexes.
+/// `GET /ui/cluster`: members and the partitions this node holds, with their leaders, terms,
+/// indexes and replication lag.
 pub async fn cluster(router: &Router) -> Page {
     let answer = router.cluster().await;
     let Some(view) = answer.body.clone().filter(|_| answer.status == 200) else { return failure(answer) };
@@ -302,8 +303,8 @@ pub async fn cluster(router: &Router) -> Page {
                 m["node_id"],
                 text(&m["http"]),
                 text(&m["binary"]),
+                text(&m["raft"]),
                 text(&m["state"]),
-                m["shards"]
             )
         })
         .collect();
@@ -314,12 +315,12 @@ pub async fn cluster(router: &Router) -> Page {
         .map(|p| {
             format!(
                 "<tr class=\"partition\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-                p["partition"], p["shard"], p["leader"], text(&p["role"]), p["term"], p["commit_index"], p["applied_index"], p["replication_lag"], p["jobs"]
+                p["partition"], p["shard"], text(&p["leader"]), text(&p["role"]), p["term"], p["commit_index"], p["applied_index"], p["replication_lag"], p["jobs"]
             )
         })
         .collect();
     let body = format!(
-        "<p>Cluster <b>{}</b>, {} partitions.</p><h2>Members</h2><table><tr><th>Node</th><th>HTTP</th><th>Binary</th><th>State</th><th>Shards</th></tr>{members}</table>\
+        "<p>Cluster <b>{}</b>, {} partitions.</p><h2>Members</h2><table><tr><th>Node</th><th>HTTP</th><th>Binary</th><th>Peers (QUIC)</th><th>State</th></tr>{members}</table>\
          <h2>Partitions</h2><table id=\"partitions\"><tr><th>Partition</th><th>Shard</th><th>Leader</th><th>Role</th><th>Term</th><th>Commit</th><th>Applied</th><th>Lag</th><th>Jobs</th></tr>{partitions}</table>",
         text(&view["cluster_id"]),
         view["partition_count"],
