@@ -288,7 +288,6 @@ impl Shard {
             let log = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
             let runtime_config = RuntimeConfig { node_id: config.node_id, ..config.runtime.clone() };
             runtimes.insert(partition, Runtime::with_shared_results(runtime_config, log, sender.clone()));
-            // A runtime starts a dispatcher task: it must be on this shard's runtime.
         }
         let metrics = config.metrics.shard(config.index);
         let shard = Shard {
