@@ -15,7 +15,7 @@ Reported per round:
               jobs due before the kill (the steady-state reference of the same run).
 Nothing here is a test: it prints figures for docs/BENCHMARKS.md.
 """
-import argparse, http.server, json, os, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
+import argparse, http.server, json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target", "release", "sundial")
@@ -161,6 +161,7 @@ def one_round(binary, receiver_addr, receiver):
         for child, _ in members.values():
             child.kill()
             child.wait()
+        shutil.rmtree(work, ignore_errors=True)  # three nodes' preallocated logs
 
 
 def main():

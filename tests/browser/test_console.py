@@ -2,6 +2,7 @@
 (chromedriver), against a real node and a real webhook receiver. Screenshots go to
 target/ui-screenshots/. Needs Debian's chromium and chromium-driver (.ci/run installs them)."""
 
+import atexit
 import base64
 import http.server
 import json
@@ -112,6 +113,8 @@ class Driver:
 
 def start_node(*flags):
     data = tempfile.mkdtemp(prefix="sundial-ui-")
+    # Each node preallocates its logs (hundreds of MiB): removed when the tests end.
+    atexit.register(shutil.rmtree, data, True)
     process = subprocess.Popen(
         [BINARY, "--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data", data, *flags],
         stdout=subprocess.PIPE,

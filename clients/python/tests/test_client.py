@@ -2,10 +2,12 @@
 real webhook receiver; and against the node's own /openapi.json, so they cannot drift."""
 
 import asyncio
+import atexit
 import http.server
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -23,6 +25,8 @@ BINARY = os.environ.get("SUNDIAL_BIN", str(ROOT / "target" / "debug" / "sundial"
 
 def start_node(*flags):
     data = tempfile.mkdtemp(prefix="sundial-py-")
+    # Each node preallocates its logs (hundreds of MiB): removed when the tests end.
+    atexit.register(shutil.rmtree, data, True)
     process = subprocess.Popen(
         [BINARY, "--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data", data, *flags],
         stdout=subprocess.PIPE,

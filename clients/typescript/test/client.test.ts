@@ -4,7 +4,7 @@
 import { test, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { createServer, type IncomingMessage } from "node:http";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -14,10 +14,16 @@ import { Client, JOB_FIELDS, ROUTES, SundialError, verifySignature } from "../sr
 
 const binary = process.env.SUNDIAL_BIN ?? resolve(process.cwd(), "../../target/debug/sundial");
 const started: ChildProcess[] = [];
-after(() => started.forEach((child) => child.kill("SIGKILL")));
+const dataDirs: string[] = [];
+// Each node preallocates its logs (hundreds of MiB): removed when the tests end.
+after(() => {
+  started.forEach((child) => child.kill("SIGKILL"));
+  dataDirs.forEach((dir) => rmSync(dir, { recursive: true, force: true }));
+});
 
 async function startNode(...flags: string[]): Promise<string> {
   const data = mkdtempSync(join(tmpdir(), "sundial-ts-"));
+  dataDirs.push(data);
   const child = spawn(binary, ["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data", data, ...flags], {
     stdio: ["ignore", "pipe", "ignore"],
   });
