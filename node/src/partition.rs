@@ -372,25 +372,11 @@ impl Partition {
     /// a read's request to the leader was lost) are answered "unknown" rather than never.
     fn expire_waiting(&mut self) {
         let now = std::time::Instant::now();
-        let expired: Vec<Index> = self
-            .proposed
-            .iter()
-            .filter(|(_, (_, at))| now.duration_since(*at) >= PROPOSAL_WAIT_MAX)
-            .map(|(index, _)| *index)
-            .collect();
-        for index in expired {
-            self.proposed.remove(&index);
+        for index in take_expired(&mut self.proposed, now, PROPOSAL_WAIT_MAX) {
             let reason = format!("not committed within {PROPOSAL_WAIT_MAX:?}; the outcome is unknown, retry it");
             self.applied.push(Committed::abandoned(index, reason));
         }
-        let expired: Vec<Ticket> = self
-            .reads
-            .iter()
-            .filter(|(_, (_, at))| now.duration_since(*at) >= READ_WAIT_MAX)
-            .map(|(ticket, _)| *ticket)
-            .collect();
-        for ticket in expired {
-            self.reads.remove(&ticket);
+        for ticket in take_expired(&mut self.reads, now, READ_WAIT_MAX) {
             self.applied.push(Committed::abandoned(ticket, "the read was not confirmed in time; retry it"));
         }
     }
@@ -566,6 +552,23 @@ impl CommandLog for Partition {
         let caught_up = self.leading_from.is_some_and(|from| self.node.raft.log.applied >= from);
         (self.is_leader() && caught_up).then_some(self.node.raft.term)
     }
+}
+
+/// Removes and returns the keys of entries waiting since `limit` or longer.
+fn take_expired<V>(
+    waiting: &mut BTreeMap<u64, (V, std::time::Instant)>,
+    now: std::time::Instant,
+    limit: std::time::Duration,
+) -> Vec<u64> {
+    let mut expired = Vec::new();
+    waiting.retain(|key, (_, since)| {
+        let keep = now.duration_since(*since) < limit;
+        if !keep {
+            expired.push(*key);
+        }
+        keep
+    });
+    expired
 }
 
 /// How long a proposal waits for its entry to be applied before its caller is answered
