@@ -1,6 +1,7 @@
-//! The sink's accounting: which scheduled jobs were delivered, which were not, which more
-//! than once (and whether each repeat carried the first delivery's idempotency key), and
-//! which arrived before their time. Pure: deliveries in, a report out.
+//! The sink's accounting: which scheduled jobs were delivered (an attempt the sink
+//! accepted), which were not, which more than once (and whether every attempt carried the
+//! first one's idempotency key), which arrived before their time, and which carried a bad
+//! signature. Pure: deliveries in, a report out.
 
 use std::collections::HashMap;
 
@@ -12,72 +13,110 @@ pub struct Delivery {
     pub attempt: u32,
     /// When it arrived (ms since the epoch).
     pub received_ms: u64,
+    /// What the sink answered (2xx accepts the delivery; failure injection answers others).
+    pub status: u16,
+    /// Whether its signature verified; `None` when the sink was given no secret.
+    pub signature_ok: Option<bool>,
 }
 
 /// What a run's deliveries add up to, against what was scheduled.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Report {
     pub scheduled: usize,
-    /// Scheduled jobs delivered at least once.
+    /// Scheduled jobs delivered (an attempt accepted) at least once.
     pub delivered: usize,
+    /// Every attempt the sink saw, accepted or not.
+    pub attempts: usize,
+    /// Attempts the sink answered with a failure (injected 500s and 429s).
+    pub refused_by_sink: usize,
     /// Scheduled jobs never delivered, a few of them named.
     pub missing: usize,
     pub missing_examples: Vec<String>,
-    /// Deliveries beyond the first of a job (same key: allowed by the contract, counted).
+    /// Accepted deliveries beyond the first of a job (same key: allowed by the contract, counted).
     pub duplicates: usize,
-    /// Repeats that carried another key than the job's first delivery: a contract breach.
+    /// Attempts that carried another key than the job's first attempt: a contract breach.
     pub duplicates_with_another_key: usize,
-    /// Jobs whose first delivery came before their due time (beyond `early_margin_ms`).
+    /// Jobs whose first attempt came before their due time (beyond `early_margin_ms`).
     pub early: usize,
+    /// Attempts whose signature did not verify (only checked when the sink has the secret).
+    pub bad_signatures: usize,
     /// Deliveries of jobs that were never scheduled by this run.
     pub unexpected: usize,
-    /// Lateness of each job's first delivery (received − due), ms, in no order.
+    /// Lateness of each job's first attempt (received − due), ms, in no order.
     pub lateness_ms: Vec<u64>,
+    /// Accepted deliveries per second between the first and the last one (0 for fewer than two).
+    pub delivery_rate_per_s: f64,
 }
 
 impl Report {
-    /// Nothing lost, nothing early, no repeat with another key, nothing unexpected.
+    /// Nothing lost, nothing early, no repeat with another key, nothing unexpected, every
+    /// checked signature good.
     pub fn passes(&self) -> bool {
-        self.missing == 0 && self.early == 0 && self.duplicates_with_another_key == 0 && self.unexpected == 0
+        self.missing == 0
+            && self.early == 0
+            && self.duplicates_with_another_key == 0
+            && self.unexpected == 0
+            && self.bad_signatures == 0
     }
 }
 
-/// Accounts `deliveries` against `scheduled` (job id → due time, ms). A first delivery
+/// Accounts `deliveries` against `scheduled` (job id → due time, ms). A first attempt
 /// earlier than its due time by more than `early_margin_ms` (clock granularity between
 /// the scheduler and the sink) counts as early.
 pub fn account(scheduled: &HashMap<String, u64>, deliveries: &[Delivery], early_margin_ms: u64) -> Report {
-    let mut first: HashMap<&str, &Delivery> = HashMap::new();
-    let mut report = Report { scheduled: scheduled.len(), ..Report::default() };
+    let mut first_attempt: HashMap<&str, &Delivery> = HashMap::new();
+    let mut accepted: HashMap<&str, usize> = HashMap::new();
+    let mut accepted_ms: Vec<u64> = Vec::new();
+    let mut report = Report { scheduled: scheduled.len(), attempts: deliveries.len(), ..Report::default() };
     let mut ordered: Vec<&Delivery> = deliveries.iter().collect();
     ordered.sort_by_key(|d| d.received_ms);
     for delivery in ordered {
+        if delivery.signature_ok == Some(false) {
+            report.bad_signatures += 1;
+        }
+        let is_accepted = (200..300).contains(&delivery.status);
+        if !is_accepted {
+            report.refused_by_sink += 1;
+        }
         if !scheduled.contains_key(&delivery.job_id) {
             report.unexpected += 1;
             continue;
         }
-        match first.get(delivery.job_id.as_str()) {
+        match first_attempt.get(delivery.job_id.as_str()) {
             None => {
-                first.insert(&delivery.job_id, delivery);
+                first_attempt.insert(&delivery.job_id, delivery);
             }
-            Some(earlier) => {
+            Some(earlier) if earlier.idempotency_key != delivery.idempotency_key => {
+                report.duplicates_with_another_key += 1;
+            }
+            Some(_) => {}
+        }
+        if is_accepted {
+            accepted_ms.push(delivery.received_ms);
+            let times = accepted.entry(&delivery.job_id).or_default();
+            *times += 1;
+            if *times > 1 {
                 report.duplicates += 1;
-                if earlier.idempotency_key != delivery.idempotency_key {
-                    report.duplicates_with_another_key += 1;
-                }
             }
+        }
+    }
+    if let (Some(first_ms), Some(last_ms)) = (accepted_ms.first(), accepted_ms.last()) {
+        if last_ms > first_ms {
+            report.delivery_rate_per_s = (accepted_ms.len() - 1) as f64 * 1_000.0 / (last_ms - first_ms) as f64;
         }
     }
     let mut missing: Vec<&String> = Vec::new();
     for (id, due_ms) in scheduled {
-        match first.get(id.as_str()) {
-            Some(delivery) => {
-                report.delivered += 1;
-                if delivery.received_ms + early_margin_ms < *due_ms {
-                    report.early += 1;
-                }
-                report.lateness_ms.push(delivery.received_ms.saturating_sub(*due_ms));
+        if let Some(attempt) = first_attempt.get(id.as_str()) {
+            if attempt.received_ms + early_margin_ms < *due_ms {
+                report.early += 1;
             }
-            None => missing.push(id),
+            report.lateness_ms.push(attempt.received_ms.saturating_sub(*due_ms));
+        }
+        if accepted.contains_key(id.as_str()) {
+            report.delivered += 1;
+        } else {
+            missing.push(id);
         }
     }
     missing.sort();
@@ -91,7 +130,14 @@ mod tests {
     use super::*;
 
     fn delivery(id: &str, key: &str, at: u64) -> Delivery {
-        Delivery { job_id: id.into(), idempotency_key: key.into(), attempt: 1, received_ms: at }
+        Delivery {
+            job_id: id.into(),
+            idempotency_key: key.into(),
+            attempt: 1,
+            received_ms: at,
+            status: 200,
+            signature_ok: None,
+        }
     }
 
     fn scheduled(jobs: &[(&str, u64)]) -> HashMap<String, u64> {
@@ -141,5 +187,58 @@ mod tests {
         let plan = scheduled(&[("a", 100)]);
         let report = account(&plan, &[delivery("a", "k", 100), delivery("zzz", "k", 100)], 0);
         assert_eq!((report.unexpected, report.passes()), (1, false));
+    }
+}
+
+#[cfg(test)]
+mod failure_tests {
+    use super::*;
+
+    fn attempt(id: &str, attempt: u32, at: u64, status: u16) -> Delivery {
+        Delivery {
+            job_id: id.into(),
+            idempotency_key: format!("{id}:100"),
+            attempt,
+            received_ms: at,
+            status,
+            signature_ok: None,
+        }
+    }
+
+    #[test]
+    fn a_job_refused_by_the_sink_then_accepted_counts_once_and_is_late_by_its_first_attempt() {
+        let plan: HashMap<String, u64> = [("a".to_string(), 100)].into();
+        let report =
+            account(&plan, &[attempt("a", 1, 102, 500), attempt("a", 2, 400, 429), attempt("a", 3, 900, 200)], 0);
+        assert!(report.passes(), "{report:?}");
+        assert_eq!((report.delivered, report.attempts, report.refused_by_sink, report.duplicates), (1, 3, 2, 0));
+        assert_eq!(report.lateness_ms, [2]);
+    }
+
+    #[test]
+    fn a_job_only_ever_refused_is_missing() {
+        let plan: HashMap<String, u64> = [("a".to_string(), 100)].into();
+        let report = account(&plan, &[attempt("a", 1, 100, 500), attempt("a", 2, 300, 500)], 0);
+        assert_eq!((report.delivered, report.missing, report.passes()), (0, 1, false));
+    }
+
+    #[test]
+    fn a_bad_signature_fails_the_run() {
+        let plan: HashMap<String, u64> = [("a".to_string(), 100)].into();
+        let mut forged = attempt("a", 1, 100, 200);
+        forged.signature_ok = Some(false);
+        let report = account(&plan, &[forged], 0);
+        assert_eq!((report.bad_signatures, report.passes()), (1, false));
+        let mut good = attempt("a", 1, 100, 200);
+        good.signature_ok = Some(true);
+        assert!(account(&plan, &[good], 0).passes());
+    }
+
+    #[test]
+    fn the_delivery_rate_spans_the_first_to_the_last_accepted_delivery() {
+        let plan: HashMap<String, u64> = (0..101).map(|i| (i.to_string(), 0)).collect();
+        let deliveries: Vec<Delivery> = (0..101).map(|i| attempt(&i.to_string(), 1, 1_000 + i * 10, 200)).collect();
+        let report = account(&plan, &deliveries, 0);
+        assert!((report.delivery_rate_per_s - 100.0).abs() < 1e-9, "{}", report.delivery_rate_per_s);
     }
 }

@@ -1,0 +1,187 @@
+//! The node or cluster under load, over the binary protocol (a `ClusterClient` per
+//! connection: each job goes to its partition's leader) or over HTTP/JSON (a fixed number of
+//! keep-alive HTTP/1.1 connections, spread over the given members, which forward).
+//! Every call answers one HTTP-style status per item; 0 means no answer (transport failure).
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use sundial_net::{ClientOptions, ClusterClient};
+use tokio::sync::{Mutex, Semaphore};
+
+/// Status for an item that got no answer (connection failed, timed out).
+pub const NO_ANSWER: u16 = 0;
+/// HTTP connections at most (each one is a socket and a task).
+pub const HTTP_CONNECTIONS_MAX: usize = 1_024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    Binary,
+    Http,
+}
+
+pub struct Target {
+    transport: Transport,
+    next: AtomicUsize,
+}
+
+enum Transport {
+    Binary(Vec<Arc<ClusterClient>>),
+    Http(HttpPool),
+}
+
+impl Target {
+    /// Connects `connections` times (binary) or prepares a pool of that many (HTTP).
+    pub async fn connect(
+        protocol: Protocol,
+        members: &[SocketAddr],
+        connections: usize,
+        token: Option<String>,
+    ) -> Result<Target, String> {
+        if members.is_empty() {
+            return Err("--node: give at least one address".into());
+        }
+        let connections = connections.clamp(1, HTTP_CONNECTIONS_MAX);
+        let transport = match protocol {
+            Protocol::Binary => {
+                let options = ClientOptions { token, ..ClientOptions::default() };
+                let mut clients = Vec::with_capacity(connections);
+                for _ in 0..connections {
+                    let client = ClusterClient::connect(members, options.clone()).await.map_err(|e| e.to_string())?;
+                    clients.push(Arc::new(client));
+                }
+                Transport::Binary(clients)
+            }
+            Protocol::Http => Transport::Http(HttpPool::new(members.to_vec(), connections, token)),
+        };
+        Ok(Target { transport, next: AtomicUsize::new(0) })
+    }
+
+    fn pick(&self) -> usize {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Creates the jobs (one frame or one `POST /jobs/batch` for more than one).
+    pub async fn create_many(&self, requests: Vec<Value>) -> Vec<u16> {
+        let count = requests.len();
+        match &self.transport {
+            Transport::Binary(clients) => match clients[self.pick() % clients.len()].create_many(&requests).await {
+                Ok(items) => items.iter().map(|item| item.status).collect(),
+                Err(_) => vec![NO_ANSWER; count],
+            },
+            Transport::Http(pool) if count == 1 => {
+                let body = requests.into_iter().next().unwrap_or_default().to_string();
+                vec![pool.send("POST", "/jobs", body, self.pick()).await.map_or(NO_ANSWER, |(status, _)| status)]
+            }
+            Transport::Http(pool) => {
+                let body = json!({ "jobs": requests }).to_string();
+                match pool.send("POST", "/jobs/batch", body, self.pick()).await {
+                    Ok((200, answer)) => {
+                        let parsed: Value = serde_json::from_slice(&answer).unwrap_or_default();
+                        let statuses: Vec<u16> = parsed["results"]
+                            .as_array()
+                            .map(|results| results.iter().map(|r| r["status"].as_u64().unwrap_or(0) as u16).collect())
+                            .unwrap_or_default();
+                        if statuses.len() == count {
+                            statuses
+                        } else {
+                            vec![NO_ANSWER; count]
+                        }
+                    }
+                    Ok((status, _)) => vec![status; count],
+                    Err(_) => vec![NO_ANSWER; count],
+                }
+            }
+        }
+    }
+
+    /// Reads a job (linearizable).
+    pub async fn get(&self, id: &str) -> u16 {
+        match &self.transport {
+            Transport::Binary(clients) => {
+                clients[self.pick() % clients.len()].get(id).await.map_or(NO_ANSWER, |item| item.status)
+            }
+            Transport::Http(pool) => {
+                pool.send("GET", &format!("/jobs/{id}"), String::new(), self.pick()).await.map_or(NO_ANSWER, |a| a.0)
+            }
+        }
+    }
+
+    pub async fn cancel(&self, id: &str) -> u16 {
+        match &self.transport {
+            Transport::Binary(clients) => {
+                clients[self.pick() % clients.len()].cancel(id).await.map_or(NO_ANSWER, |item| item.status)
+            }
+            Transport::Http(pool) => pool
+                .send("POST", &format!("/jobs/{id}/cancel"), String::new(), self.pick())
+                .await
+                .map_or(NO_ANSWER, |a| a.0),
+        }
+    }
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// At most `connections` HTTP/1.1 connections, each carrying one request at a time (no
+/// pipelining); a request waits for a free one. A connection that fails is dropped and a
+/// new one opened on the next request.
+pub(crate) struct HttpPool {
+    members: Vec<SocketAddr>,
+    token: Option<String>,
+    free: Semaphore,
+    idle: Mutex<Vec<Sender>>,
+}
+
+impl HttpPool {
+    pub(crate) fn new(members: Vec<SocketAddr>, connections: usize, token: Option<String>) -> HttpPool {
+        HttpPool {
+            members,
+            token,
+            free: Semaphore::new(connections),
+            idle: Mutex::new(Vec::with_capacity(connections)),
+        }
+    }
+
+    pub(crate) async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: String,
+        pick: usize,
+    ) -> Result<(u16, Bytes), String> {
+        let _connection = self.free.acquire().await.map_err(|e| e.to_string())?;
+        let reused = self.idle.lock().await.pop();
+        let mut sender = match reused {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => self.open(self.members[pick % self.members.len()]).await?,
+        };
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "sundial")
+            .header("content-type", "application/json");
+        if let Some(token) = &self.token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
+        sender.ready().await.map_err(|e| e.to_string())?;
+        let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let answer = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        self.idle.lock().await.push(sender);
+        Ok((status, answer))
+    }
+
+    async fn open(&self, addr: SocketAddr) -> Result<Sender, String> {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("{addr}: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+}
