@@ -18,7 +18,9 @@ pub enum StorageError {
 ///
 /// Contract: entries are contiguous from `first_index()` to `last_index()`; `term(i)` answers
 /// for `first_index() - 1 ..= last_index()` (the index before the first is the snapshot's);
-/// `snapshot()` returns the newest snapshot, whose index is `first_index() - 1`.
+/// `snapshot()` returns the newest snapshot, whose index is `first_index() - 1`. It lends
+/// rather than copies: the snapshot holds the whole state machine, and callers that only
+/// need its index or a chunk of it must not pay a copy of all of it.
 pub trait Storage {
     fn initial_state(&self) -> (HardState, ConfState);
     /// Entries `[low, high)`, stopping early (but returning at least one) past `max_bytes`.
@@ -26,7 +28,7 @@ pub trait Storage {
     fn term(&self, index: Index) -> Result<Term, StorageError>;
     fn first_index(&self) -> Index;
     fn last_index(&self) -> Index;
-    fn snapshot(&self) -> Snapshot;
+    fn snapshot(&self) -> &Snapshot;
 }
 
 /// The persisted state of one node, in memory: what survives a simulated crash.
@@ -120,8 +122,8 @@ impl Storage for MemStorage {
         self.snapshot.meta.index + self.entries.len() as u64
     }
 
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot.clone()
+    fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 }
 

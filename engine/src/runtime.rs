@@ -644,6 +644,16 @@ impl<L: CommandLog> Runtime<L> {
             };
             let retry_at_ms = result.finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms));
             match &result.outcome {
+                // A delivered attempt is routine (debug: one line per fire is too many at
+                // volume); an answer that is not 2xx is worth an operator's eye.
+                Outcome::Response { status, .. } if (200..300).contains(status) => tracing::debug!(
+                    job_id = %result.job_id,
+                    fire_ms = result.fire_ms,
+                    attempt = result.attempt,
+                    status,
+                    latency_ms = result.finished_ms.saturating_sub(result.started_ms),
+                    "attempt answered"
+                ),
                 Outcome::Response { status, .. } => tracing::info!(
                     job_id = %result.job_id,
                     fire_ms = result.fire_ms,

@@ -135,7 +135,9 @@ pub fn create_answer(state: &State, id: &str, verdict: Result<Applied, ApplyErro
         Ok(applied) => {
             let status = if applied == Applied::Created { 201 } else { 200 };
             if status == 201 {
-                tracing::info!(job_id = %id, "job created");
+                // Debug, not info: at tens of thousands of creates a second one line per
+                // job costs more CPU than the create (measured: docs/BENCHMARKS.md).
+                tracing::debug!(job_id = %id, "job created");
             }
             with_job(state, id, |job| answer(status, job_view(job)))
         }

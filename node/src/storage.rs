@@ -179,8 +179,8 @@ impl Storage for WalStorage {
         self.wal.last_index().max(self.snapshot.meta.index)
     }
 
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot.clone()
+    fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
     }
 }
 
