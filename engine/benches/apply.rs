@@ -1,0 +1,73 @@
+//! Criterion benchmark of a create's CPU path through the state machine: parsing and
+//! validating a job request, the log record (the command as the Raft log stores it, JSON,
+//! encoded and decoded), applying a create (then a delete, so the state stays at 100k jobs),
+//! and a snapshot of 100k jobs taken and restored. Figures: docs/BENCHMARKS.md.
+//! Run: `cargo bench -p sundial-engine --bench apply`.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use serde_json::json;
+use std::hint::black_box;
+use sundial_engine::request::parse_job_request;
+use sundial_engine::state::{Command, State};
+
+const NOW_MS: u64 = 1_790_000_000_000;
+const JOBS: u64 = 100_000;
+
+fn request(i: u64) -> serde_json::Value {
+    json!({
+        "id": format!("bench-{i}"), "run_at": NOW_MS + 3_600_000, "url": "http://127.0.0.1:40000/hook",
+        "json": {"i": i}, "retry": {"max_attempts": 10, "initial_backoff_ms": 100, "max_backoff_ms": 2000},
+    })
+}
+
+fn create(i: u64) -> Command {
+    let spec = parse_job_request(&request(i), NOW_MS, "unused").expect("a valid request");
+    Command::Create { spec: Box::new(spec), now_ms: NOW_MS }
+}
+
+fn filled() -> State {
+    let mut state = State::new();
+    for i in 0..JOBS {
+        state.apply(create(i)).expect("created");
+    }
+    state
+}
+
+fn apply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("state");
+    group.throughput(Throughput::Elements(1));
+    let value = request(7);
+    group.bench_function("parse_request", |b| b.iter(|| parse_job_request(black_box(&value), NOW_MS, "unused")));
+    let command = create(7);
+    group.bench_function("log_record_encode_decode", |b| {
+        b.iter(|| {
+            let bytes = serde_json::to_vec(black_box(&command)).expect("serializes");
+            serde_json::from_slice::<Command>(&bytes).expect("deserializes")
+        })
+    });
+    let mut state = filled();
+    let mut next = JOBS;
+    group.bench_function("apply_create_then_delete_at_100k_jobs", |b| {
+        b.iter_batched(
+            || {
+                next += 1;
+                (create(next), format!("bench-{next}"))
+            },
+            |(command, id)| {
+                state.apply(command).expect("created");
+                state.apply(Command::Delete { id }).expect("deleted")
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.throughput(Throughput::Elements(JOBS));
+    group.sample_size(10);
+    let state = filled();
+    group.bench_function("snapshot_100k_jobs", |b| b.iter(|| state.snapshot().len()));
+    let bytes = state.snapshot();
+    group.bench_function("restore_100k_jobs", |b| b.iter(|| State::restore(black_box(&bytes)).expect("restores")));
+    group.finish();
+}
+
+criterion_group!(benches, apply);
+criterion_main!(benches);
