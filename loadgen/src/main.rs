@@ -5,7 +5,7 @@
 
 use clap::Parser;
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -173,7 +173,7 @@ struct FireArgs {
     /// Where the sink listens (the node must be allowed to call it: --allow-loopback-targets).
     #[arg(long, default_value = "127.0.0.1:0")]
     sink: SocketAddr,
-    /// How long to wait for the last deliveries after the last job is due, seconds.
+    /// After the last job is due, stop waiting once no delivery arrived for this long, seconds.
     #[arg(long, default_value_t = 30)]
     grace_seconds: u64,
     /// A delivery this much before its due time still counts as on time (clock granularity), ms.
@@ -276,7 +276,9 @@ impl Load {
     }
 
     /// The fields every results file has.
-    fn results(&self, scenario: &str, plan: &Plan, driven: &Driven) -> serde_json::Map<String, Value> {
+    fn results(&self, scenario: &str, plan: &Plan, driven: &Driven, target: &Target) -> serde_json::Map<String, Value> {
+        let examples: serde_json::Map<String, Value> =
+            target.error_examples().into_iter().map(|(status, body)| (status.to_string(), json!(body))).collect();
         let ops: serde_json::Map<String, Value> = driven
             .ops
             .iter()
@@ -294,7 +296,7 @@ impl Load {
             "rate_per_s": plan.rate_per_s, "window": plan.window, "batch": plan.batch,
             "connections": self.connections, "seconds": plan.duration.as_secs(),
             "elapsed_s": driven.elapsed.as_secs_f64(), "requests": driven.requests,
-            "ok_per_s": driven.ok_per_s(), "ops": ops,
+            "ok_per_s": driven.ok_per_s(), "ops": ops, "error_examples": examples,
         });
         value.as_object().cloned().unwrap_or_default()
     }
@@ -321,9 +323,12 @@ fn print_tables(columns: &[(&str, &Latencies)]) {
     }
 }
 
-fn print_ops(driven: &Driven) {
+fn print_ops(driven: &Driven, target: &Target) {
     for (op, stats) in &driven.ops {
         println!("{op}: {} ok, {} failed, statuses {:?}", stats.ok(), stats.failed(), stats.statuses);
+    }
+    for (status, body) in target.error_examples() {
+        println!("  e.g. {status}: {body}");
     }
     println!(
         "{} requests in {:.2} s: {:.0} ok items/s",
@@ -409,7 +414,7 @@ async fn ingest(load: Load, due_in_s: u64) -> Result<bool, String> {
             lost.push(id.clone());
         }
     }
-    print_ops(&driven);
+    print_ops(&driven, &target);
     let creates = driven.ops.get("create").map(|s| &s.latencies);
     if let Some(creates) = creates {
         print_tables(&[("create", creates)]);
@@ -418,7 +423,7 @@ async fn ingest(load: Load, due_in_s: u64) -> Result<bool, String> {
     println!("read back {} acknowledged jobs: {} lost; server errors: {server_errors}", sample.len(), lost.len());
     let pass = lost.is_empty() && server_errors == 0;
     println!("verdict: {}", if pass { "pass" } else { "FAIL" });
-    let mut results = load.results("ingest", &plan, &driven);
+    let mut results = load.results("ingest", &plan, &driven, &target);
     results.insert("read_back".into(), json!(sample.len()));
     results.insert("lost".into(), json!(lost));
     results.insert("pass".into(), json!(pass));
@@ -459,6 +464,7 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
     let url = format!("http://{sink_addr}/hook");
     let together_ms = receiver::now_ms() + 50 + plan.duration.as_millis() as u64 + args.due_after_ms;
     let scheduled: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let uncertain: Arc<Mutex<HashSet<String>>> = Arc::default();
     let memory = soak.as_ref().map(|(pids, sample_s)| sample_memory(pids.clone(), *sample_s));
     let driven = drive(&plan, |i, intended_ms| {
         let due_ms = if args.due_together { together_ms } else { intended_ms + args.due_after_ms };
@@ -474,14 +480,21 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
                 request
             })
             .collect();
-        let (target, scheduled) = (target.clone(), scheduled.clone());
+        let (target, scheduled, uncertain) = (target.clone(), scheduled.clone(), uncertain.clone());
         async move {
             let ids: Vec<String> = requests.iter().map(|r| r["id"].as_str().unwrap_or_default().to_string()).collect();
             let statuses = target.create_many(requests).await;
-            if let Ok(mut scheduled) = scheduled.lock() {
+            if let (Ok(mut scheduled), Ok(mut uncertain)) = (scheduled.lock(), uncertain.lock()) {
                 for (id, status) in ids.into_iter().zip(&statuses) {
-                    if (200..300).contains(status) {
-                        scheduled.insert(id, due_ms);
+                    match status {
+                        200..=299 => {
+                            scheduled.insert(id, due_ms);
+                        }
+                        // No answer, or a server error: the create may have happened.
+                        0 | 500.. => {
+                            uncertain.insert(id);
+                        }
+                        _ => {}
                     }
                 }
             }
@@ -490,6 +503,7 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
     })
     .await;
     let scheduled = scheduled.lock().map(|s| s.clone()).unwrap_or_default();
+    let uncertain = uncertain.lock().map(|s| s.clone()).unwrap_or_default();
     wait_for_deliveries(&scheduled, &recorded, Duration::from_secs(args.grace_seconds)).await;
     let memory_samples = match memory {
         Some((task, samples)) => {
@@ -499,25 +513,26 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
         None => Vec::new(),
     };
     let deliveries = recorded.lock().map(|r| r.deliveries.clone()).unwrap_or_default();
-    let report = sink::account(&scheduled, &deliveries, args.early_margin_ms);
+    let report = sink::account(&scheduled, &uncertain, &deliveries, args.early_margin_ms);
     let mut lateness = Latencies::new();
     for ms in &report.lateness_ms {
         lateness.record_us(ms * 1_000);
     }
     let lateness_timeline = lateness_over_time(&scheduled, &deliveries, plan.duration);
-    print_ops(&driven);
+    print_ops(&driven, &target);
     let empty = Latencies::new();
     let creates = driven.ops.get("create").map_or(&empty, |s| &s.latencies);
     print_tables(&[("create", creates), ("lateness", &lateness)]);
     println!(
-        "acknowledged {}; delivered {} ({:.0}/s), missing {}, duplicates {} ({} with another key), early {}, unexpected {}, attempts {} ({} refused by the sink), bad signatures {}",
+        "acknowledged {}; delivered {} ({:.0}/s), missing {}, duplicates {} ({} with another key), early {}, unexpected {}, attempts {} ({} refused by the sink), bad signatures {}; creates without a definite answer {} ({} of them delivered)",
         report.scheduled, report.delivered, report.delivery_rate_per_s, report.missing, report.duplicates,
-        report.duplicates_with_another_key, report.early, report.unexpected, report.attempts, report.refused_by_sink, report.bad_signatures
+        report.duplicates_with_another_key, report.early, report.unexpected, report.attempts, report.refused_by_sink, report.bad_signatures,
+        uncertain.len(), report.uncertain_delivered
     );
     if !report.missing_examples.is_empty() {
         println!("missing, e.g.: {}", report.missing_examples.join(", "));
     }
-    let mut results = load.results(scenario, &plan, &driven);
+    let mut results = load.results(scenario, &plan, &driven, &target);
     if soak.is_some() {
         let drift = drift(&lateness_timeline);
         println!("lateness p99 drift (first tenth → last tenth): {drift}");
@@ -538,7 +553,8 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
             "acknowledged": report.scheduled, "delivered": report.delivered, "missing": report.missing,
             "missing_examples": report.missing_examples, "duplicates": report.duplicates,
             "duplicates_with_another_key": report.duplicates_with_another_key, "early": report.early,
-            "unexpected": report.unexpected, "attempts": report.attempts, "refused_by_sink": report.refused_by_sink,
+            "unexpected": report.unexpected, "uncertain_creates": uncertain.len(),
+            "uncertain_delivered": report.uncertain_delivered, "attempts": report.attempts, "refused_by_sink": report.refused_by_sink,
             "bad_signatures": report.bad_signatures, "deliveries_per_s": report.delivery_rate_per_s,
             "fire_lateness_us": table_json(&lateness), "pass": pass,
         })
@@ -558,21 +574,31 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
     Ok(pass)
 }
 
-/// Waits until every scheduled job has an accepted delivery, or the last due time plus `grace`.
+/// Waits until every scheduled job has an accepted delivery; or, after the last due time,
+/// until `grace` passes with no new delivery (an overloaded target is slow, not lossy, as
+/// long as deliveries keep coming); and never longer than `WAIT_MAX` after the last due time.
 async fn wait_for_deliveries(scheduled: &HashMap<String, u64>, recorded: &Mutex<receiver::Recorded>, grace: Duration) {
+    const WAIT_MAX: Duration = Duration::from_secs(20 * 60);
     let last_due = scheduled.values().copied().max().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_millis(last_due.saturating_sub(receiver::now_ms())) + grace;
-    // Bounded by the deadline.
-    while Instant::now() < deadline {
-        let all_there = recorded
+    let due_over = Instant::now() + Duration::from_millis(last_due.saturating_sub(receiver::now_ms()));
+    let (mut seen, mut last_progress) = (0, Instant::now());
+    // Bounded by WAIT_MAX.
+    while Instant::now() < due_over + WAIT_MAX {
+        let (count, all_there) = recorded
             .lock()
             .map(|r| {
-                let accepted: std::collections::HashSet<&str> =
+                let accepted: HashSet<&str> =
                     r.deliveries.iter().filter(|d| (200..300).contains(&d.status)).map(|d| d.job_id.as_str()).collect();
-                scheduled.keys().all(|id| accepted.contains(id.as_str()))
+                (r.deliveries.len(), scheduled.keys().all(|id| accepted.contains(id.as_str())))
             })
-            .unwrap_or(false);
+            .unwrap_or((0, false));
         if all_there {
+            break;
+        }
+        if count > seen {
+            (seen, last_progress) = (count, Instant::now());
+        }
+        if Instant::now() > due_over + grace && last_progress.elapsed() > grace {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -729,7 +755,7 @@ async fn mixed(load: Load, mix: &str, due_in_s: u64) -> Result<bool, String> {
         }
     })
     .await;
-    print_ops(&driven);
+    print_ops(&driven, &target);
     let columns: Vec<(&str, &Latencies)> = driven.ops.iter().map(|(op, s)| (*op, &s.latencies)).collect();
     print_tables(&columns);
     let lost: u64 = ["get", "cancel"]
@@ -741,7 +767,7 @@ async fn mixed(load: Load, mix: &str, due_in_s: u64) -> Result<bool, String> {
     println!("acknowledged jobs answered 404: {lost}; server errors: {server_errors}");
     let pass = lost == 0 && server_errors == 0;
     println!("verdict: {}", if pass { "pass" } else { "FAIL" });
-    let mut results = load.results("mixed", &plan, &driven);
+    let mut results = load.results("mixed", &plan, &driven, &target);
     results.insert(
         "mix".into(),
         json!(mix.iter().map(|(op, w)| (op.to_string(), json!(w))).collect::<serde_json::Map<_, _>>()),

@@ -3,7 +3,7 @@
 //! first one's idempotency key), which arrived before their time, and which carried a bad
 //! signature. Pure: deliveries in, a report out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// One delivery the sink received.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,8 +40,11 @@ pub struct Report {
     pub early: usize,
     /// Attempts whose signature did not verify (only checked when the sink has the secret).
     pub bad_signatures: usize,
-    /// Deliveries of jobs that were never scheduled by this run.
+    /// Deliveries of jobs this run never asked for, or whose create was refused outright.
     pub unexpected: usize,
+    /// Jobs whose create had no definite answer (no answer, or a 5xx) that were delivered
+    /// anyway: allowed (the create may have happened), counted, not checked further.
+    pub uncertain_delivered: usize,
     /// Lateness of each job's first attempt (received − due), ms, in no order.
     pub lateness_ms: Vec<u64>,
     /// Accepted deliveries per second between the first and the last one (0 for fewer than two).
@@ -60,10 +63,17 @@ impl Report {
     }
 }
 
-/// Accounts `deliveries` against `scheduled` (job id → due time, ms). A first attempt
-/// earlier than its due time by more than `early_margin_ms` (clock granularity between
-/// the scheduler and the sink) counts as early.
-pub fn account(scheduled: &HashMap<String, u64>, deliveries: &[Delivery], early_margin_ms: u64) -> Report {
+/// Accounts `deliveries` against `scheduled` (acknowledged job id → due time, ms) and
+/// `uncertain` (ids whose create got no definite answer: they may exist). A first attempt
+/// earlier than its due time by more than `early_margin_ms` (clock granularity between the
+/// scheduler and the sink) counts as early.
+pub fn account(
+    scheduled: &HashMap<String, u64>,
+    uncertain: &HashSet<String>,
+    deliveries: &[Delivery],
+    early_margin_ms: u64,
+) -> Report {
+    let mut uncertain_seen: HashSet<&str> = HashSet::new();
     let mut first_attempt: HashMap<&str, &Delivery> = HashMap::new();
     let mut accepted: HashMap<&str, usize> = HashMap::new();
     let mut accepted_ms: Vec<u64> = Vec::new();
@@ -79,7 +89,11 @@ pub fn account(scheduled: &HashMap<String, u64>, deliveries: &[Delivery], early_
             report.refused_by_sink += 1;
         }
         if !scheduled.contains_key(&delivery.job_id) {
-            report.unexpected += 1;
+            if uncertain.contains(&delivery.job_id) {
+                uncertain_seen.insert(&delivery.job_id);
+            } else {
+                report.unexpected += 1;
+            }
             continue;
         }
         match first_attempt.get(delivery.job_id.as_str()) {
@@ -119,6 +133,7 @@ pub fn account(scheduled: &HashMap<String, u64>, deliveries: &[Delivery], early_
             missing.push(id);
         }
     }
+    report.uncertain_delivered = uncertain_seen.len();
     missing.sort();
     report.missing = missing.len();
     report.missing_examples = missing.into_iter().take(10).cloned().collect();
@@ -147,7 +162,7 @@ mod tests {
     #[test]
     fn a_clean_run_passes_with_its_lateness() {
         let plan = scheduled(&[("a", 100), ("b", 200)]);
-        let report = account(&plan, &[delivery("a", "ka", 103), delivery("b", "kb", 200)], 0);
+        let report = account(&plan, &HashSet::new(), &[delivery("a", "ka", 103), delivery("b", "kb", 200)], 0);
         assert!(report.passes(), "{report:?}");
         assert_eq!((report.delivered, report.missing, report.duplicates), (2, 0, 0));
         let mut lateness = report.lateness_ms.clone();
@@ -158,7 +173,7 @@ mod tests {
     #[test]
     fn a_lost_job_fails_the_run_and_is_named() {
         let plan = scheduled(&[("a", 100), ("b", 200)]);
-        let report = account(&plan, &[delivery("a", "ka", 100)], 0);
+        let report = account(&plan, &HashSet::new(), &[delivery("a", "ka", 100)], 0);
         assert!(!report.passes());
         assert_eq!((report.missing, report.missing_examples.clone()), (1, vec!["b".to_string()]));
     }
@@ -166,8 +181,8 @@ mod tests {
     #[test]
     fn an_early_delivery_fails_beyond_the_margin_only() {
         let plan = scheduled(&[("a", 100)]);
-        assert_eq!(account(&plan, &[delivery("a", "k", 95)], 10).early, 0, "within the margin");
-        let report = account(&plan, &[delivery("a", "k", 89)], 10);
+        assert_eq!(account(&plan, &HashSet::new(), &[delivery("a", "k", 95)], 10).early, 0, "within the margin");
+        let report = account(&plan, &HashSet::new(), &[delivery("a", "k", 89)], 10);
         assert_eq!(report.early, 1);
         assert!(!report.passes());
     }
@@ -175,18 +190,26 @@ mod tests {
     #[test]
     fn repeats_are_counted_and_only_another_key_fails() {
         let plan = scheduled(&[("a", 100)]);
-        let same = account(&plan, &[delivery("a", "k", 100), delivery("a", "k", 150)], 0);
+        let same = account(&plan, &HashSet::new(), &[delivery("a", "k", 100), delivery("a", "k", 150)], 0);
         assert_eq!((same.duplicates, same.duplicates_with_another_key, same.passes()), (1, 0, true));
         // The first delivery is the earliest, whatever order they are reported in.
-        let other = account(&plan, &[delivery("a", "k2", 150), delivery("a", "k", 100)], 0);
+        let other = account(&plan, &HashSet::new(), &[delivery("a", "k2", 150), delivery("a", "k", 100)], 0);
         assert_eq!((other.duplicates, other.duplicates_with_another_key, other.passes()), (1, 1, false));
     }
 
     #[test]
     fn a_delivery_nobody_scheduled_fails_the_run() {
         let plan = scheduled(&[("a", 100)]);
-        let report = account(&plan, &[delivery("a", "k", 100), delivery("zzz", "k", 100)], 0);
+        let report = account(&plan, &HashSet::new(), &[delivery("a", "k", 100), delivery("zzz", "k", 100)], 0);
         assert_eq!((report.unexpected, report.passes()), (1, false));
+    }
+
+    #[test]
+    fn a_create_without_a_definite_answer_may_be_delivered() {
+        let plan = scheduled(&[("a", 100)]);
+        let uncertain: HashSet<String> = ["timed-out".to_string()].into();
+        let report = account(&plan, &uncertain, &[delivery("a", "k", 100), delivery("timed-out", "k2", 100)], 0);
+        assert_eq!((report.unexpected, report.uncertain_delivered, report.passes()), (0, 1, true));
     }
 }
 
@@ -208,8 +231,12 @@ mod failure_tests {
     #[test]
     fn a_job_refused_by_the_sink_then_accepted_counts_once_and_is_late_by_its_first_attempt() {
         let plan: HashMap<String, u64> = [("a".to_string(), 100)].into();
-        let report =
-            account(&plan, &[attempt("a", 1, 102, 500), attempt("a", 2, 400, 429), attempt("a", 3, 900, 200)], 0);
+        let report = account(
+            &plan,
+            &HashSet::new(),
+            &[attempt("a", 1, 102, 500), attempt("a", 2, 400, 429), attempt("a", 3, 900, 200)],
+            0,
+        );
         assert!(report.passes(), "{report:?}");
         assert_eq!((report.delivered, report.attempts, report.refused_by_sink, report.duplicates), (1, 3, 2, 0));
         assert_eq!(report.lateness_ms, [2]);
@@ -218,7 +245,7 @@ mod failure_tests {
     #[test]
     fn a_job_only_ever_refused_is_missing() {
         let plan: HashMap<String, u64> = [("a".to_string(), 100)].into();
-        let report = account(&plan, &[attempt("a", 1, 100, 500), attempt("a", 2, 300, 500)], 0);
+        let report = account(&plan, &HashSet::new(), &[attempt("a", 1, 100, 500), attempt("a", 2, 300, 500)], 0);
         assert_eq!((report.delivered, report.missing, report.passes()), (0, 1, false));
     }
 
@@ -227,18 +254,18 @@ mod failure_tests {
         let plan: HashMap<String, u64> = [("a".to_string(), 100)].into();
         let mut forged = attempt("a", 1, 100, 200);
         forged.signature_ok = Some(false);
-        let report = account(&plan, &[forged], 0);
+        let report = account(&plan, &HashSet::new(), &[forged], 0);
         assert_eq!((report.bad_signatures, report.passes()), (1, false));
         let mut good = attempt("a", 1, 100, 200);
         good.signature_ok = Some(true);
-        assert!(account(&plan, &[good], 0).passes());
+        assert!(account(&plan, &HashSet::new(), &[good], 0).passes());
     }
 
     #[test]
     fn the_delivery_rate_spans_the_first_to_the_last_accepted_delivery() {
         let plan: HashMap<String, u64> = (0..101).map(|i| (i.to_string(), 0)).collect();
         let deliveries: Vec<Delivery> = (0..101).map(|i| attempt(&i.to_string(), 1, 1_000 + i * 10, 200)).collect();
-        let report = account(&plan, &deliveries, 0);
+        let report = account(&plan, &HashSet::new(), &deliveries, 0);
         assert!((report.delivery_rate_per_s - 100.0).abs() < 1e-9, "{}", report.delivery_rate_per_s);
     }
 }

@@ -6,6 +6,7 @@
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,7 +27,13 @@ pub enum Protocol {
 pub struct Target {
     transport: Transport,
     next: AtomicUsize,
+    /// The first answer body seen for each status that is not 2xx (0: the transport error),
+    /// so a run's report can say what its failures were.
+    examples: std::sync::Mutex<BTreeMap<u16, String>>,
 }
+
+/// Bytes of an example answer kept.
+const EXAMPLE_BYTES_MAX: usize = 300;
 
 enum Transport {
     Binary(Vec<Arc<ClusterClient>>),
@@ -57,7 +64,37 @@ impl Target {
             }
             Protocol::Http => Transport::Http(HttpPool::new(members.to_vec(), connections, token)),
         };
-        Ok(Target { transport, next: AtomicUsize::new(0) })
+        Ok(Target { transport, next: AtomicUsize::new(0), examples: Default::default() })
+    }
+
+    /// One example answer per failing status seen so far.
+    pub fn error_examples(&self) -> BTreeMap<u16, String> {
+        self.examples.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    fn note(&self, status: u16, body: &[u8]) -> u16 {
+        if !(200..300).contains(&status) {
+            if let Ok(mut examples) = self.examples.lock() {
+                examples.entry(status).or_insert_with(|| {
+                    String::from_utf8_lossy(&body[..body.len().min(EXAMPLE_BYTES_MAX)]).into_owned()
+                });
+            }
+        }
+        status
+    }
+
+    fn note_item(&self, outcome: Result<sundial_net::Item, sundial_net::ClientError>) -> u16 {
+        match outcome {
+            Ok(item) => self.note(item.status, &item.body),
+            Err(e) => self.note(NO_ANSWER, e.to_string().as_bytes()),
+        }
+    }
+
+    fn note_http(&self, outcome: Result<(u16, Bytes), String>) -> u16 {
+        match outcome {
+            Ok((status, body)) => self.note(status, &body),
+            Err(e) => self.note(NO_ANSWER, e.as_bytes()),
+        }
     }
 
     fn pick(&self) -> usize {
@@ -69,12 +106,12 @@ impl Target {
         let count = requests.len();
         match &self.transport {
             Transport::Binary(clients) => match clients[self.pick() % clients.len()].create_many(&requests).await {
-                Ok(items) => items.iter().map(|item| item.status).collect(),
-                Err(_) => vec![NO_ANSWER; count],
+                Ok(items) => items.iter().map(|item| self.note(item.status, &item.body)).collect(),
+                Err(e) => vec![self.note(NO_ANSWER, e.to_string().as_bytes()); count],
             },
             Transport::Http(pool) if count == 1 => {
                 let body = requests.into_iter().next().unwrap_or_default().to_string();
-                vec![pool.send("POST", "/jobs", body, self.pick()).await.map_or(NO_ANSWER, |(status, _)| status)]
+                vec![self.note_http(pool.send("POST", "/jobs", body, self.pick()).await)]
             }
             Transport::Http(pool) => {
                 let body = json!({ "jobs": requests }).to_string();
@@ -83,7 +120,15 @@ impl Target {
                         let parsed: Value = serde_json::from_slice(&answer).unwrap_or_default();
                         let statuses: Vec<u16> = parsed["results"]
                             .as_array()
-                            .map(|results| results.iter().map(|r| r["status"].as_u64().unwrap_or(0) as u16).collect())
+                            .map(|results| {
+                                results
+                                    .iter()
+                                    .map(|r| {
+                                        let status = r["status"].as_u64().unwrap_or(0) as u16;
+                                        self.note(status, r["body"].to_string().as_bytes())
+                                    })
+                                    .collect()
+                            })
                             .unwrap_or_default();
                         if statuses.len() == count {
                             statuses
@@ -91,8 +136,8 @@ impl Target {
                             vec![NO_ANSWER; count]
                         }
                     }
-                    Ok((status, _)) => vec![status; count],
-                    Err(_) => vec![NO_ANSWER; count],
+                    Ok((status, body)) => vec![self.note(status, &body); count],
+                    Err(e) => vec![self.note(NO_ANSWER, e.as_bytes()); count],
                 }
             }
         }
@@ -101,24 +146,19 @@ impl Target {
     /// Reads a job (linearizable).
     pub async fn get(&self, id: &str) -> u16 {
         match &self.transport {
-            Transport::Binary(clients) => {
-                clients[self.pick() % clients.len()].get(id).await.map_or(NO_ANSWER, |item| item.status)
-            }
+            Transport::Binary(clients) => self.note_item(clients[self.pick() % clients.len()].get(id).await),
             Transport::Http(pool) => {
-                pool.send("GET", &format!("/jobs/{id}"), String::new(), self.pick()).await.map_or(NO_ANSWER, |a| a.0)
+                self.note_http(pool.send("GET", &format!("/jobs/{id}"), String::new(), self.pick()).await)
             }
         }
     }
 
     pub async fn cancel(&self, id: &str) -> u16 {
         match &self.transport {
-            Transport::Binary(clients) => {
-                clients[self.pick() % clients.len()].cancel(id).await.map_or(NO_ANSWER, |item| item.status)
+            Transport::Binary(clients) => self.note_item(clients[self.pick() % clients.len()].cancel(id).await),
+            Transport::Http(pool) => {
+                self.note_http(pool.send("POST", &format!("/jobs/{id}/cancel"), String::new(), self.pick()).await)
             }
-            Transport::Http(pool) => pool
-                .send("POST", &format!("/jobs/{id}/cancel"), String::new(), self.pick())
-                .await
-                .map_or(NO_ANSWER, |a| a.0),
         }
     }
 }

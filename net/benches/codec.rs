@@ -27,7 +27,8 @@ fn results_frame() -> Frame {
         .map(|i| Item {
             status: 201,
             retry_after_s: 0,
-            body: format!(r#"{{"id":"lg19a2b3c4d5e-{i}-0","status":"pending","next_run_at":1796000000000}}"#).into_bytes(),
+            body: format!(r#"{{"id":"lg19a2b3c4d5e-{i}-0","status":"pending","next_run_at":1796000000000}}"#)
+                .into_bytes(),
         })
         .collect();
     Frame::new(7, Message::Results { items })
