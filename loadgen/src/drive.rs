@@ -25,6 +25,8 @@ pub struct Plan {
     /// Items per request.
     pub batch: usize,
     pub duration: Duration,
+    /// In max-throughput mode, stop after this many requests even before `duration`.
+    pub requests_max: Option<u64>,
     /// Show the live progress line (on a terminal only).
     pub progress: bool,
 }
@@ -85,7 +87,7 @@ where
         let interval_ns = 1_000_000_000u128 * plan.batch.max(1) as u128 / u128::from(plan.rate_per_s);
         Pace { start, interval: Duration::from_nanos(interval_ns.clamp(1, u128::from(u64::MAX)) as u64) }
     });
-    let count = pace.map_or(u64::MAX, |pace| pace.count(plan.duration));
+    let count = pace.map_or(plan.requests_max.unwrap_or(u64::MAX), |pace| pace.count(plan.duration));
     let deadline = start + plan.duration;
     let mut requests = 0;
     tokio::time::sleep_until(start.into()).await;

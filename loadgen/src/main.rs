@@ -170,6 +170,11 @@ struct FireArgs {
     /// a backlog is delivered.
     #[arg(long)]
     due_together: bool,
+    /// Create all the jobs first, as fast as --window allows, due --rate per second from this
+    /// long after the start: fire lateness at that rate with no creates running beside the
+    /// fires. (--seconds × --rate jobs; creation must finish before the first is due.)
+    #[arg(long)]
+    schedule_ahead_ms: Option<u64>,
     /// Where the sink listens (the node must be allowed to call it: --allow-loopback-targets).
     #[arg(long, default_value = "127.0.0.1:0")]
     sink: SocketAddr,
@@ -251,6 +256,7 @@ impl Load {
             window: self.window,
             batch: self.batch,
             duration: Duration::from_secs(seconds),
+            requests_max: None,
             progress: !self.quiet,
         })
     }
@@ -439,7 +445,19 @@ fn count_status(driven: &Driven, matches: impl Fn(u16) -> bool) -> u64 {
 
 async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Result<bool, String> {
     let scenario = if soak.is_some() { "soak" } else { "fire" };
-    let plan = load.plan(if soak.is_some() { 600 } else { 10 })?;
+    let mut plan = load.plan(if soak.is_some() { 600 } else { 10 })?;
+    let jobs_planned = plan.rate_per_s * plan.duration.as_secs();
+    let ahead_start_ms = args.schedule_ahead_ms.map(|ahead_ms| receiver::now_ms() + ahead_ms);
+    if ahead_start_ms.is_some() {
+        if load.max || args.due_together {
+            return Err(
+                "--schedule-ahead-ms: give it a --rate (the fires' rate), without --max or --due-together".into()
+            );
+        }
+        // Creates go as fast as the window allows; the rate spaces the due times.
+        plan.requests_max = Some(jobs_planned.div_ceil(plan.batch as u64));
+        plan.rate_per_s = 0;
+    }
     let faults = Faults {
         fail_rate: args.sink_fail_rate,
         throttle_rate: args.sink_throttle_rate,
@@ -458,7 +476,12 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
         "{scenario}: {}; sink {sink_addr}, jobs due {} ms after their send{}",
         load.describe(&plan),
         args.due_after_ms,
-        if args.due_together { " (all at once, after the last)" } else { "" }
+        match (args.due_together, args.schedule_ahead_ms) {
+            (true, _) => " (all at once, after the last)".to_string(),
+            (_, Some(ahead_ms)) =>
+                format!(" — no: all created first, due {}/s from {ahead_ms} ms after the start", load.rate),
+            _ => String::new(),
+        }
     );
     let run = run_name();
     let url = format!("http://{sink_addr}/hook");
@@ -467,9 +490,13 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
     let uncertain: Arc<Mutex<HashSet<String>>> = Arc::default();
     let memory = soak.as_ref().map(|(pids, sample_s)| sample_memory(pids.clone(), *sample_s));
     let driven = drive(&plan, |i, intended_ms| {
-        let due_ms = if args.due_together { together_ms } else { intended_ms + args.due_after_ms };
         let requests: Vec<Value> = (0..plan.batch)
             .map(|j| {
+                let due_ms = match ahead_start_ms {
+                    Some(start_ms) => start_ms + (i * plan.batch as u64 + j as u64) * 1_000 / load.rate.max(1),
+                    None if args.due_together => together_ms,
+                    None => intended_ms + args.due_after_ms,
+                };
                 let mut request = json!({
                     "id": format!("{run}-{i}-{j}"), "run_at": due_ms, "url": url, "json": {"i": i, "j": j},
                     "retry": {"max_attempts": args.max_attempts, "initial_backoff_ms": 100, "max_backoff_ms": 2_000},
@@ -482,10 +509,13 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
             .collect();
         let (target, scheduled, uncertain) = (target.clone(), scheduled.clone(), uncertain.clone());
         async move {
-            let ids: Vec<String> = requests.iter().map(|r| r["id"].as_str().unwrap_or_default().to_string()).collect();
+            let ids: Vec<(String, u64)> = requests
+                .iter()
+                .map(|r| (r["id"].as_str().unwrap_or_default().to_string(), r["run_at"].as_u64().unwrap_or(0)))
+                .collect();
             let statuses = target.create_many(requests).await;
             if let (Ok(mut scheduled), Ok(mut uncertain)) = (scheduled.lock(), uncertain.lock()) {
-                for (id, status) in ids.into_iter().zip(&statuses) {
+                for ((id, due_ms), status) in ids.into_iter().zip(&statuses) {
                     match status {
                         200..=299 => {
                             scheduled.insert(id, due_ms);

@@ -103,11 +103,19 @@ struct HostState {
     breaker: CircuitBreaker,
 }
 
+/// A queued attempt with its host's key, worked out once: a pass over the queue meets the
+/// same blocked attempts again and again, and parsing each one's URL every time cost more
+/// than the deliveries (measured under `sundial-loadgen fire`, docs/BENCHMARKS.md).
+struct Queued {
+    host: Arc<str>,
+    attempt: Attempt,
+}
+
 struct Inner {
     /// (priority, due, sequence) → attempt: 0 is the most urgent priority.
-    queue: BTreeMap<(u8, u64, u64), Attempt>,
+    queue: BTreeMap<(u8, u64, u64), Queued>,
     sequence: u64,
-    hosts: HashMap<String, HostState>,
+    hosts: HashMap<Arc<str>, HostState>,
     /// Cancel handles of running attempts, by (job, fire).
     running: HashMap<(String, u64), oneshot::Sender<()>>,
 }
@@ -172,7 +180,8 @@ impl Dispatcher {
         }
         inner.sequence += 1;
         let key = (attempt.priority, attempt.due_ms, inner.sequence);
-        inner.queue.insert(key, attempt);
+        let host: Arc<str> = host_key(&attempt.target.url).into();
+        inner.queue.insert(key, Queued { host, attempt });
         drop(inner);
         self.shared.wake.notify_one();
         Ok(())
@@ -195,7 +204,7 @@ impl Dispatcher {
 
     fn cancel_matching(&self, matches: impl Fn(&str, u64) -> bool) {
         let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
-        inner.queue.retain(|_, attempt| !matches(&attempt.job_id, attempt.fire_ms));
+        inner.queue.retain(|_, queued| !matches(&queued.attempt.job_id, queued.attempt.fire_ms));
         let running: Vec<(String, u64)> =
             inner.running.keys().filter(|(job, fire)| matches(job, *fire)).cloned().collect();
         for key in running {
@@ -219,7 +228,7 @@ impl Dispatcher {
     /// The breaker of the host `url` names, if it has been used (status pages, tests).
     pub fn breaker_state(&self, url: &str) -> Option<limits::BreakerState> {
         let inner = self.shared.inner.lock().expect("no panic holds the lock");
-        inner.hosts.get(&host_key(url)).map(|host| host.breaker.state)
+        inner.hosts.get(host_key(url).as_str()).map(|host| host.breaker.state)
     }
 
     pub fn queued(&self) -> usize {
@@ -258,39 +267,49 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
         // Forget hosts with nothing running and a closed breaker (their bucket refills anyway).
         inner.hosts.retain(|_, host| host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed);
     }
-    let keys: Vec<(u8, u64, u64)> = inner.queue.keys().take(SCAN_PER_PASS_MAX).copied().collect();
-    for key in keys {
-        let host = host_key(&inner.queue[&key].target.url);
-        let state = inner.hosts.entry(host).or_insert_with(|| HostState {
+    let candidates: Vec<((u8, u64, u64), Arc<str>)> =
+        inner.queue.iter().take(SCAN_PER_PASS_MAX).map(|(key, queued)| (*key, queued.host.clone())).collect();
+    // Hosts found unable to start another attempt in this pass: their other attempts are
+    // passed over without looking again.
+    let mut blocked: Vec<Arc<str>> = Vec::new();
+    for (key, host) in candidates {
+        if blocked.iter().any(|b| **b == *host) {
+            continue;
+        }
+        let state = inner.hosts.entry(host.clone()).or_insert_with(|| HostState {
             in_flight: 0,
             bucket: TokenBucket::new(config.per_host_rate_per_second, config.per_host_burst, now),
             breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_open_ms),
         });
         if state.in_flight >= config.per_host_concurrency {
+            blocked.push(host);
             continue; // an attempt ending wakes the driver
         }
         if let Some(reopen) = state.breaker.reopens_at_ms().filter(|at| *at > now) {
             wake_at = Some(wake_at.map_or(reopen, |w| w.min(reopen)));
+            blocked.push(host);
             continue;
         }
         let token_at = state.bucket.next_token_ms(now);
         if token_at > now {
             wake_at = Some(wake_at.map_or(token_at, |w| w.min(token_at)));
+            blocked.push(host);
             continue;
         }
         if !state.breaker.try_acquire(now) {
+            blocked.push(host);
             continue; // half-open with its probe out
         }
         state.bucket.try_take(now);
         state.in_flight += 1;
-        let attempt = inner.queue.remove(&key).expect("key from the queue");
+        let Queued { attempt, .. } = inner.queue.remove(&key).expect("key from the queue");
         let (cancel, cancelled) = oneshot::channel();
         inner.running.insert((attempt.job_id.clone(), attempt.fire_ms), cancel);
-        to_start.push((attempt, cancelled));
+        to_start.push((attempt, cancelled, host));
     }
     drop(inner);
-    for (attempt, cancelled) in to_start {
-        tokio::spawn(run_attempt(shared.clone(), attempt, cancelled));
+    for (attempt, cancelled, host) in to_start {
+        tokio::spawn(run_attempt(shared.clone(), attempt, host, cancelled));
     }
     wake_at
 }
@@ -309,7 +328,7 @@ fn host_key(url: &str) -> String {
     }
 }
 
-async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, cancelled: oneshot::Receiver<()>) {
+async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, cancelled: oneshot::Receiver<()>) {
     let started_ms = now_ms();
     let outcome = tokio::select! {
         outcome = send(&shared, &attempt) => outcome,
@@ -319,7 +338,7 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, cancelled: oneshot::
     {
         let mut inner = shared.inner.lock().expect("no panic holds the lock");
         inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms));
-        if let Some(host) = inner.hosts.get_mut(&host_key(&attempt.target.url)) {
+        if let Some(host) = inner.hosts.get_mut(&host) {
             host.in_flight -= 1;
             match &outcome {
                 // Said nothing about the host: a probe slot is handed back.
