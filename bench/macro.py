@@ -152,22 +152,25 @@ def main():
         refs["disk_1"] = loadgen(out, "reference-disk-1", ["reference", "disk", "--dir", work, "--record-bytes", "256", "--batch", "1"])
         refs["disk_256"] = loadgen(out, "reference-disk-256", ["reference", "disk", "--dir", work, "--record-bytes", "256", "--batch", "256"])
         refs["loopback"] = loadgen(out, "reference-loopback", ["reference", "loopback", "--connections", "64"])
+        ahead = ["--schedule-ahead-ms", "12000", "--window", "16", "--batch", "256", "--connections", "2"]
         plans = [
             ("ingest-binary-max", ["ingest", "--max", "--window", "16", "--batch", "256", "--connections", "2"]),
             ("ingest-http-max", ["ingest", "--protocol", "http", "--max", "--window", "32", "--batch", "100", "--connections", "32"]),
             ("ingest-binary-one-at-a-time", ["ingest", "--max", "--window", "1"]),
             ("fire-1k", ["fire", "--rate", "1000", "--connections", "2"]),
-            ("fire-10k", ["fire", "--rate", "10000", "--batch", "20", "--connections", "2"]),
+            ("fires-alone-3k", ["fire", "--rate", "3000"] + ahead),
+            ("fires-alone-10k", ["fire", "--rate", "10000"] + ahead),
             ("deliveries-backlog", ["fire", "--rate", "20000", "--batch", "100", "--connections", "2", "--due-together", "--due-after-ms", "3000", "--seconds", "5"]),
             ("mixed-2k", ["mixed", "--rate", "2000", "--connections", "2"]),
         ]
+        cluster_plans = ("ingest-binary-max", "ingest-http-max", "fire-1k", "fires-alone-3k", "deliveries-backlog")
         for nodes in (1, 3):
             if nodes == 3 and options.skip_cluster:
                 break
             cluster = Cluster(nodes, work)
             try:
                 time.sleep(1)
-                chosen = plans if nodes == 1 else [p for p in plans if p[0] in ("ingest-binary-max", "ingest-http-max", "fire-1k", "fire-10k", "deliveries-backlog")]
+                chosen = plans if nodes == 1 else [p for p in plans if p[0] in cluster_plans]
                 if nodes == 1:
                     chosen = chosen + [("soak", ["soak", "--rate", "1000", "--seconds", str(options.seconds * 6), "--pid", ",".join(map(str, cluster.pids()))])]
                 for name, args in chosen:
@@ -237,6 +240,10 @@ def summary(results):
         load += f", batch {run['batch']}, {run['protocol']}"
         if run["mode"] == "max":
             load += f", window {run['window']}"
+        if run.get("schedule_ahead_ms"):
+            load = f"fires alone, due {run['fires_due_per_s']}/s (all {run.get('acknowledged', 0):,} created first)"
+        if run.get("due_together"):
+            load = f"{run.get('acknowledged', 0):,} jobs due at one instant"
         lateness = run.get("fire_lateness_us")
         late = f"{ms(lateness.get('p50'))} / {ms(lateness.get('p99'))}" if lateness else "–"
         deliveries = run.get("deliveries_per_s")

@@ -579,6 +579,7 @@ async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Resu
     results.extend(
         json!({
             "due_after_ms": args.due_after_ms, "due_together": args.due_together,
+            "schedule_ahead_ms": args.schedule_ahead_ms, "fires_due_per_s": args.schedule_ahead_ms.map(|_| load.rate),
             "sink": {"fail_rate": faults.fail_rate, "throttle_rate": faults.throttle_rate, "delay_ms": faults.delay_ms, "signatures_checked": args.secret.is_some()},
             "acknowledged": report.scheduled, "delivered": report.delivered, "missing": report.missing,
             "missing_examples": report.missing_examples, "duplicates": report.duplicates,
