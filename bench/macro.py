@@ -48,8 +48,7 @@ class Cluster:
     """N members on loopback (N = 1: a plain single node, no peers)."""
 
     def __init__(self, nodes, work):
-        self.work = os.path.join(work, f"cluster-{nodes}")
-        os.makedirs(self.work)
+        self.work = tempfile.mkdtemp(prefix=f"cluster-{nodes}-", dir=work)
         self.children, self.http, self.binary = [], [], []
         peers_args = []
         if nodes > 1:
@@ -164,25 +163,31 @@ def main():
             ("mixed-2k", ["mixed", "--rate", "2000", "--connections", "2"]),
         ]
         cluster_plans = ("ingest-binary-max", "ingest-http-max", "fire-1k", "fires-alone-3k", "deliveries-backlog")
+        plans.append(("soak", ["soak", "--rate", "1000", "--seconds", str(options.seconds * 6)]))
         for nodes in (1, 3):
             if nodes == 3 and options.skip_cluster:
                 break
-            cluster = Cluster(nodes, work)
-            try:
-                time.sleep(1)
-                chosen = plans if nodes == 1 else [p for p in plans if p[0] in cluster_plans]
-                if nodes == 1:
-                    chosen = chosen + [("soak", ["soak", "--rate", "1000", "--seconds", str(options.seconds * 6), "--pid", ",".join(map(str, cluster.pids()))])]
-                for name, args in chosen:
+            for name, args in plans if nodes == 1 else [p for p in plans if p[0] in cluster_plans]:
+                # A fresh node (or cluster) per scenario: one run's jobs do not load the next.
+                cluster = Cluster(nodes, work)
+                try:
+                    time.sleep(1)
                     members = cluster.http if "--protocol" in args else cluster.binary
                     args = args[:1] + ["--node", ",".join(members)] + args[1:]
                     if "--seconds" not in args:
                         args += ["--seconds", s]
+                    if args[0] == "soak":
+                        args += ["--pid", ",".join(map(str, cluster.pids()))]
                     run = scenario(out, f"{nodes}node-{name}", cluster, args)
                     run.update({"name": name, "nodes": nodes})
                     results["runs"].append(run)
-            finally:
-                cluster.stop()
+                finally:
+                    cluster.stop()
+                    logs = os.path.join(out, "logs", f"{nodes}node-{name}")
+                    os.makedirs(logs, exist_ok=True)
+                    for log in (f for f in os.listdir(cluster.work) if f.endswith(".log")):
+                        shutil.copy(os.path.join(cluster.work, log), logs)
+                    shutil.rmtree(cluster.work, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     with open(os.path.join(out, "results.json"), "w") as f:
