@@ -4,7 +4,9 @@
 //! `receiver` is the webhook sink's HTTP server (with `faults` and `signature` checks) and
 //! `sink` accounts its deliveries (missing, duplicate, early); `histogram` and `timeline`
 //! hold latencies, `plot` draws them; `reference` measures the bare disk and loopback.
+//! `cli` is the command line, `scenario` the runs it chooses, `report` what they print and write.
 
+pub mod cli;
 pub mod drive;
 pub mod faults;
 pub mod histogram;
@@ -12,6 +14,8 @@ pub mod open_loop;
 pub mod plot;
 pub mod receiver;
 pub mod reference;
+pub mod report;
+pub mod scenario;
 pub mod signature;
 pub mod sink;
 pub mod target;
