@@ -67,6 +67,9 @@ pub struct ClusterClient {
     options: ClientOptions,
     state: Mutex<(Topology, Instant)>,
     clients: Mutex<HashMap<SocketAddr, Arc<Client>>>,
+    /// Held by the one call fetching a new map; the others go on with the old one (a
+    /// member that is not a partition's leader forwards) instead of all asking at once.
+    refreshing: Mutex<()>,
 }
 
 impl ClusterClient {
@@ -83,6 +86,7 @@ impl ClusterClient {
                             options,
                             state: Mutex::new((topology, Instant::now())),
                             clients: Mutex::new(clients),
+                            refreshing: Mutex::new(()),
                         });
                     }
                     Err(e) => last = e,
@@ -199,6 +203,10 @@ impl ClusterClient {
     async fn refresh_if_old(&self) {
         if self.state.lock().await.1.elapsed() < TOPOLOGY_MAX_AGE {
             return;
+        }
+        let Ok(_only_me) = self.refreshing.try_lock() else { return };
+        if self.state.lock().await.1.elapsed() < TOPOLOGY_MAX_AGE {
+            return; // fetched while this call waited for the state
         }
         let Ok(client) = self.any().await else { return };
         match client.topology().await {

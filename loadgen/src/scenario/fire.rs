@@ -182,11 +182,7 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
 /// Waits until every scheduled job has an accepted delivery; or, after the last due time,
 /// until `grace` passes with no new delivery (an overloaded target is slow, not lossy, as
 /// long as deliveries keep coming); and never longer than `WAIT_MAX` after the last due time.
-async fn wait_for_deliveries(
-    scheduled: &HashMap<String, u64>,
-    recorded: &Mutex<receiver::Recorded>,
-    grace: Duration,
-) {
+async fn wait_for_deliveries(scheduled: &HashMap<String, u64>, recorded: &Mutex<receiver::Recorded>, grace: Duration) {
     const WAIT_MAX: Duration = Duration::from_secs(20 * 60);
     let last_due = scheduled.values().copied().max().unwrap_or(0);
     let due_over = Instant::now() + Duration::from_millis(last_due.saturating_sub(receiver::now_ms()));
