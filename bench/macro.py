@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Sundial's macro benchmark: the references, then every sundial-loadgen scenario against a
-1-node and a 3-node cluster on loopback, written as a dated results directory whose
-RESULTS.md puts every figure beside its ratio to a reference measured in the same run.
+1-node cluster and the ingest and fire scenarios against a 3-node cluster on loopback,
+written as a dated results directory whose RESULTS.md puts the figures beside their
+ratios to references measured in the same run.
 
     bash bench/run.sh                      # builds release binaries, then runs this
     python3 bench/macro.py --seconds 10 --out bench/results/2026-11-29
+    python3 bench/macro.py --summarize bench/results/2026-11-29   # RESULTS.md again from results.json
 
 References (measured first, same machine, same run):
   - disk:     pwrite + fdatasync of 256 B records in a loop, one record per sync and 256
@@ -136,7 +138,14 @@ def main():
     parser.add_argument("--seconds", type=int, default=10, help="sending time per scenario (soak: 6x)")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", datetime.date.today().isoformat()))
     parser.add_argument("--skip-cluster", action="store_true", help="the 1-node part only")
+    parser.add_argument("--summarize", metavar="DIR", help="only write DIR/RESULTS.md again from DIR/results.json")
     options = parser.parse_args()
+    if options.summarize:
+        with open(os.path.join(options.summarize, "results.json")) as f:
+            results = json.load(f)
+        with open(os.path.join(options.summarize, "RESULTS.md"), "w") as f:
+            f.write(summary(results))
+        return
     for binary in (SUNDIAL, LOADGEN):
         if not os.path.exists(binary):
             raise SystemExit(f"{binary} is missing: run bench/run.sh (it builds release binaries first)")
@@ -253,12 +262,14 @@ def summary(results):
         late = f"{ms(lateness.get('p50'))} / {ms(lateness.get('p99'))}" if lateness else "–"
         deliveries = run.get("deliveries_per_s")
         ratios = []
+        if create.get("p50") and disk_1:
+            ratios.append(f"request p50 = {create['p50'] / (1e6 / disk_1):.1f} bare fdatasyncs")
         if run["scenario"] in ("ingest", "mixed"):
             ratios.append(f"{run['ok_per_s'] / disk_256:.2f} of disk×256" if disk_256 else "")
             ratios.append(f"{run['ok_per_s'] / disk_1:.1f}× disk syncs" if disk_1 else "")
         if lateness and loop_p99:
             ratios.append(f"lateness p99 = {lateness.get('p99', 0) / loop_p99:.0f}× loopback p99")
-        if deliveries and loop_rate and run["name"].startswith("deliveries"):
+        if deliveries and loop_rate:
             ratios.append(f"{deliveries / loop_rate:.2f} of loopback POSTs/s")
         cpu = run.get("node_cpu_s")
         cpu_per_k = f"{cpu * 1000 / ok_items:.2f}" if cpu is not None and ok_items else "–"

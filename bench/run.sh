@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sundial's macro benchmark: builds release binaries, then bench/macro.py measures the
-# references and runs every sundial-loadgen scenario on a 1-node and a 3-node cluster,
+# references and runs every sundial-loadgen scenario on a 1-node cluster and the ingest and
+# fire scenarios on a 3-node cluster,
 # writing bench/results/<date>/RESULTS.md. Arguments go to bench/macro.py (--seconds, --out,
 # --skip-cluster). Takes about 10 minutes with the defaults on a 2-core machine.
 set -euo pipefail

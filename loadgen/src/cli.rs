@@ -12,6 +12,10 @@ use std::time::Duration;
 
 /// Items per request at most (the node's batch limit).
 pub const BATCH_MAX: usize = 1_000;
+/// The longest run, seconds (30 days).
+pub const SECONDS_MAX: u64 = 30 * 86_400;
+/// How far in the future jobs may be due, seconds (ten years).
+pub const DUE_IN_S_MAX: u64 = 10 * 365 * 86_400;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -207,8 +211,8 @@ impl Load {
             return Err("--rate: must be at least 1 (or give --max)".into());
         }
         let seconds = self.seconds.unwrap_or(default_seconds);
-        if seconds == 0 {
-            return Err("--seconds: must be at least 1".into());
+        if !(1..=SECONDS_MAX).contains(&seconds) {
+            return Err(format!("--seconds: must be within 1..={SECONDS_MAX} (30 days)"));
         }
         Ok(Plan {
             rate_per_s: if self.max { 0 } else { self.rate },

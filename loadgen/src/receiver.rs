@@ -59,7 +59,7 @@ async fn record(
     log: &Mutex<Recorded>,
     options: &SinkOptions,
 ) -> hyper::Response<Full<Bytes>> {
-    let received_ms = now_ms();
+    let received_us = now_us();
     let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let (job_id, idempotency_key, signature) =
         (header("x-sundial-job-id"), header("idempotency-key"), header("x-sundial-signature"));
@@ -78,7 +78,7 @@ async fn record(
     if options.faults.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(options.faults.delay_ms)).await;
     }
-    let delivery = Delivery { job_id, idempotency_key, attempt, received_ms, status, signature_ok };
+    let delivery = Delivery { job_id, idempotency_key, attempt, received_us, status, signature_ok };
     if let Ok(mut recorded) = log.lock() {
         if recorded.deliveries.len() < DELIVERIES_MAX {
             recorded.deliveries.push(delivery);
@@ -95,5 +95,9 @@ async fn record(
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    now_us() / 1_000
+}
+
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }

@@ -11,8 +11,8 @@ pub struct Delivery {
     pub job_id: String,
     pub idempotency_key: String,
     pub attempt: u32,
-    /// When it arrived (ms since the epoch).
-    pub received_ms: u64,
+    /// When it arrived (µs since the epoch: lateness is reported to the microsecond).
+    pub received_us: u64,
     /// What the sink answered (2xx accepts the delivery; failure injection answers others).
     pub status: u16,
     /// Whether its signature verified; `None` when the sink was given no secret.
@@ -45,9 +45,10 @@ pub struct Report {
     /// Jobs whose create had no definite answer (no answer, or a 5xx) that were delivered
     /// anyway: allowed (the create may have happened), counted, not checked further.
     pub uncertain_delivered: usize,
-    /// Lateness of each job's first attempt (received − due), ms, in no order.
-    pub lateness_ms: Vec<u64>,
-    /// Accepted deliveries per second between the first and the last one (0 for fewer than two).
+    /// Lateness of each job's first attempt (received − due), µs, in no order.
+    pub lateness_us: Vec<u64>,
+    /// Accepted deliveries per second between the first and the last one, of every job this
+    /// run may have created (0 for fewer than two).
     pub delivery_rate_per_s: f64,
 }
 
@@ -76,10 +77,10 @@ pub fn account(
     let mut uncertain_seen: HashSet<&str> = HashSet::new();
     let mut first_attempt: HashMap<&str, &Delivery> = HashMap::new();
     let mut accepted: HashMap<&str, usize> = HashMap::new();
-    let mut accepted_ms: Vec<u64> = Vec::new();
+    let mut accepted_us: Vec<u64> = Vec::new();
     let mut report = Report { scheduled: scheduled.len(), attempts: deliveries.len(), ..Report::default() };
     let mut ordered: Vec<&Delivery> = deliveries.iter().collect();
-    ordered.sort_by_key(|d| d.received_ms);
+    ordered.sort_by_key(|d| d.received_us);
     for delivery in ordered {
         if delivery.signature_ok == Some(false) {
             report.bad_signatures += 1;
@@ -91,6 +92,9 @@ pub fn account(
         if !scheduled.contains_key(&delivery.job_id) {
             if uncertain.contains(&delivery.job_id) {
                 uncertain_seen.insert(&delivery.job_id);
+                if is_accepted {
+                    accepted_us.push(delivery.received_us);
+                }
             } else {
                 report.unexpected += 1;
             }
@@ -106,7 +110,7 @@ pub fn account(
             Some(_) => {}
         }
         if is_accepted {
-            accepted_ms.push(delivery.received_ms);
+            accepted_us.push(delivery.received_us);
             let times = accepted.entry(&delivery.job_id).or_default();
             *times += 1;
             if *times > 1 {
@@ -114,18 +118,19 @@ pub fn account(
             }
         }
     }
-    if let (Some(first_ms), Some(last_ms)) = (accepted_ms.first(), accepted_ms.last()) {
-        if last_ms > first_ms {
-            report.delivery_rate_per_s = (accepted_ms.len() - 1) as f64 * 1_000.0 / (last_ms - first_ms) as f64;
+    if let (Some(first_us), Some(last_us)) = (accepted_us.first(), accepted_us.last()) {
+        if last_us > first_us {
+            report.delivery_rate_per_s = (accepted_us.len() - 1) as f64 * 1e6 / (last_us - first_us) as f64;
         }
     }
     let mut missing: Vec<&String> = Vec::new();
     for (id, due_ms) in scheduled {
         if let Some(attempt) = first_attempt.get(id.as_str()) {
-            if attempt.received_ms + early_margin_ms < *due_ms {
+            let due_us = due_ms.saturating_mul(1_000);
+            if attempt.received_us.saturating_add(early_margin_ms.saturating_mul(1_000)) < due_us {
                 report.early += 1;
             }
-            report.lateness_ms.push(attempt.received_ms.saturating_sub(*due_ms));
+            report.lateness_us.push(attempt.received_us.saturating_sub(due_us));
         }
         if accepted.contains_key(id.as_str()) {
             report.delivered += 1;
@@ -149,7 +154,7 @@ mod tests {
             job_id: id.into(),
             idempotency_key: key.into(),
             attempt: 1,
-            received_ms: at,
+            received_us: at * 1_000,
             status: 200,
             signature_ok: None,
         }
@@ -165,9 +170,9 @@ mod tests {
         let report = account(&plan, &HashSet::new(), &[delivery("a", "ka", 103), delivery("b", "kb", 200)], 0);
         assert!(report.passes(), "{report:?}");
         assert_eq!((report.delivered, report.missing, report.duplicates), (2, 0, 0));
-        let mut lateness = report.lateness_ms.clone();
+        let mut lateness = report.lateness_us.clone();
         lateness.sort();
-        assert_eq!(lateness, [0, 3]);
+        assert_eq!(lateness, [0, 3_000]);
     }
 
     #[test]
@@ -210,6 +215,9 @@ mod tests {
         let uncertain: HashSet<String> = ["timed-out".to_string()].into();
         let report = account(&plan, &uncertain, &[delivery("a", "k", 100), delivery("timed-out", "k2", 100)], 0);
         assert_eq!((report.unexpected, report.uncertain_delivered, report.passes()), (0, 1, true));
+        // Its delivery counts in the delivery rate: 2 deliveries 0 and 100 ms apart → 10/s.
+        let spread = account(&plan, &uncertain, &[delivery("a", "k", 100), delivery("timed-out", "k2", 200)], 0);
+        assert!((spread.delivery_rate_per_s - 10.0).abs() < 1e-9, "{}", spread.delivery_rate_per_s);
     }
 }
 
@@ -222,7 +230,7 @@ mod failure_tests {
             job_id: id.into(),
             idempotency_key: format!("{id}:100"),
             attempt,
-            received_ms: at,
+            received_us: at * 1_000,
             status,
             signature_ok: None,
         }
@@ -239,7 +247,7 @@ mod failure_tests {
         );
         assert!(report.passes(), "{report:?}");
         assert_eq!((report.delivered, report.attempts, report.refused_by_sink, report.duplicates), (1, 3, 2, 0));
-        assert_eq!(report.lateness_ms, [2]);
+        assert_eq!(report.lateness_us, [2_000]);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use tokio::sync::{Mutex, Semaphore};
 pub const NO_ANSWER: u16 = 0;
 /// HTTP connections at most (each one is a socket and a task).
 pub const HTTP_CONNECTIONS_MAX: usize = 1_024;
+/// How long an HTTP request waits for its answer (the binary client's default too).
+const HTTP_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Protocol {
@@ -192,6 +194,13 @@ impl HttpPool {
         body: String,
         pick: usize,
     ) -> Result<(u16, Bytes), String> {
+        match tokio::time::timeout(HTTP_REQUEST_TIMEOUT, self.send_once(method, path, body, pick)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(format!("no answer within {HTTP_REQUEST_TIMEOUT:?}")),
+        }
+    }
+
+    async fn send_once(&self, method: &str, path: &str, body: String, pick: usize) -> Result<(u16, Bytes), String> {
         let _connection = self.free.acquire().await.map_err(|e| e.to_string())?;
         let reused = self.idle.lock().await.pop();
         let mut sender = match reused {

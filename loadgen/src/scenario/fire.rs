@@ -20,7 +20,22 @@ use std::time::{Duration, Instant};
 pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> Result<bool, String> {
     let scenario = if soak.is_some() { "soak" } else { "fire" };
     let mut plan = load.plan(if soak.is_some() { 600 } else { 10 })?;
-    let jobs_planned = plan.rate_per_s * plan.duration.as_secs();
+    let jobs_planned = plan.rate_per_s.saturating_mul(plan.duration.as_secs());
+    if jobs_planned > receiver::DELIVERIES_MAX as u64 / 2 {
+        // Every job's id and delivery are kept for the accounting: the run must fit the sink.
+        return Err(format!(
+            "--rate × --seconds: at most {} jobs per run (got {jobs_planned})",
+            receiver::DELIVERIES_MAX / 2
+        ));
+    }
+    if args.grace_seconds > 86_400 || args.due_after_ms > 86_400_000 || args.schedule_ahead_ms > Some(86_400_000) {
+        return Err("--grace-seconds, --due-after-ms, --schedule-ahead-ms: each at most one day".into());
+    }
+    if let Some((pids, _)) = &soak {
+        if let Some(pid) = pids.iter().find(|pid| !Path::new("/proc").join(pid.to_string()).exists()) {
+            return Err(format!("--pid: no process {pid} here"));
+        }
+    }
     let ahead_start_ms = args.schedule_ahead_ms.map(|ahead_ms| receiver::now_ms() + ahead_ms);
     if ahead_start_ms.is_some() {
         if load.max || args.due_together {
@@ -63,6 +78,7 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
     let scheduled: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
     let uncertain: Arc<Mutex<HashSet<String>>> = Arc::default();
     let memory = soak.as_ref().map(|(pids, sample_s)| sample_memory(pids.clone(), *sample_s));
+    let driven_start_ms = receiver::now_ms();
     let driven = drive(&plan, |i, intended_ms| {
         let requests: Vec<Value> = (0..plan.batch)
             .map(|j| {
@@ -108,6 +124,13 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
     .await;
     let scheduled = scheduled.lock().map(|s| s.clone()).unwrap_or_default();
     let uncertain = uncertain.lock().map(|s| s.clone()).unwrap_or_default();
+    // With --schedule-ahead-ms the figure is "fires alone" only if every create was answered
+    // before the first job fell due.
+    let creates_overlapped_fires =
+        ahead_start_ms.is_some_and(|start_ms| driven.elapsed.as_millis() as u64 + driven_start_ms > start_ms);
+    if creates_overlapped_fires {
+        println!("note: creating took longer than --schedule-ahead-ms; the first fires ran beside creates");
+    }
     wait_for_deliveries(&scheduled, &recorded, Duration::from_secs(args.grace_seconds)).await;
     let memory_samples = match memory {
         Some((task, samples)) => {
@@ -116,11 +139,17 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
         }
         None => Vec::new(),
     };
-    let deliveries = recorded.lock().map(|r| r.deliveries.clone()).unwrap_or_default();
+    let (deliveries, sink_dropped) = recorded.lock().map(|r| (r.deliveries.clone(), r.dropped)).unwrap_or_default();
+    if sink_dropped > 0 {
+        return Err(format!(
+            "the sink received more than {} deliveries and kept only those: the accounting would be wrong; run fewer jobs",
+            receiver::DELIVERIES_MAX
+        ));
+    }
     let report = sink::account(&scheduled, &uncertain, &deliveries, args.early_margin_ms);
     let mut lateness = Latencies::new();
-    for ms in &report.lateness_ms {
-        lateness.record_us(ms * 1_000);
+    for us in &report.lateness_us {
+        lateness.record_us(*us);
     }
     let lateness_timeline = lateness_over_time(&scheduled, &deliveries, plan.duration);
     print_ops(&driven, &target);
@@ -153,7 +182,7 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
     results.extend(
         json!({
             "due_after_ms": args.due_after_ms, "due_together": args.due_together,
-            "schedule_ahead_ms": args.schedule_ahead_ms, "fires_due_per_s": args.schedule_ahead_ms.map(|_| load.rate),
+            "schedule_ahead_ms": args.schedule_ahead_ms, "creates_overlapped_fires": creates_overlapped_fires, "fires_due_per_s": args.schedule_ahead_ms.map(|_| load.rate),
             "sink": {"fail_rate": faults.fail_rate, "throttle_rate": faults.throttle_rate, "delay_ms": faults.delay_ms, "signatures_checked": args.secret.is_some()},
             "acknowledged": report.scheduled, "delivered": report.delivered, "missing": report.missing,
             "missing_examples": report.missing_examples, "duplicates": report.duplicates,
@@ -187,17 +216,22 @@ async fn wait_for_deliveries(scheduled: &HashMap<String, u64>, recorded: &Mutex<
     let last_due = scheduled.values().copied().max().unwrap_or(0);
     let due_over = Instant::now() + Duration::from_millis(last_due.saturating_sub(receiver::now_ms()));
     let (mut seen, mut last_progress) = (0, Instant::now());
+    // Scheduled jobs with an accepted delivery, counted as deliveries arrive (each looked at once).
+    let mut delivered: HashSet<String> = HashSet::with_capacity(scheduled.len());
     // Bounded by WAIT_MAX.
     while Instant::now() < due_over + WAIT_MAX {
-        let (count, all_there) = recorded
-            .lock()
-            .map(|r| {
-                let accepted: HashSet<&str> =
-                    r.deliveries.iter().filter(|d| (200..300).contains(&d.status)).map(|d| d.job_id.as_str()).collect();
-                (r.deliveries.len(), scheduled.keys().all(|id| accepted.contains(id.as_str())))
-            })
-            .unwrap_or((0, false));
-        if all_there {
+        let count = match recorded.lock() {
+            Ok(r) => {
+                for d in &r.deliveries[seen.min(r.deliveries.len())..] {
+                    if (200..300).contains(&d.status) && scheduled.contains_key(&d.job_id) {
+                        delivered.insert(d.job_id.clone());
+                    }
+                }
+                r.deliveries.len() + r.dropped as usize
+            }
+            Err(_) => seen,
+        };
+        if delivered.len() == scheduled.len() {
             break;
         }
         if count > seen {
@@ -215,14 +249,14 @@ async fn wait_for_deliveries(scheduled: &HashMap<String, u64>, recorded: &Mutex<
 fn lateness_over_time(scheduled: &HashMap<String, u64>, deliveries: &[sink::Delivery], run: Duration) -> Timeline {
     let mut first: HashMap<&str, u64> = HashMap::new();
     for delivery in deliveries {
-        let at = first.entry(delivery.job_id.as_str()).or_insert(delivery.received_ms);
-        *at = (*at).min(delivery.received_ms);
+        let at = first.entry(delivery.job_id.as_str()).or_insert(delivery.received_us);
+        *at = (*at).min(delivery.received_us);
     }
     let start_ms = scheduled.values().copied().min().unwrap_or(0);
     let mut timeline = Timeline::new(run + Duration::from_secs(5));
     for (id, due_ms) in scheduled {
-        if let Some(received_ms) = first.get(id.as_str()) {
-            let lateness_us = received_ms.saturating_sub(*due_ms) * 1_000;
+        if let Some(received_us) = first.get(id.as_str()) {
+            let lateness_us = received_us.saturating_sub(due_ms.saturating_mul(1_000));
             timeline.record(Duration::from_millis(due_ms - start_ms), lateness_us, true);
         }
     }

@@ -13,6 +13,9 @@ const VERIFY_SAMPLE_MAX: usize = 1_000;
 
 pub async fn ingest(load: Load, due_in_s: u64) -> Result<bool, String> {
     let plan = load.plan(10)?;
+    if due_in_s > crate::cli::DUE_IN_S_MAX {
+        return Err(format!("--due-in-s: at most {} (ten years)", crate::cli::DUE_IN_S_MAX));
+    }
     let target = Arc::new(load.target().await?);
     println!("ingest: {}; jobs due in {due_in_s} s", load.describe(&plan));
     let run = run_name();

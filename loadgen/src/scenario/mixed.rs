@@ -36,6 +36,13 @@ fn parse_mix(text: &str) -> Result<Vec<(&'static str, u64)>, String> {
 
 pub async fn mixed(load: Load, mix: &str, due_in_s: u64) -> Result<bool, String> {
     let plan = load.plan(10)?;
+    if due_in_s > crate::cli::DUE_IN_S_MAX {
+        return Err(format!("--due-in-s: at most {} (ten years)", crate::cli::DUE_IN_S_MAX));
+    }
+    if plan.batch != 1 {
+        // The rate and the mix count operations: a request is one get, one cancel or one create.
+        return Err("--batch: mixed sends one operation per request (give 1)".into());
+    }
     let mix = parse_mix(mix)?;
     let total: u64 = mix.iter().map(|(_, w)| w).sum();
     let target = Arc::new(load.target().await?);
