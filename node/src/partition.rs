@@ -69,10 +69,14 @@ pub struct Partition {
     /// The meta group's state machine (`None` for a partition of jobs).
     members: Option<Members>,
     options: PartitionOptions,
-    /// Commands proposed here and not yet applied: log index (their ticket) → the term they
-    /// were proposed in (bounded by the uncommitted-entry limit). An entry applied at that
-    /// index with another term is someone else's: the proposal was lost.
-    proposed: BTreeMap<Index, (Term, std::time::Instant)>,
+    /// Commands proposed here and not yet applied: log index → (their ticket, the term they
+    /// were proposed in), bounded by the uncommitted-entry limit. An entry applied at that
+    /// index with another term is someone else's: the proposal was lost. Tickets are not
+    /// indexes: after a leader's uncommitted tail is truncated the same index is proposed
+    /// again, and two proposals must never answer for each other.
+    proposed: BTreeMap<Index, ((Ticket, Term), std::time::Instant)>,
+    /// The next proposal's ticket (below `READ_TICKETS_FROM`; a counter, never reused).
+    next_ticket: Ticket,
     /// Linearizable reads asked here: ticket → the index the state must reach (once Raft
     /// confirmed it; `None` until then). Bounded by Raft's pending-read limit.
     reads: BTreeMap<Ticket, (Option<Index>, std::time::Instant)>,
@@ -148,6 +152,7 @@ impl Partition {
             proposed: BTreeMap::new(),
             reads: BTreeMap::new(),
             next_read_ticket: READ_TICKETS_FROM,
+            next_ticket: 1,
             applied: Vec::new(),
             outbox: Vec::new(),
             leading_from: None,
@@ -230,12 +235,24 @@ impl Partition {
         self.node.transfer_leader(to)
     }
 
-    /// Proposes a command; its ticket is its log index, answered once applied.
-    pub fn propose_one(&mut self, command: &Command) -> Result<Index, PartitionError> {
+    /// Proposes a command; its ticket is answered once the command is applied (or lost).
+    pub fn propose_one(&mut self, command: &Command) -> Result<Ticket, PartitionError> {
         let data = serde_json::to_vec(command).expect("commands always serialize");
         let index = self.node.propose(data)?;
-        self.proposed.insert(index, (self.node.raft.term, std::time::Instant::now()));
-        Ok(index)
+        Ok(self.track(index))
+    }
+
+    /// A ticket for the proposal now at `index`. A proposal still waiting at that index is
+    /// from an older term whose entry was truncated: it is answered lost now, not never.
+    fn track(&mut self, index: Index) -> Ticket {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        debug_assert!(ticket < READ_TICKETS_FROM, "proposal tickets stay below read tickets");
+        let term = self.node.raft.term;
+        if let Some(((lost, _), _)) = self.proposed.insert(index, ((ticket, term), std::time::Instant::now())) {
+            self.applied.push(Committed::abandoned(lost, "leadership moved before the command committed; retry it"));
+        }
+        ticket
     }
 
     /// Asks for a linearizable read: the ticket is answered (`Applied::Done`) once this
@@ -287,10 +304,10 @@ impl Partition {
                     EntryKind::Normal if entry.data.is_empty() => {} // a new leader's no-op
                     EntryKind::Normal => {
                         let ticket = match self.proposed.remove(&entry.index) {
-                            Some((term, _)) if term == entry.term => Some(entry.index),
-                            Some(_) => {
+                            Some(((ticket, term), _)) if term == entry.term => Some(ticket),
+                            Some(((lost, _), _)) => {
                                 let reason = "leadership moved before the command committed; retry it";
-                                self.applied.push(Committed::abandoned(entry.index, reason));
+                                self.applied.push(Committed::abandoned(lost, reason));
                                 None
                             }
                             None => None,
@@ -372,11 +389,11 @@ impl Partition {
     /// a read's request to the leader was lost) are answered "unknown" rather than never.
     fn expire_waiting(&mut self) {
         let now = std::time::Instant::now();
-        for index in take_expired(&mut self.proposed, now, PROPOSAL_WAIT_MAX) {
+        for (_, (ticket, _)) in take_expired(&mut self.proposed, now, PROPOSAL_WAIT_MAX) {
             let reason = format!("not committed within {PROPOSAL_WAIT_MAX:?}; the outcome is unknown, retry it");
-            self.applied.push(Committed::abandoned(index, reason));
+            self.applied.push(Committed::abandoned(ticket, reason));
         }
-        for ticket in take_expired(&mut self.reads, now, READ_WAIT_MAX) {
+        for (ticket, _) in take_expired(&mut self.reads, now, READ_WAIT_MAX) {
             self.applied.push(Committed::abandoned(ticket, "the read was not confirmed in time; retry it"));
         }
     }
@@ -431,8 +448,7 @@ impl Partition {
     pub fn propose_members(&mut self, command: &MembersCommand) -> Result<Ticket, PartitionError> {
         let data = serde_json::to_vec(command).expect("membership changes serialize");
         let index = self.node.propose(data)?;
-        self.proposed.insert(index, (self.node.raft.term, std::time::Instant::now()));
-        Ok(index)
+        Ok(self.track(index))
     }
 
     /// Whether the group's membership no longer includes this replica (it was removed). A
@@ -536,7 +552,7 @@ impl CommandLog for Partition {
         commands
             .iter()
             .map(|command| match self.propose_one(command) {
-                Ok(index) => Ok(index),
+                Ok(ticket) => Ok(ticket),
                 Err(PartitionError::Propose(refused)) => Err(ApplyError::Unavailable(refused.to_string())),
                 Err(other) => Err(ApplyError::Unavailable(other.to_string())),
             })
@@ -561,21 +577,15 @@ impl CommandLog for Partition {
     }
 }
 
-/// Removes and returns the keys of entries waiting since `limit` or longer.
+/// Removes and returns the entries (key and value) waiting since `limit` or longer.
 fn take_expired<V>(
     waiting: &mut BTreeMap<u64, (V, std::time::Instant)>,
     now: std::time::Instant,
     limit: std::time::Duration,
-) -> Vec<u64> {
-    let mut expired = Vec::new();
-    waiting.retain(|key, (_, since)| {
-        let keep = now.duration_since(*since) < limit;
-        if !keep {
-            expired.push(*key);
-        }
-        keep
-    });
-    expired
+) -> Vec<(u64, V)> {
+    let expired: Vec<u64> =
+        waiting.iter().filter(|(_, (_, since))| now.duration_since(*since) >= limit).map(|(key, _)| *key).collect();
+    expired.into_iter().filter_map(|key| waiting.remove(&key).map(|(value, _)| (key, value))).collect()
 }
 
 /// How long a proposal waits for its entry to be applied before its caller is answered
@@ -583,5 +593,33 @@ fn take_expired<V>(
 const PROPOSAL_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 const READ_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Read tickets live above every log index, so the two never collide.
+/// Read tickets live above every proposal ticket, so the two never collide.
 const READ_TICKETS_FROM: Ticket = 1 << 62;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_engine::request::parse_job_request;
+
+    #[test]
+    fn a_proposal_whose_index_is_proposed_again_is_answered_lost_and_never_for_the_new_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
+        let request = serde_json::json!({"id": "a", "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
+        let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        let first = partition.propose_one(&Command::Create { spec: Box::new(spec), now_ms: 0 }).expect("leads");
+        // What a leader sees after its uncommitted tail was truncated and it leads again:
+        // the same log index proposed anew. (Tickets used to be the index: the old request
+        // was then never answered, or answered with the new entry's verdict.)
+        let index = partition.node.raft.log.last_index();
+        let again = partition.track(index);
+        assert_ne!(first, again);
+        let applied = partition.advance().expect("persisted");
+        let verdict = |ticket| applied.iter().find(|c| c.ticket == Some(ticket)).map(|c| c.verdict.clone());
+        assert!(
+            matches!(verdict(first), Some(Err(ApplyError::Unavailable(reason))) if reason.contains("leadership moved")),
+            "{applied:?}"
+        );
+        assert_eq!(verdict(again), Some(Ok(Applied::Created)), "the entry answers the proposal it belongs to");
+    }
+}
