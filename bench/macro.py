@@ -17,22 +17,14 @@ References (measured first, same machine, same run):
 For each scenario the node processes' CPU time (utime + stime from /proc) is recorded, so a
 figure can be read as CPU per item. Nothing here is a test: it measures, it never asserts.
 """
-import argparse, datetime, json, os, shutil, socket, subprocess, sys, tempfile, time, urllib.request
+import argparse, datetime, json, os, shutil, subprocess, tempfile, time, urllib.request
+
+from failover import free_udp_ports  # bench/failover.py, beside this script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUNDIAL = os.path.join(ROOT, "target", "release", "sundial")
 LOADGEN = os.path.join(ROOT, "target", "release", "sundial-loadgen")
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_udp_ports(count):
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def cpu_seconds(pids):

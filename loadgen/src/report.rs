@@ -84,6 +84,27 @@ pub fn write_plots(
     Ok(written)
 }
 
+/// Ends a run: prints the verdict, writes the plots (`write_plots`) and the results with
+/// `pass` and the plots' paths added, and answers the verdict.
+#[allow(clippy::too_many_arguments)]
+pub fn finish(
+    plots: &Option<PathBuf>,
+    json_path: &Option<PathBuf>,
+    scenario: &str,
+    driven: &Driven,
+    mut results: serde_json::Map<String, Value>,
+    pass: bool,
+    extra: &[(&str, &Latencies)],
+    extra_timeline: Option<(&str, &Timeline)>,
+) -> Result<bool, String> {
+    println!("verdict: {}", if pass { "pass" } else { "FAIL" });
+    results.insert("pass".into(), json!(pass));
+    let written = write_plots(plots, scenario, driven, extra, extra_timeline)?;
+    results.insert("plots".into(), json!(written));
+    write_json(json_path, results)?;
+    Ok(pass)
+}
+
 pub fn count_status(driven: &Driven, matches: impl Fn(u16) -> bool) -> u64 {
     driven.ops.values().flat_map(|s| s.statuses.iter()).filter(|(s, _)| matches(**s)).map(|(_, n)| n).sum()
 }

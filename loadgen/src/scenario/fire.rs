@@ -8,7 +8,7 @@ use crate::drive::drive;
 use crate::faults::Faults;
 use crate::histogram::Latencies;
 use crate::receiver::{self, SinkOptions};
-use crate::report::{print_ops, print_tables, table_json, write_json, write_plots};
+use crate::report::{finish, print_ops, print_tables, table_json};
 use crate::sink;
 use crate::timeline::Timeline;
 use serde_json::{json, Value};
@@ -178,7 +178,6 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
         results.insert("memory_samples".into(), json!(rss));
     }
     let pass = report.passes();
-    println!("verdict: {}", if pass { "pass" } else { "FAIL" });
     results.extend(
         json!({
             "due_after_ms": args.due_after_ms, "due_together": args.due_together,
@@ -190,22 +189,14 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
             "unexpected": report.unexpected, "uncertain_creates": uncertain.len(),
             "uncertain_delivered": report.uncertain_delivered, "attempts": report.attempts, "refused_by_sink": report.refused_by_sink,
             "bad_signatures": report.bad_signatures, "deliveries_per_s": report.delivery_rate_per_s,
-            "fire_lateness_us": table_json(&lateness), "pass": pass,
+            "fire_lateness_us": table_json(&lateness),
         })
         .as_object()
         .cloned()
         .unwrap_or_default(),
     );
-    let plots = write_plots(
-        &load.plots,
-        scenario,
-        &driven,
-        &[("fire lateness", &lateness)],
-        Some(("lateness", &lateness_timeline)),
-    )?;
-    results.insert("plots".into(), json!(plots));
-    write_json(&load.json, results)?;
-    Ok(pass)
+    let extra = [("fire lateness", &lateness)];
+    finish(&load.plots, &load.json, scenario, &driven, results, pass, &extra, Some(("lateness", &lateness_timeline)))
 }
 
 /// Waits until every scheduled job has an accepted delivery; or, after the last due time,

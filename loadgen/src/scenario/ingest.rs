@@ -4,7 +4,7 @@
 use super::run_name;
 use crate::cli::Load;
 use crate::drive::drive;
-use crate::report::{count_status, print_ops, print_tables, write_json, write_plots};
+use crate::report::{count_status, finish, print_ops, print_tables};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 
@@ -55,13 +55,8 @@ pub async fn ingest(load: Load, due_in_s: u64) -> Result<bool, String> {
     let server_errors = count_status(&driven, |s| s >= 500 && s != 503);
     println!("read back {} acknowledged jobs: {} lost; server errors: {server_errors}", sample.len(), lost.len());
     let pass = lost.is_empty() && server_errors == 0;
-    println!("verdict: {}", if pass { "pass" } else { "FAIL" });
     let mut results = load.results("ingest", &plan, &driven, &target);
     results.insert("read_back".into(), json!(sample.len()));
     results.insert("lost".into(), json!(lost));
-    results.insert("pass".into(), json!(pass));
-    let plots = write_plots(&load.plots, "ingest", &driven, &[], None)?;
-    results.insert("plots".into(), json!(plots));
-    write_json(&load.json, results)?;
-    Ok(pass)
+    finish(&load.plots, &load.json, "ingest", &driven, results, pass, &[], None)
 }

@@ -5,7 +5,7 @@ use super::run_name;
 use crate::cli::Load;
 use crate::drive::drive;
 use crate::histogram::Latencies;
-use crate::report::{count_status, print_ops, print_tables, write_json, write_plots};
+use crate::report::{count_status, finish, print_ops, print_tables};
 use serde_json::json;
 use std::sync::{Arc, Mutex};
 
@@ -107,18 +107,13 @@ pub async fn mixed(load: Load, mix: &str, due_in_s: u64) -> Result<bool, String>
     let server_errors = count_status(&driven, |s| s >= 500 && s != 503);
     println!("acknowledged jobs answered 404: {lost}; server errors: {server_errors}");
     let pass = lost == 0 && server_errors == 0;
-    println!("verdict: {}", if pass { "pass" } else { "FAIL" });
     let mut results = load.results("mixed", &plan, &driven, &target);
     results.insert(
         "mix".into(),
         json!(mix.iter().map(|(op, w)| (op.to_string(), json!(w))).collect::<serde_json::Map<_, _>>()),
     );
     results.insert("lost".into(), json!(lost));
-    results.insert("pass".into(), json!(pass));
-    let plots = write_plots(&load.plots, "mixed", &driven, &[], None)?;
-    results.insert("plots".into(), json!(plots));
-    write_json(&load.json, results)?;
-    Ok(pass)
+    finish(&load.plots, &load.json, "mixed", &driven, results, pass, &[], None)
 }
 
 #[cfg(test)]
