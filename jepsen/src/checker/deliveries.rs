@@ -1,0 +1,374 @@
+//! The delivery properties of the contract, judged from the history and what the webhook
+//! receiver got: lost (G3), early (G2), cancel wins (G5), keys and duplicates (G4), and
+//! whether fires caught up once the faults were healed. Pure: operations and deliveries in,
+//! a verdict per property out.
+//!
+//! Outcomes that are unknown are read generously: a create with an unknown outcome may be
+//! delivered but need not be; a cancel with an unknown outcome excuses a missing delivery but
+//! forbids nothing. `margin_ms` is how early a delivery may be by the harness clock because a
+//! node's clock was set ahead by the clock nemesis (0 without it).
+
+use crate::history::{Call, Kind, Operation};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+
+/// One delivery the receiver got (what `deliveries.jsonl` holds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Received {
+    pub job: String,
+    pub key: String,
+    pub attempt: u32,
+    pub received_us: u64,
+    pub status: u16,
+}
+
+/// Examples kept per property.
+const EXAMPLES_MAX: usize = 10;
+
+#[derive(Clone, Debug, PartialEq)]
+enum Schedule {
+    Once { run_at_ms: u64 },
+    Cron { every_ms: u64, end_ms: u64 },
+}
+
+/// What the history says about one job.
+#[derive(Clone, Debug)]
+struct Job {
+    schedule: Schedule,
+    create: Kind,
+    create_complete_us: u64,
+    /// The earliest acknowledgement of a cancel.
+    cancel_acked_us: Option<u64>,
+    /// A cancel was acknowledged or may have taken effect.
+    cancel_maybe: bool,
+}
+
+impl Job {
+    /// Fire times that must be delivered: acknowledged, never (maybe) cancelled.
+    fn required_fires(&self, margin_ms: u64) -> Vec<u64> {
+        if self.create != Kind::Ok || self.cancel_maybe {
+            return Vec::new();
+        }
+        match self.schedule {
+            Schedule::Once { run_at_ms } => vec![run_at_ms],
+            Schedule::Cron { every_ms, end_ms } => {
+                // The node computes the first fire from its own clock when it applies the
+                // create, which may be `margin_ms` ahead of the acknowledgement.
+                let after_ms = self.create_complete_us / 1_000 + margin_ms;
+                let first = (after_ms / every_ms + 1) * every_ms;
+                (first..=end_ms).step_by(every_ms as usize).collect()
+            }
+        }
+    }
+
+    /// Whether a fire at `fire_ms` is one this job can have.
+    fn can_fire_at(&self, fire_ms: u64) -> bool {
+        match self.schedule {
+            Schedule::Once { run_at_ms } => fire_ms == run_at_ms,
+            Schedule::Cron { every_ms, end_ms } => fire_ms % every_ms == 0 && fire_ms <= end_ms,
+        }
+    }
+
+    /// Whether an acknowledged cancel forbids the fire at `fire_ms`.
+    fn cancelled_before(&self, fire_ms: u64, margin_ms: u64) -> bool {
+        self.cancel_acked_us.is_some_and(|acked_us| acked_us / 1_000 + margin_ms < fire_ms)
+    }
+}
+
+fn jobs_of(operations: &[Operation]) -> HashMap<String, Job> {
+    let mut jobs: HashMap<String, Job> = HashMap::new();
+    for operation in operations {
+        let schedule = match operation.f {
+            Call::Create => operation.argument["run_at_ms"].as_u64().map(|run_at_ms| Schedule::Once { run_at_ms }),
+            Call::CreateCron => match (operation.argument["every_s"].as_u64(), operation.argument["end_ms"].as_u64()) {
+                (Some(every_s), Some(end_ms)) if every_s > 0 => {
+                    Some(Schedule::Cron { every_ms: every_s * 1_000, end_ms })
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(schedule) = schedule {
+            let create_complete_us = operation.complete_us.unwrap_or(u64::MAX);
+            let job = Job {
+                schedule,
+                create: operation.outcome,
+                create_complete_us,
+                cancel_acked_us: None,
+                cancel_maybe: false,
+            };
+            jobs.insert(operation.job.clone(), job);
+        }
+    }
+    for operation in operations.iter().filter(|operation| operation.f == Call::Cancel) {
+        let Some(job) = jobs.get_mut(&operation.job) else { continue };
+        match operation.outcome {
+            Kind::Ok => {
+                job.cancel_maybe = true;
+                let acked_us = operation.complete_us.unwrap_or(u64::MAX);
+                job.cancel_acked_us = Some(job.cancel_acked_us.map_or(acked_us, |earlier| earlier.min(acked_us)));
+            }
+            Kind::Info | Kind::Invoke => job.cancel_maybe = true,
+            Kind::Fail => {}
+        }
+    }
+    jobs
+}
+
+/// One property's verdict.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Property {
+    pub name: &'static str,
+    pub contract: &'static str,
+    pub valid: bool,
+    /// What was checked and what was found, in one line.
+    pub summary: String,
+    pub counts: BTreeMap<&'static str, u64>,
+    pub examples: Vec<String>,
+}
+
+impl Property {
+    fn new(name: &'static str, contract: &'static str) -> Property {
+        Property { name, contract, valid: true, ..Property::default() }
+    }
+
+    fn count(&mut self, what: &'static str, by: u64) {
+        *self.counts.entry(what).or_default() += by;
+    }
+
+    /// Records a violation: counted, and kept as an example while there is room.
+    fn violation(&mut self, what: &'static str, example: String) {
+        self.valid = false;
+        self.count(what, 1);
+        if self.examples.len() < EXAMPLES_MAX {
+            self.examples.push(example);
+        }
+    }
+}
+
+/// The fire time a key names (`<job id>:<fire ms>`), if the key is well formed for `job`.
+fn fire_ms_of(job: &str, key: &str) -> Option<u64> {
+    key.strip_prefix(job)?.strip_prefix(':')?.parse().ok()
+}
+
+/// Judges lost, early, cancel and key properties; `healed_us` is when the last fault was
+/// healed and `bound_ms` how long after that (or after its due time) a fire may still be late.
+pub fn check(
+    operations: &[Operation],
+    deliveries: &[Received],
+    margin_ms: u64,
+    healed_us: u64,
+    bound_ms: u64,
+) -> Vec<Property> {
+    let jobs = jobs_of(operations);
+    let mut lost = Property::new("lost", "G3: every acknowledged, uncancelled fire is delivered");
+    let mut early = Property::new("early", "G2: no delivery before its fire time");
+    let mut cancel = Property::new("cancel", "G5: no delivery of a fire whose cancel was acknowledged before its time");
+    let mut keys = Property::new(
+        "keys",
+        "G4: every delivery belongs to a create that may have happened and carries its fire's key",
+    );
+    let mut caught_up =
+        Property::new("caught-up", "after the faults heal, every owed fire arrives within the recovery bound");
+
+    let mut delivered: HashMap<(&str, u64), Vec<&Received>> = HashMap::new();
+    for delivery in deliveries {
+        let Some(job) = jobs.get(&delivery.job) else {
+            keys.violation(
+                "unknown_job",
+                format!("delivery of {} (key {}): no create was invoked", delivery.job, delivery.key),
+            );
+            continue;
+        };
+        if job.create == Kind::Fail {
+            keys.violation(
+                "refused_create_delivered",
+                format!("delivery of {} (key {}): its create was refused", delivery.job, delivery.key),
+            );
+        }
+        let Some(fire_ms) = fire_ms_of(&delivery.job, &delivery.key).filter(|fire_ms| job.can_fire_at(*fire_ms)) else {
+            keys.violation("wrong_key", format!("delivery of {} carries key {:?}", delivery.job, delivery.key));
+            continue;
+        };
+        if delivery.received_us + margin_ms * 1_000 < fire_ms * 1_000 {
+            let early_ms = (fire_ms * 1_000 - delivery.received_us) as f64 / 1_000.0;
+            early.violation("early", format!("{} arrived {early_ms:.1} ms before its time", delivery.key));
+        }
+        if job.cancelled_before(fire_ms, margin_ms) {
+            let acked_ms = job.cancel_acked_us.unwrap_or(0) / 1_000;
+            cancel.violation(
+                "delivered_after_cancel",
+                format!(
+                    "{} delivered although its cancel was acknowledged {} ms before its time",
+                    delivery.key,
+                    fire_ms.saturating_sub(acked_ms)
+                ),
+            );
+        }
+        delivered.entry((delivery.job.as_str(), fire_ms)).or_default().push(delivery);
+    }
+    for arrivals in delivered.values() {
+        if arrivals.len() > 1 {
+            keys.count("duplicate_deliveries", arrivals.len() as u64 - 1);
+            keys.count("fires_delivered_more_than_once", 1);
+        }
+    }
+    keys.count("fires_delivered", delivered.len() as u64);
+    early.count("deliveries", deliveries.len() as u64);
+    early.count("margin_ms", margin_ms);
+
+    let mut required_count = 0;
+    let mut ids: Vec<&String> = jobs.keys().collect();
+    ids.sort();
+    for id in ids {
+        let job = &jobs[id];
+        if job.cancel_acked_us.is_some() {
+            cancel.count("acknowledged_cancels", 1);
+        }
+        for fire_ms in job.required_fires(margin_ms) {
+            required_count += 1;
+            let accepted = delivered.get(&(id.as_str(), fire_ms)).and_then(|arrivals| {
+                arrivals.iter().filter(|d| (200..300).contains(&d.status)).map(|d| d.received_us).min()
+            });
+            match accepted {
+                None => lost.violation("lost", format!("{id}:{fire_ms} was acknowledged and never delivered")),
+                Some(received_us) => {
+                    let owed_us = (fire_ms * 1_000).max(healed_us) + bound_ms * 1_000;
+                    if received_us > owed_us {
+                        let late_s = (received_us - fire_ms * 1_000) as f64 / 1e6;
+                        caught_up.violation(
+                            "late_after_heal",
+                            format!("{id}:{fire_ms} arrived {late_s:.1} s after its time"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    lost.count("required_fires", required_count);
+    lost.summary = format!("{} of {required_count} owed fires missing", lost.counts.get("lost").unwrap_or(&0));
+    early.summary = format!(
+        "{} of {} deliveries early (margin {margin_ms} ms for clock skew)",
+        early.counts.get("early").unwrap_or(&0),
+        deliveries.len()
+    );
+    cancel.summary = format!(
+        "{} deliveries after {} acknowledged cancels",
+        cancel.counts.get("delivered_after_cancel").unwrap_or(&0),
+        cancel.counts.get("acknowledged_cancels").unwrap_or(&0)
+    );
+    keys.summary = format!(
+        "{} fires delivered, {} duplicate deliveries (same key), {} with a wrong key, {} of unknown or refused jobs",
+        delivered.len(),
+        keys.counts.get("duplicate_deliveries").unwrap_or(&0),
+        keys.counts.get("wrong_key").unwrap_or(&0),
+        keys.counts.get("unknown_job").unwrap_or(&0) + keys.counts.get("refused_create_delivered").unwrap_or(&0)
+    );
+    caught_up.summary = format!(
+        "{} owed fires later than {bound_ms} ms after max(their time, the final heal)",
+        caught_up.counts.get("late_after_heal").unwrap_or(&0)
+    );
+    vec![lost, early, cancel, keys, caught_up]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn operation(job: &str, f: Call, outcome: Kind, invoke_us: u64, complete_us: u64, argument: Value) -> Operation {
+        Operation {
+            process: "c1".into(),
+            f,
+            job: job.into(),
+            node: 1,
+            invoke_us,
+            complete_us: Some(complete_us),
+            outcome,
+            argument,
+            result: Value::Null,
+            error: None,
+        }
+    }
+
+    fn once(job: &str, outcome: Kind, run_at_ms: u64) -> Operation {
+        operation(job, Call::Create, outcome, 0, 1_000_000, json!({"run_at_ms": run_at_ms}))
+    }
+
+    fn delivery(job: &str, fire_ms: u64, received_ms: u64) -> Received {
+        Received {
+            job: job.into(),
+            key: format!("{job}:{fire_ms}"),
+            attempt: 1,
+            received_us: received_ms * 1_000,
+            status: 200,
+        }
+    }
+
+    fn verdicts(operations: &[Operation], deliveries: &[Received], margin_ms: u64) -> BTreeMap<&'static str, Property> {
+        check(operations, deliveries, margin_ms, 0, 10_000).into_iter().map(|p| (p.name, p)).collect()
+    }
+
+    fn failing(operations: &[Operation], deliveries: &[Received], margin_ms: u64) -> Vec<&'static str> {
+        verdicts(operations, deliveries, margin_ms).into_values().filter(|p| !p.valid).map(|p| p.name).collect()
+    }
+
+    #[test]
+    fn a_clean_run_passes_every_property() {
+        let ops = [
+            once("a", Kind::Ok, 5_000),
+            once("b", Kind::Info, 5_000),
+            once("c", Kind::Ok, 9_000),
+            operation("c", Call::Cancel, Kind::Ok, 2_000_000, 3_000_000, Value::Null),
+            operation("k", Call::CreateCron, Kind::Ok, 0, 1_000_000, json!({"every_s": 2, "end_ms": 7_000})),
+        ];
+        // b's create had no answer: delivered or not, both fine; a is delivered twice with one key.
+        let deliveries = [
+            delivery("a", 5_000, 5_001),
+            delivery("a", 5_000, 5_900),
+            delivery("k", 2_000, 2_003),
+            delivery("k", 4_000, 4_010),
+            delivery("k", 6_000, 6_002),
+        ];
+        assert_eq!(failing(&ops, &deliveries, 0), Vec::<&str>::new());
+        let keys = &verdicts(&ops, &deliveries, 0)["keys"];
+        assert_eq!(keys.counts["duplicate_deliveries"], 1);
+        assert_eq!(verdicts(&ops, &deliveries, 0)["lost"].counts["required_fires"], 4);
+    }
+
+    #[test]
+    fn each_broken_input_is_caught_by_its_property() {
+        let a = [once("a", Kind::Ok, 5_000)];
+        assert_eq!(failing(&a, &[], 0), ["lost"]);
+        assert_eq!(failing(&a, &[delivery("a", 5_000, 4_990)], 0), ["early"]);
+        // The same arrival is within a 20 ms clock-skew margin.
+        assert_eq!(failing(&a, &[delivery("a", 5_000, 4_990)], 20), Vec::<&str>::new());
+        let wrong_key = Received { key: "a:4000".into(), ..delivery("a", 5_000, 5_001) };
+        assert_eq!(failing(&a, &[wrong_key, delivery("a", 5_000, 5_001)], 0), ["keys"]);
+        assert_eq!(failing(&a, &[delivery("a", 5_000, 5_001), delivery("ghost", 1, 2)], 0), ["keys"]);
+        let refused = [once("r", Kind::Fail, 5_000)];
+        assert_eq!(failing(&refused, &[delivery("r", 5_000, 5_001)], 0), ["keys"]);
+        let cancelled =
+            [once("c", Kind::Ok, 9_000), operation("c", Call::Cancel, Kind::Ok, 2_000_000, 3_000_000, Value::Null)];
+        assert_eq!(failing(&cancelled, &[delivery("c", 9_000, 9_001)], 0), ["cancel"]);
+        // A cancel acknowledged after the fire's time forbids nothing; a failed one excuses nothing.
+        let late_cancel =
+            [once("c", Kind::Ok, 2_500), operation("c", Call::Cancel, Kind::Ok, 2_000_000, 3_000_000, Value::Null)];
+        assert_eq!(failing(&late_cancel, &[delivery("c", 2_500, 2_501)], 0), Vec::<&str>::new());
+        let failed_cancel =
+            [once("c", Kind::Ok, 9_000), operation("c", Call::Cancel, Kind::Fail, 2_000_000, 3_000_000, Value::Null)];
+        assert_eq!(failing(&failed_cancel, &[], 0), ["lost"]);
+        // A cron fire missing from the middle, and one at a time the schedule never has.
+        let cron = [operation("k", Call::CreateCron, Kind::Ok, 0, 1_000_000, json!({"every_s": 2, "end_ms": 6_000}))];
+        assert_eq!(failing(&cron, &[delivery("k", 2_000, 2_001), delivery("k", 6_000, 6_001)], 0), ["lost"]);
+        let odd = [
+            delivery("k", 2_000, 2_001),
+            delivery("k", 3_000, 3_001),
+            delivery("k", 4_000, 4_001),
+            delivery("k", 6_000, 6_001),
+        ];
+        assert_eq!(failing(&cron, &odd, 0), ["keys"]);
+        // Delivered, but 15 s after its time with nothing to excuse it.
+        assert_eq!(failing(&a, &[delivery("a", 5_000, 20_000)], 0), ["caught-up"]);
+    }
+}

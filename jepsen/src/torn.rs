@@ -1,0 +1,61 @@
+//! The torn-tail fault: on a stopped node, find the log segment written last and damage its
+//! end the way a crash in the middle of a write would — garbage where the next record was
+//! going, or the last record's final bytes overwritten — so the restart must recover it.
+
+use crate::nemesis::TornMode;
+use crate::rng::Rng;
+use std::path::{Path, PathBuf};
+use sundial_wal::recovery::scan_segment;
+
+/// Record header size in the log format (docs: ARCHITECTURE.md, "On-disk format").
+const RECORD_HEADER_BYTES: usize = 32;
+
+/// Every live segment file under `dir` (not the retired `free-*` ones).
+fn segments(dir: &Path, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            segments(&path, found);
+        } else if path.extension().is_some_and(|e| e == "wal")
+            && !path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("free-"))
+        {
+            found.push(path);
+        }
+    }
+}
+
+/// Tears the newest segment under a stopped node's data directory; says what it did.
+pub fn tear(data: &Path, mode: TornMode, rng: &mut Rng) -> Result<String, String> {
+    let mut found = Vec::new();
+    segments(data, &mut found);
+    let newest = found
+        .into_iter()
+        .filter_map(|path| Some((std::fs::metadata(&path).ok()?.modified().ok()?, path)))
+        .max()
+        .map(|(_, path)| path)
+        .ok_or_else(|| format!("no log segment under {}", data.display()))?;
+    let mut bytes = std::fs::read(&newest).map_err(|e| format!("{}: {e}", newest.display()))?;
+    let scan = scan_segment(&bytes).map_err(|e| format!("{}: unreadable header: {e:?}", newest.display()))?;
+    let last_record = scan.offsets.last().map(|&offset| offset as usize);
+    let (what, start, length) = match (mode, last_record) {
+        (TornMode::LastRecord, Some(offset)) => {
+            let body_len = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap_or([0; 4])) as usize;
+            let cut = rng.between(1, body_len.clamp(1, 16) as u64) as usize;
+            let body_end = offset + RECORD_HEADER_BYTES + body_len;
+            ("overwrote the last bytes of the last record", body_end - cut, cut)
+        }
+        _ => ("wrote garbage after the last record", scan.end_offset, rng.between(8, 64) as usize),
+    };
+    let end = (start + length).min(bytes.len());
+    for byte in &mut bytes[start..end] {
+        // Never zero: zeros would read as a clean end rather than damage.
+        *byte = rng.between(1, 255) as u8;
+    }
+    let file =
+        std::fs::OpenOptions::new().write(true).open(&newest).map_err(|e| format!("{}: {e}", newest.display()))?;
+    std::os::unix::fs::FileExt::write_all_at(&file, &bytes[start..end], start as u64)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| format!("{}: {e}", newest.display()))?;
+    Ok(format!("{what}: {} bytes at offset {start} of {}", end - start, newest.display()))
+}
