@@ -19,7 +19,7 @@ pub struct Cli {
 pub enum Command {
     /// Start a cluster on loopback, run the workload under the nemeses, check the history.
     /// Exit 0: every property held; 1: a property failed; 2: the run could not be made.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check a stored run again (its history.jsonl, deliveries.jsonl and results.json).
     Check {
         /// The run's directory.

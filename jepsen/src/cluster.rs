@@ -5,7 +5,6 @@
 //! `Cluster` is dropped, whatever ended the run.
 
 use crate::client;
-use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -236,11 +235,8 @@ impl Cluster {
                 continue;
             };
             let partitions = view["partitions"].as_array().cloned().unwrap_or_default();
-            let mine = partitions
-                .iter()
-                .filter(|p| p["role"] == Value::from("leader"))
-                .filter_map(|p| p["partition"].as_u64())
-                .collect();
+            let mine =
+                partitions.iter().filter(|p| p["role"] == "leader").filter_map(|p| p["partition"].as_u64()).collect();
             led.insert(node.id, mine);
         }
         led

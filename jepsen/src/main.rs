@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run(args) => runtime.block_on(async {
             tokio::select! {
-                outcome = sundial_jepsen::run::run(args) => outcome,
+                outcome = sundial_jepsen::run::run(*args) => outcome,
                 // Dropping the run stops its nodes and removes its partition rules.
                 _ = tokio::signal::ctrl_c() => Err("interrupted; nodes stopped and partition rules removed".to_string()),
             }
