@@ -59,3 +59,45 @@ pub fn tear(data: &Path, mode: TornMode, rng: &mut Rng) -> Result<String, String
         .map_err(|e| format!("{}: {e}", newest.display()))?;
     Ok(format!("{what}: {} bytes at offset {start} of {}", end - start, newest.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sundial_wal::{Wal, WalOptions};
+
+    fn log_with_three_commits(dir: &Path) {
+        let options = WalOptions { segment_size_bytes: 64 * 1024, ..WalOptions::default() };
+        let (mut wal, _) = Wal::open(dir, options).unwrap();
+        for body in [&b"first record"[..], b"second record", b"third record, the newest"] {
+            wal.append(1, body).unwrap();
+            wal.commit().unwrap();
+        }
+    }
+
+    fn reopen(dir: &Path) -> sundial_wal::RecoveryReport {
+        Wal::open(dir, WalOptions { segment_size_bytes: 64 * 1024, ..WalOptions::default() }).unwrap().1
+    }
+
+    #[test]
+    fn garbage_after_the_last_record_is_cut_and_every_record_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with_three_commits(dir.path());
+        let done = tear(dir.path(), TornMode::Garbage, &mut Rng::new(1)).unwrap();
+        assert!(done.starts_with("wrote garbage after the last record"), "{done}");
+        let report = reopen(dir.path());
+        assert_eq!(report.last_index, 3);
+        assert!(report.torn_tail_bytes > 0, "recovery saw the damage and zeroed it: {report:?}");
+    }
+
+    #[test]
+    fn a_torn_last_record_is_cut_by_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        log_with_three_commits(dir.path());
+        let done = tear(dir.path(), TornMode::LastRecord, &mut Rng::new(2)).unwrap();
+        assert!(done.starts_with("overwrote the last bytes of the last record"), "{done}");
+        let report = reopen(dir.path());
+        assert_eq!(report.last_index, 2, "the damaged newest record is gone, the others stay");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(tear(empty.path(), TornMode::Garbage, &mut Rng::new(3)).unwrap_err().contains("no log segment"));
+    }
+}

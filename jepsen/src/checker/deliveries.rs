@@ -193,6 +193,12 @@ pub fn check(
         if delivery.received_us + margin_ms * 1_000 < fire_ms * 1_000 {
             let early_ms = (fire_ms * 1_000 - delivery.received_us) as f64 / 1_000.0;
             early.violation("early", format!("{} arrived {early_ms:.1} ms before its time", delivery.key));
+        } else if delivery.received_us < fire_ms * 1_000 {
+            // Early by the harness clock, on time by a node clock the nemesis set ahead.
+            early.count("early_within_margin", 1);
+            let early_ms = (fire_ms * 1_000 - delivery.received_us).div_ceil(1_000);
+            let most = early.counts.entry("most_early_within_margin_ms").or_default();
+            *most = (*most).max(early_ms);
         }
         if job.cancelled_before(fire_ms, margin_ms) {
             let acked_ms = job.cancel_acked_us.unwrap_or(0) / 1_000;
@@ -248,9 +254,10 @@ pub fn check(
     lost.count("required_fires", required_count);
     lost.summary = format!("{} of {required_count} owed fires missing", lost.counts.get("lost").unwrap_or(&0));
     early.summary = format!(
-        "{} of {} deliveries early (margin {margin_ms} ms for clock skew)",
+        "{} of {} deliveries early (margin {margin_ms} ms for clock skew; {} within it)",
         early.counts.get("early").unwrap_or(&0),
-        deliveries.len()
+        deliveries.len(),
+        early.counts.get("early_within_margin").unwrap_or(&0)
     );
     cancel.summary = format!(
         "{} deliveries after {} acknowledged cancels",
@@ -341,8 +348,10 @@ mod tests {
         let a = [once("a", Kind::Ok, 5_000)];
         assert_eq!(failing(&a, &[], 0), ["lost"]);
         assert_eq!(failing(&a, &[delivery("a", 5_000, 4_990)], 0), ["early"]);
-        // The same arrival is within a 20 ms clock-skew margin.
+        // The same arrival is within a 20 ms clock-skew margin, and counted as such.
         assert_eq!(failing(&a, &[delivery("a", 5_000, 4_990)], 20), Vec::<&str>::new());
+        let early = &verdicts(&a, &[delivery("a", 5_000, 4_990)], 20)["early"];
+        assert_eq!((early.counts["early_within_margin"], early.counts["most_early_within_margin_ms"]), (1, 10));
         let wrong_key = Received { key: "a:4000".into(), ..delivery("a", 5_000, 5_001) };
         assert_eq!(failing(&a, &[wrong_key, delivery("a", 5_000, 5_001)], 0), ["keys"]);
         assert_eq!(failing(&a, &[delivery("a", 5_000, 5_001), delivery("ghost", 1, 2)], 0), ["keys"]);
