@@ -73,6 +73,9 @@ pub struct RunArgs {
     /// Node i listens on 127.0.0.<base + i>.
     #[arg(long, default_value_t = 10)]
     pub address_base: u8,
+    /// Share of webhook attempts the receiver answers 500 (jobs retry up to 10 times).
+    #[arg(long, default_value_t = 0.1)]
+    pub receiver_fail_rate: f64,
     /// Keep the nodes' data directories of a passing run (a failing run always keeps them).
     #[arg(long)]
     pub keep_data: bool,
@@ -114,6 +117,7 @@ pub struct Settings {
     pub clock_offset_max_ms: u64,
     pub timeout_ms: u64,
     pub drain_ms: u64,
+    pub receiver_fail_rate: f64,
 }
 
 impl RunArgs {
@@ -141,6 +145,12 @@ impl RunArgs {
         if clock_offset_max_ms > 60_000 {
             return Err("--clock-offset-max: must be at most 60s".into());
         }
+        if !(0.0..=0.5).contains(&self.receiver_fail_rate) {
+            return Err(
+                "--receiver-fail-rate: must be within 0.0..=0.5 (jobs retry 10 times; more would dead-letter fires)"
+                    .into(),
+            );
+        }
         let timeout_ms = duration_ms("--timeout", &self.timeout)?;
         if !(100..=60_000).contains(&timeout_ms) {
             return Err("--timeout: must be within 100ms..=60s".into());
@@ -157,6 +167,7 @@ impl RunArgs {
             clock_offset_max_ms,
             timeout_ms,
             drain_ms: duration_ms("--drain", &self.drain)?.min(3_600_000),
+            receiver_fail_rate: self.receiver_fail_rate,
         })
     }
 }
@@ -201,5 +212,6 @@ mod tests {
         assert!(args(&["--rate", "0"]).unwrap_err().starts_with("--rate:"));
         assert!(args(&["--nemesis", "meteor"]).unwrap_err().starts_with("--nemesis:"));
         assert!(args(&["--address-base", "253"]).unwrap_err().starts_with("--address-base:"));
+        assert!(args(&["--receiver-fail-rate", "0.9"]).unwrap_err().starts_with("--receiver-fail-rate:"));
     }
 }

@@ -12,8 +12,17 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Where Debian's libfaketime lives (`apt-get install faketime`).
-pub const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+/// Where Debian puts libfaketime (`apt-get install faketime`), per architecture.
+const LIBFAKETIME_PATHS: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    "/usr/lib/faketime/libfaketime.so.1",
+];
+
+/// The libfaketime library to preload, if installed.
+pub fn libfaketime() -> Option<PathBuf> {
+    LIBFAKETIME_PATHS.iter().map(PathBuf::from).find(|path| path.is_file())
+}
 
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -165,9 +174,23 @@ impl Cluster {
                 .env("FAKETIME_CACHE_DURATION", "1")
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
+        // SAFETY: prctl(2) only, between fork and exec. A node dies with the harness, however
+        // the harness ends (SIGKILL included), so no node outlives a run. The signal follows
+        // the spawning thread: nodes are spawned from the runtime's worker threads, which live
+        // as long as the run.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = command.spawn().map_err(|e| format!("start node {id}: {e}"))?;
+        let pid = child.id();
         node.child = Some(child);
         node.paused = false;
+        if let Some(library) = &options.faketime {
+            preloaded(pid, library)?;
+        }
         Ok(())
     }
 
@@ -286,6 +309,22 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// Checks that `library` is mapped into process `pid` (else the clock nemesis would change
+/// nothing and a run would pass without its fault), waiting briefly for the exec.
+fn preloaded(pid: u32, library: &Path) -> Result<(), String> {
+    let name = library.file_name().and_then(|n| n.to_str()).unwrap_or("libfaketime");
+    for _ in 0..50 {
+        if std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|maps| maps.contains(name)) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!(
+        "node process {pid} did not load {} (LD_PRELOAD refused?): the clock nemesis cannot run",
+        library.display()
+    ))
 }
 
 fn signal(child: &Child, signal: i32) {

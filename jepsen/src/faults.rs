@@ -56,23 +56,25 @@ impl Nemesis {
                 }
                 Ok(())
             }
-            Fault::KillBusiestLeader | Fault::PauseBusiestLeader => match cluster.busiest_leader().await {
-                Some(id) => {
-                    detail["target"] = json!(id);
-                    if matches!(window.fault, Fault::KillBusiestLeader) {
-                        cluster.kill(id);
-                        applied.killed.push(id);
-                    } else {
-                        cluster.pause(id);
-                        applied.paused.push(id);
+            Fault::KillBusiestLeader | Fault::PauseBusiestLeader => {
+                // No node answering as a leader (all electing) still gets a fault: a random node.
+                let id = match cluster.busiest_leader().await {
+                    Some(id) => id,
+                    None => {
+                        detail["no_leader_answered"] = json!(true);
+                        self.rng.between(1, cluster.nodes.len() as u64) as u8
                     }
-                    Ok(())
+                };
+                detail["target"] = json!(id);
+                if matches!(window.fault, Fault::KillBusiestLeader) {
+                    cluster.kill(id);
+                    applied.killed.push(id);
+                } else {
+                    cluster.pause(id);
+                    applied.paused.push(id);
                 }
-                None => {
-                    detail["target"] = json!("none: no node answered as a leader");
-                    Ok(())
-                }
-            },
+                Ok(())
+            }
             Fault::Pause { nodes } => {
                 for &id in nodes {
                     cluster.pause(id);

@@ -45,6 +45,8 @@ pub fn rules(table: &str, blocked: &[(Ipv4Addr, Ipv4Addr)]) -> String {
 impl Firewall {
     /// Creates this run's table (empty: nothing is blocked yet).
     pub fn new() -> Result<Firewall, String> {
+        // Rules of a harness killed outright would partition this run's nodes too.
+        clean_dead()?;
         let table = format!("{TABLE_PREFIX}{}", std::process::id());
         nft(&format!(
             "table inet {table} {{\n  chain input {{ type filter hook input priority -10; policy accept; }}\n}}\n"
@@ -70,14 +72,23 @@ impl Drop for Firewall {
     }
 }
 
+/// Deletes the tables of harness processes that are gone.
+fn clean_dead() -> Result<Vec<String>, String> {
+    clean_where(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+}
+
 /// Deletes every `sundial_jepsen_*` table (left by runs that were killed); returns their names.
 pub fn clean() -> Result<Vec<String>, String> {
+    clean_where(|_| true)
+}
+
+fn clean_where(remove: impl Fn(&str) -> bool) -> Result<Vec<String>, String> {
     let output = Command::new("nft").args(["list", "tables"]).output().map_err(|e| format!("nft: {e}; {INSTALL}"))?;
     let listing = String::from_utf8_lossy(&output.stdout);
     let tables: Vec<String> = listing
         .lines()
         .filter_map(|line| line.strip_prefix("table inet "))
-        .filter(|name| name.starts_with(TABLE_PREFIX))
+        .filter(|name| name.strip_prefix(TABLE_PREFIX).is_some_and(&remove))
         .map(str::to_string)
         .collect();
     for table in &tables {

@@ -16,10 +16,15 @@ fn main() -> ExitCode {
     };
     let outcome = match cli.command {
         Command::Run(args) => runtime.block_on(async {
+            let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(terminate) => terminate,
+                Err(e) => return Err(format!("cannot watch SIGTERM: {e}")),
+            };
             tokio::select! {
                 outcome = sundial_jepsen::run::run(*args) => outcome,
                 // Dropping the run stops its nodes and removes its partition rules.
                 _ = tokio::signal::ctrl_c() => Err("interrupted; nodes stopped and partition rules removed".to_string()),
+                _ = terminate.recv() => Err("terminated; nodes stopped and partition rules removed".to_string()),
             }
         }),
         Command::Check { dir } => sundial_jepsen::run::check_stored(&dir),

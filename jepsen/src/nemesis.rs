@@ -50,6 +50,8 @@ pub enum TornMode {
     Garbage,
     /// The last record's final bytes overwritten: a torn write of the newest batch.
     LastRecord,
+    /// The last record's final bytes zeroed: the end of the newest write never landed.
+    Cut,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -71,6 +73,7 @@ pub struct PlanOptions {
     pub run_ms: u64,
     /// Longest clock offset the clock nemesis may set, ms.
     pub clock_offset_max_ms: u64,
+    pub recovery_bound_ms: u64,
 }
 
 /// How long faults last and the gaps between them, scaled to the run (a 40 s smoke gets
@@ -86,15 +89,16 @@ fn durations(run_ms: u64) -> ((u64, u64), (u64, u64)) {
 /// The first fault waits this long for the cluster to settle under load.
 pub const WARMUP_MS: u64 = 5_000;
 
-/// The quiet stretch at the end of the workload, in which no fault runs.
-pub fn quiet_ms(run_ms: u64) -> u64 {
-    (run_ms / 4).clamp(10_000, 30_000)
+/// The quiet stretch at the end of the workload, in which no fault runs: long enough for
+/// progress to be judged against the recovery bound.
+pub fn quiet_ms(run_ms: u64, recovery_bound_ms: u64) -> u64 {
+    (run_ms / 4).clamp(10_000, 30_000).max(recovery_bound_ms + 2_000)
 }
 
 pub fn plan(options: &PlanOptions) -> Vec<Window> {
     let mut rng = Rng::new(options.seed).fork(0x4e454d);
     let ((fault_min, fault_max), (gap_min, gap_max)) = durations(options.run_ms);
-    let last_end = options.run_ms.saturating_sub(quiet_ms(options.run_ms));
+    let last_end = options.run_ms.saturating_sub(quiet_ms(options.run_ms, options.recovery_bound_ms));
     let mut windows = Vec::new();
     let mut at = WARMUP_MS;
     if options.kinds.is_empty() || options.nodes == 0 {
@@ -146,7 +150,8 @@ fn fault_of(kind: &str, options: &PlanOptions, rng: &mut Rng) -> Fault {
             Fault::Clock { node: one(rng), offset_ms }
         }
         _ => {
-            let mode = if rng.chance(50) { TornMode::Garbage } else { TornMode::LastRecord };
+            let mode =
+                *rng.pick(&[TornMode::Garbage, TornMode::LastRecord, TornMode::Cut]).unwrap_or(&TornMode::Garbage);
             Fault::Torn { node: one(rng), mode }
         }
     }
@@ -199,6 +204,18 @@ pub fn forward_offset_max_ms(windows: &[Window]) -> u64 {
         .unwrap_or(0)
 }
 
+/// The largest clock offset of a plan either way.
+pub fn offset_abs_max_ms(windows: &[Window]) -> u64 {
+    windows
+        .iter()
+        .filter_map(|w| match w.fault {
+            Fault::Clock { offset_ms, .. } => Some(offset_ms.unsigned_abs()),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Parses `--nemesis` (a comma-separated list; `none` or empty for no faults).
 pub fn parse_kinds(list: &str) -> Result<Vec<String>, String> {
     let mut kinds = Vec::new();
@@ -224,6 +241,7 @@ mod tests {
             nodes: 5,
             run_ms,
             clock_offset_max_ms: 2_000,
+            recovery_bound_ms: 10_000,
         }
     }
 
@@ -238,7 +256,8 @@ mod tests {
         for pair in windows.windows(2) {
             assert!(pair[0].end_ms < pair[1].start_ms, "windows never overlap");
         }
-        assert!(windows.last().unwrap().end_ms <= 600_000 - quiet_ms(600_000));
+        assert!(windows.last().unwrap().end_ms <= 600_000 - quiet_ms(600_000, 10_000));
+        assert_eq!(quiet_ms(40_000, 20_000), 22_000, "the quiet end outlasts the recovery bound");
         let drawn: std::collections::BTreeSet<&str> = windows
             .iter()
             .map(|w| match w.fault {
@@ -291,5 +310,6 @@ mod tests {
         let window = |offset_ms| Window { start_ms: 0, end_ms: 1, fault: Fault::Clock { node: 1, offset_ms } };
         assert_eq!(forward_offset_max_ms(&[window(-5_000), window(1_500), window(800)]), 1_500);
         assert_eq!(forward_offset_max_ms(&[window(-5_000)]), 0);
+        assert_eq!(offset_abs_max_ms(&[window(-5_000), window(1_500)]), 5_000);
     }
 }

@@ -232,10 +232,19 @@ pub fn timeline_svg(
 }
 
 /// The Markdown report.
-pub fn markdown(results: &Value, verdict: &Verdict, faults: &[Happened], start_us: u64) -> String {
+pub fn markdown(
+    results: &Value,
+    verdict: &Verdict,
+    faults: &[Happened],
+    start_us: u64,
+    run_error: Option<&str>,
+) -> String {
     let mut md = String::new();
-    let verdict_word =
-        if verdict.valid { "**valid** — every property held" } else { "**INVALID** — a property failed" };
+    let verdict_word = match run_error {
+        Some(error) => format!("**no verdict** — the run itself failed: {error}"),
+        None if verdict.valid => "**valid** — every property held".to_string(),
+        None => "**INVALID** — a property failed".to_string(),
+    };
     let _ = writeln!(md, "# sundial-jepsen run\n");
     let _ = writeln!(md, "`{}`\n", results["command"].as_str().unwrap_or(""));
     let _ = writeln!(
@@ -282,15 +291,16 @@ pub fn markdown(results: &Value, verdict: &Verdict, faults: &[Happened], start_u
         for (call, by_kind) in calls {
             let n = |k: &str| by_kind[k].as_u64().unwrap_or(0);
             let l = &latencies[call];
+            let ms = |i: usize| l[i].as_f64().map(|v| format!("{v:.1}")).unwrap_or_default();
             let _ = writeln!(
                 md,
                 "| {call} | {} | {} | {} | {} / {} / {} |",
                 n("ok"),
                 n("fail"),
                 n("info"),
-                l[0],
-                l[1],
-                l[2]
+                ms(0),
+                ms(1),
+                ms(2)
             );
         }
     }

@@ -5,7 +5,7 @@
 use crate::checker::deliveries::Received;
 use crate::checker::{self, Bounds, Verdict};
 use crate::cli::{RunArgs, Settings};
-use crate::cluster::{Cluster, ClusterOptions, LIBFAKETIME};
+use crate::cluster::{self, Cluster, ClusterOptions};
 use crate::faults::Nemesis;
 use crate::firewall::Firewall;
 use crate::history::{self, Call, Event, Kind, Recorder};
@@ -96,11 +96,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     let binary = find_binary(args.binary.clone())?;
     let firewall = if settings.kinds.iter().any(|k| k == "partition") { Some(Firewall::new()?) } else { None };
     let faketime = if settings.kinds.iter().any(|k| k == "clock") {
-        let library = PathBuf::from(LIBFAKETIME);
-        if !library.is_file() {
-            return Err(format!("the clock nemesis needs libfaketime ({LIBFAKETIME}): apt-get install -y faketime"));
-        }
-        Some(library)
+        Some(cluster::libfaketime().ok_or("the clock nemesis needs libfaketime: apt-get install -y faketime")?)
     } else {
         None
     };
@@ -110,7 +106,12 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     println!("sundial-jepsen: {} → {}", command_line(&settings), dir.display());
 
     let recorder = Recorder::default();
-    let (receiver, recorded) = sundial_loadgen::receiver::start(([127, 0, 0, 1], 0).into(), Default::default())
+    // The receiver fails a share of attempts, so retries (and their keys) are exercised too.
+    let receiver_options = sundial_loadgen::receiver::SinkOptions {
+        faults: sundial_loadgen::faults::Faults { fail_rate: settings.receiver_fail_rate, ..Default::default() },
+        secret: None,
+    };
+    let (receiver, recorded) = sundial_loadgen::receiver::start(([127, 0, 0, 1], 0).into(), receiver_options)
         .await
         .map_err(|e| format!("receiver: {e}"))?;
     let mut cluster = Cluster::start(ClusterOptions {
@@ -130,6 +131,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
         nodes: settings.nodes,
         run_ms: settings.run_ms,
         clock_offset_max_ms: settings.clock_offset_max_ms,
+        recovery_bound_ms: settings.recovery_bound_ms,
     });
     let start_us = now_us();
     let end_us = start_us + settings.run_ms * 1_000;
@@ -182,6 +184,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     // Drain: wait for owed fires until none is missing or the drain time is up.
     let bounds = Bounds {
         margin_ms: nemesis::forward_offset_max_ms(&windows),
+        clock_offset_abs_max_ms: nemesis::offset_abs_max_ms(&windows),
         healed_us,
         recovery_bound_ms: settings.recovery_bound_ms,
     };
@@ -205,17 +208,11 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     };
     let operations = history::operations(&recorder.snapshot());
     loop {
-        let lost = checker::deliveries::check(
-            &operations,
-            &received(&recorded),
-            bounds.margin_ms,
-            healed_us,
-            bounds.recovery_bound_ms,
-        )
-        .into_iter()
-        .find(|p| p.name == "lost")
-        .and_then(|p| p.counts.get("lost").copied())
-        .unwrap_or(0);
+        let lost = checker::deliveries::check(&operations, &received(&recorded), &bounds)
+            .into_iter()
+            .find(|p| p.name == "lost")
+            .and_then(|p| p.counts.get("lost").copied())
+            .unwrap_or(0);
         if lost == 0 || now_us() >= drain_until_us {
             break;
         }
@@ -255,7 +252,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     history::write_jsonl(&dir.join("history.jsonl"), &events).map_err(|e| format!("history.jsonl: {e}"))?;
     write_deliveries(&dir.join("deliveries.jsonl"), &deliveries)?;
     write(&dir.join("results.json"), &serde_json::to_string_pretty(&results).unwrap_or_default())?;
-    write(&dir.join("report.md"), &report::markdown(&results, &verdict, &faults, start_us))?;
+    write(&dir.join("report.md"), &report::markdown(&results, &verdict, &faults, start_us, run_error.as_deref()))?;
     let last_us = deliveries.iter().map(|d| d.received_us).chain([end_us]).max().unwrap_or(end_us);
     write(&dir.join("timeline.svg"), &report::timeline_svg(&operations, &faults, &deliveries, start_us, last_us))?;
     print_verdict(&verdict);
@@ -304,11 +301,20 @@ pub fn check_stored(dir: &Path) -> Result<bool, String> {
     let field = |name: &str| results["bounds"][name].as_u64().ok_or(format!("results.json: bounds.{name} is missing"));
     let bounds = Bounds {
         margin_ms: field("margin_ms")?,
+        // Runs stored before the field existed: the plan's clock offsets give it.
+        clock_offset_abs_max_ms: field("clock_offset_abs_max_ms").unwrap_or_else(|_| {
+            let plan = results["plan"].as_array().cloned().unwrap_or_default();
+            plan.iter().filter_map(|w| w["offset_ms"].as_i64()).map(i64::unsigned_abs).max().unwrap_or(0)
+        }),
         healed_us: field("healed_us")?,
         recovery_bound_ms: field("recovery_bound_ms")?,
     };
     let crashes: Vec<String> = serde_json::from_value(results["crashes"].clone()).unwrap_or_default();
     let verdict = checker::check(&history::operations(&events), &deliveries, &bounds, &crashes);
     print_verdict(&verdict);
+    if let Some(error) = results["run_error"].as_str() {
+        println!("sundial-jepsen: the run itself failed ({error}): not a valid verdict");
+        return Ok(false);
+    }
     Ok(verdict.valid)
 }

@@ -1,6 +1,7 @@
 //! The torn-tail fault: on a stopped node, find the log segment written last and damage its
 //! end the way a crash in the middle of a write would — garbage where the next record was
-//! going, or the last record's final bytes overwritten — so the restart must recover it.
+//! going, the last record's final bytes overwritten, or cut (zeroed) — so the restart must
+//! recover it.
 
 use crate::nemesis::TornMode;
 use crate::rng::Rng;
@@ -39,18 +40,30 @@ pub fn tear(data: &Path, mode: TornMode, rng: &mut Rng) -> Result<String, String
     let scan = scan_segment(&bytes).map_err(|e| format!("{}: unreadable header: {e:?}", newest.display()))?;
     let last_record = scan.offsets.last().map(|&offset| offset as usize);
     let (what, start, length) = match (mode, last_record) {
-        (TornMode::LastRecord, Some(offset)) => {
+        (TornMode::LastRecord | TornMode::Cut, Some(offset)) => {
             let body_len = u32::from_le_bytes(bytes[offset + 4..offset + 8].try_into().unwrap_or([0; 4])) as usize;
             let cut = rng.between(1, body_len.clamp(1, 16) as u64) as usize;
             let body_end = offset + RECORD_HEADER_BYTES + body_len;
-            ("overwrote the last bytes of the last record", body_end - cut, cut)
+            let what = if mode == TornMode::Cut {
+                "zeroed the last bytes of the last record"
+            } else {
+                "overwrote the last bytes of the last record"
+            };
+            (what, body_end - cut, cut)
         }
         _ => ("wrote garbage after the last record", scan.end_offset, rng.between(8, 64) as usize),
     };
     let end = (start + length).min(bytes.len());
+    if end <= start {
+        return Err(format!("{}: no room after the last record to tear", newest.display()));
+    }
+    let zeroed = mode == TornMode::Cut && last_record.is_some();
     for byte in &mut bytes[start..end] {
-        // Never zero: zeros would read as a clean end rather than damage.
-        *byte = rng.between(1, 255) as u8;
+        // Garbage is never zero: zeros after the last record would read as a clean end.
+        *byte = if zeroed { 0 } else { rng.between(1, 255) as u8 };
+    }
+    if zeroed && bytes[start..end] == original_tail(&newest, start, end)? {
+        return Err(format!("{}: the bytes to cut were zeros already", newest.display()));
     }
     let file =
         std::fs::OpenOptions::new().write(true).open(&newest).map_err(|e| format!("{}: {e}", newest.display()))?;
@@ -58,6 +71,12 @@ pub fn tear(data: &Path, mode: TornMode, rng: &mut Rng) -> Result<String, String
         .and_then(|()| file.sync_data())
         .map_err(|e| format!("{}: {e}", newest.display()))?;
     Ok(format!("{what}: {} bytes at offset {start} of {}", end - start, newest.display()))
+}
+
+/// The bytes `start..end` of `path` as they are on disk.
+fn original_tail(path: &Path, start: usize, end: usize) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(bytes.get(start..end).map(<[u8]>::to_vec).unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -97,6 +116,11 @@ mod tests {
         assert!(done.starts_with("overwrote the last bytes of the last record"), "{done}");
         let report = reopen(dir.path());
         assert_eq!(report.last_index, 2, "the damaged newest record is gone, the others stay");
+        let cut = tempfile::tempdir().unwrap();
+        log_with_three_commits(cut.path());
+        let done = tear(cut.path(), TornMode::Cut, &mut Rng::new(4)).unwrap();
+        assert!(done.starts_with("zeroed the last bytes of the last record"), "{done}");
+        assert_eq!(reopen(cut.path()).last_index, 2);
         let empty = tempfile::tempdir().unwrap();
         assert!(tear(empty.path(), TornMode::Garbage, &mut Rng::new(3)).unwrap_err().contains("no log segment"));
     }

@@ -1,8 +1,8 @@
 //! The CI smoke: a real 40 s run of `sundial-jepsen` — three real nodes on 127.0.0.11–13,
 //! kill -9 and nftables partitions, the workload and its receiver — must end with a valid
 //! verdict and a complete run directory. Then the stored run, broken on purpose (an owed
-//! delivery removed, a delivery moved before its time), must be judged invalid by
-//! `sundial-jepsen check`: the checker is shown catching what it exists to catch.
+//! delivery removed, a delivery moved before its time, a read made stale), must be judged
+//! invalid by `sundial-jepsen check`: the checker is shown catching what it exists to catch.
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -49,6 +49,7 @@ fn a_short_run_with_kills_and_partitions_is_valid_and_a_broken_copy_is_not() {
     let out = tempfile::tempdir().unwrap();
     let output = jepsen()
         .args(["run", "--nodes", "3", "--time", "40s", "--nemesis", "kill,partition", "--rate", "40", "--seed", "1"])
+        .args(["--recovery-bound", "10s"])
         .arg("--binary")
         .arg(sundial_binary())
         .arg("--out")
@@ -116,4 +117,37 @@ fn a_short_run_with_kills_and_partitions_is_valid_and_a_broken_copy_is_not() {
     let (code, text) = check(&early_copy);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("FAILED early"), "{text}");
+
+    // A stale read: a read that began after the job's create was acknowledged now says the
+    // job does not exist — no linearization has it.
+    let acked: std::collections::HashMap<&str, u64> = history
+        .iter()
+        .filter(|e| e["f"] == "create" && e["type"] == "ok")
+        .map(|e| (e["job"].as_str().unwrap(), e["time_us"].as_u64().unwrap()))
+        .collect();
+    let stale_at = history
+        .iter()
+        .position(|e| {
+            e["f"] == "read"
+                && e["type"] == "invoke"
+                && acked.get(e["job"].as_str().unwrap()).is_some_and(|&t| t < e["time_us"].as_u64().unwrap())
+        })
+        .expect("a read invoked after its job's create was acknowledged");
+    let process = history[stale_at]["process"].clone();
+    let answer =
+        stale_at + history[stale_at..].iter().position(|e| e["process"] == process && e["type"] != "invoke").unwrap();
+    let mut stale = history.clone();
+    if stale[answer]["type"] != "ok" {
+        stale[answer]["type"] = Value::from("ok");
+    }
+    stale[answer]["value"] = Value::from("absent");
+    let stale_copy = out.path().join("broken-stale-read");
+    copy_run(run, &stale_copy);
+    write_lines(&stale_copy.join("history.jsonl"), &stale);
+    let (code, text) = check(&stale_copy);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAILED linearizable") && text.contains(history[stale_at]["job"].as_str().unwrap()),
+        "{text}"
+    );
 }

@@ -4,10 +4,14 @@
 //! a verdict per property out.
 //!
 //! Outcomes that are unknown are read generously: a create with an unknown outcome may be
-//! delivered but need not be; a cancel with an unknown outcome excuses a missing delivery but
-//! forbids nothing. `margin_ms` is how early a delivery may be by the harness clock because a
-//! node's clock was set ahead by the clock nemesis (0 without it).
+//! delivered but need not be (unless a read saw the job: then it happened); a cancel with an
+//! unknown outcome forbids nothing and excuses the fires that were not yet owed when it was
+//! sent. A fire is owed by its *deadline*: its time plus the recovery bound, pushed past the
+//! end of every fault window that opens before that deadline. `margin_ms` is how early a
+//! delivery may be by the harness clock because a node's clock was set ahead by the clock
+//! nemesis (0 without it).
 
+use super::Bounds;
 use crate::history::{Call, Kind, Operation};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -36,36 +40,48 @@ enum Schedule {
 struct Job {
     schedule: Schedule,
     create: Kind,
+    create_invoke_us: u64,
+    /// When the create was known to have happened: its acknowledgement, or the first read
+    /// that saw the job when its outcome was unknown.
     create_complete_us: u64,
     /// The earliest acknowledgement of a cancel.
     cancel_acked_us: Option<u64>,
-    /// A cancel was acknowledged or may have taken effect.
-    cancel_maybe: bool,
+    /// The earliest invocation of a cancel that was acknowledged or may have taken effect.
+    cancel_invoked_us: Option<u64>,
 }
 
 impl Job {
-    /// Fire times that must be delivered: acknowledged, never (maybe) cancelled.
-    fn required_fires(&self, margin_ms: u64) -> Vec<u64> {
-        if self.create != Kind::Ok || self.cancel_maybe {
+    /// Fire times that must be delivered: the create happened, and no cancel was sent before
+    /// the fire was owed.
+    fn required_fires(&self, bounds: &Bounds, faults: &[(u64, u64)]) -> Vec<u64> {
+        if self.create != Kind::Ok {
             return Vec::new();
         }
-        match self.schedule {
+        let fires = match self.schedule {
             Schedule::Once { run_at_ms } => vec![run_at_ms],
             Schedule::Cron { every_ms, end_ms } => {
                 // The node computes the first fire from its own clock when it applies the
                 // create, which may be `margin_ms` ahead of the acknowledgement.
-                let after_ms = self.create_complete_us / 1_000 + margin_ms;
+                let after_ms = self.create_complete_us / 1_000 + bounds.margin_ms;
                 let first = (after_ms / every_ms + 1) * every_ms;
                 (first..=end_ms).step_by(every_ms as usize).collect()
             }
+        };
+        match self.cancel_invoked_us {
+            None => fires,
+            Some(cancel_us) => fires.into_iter().filter(|&f| deadline_us(f, bounds, faults) < cancel_us).collect(),
         }
     }
 
-    /// Whether a fire at `fire_ms` is one this job can have.
-    fn can_fire_at(&self, fire_ms: u64) -> bool {
+    /// Whether a fire at `fire_ms` is one this job can have (a cron job's after its create was
+    /// sent, less the largest clock offset either way).
+    fn can_fire_at(&self, fire_ms: u64, bounds: &Bounds) -> bool {
         match self.schedule {
             Schedule::Once { run_at_ms } => fire_ms == run_at_ms,
-            Schedule::Cron { every_ms, end_ms } => fire_ms % every_ms == 0 && fire_ms <= end_ms,
+            Schedule::Cron { every_ms, end_ms } => {
+                let earliest_ms = (self.create_invoke_us / 1_000).saturating_sub(bounds.clock_offset_abs_max_ms);
+                fire_ms % every_ms == 0 && fire_ms <= end_ms && fire_ms > earliest_ms
+            }
         }
     }
 
@@ -73,6 +89,33 @@ impl Job {
     fn cancelled_before(&self, fire_ms: u64, margin_ms: u64) -> bool {
         self.cancel_acked_us.is_some_and(|acked_us| acked_us / 1_000 + margin_ms < fire_ms)
     }
+}
+
+/// When a fire at `fire_ms` must have arrived by: its time plus the recovery bound, pushed
+/// to the end of any fault window that opens before then (and on, while faults keep coming).
+pub fn deadline_us(fire_ms: u64, bounds: &Bounds, faults: &[(u64, u64)]) -> u64 {
+    let bound_us = bounds.recovery_bound_ms * 1_000;
+    let mut disturbed_until = fire_ms * 1_000;
+    loop {
+        let later = faults
+            .iter()
+            .filter(|&&(start, end)| start <= disturbed_until + bound_us && end > disturbed_until)
+            .map(|&(_, end)| end)
+            .max();
+        match later {
+            Some(end) => disturbed_until = end,
+            None => return disturbed_until.saturating_add(bound_us),
+        }
+    }
+}
+
+/// The nemesis windows of a history (start, heal) in µs; one still open ends at `u64::MAX`.
+pub fn fault_windows(operations: &[Operation]) -> Vec<(u64, u64)> {
+    operations
+        .iter()
+        .filter(|op| op.f == Call::Nemesis)
+        .map(|op| (op.invoke_us, op.complete_us.unwrap_or(u64::MAX)))
+        .collect()
 }
 
 fn jobs_of(operations: &[Operation]) -> HashMap<String, Job> {
@@ -89,27 +132,32 @@ fn jobs_of(operations: &[Operation]) -> HashMap<String, Job> {
             _ => None,
         };
         if let Some(schedule) = schedule {
-            let create_complete_us = operation.complete_us.unwrap_or(u64::MAX);
             let job = Job {
                 schedule,
                 create: operation.outcome,
-                create_complete_us,
+                create_invoke_us: operation.invoke_us,
+                create_complete_us: operation.complete_us.unwrap_or(u64::MAX),
                 cancel_acked_us: None,
-                cancel_maybe: false,
+                cancel_invoked_us: None,
             };
             jobs.insert(operation.job.clone(), job);
         }
     }
-    for operation in operations.iter().filter(|operation| operation.f == Call::Cancel) {
+    let earliest = |slot: &mut Option<u64>, at: u64| *slot = Some(slot.map_or(at, |earlier| earlier.min(at)));
+    for operation in operations {
         let Some(job) = jobs.get_mut(&operation.job) else { continue };
-        match operation.outcome {
-            Kind::Ok => {
-                job.cancel_maybe = true;
-                let acked_us = operation.complete_us.unwrap_or(u64::MAX);
-                job.cancel_acked_us = Some(job.cancel_acked_us.map_or(acked_us, |earlier| earlier.min(acked_us)));
+        match (operation.f, operation.outcome) {
+            (Call::Cancel, Kind::Ok) => {
+                earliest(&mut job.cancel_invoked_us, operation.invoke_us);
+                earliest(&mut job.cancel_acked_us, operation.complete_us.unwrap_or(u64::MAX));
             }
-            Kind::Info | Kind::Invoke => job.cancel_maybe = true,
-            Kind::Fail => {}
+            (Call::Cancel, Kind::Info | Kind::Invoke) => earliest(&mut job.cancel_invoked_us, operation.invoke_us),
+            // A read that saw the job proves a create with an unknown outcome happened.
+            (Call::Read, Kind::Ok) if job.create == Kind::Info && operation.result.as_str() != Some("absent") => {
+                job.create = Kind::Ok;
+                job.create_complete_us = operation.complete_us.unwrap_or(u64::MAX);
+            }
+            _ => {}
         }
     }
     jobs
@@ -151,15 +199,10 @@ fn fire_ms_of(job: &str, key: &str) -> Option<u64> {
     key.strip_prefix(job)?.strip_prefix(':')?.parse().ok()
 }
 
-/// Judges lost, early, cancel and key properties; `healed_us` is when the last fault was
-/// healed and `bound_ms` how long after that (or after its due time) a fire may still be late.
-pub fn check(
-    operations: &[Operation],
-    deliveries: &[Received],
-    margin_ms: u64,
-    healed_us: u64,
-    bound_ms: u64,
-) -> Vec<Property> {
+/// Judges the lost, early, cancel, keys and caught-up properties.
+pub fn check(operations: &[Operation], deliveries: &[Received], bounds: &Bounds) -> Vec<Property> {
+    let margin_ms = bounds.margin_ms;
+    let faults = fault_windows(operations);
     let jobs = jobs_of(operations);
     let mut lost = Property::new("lost", "G3: every acknowledged, uncancelled fire is delivered");
     let mut early = Property::new("early", "G2: no delivery before its fire time");
@@ -168,8 +211,10 @@ pub fn check(
         "keys",
         "G4: every delivery belongs to a create that may have happened and carries its fire's key",
     );
-    let mut caught_up =
-        Property::new("caught-up", "after the faults heal, every owed fire arrives within the recovery bound");
+    let mut caught_up = Property::new(
+        "caught-up",
+        "every owed fire arrives within the recovery bound of its time, or of the heal of the faults around it",
+    );
 
     let mut delivered: HashMap<(&str, u64), Vec<&Received>> = HashMap::new();
     for delivery in deliveries {
@@ -186,7 +231,9 @@ pub fn check(
                 format!("delivery of {} (key {}): its create was refused", delivery.job, delivery.key),
             );
         }
-        let Some(fire_ms) = fire_ms_of(&delivery.job, &delivery.key).filter(|fire_ms| job.can_fire_at(*fire_ms)) else {
+        let Some(fire_ms) =
+            fire_ms_of(&delivery.job, &delivery.key).filter(|fire_ms| job.can_fire_at(*fire_ms, bounds))
+        else {
             keys.violation("wrong_key", format!("delivery of {} carries key {:?}", delivery.job, delivery.key));
             continue;
         };
@@ -214,10 +261,12 @@ pub fn check(
         delivered.entry((delivery.job.as_str(), fire_ms)).or_default().push(delivery);
     }
     for arrivals in delivered.values() {
-        if arrivals.len() > 1 {
-            keys.count("duplicate_deliveries", arrivals.len() as u64 - 1);
+        let accepted = arrivals.iter().filter(|d| (200..300).contains(&d.status)).count() as u64;
+        if accepted > 1 {
+            keys.count("duplicate_deliveries", accepted - 1);
             keys.count("fires_delivered_more_than_once", 1);
         }
+        keys.count("attempts_answered_with_an_error", arrivals.len() as u64 - accepted);
     }
     keys.count("fires_delivered", delivered.len() as u64);
     early.count("deliveries", deliveries.len() as u64);
@@ -230,8 +279,15 @@ pub fn check(
         let job = &jobs[id];
         if job.cancel_acked_us.is_some() {
             cancel.count("acknowledged_cancels", 1);
+            let last_fire_ms = match job.schedule {
+                Schedule::Once { run_at_ms } => run_at_ms,
+                Schedule::Cron { end_ms, .. } => end_ms,
+            };
+            if job.cancelled_before(last_fire_ms, margin_ms) {
+                cancel.count("cancels_before_a_fire", 1);
+            }
         }
-        for fire_ms in job.required_fires(margin_ms) {
+        for fire_ms in job.required_fires(bounds, &faults) {
             required_count += 1;
             let accepted = delivered.get(&(id.as_str(), fire_ms)).and_then(|arrivals| {
                 arrivals.iter().filter(|d| (200..300).contains(&d.status)).map(|d| d.received_us).min()
@@ -239,8 +295,7 @@ pub fn check(
             match accepted {
                 None => lost.violation("lost", format!("{id}:{fire_ms} was acknowledged and never delivered")),
                 Some(received_us) => {
-                    let owed_us = (fire_ms * 1_000).max(healed_us) + bound_ms * 1_000;
-                    if received_us > owed_us {
+                    if received_us > deadline_us(fire_ms, bounds, &faults) {
                         let late_s = (received_us - fire_ms * 1_000) as f64 / 1e6;
                         caught_up.violation(
                             "late_after_heal",
@@ -260,20 +315,23 @@ pub fn check(
         early.counts.get("early_within_margin").unwrap_or(&0)
     );
     cancel.summary = format!(
-        "{} deliveries after {} acknowledged cancels",
+        "{} deliveries after {} acknowledged cancels ({} acknowledged before a fire they had to stop)",
         cancel.counts.get("delivered_after_cancel").unwrap_or(&0),
-        cancel.counts.get("acknowledged_cancels").unwrap_or(&0)
+        cancel.counts.get("acknowledged_cancels").unwrap_or(&0),
+        cancel.counts.get("cancels_before_a_fire").unwrap_or(&0)
     );
     keys.summary = format!(
-        "{} fires delivered, {} duplicate deliveries (same key), {} with a wrong key, {} of unknown or refused jobs",
+        "{} fires delivered ({} attempts answered 5xx first), {} accepted twice or more (same key), {} with a wrong key, {} of unknown or refused jobs",
         delivered.len(),
+        keys.counts.get("attempts_answered_with_an_error").unwrap_or(&0),
         keys.counts.get("duplicate_deliveries").unwrap_or(&0),
         keys.counts.get("wrong_key").unwrap_or(&0),
         keys.counts.get("unknown_job").unwrap_or(&0) + keys.counts.get("refused_create_delivered").unwrap_or(&0)
     );
     caught_up.summary = format!(
-        "{} owed fires later than {bound_ms} ms after max(their time, the final heal)",
-        caught_up.counts.get("late_after_heal").unwrap_or(&0)
+        "{} owed fires later than {} ms after their time, or after the heal of the faults around it",
+        caught_up.counts.get("late_after_heal").unwrap_or(&0),
+        bounds.recovery_bound_ms
     );
     vec![lost, early, cancel, keys, caught_up]
 }
@@ -312,8 +370,12 @@ mod tests {
         }
     }
 
+    fn bounds(margin_ms: u64) -> Bounds {
+        Bounds { margin_ms, clock_offset_abs_max_ms: margin_ms, healed_us: 0, recovery_bound_ms: 10_000 }
+    }
+
     fn verdicts(operations: &[Operation], deliveries: &[Received], margin_ms: u64) -> BTreeMap<&'static str, Property> {
-        check(operations, deliveries, margin_ms, 0, 10_000).into_iter().map(|p| (p.name, p)).collect()
+        check(operations, deliveries, &bounds(margin_ms)).into_iter().map(|p| (p.name, p)).collect()
     }
 
     fn failing(operations: &[Operation], deliveries: &[Received], margin_ms: u64) -> Vec<&'static str> {
@@ -341,6 +403,7 @@ mod tests {
         let keys = &verdicts(&ops, &deliveries, 0)["keys"];
         assert_eq!(keys.counts["duplicate_deliveries"], 1);
         assert_eq!(verdicts(&ops, &deliveries, 0)["lost"].counts["required_fires"], 4);
+        assert_eq!(verdicts(&ops, &deliveries, 0)["cancel"].counts["cancels_before_a_fire"], 1);
     }
 
     #[test]
@@ -379,5 +442,52 @@ mod tests {
         assert_eq!(failing(&cron, &odd, 0), ["keys"]);
         // Delivered, but 15 s after its time with nothing to excuse it.
         assert_eq!(failing(&a, &[delivery("a", 5_000, 20_000)], 0), ["caught-up"]);
+        // A cron fire from before the job's create was sent.
+        let late_cron =
+            [operation("k", Call::CreateCron, Kind::Ok, 3_000_000, 3_100_000, json!({"every_s": 2, "end_ms": 6_000}))];
+        assert_eq!(
+            failing(
+                &late_cron,
+                &[delivery("k", 2_000, 2_001), delivery("k", 4_000, 4_001), delivery("k", 6_000, 6_001)],
+                0
+            ),
+            ["keys"]
+        );
+        // A create with an unknown outcome that a read then saw is owed like an acknowledged one.
+        let mut seen = vec![once("u", Kind::Info, 5_000)];
+        seen.push(Operation {
+            result: json!("pending"),
+            ..operation("u", Call::Read, Kind::Ok, 2_000_000, 2_100_000, Value::Null)
+        });
+        assert_eq!(failing(&seen, &[], 0), ["lost"]);
+        assert_eq!(failing(&seen[..1], &[], 0), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn a_late_cancel_excuses_only_the_fires_not_yet_owed_and_faults_push_deadlines_out() {
+        // A cron job every 2 s until 30 s, cancelled at 25 s: the fires due by 14 s (owed 10 s
+        // later, before the cancel was sent) must have arrived; the later ones need not.
+        let cron = [
+            operation("k", Call::CreateCron, Kind::Ok, 0, 1_000_000, json!({"every_s": 2, "end_ms": 30_000})),
+            operation("k", Call::Cancel, Kind::Info, 25_000_000, 26_000_000, Value::Null),
+        ];
+        let by = |last_s: u64| (1..=last_s / 2).map(|i| delivery("k", i * 2_000, i * 2_000 + 5)).collect::<Vec<_>>();
+        assert_eq!(failing(&cron, &by(14), 0), Vec::<&str>::new());
+        assert_eq!(verdicts(&cron, &by(14), 0)["lost"].counts["required_fires"], 7);
+        let mut gap = by(14);
+        gap.retain(|d| d.key != "k:8000");
+        assert_eq!(failing(&cron, &gap, 0), ["lost"]);
+        // A fault from 4 s to 12 s: a fire due at 5 s is owed by 12 s + 10 s.
+        let faulted =
+            [once("a", Kind::Ok, 5_000), operation("", Call::Nemesis, Kind::Ok, 4_000_000, 12_000_000, Value::Null)];
+        assert_eq!(failing(&faulted, &[delivery("a", 5_000, 21_000)], 0), Vec::<&str>::new());
+        assert_eq!(failing(&faulted, &[delivery("a", 5_000, 23_000)], 0), ["caught-up"]);
+        // Retries answered 500 first are not duplicates; two accepted deliveries are.
+        let retried = [Received { status: 500, ..delivery("a", 5_000, 5_001) }, delivery("a", 5_000, 5_200)];
+        let keys = &verdicts(&faulted, &retried, 0)["keys"];
+        assert_eq!(
+            (keys.counts.get("duplicate_deliveries"), keys.counts["attempts_answered_with_an_error"]),
+            (None, 1)
+        );
     }
 }

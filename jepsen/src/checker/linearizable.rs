@@ -3,10 +3,12 @@
 //! registers, so the history splits by job (P-compositionality) and each part stays small.
 //!
 //! The model: a job is absent, then pending; the scheduler may move it on its own at any
-//! moment (pending ⇄ in progress → completed, failed or timeout — the final states stay);
-//! only an acknowledged cancel makes it cancelled. Because of those spontaneous moves the
-//! model's state is the *set* of states the job could be in, closed under them, which keeps
-//! the model deterministic for the search. Operations with unknown outcome may take effect at
+//! moment, as the engine's state machine does — a one-time job pending → in progress →
+//! completed, failed or timeout (or pending → failed when its fire was missed), never back;
+//! a cron job pending ⇄ in progress, and completed after its last fire — and only an
+//! acknowledged cancel makes it cancelled. Because of those spontaneous moves the model's
+//! state is the *set* of states the job could be in, closed under them, which keeps the
+//! model deterministic for the search. Operations with unknown outcome may take effect at
 //! any time after their invocation, or never.
 
 use crate::history::{Call, Kind, Operation};
@@ -53,8 +55,8 @@ const FINAL: States = (1 << JobState::Completed as u8)
     | (1 << JobState::Failed as u8)
     | (1 << JobState::Cancelled as u8)
     | (1 << JobState::Timeout as u8);
-const SCHEDULER_REACHES: States =
-    LIVE | (1 << JobState::Completed as u8) | (1 << JobState::Failed as u8) | (1 << JobState::Timeout as u8);
+const ENDED_ONCE: States =
+    (1 << JobState::Completed as u8) | (1 << JobState::Failed as u8) | (1 << JobState::Timeout as u8);
 
 /// What an operation did, as the model sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,18 +70,29 @@ pub enum Step {
     Read(JobState),
 }
 
-/// The states the scheduler can move a job to on its own from `states`.
-fn closure(states: States) -> States {
-    if states & LIVE != 0 {
-        states | SCHEDULER_REACHES
+/// The states the scheduler can move a job to on its own from `states` (engine/src/state.rs:
+/// `fire_started` and `attempt_finished`).
+fn closure(states: States, cron: bool) -> States {
+    let has = |state: JobState| states & state.bit() != 0;
+    let mut closed = states;
+    if cron {
+        if states & LIVE != 0 {
+            closed |= LIVE | JobState::Completed.bit();
+        }
     } else {
-        states
+        if has(JobState::Pending) {
+            closed |= JobState::InProgress.bit() | JobState::Failed.bit();
+        }
+        if closed & JobState::InProgress.bit() != 0 {
+            closed |= ENDED_ONCE;
+        }
     }
+    closed
 }
 
 /// The model's transition; `None` when `step` is impossible from every state in `states`.
-pub fn apply(states: States, step: Step) -> Option<States> {
-    let states = closure(states);
+pub fn apply(states: States, step: Step, cron: bool) -> Option<States> {
+    let states = closure(states, cron);
     let next = match step {
         Step::Create if states & JobState::Absent.bit() != 0 => {
             (states & !JobState::Absent.bit()) | JobState::Pending.bit()
@@ -124,20 +137,28 @@ pub fn to_job_op(operation: &Operation) -> Option<JobOp> {
     Some(JobOp { step, invoke_us: operation.invoke_us, complete_us, process: operation.process.clone() })
 }
 
-/// Whether one job's operations have a linearization (its witness is not kept).
-pub fn linearizable(ops: &[JobOp]) -> Result<bool, String> {
+/// Whether one job's operations have a linearization (its witness is not kept); `cron` says
+/// which of the scheduler's paths the job follows.
+pub fn linearizable(ops: &[JobOp], cron: bool) -> Result<bool, String> {
     if ops.len() > OPS_PER_JOB_MAX {
         return Err(format!("{} operations on one job; the checker takes at most {OPS_PER_JOB_MAX}", ops.len()));
     }
     let required: u64 =
         ops.iter().enumerate().filter(|(_, op)| op.complete_us.is_some()).fold(0, |m, (i, _)| m | 1 << i);
     let mut visited = HashSet::new();
-    Ok(search(ops, required, 0, JobState::Absent.bit(), &mut visited))
+    Ok(search(ops, cron, required, 0, JobState::Absent.bit(), &mut visited))
 }
 
 /// Depth-first: linearize next any pending operation invoked before the earliest completion
 /// of the pending ones (one that completed earlier must come first).
-fn search(ops: &[JobOp], required: u64, done: u64, states: States, visited: &mut HashSet<(u64, States)>) -> bool {
+fn search(
+    ops: &[JobOp],
+    cron: bool,
+    required: u64,
+    done: u64,
+    states: States,
+    visited: &mut HashSet<(u64, States)>,
+) -> bool {
     if done & required == required {
         return true;
     }
@@ -150,8 +171,8 @@ fn search(ops: &[JobOp], required: u64, done: u64, states: States, visited: &mut
         if ops[i].invoke_us > horizon {
             continue;
         }
-        if let Some(next) = apply(states, ops[i].step) {
-            if search(ops, required, done | 1 << i, next, visited) {
+        if let Some(next) = apply(states, ops[i].step, cron) {
+            if search(ops, cron, required, done | 1 << i, next, visited) {
                 return true;
             }
         }
@@ -179,7 +200,11 @@ impl Verdict {
 /// Checks every job of a history.
 pub fn check(operations: &[Operation]) -> Verdict {
     let mut by_job: BTreeMap<&str, Vec<JobOp>> = BTreeMap::new();
+    let mut cron_jobs: HashSet<&str> = HashSet::new();
     for operation in operations {
+        if operation.f == Call::CreateCron {
+            cron_jobs.insert(&operation.job);
+        }
         if let Some(op) = to_job_op(operation) {
             by_job.entry(&operation.job).or_default().push(op);
         }
@@ -187,7 +212,7 @@ pub fn check(operations: &[Operation]) -> Verdict {
     let mut verdict = Verdict { jobs_checked: by_job.len(), ..Verdict::default() };
     for (job, ops) in by_job {
         verdict.operations_checked += ops.len();
-        match linearizable(&ops) {
+        match linearizable(&ops, cron_jobs.contains(job)) {
             Ok(true) => {}
             Ok(false) => {
                 verdict.failed_jobs += 1;
@@ -226,7 +251,11 @@ mod tests {
     }
 
     fn holds(ops: &[JobOp]) -> bool {
-        linearizable(ops).unwrap()
+        linearizable(ops, false).unwrap()
+    }
+
+    fn holds_cron(ops: &[JobOp]) -> bool {
+        linearizable(ops, true).unwrap()
     }
 
     #[test]
@@ -269,6 +298,26 @@ mod tests {
         assert!(!holds(&[ok(Step::Create, 0, 10), ok(Step::Read(Completed), 20, 30), ok(Step::Read(Pending), 40, 50)]));
         // Present, then absent, even with the create's outcome unknown.
         assert!(!holds(&[op(Step::Create, 0, None), ok(Step::Read(Pending), 10, 20), ok(Step::Read(Absent), 30, 40)]));
+        // A one-time job never goes back from in progress to pending (a retry stays in progress).
+        assert!(!holds(&[
+            ok(Step::Create, 0, 10),
+            ok(Step::Read(InProgress), 20, 30),
+            ok(Step::Read(Pending), 40, 50)
+        ]));
+        // A cron job never fails or times out: a fire ends in the dead-letter queue, the job goes on.
+        assert!(!holds_cron(&[ok(Step::Create, 0, 10), ok(Step::Read(Failed), 20, 30)]));
+        // Cron jobs do go back to pending between fires, and complete after the last one.
+        assert!(holds_cron(&[
+            ok(Step::Create, 0, 10),
+            ok(Step::Read(InProgress), 20, 30),
+            ok(Step::Read(Pending), 40, 50),
+            ok(Step::Read(Completed), 60, 70),
+        ]));
+        assert!(!holds_cron(&[
+            ok(Step::Create, 0, 10),
+            ok(Step::Read(Completed), 20, 30),
+            ok(Step::Read(Pending), 40, 50)
+        ]));
         // Cancelled without any cancel.
         assert!(!holds(&[ok(Step::Create, 0, 10), ok(Step::Read(Cancelled), 20, 30)]));
         // An acknowledged cancel of a job that had already completed.
@@ -312,6 +361,6 @@ mod tests {
         assert!(!verdict.valid());
         assert!(verdict.failures[0].starts_with("bad:"), "{:?}", verdict.failures);
         let too_many: Vec<JobOp> = (0..65).map(|i| ok(Step::Read(Absent), i, i + 1)).collect();
-        assert!(linearizable(&too_many).is_err());
+        assert!(linearizable(&too_many, false).is_err());
     }
 }
