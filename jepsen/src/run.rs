@@ -60,15 +60,31 @@ fn happened(events: &[Event]) -> Vec<Happened> {
     faults
 }
 
+/// The command that replays this run's plan and workload: the main flags, and every other
+/// setting that differs from its default.
 fn command_line(settings: &Settings) -> String {
-    format!(
+    let mut line = format!(
         "sundial-jepsen run --nodes {} --time {}s --nemesis {} --rate {} --seed {}",
         settings.nodes,
         settings.run_ms / 1_000,
         if settings.kinds.is_empty() { "none".to_string() } else { settings.kinds.join(",") },
         settings.rate,
         settings.seed
-    )
+    );
+    let mut differs = |flag: &str, value: u64, default: u64, unit: &str| {
+        if value != default {
+            line.push_str(&format!(" --{flag} {value}{unit}"));
+        }
+    };
+    differs("concurrency", settings.concurrency, 10, "");
+    differs("partitions", u64::from(settings.partitions), 8, "");
+    differs("recovery-bound", settings.recovery_bound_ms, 20_000, "ms");
+    differs("clock-offset-max", settings.clock_offset_max_ms, 2_000, "ms");
+    differs("timeout", settings.timeout_ms, 3_000, "ms");
+    if settings.receiver_fail_rate != 0.1 {
+        line.push_str(&format!(" --receiver-fail-rate {}", settings.receiver_fail_rate));
+    }
+    line
 }
 
 /// Sleeps until `until_us`, restarting (and listing) nodes that exit on their own meanwhile.
