@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 /// What a window did, to be undone at its end.
 #[derive(Clone, Debug, Default)]
 pub struct Applied {
+    process: &'static str,
     killed: Vec<u8>,
     paused: Vec<u8>,
     partitioned: bool,
@@ -24,10 +25,20 @@ pub struct Nemesis {
     recorder: Recorder,
 }
 
-fn event(kind: Kind, value: Value, error: Option<String>) -> Event {
+/// The history's process for a window: each timeline is one process, so its invocations and
+/// heals pair up even where the two timelines overlap.
+fn process_of(window: &Window) -> &'static str {
+    if crate::nemesis::on_clock_timeline(window) {
+        "nemesis-clock"
+    } else {
+        "nemesis"
+    }
+}
+
+fn event(process: &str, kind: Kind, value: Value, error: Option<String>) -> Event {
     Event {
         index: 0,
-        process: "nemesis".into(),
+        process: process.into(),
         kind,
         f: Call::Nemesis,
         job: String::new(),
@@ -46,7 +57,7 @@ impl Nemesis {
     /// Opens `window`'s fault. Errors (nft refused a rule, a segment could not be torn) are
     /// recorded and end the run: a fault that was not injected must not pass as survived.
     pub async fn open(&mut self, cluster: &mut Cluster, window: &Window) -> Result<Applied, String> {
-        let mut applied = Applied::default();
+        let mut applied = Applied { process: process_of(window), ..Applied::default() };
         let mut detail = serde_json::to_value(window).unwrap_or(Value::Null);
         let outcome = match &window.fault {
             Fault::Kill { nodes } => {
@@ -104,7 +115,7 @@ impl Nemesis {
                 })
             }
         };
-        self.recorder.record(event(Kind::Invoke, detail, outcome.clone().err()));
+        self.recorder.record(event(applied.process, Kind::Invoke, detail, outcome.clone().err()));
         outcome.map(|()| applied)
     }
 
@@ -133,7 +144,7 @@ impl Nemesis {
             }
         }
         let error = (!errors.is_empty()).then(|| errors.join("; "));
-        self.recorder.record(event(Kind::Ok, json!({"healed": true}), error.clone()));
+        self.recorder.record(event(applied.process, Kind::Ok, json!({"healed": true}), error.clone()));
         error.map_or(Ok(()), Err)
     }
 }

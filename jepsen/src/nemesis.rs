@@ -2,7 +2,9 @@
 //! run's length give the same timeline every time; `faults` carries it out on a cluster.
 //!
 //! Faults come one window at a time (fault, heal, a quiet gap), drawn from the kinds asked
-//! for, so a run mixes them; the last window heals well before the workload ends, leaving a
+//! for, so a run mixes them. Clock faults, mixed with other kinds, run on a timeline of their
+//! own and overlap the others (a skewed node may also be killed, paused or cut off), as
+//! Jepsen composes nemeses. The last window heals well before the workload ends, leaving a
 //! quiet stretch in which progress must resume.
 
 use crate::rng::Rng;
@@ -95,21 +97,43 @@ pub fn quiet_ms(run_ms: u64, recovery_bound_ms: u64) -> u64 {
     (run_ms / 4).clamp(10_000, 30_000).max(recovery_bound_ms + 2_000)
 }
 
+/// Offset of the clock timeline's first window from the other timeline's, so their windows
+/// start apart and overlap partly.
+const CLOCK_TIMELINE_DELAY_MS: u64 = 2_000;
+
 pub fn plan(options: &PlanOptions) -> Vec<Window> {
-    let mut rng = Rng::new(options.seed).fork(0x4e454d);
+    if options.kinds.is_empty() || options.nodes == 0 {
+        return Vec::new();
+    }
+    let clock_apart = options.kinds.len() > 1 && options.kinds.iter().any(|k| k == "clock");
+    if !clock_apart {
+        return timeline(options, &options.kinds, Rng::new(options.seed).fork(0x4e454d), WARMUP_MS);
+    }
+    let others: Vec<String> = options.kinds.iter().filter(|k| *k != "clock").cloned().collect();
+    let mut windows = timeline(options, &others, Rng::new(options.seed).fork(0x4e454d), WARMUP_MS);
+    let clock_rng = Rng::new(options.seed).fork(0x434c4f);
+    windows.extend(timeline(options, &["clock".to_string()], clock_rng, WARMUP_MS + CLOCK_TIMELINE_DELAY_MS));
+    windows.sort_by_key(|w| w.start_ms);
+    windows
+}
+
+/// Whether a window belongs to the clock timeline (which may overlap the other one).
+pub fn on_clock_timeline(window: &Window) -> bool {
+    matches!(window.fault, Fault::Clock { .. })
+}
+
+/// One timeline: windows of the given kinds, one after another from `first_ms`.
+fn timeline(options: &PlanOptions, kinds: &[String], mut rng: Rng, first_ms: u64) -> Vec<Window> {
     let ((fault_min, fault_max), (gap_min, gap_max)) = durations(options.run_ms);
     let last_end = options.run_ms.saturating_sub(quiet_ms(options.run_ms, options.recovery_bound_ms));
     let mut windows = Vec::new();
-    let mut at = WARMUP_MS;
-    if options.kinds.is_empty() || options.nodes == 0 {
-        return windows;
-    }
+    let mut at = first_ms;
     loop {
         let length = rng.between(fault_min, fault_max);
         if at + length > last_end {
             break;
         }
-        let kind = rng.pick(&options.kinds).cloned().unwrap_or_default();
+        let kind = rng.pick(kinds).cloned().unwrap_or_default();
         let fault = fault_of(&kind, options, &mut rng);
         windows.push(Window { start_ms: at, end_ms: at + length, fault });
         at += length + rng.between(gap_min, gap_max);
@@ -253,9 +277,19 @@ mod tests {
         assert_ne!(windows, plan(&PlanOptions { seed: 10, ..run.clone() }));
         assert!(windows.len() >= 20, "{}", windows.len());
         assert!(windows[0].start_ms >= WARMUP_MS);
-        for pair in windows.windows(2) {
-            assert!(pair[0].end_ms < pair[1].start_ms, "windows never overlap");
+        // Each timeline's windows follow one another; clock windows overlap the others.
+        let (clock, others): (Vec<&Window>, Vec<&Window>) = windows.iter().partition(|w| on_clock_timeline(w));
+        for timeline in [&clock, &others] {
+            for pair in timeline.windows(2) {
+                assert!(pair[0].end_ms < pair[1].start_ms, "a timeline's windows never overlap");
+            }
         }
+        let overlapping =
+            clock.iter().filter(|c| others.iter().any(|o| o.start_ms < c.end_ms && c.start_ms < o.end_ms)).count();
+        assert!(overlapping > 0, "some clock faults coincide with other faults");
+        // Clock alone stays one timeline.
+        let alone = plan(&options(&["clock"], 600_000));
+        assert!(alone.windows(2).all(|pair| pair[0].end_ms < pair[1].start_ms));
         assert!(windows.last().unwrap().end_ms <= 600_000 - quiet_ms(600_000, 10_000));
         assert_eq!(quiet_ms(40_000, 20_000), 22_000, "the quiet end outlasts the recovery bound");
         let drawn: std::collections::BTreeSet<&str> = windows

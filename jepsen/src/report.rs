@@ -97,7 +97,7 @@ pub fn timeline_svg(
 ) -> String {
     let processes: Vec<&str> = {
         let mut names: Vec<&str> =
-            operations.iter().map(|op| op.process.as_str()).filter(|p| *p != "nemesis").collect();
+            operations.iter().map(|op| op.process.as_str()).filter(|p| !p.starts_with("nemesis")).collect();
         names.sort_by_key(|name| (name.len(), *name));
         names.dedup();
         names

@@ -37,21 +37,26 @@ fn find_binary(flag: Option<PathBuf>) -> Result<PathBuf, String> {
 }
 
 /// Faults as they happened, from the history's nemesis events.
+/// (Each nemesis timeline is its own process, so a heal pairs with its own timeline's fault.)
 fn happened(events: &[Event]) -> Vec<Happened> {
     let mut faults: Vec<Happened> = Vec::new();
+    let mut open: std::collections::HashMap<&str, usize> = Default::default();
     for event in events.iter().filter(|e| e.f == Call::Nemesis) {
         match event.kind {
-            Kind::Invoke => faults.push(Happened {
-                start_us: event.time_us,
-                end_us: event.time_us,
-                detail: event.value.clone(),
-                error: event.error.clone(),
-            }),
+            Kind::Invoke => {
+                open.insert(&event.process, faults.len());
+                faults.push(Happened {
+                    start_us: event.time_us,
+                    end_us: event.time_us,
+                    detail: event.value.clone(),
+                    error: event.error.clone(),
+                });
+            }
             _ => {
-                if let Some(last) = faults.last_mut() {
-                    last.end_us = event.time_us;
+                if let Some(fault) = open.remove(event.process.as_str()).and_then(|i| faults.get_mut(i)) {
+                    fault.end_us = event.time_us;
                     if event.error.is_some() {
-                        last.error = event.error.clone();
+                        fault.error = event.error.clone();
                     }
                 }
             }
@@ -168,27 +173,35 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     let mut crashes = Vec::new();
     let mut run_error = None;
     let mut healed_us = start_us;
-    for window in &windows {
-        wait_watching(start_us + window.start_ms * 1_000, &mut cluster, &mut crashes).await;
-        println!(
-            "  {:>6.1} s  {}",
-            window.start_ms as f64 / 1e3,
-            serde_json::to_string(&window.fault).unwrap_or_default()
-        );
-        match nemesis.open(&mut cluster, window).await {
-            Ok(applied) => {
-                wait_watching(start_us + window.end_ms * 1_000, &mut cluster, &mut crashes).await;
-                if let Err(e) = nemesis.heal(&mut cluster, applied) {
-                    run_error = Some(format!("healing a fault failed: {e}"));
+    // Opens and heals in time order (windows of the two timelines may overlap); at equal
+    // times a heal goes first.
+    let mut steps: Vec<(u64, bool, usize)> =
+        windows.iter().enumerate().flat_map(|(i, w)| [(w.start_ms, true, i), (w.end_ms, false, i)]).collect();
+    steps.sort_unstable();
+    let mut applied: Vec<Option<crate::faults::Applied>> = vec![None; windows.len()];
+    for (at_ms, opens, i) in steps {
+        wait_watching(start_us + at_ms * 1_000, &mut cluster, &mut crashes).await;
+        let window = &windows[i];
+        if opens {
+            println!("  {:>6.1} s  {}", at_ms as f64 / 1e3, serde_json::to_string(&window.fault).unwrap_or_default());
+            match nemesis.open(&mut cluster, window).await {
+                Ok(done) => applied[i] = Some(done),
+                Err(e) => {
+                    run_error = Some(format!("a fault could not be injected: {e}"));
                     break;
                 }
-                healed_us = now_us();
             }
-            Err(e) => {
-                run_error = Some(format!("a fault could not be injected: {e}"));
+        } else if let Some(done) = applied[i].take() {
+            if let Err(e) = nemesis.heal(&mut cluster, done) {
+                run_error = Some(format!("healing a fault failed: {e}"));
                 break;
             }
+            healed_us = now_us();
         }
+    }
+    // A run that stopped early still heals what it opened.
+    for done in applied.into_iter().flatten() {
+        let _ = nemesis.heal(&mut cluster, done);
     }
     wait_watching(end_us, &mut cluster, &mut crashes).await;
     let _ = workload.await;
