@@ -50,9 +50,15 @@ pub struct Node {
     clock_file: PathBuf,
     child: Option<Child>,
     paused: bool,
+    /// Stopped by `kill` (the nemesis), as opposed to exited on its own.
+    killed: bool,
 }
 
 impl Node {
+    pub fn killed(&self) -> bool {
+        self.killed
+    }
+
     pub fn running(&self) -> bool {
         self.child.is_some()
     }
@@ -73,14 +79,18 @@ pub struct Cluster {
     peers: String,
 }
 
-fn free_tcp_port(ip: Ipv4Addr) -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
-}
-
-fn free_udp_port(ip: Ipv4Addr) -> Result<u16, String> {
-    let socket = std::net::UdpSocket::bind((ip, 0)).map_err(|e| format!("bind {ip}: {e}"))?;
-    Ok(socket.local_addr().map_err(|e| e.to_string())?.port())
+/// A node's three ports (HTTP, binary protocol, QUIC peer), picked by binding port 0 and
+/// holding every socket until all are picked: a port just released can be handed out again,
+/// and picking one at a time is the likeliest cause of a run whose node 4 never started
+/// ("binary protocol: address already in use" on every start). Another process can still take
+/// a port before the node binds it; the no-crashes property then fails the run.
+fn free_ports(ip: Ipv4Addr) -> Result<(u16, u16, u16), String> {
+    let bind_error = |e: std::io::Error| format!("bind {ip}: {e}");
+    let http = std::net::TcpListener::bind((ip, 0)).map_err(bind_error)?;
+    let binary = std::net::TcpListener::bind((ip, 0)).map_err(bind_error)?;
+    let peer = std::net::UdpSocket::bind((ip, 0)).map_err(bind_error)?;
+    let port = |addr: std::io::Result<SocketAddr>| addr.map(|a| a.port()).map_err(|e| e.to_string());
+    Ok((port(http.local_addr())?, port(binary.local_addr())?, port(peer.local_addr())?))
 }
 
 impl Cluster {
@@ -108,17 +118,19 @@ impl Cluster {
         let mut nodes = Vec::new();
         for id in 1..=options.nodes {
             let ip = Ipv4Addr::new(127, 0, 0, options.address_base.saturating_add(id));
+            let (http, binary, peer) = free_ports(ip)?;
             let node = Node {
                 id,
                 ip,
-                http: SocketAddr::from((ip, free_tcp_port(ip)?)),
-                binary: SocketAddr::from((ip, free_tcp_port(ip)?)),
-                peer: SocketAddr::from((ip, free_udp_port(ip)?)),
+                http: SocketAddr::from((ip, http)),
+                binary: SocketAddr::from((ip, binary)),
+                peer: SocketAddr::from((ip, peer)),
                 data: options.data_dir.join(format!("node-{id}")),
                 log: options.log_dir.join(format!("node-{id}.log")),
                 clock_file: options.data_dir.join(format!("clock-{id}")),
                 child: None,
                 paused: false,
+                killed: false,
             };
             std::fs::write(&node.clock_file, "+0\n").map_err(|e| format!("{}: {e}", node.clock_file.display()))?;
             nodes.push(node);
@@ -188,6 +200,7 @@ impl Cluster {
         let pid = child.id();
         node.child = Some(child);
         node.paused = false;
+        node.killed = false;
         if let Some(library) = &options.faketime {
             preloaded(pid, library)?;
         }
@@ -203,6 +216,7 @@ impl Cluster {
             }
             let _ = child.kill();
             let _ = child.wait();
+            node.killed = true;
         }
         node.paused = false;
     }

@@ -92,13 +92,34 @@ fn command_line(settings: &Settings) -> String {
     line
 }
 
+/// Nodes that exited on their own: what the no-crashes property lists.
+#[derive(Default)]
+struct Crashes {
+    list: Vec<String>,
+    /// When each node was last restarted after a crash: one that keeps failing is restarted
+    /// at most every `CRASH_RESTART_EVERY_US` (and each exit listed), not in a tight loop.
+    restarted_us: std::collections::BTreeMap<u8, u64>,
+}
+
+const CRASH_RESTART_EVERY_US: u64 = 5_000_000;
+
 /// Sleeps until `until_us`, restarting (and listing) nodes that exit on their own meanwhile.
-async fn wait_watching(until_us: u64, cluster: &mut Cluster, crashes: &mut Vec<String>) {
+async fn wait_watching(until_us: u64, cluster: &mut Cluster, crashes: &mut Crashes) {
     loop {
+        let now = now_us();
         for (id, status) in cluster.exited() {
             crashes
-                .push(format!("node {id} exited on its own ({status}) at {} ms; see node-{id}.log", now_us() / 1_000));
-            let _ = cluster.restart(id);
+                .list
+                .push(format!("node {id} exited on its own ({status}) at {} ms; see node-{id}.log", now / 1_000));
+        }
+        for node in 1..=cluster.nodes.len() as u8 {
+            // Down without the nemesis having killed it: it crashed.
+            let crashed = !cluster.node(node).running() && !cluster.node(node).killed();
+            let due = crashes.restarted_us.get(&node).is_none_or(|&at| now >= at + CRASH_RESTART_EVERY_US);
+            if crashed && due {
+                crashes.restarted_us.insert(node, now);
+                let _ = cluster.restart(node);
+            }
         }
         let now = now_us();
         if now >= until_us {
@@ -170,7 +191,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
         recorder.clone(),
     ));
     let mut nemesis = Nemesis::new(firewall, settings.seed, recorder.clone());
-    let mut crashes = Vec::new();
+    let mut crashes = Crashes::default();
     let mut run_error = None;
     let mut healed_us = start_us;
     // Opens and heals in time order (windows of the two timelines may overlap); at equal
@@ -254,7 +275,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     let events = recorder.snapshot();
     let deliveries = received(&recorded);
     let operations = history::operations(&events);
-    let verdict = checker::check(&operations, &deliveries, &bounds, &crashes);
+    let verdict = checker::check(&operations, &deliveries, &bounds, &crashes.list);
     let faults = happened(&events);
     let results = json!({
         "valid": verdict.valid && run_error.is_none(),
@@ -269,7 +290,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
         "end_us": end_us,
         "bounds": bounds,
         "run_error": run_error,
-        "crashes": crashes,
+        "crashes": crashes.list,
         "properties": verdict.properties,
         "operations": report::counts(&operations),
         "latency_ms": report::latencies(&operations),
