@@ -22,7 +22,7 @@ fn request(i: u64) -> serde_json::Value {
 
 fn create(i: u64) -> Command {
     let spec = parse_job_request(&request(i), NOW_MS, "unused").expect("a valid request");
-    Command::Create { spec: Box::new(spec), now_ms: NOW_MS }
+    Command::Create { spec: Box::new(spec), now_ms: NOW_MS, dedup_window_ms: None }
 }
 
 fn filled() -> State {
@@ -55,7 +55,7 @@ fn apply(c: &mut Criterion) {
             },
             |(command, id)| {
                 state.apply(command).expect("created");
-                state.apply(Command::Delete { id }).expect("deleted")
+                state.apply(Command::Delete { id, now_ms: 0 }).expect("deleted")
             },
             BatchSize::SmallInput,
         )

@@ -2,6 +2,7 @@
 //! that reports every problem at once, each naming its field and the rule.
 
 use crate::cron::{time_zone_named, CronError, CronSchedule};
+pub use crate::cron::{DstPolicy, Missing, Repeated};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +22,8 @@ pub const ATTEMPT_TIMEOUT_MS_MAX: u64 = 10 * 60 * 1000;
 pub const DEADLINE_MS_MAX: u64 = 7 * 24 * 3600 * 1000;
 pub const FIRE_ALL_MAX: u32 = 1000;
 pub const PRIORITY_MAX: u8 = 3;
+/// Consecutive failed fires a cron job may be set to pause itself after, at most.
+pub const PAUSE_AFTER_FAILURES_MAX: u32 = 1_000;
 
 /// One broken rule: the field (a JSON path such as `retry.max_attempts`) and what it must be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +60,10 @@ pub struct JobSpec {
     pub labels: BTreeMap<String, String>,
     /// Signs requests (HMAC-SHA256) instead of the global secret.
     pub secret: Option<String>,
+    /// The secret that replaces `secret` (key rotation): while both are set, each request
+    /// carries a signature by each, so receivers can switch at their own pace.
+    #[serde(default)]
+    pub secret_next: Option<String>,
     /// The trace the job was created in: its fires and attempts are spans of it and its
     /// webhooks carry it (`traceparent`). Set by the node from the request, not the body.
     #[serde(default)]
@@ -79,6 +86,12 @@ pub struct CronSpec {
     pub end_ms: Option<u64>,
     pub misfire: Misfire,
     pub overlap: Overlap,
+    /// Wall times a DST change repeats or skips (defaults: first occurrence; shifted past the gap).
+    #[serde(default)]
+    pub dst: DstPolicy,
+    /// The job pauses itself after this many fires in a row end failed (dead-lettered).
+    #[serde(default)]
+    pub pause_after_failures: Option<u32>,
 }
 
 /// What to do with fires missed while no leader ran them (or a fire ran long).
@@ -172,6 +185,21 @@ pub struct RetryPolicy {
     pub jitter_percent: u8,
     /// Statuses that are retried; connection errors and timeouts always are.
     pub retry_on: Vec<StatusMatch>,
+    /// How the pause between attempts is computed.
+    #[serde(default)]
+    pub backoff: Backoff,
+}
+
+/// The pause before each retry (before jitter; Retry-After wins when longer).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Backoff {
+    /// `initial_backoff_ms`, times `multiplier` per retry, up to `max_backoff_ms`.
+    #[default]
+    Exponential,
+    /// `initial_backoff_ms` before every retry.
+    Fixed,
+    /// The n-th retry waits the n-th delay; the last delay repeats.
+    Delays(Vec<u64>),
 }
 
 impl Default for RetryPolicy {
@@ -183,6 +211,7 @@ impl Default for RetryPolicy {
             multiplier_permille: 2_000,
             jitter_percent: 20,
             retry_on: vec![StatusMatch::Exact(408), StatusMatch::Exact(429), StatusMatch::Class(5)],
+            backoff: Backoff::Exponential,
         }
     }
 }
@@ -190,6 +219,14 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The backoff before attempt `attempt + 1` (after `attempt` failed), before jitter.
     pub fn backoff_ms(&self, attempt: u32) -> u64 {
+        match &self.backoff {
+            Backoff::Exponential => {}
+            Backoff::Fixed => return self.initial_backoff_ms,
+            Backoff::Delays(delays) => {
+                let index = (attempt.max(1) as usize - 1).min(delays.len().saturating_sub(1));
+                return delays.get(index).copied().unwrap_or(self.initial_backoff_ms);
+            }
+        }
         let mut backoff = self.initial_backoff_ms as u128;
         // Bounded: attempts ≤ ATTEMPTS_MAX, and the value saturates at max_backoff_ms.
         for _ in 1..attempt.min(ATTEMPTS_MAX) {
@@ -251,6 +288,9 @@ impl JobSpec {
                     fail("end_at", "must not be before start_at".into());
                 }
             }
+            if cron.pause_after_failures.is_some_and(|n| !(1..=PAUSE_AFTER_FAILURES_MAX).contains(&n)) {
+                fail("pause_after_failures", format!("must be within 1..={PAUSE_AFTER_FAILURES_MAX}"));
+            }
             if let Misfire::FireAll { max } = cron.misfire {
                 if !(1..=FIRE_ALL_MAX).contains(&max) {
                     fail("misfire_max", format!("must be within 1..={FIRE_ALL_MAX}"));
@@ -296,6 +336,14 @@ impl JobSpec {
         if retry.jitter_percent > 100 {
             fail("retry.jitter", "must be within 0.0..=1.0".into());
         }
+        if let Backoff::Delays(delays) = &retry.backoff {
+            if delays.is_empty() || delays.len() > ATTEMPTS_MAX as usize {
+                fail("retry.backoff", format!("a list of 1..={ATTEMPTS_MAX} delays"));
+            }
+            if delays.iter().any(|d| !(1..=BACKOFF_MS_MAX).contains(d)) {
+                fail("retry.backoff", format!("each delay must be within 1..={BACKOFF_MS_MAX} ms"));
+            }
+        }
         for m in &retry.retry_on {
             let valid = match *m {
                 StatusMatch::Exact(code) => (100..=599).contains(&code),
@@ -334,10 +382,13 @@ impl JobSpec {
                 fail(&format!("labels.{key}"), format!("keys 1..={LABEL_BYTES_MAX} bytes, values ≤ {LABEL_BYTES_MAX}"));
             }
         }
-        if let Some(secret) = &self.secret {
-            if secret.is_empty() || secret.len() > SECRET_BYTES_MAX {
-                fail("secret", format!("must be 1..={SECRET_BYTES_MAX} bytes"));
+        for (field, secret) in [("secret", &self.secret), ("secret_next", &self.secret_next)] {
+            if secret.as_ref().is_some_and(|s| s.is_empty() || s.len() > SECRET_BYTES_MAX) {
+                fail(field, format!("must be 1..={SECRET_BYTES_MAX} bytes"));
             }
+        }
+        if self.secret_next.is_some() && self.secret.is_none() {
+            fail("secret_next", "needs secret: it is the secret that replaces it".into());
         }
         if errors.is_empty() {
             Ok(())
@@ -400,6 +451,14 @@ mod tests {
         let policy = RetryPolicy { initial_backoff_ms: 100, max_backoff_ms: 1_000, ..RetryPolicy::default() };
         let backoffs: Vec<u64> = (1..=6).map(|attempt| policy.backoff_ms(attempt)).collect();
         assert_eq!(backoffs, [100, 200, 400, 800, 1_000, 1_000]);
+    }
+
+    #[test]
+    fn fixed_and_listed_backoffs() {
+        let fixed = RetryPolicy { initial_backoff_ms: 250, backoff: Backoff::Fixed, ..RetryPolicy::default() };
+        assert_eq!((1..=4).map(|a| fixed.backoff_ms(a)).collect::<Vec<_>>(), [250, 250, 250, 250]);
+        let listed = RetryPolicy { backoff: Backoff::Delays(vec![10, 500, 3_000]), ..RetryPolicy::default() };
+        assert_eq!((1..=5).map(|a| listed.backoff_ms(a)).collect::<Vec<_>>(), [10, 500, 3_000, 3_000, 3_000]);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 /// Past times further back than this are refused as mistakes; nearer ones fire at once.
 pub const PAST_TOLERANCE_MS: u64 = 24 * 3600 * 1000;
 
-const SUNDIAL_FIELDS: [&str; 23] = [
+const SUNDIAL_FIELDS: [&str; 26] = [
     "id",
     "run_at",
     "delay",
@@ -22,6 +22,8 @@ const SUNDIAL_FIELDS: [&str; 23] = [
     "misfire",
     "misfire_max",
     "overlap",
+    "dst",
+    "pause_after_failures",
     "url",
     "method",
     "headers",
@@ -35,11 +37,13 @@ const SUNDIAL_FIELDS: [&str; 23] = [
     "depends_on",
     "labels",
     "secret",
+    "secret_next",
 ];
 const SCHEDULED_DB_FIELDS: [&str; 7] =
     ["id", "type", "timestamp", "cron_expression", "last_date", "webhook_url", "payload"];
-const RETRY_FIELDS: [&str; 6] =
-    ["max_attempts", "initial_backoff_ms", "max_backoff_ms", "multiplier", "jitter", "retry_on"];
+const RETRY_FIELDS: [&str; 7] =
+    ["max_attempts", "initial_backoff_ms", "max_backoff_ms", "multiplier", "jitter", "retry_on", "backoff"];
+const DST_FIELDS: [&str; 2] = ["repeated", "missing"];
 
 /// Parses and validates a request made at `now_ms`; `generated_id` is used when it has none.
 pub fn parse_job_request(request: &Value, now_ms: u64, generated_id: &str) -> Result<JobSpec, Vec<FieldError>> {
@@ -110,10 +114,20 @@ fn parse_sundial(
                     None
                 }
             };
+            let dst = parse_dst(object, errors);
+            let pause_after_failures =
+                optional_u64(object, "pause_after_failures", errors).map(|n| n.min(u64::from(u32::MAX)) as u32);
             match (expression, misfire, overlap) {
-                (Some(expression), Some(misfire), Some(overlap)) => {
-                    Some(Schedule::Cron(CronSpec { expression, time_zone, start_ms, end_ms, misfire, overlap }))
-                }
+                (Some(expression), Some(misfire), Some(overlap)) => Some(Schedule::Cron(CronSpec {
+                    expression,
+                    time_zone,
+                    start_ms,
+                    end_ms,
+                    misfire,
+                    overlap,
+                    dst,
+                    pause_after_failures,
+                })),
                 _ => None,
             }
         }
@@ -127,7 +141,9 @@ fn parse_sundial(
         }
     };
     if !matches!(schedule, Some(Schedule::Cron(_))) {
-        for field in ["time_zone", "start_at", "end_at", "misfire", "misfire_max", "overlap"] {
+        for field in
+            ["time_zone", "start_at", "end_at", "misfire", "misfire_max", "overlap", "dst", "pause_after_failures"]
+        {
             if object.contains_key(field) {
                 errors.push(FieldError::new(field, "applies to cron jobs only"));
             }
@@ -211,6 +227,7 @@ fn parse_sundial(
     };
     let labels = string_map(object, "labels", errors);
     let secret = optional_string(object, "secret", errors);
+    let secret_next = optional_string(object, "secret_next", errors);
     let target = Target { url: url?, method, headers, body, content_type };
     Some(JobSpec {
         id,
@@ -223,8 +240,34 @@ fn parse_sundial(
         depends_on,
         labels,
         secret,
+        secret_next,
         trace: None,
     })
+}
+
+/// `dst: {"repeated": "first"|"both", "missing": "shift"|"skip"}`, each optional.
+fn parse_dst(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> DstPolicy {
+    let mut policy = DstPolicy::default();
+    let dst = match object.get("dst") {
+        None => return policy,
+        Some(Value::Object(dst)) => dst,
+        Some(_) => {
+            errors.push(FieldError::new("dst", "must be an object {\"repeated\": …, \"missing\": …}"));
+            return policy;
+        }
+    };
+    unknown_fields(dst, &DST_FIELDS, "dst.", errors);
+    match dst.get("repeated").map(|v| v.as_str()) {
+        None | Some(Some("first")) => {}
+        Some(Some("both")) => policy.repeated = Repeated::Both,
+        Some(_) => errors.push(FieldError::new("dst.repeated", "must be first or both")),
+    }
+    match dst.get("missing").map(|v| v.as_str()) {
+        None | Some(Some("shift")) => {}
+        Some(Some("skip")) => policy.missing = Missing::Skip,
+        Some(_) => errors.push(FieldError::new("dst.missing", "must be shift or skip")),
+    }
+    policy
 }
 
 fn parse_retry(retry: &Map<String, Value>, errors: &mut Vec<FieldError>) -> RetryPolicy {
@@ -279,6 +322,28 @@ fn parse_retry(retry: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Retr
         jitter_percent: f64_of("jitter", errors)
             .map_or(defaults.jitter_percent, |j| (j * 100.0).clamp(0.0, 255.0).round() as u8),
         retry_on,
+        backoff: parse_backoff(retry.get("backoff"), errors),
+    }
+}
+
+/// `"exponential"` (the default), `"fixed"`, or a list of delays in ms.
+fn parse_backoff(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Backoff {
+    let rule = "must be \"exponential\", \"fixed\" or a list of delays in ms such as [1000, 5000, 30000]";
+    match value {
+        None => Backoff::Exponential,
+        Some(Value::String(kind)) if kind == "exponential" => Backoff::Exponential,
+        Some(Value::String(kind)) if kind == "fixed" => Backoff::Fixed,
+        Some(Value::Array(items)) => {
+            let delays: Option<Vec<u64>> = items.iter().map(Value::as_u64).collect();
+            delays.map(Backoff::Delays).unwrap_or_else(|| {
+                errors.push(FieldError::new("retry.backoff", rule));
+                Backoff::Exponential
+            })
+        }
+        Some(_) => {
+            errors.push(FieldError::new("retry.backoff", rule));
+            Backoff::Exponential
+        }
     }
 }
 
@@ -319,6 +384,8 @@ fn parse_scheduled_db(
                     end_ms,
                     misfire: Misfire::FireOnce,
                     overlap: Overlap::Skip,
+                    dst: DstPolicy::default(),
+                    pause_after_failures: None,
                 })
             })
         }
@@ -346,6 +413,7 @@ fn parse_scheduled_db(
         depends_on: Vec::new(),
         labels: BTreeMap::new(),
         secret: None,
+        secret_next: None,
         trace: None,
     })
 }
@@ -395,6 +463,26 @@ fn optional_u64(object: &Map<String, Value>, field: &str, errors: &mut Vec<Field
 /// A point in time: RFC 3339 text, or epoch seconds or milliseconds (a number, or digits in
 /// a string; values below 10^11 are seconds). Refused when more than a day before `not_before_ms`
 /// (pass 0 to accept any past time).
+/// `{"from": time, "to": time}` of a backfill (RFC 3339, epoch seconds or ms), both required.
+pub fn parse_backfill(request: &Value) -> Result<(u64, u64), Vec<FieldError>> {
+    let Some(object) = request.as_object() else {
+        return Err(vec![FieldError::new("(body)", "must be a JSON object {\"from\": …, \"to\": …}")]);
+    };
+    let mut errors = Vec::new();
+    unknown_fields(object, &["from", "to"], "", &mut errors);
+    for field in ["from", "to"] {
+        if !object.contains_key(field) {
+            errors.push(FieldError::new(field, "is required"));
+        }
+    }
+    let from = object.contains_key("from").then(|| time_field(object, "from", 0, &mut errors)).flatten();
+    let to = object.contains_key("to").then(|| time_field(object, "to", 0, &mut errors)).flatten();
+    match (from, to) {
+        (Some(from), Some(to)) if errors.is_empty() => Ok((from, to)),
+        _ => Err(errors),
+    }
+}
+
 fn time_field(
     object: &Map<String, Value>,
     field: &str,

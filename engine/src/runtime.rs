@@ -34,9 +34,12 @@ impl Committed {
     /// What `command` touches, with its verdict.
     pub fn of(command: &Command, ticket: Option<Ticket>, verdict: Result<Applied, ApplyError>) -> Committed {
         let job = match command {
-            Command::Create { spec, .. } => Some(spec.id.clone()),
+            Command::Create { spec, .. } | Command::Upsert { spec, .. } => Some(spec.id.clone()),
             Command::Cancel { id, .. }
-            | Command::Delete { id }
+            | Command::Delete { id, .. }
+            | Command::Trigger { id, .. }
+            | Command::Backfill { id, .. }
+            | Command::RedriveJob { id, .. }
             | Command::Pause { id }
             | Command::Resume { id, .. }
             | Command::FireStarted { id, .. }
@@ -307,6 +310,7 @@ impl<L: CommandLog> Runtime<L> {
             target: spec.target.clone(),
             timeout_ms: spec.attempt_timeout_ms,
             secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+            secret_next: spec.secret_next.as_ref().map(|s| s.as_bytes().to_vec()),
             traceparent: crate::trace::attempt_traceparent(spec.trace.as_ref(), id, fire_ms, attempt),
         };
         self.dispatcher.submit(submission).is_ok()

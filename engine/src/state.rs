@@ -21,6 +21,12 @@ pub const CATCH_UP_WINDOW_MS: u64 = 24 * 3600 * 1000;
 const MISSED_COUNT_MAX: u64 = 1_000;
 /// Dead-letter entries kept; the oldest are purged beyond it.
 pub const DEAD_LETTERS_MAX: usize = 100_000;
+/// Ids of deleted jobs remembered for the dedup window; the oldest are forgotten beyond it.
+pub const TOMBSTONES_MAX: usize = 1_000_000;
+/// Fires one backfill may add at most.
+pub const BACKFILL_FIRES_MAX: usize = 1_000;
+/// Times a trigger looks for a free fire time (one ms later each) before giving up.
+const TRIGGER_PROBES_MAX: u64 = 1_000;
 
 /// Scheduled-DB's status values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -70,7 +76,14 @@ pub enum ErrorClass {
 /// What one attempt produced, as the dispatcher saw it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Response { status: u16, body: Vec<u8>, retry_after_ms: Option<u64> },
+    Response {
+        status: u16,
+        body: Vec<u8>,
+        retry_after_ms: Option<u64>,
+        /// The receiver asked not to be retried (`X-Sundial-No-Retry`): the fire is dead-lettered.
+        #[serde(default)]
+        no_retry: bool,
+    },
     Error(ErrorClass),
 }
 
@@ -85,6 +98,15 @@ pub enum Command {
     Create {
         spec: Box<JobSpec>,
         now_ms: u64,
+        /// A create that repeats the id of a job finished (or deleted) less than this long
+        /// ago is refused as a duplicate. `None`: no window (commands logged before it).
+        #[serde(default)]
+        dedup_window_ms: Option<u64>,
+    },
+    /// Creates the job, or replaces the schedule and target of the job with its id.
+    Upsert {
+        spec: Box<JobSpec>,
+        now_ms: u64,
     },
     Cancel {
         id: String,
@@ -92,6 +114,25 @@ pub enum Command {
     },
     Delete {
         id: String,
+        #[serde(default)]
+        now_ms: u64,
+    },
+    /// An extra fire now, with its own fire time (and so its own idempotency key).
+    Trigger {
+        id: String,
+        now_ms: u64,
+    },
+    /// A fire for every occurrence of a cron job's schedule in `[from_ms, to_ms]`, run now.
+    Backfill {
+        id: String,
+        from_ms: u64,
+        to_ms: u64,
+        now_ms: u64,
+    },
+    /// Puts every dead-lettered fire of a job back to be attempted again.
+    RedriveJob {
+        id: String,
+        now_ms: u64,
     },
     Pause {
         id: String,
@@ -151,6 +192,11 @@ pub enum ApplyError {
     StaleAttempt { id: String, fire_ms: u64, attempt: u32 },
     #[error("fire {fire_ms} of job {id} is not in the dead-letter list")]
     NotDeadLettered { id: String, fire_ms: u64 },
+    #[error("job {id} finished at {finished_ms} (ms); its id cannot be reused before {until_ms} (the dedup window)")]
+    Duplicate { id: String, finished_ms: u64, until_ms: u64 },
+    /// A request that breaks a rule only the state can check (named field, rule).
+    #[error("{field}: {rule}")]
+    Invalid { field: String, rule: String },
     /// Not from the state machine: the log under it failed, so nothing can be applied.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -162,6 +208,12 @@ pub enum Applied {
     Created,
     /// The same spec was created before: nothing changed (idempotent create).
     AlreadyExists,
+    /// An upsert changed the job's spec.
+    Replaced,
+    /// Fires added (trigger, backfill) or put back (redrive), by fire time.
+    Fires {
+        fire_ms: Vec<u64>,
+    },
     Done,
     /// The fire was not started: it was missed (policy or catch-up window).
     Missed {
@@ -182,6 +234,9 @@ pub struct Execution {
     pub response_body: Vec<u8>,
     /// Fires recorded as missed instead of run (attempt 0).
     pub missed: u64,
+    /// Something that happened to the job rather than an attempt (attempt 0): an auto-pause.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 impl Execution {
@@ -219,6 +274,15 @@ pub struct Job {
     pub fires_missed: u64,
     /// Catch-up fires run in a row under `Misfire::FireAll`.
     catch_up_run: u32,
+    /// When the job reached its final status (the dedup window counts from here).
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Fires in a row that ended failed (cron jobs; for `pause_after_failures`).
+    #[serde(default)]
+    pub failures_in_a_row: u32,
+    /// Why the job paused itself, while it is auto-paused.
+    #[serde(default)]
+    pub paused_reason: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,6 +312,15 @@ pub struct State {
     /// Job id → jobs that depend on it.
     dependents: BTreeMap<String, BTreeSet<String>>,
     counts: [u64; 6],
+    /// Deleted job id → when it finished (or was deleted): the dedup window's memory.
+    #[serde(default)]
+    tombstones: BTreeMap<String, u64>,
+    /// (finished_ms, id) of every tombstone, oldest first.
+    #[serde(default)]
+    tombstone_order: BTreeSet<(u64, String)>,
+    /// Jobs paused by `pause_after_failures` and not resumed.
+    #[serde(default)]
+    auto_paused: u64,
 }
 
 impl State {
@@ -313,38 +386,100 @@ impl State {
         self.counts[status as usize]
     }
 
+    /// Jobs paused by their `pause_after_failures` and not resumed since.
+    pub fn auto_paused(&self) -> u64 {
+        self.auto_paused
+    }
+
+    /// Ids of deleted jobs still remembered for the dedup window.
+    pub fn tombstone_count(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    fn add_tombstone(&mut self, id: &str, finished_ms: u64) {
+        if let Some(old) = self.tombstones.insert(id.to_string(), finished_ms) {
+            self.tombstone_order.remove(&(old, id.to_string()));
+        }
+        self.tombstone_order.insert((finished_ms, id.to_string()));
+        // Bounded: one insert adds at most one entry over the limit.
+        while self.tombstones.len() > TOMBSTONES_MAX {
+            let Some((_, oldest)) = self.tombstone_order.pop_first() else { break };
+            self.tombstones.remove(&oldest);
+        }
+    }
+
+    /// Forgets tombstones older than the window (each is looked at once: bounded overall).
+    fn prune_tombstones(&mut self, now_ms: u64, window_ms: u64) {
+        while let Some((finished_ms, _)) = self.tombstone_order.first() {
+            if finished_ms.saturating_add(window_ms) > now_ms {
+                break;
+            }
+            let (_, id) = self.tombstone_order.pop_first().expect("not empty");
+            self.tombstones.remove(&id);
+        }
+    }
+
+    /// Takes a job out with its own dependency edges and its count (jobs that depend on it
+    /// keep pointing at its id).
+    fn detach(&mut self, id: &str) -> Option<Job> {
+        let job = self.jobs.remove(id)?;
+        for dependency in &job.spec.depends_on {
+            if let Some(set) = self.dependents.get_mut(dependency) {
+                set.remove(id);
+                if set.is_empty() {
+                    self.dependents.remove(dependency);
+                }
+            }
+        }
+        self.counts[job.status as usize] -= 1;
+        if job.paused_reason.is_some() {
+            self.auto_paused -= 1;
+        }
+        Some(job)
+    }
+
     /// Applies one committed command.
     pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
         match command {
-            Command::Create { spec, now_ms } => self.create(*spec, now_ms),
-            Command::Cancel { id, .. } => {
+            Command::Create { spec, now_ms, dedup_window_ms } => self.create(*spec, now_ms, dedup_window_ms),
+            Command::Upsert { spec, now_ms } => self.upsert(*spec, now_ms),
+            Command::Cancel { id, now_ms } => {
                 let job = self.job_mut(&id)?;
                 if job.status.is_final() {
                     return Err(invalid(&id, job.status, "cancel"));
                 }
                 job.active.clear();
                 job.next_fire_ms = None;
-                self.set_status(&id, Status::Cancelled);
+                self.set_status(&id, Status::Cancelled, now_ms);
                 Ok(Applied::Done)
             }
-            Command::Delete { id } => {
+            Command::Delete { id, now_ms } => {
                 self.job_mut(&id)?;
                 let dependents = self.dependents_of(&id);
                 if !dependents.is_empty() {
                     return Err(ApplyError::Required { id, dependents });
                 }
-                let job = self.jobs.remove(&id).expect("checked");
-                for dependency in &job.spec.depends_on {
-                    if let Some(set) = self.dependents.get_mut(dependency) {
-                        set.remove(&id);
-                        if set.is_empty() {
-                            self.dependents.remove(dependency);
-                        }
-                    }
-                }
-                self.counts[job.status as usize] -= 1;
+                let job = self.detach(&id).expect("checked");
                 self.purge_dead_letters_of(&id);
+                // Commands logged before the dedup window carry no time: nothing to remember.
+                if now_ms > 0 {
+                    self.add_tombstone(&id, job.finished_ms.unwrap_or(now_ms));
+                }
                 Ok(Applied::Done)
+            }
+            Command::Trigger { id, now_ms } => self.trigger(&id, now_ms),
+            Command::Backfill { id, from_ms, to_ms, now_ms } => self.backfill(&id, from_ms, to_ms, now_ms),
+            Command::RedriveJob { id, now_ms } => {
+                let job = self.job_mut(&id)?;
+                if job.status == Status::Cancelled {
+                    return Err(invalid(&id, job.status, "redrive"));
+                }
+                let fires: Vec<u64> =
+                    self.dead_letters.get(&id).map(|fires| fires.keys().copied().collect()).unwrap_or_default();
+                for fire_ms in &fires {
+                    self.redrive(&id, *fire_ms, now_ms)?;
+                }
+                Ok(Applied::Fires { fire_ms: fires })
             }
             Command::Pause { id } => {
                 let job = self.job_mut(&id)?;
@@ -360,7 +495,10 @@ impl State {
                     return Err(invalid(&id, job.status, "resume"));
                 }
                 job.paused = false;
+                job.failures_in_a_row = 0;
+                let was_auto_paused = job.paused_reason.take().is_some();
                 catch_up(job, now_ms);
+                self.auto_paused -= u64::from(was_auto_paused);
                 Ok(Applied::Done)
             }
             Command::FireStarted { id, fire_ms, attempt, node, now_ms } => {
@@ -376,14 +514,7 @@ impl State {
                 if job.status == Status::Cancelled {
                     return Err(invalid(&id, job.status, "redrive"));
                 }
-                if self.remove_dead_letter(&id, fire_ms).is_none() {
-                    return Err(ApplyError::NotDeadLettered { id, fire_ms });
-                }
-                let job = self.jobs.get_mut(&id).expect("checked");
-                // A full new set of attempts, with the deadline counted from the redrive.
-                let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
-                job.active.insert(fire_ms, fire);
-                self.set_status(&id, Status::InProgress);
+                self.redrive(&id, fire_ms, now_ms)?;
                 Ok(Applied::Done)
             }
             Command::Purge { id } => {
@@ -404,21 +535,110 @@ impl State {
         self.jobs.get_mut(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))
     }
 
-    fn set_status(&mut self, id: &str, status: Status) {
+    /// Sets a job's status at `now_ms` (when a final one counts from, for the dedup window).
+    fn set_status(&mut self, id: &str, status: Status, now_ms: u64) {
         let job = self.jobs.get_mut(id).expect("caller checked");
         self.counts[job.status as usize] -= 1;
         self.counts[status as usize] += 1;
+        if status.is_final() != job.status.is_final() || job.finished_ms.is_none() {
+            job.finished_ms = status.is_final().then_some(now_ms);
+        }
         job.status = status;
     }
 
-    fn create(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
-        if let Some(existing) = self.jobs.get(&spec.id) {
-            return if existing.spec.same_job(&spec) {
-                Ok(Applied::AlreadyExists)
-            } else {
-                Err(ApplyError::Conflict(spec.id))
-            };
+    /// Puts a dead-lettered fire back with a full new set of attempts, its deadline counted
+    /// from now.
+    fn redrive(&mut self, id: &str, fire_ms: u64, now_ms: u64) -> Result<(), ApplyError> {
+        if self.remove_dead_letter(id, fire_ms).is_none() {
+            return Err(ApplyError::NotDeadLettered { id: id.to_string(), fire_ms });
         }
+        let job = self.jobs.get_mut(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
+        let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
+        job.active.insert(fire_ms, fire);
+        self.set_status(id, Status::InProgress, now_ms);
+        Ok(())
+    }
+
+    fn create(&mut self, spec: JobSpec, now_ms: u64, dedup_window_ms: Option<u64>) -> Result<Applied, ApplyError> {
+        let duplicate = |finished_ms: u64, window_ms: u64| ApplyError::Duplicate {
+            id: spec.id.clone(),
+            finished_ms,
+            until_ms: finished_ms.saturating_add(window_ms),
+        };
+        match (self.jobs.get(&spec.id), dedup_window_ms) {
+            // A finished job's id is held for the window, then free again.
+            (Some(existing), Some(window_ms)) if existing.status.is_final() && existing.finished_ms.is_some() => {
+                let finished_ms = existing.finished_ms.expect("checked");
+                if now_ms < finished_ms.saturating_add(window_ms) {
+                    return Err(duplicate(finished_ms, window_ms));
+                }
+            }
+            (Some(existing), _) => {
+                return if existing.spec.same_job(&spec) {
+                    Ok(Applied::AlreadyExists)
+                } else {
+                    Err(ApplyError::Conflict(spec.id))
+                };
+            }
+            (None, Some(window_ms)) => {
+                if let Some(&finished_ms) = self.tombstones.get(&spec.id) {
+                    if now_ms < finished_ms.saturating_add(window_ms) {
+                        return Err(duplicate(finished_ms, window_ms));
+                    }
+                }
+            }
+            (None, None) => {}
+        }
+        let created = self.insert_new(spec, now_ms)?;
+        // Only an applied create prunes: a refused command changes nothing.
+        if let Some(window_ms) = dedup_window_ms {
+            self.prune_tombstones(now_ms, window_ms);
+        }
+        Ok(created)
+    }
+
+    /// Creates the job, or replaces the spec of the one with its id (a finished one is
+    /// replaced whole; no dedup window: an upsert says what it means).
+    fn upsert(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
+        let Some(existing) = self.jobs.get(&spec.id) else { return self.insert_new(spec, now_ms) };
+        if existing.spec.same_job(&spec) && !existing.status.is_final() {
+            return Ok(Applied::AlreadyExists);
+        }
+        self.check_dependencies(&spec)?;
+        let id = spec.id.clone();
+        if existing.status.is_final() {
+            self.insert_new(spec, now_ms)?;
+            return Ok(Applied::Replaced);
+        }
+        let job = self.jobs.get_mut(&id).expect("checked");
+        let old_dependencies = std::mem::take(&mut job.spec.depends_on);
+        job.next_fire_ms = first_fire(&spec, now_ms);
+        job.spec = spec;
+        job.catch_up_run = 0;
+        let status = if !job.active.is_empty() {
+            Status::InProgress
+        } else if job.next_fire_ms.is_some() {
+            Status::Pending
+        } else {
+            Status::Completed
+        };
+        let new_dependencies = job.spec.depends_on.clone();
+        for dependency in old_dependencies {
+            if let Some(set) = self.dependents.get_mut(&dependency) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.dependents.remove(&dependency);
+                }
+            }
+        }
+        for dependency in new_dependencies {
+            self.dependents.entry(dependency).or_default().insert(id.clone());
+        }
+        self.set_status(&id, status, now_ms);
+        Ok(Applied::Replaced)
+    }
+
+    fn check_dependencies(&self, spec: &JobSpec) -> Result<(), ApplyError> {
         for dependency in &spec.depends_on {
             if !self.jobs.contains_key(dependency) {
                 return Err(ApplyError::UnknownDependency(dependency.clone()));
@@ -427,15 +647,91 @@ impl State {
                 return Err(ApplyError::Cycle(dependency.clone()));
             }
         }
-        let next_fire_ms = match &spec.schedule {
-            Schedule::Once { at_ms } => Some(*at_ms),
-            Schedule::Cron(cron) => {
-                let from_ms = cron.start_ms.map_or(now_ms, |start| start.saturating_sub(1).max(now_ms));
-                next_cron_fire(&spec, from_ms)
-            }
+        Ok(())
+    }
+
+    /// An extra fire of the job now, at a fire time no other fire of it has.
+    fn trigger(&mut self, id: &str, now_ms: u64) -> Result<Applied, ApplyError> {
+        let taken_in_dead_letters = self.dead_letters.get(id).cloned().unwrap_or_default();
+        let job = self.job_mut(id)?;
+        if job.status == Status::Cancelled || job.paused {
+            let action = if job.paused { "trigger (resume it first)" } else { "trigger" };
+            return Err(invalid(id, job.status, action));
+        }
+        let taken = |fire_ms: u64| {
+            job.active.contains_key(&fire_ms)
+                || job.next_fire_ms == Some(fire_ms)
+                || taken_in_dead_letters.contains_key(&fire_ms)
+                || job.history.iter().any(|e| e.fire_ms == fire_ms)
         };
+        let Some(fire_ms) = (now_ms..now_ms + TRIGGER_PROBES_MAX).find(|at| !taken(*at)) else {
+            return Err(invalid(id, job.status, "trigger (no free fire time this second)"));
+        };
+        let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
+        job.active.insert(fire_ms, fire);
+        self.set_status(id, Status::InProgress, now_ms);
+        Ok(Applied::Fires { fire_ms: vec![fire_ms] })
+    }
+
+    /// A fire for each occurrence of the job's cron schedule in `[from_ms, to_ms]` (its start
+    /// and end do not limit a backfill), run now, oldest first; occurrences with a fire
+    /// already active are left out.
+    fn backfill(&mut self, id: &str, from_ms: u64, to_ms: u64, now_ms: u64) -> Result<Applied, ApplyError> {
+        let job = self.job_mut(id)?;
+        if job.status == Status::Cancelled || job.paused {
+            let action = if job.paused { "backfill (resume it first)" } else { "backfill" };
+            return Err(invalid(id, job.status, action));
+        }
+        let rule = |field: &str, rule: &str| ApplyError::Invalid { field: field.into(), rule: rule.into() };
+        let Some((schedule, _)) = schedule_of(&job.spec) else {
+            return Err(rule("id", "only a cron job has a schedule to backfill"));
+        };
+        if from_ms > to_ms {
+            return Err(rule("from", "must not be after to"));
+        }
+        if to_ms > now_ms {
+            return Err(rule("to", "must not be in the future (a backfill is of fires already due)"));
+        }
+        let mut occurrences = Vec::new();
+        let mut at = from_ms.checked_sub(1);
+        // Bounded by BACKFILL_FIRES_MAX + 1.
+        while let Some(next) = at.and_then(|after| schedule.next_after_ms(after)).filter(|next| *next <= to_ms) {
+            if occurrences.len() == BACKFILL_FIRES_MAX {
+                return Err(rule("to", &format!("the range holds more than {BACKFILL_FIRES_MAX} fires; split it")));
+            }
+            occurrences.push(next);
+            at = Some(next);
+        }
+        occurrences.retain(|fire_ms| !job.active.contains_key(fire_ms));
+        for fire_ms in &occurrences {
+            let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
+            job.active.insert(*fire_ms, fire);
+        }
+        if !occurrences.is_empty() {
+            self.set_status(id, Status::InProgress, now_ms);
+        }
+        Ok(Applied::Fires { fire_ms: occurrences })
+    }
+
+    /// Adds a new job (an old one with its id, finished, is replaced).
+    fn insert_new(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
+        for dependency in &spec.depends_on {
+            if !self.jobs.contains_key(dependency) {
+                return Err(ApplyError::UnknownDependency(dependency.clone()));
+            }
+            if self.reaches(dependency, &spec.id) {
+                return Err(ApplyError::Cycle(dependency.clone()));
+            }
+        }
+        let next_fire_ms = first_fire(&spec, now_ms);
         let status = if next_fire_ms.is_some() { Status::Pending } else { Status::Completed };
         let id = spec.id.clone();
+        // A finished job with this id is replaced whole (its dead letters stay: they name
+        // past fires of this id).
+        self.detach(&id);
+        if let Some(finished_ms) = self.tombstones.remove(&id) {
+            self.tombstone_order.remove(&(finished_ms, id.clone()));
+        }
         let job = Job {
             spec,
             status,
@@ -448,6 +744,9 @@ impl State {
             fires_failed: 0,
             fires_missed: 0,
             catch_up_run: 0,
+            finished_ms: (status == Status::Completed).then_some(now_ms),
+            failures_in_a_row: 0,
+            paused_reason: None,
         };
         self.counts[status as usize] += 1;
         for dependency in &job.spec.depends_on {
@@ -509,7 +808,7 @@ impl State {
                 record_missed(job, 1, fire_ms, now_ms);
                 let reason = "missed: later than the catch-up window".to_string();
                 self.add_dead_letter(id, fire_ms, DeadLetter { attempts: 0, reason, moved_ms: now_ms });
-                self.set_status(id, Status::Failed);
+                self.set_status(id, Status::Failed, now_ms);
                 return Ok(Applied::Missed { count: 1 });
             }
             Schedule::Once { .. } => {}
@@ -523,7 +822,7 @@ impl State {
                     } else {
                         job.status
                     };
-                    self.set_status(id, status);
+                    self.set_status(id, status, now_ms);
                     return Ok(Applied::Missed { count: missed });
                 }
             }
@@ -539,7 +838,7 @@ impl State {
         };
         // Fires that came due while this one was late are handled (and recorded) here.
         catch_up(job, now_ms);
-        self.set_status(id, Status::InProgress);
+        self.set_status(id, Status::InProgress, now_ms);
         Ok(Applied::Done)
     }
 
@@ -571,10 +870,12 @@ impl State {
                 error,
                 response_body: body,
                 missed: 0,
+                note: None,
             },
         );
+        let receiver_refused_retries = matches!(outcome, Outcome::Response { no_retry: true, .. });
         let retryable = match &outcome {
-            Outcome::Response { status, .. } => job.spec.retry.retries_status(*status),
+            Outcome::Response { status, .. } => job.spec.retry.retries_status(*status) && !receiver_refused_retries,
             Outcome::Error(ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other) => true,
             Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted | ErrorClass::InvalidRequest) => false,
         };
@@ -592,6 +893,8 @@ impl State {
             job.fires_failed += 1;
             let reason = if past_deadline && retryable && attempt < job.spec.retry.max_attempts {
                 "deadline exceeded".to_string()
+            } else if receiver_refused_retries {
+                "the receiver asked not to retry".to_string()
             } else if !retryable {
                 "not retryable".to_string()
             } else {
@@ -601,21 +904,28 @@ impl State {
         };
         job.active.remove(&fire_ms);
         let once = matches!(job.spec.schedule, Schedule::Once { .. });
+        let auto_paused = count_fire_for_auto_pause(job, ended.is_some(), fire_ms, finished_ms);
+        self.auto_paused += u64::from(auto_paused);
+        let job = self.jobs.get_mut(id).expect("checked above");
         // A fire that waited for this one (overlap skip) may now be late: catch it up.
         catch_up(job, finished_ms);
-        let idle = job.active.is_empty();
-        let status = match (&ended, once) {
-            (Some(reason), true) if reason == "deadline exceeded" => Status::Timeout,
-            (Some(_), true) => Status::Failed,
-            (None, true) => Status::Completed,
-            (_, false) if idle && job.next_fire_ms.is_none() => Status::Completed,
-            (_, false) if idle => Status::Pending,
-            (_, false) => Status::InProgress,
+        // Other fires (retries, a trigger, a backfill) or the next one keep the job going;
+        // a once job ends with the outcome of its last fire.
+        let status = if !job.active.is_empty() {
+            Status::InProgress
+        } else if job.next_fire_ms.is_some() {
+            Status::Pending
+        } else {
+            match (&ended, once) {
+                (Some(reason), true) if reason == "deadline exceeded" => Status::Timeout,
+                (Some(_), true) => Status::Failed,
+                _ => Status::Completed,
+            }
         };
         if let Some(reason) = ended {
             self.add_dead_letter(id, fire_ms, DeadLetter { attempts: attempt, reason, moved_ms: finished_ms });
         }
-        self.set_status(id, status);
+        self.set_status(id, status, finished_ms);
         Ok(Applied::Done)
     }
 
@@ -660,13 +970,15 @@ impl State {
         self.dependents.get(id).map(|set| set.iter().cloned().collect()).unwrap_or_default()
     }
 
-    /// True when the per-status counts match a recount of every job (tests use it).
+    /// True when the per-status counts (and the auto-paused count) match a recount of every
+    /// job (tests use it).
     pub fn counts_match_jobs(&self) -> bool {
         let mut recount = [0u64; 6];
         for job in self.jobs.values() {
             recount[job.status as usize] += 1;
         }
-        recount == self.counts
+        let auto_paused = self.jobs.values().filter(|job| job.paused_reason.is_some()).count() as u64;
+        recount == self.counts && auto_paused == self.auto_paused && self.tombstones.len() == self.tombstone_order.len()
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
@@ -704,6 +1016,67 @@ fn push_history(job: &mut Job, execution: Execution) {
     job.history.push_back(execution);
 }
 
+/// Counts a cron fire that ended for `pause_after_failures`; returns true when the job paused
+/// itself now (the reason goes to its history).
+fn count_fire_for_auto_pause(job: &mut Job, failed: bool, fire_ms: u64, now_ms: u64) -> bool {
+    let Schedule::Cron(cron) = &job.spec.schedule else { return false };
+    if !failed {
+        job.failures_in_a_row = 0;
+        return false;
+    }
+    job.failures_in_a_row = job.failures_in_a_row.saturating_add(1);
+    let Some(limit) = cron.pause_after_failures.filter(|limit| job.failures_in_a_row >= *limit) else { return false };
+    if job.paused {
+        return false;
+    }
+    let reason = format!("paused itself after {limit} failed fires in a row");
+    job.paused = true;
+    job.paused_reason = Some(reason.clone());
+    push_history(
+        job,
+        Execution {
+            fire_ms,
+            attempt: 0,
+            node: 0,
+            started_ms: now_ms,
+            finished_ms: now_ms,
+            status_code: None,
+            error: None,
+            response_body: Vec::new(),
+            missed: 0,
+            note: Some(reason),
+        },
+    );
+    true
+}
+
+/// The next `count` fires of `spec` if it were created at `from_ms` (a preview: its start,
+/// end and DST policy apply; retries and misfires do not).
+pub fn upcoming_fires(spec: &JobSpec, from_ms: u64, count: usize) -> Vec<u64> {
+    let mut fires = Vec::with_capacity(count.min(1_000));
+    let mut next = first_fire(spec, from_ms);
+    // Bounded by `count`.
+    while let Some(at) = next.filter(|_| fires.len() < count) {
+        fires.push(at);
+        next = match spec.schedule {
+            Schedule::Once { .. } => None,
+            Schedule::Cron(_) => next_cron_fire(spec, at),
+        };
+    }
+    fires
+}
+
+/// The first fire of a new (or replaced) spec at `now_ms`.
+fn first_fire(spec: &JobSpec, now_ms: u64) -> Option<u64> {
+    match &spec.schedule {
+        Schedule::Once { at_ms } => Some(*at_ms),
+        Schedule::Cron(cron) => {
+            let from_ms = cron.start_ms.map_or(now_ms, |start| start.saturating_sub(1).max(now_ms));
+            next_cron_fire(spec, from_ms)
+        }
+    }
+}
+
 /// Counts `missed` fires (the first due at `first_fire_ms`) and writes one history line.
 fn record_missed(job: &mut Job, missed: u64, first_fire_ms: u64, now_ms: u64) {
     if missed == 0 {
@@ -720,6 +1093,7 @@ fn record_missed(job: &mut Job, missed: u64, first_fire_ms: u64, now_ms: u64) {
         error: None,
         response_body: Vec::new(),
         missed,
+        note: None,
     };
     push_history(job, execution);
 }
@@ -727,7 +1101,7 @@ fn record_missed(job: &mut Job, missed: u64, first_fire_ms: u64, now_ms: u64) {
 /// The job's parsed schedule (validated at create, so parsing succeeds).
 fn schedule_of(spec: &JobSpec) -> Option<(CronSchedule, &crate::job::CronSpec)> {
     let Schedule::Cron(cron) = &spec.schedule else { return None };
-    Some((CronSchedule::parse(&cron.expression, &cron.time_zone).ok()?, cron))
+    Some((CronSchedule::parse(&cron.expression, &cron.time_zone).ok()?.with_dst(cron.dst), cron))
 }
 
 /// The first cron fire strictly after `after_ms` within the job's start and end, if any.

@@ -21,7 +21,7 @@ fn once(id: &str, at_ms: u64) -> JobSpec {
 }
 
 fn create(state: &mut State, spec: JobSpec) -> Result<Applied, ApplyError> {
-    state.apply(Command::Create { spec: Box::new(spec), now_ms: T0 })
+    state.apply(Command::Create { spec: Box::new(spec), now_ms: T0, dedup_window_ms: None })
 }
 
 fn start(state: &mut State, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> Result<Applied, ApplyError> {
@@ -43,9 +43,21 @@ fn finish(
         node: 1,
         started_ms: at_ms - 5,
         finished_ms: at_ms,
-        outcome: Outcome::Response { status, body: b"ok".to_vec(), retry_after_ms: None },
+        outcome: Outcome::Response { status, body: b"ok".to_vec(), retry_after_ms: None, no_retry: false },
         retry_at_ms: at_ms + 1_000,
     })
+}
+
+/// Starts and finishes with `status` the next attempt that is due for `id` (at its due time).
+fn run_next(state: &mut State, id: &str, status: u16) -> (u64, u32) {
+    let (due_ms, due) = state.next_due(id).expect("something is due");
+    let (fire_ms, attempt) = match due {
+        Due::NewFire { fire_ms } => (fire_ms, 1),
+        Due::Retry { fire_ms, attempt } => (fire_ms, attempt),
+    };
+    start(state, id, fire_ms, attempt, due_ms).expect("started");
+    finish(state, id, fire_ms, attempt, due_ms + 10, status).expect("finished");
+    (fire_ms, attempt)
 }
 
 #[test]
@@ -136,7 +148,7 @@ fn dependencies_must_exist_never_cycle_and_gate_the_fire() {
     create(&mut state, once("a", T0 + 20)).expect("created");
     create(&mut state, dependent).expect("created");
     assert_eq!(state.next_due("b"), None, "waits for a");
-    assert!(matches!(state.apply(Command::Delete { id: "a".into() }), Err(ApplyError::Required { .. })));
+    assert!(matches!(state.apply(Command::Delete { id: "a".into(), now_ms: 0 }), Err(ApplyError::Required { .. })));
     start(&mut state, "a", T0 + 20, 1, T0 + 20).expect("started");
     finish(&mut state, "a", T0 + 20, 1, T0 + 30, 204).expect("recorded");
     assert_eq!(state.next_due("b"), Some((T0 + 10, Due::NewFire { fire_ms: T0 + 10 })), "a completed: b is due");
@@ -152,7 +164,7 @@ fn a_cycle_cannot_be_built_through_a_recreated_job() {
     b.depends_on = vec!["a".into()];
     create(&mut state, b).expect("created");
     // Recreating "a" depending on "b" would close a → b → a; "a" cannot even be deleted.
-    assert!(matches!(state.apply(Command::Delete { id: "a".into() }), Err(ApplyError::Required { .. })));
+    assert!(matches!(state.apply(Command::Delete { id: "a".into(), now_ms: 0 }), Err(ApplyError::Required { .. })));
     let mut c = once("c", T0 + 10);
     c.depends_on = vec!["b".into()];
     create(&mut state, c).expect("created");
@@ -328,9 +340,9 @@ fn cancel_pause_resume_and_counts() {
         Err(ApplyError::InvalidState { .. })
     ));
     assert_eq!((state.count(Status::Pending), state.count(Status::Cancelled)), (1, 1));
-    state.apply(Command::Delete { id: "b".into() }).expect("deleted");
+    state.apply(Command::Delete { id: "b".into(), now_ms: 0 }).expect("deleted");
     assert_eq!(state.count(Status::Cancelled), 0);
-    assert_eq!(state.apply(Command::Delete { id: "b".into() }), Err(ApplyError::NotFound("b".into())));
+    assert_eq!(state.apply(Command::Delete { id: "b".into(), now_ms: 0 }), Err(ApplyError::NotFound("b".into())));
 }
 
 #[test]
@@ -361,10 +373,10 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
                     ["a", "b"].iter().take(deps % 2).filter(|d| **d != id).map(|d| d.to_string()).collect();
                 spec
             };
-            Command::Create { spec: Box::new(spec), now_ms: T0 }
+            Command::Create { spec: Box::new(spec), now_ms: T0, dedup_window_ms: None }
         }),
         (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Cancel { id, now_ms }),
-        id.clone().prop_map(|id| Command::Delete { id }),
+        id.clone().prop_map(|id| Command::Delete { id, now_ms: 0 }),
         id.clone().prop_map(|id| Command::Pause { id }),
         (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Resume { id, now_ms }),
         (id.clone(), time.clone(), 1u32..4, time.clone())
@@ -377,12 +389,44 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
                 node: 2,
                 started_ms: at,
                 finished_ms: at + 7,
-                outcome: Outcome::Response { status, body: vec![1, 2, 3], retry_after_ms: None },
+                outcome: Outcome::Response {
+                    status,
+                    body: vec![1, 2, 3],
+                    retry_after_ms: None,
+                    no_retry: status == 429
+                },
                 retry_at_ms: at + 2_000,
             }
         ),
-        (id.clone(), time.clone(), time).prop_map(|(id, fire_ms, now_ms)| Command::Redrive { id, fire_ms, now_ms }),
-        id.prop_map(|id| Command::Purge { id: Some(id) }),
+        (id.clone(), time.clone(), time.clone()).prop_map(|(id, fire_ms, now_ms)| Command::Redrive {
+            id,
+            fire_ms,
+            now_ms
+        }),
+        id.clone().prop_map(|id| Command::Purge { id: Some(id) }),
+        (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Trigger { id, now_ms }),
+        (id.clone(), time.clone(), 0u64..120).prop_map(|(id, now_ms, span_s)| Command::Backfill {
+            id,
+            from_ms: now_ms.saturating_sub(span_s * 1_000),
+            to_ms: now_ms,
+            now_ms
+        }),
+        (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::RedriveJob { id, now_ms }),
+        (id.clone(), time.clone(), prop::bool::ANY).prop_map(|(id, at, cron_job)| {
+            let mut spec = if cron_job { cron(&id, "*/30 * * * * *", "skip", "allow") } else { once(&id, at) };
+            if let sundial_engine::job::Schedule::Cron(c) = &mut spec.schedule {
+                c.pause_after_failures = Some(2);
+            }
+            Command::Upsert { spec: Box::new(spec), now_ms: at }
+        }),
+        (id.clone(), time.clone(), 0u64..60).prop_map(|(id, now_ms, window_s)| {
+            Command::Create {
+                spec: Box::new(once(&id, now_ms + 5_000)),
+                now_ms,
+                dedup_window_ms: Some(window_s * 1_000),
+            }
+        }),
+        (id, time).prop_map(|(id, now_ms)| Command::Delete { id, now_ms }),
     ]
 }
 
@@ -455,6 +499,167 @@ proptest! {
             prop_assert_eq!(third, first);
         }
     }
+}
+
+// ---- lifecycle verbs, receiver-controlled retries, auto-pause, dedup window ----------------
+
+#[test]
+fn a_receiver_saying_do_not_retry_dead_letters_the_fire_after_one_attempt() {
+    let mut state = State::new();
+    let at = T0 + 1_000;
+    create(&mut state, once("a", at)).expect("created");
+    start(&mut state, "a", at, 1, at).expect("started");
+    let outcome = Outcome::Response { status: 503, body: Vec::new(), retry_after_ms: None, no_retry: true };
+    let finished = Command::AttemptFinished {
+        id: "a".into(),
+        fire_ms: at,
+        attempt: 1,
+        node: 1,
+        started_ms: at,
+        finished_ms: at + 5,
+        outcome,
+        retry_at_ms: at + 1_000,
+    };
+    state.apply(finished).expect("recorded");
+    assert_eq!(state.job("a").expect("job").status, Status::Failed, "503 is retryable, but the receiver said no");
+    let (_, _, letter) = state.dead_letters().next().expect("dead-lettered");
+    assert_eq!((letter.attempts, letter.reason.as_str()), (1, "the receiver asked not to retry"));
+}
+
+#[test]
+fn a_trigger_adds_one_fire_with_its_own_key_and_the_schedule_goes_on() {
+    let mut state = State::new();
+    let at = T0 + 60_000;
+    create(&mut state, once("a", at)).expect("created");
+    let now = T0 + 1_000;
+    assert_eq!(
+        state.apply(Command::Trigger { id: "a".into(), now_ms: now }),
+        Ok(Applied::Fires { fire_ms: vec![now] })
+    );
+    // A second trigger in the same millisecond gets the next free fire time.
+    let second = state.apply(Command::Trigger { id: "a".into(), now_ms: now }).expect("triggered");
+    assert_eq!(second, Applied::Fires { fire_ms: vec![now + 1] });
+    assert_eq!(run_next(&mut state, "a", 200), (now, 1));
+    assert_eq!(run_next(&mut state, "a", 200), (now + 1, 1));
+    let job = state.job("a").expect("job");
+    assert_eq!((job.status, job.next_fire_ms), (Status::Pending, Some(at)), "the scheduled fire is still ahead");
+    assert_eq!(run_next(&mut state, "a", 200), (at, 1));
+    assert_eq!(state.job("a").expect("job").status, Status::Completed);
+    state.apply(Command::Pause { id: "a".into() }).expect_err("a finished job cannot be paused");
+    // A completed job can be triggered again; a cancelled or paused one cannot.
+    state.apply(Command::Trigger { id: "a".into(), now_ms: at + 5 }).expect("a completed job fires again");
+    create(&mut state, once("b", at)).expect("created");
+    state.apply(Command::Pause { id: "b".into() }).expect("paused");
+    assert!(matches!(
+        state.apply(Command::Trigger { id: "b".into(), now_ms: now }),
+        Err(ApplyError::InvalidState { .. })
+    ));
+}
+
+#[test]
+fn a_backfill_adds_the_schedules_occurrences_in_the_range_once_each() {
+    let mut state = State::new();
+    create(&mut state, cron("c", "*/20 * * * * *", "skip", "allow")).expect("created");
+    let now = T0 + 10_000; // before the next scheduled fire (T0 + 20 s)
+    let from = T0 - 60_000; // T0 is a whole 20 s
+    let added = state.apply(Command::Backfill { id: "c".into(), from_ms: from, to_ms: from + 60_000, now_ms: now });
+    let fires: Vec<u64> = (0..=3).map(|i| from + i * 20_000).collect();
+    assert_eq!(added, Ok(Applied::Fires { fire_ms: fires.clone() }));
+    // The same range again adds nothing while those fires are active.
+    let again = state.apply(Command::Backfill { id: "c".into(), from_ms: from, to_ms: from + 60_000, now_ms: now });
+    assert_eq!(again, Ok(Applied::Fires { fire_ms: vec![] }));
+    let ran: Vec<u64> = (0..4).map(|_| run_next(&mut state, "c", 200).0).collect();
+    assert_eq!(ran, fires, "oldest first");
+    let refused =
+        |from_ms, to_ms| state.clone().apply(Command::Backfill { id: "c".into(), from_ms, to_ms, now_ms: now });
+    assert!(matches!(refused(now, now + 1), Err(ApplyError::Invalid { field, .. }) if field == "to"), "future");
+    assert!(matches!(refused(now, now - 1), Err(ApplyError::Invalid { field, .. }) if field == "from"));
+    let too_many = refused(now - 24 * 3600 * 1000, now);
+    assert!(matches!(too_many, Err(ApplyError::Invalid { rule, .. }) if rule.contains("more than 1000")));
+    create(&mut state, once("o", T0)).expect("created");
+    let once_job = state.apply(Command::Backfill { id: "o".into(), from_ms: T0, to_ms: now, now_ms: now });
+    assert!(matches!(once_job, Err(ApplyError::Invalid { field, .. }) if field == "id"));
+}
+
+#[test]
+fn an_upsert_replaces_the_schedule_of_a_live_job_and_creates_a_missing_one() {
+    let mut state = State::new();
+    let upsert = |state: &mut State, spec: JobSpec| state.apply(Command::Upsert { spec: Box::new(spec), now_ms: T0 });
+    assert_eq!(upsert(&mut state, once("a", T0 + 10_000)), Ok(Applied::Created));
+    assert_eq!(upsert(&mut state, once("a", T0 + 10_000)), Ok(Applied::AlreadyExists));
+    assert_eq!(upsert(&mut state, once("a", T0 + 20_000)), Ok(Applied::Replaced));
+    assert_eq!(state.job("a").expect("job").next_fire_ms, Some(T0 + 20_000));
+    assert_eq!(upsert(&mut state, cron("a", "*/20 * * * * *", "skip", "skip")), Ok(Applied::Replaced));
+    let job = state.job("a").expect("job");
+    assert_eq!((job.status, job.next_fire_ms), (Status::Pending, Some(T0 + 20_000)));
+    assert!(state.counts_match_jobs());
+}
+
+#[test]
+fn a_finished_jobs_id_is_a_duplicate_for_the_window_then_free_even_after_a_delete() {
+    let mut state = State::new();
+    let window = Some(60_000);
+    let create_at = |state: &mut State, now_ms: u64, at_ms: u64| {
+        state.apply(Command::Create { spec: Box::new(once("a", at_ms)), now_ms, dedup_window_ms: window })
+    };
+    create_at(&mut state, T0, T0 + 1_000).expect("created");
+    assert_eq!(create_at(&mut state, T0 + 10, T0 + 1_000), Ok(Applied::AlreadyExists), "live: idempotent");
+    run_next(&mut state, "a", 200); // finished at T0 + 1_010
+    let duplicate = create_at(&mut state, T0 + 5_000, T0 + 9_000);
+    assert!(matches!(duplicate, Err(ApplyError::Duplicate { until_ms, .. }) if until_ms == T0 + 61_010));
+    state.apply(Command::Delete { id: "a".into(), now_ms: T0 + 6_000 }).expect("deleted");
+    let digest = state.digest();
+    let after_delete = create_at(&mut state, T0 + 7_000, T0 + 9_000);
+    assert!(matches!(after_delete, Err(ApplyError::Duplicate { .. })), "a delete does not free the id");
+    assert_eq!(state.digest(), digest, "a refused create changes nothing");
+    // The window survives a snapshot and restore (a restart, or a follower catching up).
+    let mut restored = State::restore(&state.snapshot()).expect("restores");
+    assert!(matches!(create_at(&mut restored, T0 + 8_000, T0 + 9_000), Err(ApplyError::Duplicate { .. })));
+    assert_eq!(create_at(&mut restored, T0 + 61_010, T0 + 70_000), Ok(Applied::Created), "the window passed");
+    assert_eq!(restored.tombstone_count(), 0, "the tombstone was dropped with the window");
+}
+
+#[test]
+fn a_cron_job_pauses_itself_after_n_failed_fires_in_a_row_and_resume_resets_the_count() {
+    let mut state = State::new();
+    let mut spec = cron("c", "*/20 * * * * *", "skip", "allow");
+    if let sundial_engine::job::Schedule::Cron(c) = &mut spec.schedule {
+        c.pause_after_failures = Some(2);
+    }
+    spec.retry.max_attempts = 1;
+    create(&mut state, spec).expect("created");
+    run_next(&mut state, "c", 500);
+    run_next(&mut state, "c", 200); // a success resets the count
+    run_next(&mut state, "c", 500);
+    assert!(!state.job("c").expect("job").paused);
+    run_next(&mut state, "c", 500);
+    let job = state.job("c").expect("job");
+    assert!(job.paused, "paused after 2 failed fires in a row");
+    assert_eq!(job.paused_reason.as_deref(), Some("paused itself after 2 failed fires in a row"));
+    assert_eq!(job.history.back().and_then(|e| e.note.clone()), job.paused_reason, "the reason is in the history");
+    assert_eq!((state.auto_paused(), state.next_due("c")), (1, None));
+    state.apply(Command::Resume { id: "c".into(), now_ms: T0 + 500_000 }).expect("resumed");
+    let job = state.job("c").expect("job");
+    assert_eq!(
+        (job.paused, job.paused_reason.clone(), job.failures_in_a_row, state.auto_paused()),
+        (false, None, 0, 0)
+    );
+    assert!(state.counts_match_jobs());
+}
+
+#[test]
+fn redriving_a_job_puts_back_every_one_of_its_dead_letters() {
+    let mut state = State::new();
+    let mut spec = cron("c", "*/20 * * * * *", "skip", "allow");
+    spec.retry.max_attempts = 1;
+    create(&mut state, spec).expect("created");
+    let first = run_next(&mut state, "c", 500).0;
+    let second = run_next(&mut state, "c", 500).0;
+    assert_eq!(state.dead_letters().count(), 2);
+    let redriven = state.apply(Command::RedriveJob { id: "c".into(), now_ms: T0 + 50_000 });
+    assert_eq!(redriven, Ok(Applied::Fires { fire_ms: vec![first, second] }));
+    assert_eq!(state.dead_letters().count(), 0);
+    assert_eq!(run_next(&mut state, "c", 200).0, first);
 }
 
 /// The digest check can fail: one different command gives a different digest.

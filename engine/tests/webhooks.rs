@@ -31,7 +31,7 @@ fn runtime(configure: impl FnOnce(&mut DispatchConfig)) -> LocalRuntime {
 fn create(runtime: &mut LocalRuntime, request: serde_json::Value) {
     let now = now_ms();
     let spec = parse_job_request(&request, now, "unused").expect("valid request");
-    runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now }).expect("created");
+    runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now, dedup_window_ms: None }).expect("created");
 }
 
 fn status_of(state: &State, id: &str) -> Status {

@@ -1,6 +1,7 @@
 //! Checks a delivery's `X-Sundial-Signature` the way a receiver should:
 //! `t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`, compared in constant time,
-//! the timestamp within a tolerance of the receiver's clock.
+//! the timestamp within a tolerance of the receiver's clock. During a key rotation the header
+//! holds one `v1=` per secret; any one verifying is enough.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -8,23 +9,24 @@ use sha2::Sha256;
 /// Whether `header` signs `body` with `secret`, sent within `tolerance_ms` of `now_ms`.
 pub fn verify(secret: &[u8], header: &str, body: &[u8], now_ms: u64, tolerance_ms: u64) -> bool {
     let mut timestamp_ms = None;
-    let mut given_hex = None;
+    let mut given_hex = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", value)) => timestamp_ms = value.parse::<u64>().ok(),
-            Some(("v1", value)) => given_hex = Some(value),
+            Some(("v1", value)) => given_hex.push(value),
             _ => {}
         }
     }
-    let (Some(timestamp_ms), Some(given_hex)) = (timestamp_ms, given_hex) else { return false };
+    let Some(timestamp_ms) = timestamp_ms else { return false };
     if timestamp_ms.abs_diff(now_ms) > tolerance_ms {
         return false;
     }
-    let Some(given) = decode_hex(given_hex) else { return false };
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return false };
-    mac.update(format!("{timestamp_ms}.").as_bytes());
-    mac.update(body);
-    mac.verify_slice(&given).is_ok()
+    given_hex.into_iter().filter_map(decode_hex).any(|given| {
+        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else { return false };
+        mac.update(format!("{timestamp_ms}.").as_bytes());
+        mac.update(body);
+        mac.verify_slice(&given).is_ok()
+    })
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {

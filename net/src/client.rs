@@ -68,6 +68,8 @@ enum Kind {
     Create,
     Get,
     Cancel,
+    Upsert,
+    Trigger,
     Topology,
     /// A get that a replica may answer from its local state (flag STALE_OK).
     GetStale,
@@ -123,6 +125,17 @@ impl Client {
 
     pub async fn cancel(&self, id: &str) -> Result<Item, ClientError> {
         self.call(Kind::Cancel, id.as_bytes().to_vec()).await
+    }
+
+    /// Creates the job, or replaces the spec of the job with its `id` (which it must have):
+    /// 201 created, 200 replaced or unchanged.
+    pub async fn upsert(&self, request: &serde_json::Value) -> Result<Item, ClientError> {
+        self.call(Kind::Upsert, request.to_string().into_bytes()).await
+    }
+
+    /// An extra fire of the job now, with its own key; the answer's body has its `fires`.
+    pub async fn trigger(&self, id: &str) -> Result<Item, ClientError> {
+        self.call(Kind::Trigger, id.as_bytes().to_vec()).await
     }
 
     /// The cluster's map as this node sees it (`Message::Topology`).
@@ -385,6 +398,8 @@ fn split(message: Message) -> Vec<Message> {
         Message::Create { jobs } => jobs.into_iter().map(|job| Message::Create { jobs: vec![job] }).collect(),
         Message::Get { ids } => ids.into_iter().map(|id| Message::Get { ids: vec![id] }).collect(),
         Message::Cancel { ids } => ids.into_iter().map(|id| Message::Cancel { ids: vec![id] }).collect(),
+        Message::Upsert { jobs } => jobs.into_iter().map(|job| Message::Upsert { jobs: vec![job] }).collect(),
+        Message::Trigger { ids } => ids.into_iter().map(|id| Message::Trigger { ids: vec![id] }).collect(),
         other => vec![other],
     }
 }
@@ -415,6 +430,8 @@ fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, u8, Waiting)> {
                 Kind::Get => (Message::Get { ids: ids() }, 0),
                 Kind::GetStale => (Message::Get { ids: ids() }, codec::FLAG_STALE_OK),
                 Kind::Cancel => (Message::Cancel { ids: ids() }, 0),
+                Kind::Upsert => (Message::Upsert { jobs: arguments.clone() }, 0),
+                Kind::Trigger => (Message::Trigger { ids: ids() }, 0),
                 Kind::Topology => (Message::Topology, 0),
             };
             (message, flags, waiting)

@@ -103,13 +103,22 @@ pub enum Message {
     Cancel {
         ids: Vec<String>,
     },
+    /// Create jobs, or replace the spec of the job with each one's id (`PUT /jobs/{id}`);
+    /// each item is a job request document with its `id`.
+    Upsert {
+        jobs: Vec<Vec<u8>>,
+    },
+    /// An extra fire now of each job, with its own key (`POST /jobs/{id}/trigger`).
+    Trigger {
+        ids: Vec<String>,
+    },
     Ping,
     Pong,
     /// Asks for the cluster's map; answered by `Results` with one item whose body is JSON:
     /// `{"partitions": N, "members": [{"node_id", "binary"}], "leaders": [node id or null,
     /// one per partition]}`. A client sends a job's requests to its partition's leader.
     Topology,
-    /// The answers to a Create, Get or Cancel, one per item, in order.
+    /// The answers to a Create, Get, Cancel, Upsert or Trigger, one per item, in order.
     Results {
         items: Vec<Item>,
     },
@@ -131,6 +140,8 @@ impl Message {
             Message::Ping => 0x13,
             Message::Pong => 0x14,
             Message::Topology => 0x15,
+            Message::Upsert { .. } => 0x16,
+            Message::Trigger { .. } => 0x17,
             Message::Results { .. } => 0x20,
             Message::Error { .. } => 0x7F,
         }
@@ -218,13 +229,13 @@ fn encode_unchecked(frame: &Frame, out: &mut Vec<u8>) -> Result<(), EncodeError>
             out.extend_from_slice(&partitions.to_be_bytes());
             out.extend_from_slice(&frame_max_bytes.to_be_bytes());
         }
-        Message::Create { jobs } => {
+        Message::Create { jobs } | Message::Upsert { jobs } => {
             put_count(out, "jobs", jobs.len())?;
             for job in jobs {
                 put_blob(out, "jobs[]", job)?;
             }
         }
-        Message::Get { ids } | Message::Cancel { ids } => {
+        Message::Get { ids } | Message::Cancel { ids } | Message::Trigger { ids } => {
             put_count(out, "ids", ids.len())?;
             for id in ids {
                 put_string(out, "ids[]", id)?;
@@ -314,18 +325,22 @@ pub fn decode(buf: &[u8], frame_max_bytes: u32) -> Result<Option<(Frame, usize)>
             partitions: reader.u32("partitions")?,
             frame_max_bytes: reader.u32("frame_max_bytes")?,
         },
-        0x10 => {
+        0x10 | 0x16 => {
             let count = reader.count("jobs")?;
             let jobs = (0..count).map(|_| reader.blob("jobs[]")).collect::<Result<_, _>>()?;
-            Message::Create { jobs }
+            if kind == 0x10 {
+                Message::Create { jobs }
+            } else {
+                Message::Upsert { jobs }
+            }
         }
-        0x11 | 0x12 => {
+        0x11 | 0x12 | 0x17 => {
             let count = reader.count("ids")?;
             let ids = (0..count).map(|_| reader.string("ids[]")).collect::<Result<_, _>>()?;
-            if kind == 0x11 {
-                Message::Get { ids }
-            } else {
-                Message::Cancel { ids }
+            match kind {
+                0x11 => Message::Get { ids },
+                0x12 => Message::Cancel { ids },
+                _ => Message::Trigger { ids },
             }
         }
         0x13 => Message::Ping,

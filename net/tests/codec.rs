@@ -28,6 +28,8 @@ fn message() -> impl Strategy<Value = Message> {
         proptest::collection::vec(bytes(), 0..20).prop_map(|jobs| Message::Create { jobs }),
         proptest::collection::vec(text(), 0..20).prop_map(|ids| Message::Get { ids }),
         proptest::collection::vec(text(), 0..20).prop_map(|ids| Message::Cancel { ids }),
+        proptest::collection::vec(bytes(), 0..20).prop_map(|jobs| Message::Upsert { jobs }),
+        proptest::collection::vec(text(), 0..20).prop_map(|ids| Message::Trigger { ids }),
         Just(Message::Ping),
         Just(Message::Pong),
         Just(Message::Topology),

@@ -200,6 +200,11 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
         Message::Create { jobs } => router.create(jobs.iter().map(|job| parse_body(job)).collect(), None).await,
         Message::Get { ids } => router.job_many_read(&ids, JobOp::Get, stale_ok).await,
         Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,
+        Message::Upsert { jobs } => {
+            let requests = jobs.iter().map(|job| parse_body(job).and_then(with_id)).collect();
+            router.create_with(requests, None, crate::ops::CreateMode::Upsert).await
+        }
+        Message::Trigger { ids } => router.job_many(&ids, JobOp::Trigger).await,
         other => {
             let kind = format!("{other:?}");
             let name = kind.split([' ', '{', '(']).next().unwrap_or("this frame");
@@ -207,6 +212,14 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
         }
     };
     Frame::new(id, Message::Results { items: answers.into_iter().map(item).collect() })
+}
+
+/// An upsert names the job it replaces: its document must carry an `id`.
+fn with_id(request: serde_json::Value) -> Result<serde_json::Value, Answer> {
+    match request.get("id") {
+        Some(serde_json::Value::String(_)) => Ok(request),
+        _ => Err(crate::ops::field_error("id", "id: an upsert must name the job it creates or replaces")),
+    }
 }
 
 /// The Error code for a frame that cannot be decoded.

@@ -4,7 +4,7 @@
 //! status.
 
 use crate::auth::{Gate, Verdict};
-use crate::ops::{answer, error, field_error, Answer, JobOp};
+use crate::ops::{answer, error, field_error, Answer, CreateMode, JobOp};
 use crate::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -184,6 +184,9 @@ pub async fn route(
             router.create(vec![parse_body(body)], parent).await.pop().expect("one answer per request")
         }
         ("POST", ["jobs", "batch"]) => batch(router, body, parent).await,
+        ("POST", ["jobs", "bulk"]) => bulk(router, body).await,
+        ("POST", ["jobs", "preview"]) => preview(body, query),
+        ("PUT", ["jobs", id]) => upsert(router, id, body, parent).await,
         ("GET", ["dlq"]) => router.dead_letters().await,
         ("POST", ["dlq", id, fire_ms, "redrive"]) => match fire_ms.parse::<u64>() {
             Ok(fire_ms) => router.job(id, JobOp::Redrive { fire_ms }).await,
@@ -202,6 +205,17 @@ pub async fn route(
         ("DELETE", ["jobs", id]) => router.job(id, JobOp::Delete).await,
         ("POST", ["jobs", id, "pause"]) => router.job(id, JobOp::Pause).await,
         ("POST", ["jobs", id, "resume"]) => router.job(id, JobOp::Resume).await,
+        ("POST", ["jobs", id, "trigger"]) => router.job(id, JobOp::Trigger).await,
+        ("POST", ["jobs", id, "redrive"]) => router.job(id, JobOp::RedriveAll).await,
+        ("POST", ["jobs", id, "backfill"]) => {
+            let range = parse_body(body).and_then(|request| {
+                sundial_engine::request::parse_backfill(&request).map_err(|problems| invalid(&problems))
+            });
+            match range {
+                Ok((from_ms, to_ms)) => router.job(id, JobOp::Backfill { from_ms, to_ms }).await,
+                Err(refused) => refused,
+            }
+        }
         (
             _,
             ["health"]
@@ -213,7 +227,7 @@ pub async fn route(
             | ["join"]
             | ["jobs"]
             | ["jobs", _]
-            | ["jobs", _, "status" | "executions" | "cancel" | "pause" | "resume"]
+            | ["jobs", _, "status" | "executions" | "cancel" | "pause" | "resume" | "trigger" | "redrive" | "backfill"]
             | ["dlq"]
             | ["dlq", _]
             | ["dlq", _, _, "redrive"],
@@ -237,6 +251,147 @@ async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>) -> An
     let answers = router.create(requests.into_iter().map(Ok).collect(), parent).await;
     let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
     answer(200, json!({"results": results}))
+}
+
+/// A 400 naming every problem: the first one's field, and all of them.
+fn invalid(problems: &[sundial_engine::job::FieldError]) -> Answer {
+    let first = problems.first().map_or_else(|| "(body)".to_string(), |p| p.field.clone());
+    let message = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    let list: Vec<Value> = problems.iter().map(|p| json!({"field": p.field, "rule": p.rule})).collect();
+    answer(400, json!({"error": message, "code": "invalid", "field": first, "problems": list}))
+}
+
+/// `PUT /jobs/{id}`: creates the job or replaces its spec; the body's `id`, if any, must be
+/// the path's.
+async fn upsert(router: &Router, id: &str, body: &[u8], parent: Option<TraceContext>) -> Answer {
+    let request = parse_body(body).and_then(|mut request| match request.as_object_mut() {
+        Some(object) => match object.get("id") {
+            Some(given) if given.as_str() != Some(id) => {
+                Err(field_error("id", format!("id: must be the id in the path ({id}) or left out")))
+            }
+            _ => {
+                object.insert("id".into(), json!(id));
+                Ok(request)
+            }
+        },
+        None => Ok(request), // refused with its reason by the parser
+    });
+    router.create_with(vec![request], parent, CreateMode::Upsert).await.pop().expect("one answer per request")
+}
+
+/// Fires previewed per request at most.
+const PREVIEW_COUNT_MAX: usize = 100;
+
+/// `POST /jobs/preview?count=N&from=T`: the next fires of a job request as if created at
+/// `from` (default now), without creating anything.
+fn preview(body: &[u8], query: &str) -> Answer {
+    let mut count = 10usize;
+    let mut from_ms = sundial_engine::dispatch::now_ms();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("count", value)) => match value.parse::<usize>() {
+                Ok(n) if (1..=PREVIEW_COUNT_MAX).contains(&n) => count = n,
+                _ => return field_error("count", format!("count: must be within 1..={PREVIEW_COUNT_MAX}")),
+            },
+            Some(("from", value)) => {
+                match sundial_engine::request::parse_backfill(&json!({"from": value, "to": value})) {
+                    Ok((at_ms, _)) => from_ms = at_ms,
+                    Err(_) => return field_error("from", "from: must be an RFC 3339 time or epoch seconds or ms"),
+                }
+            }
+            _ => return error(400, "invalid", format!("unknown query parameter {pair}")),
+        }
+    }
+    let request = match parse_body(body) {
+        Ok(request) => request,
+        Err(refused) => return refused,
+    };
+    match sundial_engine::request::parse_job_request(&request, from_ms, "preview") {
+        Ok(spec) => {
+            let fires = sundial_engine::state::upcoming_fires(&spec, from_ms, count);
+            let times: Vec<String> = fires
+                .iter()
+                .filter_map(|ms| jiff::Timestamp::from_millisecond(*ms as i64).ok())
+                .map(|t| t.to_string())
+                .collect();
+            answer(200, json!({"from_ms": from_ms, "fires_ms": fires, "fires": times}))
+        }
+        Err(problems) => invalid(&problems),
+    }
+}
+
+/// Jobs one bulk request touches at most.
+const BULK_MAX: usize = BATCH_MAX;
+
+/// `POST /jobs/bulk`: `{"action": …, "ids": [...]}` or `{"action": …, "labels": {k: v},
+/// "limit": n}`: the action on each job (at most `BULK_MAX`), and a report of what it did.
+async fn bulk(router: &Router, body: &[u8]) -> Answer {
+    let request = match parse_body(body) {
+        Ok(Value::Object(request)) => request,
+        Ok(_) => return error(400, "invalid", "the body must be an object {\"action\": …, \"ids\" | \"labels\": …}"),
+        Err(refused) => return refused,
+    };
+    if let Some(unknown) = request.keys().find(|k| !["action", "ids", "labels", "limit"].contains(&k.as_str())) {
+        return field_error(unknown, format!("{unknown}: is not a known field"));
+    }
+    let op = match request.get("action").and_then(Value::as_str) {
+        Some("cancel") => JobOp::Cancel,
+        Some("redrive") => JobOp::RedriveAll,
+        Some("purge") => JobOp::Purge,
+        Some("pause") => JobOp::Pause,
+        Some("resume") => JobOp::Resume,
+        Some("delete") => JobOp::Delete,
+        _ => return field_error("action", "action: must be cancel, redrive, purge, pause, resume or delete"),
+    };
+    let (ids, more) = match (request.get("ids"), request.get("labels")) {
+        (Some(Value::Array(ids)), None) => {
+            if ids.is_empty() || ids.len() > BULK_MAX {
+                return field_error("ids", format!("ids: 1..={BULK_MAX} job ids"));
+            }
+            let Some(ids) = ids.iter().map(|id| id.as_str().map(String::from)).collect::<Option<Vec<String>>>() else {
+                return field_error("ids", "ids: each must be a job id string");
+            };
+            (ids, false)
+        }
+        (None, Some(Value::Object(labels))) if !labels.is_empty() => {
+            let Some(labels) =
+                labels.iter().map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect::<Option<Vec<_>>>()
+            else {
+                return field_error("labels", "labels: each value must be a string");
+            };
+            let limit = match request.get("limit") {
+                None => BULK_MAX,
+                Some(value) => match value.as_u64() {
+                    Some(n) if (1..=BULK_MAX as u64).contains(&n) => n as usize,
+                    _ => return field_error("limit", format!("limit: must be within 1..={BULK_MAX}")),
+                },
+            };
+            match router.labelled(labels, limit).await {
+                Ok(found) => found,
+                Err(refused) => return refused,
+            }
+        }
+        (Some(_), Some(_)) => return field_error("ids", "ids: give ids or labels, not both"),
+        _ => return field_error("ids", "ids: an array of job ids, or labels: an object of label values, is required"),
+    };
+    let answers = if ids.is_empty() { Vec::new() } else { router.job_many(&ids, op).await };
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    let mut fires = 0usize;
+    for (id, answer) in ids.iter().zip(&answers) {
+        if answer.status < 300 {
+            fires += answer.body.as_ref().and_then(|b| b["fires"].as_array()).map_or(0, Vec::len);
+            done.push(json!(id));
+        } else {
+            let body = answer.body.clone().unwrap_or(Value::Null);
+            failed.push(json!({"id": id, "status": answer.status, "code": body["code"], "error": body["error"]}));
+        }
+    }
+    let mut report = json!({"matched": ids.len(), "done": done, "failed": failed, "more": more});
+    if op == JobOp::RedriveAll {
+        report["fires_redriven"] = json!(fires);
+    }
+    answer(200, report)
 }
 
 /// The parsed body of a create, or its refusal.

@@ -49,8 +49,28 @@ pub enum JobOp {
     Redrive {
         fire_ms: u64,
     },
+    /// Puts every dead-lettered fire of the job back.
+    RedriveAll,
     /// Drops the job's dead letters.
     Purge,
+    /// An extra fire now, with its own key.
+    Trigger,
+    /// A fire for each occurrence of the job's cron schedule in `[from_ms, to_ms]`.
+    Backfill {
+        from_ms: u64,
+        to_ms: u64,
+    },
+}
+
+/// Whether a create may replace the job with its id.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CreateMode {
+    /// A new job; the same request again is answered 200 (idempotent), a finished job's id
+    /// is refused for the dedup window.
+    #[default]
+    Create,
+    /// Creates the job or replaces the spec of the one with its id (`PUT /jobs/{id}`).
+    Upsert,
 }
 
 /// The command `op` makes of the job `id`; `None` for a read.
@@ -59,11 +79,14 @@ pub fn job_command(id: &str, op: JobOp, now: u64) -> Option<Command> {
     match op {
         JobOp::Get | JobOp::Status | JobOp::Executions => None,
         JobOp::Cancel => Some(Command::Cancel { id, now_ms: now }),
-        JobOp::Delete => Some(Command::Delete { id }),
+        JobOp::Delete => Some(Command::Delete { id, now_ms: now }),
         JobOp::Pause => Some(Command::Pause { id }),
         JobOp::Resume => Some(Command::Resume { id, now_ms: now }),
         JobOp::Redrive { fire_ms } => Some(Command::Redrive { id, fire_ms, now_ms: now }),
+        JobOp::RedriveAll => Some(Command::RedriveJob { id, now_ms: now }),
         JobOp::Purge => Some(Command::Purge { id: Some(id) }),
+        JobOp::Trigger => Some(Command::Trigger { id, now_ms: now }),
+        JobOp::Backfill { from_ms, to_ms } => Some(Command::Backfill { id, from_ms, to_ms, now_ms: now }),
     }
 }
 
@@ -106,8 +129,19 @@ pub struct CreatePlan {
     pub commands: Vec<Command>,
 }
 
-/// Admits at most `room` new jobs (the node's live-job limit) and makes their creates.
-pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, room: usize, max_jobs: usize) -> CreatePlan {
+/// How a partition's creates are made: as creates (with the node's dedup window) or upserts.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateHow {
+    pub mode: CreateMode,
+    pub dedup_window_ms: u64,
+    /// The node's live-job limit, and the room left under it.
+    pub max_jobs: usize,
+    pub room: usize,
+}
+
+/// Admits at most `how.room` new jobs (the node's live-job limit) and makes their creates.
+pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, how: CreateHow) -> CreatePlan {
+    let CreateHow { mode, dedup_window_ms, max_jobs, room } = how;
     let mut plan = CreatePlan { answers: Vec::with_capacity(specs.len()), waiting: Vec::new(), commands: Vec::new() };
     let mut admitted = 0usize;
     for spec in specs {
@@ -123,7 +157,11 @@ pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, room: usize
         }
         admitted += usize::from(!exists);
         plan.waiting.push((plan.answers.len(), spec.id.clone()));
-        plan.commands.push(Command::Create { spec: Box::new(spec), now_ms });
+        let spec = Box::new(spec);
+        plan.commands.push(match mode {
+            CreateMode::Create => Command::Create { spec, now_ms, dedup_window_ms: Some(dedup_window_ms) },
+            CreateMode::Upsert => Command::Upsert { spec, now_ms },
+        });
         plan.answers.push(None);
     }
     plan
@@ -194,6 +232,15 @@ pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Val
     jobs.into_iter().take(limit).map(job_view).collect()
 }
 
+/// `{"id", "created_ms"}` of up to `limit` jobs of this partition carrying every one of
+/// `labels`, oldest first.
+pub fn labelled_jobs(state: &State, labels: &[(String, String)], limit: usize) -> Vec<Value> {
+    let mut jobs: Vec<&Job> =
+        state.jobs().filter(|job| labels.iter().all(|(key, value)| job.spec.labels.get(key) == Some(value))).collect();
+    jobs.sort_by_key(|job| (job.created_ms, job.spec.id.clone()));
+    jobs.into_iter().take(limit).map(|job| json!({"id": job.spec.id, "created_ms": job.created_ms})).collect()
+}
+
 /// Up to `limit` dead letters of this partition, oldest first.
 pub fn dead_letters(state: &State, limit: usize) -> Vec<Value> {
     state
@@ -219,6 +266,14 @@ pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applie
     match (verdict, op) {
         (Err(e), _) => apply_error(e),
         (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None },
+        (Ok(Applied::Fires { fire_ms }), _) => match state.job(id) {
+            Some(job) => {
+                let mut view = job_view(job);
+                view["fires"] = json!(fire_ms);
+                answer(200, view)
+            }
+            None => answer(200, json!({"id": id, "fires": fire_ms})),
+        },
         (Ok(_), _) => match state.job(id) {
             Some(job) => answer(200, job_view(job)),
             None => answer(200, json!({"id": id})),
@@ -235,6 +290,11 @@ pub fn apply_error(e: ApplyError) -> Answer {
         | ApplyError::StaleAttempt { .. }
         | ApplyError::NotDeadLettered { .. } => error(409, "conflict", e.to_string()),
         ApplyError::UnknownDependency(_) | ApplyError::Cycle(_) => field_error("depends_on", e.to_string()),
+        ApplyError::Duplicate { id, finished_ms, until_ms } => answer(
+            409,
+            json!({"error": e.to_string(), "code": "duplicate", "id": id, "finished_ms": finished_ms, "until_ms": until_ms}),
+        ),
+        ApplyError::Invalid { field, .. } => field_error(field, e.to_string()),
         ApplyError::Unavailable(_) => retry_later(503, "unavailable", e.to_string(), 5),
     }
 }
@@ -257,6 +317,7 @@ pub fn job_view(job: &Job) -> Value {
         "schedule": schedule,
         "next_fire_ms": job.next_fire_ms,
         "paused": job.paused,
+        "paused_reason": job.paused_reason,
         "priority": job.spec.priority,
         "labels": job.spec.labels,
         "created_ms": job.created_ms,
@@ -280,6 +341,7 @@ fn executions(job: &Job) -> Value {
                 "error": e.error.map(|c| format!("{c:?}").to_lowercase()),
                 "response_body": String::from_utf8_lossy(&e.response_body),
                 "missed": e.missed,
+                "note": e.note,
             })
         })
         .collect();

@@ -607,7 +607,9 @@ mod tests {
         let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
         let request = serde_json::json!({"id": "a", "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
         let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
-        let first = partition.propose_one(&Command::Create { spec: Box::new(spec), now_ms: 0 }).expect("leads");
+        let first = partition
+            .propose_one(&Command::Create { spec: Box::new(spec), now_ms: 0, dedup_window_ms: None })
+            .expect("leads");
         // What a leader sees after its uncommitted tail was truncated and it leads again:
         // the same log index proposed anew. (Tickets used to be the index: the old request
         // was then never answered, or answered with the new entry's verdict.)

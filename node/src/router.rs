@@ -7,7 +7,7 @@
 
 use crate::meta::{partition_of, ClusterMeta};
 use crate::metrics::Metrics;
-use crate::ops::{answer, field_error, retry_later, Answer, JobOp};
+use crate::ops::{answer, field_error, retry_later, Answer, CreateMode, JobOp};
 use crate::shard::{LiveJobs, Scan, Work};
 use crate::telemetry::SpanSink;
 use futures_util::future::join_all as futures_join_all;
@@ -102,6 +102,8 @@ pub enum PartitionWork {
     Create {
         specs: Vec<JobSpec>,
         now_ms: u64,
+        #[serde(default)]
+        mode: CreateMode,
     },
     /// `stale`: a read may be answered from the local replica without confirming it is
     /// current (no round trip to the leader).
@@ -124,9 +126,11 @@ impl PartitionWork {
     /// The items at `positions`, as work of their own.
     fn select(&self, positions: &[usize]) -> PartitionWork {
         match self {
-            PartitionWork::Create { specs, now_ms } => {
-                PartitionWork::Create { specs: positions.iter().map(|i| specs[*i].clone()).collect(), now_ms: *now_ms }
-            }
+            PartitionWork::Create { specs, now_ms, mode } => PartitionWork::Create {
+                specs: positions.iter().map(|i| specs[*i].clone()).collect(),
+                now_ms: *now_ms,
+                mode: *mode,
+            },
             PartitionWork::Jobs { ids, op, stale } => {
                 PartitionWork::Jobs { ids: positions.iter().map(|i| ids[*i].clone()).collect(), op: *op, stale: *stale }
             }
@@ -341,7 +345,7 @@ impl Router {
         let count = work.len();
         let (reply, answer) = oneshot::channel();
         let item = match work {
-            PartitionWork::Create { specs, now_ms } => Work::Create { partition, specs, now_ms, reply },
+            PartitionWork::Create { specs, now_ms, mode } => Work::Create { partition, specs, now_ms, mode, reply },
             PartitionWork::Jobs { ids, op, stale } => Work::Jobs { partition, ids, op, stale, reply },
         };
         match self.shard_of(partition).try_send(item) {
@@ -428,6 +432,16 @@ impl Router {
     /// (an HTTP `traceparent`); the jobs belong to this request's span in its trace, or in a
     /// new one.
     pub async fn create(&self, requests: Vec<Result<Value, Answer>>, parent: Option<TraceContext>) -> Vec<Answer> {
+        self.create_with(requests, parent, CreateMode::Create).await
+    }
+
+    /// `create`, as creates or as upserts (each job created, or its spec replaced).
+    pub async fn create_with(
+        &self,
+        requests: Vec<Result<Value, Answer>>,
+        parent: Option<TraceContext>,
+        mode: CreateMode,
+    ) -> Vec<Answer> {
         let now = now_ms();
         let random = self.next_random();
         let trace = match &parent {
@@ -454,7 +468,7 @@ impl Router {
             }
         }
         let groups = by_partition.into_iter().map(|(partition, (slots, specs))| async move {
-            (slots, self.partition_work(partition, PartitionWork::Create { specs, now_ms: now }, 0).await)
+            (slots, self.partition_work(partition, PartitionWork::Create { specs, now_ms: now, mode }, 0).await)
         });
         for (slots, group_answers) in futures_join_all(groups).await {
             for (slot, answer) in slots.into_iter().zip(group_answers) {
@@ -539,7 +553,7 @@ impl Router {
     /// reaches (each partition is counted by the replica leading it; a member that cannot be
     /// reached adds nothing).
     async fn scan(&self, scan: Scan) -> Result<Vec<Value>, Answer> {
-        let mut values = self.local_scan(scan).await?;
+        let mut values = self.local_scan(scan.clone()).await?;
         let Some(cluster) = &self.cluster else { return Ok(values) };
         if matches!(scan, Scan::Raft) {
             return Ok(values);
@@ -563,7 +577,7 @@ impl Router {
         let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
             let (reply, answer) = oneshot::channel();
-            shard.try_send(Work::Scan { scan, reply }).map_err(refusal)?;
+            shard.try_send(Work::Scan { scan: scan.clone(), reply }).map_err(refusal)?;
             waiting.push(answer);
         }
         let mut values = Vec::new();
@@ -586,6 +600,20 @@ impl Router {
         });
         jobs.truncate(limit);
         answer(200, json!({"jobs": jobs}))
+    }
+
+    /// Ids of up to `limit` jobs carrying every one of `labels`, oldest first, across
+    /// partitions (and members), and whether more match.
+    pub async fn labelled(&self, labels: Vec<(String, String)>, limit: usize) -> Result<(Vec<String>, bool), Answer> {
+        let per_partition = self.scan(Scan::Labelled { labels, limit: limit + 1 }).await?;
+        let mut jobs: Vec<Value> =
+            per_partition.into_iter().flat_map(|v| if let Value::Array(jobs) = v { jobs } else { vec![] }).collect();
+        jobs.sort_by(|a, b| {
+            (a["created_ms"].as_u64(), a["id"].as_str()).cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
+        });
+        let more = jobs.len() > limit;
+        let ids = jobs.iter().take(limit).filter_map(|job| job["id"].as_str().map(String::from)).collect();
+        Ok((ids, more))
     }
 
     /// `GET /dlq`: the oldest dead letters across partitions.

@@ -10,7 +10,7 @@
 use crate::members::{Members, MembersCommand, Membership, META_GROUP};
 use crate::meta::{partition_of, replicas_of};
 use crate::metrics::ShardMetrics;
-use crate::ops::{self, Answer, JobOp};
+use crate::ops::{self, Answer, CreateMode, JobOp};
 use crate::{Partition, PartitionOptions};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -38,7 +38,7 @@ pub enum Work {
     /// A membership change, for the meta group's leader (shard 0).
     Members { command: MembersCommand, reply: oneshot::Sender<Answer> },
     /// Create validated jobs of one partition.
-    Create { partition: u32, specs: Vec<JobSpec>, now_ms: u64, reply: oneshot::Sender<Vec<Answer>> },
+    Create { partition: u32, specs: Vec<JobSpec>, now_ms: u64, mode: CreateMode, reply: oneshot::Sender<Vec<Answer>> },
     /// One operation on some jobs of one partition (one log write for commands).
     /// One operation on some jobs of one partition (one log write for commands); `stale`
     /// reads are answered from this replica as it stands.
@@ -47,17 +47,27 @@ pub enum Work {
     Scan { scan: Scan, reply: oneshot::Sender<Vec<Value>> },
 }
 
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Scan {
-    Jobs { status: Option<Status>, limit: usize },
-    DeadLetters { limit: usize },
+    Jobs {
+        status: Option<Status>,
+        limit: usize,
+    },
+    /// Ids of up to `limit` jobs carrying every one of `labels`, oldest first.
+    Labelled {
+        labels: Vec<(String, String)>,
+        limit: usize,
+    },
+    DeadLetters {
+        limit: usize,
+    },
     PurgeDeadLetters,
     Health,
     Raft,
 }
 
-/// Create requests for one partition taken from the inbox: specs, request time, reply.
-type CreateRequest = (Vec<JobSpec>, u64, oneshot::Sender<Vec<Answer>>);
+/// Create requests for one partition taken from the inbox: specs, request time, mode, reply.
+type CreateRequest = (Vec<JobSpec>, u64, CreateMode, oneshot::Sender<Vec<Answer>>);
 
 /// Live (pending or running) jobs per shard, read by every shard for admission control.
 /// Each shard writes only its own slot.
@@ -83,6 +93,8 @@ pub struct ShardConfig {
     pub partition: PartitionOptions,
     pub runtime: RuntimeConfig,
     pub max_jobs: usize,
+    /// A create repeating the id of a job finished less than this long ago is a duplicate.
+    pub dedup_window_ms: u64,
     pub live: Arc<LiveJobs>,
     /// How long a stopping shard waits for attempts in flight.
     pub drain_limit: Duration,
@@ -774,8 +786,8 @@ impl Shard {
         let mut others = Vec::new();
         for work in batch {
             match work {
-                Work::Create { partition, specs, now_ms, reply } => {
-                    creates.entry(partition).or_default().push((specs, now_ms, reply))
+                Work::Create { partition, specs, now_ms, mode, reply } => {
+                    creates.entry(partition).or_default().push((specs, now_ms, mode, reply))
                 }
                 other => others.push(other),
             }
@@ -793,8 +805,8 @@ impl Shard {
                     let values = self
                         .runtimes
                         .iter_mut()
-                        .filter(|(_, runtime)| scan_covers(scan, runtime))
-                        .map(|(partition, runtime)| scan_one(*partition, runtime, scan));
+                        .filter(|(_, runtime)| scan_covers(&scan, runtime))
+                        .map(|(partition, runtime)| scan_one(*partition, runtime, &scan));
                     let _ = reply.send(values.collect());
                 }
             }
@@ -897,14 +909,14 @@ impl Shard {
     /// request is answered once all its creates are applied.
     fn create(&mut self, partition: u32, requests: Vec<CreateRequest>) {
         let Some(runtime) = self.runtimes.get_mut(&partition) else {
-            for (specs, _, reply) in requests {
+            for (specs, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| misrouted(partition)).collect());
             }
             return;
         };
         if !runtime.log().accepts_proposals() {
             let answer = ops::not_leader(partition, runtime.log().leader().filter(|l| *l != self.config.node_id));
-            for (specs, _, reply) in requests {
+            for (specs, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| answer.clone()).collect());
             }
             return;
@@ -917,12 +929,18 @@ impl Shard {
         let started_ms = sundial_engine::dispatch::now_ms();
         let mut plans = Vec::with_capacity(requests.len());
         let mut commands = Vec::new();
-        for (specs, now_ms, reply) in requests {
+        for (specs, now_ms, mode, reply) in requests {
             let traces: Vec<(String, String)> = specs
                 .iter()
                 .filter_map(|spec| spec.trace.as_ref().map(|t| (t.trace_id.clone(), t.span_id.clone())))
                 .collect();
-            let mut plan = ops::plan_creates(runtime.state(), specs, now_ms, room, self.config.max_jobs);
+            let how = ops::CreateHow {
+                mode,
+                dedup_window_ms: self.config.dedup_window_ms,
+                max_jobs: self.config.max_jobs,
+                room,
+            };
+            let mut plan = ops::plan_creates(runtime.state(), specs, now_ms, how);
             room = room.saturating_sub(plan.commands.len());
             commands.append(&mut plan.commands);
             plans.push((plan, traces, reply));
@@ -1021,7 +1039,7 @@ fn lost() -> Answer {
 
 /// Whether `scan` looks at this partition here: lists and counts come from the replica that
 /// leads (each partition counted once across the cluster); Raft status from every replica.
-fn scan_covers(scan: Scan, runtime: &Runtime<Partition>) -> bool {
+fn scan_covers(scan: &Scan, runtime: &Runtime<Partition>) -> bool {
     matches!(scan, Scan::Raft) || runtime.log().is_leader()
 }
 
@@ -1029,10 +1047,11 @@ fn misrouted(partition: u32) -> Answer {
     ops::retry_later(503, "unavailable", format!("partition {partition} is not served by this shard"), 1)
 }
 
-fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: Scan) -> Value {
+fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: &Scan) -> Value {
     match scan {
-        Scan::Jobs { status, limit } => Value::Array(ops::list_jobs(runtime.state(), status, limit)),
-        Scan::DeadLetters { limit } => Value::Array(ops::dead_letters(runtime.state(), limit)),
+        Scan::Jobs { status, limit } => Value::Array(ops::list_jobs(runtime.state(), *status, *limit)),
+        Scan::Labelled { labels, limit } => Value::Array(ops::labelled_jobs(runtime.state(), labels, *limit)),
+        Scan::DeadLetters { limit } => Value::Array(ops::dead_letters(runtime.state(), *limit)),
         Scan::PurgeDeadLetters => {
             let answer = ops::purge_all(runtime);
             json!({"status": answer.status, "body": answer.body})
@@ -1046,6 +1065,7 @@ fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: Scan) -> Val
                 "partition": partition,
                 "jobs": counts,
                 "dead_letters": state.dead_letters().count(),
+                "auto_paused": state.auto_paused(),
                 "queued": runtime.dispatcher().queued(),
                 "running": runtime.dispatcher().running(),
                 "attempts_started": stats.attempts_started,

@@ -30,8 +30,9 @@ fn job(id: &str) -> JobSpec {
 
 /// Proposes a create and processes until its outcome is known (durable by then).
 fn create(partition: &mut Partition, id: &str) -> Applied {
-    let index =
-        partition.propose_one(&Command::Create { spec: Box::new(job(id)), now_ms: T0 }).expect("leader accepts");
+    let index = partition
+        .propose_one(&Command::Create { spec: Box::new(job(id)), now_ms: T0, dedup_window_ms: None })
+        .expect("leader accepts");
     let applied = partition.advance().expect("persisted");
     let mine = applied.into_iter().find(|c| c.ticket == Some(index)).expect("applied");
     mine.verdict.expect("created")
@@ -71,7 +72,9 @@ fn crash_child() {
     for i in first..first + 1_000_000 {
         let id = format!("job-{i}");
         if ack_early {
-            partition.propose_one(&Command::Create { spec: Box::new(job(&id)), now_ms: T0 }).expect("leader accepts");
+            partition
+                .propose_one(&Command::Create { spec: Box::new(job(&id)), now_ms: T0, dedup_window_ms: None })
+                .expect("leader accepts");
             writeln!(stdout, "ack {id}").expect("parent reads");
             stdout.flush().expect("parent reads");
             // The window a real bug would have, made wide enough for the kill to land in.

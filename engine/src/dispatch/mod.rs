@@ -28,6 +28,13 @@ const SCAN_PER_PASS_MAX: usize = 1024;
 const HOSTS_REMEMBERED_MAX: usize = 10_000;
 /// A Retry-After longer than this is capped.
 const RETRY_AFTER_MS_MAX: u64 = 24 * 3600 * 1000;
+/// A response header by which a receiver says "do not retry this fire" (`true` or `1`): the
+/// fire goes to the dead-letter list after this attempt, whatever the job's retry policy.
+pub const NO_RETRY_HEADER: &str = "x-sundial-no-retry";
+
+fn says_yes(value: &str) -> bool {
+    matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+}
 
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
@@ -43,6 +50,8 @@ pub struct DispatchConfig {
     pub address_policy: AddressPolicy,
     /// Signs requests of jobs without their own secret.
     pub global_secret: Option<Vec<u8>>,
+    /// The global secret that replaces `global_secret` (rotation): requests carry both signatures.
+    pub global_secret_next: Option<Vec<u8>>,
     /// Bytes of a response body read (the rest is not read).
     pub response_body_max_bytes: usize,
 }
@@ -58,6 +67,7 @@ impl Default for DispatchConfig {
             breaker_open_ms: 30_000,
             address_policy: AddressPolicy::default(),
             global_secret: None,
+            global_secret_next: None,
             response_body_max_bytes: 4096,
         }
     }
@@ -74,6 +84,8 @@ pub struct Attempt {
     pub target: Target,
     pub timeout_ms: u64,
     pub secret: Option<Vec<u8>>,
+    /// The job's next secret, during a rotation.
+    pub secret_next: Option<Vec<u8>>,
     /// W3C trace context naming this attempt's span (`crate::trace`).
     pub traceparent: String,
 }
@@ -384,6 +396,7 @@ async fn send(shared: &Shared, attempt: &Attempt) -> Outcome {
         let status = response.status().as_u16();
         let retry_after_ms =
             response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let no_retry = response.headers().get(NO_RETRY_HEADER).and_then(|v| v.to_str().ok()).is_some_and(says_yes);
         let mut body = response.into_body();
         let mut kept = Vec::new();
         // Bounded: stops once `limit` bytes are kept (the rest is never read).
@@ -397,7 +410,12 @@ async fn send(shared: &Shared, attempt: &Attempt) -> Outcome {
                 Some(Err(_)) | None => break,
             }
         }
-        Ok::<Outcome, hyper_util::client::legacy::Error>(Outcome::Response { status, body: kept, retry_after_ms })
+        Ok::<Outcome, hyper_util::client::legacy::Error>(Outcome::Response {
+            status,
+            body: kept,
+            retry_after_ms,
+            no_retry,
+        })
     };
     match tokio::time::timeout(Duration::from_millis(attempt.timeout_ms), exchange).await {
         Err(_) => Outcome::Error(ErrorClass::Timeout),
@@ -442,8 +460,14 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
         .header("x-sundial-fire-time", attempt.fire_ms.to_string())
         .header("x-correlation-id", key.as_str())
         .header("traceparent", attempt.traceparent.as_str());
-    if let Some(secret) = attempt.secret.as_deref().or(config.global_secret.as_deref()) {
-        builder = builder.header("x-sundial-signature", sign::signature(secret, now_ms(), &target.body));
+    // The job's own secrets, else the node's: the current one, then the next during a rotation.
+    let (current, next) = match &attempt.secret {
+        Some(secret) => (Some(secret), attempt.secret_next.as_ref()),
+        None => (config.global_secret.as_ref(), config.global_secret_next.as_ref()),
+    };
+    let secrets: Vec<&[u8]> = current.into_iter().chain(next).map(Vec::as_slice).collect();
+    if !secrets.is_empty() {
+        builder = builder.header("x-sundial-signature", sign::signatures(&secrets, now_ms(), &target.body));
     }
     builder.body(Full::new(Bytes::from(target.body.clone()))).ok()
 }

@@ -4,7 +4,9 @@
 //! Signature: `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
 //! A receiver recomputes the HMAC over the timestamp, a dot and the raw body bytes with the
 //! shared secret, compares in constant time, and refuses timestamps too far from its clock
-//! (say five minutes) so a captured request cannot be replayed later.
+//! (say five minutes) so a captured request cannot be replayed later. During a key rotation
+//! (a current and a next secret) the header carries one `v1=` per secret, current first: a
+//! receiver accepts the request when any of them verifies with the secret it holds.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -16,29 +18,40 @@ pub fn idempotency_key(job_id: &str, fire_ms: u64) -> String {
 
 /// The value of `X-Sundial-Signature` for `body` sent at `timestamp_ms`.
 pub fn signature(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> String {
-    format!("t={timestamp_ms},v1={}", hex(&hmac(secret, timestamp_ms, body)))
+    signatures(&[secret], timestamp_ms, body)
+}
+
+/// The header signed by each of `secrets` (current, then next), in order.
+pub fn signatures(secrets: &[&[u8]], timestamp_ms: u64, body: &[u8]) -> String {
+    let mut header = format!("t={timestamp_ms}");
+    for secret in secrets {
+        header.push_str(",v1=");
+        header.push_str(&hex(&hmac(secret, timestamp_ms, body)));
+    }
+    header
 }
 
 /// Checks a signature header the way a receiver should (the tests use it as one).
 pub fn verify(secret: &[u8], header: &str, body: &[u8], now_ms: u64, tolerance_ms: u64) -> bool {
     let mut timestamp = None;
-    let mut given = None;
+    let mut given = Vec::new();
     for part in header.split(',') {
-        match part.split_once('=') {
+        match part.trim().split_once('=') {
             Some(("t", value)) => timestamp = value.parse::<u64>().ok(),
-            Some(("v1", value)) => given = Some(value),
+            Some(("v1", value)) => given.push(value),
             _ => {}
         }
     }
-    let (Some(timestamp), Some(given)) = (timestamp, given) else { return false };
+    let Some(timestamp) = timestamp else { return false };
     if timestamp.abs_diff(now_ms) > tolerance_ms {
         return false;
     }
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(body);
-    let Some(given) = unhex(given) else { return false };
-    mac.verify_slice(&given).is_ok()
+    given.into_iter().filter_map(unhex).any(|given| {
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        mac.update(format!("{timestamp}.").as_bytes());
+        mac.update(body);
+        mac.verify_slice(&given).is_ok()
+    })
 }
 
 fn hmac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Vec<u8> {
@@ -70,5 +83,14 @@ mod tests {
         assert!(!verify(b"secret", &header, b"{\"a\":2}", 1_000_500, 300_000), "body changed");
         assert!(!verify(b"other", &header, b"{\"a\":1}", 1_000_500, 300_000), "wrong secret");
         assert!(!verify(b"secret", &header, b"{\"a\":1}", 2_000_000, 300_000), "too old");
+    }
+
+    #[test]
+    fn during_a_rotation_either_secret_verifies_and_a_third_does_not() {
+        let header = signatures(&[b"current", b"next"], 1_000_000, b"body");
+        assert_eq!(header.matches("v1=").count(), 2, "{header}");
+        assert!(verify(b"current", &header, b"body", 1_000_000, 300_000));
+        assert!(verify(b"next", &header, b"body", 1_000_000, 300_000));
+        assert!(!verify(b"retired", &header, b"body", 1_000_000, 300_000));
     }
 }

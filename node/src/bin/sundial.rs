@@ -142,6 +142,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
             allow_private: settings.allow_private_targets,
         },
         global_secret: settings.secret.clone().map(String::into_bytes),
+        global_secret_next: settings.secret_next.clone().map(String::into_bytes),
         queue_capacity: settings.dispatch_queue,
         per_host_concurrency: settings.per_host_concurrency,
         per_host_rate_per_second: settings.per_host_rate,
@@ -223,6 +224,7 @@ async fn serve(settings: Settings) -> Result<(), String> {
                 ..RuntimeConfig::default()
             },
             max_jobs: settings.limits.max_jobs,
+            dedup_window_ms: settings.dedup_window_ms,
             live: live.clone(),
             drain_limit: settings.drain,
             metrics: metrics.clone(),
