@@ -24,6 +24,11 @@ pub const FIRE_ALL_MAX: u32 = 1000;
 pub const PRIORITY_MAX: u8 = 3;
 /// Consecutive failed fires a cron job may be set to pause itself after, at most.
 pub const PAUSE_AFTER_FAILURES_MAX: u32 = 1_000;
+/// Attempts of one flow key in flight at once, at most.
+pub const FLOW_PARALLELISM_MAX: u32 = 10_000;
+/// Attempts of one flow key started per period, at most.
+pub const FLOW_RATE_MAX: u32 = 10_000;
+pub const FLOW_PERIOD_MS_MAX: u64 = 24 * 3600 * 1000;
 
 /// One broken rule: the field (a JSON path such as `retry.max_attempts`) and what it must be.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,10 +69,39 @@ pub struct JobSpec {
     /// carries a signature by each, so receivers can switch at their own pace.
     #[serde(default)]
     pub secret_next: Option<String>,
+    /// The flow-control key the job's fires share limits (and, if asked, an order) with.
+    #[serde(default)]
+    pub flow: Option<Flow>,
+    /// URLs told the outcome of each fire: when it succeeds, when it is dead-lettered.
+    #[serde(default)]
+    pub callbacks: Callbacks,
     /// The trace the job was created in: its fires and attempts are spans of it and its
     /// webhooks carry it (`traceparent`). Set by the node from the request, not the body.
     #[serde(default)]
     pub trace: Option<crate::trace::TraceContext>,
+}
+
+/// A caller-chosen key and the limits its fires share, across jobs (`None`: the key's limits
+/// as last set, or none). A job that gives limits sets them for the key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    pub key: String,
+    /// Attempts of the key in flight at once.
+    pub parallelism: Option<u32>,
+    /// Attempts of the key started per `period_ms`.
+    pub rate: Option<u32>,
+    pub period_ms: Option<u64>,
+    /// The key's fires are delivered one at a time in due-time order, each waiting for the
+    /// previous to end (delivered or dead-lettered).
+    pub ordered: Option<bool>,
+}
+
+/// Where the outcome of each fire is POSTed (same retries, signing and SSRF guard as the
+/// webhook).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Callbacks {
+    pub on_success: Option<String>,
+    pub on_failure: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +419,30 @@ impl JobSpec {
         for (field, secret) in [("secret", &self.secret), ("secret_next", &self.secret_next)] {
             if secret.as_ref().is_some_and(|s| s.is_empty() || s.len() > SECRET_BYTES_MAX) {
                 fail(field, format!("must be 1..={SECRET_BYTES_MAX} bytes"));
+            }
+        }
+        if let Some(flow) = &self.flow {
+            if let Err(rule) = check_id(&flow.key) {
+                fail("flow.key", rule);
+            }
+            if flow.parallelism.is_some_and(|p| !(1..=FLOW_PARALLELISM_MAX).contains(&p)) {
+                fail("flow.parallelism", format!("must be within 1..={FLOW_PARALLELISM_MAX}"));
+            }
+            if flow.rate.is_some_and(|r| !(1..=FLOW_RATE_MAX).contains(&r)) {
+                fail("flow.rate", format!("must be within 1..={FLOW_RATE_MAX}"));
+            }
+            if flow.period_ms.is_some_and(|p| !(1..=FLOW_PERIOD_MS_MAX).contains(&p)) {
+                fail("flow.period", format!("must be within 1 ms..={FLOW_PERIOD_MS_MAX} ms"));
+            }
+            if flow.period_ms.is_some() && flow.rate.is_none() {
+                fail("flow.period", "needs flow.rate (attempts per period)".into());
+            }
+        }
+        for (field, url) in
+            [("callbacks.on_success", &self.callbacks.on_success), ("callbacks.on_failure", &self.callbacks.on_failure)]
+        {
+            if let Some(Err(rule)) = url.as_deref().map(check_url) {
+                fail(field, rule);
             }
         }
         if self.secret_next.is_some() && self.secret.is_none() {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 /// Past times further back than this are refused as mistakes; nearer ones fire at once.
 pub const PAST_TOLERANCE_MS: u64 = 24 * 3600 * 1000;
 
-const SUNDIAL_FIELDS: [&str; 26] = [
+const SUNDIAL_FIELDS: [&str; 28] = [
     "id",
     "run_at",
     "delay",
@@ -38,12 +38,16 @@ const SUNDIAL_FIELDS: [&str; 26] = [
     "labels",
     "secret",
     "secret_next",
+    "flow",
+    "callbacks",
 ];
 const SCHEDULED_DB_FIELDS: [&str; 7] =
     ["id", "type", "timestamp", "cron_expression", "last_date", "webhook_url", "payload"];
 const RETRY_FIELDS: [&str; 7] =
     ["max_attempts", "initial_backoff_ms", "max_backoff_ms", "multiplier", "jitter", "retry_on", "backoff"];
 const DST_FIELDS: [&str; 2] = ["repeated", "missing"];
+const FLOW_FIELDS: [&str; 5] = ["key", "parallelism", "rate", "period", "ordered"];
+const CALLBACK_FIELDS: [&str; 2] = ["on_success", "on_failure"];
 
 /// Parses and validates a request made at `now_ms`; `generated_id` is used when it has none.
 pub fn parse_job_request(request: &Value, now_ms: u64, generated_id: &str) -> Result<JobSpec, Vec<FieldError>> {
@@ -228,6 +232,8 @@ fn parse_sundial(
     let labels = string_map(object, "labels", errors);
     let secret = optional_string(object, "secret", errors);
     let secret_next = optional_string(object, "secret_next", errors);
+    let flow = parse_flow(object, errors);
+    let callbacks = parse_callbacks(object, errors);
     let target = Target { url: url?, method, headers, body, content_type };
     Some(JobSpec {
         id,
@@ -241,8 +247,63 @@ fn parse_sundial(
         labels,
         secret,
         secret_next,
+        flow,
+        callbacks,
         trace: None,
     })
+}
+
+/// `flow: {"key": …, "parallelism"?: n, "rate"?: n, "period"?: duration, "ordered"?: bool}`.
+fn parse_flow(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<Flow> {
+    let flow = match object.get("flow")? {
+        Value::Object(flow) => flow,
+        _ => {
+            errors.push(FieldError::new(
+                "flow",
+                "must be an object {\"key\": …, \"parallelism\"?, \"rate\"?, \"period\"?, \"ordered\"?}",
+            ));
+            return None;
+        }
+    };
+    unknown_fields(flow, &FLOW_FIELDS, "flow.", errors);
+    let mut nested = Vec::new();
+    let key = optional_string(flow, "key", &mut nested);
+    let parallelism = optional_u64(flow, "parallelism", &mut nested).map(|n| n.min(u64::from(u32::MAX)) as u32);
+    let rate = optional_u64(flow, "rate", &mut nested).map(|n| n.min(u64::from(u32::MAX)) as u32);
+    let period_ms = flow.contains_key("period").then(|| duration_field(flow, "period", &mut nested)).flatten();
+    let ordered = match flow.get("ordered") {
+        None => None,
+        Some(Value::Bool(ordered)) => Some(*ordered),
+        Some(_) => {
+            nested.push(FieldError::new("ordered", "must be true or false"));
+            None
+        }
+    };
+    if key.is_none() && !nested.iter().any(|e| e.field == "key") {
+        nested.push(FieldError::new("key", "is required"));
+    }
+    errors.extend(nested.into_iter().map(|e| FieldError::new(format!("flow.{}", e.field), e.rule)));
+    // A rate without a period is per second.
+    let period_ms = period_ms.or(rate.map(|_| 1_000));
+    Some(Flow { key: key?, parallelism, rate, period_ms, ordered })
+}
+
+/// `callbacks: {"on_success"?: url, "on_failure"?: url}`.
+fn parse_callbacks(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Callbacks {
+    let callbacks = match object.get("callbacks") {
+        None => return Callbacks::default(),
+        Some(Value::Object(callbacks)) => callbacks,
+        Some(_) => {
+            errors.push(FieldError::new("callbacks", "must be an object {\"on_success\"?: url, \"on_failure\"?: url}"));
+            return Callbacks::default();
+        }
+    };
+    unknown_fields(callbacks, &CALLBACK_FIELDS, "callbacks.", errors);
+    let mut nested = Vec::new();
+    let on_success = optional_string(callbacks, "on_success", &mut nested);
+    let on_failure = optional_string(callbacks, "on_failure", &mut nested);
+    errors.extend(nested.into_iter().map(|e| FieldError::new(format!("callbacks.{}", e.field), e.rule)));
+    Callbacks { on_success, on_failure }
 }
 
 /// `dst: {"repeated": "first"|"both", "missing": "shift"|"skip"}`, each optional.
@@ -414,6 +475,8 @@ fn parse_scheduled_db(
         labels: BTreeMap::new(),
         secret: None,
         secret_next: None,
+        flow: None,
+        callbacks: Callbacks::default(),
         trace: None,
     })
 }

@@ -27,6 +27,8 @@ pub struct Committed {
     pub job: Option<String>,
     /// Whether it stops the job's attempts (cancel, delete).
     pub stops_attempts: bool,
+    /// The flow key it paused or resumed, if any.
+    pub key: Option<String>,
     pub verdict: Result<Applied, ApplyError>,
 }
 
@@ -40,15 +42,21 @@ impl Committed {
             | Command::Trigger { id, .. }
             | Command::Backfill { id, .. }
             | Command::RedriveJob { id, .. }
+            | Command::CallbackStarted { id, .. }
+            | Command::CallbackFinished { id, .. }
             | Command::Pause { id }
             | Command::Resume { id, .. }
             | Command::FireStarted { id, .. }
             | Command::AttemptFinished { id, .. }
             | Command::Redrive { id, .. } => Some(id.clone()),
-            Command::Purge { .. } => None,
+            Command::Purge { .. } | Command::PauseKey { .. } | Command::ResumeKey { .. } => None,
+        };
+        let key = match command {
+            Command::PauseKey { key } | Command::ResumeKey { key, .. } => Some(key.clone()),
+            _ => None,
         };
         let stops_attempts = matches!(command, Command::Cancel { .. } | Command::Delete { .. });
-        Committed { ticket, job, stops_attempts, verdict }
+        Committed { ticket, job, stops_attempts, key, verdict }
     }
 
     /// A proposal that will never be applied (leadership moved before it committed): its
@@ -58,6 +66,7 @@ impl Committed {
             ticket: Some(ticket),
             job: None,
             stops_attempts: false,
+            key: None,
             verdict: Err(ApplyError::Unavailable(reason.into())),
         }
     }
@@ -180,8 +189,9 @@ pub type LocalRuntime = Runtime<DirectLog>;
 
 /// What the runtime proposed itself, by ticket, until applied.
 enum OwnProposal {
-    /// `FireStarted` of a fire due at `due_ms`: the attempt is submitted once it applies.
-    FireStart { id: String, fire_ms: u64, attempt: u32, due_ms: u64 },
+    /// `FireStarted` (or `CallbackStarted`) of a fire due at `due_ms`: the attempt is
+    /// submitted once it applies. `flow_key`: the key it counts against until then.
+    FireStart { id: String, fire_ms: u64, attempt: u32, due_ms: u64, callback: bool, flow_key: Option<String> },
     /// `AttemptFinished`: spans are recorded once it applies.
     Finish { id: String, fire_ms: u64, attempt: u32, started_ms: u64, finished_ms: u64, outcome: Option<Outcome> },
 }
@@ -213,6 +223,22 @@ pub struct Runtime<L: CommandLog> {
     /// dropped and counted).
     spans: Vec<SpanRecord>,
     spans_dropped: u64,
+    /// Flow key → starts proposed and not yet applied (they count against its limits).
+    flow_pending: HashMap<String, u32>,
+    /// Flow key → times of the attempts started within its rate period, oldest first
+    /// (bounded by the key's rate). This leader's memory only: a new leader starts afresh.
+    flow_starts: HashMap<String, std::collections::VecDeque<u64>>,
+    /// Flow key → jobs due but held by the key's limits; woken when one of its attempts ends.
+    flow_parked: HashMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// What a flow key's limits say about starting an attempt now.
+enum FlowGate {
+    Go,
+    /// Wait for an attempt of the key to end (parallelism, order).
+    Park,
+    /// Wait until the rate period lets another start.
+    WaitUntil(u64),
 }
 
 /// Spans kept until taken; the node takes them every loop turn.
@@ -262,6 +288,9 @@ impl<L: CommandLog> Runtime<L> {
             stats: RuntimeStats::default(),
             spans: Vec::new(),
             spans_dropped: 0,
+            flow_pending: HashMap::new(),
+            flow_starts: HashMap::new(),
+            flow_parked: HashMap::new(),
         };
         runtime.advance();
         runtime
@@ -282,7 +311,12 @@ impl<L: CommandLog> Runtime<L> {
         for (id, fire_ms, attempt) in self.log.state().in_flight() {
             // A full queue at take-over: the attempt stays in flight in the state and is
             // re-run at the next take-over (rare: the queue holds thousands).
-            if self.submit(&id, fire_ms, attempt, fire_ms) {
+            if self.submit(&id, fire_ms, attempt, fire_ms, false) {
+                self.stats.attempts_started += 1;
+            }
+        }
+        for (id, fire_ms, attempt) in self.log.state().callbacks_in_flight() {
+            if self.submit(&id, fire_ms, attempt, fire_ms, true) {
                 self.stats.attempts_started += 1;
             }
         }
@@ -294,20 +328,38 @@ impl<L: CommandLog> Runtime<L> {
         self.wheel = TimingWheel::new(now_ms(), self.config.timers_max);
         self.timers.clear();
         self.own.clear();
+        self.flow_pending.clear();
+        self.flow_starts.clear();
+        self.flow_parked.clear();
         self.dispatcher.cancel_all();
     }
 
-    /// Submits an attempt of a fire to the dispatcher; false when its queue is full.
-    fn submit(&mut self, id: &str, fire_ms: u64, attempt: u32, due_ms: u64) -> bool {
+    /// Submits an attempt of a fire (or of its callback) to the dispatcher; false when its
+    /// queue is full.
+    fn submit(&mut self, id: &str, fire_ms: u64, attempt: u32, due_ms: u64, callback: bool) -> bool {
         let Some(job) = self.log.state().job(id) else { return false };
         let spec = &job.spec;
+        let target = if callback {
+            let Some(pending) = job.callbacks.get(&fire_ms) else { return false };
+            let which = if pending.success { "success" } else { "failure" };
+            crate::job::Target {
+                url: pending.url.clone(),
+                method: crate::job::Method::Post,
+                headers: vec![("x-sundial-callback".to_string(), which.to_string())],
+                body: pending.body.clone(),
+                content_type: Some("application/json".to_string()),
+            }
+        } else {
+            spec.target.clone()
+        };
         let submission = Attempt {
             job_id: id.to_string(),
             fire_ms,
             attempt,
+            callback,
             priority: spec.priority,
             due_ms,
-            target: spec.target.clone(),
+            target,
             timeout_ms: spec.attempt_timeout_ms,
             secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             secret_next: spec.secret_next.as_ref().map(|s| s.as_bytes().to_vec()),
@@ -453,8 +505,32 @@ impl<L: CommandLog> Runtime<L> {
                 }
             }
         }
+        if let Some(key) = &committed.key {
+            // A key paused or resumed: its jobs' timers follow.
+            let jobs: Vec<String> =
+                self.log.state().flow_key(key).map(|k| k.jobs.iter().cloned().collect()).unwrap_or_default();
+            for id in jobs {
+                self.arm(&id);
+            }
+        }
+        if let Some(OwnProposal::FireStart { flow_key: Some(key), .. }) = &own {
+            if let Some(pending) = self.flow_pending.get_mut(key) {
+                *pending = pending.saturating_sub(1);
+                if *pending == 0 {
+                    self.flow_pending.remove(key);
+                }
+            }
+        }
+        // Anything that happened to a job of a flow key may free the key for jobs it holds.
+        if let Some(key) = committed.job.as_deref().and_then(|id| self.log.state().flow_key_of(id)).map(|(k, _)| k) {
+            if let Some(parked) = self.flow_parked.remove(key) {
+                for id in parked {
+                    self.arm(&id);
+                }
+            }
+        }
         match own {
-            Some(OwnProposal::FireStart { id, fire_ms, attempt, due_ms }) => match &committed.verdict {
+            Some(OwnProposal::FireStart { id, fire_ms, attempt, due_ms, callback, .. }) => match &committed.verdict {
                 Ok(Applied::Missed { count }) => {
                     tracing::warn!(job_id = %id, fire_ms, missed = count, "fires missed (misfire policy or catch-up window)");
                 }
@@ -462,7 +538,7 @@ impl<L: CommandLog> Runtime<L> {
                     tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now_ms().saturating_sub(due_ms), "attempt starting");
                     // Room was counted when the fire was proposed; a queue filled meanwhile
                     // leaves the attempt in flight in the state, re-run at the next take-over.
-                    if self.submit(&id, fire_ms, attempt, due_ms) {
+                    if self.submit(&id, fire_ms, attempt, due_ms, callback) {
                         self.stats.attempts_started += 1;
                     }
                 }
@@ -555,6 +631,7 @@ impl<L: CommandLog> Runtime<L> {
         let now = now_ms();
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
+        let mut started_in_turn: HashMap<String, u32> = HashMap::new();
         for timer in expired {
             let id = timer.value;
             self.timers.remove(&id);
@@ -563,10 +640,28 @@ impl<L: CommandLog> Runtime<L> {
                 self.arm(&id); // moved later meanwhile
                 continue;
             }
-            let (fire_ms, attempt) = match due {
-                Due::NewFire { fire_ms } => (fire_ms, 1),
-                Due::Retry { fire_ms, attempt } => (fire_ms, attempt),
+            let (fire_ms, attempt, callback) = match due {
+                Due::NewFire { fire_ms } => (fire_ms, 1, false),
+                Due::Retry { fire_ms, attempt } => (fire_ms, attempt, false),
+                Due::Callback { fire_ms, attempt } => (fire_ms, attempt, true),
             };
+            let flow_key =
+                if callback { None } else { self.log.state().flow_key_of(&id).map(|(key, _)| key.to_string()) };
+            if let Some(key) = &flow_key {
+                match self.flow_gate(key, &id, fire_ms, now, started_in_turn.get(key).copied().unwrap_or(0)) {
+                    FlowGate::Go => {}
+                    FlowGate::Park => {
+                        self.flow_parked.entry(key.clone()).or_default().insert(id);
+                        continue;
+                    }
+                    FlowGate::WaitUntil(at_ms) => {
+                        if let Ok(handle) = self.wheel.insert(at_ms, id.clone()) {
+                            self.timers.insert(id, handle);
+                        }
+                        continue;
+                    }
+                }
+            }
             if room == 0 {
                 // The queue is full: the fire stays due and is tried again shortly.
                 self.stats.queue_full_waits += 1;
@@ -576,7 +671,14 @@ impl<L: CommandLog> Runtime<L> {
                 continue;
             }
             room -= 1;
-            starts.push(OwnProposal::FireStart { id, fire_ms, attempt, due_ms });
+            if let Some(key) = &flow_key {
+                *started_in_turn.entry(key.clone()).or_default() += 1;
+                *self.flow_pending.entry(key.clone()).or_default() += 1;
+                if let Some(starts) = self.flow_starts.get_mut(key) {
+                    starts.push_back(now);
+                }
+            }
+            starts.push(OwnProposal::FireStart { id, fire_ms, attempt, due_ms, callback, flow_key });
         }
         if starts.is_empty() {
             return;
@@ -586,6 +688,9 @@ impl<L: CommandLog> Runtime<L> {
         let commands = starts
             .iter()
             .map(|start| match start {
+                OwnProposal::FireStart { id, fire_ms, attempt, callback: true, .. } => {
+                    Command::CallbackStarted { id: id.clone(), fire_ms: *fire_ms, attempt: *attempt, now_ms: now }
+                }
                 OwnProposal::FireStart { id, fire_ms, attempt, .. } => Command::FireStarted {
                     id: id.clone(),
                     fire_ms: *fire_ms,
@@ -610,8 +715,11 @@ impl<L: CommandLog> Runtime<L> {
                     self.own.insert(ticket, proposal);
                 }
                 Err(error) => {
-                    if let OwnProposal::FireStart { id, .. } = &proposal {
+                    if let OwnProposal::FireStart { id, flow_key, .. } = &proposal {
                         tracing::debug!(job_id = %id, %error, "could not start a fire; it stays due");
+                        if let Some(pending) = flow_key.as_ref().and_then(|key| self.flow_pending.get_mut(key)) {
+                            *pending = pending.saturating_sub(1);
+                        }
                         let id = id.clone();
                         if let Ok(handle) = self.wheel.insert(now_ms() + QUEUE_FULL_RETRY_MS, id.clone()) {
                             self.timers.insert(id, handle);
@@ -620,6 +728,46 @@ impl<L: CommandLog> Runtime<L> {
                 }
             }
         }
+    }
+
+    /// Whether the flow key `key` lets the job `id` start an attempt of its fire `fire_ms`
+    /// now; `started_in_turn`: attempts of the key already started in this turn.
+    fn flow_gate(&mut self, key: &str, id: &str, fire_ms: u64, now: u64, started_in_turn: u32) -> FlowGate {
+        let state = self.log.state();
+        let Some(flow) = state.flow_key(key) else { return FlowGate::Go };
+        let pending = started_in_turn + self.flow_pending.get(key).copied().unwrap_or(0);
+        if flow.ordered {
+            // One fire of the key at a time, the first due first; the current fire's retries
+            // go on.
+            let active = state.flow_active(flow);
+            let current = active.iter().any(|(job, fire)| *job == id && *fire == fire_ms);
+            let others = active.iter().any(|(job, fire)| !(*job == id && *fire == fire_ms));
+            if others || (!current && pending > 0) {
+                return FlowGate::Park;
+            }
+            if !current && state.flow_first_due(flow).is_some_and(|(_, first)| first != id) {
+                let first = state.flow_first_due(flow).map(|(_, first)| first.to_string());
+                if let Some(first) = first {
+                    self.arm(&first);
+                }
+                return FlowGate::Park;
+            }
+        }
+        if let Some(parallelism) = flow.parallelism {
+            if state.flow_in_flight(flow) as u64 + u64::from(pending) >= u64::from(parallelism) {
+                return FlowGate::Park;
+            }
+        }
+        if let (Some(rate), Some(period_ms)) = (flow.rate, flow.period_ms) {
+            let starts = self.flow_starts.entry(key.to_string()).or_default();
+            while starts.front().is_some_and(|at| at + period_ms <= now) {
+                starts.pop_front();
+            }
+            if starts.len() >= rate as usize {
+                return FlowGate::WaitUntil(starts.front().map_or(now, |at| at + period_ms));
+            }
+        }
+        FlowGate::Go
     }
 
     /// Applies an attempt's outcome (with its retry time).
@@ -674,6 +822,26 @@ impl<L: CommandLog> Runtime<L> {
                     latency_ms = result.finished_ms.saturating_sub(result.started_ms),
                     "attempt failed"
                 ),
+            }
+            if result.callback {
+                proposals.push(OwnProposal::Finish {
+                    id: result.job_id.clone(),
+                    fire_ms: result.fire_ms,
+                    attempt: result.attempt,
+                    started_ms: result.started_ms,
+                    finished_ms: result.finished_ms,
+                    outcome: None,
+                });
+                commands.push(Command::CallbackFinished {
+                    id: result.job_id,
+                    fire_ms: result.fire_ms,
+                    attempt: result.attempt,
+                    started_ms: result.started_ms,
+                    finished_ms: result.finished_ms,
+                    outcome: result.outcome,
+                    retry_at_ms,
+                });
+                continue;
             }
             proposals.push(OwnProposal::Finish {
                 id: result.job_id.clone(),

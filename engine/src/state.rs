@@ -27,6 +27,10 @@ pub const TOMBSTONES_MAX: usize = 1_000_000;
 pub const BACKFILL_FIRES_MAX: usize = 1_000;
 /// Times a trigger looks for a free fire time (one ms later each) before giving up.
 const TRIGGER_PROBES_MAX: u64 = 1_000;
+/// Flow keys held at most (a key lives while a job has it, or while it is paused).
+pub const FLOW_KEYS_MAX: usize = 100_000;
+/// Callbacks waiting per job at most; beyond it the oldest is dropped (noted in the history).
+pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 
 /// Scheduled-DB's status values.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -134,6 +138,31 @@ pub enum Command {
         id: String,
         now_ms: u64,
     },
+    /// No fire of the flow key's jobs starts until it is resumed.
+    PauseKey {
+        key: String,
+    },
+    ResumeKey {
+        key: String,
+        now_ms: u64,
+    },
+    /// The leader started attempt `attempt` of the callback for the fire `fire_ms`.
+    CallbackStarted {
+        id: String,
+        fire_ms: u64,
+        attempt: u32,
+        now_ms: u64,
+    },
+    /// A callback attempt ended; `retry_at_ms` as for `AttemptFinished`.
+    CallbackFinished {
+        id: String,
+        fire_ms: u64,
+        attempt: u32,
+        started_ms: u64,
+        finished_ms: u64,
+        outcome: Outcome,
+        retry_at_ms: u64,
+    },
     Pause {
         id: String,
     },
@@ -194,6 +223,8 @@ pub enum ApplyError {
     NotDeadLettered { id: String, fire_ms: u64 },
     #[error("job {id} finished at {finished_ms} (ms); its id cannot be reused before {until_ms} (the dedup window)")]
     Duplicate { id: String, finished_ms: u64, until_ms: u64 },
+    #[error("flow key {0} is not paused")]
+    KeyNotPaused(String),
     /// A request that breaks a rule only the state can check (named field, rule).
     #[error("{field}: {rule}")]
     Invalid { field: String, rule: String },
@@ -283,6 +314,33 @@ pub struct Job {
     /// Why the job paused itself, while it is auto-paused.
     #[serde(default)]
     pub paused_reason: Option<String>,
+    /// Fire time → the callback telling its outcome, until delivered or given up.
+    #[serde(default)]
+    pub callbacks: BTreeMap<u64, PendingCallback>,
+}
+
+/// A fire's outcome waiting to be POSTed to the job's callback URL.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingCallback {
+    pub url: String,
+    /// `on_success` (the fire was delivered) or `on_failure` (it was dead-lettered).
+    pub success: bool,
+    /// The JSON document POSTed.
+    pub body: Vec<u8>,
+    pub attempts: u32,
+    pub in_flight: bool,
+    pub due_ms: u64,
+}
+
+/// A flow key: the limits its jobs last set, whether it is paused, and its jobs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowKey {
+    pub parallelism: Option<u32>,
+    pub rate: Option<u32>,
+    pub period_ms: Option<u64>,
+    pub ordered: bool,
+    pub paused: bool,
+    pub jobs: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -299,6 +357,8 @@ pub enum Due {
     NewFire { fire_ms: u64 },
     /// Run attempt `attempt` of an active fire.
     Retry { fire_ms: u64, attempt: u32 },
+    /// Run attempt `attempt` of the callback for the fire `fire_ms`.
+    Callback { fire_ms: u64, attempt: u32 },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -321,6 +381,8 @@ pub struct State {
     /// Jobs paused by `pause_after_failures` and not resumed.
     #[serde(default)]
     auto_paused: u64,
+    #[serde(default)]
+    flow_keys: BTreeMap<String, FlowKey>,
 }
 
 impl State {
@@ -435,7 +497,94 @@ impl State {
         if job.paused_reason.is_some() {
             self.auto_paused -= 1;
         }
+        self.leave_flow_key(id, &job.spec);
         Some(job)
+    }
+
+    /// Adds the job to its flow key, and the limits it gives to the key.
+    fn join_flow_key(&mut self, spec: &JobSpec) {
+        let Some(flow) = &spec.flow else { return };
+        let key = self.flow_keys.entry(flow.key.clone()).or_default();
+        key.jobs.insert(spec.id.clone());
+        if flow.parallelism.is_some() {
+            key.parallelism = flow.parallelism;
+        }
+        if flow.rate.is_some() {
+            (key.rate, key.period_ms) = (flow.rate, flow.period_ms);
+        }
+        if let Some(ordered) = flow.ordered {
+            key.ordered = ordered;
+        }
+    }
+
+    fn leave_flow_key(&mut self, id: &str, spec: &JobSpec) {
+        let Some(flow) = &spec.flow else { return };
+        if let Some(key) = self.flow_keys.get_mut(&flow.key) {
+            key.jobs.remove(id);
+            if key.jobs.is_empty() && !key.paused {
+                self.flow_keys.remove(&flow.key);
+            }
+        }
+    }
+
+    /// The flow key named `key`, if a job has it or it is paused.
+    pub fn flow_key(&self, key: &str) -> Option<&FlowKey> {
+        self.flow_keys.get(key)
+    }
+
+    pub fn flow_keys(&self) -> impl Iterator<Item = (&String, &FlowKey)> {
+        self.flow_keys.iter()
+    }
+
+    /// The flow key of the job `id`, with its state.
+    pub fn flow_key_of(&self, id: &str) -> Option<(&str, &FlowKey)> {
+        let flow = self.jobs.get(id)?.spec.flow.as_ref()?;
+        Some((flow.key.as_str(), self.flow_keys.get(&flow.key)?))
+    }
+
+    /// Attempts of the key's jobs in flight (started and not finished).
+    pub fn flow_in_flight(&self, key: &FlowKey) -> usize {
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id));
+        jobs.map(|job| job.active.values().filter(|fire| fire.in_flight).count()).sum()
+    }
+
+    /// Fires of the key's jobs started and not ended (in flight or waiting to retry), as
+    /// (job, fire time).
+    pub fn flow_active(&self, key: &FlowKey) -> Vec<(&str, u64)> {
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id));
+        jobs.flat_map(|job| job.active.keys().map(|fire_ms| (job.spec.id.as_str(), *fire_ms))).collect()
+    }
+
+    /// Fires of the key's jobs due by `now_ms` and not started: waiting for the key's
+    /// limits, its pause, or the dispatcher.
+    pub fn flow_backlog(&self, key: &FlowKey, now_ms: u64) -> u64 {
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id)).filter(|job| !job.status.is_final());
+        jobs.map(|job| {
+            let retries = job.active.values().filter(|fire| !fire.in_flight && fire.due_ms <= now_ms).count() as u64;
+            retries + u64::from(job.next_fire_ms.is_some_and(|next| next <= now_ms))
+        })
+        .sum()
+    }
+
+    /// The key's job whose fire or retry is due first (ordered delivery runs that one
+    /// next): (due time, job id).
+    pub fn flow_first_due<'a>(&'a self, key: &'a FlowKey) -> Option<(u64, &'a str)> {
+        let due = key.jobs.iter().filter_map(|id| {
+            let (due_ms, what) = self.next_due_ignoring_key(id)?;
+            (!matches!(what, Due::Callback { .. })).then_some((due_ms, id.as_str()))
+        });
+        due.min()
+    }
+
+    /// Pending callbacks whose attempt a leader started and never finished.
+    pub fn callbacks_in_flight(&self) -> Vec<(String, u64, u32)> {
+        let mut out = Vec::new();
+        for job in self.jobs.values() {
+            for (&fire_ms, callback) in job.callbacks.iter().filter(|(_, c)| c.in_flight) {
+                out.push((job.spec.id.clone(), fire_ms, callback.attempts + 1));
+            }
+        }
+        out
     }
 
     /// Applies one committed command.
@@ -449,6 +598,7 @@ impl State {
                     return Err(invalid(&id, job.status, "cancel"));
                 }
                 job.active.clear();
+                job.callbacks.clear();
                 job.next_fire_ms = None;
                 self.set_status(&id, Status::Cancelled, now_ms);
                 Ok(Applied::Done)
@@ -468,6 +618,45 @@ impl State {
                 Ok(Applied::Done)
             }
             Command::Trigger { id, now_ms } => self.trigger(&id, now_ms),
+            Command::PauseKey { key } => {
+                if !self.flow_keys.contains_key(&key) && self.flow_keys.len() >= FLOW_KEYS_MAX {
+                    let rule = format!("at most {FLOW_KEYS_MAX} flow keys are held");
+                    return Err(ApplyError::Invalid { field: "key".into(), rule });
+                }
+                self.flow_keys.entry(key).or_default().paused = true;
+                Ok(Applied::Done)
+            }
+            Command::ResumeKey { key, now_ms } => {
+                let Some(flow_key) = self.flow_keys.get_mut(&key).filter(|k| k.paused) else {
+                    return Err(ApplyError::KeyNotPaused(key));
+                };
+                flow_key.paused = false;
+                let jobs: Vec<String> = flow_key.jobs.iter().cloned().collect();
+                if jobs.is_empty() {
+                    self.flow_keys.remove(&key);
+                }
+                // Fires missed while the key was paused follow each job's misfire policy.
+                for id in jobs {
+                    if let Some(job) = self.jobs.get_mut(&id).filter(|job| !job.paused && !job.status.is_final()) {
+                        catch_up(job, now_ms);
+                    }
+                }
+                Ok(Applied::Done)
+            }
+            Command::CallbackStarted { id, fire_ms, attempt, .. } => {
+                let job = self.job_mut(&id)?;
+                let stale = || ApplyError::StaleAttempt { id: id.clone(), fire_ms, attempt };
+                let callback = job.callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
+                if attempt != callback.attempts + 1 {
+                    return Err(stale());
+                }
+                callback.in_flight = true;
+                Ok(Applied::Done)
+            }
+            Command::CallbackFinished { id, fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms } => {
+                let record = AttemptRecord { fire_ms, attempt, node: 0, started_ms, finished_ms, outcome, retry_at_ms };
+                self.callback_finished(&id, record)
+            }
             Command::Backfill { id, from_ms, to_ms, now_ms } => self.backfill(&id, from_ms, to_ms, now_ms),
             Command::RedriveJob { id, now_ms } => {
                 let job = self.job_mut(&id)?;
@@ -610,6 +799,12 @@ impl State {
             self.insert_new(spec, now_ms)?;
             return Ok(Applied::Replaced);
         }
+        let old_spec = self.jobs[&id].spec.clone();
+        let key_of = |spec: &JobSpec| spec.flow.as_ref().map(|flow| flow.key.clone());
+        if key_of(&old_spec) != key_of(&spec) {
+            self.leave_flow_key(&id, &old_spec);
+        }
+        self.join_flow_key(&spec);
         let job = self.jobs.get_mut(&id).expect("checked");
         let old_dependencies = std::mem::take(&mut job.spec.depends_on);
         job.next_fire_ms = first_fire(&spec, now_ms);
@@ -747,7 +942,9 @@ impl State {
             finished_ms: (status == Status::Completed).then_some(now_ms),
             failures_in_a_row: 0,
             paused_reason: None,
+            callbacks: BTreeMap::new(),
         };
+        self.join_flow_key(&job.spec);
         self.counts[status as usize] += 1;
         for dependency in &job.spec.depends_on {
             self.dependents.entry(dependency.clone()).or_default().insert(id.clone());
@@ -922,6 +1119,20 @@ impl State {
                 _ => Status::Completed,
             }
         };
+        let callback_url =
+            if ended.is_none() { &job.spec.callbacks.on_success } else { &job.spec.callbacks.on_failure };
+        if let Some(url) = callback_url.clone() {
+            let body = callback_document(id, fire_ms, attempt, ended.as_deref(), &outcome, status);
+            let callback = PendingCallback {
+                url,
+                success: ended.is_none(),
+                body,
+                attempts: 0,
+                in_flight: false,
+                due_ms: finished_ms,
+            };
+            queue_callback(job, fire_ms, callback, finished_ms);
+        }
         if let Some(reason) = ended {
             self.add_dead_letter(id, fire_ms, DeadLetter { attempts: attempt, reason, moved_ms: finished_ms });
         }
@@ -929,11 +1140,80 @@ impl State {
         Ok(Applied::Done)
     }
 
+    /// A callback attempt ended: delivered (2xx), retried under the job's retry policy, or
+    /// given up; each attempt goes to the job's history with a note.
+    fn callback_finished(&mut self, id: &str, record: AttemptRecord) -> Result<Applied, ApplyError> {
+        let AttemptRecord { fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms, .. } = record;
+        let job = self.job_mut(id)?;
+        let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
+        let callback = job.callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
+        if attempt != callback.attempts + 1 {
+            return Err(stale());
+        }
+        callback.attempts = attempt;
+        callback.in_flight = false;
+        let which = if callback.success { "on_success" } else { "on_failure" };
+        let retryable = match &outcome {
+            Outcome::Response { no_retry: true, .. } => false,
+            Outcome::Response { status, .. } => job.spec.retry.retries_status(*status),
+            Outcome::Error(class) => matches!(class, ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other),
+        };
+        let note = if outcome.succeeded() {
+            format!("callback {which} delivered")
+        } else if retryable && attempt < job.spec.retry.max_attempts {
+            callback.due_ms = retry_at_ms.max(finished_ms);
+            format!("callback {which} failed; retrying")
+        } else {
+            format!("callback {which} given up after {attempt} attempts")
+        };
+        if !note.ends_with("retrying") {
+            job.callbacks.remove(&fire_ms);
+        }
+        let (status_code, error) = match &outcome {
+            Outcome::Response { status, .. } => (Some(*status), None),
+            Outcome::Error(class) => (None, Some(*class)),
+        };
+        let execution = Execution {
+            fire_ms,
+            attempt,
+            node: 0,
+            started_ms,
+            finished_ms,
+            status_code,
+            error,
+            response_body: Vec::new(),
+            missed: 0,
+            note: Some(note),
+        };
+        push_history(job, execution);
+        Ok(Applied::Done)
+    }
+
     /// The next thing the runtime should do for `id`, and when (`None`: nothing to do).
     pub fn next_due(&self, id: &str) -> Option<(u64, Due)> {
+        let key_paused = self.flow_key_of(id).is_some_and(|(_, key)| key.paused);
+        match self.next_due_ignoring_key(id) {
+            Some((_, Due::NewFire { .. } | Due::Retry { .. })) if key_paused => self.next_callback(id),
+            due => due,
+        }
+    }
+
+    /// The callback attempt due first for `id`: callbacks report fires that ended, so they
+    /// go out whatever the job's state (paused, finished).
+    fn next_callback(&self, id: &str) -> Option<(u64, Due)> {
         let job = self.jobs.get(id)?;
+        let callbacks = job.callbacks.iter().filter(|(_, callback)| !callback.in_flight);
+        callbacks
+            .map(|(&fire_ms, callback)| (callback.due_ms, Due::Callback { fire_ms, attempt: callback.attempts + 1 }))
+            .min_by_key(|(due_ms, _)| *due_ms)
+    }
+
+    /// `next_due` as if the job's flow key were not paused.
+    fn next_due_ignoring_key(&self, id: &str) -> Option<(u64, Due)> {
+        let job = self.jobs.get(id)?;
+        let callback = self.next_callback(id);
         if job.status.is_final() || job.paused {
-            return None;
+            return callback;
         }
         let retry = job
             .active
@@ -947,10 +1227,7 @@ impl State {
             .next_fire_ms
             .filter(|_| overlap_allows && self.dependencies_done(job))
             .map(|fire_ms| (fire_ms, Due::NewFire { fire_ms }));
-        match (retry, new_fire) {
-            (Some(a), Some(b)) => Some(if b.0 < a.0 { b } else { a }),
-            (a, b) => a.or(b),
-        }
+        [retry, new_fire, callback].into_iter().flatten().min_by_key(|(due_ms, _)| *due_ms)
     }
 
     /// Attempts that a leader started and never finished: a new leader runs them again with
@@ -978,7 +1255,23 @@ impl State {
             recount[job.status as usize] += 1;
         }
         let auto_paused = self.jobs.values().filter(|job| job.paused_reason.is_some()).count() as u64;
-        recount == self.counts && auto_paused == self.auto_paused && self.tombstones.len() == self.tombstone_order.len()
+        let keys_hold_their_jobs = self.jobs.values().all(|job| {
+            job.spec
+                .flow
+                .as_ref()
+                .is_none_or(|f| self.flow_keys.get(&f.key).is_some_and(|k| k.jobs.contains(&job.spec.id)))
+        });
+        let keys_hold_only_their_jobs = self.flow_keys.iter().all(|(name, key)| {
+            (key.paused || !key.jobs.is_empty())
+                && key.jobs.iter().all(|id| {
+                    self.jobs.get(id).and_then(|job| job.spec.flow.as_ref()).is_some_and(|flow| flow.key == *name)
+                })
+        });
+        recount == self.counts
+            && auto_paused == self.auto_paused
+            && self.tombstones.len() == self.tombstone_order.len()
+            && keys_hold_their_jobs
+            && keys_hold_only_their_jobs
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
@@ -1014,6 +1307,63 @@ fn push_history(job: &mut Job, execution: Execution) {
         job.history.pop_front();
     }
     job.history.push_back(execution);
+}
+
+/// The document POSTed to a callback URL: the fire, how it ended, the last answer.
+fn callback_document(
+    id: &str,
+    fire_ms: u64,
+    attempts: u32,
+    failure: Option<&str>,
+    outcome: &Outcome,
+    status: Status,
+) -> Vec<u8> {
+    let response = match outcome {
+        Outcome::Response { status, body, .. } => {
+            let kept = &body[..body.len().min(RESPONSE_BODY_KEPT_BYTES_MAX)];
+            serde_json::json!({"status": status, "error": null, "body": String::from_utf8_lossy(kept)})
+        }
+        Outcome::Error(class) => {
+            serde_json::json!({"status": null, "error": format!("{class:?}").to_lowercase(), "body": null})
+        }
+    };
+    let document = serde_json::json!({
+        "job_id": id,
+        "fire_ms": fire_ms,
+        "idempotency_key": crate::dispatch::sign::idempotency_key(id, fire_ms),
+        "outcome": if failure.is_none() { "delivered" } else { "dead_lettered" },
+        "reason": failure,
+        "attempts": attempts,
+        "job_status": status.as_str(),
+        "response": response,
+    });
+    document.to_string().into_bytes()
+}
+
+/// Queues a callback; beyond `CALLBACKS_PENDING_MAX` the oldest waiting one is dropped,
+/// with a note in the history (a receiver that never answers cannot grow the state).
+fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms: u64) {
+    job.callbacks.insert(fire_ms, callback);
+    if job.callbacks.len() > CALLBACKS_PENDING_MAX {
+        let oldest = job.callbacks.iter().find(|(_, c)| !c.in_flight).map(|(fire_ms, _)| *fire_ms);
+        if let Some(dropped) = oldest {
+            job.callbacks.remove(&dropped);
+            let note = format!("callback dropped: more than {CALLBACKS_PENDING_MAX} waiting");
+            let execution = Execution {
+                fire_ms: dropped,
+                attempt: 0,
+                node: 0,
+                started_ms: now_ms,
+                finished_ms: now_ms,
+                status_code: None,
+                error: None,
+                response_body: Vec::new(),
+                missed: 0,
+                note: Some(note),
+            };
+            push_history(job, execution);
+        }
+    }
 }
 
 /// Counts a cron fire that ended for `pause_after_failures`; returns true when the job paused

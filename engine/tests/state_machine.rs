@@ -54,6 +54,7 @@ fn run_next(state: &mut State, id: &str, status: u16) -> (u64, u32) {
     let (fire_ms, attempt) = match due {
         Due::NewFire { fire_ms } => (fire_ms, 1),
         Due::Retry { fire_ms, attempt } => (fire_ms, attempt),
+        Due::Callback { .. } => panic!("a callback is due, not a fire"),
     };
     start(state, id, fire_ms, attempt, due_ms).expect("started");
     finish(state, id, fire_ms, attempt, due_ms + 10, status).expect("finished");
@@ -365,7 +366,7 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
     let time = (0u64..200).prop_map(|s| T0 + s * 1_000);
     prop_oneof![
         (id.clone(), time.clone(), prop::bool::ANY, 0usize..3).prop_map(|(id, at, cron_job, deps)| {
-            let spec = if cron_job {
+            let mut spec = if cron_job {
                 cron(&id, "*/20 * * * * *", ["fire_once", "skip", "fire_all"][deps % 3], ["skip", "allow"][deps % 2])
             } else {
                 let mut spec = once(&id, at);
@@ -373,6 +374,17 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
                     ["a", "b"].iter().take(deps % 2).filter(|d| **d != id).map(|d| d.to_string()).collect();
                 spec
             };
+            if deps == 2 {
+                spec.flow = Some(sundial_engine::job::Flow {
+                    key: "k".into(),
+                    parallelism: Some(1),
+                    rate: None,
+                    period_ms: None,
+                    ordered: Some(true),
+                });
+                spec.callbacks.on_success = Some("https://example.com/ok".into());
+                spec.callbacks.on_failure = Some("https://example.com/failed".into());
+            }
             Command::Create { spec: Box::new(spec), now_ms: T0, dedup_window_ms: None }
         }),
         (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Cancel { id, now_ms }),
@@ -426,7 +438,18 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
                 dedup_window_ms: Some(window_s * 1_000),
             }
         }),
-        (id, time).prop_map(|(id, now_ms)| Command::Delete { id, now_ms }),
+        (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Delete { id, now_ms }),
+        Just(Command::PauseKey { key: "k".into() }),
+        time.clone().prop_map(|now_ms| Command::ResumeKey { key: "k".into(), now_ms }),
+        (id, time, prop::sample::select(vec![200u16, 500])).prop_map(|(id, at, status)| Command::CallbackFinished {
+            id,
+            fire_ms: 0,
+            attempt: 1,
+            started_ms: at,
+            finished_ms: at + 3,
+            outcome: Outcome::Response { status, body: Vec::new(), retry_after_ms: None, no_retry: false },
+            retry_at_ms: at + 1_000,
+        }),
     ]
 }
 
@@ -441,8 +464,19 @@ fn steer(state: &State, command: Command) -> Command {
             Some((due_ms, Due::Retry { fire_ms, attempt })) => {
                 Command::FireStarted { id, fire_ms, attempt, node, now_ms: now_ms.max(due_ms) }
             }
+            Some((due_ms, Due::Callback { fire_ms, attempt })) => {
+                Command::CallbackStarted { id, fire_ms, attempt, now_ms: now_ms.max(due_ms) }
+            }
             None => Command::FireStarted { id, fire_ms: 0, attempt: 1, node, now_ms },
         },
+        Command::CallbackFinished { id, started_ms, finished_ms, outcome, retry_at_ms, .. } => {
+            let (fire_ms, attempt) = state
+                .callbacks_in_flight()
+                .into_iter()
+                .find(|(job, _, _)| *job == id)
+                .map_or((0, 1), |(_, fire_ms, attempt)| (fire_ms, attempt));
+            Command::CallbackFinished { id, fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms }
+        }
         Command::AttemptFinished { id, node, started_ms, finished_ms, outcome, retry_at_ms, .. } => {
             let (fire_ms, attempt) = state
                 .in_flight()
@@ -660,6 +694,89 @@ fn redriving_a_job_puts_back_every_one_of_its_dead_letters() {
     assert_eq!(redriven, Ok(Applied::Fires { fire_ms: vec![first, second] }));
     assert_eq!(state.dead_letters().count(), 0);
     assert_eq!(run_next(&mut state, "c", 200).0, first);
+}
+
+#[test]
+fn each_ended_fire_queues_its_callback_which_is_retried_then_given_up() {
+    let mut state = State::new();
+    let mut spec = cron("c", "*/20 * * * * *", "skip", "allow");
+    spec.retry.max_attempts = 2;
+    spec.callbacks.on_success = Some("https://example.com/ok".into());
+    spec.callbacks.on_failure = Some("https://example.com/failed".into());
+    create(&mut state, spec).expect("created");
+    let (fire_ms, _) = run_next(&mut state, "c", 200);
+    let (due_ms, due) = state.next_due("c").expect("the callback is due");
+    assert_eq!(due, Due::Callback { fire_ms, attempt: 1 });
+    let pending = &state.job("c").expect("job").callbacks[&fire_ms];
+    let document: serde_json::Value = serde_json::from_slice(&pending.body).expect("JSON");
+    assert_eq!((pending.url.as_str(), pending.success), ("https://example.com/ok", true));
+    assert_eq!(document["outcome"], "delivered");
+    assert_eq!(document["idempotency_key"], format!("c:{fire_ms}"));
+    assert_eq!(document["response"]["status"], 200);
+    let callback = |state: &mut State, attempt: u32, status: u16, at: u64| {
+        state.apply(Command::CallbackStarted { id: "c".into(), fire_ms, attempt, now_ms: at }).expect("started");
+        let outcome = Outcome::Response { status, body: Vec::new(), retry_after_ms: None, no_retry: false };
+        let finished = Command::CallbackFinished {
+            id: "c".into(),
+            fire_ms,
+            attempt,
+            started_ms: at,
+            finished_ms: at + 5,
+            outcome,
+            retry_at_ms: at + 500,
+        };
+        state.apply(finished).expect("finished");
+    };
+    callback(&mut state, 1, 503, due_ms);
+    assert_eq!(state.next_due("c").map(|d| d.1), Some(Due::Callback { fire_ms, attempt: 2 }), "retried");
+    callback(&mut state, 2, 503, due_ms + 500);
+    let job = state.job("c").expect("job");
+    assert!(job.callbacks.is_empty(), "given up after the job's max_attempts");
+    let note = job.history.back().and_then(|e| e.note.clone()).expect("noted");
+    assert_eq!(note, "callback on_success given up after 2 attempts");
+    // A dead-lettered fire goes to on_failure, even while the job is paused.
+    let (failed_fire, _) = run_next(&mut state, "c", 500);
+    run_next(&mut state, "c", 500);
+    state.apply(Command::Pause { id: "c".into() }).expect("paused");
+    let pending = &state.job("c").expect("job").callbacks[&failed_fire];
+    assert_eq!((pending.url.as_str(), pending.success), ("https://example.com/failed", false));
+    assert!(matches!(state.next_due("c"), Some((_, Due::Callback { .. }))));
+}
+
+#[test]
+fn a_paused_flow_key_holds_its_jobs_fires_and_resume_releases_them() {
+    let mut state = State::new();
+    let keyed = |id: &str, at_ms: u64| {
+        let mut spec = once(id, at_ms);
+        spec.flow = Some(sundial_engine::job::Flow {
+            key: "tenant".into(),
+            parallelism: Some(2),
+            rate: Some(5),
+            period_ms: Some(1_000),
+            ordered: Some(true),
+        });
+        spec
+    };
+    create(&mut state, keyed("a", T0 + 1_000)).expect("created");
+    create(&mut state, keyed("b", T0 + 2_000)).expect("created");
+    let key = state.flow_key("tenant").expect("the key exists");
+    assert_eq!((key.parallelism, key.rate, key.ordered, key.jobs.len()), (Some(2), Some(5), true, 2));
+    assert_eq!(state.flow_first_due(key), Some((T0 + 1_000, "a")));
+    assert_eq!(state.flow_backlog(key, T0 + 5_000), 2);
+    state.apply(Command::PauseKey { key: "tenant".into() }).expect("paused");
+    assert_eq!((state.next_due("a"), state.next_due("b")), (None, None));
+    let refused = state.apply(Command::ResumeKey { key: "other".into(), now_ms: T0 });
+    assert!(matches!(refused, Err(ApplyError::KeyNotPaused(_))));
+    state.apply(Command::ResumeKey { key: "tenant".into(), now_ms: T0 }).expect("resumed");
+    assert!(state.next_due("a").is_some());
+    start(&mut state, "a", T0 + 1_000, 1, T0 + 1_000).expect("started");
+    let key = state.flow_key("tenant").expect("the key exists");
+    assert_eq!((state.flow_in_flight(key), state.flow_active(key)), (1, vec![("a", T0 + 1_000)]));
+    // The key lives while a job has it.
+    state.apply(Command::Cancel { id: "a".into(), now_ms: T0 + 1 }).expect("cancelled");
+    state.apply(Command::Delete { id: "a".into(), now_ms: T0 + 1 }).expect("deleted");
+    state.apply(Command::Delete { id: "b".into(), now_ms: T0 + 1 }).expect("deleted");
+    assert!(state.flow_key("tenant").is_none());
 }
 
 /// The digest check can fail: one different command gives a different digest.

@@ -188,6 +188,10 @@ pub async fn route(
         ("POST", ["jobs", "preview"]) => preview(body, query),
         ("PUT", ["jobs", id]) => upsert(router, id, body, parent).await,
         ("GET", ["dlq"]) => router.dead_letters().await,
+        ("GET", ["flow-keys"]) => router.flow_keys().await,
+        ("GET", ["flow-keys", key]) => router.job(key, JobOp::KeyGet).await,
+        ("POST", ["flow-keys", key, "pause"]) => router.job(key, JobOp::KeyPause).await,
+        ("POST", ["flow-keys", key, "resume"]) => router.job(key, JobOp::KeyResume).await,
         ("POST", ["dlq", id, fire_ms, "redrive"]) => match fire_ms.parse::<u64>() {
             Ok(fire_ms) => router.job(id, JobOp::Redrive { fire_ms }).await,
             Err(_) => error(400, "invalid", "fire_ms: must be a whole number of milliseconds"),
@@ -230,6 +234,9 @@ pub async fn route(
             | ["jobs", _, "status" | "executions" | "cancel" | "pause" | "resume" | "trigger" | "redrive" | "backfill"]
             | ["dlq"]
             | ["dlq", _]
+            | ["flow-keys"]
+            | ["flow-keys", _]
+            | ["flow-keys", _, "pause" | "resume"]
             | ["dlq", _, _, "redrive"],
         ) => error(405, "method_not_allowed", format!("{method} is not allowed on {path}")),
         _ => error(404, "not_found", format!("no route {path}")),

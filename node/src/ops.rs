@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sundial_engine::dispatch::now_ms;
 use sundial_engine::job::{JobSpec, Schedule};
 use sundial_engine::runtime::{CommandLog, Runtime};
-use sundial_engine::state::{Applied, ApplyError, Command, Job, State, Status};
+use sundial_engine::state::{Applied, ApplyError, Command, FlowKey, Job, State, Status};
 
 /// An answer: status code (HTTP's; the binary protocol mirrors it), JSON body (`None`: no
 /// body) and, for 429/503/507, when to retry.
@@ -60,6 +60,10 @@ pub enum JobOp {
         from_ms: u64,
         to_ms: u64,
     },
+    /// Reads a flow key (the "id" is the key: keys are routed by the same hash as ids).
+    KeyGet,
+    KeyPause,
+    KeyResume,
 }
 
 /// Whether a create may replace the job with its id.
@@ -77,7 +81,9 @@ pub enum CreateMode {
 pub fn job_command(id: &str, op: JobOp, now: u64) -> Option<Command> {
     let id = id.to_string();
     match op {
-        JobOp::Get | JobOp::Status | JobOp::Executions => None,
+        JobOp::Get | JobOp::Status | JobOp::Executions | JobOp::KeyGet => None,
+        JobOp::KeyPause => Some(Command::PauseKey { key: id }),
+        JobOp::KeyResume => Some(Command::ResumeKey { key: id, now_ms: now }),
         JobOp::Cancel => Some(Command::Cancel { id, now_ms: now }),
         JobOp::Delete => Some(Command::Delete { id, now_ms: now }),
         JobOp::Pause => Some(Command::Pause { id }),
@@ -97,6 +103,10 @@ pub fn read_answer(state: &State, id: &str, op: JobOp) -> Answer {
             with_job(state, id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
         }
         JobOp::Executions => with_job(state, id, |job| answer(200, executions(job))),
+        JobOp::KeyGet | JobOp::KeyPause | JobOp::KeyResume => match state.flow_key(id) {
+            Some(key) => answer(200, flow_key_view(state, id, key, now_ms())),
+            None => error(404, "not_found", format!("flow key {id} has no jobs and is not paused")),
+        },
         _ => with_job(state, id, |job| answer(200, job_view(job))),
     }
 }
@@ -232,6 +242,28 @@ pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Val
     jobs.into_iter().take(limit).map(job_view).collect()
 }
 
+/// A flow key as clients see it: its limits, pause, jobs, attempts in flight and backlog.
+pub fn flow_key_view(state: &State, name: &str, key: &FlowKey, now_ms: u64) -> Value {
+    json!({
+        "key": name,
+        "parallelism": key.parallelism,
+        "rate": key.rate,
+        "period_ms": key.period_ms,
+        "ordered": key.ordered,
+        "paused": key.paused,
+        "jobs": key.jobs.len(),
+        "in_flight": state.flow_in_flight(key),
+        "active_fires": state.flow_active(key).len(),
+        "backlog": state.flow_backlog(key, now_ms),
+    })
+}
+
+/// Up to `limit` flow keys of this partition, by name.
+pub fn flow_keys(state: &State, limit: usize) -> Vec<Value> {
+    let now = now_ms();
+    state.flow_keys().take(limit).map(|(name, key)| flow_key_view(state, name, key, now)).collect()
+}
+
 /// `{"id", "created_ms"}` of up to `limit` jobs of this partition carrying every one of
 /// `labels`, oldest first.
 pub fn labelled_jobs(state: &State, labels: &[(String, String)], limit: usize) -> Vec<Value> {
@@ -266,6 +298,10 @@ pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applie
     match (verdict, op) {
         (Err(e), _) => apply_error(e),
         (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None },
+        (Ok(_), JobOp::KeyPause | JobOp::KeyResume) => match state.flow_key(id) {
+            Some(key) => answer(200, flow_key_view(state, id, key, now_ms())),
+            None => answer(200, json!({"key": id, "paused": false, "jobs": 0})),
+        },
         (Ok(Applied::Fires { fire_ms }), _) => match state.job(id) {
             Some(job) => {
                 let mut view = job_view(job);
@@ -285,6 +321,7 @@ pub fn apply_error(e: ApplyError) -> Answer {
     match &e {
         ApplyError::NotFound(_) => error(404, "not_found", e.to_string()),
         ApplyError::Conflict(_)
+        | ApplyError::KeyNotPaused(_)
         | ApplyError::Required { .. }
         | ApplyError::InvalidState { .. }
         | ApplyError::StaleAttempt { .. }
@@ -318,6 +355,9 @@ pub fn job_view(job: &Job) -> Value {
         "next_fire_ms": job.next_fire_ms,
         "paused": job.paused,
         "paused_reason": job.paused_reason,
+        "flow": job.spec.flow.as_ref().map(|flow| json!({"key": flow.key, "parallelism": flow.parallelism, "rate": flow.rate, "period_ms": flow.period_ms, "ordered": flow.ordered})),
+        "callbacks": {"on_success": job.spec.callbacks.on_success, "on_failure": job.spec.callbacks.on_failure},
+        "callbacks_pending": job.callbacks.len(),
         "priority": job.spec.priority,
         "labels": job.spec.labels,
         "created_ms": job.created_ms,

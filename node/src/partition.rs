@@ -317,7 +317,13 @@ impl Partition {
                                 Ok(command) => members.apply(command),
                                 Err(e) => Err(ApplyError::Conflict(format!("not a membership change: {e}"))),
                             };
-                            self.applied.push(Committed { ticket, job: None, stops_attempts: false, verdict });
+                            self.applied.push(Committed {
+                                ticket,
+                                job: None,
+                                stops_attempts: false,
+                                key: None,
+                                verdict,
+                            });
                             self.applied_since_snapshot += 1;
                             continue;
                         }
@@ -370,6 +376,7 @@ impl Partition {
                 ticket: Some(ticket),
                 job: None,
                 stops_attempts: false,
+                key: None,
                 verdict: Ok(Applied::Done),
             });
         }

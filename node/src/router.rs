@@ -397,22 +397,27 @@ impl Router {
             spec.attempt_timeout_ms = self.defaults.attempt_timeout_ms;
         }
         spec.trace = Some(trace.clone());
-        let Some(first) = spec.depends_on.first() else {
+        // A job lives with its flow key (whose limits its partition's leader enforces), or
+        // with its dependencies.
+        let flow_home = spec.flow.as_ref().map(|flow| partition_of(&flow.key, self.partitions));
+        let Some(home) =
+            flow_home.or_else(|| spec.depends_on.first().map(|first| partition_of(first, self.partitions)))
+        else {
             return Ok((partition_of(&spec.id, self.partitions), spec));
         };
-        let home = partition_of(first, self.partitions);
         if spec.depends_on.iter().any(|id| partition_of(id, self.partitions) != home) {
             return Err(field_error(
                 "depends_on",
-                "depends_on: the jobs must share a partition (create each with depends_on, or give them ids that hash to one partition)",
+                "depends_on: the jobs must share a partition (and a flow key's), as their ids do when left out (create each with depends_on, or give them ids that hash to one partition)",
             ));
         }
         if partition_of(&spec.id, self.partitions) != home {
             if spec.id != generated {
-                return Err(field_error(
-                    "id",
-                    "id: a job with depends_on lives in its dependencies' partition, and this id hashes to another; omit id to have one chosen",
-                ));
+                let message = format!(
+                    "id: a job with flow.key or depends_on lives in that key's or those jobs' partition ({home} of {}), and this id hashes to another; omit id to have one chosen",
+                    self.partitions
+                );
+                return Err(field_error("id", message));
             }
             // Expected `partitions` tries; the bound makes a miss impossible in practice.
             let tries_max = 64 * self.partitions.max(1);
@@ -614,6 +619,19 @@ impl Router {
         let more = jobs.len() > limit;
         let ids = jobs.iter().take(limit).filter_map(|job| job["id"].as_str().map(String::from)).collect();
         Ok((ids, more))
+    }
+
+    /// `GET /flow-keys`: every flow key (at most `LIST_LIMIT_MAX`), by name.
+    pub async fn flow_keys(&self) -> Answer {
+        let per_partition = match self.scan(Scan::FlowKeys { limit: LIST_LIMIT_MAX }).await {
+            Ok(values) => values,
+            Err(refused) => return refused,
+        };
+        let mut keys: Vec<Value> =
+            per_partition.into_iter().flat_map(|v| if let Value::Array(keys) = v { keys } else { vec![] }).collect();
+        keys.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
+        keys.truncate(LIST_LIMIT_MAX);
+        answer(200, json!({"flow_keys": keys}))
     }
 
     /// `GET /dlq`: the oldest dead letters across partitions.

@@ -53,6 +53,10 @@ pub enum Scan {
         status: Option<Status>,
         limit: usize,
     },
+    /// Up to `limit` flow keys, by name.
+    FlowKeys {
+        limit: usize,
+    },
     /// Ids of up to `limit` jobs carrying every one of `labels`, oldest first.
     Labelled {
         labels: Vec<(String, String)>,
@@ -1050,6 +1054,7 @@ fn misrouted(partition: u32) -> Answer {
 fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: &Scan) -> Value {
     match scan {
         Scan::Jobs { status, limit } => Value::Array(ops::list_jobs(runtime.state(), *status, *limit)),
+        Scan::FlowKeys { limit } => Value::Array(ops::flow_keys(runtime.state(), *limit)),
         Scan::Labelled { labels, limit } => Value::Array(ops::labelled_jobs(runtime.state(), labels, *limit)),
         Scan::DeadLetters { limit } => Value::Array(ops::dead_letters(runtime.state(), *limit)),
         Scan::PurgeDeadLetters => {

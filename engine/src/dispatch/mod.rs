@@ -79,6 +79,8 @@ pub struct Attempt {
     pub job_id: String,
     pub fire_ms: u64,
     pub attempt: u32,
+    /// An attempt of the fire's callback (its target is the callback URL), not the webhook.
+    pub callback: bool,
     pub priority: u8,
     pub due_ms: u64,
     pub target: Target,
@@ -96,6 +98,7 @@ pub struct AttemptResult {
     pub job_id: String,
     pub fire_ms: u64,
     pub attempt: u32,
+    pub callback: bool,
     pub started_ms: u64,
     pub finished_ms: u64,
     pub outcome: Outcome,
@@ -128,8 +131,8 @@ struct Inner {
     queue: BTreeMap<(u8, u64, u64), Queued>,
     sequence: u64,
     hosts: HashMap<Arc<str>, HostState>,
-    /// Cancel handles of running attempts, by (job, fire).
-    running: HashMap<(String, u64), oneshot::Sender<()>>,
+    /// Cancel handles of running attempts, by (job, fire, callback).
+    running: HashMap<(String, u64, bool), oneshot::Sender<()>>,
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
@@ -217,8 +220,8 @@ impl Dispatcher {
     fn cancel_matching(&self, matches: impl Fn(&str, u64) -> bool) {
         let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
         inner.queue.retain(|_, queued| !matches(&queued.attempt.job_id, queued.attempt.fire_ms));
-        let running: Vec<(String, u64)> =
-            inner.running.keys().filter(|(job, fire)| matches(job, *fire)).cloned().collect();
+        let running: Vec<(String, u64, bool)> =
+            inner.running.keys().filter(|(job, fire, _)| matches(job, *fire)).cloned().collect();
         for key in running {
             if let Some(cancel) = inner.running.remove(&key) {
                 let _ = cancel.send(());
@@ -316,7 +319,7 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
         state.in_flight += 1;
         let Queued { attempt, .. } = inner.queue.remove(&key).expect("key from the queue");
         let (cancel, cancelled) = oneshot::channel();
-        inner.running.insert((attempt.job_id.clone(), attempt.fire_ms), cancel);
+        inner.running.insert((attempt.job_id.clone(), attempt.fire_ms, attempt.callback), cancel);
         to_start.push((attempt, cancelled, host));
     }
     drop(inner);
@@ -349,7 +352,7 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, canc
     let finished_ms = now_ms();
     {
         let mut inner = shared.inner.lock().expect("no panic holds the lock");
-        inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms));
+        inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms, attempt.callback));
         if let Some(host) = inner.hosts.get_mut(&host) {
             host.in_flight -= 1;
             match &outcome {
@@ -367,6 +370,7 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, canc
         job_id: attempt.job_id,
         fire_ms: attempt.fire_ms,
         attempt: attempt.attempt,
+        callback: attempt.callback,
         started_ms,
         finished_ms,
         outcome,
@@ -444,7 +448,11 @@ fn classify(error: &hyper_util::client::legacy::Error) -> ErrorClass {
 
 fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) -> Option<hyper::Request<Full<Bytes>>> {
     let target = &attempt.target;
-    let key = sign::idempotency_key(&attempt.job_id, attempt.fire_ms);
+    let mut key = sign::idempotency_key(&attempt.job_id, attempt.fire_ms);
+    if attempt.callback {
+        // The callback of a fire is a delivery of its own: a receiver keeps both apart.
+        key.push_str(":callback");
+    }
     let mut builder = hyper::Request::builder().method(target.method.as_str()).uri(uri);
     for (name, value) in &target.headers {
         builder = builder.header(name.as_str(), value.as_str());
