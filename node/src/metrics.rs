@@ -42,6 +42,8 @@ pub struct Metrics {
     pub jobs: Family<Labels, Gauge>,
     pub queue_depth: Family<Labels, Gauge>,
     pub dead_letters: Gauge,
+    /// Jobs that paused themselves (`pause_after_failures`) and were not resumed.
+    pub auto_paused: Gauge,
     pub elections: Counter,
     /// Entries the slowest follower is behind, per partition this node leads.
     pub replication_lag: Family<Labels, Gauge>,
@@ -74,6 +76,7 @@ impl Metrics {
             jobs: Family::default(),
             queue_depth: Family::default(),
             dead_letters: Gauge::default(),
+            auto_paused: Gauge::default(),
             elections: Counter::default(),
             replication_lag: Family::default(),
             partitions_led: Gauge::default(),
@@ -87,6 +90,11 @@ impl Metrics {
         registry.register("jobs", "Jobs held, by status", metrics.jobs.clone());
         registry.register("dispatch_queue_depth", "Attempts queued or running, by shard", metrics.queue_depth.clone());
         registry.register("dead_letters", "Fires in the dead-letter queue", metrics.dead_letters.clone());
+        registry.register(
+            "jobs_auto_paused",
+            "Cron jobs that paused themselves after failed fires in a row, not resumed since",
+            metrics.auto_paused.clone(),
+        );
         registry.register(
             "fire_lateness_seconds",
             "Start of a fire's first attempt minus its scheduled time",

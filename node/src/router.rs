@@ -761,6 +761,9 @@ impl Router {
         self.metrics
             .dead_letters
             .set(partitions.iter().map(|p| p["dead_letters"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
+        self.metrics
+            .auto_paused
+            .set(partitions.iter().map(|p| p["auto_paused"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
         let led: Vec<&Value> = rafts.iter().filter(|p| p["role"] == "leader").collect();
         self.metrics.partitions_led.set(led.len() as i64);
         self.metrics.replication_lag.clear();

@@ -4,74 +4,15 @@
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sundial_engine::dispatch::now_ms;
 
 mod support;
-use support::{exchange, listening_addresses, receiver, wait_for};
-
-/// A running node; killed (SIGKILL) when dropped.
-struct Node {
-    child: Child,
-    addr: SocketAddr,
-    binary: SocketAddr,
-}
-
-impl Node {
-    fn start(data: &Path) -> Node {
-        Node::start_with(data, &[])
-    }
-
-    fn start_with(data: &Path, extra: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
-            .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
-            .arg(data)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sundial");
-        let (addr, binary) = listening_addresses(&mut child);
-        Node { child, addr, binary }
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// One HTTP/1.1 request on a fresh connection: (status, JSON body or Null).
-    fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
-        let (status, _, body) = self.call_with_headers(method, path, body);
-        (status, body)
-    }
-
-    /// `call` with `Authorization: Bearer <token>`.
-    fn call_authorized(&self, method: &str, path: &str, token: &str) -> (u16, Value) {
-        let (status, _, body) = self.exchange(method, path, b"", &format!("authorization: Bearer {token}\r\n"));
-        (status, body)
-    }
-
-    /// Like `call`, with the response head too.
-    fn call_with_headers(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, Value) {
-        self.exchange(method, path, body, "")
-    }
-
-    fn exchange(&self, method: &str, path: &str, body: &[u8], extra_headers: &str) -> (u16, String, Value) {
-        exchange(self.addr, method, path, body, extra_headers)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{listening_addresses, receiver, wait_for, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_created_over_http_fires_and_bad_input_creates_nothing() {
@@ -328,17 +269,6 @@ fn json_logs_name_the_job_on_every_line_about_it() {
 }
 
 /// `GET /metrics` as text.
-fn metrics_text(node: &Node) -> String {
-    let mut stream = TcpStream::connect(node.addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-    let head = format!("GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", node.addr);
-    stream.write_all(head.as_bytes()).expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("read");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split_once("\r\n\r\n").expect("a body").1.to_string()
-}
-
 /// The sum of a metric's samples (all label sets) in a text exposition.
 fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -362,7 +292,7 @@ async fn metrics_count_what_happened_and_pass_promtool() {
         wait_for(Duration::from_secs(10), || node.call("GET", "/health", b"").1["jobs"]["completed"] == 1).await,
         "it completed"
     );
-    let text = metrics_text(&node);
+    let text = node.metrics_text();
     assert_eq!(metric_sum(&text, "sundial_jobs_created_total"), 1.0, "{text}");
     assert_eq!(metric_sum(&text, "sundial_jobs_rejected_total"), 1.0);
     assert!(text.contains("sundial_jobs_rejected_total{reason=\"malformed_json\"} 1"), "{text}");
@@ -803,7 +733,7 @@ fn exports_metric(text: &str, name: &str) -> bool {
 async fn the_grafana_dashboard_names_only_metrics_a_node_exports() {
     let data = tempfile::tempdir().expect("tempdir");
     let node = Node::start(data.path());
-    let text = metrics_text(&node);
+    let text = node.metrics_text();
     let dashboard = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/sundial.json"))
         .expect("the dashboard");
     let dashboard: Value = serde_json::from_str(&dashboard).expect("the dashboard is JSON");

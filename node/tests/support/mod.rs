@@ -7,7 +7,8 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use sundial_engine::dispatch::now_ms;
@@ -121,4 +122,75 @@ pub async fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     done()
+}
+
+/// A running node; killed (SIGKILL) when dropped.
+pub struct Node {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub binary: SocketAddr,
+}
+
+impl Node {
+    pub fn start(data: &Path) -> Node {
+        Node::start_with(data, &[])
+    }
+
+    pub fn start_with(data: &Path, extra: &[&str]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
+            .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
+            .arg(data)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sundial");
+        let (addr, binary) = listening_addresses(&mut child);
+        Node { child, addr, binary }
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, JSON body or Null).
+    pub fn call(&self, method: &str, path: &str, body: &[u8]) -> (u16, Value) {
+        let (status, _, body) = self.call_with_headers(method, path, body);
+        (status, body)
+    }
+
+    /// `call` with `Authorization: Bearer <token>`.
+    pub fn call_authorized(&self, method: &str, path: &str, token: &str) -> (u16, Value) {
+        let (status, _, body) = self.exchange(method, path, b"", &format!("authorization: Bearer {token}\r\n"));
+        (status, body)
+    }
+
+    /// Like `call`, with the response head too.
+    pub fn call_with_headers(&self, method: &str, path: &str, body: &[u8]) -> (u16, String, Value) {
+        self.exchange(method, path, body, "")
+    }
+
+    /// The text of `GET /metrics` (not JSON).
+    pub fn metrics_text(&self) -> String {
+        let mut stream = TcpStream::connect(self.addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let head = format!("GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", self.addr);
+        stream.write_all(head.as_bytes()).expect("send");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("read");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response.split_once("\r\n\r\n").expect("a body").1.to_string()
+    }
+
+    pub fn exchange(&self, method: &str, path: &str, body: &[u8], extra_headers: &str) -> (u16, String, Value) {
+        exchange(self.addr, method, path, body, extra_headers)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
