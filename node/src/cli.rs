@@ -41,6 +41,68 @@ pub enum JobCommand {
     },
     /// Show a job's attempts.
     Executions { id: String },
+    /// Create the job with --id, or replace its schedule and target (PUT /jobs/{id}).
+    Upsert(CreateArgs),
+    /// Pause a job: no fire starts until it is resumed.
+    Pause { id: String },
+    /// Resume a paused job (missed fires follow its misfire policy).
+    Resume { id: String },
+    /// An extra fire now, with its own key; the schedule goes on.
+    Trigger { id: String },
+    /// A fire for each occurrence of a cron job's schedule in a past range (at most 1000).
+    Backfill {
+        id: String,
+        /// Start of the range (RFC 3339, or Unix milliseconds), inclusive.
+        #[arg(long)]
+        from: String,
+        /// End of the range, inclusive; not in the future.
+        #[arg(long)]
+        to: String,
+    },
+    /// Put every dead-lettered fire of a job back to run again.
+    Redrive { id: String },
+    /// Cancel, redrive, purge, pause, resume or delete many jobs: by --ids or by --label.
+    Bulk {
+        /// cancel, redrive, purge (dead letters), pause, resume or delete.
+        action: String,
+        /// Job ids, comma-separated (at most 1000).
+        #[arg(long, value_delimiter = ',', conflicts_with = "label")]
+        ids: Vec<String>,
+        /// KEY=VALUE a job must carry (repeat for several; all must match).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Jobs matched by label at most (1..=1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// The next fires a job request would have, without creating it.
+    Preview {
+        #[command(flatten)]
+        job: CreateArgs,
+        /// Fires to show (1..=100).
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// As if created at this time (RFC 3339, or Unix milliseconds); default now.
+        #[arg(long)]
+        from: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand, Clone, Debug)]
+pub enum FlowCommand {
+    /// Every flow key: limits, pause, jobs, attempts in flight, backlog.
+    List,
+    /// One flow key.
+    Get {
+        key: String,
+    },
+    /// Hold every fire of the key's jobs until it is resumed.
+    Pause {
+        key: String,
+    },
+    Resume {
+        key: String,
+    },
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -69,8 +131,54 @@ pub struct CreateArgs {
     /// The job's id (default: one is generated).
     #[arg(long)]
     pub id: Option<String>,
+    /// A label KEY=VALUE (repeat for several).
+    #[arg(long)]
+    pub label: Vec<String>,
+    /// Retries: attempts per fire, the first included.
+    #[arg(long)]
+    pub max_attempts: Option<u64>,
+    /// Pause before each retry: exponential (default), fixed, or a list of ms such as 1000,5000,30000.
+    #[arg(long)]
+    pub backoff: Option<String>,
+    /// POST each delivered fire's outcome here.
+    #[arg(long)]
+    pub on_success: Option<String>,
+    /// POST each dead-lettered fire's outcome here.
+    #[arg(long)]
+    pub on_failure: Option<String>,
+    /// The flow-control key whose limits the job's fires share.
+    #[arg(long)]
+    pub flow_key: Option<String>,
+    /// The key's attempts in flight at once.
+    #[arg(long, requires = "flow_key")]
+    pub parallelism: Option<u64>,
+    /// The key's attempts started per --period (default per second).
+    #[arg(long, requires = "flow_key")]
+    pub rate: Option<u64>,
+    #[arg(long, requires = "rate")]
+    pub period: Option<String>,
+    /// The key's fires go one at a time, in due-time order.
+    #[arg(long, requires = "flow_key")]
+    pub ordered: bool,
+    /// A cron job pauses itself after this many failed fires in a row.
+    #[arg(long)]
+    pub pause_after_failures: Option<u64>,
+    /// A wall time repeated by a DST change fires: first (default) or both.
+    #[arg(long)]
+    pub dst_repeated: Option<String>,
+    /// A wall time skipped by a DST change: shift (fire after the gap, default) or skip.
+    #[arg(long)]
+    pub dst_missing: Option<String>,
+    /// Signs the job's webhooks instead of the node's secret.
+    #[arg(long)]
+    pub secret: Option<String>,
+    /// The secret replacing --secret: both sign during the rotation.
+    #[arg(long, requires = "secret")]
+    pub secret_next: Option<String>,
     /// A whole job request document (JSON, as POST /jobs takes); `-` reads it from stdin.
-    #[arg(long, conflicts_with_all = ["url", "delay", "at", "cron", "time_zone", "body_json", "method", "id"])]
+    #[arg(long, conflicts_with_all = ["url", "delay", "at", "cron", "time_zone", "body_json", "method", "label",
+        "max_attempts", "backoff", "on_success", "on_failure", "flow_key", "pause_after_failures", "dst_repeated",
+        "dst_missing", "secret"])]
     pub request: Option<String>,
 }
 
@@ -191,21 +299,160 @@ pub fn job(connection: &Connection, command: &JobCommand) -> ExitCode {
         }
         JobCommand::Executions { id } => {
             finish(connection, call(connection, "GET", &format!("/jobs/{id}/executions"), None), |body| {
-                let mut text = format!("{:<26} {:>7} {:>6} {:>8}  ERROR\n", "FIRE", "ATTEMPT", "STATUS", "LATENCY");
+                let mut text =
+                    format!("{:<26} {:>7} {:>6} {:>8}  ERROR / NOTE\n", "FIRE", "ATTEMPT", "STATUS", "LATENCY");
                 for e in body["executions"].as_array().into_iter().flatten() {
                     text.push_str(&format!(
-                        "{:<26} {:>7} {:>6} {:>6}ms  {}\n",
+                        "{:<26} {:>7} {:>6} {:>6}ms  {}{}\n",
                         time_text(&e["fire_ms"]),
                         e["attempt"],
                         e["status_code"].as_u64().map_or("-".to_string(), |s| s.to_string()),
                         e["latency_ms"],
-                        e["error"].as_str().unwrap_or("")
+                        e["error"].as_str().unwrap_or(""),
+                        e["note"].as_str().unwrap_or("")
                     ));
                 }
                 text
             })
         }
+        JobCommand::Upsert(args) => {
+            let request = match create_request(args) {
+                Ok(request) => request,
+                Err(message) => return usage(&message),
+            };
+            let Some(id) = request["id"].as_str().map(String::from) else {
+                return usage("give the job's --id (or an id in --request)");
+            };
+            finish(connection, call(connection, "PUT", &format!("/jobs/{id}"), Some(&request)), |job| {
+                format!("upserted {}\n{}", job["id"].as_str().unwrap_or("?"), job_text(job))
+            })
+        }
+        JobCommand::Pause { id } => job_verb(connection, id, "pause", "paused"),
+        JobCommand::Resume { id } => job_verb(connection, id, "resume", "resumed"),
+        JobCommand::Redrive { id } => job_verb(connection, id, "redrive", "redriven"),
+        JobCommand::Trigger { id } => job_verb(connection, id, "trigger", "triggered"),
+        JobCommand::Backfill { id, from, to } => {
+            let time = |t: &String| t.parse::<u64>().map_or_else(|_| json!(t), |ms| json!(ms));
+            let body = json!({"from": time(from), "to": time(to)});
+            finish(connection, call(connection, "POST", &format!("/jobs/{id}/backfill"), Some(&body)), |job| {
+                let fires = job["fires"].as_array().cloned().unwrap_or_default();
+                let times: Vec<String> = fires.iter().map(time_text).collect();
+                format!(
+                    "backfilled {id}: {} fires\n{}",
+                    fires.len(),
+                    times.iter().map(|t| format!("  {t}\n")).collect::<String>()
+                )
+            })
+        }
+        JobCommand::Bulk { action, ids, label, limit } => {
+            let mut body = json!({"action": action});
+            if !ids.is_empty() {
+                body["ids"] = json!(ids);
+            } else {
+                match labels(label) {
+                    Ok(labels) if !labels.is_empty() => body["labels"] = json!(labels),
+                    Ok(_) => return usage("give --ids or at least one --label KEY=VALUE"),
+                    Err(message) => return usage(&message),
+                }
+            }
+            if let Some(limit) = limit {
+                body["limit"] = json!(limit);
+            }
+            finish(connection, call(connection, "POST", "/jobs/bulk", Some(&body)), |report| {
+                let mut text = format!(
+                    "{action}: {} matched, {} done, {} failed{}\n",
+                    report["matched"],
+                    report["done"].as_array().map_or(0, Vec::len),
+                    report["failed"].as_array().map_or(0, Vec::len),
+                    if report["more"] == true { " (more match: run it again)" } else { "" }
+                );
+                for failed in report["failed"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "  {} {}: {}\n",
+                        failed["id"].as_str().unwrap_or("?"),
+                        failed["status"],
+                        failed["error"].as_str().unwrap_or("")
+                    ));
+                }
+                text
+            })
+        }
+        JobCommand::Preview { job, count, from } => {
+            let request = match create_request(job) {
+                Ok(request) => request,
+                Err(message) => return usage(&message),
+            };
+            let mut path = format!("/jobs/preview?count={count}");
+            if let Some(from) = from {
+                path.push_str(&format!("&from={from}"));
+            }
+            finish(connection, call(connection, "POST", &path, Some(&request)), |preview| {
+                preview["fires"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| format!("{}\n", t.as_str().unwrap_or("?")))
+                    .collect()
+            })
+        }
     }
+}
+
+fn usage(message: &str) -> ExitCode {
+    eprintln!("sundial: {message}");
+    ExitCode::from(2)
+}
+
+/// `POST /jobs/{id}/{verb}`, printed as "<done> <id>".
+fn job_verb(connection: &Connection, id: &str, verb: &str, done: &str) -> ExitCode {
+    finish(connection, call(connection, "POST", &format!("/jobs/{id}/{verb}"), None), |job| {
+        let fires = job["fires"]
+            .as_array()
+            .map(|f| format!(" (fires {})", f.iter().map(time_text).collect::<Vec<_>>().join(", ")));
+        format!("{done} {id}{}\n", fires.unwrap_or_default())
+    })
+}
+
+/// `KEY=VALUE` pairs as an object.
+fn labels(pairs: &[String]) -> Result<serde_json::Map<String, Value>, String> {
+    pairs
+        .iter()
+        .map(|pair| match pair.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_string(), json!(value))),
+            _ => Err(format!("--label: {pair:?} is not KEY=VALUE")),
+        })
+        .collect()
+}
+
+/// `sundial flow …`: flow-control keys.
+pub fn flow(connection: &Connection, command: &FlowCommand) -> ExitCode {
+    let key_text = |key: &Value| {
+        format!(
+            "{:<24} {:>6} {:>11} {:>8} {:>6} {:>5} {:>9} {:>8}\n",
+            key["key"].as_str().unwrap_or("?"),
+            key["parallelism"].as_u64().map_or("-".into(), |p| p.to_string()),
+            key["rate"].as_u64().map_or("-".into(), |r| format!("{r}/{}ms", key["period_ms"])),
+            if key["ordered"] == true { "ordered" } else { "-" },
+            if key["paused"] == true { "paused" } else { "-" },
+            key["jobs"],
+            key["in_flight"],
+            key["backlog"],
+        )
+    };
+    let header = format!(
+        "{:<24} {:>6} {:>11} {:>8} {:>6} {:>5} {:>9} {:>8}\n",
+        "KEY", "PARALL", "RATE", "ORDER", "PAUSED", "JOBS", "IN FLIGHT", "BACKLOG"
+    );
+    let (method, path) = match command {
+        FlowCommand::List => ("GET", "/flow-keys".to_string()),
+        FlowCommand::Get { key } => ("GET", format!("/flow-keys/{key}")),
+        FlowCommand::Pause { key } => ("POST", format!("/flow-keys/{key}/pause")),
+        FlowCommand::Resume { key } => ("POST", format!("/flow-keys/{key}/resume")),
+    };
+    finish(connection, call(connection, method, &path, None), |body| match body["flow_keys"].as_array() {
+        Some(keys) => header.clone() + &keys.iter().map(key_text).collect::<String>(),
+        None => header.clone() + &key_text(body),
+    })
 }
 
 fn create_request(args: &CreateArgs) -> Result<Value, String> {
@@ -217,7 +464,11 @@ fn create_request(args: &CreateArgs) -> Result<Value, String> {
         } else {
             request.clone()
         };
-        return serde_json::from_str(&text).map_err(|e| format!("--request: not JSON: {e}"));
+        let mut request: Value = serde_json::from_str(&text).map_err(|e| format!("--request: not JSON: {e}"))?;
+        if let (Some(id), Some(object)) = (&args.id, request.as_object_mut()) {
+            object.insert("id".into(), json!(id));
+        }
+        return Ok(request);
     }
     let mut request = json!({});
     let url = args.url.as_ref().ok_or("--url is required (or give a whole --request)")?;
@@ -241,6 +492,47 @@ fn create_request(args: &CreateArgs) -> Result<Value, String> {
     }
     if let Some(id) = &args.id {
         request["id"] = json!(id);
+    }
+    if !args.label.is_empty() {
+        request["labels"] = Value::Object(labels(&args.label)?);
+    }
+    let mut retry = serde_json::Map::new();
+    if let Some(attempts) = args.max_attempts {
+        retry.insert("max_attempts".into(), json!(attempts));
+    }
+    if let Some(backoff) = &args.backoff {
+        let delays: Result<Vec<u64>, _> = backoff.split(',').map(|d| d.trim().parse::<u64>()).collect();
+        retry.insert("backoff".into(), delays.map_or_else(|_| json!(backoff), |d| json!(d)));
+    }
+    if !retry.is_empty() {
+        request["retry"] = Value::Object(retry);
+    }
+    if args.on_success.is_some() || args.on_failure.is_some() {
+        request["callbacks"] = json!({"on_success": args.on_success, "on_failure": args.on_failure});
+        let callbacks = request["callbacks"].as_object_mut().expect("an object");
+        callbacks.retain(|_, v| !v.is_null());
+    }
+    if let Some(key) = &args.flow_key {
+        let mut flow = json!({"key": key, "parallelism": args.parallelism, "rate": args.rate, "period": args.period});
+        if args.ordered {
+            flow["ordered"] = json!(true);
+        }
+        flow.as_object_mut().expect("an object").retain(|_, v| !v.is_null());
+        request["flow"] = flow;
+    }
+    if let Some(n) = args.pause_after_failures {
+        request["pause_after_failures"] = json!(n);
+    }
+    if args.dst_repeated.is_some() || args.dst_missing.is_some() {
+        let mut dst = json!({"repeated": args.dst_repeated, "missing": args.dst_missing});
+        dst.as_object_mut().expect("an object").retain(|_, v| !v.is_null());
+        request["dst"] = dst;
+    }
+    if let Some(secret) = &args.secret {
+        request["secret"] = json!(secret);
+    }
+    if let Some(next) = &args.secret_next {
+        request["secret_next"] = json!(next);
     }
     Ok(request)
 }

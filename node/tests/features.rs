@@ -457,3 +457,93 @@ async fn a_finished_jobs_id_is_refused_as_a_duplicate_for_the_window_across_kill
     );
     assert_eq!(on(&receiver, "/once").len(), 1, "fired once, never again");
 }
+
+/// The CLI has every item: create with callbacks, a flow key, retries, DST and auto-pause
+/// flags; upsert, trigger, backfill, redrive, bulk, preview; flow keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_covers_the_lifecycle_verbs_flow_keys_and_the_new_job_settings() {
+    let receiver = answering(Reply::status(200)).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let (hook, callback) = (to("/cli", &receiver), to("/cli-callback", &receiver));
+    let (ok, out, err) = node.cli(&[
+        "job",
+        "create",
+        "--url",
+        &hook,
+        "--cron",
+        "0 3 * * *",
+        "--flow-key",
+        "cli-key",
+        "--parallelism",
+        "2",
+        "--rate",
+        "5",
+        "--period",
+        "2s",
+        "--ordered",
+        "--on-success",
+        &callback,
+        "--max-attempts",
+        "3",
+        "--backoff",
+        "100,200",
+        "--pause-after-failures",
+        "4",
+        "--dst-repeated",
+        "both",
+        "--dst-missing",
+        "skip",
+        "--label",
+        "team=ops",
+        "--secret",
+        "a",
+        "--secret-next",
+        "b",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).expect("JSON");
+    let id = created["id"].as_str().expect("id").to_string();
+    assert_eq!(created["flow"]["key"], "cli-key");
+    assert_eq!(created["callbacks"]["on_success"], callback);
+    let (ok, out, err) = node.cli(&["flow", "list"]);
+    assert!(ok && out.contains("cli-key") && out.contains("5/2000ms") && out.contains("ordered"), "{out}{err}");
+    let (ok, out, _) = node.cli(&["flow", "pause", "cli-key"]);
+    assert!(ok && out.contains("paused"), "{out}");
+    assert!(node.cli(&["flow", "resume", "cli-key"]).0);
+    let (ok, out, err) = node.cli(&["job", "trigger", &id]);
+    assert!(ok && out.starts_with(&format!("triggered {id} (fires ")), "{out}{err}");
+    let yesterday = (now_ms() - 24 * 3600 * 1000).to_string();
+    let (ok, out, err) = node.cli(&["job", "backfill", &id, "--from", &yesterday, "--to", &now_ms().to_string()]);
+    assert!(ok && out.contains("1 fires"), "{out}{err}");
+    assert!(wait_for(Duration::from_secs(20), || on(&receiver, "/cli").len() >= 2).await, "trigger and backfill fired");
+    assert!(wait_for(Duration::from_secs(20), || on(&receiver, "/cli-callback").len() >= 2).await, "and called back");
+    let (ok, out, err) = node.cli(&["job", "upsert", "--id", "cli-up", "--url", &hook, "--delay", "1h"]);
+    assert!(ok && out.starts_with("upserted cli-up"), "{out}{err}");
+    let (ok, out, err) = node.cli(&["job", "bulk", "cancel", "--label", "team=ops"]);
+    assert!(ok && out.starts_with("cancel: 1 matched, 1 done, 0 failed"), "{out}{err}");
+    let (ok, out, _) = node.cli(&["job", "bulk", "pause", "--ids", "cli-up,nope"]);
+    assert!(ok && out.contains("nope 404"), "{out}");
+    assert!(node.cli(&["job", "resume", "cli-up"]).0);
+    assert!(node.cli(&["job", "redrive", "cli-up"]).0, "no dead letters: nothing to redrive, not an error");
+    let (ok, out, err) = node.cli(&[
+        "job",
+        "preview",
+        "--url",
+        &hook,
+        "--cron",
+        "30 2 * * *",
+        "--time-zone",
+        "Europe/Paris",
+        "--dst-missing",
+        "skip",
+        "--from",
+        "2026-03-28T12:00:00Z",
+        "--count",
+        "1",
+    ]);
+    assert!(ok && out == "2026-03-30T00:30:00Z\n", "{out}{err}");
+    let (ok, _, err) = node.cli(&["job", "bulk", "cancel"]);
+    assert!(!ok && err.contains("--ids or at least one --label"), "{err}");
+}

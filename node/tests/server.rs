@@ -503,16 +503,6 @@ async fn the_binary_protocol_creates_reads_and_cancels_and_refuses_bad_frames() 
 }
 
 /// Runs `sundial <args>` as the CLI: (exit success, stdout, stderr).
-fn sundial_cli(node: &Node, args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_sundial"))
-        .args(args)
-        .env("SUNDIAL_NODE", format!("http://{}", node.addr))
-        .output()
-        .expect("run the CLI");
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
-    (output.status.success(), text(&output.stdout), text(&output.stderr))
-}
-
 /// The CLI against a real node: create, get, list, cancel, dlq and status, for people and
 /// with --json for scripts; a refusal prints the API's message and exits non-zero.
 #[test]
@@ -520,42 +510,48 @@ fn the_cli_creates_shows_lists_and_cancels_jobs() {
     let data = tempfile::tempdir().expect("tempdir");
     let node = Node::start(data.path());
     let (ok, out, err) =
-        sundial_cli(&node, &["job", "create", "--id", "cli-1", "--url", "http://127.0.0.1:9/x", "--delay", "1h"]);
+        node.cli(&["job", "create", "--id", "cli-1", "--url", "http://127.0.0.1:9/x", "--delay", "1h"]);
     assert!(ok, "{err}");
     assert!(out.starts_with("created cli-1") && out.contains("pending"), "{out}");
-    let (ok, out, _) = sundial_cli(&node, &["job", "get", "cli-1", "--json"]);
+    let (ok, out, _) = node.cli(&["job", "get", "cli-1", "--json"]);
     let job: Value = serde_json::from_str(&out).expect("--json prints JSON");
     assert!(ok);
     assert_eq!((job["id"].as_str(), job["status"].as_str()), (Some("cli-1"), Some("pending")));
-    let (ok, out, _) = sundial_cli(
-        &node,
-        &["job", "create", "--url", "http://127.0.0.1:9/c", "--cron", "*/5 * * * *", "--time-zone", "Europe/Paris"],
-    );
+    let (ok, out, _) = node.cli(&[
+        "job",
+        "create",
+        "--url",
+        "http://127.0.0.1:9/c",
+        "--cron",
+        "*/5 * * * *",
+        "--time-zone",
+        "Europe/Paris",
+    ]);
     assert!(ok && out.contains("cron \"*/5 * * * *\" in Europe/Paris"), "{out}");
-    let (ok, out, _) = sundial_cli(&node, &["job", "list"]);
+    let (ok, out, _) = node.cli(&["job", "list"]);
     assert!(ok && out.lines().count() == 3 && out.contains("cli-1"), "a header and two jobs: {out}");
-    let (ok, out, _) = sundial_cli(&node, &["job", "cancel", "cli-1"]);
+    let (ok, out, _) = node.cli(&["job", "cancel", "cli-1"]);
     assert!(ok && out.contains("cancelled cli-1"), "{out}");
-    let (ok, out, _) = sundial_cli(&node, &["job", "list", "--status", "cancelled", "--json"]);
+    let (ok, out, _) = node.cli(&["job", "list", "--status", "cancelled", "--json"]);
     let listed: Value = serde_json::from_str(&out).expect("JSON");
     assert!(ok);
     assert_eq!(listed["jobs"].as_array().map(Vec::len), Some(1));
-    let (ok, out, _) = sundial_cli(&node, &["status"]);
+    let (ok, out, _) = node.cli(&["status"]);
     assert!(ok && out.contains("16 partitions") && out.contains("1 pending") && out.contains("1 cancelled"), "{out}");
-    let (ok, out, _) = sundial_cli(&node, &["dlq", "list"]);
+    let (ok, out, _) = node.cli(&["dlq", "list"]);
     assert!(ok && out.starts_with("ID"), "{out}");
 
     // Refusals: the API's message and field, a failing exit status, nothing created.
-    let (ok, _, err) = sundial_cli(&node, &["job", "create", "--url", "not a url", "--delay", "1h"]);
+    let (ok, _, err) = node.cli(&["job", "create", "--url", "not a url", "--delay", "1h"]);
     assert!(!ok && err.contains("400 invalid") && err.contains("url"), "{err}");
-    let (ok, _, err) = sundial_cli(&node, &["job", "get", "nope"]);
+    let (ok, _, err) = node.cli(&["job", "get", "nope"]);
     assert!(!ok && err.contains("404"), "{err}");
     let (ok, _, err) =
-        sundial_cli(&node, &["job", "create", "--url", "http://127.0.0.1:9/", "--delay", "1h", "--cron", "* * * * *"]);
+        node.cli(&["job", "create", "--url", "http://127.0.0.1:9/", "--delay", "1h", "--cron", "* * * * *"]);
     assert!(!ok && err.contains("exactly one of"), "{err}");
     assert_eq!(node.call("GET", "/health", b"").1["jobs"]["pending"], 1, "only the cron job is pending");
     drop(node);
-    let (ok, _, err) = sundial_cli(&Node::start(data.path()), &["job", "get", "x", "--node", "http://127.0.0.1:1"]);
+    let (ok, _, err) = Node::start(data.path()).cli(&["job", "get", "x", "--node", "http://127.0.0.1:1"]);
     assert!(!ok && err.contains("cannot reach"), "{err}");
 }
 

@@ -12,7 +12,7 @@ use sundial_engine::dispatch::DispatchConfig;
 use sundial_engine::runtime::RuntimeConfig;
 use sundial_node::auth::Gate;
 use sundial_node::binary::{self, BinaryConfig};
-use sundial_node::cli::{self, CertsCommand, Connection, DlqCommand, JobCommand};
+use sundial_node::cli::{self, CertsCommand, Connection, DlqCommand, FlowCommand, JobCommand};
 use sundial_node::config::{ServerOptions, Settings};
 use sundial_node::http;
 use sundial_node::members::{Members, Membership};
@@ -51,7 +51,8 @@ struct Cli {
 enum Command {
     /// Run a node (the default when no subcommand is given).
     Server(Box<ServerOptions>),
-    /// Create, show, cancel and list jobs on a node.
+    /// Jobs on a node: create, upsert, show, list, cancel, pause, resume, trigger, backfill,
+    /// redrive, bulk verbs, schedule preview.
     Job {
         #[command(flatten)]
         connection: Connection,
@@ -64,6 +65,13 @@ enum Command {
         connection: Connection,
         #[command(subcommand)]
         command: DlqCommand,
+    },
+    /// Flow-control keys: list, show, pause, resume.
+    Flow {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: FlowCommand,
     },
     /// A node's health: role, partitions, job counts, dispatch, memory.
     Status {
@@ -93,6 +101,7 @@ fn main() -> ExitCode {
         Some(Command::Server(options)) => *options,
         Some(Command::Job { connection, command }) => return cli::job(&connection, &command),
         Some(Command::Dlq { connection, command }) => return cli::dlq(&connection, &command),
+        Some(Command::Flow { connection, command }) => return cli::flow(&connection, &command),
         Some(Command::Status { connection }) => return cli::status(&connection),
         Some(Command::Certs { command }) => return cli::certs(&command),
         Some(Command::DevCluster(args)) => return cli::dev_cluster(&args),

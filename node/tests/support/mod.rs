@@ -171,6 +171,17 @@ impl Node {
         self.exchange(method, path, body, "")
     }
 
+    /// Runs the `sundial` CLI against this node: (succeeded, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_sundial"))
+            .args(args)
+            .env("SUNDIAL_NODE", format!("http://{}", self.addr))
+            .output()
+            .expect("run the CLI");
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        (output.status.success(), text(&output.stdout), text(&output.stderr))
+    }
+
     /// The text of `GET /metrics` (not JSON).
     pub fn metrics_text(&self) -> String {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
