@@ -26,7 +26,7 @@ pub struct Connection {
 #[derive(clap::Subcommand, Clone, Debug)]
 pub enum JobCommand {
     /// Create a job: give --url and one of --delay, --at or --cron, or a whole --request.
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// Show a job.
     Get { id: String },
     /// Cancel a job (its pending fires never happen).
@@ -42,7 +42,7 @@ pub enum JobCommand {
     /// Show a job's attempts.
     Executions { id: String },
     /// Create the job with --id, or replace its schedule and target (PUT /jobs/{id}).
-    Upsert(CreateArgs),
+    Upsert(Box<CreateArgs>),
     /// Pause a job: no fire starts until it is resumed.
     Pause { id: String },
     /// Resume a paused job (missed fires follow its misfire policy).
@@ -78,7 +78,7 @@ pub enum JobCommand {
     /// The next fires a job request would have, without creating it.
     Preview {
         #[command(flatten)]
-        job: CreateArgs,
+        job: Box<CreateArgs>,
         /// Fires to show (1..=100).
         #[arg(long, default_value_t = 10)]
         count: usize,
