@@ -188,7 +188,7 @@ async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
     let paths = document["paths"].as_object().expect("paths");
     assert!(paths.len() >= 12, "{}", paths.len());
     for (path, methods) in paths {
-        let concrete = path.replace("{id}", "no-such-job").replace("{fire_ms}", "1");
+        let concrete = path.replace("{id}", "no-such-job").replace("{fire_ms}", "1").replace("{key}", "no-such-key");
         for method in methods.as_object().expect("methods").keys() {
             let (status, body) = node.call(&method.to_uppercase(), &concrete, b"{}");
             assert!(
@@ -204,6 +204,15 @@ async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
         "/jobs/{id}/executions",
         "/jobs/{id}/cancel",
         "/jobs/batch",
+        "/jobs/bulk",
+        "/jobs/preview",
+        "/jobs/{id}/trigger",
+        "/jobs/{id}/backfill",
+        "/jobs/{id}/redrive",
+        "/flow-keys",
+        "/flow-keys/{key}",
+        "/flow-keys/{key}/pause",
+        "/flow-keys/{key}/resume",
         "/dlq",
         "/health",
         "/metrics",
@@ -211,6 +220,7 @@ async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
     ] {
         assert!(paths.contains_key(used), "{used} is missing from the document");
     }
+    assert!(paths["/jobs/{id}"]["put"].is_object(), "upsert is documented");
     // And an unknown route is a 404 naming it.
     assert_eq!(node.call("GET", "/nope", b"").0, 404);
 }
