@@ -335,7 +335,7 @@ pub fn job(connection: &Connection, command: &JobCommand) -> ExitCode {
             let time = |t: &String| t.parse::<u64>().map_or_else(|_| json!(t), |ms| json!(ms));
             let body = json!({"from": time(from), "to": time(to)});
             finish(connection, call(connection, "POST", &format!("/jobs/{id}/backfill"), Some(&body)), |job| {
-                let fires = job["fires"].as_array().cloned().unwrap_or_default();
+                let fires = job["fires_added"].as_array().cloned().unwrap_or_default();
                 let times: Vec<String> = fires.iter().map(time_text).collect();
                 format!(
                     "backfilled {id}: {} fires\n{}",
@@ -406,7 +406,7 @@ fn usage(message: &str) -> ExitCode {
 /// `POST /jobs/{id}/{verb}`, printed as "<done> <id>".
 fn job_verb(connection: &Connection, id: &str, verb: &str, done: &str) -> ExitCode {
     finish(connection, call(connection, "POST", &format!("/jobs/{id}/{verb}"), None), |job| {
-        let fires = job["fires"]
+        let fires = job["fires_added"]
             .as_array()
             .map(|f| format!(" (fires {})", f.iter().map(time_text).collect::<Vec<_>>().join(", ")));
         format!("{done} {id}{}\n", fires.unwrap_or_default())

@@ -387,7 +387,7 @@ async fn bulk(router: &Router, body: &[u8]) -> Answer {
     let mut fires = 0usize;
     for (id, answer) in ids.iter().zip(&answers) {
         if answer.status < 300 {
-            fires += answer.body.as_ref().and_then(|b| b["fires"].as_array()).map_or(0, Vec::len);
+            fires += answer.body.as_ref().and_then(|b| b["fires_added"].as_array()).map_or(0, Vec::len);
             done.push(json!(id));
         } else {
             let body = answer.body.clone().unwrap_or(Value::Null);

@@ -305,10 +305,10 @@ pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applie
         (Ok(Applied::Fires { fire_ms }), _) => match state.job(id) {
             Some(job) => {
                 let mut view = job_view(job);
-                view["fires"] = json!(fire_ms);
+                view["fires_added"] = json!(fire_ms);
                 answer(200, view)
             }
-            None => answer(200, json!({"id": id, "fires": fire_ms})),
+            None => answer(200, json!({"id": id, "fires_added": fire_ms})),
         },
         (Ok(_), _) => match state.job(id) {
             Some(job) => answer(200, job_view(job)),

@@ -267,7 +267,8 @@ async fn trigger_now_and_backfill_produce_exactly_the_expected_fires() {
     let (status, first) = post(&node, "/jobs/yearly/trigger", json!({}));
     assert_eq!(status, 200, "{first}");
     let (_, second) = post(&node, "/jobs/yearly/trigger", json!({}));
-    let fired: Vec<u64> = [&first, &second].iter().map(|t| t["fires"][0].as_u64().expect("a fire time")).collect();
+    let fired: Vec<u64> =
+        [&first, &second].iter().map(|t| t["fires_added"][0].as_u64().expect("a fire time")).collect();
     assert_ne!(fired[0], fired[1], "each trigger is a fire of its own");
     // A daily job backfilled over the three days before today's 03:00.
     created(&node, json!({"id": "daily", "cron": "0 3 * * *", "url": to("/daily", &receiver)}));
@@ -276,7 +277,7 @@ async fn trigger_now_and_backfill_produce_exactly_the_expected_fires() {
     let range = json!({"from": today_3am - 3 * day_ms, "to": today_3am - 1});
     let (status, backfilled) = post(&node, "/jobs/daily/backfill", range);
     let expected: Vec<u64> = (1..=3).rev().map(|d| today_3am - d * day_ms).collect();
-    assert_eq!((status, backfilled["fires"].clone()), (200, json!(expected)), "{backfilled}");
+    assert_eq!((status, backfilled["fires_added"].clone()), (200, json!(expected)), "{backfilled}");
     assert!(wait_for(Duration::from_secs(20), || receiver.requests().len() >= 5).await);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let keys = |path: &str| on(&receiver, path).iter().map(key_of).collect::<BTreeSet<String>>();

@@ -34,6 +34,15 @@ ROUTES: List[Tuple[str, str]] = [
     ("DELETE", "/dlq"),
     ("DELETE", "/dlq/{id}"),
     ("GET", "/health"),
+    ("PUT", "/jobs/{id}"),
+    ("POST", "/jobs/{id}/trigger"),
+    ("POST", "/jobs/{id}/backfill"),
+    ("POST", "/jobs/{id}/redrive"),
+    ("POST", "/jobs/bulk"),
+    ("GET", "/flow-keys"),
+    ("GET", "/flow-keys/{key}"),
+    ("POST", "/flow-keys/{key}/pause"),
+    ("POST", "/flow-keys/{key}/resume"),
 ]
 
 
@@ -64,10 +73,16 @@ class Job:
     labels: Dict[str, str]
     created_ms: int
     fires: Dict[str, int]
+    paused_reason: Optional[str] = None
+    flow: Optional[Dict[str, Any]] = None
+    callbacks: Optional[Dict[str, Optional[str]]] = None
+    callbacks_pending: int = 0
+    # Answers to trigger, backfill and redrive_job: the fire times added or put back.
+    fires_added: Optional[List[int]] = None
 
     @classmethod
     def from_json(cls, value: Dict[str, Any]) -> "Job":
-        return cls(**{f.name: value.get(f.name) for f in fields(cls)})
+        return cls(**{f.name: value.get(f.name, f.default) for f in fields(cls)})
 
 
 @dataclass
@@ -82,6 +97,8 @@ class Execution:
     response_body: str = ""
     node: Optional[int] = None
     missed: bool = False
+    # Something that happened to the job rather than an attempt: a callback, an auto-pause.
+    note: Optional[str] = None
 
     @classmethod
     def from_json(cls, value: Dict[str, Any]) -> "Execution":
@@ -105,18 +122,36 @@ def verify_signature(
     secret: bytes, header: str, body: bytes, now_ms: Optional[int] = None, tolerance_ms: int = 300_000
 ) -> bool:
     """Checks `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
-    in constant time, refusing timestamps further than `tolerance_ms` from now (replays)."""
-    parts = dict(part.split("=", 1) for part in header.split(",") if "=" in part)
+    in constant time, refusing timestamps further than `tolerance_ms` from now (replays).
+    During a key rotation the header carries one `v1=` per secret: any one verifying is
+    enough, so a receiver holding either the current or the next secret accepts it."""
+    pairs = [part.strip().split("=", 1) for part in header.split(",") if "=" in part]
+    timestamps = [value for name, value in pairs if name == "t"]
+    given = [value for name, value in pairs if name == "v1"]
     try:
-        timestamp = int(parts["t"])
-        given = parts["v1"]
-    except (KeyError, ValueError):
+        timestamp = int(timestamps[-1])
+    except (IndexError, ValueError):
         return False
     now = int(time.time() * 1000) if now_ms is None else now_ms
     if abs(now - timestamp) > tolerance_ms:
         return False
     expected = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, given)
+    # Every candidate is compared (no early exit on a match's position).
+    matches = [hmac.compare_digest(expected, candidate) for candidate in given]
+    return any(matches)
+
+
+def _bulk_body(
+    action: str, ids: Optional[List[str]], labels: Optional[Dict[str, str]], limit: Optional[int]
+) -> Dict[str, Any]:
+    body: Dict[str, Any] = {"action": action}
+    if ids is not None:
+        body["ids"] = ids
+    if labels is not None:
+        body["labels"] = labels
+    if limit is not None:
+        body["limit"] = limit
+    return body
 
 
 def _request_body(
@@ -247,6 +282,45 @@ class Client(_Base):
     def health(self) -> Dict[str, Any]:
         return self._call("GET", "/health")
 
+    def upsert(self, job_id: str, request: Dict[str, Any]) -> Job:
+        """Creates the job `job_id`, or replaces its schedule and target (PUT /jobs/{id})."""
+        return Job.from_json(self._call("PUT", f"/jobs/{self._quote(job_id)}", request))
+
+    def trigger(self, job_id: str) -> Job:
+        """An extra fire now with its own key; the answer's `fires_added` has its fire time."""
+        return Job.from_json(self._call("POST", f"/jobs/{self._quote(job_id)}/trigger"))
+
+    def backfill(self, job_id: str, start: Any, end: Any) -> Job:
+        """A fire for each occurrence of a cron job's schedule in [start, end] (RFC 3339 or ms)."""
+        return Job.from_json(self._call("POST", f"/jobs/{self._quote(job_id)}/backfill", {"from": start, "to": end}))
+
+    def redrive_job(self, job_id: str) -> Job:
+        """Puts every dead-lettered fire of the job back."""
+        return Job.from_json(self._call("POST", f"/jobs/{self._quote(job_id)}/redrive"))
+
+    def bulk(
+        self,
+        action: str,
+        ids: Optional[List[str]] = None,
+        labels: Optional[Dict[str, str]] = None,
+        limit: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """cancel, redrive, purge, pause, resume or delete: on `ids`, or on jobs with `labels`.
+        Returns the report: matched, done, failed, more."""
+        return self._call("POST", "/jobs/bulk", _bulk_body(action, ids, labels, limit))
+
+    def flow_keys(self) -> List[Dict[str, Any]]:
+        return self._call("GET", "/flow-keys")["flow_keys"]
+
+    def flow_key(self, key: str) -> Dict[str, Any]:
+        return self._call("GET", f"/flow-keys/{self._quote(key)}")
+
+    def pause_key(self, key: str) -> Dict[str, Any]:
+        return self._call("POST", f"/flow-keys/{self._quote(key)}/pause")
+
+    def resume_key(self, key: str) -> Dict[str, Any]:
+        return self._call("POST", f"/flow-keys/{self._quote(key)}/resume")
+
 
 class AsyncClient(_Base):
     """The asyncio client (HTTP/1.1 over asyncio streams, one connection per request)."""
@@ -322,3 +396,37 @@ class AsyncClient(_Base):
 
     async def health(self) -> Dict[str, Any]:
         return await self._call("GET", "/health")
+
+    async def upsert(self, job_id: str, request: Dict[str, Any]) -> Job:
+        return Job.from_json(await self._call("PUT", f"/jobs/{self._quote(job_id)}", request))
+
+    async def trigger(self, job_id: str) -> Job:
+        return Job.from_json(await self._call("POST", f"/jobs/{self._quote(job_id)}/trigger"))
+
+    async def backfill(self, job_id: str, start: Any, end: Any) -> Job:
+        path = f"/jobs/{self._quote(job_id)}/backfill"
+        return Job.from_json(await self._call("POST", path, {"from": start, "to": end}))
+
+    async def redrive_job(self, job_id: str) -> Job:
+        return Job.from_json(await self._call("POST", f"/jobs/{self._quote(job_id)}/redrive"))
+
+    async def bulk(
+        self,
+        action: str,
+        ids: Optional[List[str]] = None,
+        labels: Optional[Dict[str, str]] = None,
+        limit: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        return await self._call("POST", "/jobs/bulk", _bulk_body(action, ids, labels, limit))
+
+    async def flow_keys(self) -> List[Dict[str, Any]]:
+        return (await self._call("GET", "/flow-keys"))["flow_keys"]
+
+    async def flow_key(self, key: str) -> Dict[str, Any]:
+        return await self._call("GET", f"/flow-keys/{self._quote(key)}")
+
+    async def pause_key(self, key: str) -> Dict[str, Any]:
+        return await self._call("POST", f"/flow-keys/{self._quote(key)}/pause")
+
+    async def resume_key(self, key: str) -> Dict[str, Any]:
+        return await self._call("POST", f"/flow-keys/{self._quote(key)}/resume")

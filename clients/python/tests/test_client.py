@@ -188,6 +188,42 @@ def test_signatures_from_a_real_node_verify_and_tampering_does_not(receiver):
         process.wait()
 
 
+def test_during_a_key_rotation_either_secret_verifies_and_a_retired_one_does_not(receiver):
+    process, url = start_node("--secret", "current", "--secret-next", "next")
+    try:
+        Client(url).create(receiver.url + "/rotating", delay=0, json={"rotating": True})
+        assert wait_for(lambda: len(receiver.hits) == 1)
+        hit = receiver.hits[0]
+        header = {k.lower(): v for k, v in hit["headers"].items()}["x-sundial-signature"]
+        assert header.count("v1=") == 2, header
+        assert verify_signature(b"current", header, hit["body"])
+        assert verify_signature(b"next", header, hit["body"])
+        assert not verify_signature(b"retired", header, hit["body"])
+        assert not verify_signature(b"next", header, hit["body"] + b" ")
+    finally:
+        process.kill()
+        process.wait()
+
+
+def test_lifecycle_verbs_and_flow_keys(node, receiver):
+    client = Client(node)
+    job = client.upsert("py-up", {"url": receiver.url + "/up", "cron": "0 0 1 1 *", "labels": {"team": "py"}})
+    assert job.id == "py-up" and job.status == "pending"
+    triggered = client.trigger("py-up")
+    assert len(triggered.fires_added) == 1
+    assert wait_for(lambda: any(h["path"] == "/up" for h in receiver.hits))
+    keyed = client.create(receiver.url + "/keyed", delay="1h", flow={"key": "py-key", "parallelism": 1})
+    assert keyed.flow["key"] == "py-key"
+    assert client.pause_key("py-key")["paused"] is True
+    assert [k["key"] for k in client.flow_keys()] == ["py-key"]
+    assert client.resume_key("py-key")["paused"] is False
+    report = client.bulk("cancel", labels={"team": "py"})
+    assert report["done"] == ["py-up"] and report["failed"] == []
+    with pytest.raises(SundialError) as refused:
+        client.backfill("py-up", 0, 1)
+    assert refused.value.code == "conflict"  # a cancelled job is not backfilled
+
+
 def routes_missing_from(document, routes):
     paths = document["paths"]
     return [(m, p) for m, p in routes if p.split("?")[0] not in paths or m.lower() not in paths[p.split("?")[0]]]

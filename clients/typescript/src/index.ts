@@ -21,6 +21,15 @@ export const ROUTES: ReadonlyArray<readonly [string, string]> = [
   ["DELETE", "/dlq"],
   ["DELETE", "/dlq/{id}"],
   ["GET", "/health"],
+  ["PUT", "/jobs/{id}"],
+  ["POST", "/jobs/{id}/trigger"],
+  ["POST", "/jobs/{id}/backfill"],
+  ["POST", "/jobs/{id}/redrive"],
+  ["POST", "/jobs/bulk"],
+  ["GET", "/flow-keys"],
+  ["GET", "/flow-keys/{key}"],
+  ["POST", "/flow-keys/{key}/pause"],
+  ["POST", "/flow-keys/{key}/resume"],
 ];
 
 export type JobStatus = "pending" | "in_progress" | "completed" | "failed" | "cancelled" | "timeout";
@@ -39,12 +48,52 @@ export interface Job {
   labels: Record<string, string>;
   created_ms: number;
   fires: { succeeded: number; failed: number; missed: number };
+  /** Why the job paused itself (pause_after_failures), until resumed. */
+  paused_reason: string | null;
+  flow: FlowSettings | null;
+  callbacks: { on_success: string | null; on_failure: string | null };
+  callbacks_pending: number;
+  /** In answers to trigger, backfill and redriveJob: the fire times added or put back. */
+  fires_added?: number[];
+}
+
+/** A job's flow-control key and the limits it gives the key. */
+export interface FlowSettings {
+  key: string;
+  parallelism?: number | null;
+  rate?: number | null;
+  period_ms?: number | null;
+  ordered?: boolean | null;
+}
+
+/** A flow key as the API shows it. */
+export interface FlowKey {
+  key: string;
+  parallelism: number | null;
+  rate: number | null;
+  period_ms: number | null;
+  ordered: boolean;
+  paused: boolean;
+  jobs: number;
+  in_flight: number;
+  active_fires: number;
+  backlog: number;
+}
+
+/** What a bulk verb did. */
+export interface BulkReport {
+  matched: number;
+  done: string[];
+  failed: { id: string; status: number; code: string; error: string }[];
+  more: boolean;
+  fires_redriven?: number;
 }
 
 /** The Job fields, for checking against the server's document. */
 export const JOB_FIELDS: ReadonlyArray<keyof Job> = [
   "id", "type", "status", "webhook_url", "method", "schedule",
   "next_fire_ms", "paused", "priority", "labels", "created_ms", "fires",
+  "paused_reason", "flow", "callbacks", "callbacks_pending", "fires_added",
 ];
 
 export interface Execution {
@@ -58,6 +107,8 @@ export interface Execution {
   error: string | null;
   response_body: string;
   missed: boolean;
+  /** Something that happened to the job rather than an attempt: a callback, an auto-pause. */
+  note: string | null;
 }
 
 export interface DeadLetter {
@@ -224,11 +275,56 @@ export class Client {
   health(): Promise<Record<string, unknown>> {
     return this.call<Record<string, unknown>>("GET", "/health");
   }
+
+  /** Creates the job `id`, or replaces its schedule and target (PUT /jobs/{id}). */
+  upsert(id: string, request: SundialJobRequest): Promise<Job> {
+    return this.call<Job>("PUT", `/jobs/${Client.id(id)}`, request);
+  }
+
+  /** An extra fire now, with its own key: `fires_added` has its fire time. */
+  trigger(id: string): Promise<Job> {
+    return this.call<Job>("POST", `/jobs/${Client.id(id)}/trigger`);
+  }
+
+  /** A fire for each occurrence of a cron job's schedule in [from, to] (RFC 3339 or ms). */
+  backfill(id: string, from: string | number, to: string | number): Promise<Job> {
+    return this.call<Job>("POST", `/jobs/${Client.id(id)}/backfill`, { from, to });
+  }
+
+  /** Puts every dead-lettered fire of the job back. */
+  redriveJob(id: string): Promise<Job> {
+    return this.call<Job>("POST", `/jobs/${Client.id(id)}/redrive`);
+  }
+
+  /** cancel, redrive, purge, pause, resume or delete: on `ids`, or on the jobs with `labels`. */
+  bulk(
+    action: "cancel" | "redrive" | "purge" | "pause" | "resume" | "delete",
+    on: { ids: string[] } | { labels: Record<string, string>; limit?: number },
+  ): Promise<BulkReport> {
+    return this.call<BulkReport>("POST", "/jobs/bulk", { action, ...on });
+  }
+
+  async flowKeys(): Promise<FlowKey[]> {
+    return (await this.call<{ flow_keys: FlowKey[] }>("GET", "/flow-keys")).flow_keys;
+  }
+
+  flowKey(key: string): Promise<FlowKey> {
+    return this.call<FlowKey>("GET", `/flow-keys/${Client.id(key)}`);
+  }
+
+  pauseKey(key: string): Promise<FlowKey> {
+    return this.call<FlowKey>("POST", `/flow-keys/${Client.id(key)}/pause`);
+  }
+
+  resumeKey(key: string): Promise<FlowKey> {
+    return this.call<FlowKey>("POST", `/flow-keys/${Client.id(key)}/resume`);
+  }
 }
 
 /**
  * Checks `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` in
  * constant time, refusing timestamps further than `toleranceMs` from now (replays).
+ * During a key rotation the header carries one `v1=` per secret: any one verifying is enough.
  * `body` is the raw request body.
  */
 export function verifySignature(
@@ -238,16 +334,19 @@ export function verifySignature(
   nowMs: number = Date.now(),
   toleranceMs = 300_000,
 ): boolean {
-  const parts = new Map(
-    header.split(",").flatMap((part): [string, string][] => {
-      const at = part.indexOf("=");
-      return at > 0 ? [[part.slice(0, at), part.slice(at + 1)]] : [];
-    }),
-  );
-  const timestamp = Number(parts.get("t"));
-  const given = parts.get("v1");
-  if (!Number.isSafeInteger(timestamp) || given === undefined) return false;
+  const parts = header.split(",").flatMap((part): [string, string][] => {
+    const at = part.indexOf("=");
+    return at > 0 ? [[part.slice(0, at).trim(), part.slice(at + 1).trim()]] : [];
+  });
+  const timestamp = Number(parts.filter(([name]) => name === "t").pop()?.[1]);
+  const given = parts.filter(([name]) => name === "v1").map(([, value]) => value);
+  if (!Number.isSafeInteger(timestamp) || given.length === 0) return false;
   if (Math.abs(nowMs - timestamp) > toleranceMs) return false;
-  const expected = createHmac("sha256", secret).update(`${timestamp}.`).update(body).digest("hex");
-  return expected.length === given.length && timingSafeEqual(Buffer.from(expected), Buffer.from(given));
+  const expected = Buffer.from(createHmac("sha256", secret).update(`${timestamp}.`).update(body).digest("hex"));
+  // Every candidate is compared (no early exit on which one matched).
+  const matches = given.map((candidate) => {
+    const bytes = Buffer.from(candidate);
+    return bytes.length === expected.length && timingSafeEqual(bytes, expected);
+  });
+  return matches.some(Boolean);
 }

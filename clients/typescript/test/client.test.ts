@@ -130,6 +130,38 @@ test("signatures from a real node verify, and tampering does not", async () => {
   target.close();
 });
 
+test("during a key rotation either secret verifies, and a retired one does not", async () => {
+  const target = await receiver();
+  const client = new Client(await startNode("--secret", "current", "--secret-next", "next"));
+  await client.create({ url: target.url + "/rotating", delay: 0, json: { rotating: true } });
+  assert.ok(await waitFor(() => target.hits.length === 1));
+  const hit = target.hits[0];
+  const header = String(hit.headers["x-sundial-signature"]);
+  assert.equal(header.split("v1=").length - 1, 2, header);
+  assert.ok(verifySignature("current", header, hit.body));
+  assert.ok(verifySignature("next", header, hit.body));
+  assert.ok(!verifySignature("retired", header, hit.body));
+  assert.ok(!verifySignature("next", header, Buffer.concat([hit.body, Buffer.from(" ")])));
+  target.close();
+});
+
+test("lifecycle verbs and flow keys", async () => {
+  const target = await receiver();
+  const client = new Client(await startNode());
+  const job = await client.upsert("ts-up", { url: target.url + "/up", cron: "0 0 1 1 *", labels: { team: "ts" } });
+  assert.equal(job.status, "pending");
+  const triggered = await client.trigger("ts-up");
+  assert.equal(triggered.fires_added?.length, 1);
+  assert.ok(await waitFor(() => target.hits.some((h) => h.path === "/up")));
+  await client.create({ url: target.url + "/keyed", delay: "1h", flow: { key: "ts-key", parallelism: 1 } });
+  assert.equal((await client.pauseKey("ts-key")).paused, true);
+  assert.deepEqual((await client.flowKeys()).map((k) => k.key), ["ts-key"]);
+  assert.equal((await client.resumeKey("ts-key")).paused, false);
+  const report = await client.bulk("cancel", { labels: { team: "ts" } });
+  assert.deepEqual([report.done, report.failed], [["ts-up"], []]);
+  target.close();
+});
+
 function routesMissingFrom(document: { paths: Record<string, Record<string, unknown>> }, routes: ReadonlyArray<readonly [string, string]>) {
   return routes.filter(([method, path]) => !document.paths[path]?.[method.toLowerCase()]);
 }
