@@ -523,9 +523,6 @@ fn optional_u64(object: &Map<String, Value>, field: &str, errors: &mut Vec<Field
     }
 }
 
-/// A point in time: RFC 3339 text, or epoch seconds or milliseconds (a number, or digits in
-/// a string; values below 10^11 are seconds). Refused when more than a day before `not_before_ms`
-/// (pass 0 to accept any past time).
 /// `{"from": time, "to": time}` of a backfill (RFC 3339, epoch seconds or ms), both required.
 pub fn parse_backfill(request: &Value) -> Result<(u64, u64), Vec<FieldError>> {
     let Some(object) = request.as_object() else {
@@ -546,6 +543,9 @@ pub fn parse_backfill(request: &Value) -> Result<(u64, u64), Vec<FieldError>> {
     }
 }
 
+/// A point in time: RFC 3339 text, or epoch seconds or milliseconds (a number, or digits in
+/// a string; values below 10^11 are seconds). Refused when more than a day before `not_before_ms`
+/// (pass 0 to accept any past time).
 fn time_field(
     object: &Map<String, Value>,
     field: &str,

@@ -495,7 +495,13 @@ impl<L: CommandLog> Runtime<L> {
         }
         if let (Some(id), true) = (&committed.job, committed.verdict.is_ok()) {
             if committed.stops_attempts {
-                self.dispatcher.cancel(id);
+                // A cancelled job's callbacks of fires that ended still go out; a deleted
+                // job's go with it.
+                if self.log.state().job(id).is_some() {
+                    self.dispatcher.cancel_fires(id);
+                } else {
+                    self.dispatcher.cancel(id);
+                }
             }
             self.arm(id);
             // A completed job may release jobs that depend on it.
@@ -647,18 +653,36 @@ impl<L: CommandLog> Runtime<L> {
             };
             let flow_key =
                 if callback { None } else { self.log.state().flow_key_of(&id).map(|(key, _)| key.to_string()) };
-            if let Some(key) = &flow_key {
-                match self.flow_gate(key, &id, fire_ms, now, started_in_turn.get(key).copied().unwrap_or(0)) {
-                    FlowGate::Go => {}
-                    FlowGate::Park => {
-                        self.flow_parked.entry(key.clone()).or_default().insert(id);
-                        continue;
-                    }
-                    FlowGate::WaitUntil(at_ms) => {
-                        if let Ok(handle) = self.wheel.insert(at_ms, id.clone()) {
-                            self.timers.insert(id, handle);
+            let mut flow_key = flow_key;
+            let (mut fire_ms, mut attempt, mut callback) = (fire_ms, attempt, callback);
+            if let Some(key) = flow_key.clone() {
+                let gate = self.flow_gate(&key, &id, fire_ms, now, started_in_turn.get(&key).copied().unwrap_or(0));
+                if !matches!(gate, FlowGate::Go) {
+                    // Held by its key. A callback of the job (never held) may go meanwhile.
+                    let callback_due = self.log.state().next_callback(&id);
+                    match gate {
+                        FlowGate::Park => {
+                            self.flow_parked.entry(key).or_default().insert(id.clone());
                         }
-                        continue;
+                        FlowGate::WaitUntil(at_ms) => {
+                            let at_ms = callback_due.map_or(at_ms, |(due_ms, _)| at_ms.min(due_ms.max(now + 1)));
+                            if let Ok(handle) = self.wheel.insert(at_ms, id.clone()) {
+                                self.timers.insert(id.clone(), handle);
+                            }
+                        }
+                        FlowGate::Go => unreachable!("matched above"),
+                    }
+                    match callback_due {
+                        Some((due_ms, Due::Callback { fire_ms: f, attempt: a })) if due_ms <= now => {
+                            (fire_ms, attempt, callback, flow_key) = (f, a, true, None);
+                        }
+                        Some((due_ms, _)) if !self.timers.contains_key(&id) => {
+                            if let Ok(handle) = self.wheel.insert(due_ms, id.clone()) {
+                                self.timers.insert(id, handle);
+                            }
+                            continue;
+                        }
+                        _ => continue,
                     }
                 }
             }
@@ -737,11 +761,13 @@ impl<L: CommandLog> Runtime<L> {
         let Some(flow) = state.flow_key(key) else { return FlowGate::Go };
         let pending = started_in_turn + self.flow_pending.get(key).copied().unwrap_or(0);
         if flow.ordered {
-            // One fire of the key at a time, the first due first; the current fire's retries
-            // go on.
+            // One fire of the key at a time, the first due first; the started fire's retries
+            // go on. Fires added and not started (trigger, backfill, redrive) wait their turn
+            // like any due fire.
             let active = state.flow_active(flow);
-            let current = active.iter().any(|(job, fire)| *job == id && *fire == fire_ms);
-            let others = active.iter().any(|(job, fire)| !(*job == id && *fire == fire_ms));
+            let this = |fire: &crate::state::KeyFire| fire.job == id && fire.fire_ms == fire_ms;
+            let current = active.iter().any(|fire| this(fire) && fire.started);
+            let others = active.iter().any(|fire| !this(fire) && fire.started);
             if others || (!current && pending > 0) {
                 return FlowGate::Park;
             }

@@ -27,7 +27,8 @@ pub const TOMBSTONES_MAX: usize = 1_000_000;
 pub const BACKFILL_FIRES_MAX: usize = 1_000;
 /// Times a trigger looks for a free fire time (one ms later each) before giving up.
 const TRIGGER_PROBES_MAX: u64 = 1_000;
-/// Flow keys held at most (a key lives while a job has it, or while it is paused).
+/// Flow keys a pause may bring into being at most (a key without jobs lives only while
+/// paused; keys with jobs are bounded by the jobs).
 pub const FLOW_KEYS_MAX: usize = 100_000;
 /// Callbacks waiting per job at most; beyond it the oldest is dropped (noted in the history).
 pub const CALLBACKS_PENDING_MAX: usize = 1_000;
@@ -58,7 +59,7 @@ impl Status {
         }
     }
 
-    fn is_final(self) -> bool {
+    pub fn is_final(self) -> bool {
         matches!(self, Status::Completed | Status::Failed | Status::Cancelled | Status::Timeout)
     }
 }
@@ -330,6 +331,19 @@ pub struct PendingCallback {
     pub attempts: u32,
     pub in_flight: bool,
     pub due_ms: u64,
+    /// A later outcome of the same fire (it was redriven and ended again) queued while this
+    /// callback's attempt was in flight: it goes out once this one ends.
+    #[serde(default)]
+    pub then: Option<Box<PendingCallback>>,
+}
+
+/// A fire of a flow key's job that has started and not ended, or that waits to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyFire<'a> {
+    pub job: &'a str,
+    pub fire_ms: u64,
+    /// An attempt has started (one is in flight, or it waits to retry).
+    pub started: bool,
 }
 
 /// A flow key: the limits its jobs last set, whether it is paused, and its jobs.
@@ -548,11 +562,18 @@ impl State {
         jobs.map(|job| job.active.values().filter(|fire| fire.in_flight).count()).sum()
     }
 
-    /// Fires of the key's jobs started and not ended (in flight or waiting to retry), as
-    /// (job, fire time).
-    pub fn flow_active(&self, key: &FlowKey) -> Vec<(&str, u64)> {
-        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id));
-        jobs.flat_map(|job| job.active.keys().map(|fire_ms| (job.spec.id.as_str(), *fire_ms))).collect()
+    /// Active fires of the key's jobs: started and not ended (in flight or waiting to retry),
+    /// or added (trigger, backfill, redrive) and waiting for their first attempt.
+    pub fn flow_active<'a>(&'a self, key: &'a FlowKey) -> Vec<KeyFire<'a>> {
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id)).filter(|job| !job.active.is_empty());
+        jobs.flat_map(|job| {
+            job.active.iter().map(|(fire_ms, fire)| KeyFire {
+                job: job.spec.id.as_str(),
+                fire_ms: *fire_ms,
+                started: fire.in_flight || fire.attempts > 0,
+            })
+        })
+        .collect()
     }
 
     /// Fires of the key's jobs due by `now_ms` and not started: waiting for the key's
@@ -597,9 +618,11 @@ impl State {
                 if job.status.is_final() {
                     return Err(invalid(&id, job.status, "cancel"));
                 }
+                // Callbacks of fires that already ended still go out.
                 job.active.clear();
-                job.callbacks.clear();
                 job.next_fire_ms = None;
+                let was_auto_paused = job.paused_reason.take().is_some();
+                self.auto_paused -= u64::from(was_auto_paused);
                 self.set_status(&id, Status::Cancelled, now_ms);
                 Ok(Applied::Done)
             }
@@ -708,6 +731,9 @@ impl State {
             }
             Command::Purge { id } => {
                 match id {
+                    Some(id) if !self.jobs.contains_key(&id) && !self.dead_letters.contains_key(&id) => {
+                        return Err(ApplyError::NotFound(id));
+                    }
                     Some(id) => self.purge_dead_letters_of(&id),
                     None => {
                         self.dead_letters.clear();
@@ -805,9 +831,26 @@ impl State {
             self.leave_flow_key(&id, &old_spec);
         }
         self.join_flow_key(&spec);
+        let taken_in_dead_letters = self.dead_letters.get(&id).cloned().unwrap_or_default();
         let job = self.jobs.get_mut(&id).expect("checked");
         let old_dependencies = std::mem::take(&mut job.spec.depends_on);
-        job.next_fire_ms = first_fire(&spec, now_ms);
+        job.next_fire_ms = match (&spec.schedule, first_fire(&spec, now_ms)) {
+            // A one-time fire that already ran (or runs, or was dead-lettered) is not run again.
+            (Schedule::Once { .. }, Some(at_ms))
+                if job.active.contains_key(&at_ms)
+                    || taken_in_dead_letters.contains_key(&at_ms)
+                    || job.history.iter().any(|e| e.fire_ms == at_ms) =>
+            {
+                None
+            }
+            // A cron fire of the old cron schedule that is due and not started yet is kept: it
+            // starts under the new spec (its misfire policy applying) rather than being dropped.
+            (Schedule::Cron(_), first) => match (&job.spec.schedule, job.next_fire_ms) {
+                (Schedule::Cron(_), Some(old)) if old <= now_ms => Some(old),
+                _ => first,
+            },
+            (_, first) => first,
+        };
         job.spec = spec;
         job.catch_up_run = 0;
         let status = if !job.active.is_empty() {
@@ -897,7 +940,10 @@ impl State {
             occurrences.push(next);
             at = Some(next);
         }
-        occurrences.retain(|fire_ms| !job.active.contains_key(fire_ms));
+        // Occurrences from the next scheduled fire on are the schedule's own (an overdue one
+        // starts by its misfire policy): a backfill covers those the schedule has passed.
+        let scheduled_from = job.next_fire_ms.unwrap_or(u64::MAX);
+        occurrences.retain(|fire_ms| !job.active.contains_key(fire_ms) && *fire_ms < scheduled_from);
         for fire_ms in &occurrences {
             let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
             job.active.insert(*fire_ms, fire);
@@ -1004,6 +1050,19 @@ impl State {
                 job.next_fire_ms = None;
                 record_missed(job, 1, fire_ms, now_ms);
                 let reason = "missed: later than the catch-up window".to_string();
+                if let Some(url) = job.spec.callbacks.on_failure.clone() {
+                    let body = callback_document(id, fire_ms, 0, Some(&reason), None, Status::Failed);
+                    let callback = PendingCallback {
+                        url,
+                        success: false,
+                        body,
+                        attempts: 0,
+                        in_flight: false,
+                        due_ms: now_ms,
+                        then: None,
+                    };
+                    queue_callback(job, fire_ms, callback, now_ms);
+                }
                 self.add_dead_letter(id, fire_ms, DeadLetter { attempts: 0, reason, moved_ms: now_ms });
                 self.set_status(id, Status::Failed, now_ms);
                 return Ok(Applied::Missed { count: 1 });
@@ -1122,7 +1181,7 @@ impl State {
         let callback_url =
             if ended.is_none() { &job.spec.callbacks.on_success } else { &job.spec.callbacks.on_failure };
         if let Some(url) = callback_url.clone() {
-            let body = callback_document(id, fire_ms, attempt, ended.as_deref(), &outcome, status);
+            let body = callback_document(id, fire_ms, attempt, ended.as_deref(), Some(&outcome), status);
             let callback = PendingCallback {
                 url,
                 success: ended.is_none(),
@@ -1130,6 +1189,7 @@ impl State {
                 attempts: 0,
                 in_flight: false,
                 due_ms: finished_ms,
+                then: None,
             };
             queue_callback(job, fire_ms, callback, finished_ms);
         }
@@ -1167,7 +1227,11 @@ impl State {
             format!("callback {which} given up after {attempt} attempts")
         };
         if !note.ends_with("retrying") {
-            job.callbacks.remove(&fire_ms);
+            let ended = job.callbacks.remove(&fire_ms).expect("found above");
+            if let Some(mut next) = ended.then {
+                next.due_ms = finished_ms;
+                job.callbacks.insert(fire_ms, *next);
+            }
         }
         let (status_code, error) = match &outcome {
             Outcome::Response { status, .. } => (Some(*status), None),
@@ -1199,8 +1263,8 @@ impl State {
     }
 
     /// The callback attempt due first for `id`: callbacks report fires that ended, so they
-    /// go out whatever the job's state (paused, finished).
-    fn next_callback(&self, id: &str) -> Option<(u64, Due)> {
+    /// go out whatever the job's state (paused, finished, cancelled).
+    pub fn next_callback(&self, id: &str) -> Option<(u64, Due)> {
         let job = self.jobs.get(id)?;
         let callbacks = job.callbacks.iter().filter(|(_, callback)| !callback.in_flight);
         callbacks
@@ -1215,14 +1279,18 @@ impl State {
         if job.status.is_final() || job.paused {
             return callback;
         }
+        let concurrent = matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
+        // Fires added to the job (trigger, backfill, redrive) start one after another unless
+        // its fires may overlap: a fire not started waits while another has started.
+        let one_started = job.active.values().any(|fire| fire.in_flight || fire.attempts > 0);
         let retry = job
             .active
             .iter()
             .filter(|(_, fire)| !fire.in_flight)
+            .filter(|(_, fire)| concurrent || fire.attempts > 0 || !one_started)
             .map(|(&fire_ms, fire)| (fire.due_ms, Due::Retry { fire_ms, attempt: fire.attempts + 1 }))
             .min_by_key(|(due_ms, _)| *due_ms);
-        let overlap_allows =
-            job.active.is_empty() || matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
+        let overlap_allows = job.active.is_empty() || concurrent;
         let new_fire = job
             .next_fire_ms
             .filter(|_| overlap_allows && self.dependencies_done(job))
@@ -1315,17 +1383,19 @@ fn callback_document(
     fire_ms: u64,
     attempts: u32,
     failure: Option<&str>,
-    outcome: &Outcome,
+    outcome: Option<&Outcome>,
     status: Status,
 ) -> Vec<u8> {
     let response = match outcome {
-        Outcome::Response { status, body, .. } => {
+        Some(Outcome::Response { status, body, .. }) => {
             let kept = &body[..body.len().min(RESPONSE_BODY_KEPT_BYTES_MAX)];
             serde_json::json!({"status": status, "error": null, "body": String::from_utf8_lossy(kept)})
         }
-        Outcome::Error(class) => {
+        Some(Outcome::Error(class)) => {
             serde_json::json!({"status": null, "error": format!("{class:?}").to_lowercase(), "body": null})
         }
+        // Never attempted (missed).
+        None => serde_json::Value::Null,
     };
     let document = serde_json::json!({
         "job_id": id,
@@ -1343,6 +1413,13 @@ fn callback_document(
 /// Queues a callback; beyond `CALLBACKS_PENDING_MAX` the oldest waiting one is dropped,
 /// with a note in the history (a receiver that never answers cannot grow the state).
 fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms: u64) {
+    if let Some(earlier) = job.callbacks.get_mut(&fire_ms).filter(|earlier| earlier.in_flight) {
+        // An attempt of the earlier outcome is out: the new one follows it (replacing any
+        // that waited behind it: the latest outcome is what matters).
+        earlier.then = Some(Box::new(callback));
+        return;
+    }
+    // Not sent yet (or none): the newer outcome replaces it.
     job.callbacks.insert(fire_ms, callback);
     if job.callbacks.len() > CALLBACKS_PENDING_MAX {
         let oldest = job.callbacks.iter().find(|(_, c)| !c.in_flight).map(|(fire_ms, _)| *fire_ms);

@@ -771,12 +771,126 @@ fn a_paused_flow_key_holds_its_jobs_fires_and_resume_releases_them() {
     assert!(state.next_due("a").is_some());
     start(&mut state, "a", T0 + 1_000, 1, T0 + 1_000).expect("started");
     let key = state.flow_key("tenant").expect("the key exists");
-    assert_eq!((state.flow_in_flight(key), state.flow_active(key)), (1, vec![("a", T0 + 1_000)]));
+    let started = KeyFire { job: "a", fire_ms: T0 + 1_000, started: true };
+    assert_eq!((state.flow_in_flight(key), state.flow_active(key)), (1, vec![started]));
     // The key lives while a job has it.
     state.apply(Command::Cancel { id: "a".into(), now_ms: T0 + 1 }).expect("cancelled");
     state.apply(Command::Delete { id: "a".into(), now_ms: T0 + 1 }).expect("deleted");
     state.apply(Command::Delete { id: "b".into(), now_ms: T0 + 1 }).expect("deleted");
     assert!(state.flow_key("tenant").is_none());
+}
+
+#[test]
+fn an_upsert_never_runs_a_one_time_fire_again_and_keeps_a_due_cron_fire() {
+    let mut state = State::new();
+    let at = T0 + 1_000;
+    create(&mut state, once("a", at)).expect("created");
+    start(&mut state, "a", at, 1, at).expect("started");
+    finish(&mut state, "a", at, 1, at + 10, 500).expect("a retry is due");
+    let upsert =
+        |state: &mut State, spec: JobSpec, now_ms| state.apply(Command::Upsert { spec: Box::new(spec), now_ms });
+    let mut retargeted = once("a", at);
+    retargeted.target.url = "https://example.com/elsewhere".into();
+    assert_eq!(upsert(&mut state, retargeted, at + 20), Ok(Applied::Replaced));
+    let job = state.job("a").expect("job");
+    assert_eq!(job.next_fire_ms, None, "its one fire is in progress: not scheduled again");
+    assert_eq!(run_next(&mut state, "a", 200), (at, 2), "the retry goes on, to the new target");
+    assert_eq!(state.job("a").expect("job").status, Status::Completed);
+    // A cron job whose fire is due (held) keeps it through an upsert.
+    create(&mut state, cron("c", "*/20 * * * * *", "fire_all", "skip")).expect("created");
+    let due = state.job("c").expect("job").next_fire_ms.expect("next");
+    upsert(&mut state, cron("c", "*/30 * * * * *", "fire_all", "skip"), due + 5_000).expect("replaced");
+    assert_eq!(state.job("c").expect("job").next_fire_ms, Some(due), "the due fire is not dropped");
+}
+
+#[test]
+fn a_backfill_leaves_the_schedules_own_overdue_fire_to_the_schedule() {
+    let mut state = State::new();
+    create(&mut state, cron("c", "*/20 * * * * *", "fire_all", "allow")).expect("created");
+    let next = state.job("c").expect("job").next_fire_ms.expect("next"); // T0 + 20 s, now overdue
+    let now = next + 45_000;
+    let added = state.apply(Command::Backfill { id: "c".into(), from_ms: next - 40_000, to_ms: now, now_ms: now });
+    assert_eq!(added, Ok(Applied::Fires { fire_ms: vec![next - 40_000, next - 20_000] }), "only those before it");
+}
+
+#[test]
+fn fires_added_to_a_job_start_one_after_another_unless_it_allows_overlap() {
+    let mut state = State::new();
+    create(&mut state, cron("s", "0 0 1 1 *", "skip", "skip")).expect("created");
+    let now = T0 + 1_000;
+    state.apply(Command::Trigger { id: "s".into(), now_ms: now }).expect("triggered");
+    state.apply(Command::Trigger { id: "s".into(), now_ms: now }).expect("triggered");
+    start(&mut state, "s", now, 1, now).expect("the first starts");
+    assert_eq!(state.next_due("s"), None, "the second waits for the first");
+    finish(&mut state, "s", now, 1, now + 5, 200).expect("finished");
+    assert_eq!(state.next_due("s"), Some((now, Due::Retry { fire_ms: now + 1, attempt: 1 })));
+}
+
+#[test]
+fn a_missed_one_time_fire_calls_back_on_failure_and_a_cancel_keeps_waiting_callbacks() {
+    let mut state = State::new();
+    let mut spec = once("m", T0);
+    spec.callbacks.on_failure = Some("https://example.com/failed".into());
+    create(&mut state, spec).expect("created");
+    let late = T0 + CATCH_UP_WINDOW_MS + 1;
+    assert_eq!(start(&mut state, "m", T0, 1, late), Ok(Applied::Missed { count: 1 }));
+    let pending = &state.job("m").expect("job").callbacks[&T0];
+    let document: serde_json::Value = serde_json::from_slice(&pending.body).expect("JSON");
+    assert_eq!((document["outcome"].as_str(), document["attempts"].as_u64()), (Some("dead_lettered"), Some(0)));
+    assert_eq!(document["response"], serde_json::Value::Null);
+    // A cancelled job's waiting callbacks still go out.
+    let mut live = once("k", T0 + 60_000);
+    live.callbacks.on_success = Some("https://example.com/ok".into());
+    create(&mut state, live).expect("created");
+    state.apply(Command::Trigger { id: "k".into(), now_ms: T0 }).expect("triggered");
+    run_next(&mut state, "k", 200);
+    state.apply(Command::Cancel { id: "k".into(), now_ms: T0 + 100 }).expect("cancelled");
+    assert!(matches!(state.next_due("k"), Some((_, Due::Callback { .. }))));
+    assert!(matches!(state.apply(Command::Purge { id: Some("nope".into()) }), Err(ApplyError::NotFound(_))));
+}
+
+#[test]
+fn an_outcome_that_ends_while_its_earlier_callback_is_out_follows_it() {
+    let mut state = State::new();
+    let at = T0 + 1_000;
+    let mut spec = once("r", at);
+    spec.retry.max_attempts = 1;
+    spec.callbacks.on_success = Some("https://example.com/ok".into());
+    spec.callbacks.on_failure = Some("https://example.com/failed".into());
+    create(&mut state, spec).expect("created");
+    run_next(&mut state, "r", 500); // dead-lettered: on_failure queued
+    state.apply(Command::CallbackStarted { id: "r".into(), fire_ms: at, attempt: 1, now_ms: at + 20 }).expect("out");
+    state.apply(Command::Redrive { id: "r".into(), fire_ms: at, now_ms: at + 30 }).expect("redriven");
+    run_next(&mut state, "r", 200); // delivered: on_success waits behind the failure callback
+    let pending = &state.job("r").expect("job").callbacks[&at];
+    assert!(!pending.success && pending.then.as_ref().is_some_and(|next| next.success));
+    let outcome = Outcome::Response { status: 200, body: Vec::new(), retry_after_ms: None, no_retry: false };
+    let finished = Command::CallbackFinished {
+        id: "r".into(),
+        fire_ms: at,
+        attempt: 1,
+        started_ms: at + 20,
+        finished_ms: at + 2_000,
+        outcome,
+        retry_at_ms: at + 3_000,
+    };
+    state.apply(finished).expect("finished");
+    let pending = &state.job("r").expect("job").callbacks[&at];
+    assert!(pending.success && pending.attempts == 0, "then the success callback, from attempt 1");
+}
+
+#[test]
+fn dst_policies_hold_through_the_state_machine_with_real_zone_data() {
+    // New York, 2026-11-01: 01:30 twice (05:30Z and 06:30Z) under repeated = both.
+    let mut state = State::new();
+    let request = json!({"id": "ny", "cron": "30 1 * * *", "time_zone": "America/New_York",
+        "url": "https://example.com/h", "dst": {"repeated": "both"}});
+    let before = 1_793_448_000_000; // 2026-10-31T12:00:00Z
+    let spec = parse_job_request(&request, before, "unused").expect("valid");
+    state.apply(Command::Create { spec: Box::new(spec), now_ms: before, dedup_window_ms: None }).expect("created");
+    let fired: Vec<u64> = (0..3).map(|_| run_next(&mut state, "ny", 200).0).collect();
+    let hours = |t: u64| (t - 1_793_491_200_000) as f64 / 3_600_000.0; // hours after 2026-11-01T00:00Z
+    assert_eq!(fired.iter().map(|t| hours(*t)).collect::<Vec<_>>(), [5.5, 6.5, 30.5]);
 }
 
 /// The digest check can fail: one different command gives a different digest.

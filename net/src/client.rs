@@ -133,7 +133,8 @@ impl Client {
         self.call(Kind::Upsert, request.to_string().into_bytes()).await
     }
 
-    /// An extra fire of the job now, with its own key; the answer's body has its `fires`.
+    /// An extra fire of the job now, with its own key; the answer's body has its fire time
+    /// in `fires_added`.
     pub async fn trigger(&self, id: &str) -> Result<Item, ClientError> {
         self.call(Kind::Trigger, id.as_bytes().to_vec()).await
     }

@@ -140,6 +140,9 @@ pub struct CreateArgs {
     /// Pause before each retry: exponential (default), fixed, or a list of ms such as 1000,5000,30000.
     #[arg(long)]
     pub backoff: Option<String>,
+    /// The first retry's pause (exponential), or every retry's (fixed), ms.
+    #[arg(long)]
+    pub initial_backoff_ms: Option<u64>,
     /// POST each delivered fire's outcome here.
     #[arg(long)]
     pub on_success: Option<String>,
@@ -177,7 +180,7 @@ pub struct CreateArgs {
     pub secret_next: Option<String>,
     /// A whole job request document (JSON, as POST /jobs takes); `-` reads it from stdin.
     #[arg(long, conflicts_with_all = ["url", "delay", "at", "cron", "time_zone", "body_json", "method", "label",
-        "max_attempts", "backoff", "on_success", "on_failure", "flow_key", "pause_after_failures", "dst_repeated",
+        "max_attempts", "backoff", "initial_backoff_ms", "on_success", "on_failure", "flow_key", "pause_after_failures", "dst_repeated",
         "dst_missing", "secret"])]
     pub request: Option<String>,
 }
@@ -499,6 +502,9 @@ fn create_request(args: &CreateArgs) -> Result<Value, String> {
     let mut retry = serde_json::Map::new();
     if let Some(attempts) = args.max_attempts {
         retry.insert("max_attempts".into(), json!(attempts));
+    }
+    if let Some(initial) = args.initial_backoff_ms {
+        retry.insert("initial_backoff_ms".into(), json!(initial));
     }
     if let Some(backoff) = &args.backoff {
         let delays: Result<Vec<u64>, _> = backoff.split(',').map(|d| d.trim().parse::<u64>()).collect();

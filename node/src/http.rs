@@ -301,6 +301,7 @@ fn preview(body: &[u8], query: &str) -> Answer {
                 _ => return field_error("count", format!("count: must be within 1..={PREVIEW_COUNT_MAX}")),
             },
             Some(("from", value)) => {
+                let value = percent_decoded(value);
                 match sundial_engine::request::parse_backfill(&json!({"from": value, "to": value})) {
                     Ok((at_ms, _)) => from_ms = at_ms,
                     Err(_) => return field_error("from", "from: must be an RFC 3339 time or epoch seconds or ms"),
@@ -327,6 +328,29 @@ fn preview(body: &[u8], query: &str) -> Answer {
     }
 }
 
+/// A query value with its %XX escapes decoded (a client may encode an RFC 3339 time's
+/// colons and plus sign); invalid escapes are kept as they are.
+fn percent_decoded(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    // Bounded by the value's length.
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Jobs one bulk request touches at most.
 const BULK_MAX: usize = BATCH_MAX;
 
@@ -351,6 +375,9 @@ async fn bulk(router: &Router, body: &[u8]) -> Answer {
         _ => return field_error("action", "action: must be cancel, redrive, purge, pause, resume or delete"),
     };
     let (ids, more) = match (request.get("ids"), request.get("labels")) {
+        (Some(Value::Array(_)), None) if request.contains_key("limit") => {
+            return field_error("limit", "limit: applies to labels only (ids name each job)");
+        }
         (Some(Value::Array(ids)), None) => {
             if ids.is_empty() || ids.len() > BULK_MAX {
                 return field_error("ids", format!("ids: 1..={BULK_MAX} job ids"));
@@ -379,6 +406,7 @@ async fn bulk(router: &Router, body: &[u8]) -> Answer {
             }
         }
         (Some(_), Some(_)) => return field_error("ids", "ids: give ids or labels, not both"),
+        (None, Some(Value::Object(_))) => return field_error("labels", "labels: at least one label"),
         _ => return field_error("ids", "ids: an array of job ids, or labels: an object of label values, is required"),
     };
     let answers = if ids.is_empty() { Vec::new() } else { router.job_many(&ids, op).await };

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Value};
 use sundial_engine::dispatch::now_ms;
-use sundial_engine::job::{JobSpec, Schedule};
+use sundial_engine::job::{Backoff, JobSpec, Missing, Repeated, Schedule};
 use sundial_engine::runtime::{CommandLog, Runtime};
 use sundial_engine::state::{Applied, ApplyError, Command, FlowKey, Job, State, Status};
 
@@ -157,7 +157,8 @@ pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, how: Create
     for spec in specs {
         // A create of a job that exists is answered by the state machine (200 or 409); it
         // takes no room.
-        let exists = state.job(&spec.id).is_some();
+        // A finished job a create replaces (or an upsert revives) is live again: it takes room.
+        let exists = state.job(&spec.id).is_some_and(|job| !job.status.is_final());
         if !exists && admitted >= room {
             // Admission control: a node holding its maximum of live (pending or running)
             // jobs refuses new ones and keeps serving the rest.
@@ -342,8 +343,24 @@ pub fn job_view(job: &Job) -> Value {
         Schedule::Once { at_ms } => ("unico", json!({"run_at_ms": at_ms})),
         Schedule::Cron(cron) => (
             "recurrente",
-            json!({"cron_expression": cron.expression, "time_zone": cron.time_zone, "start_ms": cron.start_ms, "last_date_ms": cron.end_ms}),
+            json!({
+                "cron_expression": cron.expression,
+                "time_zone": cron.time_zone,
+                "start_ms": cron.start_ms,
+                "last_date_ms": cron.end_ms,
+                "dst": {
+                    "repeated": if cron.dst.repeated == Repeated::Both { "both" } else { "first" },
+                    "missing": if cron.dst.missing == Missing::Skip { "skip" } else { "shift" },
+                },
+                "pause_after_failures": cron.pause_after_failures,
+            }),
         ),
+    };
+    let retry = &job.spec.retry;
+    let backoff = match &retry.backoff {
+        Backoff::Exponential => json!("exponential"),
+        Backoff::Fixed => json!("fixed"),
+        Backoff::Delays(delays) => json!(delays),
     };
     json!({
         "id": job.spec.id,
@@ -355,6 +372,15 @@ pub fn job_view(job: &Job) -> Value {
         "next_fire_ms": job.next_fire_ms,
         "paused": job.paused,
         "paused_reason": job.paused_reason,
+        "retry": {
+            "max_attempts": retry.max_attempts,
+            "backoff": backoff,
+            "initial_backoff_ms": retry.initial_backoff_ms,
+            "max_backoff_ms": retry.max_backoff_ms,
+            "multiplier": f64::from(retry.multiplier_permille) / 1000.0,
+            "jitter": f64::from(retry.jitter_percent) / 100.0,
+        },
+        "signing": {"own_secret": job.spec.secret.is_some(), "rotating": job.spec.secret_next.is_some()},
         "flow": job.spec.flow.as_ref().map(|flow| json!({"key": flow.key, "parallelism": flow.parallelism, "rate": flow.rate, "period_ms": flow.period_ms, "ordered": flow.ordered})),
         "callbacks": {"on_success": job.spec.callbacks.on_success, "on_failure": job.spec.callbacks.on_failure},
         "callbacks_pending": job.callbacks.len(),

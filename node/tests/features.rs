@@ -106,13 +106,14 @@ async fn callbacks_tell_each_fires_outcome_signed_and_retried_like_webhooks() {
     let successes =
         on(&receiver, "/callback").iter().filter(|c| c.header("x-sundial-callback") == Some("success")).count();
     assert_eq!(successes, 2, "one 503, then delivered");
-    let notes: Vec<String> = node.call("GET", &format!("/jobs/{good}/executions"), b"").1["executions"]
-        .as_array()
-        .expect("executions")
-        .iter()
-        .filter_map(|e| e["note"].as_str().map(String::from))
-        .collect();
-    assert_eq!(notes, ["callback on_success failed; retrying", "callback on_success delivered"]);
+    let notes = || -> Vec<String> {
+        let executions = node.call("GET", &format!("/jobs/{good}/executions"), b"").1;
+        let list = executions["executions"].as_array().cloned().unwrap_or_default();
+        list.iter().filter_map(|e| e["note"].as_str().map(String::from)).collect()
+    };
+    // The receiver saw the last callback; its outcome is committed just after.
+    assert!(wait_for(Duration::from_secs(20), || notes().len() == 2).await, "{:?}", notes());
+    assert_eq!(notes(), ["callback on_success failed; retrying", "callback on_success delivered"]);
     // A callback URL is checked like a webhook's.
     let (status, refused) = post(
         &node,
@@ -187,9 +188,18 @@ async fn an_ordered_key_with_parallelism_1_delivers_one_at_a_time_in_due_time_or
     let data = tempfile::tempdir().expect("tempdir");
     let node = Node::start(data.path());
     let flow = json!({"key": "serial", "parallelism": 1, "ordered": true});
+    // Held while they are created (however slowly), so all six are due when it resumes.
+    assert_eq!(post(&node, "/flow-keys/serial/pause", json!({})).0, 200);
     keyed_jobs(&node, &receiver, "/serial", flow, 6);
+    let all_due = || node.call("GET", "/flow-keys/serial", b"").1["backlog"].as_u64() == Some(6);
+    assert!(wait_for(Duration::from_secs(20), all_due).await);
+    assert_eq!(post(&node, "/flow-keys/serial/resume", json!({})).0, 200);
     assert!(wait_for(Duration::from_secs(40), || on(&receiver, "/serial").len() >= 7).await);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let settled = || {
+        let key = node.call("GET", "/flow-keys/serial", b"").1;
+        key["in_flight"] == 0 && key["backlog"] == 0 && key["active_fires"] == 0
+    };
+    assert!(wait_for(Duration::from_secs(20), settled).await, "every fire ended");
     let requests = on(&receiver, "/serial");
     assert_eq!(numbers(&requests), [0, 1, 2, 2, 3, 4, 5], "due-time order, the retry before the next fire");
     for pair in requests.windows(2) {
@@ -201,7 +211,30 @@ async fn an_ordered_key_with_parallelism_1_delivers_one_at_a_time_in_due_time_or
         (key["parallelism"].as_u64(), key["ordered"].as_bool(), key["jobs"].as_u64()),
         (Some(1), Some(true), Some(6))
     );
-    assert_eq!((key["in_flight"].as_u64(), key["backlog"].as_u64()), (Some(0), Some(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ordered_keys_backfilled_fires_go_one_at_a_time_oldest_first() {
+    let receiver = answering(Reply::status(200).after_ms(200)).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    // Starts tomorrow: it never fires on its own during the test (a backfill ignores start).
+    let request = json!({"cron": "0 * * * *", "url": to("/hourly", &receiver), "start_at": now_ms() + 86_400_000,
+        "flow": {"key": "hourly", "ordered": true}});
+    let id = created(&node, request);
+    let hour_ms = 3_600_000;
+    let this_hour = now_ms() / hour_ms * hour_ms;
+    let range = json!({"from": this_hour - 4 * hour_ms, "to": this_hour - 1});
+    let (status, backfilled) = post(&node, &format!("/jobs/{id}/backfill"), range);
+    let expected: Vec<u64> = (1..=4).rev().map(|h| this_hour - h * hour_ms).collect();
+    assert_eq!((status, backfilled["fires_added"].clone()), (200, json!(expected)), "{backfilled}");
+    assert!(wait_for(Duration::from_secs(30), || on(&receiver, "/hourly").len() >= 4).await, "none held forever");
+    let requests = on(&receiver, "/hourly");
+    let keys: Vec<String> = requests.iter().map(key_of).collect();
+    assert_eq!(keys, expected.iter().map(|t| format!("{id}:{t}")).collect::<Vec<_>>(), "oldest first");
+    for pair in requests.windows(2) {
+        assert!(pair[1].at_ms >= pair[0].at_ms + 200, "one at a time: {pair:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,13 +259,14 @@ async fn a_keys_rate_holds_over_a_run_its_pause_holds_everything_and_nothing_is_
     delivered.sort_unstable();
     assert_eq!(delivered, (0..12).collect::<Vec<u64>>(), "each once: none dropped, none twice");
     let times: Vec<u64> = requests.iter().map(|r| r.at_ms).collect();
-    assert!(times[0] >= base_ms, "none early");
-    // At most 3 starts per second: any 4 deliveries span most of a second (arrival jitter
-    // allowed for), and 12 take at least 3 periods.
+    assert!(times[0] >= base_ms);
+    // At most 3 starts per second: any 4 deliveries span most of a second (half a second
+    // of arrival jitter allowed for; without the limit all 12 arrive within a few ms), and
+    // 12 take at least 3 periods.
     for window in times.windows(4) {
-        assert!(window[3] - window[0] >= 700, "more than 3 within a second: {times:?}");
+        assert!(window[3] - window[0] >= 500, "more than 3 within a second: {times:?}");
     }
-    assert!(times[11] - times[0] >= 2_700, "{times:?}");
+    assert!(times[11] - times[0] >= 2_500, "{times:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,8 +305,10 @@ async fn trigger_now_and_backfill_produce_exactly_the_expected_fires() {
         [&first, &second].iter().map(|t| t["fires_added"][0].as_u64().expect("a fire time")).collect();
     assert_ne!(fired[0], fired[1], "each trigger is a fire of its own");
     // A daily job backfilled over the three days before today's 03:00.
-    created(&node, json!({"id": "daily", "cron": "0 3 * * *", "url": to("/daily", &receiver)}));
     let day_ms = 24 * 3600 * 1000;
+    // It starts tomorrow, so it never fires on its own during the test.
+    let tomorrow = now_ms() + day_ms;
+    created(&node, json!({"id": "daily", "cron": "0 3 * * *", "url": to("/daily", &receiver), "start_at": tomorrow}));
     let today_3am = (now_ms() - 3 * 3600 * 1000) / day_ms * day_ms + 3 * 3600 * 1000;
     let range = json!({"from": today_3am - 3 * day_ms, "to": today_3am - 1});
     let (status, backfilled) = post(&node, "/jobs/daily/backfill", range);
@@ -285,13 +321,21 @@ async fn trigger_now_and_backfill_produce_exactly_the_expected_fires() {
     assert_eq!(keys("/yearly"), want("yearly", &fired), "two triggers, two fires, nothing else");
     assert_eq!(keys("/daily"), want("daily", &expected), "one fire per past occurrence, each with its key");
     assert_eq!(receiver.requests().len(), 5, "each once");
-    // Refusals name the rule: a future range, a range too long, a one-time job.
+    // Refusals name the rule: a future range, a range too long, a one-time job, no end.
     let future = post(&node, "/jobs/daily/backfill", json!({"from": now_ms(), "to": now_ms() + day_ms}));
     assert_eq!((future.0, future.1["field"].as_str()), (400, Some("to")), "{}", future.1);
-    let huge = post(&node, "/jobs/yearly/backfill", json!({"from": 0, "to": 1}));
-    assert_eq!(huge.0, 200, "an empty range adds nothing: {}", huge.1);
+    let years =
+        post(&node, "/jobs/daily/backfill", json!({"from": now_ms() - 1_100 * day_ms, "to": now_ms() - day_ms}));
+    assert_eq!((years.0, years.1["field"].as_str()), (400, Some("to")), "1,100 fires: {}", years.1);
+    assert!(years.1["error"].as_str().is_some_and(|e| e.contains("more than 1000")), "{}", years.1);
+    created(&node, json!({"id": "one-time", "run_at": now_ms() + day_ms, "url": to("/x", &receiver)}));
+    let once = post(&node, "/jobs/one-time/backfill", json!({"from": 0, "to": 1}));
+    assert_eq!((once.0, once.1["field"].as_str()), (400, Some("id")), "{}", once.1);
+    let empty = post(&node, "/jobs/yearly/backfill", json!({"from": 0, "to": 1}));
+    assert_eq!((empty.0, empty.1["fires_added"].clone()), (200, json!([])), "an empty range adds nothing");
     let missing = post(&node, "/jobs/daily/backfill", json!({"from": 0}));
     assert_eq!((missing.0, missing.1["field"].as_str()), (400, Some("to")));
+    assert_eq!(receiver.requests().len(), 5, "and nothing more fired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,14 +343,16 @@ async fn an_upsert_replaces_a_schedule_by_id_and_both_apis_have_it() {
     let receiver = answering(Reply::status(200)).await;
     let data = tempfile::tempdir().expect("tempdir");
     let node = Node::start(data.path());
-    let later = json!({"url": to("/old", &receiver), "run_at": now_ms() + 3_600_000});
-    assert_eq!(node.call("PUT", "/jobs/nightly", later.to_string().as_bytes()).0, 201);
-    assert_eq!(node.call("PUT", "/jobs/nightly", later.to_string().as_bytes()).0, 200, "unchanged");
-    let sooner = json!({"url": to("/new", &receiver), "delay": 500});
-    let (status, replaced) = node.call("PUT", "/jobs/nightly", sooner.to_string().as_bytes());
+    let soon = json!({"url": to("/old", &receiver), "run_at": now_ms() + 2_000});
+    assert_eq!(node.call("PUT", "/jobs/nightly", soon.to_string().as_bytes()).0, 201);
+    assert_eq!(node.call("PUT", "/jobs/nightly", soon.to_string().as_bytes()).0, 200, "unchanged");
+    // Replaced before it fires: later, elsewhere.
+    let later = json!({"url": to("/new", &receiver), "run_at": now_ms() + 4_000});
+    let (status, replaced) = node.call("PUT", "/jobs/nightly", later.to_string().as_bytes());
     assert_eq!((status, replaced["webhook_url"].as_str()), (200, Some(to("/new", &receiver).as_str())));
     assert!(wait_for(Duration::from_secs(20), || !on(&receiver, "/new").is_empty()).await);
-    assert!(on(&receiver, "/old").is_empty(), "the replaced schedule never fired");
+    assert!(on(&receiver, "/old").is_empty(), "the replaced schedule (due before the new one) never fired");
+    assert_eq!(on(&receiver, "/new").len(), 1);
     let wrong_id = json!({"id": "other", "url": to("/new", &receiver), "delay": 0});
     let (status, refused) = node.call("PUT", "/jobs/nightly", wrong_id.to_string().as_bytes());
     assert_eq!((status, refused["field"].as_str()), (400, Some("id")));
@@ -431,7 +477,8 @@ async fn dst_policies_on_a_spring_forward_and_a_fall_back_day_with_real_zone_dat
         &node,
         json!({"cron": "30 1 * * *", "time_zone": "America/New_York", "url": url, "dst": {"repeated": "both"}}),
     );
-    assert_eq!(job(&node, &id)["type"], "recurrente");
+    let shown = job(&node, &id);
+    assert_eq!(shown["schedule"]["dst"], json!({"repeated": "both", "missing": "shift"}), "{shown}");
     let (status, refused) = post(&node, "/jobs", new_york(json!({"repeated": "twice"})));
     assert_eq!((status, refused["field"].as_str()), (400, Some("dst.repeated")));
 }

@@ -77,6 +77,8 @@ class Job:
     flow: Optional[Dict[str, Any]] = None
     callbacks: Optional[Dict[str, Optional[str]]] = None
     callbacks_pending: int = 0
+    retry: Optional[Dict[str, Any]] = None
+    signing: Optional[Dict[str, bool]] = None
     # Answers to trigger, backfill and redrive_job: the fire times added or put back.
     fires_added: Optional[List[int]] = None
 

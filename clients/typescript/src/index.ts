@@ -53,6 +53,10 @@ export interface Job {
   flow: FlowSettings | null;
   callbacks: { on_success: string | null; on_failure: string | null };
   callbacks_pending: number;
+  /** The retry policy: max_attempts, backoff, initial_backoff_ms, max_backoff_ms, multiplier, jitter. */
+  retry: Record<string, unknown>;
+  /** Whether the job signs with its own secret, and is rotating it (secrets are never shown). */
+  signing: { own_secret: boolean; rotating: boolean };
   /** In answers to trigger, backfill and redriveJob: the fire times added or put back. */
   fires_added?: number[];
 }
@@ -93,7 +97,7 @@ export interface BulkReport {
 export const JOB_FIELDS: ReadonlyArray<keyof Job> = [
   "id", "type", "status", "webhook_url", "method", "schedule",
   "next_fire_ms", "paused", "priority", "labels", "created_ms", "fires",
-  "paused_reason", "flow", "callbacks", "callbacks_pending", "fires_added",
+  "paused_reason", "flow", "callbacks", "callbacks_pending", "fires_added", "retry", "signing",
 ];
 
 export interface Execution {

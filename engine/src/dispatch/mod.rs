@@ -33,7 +33,7 @@ const RETRY_AFTER_MS_MAX: u64 = 24 * 3600 * 1000;
 pub const NO_RETRY_HEADER: &str = "x-sundial-no-retry";
 
 fn says_yes(value: &str) -> bool {
-    matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes")
+    matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "1")
 }
 
 #[derive(Clone, Debug)]
@@ -205,6 +205,19 @@ impl Dispatcher {
     /// Drops a job's queued attempts and aborts its running ones (they report `Aborted`).
     pub fn cancel(&self, job_id: &str) {
         self.cancel_matching(|job, _| job == job_id);
+    }
+
+    /// Drops a job's queued attempts and aborts its running ones, callbacks excepted.
+    pub fn cancel_fires(&self, job_id: &str) {
+        let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
+        inner.queue.retain(|_, queued| queued.attempt.job_id != job_id || queued.attempt.callback);
+        let running: Vec<(String, u64, bool)> =
+            inner.running.keys().filter(|(job, _, callback)| job == job_id && !callback).cloned().collect();
+        for key in running {
+            if let Some(cancel) = inner.running.remove(&key) {
+                let _ = cancel.send(());
+            }
+        }
     }
 
     /// Drops every queued attempt and aborts the running ones (leadership moved away).
