@@ -289,6 +289,26 @@ async fn killing_the_busiest_leader_loses_no_acknowledged_job() {
         }
     }
 
+    // Finished jobs on every partition, whose ids the dedup window must keep refusing after
+    // the failover (the window is replicated with each create).
+    let finished: Vec<String> = (0..32).map(|n| format!("done-{n}")).collect();
+    let finished_jobs: Vec<Value> = finished.iter().map(|id| job(id, now_ms(), target)).collect();
+    let (status, _) =
+        call(cluster.http(1), "POST", "/jobs/batch", json!({"jobs": finished_jobs}).to_string().as_bytes());
+    assert_eq!(status, 200);
+    let all_completed = wait_for(Duration::from_secs(30), || {
+        finished
+            .iter()
+            .all(|id| call(cluster.http(1), "GET", &format!("/jobs/{id}/status"), b"").1["status"] == "completed")
+    })
+    .await;
+    assert!(
+        all_completed,
+        "the finished jobs completed
+{}",
+        cluster.logs()
+    );
+
     // More are created while the leader dies: only acknowledged ones must fire.
     let creating = Arc::new(AtomicBool::new(true));
     let nodes: Vec<SocketAddr> = (1..=3).map(|id| cluster.http(id)).collect();
@@ -318,6 +338,21 @@ async fn killing_the_busiest_leader_loses_no_acknowledged_job() {
     let killed_ms = now_ms();
     cluster.kill(busiest);
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // New leaders refuse the finished jobs' ids as duplicates, as the old ones did.
+    let survivor = cluster.http(if busiest == 1 { 2 } else { 1 });
+    for (id, body) in finished.iter().zip(&finished_jobs) {
+        let refused = wait_for(Duration::from_secs(20), || {
+            let (status, answer) = call(survivor, "POST", "/jobs", body.to_string().as_bytes());
+            status == 409 && answer["code"] == "duplicate"
+        })
+        .await;
+        assert!(
+            refused,
+            "{id} was not refused as a duplicate after the failover
+{}",
+            cluster.logs()
+        );
+    }
     cluster.start_member(busiest);
     tokio::time::sleep(Duration::from_secs(2)).await;
     creating.store(false, Ordering::Relaxed);
