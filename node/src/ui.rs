@@ -233,7 +233,8 @@ pub async fn job(router: &Router, id: &str) -> Page {
             crate::cli::time_text(&e["started_ms"]),
             text(&e["status_code"]),
             text(&e["latency_ms"]),
-            text(&e["error"]),
+            // An attempt's error, or what happened to the job (a callback, an auto-pause).
+            if e["error"].is_null() { text(&e["note"]) } else { text(&e["error"]) },
             text(&e["response_body"]),
         ));
     }
@@ -246,12 +247,19 @@ pub async fn job(router: &Router, id: &str) -> Page {
     let body = format!(
         "<table class=\"spec\"><tr><th>ID</th><td id=\"job-id\">{id}</td></tr><tr><th>Status</th><td id=\"job-status\" class=\"{status}\">{status}{paused}</td></tr>\
          <tr><th>Schedule</th><td>{when}</td></tr><tr><th>Target</th><td>{method} {url}</td></tr><tr><th>Next fire</th><td>{next}</td></tr>\
-         <tr><th>Fires</th><td>{ok} succeeded, {failed} failed, {missed} missed</td></tr><tr><th>Created</th><td>{created}</td></tr></table>\
+         <tr><th>Fires</th><td>{ok} succeeded, {failed} failed, {missed} missed</td></tr><tr><th>Created</th><td>{created}</td></tr>{flow}</table>\
          <h2>Attempts</h2><svg class=\"timeline\" viewBox=\"0 0 570 100\" width=\"570\" height=\"100\">{bars}</svg>\
          <table id=\"executions\"><tr><th>Fire</th><th>Attempt</th><th>Started</th><th>Status</th><th>Latency</th><th>Error</th><th>Response</th></tr>{rows}</table>",
         id = text(&job["id"]),
         status = text(&job["status"]),
-        paused = if job["paused"] == true { " (paused)" } else { "" },
+        paused = match (&job["paused"], job["paused_reason"].as_str()) {
+            (Value::Bool(true), Some(reason)) => format!(" (paused: {})", escape(reason)),
+            (Value::Bool(true), None) => " (paused)".to_string(),
+            _ => String::new(),
+        },
+        flow = job["flow"]["key"].as_str().map_or_else(String::new, |key| {
+            format!("<tr><th>Flow key</th><td>{}{}</td></tr>", escape(key), if job["flow"]["ordered"] == true { " (ordered)" } else { "" })
+        }),
         method = text(&job["method"]),
         url = text(&job["webhook_url"]),
         next = crate::cli::time_text(&job["next_fire_ms"]),
