@@ -29,7 +29,19 @@ pub struct Committed {
     pub stops_attempts: bool,
     /// The flow key it paused or resumed, if any.
     pub key: Option<String>,
+    /// A delete (the job's callbacks stop too) or an upsert (it may move the job off a flow
+    /// key): jobs held by any key are looked at again.
+    pub reshapes: Reshape,
     pub verdict: Result<Applied, ApplyError>,
+}
+
+/// What a command did to the shape of the jobs, beyond its own job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Reshape {
+    #[default]
+    None,
+    Deleted,
+    Upserted,
 }
 
 impl Committed {
@@ -56,7 +68,12 @@ impl Committed {
             _ => None,
         };
         let stops_attempts = matches!(command, Command::Cancel { .. } | Command::Delete { .. });
-        Committed { ticket, job, stops_attempts, key, verdict }
+        let reshapes = match command {
+            Command::Delete { .. } => Reshape::Deleted,
+            Command::Upsert { .. } => Reshape::Upserted,
+            _ => Reshape::None,
+        };
+        Committed { ticket, job, stops_attempts, key, reshapes, verdict }
     }
 
     /// A proposal that will never be applied (leadership moved before it committed): its
@@ -67,6 +84,7 @@ impl Committed {
             job: None,
             stops_attempts: false,
             key: None,
+            reshapes: Reshape::None,
             verdict: Err(ApplyError::Unavailable(reason.into())),
         }
     }
@@ -230,6 +248,9 @@ pub struct Runtime<L: CommandLog> {
     flow_starts: HashMap<String, std::collections::VecDeque<u64>>,
     /// Flow key → jobs due but held by the key's limits; woken when one of its attempts ends.
     flow_parked: HashMap<String, std::collections::BTreeSet<String>>,
+    /// Attempts whose start was applied but that the dispatcher's queue refused: submitted
+    /// again each turn (else they would stay in flight until a new leader takes over).
+    unsubmitted: Vec<(String, u64, u32, u64, bool)>,
 }
 
 /// What a flow key's limits say about starting an attempt now.
@@ -291,6 +312,7 @@ impl<L: CommandLog> Runtime<L> {
             flow_pending: HashMap::new(),
             flow_starts: HashMap::new(),
             flow_parked: HashMap::new(),
+            unsubmitted: Vec::new(),
         };
         runtime.advance();
         runtime
@@ -331,6 +353,7 @@ impl<L: CommandLog> Runtime<L> {
         self.flow_pending.clear();
         self.flow_starts.clear();
         self.flow_parked.clear();
+        self.unsubmitted.clear();
         self.dispatcher.cancel_all();
     }
 
@@ -497,10 +520,17 @@ impl<L: CommandLog> Runtime<L> {
             if committed.stops_attempts {
                 // A cancelled job's callbacks of fires that ended still go out; a deleted
                 // job's go with it.
-                if self.log.state().job(id).is_some() {
-                    self.dispatcher.cancel_fires(id);
-                } else {
+                if committed.reshapes == Reshape::Deleted {
                     self.dispatcher.cancel(id);
+                } else {
+                    self.dispatcher.cancel_fires(id);
+                }
+            }
+            if committed.reshapes != Reshape::None {
+                // The job may have left a key (or the state): whatever it held may go.
+                let parked: Vec<String> = self.flow_parked.drain().flat_map(|(_, jobs)| jobs).collect();
+                for held in parked {
+                    self.arm(&held);
                 }
             }
             self.arm(id);
@@ -543,9 +573,11 @@ impl<L: CommandLog> Runtime<L> {
                 Ok(_) => {
                     tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now_ms().saturating_sub(due_ms), "attempt starting");
                     // Room was counted when the fire was proposed; a queue filled meanwhile
-                    // leaves the attempt in flight in the state, re-run at the next take-over.
+                    // keeps the attempt (in flight in the state) for the next turns.
                     if self.submit(&id, fire_ms, attempt, due_ms, callback) {
                         self.stats.attempts_started += 1;
+                    } else if self.unsubmitted.len() < OWN_PROPOSALS_MAX {
+                        self.unsubmitted.push((id, fire_ms, attempt, due_ms, callback));
                     }
                 }
                 // Refused (no longer due: cancelled, paused) or abandoned (leadership moved
@@ -634,13 +666,43 @@ impl<L: CommandLog> Runtime<L> {
                 self.arm(&timer.value);
             }
         }
+        // Attempts whose start applied while the queue was full go first.
+        let unsubmitted = std::mem::take(&mut self.unsubmitted);
+        for (id, fire_ms, attempt, due_ms, callback) in unsubmitted {
+            let still_in_flight = self.log.state().job(&id).is_some_and(|job| {
+                if callback {
+                    job.callbacks.get(&fire_ms).is_some_and(|c| c.in_flight && c.attempts + 1 == attempt)
+                } else {
+                    job.active.get(&fire_ms).is_some_and(|f| f.in_flight && f.attempts + 1 == attempt)
+                }
+            });
+            if !still_in_flight {
+                continue;
+            }
+            if self.submit(&id, fire_ms, attempt, due_ms, callback) {
+                self.stats.attempts_started += 1;
+            } else {
+                self.unsubmitted.push((id, fire_ms, attempt, due_ms, callback));
+            }
+        }
         let now = now_ms();
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
         let mut started_in_turn: HashMap<String, u32> = HashMap::new();
+        let mut seen_in_turn: std::collections::HashSet<String> = std::collections::HashSet::new();
         for timer in expired {
             let id = timer.value;
-            self.timers.remove(&id);
+            // The map names the job's current timer; an older one that fired is only a hint.
+            if self.timers.get(&id) == Some(&timer.handle) {
+                self.timers.remove(&id);
+            }
+            if !seen_in_turn.insert(id.clone()) {
+                continue; // one start per job per turn
+            }
+            if let Some(handle) = self.timers.remove(&id) {
+                // A newer timer: this turn looks at the job now, and re-arms it as needed.
+                self.wheel.cancel(handle);
+            }
             let Some((due_ms, due)) = self.log.state().next_due(&id) else { continue };
             if due_ms > now {
                 self.arm(&id); // moved later meanwhile
@@ -658,31 +720,29 @@ impl<L: CommandLog> Runtime<L> {
             if let Some(key) = flow_key.clone() {
                 let gate = self.flow_gate(&key, &id, fire_ms, now, started_in_turn.get(&key).copied().unwrap_or(0));
                 if !matches!(gate, FlowGate::Go) {
-                    // Held by its key. A callback of the job (never held) may go meanwhile.
+                    // Held by its key. A callback of the job (never held) may go meanwhile:
+                    // now if due (and the held fire is looked at again after its verdict),
+                    // else the job's timer also wakes for it.
                     let callback_due = self.log.state().next_callback(&id);
-                    match gate {
-                        FlowGate::Park => {
-                            self.flow_parked.entry(key).or_default().insert(id.clone());
-                        }
-                        FlowGate::WaitUntil(at_ms) => {
-                            let at_ms = callback_due.map_or(at_ms, |(due_ms, _)| at_ms.min(due_ms.max(now + 1)));
-                            if let Ok(handle) = self.wheel.insert(at_ms, id.clone()) {
-                                self.timers.insert(id.clone(), handle);
-                            }
-                        }
-                        FlowGate::Go => unreachable!("matched above"),
-                    }
-                    match callback_due {
-                        Some((due_ms, Due::Callback { fire_ms: f, attempt: a })) if due_ms <= now => {
+                    if let Some((due_ms, Due::Callback { fire_ms: f, attempt: a })) = callback_due {
+                        if due_ms <= now {
                             (fire_ms, attempt, callback, flow_key) = (f, a, true, None);
                         }
-                        Some((due_ms, _)) if !self.timers.contains_key(&id) => {
-                            if let Ok(handle) = self.wheel.insert(due_ms, id.clone()) {
-                                self.timers.insert(id, handle);
-                            }
-                            continue;
+                    }
+                    if !callback {
+                        let wake_ms = match gate {
+                            FlowGate::WaitUntil(at_ms) => Some(at_ms),
+                            _ => None,
+                        };
+                        if matches!(gate, FlowGate::Park) {
+                            self.flow_parked.entry(key).or_default().insert(id.clone());
                         }
-                        _ => continue,
+                        let callback_ms = callback_due.map(|(due_ms, _)| due_ms);
+                        let at_ms = [wake_ms, callback_ms].into_iter().flatten().min();
+                        if let Some(handle) = at_ms.and_then(|at_ms| self.wheel.insert(at_ms, id.clone()).ok()) {
+                            self.timers.insert(id, handle);
+                        }
+                        continue;
                     }
                 }
             }
@@ -741,8 +801,14 @@ impl<L: CommandLog> Runtime<L> {
                 Err(error) => {
                     if let OwnProposal::FireStart { id, flow_key, .. } = &proposal {
                         tracing::debug!(job_id = %id, %error, "could not start a fire; it stays due");
-                        if let Some(pending) = flow_key.as_ref().and_then(|key| self.flow_pending.get_mut(key)) {
-                            *pending = pending.saturating_sub(1);
+                        if let Some(key) = flow_key {
+                            if let Some(pending) = self.flow_pending.get_mut(key) {
+                                *pending = pending.saturating_sub(1);
+                            }
+                            // The start never happened: its rate slot is given back.
+                            if let Some(starts) = self.flow_starts.get_mut(key) {
+                                starts.pop_back();
+                            }
                         }
                         let id = id.clone();
                         if let Ok(handle) = self.wheel.insert(now_ms() + QUEUE_FULL_RETRY_MS, id.clone()) {
@@ -849,15 +915,17 @@ impl<L: CommandLog> Runtime<L> {
                     "attempt failed"
                 ),
             }
+            // Spans are recorded for webhook attempts (callbacks have none).
+            let keep_outcome = self.config.record_spans && !result.callback;
+            proposals.push(OwnProposal::Finish {
+                id: result.job_id.clone(),
+                fire_ms: result.fire_ms,
+                attempt: result.attempt,
+                started_ms: result.started_ms,
+                finished_ms: result.finished_ms,
+                outcome: keep_outcome.then(|| result.outcome.clone()),
+            });
             if result.callback {
-                proposals.push(OwnProposal::Finish {
-                    id: result.job_id.clone(),
-                    fire_ms: result.fire_ms,
-                    attempt: result.attempt,
-                    started_ms: result.started_ms,
-                    finished_ms: result.finished_ms,
-                    outcome: None,
-                });
                 commands.push(Command::CallbackFinished {
                     id: result.job_id,
                     fire_ms: result.fire_ms,
@@ -869,14 +937,6 @@ impl<L: CommandLog> Runtime<L> {
                 });
                 continue;
             }
-            proposals.push(OwnProposal::Finish {
-                id: result.job_id.clone(),
-                fire_ms: result.fire_ms,
-                attempt: result.attempt,
-                started_ms: result.started_ms,
-                finished_ms: result.finished_ms,
-                outcome: self.config.record_spans.then(|| result.outcome.clone()),
-            });
             commands.push(Command::AttemptFinished {
                 id: result.job_id,
                 fire_ms: result.fire_ms,

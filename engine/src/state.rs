@@ -272,6 +272,23 @@ pub struct Execution {
 }
 
 impl Execution {
+    /// A history line for something that happened to the job at `now_ms` rather than an
+    /// attempt (attempt 0): missed fires, an auto-pause, a dropped callback.
+    fn event(fire_ms: u64, now_ms: u64, missed: u64, note: Option<String>) -> Execution {
+        Execution {
+            fire_ms,
+            attempt: 0,
+            node: 0,
+            started_ms: now_ms,
+            finished_ms: now_ms,
+            status_code: None,
+            error: None,
+            response_body: Vec::new(),
+            missed,
+            note,
+        }
+    }
+
     /// How long the attempt took, send to answer (or to giving up).
     pub fn latency_ms(&self) -> u64 {
         self.finished_ms.saturating_sub(self.started_ms)
@@ -590,10 +607,7 @@ impl State {
     /// The key's job whose fire or retry is due first (ordered delivery runs that one
     /// next): (due time, job id).
     pub fn flow_first_due<'a>(&'a self, key: &'a FlowKey) -> Option<(u64, &'a str)> {
-        let due = key.jobs.iter().filter_map(|id| {
-            let (due_ms, what) = self.next_due_ignoring_key(id)?;
-            (!matches!(what, Due::Callback { .. })).then_some((due_ms, id.as_str()))
-        });
+        let due = key.jobs.iter().filter_map(|id| Some((self.next_fire_due(id)?.0, id.as_str())));
         due.min()
     }
 
@@ -670,7 +684,7 @@ impl State {
                 let job = self.job_mut(&id)?;
                 let stale = || ApplyError::StaleAttempt { id: id.clone(), fire_ms, attempt };
                 let callback = job.callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
-                if attempt != callback.attempts + 1 {
+                if attempt != callback.attempts + 1 || callback.in_flight {
                     return Err(stale());
                 }
                 callback.in_flight = true;
@@ -758,12 +772,21 @@ impl State {
         if status.is_final() != job.status.is_final() || job.finished_ms.is_none() {
             job.finished_ms = status.is_final().then_some(now_ms);
         }
+        // A finished job is no longer paused by anything (a resume could not clear it).
+        if status.is_final() && job.paused_reason.take().is_some() {
+            self.auto_paused -= 1;
+        }
         job.status = status;
     }
 
     /// Puts a dead-lettered fire back with a full new set of attempts, its deadline counted
     /// from now.
     fn redrive(&mut self, id: &str, fire_ms: u64, now_ms: u64) -> Result<(), ApplyError> {
+        if self.jobs.get(id).is_some_and(|job| job.active.contains_key(&fire_ms)) {
+            // Backfilled or triggered again meanwhile: it runs already.
+            let status = self.jobs[id].status;
+            return Err(invalid(id, status, "redrive (that fire is active again)"));
+        }
         if self.remove_dead_letter(id, fire_ms).is_none() {
             return Err(ApplyError::NotDeadLettered { id: id.to_string(), fire_ms });
         }
@@ -816,7 +839,8 @@ impl State {
     /// replaced whole; no dedup window: an upsert says what it means).
     fn upsert(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
         let Some(existing) = self.jobs.get(&spec.id) else { return self.insert_new(spec, now_ms) };
-        if existing.spec.same_job(&spec) && !existing.status.is_final() {
+        // The same spec again changes nothing, finished or not (a repeated PUT never re-runs it).
+        if existing.spec.same_job(&spec) {
             return Ok(Applied::AlreadyExists);
         }
         self.check_dependencies(&spec)?;
@@ -834,19 +858,28 @@ impl State {
         let taken_in_dead_letters = self.dead_letters.get(&id).cloned().unwrap_or_default();
         let job = self.jobs.get_mut(&id).expect("checked");
         let old_dependencies = std::mem::take(&mut job.spec.depends_on);
+        let started_at = |at_ms: u64| matches!(job.spec.schedule, Schedule::Once { at_ms: old } if old == at_ms && job.next_fire_ms.is_none());
         job.next_fire_ms = match (&spec.schedule, first_fire(&spec, now_ms)) {
             // A one-time fire that already ran (or runs, or was dead-lettered) is not run again.
             (Schedule::Once { .. }, Some(at_ms))
-                if job.active.contains_key(&at_ms)
+                if started_at(at_ms)
+                    || job.active.contains_key(&at_ms)
                     || taken_in_dead_letters.contains_key(&at_ms)
                     || job.history.iter().any(|e| e.fire_ms == at_ms) =>
             {
                 None
             }
-            // A cron fire of the old cron schedule that is due and not started yet is kept: it
-            // starts under the new spec (its misfire policy applying) rather than being dropped.
-            (Schedule::Cron(_), first) => match (&job.spec.schedule, job.next_fire_ms) {
-                (Schedule::Cron(_), Some(old)) if old <= now_ms => Some(old),
+            // A cron fire of the old cron schedule that is due and not started yet is kept
+            // (within the new start and end): it starts under the new spec, its misfire policy
+            // applying, rather than being dropped.
+            (Schedule::Cron(cron), first) => match (&job.spec.schedule, job.next_fire_ms) {
+                (Schedule::Cron(_), Some(old))
+                    if old <= now_ms
+                        && cron.start_ms.is_none_or(|start| old >= start)
+                        && cron.end_ms.is_none_or(|end| old <= end) =>
+                {
+                    Some(old)
+                }
                 _ => first,
             },
             (_, first) => first,
@@ -915,6 +948,8 @@ impl State {
     /// and end do not limit a backfill), run now, oldest first; occurrences with a fire
     /// already active are left out.
     fn backfill(&mut self, id: &str, from_ms: u64, to_ms: u64, now_ms: u64) -> Result<Applied, ApplyError> {
+        let dead_lettered: BTreeSet<u64> =
+            self.dead_letters.get(id).map(|fires| fires.keys().copied().collect()).unwrap_or_default();
         let job = self.job_mut(id)?;
         if job.status == Status::Cancelled || job.paused {
             let action = if job.paused { "backfill (resume it first)" } else { "backfill" };
@@ -943,7 +978,10 @@ impl State {
         // Occurrences from the next scheduled fire on are the schedule's own (an overdue one
         // starts by its misfire policy): a backfill covers those the schedule has passed.
         let scheduled_from = job.next_fire_ms.unwrap_or(u64::MAX);
-        occurrences.retain(|fire_ms| !job.active.contains_key(fire_ms) && *fire_ms < scheduled_from);
+        // A dead-lettered occurrence is redriven, not backfilled.
+        occurrences.retain(|fire_ms| {
+            !job.active.contains_key(fire_ms) && !dead_lettered.contains(fire_ms) && *fire_ms < scheduled_from
+        });
         for fire_ms in &occurrences {
             let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
             job.active.insert(*fire_ms, fire);
@@ -968,8 +1006,8 @@ impl State {
         let status = if next_fire_ms.is_some() { Status::Pending } else { Status::Completed };
         let id = spec.id.clone();
         // A finished job with this id is replaced whole (its dead letters stay: they name
-        // past fires of this id).
-        self.detach(&id);
+        // past fires of this id, and so do its callbacks still waiting, which go on).
+        let callbacks = self.detach(&id).map(|old| old.callbacks).unwrap_or_default();
         if let Some(finished_ms) = self.tombstones.remove(&id) {
             self.tombstone_order.remove(&(finished_ms, id.clone()));
         }
@@ -988,7 +1026,7 @@ impl State {
             finished_ms: (status == Status::Completed).then_some(now_ms),
             failures_in_a_row: 0,
             paused_reason: None,
-            callbacks: BTreeMap::new(),
+            callbacks,
         };
         self.join_flow_key(&job.spec);
         self.counts[status as usize] += 1;
@@ -1026,13 +1064,16 @@ impl State {
             let job = self.jobs.get(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
             self.dependencies_done(job)
         };
+        let key_paused = self.flow_key_of(id).is_some_and(|(_, key)| key.paused);
         let job = self.jobs.get_mut(id).expect("checked");
-        if job.status.is_final() || job.paused {
-            return Err(invalid(id, job.status, "start a fire"));
+        if job.status.is_final() || job.paused || key_paused {
+            let action = if key_paused { "start a fire (its flow key is paused)" } else { "start a fire" };
+            return Err(invalid(id, job.status, action));
         }
         if let Some(fire) = job.active.get_mut(&fire_ms) {
-            // A retry, or a re-run of an attempt whose leader died mid-way.
-            if attempt != fire.attempts + 1 {
+            // A retry. (An attempt left in flight by a leader that died is re-run by the next
+            // one without a new start; a second start of the same attempt is a duplicate.)
+            if attempt != fire.attempts + 1 || fire.in_flight {
                 return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
             }
             fire.in_flight = true;
@@ -1274,12 +1315,20 @@ impl State {
 
     /// `next_due` as if the job's flow key were not paused.
     fn next_due_ignoring_key(&self, id: &str) -> Option<(u64, Due)> {
-        let job = self.jobs.get(id)?;
+        let fire = self.next_fire_due(id);
         let callback = self.next_callback(id);
+        [fire, callback].into_iter().flatten().min_by_key(|(due_ms, _)| *due_ms)
+    }
+
+    /// The job's next fire or retry (not callback), as if its flow key were not paused.
+    fn next_fire_due(&self, id: &str) -> Option<(u64, Due)> {
+        let job = self.jobs.get(id)?;
         if job.status.is_final() || job.paused {
-            return callback;
+            return None;
         }
-        let concurrent = matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
+        // An ordered key runs one fire at a time: its jobs' fires never overlap.
+        let ordered = self.flow_key_of(id).is_some_and(|(_, key)| key.ordered);
+        let concurrent = !ordered && matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
         // Fires added to the job (trigger, backfill, redrive) start one after another unless
         // its fires may overlap: a fire not started waits while another has started.
         let one_started = job.active.values().any(|fire| fire.in_flight || fire.attempts > 0);
@@ -1295,7 +1344,7 @@ impl State {
             .next_fire_ms
             .filter(|_| overlap_allows && self.dependencies_done(job))
             .map(|fire_ms| (fire_ms, Due::NewFire { fire_ms }));
-        [retry, new_fire, callback].into_iter().flatten().min_by_key(|(due_ms, _)| *due_ms)
+        [retry, new_fire].into_iter().flatten().min_by_key(|(due_ms, _)| *due_ms)
     }
 
     /// Attempts that a leader started and never finished: a new leader runs them again with
@@ -1426,19 +1475,7 @@ fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms
         if let Some(dropped) = oldest {
             job.callbacks.remove(&dropped);
             let note = format!("callback dropped: more than {CALLBACKS_PENDING_MAX} waiting");
-            let execution = Execution {
-                fire_ms: dropped,
-                attempt: 0,
-                node: 0,
-                started_ms: now_ms,
-                finished_ms: now_ms,
-                status_code: None,
-                error: None,
-                response_body: Vec::new(),
-                missed: 0,
-                note: Some(note),
-            };
-            push_history(job, execution);
+            push_history(job, Execution::event(dropped, now_ms, 0, Some(note)));
         }
     }
 }
@@ -1459,21 +1496,7 @@ fn count_fire_for_auto_pause(job: &mut Job, failed: bool, fire_ms: u64, now_ms: 
     let reason = format!("paused itself after {limit} failed fires in a row");
     job.paused = true;
     job.paused_reason = Some(reason.clone());
-    push_history(
-        job,
-        Execution {
-            fire_ms,
-            attempt: 0,
-            node: 0,
-            started_ms: now_ms,
-            finished_ms: now_ms,
-            status_code: None,
-            error: None,
-            response_body: Vec::new(),
-            missed: 0,
-            note: Some(reason),
-        },
-    );
+    push_history(job, Execution::event(fire_ms, now_ms, 0, Some(reason)));
     true
 }
 
@@ -1510,19 +1533,7 @@ fn record_missed(job: &mut Job, missed: u64, first_fire_ms: u64, now_ms: u64) {
         return;
     }
     job.fires_missed += missed;
-    let execution = Execution {
-        fire_ms: first_fire_ms,
-        attempt: 0,
-        node: 0,
-        started_ms: now_ms,
-        finished_ms: now_ms,
-        status_code: None,
-        error: None,
-        response_body: Vec::new(),
-        missed,
-        note: None,
-    };
-    push_history(job, execution);
+    push_history(job, Execution::event(first_fire_ms, now_ms, missed, None));
 }
 
 /// The job's parsed schedule (validated at create, so parsing succeeds).

@@ -352,9 +352,10 @@ fn a_new_leader_finds_the_attempts_left_in_flight() {
     create(&mut state, once("a", T0 + 10)).expect("created");
     start(&mut state, "a", T0 + 10, 1, T0 + 10).expect("started");
     assert_eq!(state.in_flight(), vec![("a".to_string(), T0 + 10, 1)]);
-    // The new leader re-runs attempt 1 of the same fire (same idempotency key).
-    start(&mut state, "a", T0 + 10, 1, T0 + 2_000).expect("re-run accepted");
-    finish(&mut state, "a", T0 + 10, 1, T0 + 2_100, 200).expect("recorded");
+    // The new leader re-runs attempt 1 of the same fire (same idempotency key) as it is:
+    // without a new start (a second start of it would be a duplicate, refused).
+    assert!(matches!(start(&mut state, "a", T0 + 10, 1, T0 + 2_000), Err(ApplyError::StaleAttempt { .. })));
+    finish(&mut state, "a", T0 + 10, 1, T0 + 2_100, 200).expect("the re-run's outcome is recorded");
     assert!(state.in_flight().is_empty());
 }
 
@@ -891,6 +892,47 @@ fn dst_policies_hold_through_the_state_machine_with_real_zone_data() {
     let fired: Vec<u64> = (0..3).map(|_| run_next(&mut state, "ny", 200).0).collect();
     let hours = |t: u64| (t - 1_793_491_200_000) as f64 / 3_600_000.0; // hours after 2026-11-01T00:00Z
     assert_eq!(fired.iter().map(|t| hours(*t)).collect::<Vec<_>>(), [5.5, 6.5, 30.5]);
+}
+
+#[test]
+fn a_second_start_of_the_same_attempt_is_refused_as_a_duplicate() {
+    let mut state = State::new();
+    let at = T0 + 1_000;
+    let mut spec = once("d", at);
+    spec.callbacks.on_success = Some("https://example.com/ok".into());
+    create(&mut state, spec).expect("created");
+    start(&mut state, "d", at, 1, at).expect("started");
+    let digest = state.digest();
+    assert!(matches!(start(&mut state, "d", at, 1, at + 1), Err(ApplyError::StaleAttempt { .. })));
+    assert_eq!(state.digest(), digest);
+    finish(&mut state, "d", at, 1, at + 10, 200).expect("finished");
+    let callback = |state: &mut State| {
+        state.apply(Command::CallbackStarted { id: "d".into(), fire_ms: at, attempt: 1, now_ms: at + 20 })
+    };
+    callback(&mut state).expect("the callback starts");
+    assert!(matches!(callback(&mut state), Err(ApplyError::StaleAttempt { .. })), "once");
+}
+
+#[test]
+fn an_ordered_keys_job_never_overlaps_its_own_fires_even_with_overlap_allow() {
+    let mut state = State::new();
+    // Every second: the next fire (+1 s) comes due before the failed one's retry (+1.01 s).
+    let mut spec = cron("o", "* * * * * *", "fire_all", "allow");
+    spec.flow = Some(sundial_engine::job::Flow {
+        key: "ordered".into(),
+        parallelism: None,
+        rate: None,
+        period_ms: None,
+        ordered: Some(true),
+    });
+    create(&mut state, spec).expect("created");
+    let (first, _) = run_next(&mut state, "o", 500); // failed: a retry is due
+    let (due_ms, due) = state.next_due("o").expect("due");
+    assert_eq!(due, Due::Retry { fire_ms: first, attempt: 2 }, "the retry, not the next fire, at {due_ms}");
+    state.apply(Command::PauseKey { key: "ordered".into() }).expect("paused");
+    let refused =
+        state.apply(Command::FireStarted { id: "o".into(), fire_ms: first, attempt: 2, node: 1, now_ms: due_ms });
+    assert!(matches!(refused, Err(ApplyError::InvalidState { .. })), "no start while its key is paused");
 }
 
 /// The digest check can fail: one different command gives a different digest.

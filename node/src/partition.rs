@@ -322,6 +322,7 @@ impl Partition {
                                 job: None,
                                 stops_attempts: false,
                                 key: None,
+                                reshapes: Default::default(),
                                 verdict,
                             });
                             self.applied_since_snapshot += 1;
@@ -377,6 +378,7 @@ impl Partition {
                 job: None,
                 stops_attempts: false,
                 key: None,
+                reshapes: Default::default(),
                 verdict: Ok(Applied::Done),
             });
         }
