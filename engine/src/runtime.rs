@@ -708,15 +708,13 @@ impl<L: CommandLog> Runtime<L> {
                 self.arm(&id); // moved later meanwhile
                 continue;
             }
-            let (fire_ms, attempt, callback) = match due {
+            let (mut fire_ms, mut attempt, mut callback) = match due {
                 Due::NewFire { fire_ms } => (fire_ms, 1, false),
                 Due::Retry { fire_ms, attempt } => (fire_ms, attempt, false),
                 Due::Callback { fire_ms, attempt } => (fire_ms, attempt, true),
             };
-            let flow_key =
+            let mut flow_key =
                 if callback { None } else { self.log.state().flow_key_of(&id).map(|(key, _)| key.to_string()) };
-            let mut flow_key = flow_key;
-            let (mut fire_ms, mut attempt, mut callback) = (fire_ms, attempt, callback);
             if let Some(key) = flow_key.clone() {
                 let gate = self.flow_gate(&key, &id, fire_ms, now, started_in_turn.get(&key).copied().unwrap_or(0));
                 if !matches!(gate, FlowGate::Go) {
