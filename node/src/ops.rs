@@ -155,9 +155,9 @@ pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, how: Create
     let mut plan = CreatePlan { answers: Vec::with_capacity(specs.len()), waiting: Vec::new(), commands: Vec::new() };
     let mut admitted = 0usize;
     for spec in specs {
-        // A create of a job that exists is answered by the state machine (200 or 409); it
-        // takes no room.
-        // A finished job a create replaces (or an upsert revives) is live again: it takes room.
+        // A create of a live job that exists is answered by the state machine (200 or 409)
+        // and takes no room; a finished job a create replaces (or an upsert revives) is live
+        // again, so it does.
         let exists = state.job(&spec.id).is_some_and(|job| !job.status.is_final());
         if !exists && admitted >= room {
             // Admission control: a node holding its maximum of live (pending or running)
