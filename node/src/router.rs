@@ -592,17 +592,19 @@ impl Router {
         Ok(values)
     }
 
+    /// The items of a scan whose per-partition values are lists, gathered into one.
+    async fn scan_items(&self, scan: Scan) -> Result<Vec<Value>, Answer> {
+        let per_partition = self.scan(scan).await?;
+        Ok(per_partition.into_iter().flat_map(|v| if let Value::Array(items) = v { items } else { vec![] }).collect())
+    }
+
     /// `GET /jobs`: the oldest `limit` jobs (of one status), across partitions.
     pub async fn list(&self, status: Option<Status>, limit: usize) -> Answer {
-        let per_partition = match self.scan(Scan::Jobs { status, limit }).await {
-            Ok(values) => values,
+        let mut jobs = match self.scan_items(Scan::Jobs { status, limit }).await {
+            Ok(jobs) => jobs,
             Err(refused) => return refused,
         };
-        let mut jobs: Vec<Value> =
-            per_partition.into_iter().flat_map(|v| if let Value::Array(jobs) = v { jobs } else { vec![] }).collect();
-        jobs.sort_by(|a, b| {
-            (a["created_ms"].as_u64(), a["id"].as_str()).cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
-        });
+        jobs.sort_by(oldest_first);
         jobs.truncate(limit);
         answer(200, json!({"jobs": jobs}))
     }
@@ -610,12 +612,8 @@ impl Router {
     /// Ids of up to `limit` jobs carrying every one of `labels`, oldest first, across
     /// partitions (and members), and whether more match.
     pub async fn labelled(&self, labels: Vec<(String, String)>, limit: usize) -> Result<(Vec<String>, bool), Answer> {
-        let per_partition = self.scan(Scan::Labelled { labels, limit: limit + 1 }).await?;
-        let mut jobs: Vec<Value> =
-            per_partition.into_iter().flat_map(|v| if let Value::Array(jobs) = v { jobs } else { vec![] }).collect();
-        jobs.sort_by(|a, b| {
-            (a["created_ms"].as_u64(), a["id"].as_str()).cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
-        });
+        let mut jobs = self.scan_items(Scan::Labelled { labels, limit: limit + 1 }).await?;
+        jobs.sort_by(oldest_first);
         let more = jobs.len() > limit;
         let ids = jobs.iter().take(limit).filter_map(|job| job["id"].as_str().map(String::from)).collect();
         Ok((ids, more))
@@ -623,12 +621,10 @@ impl Router {
 
     /// `GET /flow-keys`: every flow key (at most `LIST_LIMIT_MAX`), by name.
     pub async fn flow_keys(&self) -> Answer {
-        let per_partition = match self.scan(Scan::FlowKeys { limit: LIST_LIMIT_MAX }).await {
-            Ok(values) => values,
+        let mut keys = match self.scan_items(Scan::FlowKeys { limit: LIST_LIMIT_MAX }).await {
+            Ok(keys) => keys,
             Err(refused) => return refused,
         };
-        let mut keys: Vec<Value> =
-            per_partition.into_iter().flat_map(|v| if let Value::Array(keys) = v { keys } else { vec![] }).collect();
         keys.sort_by(|a, b| a["key"].as_str().cmp(&b["key"].as_str()));
         keys.truncate(LIST_LIMIT_MAX);
         answer(200, json!({"flow_keys": keys}))
@@ -636,12 +632,10 @@ impl Router {
 
     /// `GET /dlq`: the oldest dead letters across partitions.
     pub async fn dead_letters(&self) -> Answer {
-        let per_partition = match self.scan(Scan::DeadLetters { limit: LIST_LIMIT_MAX }).await {
-            Ok(values) => values,
+        let mut letters = match self.scan_items(Scan::DeadLetters { limit: LIST_LIMIT_MAX }).await {
+            Ok(letters) => letters,
             Err(refused) => return refused,
         };
-        let mut letters: Vec<Value> =
-            per_partition.into_iter().flat_map(|v| if let Value::Array(l) = v { l } else { vec![] }).collect();
         letters.sort_by_key(|l| (l["moved_ms"].as_u64(), l["id"].as_str().map(String::from)));
         letters.truncate(LIST_LIMIT_MAX);
         answer(200, json!({"dead_letters": letters}))
@@ -781,6 +775,11 @@ impl Router {
         }
         Ok(self.metrics.encode())
     }
+}
+
+/// Job views (or `{id, created_ms}`) by creation time, then id: the order lists are in.
+fn oldest_first(a: &Value, b: &Value) -> std::cmp::Ordering {
+    (a["created_ms"].as_u64(), a["id"].as_str()).cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
 }
 
 /// The process's resident memory (Linux: /proc/self/statm); `None` where unknown.
