@@ -345,7 +345,7 @@ impl JobSpec {
             } else if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-sundial-") {
                 fail(&format!("headers.{name}"), "is set by Sundial or by HTTP itself".into());
             }
-            let value_ok = hyper::header::HeaderValue::from_str(value).is_ok();
+            let value_ok = http::HeaderValue::from_str(value).is_ok();
             if name.len() + value.len() > HEADER_BYTES_MAX || !value_ok {
                 let rule = format!("at most {HEADER_BYTES_MAX} bytes of visible text, no control characters");
                 fail(&format!("headers.{name}"), rule);
@@ -485,7 +485,7 @@ pub fn check_url(url: &str) -> Result<(), String> {
     if url.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control()) {
         return Err("must not contain spaces or control characters".into());
     }
-    if url.parse::<hyper::Uri>().is_err() {
+    if url.parse::<http::Uri>().is_err() {
         return Err("must be a valid URL".into());
     }
     Ok(())

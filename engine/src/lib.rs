@@ -3,10 +3,10 @@
 //! job model, the state machine and the dispatcher build on it (ARCHITECTURE.md).
 
 pub mod cron;
-pub mod dispatch;
 pub mod job;
+pub mod limits;
 pub mod request;
-pub mod runtime;
+pub mod sign;
 pub mod state;
 pub mod trace;
 pub mod wheel;

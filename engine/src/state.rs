@@ -1449,7 +1449,7 @@ fn callback_document(
     let document = serde_json::json!({
         "job_id": id,
         "fire_ms": fire_ms,
-        "idempotency_key": crate::dispatch::sign::idempotency_key(id, fire_ms),
+        "idempotency_key": crate::sign::idempotency_key(id, fire_ms),
         "outcome": if failure.is_none() { "delivered" } else { "dead_lettered" },
         "reason": failure,
         "attempts": attempts,

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use sundial_engine::dispatch::limits::TokenBucket;
+use sundial_engine::limits::TokenBucket;
 
 pub struct Gate {
     tokens: Vec<String>,

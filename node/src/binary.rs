@@ -118,7 +118,7 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
         };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
-        let verdict = gate.check("POST", "/binary", authorization.as_deref(), sundial_engine::dispatch::now_ms());
+        let verdict = gate.check("POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms());
         let router = router.clone();
         let answers_for_frame = answers.clone();
         tokio::spawn(async move {
@@ -166,7 +166,7 @@ async fn handshake(
     }
     let token = (!token.is_empty()).then_some(token);
     let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
-    match gate.check("POST", "/binary", authorization.as_deref(), sundial_engine::dispatch::now_ms()) {
+    match gate.check("POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms()) {
         Verdict::Allow => {}
         Verdict::Unauthorized => {
             return Err(refusal(hello.request_id, Code::Unauthorized, "a valid token is required"))

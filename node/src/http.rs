@@ -83,7 +83,7 @@ async fn respond(
     let verdict = if console && path == "/ui/login" {
         Verdict::Allow
     } else {
-        gate.check(&method, &path, authorization, sundial_engine::dispatch::now_ms())
+        gate.check(&method, &path, authorization, sundial_dispatch::now_ms())
     };
     if console && verdict != Verdict::Allow {
         return html_response(crate::ui::refused(verdict));
@@ -293,7 +293,7 @@ const PREVIEW_COUNT_MAX: usize = 100;
 /// `from` (default now), without creating anything.
 fn preview(body: &[u8], query: &str) -> Answer {
     let mut count = 10usize;
-    let mut from_ms = sundial_engine::dispatch::now_ms();
+    let mut from_ms = sundial_dispatch::now_ms();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
             Some(("count", value)) => match value.parse::<usize>() {

@@ -137,7 +137,7 @@ impl Mesh {
             http: Some(me.http.clone()),
             binary: Some(me.binary.clone()),
             connected: true,
-            last_heard_ms: sundial_engine::dispatch::now_ms(),
+            last_heard_ms: sundial_dispatch::now_ms(),
         }];
         views.extend(peers.iter().map(|(id, peer)| MemberView {
             node_id: *id,
@@ -261,7 +261,7 @@ impl Shared {
     async fn receive(self: &Arc<Shared>, peer: NodeId, connection: &Connection, message: Vec<u8>) {
         let Some((&tag, body)) = message.split_first() else { return };
         if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
-            entry.last_heard_ms = sundial_engine::dispatch::now_ms();
+            entry.last_heard_ms = sundial_dispatch::now_ms();
         }
         match tag {
             TAG_HELLO => {

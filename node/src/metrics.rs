@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::time::Duration;
-use sundial_engine::dispatch::AttemptResult;
+use sundial_dispatch::AttemptResult;
 use sundial_engine::state::{ErrorClass, Outcome};
 
 type Labels = Vec<(&'static str, String)>;

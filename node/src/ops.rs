@@ -3,9 +3,9 @@
 //! binary protocol) hand on in their own framing.
 
 use serde_json::{json, Value};
-use sundial_engine::dispatch::now_ms;
+use sundial_dispatch::now_ms;
+use sundial_dispatch::runtime::{CommandLog, Runtime};
 use sundial_engine::job::{Backoff, JobSpec, Missing, Repeated, Schedule};
-use sundial_engine::runtime::{CommandLog, Runtime};
 use sundial_engine::state::{Applied, ApplyError, Command, FlowKey, Job, State, Status};
 
 /// An answer: status code (HTTP's; the binary protocol mirrors it), JSON body (`None`: no

@@ -11,7 +11,7 @@ use std::path::Path;
 use sundial_consensus::{
     Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Storage, Term,
 };
-use sundial_engine::runtime::{CommandLog, Committed, LogError, Ticket};
+use sundial_dispatch::runtime::{CommandLog, Committed, LogError, Ticket};
 use sundial_engine::state::{Applied, ApplyError, Command, State};
 use sundial_wal::{WalError, WalOptions};
 

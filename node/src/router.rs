@@ -14,7 +14,7 @@ use futures_util::future::join_all as futures_join_all;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use sundial_engine::dispatch::now_ms;
+use sundial_dispatch::now_ms;
 use sundial_engine::job::{new_job_id, JobSpec};
 use sundial_engine::request::parse_job_request;
 use sundial_engine::state::Status;

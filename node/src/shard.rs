@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use sundial_consensus::Message;
-use sundial_engine::dispatch::AttemptResult;
+use sundial_dispatch::runtime::{Runtime, RuntimeConfig, Ticket};
+use sundial_dispatch::AttemptResult;
 use sundial_engine::job::JobSpec;
-use sundial_engine::runtime::{Runtime, RuntimeConfig, Ticket};
 use sundial_engine::state::{Applied, ApplyError, Status};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -509,7 +509,7 @@ impl Shard {
     /// answered.
     fn settle_meta(&mut self, outgoing: &mut Vec<(u32, Message)>) {
         let Some(meta) = &mut self.meta else { return };
-        let applied = match sundial_engine::runtime::CommandLog::advance(meta) {
+        let applied = match sundial_dispatch::runtime::CommandLog::advance(meta) {
             Ok(applied) => applied,
             Err(error) => {
                 // Like a partition's: the node stops, and a restart recovers the log.
@@ -693,7 +693,7 @@ impl Shard {
     /// One "commit" span per request trace whose jobs a log write carried.
     fn commit_spans(&mut self, commit: CommitSpan) {
         let Some(runtime) = self.runtimes.get_mut(&commit.partition) else { return };
-        let ended_ms = sundial_engine::dispatch::now_ms();
+        let ended_ms = sundial_dispatch::now_ms();
         let traces: std::collections::BTreeSet<(String, String)> = commit.traces.into_iter().collect();
         let spans = traces.into_iter().map(|(trace_id, span_id)| sundial_engine::trace::SpanRecord {
             name: "commit",
@@ -832,7 +832,7 @@ impl Shard {
             let _ = reply.send(ids.iter().map(|_| misrouted(partition)).collect());
             return;
         };
-        let now = sundial_engine::dispatch::now_ms();
+        let now = sundial_dispatch::now_ms();
         let commands: Vec<_> = ids.iter().filter_map(|id| ops::job_command(id, op, now)).collect();
         let answers = vec![None; ids.len()];
         if commands.is_empty() && stale {
@@ -930,7 +930,7 @@ impl Shard {
         let live = self.config.live.total() as usize;
         let mut room = self.config.max_jobs.saturating_sub(live);
         let started = Instant::now();
-        let started_ms = sundial_engine::dispatch::now_ms();
+        let started_ms = sundial_dispatch::now_ms();
         let mut plans = Vec::with_capacity(requests.len());
         let mut commands = Vec::new();
         for (specs, now_ms, mode, reply) in requests {

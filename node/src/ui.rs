@@ -128,7 +128,7 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
         status.as_deref().and_then(|s| sundial_engine::state::Status::ALL.iter().find(|x| x.as_str() == s).copied());
     let answer = router.list(status_filter, crate::router::LIST_LIMIT_MAX).await;
     let Some(body) = answer.body.as_ref().filter(|_| answer.status == 200) else { return failure(answer) };
-    let now = sundial_engine::dispatch::now_ms();
+    let now = sundial_dispatch::now_ms();
     let jobs: Vec<&Value> = body["jobs"].as_array().map(|jobs| jobs.iter().collect()).unwrap_or_default();
     let jobs: Vec<&Value> = jobs
         .into_iter()

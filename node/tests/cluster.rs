@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use sundial_engine::dispatch::now_ms;
+use sundial_dispatch::now_ms;
 
 mod support;
 use support::{exchange, listening_addresses, receiver, try_exchange, wait_for, Hit};

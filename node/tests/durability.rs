@@ -5,9 +5,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
+use sundial_dispatch::runtime::CommandLog;
 use sundial_engine::job::JobSpec;
 use sundial_engine::request::parse_job_request;
-use sundial_engine::runtime::CommandLog;
 use sundial_engine::state::{Applied, Command};
 use sundial_node::{Partition, PartitionOptions};
 use sundial_wal::WalOptions;

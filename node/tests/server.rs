@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use sundial_engine::dispatch::now_ms;
+use sundial_dispatch::now_ms;
 
 mod support;
 use support::{listening_addresses, receiver, wait_for, Node};

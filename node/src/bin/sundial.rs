@@ -7,9 +7,9 @@
 use clap::Parser;
 use std::process::ExitCode;
 use std::sync::Arc;
-use sundial_engine::dispatch::guard::AddressPolicy;
-use sundial_engine::dispatch::DispatchConfig;
-use sundial_engine::runtime::RuntimeConfig;
+use sundial_dispatch::guard::AddressPolicy;
+use sundial_dispatch::runtime::RuntimeConfig;
+use sundial_dispatch::DispatchConfig;
 use sundial_node::auth::Gate;
 use sundial_node::binary::{self, BinaryConfig};
 use sundial_node::cli::{self, CertsCommand, Connection, DlqCommand, FlowCommand, JobCommand};
@@ -141,7 +141,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> Result<(), String> {
-    let started_ms = sundial_engine::dispatch::now_ms();
+    let started_ms = sundial_dispatch::now_ms();
     let meta =
         ClusterMeta::open_or_create(&settings.data, settings.partitions, started_ms).map_err(|e| e.to_string())?;
     let shard_count = settings.shards.min(meta.partitions as usize).max(1);

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use sundial_engine::dispatch::now_ms;
+use sundial_dispatch::now_ms;
 
 /// Reads the node's banner for the addresses it listens on (HTTP, binary), then keeps
 /// draining its stdout so the node never blocks on (or breaks) the pipe.

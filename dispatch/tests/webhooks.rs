@@ -10,11 +10,12 @@ use common::{Receiver, Reply, Script};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use sundial_engine::dispatch::guard::AddressPolicy;
-use sundial_engine::dispatch::limits::BreakerState;
-use sundial_engine::dispatch::{now_ms, sign, DispatchConfig};
+use sundial_dispatch::guard::AddressPolicy;
+use sundial_dispatch::runtime::{LocalRuntime, RuntimeConfig};
+use sundial_dispatch::{now_ms, DispatchConfig};
+use sundial_engine::limits::BreakerState;
 use sundial_engine::request::parse_job_request;
-use sundial_engine::runtime::{LocalRuntime, RuntimeConfig};
+use sundial_engine::sign;
 use sundial_engine::state::{Command, ErrorClass, State, Status};
 
 const PATIENCE: Duration = Duration::from_secs(20);

@@ -1,25 +1,31 @@
-//! The webhook dispatcher, the engine's I/O shell: a bounded queue ordered by priority then
+//! `sundial-dispatch`: the engine's I/O shell. The dispatcher here makes webhook attempts; the
+//! runtime (`runtime`) drives a partition's state machine against the clock (`clock`, the
+//! one place the wall clock is read) and the network.
+//!
+//! The dispatcher: a bounded queue ordered by priority then
 //! due time, per-host concurrency limits, token buckets and circuit breakers, an HTTP/1.1
 //! client (hyper, pooled per host, TLS through rustls) behind the SSRF guard, per-attempt
 //! timeouts and cancellation. It decides nothing about retries: each attempt's outcome is
 //! sent back as a value, which the runtime turns into a command.
 
+pub mod clock;
 pub mod guard;
-pub mod limits;
-pub mod sign;
+pub mod runtime;
 
-use crate::job::Target;
-use crate::state::{ErrorClass, Outcome};
 use bytes::Bytes;
+pub use clock::now_ms;
 use guard::{AddressPolicy, GuardedResolver};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use limits::{CircuitBreaker, TokenBucket};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use sundial_engine::job::Target;
+use sundial_engine::limits::{self, CircuitBreaker, TokenBucket};
+use sundial_engine::sign;
+use sundial_engine::state::{ErrorClass, Outcome};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Queued attempts looked at per pass when the first ones' hosts are busy.
@@ -150,11 +156,6 @@ struct Shared {
 #[derive(Clone)]
 pub struct Dispatcher {
     shared: Arc<Shared>,
-}
-
-/// Wall-clock milliseconds: the shell stamps attempts; commands carry these times.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Dispatcher {

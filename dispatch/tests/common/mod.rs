@@ -83,8 +83,7 @@ impl Receiver {
                                 .collect();
                             let body =
                                 request.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                            let received =
-                                Received { at_ms: sundial_engine::dispatch::now_ms(), method, path, headers, body };
+                            let received = Received { at_ms: sundial_dispatch::now_ms(), method, path, headers, body };
                             let reply = {
                                 let mut log = log.lock().expect("log");
                                 let reply = script(log.len(), &received);

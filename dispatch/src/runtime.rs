@@ -7,12 +7,12 @@
 //! with jitter, or Retry-After if longer) → the state machine decides retry, success or dead
 //! letter. Every step is completion-driven: nothing waits for the log inside a call.
 
-use crate::dispatch::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
-use crate::state::{Applied, ApplyError, Command, Due, Outcome, State};
-use crate::trace::{attempt_span_id, fire_span_id, fire_trace, SpanRecord};
-use crate::wheel::{Expired, TimerHandle, TimingWheel};
+use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 use std::collections::HashMap;
 use std::time::Duration;
+use sundial_engine::state::{Applied, ApplyError, Command, Due, Outcome, State};
+use sundial_engine::trace::{attempt_span_id, fire_span_id, fire_trace, SpanRecord};
+use sundial_engine::wheel::{Expired, TimerHandle, TimingWheel};
 use tokio::sync::mpsc;
 
 /// Names a proposed command until the log reports it applied (a log index, for a partition).
@@ -365,9 +365,9 @@ impl<L: CommandLog> Runtime<L> {
         let target = if callback {
             let Some(pending) = job.callbacks.get(&fire_ms) else { return false };
             let which = if pending.success { "success" } else { "failure" };
-            crate::job::Target {
+            sundial_engine::job::Target {
                 url: pending.url.clone(),
-                method: crate::job::Method::Post,
+                method: sundial_engine::job::Method::Post,
                 headers: vec![("x-sundial-callback".to_string(), which.to_string())],
                 body: pending.body.clone(),
                 content_type: Some("application/json".to_string()),
@@ -386,7 +386,7 @@ impl<L: CommandLog> Runtime<L> {
             timeout_ms: spec.attempt_timeout_ms,
             secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             secret_next: spec.secret_next.as_ref().map(|s| s.as_bytes().to_vec()),
-            traceparent: crate::trace::attempt_traceparent(spec.trace.as_ref(), id, fire_ms, attempt),
+            traceparent: sundial_engine::trace::attempt_traceparent(spec.trace.as_ref(), id, fire_ms, attempt),
         };
         self.dispatcher.submit(submission).is_ok()
     }
@@ -535,7 +535,7 @@ impl<L: CommandLog> Runtime<L> {
             }
             self.arm(id);
             // A completed job may release jobs that depend on it.
-            if self.log.state().job(id).is_some_and(|job| job.status == crate::state::Status::Completed) {
+            if self.log.state().job(id).is_some_and(|job| job.status == sundial_engine::state::Status::Completed) {
                 for dependent in self.log.state().dependents_of(id) {
                     self.arm(&dependent);
                 }
@@ -829,7 +829,7 @@ impl<L: CommandLog> Runtime<L> {
             // go on. Fires added and not started (trigger, backfill, redrive) wait their turn
             // like any due fire.
             let active = state.flow_active(flow);
-            let this = |fire: &crate::state::KeyFire| fire.job == id && fire.fire_ms == fire_ms;
+            let this = |fire: &sundial_engine::state::KeyFire| fire.job == id && fire.fire_ms == fire_ms;
             let current = active.iter().any(|fire| this(fire) && fire.started);
             let others = active.iter().any(|fire| !this(fire) && fire.started);
             if others || (!current && pending > 0) {
