@@ -9,8 +9,8 @@ use crate::storage::Storage;
 use crate::types::*;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-/// A deliberately broken variant, for proving the simulator's checks can fail. Never set it
-/// outside tests.
+/// A deliberately broken variant, for proving the simulator's checks can fail. Settable only
+/// with the `test-hooks` feature, which only the simulator crate enables.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InjectedBug {
     /// Commit entries of earlier terms by counting replicas (what Figure 8 warns against).
@@ -55,6 +55,7 @@ pub struct Config {
     /// Seeds the election-timeout randomization.
     pub seed: u64,
     #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub injected_bug: Option<InjectedBug>,
 }
 
@@ -75,6 +76,7 @@ impl Config {
             snapshot_chunk_bytes: 1 << 20,
             learner_catch_up_entries: 100,
             seed: id,
+            #[cfg(feature = "test-hooks")]
             injected_bug: None,
         }
     }
@@ -244,6 +246,18 @@ impl<S: Storage> Raft<S> {
         Ok(raft)
     }
 
+    /// Whether this node runs the broken variant `bug` (never, without `test-hooks`).
+    fn injected(&self, bug: InjectedBug) -> bool {
+        #[cfg(feature = "test-hooks")]
+        return self.config.injected_bug == Some(bug);
+        #[cfg(not(feature = "test-hooks"))]
+        {
+            let _ = bug;
+            false
+        }
+    }
+
+    #[cfg(feature = "test-hooks")]
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -489,8 +503,7 @@ impl<S: Storage> Raft<S> {
     fn handle_vote_request(&mut self, from: NodeId, term: Term, pre: bool, last_index: Index, last_term: Term) {
         let can_vote =
             self.vote == Some(from) || (self.vote.is_none() && self.leader.is_none()) || (pre && term > self.term);
-        let log_ok = self.config.injected_bug == Some(InjectedBug::VoteWithoutLogCheck)
-            || self.log.is_up_to_date(last_index, last_term);
+        let log_ok = self.injected(InjectedBug::VoteWithoutLogCheck) || self.log.is_up_to_date(last_index, last_term);
         let granted = can_vote && log_ok;
         if granted && !pre {
             self.election_elapsed = 0;
@@ -838,11 +851,11 @@ impl<S: Storage> Raft<S> {
     /// True while no other leader can have been elected: a quorum answered a heartbeat sent
     /// less than `election_tick / 2` ticks ago, and those voters ignore candidates for a whole
     /// election timeout after hearing it (see `Config::lease_read`).
-    pub(crate) fn holds_lease(&self) -> bool {
+    pub fn holds_lease(&self) -> bool {
         if !self.config.lease_read || self.lease_revoked || self.transferee.is_some() {
             return false;
         }
-        let round = if self.config.injected_bug == Some(InjectedBug::LeaseWithoutQuorumContact) {
+        let round = if self.injected(InjectedBug::LeaseWithoutQuorumContact) {
             self.heartbeat_round
         } else {
             self.quorum_round()
@@ -860,7 +873,7 @@ impl<S: Storage> Raft<S> {
         }
         matched.sort_unstable_by(|a, b| b.cmp(a));
         let quorum_index = matched[self.quorum() - 1];
-        let committed = if self.config.injected_bug == Some(InjectedBug::CommitEarlierTermsByCounting) {
+        let committed = if self.injected(InjectedBug::CommitEarlierTermsByCounting) {
             let moved = quorum_index > self.log.committed && quorum_index <= self.log.last_index();
             if moved {
                 self.log.commit_to(quorum_index);

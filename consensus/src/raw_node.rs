@@ -33,8 +33,25 @@ pub struct Ready {
     pub read_states: Vec<ReadState>,
 }
 
+/// What a caller may read of its node (etcd's `Status`): roles, terms and indexes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub id: NodeId,
+    pub term: Term,
+    pub role: Role,
+    pub leader: Option<NodeId>,
+    /// Highest index known committed, applied by the caller, and held in the log.
+    pub committed: Index,
+    pub applied: Index,
+    pub last_index: Index,
+    /// A leadership transfer is under way (the leader takes no proposals meanwhile).
+    pub transferring: bool,
+}
+
+/// The caller's handle on one Raft node; the Raft state inside is private (the simulator
+/// and the tests reach it through `raft()` with the `test-hooks` feature).
 pub struct RawNode<S: Storage> {
-    pub raft: Raft<S>,
+    raft: Raft<S>,
     previous_hard_state: HardState,
     previous_soft_state: SoftState,
     /// A `Ready` was handed out and not yet advanced.
@@ -48,6 +65,55 @@ impl<S: Storage> RawNode<S> {
         let previous_hard_state = raft.hard_state();
         let previous_soft_state = SoftState { leader: raft.leader, role: raft.role };
         Ok(RawNode { raft, previous_hard_state, previous_soft_state, awaiting_advance: false })
+    }
+
+    pub fn status(&self) -> Status {
+        let log = &self.raft.log;
+        Status {
+            id: self.raft.id,
+            term: self.raft.term,
+            role: self.raft.role,
+            leader: self.raft.leader,
+            committed: log.committed,
+            applied: log.applied,
+            last_index: log.last_index(),
+            transferring: self.raft.transferring(),
+        }
+    }
+
+    /// The voters and learners as of the last applied membership change.
+    pub fn conf_state(&self) -> ConfState {
+        self.raft.conf_state()
+    }
+
+    /// The highest index the leader knows `peer` holds (leader only).
+    pub fn match_index_of(&self, peer: NodeId) -> Option<Index> {
+        self.raft.progress_of(peer).map(|progress| progress.match_index)
+    }
+
+    /// The storage the node reads through; the caller persists each `Ready` into it.
+    pub fn storage(&self) -> &S {
+        &self.raft.log.storage
+    }
+
+    pub fn storage_mut(&mut self) -> &mut S {
+        &mut self.raft.log.storage
+    }
+
+    /// The storage back, with the node gone (a restart builds a new node over it).
+    pub fn into_storage(self) -> S {
+        self.raft.log.storage
+    }
+
+    /// The Raft state inside, for the simulator's and tests' invariant checks.
+    #[cfg(feature = "test-hooks")]
+    pub fn raft(&self) -> &Raft<S> {
+        &self.raft
+    }
+
+    #[cfg(feature = "test-hooks")]
+    pub fn raft_mut(&mut self) -> &mut Raft<S> {
+        &mut self.raft
     }
 
     /// One unit of logical time.

@@ -184,7 +184,7 @@ impl Partition {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.node.raft.role == Role::Leader
+        self.node.status().role == Role::Leader
     }
 
     pub fn state(&self) -> &State {
@@ -212,22 +212,22 @@ impl Partition {
 
     /// Whether this replica takes proposals now: it leads and is not handing leadership over.
     pub fn accepts_proposals(&self) -> bool {
-        self.is_leader() && !self.node.raft.transferring()
+        self.is_leader() && !self.node.status().transferring
     }
 
     /// The node this replica believes leads the group.
     pub fn leader(&self) -> Option<NodeId> {
-        self.node.raft.leader
+        self.node.status().leader
     }
 
     /// The group's voters.
     pub fn voters(&self) -> Vec<NodeId> {
-        self.node.raft.conf_state().voters
+        self.node.conf_state().voters
     }
 
     /// How far a follower's log matches this leader's (leaders only).
     pub fn follower_match(&self, id: NodeId) -> Option<Index> {
-        self.node.raft.progress_of(id).map(|progress| progress.match_index)
+        self.node.match_index_of(id)
     }
 
     /// Hands leadership to `to` (balancing); refused unless this replica leads.
@@ -248,7 +248,7 @@ impl Partition {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         debug_assert!(ticket < READ_TICKETS_FROM, "proposal tickets stay below read tickets");
-        let term = self.node.raft.term;
+        let term = self.node.status().term;
         if let Some(((lost, _), _)) = self.proposed.insert(index, ((ticket, term), std::time::Instant::now())) {
             self.applied.push(Committed::abandoned(lost, "leadership moved before the command committed; retry it"));
         }
@@ -275,7 +275,7 @@ impl Partition {
             }
             let ready = self.node.ready();
             let started = std::time::Instant::now();
-            self.node.raft.log.storage.persist(&ready)?;
+            self.node.storage_mut().persist(&ready)?;
             if !ready.entries.is_empty() {
                 if self.writes.len() >= LOG_WRITES_KEPT_MAX {
                     self.writes.remove(0);
@@ -350,7 +350,7 @@ impl Partition {
             // A single voter wins inside `tick`, so a change of role is seen here.
             if self.is_leader() && !self.leading {
                 self.elections_won += 1;
-                self.leading_from = Some(self.node.raft.log.last_index());
+                self.leading_from = Some(self.node.status().last_index);
             }
             if !self.is_leader() && self.leading {
                 self.leading_from = None;
@@ -368,7 +368,7 @@ impl Partition {
 
     /// Reads whose index this replica has applied are answered.
     fn answer_reads(&mut self) {
-        let applied = self.node.raft.log.applied;
+        let applied = self.node.status().applied;
         let ready: Vec<Ticket> =
             self.reads.iter().filter(|(_, (index, _))| index.is_some_and(|i| i <= applied)).map(|(t, _)| *t).collect();
         for ticket in ready {
@@ -413,7 +413,7 @@ impl Partition {
     /// first, whichever replica leads — never entries from 1, which would leave it blind to
     /// the initial voters.
     fn seed_snapshot(&mut self) -> Result<(), PartitionError> {
-        if self.snapshot_index() > 0 || self.node.raft.log.applied == 0 || self.options.voters.is_empty() {
+        if self.snapshot_index() > 0 || self.node.status().applied == 0 || self.options.voters.is_empty() {
             return Ok(());
         }
         self.compact()
@@ -437,13 +437,13 @@ impl Partition {
     /// leader does so before adding a replica, so the newcomer starts from a snapshot that
     /// carries the group's membership (an empty log would not).
     pub fn compact(&mut self) -> Result<(), PartitionError> {
-        let applied = self.node.raft.log.applied;
-        let conf = self.node.raft.conf_state();
+        let applied = self.node.status().applied;
+        let conf = self.node.conf_state();
         let data = match &self.members {
             Some(members) => members.snapshot(),
             None => self.state.snapshot(),
         };
-        self.node.raft.log.storage.compact(applied, &data, conf)?;
+        self.node.storage_mut().compact(applied, &data, conf)?;
         self.applied_since_snapshot = 0;
         Ok(())
     }
@@ -463,15 +463,15 @@ impl Partition {
     /// Whether the group's membership no longer includes this replica (it was removed). A
     /// replica created empty, still waiting for its first snapshot, is not "removed".
     pub fn is_removed(&self) -> bool {
-        let conf = self.node.raft.conf_state();
+        let conf = self.node.conf_state();
         let me = self.options.node_id;
-        let started = self.snapshot_index() > 0 || self.node.raft.log.applied > 0;
+        let started = self.snapshot_index() > 0 || self.node.status().applied > 0;
         started && !conf.voters.contains(&me) && !conf.learners.contains(&me)
     }
 
     /// The group's learners (replicas catching up before they vote).
     pub fn learners(&self) -> Vec<NodeId> {
-        self.node.raft.conf_state().learners
+        self.node.conf_state().learners
     }
 
     /// Proposes a single-server membership change of the group (leader only).
@@ -495,20 +495,20 @@ impl Partition {
     }
 
     pub fn raft_status(&self) -> RaftStatus {
-        let log = &self.node.raft.log;
+        let status = self.node.status();
         RaftStatus {
             leader: self.is_leader(),
-            term: self.node.raft.term,
-            commit_index: log.committed,
-            applied_index: log.applied,
-            last_index: log.last_index(),
+            term: status.term,
+            commit_index: status.committed,
+            applied_index: status.applied,
+            last_index: status.last_index,
             snapshot_index: self.snapshot_index(),
         }
     }
 
     /// How the log makes writes durable: "io_uring" or "pwrite".
     pub fn log_backend(&self) -> &'static str {
-        match self.node.raft.log.storage.wal().backend() {
+        match self.node.storage().wal().backend() {
             sundial_wal::SyncBackend::IoUring => "io_uring",
             sundial_wal::SyncBackend::Syscall => "pwrite",
         }
@@ -520,7 +520,7 @@ impl Partition {
 
     /// Index of the newest snapshot (0 before the first).
     pub fn snapshot_index(&self) -> Index {
-        self.node.raft.log.storage.snapshot().meta.index
+        self.node.storage().snapshot().meta.index
     }
 }
 
@@ -581,8 +581,8 @@ impl CommandLog for Partition {
     }
 
     fn leadership(&self) -> Option<u64> {
-        let caught_up = self.leading_from.is_some_and(|from| self.node.raft.log.applied >= from);
-        (self.is_leader() && caught_up).then_some(self.node.raft.term)
+        let caught_up = self.leading_from.is_some_and(|from| self.node.status().applied >= from);
+        (self.is_leader() && caught_up).then_some(self.node.status().term)
     }
 }
 
@@ -622,7 +622,7 @@ mod tests {
         // What a leader sees after its uncommitted tail was truncated and it leads again:
         // the same log index proposed anew. (Tickets used to be the index: the old request
         // was then never answered, or answered with the new entry's verdict.)
-        let index = partition.node.raft.log.last_index();
+        let index = partition.node.status().last_index;
         let again = partition.track(index);
         assert_ne!(first, again);
         let applied = partition.advance().expect("persisted");

@@ -40,7 +40,7 @@ impl Net {
                     break;
                 }
                 let ready = node.ready();
-                node.raft.log.storage.persist(&ready);
+                node.storage_mut().persist(&ready);
                 self.queue.extend(ready.messages.iter().cloned());
                 for entry in &ready.committed_entries {
                     if let EntryKind::ConfChange(change) = entry.kind {
@@ -94,7 +94,7 @@ impl Net {
     fn warm_up_except(&mut self, except: NodeId) {
         let ids: Vec<NodeId> = self.nodes.keys().copied().filter(|&id| id != except).collect();
         for id in ids {
-            let ticks = self.nodes[&id].raft.config().election_tick;
+            let ticks = self.nodes[&id].raft().config().election_tick;
             self.tick(id, ticks);
             self.queue.retain(|m| m.from != id);
         }
@@ -108,11 +108,11 @@ impl Net {
     }
 
     fn role(&self, id: NodeId) -> Role {
-        self.nodes[&id].raft.role
+        self.nodes[&id].raft().role
     }
 
     fn raft(&self, id: NodeId) -> &Raft<MemStorage> {
-        &self.nodes[&id].raft
+        &self.nodes[&id].raft()
     }
 
     fn node(&mut self, id: NodeId) -> &mut RawNode<MemStorage> {
@@ -371,7 +371,7 @@ fn follower_behind_a_snapshot(entries: u8, data: Vec<u8>) -> (Net, Index) {
     }
     let applied = net.raft(1).log.applied;
     let conf = net.raft(1).conf_state();
-    net.node(1).raft.log.storage.compact(applied, data, conf);
+    net.node(1).storage_mut().compact(applied, data, conf);
     net.cut.clear();
     (net, applied)
 }
@@ -452,7 +452,7 @@ fn a_snapshot_transfer_survives_the_follower_restarting_mid_way() {
     }
     let acked_bytes = acked(&net);
     assert!((1..1000).contains(&acked_bytes), "part-way: {acked_bytes} bytes acknowledged");
-    let storage = net.nodes.remove(&3).expect("node 3").raft.log.storage;
+    let storage = net.nodes.remove(&3).expect("node 3").into_storage();
     net.nodes.insert(3, RawNode::new(Config::new(3), storage).expect("valid config"));
     // Bounded: heartbeat rounds until the transfer finishes.
     for _ in 0..30 {

@@ -6,8 +6,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use sundial_consensus::sim::{run_seed, SimOptions};
 use sundial_consensus::InjectedBug;
+use sundial_consensus_sim::{run_seed, SimOptions};
 
 /// Runs `seeds` on two threads; returns (failing seed, violation) pairs, sorted.
 fn run_seeds(seeds: std::ops::Range<u64>, bug: Option<InjectedBug>, stop_at_first: bool) -> Vec<(u64, String)> {
@@ -67,7 +67,7 @@ fn a_raft_that_votes_without_the_log_check_is_caught() {
 
 #[test]
 fn the_workload_exercises_faults_snapshots_and_reads() {
-    let mut total = sundial_consensus::sim::SimReport::default();
+    let mut total = sundial_consensus_sim::SimReport::default();
     for seed in 0..50 {
         let report = run_seed(seed, None).expect("seed passes");
         total.leaders_elected += report.leaders_elected;

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
-use sundial_consensus::sim::{run_seed, SimOptions};
 use sundial_consensus::InjectedBug;
+use sundial_consensus_sim::{run_seed, SimOptions};
 
 const BUG_NAMES: &str = "--bug: commit-earlier-terms, vote-without-log-check or lease-without-quorum-contact";
 
@@ -65,7 +65,7 @@ fn parse() -> Result<Args, String> {
 fn bench(batch: usize) -> ExitCode {
     const ENTRIES: u64 = 200_000;
     let started = Instant::now();
-    let simulation = sundial_consensus::sim::Simulation::new(sundial_consensus::sim::Simulation::benchmark_options());
+    let simulation = sundial_consensus_sim::Simulation::new(sundial_consensus_sim::Simulation::benchmark_options());
     match simulation.run_commit_benchmark(ENTRIES, batch) {
         Ok((committed, simulated_ms)) => {
             let seconds = started.elapsed().as_secs_f64();

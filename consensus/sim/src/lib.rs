@@ -1,16 +1,15 @@
-//! The deterministic cluster simulator: N Raft nodes on a simulated network, clock and disk,
+//! `sundial-consensus-sim`: the deterministic cluster simulator for `sundial-consensus`: N Raft nodes on a simulated network, clock and disk,
 //! all driven by one seed, with faults (loss, duplication, reordering, partitions, crashes that
 //! lose unpersisted state, slow disks, clock-rate differences) and a key-value workload whose
 //! history is checked for linearizability. Safety is checked at every step; liveness after the
 //! faults stop.
 
-use crate::linearizability::{self, Operation, RegisterOp, Verdict};
-use crate::raft::{Config, InjectedBug, ProposeError};
-use crate::raw_node::{RawNode, Ready};
-use crate::storage::{MemStorage, Storage};
-use crate::types::*;
+pub mod linearizability;
+
+use linearizability::{Operation, RegisterOp, Verdict};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
+use sundial_consensus::*;
 
 /// Everything a run depends on, expanded from its seed (printed so a run can be understood).
 #[derive(Clone, Debug)]
@@ -500,11 +499,12 @@ impl Simulation {
     /// not a voter, bring it back (learner first, then voter once caught up); otherwise, during
     /// the faults, remove a random node. So at most one node is out at a time.
     fn change_membership(&mut self) {
-        let Some(leader) = self.nodes.iter_mut().filter_map(|n| n.node.as_mut()).find(|n| n.raft.role == Role::Leader)
+        let Some(leader) =
+            self.nodes.iter_mut().filter_map(|n| n.node.as_mut()).find(|n| n.raft().role == Role::Leader)
         else {
             return;
         };
-        let conf = leader.raft.conf_state();
+        let conf = leader.raft().conf_state();
         let missing = (1..=self.options.nodes as u64).find(|id| !conf.voters.contains(id));
         let change = match missing {
             Some(id) if conf.learners.contains(&id) => ConfChange::AddVoter(id),
@@ -523,9 +523,9 @@ impl Simulation {
         self.nodes
             .iter()
             .filter_map(|n| n.node.as_ref())
-            .filter(|n| n.raft.role == Role::Leader)
-            .max_by_key(|n| n.raft.term)
-            .map(|n| n.raft.id)
+            .filter(|n| n.raft().role == Role::Leader)
+            .max_by_key(|n| n.raft().term)
+            .map(|n| n.raft().id)
     }
 
     fn partition(&mut self, side: &[NodeId]) {
@@ -553,7 +553,7 @@ impl Simulation {
         }
         self.restart_due_nodes();
         self.heal_applied =
-            Some(self.nodes.iter().map(|n| n.node.as_ref().map_or(0, |r| r.raft.log.applied)).max().unwrap_or(0));
+            Some(self.nodes.iter().map(|n| n.node.as_ref().map_or(0, |r| r.raft().log.applied)).max().unwrap_or(0));
     }
 
     /// Crashes a node: everything not yet persisted (including a `Ready` being persisted) is lost.
@@ -561,7 +561,7 @@ impl Simulation {
         let node = &mut self.nodes[index];
         let Some(raw) = node.node.take() else { return };
         // The node's storage holds exactly what completed persists wrote.
-        node.durable = raw.raft.log.storage;
+        node.durable = raw.into_storage();
         node.persisting = None;
         node.restart_at_ms = Some(restart_at_ms);
     }
@@ -577,8 +577,8 @@ impl Simulation {
             node.restart_at_ms = None;
             let raw = RawNode::new(config, std::mem::take(&mut node.durable)).expect("simulator config is valid");
             // The state machine restarts from the snapshot; committed entries are re-applied.
-            node.kv = Kv::decode(&raw.raft.log.storage.snapshot.data);
-            node.commit_checked = raw.raft.log.storage.snapshot.meta.index;
+            node.kv = Kv::decode(&raw.raft().log.storage.snapshot.data);
+            node.commit_checked = raw.raft().log.storage.snapshot.meta.index;
             node.node = Some(raw);
         }
     }
@@ -665,7 +665,7 @@ impl Simulation {
         for i in 0..self.nodes.len() {
             let id = self.nodes[i].id;
             let Some(raw) = self.nodes[i].node.as_ref() else { continue };
-            let raft = &raw.raft;
+            let raft = &raw.raft();
             if raft.role != Role::Leader {
                 continue;
             }
@@ -697,7 +697,7 @@ impl Simulation {
         if !self.options.lease_read {
             return Ok(());
         }
-        let running = || self.nodes.iter().filter_map(|n| n.node.as_ref()).map(|n| &n.raft);
+        let running = || self.nodes.iter().filter_map(|n| n.node.as_ref()).map(|n| n.raft());
         for holder in running().filter(|r| r.role == Role::Leader && r.holds_lease()) {
             if let Some(newer) = running().find(|r| r.role == Role::Leader && r.term > holder.term) {
                 return Err(self.violation(format!(
@@ -713,7 +713,7 @@ impl Simulation {
     /// one index is a violation (before anyone applies them).
     fn check_commits(&mut self, i: usize) -> Result<(), Violation> {
         let Some(raw) = self.nodes[i].node.as_ref() else { return Ok(()) };
-        let log = &raw.raft.log;
+        let log = &raw.raft().log;
         let from = (self.nodes[i].commit_checked + 1).max(log.first_index());
         let to = log.committed.min(log.last_index());
         if from > to {
@@ -725,7 +725,7 @@ impl Simulation {
                 self.nodes[i].id
             ))
         })?;
-        let observer_term = raw.raft.term;
+        let observer_term = raw.raft().term;
         let mut newly_known = Vec::new();
         for entry in &entries {
             let hash = hash_entry(entry);
@@ -753,7 +753,7 @@ impl Simulation {
         // Leaders elected before this was known committed must hold it too.
         for (index, entry_term, known_in_term) in newly_known {
             for node in self.nodes.iter().filter_map(|n| n.node.as_ref()) {
-                let raft = &node.raft;
+                let raft = &node.raft();
                 let lacks = raft.log.first_index() <= index && raft.log.term_or_zero(index) != entry_term;
                 if raft.role == Role::Leader && raft.term > known_in_term && lacks {
                     return Err(self.violation(format!(
@@ -773,7 +773,7 @@ impl Simulation {
     fn check_committed_entries_durable(&self) -> Result<(), Violation> {
         let majority = self.options.nodes / 2 + 1;
         let storages: Vec<&MemStorage> =
-            self.nodes.iter().map(|n| n.node.as_ref().map_or(&n.durable, |r| &r.raft.log.storage)).collect();
+            self.nodes.iter().map(|n| n.node.as_ref().map_or(&n.durable, |r| &r.raft().log.storage)).collect();
         let covered_by_all = storages.iter().map(|s| s.snapshot.meta.index).min().unwrap_or(0);
         for (&index, &CommittedEntry { term, .. }) in self.committed.range(covered_by_all + 1..) {
             let holders = storages
@@ -793,7 +793,7 @@ impl Simulation {
     /// Persists, sends, applies and acknowledges one `Ready`.
     fn complete_ready(&mut self, i: usize, ready: Ready) -> Result<(), Violation> {
         let id = self.nodes[i].id;
-        self.nodes[i].node.as_mut().expect("running").raft.log.storage.persist(&ready);
+        self.nodes[i].node.as_mut().expect("running").storage_mut().persist(&ready);
         self.check_log_matching(i, &ready.entries)?;
         for message in ready.messages.iter().cloned() {
             self.send(message);
@@ -818,7 +818,7 @@ impl Simulation {
     /// the same entry, and always follows an entry of the same term. By induction, two logs
     /// that share an (index, term) share everything before it.
     fn check_log_matching(&mut self, i: usize, entries: &[Entry]) -> Result<(), Violation> {
-        let storage = &self.nodes[i].node.as_ref().expect("running").raft.log.storage;
+        let storage = &self.nodes[i].node.as_ref().expect("running").raft().log.storage;
         for entry in entries {
             let identity = hash_entry(entry);
             let previous_term = storage.term(entry.index - 1).ok();
@@ -871,11 +871,11 @@ impl Simulation {
     fn maybe_compact(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         let Some(raw) = node.node.as_mut() else { return };
-        let applied = raw.raft.log.applied;
-        let storage = &mut raw.raft.log.storage;
+        let applied = raw.raft().log.applied;
+        let storage = raw.storage();
         if applied >= storage.first_index() + self.options.compact_every && applied <= storage.last_index() {
-            let conf = raw.raft.conf_state();
-            raw.raft.log.storage.compact(applied, node.kv.encode(), conf);
+            let conf = raw.raft().conf_state();
+            raw.storage_mut().compact(applied, node.kv.encode(), conf);
         }
     }
 
@@ -984,7 +984,7 @@ impl Simulation {
     /// A read with a read index completes once its node has applied up to that index.
     fn finish_reads(&mut self, node: NodeId) {
         let Some(raw) = self.nodes[node as usize - 1].node.as_ref() else { return };
-        let applied = raw.raft.log.applied;
+        let applied = raw.raft().log.applied;
         for c in 0..self.clients.len() {
             let Some(Pending::Read { node: on, key, called_at, index: Some(index), .. }) = self.clients[c].pending
             else {
@@ -1032,7 +1032,7 @@ impl Simulation {
             return Ok(());
         }
         for node in &self.nodes {
-            let applied = node.node.as_ref().map_or(0, |n| n.raft.log.applied);
+            let applied = node.node.as_ref().map_or(0, |n| n.raft().log.applied);
             if applied <= heal_applied {
                 return Err(self.violation(format!(
                     "liveness: node {} applied nothing new within {} ticks of healing (applied {applied}, at heal {heal_applied}); {}",
@@ -1053,7 +1053,7 @@ impl Simulation {
                 out.push_str(&format!("[node {} down] ", node.id));
                 continue;
             };
-            let raft = &raw.raft;
+            let raft = &raw.raft();
             out.push_str(&format!(
                 "[node {} {:?} term {} leader {:?} log {}..={} commit {} applied {} persisting {}",
                 node.id,
@@ -1115,10 +1115,10 @@ impl Simulation {
         while self.now_ms < 3_600_000 {
             self.step_ms()?;
             if let Some(leader) =
-                self.nodes.iter_mut().filter_map(|n| n.node.as_mut()).find(|n| n.raft.role == Role::Leader)
+                self.nodes.iter_mut().filter_map(|n| n.node.as_mut()).find(|n| n.raft().role == Role::Leader)
             {
-                if leader.raft.log.committed >= entries {
-                    return Ok((leader.raft.log.committed, self.now_ms));
+                if leader.raft().log.committed >= entries {
+                    return Ok((leader.raft().log.committed, self.now_ms));
                 }
                 // Refused as a whole when overloaded: the next millisecond tries again.
                 let _ = leader.propose_batch(vec![vec![0u8; 64]; batch]);
@@ -1204,7 +1204,7 @@ mod checks_catch_broken_states {
     #[test]
     fn two_leaders_in_one_term() {
         let mut sim = healthy_run();
-        let term = sim.nodes[leader_index(&sim)].node.as_ref().expect("running").raft.term;
+        let term = sim.nodes[leader_index(&sim)].node.as_ref().expect("running").raft().term;
         sim.leaders.insert(term, 99);
         let violation = sim.check_leaders().expect_err("caught");
         assert!(violation.what.contains("two leaders in term"), "{violation}");
@@ -1214,7 +1214,7 @@ mod checks_catch_broken_states {
     fn a_leader_missing_an_entry_committed_in_an_earlier_term() {
         let mut sim = healthy_run();
         let leader = leader_index(&sim);
-        let term = sim.nodes[leader].node.as_ref().expect("running").raft.term;
+        let term = sim.nodes[leader].node.as_ref().expect("running").raft().term;
         sim.leaders.remove(&term);
         let last = *sim.committed.keys().next_back().expect("committed");
         // Recorded as committed with another term, and known committed before this term.
@@ -1242,8 +1242,8 @@ mod checks_catch_broken_states {
     fn log_matching_by_content_and_by_predecessor() {
         let mut sim = healthy_run();
         let raw = sim.nodes[0].node.as_ref().expect("running");
-        let last = raw.raft.log.storage.last_index();
-        let entry = raw.raft.log.entries(last, last + 1, usize::MAX).expect("held")[0].clone();
+        let last = raw.raft().log.storage.last_index();
+        let entry = raw.raft().log.entries(last, last + 1, usize::MAX).expect("held")[0].clone();
         let mut other_data = entry.clone();
         other_data.data.push(1);
         let violation = sim.check_log_matching(0, &[other_data]).expect_err("caught");
