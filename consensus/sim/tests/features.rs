@@ -112,7 +112,7 @@ impl Net {
     }
 
     fn raft(&self, id: NodeId) -> &Raft<MemStorage> {
-        &self.nodes[&id].raft()
+        self.nodes[&id].raft()
     }
 
     fn node(&mut self, id: NodeId) -> &mut RawNode<MemStorage> {
