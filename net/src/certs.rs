@@ -7,6 +7,10 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::path::{Path, PathBuf};
 
+/// The name every node certificate carries and every client checks: membership in the
+/// cluster is proven by the CA's signature, not by a host name.
+pub const CLUSTER_SERVER_NAME: &str = "sundial.cluster";
+
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     #[error("{path}: {source}")]
@@ -105,7 +109,7 @@ impl CertificateAuthority {
         let generate = |e: rcgen::Error| CertError::Generate(e.to_string());
         let ca_key = KeyPair::from_pem(&self.key_pem).map_err(generate)?;
         let issuer = Issuer::new(CertificateAuthority::params(&self.cluster)?, ca_key);
-        let names = vec![crate::quic::CLUSTER_SERVER_NAME.to_string(), name.to_string()];
+        let names = vec![CLUSTER_SERVER_NAME.to_string(), name.to_string()];
         let mut params = CertificateParams::new(names).map_err(generate)?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.use_authority_key_identifier_extension = true;

@@ -140,7 +140,7 @@ impl Client {
     }
 
     /// The cluster's map as this node sees it (`Message::Topology`).
-    pub async fn topology(&self) -> Result<crate::cluster::Topology, ClientError> {
+    pub async fn topology(&self) -> Result<crate::topology::Topology, ClientError> {
         let item = self.call(Kind::Topology, Vec::new()).await?;
         serde_json::from_slice(&item.body)
             .map_err(|e| ClientError::Invalid(format!("a topology that does not decode: {e}")))

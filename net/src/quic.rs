@@ -6,6 +6,7 @@
 //! bounded in size.
 
 use crate::certs::NodeIdentity;
+pub use crate::certs::CLUSTER_SERVER_NAME;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
@@ -14,9 +15,6 @@ use std::time::Duration;
 
 /// Bytes in one message at most (a snapshot chunk or a batch of appends fits).
 pub const MESSAGE_MAX_BYTES: usize = 16 * 1024 * 1024;
-/// The name every node certificate carries and every client checks: membership in the
-/// cluster is proven by the CA's signature, not by a host name.
-pub const CLUSTER_SERVER_NAME: &str = "sundial.cluster";
 /// A silent connection is closed after this (keep-alives keep a healthy one open): short,
 /// so a peer killed without closing is noticed, and redialled, within seconds.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(3);
