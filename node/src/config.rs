@@ -2,7 +2,7 @@
 //! TOML file (`--config`), a SUNDIAL_* environment variable and a flag. docs/CONFIGURATION.md
 //! lists every one with its default; a test keeps that page and this file in step.
 
-use crate::router::Limits;
+use crate::shard::router::Limits;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -332,7 +332,7 @@ impl ServerOptions {
         if !(1..=1_000).contains(&tick_ms) {
             return Err(format!("raft_tick_ms: must be within 1..=1000, not {tick_ms}"));
         }
-        let replication = self.replication.unwrap_or(crate::meta::REPLICATION_DEFAULT);
+        let replication = self.replication.unwrap_or(crate::cluster::meta::REPLICATION_DEFAULT);
         if !(1..=7).contains(&replication) {
             return Err(format!("replication: must be within 1..=7, not {replication}"));
         }

@@ -5,11 +5,11 @@
 //! to the node that does (at most `FORWARD_HOPS_MAX` hops), and queries fan out to every
 //! member.
 
-use crate::meta::{partition_of, ClusterMeta};
-use crate::metrics::Metrics;
-use crate::ops::{answer, field_error, retry_later, Answer, CreateMode, JobOp};
+use crate::cluster::meta::{partition_of, ClusterMeta};
+use crate::obs::metrics::Metrics;
+use crate::obs::telemetry::SpanSink;
+use crate::shard::ops::{answer, field_error, retry_later, Answer, CreateMode, JobOp};
 use crate::shard::{LiveJobs, Scan, Work};
-use crate::telemetry::SpanSink;
 use futures_util::future::join_all as futures_join_all;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,8 +85,8 @@ pub struct Router {
 
 /// How the router reaches the rest of the cluster.
 pub struct RouterCluster {
-    pub mesh: crate::mesh::Mesh,
-    pub membership: Arc<crate::members::Membership>,
+    pub mesh: crate::cluster::mesh::Mesh,
+    pub membership: Arc<crate::cluster::members::Membership>,
     pub replication: usize,
 }
 
@@ -143,7 +143,7 @@ impl PartitionWork {
 enum Forwarded {
     Work { partition: u32, work: PartitionWork, hops: u8 },
     Scan { scan: Scan },
-    Members { command: crate::members::MembersCommand, hops: u8 },
+    Members { command: crate::cluster::members::MembersCommand, hops: u8 },
 }
 
 fn busy() -> Answer {
@@ -201,7 +201,7 @@ impl Router {
             let waiting: Vec<usize> = answers
                 .iter()
                 .enumerate()
-                .filter(|(_, a)| a.body.as_ref().is_some_and(|b| b["code"] == crate::ops::NO_LEADER_CODE))
+                .filter(|(_, a)| a.body.as_ref().is_some_and(|b| b["code"] == crate::shard::ops::NO_LEADER_CODE))
                 .map(|(position, _)| position)
                 .collect();
             if waiting.is_empty() {
@@ -221,12 +221,13 @@ impl Router {
         let me = self.facts.node_id;
         let local = match &self.cluster {
             Some(cluster) => {
-                let replicas = crate::meta::replicas_of(partition, &cluster.membership.ids(), cluster.replication);
+                let replicas =
+                    crate::cluster::meta::replicas_of(partition, &cluster.membership.ids(), cluster.replication);
                 if replicas.contains(&me) {
                     None
                 } else {
                     // Not held here: its preferred leader knows (or forwards once more).
-                    Some(vec![crate::ops::not_leader(partition, replicas.first().copied()); count])
+                    Some(vec![crate::shard::ops::not_leader(partition, replicas.first().copied()); count])
                 }
             }
             None => None,
@@ -238,7 +239,7 @@ impl Router {
         let Some(cluster) = &self.cluster else { return answers };
         let mut by_leader: std::collections::BTreeMap<u64, Vec<usize>> = Default::default();
         for (position, answer) in answers.iter().enumerate() {
-            if let Some(leader) = crate::ops::leader_named(answer).filter(|l| *l != me) {
+            if let Some(leader) = crate::shard::ops::leader_named(answer).filter(|l| *l != me) {
                 by_leader.entry(leader).or_default().push(position);
             }
         }
@@ -280,9 +281,9 @@ impl Router {
 
     /// Adds or removes a member: proposed to the meta group on its leader (forwarded there),
     /// answered once applied with the membership.
-    pub async fn change_members(&self, command: crate::members::MembersCommand, hops: u8) -> Answer {
+    pub async fn change_members(&self, command: crate::cluster::members::MembersCommand, hops: u8) -> Answer {
         let Some(cluster) = &self.cluster else {
-            return crate::ops::error(
+            return crate::shard::ops::error(
                 409,
                 "not_a_cluster",
                 "this node runs alone (no --peers): there are no members to change",
@@ -293,7 +294,9 @@ impl Router {
             Ok(()) => answer.await.unwrap_or_else(|_| stopping()),
             Err(error) => return refusal(error),
         };
-        let Some(leader) = crate::ops::leader_named(&local).filter(|l| *l != self.facts.node_id) else { return local };
+        let Some(leader) = crate::shard::ops::leader_named(&local).filter(|l| *l != self.facts.node_id) else {
+            return local;
+        };
         if hops >= FORWARD_HOPS_MAX {
             return retry_later(503, "unavailable", "the meta group's leader moved; retry", 1);
         }

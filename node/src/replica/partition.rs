@@ -4,8 +4,8 @@
 //! state machine is snapshotted into the WAL every `snapshot_every_entries` and the log
 //! before it dropped.
 
-use crate::members::{Members, MembersCommand};
-use crate::storage::WalStorage;
+use crate::cluster::members::{Members, MembersCommand};
+use crate::replica::storage::WalStorage;
 use std::collections::BTreeMap;
 use std::path::Path;
 use sundial_consensus::{

@@ -2,8 +2,8 @@
 //! and histograms on the hot path are per shard (a `shard` label), so shards never contend
 //! on one; gauges (jobs, queue depth, dead letters) are read from the shards at scrape time.
 
-use crate::ops::Answer;
-use crate::partition::LogWrite;
+use crate::replica::partition::LogWrite;
+use crate::shard::ops::Answer;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -4,10 +4,10 @@
 //! (backpressure). A malformed or oversized frame ends the connection after an Error frame
 //! saying why, since the stream cannot be trusted past it.
 
-use crate::auth::{Gate, Verdict};
-use crate::http::parse_body;
-use crate::ops::{Answer, JobOp};
-use crate::router::Router;
+use crate::api::auth::{Gate, Verdict};
+use crate::api::http::parse_body;
+use crate::shard::ops::{Answer, JobOp};
+use crate::shard::router::Router;
 use std::sync::Arc;
 use std::time::Duration;
 use sundial_net::codec::{self, Code, DecodeError, Frame, Item, Message, PROTOCOL_VERSION};
@@ -202,7 +202,7 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
         Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,
         Message::Upsert { jobs } => {
             let requests = jobs.iter().map(|job| parse_body(job).and_then(with_id)).collect();
-            router.create_with(requests, None, crate::ops::CreateMode::Upsert).await
+            router.create_with(requests, None, crate::shard::ops::CreateMode::Upsert).await
         }
         Message::Trigger { ids } => router.job_many(&ids, JobOp::Trigger).await,
         other => {
@@ -218,7 +218,7 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
 fn with_id(request: serde_json::Value) -> Result<serde_json::Value, Answer> {
     match request.get("id") {
         Some(serde_json::Value::String(_)) => Ok(request),
-        _ => Err(crate::ops::field_error("id", "id: an upsert must name the job it creates or replaces")),
+        _ => Err(crate::shard::ops::field_error("id", "id: an upsert must name the job it creates or replaces")),
     }
 }
 

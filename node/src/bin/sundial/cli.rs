@@ -9,6 +9,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use sundial_node::api::ui::time_text;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Connection {
@@ -625,14 +626,6 @@ fn job_text(job: &Value) -> String {
         fires["succeeded"],
         fires["failed"],
         fires["missed"],
-    )
-}
-
-/// Unix milliseconds as RFC 3339 (UTC, whole seconds), or "-".
-pub fn time_text(ms: &Value) -> String {
-    ms.as_i64().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map_or_else(
-        || "-".to_string(),
-        |t| t.round(jiff::Unit::Second).map_or_else(|_| t.to_string(), |t| t.to_string()),
     )
 }
 

@@ -7,11 +7,14 @@
 //! delivers, hands theirs to the mesh, and answers a request once its command is applied
 //! (completion-driven: nothing waits inside the loop).
 
-use crate::members::{Members, MembersCommand, Membership, META_GROUP};
-use crate::meta::{partition_of, replicas_of};
-use crate::metrics::ShardMetrics;
-use crate::ops::{self, Answer, CreateMode, JobOp};
-use crate::{Partition, PartitionOptions};
+pub mod ops;
+pub mod router;
+
+use crate::cluster::members::{Members, MembersCommand, Membership, META_GROUP};
+use crate::cluster::meta::{partition_of, replicas_of};
+use crate::obs::metrics::ShardMetrics;
+use crate::replica::partition::{Partition, PartitionOptions};
+use ops::{Answer, CreateMode, JobOp};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -102,9 +105,9 @@ pub struct ShardConfig {
     pub live: Arc<LiveJobs>,
     /// How long a stopping shard waits for attempts in flight.
     pub drain_limit: Duration,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<crate::obs::metrics::Metrics>,
     /// Where finished spans go (OTLP configured), else `None`.
-    pub spans: Option<crate::telemetry::SpanSink>,
+    pub spans: Option<crate::obs::telemetry::SpanSink>,
     /// Set when the node is a member of a cluster of several.
     pub cluster: Option<ShardCluster>,
 }

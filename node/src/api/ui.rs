@@ -3,8 +3,8 @@
 //! through the router like the API does; actions call the API with the same token, which
 //! the console keeps in a cookie (`sundial_token`) after /ui/login.
 
-use crate::ops::Answer;
-use crate::router::Router;
+use crate::shard::ops::Answer;
+use crate::shard::router::Router;
 use serde_json::Value;
 
 /// An HTML page (status, body).
@@ -72,9 +72,9 @@ fn query_value<'a>(query: &'a str, name: &str) -> Option<&'a str> {
 }
 
 /// The page for a console request the gate refused.
-pub fn refused(verdict: crate::auth::Verdict) -> Page {
+pub fn refused(verdict: crate::api::auth::Verdict) -> Page {
     match verdict {
-        crate::auth::Verdict::Limited { .. } => Page {
+        crate::api::auth::Verdict::Limited { .. } => Page {
             status: 429,
             html: layout("Slow down", "<p>This token's request rate is exceeded; try again shortly.</p>"),
         },
@@ -126,7 +126,7 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
     let page: usize = query_value(query, "page").and_then(|v| v.parse().ok()).unwrap_or(0);
     let status_filter =
         status.as_deref().and_then(|s| sundial_engine::state::Status::ALL.iter().find(|x| x.as_str() == s).copied());
-    let answer = router.list(status_filter, crate::router::LIST_LIMIT_MAX).await;
+    let answer = router.list(status_filter, crate::shard::router::LIST_LIMIT_MAX).await;
     let Some(body) = answer.body.as_ref().filter(|_| answer.status == 200) else { return failure(answer) };
     let now = sundial_dispatch::now_ms();
     let jobs: Vec<&Value> = body["jobs"].as_array().map(|jobs| jobs.iter().collect()).unwrap_or_default();
@@ -153,7 +153,7 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
             id = escape(id),
             status = escape(status),
             kind = if job["type"] == "recurrente" { "cron" } else { "once" },
-            next = crate::cli::time_text(&job["next_fire_ms"]),
+            next = time_text(&job["next_fire_ms"]),
             url = text(&job["webhook_url"]),
             labels = escape(&job["labels"].as_object().map(|l| l.iter().map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or(""))).collect::<Vec<_>>().join(", ")).unwrap_or_default()),
         ));
@@ -200,9 +200,9 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
 
 /// `GET /ui/jobs/{id}`: the job's spec and status, and its attempts as a timeline.
 pub async fn job(router: &Router, id: &str) -> Page {
-    let answer = router.job(id, crate::ops::JobOp::Get).await;
+    let answer = router.job(id, crate::shard::ops::JobOp::Get).await;
     let Some(job) = answer.body.clone().filter(|_| answer.status == 200) else { return failure(answer) };
-    let executions = router.job(id, crate::ops::JobOp::Executions).await;
+    let executions = router.job(id, crate::shard::ops::JobOp::Executions).await;
     let attempts: Vec<Value> =
         executions.body.as_ref().and_then(|b| b["executions"].as_array().cloned()).unwrap_or_default();
     let (first, last) = attempts.iter().fold((u64::MAX, 0u64), |(lo, hi), e| {
@@ -228,9 +228,9 @@ pub async fn job(router: &Router, id: &str) -> Page {
         ));
         rows.push_str(&format!(
             "<tr class=\"execution\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} ms</td><td>{}</td><td>{}</td></tr>",
-            crate::cli::time_text(&e["fire_ms"]),
+            time_text(&e["fire_ms"]),
             e["attempt"],
-            crate::cli::time_text(&e["started_ms"]),
+            time_text(&e["started_ms"]),
             text(&e["status_code"]),
             text(&e["latency_ms"]),
             // An attempt's error, or what happened to the job (a callback, an auto-pause).
@@ -242,7 +242,7 @@ pub async fn job(router: &Router, id: &str) -> Page {
     let when = if job["type"] == "recurrente" {
         format!("cron {} in {}", text(&schedule["cron_expression"]), text(&schedule["time_zone"]))
     } else {
-        format!("once at {}", crate::cli::time_text(&schedule["run_at_ms"]))
+        format!("once at {}", time_text(&schedule["run_at_ms"]))
     };
     let body = format!(
         "<table class=\"spec\"><tr><th>ID</th><td id=\"job-id\">{id}</td></tr><tr><th>Status</th><td id=\"job-status\" class=\"{status}\">{status}{paused}</td></tr>\
@@ -262,11 +262,11 @@ pub async fn job(router: &Router, id: &str) -> Page {
         }),
         method = text(&job["method"]),
         url = text(&job["webhook_url"]),
-        next = crate::cli::time_text(&job["next_fire_ms"]),
+        next = time_text(&job["next_fire_ms"]),
         ok = job["fires"]["succeeded"],
         failed = job["fires"]["failed"],
         missed = job["fires"]["missed"],
-        created = crate::cli::time_text(&job["created_ms"]),
+        created = time_text(&job["created_ms"]),
     );
     Page { status: 200, html: layout(&format!("Job {id}"), &body) }
 }
@@ -284,7 +284,7 @@ pub async fn dead_letters(router: &Router) -> Page {
             "<tr class=\"dead-letter\"><td><a href=\"/ui/jobs/{href}\">{id}</a></td><td>{fire_time}</td><td>{attempts}</td><td>{reason}</td><td><button class=\"redrive\" onclick='redrive({js},{fire})'>Redrive</button> <button class=\"purge\" onclick='purge({js})'>Purge</button></td></tr>",
             href = escape(&segment(id)),
             id = escape(id),
-            fire_time = crate::cli::time_text(&letter["fire_ms"]),
+            fire_time = time_text(&letter["fire_ms"]),
             attempts = letter["attempts"],
             reason = text(&letter["reason"]),
             js = escape(&js),
@@ -354,4 +354,12 @@ pub async fn route(router: &Router, path: &str, query: &str) -> Option<Page> {
         ["ui", ..] => Page { status: 404, html: layout("Not found", "<p>No such page.</p>") },
         _ => return None,
     })
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, whole seconds), or "-".
+pub fn time_text(ms: &Value) -> String {
+    ms.as_i64().and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok()).map_or_else(
+        || "-".to_string(),
+        |t| t.round(jiff::Unit::Second).map_or_else(|_| t.to_string(), |t| t.to_string()),
+    )
 }

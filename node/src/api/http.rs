@@ -3,9 +3,9 @@
 //! `{"error": …, "code": …, "field"?: …, "problems"?: [{field, rule}]}` with the matching
 //! status.
 
-use crate::auth::{Gate, Verdict};
-use crate::ops::{answer, error, field_error, Answer, CreateMode, JobOp};
-use crate::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
+use crate::api::auth::{Gate, Verdict};
+use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp};
+use crate::shard::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use serde_json::{json, Value};
@@ -19,7 +19,7 @@ pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
 pub const CONNECTIONS_MAX: usize = 4_096;
 /// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
 /// route it lists answers).
-pub const OPENAPI: &str = include_str!("../openapi.json");
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// Accepts connections until the listener fails (at most `CONNECTIONS_MAX` at once),
 /// spreading them over the shards' runtimes (round robin) so that parsing and routing run
@@ -75,7 +75,7 @@ async fn respond(
         .then(|| request.headers().get("cookie").and_then(|v| v.to_str().ok()))
         .flatten()
         .and_then(|cookies| cookies.split(';').find_map(|c| c.trim().strip_prefix("sundial_token=")))
-        .map(|token| format!("Bearer {}", crate::ui::decoded(token)));
+        .map(|token| format!("Bearer {}", crate::api::ui::decoded(token)));
     let authorization = header_token.or(cookie_token);
     let authorization = authorization.as_deref();
     let parent =
@@ -86,7 +86,7 @@ async fn respond(
         gate.check(&method, &path, authorization, sundial_dispatch::now_ms())
     };
     if console && verdict != Verdict::Allow {
-        return html_response(crate::ui::refused(verdict));
+        return html_response(crate::api::ui::refused(verdict));
     }
     match verdict {
         Verdict::Allow => {}
@@ -110,7 +110,7 @@ async fn respond(
         Err(e) => return to_response(error(400, "bad_body", format!("the body could not be read: {e}"))),
     };
     if console {
-        if let Some(page) = crate::ui::route(router, &path, &query).await {
+        if let Some(page) = crate::api::ui::route(router, &path, &query).await {
             return html_response(page);
         }
     }
@@ -131,7 +131,7 @@ async fn respond(
 }
 
 /// `{"node_id": 4, "raft": "10.0.0.4:7400"}`: the member to add, checked.
-fn member_to_add(body: &[u8]) -> Result<crate::members::MembersCommand, Answer> {
+fn member_to_add(body: &[u8]) -> Result<crate::cluster::members::MembersCommand, Answer> {
     let value: Value =
         serde_json::from_slice(body).map_err(|e| error(400, "invalid", format!("body: not JSON ({e})")))?;
     let node_id = value["node_id"]
@@ -142,7 +142,7 @@ fn member_to_add(body: &[u8]) -> Result<crate::members::MembersCommand, Answer> 
         .as_str()
         .filter(|raft| raft.parse::<std::net::SocketAddr>().is_ok())
         .ok_or_else(|| field_error("raft", "raft: must be the member's peer address as IP:PORT, e.g. 10.0.0.4:7400"))?;
-    Ok(crate::members::MembersCommand::Add { node_id, raft: raft.to_string() })
+    Ok(crate::cluster::members::MembersCommand::Add { node_id, raft: raft.to_string() })
 }
 
 /// A read of one job: linearizable, or with `?stale=true` from a local replica as it stands.
@@ -175,7 +175,7 @@ pub async fn route(
         },
         ("DELETE", ["cluster", "members", id]) => match id.parse::<u64>() {
             Ok(node_id) if node_id > 0 => {
-                router.change_members(crate::members::MembersCommand::Remove { node_id }, 0).await
+                router.change_members(crate::cluster::members::MembersCommand::Remove { node_id }, 0).await
             }
             _ => field_error("node_id", "node_id: must be a whole number of 1 or more"),
         },
@@ -460,7 +460,7 @@ fn list_query(query: &str) -> Result<(Option<Status>, usize), Answer> {
     Ok((status_filter, limit))
 }
 
-fn html_response(page: crate::ui::Page) -> hyper::Response<Full<Bytes>> {
+fn html_response(page: crate::api::ui::Page) -> hyper::Response<Full<Bytes>> {
     let mut response = hyper::Response::new(Full::new(Bytes::from(page.html)));
     *response.status_mut() = hyper::StatusCode::from_u16(page.status).unwrap_or(hyper::StatusCode::OK);
     let headers = response.headers_mut();

@@ -94,7 +94,7 @@ pub struct MeshConfig {
     pub me: MemberFacts,
     /// The members and their peer (QUIC) addresses, as the meta group has them; the mesh
     /// links to members as they are added.
-    pub membership: Arc<crate::members::Membership>,
+    pub membership: Arc<crate::cluster::members::Membership>,
 }
 
 impl Mesh {
@@ -310,7 +310,7 @@ impl Shared {
         let mut by_shard: Vec<Vec<(u32, Message)>> = vec![Vec::new(); shards];
         for (partition, message) in batch {
             // The meta group lives on shard 0.
-            let shard = if partition == crate::members::META_GROUP { 0 } else { partition as usize % shards };
+            let shard = if partition == crate::cluster::members::META_GROUP { 0 } else { partition as usize % shards };
             by_shard[shard].push((partition, message));
         }
         for (shard, messages) in by_shard.into_iter().enumerate() {
@@ -323,7 +323,11 @@ impl Shared {
 
 /// Keeps the peers in step with the membership: a new member is linked to (dialled when
 /// its id is higher), a removed one is dropped.
-async fn follow_membership(shared: Arc<Shared>, endpoint: Arc<Endpoint>, membership: Arc<crate::members::Membership>) {
+async fn follow_membership(
+    shared: Arc<Shared>,
+    endpoint: Arc<Endpoint>,
+    membership: Arc<crate::cluster::members::Membership>,
+) {
     let mut changes = membership.watch();
     // Bounded by the membership: it ends when its sender is gone.
     loop {
