@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod config;
 pub mod obs;
 pub mod replica;
+pub mod server;
 pub mod shard;
 
 pub use replica::partition::{Partition, PartitionError, PartitionOptions};

@@ -1,0 +1,395 @@
+//! A whole node: `Node::start` opens the cluster metadata, the meta group, the shards and
+//! their partitions, the mesh and both listeners; `Node::run` serves until a signal or a
+//! shard's end and then stops in order. The `sundial` binary is a thin caller of these.
+
+use crate::api::auth::Gate;
+use crate::api::binary::{self, BinaryConfig};
+use crate::api::http;
+use crate::cluster::members::{Members, Membership};
+use crate::cluster::mesh;
+use crate::cluster::meta::ClusterMeta;
+use crate::config::Settings;
+use crate::obs::metrics::Metrics;
+use crate::obs::telemetry::{self, SpanSink};
+use crate::replica::partition::{Partition, PartitionOptions};
+use crate::shard::router::{JobDefaults, NodeFacts, Router, RouterCluster};
+use crate::shard::{self, LiveJobs, PeerMessages, ShardCluster, ShardConfig, ShardHandle};
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use sundial_dispatch::guard::AddressPolicy;
+use sundial_dispatch::runtime::RuntimeConfig;
+use sundial_dispatch::DispatchConfig;
+use sundial_net::quic::Endpoint;
+use sundial_wal::WalOptions;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// Raft messages by partition, as the shards and the mesh pass them.
+type RaftBatch = Vec<(u32, sundial_consensus::Message)>;
+
+/// Written once a new cluster member's first start has created its replicas.
+const BOOTSTRAPPED: &str = "bootstrapped";
+
+/// What each shard thread runs (docs/DECISIONS.md: file I/O goes through the log's own
+/// io_uring ring, so the async runtime itself is tokio's).
+pub const RUNTIME_KIND: &str = "tokio current-thread per shard";
+
+/// Forwarded requests from other members waiting to be served.
+const FORWARDED_QUEUE_MAX: usize = 1_024;
+
+/// How long the last spans may take to leave at exit.
+const SPAN_FLUSH_MS_MAX: u64 = 3_000;
+
+/// A running node.
+pub struct Node {
+    /// Where the HTTP API and the binary protocol listen (port 0 in the settings: chosen).
+    pub http: SocketAddr,
+    pub binary: SocketAddr,
+    /// Jobs found in the data directory at start.
+    pub jobs_at_start: usize,
+    /// Bearer tokens configured (0: the API is open).
+    pub tokens_required: usize,
+    router: Arc<Router>,
+    stop: watch::Sender<bool>,
+    acceptors: Vec<JoinHandle<()>>,
+    shards_joined: Vec<JoinHandle<Result<(), String>>>,
+    shard_ended: mpsc::Receiver<()>,
+    exporter: Option<(SpanSink, std::thread::JoinHandle<()>)>,
+}
+
+/// The cluster side of a member, opened before its shards (its meta group goes to shard 0).
+struct ClusterStart {
+    endpoint: Arc<Endpoint>,
+    membership: Arc<Membership>,
+    bootstrap: bool,
+}
+
+/// What every shard is started with.
+struct ShardStart<'a> {
+    settings: &'a Settings,
+    partitions: u32,
+    shard_count: usize,
+    live: &'a Arc<LiveJobs>,
+    metrics: &'a Arc<Metrics>,
+    spans: &'a Option<SpanSink>,
+    outbox: &'a mpsc::Sender<RaftBatch>,
+    cluster: Option<(Arc<Membership>, bool)>,
+}
+
+impl Node {
+    /// Starts a node on the current tokio runtime (the shards run threads of their own).
+    pub async fn start(settings: Settings) -> Result<Node, String> {
+        let started_ms = sundial_dispatch::now_ms();
+        let meta =
+            ClusterMeta::open_or_create(&settings.data, settings.partitions, started_ms).map_err(|e| e.to_string())?;
+        let shard_count = settings.shards.min(meta.partitions as usize).max(1);
+        let exporter = match &settings.otlp_endpoint {
+            Some(endpoint) => Some(telemetry::start(endpoint)?),
+            None => None,
+        };
+        let spans = exporter.as_ref().map(|(sink, _)| sink.clone());
+        let (cluster, meta_group) = match open_cluster(&settings)? {
+            Some((cluster, meta_group)) => (Some(cluster), Some(meta_group)),
+            None => (None, None),
+        };
+        let (outbox, outgoing) = mpsc::channel(mesh::OUTBOX_CAPACITY);
+        let (peer_inboxes, peer_receivers) = peer_channels(shard_count);
+        let live = Arc::new(LiveJobs::new(shard_count));
+        let metrics = Arc::new(Metrics::new());
+        let (stop, stopping) = watch::channel(false);
+        let shard_start = ShardStart {
+            settings: &settings,
+            partitions: meta.partitions,
+            shard_count,
+            live: &live,
+            metrics: &metrics,
+            spans: &spans,
+            outbox: &outbox,
+            cluster: cluster.as_ref().map(|c| (c.membership.clone(), c.bootstrap)),
+        };
+        let shards = spawn_shards(&shard_start, meta_group, peer_receivers, &stop, &stopping)?;
+        drop(outbox);
+        if cluster.as_ref().is_some_and(|c| c.bootstrap) {
+            mark_bootstrapped(&settings)?;
+        }
+        let listener = bind(settings.http, "").await?;
+        let binary_listener = bind(settings.binary, " (binary protocol)").await?;
+        let http = listener.local_addr().map_err(|e| e.to_string())?;
+        let binary = binary_listener.local_addr().map_err(|e| e.to_string())?;
+        let facts = NodeFacts {
+            node_id: settings.node_id,
+            meta: meta.clone(),
+            shards: shard_count,
+            runtime: RUNTIME_KIND,
+            log_backend: shards[0].log_backend,
+            http: http.to_string(),
+            binary: binary.to_string(),
+            started_ms,
+        };
+        let inboxes = shards.iter().map(|s| s.inbox.clone()).collect();
+        let defaults = JobDefaults { attempt_timeout_ms: settings.attempt_timeout_ms };
+        let mut router = Router::new(inboxes, settings.limits, defaults, live, metrics, facts);
+        router.spans = spans;
+        let forwarding = cluster.map(|c| join_mesh(&settings, c, &mut router, outgoing, peer_inboxes));
+        let router = Arc::new(router);
+        if let Some(slot) = &forwarding {
+            let _ = slot.set(router.clone());
+        }
+        let jobs_at_start = shards.iter().map(|s| s.jobs).sum();
+        let acceptors = serve_apis(&settings, &router, &shards, listener, binary_listener);
+        let (shards_joined, shard_ended) = watch_shards(shards);
+        let tokens_required = settings.tokens.len();
+        Ok(Node {
+            http,
+            binary,
+            jobs_at_start,
+            tokens_required,
+            router,
+            stop,
+            acceptors,
+            shards_joined,
+            shard_ended,
+            exporter,
+        })
+    }
+
+    /// What the node is (ids, partitions, shards, backends), as /health reports it.
+    pub fn facts(&self) -> &NodeFacts {
+        &self.router.facts
+    }
+
+    /// Serves until SIGINT, SIGTERM or a shard's end (its log failed), then stops: no new
+    /// connections or requests; shards let attempts in flight finish (their outcomes are
+    /// committed) or the next start re-runs them.
+    pub async fn run(mut self) -> Result<(), String> {
+        let signal = |kind| tokio::signal::unix::signal(kind).map_err(|e| e.to_string());
+        let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+            _ = self.shard_ended.recv() => {}
+        }
+        self.stop().await
+    }
+
+    async fn stop(self) -> Result<(), String> {
+        for acceptor in &self.acceptors {
+            acceptor.abort();
+        }
+        let _ = self.stop.send(true);
+        let mut failure = None;
+        for joined in self.shards_joined {
+            if let Ok(Err(message)) = joined.await {
+                failure.get_or_insert(message);
+            }
+        }
+        // The last spans are exported once every sink is gone (bounded wait: a collector
+        // that does not answer must not hold the exit).
+        drop(self.router);
+        if let Some((sink, thread)) = self.exporter {
+            drop(sink);
+            let deadline = std::time::Instant::now() + Duration::from_millis(SPAN_FLUSH_MS_MAX);
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A cluster member's QUIC endpoint (refused without certificates from the CA) and its meta
+/// group (membership), opened first, as placement needs it. `None` for a node alone.
+fn open_cluster(settings: &Settings) -> Result<Option<(ClusterStart, Partition)>, String> {
+    let Some(cluster) = &settings.cluster else { return Ok(None) };
+    let node_id = settings.node_id;
+    let name = format!("node-{node_id}");
+    let identity = sundial_net::certs::NodeIdentity::load(&cluster.certs, &name).map_err(|e| {
+        format!("certs: {e} (make them with `sundial certs init --dir {} {name}`)", cluster.certs.display())
+    })?;
+    let endpoint = Arc::new(Endpoint::bind(cluster.raft, &identity).map_err(|e| e.to_string())?);
+    let dir = settings.data.join("meta");
+    // Until every replica of the first start exists (the marker), a restart bootstraps
+    // again, with the same placement.
+    let bootstrap = !cluster.join && !settings.data.join(BOOTSTRAPPED).exists();
+    let initial = Members { nodes: cluster.members.iter().map(|(id, addr)| (*id, addr.to_string())).collect() };
+    let options = PartitionOptions {
+        voters: if cluster.join { Vec::new() } else { initial.ids() },
+        members: Some(initial),
+        election_ticks: cluster.election_ticks,
+        heartbeat_ticks: cluster.heartbeat_ticks,
+        ..PartitionOptions::single_node(node_id)
+    };
+    let group = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+    let membership = Arc::new(Membership::new(group.members().cloned().unwrap_or_default()));
+    Ok(Some((ClusterStart { endpoint, membership, bootstrap }, group)))
+}
+
+/// One inbox per shard for the Raft messages the mesh delivers.
+fn peer_channels(shard_count: usize) -> (Vec<mpsc::Sender<RaftBatch>>, VecDeque<PeerMessages>) {
+    (0..shard_count).map(|_| mpsc::channel(shard::PEER_INBOX_CAPACITY)).unzip()
+}
+
+fn dispatch_config(settings: &Settings) -> DispatchConfig {
+    DispatchConfig {
+        address_policy: AddressPolicy {
+            allow_loopback: settings.allow_loopback_targets,
+            allow_private: settings.allow_private_targets,
+        },
+        global_secret: settings.secret.clone().map(String::into_bytes),
+        global_secret_next: settings.secret_next.clone().map(String::into_bytes),
+        queue_capacity: settings.dispatch_queue,
+        per_host_concurrency: settings.per_host_concurrency,
+        per_host_rate_per_second: settings.per_host_rate,
+        breaker_failures: settings.breaker_failures,
+        breaker_open_ms: settings.breaker_open_ms,
+        ..DispatchConfig::default()
+    }
+}
+
+fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
+    let settings = start.settings;
+    let node_id = settings.node_id;
+    ShardConfig {
+        index,
+        shards: start.shard_count,
+        partitions: start.partitions,
+        data: settings.data.clone(),
+        node_id,
+        partition: PartitionOptions {
+            wal: WalOptions { segment_size_bytes: settings.segment_bytes, ..WalOptions::default() },
+            snapshot_every_entries: settings.snapshot_every,
+            election_ticks: settings.cluster.as_ref().map_or(10, |c| c.election_ticks),
+            heartbeat_ticks: settings.cluster.as_ref().map_or(1, |c| c.heartbeat_ticks),
+            ..PartitionOptions::single_node(node_id)
+        },
+        runtime: RuntimeConfig {
+            dispatch: dispatch_config(settings),
+            record_spans: start.spans.is_some(),
+            ..RuntimeConfig::default()
+        },
+        max_jobs: settings.limits.max_jobs,
+        dedup_window_ms: settings.dedup_window_ms,
+        live: start.live.clone(),
+        drain_limit: settings.drain,
+        metrics: start.metrics.clone(),
+        spans: start.spans.clone(),
+        cluster: settings.cluster.as_ref().zip(start.cluster.clone()).map(|(c, (membership, bootstrap))| {
+            ShardCluster {
+                membership,
+                bootstrap,
+                replication: c.replication,
+                tick: c.tick,
+                outbox: start.outbox.clone(),
+            }
+        }),
+    }
+}
+
+/// Starts every shard; shard 0 also holds the meta group. A shard that cannot start stops
+/// the ones already started.
+fn spawn_shards(
+    start: &ShardStart,
+    mut meta_group: Option<Partition>,
+    mut peer_receivers: VecDeque<PeerMessages>,
+    stop: &watch::Sender<bool>,
+    stopping: &watch::Receiver<bool>,
+) -> Result<Vec<ShardHandle>, String> {
+    let mut shards = Vec::with_capacity(start.shard_count);
+    for index in 0..start.shard_count {
+        // Taken in shard order: shard `index` gets the receiver of its peer inbox.
+        let peers = peer_receivers.pop_front().filter(|_| start.settings.cluster.is_some());
+        let group = if index == 0 { meta_group.take() } else { None };
+        match shard::spawn(shard_config(start, index), peers, group, stopping.clone()) {
+            Ok(handle) => shards.push(handle),
+            Err(message) => {
+                let _ = stop.send(true);
+                for started in shards {
+                    let _ = started.join();
+                }
+                return Err(message);
+            }
+        }
+    }
+    Ok(shards)
+}
+
+fn mark_bootstrapped(settings: &Settings) -> Result<(), String> {
+    let marker = settings.data.join(BOOTSTRAPPED);
+    std::fs::write(&marker, b"the first start of this cluster member created its replicas\n")
+        .and_then(|()| std::fs::File::open(&settings.data)?.sync_all())
+        .map_err(|e| format!("{}: {e}", marker.display()))
+}
+
+async fn bind(address: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(address).await.map_err(|e| format!("binding {address}{what}: {e}"))
+}
+
+/// Starts the mesh and serves requests other members forward; the returned slot takes the
+/// router once it is shared.
+fn join_mesh(
+    settings: &Settings,
+    cluster: ClusterStart,
+    router: &mut Router,
+    outgoing: mpsc::Receiver<RaftBatch>,
+    peer_inboxes: Vec<mpsc::Sender<RaftBatch>>,
+) -> Arc<OnceLock<Arc<Router>>> {
+    let node_id = settings.node_id;
+    let (serve, mut forwarded) = mpsc::channel::<(Vec<u8>, oneshot::Sender<Vec<u8>>)>(FORWARDED_QUEUE_MAX);
+    let me = mesh::MemberFacts { node_id, http: router.facts.http.clone(), binary: router.facts.binary.clone() };
+    let config = mesh::MeshConfig { node_id, me, membership: cluster.membership.clone() };
+    let mesh = mesh::Mesh::start(config, cluster.endpoint, outgoing, peer_inboxes, serve);
+    let replication = settings.cluster.as_ref().map_or(1, |c| c.replication);
+    router.cluster = Some(RouterCluster { mesh, membership: cluster.membership, replication });
+    let slot = Arc::new(OnceLock::<Arc<Router>>::new());
+    let serving = slot.clone();
+    tokio::spawn(async move {
+        // Bounded by the mesh: it ends when the mesh is gone.
+        while let Some((request, reply)) = forwarded.recv().await {
+            let Some(router) = serving.get().cloned() else { continue };
+            tokio::spawn(async move {
+                let _ = reply.send(router.serve_forwarded(&request).await);
+            });
+        }
+    });
+    if let Some(c) = &settings.cluster {
+        tracing::info!(node_id, members = c.members.len(), raft = %c.raft, "cluster member; peers over QUIC");
+    }
+    slot
+}
+
+/// Accepts HTTP and binary-protocol connections; each connection runs on a shard's runtime.
+fn serve_apis(
+    settings: &Settings,
+    router: &Arc<Router>,
+    shards: &[ShardHandle],
+    listener: tokio::net::TcpListener,
+    binary_listener: tokio::net::TcpListener,
+) -> Vec<JoinHandle<()>> {
+    let gate = Arc::new(Gate::new(settings.tokens.clone(), settings.rate_per_token));
+    let handles: Vec<_> = shards.iter().map(|s| s.runtime.clone()).collect();
+    let binary_config = BinaryConfig { frame_max_bytes: settings.frame_max_bytes, ..BinaryConfig::default() };
+    vec![
+        tokio::spawn(http::serve(listener, router.clone(), gate.clone(), handles.clone())),
+        tokio::spawn(binary::serve(binary_listener, router.clone(), gate, handles, binary_config)),
+    ]
+}
+
+/// Joins each shard thread off the async runtime; `shard_ended` hears of each end.
+fn watch_shards(shards: Vec<ShardHandle>) -> (Vec<JoinHandle<Result<(), String>>>, mpsc::Receiver<()>) {
+    let (ended, shard_ended) = mpsc::channel::<()>(shards.len().max(1));
+    let joined = shards
+        .into_iter()
+        .map(|handle| {
+            let ended = ended.clone();
+            tokio::task::spawn_blocking(move || {
+                let outcome = handle.join();
+                let _ = ended.blocking_send(());
+                outcome
+            })
+        })
+        .collect();
+    (joined, shard_ended)
+}
