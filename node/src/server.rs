@@ -85,15 +85,9 @@ impl Node {
         let meta =
             ClusterMeta::open_or_create(&settings.data, settings.partitions, started_ms).map_err(|e| e.to_string())?;
         let shard_count = settings.shards.min(meta.partitions as usize).max(1);
-        let exporter = match &settings.otlp_endpoint {
-            Some(endpoint) => Some(telemetry::start(endpoint)?),
-            None => None,
-        };
+        let exporter = settings.otlp_endpoint.as_deref().map(telemetry::start).transpose()?;
         let spans = exporter.as_ref().map(|(sink, _)| sink.clone());
-        let (cluster, meta_group) = match open_cluster(&settings)? {
-            Some((cluster, meta_group)) => (Some(cluster), Some(meta_group)),
-            None => (None, None),
-        };
+        let (cluster, meta_group) = open_cluster(&settings)?.unzip();
         let (outbox, outgoing) = mpsc::channel(mesh::OUTBOX_CAPACITY);
         let (peer_inboxes, peer_receivers) = peer_channels(shard_count);
         let live = Arc::new(LiveJobs::new(shard_count));
@@ -118,14 +112,16 @@ impl Node {
         let binary_listener = bind(settings.binary, " (binary protocol)").await?;
         let http = listener.local_addr().map_err(|e| e.to_string())?;
         let binary = binary_listener.local_addr().map_err(|e| e.to_string())?;
+        let (node_id, log_backend, runtime) = (settings.node_id, shards[0].log_backend, RUNTIME_KIND);
+        let (http_text, binary_text) = (http.to_string(), binary.to_string());
         let facts = NodeFacts {
-            node_id: settings.node_id,
-            meta: meta.clone(),
+            node_id,
+            meta,
             shards: shard_count,
-            runtime: RUNTIME_KIND,
-            log_backend: shards[0].log_backend,
-            http: http.to_string(),
-            binary: binary.to_string(),
+            runtime,
+            log_backend,
+            http: http_text,
+            binary: binary_text,
             started_ms,
         };
         let inboxes = shards.iter().map(|s| s.inbox.clone()).collect();

@@ -83,7 +83,7 @@ impl Receiver {
                                 .collect();
                             let body =
                                 request.into_body().collect().await.map(|b| b.to_bytes().to_vec()).unwrap_or_default();
-                            let received = Received { at_ms: sundial_dispatch::now_ms(), method, path, headers, body };
+                            let received = Received { at_ms: wall_ms(), method, path, headers, body };
                             let reply = {
                                 let mut log = log.lock().expect("log");
                                 let reply = script(log.len(), &received);
@@ -117,4 +117,10 @@ impl Receiver {
     pub fn requests(&self) -> Vec<Received> {
         self.log.lock().expect("log").clone()
     }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (this file is shared by the tests of
+/// sundial-dispatch and the black-box suites in tests/, so it names no crate's clock).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

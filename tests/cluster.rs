@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use sundial_dispatch::now_ms;
+use support::now_ms;
 
 mod support;
 use support::{exchange, listening_addresses, receiver, try_exchange, wait_for, Hit};
@@ -49,7 +49,7 @@ fn free_udp_ports(count: usize) -> Vec<u16> {
 }
 
 fn sundial() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_sundial"))
+    Command::new(support::sundial_bin())
 }
 
 /// Makes a CA and node certificates with the CLI (`sundial certs init`).

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use sundial_dispatch::now_ms;
+use support::now_ms;
 
 mod support;
 use support::{listening_addresses, receiver, wait_for, Node};
@@ -242,7 +242,7 @@ fn json_logs_name_the_job_on_every_line_about_it() {
     let data = tempfile::tempdir().expect("tempdir");
     // Per-job lines for routine events ("job created") are debug: at volume they cost more
     // than the work they describe.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
+    let mut child = Command::new(support::sundial_bin())
         .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--log-format", "json", "--log-level", "debug"])
         .arg("--data")
         .arg(data.path())
@@ -393,7 +393,7 @@ async fn jobs_spread_over_partitions_whose_count_is_fixed_at_creation() {
     assert_eq!((status, refused["field"].as_str()), (400, Some("depends_on")), "{refused}");
     node.kill();
 
-    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_sundial"))
+    let refused = std::process::Command::new(support::sundial_bin())
         .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--partitions", "4", "--data"])
         .arg(data.path())
         .output()
@@ -584,14 +584,14 @@ async fn settings_come_from_the_file_the_environment_and_flags_in_that_order() {
     node.kill();
 
     std::fs::write(&config, "max_jobz = 1\n").expect("write config");
-    let refused = Command::new(env!("CARGO_BIN_EXE_sundial"))
+    let refused = Command::new(support::sundial_bin())
         .args(["--config", config.to_str().expect("utf-8"), "--data"])
         .arg(data.path())
         .output()
         .expect("run");
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && message.contains("max_jobz"), "{message}");
-    let refused = Command::new(env!("CARGO_BIN_EXE_sundial"))
+    let refused = Command::new(support::sundial_bin())
         .args(["--data"])
         .arg(data.path())
         .env("SUNDIAL_LOG_LEVEL", "loud")
@@ -605,7 +605,7 @@ async fn settings_come_from_the_file_the_environment_and_flags_in_that_order() {
 /// flag and its environment variable.
 #[test]
 fn every_setting_is_documented() {
-    let help = Command::new(env!("CARGO_BIN_EXE_sundial")).args(["server", "--help"]).output().expect("run");
+    let help = Command::new(support::sundial_bin()).args(["server", "--help"]).output().expect("run");
     let help = String::from_utf8_lossy(&help.stdout);
     let page =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/CONFIGURATION.md")).expect("the page");
@@ -707,8 +707,7 @@ async fn a_cron_job_fires_repeatedly_until_paused() {
 fn the_certs_command_makes_a_ca_and_node_certificates() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = dir.path().join("certs");
-    let run =
-        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_sundial")).args(args).output().expect("run sundial certs");
+    let run = |args: &[&str]| Command::new(support::sundial_bin()).args(args).output().expect("run sundial certs");
     let path = certs.to_str().expect("utf-8");
     let made = run(&["certs", "init", "--dir", path, "--cluster", "demo", "node-1", "node-2"]);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
@@ -798,7 +797,7 @@ fn the_systemd_unit_verifies_and_its_example_configuration_starts_a_node() {
     assert!(unit.contains("ExecStart=/usr/local/bin/sundial server --config /etc/sundial/sundial.toml"));
     let dir = tempfile::tempdir().expect("tempdir");
     let copy = dir.path().join("sundial.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/sundial", env!("CARGO_BIN_EXE_sundial"))).expect("copy");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/sundial", &support::sundial_bin().display().to_string())).expect("copy");
     let verify = |path: &Path| {
         Command::new("systemd-analyze")
             .args(["verify", path.to_str().expect("utf-8")])

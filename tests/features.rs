@@ -8,13 +8,13 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use sundial_dispatch::now_ms;
 use sundial_engine::sign::verify;
+use support::now_ms;
 
 mod support;
 use support::{wait_for, Node};
 
-#[path = "../../dispatch/tests/common/mod.rs"]
+#[path = "../dispatch/tests/common/mod.rs"]
 mod common;
 use common::{Receiver, Reply};
 

@@ -7,11 +7,10 @@ use http_body_util::{BodyExt, Full};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use sundial_dispatch::now_ms;
 
 /// Reads the node's banner for the addresses it listens on (HTTP, binary), then keeps
 /// draining its stdout so the node never blocks on (or breaks) the pipe.
@@ -137,7 +136,7 @@ impl Node {
     }
 
     pub fn start_with(data: &Path, extra: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sundial"))
+        let mut child = Command::new(sundial_bin())
             .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--data"])
             .arg(data)
             .args(extra)
@@ -173,7 +172,7 @@ impl Node {
 
     /// Runs the `sundial` CLI against this node: (succeeded, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
-        let output = Command::new(env!("CARGO_BIN_EXE_sundial"))
+        let output = Command::new(sundial_bin())
             .args(args)
             .env("SUNDIAL_NODE", format!("http://{}", self.addr))
             .output()
@@ -204,4 +203,24 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `sundial` binary under test: `$SUNDIAL_BIN`, else the one cargo built beside this
+/// test (target/<profile>/sundial; `cargo nextest run --workspace` builds it first).
+pub fn sundial_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("SUNDIAL_BIN") {
+        return PathBuf::from(path);
+    }
+    let test = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test> → target/<profile>/sundial
+    let binary = test.parent().and_then(Path::parent).map(|profile| profile.join("sundial"));
+    match binary {
+        Some(binary) if binary.exists() => binary,
+        _ => panic!("target/<profile>/sundial is missing: build it first (cargo build -p sundial-node --bin sundial)"),
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
