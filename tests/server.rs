@@ -797,7 +797,8 @@ fn the_systemd_unit_verifies_and_its_example_configuration_starts_a_node() {
     assert!(unit.contains("ExecStart=/usr/local/bin/sundial server --config /etc/sundial/sundial.toml"));
     let dir = tempfile::tempdir().expect("tempdir");
     let copy = dir.path().join("sundial.service");
-    std::fs::write(&copy, unit.replace("/usr/local/bin/sundial", &support::sundial_bin().display().to_string())).expect("copy");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/sundial", &support::sundial_bin().display().to_string()))
+        .expect("copy");
     let verify = |path: &Path| {
         Command::new("systemd-analyze")
             .args(["verify", path.to_str().expect("utf-8")])

@@ -79,6 +79,10 @@ const FORBIDDEN_IMPORTS: &[(&str, &[&str], &str)] = &[
     ),
 ];
 
+/// Calls allowed only under one folder of a crate: (call, crate folder, allowed folder, why).
+const OWNED_CALLS: &[(&str, &str, &str, &str)] =
+    &[(".log_mut()", "node/src/", "node/src/replica/", "a partition's log has one owner, its replica")];
+
 /// jepsen may use sundial-wal only for the torn-tail fault (its recovery scan).
 const JEPSEN_WAL_USES_ALLOWED: &[&str] = &["sundial_wal::recovery"];
 
@@ -260,6 +264,20 @@ fn check_imports(root: &Path, files: &[PathBuf]) -> Vec<String> {
     problems
 }
 
+fn check_owned_calls(root: &Path, files: &[PathBuf]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (call, scope, owner, why) in OWNED_CALLS {
+        let outside = files.iter().filter(|f| f.starts_with(scope) && !f.starts_with(owner));
+        for file in outside {
+            let text = std::fs::read_to_string(root.join(file)).unwrap_or_default();
+            for (number, _) in text.lines().enumerate().filter(|(_, line)| line.contains(call)) {
+                problems.push(format!("{}:{}: `{call}` outside {owner} ({why})", file.display(), number + 1));
+            }
+        }
+    }
+    problems
+}
+
 fn check_headers(root: &Path, files: &[PathBuf]) -> Vec<String> {
     let mut problems = Vec::new();
     for file in files {
@@ -372,6 +390,7 @@ fn all_problems(root: &Path, panics_allowed: &[(&str, usize)]) -> Vec<String> {
     let files = source_files(root);
     let mut problems = check_dependencies(root);
     problems.extend(check_imports(root, &files));
+    problems.extend(check_owned_calls(root, &files));
     problems.extend(check_headers(root, &files));
     problems.extend(check_function_lengths(root, &files));
     problems.extend(check_panics(root, &files, panics_allowed));
@@ -404,11 +423,13 @@ fn the_tidy_checks_catch_each_kind_of_violation() {
     );
     write("jepsen/src/lib.rs", "//! The harness.\nuse sundial_wal::log::Log;\n");
     write("wal/src/lib.rs", "//! The log.\nuse sundial_engine::state::State;\n");
+    write("node/src/shard/mod.rs", "//! A shard.\nfn tick(r: &mut R) {\n    r.log_mut().tick();\n}\n");
     let problems = all_problems(root.path(), &[]);
     let found = |needle: &str| problems.iter().any(|p| p.contains(needle));
     assert!(found("engine/Cargo.toml: depends on tokio"), "a forbidden dependency: {problems:#?}");
     assert!(found("engine/src/lib.rs:3: `Instant::now`"), "a clock read in the core: {problems:#?}");
     assert!(found("wal/src/lib.rs:2: `sundial_engine`"), "an upward import: {problems:#?}");
+    assert!(found("node/src/shard/mod.rs:3: `.log_mut()` outside"), "a second owner of a log: {problems:#?}");
     assert!(found("jepsen uses sundial_wal beyond"), "jepsen past its exception: {problems:#?}");
     assert!(found("engine/src/lib.rs: the first line is not"), "a missing header: {problems:#?}");
     assert!(found("engine/src/lib.rs::long: 73 lines"), "a long function: {problems:#?}");

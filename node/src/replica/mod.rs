@@ -1,5 +1,137 @@
 //! One replica of a partition: a Raft group (`partition`) over a sundial-wal log (`storage`),
-//! applying committed commands to the engine's state machine and snapshotting it.
+//! and `Replica`, which owns that log together with the runtime that applies its committed
+//! commands to the engine's state machine and makes the fires. A shard asks its replicas;
+//! only this module reaches a replica's log.
 
 pub mod partition;
 pub mod storage;
+
+use partition::{LogWrite, Partition, PartitionOptions};
+use std::path::Path;
+use sundial_consensus::{Message, NodeId, ProposeError};
+use sundial_dispatch::runtime::{Runtime, RuntimeConfig, Ticket};
+use sundial_dispatch::AttemptResult;
+use sundial_engine::state::{Applied, ApplyError, Command, State};
+use sundial_engine::trace::SpanRecord;
+use tokio::sync::mpsc;
+
+/// A partition's replica on this node: its log and its runtime, with one owner.
+pub struct Replica {
+    runtime: Runtime<Partition>,
+}
+
+/// What a turn of a replica's log produced: verdicts of proposals and messages for peers.
+pub struct Settled {
+    pub resolved: Vec<(Ticket, Result<Applied, ApplyError>)>,
+    pub messages: Vec<Message>,
+}
+
+impl Replica {
+    /// Opens the partition's log in `dir` (created if missing) and starts its runtime;
+    /// attempt outcomes go to `results`, shared by the shard's replicas.
+    pub fn open(
+        dir: &Path,
+        options: PartitionOptions,
+        config: RuntimeConfig,
+        results: mpsc::Sender<AttemptResult>,
+    ) -> Result<Replica, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let log = Partition::open(dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
+        Ok(Replica { runtime: Runtime::with_shared_results(config, log, results) })
+    }
+
+    /// The log, to read its Raft status.
+    pub fn partition(&self) -> &Partition {
+        self.runtime.log()
+    }
+
+    /// The runtime, to read its state, dispatcher and counters.
+    pub fn runtime(&self) -> &Runtime<Partition> {
+        &self.runtime
+    }
+
+    pub fn state(&self) -> &State {
+        self.runtime.state()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.runtime.log().is_leader()
+    }
+
+    /// `None` when this replica takes proposals; else the member leading (if known and not
+    /// this one), for the refusal.
+    pub fn not_accepting(&self) -> Option<Option<NodeId>> {
+        let log = self.runtime.log();
+        (!log.accepts_proposals()).then(|| log.leader().filter(|l| *l != log.node_id()))
+    }
+
+    pub fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>> {
+        self.runtime.propose(commands)
+    }
+
+    /// Applies a command and waits for its verdict (a partition of one commits at once).
+    pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
+        self.runtime.apply(command)
+    }
+
+    /// Starts a linearizable read; its ticket resolves once the leader confirmed it.
+    pub fn read(&mut self) -> Result<Ticket, ProposeError> {
+        self.runtime.log_mut().read()
+    }
+
+    /// One unit of Raft time.
+    pub fn tick(&mut self) {
+        self.runtime.log_mut().tick();
+    }
+
+    /// A message from a peer.
+    pub fn step(&mut self, message: Message) {
+        self.runtime.log_mut().step(message);
+    }
+
+    /// Persists and applies what the log has ready; returns the verdicts and the messages.
+    pub fn settle(&mut self) -> Settled {
+        self.runtime.advance();
+        let resolved = self.runtime.take_resolved();
+        let messages = self.runtime.log_mut().take_messages();
+        Settled { resolved, messages }
+    }
+
+    /// Proposes a start for every fire due by now (leading only).
+    pub fn fire_due_jobs(&mut self) {
+        self.runtime.fire_due_jobs();
+    }
+
+    /// Proposes the outcomes of attempts, with one log write.
+    pub fn finish(&mut self, results: Vec<AttemptResult>) {
+        self.runtime.finish_many(results);
+    }
+
+    /// How long the replica may sleep before its next timer.
+    pub fn sleep_ms(&self) -> u64 {
+        self.runtime.sleep_ms()
+    }
+
+    /// The log's write records since the last call (for metrics).
+    pub fn take_writes(&mut self) -> Vec<LogWrite> {
+        self.runtime.log_mut().take_writes()
+    }
+
+    pub fn take_spans(&mut self) -> (Vec<SpanRecord>, u64) {
+        self.runtime.take_spans()
+    }
+
+    pub fn keep_spans(&mut self, records: Vec<SpanRecord>) {
+        self.runtime.keep_spans(records);
+    }
+
+    /// One step toward the replicas the membership places (`Partition::reconcile`).
+    pub fn reconcile(&mut self, placed: &[NodeId], me: NodeId) {
+        self.runtime.log_mut().reconcile(placed, me, "partition");
+    }
+
+    /// Hands leadership to `preferred` when this replica leads and it has caught up.
+    pub fn hand_leadership_to(&mut self, preferred: NodeId) -> bool {
+        self.runtime.log_mut().hand_leadership_to(preferred)
+    }
+}

@@ -9,7 +9,7 @@ use crate::replica::storage::WalStorage;
 use std::collections::BTreeMap;
 use std::path::Path;
 use sundial_consensus::{
-    Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Storage, Term,
+    ConfChange, Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Storage, Term,
 };
 use sundial_dispatch::runtime::{CommandLog, Committed, LogError, Ticket};
 use sundial_engine::state::{Applied, ApplyError, Command, State};
@@ -458,6 +458,60 @@ impl Partition {
         let data = serde_json::to_vec(command).expect("membership changes serialize");
         let index = self.node.propose(data)?;
         Ok(self.track(index))
+    }
+
+    /// One step toward the replicas `placed` (leader only; one single-server change at a
+    /// time, each after the last committed): a missing replica joins as a learner (after a
+    /// snapshot, which carries the group's membership), a caught-up learner becomes a voter,
+    /// and only then is a replica no longer placed removed. A leader that is itself to go
+    /// hands leadership to a placed voter first. `kind` names the group in logs.
+    pub fn reconcile(&mut self, placed: &[NodeId], me: NodeId, kind: &str) {
+        if !self.is_leader() || placed.is_empty() {
+            return;
+        }
+        let voters = self.voters();
+        let learners = self.learners();
+        let change = if let Some(new) = placed.iter().find(|id| !voters.contains(id) && !learners.contains(id)) {
+            // The newcomer starts from a snapshot: one taken now carries the membership.
+            if let Err(error) = self.compact() {
+                tracing::warn!(%error, "could not snapshot before adding a replica");
+                return;
+            }
+            ConfChange::AddLearner(*new)
+        } else if let Some(learner) = learners.iter().find(|id| placed.contains(id)) {
+            ConfChange::AddVoter(*learner)
+        } else if let Some(gone) = voters.iter().find(|id| !placed.contains(id)) {
+            if *gone == me {
+                // Leadership goes to a placed voter that has caught up; it removes this node.
+                let last = self.raft_status().last_index;
+                if let Some(next) =
+                    placed.iter().find(|id| voters.contains(id) && self.follower_match(**id).is_some_and(|m| m >= last))
+                {
+                    let _ = self.transfer_leader(*next);
+                }
+                return;
+            }
+            ConfChange::Remove(*gone)
+        } else if let Some(learner) = learners.first() {
+            ConfChange::Remove(*learner)
+        } else {
+            return;
+        };
+        match self.propose_conf_change(change) {
+            Ok(_) => tracing::info!(group = kind, ?change, "changing the group's replicas"),
+            Err(error) => tracing::debug!(group = kind, ?change, %error, "a replica change waits"),
+        }
+    }
+
+    /// Hands leadership to `preferred` when this replica leads and `preferred` is a voter
+    /// that has caught up; true when a transfer started.
+    pub fn hand_leadership_to(&mut self, preferred: NodeId) -> bool {
+        if preferred == self.node_id() || !self.is_leader() {
+            return false;
+        }
+        let last = self.raft_status().last_index;
+        let caught_up = self.follower_match(preferred).is_some_and(|matched| matched >= last);
+        self.voters().contains(&preferred) && caught_up && self.transfer_leader(preferred).is_ok()
     }
 
     /// Whether the group's membership no longer includes this replica (it was removed). A

@@ -14,6 +14,7 @@ use crate::cluster::members::{Members, MembersCommand, Membership, META_GROUP};
 use crate::cluster::meta::{partition_of, replicas_of};
 use crate::obs::metrics::ShardMetrics;
 use crate::replica::partition::{Partition, PartitionOptions};
+use crate::replica::Replica;
 use ops::{Answer, CreateMode, JobOp};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
@@ -22,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use sundial_consensus::Message;
-use sundial_dispatch::runtime::{Runtime, RuntimeConfig, Ticket};
+use sundial_dispatch::runtime::{RuntimeConfig, Ticket};
 use sundial_dispatch::AttemptResult;
 use sundial_engine::job::JobSpec;
 use sundial_engine::state::{Applied, ApplyError, Status};
@@ -216,8 +217,8 @@ fn pin_to_core(index: usize) {
 
 struct Shard {
     config: ShardConfig,
-    /// The shard's partitions (replicas, in a cluster) by id, each with its runtime.
-    runtimes: BTreeMap<u32, Runtime<Partition>>,
+    /// The shard's partitions (replicas, in a cluster) by id, each with its replica.
+    replicas: BTreeMap<u32, Replica>,
     /// The meta group's replica (shard 0 of a cluster member), with the membership changes
     /// waiting for their verdicts.
     meta: Option<Partition>,
@@ -283,7 +284,7 @@ enum AnswerKind {
 impl Shard {
     fn open(config: ShardConfig, meta: Option<Partition>) -> Result<Shard, String> {
         let (sender, results) = mpsc::channel(RESULTS_CAPACITY);
-        let mut runtimes = BTreeMap::new();
+        let mut replicas = BTreeMap::new();
         for partition in (0..config.partitions).filter(|p| *p as usize % config.shards == config.index) {
             let dir = config.data.join(format!("partition-{partition}"));
             let voters = match &config.cluster {
@@ -302,16 +303,14 @@ impl Shard {
                 Some(_) => continue, // created when its leader reaches this node
                 None => vec![config.node_id],
             };
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             let options = PartitionOptions { voters, ..config.partition.clone() };
-            let log = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
             let runtime_config = RuntimeConfig { node_id: config.node_id, ..config.runtime.clone() };
-            runtimes.insert(partition, Runtime::with_shared_results(runtime_config, log, sender.clone()));
+            replicas.insert(partition, Replica::open(&dir, options, runtime_config, sender.clone())?);
         }
         let metrics = config.metrics.shard(config.index);
         let shard = Shard {
             config,
-            runtimes,
+            replicas,
             meta,
             meta_waiting: Default::default(),
             meta_failure: None,
@@ -327,15 +326,15 @@ impl Shard {
     }
 
     fn partition_ids(&self) -> Vec<u32> {
-        self.runtimes.keys().copied().collect()
+        self.replicas.keys().copied().collect()
     }
 
     fn log_backend(&self) -> &'static str {
-        self.runtimes.values().next().map_or("none", |r| r.log().log_backend())
+        self.replicas.values().next().map_or("none", |r| r.partition().log_backend())
     }
 
     fn job_count(&self) -> usize {
-        self.runtimes.values().map(|r| r.state().job_count()).sum()
+        self.replicas.values().map(|r| r.state().job_count()).sum()
     }
 
     async fn run(
@@ -350,7 +349,7 @@ impl Shard {
         let mut next_balance = Instant::now() + BALANCE_EVERY;
         // Bounded by `stop` (or a failed log).
         while !*stop.borrow() {
-            let wheel_ms = self.runtimes.values().map(|r| r.sleep_ms()).min().unwrap_or(1_000);
+            let wheel_ms = self.replicas.values().map(|r| r.sleep_ms()).min().unwrap_or(1_000);
             let mut sleep = Duration::from_millis(wheel_ms);
             if tick.is_some() {
                 sleep = sleep.min(next_tick.saturating_duration_since(Instant::now()));
@@ -399,8 +398,8 @@ impl Shard {
             if let Some(tick) = tick {
                 let now = Instant::now();
                 if now >= next_tick {
-                    for runtime in self.runtimes.values_mut() {
-                        runtime.log_mut().tick();
+                    for replica in self.replicas.values_mut() {
+                        replica.tick();
                     }
                     if let Some(meta) = &mut self.meta {
                         meta.tick();
@@ -414,8 +413,8 @@ impl Shard {
                     next_balance = now + BALANCE_EVERY;
                 }
             }
-            for runtime in self.runtimes.values_mut() {
-                runtime.fire_due_jobs();
+            for replica in self.replicas.values_mut() {
+                replica.fire_due_jobs();
             }
             self.settle();
             // Fires and outcomes change the live count too: admission reads it fresh.
@@ -425,7 +424,7 @@ impl Shard {
                 return Err(format!("the membership log failed ({failure}); restart to recover"));
             }
             if let Some((partition, failure)) =
-                self.runtimes.iter().find_map(|(p, r)| r.log_failure().map(|f| (*p, f.to_string())))
+                self.replicas.iter().find_map(|(p, r)| r.runtime().log_failure().map(|f| (*p, f.to_string())))
             {
                 // What is durable is unknown until recovery runs: stop, and let a restart recover.
                 return Err(format!("the log of partition {partition} failed ({failure}); restart to recover"));
@@ -445,11 +444,11 @@ impl Shard {
                 }
                 continue;
             }
-            if !self.runtimes.contains_key(&partition) && !self.add_replica(partition) {
+            if !self.replicas.contains_key(&partition) && !self.add_replica(partition) {
                 continue;
             }
-            if let Some(runtime) = self.runtimes.get_mut(&partition) {
-                runtime.log_mut().step(message);
+            if let Some(replica) = self.replicas.get_mut(&partition) {
+                replica.step(message);
             }
         }
     }
@@ -468,15 +467,11 @@ impl Shard {
         }
         let dir = self.config.data.join(format!("partition-{partition}"));
         let options = PartitionOptions { voters: Vec::new(), ..self.config.partition.clone() };
-        match std::fs::create_dir_all(&dir)
-            .map_err(|e| e.to_string())
-            .and_then(|()| Partition::open(&dir, options).map_err(|e| e.to_string()))
-        {
-            Ok(log) => {
+        let runtime_config = RuntimeConfig { node_id: self.config.node_id, ..self.config.runtime.clone() };
+        match Replica::open(&dir, options, runtime_config, self.results_sender.clone()) {
+            Ok(replica) => {
                 tracing::info!(partition, "a new replica of this partition, filled by its leader");
-                let runtime_config = RuntimeConfig { node_id: self.config.node_id, ..self.config.runtime.clone() };
-                self.runtimes
-                    .insert(partition, Runtime::with_shared_results(runtime_config, log, self.results_sender.clone()));
+                self.replicas.insert(partition, replica);
                 true
             }
             Err(error) => {
@@ -491,12 +486,10 @@ impl Shard {
     fn settle(&mut self) {
         let mut outgoing = Vec::new();
         let mut resolved = Vec::new();
-        for (partition, runtime) in self.runtimes.iter_mut() {
-            runtime.advance();
-            for (ticket, verdict) in runtime.take_resolved() {
-                resolved.push((*partition, ticket, verdict));
-            }
-            outgoing.extend(runtime.log_mut().take_messages().into_iter().map(|m| (*partition, m)));
+        for (partition, replica) in self.replicas.iter_mut() {
+            let settled = replica.settle();
+            resolved.extend(settled.resolved.into_iter().map(|(ticket, verdict)| (*partition, ticket, verdict)));
+            outgoing.extend(settled.messages.into_iter().map(|m| (*partition, m)));
         }
         for (partition, ticket, verdict) in resolved {
             self.resolve(partition, ticket, verdict);
@@ -569,17 +562,17 @@ impl Shard {
         let members = cluster.membership.ids();
         let me = self.config.node_id;
         if let Some(meta) = &mut self.meta {
-            reconcile(meta, &members, me, "meta");
+            meta.reconcile(&members, me, "meta");
         }
         let mut removed = Vec::new();
-        for (partition, runtime) in self.runtimes.iter_mut() {
+        for (partition, replica) in self.replicas.iter_mut() {
             let placed = replicas_of(*partition, &members, cluster.replication);
-            reconcile(runtime.log_mut(), &placed, me, "partition");
+            replica.reconcile(&placed, me);
             // Out of the group by its own log (it applied its removal: committed) and by the
             // placement: this replica is done. A replica removed before it saw the commit
             // of its removal (the leader stops writing to it) stays until the node stops:
             // deleting a voter's log on a guess could lose a quorum's data.
-            if !placed.contains(&me) && runtime.log().is_removed() {
+            if !placed.contains(&me) && replica.partition().is_removed() {
                 removed.push(*partition);
             }
         }
@@ -589,7 +582,7 @@ impl Shard {
             for ticket in stranded {
                 self.resolve(partition, ticket, Err(ApplyError::Unavailable("this replica was removed".into())));
             }
-            self.runtimes.remove(&partition);
+            self.replicas.remove(&partition);
             let dir = self.config.data.join(format!("partition-{partition}"));
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => tracing::info!(
@@ -604,8 +597,8 @@ impl Shard {
     /// Answers the slot a ticket stands for; a request whose slots are all answered is sent.
     fn resolve(&mut self, partition: u32, ticket: Ticket, verdict: Result<Applied, ApplyError>) {
         let Some(TicketUse { waiting, slot, kind }) = self.tickets.remove(&(partition, ticket)) else { return };
-        let Some(runtime) = self.runtimes.get(&partition) else { return };
-        let state = runtime.state();
+        let Some(replica) = self.replicas.get(&partition) else { return };
+        let state = replica.state();
         if let AnswerKind::Read { ids, op } = &kind {
             let answers: Vec<Answer> = ids
                 .iter()
@@ -613,7 +606,7 @@ impl Shard {
                     Ok(_) => ops::read_answer(state, id, *op),
                     // Nothing happened: the router may retry it on the next leader.
                     Err(ApplyError::Unavailable(reason)) => {
-                        ops::retry_later(503, ops::NO_LEADER_CODE, format!("partition {partition}: {reason}"), 1)
+                        ops::no_leader(partition, &format!("has no leader now: {reason}"))
                     }
                     Err(e) => ops::apply_error(e.clone()),
                 })
@@ -695,7 +688,7 @@ impl Shard {
 
     /// One "commit" span per request trace whose jobs a log write carried.
     fn commit_spans(&mut self, commit: CommitSpan) {
-        let Some(runtime) = self.runtimes.get_mut(&commit.partition) else { return };
+        let Some(replica) = self.replicas.get_mut(&commit.partition) else { return };
         let ended_ms = sundial_dispatch::now_ms();
         let traces: std::collections::BTreeSet<(String, String)> = commit.traces.into_iter().collect();
         let spans = traces.into_iter().map(|(trace_id, span_id)| sundial_engine::trace::SpanRecord {
@@ -711,7 +704,7 @@ impl Shard {
             attributes: vec![("sundial.partition", commit.partition.to_string())],
             failed: false,
         });
-        runtime.keep_spans(spans.collect());
+        replica.keep_spans(spans.collect());
     }
 
     /// A leader hands each partition whose preferred leader (its first replica) is another
@@ -721,18 +714,11 @@ impl Shard {
         let Some(cluster) = &self.config.cluster else { return };
         let members = cluster.membership.ids();
         let me = self.config.node_id;
-        for (partition, runtime) in self.runtimes.iter_mut() {
+        for (partition, replica) in self.replicas.iter_mut() {
             let placed = replicas_of(*partition, &members, cluster.replication);
             let Some(preferred) = placed.first().copied() else { continue };
-            let log = runtime.log_mut();
-            if preferred == me || !log.is_leader() {
-                continue;
-            }
-            let last = log.raft_status().last_index;
-            if log.voters().contains(&preferred) && log.follower_match(preferred).is_some_and(|matched| matched >= last)
-            {
+            if preferred != me && replica.hand_leadership_to(preferred) {
                 tracing::info!(partition, to = preferred, "handing leadership to the partition's preferred leader");
-                let _ = log.transfer_leader(preferred);
             }
         }
     }
@@ -746,7 +732,10 @@ impl Shard {
         let deadline = tokio::time::Instant::now() + self.config.drain_limit;
         let tick = self.config.cluster.as_ref().map_or(Duration::from_secs(1), |c| c.tick);
         // Bounded by the deadline.
-        while self.runtimes.values().any(|r| r.dispatcher().running() > 0 || r.proposals_waiting() > 0)
+        while self
+            .replicas
+            .values()
+            .any(|r| r.runtime().dispatcher().running() > 0 || r.runtime().proposals_waiting() > 0)
             && tokio::time::Instant::now() < deadline
         {
             tokio::select! {
@@ -761,8 +750,8 @@ impl Shard {
                 }
                 _ = tokio::time::sleep(tick) => {
                     if self.config.cluster.is_some() {
-                        for runtime in self.runtimes.values_mut() {
-                            runtime.log_mut().tick();
+                        for replica in self.replicas.values_mut() {
+                            replica.tick();
                         }
                     }
                 }
@@ -780,9 +769,9 @@ impl Shard {
             by_partition.entry(partition_of(&result.job_id, self.config.partitions)).or_default().push(result);
         }
         for (partition, results) in by_partition {
-            if let Some(runtime) = self.runtimes.get_mut(&partition) {
+            if let Some(replica) = self.replicas.get_mut(&partition) {
                 let started = Instant::now();
-                runtime.finish_many(results);
+                replica.finish(results);
                 self.metrics.applied(started.elapsed());
             }
         }
@@ -810,10 +799,10 @@ impl Shard {
                 Work::Scan { scan: Scan::PurgeDeadLetters, reply } => self.purge_dead_letters(reply),
                 Work::Scan { scan, reply } => {
                     let values = self
-                        .runtimes
+                        .replicas
                         .iter_mut()
-                        .filter(|(_, runtime)| scan_covers(&scan, runtime))
-                        .map(|(partition, runtime)| scan_one(*partition, runtime, &scan));
+                        .filter(|(_, replica)| scan_covers(&scan, replica))
+                        .map(|(partition, replica)| scan_one(*partition, replica, &scan));
                     let _ = reply.send(values.collect());
                 }
             }
@@ -831,7 +820,7 @@ impl Shard {
         stale: bool,
         reply: oneshot::Sender<Vec<Answer>>,
     ) {
-        let Some(runtime) = self.runtimes.get_mut(&partition) else {
+        let Some(replica) = self.replicas.get_mut(&partition) else {
             let _ = reply.send(ids.iter().map(|_| misrouted(partition)).collect());
             return;
         };
@@ -839,12 +828,12 @@ impl Shard {
         let commands: Vec<_> = ids.iter().filter_map(|id| ops::job_command(id, op, now)).collect();
         let answers = vec![None; ids.len()];
         if commands.is_empty() && stale {
-            let _ = reply.send(ids.iter().map(|id| ops::read_answer(runtime.state(), id, op)).collect());
+            let _ = reply.send(ids.iter().map(|id| ops::read_answer(replica.state(), id, op)).collect());
             return;
         }
         if commands.is_empty() {
             // One linearizable read confirms them all.
-            match runtime.log_mut().read() {
+            match replica.read() {
                 Ok(ticket) => {
                     let key = self.next_waiting;
                     self.next_waiting += 1;
@@ -865,13 +854,13 @@ impl Shard {
             }
             return;
         }
-        if !runtime.log().accepts_proposals() {
-            let answer = ops::not_leader(partition, runtime.log().leader().filter(|l| *l != self.config.node_id));
+        if let Some(leader) = replica.not_accepting() {
+            let answer = ops::not_leader(partition, leader);
             let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
             return;
         }
         let started = Instant::now();
-        let tickets = runtime.propose(commands);
+        let tickets = replica.propose(commands);
         self.metrics.applied(started.elapsed());
         let pending = ids
             .into_iter()
@@ -884,7 +873,7 @@ impl Shard {
 
     /// `DELETE /dlq` on the partitions this shard leads: one purge command each.
     fn purge_dead_letters(&mut self, reply: oneshot::Sender<Vec<Value>>) {
-        let leading: Vec<u32> = self.runtimes.iter().filter(|(_, r)| r.log().is_leader()).map(|(p, _)| *p).collect();
+        let leading: Vec<u32> = self.replicas.iter().filter(|(_, r)| r.is_leader()).map(|(p, _)| *p).collect();
         if leading.is_empty() {
             let _ = reply.send(Vec::new());
             return;
@@ -894,8 +883,8 @@ impl Shard {
         let mut answers = vec![None; leading.len()];
         let mut missing = 0;
         for (slot, partition) in leading.iter().enumerate() {
-            let runtime = self.runtimes.get_mut(partition).expect("listed above");
-            match runtime.propose(vec![sundial_engine::state::Command::Purge { id: None }]).pop() {
+            let replica = self.replicas.get_mut(partition).expect("listed above");
+            match replica.propose(vec![sundial_engine::state::Command::Purge { id: None }]).pop() {
                 Some(Ok(ticket)) => {
                     missing += 1;
                     self.tickets
@@ -915,14 +904,14 @@ impl Shard {
     /// Creates the jobs of several requests for one partition with one log write; each
     /// request is answered once all its creates are applied.
     fn create(&mut self, partition: u32, requests: Vec<CreateRequest>) {
-        let Some(runtime) = self.runtimes.get_mut(&partition) else {
+        let Some(replica) = self.replicas.get_mut(&partition) else {
             for (specs, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| misrouted(partition)).collect());
             }
             return;
         };
-        if !runtime.log().accepts_proposals() {
-            let answer = ops::not_leader(partition, runtime.log().leader().filter(|l| *l != self.config.node_id));
+        if let Some(leader) = replica.not_accepting() {
+            let answer = ops::not_leader(partition, leader);
             for (specs, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| answer.clone()).collect());
             }
@@ -947,13 +936,13 @@ impl Shard {
                 max_jobs: self.config.max_jobs,
                 room,
             };
-            let mut plan = ops::plan_creates(runtime.state(), specs, now_ms, how);
+            let mut plan = ops::plan_creates(replica.state(), specs, now_ms, how);
             room = room.saturating_sub(plan.commands.len());
             commands.append(&mut plan.commands);
             plans.push((plan, traces, reply));
         }
         // Proposed together: one log write (group commit) for every request of the turn.
-        let mut tickets = runtime.propose(commands).into_iter();
+        let mut tickets = replica.propose(commands).into_iter();
         self.metrics.applied(started.elapsed());
         for (plan, traces, reply) in plans {
             let pending = plan
@@ -973,64 +962,24 @@ impl Shard {
     /// Live jobs of the partitions this shard leads (a follower replica's jobs are counted
     /// by their leader: `max_jobs` limits what a node leads, not what it replicates).
     fn publish_live_jobs(&self) {
-        let live: usize =
-            self.runtimes.values().filter(|r| r.log().is_leader()).map(|r| ops::live_jobs(r.state())).sum();
+        let live: usize = self.replicas.values().filter(|r| r.is_leader()).map(|r| ops::live_jobs(r.state())).sum();
         self.config.live.0[self.config.index].store(live as u64, Ordering::Relaxed);
     }
 
     /// Hands log writes and gauges to the metrics.
     fn observe(&mut self) {
-        for runtime in self.runtimes.values_mut() {
-            // The log is the runtime's; its write records are metrics-only and taken here.
-            let writes = runtime.log_mut().take_writes();
+        for replica in self.replicas.values_mut() {
+            // The log's write records are metrics-only and taken here.
+            let writes = replica.take_writes();
             self.metrics.log_writes(&writes);
             if let Some(sink) = &self.config.spans {
-                sink.send(runtime.take_spans().0);
+                sink.send(replica.take_spans().0);
             }
         }
     }
 }
 
 /// One step of `Shard::reconcile_replicas` for one group this node may lead.
-fn reconcile(log: &mut Partition, placed: &[u64], me: u64, kind: &str) {
-    use sundial_consensus::ConfChange;
-    if !log.is_leader() || placed.is_empty() {
-        return;
-    }
-    let voters = log.voters();
-    let learners = log.learners();
-    let change = if let Some(new) = placed.iter().find(|id| !voters.contains(id) && !learners.contains(id)) {
-        // The newcomer starts from a snapshot: one taken now carries the membership.
-        if let Err(error) = log.compact() {
-            tracing::warn!(%error, "could not snapshot before adding a replica");
-            return;
-        }
-        ConfChange::AddLearner(*new)
-    } else if let Some(learner) = learners.iter().find(|id| placed.contains(id)) {
-        ConfChange::AddVoter(*learner)
-    } else if let Some(gone) = voters.iter().find(|id| !placed.contains(id)) {
-        if *gone == me {
-            // Leadership goes to a placed voter that has caught up; it removes this node.
-            let last = log.raft_status().last_index;
-            if let Some(next) =
-                placed.iter().find(|id| voters.contains(id) && log.follower_match(**id).is_some_and(|m| m >= last))
-            {
-                let _ = log.transfer_leader(*next);
-            }
-            return;
-        }
-        ConfChange::Remove(*gone)
-    } else if let Some(learner) = learners.first() {
-        ConfChange::Remove(*learner)
-    } else {
-        return;
-    };
-    match log.propose_conf_change(change) {
-        Ok(_) => tracing::info!(group = kind, ?change, "changing the group's replicas"),
-        Err(error) => tracing::debug!(group = kind, ?change, %error, "a replica change waits"),
-    }
-}
-
 /// The membership as the API shows it.
 fn members_view(members: Option<&Members>) -> Value {
     let nodes = members
@@ -1046,44 +995,44 @@ fn lost() -> Answer {
 
 /// Whether `scan` looks at this partition here: lists and counts come from the replica that
 /// leads (each partition counted once across the cluster); Raft status from every replica.
-fn scan_covers(scan: &Scan, runtime: &Runtime<Partition>) -> bool {
-    matches!(scan, Scan::Raft) || runtime.log().is_leader()
+fn scan_covers(scan: &Scan, replica: &Replica) -> bool {
+    matches!(scan, Scan::Raft) || replica.is_leader()
 }
 
 fn misrouted(partition: u32) -> Answer {
     ops::retry_later(503, "unavailable", format!("partition {partition} is not served by this shard"), 1)
 }
 
-fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: &Scan) -> Value {
+fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan) -> Value {
     match scan {
-        Scan::Jobs { status, limit } => Value::Array(ops::list_jobs(runtime.state(), *status, *limit)),
-        Scan::FlowKeys { limit } => Value::Array(ops::flow_keys(runtime.state(), *limit)),
-        Scan::Labelled { labels, limit } => Value::Array(ops::labelled_jobs(runtime.state(), labels, *limit)),
-        Scan::DeadLetters { limit } => Value::Array(ops::dead_letters(runtime.state(), *limit)),
+        Scan::Jobs { status, limit } => Value::Array(ops::list_jobs(replica.state(), *status, *limit)),
+        Scan::FlowKeys { limit } => Value::Array(ops::flow_keys(replica.state(), *limit)),
+        Scan::Labelled { labels, limit } => Value::Array(ops::labelled_jobs(replica.state(), labels, *limit)),
+        Scan::DeadLetters { limit } => Value::Array(ops::dead_letters(replica.state(), *limit)),
         Scan::PurgeDeadLetters => {
-            let answer = ops::purge_all(runtime);
+            let answer = ops::purge_answer(replica.apply(sundial_engine::state::Command::Purge { id: None }));
             json!({"status": answer.status, "body": answer.body})
         }
         Scan::Health => {
-            let state = runtime.state();
+            let state = replica.state();
             let counts: serde_json::Map<String, Value> =
                 Status::ALL.iter().map(|s| (s.as_str().to_string(), json!(state.count(*s)))).collect();
-            let stats = runtime.stats();
+            let stats = replica.runtime().stats();
             json!({
                 "partition": partition,
                 "jobs": counts,
                 "dead_letters": state.dead_letters().count(),
                 "auto_paused": state.auto_paused(),
-                "queued": runtime.dispatcher().queued(),
-                "running": runtime.dispatcher().running(),
+                "queued": replica.runtime().dispatcher().queued(),
+                "running": replica.runtime().dispatcher().running(),
                 "attempts_started": stats.attempts_started,
                 "attempts_finished": stats.attempts_finished,
                 "queue_full_waits": stats.queue_full_waits,
-                "log_failure": runtime.log_failure(),
+                "log_failure": replica.runtime().log_failure(),
             })
         }
         Scan::Raft => {
-            let log = runtime.log();
+            let log = replica.partition();
             let raft = log.raft_status();
             let followers: Vec<Value> = if raft.leader {
                 log.voters()
@@ -1112,7 +1061,7 @@ fn scan_one(partition: u32, runtime: &mut Runtime<Partition>, scan: &Scan) -> Va
                 "snapshot_index": raft.snapshot_index,
                 "elections_won": log.elections_won(),
                 "log_backend": log.log_backend(),
-                "jobs": runtime.state().job_count(),
+                "jobs": replica.state().job_count(),
             })
         }
     }

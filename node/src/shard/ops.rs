@@ -15,10 +15,63 @@ pub struct Answer {
     pub status: u16,
     pub body: Option<Value>,
     pub retry_after_s: Option<u32>,
+    /// Set when the work was refused for a reason the router acts on (typed, so nothing
+    /// inside the node reads the body back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusal: Option<Refusal>,
+}
+
+/// Why work was not done, as the node itself acts on it: forwarded to the member that
+/// leads, retried shortly for want of a leader, or handed to the client to retry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Refusal {
+    /// Another member leads the partition: the router forwards the work there.
+    NotLeader { partition: u32, leader: u64 },
+    /// No member leads the partition now (an election or a leadership transfer) and nothing
+    /// was proposed: safe to retry, and the router does, briefly, before answering.
+    NoLeader { partition: u32 },
+    /// A shard's inbox is full.
+    Overloaded,
+    /// The node is stopping.
+    Stopping,
+}
+
+impl Refusal {
+    /// The answer a client gets for it (HTTP's status and `{"error", "code"}`).
+    pub fn answer(self, message: impl Into<String>) -> Answer {
+        let message = message.into();
+        let answer = match self {
+            Refusal::NotLeader { leader, .. } => Answer {
+                status: NOT_LEADER_STATUS,
+                body: Some(json!({"error": message, "code": "not_leader", "leader": leader})),
+                retry_after_s: None,
+                refusal: None,
+            },
+            Refusal::NoLeader { .. } => retry_later(503, "no_leader", message, 1),
+            Refusal::Overloaded => retry_later(503, "overloaded", message, 1),
+            Refusal::Stopping => retry_later(503, "unavailable", message, 5),
+        };
+        Answer { refusal: Some(self), ..answer }
+    }
+}
+
+impl Answer {
+    /// The member that leads, when this refusal says another does.
+    pub fn leader_named(&self) -> Option<u64> {
+        match self.refusal {
+            Some(Refusal::NotLeader { leader, .. }) => Some(leader),
+            _ => None,
+        }
+    }
+
+    /// Refused for want of a leader (nothing was proposed).
+    pub fn wants_leader(&self) -> bool {
+        matches!(self.refusal, Some(Refusal::NoLeader { .. }))
+    }
 }
 
 pub fn answer(status: u16, body: Value) -> Answer {
-    Answer { status, body: Some(body), retry_after_s: None }
+    Answer { status, body: Some(body), retry_after_s: None, refusal: None }
 }
 
 /// An error answer: `{"error": message, "code": code}`.
@@ -198,32 +251,21 @@ pub fn create_answer(state: &State, id: &str, verdict: Result<Applied, ApplyErro
 /// forwards it there), or nowhere yet while an election runs.
 pub fn not_leader(partition: u32, leader: Option<u64>) -> Answer {
     match leader {
-        Some(leader) => Answer {
-            status: NOT_LEADER_STATUS,
-            body: Some(
-                json!({"error": format!("partition {partition} is led by node {leader}"), "code": "not_leader", "leader": leader}),
-            ),
-            retry_after_s: None,
-        },
-        None => {
-            retry_later(503, NO_LEADER_CODE, format!("partition {partition} is electing a leader; retry shortly"), 1)
+        Some(leader) => {
+            Refusal::NotLeader { partition, leader }.answer(format!("partition {partition} is led by node {leader}"))
         }
+        None => no_leader(partition, "is electing a leader; retry shortly"),
     }
 }
 
-/// The code of a refusal made before anything was proposed because the partition has no
-/// leader that takes proposals (an election or a leadership transfer): safe to retry, and
-/// the router does, briefly, before answering.
-pub const NO_LEADER_CODE: &str = "no_leader";
+/// A refusal for want of a leader: `why` follows "partition N".
+pub fn no_leader(partition: u32, why: &str) -> Answer {
+    Refusal::NoLeader { partition }.answer(format!("partition {partition} {why}"))
+}
 
 /// The status of a `not_leader` answer (HTTP's "misdirected request"); the router turns
 /// it into a forward, so a client sees it only when forwarding failed.
 pub const NOT_LEADER_STATUS: u16 = 421;
-
-/// The node that leads, when `answer` says another does.
-pub fn leader_named(answer: &Answer) -> Option<u64> {
-    (answer.status == NOT_LEADER_STATUS).then(|| answer.body.as_ref()?["leader"].as_u64()).flatten()
-}
 
 /// Jobs not yet final (pending or running): what admission control counts.
 pub fn live_jobs(state: &State) -> usize {
@@ -285,9 +327,9 @@ pub fn dead_letters(state: &State, limit: usize) -> Vec<Value> {
         .collect()
 }
 
-/// Drops every dead letter of this partition.
-pub fn purge_all<L: CommandLog>(runtime: &mut Runtime<L>) -> Answer {
-    match runtime.apply(Command::Purge { id: None }) {
+/// The answer to dropping every dead letter of a partition.
+pub fn purge_answer(verdict: Result<Applied, ApplyError>) -> Answer {
+    match verdict {
         Ok(_) => answer(200, json!({"done": true})),
         Err(e) => apply_error(e),
     }
@@ -298,7 +340,7 @@ pub fn purge_all<L: CommandLog>(runtime: &mut Runtime<L>) -> Answer {
 pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applied, ApplyError>) -> Answer {
     match (verdict, op) {
         (Err(e), _) => apply_error(e),
-        (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None },
+        (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None, refusal: None },
         (Ok(_), JobOp::KeyPause | JobOp::KeyResume) => match state.flow_key(id) {
             Some(key) => answer(200, flow_key_view(state, id, key, now_ms())),
             None => answer(200, json!({"key": id, "paused": false, "jobs": 0})),

@@ -8,7 +8,7 @@
 use crate::cluster::meta::{partition_of, ClusterMeta};
 use crate::obs::metrics::Metrics;
 use crate::obs::telemetry::SpanSink;
-use crate::shard::ops::{answer, field_error, retry_later, Answer, CreateMode, JobOp};
+use crate::shard::ops::{answer, field_error, retry_later, Answer, CreateMode, JobOp, Refusal};
 use crate::shard::{LiveJobs, Scan, Work};
 use futures_util::future::join_all as futures_join_all;
 use serde_json::{json, Value};
@@ -147,11 +147,11 @@ enum Forwarded {
 }
 
 fn busy() -> Answer {
-    retry_later(503, "overloaded", "the node is busy; retry shortly", 1)
+    Refusal::Overloaded.answer("the node is busy; retry shortly")
 }
 
 fn stopping() -> Answer {
-    retry_later(503, "unavailable", "the node is stopping", 5)
+    Refusal::Stopping.answer("the node is stopping")
 }
 
 /// Why a shard's inbox refused work: full (busy) or closed (stopping).
@@ -198,12 +198,8 @@ impl Router {
         // An election or a leadership transfer lasts well under a second: items refused
         // for want of a leader (nothing was proposed) are tried again before answering.
         for backoff_ms in NO_LEADER_RETRIES_MS {
-            let waiting: Vec<usize> = answers
-                .iter()
-                .enumerate()
-                .filter(|(_, a)| a.body.as_ref().is_some_and(|b| b["code"] == crate::shard::ops::NO_LEADER_CODE))
-                .map(|(position, _)| position)
-                .collect();
+            let waiting: Vec<usize> =
+                answers.iter().enumerate().filter(|(_, a)| a.wants_leader()).map(|(position, _)| position).collect();
             if waiting.is_empty() {
                 break;
             }
@@ -239,7 +235,7 @@ impl Router {
         let Some(cluster) = &self.cluster else { return answers };
         let mut by_leader: std::collections::BTreeMap<u64, Vec<usize>> = Default::default();
         for (position, answer) in answers.iter().enumerate() {
-            if let Some(leader) = crate::shard::ops::leader_named(answer).filter(|l| *l != me) {
+            if let Some(leader) = answer.leader_named().filter(|l| *l != me) {
                 by_leader.entry(leader).or_default().push(position);
             }
         }
@@ -294,7 +290,7 @@ impl Router {
             Ok(()) => answer.await.unwrap_or_else(|_| stopping()),
             Err(error) => return refusal(error),
         };
-        let Some(leader) = crate::shard::ops::leader_named(&local).filter(|l| *l != self.facts.node_id) else {
+        let Some(leader) = local.leader_named().filter(|l| *l != self.facts.node_id) else {
             return local;
         };
         if hops >= FORWARD_HOPS_MAX {
@@ -652,6 +648,7 @@ impl Router {
                     status: failed["status"].as_u64().unwrap_or(503) as u16,
                     body: Some(failed["body"].clone()),
                     retry_after_s: Some(5),
+                    refusal: None,
                 },
                 None => answer(200, json!({"done": true})),
             },
