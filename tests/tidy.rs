@@ -129,7 +129,6 @@ const UNJUSTIFIED_PANICS_ALLOWED: &[(&str, usize)] = &[
     ("consensus/src/storage.rs", 1),
     ("consensus/src/wire.rs", 2),
     ("dispatch/src/lib.rs", 10),
-    ("dispatch/src/runtime.rs", 1),
     ("engine/src/sign.rs", 2),
     ("engine/src/state.rs", 12),
     ("engine/src/wheel.rs", 1),

@@ -266,24 +266,31 @@ enum FlowGate {
 const SPANS_KEPT_MAX: usize = 65_536;
 
 impl LocalRuntime {
-    /// Starts on the current tokio runtime with an empty state.
+    /// Starts on the current tokio runtime with an empty state (at the wall clock's now:
+    /// a local runtime drives itself, see `run_until`).
     pub fn start(config: RuntimeConfig) -> LocalRuntime {
-        Runtime::with_log(config, DirectLog::new(State::new()))
+        Runtime::with_log(config, DirectLog::new(State::new()), now_ms())
     }
 }
 
 impl<L: CommandLog> Runtime<L> {
     /// Starts on the current tokio runtime over `log`; once the log leads, a timer is armed
     /// for every job it holds and the attempts a previous leader left in flight run again.
-    pub fn with_log(config: RuntimeConfig, log: L) -> Runtime<L> {
+    /// `now_ms` is the caller's clock; every method that decides by time takes it so.
+    pub fn with_log(config: RuntimeConfig, log: L, now_ms: u64) -> Runtime<L> {
         let (sender, results) = mpsc::channel(config.results_capacity);
-        Runtime::build(config, log, sender, Some(results))
+        Runtime::build(config, log, sender, Some(results), now_ms)
     }
 
     /// `with_log`, with attempt outcomes sent to `results`, a channel the caller reads and
     /// may share between runtimes: it hands each outcome back through `finish_many`.
-    pub fn with_shared_results(config: RuntimeConfig, log: L, results: mpsc::Sender<AttemptResult>) -> Runtime<L> {
-        Runtime::build(config, log, results, None)
+    pub fn with_shared_results(
+        config: RuntimeConfig,
+        log: L,
+        results: mpsc::Sender<AttemptResult>,
+        now_ms: u64,
+    ) -> Runtime<L> {
+        Runtime::build(config, log, results, None, now_ms)
     }
 
     fn build(
@@ -291,10 +298,11 @@ impl<L: CommandLog> Runtime<L> {
         log: L,
         sender: mpsc::Sender<AttemptResult>,
         results: Option<mpsc::Receiver<AttemptResult>>,
+        now_ms: u64,
     ) -> Runtime<L> {
         let dispatcher = Dispatcher::start(config.dispatch.clone(), sender);
         let mut runtime = Runtime {
-            wheel: TimingWheel::new(now_ms(), config.timers_max),
+            wheel: TimingWheel::new(now_ms, config.timers_max),
             config,
             log,
             log_failure: None,
@@ -305,7 +313,7 @@ impl<L: CommandLog> Runtime<L> {
             resolved: Vec::new(),
             dispatcher,
             results,
-            rng: now_ms() | 1,
+            rng: now_ms | 1,
             stats: RuntimeStats::default(),
             spans: Vec::new(),
             spans_dropped: 0,
@@ -314,17 +322,17 @@ impl<L: CommandLog> Runtime<L> {
             flow_parked: HashMap::new(),
             unsubmitted: Vec::new(),
         };
-        runtime.advance();
+        runtime.advance(now_ms);
         runtime
     }
 
     /// Takes over firing: a timer for every job, and the attempts a previous leader (or
     /// run) started and never finished run again with the same fire (idempotency key) and
     /// attempt number.
-    fn start_leading(&mut self) {
+    fn start_leading(&mut self, now_ms: u64) {
         self.leading = true;
         self.stats.leaderships += 1;
-        self.wheel = TimingWheel::new(now_ms(), self.config.timers_max);
+        self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
         self.timers.clear();
         let ids: Vec<String> = self.log.state().jobs().map(|job| job.spec.id.clone()).collect();
         for id in &ids {
@@ -345,9 +353,9 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// Stops firing: another replica leads now and re-runs what was in flight here.
-    fn stop_leading(&mut self) {
+    fn stop_leading(&mut self, now_ms: u64) {
         self.leading = false;
-        self.wheel = TimingWheel::new(now_ms(), self.config.timers_max);
+        self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
         self.timers.clear();
         self.own.clear();
         self.flow_pending.clear();
@@ -444,14 +452,15 @@ impl<L: CommandLog> Runtime<L> {
 
     /// Applies a client command and waits for nothing: for logs that apply at once
     /// (`DirectLog`, a partition of one); `Unavailable` when its verdict is not known yet.
-    pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
-        self.apply_batch(vec![command]).pop().expect("one verdict per command")
+    pub fn apply(&mut self, command: Command, now_ms: u64) -> Result<Applied, ApplyError> {
+        // Never fails: apply_batch answers one verdict per command.
+        self.apply_batch(vec![command], now_ms).pop().expect("one verdict per command")
     }
 
     /// `apply` for several commands, proposed together (one log write); verdicts in order.
-    pub fn apply_batch(&mut self, commands: Vec<Command>) -> Vec<Result<Applied, ApplyError>> {
+    pub fn apply_batch(&mut self, commands: Vec<Command>, now_ms: u64) -> Vec<Result<Applied, ApplyError>> {
         let tickets = self.propose(commands);
-        self.advance();
+        self.advance(now_ms);
         let mut verdicts: HashMap<Ticket, Result<Applied, ApplyError>> = HashMap::new();
         let wanted: std::collections::HashSet<Ticket> =
             tickets.iter().filter_map(|t| t.as_ref().ok().copied()).collect();
@@ -478,7 +487,7 @@ impl<L: CommandLog> Runtime<L> {
     /// of fires this runtime started submitted, cancelled attempts stopped, callers'
     /// verdicts kept for `take_resolved`; and takes over or gives up firing when the log's
     /// leadership changed.
-    pub fn advance(&mut self) {
+    pub fn advance(&mut self, now_ms: u64) {
         if self.log_failure.is_some() {
             return;
         }
@@ -492,21 +501,21 @@ impl<L: CommandLog> Runtime<L> {
             }
         };
         for committed in applied {
-            self.take_effect(committed);
+            self.take_effect(committed, now_ms);
         }
-        let now = self.log.leadership();
-        if now != self.leading_term {
+        let leadership = self.log.leadership();
+        if leadership != self.leading_term {
             if self.leading {
-                self.stop_leading();
+                self.stop_leading(now_ms);
             }
-            if now.is_some() {
-                self.start_leading();
+            if leadership.is_some() {
+                self.start_leading(now_ms);
             }
-            self.leading_term = now;
+            self.leading_term = leadership;
         }
     }
 
-    fn take_effect(&mut self, committed: Committed) {
+    fn take_effect(&mut self, committed: Committed, now_ms: u64) {
         let own = committed.ticket.and_then(|ticket| self.own.remove(&ticket));
         if own.is_none() {
             if let Some(ticket) = committed.ticket {
@@ -571,7 +580,7 @@ impl<L: CommandLog> Runtime<L> {
                     tracing::warn!(job_id = %id, fire_ms, missed = count, "fires missed (misfire policy or catch-up window)");
                 }
                 Ok(_) => {
-                    tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now_ms().saturating_sub(due_ms), "attempt starting");
+                    tracing::debug!(job_id = %id, fire_ms, attempt, late_ms = now_ms.saturating_sub(due_ms), "attempt starting");
                     // Room was counted when the fire was proposed; a queue filled meanwhile
                     // keeps the attempt (in flight in the state) for the next turns.
                     if self.submit(&id, fire_ms, attempt, due_ms, callback) {
@@ -622,14 +631,14 @@ impl<L: CommandLog> Runtime<L> {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
-            self.fire_due_jobs();
+            self.fire_due_jobs(now_ms());
             // Sleeps until the next timer or an outcome; `done` is looked at on each wake-up and
             // at least once a second.
-            let wait_ms = self.sleep_ms();
+            let wait_ms = self.sleep_ms(now_ms());
             tokio::select! {
                 result = self.next_result() => {
                     if let Some(result) = result {
-                        self.finish(result);
+                        self.finish(result, now_ms());
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
@@ -638,8 +647,8 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// How long the runtime may sleep before its next timer (at most a second).
-    pub fn sleep_ms(&self) -> u64 {
-        self.wheel.next_wakeup_ms().map_or(1_000, |at| at.saturating_sub(now_ms()).clamp(1, 1_000))
+    pub fn sleep_ms(&self, now_ms: u64) -> u64 {
+        self.wheel.next_wakeup_ms().map_or(1_000, |at| at.saturating_sub(now_ms).clamp(1, 1_000))
     }
 
     /// The next attempt outcome (for a caller driving its own loop: pass it to `finish`).
@@ -653,12 +662,12 @@ impl<L: CommandLog> Runtime<L> {
 
     /// Proposes a start for every fire due by now (leading only); each attempt is
     /// submitted when its start is applied.
-    pub fn fire_due_jobs(&mut self) {
+    pub fn fire_due_jobs(&mut self, now_ms: u64) {
         if !self.leading || self.log_failure.is_some() {
             return;
         }
         let mut expired: Vec<Expired<String>> = Vec::new();
-        self.wheel.advance_to(now_ms(), &mut expired);
+        self.wheel.advance_to(now_ms, &mut expired);
         let turn_max = FIRES_PER_TURN_MAX.min(OWN_PROPOSALS_MAX.saturating_sub(self.own.len()));
         if expired.len() > turn_max {
             for timer in expired.split_off(turn_max) {
@@ -685,7 +694,7 @@ impl<L: CommandLog> Runtime<L> {
                 self.unsubmitted.push((id, fire_ms, attempt, due_ms, callback));
             }
         }
-        let now = now_ms();
+        let now = now_ms;
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
         let mut started_in_turn: HashMap<String, u32> = HashMap::new();
@@ -783,14 +792,14 @@ impl<L: CommandLog> Runtime<L> {
                 OwnProposal::Finish { .. } => unreachable!("only starts are gathered here"),
             })
             .collect();
-        self.propose_own(commands, starts);
-        self.advance();
+        self.propose_own(commands, starts, now);
+        self.advance(now);
     }
 
     /// Proposes commands of the runtime's own, remembering each by its ticket. A refused
     /// one (no longer leading, overload) is dropped: its fire stays due, or its attempt in
     /// flight, for whoever leads to run again.
-    fn propose_own(&mut self, commands: Vec<Command>, proposals: Vec<OwnProposal>) {
+    fn propose_own(&mut self, commands: Vec<Command>, proposals: Vec<OwnProposal>, now_ms: u64) {
         for (ticket, proposal) in self.log.propose(commands).into_iter().zip(proposals) {
             match ticket {
                 Ok(ticket) => {
@@ -809,7 +818,7 @@ impl<L: CommandLog> Runtime<L> {
                             }
                         }
                         let id = id.clone();
-                        if let Ok(handle) = self.wheel.insert(now_ms() + QUEUE_FULL_RETRY_MS, id.clone()) {
+                        if let Ok(handle) = self.wheel.insert(now_ms + QUEUE_FULL_RETRY_MS, id.clone()) {
                             self.timers.insert(id, handle);
                         }
                     }
@@ -861,13 +870,13 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// Applies an attempt's outcome (with its retry time).
-    pub fn finish(&mut self, result: AttemptResult) {
-        self.finish_many(vec![result]);
+    pub fn finish(&mut self, result: AttemptResult, now_ms: u64) {
+        self.finish_many(vec![result], now_ms);
     }
 
     /// Proposes several outcomes with one log write. Outcomes of a runtime that no longer
     /// leads are dropped: the new leader runs those attempts again.
-    pub fn finish_many(&mut self, results: Vec<AttemptResult>) {
+    pub fn finish_many(&mut self, results: Vec<AttemptResult>, now_ms: u64) {
         let mut commands = Vec::with_capacity(results.len());
         let mut proposals = Vec::with_capacity(results.len());
         for result in results {
@@ -950,8 +959,8 @@ impl<L: CommandLog> Runtime<L> {
             return;
         }
         // A stale outcome (the job was cancelled meanwhile) is refused and changes nothing.
-        self.propose_own(commands, proposals);
-        self.advance();
+        self.propose_own(commands, proposals, now_ms);
+        self.advance(now_ms);
     }
 
     /// The spans of a finished attempt, and of its fire when that was the last attempt.

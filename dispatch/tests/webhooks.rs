@@ -32,7 +32,7 @@ fn runtime(configure: impl FnOnce(&mut DispatchConfig)) -> LocalRuntime {
 fn create(runtime: &mut LocalRuntime, request: serde_json::Value) {
     let now = now_ms();
     let spec = parse_job_request(&request, now, "unused").expect("valid request");
-    runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now, dedup_window_ms: None }).expect("created");
+    runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now, dedup_window_ms: None }, now).expect("created");
 }
 
 fn status_of(state: &State, id: &str) -> Status {
@@ -161,7 +161,8 @@ async fn cancelling_a_job_aborts_its_attempt_in_flight() {
     create(&mut runtime, json!({"id": "doomed", "delay": 0, "url": receiver.url("/")}));
     assert!(runtime.run_until(PATIENCE, |_| !receiver.requests().is_empty()).await, "the attempt reached the receiver");
     assert_eq!(runtime.dispatcher().running(), 1);
-    runtime.apply(Command::Cancel { id: "doomed".into(), now_ms: now_ms() }).expect("cancelled");
+    let now = now_ms();
+    runtime.apply(Command::Cancel { id: "doomed".into(), now_ms: now }, now).expect("cancelled");
     // Two seconds of running the loop: the aborted attempt's outcome comes back and is applied.
     runtime.run_until(Duration::from_secs(2), |_| false).await;
     assert_eq!(runtime.dispatcher().running(), 0, "the request was aborted, not awaited for 10 s");

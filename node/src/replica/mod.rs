@@ -1,7 +1,7 @@
 //! One replica of a partition: a Raft group (`partition`) over a sundial-wal log (`storage`),
 //! and `Replica`, which owns that log together with the runtime that applies its committed
 //! commands to the engine's state machine and makes the fires. A shard asks its replicas;
-//! only this module reaches a replica's log.
+//! only this module reaches a replica's log. Time comes in as `now_ms` from the shard's turn.
 
 pub mod partition;
 pub mod storage;
@@ -34,10 +34,11 @@ impl Replica {
         options: PartitionOptions,
         config: RuntimeConfig,
         results: mpsc::Sender<AttemptResult>,
+        now_ms: u64,
     ) -> Result<Replica, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let log = Partition::open(dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
-        Ok(Replica { runtime: Runtime::with_shared_results(config, log, results) })
+        Ok(Replica { runtime: Runtime::with_shared_results(config, log, results, now_ms) })
     }
 
     /// The log, to read its Raft status.
@@ -70,8 +71,8 @@ impl Replica {
     }
 
     /// Applies a command and waits for its verdict (a partition of one commits at once).
-    pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
-        self.runtime.apply(command)
+    pub fn apply(&mut self, command: Command, now_ms: u64) -> Result<Applied, ApplyError> {
+        self.runtime.apply(command, now_ms)
     }
 
     /// Starts a linearizable read; its ticket resolves once the leader confirmed it.
@@ -90,26 +91,26 @@ impl Replica {
     }
 
     /// Persists and applies what the log has ready; returns the verdicts and the messages.
-    pub fn settle(&mut self) -> Settled {
-        self.runtime.advance();
+    pub fn settle(&mut self, now_ms: u64) -> Settled {
+        self.runtime.advance(now_ms);
         let resolved = self.runtime.take_resolved();
         let messages = self.runtime.log_mut().take_messages();
         Settled { resolved, messages }
     }
 
     /// Proposes a start for every fire due by now (leading only).
-    pub fn fire_due_jobs(&mut self) {
-        self.runtime.fire_due_jobs();
+    pub fn fire_due_jobs(&mut self, now_ms: u64) {
+        self.runtime.fire_due_jobs(now_ms);
     }
 
     /// Proposes the outcomes of attempts, with one log write.
-    pub fn finish(&mut self, results: Vec<AttemptResult>) {
-        self.runtime.finish_many(results);
+    pub fn finish(&mut self, results: Vec<AttemptResult>, now_ms: u64) {
+        self.runtime.finish_many(results, now_ms);
     }
 
     /// How long the replica may sleep before its next timer.
-    pub fn sleep_ms(&self) -> u64 {
-        self.runtime.sleep_ms()
+    pub fn sleep_ms(&self, now_ms: u64) -> u64 {
+        self.runtime.sleep_ms(now_ms)
     }
 
     /// The log's write records since the last call (for metrics).

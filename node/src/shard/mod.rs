@@ -234,6 +234,9 @@ struct Shard {
     next_waiting: u64,
     /// What each outstanding ticket answers.
     tickets: std::collections::HashMap<(u32, Ticket), TicketUse>,
+    /// The wall clock at this turn's start (`begin_turn`): every decision of the turn takes
+    /// time from here, so the clock is read in one place.
+    turn_ms: u64,
 }
 
 /// A request some of whose answers wait for verdicts.
@@ -284,6 +287,7 @@ enum AnswerKind {
 impl Shard {
     fn open(config: ShardConfig, meta: Option<Partition>) -> Result<Shard, String> {
         let (sender, results) = mpsc::channel(RESULTS_CAPACITY);
+        let opened_ms = sundial_dispatch::now_ms();
         let mut replicas = BTreeMap::new();
         for partition in (0..config.partitions).filter(|p| *p as usize % config.shards == config.index) {
             let dir = config.data.join(format!("partition-{partition}"));
@@ -305,7 +309,7 @@ impl Shard {
             };
             let options = PartitionOptions { voters, ..config.partition.clone() };
             let runtime_config = RuntimeConfig { node_id: config.node_id, ..config.runtime.clone() };
-            replicas.insert(partition, Replica::open(&dir, options, runtime_config, sender.clone())?);
+            replicas.insert(partition, Replica::open(&dir, options, runtime_config, sender.clone(), opened_ms)?);
         }
         let metrics = config.metrics.shard(config.index);
         let shard = Shard {
@@ -320,9 +324,15 @@ impl Shard {
             waiting: Default::default(),
             next_waiting: 0,
             tickets: Default::default(),
+            turn_ms: opened_ms,
         };
         shard.publish_live_jobs();
         Ok(shard)
+    }
+
+    /// Reads the clock for what this turn decides.
+    fn begin_turn(&mut self) {
+        self.turn_ms = sundial_dispatch::now_ms();
     }
 
     fn partition_ids(&self) -> Vec<u32> {
@@ -349,7 +359,8 @@ impl Shard {
         let mut next_balance = Instant::now() + BALANCE_EVERY;
         // Bounded by `stop` (or a failed log).
         while !*stop.borrow() {
-            let wheel_ms = self.replicas.values().map(|r| r.sleep_ms()).min().unwrap_or(1_000);
+            self.begin_turn();
+            let wheel_ms = self.replicas.values().map(|r| r.sleep_ms(self.turn_ms)).min().unwrap_or(1_000);
             let mut sleep = Duration::from_millis(wheel_ms);
             if tick.is_some() {
                 sleep = sleep.min(next_tick.saturating_duration_since(Instant::now()));
@@ -366,6 +377,7 @@ impl Shard {
                             Err(_) => break,
                         }
                     }
+                    self.begin_turn();
                     self.handle(batch);
                 }
                 result = self.results.recv() => {
@@ -377,11 +389,13 @@ impl Shard {
                                 Err(_) => break,
                             }
                         }
+                        self.begin_turn();
                         self.finish(results);
                     }
                 }
                 messages = async { match &mut peers { Some(p) => p.recv().await, None => std::future::pending().await } } => {
                     if let Some(messages) = messages {
+                        self.begin_turn();
                         self.step(messages);
                         // Whatever else arrived meanwhile is stepped in the same turn.
                         for _ in 0..GROUP_COMMIT_MAX {
@@ -413,8 +427,11 @@ impl Shard {
                     next_balance = now + BALANCE_EVERY;
                 }
             }
+            // Fires are looked at with the clock as it is now, after this turn's work.
+            self.begin_turn();
+            let now_ms = self.turn_ms;
             for replica in self.replicas.values_mut() {
-                replica.fire_due_jobs();
+                replica.fire_due_jobs(now_ms);
             }
             self.settle();
             // Fires and outcomes change the live count too: admission reads it fresh.
@@ -468,7 +485,7 @@ impl Shard {
         let dir = self.config.data.join(format!("partition-{partition}"));
         let options = PartitionOptions { voters: Vec::new(), ..self.config.partition.clone() };
         let runtime_config = RuntimeConfig { node_id: self.config.node_id, ..self.config.runtime.clone() };
-        match Replica::open(&dir, options, runtime_config, self.results_sender.clone()) {
+        match Replica::open(&dir, options, runtime_config, self.results_sender.clone(), self.turn_ms) {
             Ok(replica) => {
                 tracing::info!(partition, "a new replica of this partition, filled by its leader");
                 self.replicas.insert(partition, replica);
@@ -486,8 +503,9 @@ impl Shard {
     fn settle(&mut self) {
         let mut outgoing = Vec::new();
         let mut resolved = Vec::new();
+        let now_ms = self.turn_ms;
         for (partition, replica) in self.replicas.iter_mut() {
-            let settled = replica.settle();
+            let settled = replica.settle(now_ms);
             resolved.extend(settled.resolved.into_iter().map(|(ticket, verdict)| (*partition, ticket, verdict)));
             outgoing.extend(settled.messages.into_iter().map(|m| (*partition, m)));
         }
@@ -596,6 +614,7 @@ impl Shard {
 
     /// Answers the slot a ticket stands for; a request whose slots are all answered is sent.
     fn resolve(&mut self, partition: u32, ticket: Ticket, verdict: Result<Applied, ApplyError>) {
+        let now_ms = self.turn_ms;
         let Some(TicketUse { waiting, slot, kind }) = self.tickets.remove(&(partition, ticket)) else { return };
         let Some(replica) = self.replicas.get(&partition) else { return };
         let state = replica.state();
@@ -603,7 +622,7 @@ impl Shard {
             let answers: Vec<Answer> = ids
                 .iter()
                 .map(|id| match &verdict {
-                    Ok(_) => ops::read_answer(state, id, *op),
+                    Ok(_) => ops::read_answer(state, id, *op, now_ms),
                     // Nothing happened: the router may retry it on the next leader.
                     Err(ApplyError::Unavailable(reason)) => {
                         ops::no_leader(partition, &format!("has no leader now: {reason}"))
@@ -618,7 +637,7 @@ impl Shard {
         }
         let answer = match kind {
             AnswerKind::Create { id } => ops::create_answer(state, &id, verdict),
-            AnswerKind::Command { id, op } => ops::command_answer(state, &id, op, verdict),
+            AnswerKind::Command { id, op } => ops::command_answer(state, &id, op, verdict, now_ms),
             AnswerKind::Read { .. } => unreachable!("answered above"),
             AnswerKind::Purged => match verdict {
                 Ok(_) => ops::answer(200, json!({"done": true})),
@@ -740,11 +759,15 @@ impl Shard {
         {
             tokio::select! {
                 result = self.results.recv() => match result {
-                    Some(result) => self.finish(vec![result]),
+                    Some(result) => {
+                        self.begin_turn();
+                        self.finish(vec![result]);
+                    }
                     None => break,
                 },
                 messages = async { match peers.as_mut() { Some(p) => p.recv().await, None => std::future::pending().await } } => {
                     if let Some(messages) = messages {
+                        self.begin_turn();
                         self.step(messages);
                     }
                 }
@@ -757,6 +780,7 @@ impl Shard {
                 }
                 _ = tokio::time::sleep_until(deadline) => {}
             }
+            self.begin_turn();
             self.settle();
         }
     }
@@ -771,7 +795,7 @@ impl Shard {
         for (partition, results) in by_partition {
             if let Some(replica) = self.replicas.get_mut(&partition) {
                 let started = Instant::now();
-                replica.finish(results);
+                replica.finish(results, self.turn_ms);
                 self.metrics.applied(started.elapsed());
             }
         }
@@ -798,11 +822,12 @@ impl Shard {
                 Work::Members { command, reply } => self.change_members(command, reply),
                 Work::Scan { scan: Scan::PurgeDeadLetters, reply } => self.purge_dead_letters(reply),
                 Work::Scan { scan, reply } => {
+                    let now_ms = self.turn_ms;
                     let values = self
                         .replicas
                         .iter_mut()
                         .filter(|(_, replica)| scan_covers(&scan, replica))
-                        .map(|(partition, replica)| scan_one(*partition, replica, &scan));
+                        .map(|(partition, replica)| scan_one(*partition, replica, &scan, now_ms));
                     let _ = reply.send(values.collect());
                 }
             }
@@ -824,11 +849,11 @@ impl Shard {
             let _ = reply.send(ids.iter().map(|_| misrouted(partition)).collect());
             return;
         };
-        let now = sundial_dispatch::now_ms();
+        let now = self.turn_ms;
         let commands: Vec<_> = ids.iter().filter_map(|id| ops::job_command(id, op, now)).collect();
         let answers = vec![None; ids.len()];
         if commands.is_empty() && stale {
-            let _ = reply.send(ids.iter().map(|id| ops::read_answer(replica.state(), id, op)).collect());
+            let _ = reply.send(ids.iter().map(|id| ops::read_answer(replica.state(), id, op, now)).collect());
             return;
         }
         if commands.is_empty() {
@@ -922,7 +947,7 @@ impl Shard {
         let live = self.config.live.total() as usize;
         let mut room = self.config.max_jobs.saturating_sub(live);
         let started = Instant::now();
-        let started_ms = sundial_dispatch::now_ms();
+        let started_ms = self.turn_ms;
         let mut plans = Vec::with_capacity(requests.len());
         let mut commands = Vec::new();
         for (specs, now_ms, mode, reply) in requests {
@@ -1003,14 +1028,14 @@ fn misrouted(partition: u32) -> Answer {
     ops::retry_later(503, "unavailable", format!("partition {partition} is not served by this shard"), 1)
 }
 
-fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan) -> Value {
+fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan, now_ms: u64) -> Value {
     match scan {
         Scan::Jobs { status, limit } => Value::Array(ops::list_jobs(replica.state(), *status, *limit)),
-        Scan::FlowKeys { limit } => Value::Array(ops::flow_keys(replica.state(), *limit)),
+        Scan::FlowKeys { limit } => Value::Array(ops::flow_keys(replica.state(), *limit, now_ms)),
         Scan::Labelled { labels, limit } => Value::Array(ops::labelled_jobs(replica.state(), labels, *limit)),
         Scan::DeadLetters { limit } => Value::Array(ops::dead_letters(replica.state(), *limit)),
         Scan::PurgeDeadLetters => {
-            let answer = ops::purge_answer(replica.apply(sundial_engine::state::Command::Purge { id: None }));
+            let answer = ops::purge_answer(replica.apply(sundial_engine::state::Command::Purge { id: None }, now_ms));
             json!({"status": answer.status, "body": answer.body})
         }
         Scan::Health => {

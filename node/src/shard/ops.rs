@@ -3,8 +3,6 @@
 //! binary protocol) hand on in their own framing.
 
 use serde_json::{json, Value};
-use sundial_dispatch::now_ms;
-use sundial_dispatch::runtime::{CommandLog, Runtime};
 use sundial_engine::job::{Backoff, JobSpec, Missing, Repeated, Schedule};
 use sundial_engine::state::{Applied, ApplyError, Command, FlowKey, Job, State, Status};
 
@@ -150,30 +148,18 @@ pub fn job_command(id: &str, op: JobOp, now: u64) -> Option<Command> {
 }
 
 /// The answer to a read `op` of the job `id`.
-pub fn read_answer(state: &State, id: &str, op: JobOp) -> Answer {
+pub fn read_answer(state: &State, id: &str, op: JobOp, now_ms: u64) -> Answer {
     match op {
         JobOp::Status => {
             with_job(state, id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
         }
         JobOp::Executions => with_job(state, id, |job| answer(200, executions(job))),
         JobOp::KeyGet | JobOp::KeyPause | JobOp::KeyResume => match state.flow_key(id) {
-            Some(key) => answer(200, flow_key_view(state, id, key, now_ms())),
+            Some(key) => answer(200, flow_key_view(state, id, key, now_ms)),
             None => error(404, "not_found", format!("flow key {id} has no jobs and is not paused")),
         },
         _ => with_job(state, id, |job| answer(200, job_view(job))),
     }
-}
-
-/// Runs `op` on each of the jobs `ids` of this partition at once: for logs that apply
-/// immediately (a partition of one). Answers in order.
-pub fn job_ops<L: CommandLog>(runtime: &mut Runtime<L>, ids: &[String], op: JobOp) -> Vec<Answer> {
-    let now = now_ms();
-    let commands: Vec<Command> = ids.iter().filter_map(|id| job_command(id, op, now)).collect();
-    if commands.is_empty() {
-        return ids.iter().map(|id| read_answer(runtime.state(), id, op)).collect();
-    }
-    let verdicts = runtime.apply_batch(commands);
-    ids.iter().zip(verdicts).map(|(id, verdict)| command_answer(runtime.state(), id, op, verdict)).collect()
 }
 
 fn with_job(state: &State, id: &str, view: impl FnOnce(&Job) -> Answer) -> Answer {
@@ -302,9 +288,8 @@ pub fn flow_key_view(state: &State, name: &str, key: &FlowKey, now_ms: u64) -> V
 }
 
 /// Up to `limit` flow keys of this partition, by name.
-pub fn flow_keys(state: &State, limit: usize) -> Vec<Value> {
-    let now = now_ms();
-    state.flow_keys().take(limit).map(|(name, key)| flow_key_view(state, name, key, now)).collect()
+pub fn flow_keys(state: &State, limit: usize, now_ms: u64) -> Vec<Value> {
+    state.flow_keys().take(limit).map(|(name, key)| flow_key_view(state, name, key, now_ms)).collect()
 }
 
 /// `{"id", "created_ms"}` of up to `limit` jobs of this partition carrying every one of
@@ -337,12 +322,12 @@ pub fn purge_answer(verdict: Result<Applied, ApplyError>) -> Answer {
 
 /// The answer to a command on the job `id`: the job as it is now (204 for a delete), or
 /// the refusal.
-pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applied, ApplyError>) -> Answer {
+pub fn command_answer(state: &State, id: &str, op: JobOp, verdict: Result<Applied, ApplyError>, now_ms: u64) -> Answer {
     match (verdict, op) {
         (Err(e), _) => apply_error(e),
         (Ok(_), JobOp::Delete) => Answer { status: 204, body: None, retry_after_s: None, refusal: None },
         (Ok(_), JobOp::KeyPause | JobOp::KeyResume) => match state.flow_key(id) {
-            Some(key) => answer(200, flow_key_view(state, id, key, now_ms())),
+            Some(key) => answer(200, flow_key_view(state, id, key, now_ms)),
             None => answer(200, json!({"key": id, "paused": false, "jobs": 0})),
         },
         (Ok(Applied::Fires { fire_ms }), _) => match state.job(id) {
