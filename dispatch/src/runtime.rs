@@ -10,6 +10,7 @@
 use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 use std::collections::HashMap;
 use std::time::Duration;
+use sundial_engine::flow::{self, Gate};
 use sundial_engine::state::{Applied, ApplyError, Command, Due, Outcome, State};
 use sundial_engine::trace::{attempt_span_id, fire_span_id, fire_trace, SpanRecord};
 use sundial_engine::wheel::{Expired, TimerHandle, TimingWheel};
@@ -828,45 +829,23 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// Whether the flow key `key` lets the job `id` start an attempt of its fire `fire_ms`
-    /// now; `started_in_turn`: attempts of the key already started in this turn.
+    /// now (`sundial_engine::flow::gate`, with this runtime's counts); a job waiting behind
+    /// the key's first due one wakes that one.
     fn flow_gate(&mut self, key: &str, id: &str, fire_ms: u64, now: u64, started_in_turn: u32) -> FlowGate {
-        let state = self.log.state();
-        let Some(flow) = state.flow_key(key) else { return FlowGate::Go };
         let pending = started_in_turn + self.flow_pending.get(key).copied().unwrap_or(0);
-        if flow.ordered {
-            // One fire of the key at a time, the first due first; the started fire's retries
-            // go on. Fires added and not started (trigger, backfill, redrive) wait their turn
-            // like any due fire.
-            let active = state.flow_active(flow);
-            let this = |fire: &sundial_engine::state::KeyFire| fire.job == id && fire.fire_ms == fire_ms;
-            let current = active.iter().any(|fire| this(fire) && fire.started);
-            let others = active.iter().any(|fire| !this(fire) && fire.started);
-            if others || (!current && pending > 0) {
-                return FlowGate::Park;
+        let state = self.log.state();
+        // The rate window of a key with a rate (its starts are noted in `fire_due_jobs`).
+        let rated = state.flow_key(key).is_some_and(|flow| flow.rate.is_some() && flow.period_ms.is_some());
+        let starts = rated.then(|| self.flow_starts.entry(key.to_string()).or_default());
+        match flow::gate(state, key, id, fire_ms, pending, starts, now) {
+            Gate::Go => FlowGate::Go,
+            Gate::Park => FlowGate::Park,
+            Gate::ParkBehind(first) => {
+                self.arm(&first);
+                FlowGate::Park
             }
-            if !current && state.flow_first_due(flow).is_some_and(|(_, first)| first != id) {
-                let first = state.flow_first_due(flow).map(|(_, first)| first.to_string());
-                if let Some(first) = first {
-                    self.arm(&first);
-                }
-                return FlowGate::Park;
-            }
+            Gate::WaitUntil(at_ms) => FlowGate::WaitUntil(at_ms),
         }
-        if let Some(parallelism) = flow.parallelism {
-            if state.flow_in_flight(flow) as u64 + u64::from(pending) >= u64::from(parallelism) {
-                return FlowGate::Park;
-            }
-        }
-        if let (Some(rate), Some(period_ms)) = (flow.rate, flow.period_ms) {
-            let starts = self.flow_starts.entry(key.to_string()).or_default();
-            while starts.front().is_some_and(|at| at + period_ms <= now) {
-                starts.pop_front();
-            }
-            if starts.len() >= rate as usize {
-                return FlowGate::WaitUntil(starts.front().map_or(now, |at| at + period_ms));
-            }
-        }
-        FlowGate::Go
     }
 
     /// Applies an attempt's outcome (with its retry time).
@@ -884,16 +863,13 @@ impl<L: CommandLog> Runtime<L> {
             if !self.leading {
                 continue;
             }
+            let random = self.next_random();
             let Some(job) = self.log.state().job(&result.job_id) else { continue };
-            let retry = &job.spec.retry;
-            let backoff_ms = retry.backoff_ms(result.attempt);
-            let jitter_ms = backoff_ms * u64::from(retry.jitter_percent) / 100;
-            let jitter_ms = if jitter_ms > 0 { self.next_random() % (jitter_ms + 1) } else { 0 };
             let retry_after_ms = match &result.outcome {
                 Outcome::Response { retry_after_ms: Some(ms), .. } => *ms,
                 _ => 0,
             };
-            let retry_at_ms = result.finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms));
+            let retry_at_ms = job.spec.retry.retry_at_ms(result.attempt, result.finished_ms, retry_after_ms, random);
             match &result.outcome {
                 // A delivered attempt is routine (debug: one line per fire is too many at
                 // volume); an answer that is not 2xx is worth an operator's eye.

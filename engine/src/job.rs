@@ -272,6 +272,16 @@ impl RetryPolicy {
         (backoff as u64).min(self.max_backoff_ms)
     }
 
+    /// When attempt `attempt + 1` may start after `attempt` ended at `finished_ms`: the
+    /// backoff plus up to `jitter_percent` of it (drawn from `random`), or the receiver's
+    /// Retry-After (`retry_after_ms`) if that is longer.
+    pub fn retry_at_ms(&self, attempt: u32, finished_ms: u64, retry_after_ms: u64, random: u64) -> u64 {
+        let backoff_ms = self.backoff_ms(attempt);
+        let jitter_max_ms = backoff_ms * u64::from(self.jitter_percent) / 100;
+        let jitter_ms = if jitter_max_ms > 0 { random % (jitter_max_ms + 1) } else { 0 };
+        finished_ms.saturating_add((backoff_ms + jitter_ms).max(retry_after_ms))
+    }
+
     pub fn retries_status(&self, status: u16) -> bool {
         self.retry_on.iter().any(|m| m.matches(status))
     }

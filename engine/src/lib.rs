@@ -3,6 +3,7 @@
 //! job model, the state machine and the dispatcher build on it (ARCHITECTURE.md).
 
 pub mod cron;
+pub mod flow;
 pub mod job;
 pub mod limits;
 pub mod request;
