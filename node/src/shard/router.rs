@@ -146,6 +146,25 @@ enum Forwarded {
     Members { command: crate::cluster::members::MembersCommand, hops: u8 },
 }
 
+/// The format of requests and answers between members: a version byte, then JSON. A node
+/// refuses a version it does not speak rather than misread it.
+const FORWARD_VERSION: u8 = 1;
+
+fn encode_forwarded(value: &impl serde::Serialize) -> Vec<u8> {
+    let mut bytes = vec![FORWARD_VERSION];
+    // Never fails: the forwarded types are plain data (no maps with non-string keys).
+    serde_json::to_writer(&mut bytes, value).expect("forwarded values serialize");
+    bytes
+}
+
+fn decode_forwarded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.split_first() {
+        Some((&FORWARD_VERSION, body)) => serde_json::from_slice(body).map_err(|e| format!("unreadable: {e}")),
+        Some((version, _)) => Err(format!("format version {version}; this node speaks {FORWARD_VERSION}")),
+        None => Err("an empty message".to_string()),
+    }
+}
+
 fn busy() -> Answer {
     Refusal::Overloaded.answer("the node is busy; retry shortly")
 }
@@ -243,10 +262,9 @@ impl Router {
             self.metrics.forwarded.inc_by(positions.len() as u64);
             let forwarded = if hops < FORWARD_HOPS_MAX {
                 let request = Forwarded::Work { partition, work: work.select(&positions), hops: hops + 1 };
-                let bytes = serde_json::to_vec(&request).expect("forwarded work serializes");
+                let bytes = encode_forwarded(&request);
                 cluster.mesh.forward(leader, &bytes).await.and_then(|reply| {
-                    serde_json::from_slice::<Vec<Answer>>(&reply)
-                        .map_err(|e| format!("an answer from node {leader}: {e}"))
+                    decode_forwarded::<Vec<Answer>>(&reply).map_err(|e| format!("an answer from node {leader}: {e}"))
                 })
             } else {
                 Err("the partition's leader moved while the request was forwarded".to_string())
@@ -296,9 +314,9 @@ impl Router {
         if hops >= FORWARD_HOPS_MAX {
             return retry_later(503, "unavailable", "the meta group's leader moved; retry", 1);
         }
-        let request = serde_json::to_vec(&Forwarded::Members { command, hops: hops + 1 }).expect("serializes");
+        let request = encode_forwarded(&Forwarded::Members { command, hops: hops + 1 });
         match cluster.mesh.forward(leader, &request).await {
-            Ok(reply) => serde_json::from_slice(&reply)
+            Ok(reply) => decode_forwarded(&reply)
                 .unwrap_or_else(|e| retry_later(503, "unavailable", format!("an answer from node {leader}: {e}"), 1)),
             Err(reason) => retry_later(503, "unavailable", reason, 1),
         }
@@ -353,17 +371,25 @@ impl Router {
         }
     }
 
-    /// Serves a request another member forwarded; the answer goes back as JSON.
+    /// Serves a request another member forwarded (`encode_forwarded`); the answer goes back
+    /// in the same format. A request this node cannot read gets no answers (the sender
+    /// answers its client 503).
     pub async fn serve_forwarded(&self, request: &[u8]) -> Vec<u8> {
-        let answer = match serde_json::from_slice::<Forwarded>(request) {
+        match decode_forwarded::<Forwarded>(request) {
             Ok(Forwarded::Work { partition, work, hops }) if partition < self.partitions => {
-                serde_json::to_vec(&self.partition_work(partition, work, hops).await)
+                encode_forwarded(&self.partition_work(partition, work, hops).await)
             }
-            Ok(Forwarded::Scan { scan }) => serde_json::to_vec(&self.local_scan(scan).await.unwrap_or_default()),
-            Ok(Forwarded::Members { command, hops }) => serde_json::to_vec(&self.change_members(command, hops).await),
-            Ok(Forwarded::Work { .. }) | Err(_) => serde_json::to_vec(&Vec::<Answer>::new()),
-        };
-        answer.unwrap_or_default()
+            Ok(Forwarded::Scan { scan }) => encode_forwarded(&self.local_scan(scan).await.unwrap_or_default()),
+            Ok(Forwarded::Members { command, hops }) => encode_forwarded(&self.change_members(command, hops).await),
+            Ok(Forwarded::Work { partition, .. }) => {
+                tracing::warn!(partition, "a member forwarded work for a partition this cluster does not have");
+                encode_forwarded(&Vec::<Answer>::new())
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "a forwarded request could not be read");
+                encode_forwarded(&Vec::<Answer>::new())
+            }
+        }
     }
 
     fn shard_of(&self, partition: u32) -> &mpsc::Sender<Work> {
@@ -562,14 +588,14 @@ impl Router {
         if matches!(scan, Scan::Raft) {
             return Ok(values);
         }
-        let bytes = serde_json::to_vec(&Forwarded::Scan { scan }).expect("a scan serializes");
+        let bytes = encode_forwarded(&Forwarded::Scan { scan });
         let members = cluster.membership.ids();
         let others = members.iter().filter(|m| **m != self.facts.node_id).map(|member| {
             let bytes = &bytes;
             async move { cluster.mesh.forward(*member, bytes).await }
         });
         for reply in futures_join_all(others).await.into_iter().flatten() {
-            if let Ok(remote) = serde_json::from_slice::<Vec<Value>>(&reply) {
+            if let Ok(remote) = decode_forwarded::<Vec<Value>>(&reply) {
                 values.extend(remote);
             }
         }
@@ -789,4 +815,40 @@ pub fn resident_memory_bytes() -> Option<u64> {
     // SAFETY: sysconf only reads a configuration value.
     let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     Some(pages * u64::try_from(page_bytes).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_messages_carry_their_version_and_an_unknown_one_is_refused() {
+        let request = Forwarded::Scan { scan: Scan::Health };
+        let bytes = encode_forwarded(&request);
+        assert_eq!(bytes[0], FORWARD_VERSION);
+        assert!(matches!(decode_forwarded::<Forwarded>(&bytes), Ok(Forwarded::Scan { scan: Scan::Health })));
+        let mut future = bytes.clone();
+        future[0] = FORWARD_VERSION + 1;
+        let refused = decode_forwarded::<Forwarded>(&future).expect_err("an unknown version is refused");
+        assert!(refused.contains("format version 2; this node speaks 1"), "{refused}");
+        // Unversioned JSON (what members sent before the version byte) is not misread either.
+        let unversioned = serde_json::to_vec(&request).expect("serializes");
+        assert!(decode_forwarded::<Forwarded>(&unversioned).is_err());
+        assert!(decode_forwarded::<Forwarded>(&[]).is_err());
+    }
+
+    #[test]
+    fn refusals_are_typed_for_the_router_and_rendered_for_clients() {
+        let forward = crate::shard::ops::not_leader(3, Some(2));
+        assert_eq!(forward.leader_named(), Some(2));
+        assert_eq!(forward.status, crate::shard::ops::NOT_LEADER_STATUS);
+        let election = crate::shard::ops::not_leader(3, None);
+        assert!(election.wants_leader() && election.leader_named().is_none());
+        assert_eq!(election.body.as_ref().map(|b| b["code"].clone()), Some(json!("no_leader")));
+        // A refusal read back from another member keeps its type.
+        let bytes = encode_forwarded(&vec![forward.clone()]);
+        let back: Vec<Answer> = decode_forwarded(&bytes).expect("decodes");
+        assert_eq!(back, vec![forward]);
+        assert!(!busy().wants_leader() && busy().leader_named().is_none());
+    }
 }
