@@ -144,7 +144,7 @@ const UNJUSTIFIED_PANICS_ALLOWED: &[(&str, usize)] = &[
     ("node/src/cluster/members.rs", 1),
     ("node/src/cluster/mesh.rs", 2),
     ("node/src/replica/partition.rs", 3),
-    ("node/src/shard/router.rs", 5),
+    ("node/src/shard/router.rs", 2),
     ("wal/src/atomic.rs", 2),
     ("wal/src/format.rs", 1),
     ("wal/src/log.rs", 13),
