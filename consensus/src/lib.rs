@@ -27,7 +27,7 @@
 //! assert!(node.status().committed >= 2, "the no-op and the proposal committed");
 //! ```
 //!
-//! Main types: [`RawNode`], [`Ready`], [`Config`], [`Storage`] (implemented by the engine on
+//! Main types: [`RawNode`], [`Ready`], [`Config`], [`Storage`] (implemented by the node on
 //! sundial-wal; [`MemStorage`] for tests), [`Message`].
 //!
 //! This crate never does I/O, never reads a clock, never spawns a thread, and draws

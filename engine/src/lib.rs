@@ -1,6 +1,8 @@
-//! `sundial-engine`: what a job is, when it fires and how an attempt is made. This first part
-//! holds the hierarchical timing wheel, the deterministic core that decides what is due; the
-//! job model, the state machine and the dispatcher build on it (ARCHITECTURE.md).
+//! `sundial-engine`: Sundial's deterministic core — what a job is (`job`, `request`), when it
+//! fires (`cron`, `wheel`), what every command does to a partition (`state`), and the pure
+//! decisions around an attempt (`flow` gates, `limits`, `sign`, `trace`). It does no I/O and
+//! reads no clock: time is always an argument. The shell that drives it against the clock
+//! and the network is `sundial-dispatch` (ARCHITECTURE.md).
 
 pub mod cron;
 pub mod flow;

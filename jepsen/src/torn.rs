@@ -8,7 +8,7 @@ use crate::rng::Rng;
 use std::path::{Path, PathBuf};
 use sundial_wal::recovery::scan_segment;
 
-/// Record header size in the log format (docs: ARCHITECTURE.md, "On-disk format").
+/// Record header size in the log format (docs/INTERNALS.md, "On-disk format").
 const RECORD_HEADER_BYTES: usize = 32;
 
 /// Every live segment file under `dir` (not the retired `free-*` ones).

@@ -1,7 +1,7 @@
 //! The on-disk byte layout of segments and records: encoding, decoding and checksums, nothing else.
 //!
 //! Pure functions over byte slices, so recovery logic and the fuzz target can use them without a
-//! file. ARCHITECTURE.md ("wal: on-disk format") describes the same layout in prose.
+//! file. docs/INTERNALS.md ("On-disk format") describes the same layout in prose.
 
 /// First bytes of every segment file; the trailing digit is the format version.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"SUNDWAL1";

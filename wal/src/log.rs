@@ -170,7 +170,7 @@ pub struct Wal {
 }
 
 impl Wal {
-    /// Opens (or creates) the log in `dir` and recovers it. See ARCHITECTURE.md for the rules:
+    /// Opens (or creates) the log in `dir` and recovers it. See docs/INTERNALS.md for the rules:
     /// a torn tail of the newest segment is cut; damage to acknowledged records is an error.
     pub fn open(dir: impl AsRef<Path>, options: WalOptions) -> Result<(Wal, RecoveryReport)> {
         options.validate()?;
