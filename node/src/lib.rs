@@ -1,5 +1,5 @@
 //! `sundial-node`: what joins the leaves into a node, in layers (each imports only the ones
-//! below it):
+//! below it; `obs` stands beside them, counting what each layer does):
 //! - `api`: the edges — HTTP/JSON (`http`), the binary protocol (`binary`), the console
 //!   (`ui`), bearer tokens (`auth`); they call the router.
 //! - `shard`: the router (`shard::router`: validates a request, picks its partition, sends it

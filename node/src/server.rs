@@ -12,7 +12,7 @@ use crate::config::Settings;
 use crate::obs::metrics::Metrics;
 use crate::obs::telemetry::{self, SpanSink};
 use crate::replica::partition::{Partition, PartitionOptions};
-use crate::shard::router::{JobDefaults, NodeFacts, Router, RouterCluster};
+use crate::shard::router::{JobDefaults, NodeFacts, Router, RouterCluster, FORWARD_VERSION};
 use crate::shard::{self, LiveJobs, PeerMessages, ShardCluster, ShardConfig, ShardHandle};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -334,7 +334,12 @@ fn join_mesh(
 ) -> Arc<OnceLock<Arc<Router>>> {
     let node_id = settings.node_id;
     let (serve, mut forwarded) = mpsc::channel::<(Vec<u8>, oneshot::Sender<Vec<u8>>)>(FORWARDED_QUEUE_MAX);
-    let me = mesh::MemberFacts { node_id, http: router.facts.http.clone(), binary: router.facts.binary.clone() };
+    let me = mesh::MemberFacts {
+        node_id,
+        http: router.facts.http.clone(),
+        binary: router.facts.binary.clone(),
+        forward_version: FORWARD_VERSION,
+    };
     let config = mesh::MeshConfig { node_id, me, membership: cluster.membership.clone() };
     let mesh = mesh::Mesh::start(config, cluster.endpoint, outgoing, peer_inboxes, serve);
     let replication = settings.cluster.as_ref().map_or(1, |c| c.replication);

@@ -42,7 +42,7 @@ fn thousands_of_seeds_pass_every_safety_liveness_and_linearizability_check() {
     for (seed, violation) in &failures {
         eprintln!("FAIL {}\n     {violation}", SimOptions::from_seed(*seed));
         // The dev profile keeps the debug assertions these tests ran with.
-        eprintln!("     replay: cargo run -p sundial-consensus --bin raft-sim -- --seed {seed}");
+        eprintln!("     replay: cargo run -p sundial-consensus-sim --bin raft-sim -- --seed {seed}");
     }
     assert!(failures.is_empty(), "{} of {count} seeds failed", failures.len());
 }

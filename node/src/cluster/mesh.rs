@@ -46,6 +46,10 @@ pub struct MemberFacts {
     pub node_id: NodeId,
     pub http: String,
     pub binary: String,
+    /// The newest format of forwarded requests the member reads (0: a member from before
+    /// forwarded requests carried a version, which reads plain JSON only).
+    #[serde(default)]
+    pub forward_version: u8,
 }
 
 /// A member as this node sees it.
@@ -128,6 +132,12 @@ impl Mesh {
     }
 
     /// Every member, this node first.
+    /// The format of forwarded requests `member` said it reads (0 until it said).
+    pub fn forward_version_of(&self, member: NodeId) -> u8 {
+        let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&member).and_then(|peer| peer.facts.as_ref()).map_or(0, |facts| facts.forward_version)
+    }
+
     pub fn members(&self) -> Vec<MemberView> {
         let me = &self.shared.me;
         let peers = self.shared.peers.lock().unwrap_or_else(|p| p.into_inner());

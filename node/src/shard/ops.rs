@@ -240,13 +240,13 @@ pub fn not_leader(partition: u32, leader: Option<u64>) -> Answer {
         Some(leader) => {
             Refusal::NotLeader { partition, leader }.answer(format!("partition {partition} is led by node {leader}"))
         }
-        None => no_leader(partition, "is electing a leader; retry shortly"),
+        None => no_leader(partition, format!("partition {partition} is electing a leader; retry shortly")),
     }
 }
 
-/// A refusal for want of a leader: `why` follows "partition N".
-pub fn no_leader(partition: u32, why: &str) -> Answer {
-    Refusal::NoLeader { partition }.answer(format!("partition {partition} {why}"))
+/// A refusal for want of a leader (nothing was proposed), saying `message`.
+pub fn no_leader(partition: u32, message: String) -> Answer {
+    Refusal::NoLeader { partition }.answer(message)
 }
 
 /// The status of a `not_leader` answer (HTTP's "misdirected request"); the router turns

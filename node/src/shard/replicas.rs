@@ -161,7 +161,6 @@ impl Shard {
     }
 }
 
-/// One step of `Shard::reconcile_replicas` for one group this node may lead.
 /// The membership as the API shows it.
 fn members_view(members: Option<&Members>) -> Value {
     let nodes = members

@@ -19,7 +19,7 @@ impl Shard {
                     Ok(_) => ops::read_answer(state, id, *op, now_ms),
                     // Nothing happened: the router may retry it on the next leader.
                     Err(ApplyError::Unavailable(reason)) => {
-                        ops::no_leader(partition, &format!("has no leader now: {reason}"))
+                        ops::no_leader(partition, format!("partition {partition}: {reason}"))
                     }
                     Err(e) => ops::apply_error(e.clone()),
                 })

@@ -146,23 +146,38 @@ enum Forwarded {
     Members { command: crate::cluster::members::MembersCommand, hops: u8 },
 }
 
-/// The format of requests and answers between members: a version byte, then JSON. A node
-/// refuses a version it does not speak rather than misread it.
-const FORWARD_VERSION: u8 = 1;
+/// The format of requests and answers between members: a version byte, then JSON. A member
+/// says in its hello which it reads (`MemberFacts::forward_version`); one that says nothing
+/// is from before the byte and gets plain JSON (version 0), so a rolling upgrade keeps
+/// forwarding. A version this node does not speak is refused, never misread.
+pub const FORWARD_VERSION: u8 = 1;
 
-fn encode_forwarded(value: &impl serde::Serialize) -> Vec<u8> {
-    let mut bytes = vec![FORWARD_VERSION];
+/// Encodes in `version` (0: plain JSON, for members from before the version byte).
+fn encode_forwarded_as(value: &impl serde::Serialize, version: u8) -> Vec<u8> {
+    let mut bytes = if version == 0 { Vec::new() } else { vec![FORWARD_VERSION] };
     // Never fails: the forwarded types are plain data (no maps with non-string keys).
     serde_json::to_writer(&mut bytes, value).expect("forwarded values serialize");
     bytes
 }
 
-fn decode_forwarded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+fn encode_forwarded(value: &impl serde::Serialize) -> Vec<u8> {
+    encode_forwarded_as(value, FORWARD_VERSION)
+}
+
+/// Decodes either format; returns the value and the version it came in.
+fn decode_forwarded_versioned<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(T, u8), String> {
+    let unreadable = |e: serde_json::Error| format!("unreadable: {e}");
     match bytes.split_first() {
-        Some((&FORWARD_VERSION, body)) => serde_json::from_slice(body).map_err(|e| format!("unreadable: {e}")),
+        Some((&FORWARD_VERSION, body)) => Ok((serde_json::from_slice(body).map_err(unreadable)?, FORWARD_VERSION)),
+        // Plain JSON (an object or a list) from a member before the version byte.
+        Some((b'{' | b'[', _)) => Ok((serde_json::from_slice(bytes).map_err(unreadable)?, 0)),
         Some((version, _)) => Err(format!("format version {version}; this node speaks {FORWARD_VERSION}")),
         None => Err("an empty message".to_string()),
     }
+}
+
+fn decode_forwarded<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    decode_forwarded_versioned(bytes).map(|(value, _)| value)
 }
 
 fn busy() -> Answer {
@@ -262,7 +277,7 @@ impl Router {
             self.metrics.forwarded.inc_by(positions.len() as u64);
             let forwarded = if hops < FORWARD_HOPS_MAX {
                 let request = Forwarded::Work { partition, work: work.select(&positions), hops: hops + 1 };
-                let bytes = encode_forwarded(&request);
+                let bytes = encode_forwarded_as(&request, cluster.mesh.forward_version_of(leader));
                 cluster.mesh.forward(leader, &bytes).await.and_then(|reply| {
                     decode_forwarded::<Vec<Answer>>(&reply).map_err(|e| format!("an answer from node {leader}: {e}"))
                 })
@@ -314,7 +329,10 @@ impl Router {
         if hops >= FORWARD_HOPS_MAX {
             return retry_later(503, "unavailable", "the meta group's leader moved; retry", 1);
         }
-        let request = encode_forwarded(&Forwarded::Members { command, hops: hops + 1 });
+        let request = encode_forwarded_as(
+            &Forwarded::Members { command, hops: hops + 1 },
+            cluster.mesh.forward_version_of(leader),
+        );
         match cluster.mesh.forward(leader, &request).await {
             Ok(reply) => decode_forwarded(&reply)
                 .unwrap_or_else(|e| retry_later(503, "unavailable", format!("an answer from node {leader}: {e}"), 1)),
@@ -375,19 +393,25 @@ impl Router {
     /// in the same format. A request this node cannot read gets no answers (the sender
     /// answers its client 503).
     pub async fn serve_forwarded(&self, request: &[u8]) -> Vec<u8> {
-        match decode_forwarded::<Forwarded>(request) {
-            Ok(Forwarded::Work { partition, work, hops }) if partition < self.partitions => {
-                encode_forwarded(&self.partition_work(partition, work, hops).await)
-            }
-            Ok(Forwarded::Scan { scan }) => encode_forwarded(&self.local_scan(scan).await.unwrap_or_default()),
-            Ok(Forwarded::Members { command, hops }) => encode_forwarded(&self.change_members(command, hops).await),
-            Ok(Forwarded::Work { partition, .. }) => {
-                tracing::warn!(partition, "a member forwarded work for a partition this cluster does not have");
-                encode_forwarded(&Vec::<Answer>::new())
-            }
+        let (request, version) = match decode_forwarded_versioned::<Forwarded>(request) {
+            Ok(decoded) => decoded,
             Err(reason) => {
                 tracing::warn!(%reason, "a forwarded request could not be read");
-                encode_forwarded(&Vec::<Answer>::new())
+                return encode_forwarded(&Vec::<Answer>::new());
+            }
+        };
+        // Answered in the format it came in: a member from before the version byte reads JSON.
+        match request {
+            Forwarded::Work { partition, work, hops } if partition < self.partitions => {
+                encode_forwarded_as(&self.partition_work(partition, work, hops).await, version)
+            }
+            Forwarded::Scan { scan } => encode_forwarded_as(&self.local_scan(scan).await.unwrap_or_default(), version),
+            Forwarded::Members { command, hops } => {
+                encode_forwarded_as(&self.change_members(command, hops).await, version)
+            }
+            Forwarded::Work { partition, .. } => {
+                tracing::warn!(partition, "a member forwarded work for a partition this cluster does not have");
+                encode_forwarded_as(&Vec::<Answer>::new(), version)
             }
         }
     }
@@ -588,11 +612,11 @@ impl Router {
         if matches!(scan, Scan::Raft) {
             return Ok(values);
         }
-        let bytes = encode_forwarded(&Forwarded::Scan { scan });
+        let request = Forwarded::Scan { scan };
         let members = cluster.membership.ids();
         let others = members.iter().filter(|m| **m != self.facts.node_id).map(|member| {
-            let bytes = &bytes;
-            async move { cluster.mesh.forward(*member, bytes).await }
+            let bytes = encode_forwarded_as(&request, cluster.mesh.forward_version_of(*member));
+            async move { cluster.mesh.forward(*member, &bytes).await }
         });
         for reply in futures_join_all(others).await.into_iter().flatten() {
             if let Ok(remote) = decode_forwarded::<Vec<Value>>(&reply) {
@@ -831,10 +855,13 @@ mod tests {
         future[0] = FORWARD_VERSION + 1;
         let refused = decode_forwarded::<Forwarded>(&future).expect_err("an unknown version is refused");
         assert!(refused.contains("format version 2; this node speaks 1"), "{refused}");
-        // Unversioned JSON (what members sent before the version byte) is not misread either.
-        let unversioned = serde_json::to_vec(&request).expect("serializes");
-        assert!(decode_forwarded::<Forwarded>(&unversioned).is_err());
+        // Plain JSON from a member before the version byte is read as version 0, and such a
+        // member is sent plain JSON.
+        let plain = serde_json::to_vec(&request).expect("serializes");
+        assert!(matches!(decode_forwarded_versioned::<Forwarded>(&plain), Ok((Forwarded::Scan { .. }, 0))));
+        assert_eq!(encode_forwarded_as(&request, 0), plain);
         assert!(decode_forwarded::<Forwarded>(&[]).is_err());
+        assert!(decode_forwarded::<Forwarded>(b"\x01not json").is_err());
     }
 
     #[test]

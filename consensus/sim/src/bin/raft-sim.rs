@@ -136,7 +136,7 @@ fn main() -> ExitCode {
         println!("     {violation}");
         // Replay with the same assertions this run had (debug builds check more).
         let profile = if cfg!(debug_assertions) { "" } else { " --release" };
-        println!("     replay: cargo run{profile} -p sundial-consensus --bin raft-sim -- --seed {seed}{bug}");
+        println!("     replay: cargo run{profile} -p sundial-consensus-sim --bin raft-sim -- --seed {seed}{bug}");
     }
     let count = args.seeds.end - args.seeds.start;
     println!(
