@@ -267,6 +267,7 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
             ..RuntimeConfig::default()
         },
         max_jobs: settings.limits.max_jobs,
+        max_memory_bytes: settings.limits.max_memory_bytes,
         dedup_window_ms: settings.dedup_window_ms,
         live: start.live.clone(),
         drain_limit: settings.drain,

@@ -105,6 +105,8 @@ pub struct ShardConfig {
     pub partition: PartitionOptions,
     pub runtime: RuntimeConfig,
     pub max_jobs: usize,
+    /// Resident memory (bytes) beyond which new jobs are refused with 507; 0: no limit.
+    pub max_memory_bytes: u64,
     /// A create repeating the id of a job finished less than this long ago is a duplicate.
     pub dedup_window_ms: u64,
     pub live: Arc<LiveJobs>,

@@ -178,19 +178,38 @@ pub struct CreatePlan {
     pub commands: Vec<Command>,
 }
 
-/// How a partition's creates are made: as creates (with the node's dedup window) or upserts.
-#[derive(Clone, Copy, Debug)]
+/// How a partition's creates are made: as creates (with the node's dedup window) or upserts,
+/// and what admission allows (the one place creates are admitted).
+#[derive(Clone, Debug)]
 pub struct CreateHow {
     pub mode: CreateMode,
     pub dedup_window_ms: u64,
     /// The node's live-job limit, and the room left under it.
     pub max_jobs: usize,
     pub room: usize,
+    /// Set while the process's memory is over its limit: new jobs get this refusal.
+    pub memory_full: Option<Answer>,
+}
+
+/// The refusal of new jobs while resident memory is over `limit_bytes` (0: no limit).
+pub fn memory_full(limit_bytes: u64) -> Option<Answer> {
+    if limit_bytes == 0 {
+        return None;
+    }
+    let resident = crate::obs::resident_memory_bytes()?;
+    (resident > limit_bytes).then(|| {
+        let message = format!(
+            "this node uses {} MiB of memory, over its limit of {} MiB; retry when jobs have finished",
+            resident >> 20,
+            limit_bytes >> 20
+        );
+        retry_later(507, "storage_full", message, 30)
+    })
 }
 
 /// Admits at most `how.room` new jobs (the node's live-job limit) and makes their creates.
 pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, how: CreateHow) -> CreatePlan {
-    let CreateHow { mode, dedup_window_ms, max_jobs, room } = how;
+    let CreateHow { mode, dedup_window_ms, max_jobs, room, memory_full } = how;
     let mut plan = CreatePlan { answers: Vec::with_capacity(specs.len()), waiting: Vec::new(), commands: Vec::new() };
     let mut admitted = 0usize;
     for spec in specs {
@@ -198,6 +217,10 @@ pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, how: Create
         // and takes no room; a finished job a create replaces (or an upsert revives) is live
         // again, so it does.
         let exists = state.job(&spec.id).is_some_and(|job| !job.status.is_final());
+        if let (false, Some(refused)) = (exists, &memory_full) {
+            plan.answers.push(Some(refused.clone()));
+            continue;
+        }
         if !exists && admitted >= room {
             // Admission control: a node holding its maximum of live (pending or running)
             // jobs refuses new ones and keeps serving the rest.

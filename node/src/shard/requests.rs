@@ -265,6 +265,7 @@ impl Shard {
         // request): shards admitting at the same moment may overshoot by one batch each.
         let live = self.config.live.total() as usize;
         let mut room = self.config.max_jobs.saturating_sub(live);
+        let memory_full = ops::memory_full(self.config.max_memory_bytes);
         let started = Instant::now();
         let started_ms = self.turn_ms;
         let mut plans = Vec::with_capacity(requests.len());
@@ -279,6 +280,7 @@ impl Shard {
                 dedup_window_ms: self.config.dedup_window_ms,
                 max_jobs: self.config.max_jobs,
                 room,
+                memory_full: memory_full.clone(),
             };
             let mut plan = ops::plan_creates(replica.state(), specs, now_ms, how);
             room = room.saturating_sub(plan.commands.len());

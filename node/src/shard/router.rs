@@ -507,11 +507,9 @@ impl Router {
         let count = requests.len();
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(requests.len());
         let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<JobSpec>)> = Default::default();
-        let memory_full = self.memory_full();
         for request in requests {
             let prepared = request.and_then(|request| self.prepare(&request, now, &trace));
             match prepared {
-                Ok(_) if memory_full.is_some() => answers.push(memory_full.clone()),
                 Ok((partition, spec)) => {
                     let (slots, specs) = by_partition.entry(partition).or_default();
                     slots.push(answers.len());
@@ -548,23 +546,6 @@ impl Router {
             }]);
         }
         answers
-    }
-
-    /// Refuses creates while the process's resident memory is over the limit.
-    fn memory_full(&self) -> Option<Answer> {
-        let limit = self.limits.max_memory_bytes;
-        if limit == 0 {
-            return None;
-        }
-        let resident = resident_memory_bytes()?;
-        (resident > limit).then(|| {
-            let message = format!(
-                "this node uses {} MiB of memory, over its limit of {} MiB; retry when jobs have finished",
-                resident >> 20,
-                limit >> 20
-            );
-            retry_later(507, "storage_full", message, 30)
-        })
     }
 
     /// One operation on the job `id`, on the shard owning its partition.
@@ -734,7 +715,7 @@ impl Router {
                 "runtime": facts.runtime,
                 "log_backend": facts.log_backend,
                 "uptime_ms": now_ms().saturating_sub(facts.started_ms),
-                "memory": {"resident_bytes": resident_memory_bytes(), "limit_bytes": self.limits.max_memory_bytes},
+                "memory": {"resident_bytes": crate::obs::resident_memory_bytes(), "limit_bytes": self.limits.max_memory_bytes},
                 "jobs": counts,
                 "limits": {"max_jobs": self.limits.max_jobs, "live_jobs": self.live.total()},
                 "dead_letters": sum("dead_letters"),
@@ -830,15 +811,6 @@ impl Router {
 /// Job views (or `{id, created_ms}`) by creation time, then id: the order lists are in.
 fn oldest_first(a: &Value, b: &Value) -> std::cmp::Ordering {
     (a["created_ms"].as_u64(), a["id"].as_str()).cmp(&(b["created_ms"].as_u64(), b["id"].as_str()))
-}
-
-/// The process's resident memory (Linux: /proc/self/statm); `None` where unknown.
-pub fn resident_memory_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf only reads a configuration value.
-    let page_bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * u64::try_from(page_bytes).ok()?)
 }
 
 #[cfg(test)]
