@@ -168,10 +168,12 @@ impl Node {
             _ = terminate.recv() => {}
             _ = self.shard_ended.recv() => {}
         }
-        self.stop().await
+        self.shutdown().await
     }
 
-    async fn stop(self) -> Result<(), String> {
+    /// Stops the node in order (what `run` does on a signal): no new connections, shards
+    /// finish or hand back attempts in flight, the last spans leave.
+    pub async fn shutdown(self) -> Result<(), String> {
         for acceptor in &self.acceptors {
             acceptor.abort();
         }
