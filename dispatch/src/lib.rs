@@ -82,6 +82,9 @@ impl Default for DispatchConfig {
 /// One attempt to run.
 #[derive(Clone, Debug)]
 pub struct Attempt {
+    /// The partition whose runtime made it, carried back in the result so the outcome goes
+    /// to that runtime without the job's id being hashed again.
+    pub partition: u32,
     pub job_id: String,
     pub fire_ms: u64,
     pub attempt: u32,
@@ -101,6 +104,8 @@ pub struct Attempt {
 /// What became of an attempt.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttemptResult {
+    /// The attempt's `partition`.
+    pub partition: u32,
     pub job_id: String,
     pub fire_ms: u64,
     pub attempt: u32,
@@ -381,6 +386,7 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, canc
     }
     shared.wake.notify_one();
     let result = AttemptResult {
+        partition: attempt.partition,
         job_id: attempt.job_id,
         fire_ms: attempt.fire_ms,
         attempt: attempt.attempt,

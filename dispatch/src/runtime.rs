@@ -170,6 +170,8 @@ const QUEUE_FULL_RETRY_MS: u64 = 20;
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
     pub node_id: u64,
+    /// The partition this runtime drives (stamped on its attempts and their outcomes).
+    pub partition: u32,
     pub dispatch: DispatchConfig,
     /// Outcomes waiting to be applied.
     pub results_capacity: usize,
@@ -184,6 +186,7 @@ impl Default for RuntimeConfig {
     fn default() -> RuntimeConfig {
         RuntimeConfig {
             node_id: 1,
+            partition: 0,
             dispatch: DispatchConfig::default(),
             results_capacity: 4096,
             timers_max: 10_000_000,
@@ -385,6 +388,7 @@ impl<L: CommandLog> Runtime<L> {
             spec.target.clone()
         };
         let submission = Attempt {
+            partition: self.config.partition,
             job_id: id.to_string(),
             fire_ms,
             attempt,

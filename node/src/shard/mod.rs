@@ -15,7 +15,7 @@ pub mod ops;
 pub mod router;
 
 use crate::cluster::members::{Members, MembersCommand, Membership, META_GROUP};
-use crate::cluster::meta::{partition_of, replicas_of};
+use crate::cluster::meta::replicas_of;
 use crate::obs::metrics::ShardMetrics;
 use crate::replica::partition::{Partition, PartitionOptions};
 use crate::replica::Replica;
@@ -314,7 +314,7 @@ impl Shard {
                 None => vec![config.node_id],
             };
             let options = PartitionOptions { voters, ..config.partition.clone() };
-            let runtime_config = RuntimeConfig { node_id: config.node_id, ..config.runtime.clone() };
+            let runtime_config = RuntimeConfig { node_id: config.node_id, partition, ..config.runtime.clone() };
             replicas.insert(partition, Replica::open(&dir, options, runtime_config, sender.clone(), opened_ms)?);
         }
         let metrics = config.metrics.shard(config.index);
@@ -527,7 +527,7 @@ impl Shard {
         let mut by_partition: BTreeMap<u32, Vec<AttemptResult>> = BTreeMap::new();
         for result in results {
             self.metrics.attempt_finished(&result);
-            by_partition.entry(partition_of(&result.job_id, self.config.partitions)).or_default().push(result);
+            by_partition.entry(result.partition).or_default().push(result);
         }
         for (partition, results) in by_partition {
             if let Some(replica) = self.replicas.get_mut(&partition) {

@@ -37,7 +37,7 @@ impl Shard {
         }
         let dir = self.config.data.join(format!("partition-{partition}"));
         let options = PartitionOptions { voters: Vec::new(), ..self.config.partition.clone() };
-        let runtime_config = RuntimeConfig { node_id: self.config.node_id, ..self.config.runtime.clone() };
+        let runtime_config = RuntimeConfig { node_id: self.config.node_id, partition, ..self.config.runtime.clone() };
         match Replica::open(&dir, options, runtime_config, self.results_sender.clone(), self.turn_ms) {
             Ok(replica) => {
                 tracing::info!(partition, "a new replica of this partition, filled by its leader");
