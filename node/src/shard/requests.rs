@@ -191,7 +191,7 @@ impl Shard {
                 Err(refused) => {
                     let answer = match refused {
                         sundial_consensus::ProposeError::NotLeader { leader } => ops::not_leader(partition, leader),
-                        other => ops::retry_later(503, "overloaded", other.to_string(), 1),
+                        other => ops::Refusal::Overloaded.answer(other.to_string()),
                     };
                     let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
                 }
