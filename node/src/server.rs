@@ -54,6 +54,8 @@ pub struct Node {
     router: Arc<Router>,
     stop: watch::Sender<bool>,
     acceptors: Vec<JoinHandle<()>>,
+    /// Why a listener ended (it stops the node: a supervisor restarts it).
+    listener_ended: mpsc::Receiver<String>,
     shards_joined: Vec<JoinHandle<Result<(), String>>>,
     shard_ended: mpsc::Receiver<()>,
     exporter: Option<(SpanSink, std::thread::JoinHandle<()>)>,
@@ -81,7 +83,8 @@ struct ShardStart<'a> {
 impl Node {
     /// Starts a node on the current tokio runtime (the shards run threads of their own).
     pub async fn start(settings: Settings) -> Result<Node, String> {
-        let started_ms = sundial_dispatch::now_ms();
+        // Before anything opens a file: logs, connections and webhooks all take descriptors.
+        let (started_ms, fd_limit) = (sundial_dispatch::now_ms(), raise_fd_limit());
         let meta =
             ClusterMeta::open_or_create(&settings.data, settings.partitions, started_ms).map_err(|e| e.to_string())?;
         let shard_count = settings.shards.min(meta.partitions as usize).max(1);
@@ -108,10 +111,7 @@ impl Node {
         if cluster.as_ref().is_some_and(|c| c.bootstrap) {
             mark_bootstrapped(&settings)?;
         }
-        let listener = bind(settings.http, "").await?;
-        let binary_listener = bind(settings.binary, " (binary protocol)").await?;
-        let http = listener.local_addr().map_err(|e| e.to_string())?;
-        let binary = binary_listener.local_addr().map_err(|e| e.to_string())?;
+        let (listeners, http, binary) = bind_apis(&settings).await?;
         let (node_id, log_backend, runtime) = (settings.node_id, shards[0].log_backend, RUNTIME_KIND);
         let (http_text, binary_text) = (http.to_string(), binary.to_string());
         let facts = NodeFacts {
@@ -134,7 +134,7 @@ impl Node {
             let _ = slot.set(router.clone());
         }
         let jobs_at_start = shards.iter().map(|s| s.jobs).sum();
-        let acceptors = serve_apis(&settings, &router, &shards, listener, binary_listener);
+        let (acceptors, listener_ended) = serve_apis(&settings, &router, &shards, listeners, fd_limit);
         let (shards_joined, shard_ended) = watch_shards(shards);
         let tokens_required = settings.tokens.len();
         Ok(Node {
@@ -145,6 +145,7 @@ impl Node {
             router,
             stop,
             acceptors,
+            listener_ended,
             shards_joined,
             shard_ended,
             exporter,
@@ -163,12 +164,20 @@ impl Node {
         let signal = |kind| tokio::signal::unix::signal(kind).map_err(|e| e.to_string());
         let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut interrupt = signal(tokio::signal::unix::SignalKind::interrupt())?;
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
-            _ = self.shard_ended.recv() => {}
+        let listener_failed = tokio::select! {
+            _ = interrupt.recv() => None,
+            _ = terminate.recv() => None,
+            _ = self.shard_ended.recv() => None,
+            why = self.listener_ended.recv() => why,
+        };
+        let stopped = self.shutdown().await;
+        match listener_failed {
+            Some(why) => {
+                tracing::error!(%why, "a listener ended; the node stops so that it can be restarted");
+                Err(why)
+            }
+            None => stopped,
         }
-        self.shutdown().await
     }
 
     /// Stops the node in order (what `run` does on a signal): no new connections, shards
@@ -322,8 +331,18 @@ fn mark_bootstrapped(settings: &Settings) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", marker.display()))
 }
 
-async fn bind(address: SocketAddr, what: &str) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(address).await.map_err(|e| format!("binding {address}{what}: {e}"))
+/// The HTTP and binary-protocol listeners, and the addresses they got.
+async fn bind_apis(
+    settings: &Settings,
+) -> Result<((tokio::net::TcpListener, tokio::net::TcpListener), SocketAddr, SocketAddr), String> {
+    let bind = |address: SocketAddr, what: &'static str| async move {
+        tokio::net::TcpListener::bind(address).await.map_err(|e| format!("binding {address}{what}: {e}"))
+    };
+    let listener = bind(settings.http, "").await?;
+    let binary_listener = bind(settings.binary, " (binary protocol)").await?;
+    let http = listener.local_addr().map_err(|e| e.to_string())?;
+    let binary = binary_listener.local_addr().map_err(|e| e.to_string())?;
+    Ok(((listener, binary_listener), http, binary))
 }
 
 /// Starts the mesh and serves requests other members forward; the returned slot takes the
@@ -369,16 +388,59 @@ fn serve_apis(
     settings: &Settings,
     router: &Arc<Router>,
     shards: &[ShardHandle],
-    listener: tokio::net::TcpListener,
-    binary_listener: tokio::net::TcpListener,
-) -> Vec<JoinHandle<()>> {
+    (listener, binary_listener): (tokio::net::TcpListener, tokio::net::TcpListener),
+    fd_limit: u64,
+) -> (Vec<JoinHandle<()>>, mpsc::Receiver<String>) {
     let gate = Arc::new(Gate::new(settings.tokens.clone(), settings.rate_per_token));
     let handles: Vec<_> = shards.iter().map(|s| s.runtime.clone()).collect();
-    let binary_config = BinaryConfig { frame_max_bytes: settings.frame_max_bytes, ..BinaryConfig::default() };
-    vec![
-        tokio::spawn(http::serve(listener, router.clone(), gate.clone(), handles.clone())),
-        tokio::spawn(binary::serve(binary_listener, router.clone(), gate, handles, binary_config)),
-    ]
+    let (http_max, binary_max) = connection_caps(fd_limit);
+    let binary_config = BinaryConfig {
+        frame_max_bytes: settings.frame_max_bytes,
+        connections_max: binary_max,
+        ..BinaryConfig::default()
+    };
+    let (ended, listener_ended) = mpsc::channel::<String>(2);
+    let http_ended = ended.clone();
+    let (http_router, http_gate, http_handles) = (router.clone(), gate.clone(), handles.clone());
+    let binary_router = router.clone();
+    let acceptors = vec![
+        tokio::spawn(async move {
+            let why = http::serve(listener, http_router, http_gate, http_handles, http_max).await;
+            let _ = http_ended.send(format!("the HTTP listener ended: {why}")).await;
+        }),
+        tokio::spawn(async move {
+            let why = binary::serve(binary_listener, binary_router, gate, handles, binary_config).await;
+            let _ = ended.send(format!("the binary-protocol listener ended: {why}")).await;
+        }),
+    ];
+    (acceptors, listener_ended)
+}
+
+/// Connections each API serves at once: HTTP at most a quarter of the descriptors, the
+/// binary protocol an eighth, within their own caps (the rest are for logs, peers and
+/// outbound webhooks).
+fn connection_caps(fd_limit: u64) -> (usize, usize) {
+    let share = |divisor: u64, cap: usize| usize::try_from(fd_limit / divisor).unwrap_or(cap).clamp(16, cap);
+    (share(4, http::CONNECTIONS_MAX), share(8, BinaryConfig::default().connections_max))
+}
+
+/// Raises the soft limit on open files to the hard limit (connections, log segments and
+/// outbound webhooks all take descriptors); returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return 1_024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    tracing::info!(open_files_max = limit.rlim_cur, "file descriptor limit");
+    limit.rlim_cur
 }
 
 /// Joins each shard thread off the async runtime; `shard_ended` hears of each end.

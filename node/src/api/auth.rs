@@ -27,6 +27,11 @@ impl Gate {
         Gate { tokens, rate_per_second: rate_per_second.max(1), buckets: Mutex::new(HashMap::new()) }
     }
 
+    /// Bytes of the longest configured token (0 without tokens).
+    pub fn longest_token_bytes(&self) -> usize {
+        self.tokens.iter().map(String::len).max().unwrap_or(0)
+    }
+
     pub fn enabled(&self) -> bool {
         !self.tokens.is_empty()
     }

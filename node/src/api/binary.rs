@@ -43,23 +43,34 @@ impl Default for BinaryConfig {
 
 /// Answers waiting to be written per connection.
 const ANSWERS_QUEUED_MAX: usize = 256;
+/// A Hello's bytes besides its token (header, versions, field lengths), with room to spare:
+/// before a client is authenticated it may make the node hold no more than a Hello.
+const HELLO_BYTES_BESIDES_TOKEN: usize = 1_024;
+/// Bytes read from the socket at once; a connection's buffer is shrunk back to this after
+/// a large frame, so an idle connection holds little.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
 
-/// Accepts connections until the listener fails (at most `connections_max` at once),
-/// spreading them over the shards' runtimes.
+/// Accepts connections (at most `connections_max` at once), spreading them over the shards'
+/// runtimes. Returns only when the listener fails for good, saying why (the node then stops).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Arc<Router>,
     gate: Arc<Gate>,
     shards: Vec<tokio::runtime::Handle>,
     config: BinaryConfig,
-) {
+) -> String {
     let mut next = 0usize;
     let connections = Arc::new(Semaphore::new(config.connections_max.max(1)));
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's backlog.
-        let Ok(permit) = connections.clone().acquire_owned().await else { break };
-        let Ok((stream, _)) = listener.accept().await else { break };
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return "its connection limit was closed".to_string();
+        };
+        let stream = match crate::api::accept(&listener, "binary", &router.metrics).await {
+            Ok(stream) => stream,
+            Err(error) => return error.to_string(),
+        };
         let _ = stream.set_nodelay(true);
         let served = serve_connection(stream, router.clone(), gate.clone(), config);
         let connection = async move {
@@ -109,7 +120,12 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
                 let _ = answers.send((refusal(0, Code::BadRequest, "idle for too long; closing"), None)).await;
                 break;
             }
-            Ok(Ok(Some(frame))) => frame,
+            Ok(Ok(Some(frame))) => {
+                if buffer.capacity() > 2 * READ_CHUNK_BYTES && buffer.len() <= READ_CHUNK_BYTES {
+                    buffer.shrink_to(READ_CHUNK_BYTES);
+                }
+                frame
+            }
             Ok(Ok(None)) => break,
             Ok(Err(e)) => {
                 let _ = answers.send((refusal(0, code_of(&e), format!("{e}; closing the connection")), None)).await;
@@ -147,8 +163,11 @@ async fn handshake(
     gate: &Gate,
     config: BinaryConfig,
 ) -> Result<Option<String>, Frame> {
-    let first =
-        tokio::time::timeout(config.handshake_timeout, read_frame(reader, buffer, config.frame_max_bytes)).await;
+    // The Hello is read with a cap of what a Hello can be, not the frame limit: a client
+    // that has not shown a token cannot make the node buffer megabytes.
+    let hello_max_bytes = u32::try_from(HELLO_BYTES_BESIDES_TOKEN + gate.longest_token_bytes()).unwrap_or(u32::MAX);
+    let hello_max_bytes = hello_max_bytes.min(config.frame_max_bytes);
+    let first = tokio::time::timeout(config.handshake_timeout, read_frame(reader, buffer, hello_max_bytes)).await;
     let hello = match first {
         Err(_) => return Err(refusal(0, Code::BadRequest, "no Hello within the handshake timeout")),
         Ok(Ok(Some(frame))) => frame,
@@ -255,10 +274,15 @@ async fn read_frame(
             buffer.drain(..used);
             return Ok(Some(frame));
         }
-        let mut chunk = [0u8; 64 * 1024];
-        match reader.read(&mut chunk).await {
+        // Read into the buffer's spare room, at most a chunk (or a frame's cap) at a time.
+        // (A frame is its 4-byte length prefix and at most `frame_max_bytes` after it.)
+        let room = READ_CHUNK_BYTES.min(frame_max_bytes as usize + 4);
+        if buffer.capacity() - buffer.len() < room {
+            buffer.reserve(room);
+        }
+        match reader.read_buf(buffer).await {
             Ok(0) | Err(_) => return Ok(None),
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+            Ok(_) => {}
         }
     }
 }

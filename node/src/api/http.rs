@@ -15,28 +15,35 @@ use sundial_engine::trace::TraceContext;
 
 /// Request bodies larger than this are refused with 413.
 pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
-/// HTTP connections served at once; more wait in the listen backlog.
+/// HTTP connections served at once at most; more wait in the listen backlog. The node lowers
+/// it to a share of its file-descriptor limit (`server.rs`).
 pub const CONNECTIONS_MAX: usize = 4_096;
 /// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
 /// route it lists answers).
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
-/// Accepts connections until the listener fails (at most `CONNECTIONS_MAX` at once),
-/// spreading them over the shards' runtimes (round robin) so that parsing and routing run
-/// on every core.
+/// Accepts connections (at most `connections_max` at once), spreading them over the shards'
+/// runtimes (round robin) so that parsing and routing run on every core. Returns only when
+/// the listener fails for good, saying why (the node then stops).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Arc<Router>,
     gate: Arc<Gate>,
     shards: Vec<tokio::runtime::Handle>,
-) {
+    connections_max: usize,
+) -> String {
     let mut next = 0usize;
-    let connections = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let connections = Arc::new(tokio::sync::Semaphore::new(connections_max.max(1)));
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
         // At the cap, stop accepting: new connections wait in the kernel's backlog.
-        let Ok(permit) = connections.clone().acquire_owned().await else { break };
-        let Ok((stream, _)) = listener.accept().await else { break };
+        let Ok(permit) = connections.clone().acquire_owned().await else {
+            return "its connection limit was closed".to_string();
+        };
+        let stream = match crate::api::accept(&listener, "http", &router.metrics).await {
+            Ok(stream) => stream,
+            Err(error) => return error.to_string(),
+        };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let gate = gate.clone();

@@ -6,3 +6,44 @@ pub mod auth;
 pub mod binary;
 pub mod http;
 pub mod ui;
+
+use crate::obs::metrics::Metrics;
+use std::time::Duration;
+
+/// The first pause after a failed `accept`; it doubles up to `ACCEPT_BACKOFF_MS_MAX`.
+const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
+const ACCEPT_BACKOFF_MS_MAX: u64 = 1_000;
+
+/// Whether a failed `accept` says something about this moment (out of descriptors or memory,
+/// a connection reset before it was taken) rather than about the listener: it is retried.
+fn is_transient(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::ECONNABORTED | libc::EINTR)
+    ) || matches!(error.kind(), std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::Interrupted)
+}
+
+/// The next connection of `listener` (named `name` in logs and metrics). Transient failures
+/// are logged, counted (`sundial_accept_errors_total`) and retried after a back-off, so a
+/// moment without file descriptors does not close the port for good; any other error is
+/// returned, and the caller ends the node (a supervisor restarts it).
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    name: &'static str,
+    metrics: &Metrics,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut backoff_ms = ACCEPT_BACKOFF_MS_MIN;
+    // Bounded by the listener: every turn either accepts, fails for good, or waits.
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => return Ok(stream),
+            Err(error) if is_transient(&error) => {
+                metrics.accept_error(name, &error);
+                tracing::warn!(listener = name, %error, backoff_ms, "could not accept a connection; retrying");
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(ACCEPT_BACKOFF_MS_MAX);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}

@@ -52,6 +52,8 @@ pub struct Metrics {
     /// Request items this node forwarded to another member (the partition's leader).
     pub forwarded: Counter,
     pub cancelled: Counter,
+    /// Connections a listener failed to accept (retried), by listener and error.
+    accept_errors: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,9 +84,15 @@ impl Metrics {
             partitions_led: Gauge::default(),
             forwarded: Counter::default(),
             cancelled: Counter::default(),
+            accept_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register("jobs_created", "Jobs created", metrics.created.clone());
+        registry.register(
+            "accept_errors",
+            "Connections a listener failed to accept and retried, by listener and error",
+            metrics.accept_errors.clone(),
+        );
         registry.register("jobs_cancelled", "Jobs cancelled through the API", metrics.cancelled.clone());
         registry.register("jobs_rejected", "Create requests refused, by reason", metrics.rejected.clone());
         registry.register("jobs", "Jobs held, by status", metrics.jobs.clone());
@@ -152,6 +160,17 @@ impl Metrics {
     }
 
     /// Counts a refused create by reason (the answer's code).
+    pub fn accept_error(&self, listener: &str, error: &std::io::Error) {
+        let kind = match error.raw_os_error() {
+            Some(libc::EMFILE) => "emfile".to_string(),
+            Some(libc::ENFILE) => "enfile".to_string(),
+            Some(libc::ENOBUFS) => "enobufs".to_string(),
+            Some(libc::ENOMEM) => "enomem".to_string(),
+            _ => format!("{:?}", error.kind()).to_ascii_lowercase(),
+        };
+        self.accept_errors.get_or_create(&vec![("listener", listener.to_string()), ("error", kind)]).inc();
+    }
+
     pub fn rejected(&self, reason: &str) {
         self.rejected.get_or_create(&vec![("reason", reason.to_string())]).inc();
     }
