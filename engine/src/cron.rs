@@ -1,12 +1,16 @@
 //! Cron schedules in a time zone: 5-field (minute precision) or 6-field (with seconds)
 //! expressions evaluated by croner on the zone database compiled into the binary (never the
 //! host's tzdata), so every replica running the same build computes the same fire times.
-//! DST, by default: a wall time that occurs twice fires once, at its first occurrence; a
-//! wall time skipped by a spring-forward gap fires at the first instant after the gap. A job
-//! may choose otherwise (`DstPolicy`): fire a repeated wall time at both occurrences, or
-//! skip a missing one.
+//! DST, by default: a wall time that occurs twice fires once, at its first occurrence; the
+//! wall times a spring-forward gap skips fire once, at the first instant after the gap. A
+//! job may choose otherwise (`DstPolicy`): fire a repeated wall time at both occurrences, or
+//! skip missing ones. The policy applies to every wall time an expression names: croner
+//! finds matching wall times on a clock without DST, and `instants_of` turns each into the
+//! instants the policy gives it (engine/tests/cron_dst.rs checks it against a brute-force
+//! reference around every switch of six zones).
 
-use jiff::tz::{TimeZone, TimeZoneDatabase};
+use jiff::civil;
+use jiff::tz::{AmbiguousOffset, Offset, TimeZone, TimeZoneDatabase};
 use jiff::{Timestamp, Zoned};
 use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
@@ -48,10 +52,15 @@ pub struct CronSchedule {
 
 /// Clock changes looked at per computation at most (zones change at most a few times a year).
 const TRANSITIONS_LOOKED_AT_MAX: usize = 8;
-/// Gap-shifted candidates skipped per computation at most (one per gap; gaps are months apart).
-const SKIPPED_CANDIDATES_MAX: usize = 16;
-/// The longest a clock is ever set back (Antarctica/Troll: 2 h), with margin.
-const FOLD_MS_MAX: u64 = 3 * 3600 * 1000;
+/// The longest a clock is ever set back (Antarctica/Troll: 2 h), with margin: clock changes
+/// this close to a time are looked at.
+const FOLD_MS_MAX: i64 = 3 * 3600 * 1000;
+/// Wall times one computation looks at, at most: a fire every second across a fold's
+/// length on both sides of the answer (2 h each at most), with room to spare.
+const CANDIDATES_MAX: usize = 16_384;
+/// How far ahead an expression must have an occurrence to be accepted (see `check_fires`).
+pub const OCCURRENCE_HORIZON_YEARS: u64 = 5;
+const OCCURRENCE_HORIZON_MS: u64 = OCCURRENCE_HORIZON_YEARS * 366 * 24 * 3600 * 1000;
 
 /// Why an expression or a zone was refused (the message names the rule broken).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,15 +71,23 @@ pub enum CronError {
 
 impl CronSchedule {
     pub fn parse(expression: &str, time_zone: &str) -> Result<CronSchedule, CronError> {
-        let fields = expression.split_whitespace().count();
-        if !(5..=6).contains(&fields) {
-            return Err(CronError::Expression(format!("must have 5 or 6 fields, found {fields}")));
+        let fields: Vec<&str> = expression.split_whitespace().collect();
+        if !(5..=6).contains(&fields.len()) {
+            return Err(CronError::Expression(format!("must have 5 or 6 fields, found {}", fields.len())));
         }
+        let day_of_week = fields[fields.len() - 1];
+        if day_of_week.split(',').any(|item| item.eq_ignore_ascii_case("L")) {
+            let rule = "a bare L in the day-of-week field names no day (write 5L for the last Friday, or L in the day-of-month field for the last day)";
+            return Err(CronError::Expression(rule.to_string()));
+        }
+        let mut fields: Vec<String> = fields.iter().map(|field| field.to_string()).collect();
+        let last = fields.len() - 1;
+        fields[last] = sunday_ranges_end_on_sunday(&fields[last]);
         let cron = croner::parser::CronParser::builder()
             .seconds(croner::parser::Seconds::Optional)
             .year(croner::parser::Year::Disallowed)
             .build()
-            .parse(expression)
+            .parse(&fields.join(" "))
             .map_err(|error| CronError::Expression(error.to_string()))?;
         let zone = time_zone_named(time_zone)?;
         Ok(CronSchedule { cron, zone, dst: DstPolicy::default() })
@@ -81,97 +98,148 @@ impl CronSchedule {
         CronSchedule { dst, ..self }
     }
 
-    /// The last fire at or before `at_ms`, if any within croner's search bound. (A repeated
-    /// wall time counts at its first occurrence here, whatever the policy.)
-    pub fn last_at_or_before_ms(&self, at_ms: u64) -> Option<u64> {
-        let mut at_ms = at_ms;
-        for _ in 0..SKIPPED_CANDIDATES_MAX {
-            let zoned = Zoned::new(timestamp(at_ms)?, self.zone.clone());
-            let previous = self.cron.find_previous_occurrence(&zoned, true).ok()?;
-            let previous_ms = u64::try_from(previous.timestamp().as_millisecond()).ok()?;
-            if self.dst.missing == Missing::Shift || self.matches_wall_time(previous_ms) {
-                return Some(previous_ms);
-            }
-            at_ms = previous_ms.checked_sub(1)?;
+    /// Refuses a schedule with no fire in the `OCCURRENCE_HORIZON_YEARS` after `now_ms`
+    /// (30 February; a weekday that never falls on the date asked with `#`…): such a job
+    /// could never fire.
+    pub fn check_fires(&self, now_ms: u64) -> Result<(), CronError> {
+        match self.next_after_ms(now_ms) {
+            Some(next_ms) if next_ms <= now_ms.saturating_add(OCCURRENCE_HORIZON_MS) => Ok(()),
+            _ => Err(CronError::Expression(format!(
+                "has no occurrence in the next {OCCURRENCE_HORIZON_YEARS} years, so the job could never fire"
+            ))),
         }
-        None
     }
 
-    /// The first fire strictly after `after_ms` (UTC milliseconds), or `None` if there is
-    /// none within croner's search bound (e.g. 30 February).
+    /// The first fire strictly after `after_ms` (UTC milliseconds) under the DST policy, or
+    /// `None` if there is none within croner's search bound (e.g. 30 February).
+    ///
+    /// Candidates are the matching wall times, read on a clock without DST (croner in UTC);
+    /// each becomes the instants the policy gives it (`instants_of`). Instants follow wall
+    /// times in order except inside a fold, so the search starts a fold's length back on
+    /// the wall clock when a fold is near, and stops once no later wall time can come first.
     pub fn next_after_ms(&self, after_ms: u64) -> Option<u64> {
-        let mut next = self.croner_next_after_ms(after_ms);
-        if self.dst.missing == Missing::Skip {
-            // croner moves a wall time that a gap skips to the gap's end; under `Skip` such a
-            // fire is dropped (a real match at that instant is kept).
-            for _ in 0..SKIPPED_CANDIDATES_MAX {
-                match next {
-                    Some(at) if !self.matches_wall_time(at) => next = self.croner_next_after_ms(at),
-                    _ => break,
+        let after_ms = i64::try_from(after_ms).ok()?;
+        let back_ms = self.fold_near(after_ms);
+        let mut cursor = wall_clock(self.wall_ms(after_ms)? - back_ms)?;
+        let mut inclusive = back_ms > 0;
+        let mut best: Option<(i64, i64)> = None; // (instant, its wall time)
+        for _ in 0..CANDIDATES_MAX {
+            let candidate = self.cron.find_next_occurrence(&cursor, inclusive).ok()?;
+            inclusive = false;
+            let wall_ms = candidate.timestamp().as_millisecond();
+            if let Some((best_ms, best_wall_ms)) = best {
+                if wall_ms > best_wall_ms + self.fold_near(best_ms) {
+                    break;
                 }
             }
-            next = next.filter(|at| self.matches_wall_time(*at));
-        }
-        if self.dst.repeated == Repeated::Both {
-            if let Some(second) = self.second_occurrence_after(after_ms, next.unwrap_or(u64::MAX)) {
-                return Some(second);
+            for instant_ms in self.instants_of(candidate.datetime()).into_iter().flatten() {
+                if instant_ms > after_ms && best.is_none_or(|(best_ms, _)| instant_ms < best_ms) {
+                    best = Some((instant_ms, wall_ms));
+                }
             }
+            cursor = candidate;
         }
-        next
+        best.and_then(|(instant_ms, _)| u64::try_from(instant_ms).ok())
     }
 
-    fn croner_next_after_ms(&self, after_ms: u64) -> Option<u64> {
-        let zoned = Zoned::new(timestamp(after_ms)?, self.zone.clone());
-        let next = self.cron.find_next_occurrence(&zoned, false).ok()?;
-        u64::try_from(next.timestamp().as_millisecond()).ok()
+    /// The last fire at or before `at_ms` under the DST policy, if any within croner's
+    /// search bound (the mirror of `next_after_ms`).
+    pub fn last_at_or_before_ms(&self, at_ms: u64) -> Option<u64> {
+        let at_ms = i64::try_from(at_ms).ok()?;
+        let ahead_ms = self.fold_near(at_ms);
+        let mut cursor = wall_clock(self.wall_ms(at_ms)? + ahead_ms)?;
+        let mut inclusive = true;
+        let mut best: Option<(i64, i64)> = None;
+        for _ in 0..CANDIDATES_MAX {
+            let candidate = self.cron.find_previous_occurrence(&cursor, inclusive).ok()?;
+            inclusive = false;
+            let wall_ms = candidate.timestamp().as_millisecond();
+            if let Some((best_ms, best_wall_ms)) = best {
+                if wall_ms < best_wall_ms - self.fold_near(best_ms) {
+                    break;
+                }
+            }
+            for instant_ms in self.instants_of(candidate.datetime()).into_iter().flatten() {
+                if instant_ms <= at_ms && best.is_none_or(|(best_ms, _)| instant_ms > best_ms) {
+                    best = Some((instant_ms, wall_ms));
+                }
+            }
+            cursor = candidate;
+        }
+        best.and_then(|(instant_ms, _)| u64::try_from(instant_ms).ok())
     }
 
-    /// Whether the wall clock at `at_ms` matches the expression (a gap-shifted fire does not).
-    fn matches_wall_time(&self, at_ms: u64) -> bool {
-        timestamp(at_ms)
-            .is_some_and(|at| self.cron.is_time_matching(&Zoned::new(at, self.zone.clone())).unwrap_or(false))
+    /// The instants at which the wall time `wall` fires, earliest first: its one instant; in
+    /// a gap (the clock jumps over it) the instant the gap ends (`shift`, so every wall time
+    /// of one gap fires once, there) or none (`skip`); in a fold (the clock shows it twice)
+    /// the first occurrence (`first`) or both (`both`).
+    fn instants_of(&self, wall: civil::DateTime) -> [Option<i64>; 2] {
+        let at = |offset: Offset| offset.to_timestamp(wall).ok().map(|t| t.as_millisecond());
+        match self.zone.to_ambiguous_timestamp(wall).offset() {
+            AmbiguousOffset::Unambiguous { offset } => [at(offset), None],
+            AmbiguousOffset::Gap { before, .. } => match self.dst.missing {
+                Missing::Skip => [None, None],
+                // The gap's transition is the last one at or before the wall time read in
+                // the offset before the gap.
+                Missing::Shift => {
+                    let read_before = before.to_timestamp(wall).ok();
+                    let next_ms = read_before.and_then(|t| t.checked_add(jiff::SignedDuration::from_millis(1)).ok());
+                    let transition = next_ms.and_then(|t| self.zone.preceding(t).next());
+                    [transition.map(|t| t.timestamp().as_millisecond()), None]
+                }
+            },
+            AmbiguousOffset::Fold { before, after } => match self.dst.repeated {
+                Repeated::First => [at(before), None],
+                Repeated::Both => [at(before), at(after)],
+            },
+        }
     }
 
-    /// The earliest second occurrence of a repeated wall time that matches, after
-    /// `after_ms` and before `before_ms`. croner gives first occurrences only: when the clock
-    /// is set back at T by d, the instants [T, T + d) show wall times already shown, and
-    /// those are searched here, in the offset after T.
-    fn second_occurrence_after(&self, after_ms: u64, before_ms: u64) -> Option<u64> {
-        let from = timestamp(after_ms.saturating_sub(FOLD_MS_MAX))?;
-        let mut best: Option<u64> = None;
+    /// The wall clock at `at_ms` in this zone, as milliseconds of a clock without DST.
+    fn wall_ms(&self, at_ms: i64) -> Option<i64> {
+        let wall = self.zone.to_datetime(Timestamp::from_millisecond(at_ms).ok()?);
+        Some(wall.to_zoned(TimeZone::UTC).ok()?.timestamp().as_millisecond())
+    }
+
+    /// How far the clock is set back by a change within `FOLD_MS_MAX` of `at_ms` (the
+    /// longest such, ms); 0 when none is: wall times and instants then go in step.
+    fn fold_near(&self, at_ms: i64) -> i64 {
+        let Ok(from) = Timestamp::from_millisecond(at_ms - FOLD_MS_MAX) else { return 0 };
+        let mut fold_ms = 0;
         for transition in self.zone.following(from).take(TRANSITIONS_LOOKED_AT_MAX) {
-            let start_ms = u64::try_from(transition.timestamp().as_millisecond()).ok()?;
-            if start_ms >= before_ms.min(best.unwrap_or(u64::MAX)) {
+            let start_ms = transition.timestamp().as_millisecond();
+            if start_ms > at_ms + FOLD_MS_MAX {
                 break;
             }
-            let offset_after = transition.offset();
-            let offset_before = self.zone.to_offset(timestamp(start_ms.checked_sub(1)?)?);
-            let fold_ms = (offset_before.seconds() - offset_after.seconds()) as i64 * 1000;
-            if fold_ms <= 0 {
-                continue; // the clock moved forward: nothing repeats
-            }
-            let end_ms = start_ms + fold_ms as u64;
-            // The first whole second after `after_ms` inside the fold, as a wall time read
-            // in UTC (a clock without DST), where croner can search it.
-            let first_ms = (after_ms + 1).max(start_ms).div_ceil(1000) * 1000;
-            if first_ms >= end_ms {
-                continue;
-            }
-            let offset_ms = i64::from(offset_after.seconds()) * 1000;
-            let wall_ms = i64::try_from(first_ms).ok()? + offset_ms;
-            let wall = Zoned::new(Timestamp::from_millisecond(wall_ms).ok()?, TimeZone::UTC);
-            let Ok(found) = self.cron.find_next_occurrence(&wall, true) else { continue };
-            let found_ms = u64::try_from(found.timestamp().as_millisecond() - offset_ms).ok()?;
-            if found_ms < end_ms && found_ms < before_ms && found_ms > after_ms {
-                best = Some(best.map_or(found_ms, |b| b.min(found_ms)));
-            }
+            let Ok(just_before) = Timestamp::from_millisecond(start_ms - 1) else { continue };
+            let set_back_s = self.zone.to_offset(just_before).seconds() - transition.offset().seconds();
+            fold_ms = fold_ms.max(i64::from(set_back_s) * 1000);
         }
-        best
+        fold_ms
     }
 }
 
-fn timestamp(at_ms: u64) -> Option<Timestamp> {
-    Timestamp::from_millisecond(i64::try_from(at_ms).ok()?).ok()
+/// A wall time as a `Zoned` in UTC, where croner searches without DST.
+fn wall_clock(wall_ms: i64) -> Option<Zoned> {
+    Some(Zoned::new(Timestamp::from_millisecond(wall_ms).ok()?, TimeZone::UTC))
+}
+
+/// In the day-of-week field, a range that starts on Sunday and ends on `SUN` is Sunday alone
+/// (`SUN-SUN`, `0-SUN`); croner reads such an end as 7, which made the range every day.
+fn sunday_ranges_end_on_sunday(day_of_week: &str) -> String {
+    let items = day_of_week.split(',').map(|item| {
+        let (range, step) = item.split_once('/').map_or((item, None), |(range, step)| (range, Some(step)));
+        let fixed = match range.split_once('-') {
+            Some((start, end))
+                if end.eq_ignore_ascii_case("SUN") && (start == "0" || start.eq_ignore_ascii_case("SUN")) =>
+            {
+                "0".to_string()
+            }
+            _ => range.to_string(),
+        };
+        step.map_or(fixed.clone(), |step| format!("{fixed}/{step}"))
+    });
+    items.collect::<Vec<_>>().join(",")
 }
 
 /// The zone of that IANA name, from the database compiled into the binary. (`jiff::tz::db()`

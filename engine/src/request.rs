@@ -61,12 +61,26 @@ pub fn parse_job_request(request: &Value, now_ms: u64, generated_id: &str) -> Re
         parse_sundial(object, now_ms, generated_id, &mut errors)
     };
     match spec {
-        Some(spec) if errors.is_empty() => spec.validate().map(|()| spec),
+        Some(spec) if errors.is_empty() => spec.validate().and_then(|()| check_fires(&spec, now_ms)).map(|()| spec),
         _ => {
             if let Some(spec) = spec {
                 errors.extend(spec.validate().err().unwrap_or_default());
             }
             Err(errors)
+        }
+    }
+}
+
+/// A cron job must be able to fire: its expression needs an occurrence in the years ahead
+/// (from its `start_at`, if later than now).
+fn check_fires(spec: &JobSpec, now_ms: u64) -> Result<(), Vec<FieldError>> {
+    let Schedule::Cron(cron) = &spec.schedule else { return Ok(()) };
+    let Ok(schedule) = crate::cron::CronSchedule::parse(&cron.expression, &cron.time_zone) else { return Ok(()) };
+    let from_ms = cron.start_ms.map_or(now_ms, |start_ms| start_ms.saturating_sub(1).max(now_ms));
+    match schedule.with_dst(cron.dst).check_fires(from_ms) {
+        Ok(()) => Ok(()),
+        Err(crate::cron::CronError::Expression(rule) | crate::cron::CronError::TimeZone(rule)) => {
+            Err(vec![FieldError::new("cron", rule)])
         }
     }
 }
