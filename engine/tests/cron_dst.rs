@@ -13,7 +13,7 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use sundial_engine::cron::{time_zone_named, CronSchedule, DstPolicy, Missing, Repeated};
 use sundial_engine::request::parse_job_request;
-use sundial_engine::state::{Command, Due, State};
+use sundial_engine::state::{Command, Due, Outcome, State};
 
 const ZONES: [&str; 6] =
     ["America/New_York", "Europe/Paris", "Europe/London", "Australia/Lord_Howe", "Pacific/Chatham", "America/Santiago"];
@@ -245,8 +245,26 @@ fn a_job_created_before_spring_forward_fires_after_the_gap_and_is_not_lost() {
     let mut state = State::new();
     state.apply(Command::Create { spec: Box::new(spec), now_ms: now, dedup_window_ms: None }).expect("created");
     let due = state.next_due("nightly").expect("a fire is due");
-    assert_eq!(due.0, ms("2026-03-08T07:00:00Z") as u64, "03:00 EDT");
-    assert!(matches!(due.1, Due::NewFire { fire_ms } if fire_ms == due.0));
+    let fire_ms = ms("2026-03-08T07:00:00Z") as u64;
+    assert_eq!(due.0, fire_ms, "03:00 EDT");
+    assert!(matches!(due.1, Due::NewFire { fire_ms: f } if f == fire_ms));
+    // It fires (started, delivered) at 03:00; the next is 02:00 EDT the day after.
+    state
+        .apply(Command::FireStarted { id: "nightly".into(), fire_ms, attempt: 1, node: 1, now_ms: fire_ms })
+        .expect("started");
+    let outcome = Outcome::Response { status: 200, body: Vec::new(), retry_after_ms: None, no_retry: false };
+    let finished = Command::AttemptFinished {
+        id: "nightly".into(),
+        fire_ms,
+        attempt: 1,
+        node: 1,
+        started_ms: fire_ms,
+        finished_ms: fire_ms + 5,
+        outcome,
+        retry_at_ms: fire_ms + 1_000,
+    };
+    state.apply(finished).expect("delivered");
+    assert_eq!(state.next_due("nightly").map(|d| d.0), Some(ms("2026-03-09T06:00:00Z") as u64));
 }
 
 #[test]
@@ -305,5 +323,29 @@ proptest! {
         let from = (switch - 26 * 3600 * 1000) / MINUTE_MS * MINUTE_MS;
         let outcome = check(&expression, zone_name, POLICIES[policy_index], from, from + 52 * 3600 * 1000);
         prop_assert!(outcome.is_ok(), "{}", outcome.unwrap_err());
+    }
+}
+
+/// What was right before issue 27 and stays so (UTC, away from clock changes).
+#[test]
+fn calendar_rules_that_were_right_stay_right() {
+    let next = |expression: &str, from: &str| {
+        let schedule = CronSchedule::parse(expression, "UTC").expect("valid");
+        schedule.next_after_ms(ms(from) as u64).map(|t| at(t as i64).to_string())
+    };
+    let cases = [
+        ("0 0 29 2 *", "2096-03-01T00:00:00Z", "2104-02-29T00:00:00Z"), // 2100 is not a leap year
+        ("0 0 31 * *", "2026-04-01T00:00:00Z", "2026-05-31T00:00:00Z"), // April has no 31st
+        ("0 12 * * 7", "2026-12-01T00:00:00Z", "2026-12-06T12:00:00Z"), // 7 is Sunday
+        ("0 0 L * *", "2026-02-01T00:00:00Z", "2026-02-28T00:00:00Z"),  // last day
+        ("0 0 LW * *", "2026-05-01T00:00:00Z", "2026-05-29T00:00:00Z"), // last weekday (31st is a Sunday)
+        ("0 0 15W * *", "2026-08-01T00:00:00Z", "2026-08-14T00:00:00Z"), // the 15th is a Saturday
+        ("0 0 * * 1#1", "2026-05-05T00:00:00Z", "2026-06-01T00:00:00Z"), // first Monday (May 4 passed)
+        ("0 0 * * 5L", "2026-05-01T00:00:00Z", "2026-05-29T00:00:00Z"), // last Friday
+        ("0 0 1 1 *", "2026-12-31T12:00:00Z", "2027-01-01T00:00:00Z"),  // year roll-over
+        ("0 0 * * *", "2026-12-01T00:00:00Z", "2026-12-02T00:00:00Z"),  // `from` is exclusive
+    ];
+    for (expression, from, want) in cases {
+        assert_eq!(next(expression, from).as_deref(), Some(want), "{expression} after {from}");
     }
 }
