@@ -59,29 +59,19 @@ pub async fn serve(
     shards: Vec<tokio::runtime::Handle>,
     config: BinaryConfig,
 ) -> String {
-    let mut next = 0usize;
-    let connections = Arc::new(Semaphore::new(config.connections_max.max(1)));
+    let mut acceptor = crate::api::Acceptor::new(listener, "binary", config.connections_max, shards);
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
-        // At the cap, stop accepting: new connections wait in the kernel's backlog.
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return "its connection limit was closed".to_string();
+        let (permit, stream) = match acceptor.next(&router.metrics).await {
+            Ok(accepted) => accepted,
+            Err(why) => return why,
         };
-        let stream = match crate::api::accept(&listener, "binary", &router.metrics).await {
-            Ok(stream) => stream,
-            Err(error) => return error.to_string(),
-        };
-        let _ = stream.set_nodelay(true);
         let served = serve_connection(stream, router.clone(), gate.clone(), config);
         let connection = async move {
             served.await;
             drop(permit);
         };
-        match shards.get(next % shards.len().max(1)) {
-            Some(shard) => drop(shard.spawn(connection)),
-            None => drop(tokio::spawn(connection)),
-        }
-        next = next.wrapping_add(1);
+        acceptor.spawn(connection);
     }
 }
 

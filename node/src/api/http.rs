@@ -32,19 +32,13 @@ pub async fn serve(
     shards: Vec<tokio::runtime::Handle>,
     connections_max: usize,
 ) -> String {
-    let mut next = 0usize;
-    let connections = Arc::new(tokio::sync::Semaphore::new(connections_max.max(1)));
+    let mut acceptor = crate::api::Acceptor::new(listener, "http", connections_max, shards);
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
-        // At the cap, stop accepting: new connections wait in the kernel's backlog.
-        let Ok(permit) = connections.clone().acquire_owned().await else {
-            return "its connection limit was closed".to_string();
+        let (permit, stream) = match acceptor.next(&router.metrics).await {
+            Ok(accepted) => accepted,
+            Err(why) => return why,
         };
-        let stream = match crate::api::accept(&listener, "http", &router.metrics).await {
-            Ok(stream) => stream,
-            Err(error) => return error.to_string(),
-        };
-        let _ = stream.set_nodelay(true);
         let router = router.clone();
         let gate = gate.clone();
         let connection = async move {
@@ -58,11 +52,7 @@ pub async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         };
-        match shards.get(next % shards.len().max(1)) {
-            Some(shard) => drop(shard.spawn(connection)),
-            None => drop(tokio::spawn(connection)),
-        }
-        next = next.wrapping_add(1);
+        acceptor.spawn(connection);
     }
 }
 

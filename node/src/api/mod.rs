@@ -8,7 +8,10 @@ pub mod http;
 pub mod ui;
 
 use crate::obs::metrics::Metrics;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The first pause after a failed `accept`; it doubles up to `ACCEPT_BACKOFF_MS_MAX`.
 const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
@@ -45,5 +48,51 @@ pub async fn accept(
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+/// A listener with its connection cap, spreading what it accepts over the shards' runtimes
+/// (round robin) so that parsing and routing run on every core.
+pub struct Acceptor {
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    connections: Arc<Semaphore>,
+    shards: Vec<tokio::runtime::Handle>,
+    next_shard: usize,
+}
+
+impl Acceptor {
+    pub fn new(
+        listener: tokio::net::TcpListener,
+        name: &'static str,
+        connections_max: usize,
+        shards: Vec<tokio::runtime::Handle>,
+    ) -> Acceptor {
+        let connections = Arc::new(Semaphore::new(connections_max.max(1)));
+        Acceptor { listener, name, connections, shards, next_shard: 0 }
+    }
+
+    /// The next connection, once there is room for it under the cap (at the cap, new
+    /// connections wait in the kernel's backlog); its permit is held while it is served.
+    /// An error says why the listener is done.
+    pub async fn next(&self, metrics: &Metrics) -> Result<(OwnedSemaphorePermit, tokio::net::TcpStream), String> {
+        let permit = self
+            .connections
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "its connection limit was closed".to_string())?;
+        let stream = accept(&self.listener, self.name, metrics).await.map_err(|error| error.to_string())?;
+        let _ = stream.set_nodelay(true);
+        Ok((permit, stream))
+    }
+
+    /// Serves a connection on the next shard's runtime.
+    pub fn spawn(&mut self, connection: impl Future<Output = ()> + Send + 'static) {
+        match self.shards.get(self.next_shard % self.shards.len().max(1)) {
+            Some(shard) => drop(shard.spawn(connection)),
+            None => drop(tokio::spawn(connection)),
+        }
+        self.next_shard = self.next_shard.wrapping_add(1);
     }
 }
