@@ -122,19 +122,18 @@ impl CronSchedule {
         let back_ms = self.fold_near(after_ms);
         let mut cursor = wall_clock(self.wall_ms(after_ms)? - back_ms)?;
         let mut inclusive = back_ms > 0;
-        let mut best: Option<(i64, i64)> = None; // (instant, its wall time)
+        // The best instant so far, and the wall time past which no candidate can beat it.
+        let mut best: Option<(i64, i64)> = None;
         for _ in 0..CANDIDATES_MAX {
             let candidate = self.cron.find_next_occurrence(&cursor, inclusive).ok()?;
             inclusive = false;
             let wall_ms = candidate.timestamp().as_millisecond();
-            if let Some((best_ms, best_wall_ms)) = best {
-                if wall_ms > best_wall_ms + self.fold_near(best_ms) {
-                    break;
-                }
+            if best.is_some_and(|(_, stop_wall_ms)| wall_ms > stop_wall_ms) {
+                break;
             }
             for instant_ms in self.instants_of(candidate.datetime()).into_iter().flatten() {
                 if instant_ms > after_ms && best.is_none_or(|(best_ms, _)| instant_ms < best_ms) {
-                    best = Some((instant_ms, wall_ms));
+                    best = Some((instant_ms, wall_ms + self.fold_near(instant_ms)));
                 }
             }
             cursor = candidate;
@@ -149,19 +148,18 @@ impl CronSchedule {
         let ahead_ms = self.fold_near(at_ms);
         let mut cursor = wall_clock(self.wall_ms(at_ms)? + ahead_ms)?;
         let mut inclusive = true;
+        // The best instant so far, and the wall time before which no candidate can beat it.
         let mut best: Option<(i64, i64)> = None;
         for _ in 0..CANDIDATES_MAX {
             let candidate = self.cron.find_previous_occurrence(&cursor, inclusive).ok()?;
             inclusive = false;
             let wall_ms = candidate.timestamp().as_millisecond();
-            if let Some((best_ms, best_wall_ms)) = best {
-                if wall_ms < best_wall_ms - self.fold_near(best_ms) {
-                    break;
-                }
+            if best.is_some_and(|(_, stop_wall_ms)| wall_ms < stop_wall_ms) {
+                break;
             }
             for instant_ms in self.instants_of(candidate.datetime()).into_iter().flatten() {
                 if instant_ms <= at_ms && best.is_none_or(|(best_ms, _)| instant_ms > best_ms) {
-                    best = Some((instant_ms, wall_ms));
+                    best = Some((instant_ms, wall_ms - self.fold_near(instant_ms)));
                 }
             }
             cursor = candidate;
