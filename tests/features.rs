@@ -2,7 +2,7 @@
 //! receiver on 127.0.0.1 for each of callbacks, receiver-controlled retries and backoff
 //! lists, flow-control keys (parallelism, order, rate, pause), auto-pause, trigger-now,
 //! backfill, upsert, bulk verbs by label, signing key rotation, DST policies with real zone
-//! data, and the dedup window across a kill -9.
+//! data, the dedup window across a kill -9, and retention.
 
 use serde_json::{json, Value};
 use std::collections::BTreeSet;
@@ -526,6 +526,30 @@ async fn a_finished_jobs_id_is_refused_as_a_duplicate_for_the_window_across_kill
         (409, Some("duplicate"), Some(until_ms))
     );
     assert_eq!(on(&receiver, "/once").len(), 1, "fired once, never again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_leaves_after_the_retention_and_its_id_stays_refused_across_kill_9() {
+    let receiver = answering(Reply::status(200)).await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let flags = ["--retention", "1", "--dedup-window-s", "3600"];
+    let node = Node::start_with(data.path(), &flags);
+    let request = json!({"id": "short-lived", "url": to("/short", &receiver), "delay": 0});
+    created(&node, request.clone());
+    let kept = created(&node, json!({"url": to("/later", &receiver), "delay": 3600}));
+    assert!(wait_for(Duration::from_secs(20), || job(&node, "short-lived")["status"] == "completed").await);
+    let gone = || node.call("GET", "/jobs/short-lived", b"").0 == 404;
+    assert!(wait_for(Duration::from_secs(20), gone).await, "expired about a second after it finished");
+    assert_eq!(node.call("GET", "/jobs/short-lived/executions", b"").0, 404);
+    assert_eq!(job(&node, &kept)["status"], "pending", "a live job is never expired");
+    let metrics = node.metrics_text();
+    assert!(metrics.lines().any(|line| line == "sundial_jobs_expired 1"), "{metrics}");
+    node.kill();
+    let node = Node::start_with(data.path(), &flags);
+    assert_eq!(node.call("GET", "/jobs/short-lived", b"").0, 404, "still gone after a restart");
+    let (status, refused) = post(&node, "/jobs", request);
+    assert_eq!((status, refused["code"].as_str()), (409, Some("duplicate")), "{refused}");
+    assert_eq!(on(&receiver, "/short").len(), 1, "fired once, never again");
 }
 
 /// The CLI has every item: create with callbacks, a flow key, retries, DST and auto-pause

@@ -11,7 +11,9 @@ use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 use std::collections::HashMap;
 use std::time::Duration;
 use sundial_engine::flow::{self, Gate};
-use sundial_engine::state::{Applied, ApplyError, Command, Due, Outcome, State};
+use sundial_engine::state::{
+    Applied, ApplyError, Command, Due, Outcome, State, DEAD_LETTERS_MAX, EXPIRE_PER_COMMAND_MAX,
+};
 use sundial_engine::trace::{attempt_span_id, fire_span_id, fire_trace, SpanRecord};
 use sundial_engine::wheel::{Expired, TimerHandle, TimingWheel};
 use tokio::sync::mpsc;
@@ -62,7 +64,9 @@ impl Committed {
             | Command::FireStarted { id, .. }
             | Command::AttemptFinished { id, .. }
             | Command::Redrive { id, .. } => Some(id.clone()),
-            Command::Purge { .. } | Command::PauseKey { .. } | Command::ResumeKey { .. } => None,
+            Command::Purge { .. } | Command::PauseKey { .. } | Command::ResumeKey { .. } | Command::Expire { .. } => {
+                None
+            }
         };
         let key = match command {
             Command::PauseKey { key } | Command::ResumeKey { key, .. } => Some(key.clone()),
@@ -180,6 +184,11 @@ pub struct RuntimeConfig {
     /// Keep a `SpanRecord` of every attempt and fire (for OTLP export), taken with
     /// `take_spans`.
     pub record_spans: bool,
+    /// How long a finished job (completed, failed, cancelled, timed out) stays readable
+    /// before the leader expires it; 0: at once.
+    pub retention_ms: u64,
+    /// An expired job's id is refused to creates until this long after it finished.
+    pub dedup_window_ms: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -191,6 +200,8 @@ impl Default for RuntimeConfig {
             results_capacity: 4096,
             timers_max: 10_000_000,
             record_spans: false,
+            retention_ms: RETENTION_MS_DEFAULT,
+            dedup_window_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -206,6 +217,11 @@ pub struct RuntimeStats {
     pub leaderships: u64,
 }
 
+/// A finished job stays readable this long by default: 7 days.
+pub const RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3600 * 1000;
+/// The leader proposes an `Expire` at most this often (sooner while a backlog remains).
+const EXPIRE_EVERY_MS: u64 = 1_000;
+
 /// The runtime with the state machine applied directly (no log): tests and tools.
 pub type LocalRuntime = Runtime<DirectLog>;
 
@@ -216,6 +232,8 @@ enum OwnProposal {
     FireStart { id: String, fire_ms: u64, attempt: u32, due_ms: u64, callback: bool, flow_key: Option<String> },
     /// `AttemptFinished`: spans are recorded once it applies.
     Finish { id: String, fire_ms: u64, attempt: u32, started_ms: u64, finished_ms: u64, outcome: Option<Outcome> },
+    /// `Expire`: finished jobs past their retention; one at a time.
+    Expire { max: u32 },
 }
 
 /// Proposals the runtime waits for at most; beyond it, due fires wait for the next turn.
@@ -255,6 +273,12 @@ pub struct Runtime<L: CommandLog> {
     /// Attempts whose start was applied but that the dispatcher's queue refused: submitted
     /// again each turn (else they would stay in flight until a new leader takes over).
     unsubmitted: Vec<(String, u64, u32, u64, bool)>,
+    /// The `Expire` proposed and not yet applied (it counts while `own` holds its ticket).
+    expiring: Option<Ticket>,
+    /// No `Expire` is proposed before this.
+    next_expire_ms: u64,
+    /// Dead letters evicted as last reported (a log line says how many more since).
+    evictions_reported: u64,
 }
 
 /// What a flow key's limits say about starting an attempt now.
@@ -323,6 +347,9 @@ impl<L: CommandLog> Runtime<L> {
             spans_dropped: 0,
             flow_pending: HashMap::new(),
             flow_starts: HashMap::new(),
+            expiring: None,
+            next_expire_ms: 0,
+            evictions_reported: 0,
             flow_parked: HashMap::new(),
             unsubmitted: Vec::new(),
         };
@@ -603,7 +630,49 @@ impl<L: CommandLog> Runtime<L> {
                     self.record_attempt_spans(&id, fire_ms, attempt, started_ms, finished_ms, &outcome);
                 }
             }
+            Some(OwnProposal::Expire { max }) => {
+                // A full batch means more are waiting: the next goes at once.
+                if let Ok(Applied::Expired { count }) = committed.verdict {
+                    if count >= u64::from(max) {
+                        self.next_expire_ms = now_ms;
+                    }
+                    tracing::debug!(count, "finished jobs expired (retention)");
+                }
+            }
             Some(OwnProposal::Finish { outcome: None, .. }) | None => {}
+        }
+    }
+
+    /// Proposes an `Expire` when the job that finished first has outlived the retention (one
+    /// at a time, at most every `EXPIRE_EVERY_MS` unless a backlog remains).
+    fn expire_finished(&mut self, now_ms: u64) {
+        let evicted = self.log.state().dead_letters_evicted_total();
+        if evicted > self.evictions_reported {
+            tracing::warn!(
+                evicted = evicted - self.evictions_reported,
+                kept = DEAD_LETTERS_MAX,
+                "dead letters evicted, oldest first: the list is full (purge or redrive them)"
+            );
+            self.evictions_reported = evicted;
+        }
+        if self.expiring.is_some_and(|ticket| self.own.contains_key(&ticket)) || now_ms < self.next_expire_ms {
+            return;
+        }
+        let Some(first_ms) = self.log.state().first_retained_ms() else { return };
+        if first_ms.saturating_add(self.config.retention_ms) > now_ms {
+            return;
+        }
+        self.next_expire_ms = now_ms + EXPIRE_EVERY_MS;
+        let max = EXPIRE_PER_COMMAND_MAX;
+        let command = Command::Expire {
+            now_ms,
+            retention_ms: self.config.retention_ms,
+            dedup_window_ms: self.config.dedup_window_ms,
+            max,
+        };
+        self.expiring = self.log.propose(vec![command]).pop().and_then(Result::ok);
+        if let Some(ticket) = self.expiring {
+            self.own.insert(ticket, OwnProposal::Expire { max });
         }
     }
 
@@ -671,6 +740,7 @@ impl<L: CommandLog> Runtime<L> {
         if !self.leading || self.log_failure.is_some() {
             return;
         }
+        self.expire_finished(now_ms);
         let mut expired: Vec<Expired<String>> = Vec::new();
         self.wheel.advance_to(now_ms, &mut expired);
         let turn_max = FIRES_PER_TURN_MAX.min(OWN_PROPOSALS_MAX.saturating_sub(self.own.len()));
@@ -794,7 +864,9 @@ impl<L: CommandLog> Runtime<L> {
                     node: self.config.node_id,
                     now_ms: now,
                 },
-                OwnProposal::Finish { .. } => unreachable!("only starts are gathered here"),
+                OwnProposal::Finish { .. } | OwnProposal::Expire { .. } => {
+                    unreachable!("only starts are gathered here")
+                }
             })
             .collect();
         self.propose_own(commands, starts, now);

@@ -6,7 +6,8 @@
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Executions kept per job (oldest dropped first).
 pub const HISTORY_PER_JOB_MAX: usize = 50;
@@ -23,6 +24,11 @@ const MISSED_COUNT_MAX: u64 = 1_000;
 pub const DEAD_LETTERS_MAX: usize = 100_000;
 /// Ids of deleted jobs remembered for the dedup window; the oldest are forgotten beyond it.
 pub const TOMBSTONES_MAX: usize = 1_000_000;
+/// Finished jobs one `Expire` command looks at, at most: its apply stays short (a few ms).
+pub const EXPIRE_PER_COMMAND_MAX: u32 = 4_096;
+/// A finished job past its retention that is still needed (jobs depend on it, or callbacks of
+/// its fires have not gone out) is looked at again this long after, at the soonest.
+pub const EXPIRY_RECHECK_MS: u64 = 60_000;
 /// Fires one backfill may add at most.
 pub const BACKFILL_FIRES_MAX: usize = 1_000;
 /// Times a trigger looks for a free fire time (one ms later each) before giving up.
@@ -201,6 +207,15 @@ pub enum Command {
     Purge {
         id: Option<String>,
     },
+    /// Removes up to `max` jobs that finished at least `retention_ms` before `now_ms`, with
+    /// their dead letters; an id finished less than `dedup_window_ms` ago is remembered
+    /// (a tombstone) so a create repeating it is still refused. Proposed by the leader.
+    Expire {
+        now_ms: u64,
+        retention_ms: u64,
+        dedup_window_ms: u64,
+        max: u32,
+    },
 }
 
 /// Why a command was refused; nothing changed.
@@ -249,6 +264,10 @@ pub enum Applied {
     Done,
     /// The fire was not started: it was missed (policy or catch-up window).
     Missed {
+        count: u64,
+    },
+    /// Finished jobs removed at the end of their retention.
+    Expired {
         count: u64,
     },
 }
@@ -335,6 +354,10 @@ pub struct Job {
     /// Fire time → the callback telling its outcome, until delivered or given up.
     #[serde(default)]
     pub callbacks: BTreeMap<u64, PendingCallback>,
+    /// While finished: the time its retention counts from (when it finished, or when it was
+    /// last found still needed). Its key in the state's expiry order.
+    #[serde(default)]
+    retained_from_ms: Option<u64>,
 }
 
 /// A fire's outcome waiting to be POSTed to the job's callback URL.
@@ -403,12 +426,26 @@ pub struct State {
     /// Job id → jobs that depend on it.
     dependents: BTreeMap<String, BTreeSet<String>>,
     counts: [u64; 6],
-    /// Deleted job id → when it finished (or was deleted): the dedup window's memory.
+    /// Deleted or expired jobs' ids, as digests, with when each finished: the dedup window's
+    /// memory, in the order they were added (24 bytes each).
+    #[serde(default, rename = "dedup_tombstones")]
+    tombstones: VecDeque<Tombstone>,
+    /// Digest of an id → when it finished, for the tombstones above (built on restore; only
+    /// looked up, never iterated, so its random order reaches no replica's state).
+    #[serde(skip)]
+    tombstone_index: HashMap<u128, u64, ahash::RandomState>,
+    /// Tombstones as snapshots before compact tombstones held them (read, never written).
+    #[serde(default, rename = "tombstones", skip_serializing)]
+    legacy_tombstones: BTreeMap<String, u64>,
+    /// (retained_from_ms, id) of every finished job: who expires next (built on restore).
+    #[serde(skip)]
+    expiry_order: BTreeSet<(u64, String)>,
+    /// Jobs removed at the end of their retention, ever.
     #[serde(default)]
-    tombstones: BTreeMap<String, u64>,
-    /// (finished_ms, id) of every tombstone, oldest first.
+    expired_total: u64,
+    /// Dead letters evicted (the oldest) because the list was full, ever.
     #[serde(default)]
-    tombstone_order: BTreeSet<(u64, String)>,
+    dead_letters_evicted_total: u64,
     /// Jobs paused by `pause_after_failures` and not resumed.
     #[serde(default)]
     auto_paused: u64,
@@ -449,8 +486,10 @@ impl State {
         self.dead_letter_count += 1;
         // Bounded: one insert adds at most one entry over the limit.
         while self.dead_letter_count > DEAD_LETTERS_MAX {
-            let (_, oldest_id, oldest_fire) = self.dead_letter_order.first().cloned().expect("not empty");
+            let Some((_, oldest_id, oldest_fire)) = self.dead_letter_order.first().cloned() else { break };
             self.remove_dead_letter(&oldest_id, oldest_fire);
+            // Counted (a metric and a log line read it): never a silent drop.
+            self.dead_letters_evicted_total += 1;
         }
     }
 
@@ -484,31 +523,129 @@ impl State {
         self.auto_paused
     }
 
-    /// Ids of deleted jobs still remembered for the dedup window.
+    /// Ids of deleted or expired jobs still remembered for the dedup window.
     pub fn tombstone_count(&self) -> usize {
-        self.tombstones.len()
+        self.tombstone_index.len()
+    }
+
+    /// Jobs removed at the end of their retention, ever (replicated: the same on every replica).
+    pub fn expired_total(&self) -> u64 {
+        self.expired_total
+    }
+
+    /// Dead letters evicted because the list held `DEAD_LETTERS_MAX`, ever.
+    pub fn dead_letters_evicted_total(&self) -> u64 {
+        self.dead_letters_evicted_total
+    }
+
+    /// When the job that finished first (of those not yet removed) finished, or was last
+    /// found still needed: the leader proposes `Expire` once retention has passed since.
+    pub fn first_retained_ms(&self) -> Option<u64> {
+        self.expiry_order.first().map(|(from_ms, _)| *from_ms)
+    }
+
+    /// When a job with this id finished, if it was deleted or expired and is remembered.
+    fn tombstone_of(&self, id: &str) -> Option<u64> {
+        self.tombstone_index.get(&id_digest(id)).copied()
     }
 
     fn add_tombstone(&mut self, id: &str, finished_ms: u64) {
-        if let Some(old) = self.tombstones.insert(id.to_string(), finished_ms) {
-            self.tombstone_order.remove(&(old, id.to_string()));
-        }
-        self.tombstone_order.insert((finished_ms, id.to_string()));
+        self.forget_tombstone(id);
+        let digest = id_digest(id);
+        self.tombstones.push_back(Tombstone::new(digest, finished_ms));
+        self.tombstone_index.insert(digest, finished_ms);
         // Bounded: one insert adds at most one entry over the limit.
         while self.tombstones.len() > TOMBSTONES_MAX {
-            let Some((_, oldest)) = self.tombstone_order.pop_first() else { break };
-            self.tombstones.remove(&oldest);
+            self.pop_oldest_tombstone();
         }
     }
 
-    /// Forgets tombstones older than the window (each is looked at once: bounded overall).
+    /// The queue and the index hold the same tombstones, always: an id remembered is in
+    /// both once (a search of the queue, only when the id was remembered: a create of an id
+    /// whose window passed, rare).
+    fn forget_tombstone(&mut self, id: &str) {
+        let digest = id_digest(id);
+        let Some(finished_ms) = self.tombstone_index.remove(&digest) else { return };
+        if let Some(at) = self.tombstones.iter().position(|t| t.digest() == digest && t.finished_ms == finished_ms) {
+            self.tombstones.remove(at);
+        }
+    }
+
+    fn pop_oldest_tombstone(&mut self) {
+        if let Some(oldest) = self.tombstones.pop_front() {
+            self.tombstone_index.remove(&oldest.digest());
+        }
+    }
+
+    /// Forgets tombstones older than the window, from the front of the queue (each is looked
+    /// at once: bounded overall). One added out of time order (a job deleted long after it
+    /// finished) waits behind younger ones; lookups compare its time, so it only stays longer.
     fn prune_tombstones(&mut self, now_ms: u64, window_ms: u64) {
-        while let Some((finished_ms, _)) = self.tombstone_order.first() {
-            if finished_ms.saturating_add(window_ms) > now_ms {
+        while let Some(oldest) = self.tombstones.front() {
+            if oldest.finished_ms.saturating_add(window_ms) > now_ms {
                 break;
             }
-            let (_, id) = self.tombstone_order.pop_first().expect("not empty");
-            self.tombstones.remove(&id);
+            self.pop_oldest_tombstone();
+        }
+    }
+
+    /// Keeps the job's place in the expiry order in step with its status: a finished job is
+    /// there under the time it finished; a live one is not.
+    fn index_retention(&mut self, id: &str) {
+        let Some(job) = self.jobs.get_mut(id) else { return };
+        if let Some(from_ms) = job.retained_from_ms.take() {
+            self.expiry_order.remove(&(from_ms, id.to_string()));
+        }
+        if job.status.is_final() {
+            let from_ms = job.finished_ms.unwrap_or(0);
+            job.retained_from_ms = Some(from_ms);
+            self.expiry_order.insert((from_ms, id.to_string()));
+        }
+    }
+
+    /// Removes finished jobs whose retention has passed (see `Command::Expire`).
+    fn expire(&mut self, now_ms: u64, retention_ms: u64, dedup_window_ms: u64, max: u32) -> Applied {
+        let mut count = 0;
+        for _ in 0..max.min(EXPIRE_PER_COMMAND_MAX) {
+            let Some((from_ms, id)) = self.expiry_order.first().cloned() else { break };
+            if from_ms.saturating_add(retention_ms) > now_ms {
+                break;
+            }
+            self.expiry_order.pop_first();
+            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            job.retained_from_ms = None;
+            // Jobs waiting on it read its status; its callbacks still go out: it stays, and
+            // is looked at again later (an order key in the future keeps this loop finite).
+            if self.dependents.contains_key(&id) || !job.callbacks.is_empty() {
+                let again_ms = now_ms.saturating_add(EXPIRY_RECHECK_MS.saturating_sub(retention_ms)).max(now_ms + 1);
+                job.retained_from_ms = Some(again_ms);
+                self.expiry_order.insert((again_ms, id));
+                continue;
+            }
+            let finished_ms = job.finished_ms.unwrap_or(from_ms);
+            self.detach(&id);
+            self.purge_dead_letters_of(&id);
+            if finished_ms.saturating_add(dedup_window_ms) > now_ms {
+                self.add_tombstone(&id, finished_ms);
+            }
+            count += 1;
+        }
+        self.expired_total += count;
+        Applied::Expired { count }
+    }
+
+    /// Builds what snapshots leave out (the tombstone index, the expiry order) from what
+    /// they hold; reads tombstones in the form snapshots had before.
+    fn rebuild_indexes(&mut self) {
+        let mut legacy: Vec<(String, u64)> = std::mem::take(&mut self.legacy_tombstones).into_iter().collect();
+        legacy.sort_by_key(|(_, finished_ms)| *finished_ms);
+        for (id, finished_ms) in legacy {
+            self.tombstones.push_back(Tombstone::new(id_digest(&id), finished_ms));
+        }
+        self.tombstone_index = self.tombstones.iter().map(|t| (t.digest(), t.finished_ms)).collect();
+        for (id, job) in self.jobs.iter_mut().filter(|(_, job)| job.status.is_final()) {
+            let from_ms = *job.retained_from_ms.get_or_insert(job.finished_ms.unwrap_or(0));
+            self.expiry_order.insert((from_ms, id.clone()));
         }
     }
 
@@ -516,6 +653,9 @@ impl State {
     /// keep pointing at its id).
     fn detach(&mut self, id: &str) -> Option<Job> {
         let job = self.jobs.remove(id)?;
+        if let Some(from_ms) = job.retained_from_ms {
+            self.expiry_order.remove(&(from_ms, id.to_string()));
+        }
         for dependency in &job.spec.depends_on {
             if let Some(set) = self.dependents.get_mut(dependency) {
                 set.remove(id);
@@ -626,6 +766,9 @@ impl State {
     pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
         match command {
             Command::Create { spec, now_ms, dedup_window_ms } => self.create(*spec, now_ms, dedup_window_ms),
+            Command::Expire { now_ms, retention_ms, dedup_window_ms, max } => {
+                Ok(self.expire(now_ms, retention_ms, dedup_window_ms, max))
+            }
             Command::Upsert { spec, now_ms } => self.upsert(*spec, now_ms),
             Command::Cancel { id, now_ms } => {
                 let job = self.job_mut(&id)?;
@@ -777,6 +920,7 @@ impl State {
             self.auto_paused -= 1;
         }
         job.status = status;
+        self.index_retention(id);
     }
 
     /// Puts a dead-lettered fire back with a full new set of attempts, its deadline counted
@@ -819,7 +963,7 @@ impl State {
                 };
             }
             (None, Some(window_ms)) => {
-                if let Some(&finished_ms) = self.tombstones.get(&spec.id) {
+                if let Some(finished_ms) = self.tombstone_of(&spec.id) {
                     if now_ms < finished_ms.saturating_add(window_ms) {
                         return Err(duplicate(finished_ms, window_ms));
                     }
@@ -1008,9 +1152,7 @@ impl State {
         // A finished job with this id is replaced whole (its dead letters stay: they name
         // past fires of this id, and so do its callbacks still waiting, which go on).
         let callbacks = self.detach(&id).map(|old| old.callbacks).unwrap_or_default();
-        if let Some(finished_ms) = self.tombstones.remove(&id) {
-            self.tombstone_order.remove(&(finished_ms, id.clone()));
-        }
+        self.forget_tombstone(&id);
         let job = Job {
             spec,
             status,
@@ -1027,13 +1169,15 @@ impl State {
             failures_in_a_row: 0,
             paused_reason: None,
             callbacks,
+            retained_from_ms: None,
         };
         self.join_flow_key(&job.spec);
         self.counts[status as usize] += 1;
         for dependency in &job.spec.depends_on {
             self.dependents.entry(dependency.clone()).or_default().insert(id.clone());
         }
-        self.jobs.insert(id, job);
+        self.jobs.insert(id.clone(), job);
+        self.index_retention(&id);
         Ok(Applied::Created)
     }
 
@@ -1386,7 +1530,9 @@ impl State {
         });
         recount == self.counts
             && auto_paused == self.auto_paused
-            && self.tombstones.len() == self.tombstone_order.len()
+            && self.tombstone_index.len() == self.tombstones.len()
+            && self.expiry_order.len() == self.jobs.values().filter(|job| job.status.is_final()).count()
+            && self.expiry_order.iter().all(|(from_ms, id)| self.jobs[id].retained_from_ms == Some(*from_ms))
             && keys_hold_their_jobs
             && keys_hold_only_their_jobs
     }
@@ -1396,13 +1542,41 @@ impl State {
     }
 
     pub fn restore(bytes: &[u8]) -> Result<State, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        let mut state: State = serde_json::from_slice(bytes)?;
+        state.rebuild_indexes();
+        Ok(state)
     }
 
     /// A digest of the whole state: equal on replicas that applied the same commands.
     pub fn digest(&self) -> u64 {
         self.snapshot().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
     }
+}
+
+/// A deleted or expired job's id as a 128-bit digest (SHA-256, cut: ids a client chooses
+/// cannot be made to collide), and when the job finished. 24 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Tombstone {
+    digest_high: u64,
+    digest_low: u64,
+    finished_ms: u64,
+}
+
+impl Tombstone {
+    fn new(digest: u128, finished_ms: u64) -> Tombstone {
+        Tombstone { digest_high: (digest >> 64) as u64, digest_low: digest as u64, finished_ms }
+    }
+
+    fn digest(&self) -> u128 {
+        (u128::from(self.digest_high) << 64) | u128::from(self.digest_low)
+    }
+}
+
+fn id_digest(id: &str) -> u128 {
+    let hash = Sha256::digest(id.as_bytes());
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&hash[..16]);
+    u128::from_be_bytes(first)
 }
 
 struct AttemptRecord {

@@ -417,6 +417,12 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
             now_ms
         }),
         id.clone().prop_map(|id| Command::Purge { id: Some(id) }),
+        (time.clone(), 0u64..30, 0u64..60, 1u32..4).prop_map(|(now_ms, retention_s, window_s, max)| Command::Expire {
+            now_ms,
+            retention_ms: retention_s * 1_000,
+            dedup_window_ms: window_s * 1_000,
+            max
+        }),
         (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Trigger { id, now_ms }),
         (id.clone(), time.clone(), 0u64..120).prop_map(|(id, now_ms, span_s)| Command::Backfill {
             id,

@@ -60,6 +60,10 @@ pub struct ServerOptions {
     /// Seconds a finished (or deleted) job's id is refused to a new create; 0: off [default: 86400].
     #[arg(long, env = "SUNDIAL_DEDUP_WINDOW_S")]
     pub dedup_window_s: Option<u64>,
+    /// Seconds a finished job (completed, failed, cancelled, timed out) stays readable, with its
+    /// executions and dead letters, before it is removed; 0: removed at once [default: 604800].
+    #[arg(long, alias = "retention", env = "SUNDIAL_RETENTION_S")]
+    pub retention_s: Option<u64>,
     /// Allow webhook targets on loopback addresses (tests, local receivers) [default: false].
     #[arg(long, env = "SUNDIAL_ALLOW_LOOPBACK_TARGETS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_loopback_targets: Option<bool>,
@@ -163,6 +167,7 @@ pub struct Settings {
     pub secret: Option<String>,
     pub secret_next: Option<String>,
     pub dedup_window_ms: u64,
+    pub retention_ms: u64,
     pub allow_loopback_targets: bool,
     pub allow_private_targets: bool,
     pub attempt_timeout_ms: u64,
@@ -190,7 +195,7 @@ impl ServerOptions {
     /// Flags and environment over the file's settings.
     pub fn over(&self, file: &ServerOptions) -> ServerOptions {
         prefer!(self, file; data, http, binary, partitions, shards, segment_mb, snapshot_every, max_jobs,
-            max_memory_mb, tokens, rate_per_token, secret, secret_next, dedup_window_s, allow_loopback_targets, allow_private_targets,
+            max_memory_mb, tokens, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
             raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join, bootstrap_expect)
@@ -264,6 +269,7 @@ impl ServerOptions {
                 (None, Some(_)) => return Err("secret_next: needs secret (it is the secret that replaces it)".into()),
             },
             dedup_window_ms: within("dedup_window_s", self.dedup_window_s.unwrap_or(86_400), 0, 365 * 86_400)? * 1000,
+            retention_ms: within("retention_s", self.retention_s.unwrap_or(7 * 86_400), 0, 3650 * 86_400)? * 1000,
             allow_loopback_targets: self.allow_loopback_targets.unwrap_or(false),
             allow_private_targets: self.allow_private_targets.unwrap_or(false),
             attempt_timeout_ms: within(

@@ -275,6 +275,8 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
         runtime: RuntimeConfig {
             dispatch: dispatch_config(settings),
             record_spans: start.spans.is_some(),
+            retention_ms: settings.retention_ms,
+            dedup_window_ms: settings.dedup_window_ms,
             ..RuntimeConfig::default()
         },
         max_jobs: settings.limits.max_jobs,

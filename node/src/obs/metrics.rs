@@ -44,6 +44,9 @@ pub struct Metrics {
     pub dead_letters: Gauge,
     /// Jobs that paused themselves (`pause_after_failures`) and were not resumed.
     pub auto_paused: Gauge,
+    /// Summed over the partitions led here (a gauge: it moves with leadership).
+    pub expired: Gauge,
+    pub dead_letters_evicted: Gauge,
     pub elections: Counter,
     /// Entries the slowest follower is behind, per partition this node leads.
     pub replication_lag: Family<Labels, Gauge>,
@@ -79,6 +82,8 @@ impl Metrics {
             queue_depth: Family::default(),
             dead_letters: Gauge::default(),
             auto_paused: Gauge::default(),
+            expired: Gauge::default(),
+            dead_letters_evicted: Gauge::default(),
             elections: Counter::default(),
             replication_lag: Family::default(),
             partitions_led: Gauge::default(),
@@ -98,6 +103,16 @@ impl Metrics {
         registry.register("jobs", "Jobs held, by status", metrics.jobs.clone());
         registry.register("dispatch_queue_depth", "Attempts queued or running, by shard", metrics.queue_depth.clone());
         registry.register("dead_letters", "Fires in the dead-letter queue", metrics.dead_letters.clone());
+        registry.register(
+            "jobs_expired",
+            "Finished jobs removed at the end of their retention, in the partitions led here",
+            metrics.expired.clone(),
+        );
+        registry.register(
+            "dead_letters_evicted",
+            "Dead letters evicted (oldest first) because the list was full, in the partitions led here",
+            metrics.dead_letters_evicted.clone(),
+        );
         registry.register(
             "jobs_auto_paused",
             "Cron jobs that paused themselves after failed fires in a row, not resumed since",

@@ -786,9 +786,10 @@ impl Router {
         self.metrics
             .dead_letters
             .set(partitions.iter().map(|p| p["dead_letters"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
-        self.metrics
-            .auto_paused
-            .set(partitions.iter().map(|p| p["auto_paused"].as_u64().unwrap_or(0)).sum::<u64>() as i64);
+        let sum = |field: &str| partitions.iter().map(|p| p[field].as_u64().unwrap_or(0)).sum::<u64>() as i64;
+        self.metrics.auto_paused.set(sum("auto_paused"));
+        self.metrics.expired.set(sum("expired"));
+        self.metrics.dead_letters_evicted.set(sum("dead_letters_evicted"));
         let led: Vec<&Value> = rafts.iter().filter(|p| p["role"] == "leader").collect();
         self.metrics.partitions_led.set(led.len() as i64);
         self.metrics.replication_lag.clear();

@@ -29,6 +29,8 @@ pub(super) fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan, now_m
                 "jobs": counts,
                 "dead_letters": state.dead_letters().count(),
                 "auto_paused": state.auto_paused(),
+                "expired": state.expired_total(),
+                "dead_letters_evicted": state.dead_letters_evicted_total(),
                 "queued": replica.runtime().dispatcher().queued(),
                 "running": replica.runtime().dispatcher().running(),
                 "attempts_started": stats.attempts_started,
