@@ -151,7 +151,7 @@ const UNJUSTIFIED_PANICS_ALLOWED: &[(&str, usize)] = &[
     ("node/src/bin/sundial/cli.rs", 3),
     ("node/src/cluster/members.rs", 1),
     ("node/src/cluster/mesh.rs", 2),
-    ("node/src/replica/partition.rs", 3),
+    ("node/src/replica/partition.rs", 2),
     ("node/src/shard/router.rs", 2),
     ("wal/src/atomic.rs", 2),
     ("wal/src/format.rs", 1),

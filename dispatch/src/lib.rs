@@ -12,6 +12,7 @@ pub mod clock;
 pub mod guard;
 pub mod runtime;
 
+use ahash::{HashMap, HashMapExt};
 use bytes::Bytes;
 pub use clock::now_ms;
 use guard::{AddressPolicy, GuardedResolver};
@@ -19,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sundial_engine::job::Target;

@@ -8,7 +8,9 @@
 //! letter. Every step is completion-driven: nothing waits for the log inside a call.
 
 use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
-use std::collections::HashMap;
+// Maps by job id and flow key: fast, and keyed at random per process, so ids a client
+// chooses cannot force collisions (none of them is iterated into replicated state).
+use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::Duration;
 use sundial_engine::flow::{self, Gate};
 use sundial_engine::state::{
@@ -114,6 +116,12 @@ pub trait CommandLog {
     /// applied everything committed before it took over (so it sees every fire its
     /// predecessors started). A new term is a new leadership, even without a gap.
     fn leadership(&self) -> Option<u64>;
+
+    /// The format commands are written in (`sundial_engine::codec`): 0 while a replica of an
+    /// older build, which reads only JSON and knows only older commands, follows the log.
+    fn command_format(&self) -> u8 {
+        sundial_engine::codec::COMMAND_FORMAT
+    }
 }
 
 /// The log could not take a command (I/O failure): nothing more can be acknowledged until
@@ -233,7 +241,7 @@ enum OwnProposal {
     /// `AttemptFinished`: spans are recorded once it applies.
     Finish { id: String, fire_ms: u64, attempt: u32, started_ms: u64, finished_ms: u64, outcome: Option<Outcome> },
     /// `Expire`: finished jobs past their retention; one at a time.
-    Expire { max: u32 },
+    Expire,
 }
 
 /// Proposals the runtime waits for at most; beyond it, due fires wait for the next turn.
@@ -494,8 +502,7 @@ impl<L: CommandLog> Runtime<L> {
         let tickets = self.propose(commands);
         self.advance(now_ms);
         let mut verdicts: HashMap<Ticket, Result<Applied, ApplyError>> = HashMap::new();
-        let wanted: std::collections::HashSet<Ticket> =
-            tickets.iter().filter_map(|t| t.as_ref().ok().copied()).collect();
+        let wanted: HashSet<Ticket> = tickets.iter().filter_map(|t| t.as_ref().ok().copied()).collect();
         self.resolved.retain(|(ticket, verdict)| {
             if wanted.contains(ticket) {
                 verdicts.insert(*ticket, verdict.clone());
@@ -630,12 +637,13 @@ impl<L: CommandLog> Runtime<L> {
                     self.record_attempt_spans(&id, fire_ms, attempt, started_ms, finished_ms, &outcome);
                 }
             }
-            Some(OwnProposal::Expire { max }) => {
-                // A full batch means more are waiting: the next goes at once.
+            Some(OwnProposal::Expire) => {
+                // More already due (the batch was full): the next goes at once.
+                let first_ms = self.log.state().first_retained_ms();
+                if first_ms.is_some_and(|first_ms| first_ms.saturating_add(self.config.retention_ms) <= now_ms) {
+                    self.next_expire_ms = now_ms;
+                }
                 if let Ok(Applied::Expired { count }) = committed.verdict {
-                    if count >= u64::from(max) {
-                        self.next_expire_ms = now_ms;
-                    }
                     tracing::debug!(count, "finished jobs expired (retention)");
                 }
             }
@@ -658,21 +666,25 @@ impl<L: CommandLog> Runtime<L> {
         if self.expiring.is_some_and(|ticket| self.own.contains_key(&ticket)) || now_ms < self.next_expire_ms {
             return;
         }
+        // A member of an older build would not know the command, skip it and part from
+        // its peers: retention waits until every member reads the archived format.
+        if self.log.command_format() == 0 {
+            return;
+        }
         let Some(first_ms) = self.log.state().first_retained_ms() else { return };
         if first_ms.saturating_add(self.config.retention_ms) > now_ms {
             return;
         }
         self.next_expire_ms = now_ms + EXPIRE_EVERY_MS;
-        let max = EXPIRE_PER_COMMAND_MAX;
         let command = Command::Expire {
             now_ms,
             retention_ms: self.config.retention_ms,
             dedup_window_ms: self.config.dedup_window_ms,
-            max,
+            max: EXPIRE_PER_COMMAND_MAX,
         };
         self.expiring = self.log.propose(vec![command]).pop().and_then(Result::ok);
         if let Some(ticket) = self.expiring {
-            self.own.insert(ticket, OwnProposal::Expire { max });
+            self.own.insert(ticket, OwnProposal::Expire);
         }
     }
 
@@ -773,7 +785,7 @@ impl<L: CommandLog> Runtime<L> {
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
         let mut started_in_turn: HashMap<String, u32> = HashMap::new();
-        let mut seen_in_turn: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut seen_in_turn: HashSet<String> = HashSet::new();
         for timer in expired {
             let id = timer.value;
             // The map names the job's current timer; an older one that fired is only a hint.
@@ -864,7 +876,7 @@ impl<L: CommandLog> Runtime<L> {
                     node: self.config.node_id,
                     now_ms: now,
                 },
-                OwnProposal::Finish { .. } | OwnProposal::Expire { .. } => {
+                OwnProposal::Finish { .. } | OwnProposal::Expire => {
                     unreachable!("only starts are gathered here")
                 }
             })

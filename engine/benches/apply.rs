@@ -1,12 +1,13 @@
 //! Criterion benchmark of a create's CPU path through the state machine: parsing and
-//! validating a job request, the log record (the command as the Raft log stores it, JSON,
-//! encoded and decoded), applying a create (then a delete, so the state stays at 100k jobs),
+//! validating a job request, the log record (the command as the Raft log stores it, rkyv
+//! behind a format byte, encoded and decoded; and as JSON, the format before it), applying a create (then a delete, so the state stays at 100k jobs),
 //! and a snapshot of 100k jobs taken and restored. Figures: docs/BENCHMARKS.md.
 //! Run: `cargo bench -p sundial-engine --bench apply`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use serde_json::json;
 use std::hint::black_box;
+use sundial_engine::codec::{decode_command, encode_command};
 use sundial_engine::request::parse_job_request;
 use sundial_engine::state::{Command, State};
 
@@ -40,6 +41,12 @@ fn apply(c: &mut Criterion) {
     group.bench_function("parse_request", |b| b.iter(|| parse_job_request(black_box(&value), NOW_MS, "unused")));
     let command = create(7);
     group.bench_function("log_record_encode_decode", |b| {
+        b.iter(|| {
+            let bytes = encode_command(black_box(&command));
+            decode_command(&bytes).expect("decodes")
+        })
+    });
+    group.bench_function("log_record_encode_decode_json", |b| {
         b.iter(|| {
             let bytes = serde_json::to_vec(black_box(&command)).expect("serializes");
             serde_json::from_slice::<Command>(&bytes).expect("deserializes")

@@ -16,14 +16,38 @@ use serde::{Deserialize, Serialize};
 use std::sync::OnceLock;
 
 /// What a schedule does with wall times that a DST change repeats or skips.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub struct DstPolicy {
     pub repeated: Repeated,
     pub missing: Missing,
 }
 
 /// A wall time that occurs twice (the clock is set back).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub enum Repeated {
     /// Fires at the first occurrence only.
     #[default]
@@ -33,7 +57,19 @@ pub enum Repeated {
 }
 
 /// A wall time that does not occur (the clock jumps forward over it).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub enum Missing {
     /// Fires at the first instant after the gap.
     #[default]

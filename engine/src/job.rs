@@ -49,7 +49,7 @@ impl fmt::Display for FieldError {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct JobSpec {
     pub id: String,
     pub schedule: Schedule,
@@ -83,7 +83,7 @@ pub struct JobSpec {
 
 /// A caller-chosen key and the limits its fires share, across jobs (`None`: the key's limits
 /// as last set, or none). A job that gives limits sets them for the key.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Flow {
     pub key: String,
     /// Attempts of the key in flight at once.
@@ -98,19 +98,21 @@ pub struct Flow {
 
 /// Where the outcome of each fire is POSTed (same retries, signing and SSRF guard as the
 /// webhook).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct Callbacks {
     pub on_success: Option<String>,
     pub on_failure: Option<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Schedule {
     Once { at_ms: u64 },
     Cron(CronSpec),
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct CronSpec {
     pub expression: String,
     pub time_zone: String,
@@ -129,7 +131,9 @@ pub struct CronSpec {
 }
 
 /// What to do with fires missed while no leader ran them (or a fire ran long).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum Misfire {
     /// All missed fires become one fire now.
     FireOnce,
@@ -140,7 +144,9 @@ pub enum Misfire {
 }
 
 /// What to do when a fire comes due while the previous one is still being attempted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum Overlap {
     /// The new fire waits for the previous one to end, then follows the misfire policy.
     Skip,
@@ -148,7 +154,9 @@ pub enum Overlap {
     Allow,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum Method {
     Get,
     Post,
@@ -180,7 +188,7 @@ impl Method {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Target {
     pub url: String,
     pub method: Method,
@@ -191,7 +199,9 @@ pub struct Target {
 }
 
 /// Which responses are retried.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum StatusMatch {
     Exact(u16),
     /// A class: 5 matches 500–599.
@@ -207,7 +217,7 @@ impl StatusMatch {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct RetryPolicy {
     /// Attempts per fire, the first included.
     pub max_attempts: u32,
@@ -225,7 +235,9 @@ pub struct RetryPolicy {
 }
 
 /// The pause before each retry (before jitter; Retry-After wins when longer).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum Backoff {
     /// `initial_backoff_ms`, times `multiplier` per retry, up to `max_backoff_ms`.
     #[default]

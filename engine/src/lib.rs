@@ -4,6 +4,7 @@
 //! reads no clock: time is always an argument. The shell that drives it against the clock
 //! and the network is `sundial-dispatch` (ARCHITECTURE.md).
 
+pub mod codec;
 pub mod cron;
 pub mod flow;
 pub mod job;

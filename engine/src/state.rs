@@ -71,7 +71,9 @@ impl Status {
 }
 
 /// Why an attempt failed without a usable response.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub enum ErrorClass {
     Timeout,
     Connect,
@@ -85,7 +87,7 @@ pub enum ErrorClass {
 }
 
 /// What one attempt produced, as the dispatcher saw it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Outcome {
     Response {
         status: u16,
@@ -104,7 +106,7 @@ impl Outcome {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum Command {
     Create {
         spec: Box<JobSpec>,
@@ -549,11 +551,15 @@ impl State {
         self.tombstone_index.get(&id_digest(id)).copied()
     }
 
+    /// The queue is kept in (finish time, digest) order whatever order tombstones came in,
+    /// so it is a function of which ids are remembered: replicas that restored snapshots at
+    /// different points hold the same queue. Most finished just now and go at the back.
     fn add_tombstone(&mut self, id: &str, finished_ms: u64) {
         self.forget_tombstone(id);
-        let digest = id_digest(id);
-        self.tombstones.push_back(Tombstone::new(digest, finished_ms));
-        self.tombstone_index.insert(digest, finished_ms);
+        let tombstone = Tombstone::new(id_digest(id), finished_ms);
+        let at = self.tombstones.partition_point(|t| *t < tombstone);
+        self.tombstones.insert(at, tombstone);
+        self.tombstone_index.insert(tombstone.digest(), finished_ms);
         // Bounded: one insert adds at most one entry over the limit.
         while self.tombstones.len() > TOMBSTONES_MAX {
             self.pop_oldest_tombstone();
@@ -561,12 +567,11 @@ impl State {
     }
 
     /// The queue and the index hold the same tombstones, always: an id remembered is in
-    /// both once (a search of the queue, only when the id was remembered: a create of an id
-    /// whose window passed, rare).
+    /// both once (found by binary search: the index gives its finish time).
     fn forget_tombstone(&mut self, id: &str) {
         let digest = id_digest(id);
         let Some(finished_ms) = self.tombstone_index.remove(&digest) else { return };
-        if let Some(at) = self.tombstones.iter().position(|t| t.digest() == digest && t.finished_ms == finished_ms) {
+        if let Ok(at) = self.tombstones.binary_search(&Tombstone::new(digest, finished_ms)) {
             self.tombstones.remove(at);
         }
     }
@@ -577,9 +582,8 @@ impl State {
         }
     }
 
-    /// Forgets tombstones older than the window, from the front of the queue (each is looked
-    /// at once: bounded overall). One added out of time order (a job deleted long after it
-    /// finished) waits behind younger ones; lookups compare its time, so it only stays longer.
+    /// Forgets tombstones older than the window, oldest first (each is looked at once:
+    /// bounded overall).
     fn prune_tombstones(&mut self, now_ms: u64, window_ms: u64) {
         while let Some(oldest) = self.tombstones.front() {
             if oldest.finished_ms.saturating_add(window_ms) > now_ms {
@@ -617,7 +621,9 @@ impl State {
             // Jobs waiting on it read its status; its callbacks still go out: it stays, and
             // is looked at again later (an order key in the future keeps this loop finite).
             if self.dependents.contains_key(&id) || !job.callbacks.is_empty() {
-                let again_ms = now_ms.saturating_add(EXPIRY_RECHECK_MS.saturating_sub(retention_ms)).max(now_ms + 1);
+                // Retention counts from this key: it is looked at again `EXPIRY_RECHECK_MS`
+                // from now (a key that far ahead of now stops this loop from finding it again).
+                let again_ms = now_ms.saturating_add(EXPIRY_RECHECK_MS).saturating_sub(retention_ms);
                 job.retained_from_ms = Some(again_ms);
                 self.expiry_order.insert((again_ms, id));
                 continue;
@@ -637,11 +643,9 @@ impl State {
     /// Builds what snapshots leave out (the tombstone index, the expiry order) from what
     /// they hold; reads tombstones in the form snapshots had before.
     fn rebuild_indexes(&mut self) {
-        let mut legacy: Vec<(String, u64)> = std::mem::take(&mut self.legacy_tombstones).into_iter().collect();
-        legacy.sort_by_key(|(_, finished_ms)| *finished_ms);
-        for (id, finished_ms) in legacy {
-            self.tombstones.push_back(Tombstone::new(id_digest(&id), finished_ms));
-        }
+        let legacy = std::mem::take(&mut self.legacy_tombstones);
+        self.tombstones.extend(legacy.into_iter().map(|(id, finished_ms)| Tombstone::new(id_digest(&id), finished_ms)));
+        self.tombstones.make_contiguous().sort_unstable();
         self.tombstone_index = self.tombstones.iter().map(|t| (t.digest(), t.finished_ms)).collect();
         for (id, job) in self.jobs.iter_mut().filter(|(_, job)| job.status.is_final()) {
             let from_ms = *job.retained_from_ms.get_or_insert(job.finished_ms.unwrap_or(0));
@@ -1531,6 +1535,7 @@ impl State {
         recount == self.counts
             && auto_paused == self.auto_paused
             && self.tombstone_index.len() == self.tombstones.len()
+            && self.tombstones.iter().zip(self.tombstones.iter().skip(1)).all(|(a, b)| a < b)
             && self.expiry_order.len() == self.jobs.values().filter(|job| job.status.is_final()).count()
             && self.expiry_order.iter().all(|(from_ms, id)| self.jobs[id].retained_from_ms == Some(*from_ms))
             && keys_hold_their_jobs
@@ -1554,17 +1559,17 @@ impl State {
 }
 
 /// A deleted or expired job's id as a 128-bit digest (SHA-256, cut: ids a client chooses
-/// cannot be made to collide), and when the job finished. 24 bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// cannot be made to collide), and when the job finished. 24 bytes; ordered by finish time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct Tombstone {
+    finished_ms: u64,
     digest_high: u64,
     digest_low: u64,
-    finished_ms: u64,
 }
 
 impl Tombstone {
     fn new(digest: u128, finished_ms: u64) -> Tombstone {
-        Tombstone { digest_high: (digest >> 64) as u64, digest_low: digest as u64, finished_ms }
+        Tombstone { finished_ms, digest_high: (digest >> 64) as u64, digest_low: digest as u64 }
     }
 
     fn digest(&self) -> u128 {

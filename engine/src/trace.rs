@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 /// The trace a job was created in and the span that created it (lower-case hex, 32 and 16
 /// digits, neither all zeros).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct TraceContext {
     pub trace_id: String,
     pub span_id: String,

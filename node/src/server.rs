@@ -16,6 +16,7 @@ use crate::shard::router::{JobDefaults, NodeFacts, Router, RouterCluster, FORWAR
 use crate::shard::{self, LiveJobs, PeerMessages, ShardCluster, ShardConfig, ShardHandle};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use sundial_dispatch::guard::AddressPolicy;
@@ -66,6 +67,8 @@ struct ClusterStart {
     endpoint: Arc<Endpoint>,
     membership: Arc<Membership>,
     bootstrap: bool,
+    /// The newest command format every member reads (the mesh keeps it; replicas write it).
+    command_format: Arc<AtomicU8>,
 }
 
 /// What every shard is started with.
@@ -77,7 +80,7 @@ struct ShardStart<'a> {
     metrics: &'a Arc<Metrics>,
     spans: &'a Option<SpanSink>,
     outbox: &'a mpsc::Sender<RaftBatch>,
-    cluster: Option<(Arc<Membership>, bool)>,
+    cluster: Option<(Arc<Membership>, bool, Arc<AtomicU8>)>,
 }
 
 impl Node {
@@ -104,7 +107,7 @@ impl Node {
             metrics: &metrics,
             spans: &spans,
             outbox: &outbox,
-            cluster: cluster.as_ref().map(|c| (c.membership.clone(), c.bootstrap)),
+            cluster: cluster.as_ref().map(|c| (c.membership.clone(), c.bootstrap, c.command_format.clone())),
         };
         let shards = spawn_shards(&shard_start, meta_group, peer_receivers, &stop, &stopping)?;
         drop(outbox);
@@ -231,7 +234,9 @@ fn open_cluster(settings: &Settings) -> Result<Option<(ClusterStart, Partition)>
     };
     let group = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
     let membership = Arc::new(Membership::new(group.members().cloned().unwrap_or_default()));
-    Ok(Some((ClusterStart { endpoint, membership, bootstrap }, group)))
+    // Until each member has said which it reads: the format every build reads.
+    let command_format = Arc::new(AtomicU8::new(0));
+    Ok(Some((ClusterStart { endpoint, membership, bootstrap, command_format }, group)))
 }
 
 /// One inbox per shard for the Raft messages the mesh delivers.
@@ -286,15 +291,16 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
         drain_limit: settings.drain,
         metrics: start.metrics.clone(),
         spans: start.spans.clone(),
-        cluster: settings.cluster.as_ref().zip(start.cluster.clone()).map(|(c, (membership, bootstrap))| {
-            ShardCluster {
+        cluster: settings.cluster.as_ref().zip(start.cluster.clone()).map(
+            |(c, (membership, bootstrap, command_format))| ShardCluster {
                 membership,
                 bootstrap,
                 replication: c.replication,
                 tick: c.tick,
                 outbox: start.outbox.clone(),
-            }
-        }),
+                command_format,
+            },
+        ),
     }
 }
 
@@ -363,8 +369,14 @@ fn join_mesh(
         http: router.facts.http.clone(),
         binary: router.facts.binary.clone(),
         forward_version: FORWARD_VERSION,
+        command_format: sundial_engine::codec::COMMAND_FORMAT,
     };
-    let config = mesh::MeshConfig { node_id, me, membership: cluster.membership.clone() };
+    let config = mesh::MeshConfig {
+        node_id,
+        me,
+        membership: cluster.membership.clone(),
+        command_format: cluster.command_format.clone(),
+    };
     let mesh = mesh::Mesh::start(config, cluster.endpoint, outgoing, peer_inboxes, serve);
     let replication = settings.cluster.as_ref().map_or(1, |c| c.replication);
     router.cluster = Some(RouterCluster { mesh, membership: cluster.membership, replication });

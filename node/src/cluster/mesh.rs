@@ -11,6 +11,7 @@
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sundial_consensus::{wire, Message, NodeId};
@@ -50,6 +51,9 @@ pub struct MemberFacts {
     /// forwarded requests carried a version, which reads plain JSON only).
     #[serde(default)]
     pub forward_version: u8,
+    /// The newest format of replicated commands the member reads (0: JSON only).
+    #[serde(default)]
+    pub command_format: u8,
 }
 
 /// A member as this node sees it.
@@ -85,7 +89,17 @@ struct Shared {
     shards: Vec<mpsc::Sender<Vec<(u32, Message)>>>,
     /// Where forwarded requests go to be served (the router), with the channel for the answer.
     serve: mpsc::Sender<(Vec<u8>, oneshot::Sender<Vec<u8>>)>,
+    /// The newest command format this node and every member it knows read (0 for a member
+    /// that has not said): what the shards write. Computed once the membership is known
+    /// (until then 0, which every build reads).
+    command_format: Arc<AtomicU8>,
+    /// Hellos of nodes not (yet) members, kept until they are added (a joining node links
+    /// before this node's membership view has it; its hello is not sent again).
+    early_facts: Mutex<BTreeMap<NodeId, MemberFacts>>,
 }
+
+/// Hellos of non-members kept at most (`Shared::early_facts`).
+const EARLY_FACTS_MAX: usize = 64;
 
 /// The mesh, as shards and the router see it.
 #[derive(Clone)]
@@ -99,6 +113,8 @@ pub struct MeshConfig {
     /// The members and their peer (QUIC) addresses, as the meta group has them; the mesh
     /// links to members as they are added.
     pub membership: Arc<crate::cluster::members::Membership>,
+    /// Kept up to date by the mesh: see `Shared::command_format`.
+    pub command_format: Arc<AtomicU8>,
 }
 
 impl Mesh {
@@ -120,6 +136,8 @@ impl Mesh {
             me: config.me,
             shards,
             serve,
+            command_format: config.command_format,
+            early_facts: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(follow_membership(shared.clone(), endpoint.clone(), config.membership));
         tokio::spawn(accept_loop(shared.clone(), endpoint));
@@ -268,6 +286,35 @@ impl Shared {
         tracing::warn!(peer, "lost the link to a cluster member");
     }
 
+    /// Records what `peer` said in its hello: on its entry if it is a member, else kept until
+    /// it becomes one.
+    fn note_facts(&self, peer: NodeId, facts: MemberFacts) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get_mut(&peer) {
+            Some(entry) => entry.facts = Some(facts),
+            None => {
+                drop(peers);
+                let mut early = self.early_facts.lock().unwrap_or_else(|p| p.into_inner());
+                if early.len() < EARLY_FACTS_MAX || early.contains_key(&peer) {
+                    early.insert(peer, facts);
+                }
+                return;
+            }
+        }
+        drop(peers);
+        self.refresh_command_format();
+    }
+
+    /// The newest command format every known member reads (a member that has not said
+    /// counts as 0): an older member added later brings it down before it is sent any.
+    fn refresh_command_format(&self) {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers_read = peers.values().map(|peer| peer.facts.as_ref().map_or(0, |facts| facts.command_format));
+        let format = peers_read.fold(self.me.command_format, u8::min);
+        drop(peers);
+        self.command_format.store(format, Ordering::Relaxed);
+    }
+
     async fn receive(self: &Arc<Shared>, peer: NodeId, connection: &Connection, message: Vec<u8>) {
         let Some((&tag, body)) = message.split_first() else { return };
         if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
@@ -276,9 +323,7 @@ impl Shared {
         match tag {
             TAG_HELLO => {
                 if let Ok(facts) = serde_json::from_slice::<MemberFacts>(body) {
-                    if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
-                        entry.facts = Some(facts);
-                    }
+                    self.note_facts(peer, facts);
                 }
             }
             TAG_RAFT => match wire::decode_batch(body) {
@@ -354,12 +399,14 @@ async fn follow_membership(
                 if *id == shared.node_id || peers.contains_key(id) {
                     continue;
                 }
-                peers.insert(*id, Peer { raft, facts: None, queue: None, link: 0, last_heard_ms: 0 });
+                let facts = shared.early_facts.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+                peers.insert(*id, Peer { raft, facts, queue: None, link: 0, last_heard_ms: 0 });
                 if *id > shared.node_id {
                     dial.push((*id, raft));
                 }
             }
         }
+        shared.refresh_command_format();
         for (peer, addr) in dial {
             tokio::spawn(dial_loop(shared.clone(), endpoint.clone(), peer, addr));
         }
@@ -412,9 +459,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
             let peer = facts.node_id;
             // A node that is not (yet) a member may link: it is how a joining node hears its
             // partitions' leaders before its own membership view has caught up.
-            if let Some(entry) = shared.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
-                entry.facts = Some(facts);
-            }
+            shared.note_facts(peer, facts);
             if connection.send(&shared.hello()).await.is_ok() {
                 shared.run_link(peer, connection).await;
             }

@@ -70,6 +70,11 @@ impl Replica {
         self.runtime.propose(commands)
     }
 
+    /// The format its commands are written in from now on (the newest every member reads).
+    pub fn write_commands_in(&mut self, format: u8) {
+        self.runtime.log_mut().write_commands_in(format);
+    }
+
     /// Applies a command and waits for its verdict (a partition of one commits at once).
     pub fn apply(&mut self, command: Command, now_ms: u64) -> Result<Applied, ApplyError> {
         self.runtime.apply(command, now_ms)

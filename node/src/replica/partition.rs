@@ -12,6 +12,7 @@ use sundial_consensus::{
     ConfChange, Config, ConfigError, EntryKind, Index, Message, NodeId, ProposeError, RawNode, Role, Storage, Term,
 };
 use sundial_dispatch::runtime::{CommandLog, Committed, LogError, Ticket};
+use sundial_engine::codec::{decode_command, DecodeError};
 use sundial_engine::state::{Applied, ApplyError, Command, State};
 use sundial_wal::{WalError, WalOptions};
 
@@ -61,6 +62,8 @@ pub enum PartitionError {
     Snapshot(String),
     #[error("no leader elected within {ticks} ticks")]
     NoLeader { ticks: u32 },
+    #[error("the partition's log cannot be applied: {0}")]
+    Format(String),
 }
 
 pub struct Partition {
@@ -94,6 +97,8 @@ pub struct Partition {
     snapshot_failures: u64,
     /// Committed entries whose data did not decode as a command (never expected).
     undecodable_entries: u64,
+    /// The format proposals are written in (see `write_commands_in`).
+    command_format: u8,
     /// Durable writes (one fdatasync each) since they were last taken, for metrics.
     writes: Vec<LogWrite>,
     /// Times this node became the group's leader.
@@ -159,6 +164,7 @@ impl Partition {
             applied_since_snapshot: 0,
             snapshot_failures: 0,
             undecodable_entries: 0,
+            command_format: sundial_engine::codec::COMMAND_FORMAT,
             writes: Vec::new(),
             elections_won: 0,
             leading: false,
@@ -236,8 +242,14 @@ impl Partition {
     }
 
     /// Proposes a command; its ticket is answered once the command is applied (or lost).
+    /// Writes commands in `format` from now on (`codec::COMMAND_FORMAT` unless an older
+    /// member, which reads only older ones, replicates the partition).
+    pub fn write_commands_in(&mut self, format: u8) {
+        self.command_format = format.min(sundial_engine::codec::COMMAND_FORMAT);
+    }
+
     pub fn propose_one(&mut self, command: &Command) -> Result<Ticket, PartitionError> {
-        let data = serde_json::to_vec(command).expect("commands always serialize");
+        let data = sundial_engine::codec::encode_command_as(command, self.command_format);
         let index = self.node.propose(data)?;
         Ok(self.track(index))
     }
@@ -328,11 +340,20 @@ impl Partition {
                             self.applied_since_snapshot += 1;
                             continue;
                         }
-                        match serde_json::from_slice::<Command>(&entry.data) {
+                        match decode_command(&entry.data) {
                             Ok(command) => {
                                 let summary = Committed::of(&command, ticket, Ok(Applied::Done));
                                 let verdict = self.state.apply(command);
                                 self.applied.push(Committed { verdict, ..summary });
+                            }
+                            // A newer member's command, or an archive this build does not read:
+                            // skipping it would let this replica's state part from its peers'.
+                            // Nothing more is applied (JSON that does not decode is skipped
+                            // and counted, as builds before the format byte did).
+                            Err(
+                                error @ (DecodeError::UnknownFormat { .. } | DecodeError::Damaged { format: 1.., .. }),
+                            ) => {
+                                return Err(PartitionError::Format(error.to_string()));
                             }
                             Err(_) => {
                                 self.undecodable_entries += 1;
@@ -638,6 +659,10 @@ impl CommandLog for Partition {
         let caught_up = self.leading_from.is_some_and(|from| self.node.status().applied >= from);
         (self.is_leader() && caught_up).then_some(self.node.status().term)
     }
+
+    fn command_format(&self) -> u8 {
+        self.command_format
+    }
 }
 
 /// Removes and returns the entries (key and value) waiting since `limit` or longer.
@@ -686,5 +711,42 @@ mod tests {
             "{applied:?}"
         );
         assert_eq!(verdict(again), Some(Ok(Applied::Created)), "the entry answers the proposal it belongs to");
+    }
+
+    fn create(id: &str) -> Command {
+        let request = serde_json::json!({"id": id, "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
+        let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        Command::Create { spec: Box::new(spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
+    }
+
+    #[test]
+    fn a_log_of_json_commands_from_an_older_build_reads_back_beside_archived_ones() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
+        partition.write_commands_in(0); // as a build before the format byte wrote them
+        partition.propose_one(&create("json")).expect("leads");
+        partition.advance().expect("persisted");
+        drop(partition);
+        let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("reopen");
+        assert!(partition.state().job("json").is_some(), "a JSON entry is read after a restart");
+        partition.propose_one(&create("archived")).expect("leads");
+        partition.advance().expect("persisted");
+        drop(partition);
+        let partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("reopen");
+        assert!(partition.state().job("json").is_some() && partition.state().job("archived").is_some());
+        assert_eq!(partition.undecodable_entries(), 0);
+    }
+
+    #[test]
+    fn a_command_in_a_format_this_build_does_not_know_stops_the_partition_naming_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
+        let mut future = sundial_engine::codec::encode_command(&create("future"));
+        future[0] = sundial_engine::codec::COMMAND_FORMAT + 1;
+        partition.node.propose(future).expect("leads");
+        let refused = partition.advance().expect_err("not skipped: the replica would part from its peers");
+        assert!(refused.to_string().contains("command format 2 is unknown"), "{refused}");
+        assert!(refused.to_string().contains("reads formats 0 to 1"), "{refused}");
+        assert!(partition.state().job("future").is_none());
     }
 }

@@ -134,6 +134,9 @@ pub struct ShardCluster {
     pub tick: Duration,
     /// Where this shard's Raft messages go (the mesh).
     pub outbox: mpsc::Sender<Vec<(u32, Message)>>,
+    /// The newest command format every member reads, as the mesh last heard: the format
+    /// this shard's replicas write their commands in (an older member must read them).
+    pub command_format: Arc<std::sync::atomic::AtomicU8>,
 }
 
 /// Raft messages for a shard's partitions, delivered by the mesh.
@@ -243,6 +246,8 @@ struct Shard {
     /// The wall clock at this turn's start (`begin_turn`): every decision of the turn takes
     /// time from here, so the clock is read in one place.
     turn_ms: u64,
+    /// The format this shard's replicas write commands in (see `ShardCluster::command_format`).
+    command_format: u8,
 }
 
 /// A request some of whose answers wait for verdicts.
@@ -331,6 +336,7 @@ impl Shard {
             next_waiting: 0,
             tickets: Default::default(),
             turn_ms: opened_ms,
+            command_format: sundial_engine::codec::COMMAND_FORMAT,
         };
         shard.publish_live_jobs();
         Ok(shard)
@@ -339,6 +345,16 @@ impl Shard {
     /// Reads the clock for what this turn decides.
     fn begin_turn(&mut self) {
         self.turn_ms = sundial_dispatch::now_ms();
+        if let Some(cluster) = &self.config.cluster {
+            let format = cluster.command_format.load(std::sync::atomic::Ordering::Relaxed);
+            if format != self.command_format {
+                tracing::info!(format, "replicated commands are written in format {format} (what every member reads)");
+                self.command_format = format;
+                for replica in self.replicas.values_mut() {
+                    replica.write_commands_in(format);
+                }
+            }
+        }
     }
 
     fn partition_ids(&self) -> Vec<u32> {

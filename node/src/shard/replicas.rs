@@ -39,8 +39,9 @@ impl Shard {
         let options = PartitionOptions { voters: Vec::new(), ..self.config.partition.clone() };
         let runtime_config = RuntimeConfig { node_id: self.config.node_id, partition, ..self.config.runtime.clone() };
         match Replica::open(&dir, options, runtime_config, self.results_sender.clone(), self.turn_ms) {
-            Ok(replica) => {
+            Ok(mut replica) => {
                 tracing::info!(partition, "a new replica of this partition, filled by its leader");
+                replica.write_commands_in(self.command_format);
                 self.replicas.insert(partition, replica);
                 true
             }
