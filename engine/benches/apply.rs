@@ -1,7 +1,9 @@
 //! Criterion benchmark of a create's CPU path through the state machine: parsing and
 //! validating a job request, the log record (the command as the Raft log stores it, rkyv
-//! behind a format byte, encoded and decoded; and as JSON, the format before it), applying a create (then a delete, so the state stays at 100k jobs),
-//! and a snapshot of 100k jobs taken and restored. Figures: docs/BENCHMARKS.md.
+//! behind a format byte, encoded and decoded; and as JSON, the format before it), applying
+//! a create (then a delete, so the state stays at 100k jobs), and a snapshot of 100k jobs
+//! taken and restored (archived, and as JSON, the format before).
+//! Figures: docs/BENCHMARKS.md.
 //! Run: `cargo bench -p sundial-engine --bench apply`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -70,9 +72,14 @@ fn apply(c: &mut Criterion) {
     group.throughput(Throughput::Elements(JOBS));
     group.sample_size(10);
     let state = filled();
-    group.bench_function("snapshot_100k_jobs", |b| b.iter(|| state.snapshot().len()));
+    let size = state.snapshot().len();
+    group.bench_function("snapshot_100k_jobs", |b| b.iter(|| state.snapshot_sized(size + size / 8).len()));
+    group.bench_function("snapshot_100k_jobs_json", |b| b.iter(|| serde_json::to_vec(&state).expect("json").len()));
     let bytes = state.snapshot();
     group.bench_function("restore_100k_jobs", |b| b.iter(|| State::restore(black_box(&bytes)).expect("restores")));
+    let json = serde_json::to_vec(&state).expect("json");
+    println!("snapshot of 100k jobs: {} bytes archived, {} bytes JSON", bytes.len(), json.len());
+    group.bench_function("restore_100k_jobs_json", |b| b.iter(|| State::restore(black_box(&json)).expect("restores")));
     group.finish();
 }
 

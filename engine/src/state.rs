@@ -5,6 +5,7 @@
 
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
+use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -39,8 +40,37 @@ pub const FLOW_KEYS_MAX: usize = 100_000;
 /// Callbacks waiting per job at most; beyond it the oldest is dropped (noted in the history).
 pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 
+/// The format `State::snapshot` writes (rkyv behind a 16-byte header). As for commands
+/// (`codec`), a change of the archived layout takes a new number; never 123 (`{`, format 0).
+pub const SNAPSHOT_FORMAT: u8 = 1;
+const SNAPSHOT_HEADER_BYTES: usize = 16;
+
+/// Why a snapshot could not be restored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "snapshot format {found} is unknown (a newer Sundial wrote it); this node reads formats 0 to {SNAPSHOT_FORMAT}: upgrade it to the version that wrote the data"
+    )]
+    UnknownFormat { found: u8 },
+    #[error("a snapshot of format {format} does not decode: {reason}")]
+    Damaged { format: u8, reason: String },
+}
+
 /// Scheduled-DB's status values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 pub enum Status {
     Pending,
     InProgress,
@@ -275,7 +305,7 @@ pub enum Applied {
 }
 
 /// One attempt, as kept in a job's history.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Execution {
     pub fire_ms: u64,
     pub attempt: u32,
@@ -317,7 +347,7 @@ impl Execution {
 }
 
 /// A fire that started and has not ended.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct ActiveFire {
     /// Attempts finished so far.
     pub attempts: u32,
@@ -329,7 +359,7 @@ pub struct ActiveFire {
     pub deadline_from_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Job {
     pub spec: JobSpec,
     pub status: Status,
@@ -363,7 +393,11 @@ pub struct Job {
 }
 
 /// A fire's outcome waiting to be POSTed to the job's callback URL.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+// `then` holds another callback: the archive's bounds are written out (rkyv's recursive form).
+#[rkyv(serialize_bounds(__S: rkyv::ser::Writer + rkyv::ser::Allocator, __S::Error: rkyv::rancor::Source))]
+#[rkyv(deserialize_bounds(__D::Error: rkyv::rancor::Source))]
+#[rkyv(bytecheck(bounds(__C: rkyv::validation::ArchiveContext, __C::Error: rkyv::rancor::Source)))]
 pub struct PendingCallback {
     pub url: String,
     /// `on_success` (the fire was delivered) or `on_failure` (it was dead-lettered).
@@ -376,6 +410,7 @@ pub struct PendingCallback {
     /// A later outcome of the same fire (it was redriven and ended again) queued while this
     /// callback's attempt was in flight: it goes out once this one ends.
     #[serde(default)]
+    #[rkyv(omit_bounds)]
     pub then: Option<Box<PendingCallback>>,
 }
 
@@ -389,7 +424,9 @@ pub struct KeyFire<'a> {
 }
 
 /// A flow key: the limits its jobs last set, whether it is paused, and its jobs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct FlowKey {
     pub parallelism: Option<u32>,
     pub rate: Option<u32>,
@@ -399,7 +436,7 @@ pub struct FlowKey {
     pub jobs: BTreeSet<String>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct DeadLetter {
     pub attempts: u32,
     pub reason: String,
@@ -417,7 +454,9 @@ pub enum Due {
     Callback { fire_ms: u64, attempt: u32 },
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
 pub struct State {
     jobs: BTreeMap<String, Job>,
     /// Job id → fire time → entry.
@@ -435,12 +474,15 @@ pub struct State {
     /// Digest of an id → when it finished, for the tombstones above (built on restore; only
     /// looked up, never iterated, so its random order reaches no replica's state).
     #[serde(skip)]
+    #[rkyv(with = rkyv::with::Skip)]
     tombstone_index: HashMap<u128, u64, ahash::RandomState>,
     /// Tombstones as snapshots before compact tombstones held them (read, never written).
     #[serde(default, rename = "tombstones", skip_serializing)]
+    #[rkyv(with = rkyv::with::Skip)]
     legacy_tombstones: BTreeMap<String, u64>,
     /// (retained_from_ms, id) of every finished job: who expires next (built on restore).
     #[serde(skip)]
+    #[rkyv(with = rkyv::with::Skip)]
     expiry_order: BTreeSet<(u64, String)>,
     /// Jobs removed at the end of their retention, ever.
     #[serde(default)]
@@ -1542,25 +1584,69 @@ impl State {
             && keys_hold_only_their_jobs
     }
 
+    /// The whole state as bytes: a header (`SNAPSHOT_FORMAT`, then zeros, so the archive
+    /// after it keeps its alignment), then the state archived by rkyv. Maps by id are
+    /// archived in key order, so equal states give equal bytes (`digest` relies on it).
     pub fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("the state always serializes")
+        self.snapshot_sized(0).to_vec()
     }
 
-    pub fn restore(bytes: &[u8]) -> Result<State, serde_json::Error> {
-        let mut state: State = serde_json::from_slice(bytes)?;
+    /// `snapshot`, into a buffer of `capacity_bytes` to start with (the last snapshot's size
+    /// is a good guess: growing the buffer as it fills costs more than archiving).
+    pub fn snapshot_sized(&self, capacity_bytes: usize) -> AlignedVec<16> {
+        let mut header = AlignedVec::<16>::with_capacity(capacity_bytes.max(SNAPSHOT_HEADER_BYTES));
+        header.extend_from_slice(&[SNAPSHOT_FORMAT]);
+        header.extend_from_slice(&[0; SNAPSHOT_HEADER_BYTES - 1]);
+        // The state is plain owned data (no shared pointers, no I/O): archiving can fail
+        // only to allocate, which aborts anyway.
+        // Never fails: see above.
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, header).expect("the state archives")
+    }
+
+    /// A state from `snapshot`'s bytes, or from the JSON snapshots of builds before the
+    /// format header (format 0); an unknown format is refused, never guessed at.
+    pub fn restore(bytes: &[u8]) -> Result<State, RestoreError> {
+        let damaged = |format: u8| move |reason: String| RestoreError::Damaged { format, reason };
+        let mut state: State = match bytes.first() {
+            Some(b'{') => serde_json::from_slice(bytes).map_err(|e| damaged(0)(e.to_string()))?,
+            Some(&SNAPSHOT_FORMAT) => {
+                let archive = bytes.get(SNAPSHOT_HEADER_BYTES..).unwrap_or_default();
+                // The archive needs 16-byte alignment; bytes read from a file may lack it.
+                let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
+                aligned.extend_from_slice(archive);
+                rkyv::from_bytes::<State, rkyv::rancor::Error>(&aligned).map_err(|e| damaged(1)(e.to_string()))?
+            }
+            Some(&found) => return Err(RestoreError::UnknownFormat { found }),
+            None => return Err(damaged(0)("no bytes".into())),
+        };
         state.rebuild_indexes();
         Ok(state)
     }
 
     /// A digest of the whole state: equal on replicas that applied the same commands.
     pub fn digest(&self) -> u64 {
-        self.snapshot().iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        self.snapshot_sized(0)
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
     }
 }
 
 /// A deleted or expired job's id as a 128-bit digest (SHA-256, cut: ids a client chooses
 /// cannot be made to collide), and when the job finished. 24 bytes; ordered by finish time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
 struct Tombstone {
     finished_ms: u64,
     digest_high: u64,

@@ -11,6 +11,11 @@ const FRAME_HEADER_SIZE: usize = 32;
 /// Writes `bytes` to `dir/name` so that after a crash the file holds either the old or the new
 /// content, never a mix: temp file, fsync, rename over, fsync the directory.
 pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    write_atomic_parts(dir, name, &[bytes])
+}
+
+/// `write_atomic` of the parts one after another (large content is never joined in memory).
+pub(crate) fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
     let path = dir.join(name);
     let mut file = OpenOptions::new()
@@ -19,7 +24,7 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
         .truncate(true)
         .open(&tmp)
         .map_err(|e| WalError::io("create", &tmp, e))?;
-    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    let written = parts.iter().try_for_each(|part| file.write_all(part)).and_then(|()| file.sync_all());
     if let Err(e) = written {
         let _ = fs::remove_file(&tmp);
         return Err(WalError::io("write", &tmp, e));
@@ -37,15 +42,21 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<()> {
 /// Frames a payload: magic (8) · crc32c of the rest (4) · reserved (4) · sequence (8) · payload
 /// length (8) · payload.
 pub(crate) fn encode_framed(magic: [u8; 8], sequence: u64, payload: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(FRAME_HEADER_SIZE + payload.len());
-    out.extend_from_slice(&magic);
-    out.extend_from_slice(&[0u8; 8]);
-    out.extend_from_slice(&sequence.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut out = frame_header(magic, sequence, &[payload]).to_vec();
     out.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&out[16..]);
-    out[8..12].copy_from_slice(&crc.to_le_bytes());
     out
+}
+
+/// The frame header of a payload given as parts (the payload is their concatenation).
+pub(crate) fn frame_header(magic: [u8; 8], sequence: u64, parts: &[&[u8]]) -> [u8; FRAME_HEADER_SIZE] {
+    let mut header = [0u8; FRAME_HEADER_SIZE];
+    header[..8].copy_from_slice(&magic);
+    header[16..24].copy_from_slice(&sequence.to_le_bytes());
+    let length: usize = parts.iter().map(|part| part.len()).sum();
+    header[24..32].copy_from_slice(&(length as u64).to_le_bytes());
+    let crc = parts.iter().fold(crc32c::crc32c(&header[16..]), |crc, part| crc32c::crc32c_append(crc, part));
+    header[8..12].copy_from_slice(&crc.to_le_bytes());
+    header
 }
 
 /// Checks a framed file; returns its sequence number and payload, or why it is unusable.

@@ -1,7 +1,7 @@
 //! The log itself: open and recover a directory of segments, stage and group-commit records,
 //! read them in place, truncate either end, and keep hard state and snapshots beside them.
 
-use crate::atomic::{decode_framed, encode_framed, fsync_dir, write_atomic, DualFile};
+use crate::atomic::{decode_framed, frame_header, fsync_dir, write_atomic_parts, DualFile};
 use crate::error::{Result, WalError};
 use crate::format::{encode_record_into, record_size, RecordHeader, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use crate::recovery::{judge_sealed, judge_tail, scan_segment, TailVerdict};
@@ -749,15 +749,28 @@ impl Wal {
     /// Saves a snapshot atomically, then removes older snapshots. It does not truncate the
     /// log: call [`Wal::truncate_prefix`] when the snapshot should replace records.
     pub fn save_snapshot(&mut self, index: u64, tag: u64, data: &[u8]) -> Result<()> {
-        if data.len() > SNAPSHOT_MAX_BYTES {
-            return Err(WalError::TooLarge { what: "snapshot", len_bytes: data.len(), max_bytes: SNAPSHOT_MAX_BYTES });
+        self.save_snapshot_parts(index, tag, &[data])
+    }
+
+    /// `save_snapshot` of data given as parts, written one after another: a large snapshot
+    /// is never copied to be framed.
+    pub fn save_snapshot_parts(&mut self, index: u64, tag: u64, parts: &[&[u8]]) -> Result<()> {
+        let data_bytes: usize = parts.iter().map(|part| part.len()).sum();
+        if data_bytes > SNAPSHOT_MAX_BYTES {
+            return Err(WalError::TooLarge { what: "snapshot", len_bytes: data_bytes, max_bytes: SNAPSHOT_MAX_BYTES });
         }
-        let mut payload = Vec::with_capacity(16 + data.len());
-        payload.extend_from_slice(&index.to_le_bytes());
-        payload.extend_from_slice(&tag.to_le_bytes());
-        payload.extend_from_slice(data);
+        let mut fields = [0u8; 16];
+        fields[..8].copy_from_slice(&index.to_le_bytes());
+        fields[8..].copy_from_slice(&tag.to_le_bytes());
+        let mut payload: Vec<&[u8]> = Vec::with_capacity(1 + parts.len());
+        payload.push(&fields);
+        payload.extend_from_slice(parts);
+        let header = frame_header(SNAPSHOT_MAGIC, index, &payload);
+        let mut file: Vec<&[u8]> = Vec::with_capacity(1 + payload.len());
+        file.push(&header);
+        file.extend_from_slice(&payload);
         let name = snapshot_file_name(index);
-        write_atomic(&self.dir, &name, &encode_framed(SNAPSHOT_MAGIC, index, &payload))?;
+        write_atomic_parts(&self.dir, &name, &file)?;
         let mut removed = 0;
         for (older, path) in list_snapshots(&self.dir)? {
             if older < index {

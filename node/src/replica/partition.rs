@@ -460,11 +460,14 @@ impl Partition {
     pub fn compact(&mut self) -> Result<(), PartitionError> {
         let applied = self.node.status().applied;
         let conf = self.node.conf_state();
-        let data = match &self.members {
-            Some(members) => members.snapshot(),
-            None => self.state.snapshot(),
-        };
-        self.node.storage_mut().compact(applied, &data, conf)?;
+        match &self.members {
+            Some(members) => self.node.storage_mut().compact(applied, &members.snapshot(), conf)?,
+            None => {
+                let last_bytes = self.node.storage().snapshot().data.len();
+                let data = self.state.snapshot_sized(last_bytes + last_bytes / 8);
+                self.node.storage_mut().compact(applied, &data, conf)?;
+            }
+        }
         self.applied_since_snapshot = 0;
         Ok(())
     }

@@ -106,8 +106,9 @@ impl WalStorage {
         let Some(term) = self.wal.get(index).map(|e| e.tag) else {
             return Err(WalError::OutOfRange { index, first: self.wal.first_index(), last: self.wal.last_index() });
         };
+        let conf_bytes = encode_conf(&conf);
+        self.wal.save_snapshot_parts(index, term, &[&conf_bytes, data])?;
         let snapshot = Snapshot { meta: SnapshotMeta { index, term, conf }, data: data.to_vec() };
-        self.wal.save_snapshot(index, term, &encode_snapshot_data(&snapshot.meta.conf, &snapshot.data))?;
         self.wal.truncate_prefix(index)?;
         self.snapshot = snapshot;
         Ok(())
@@ -244,14 +245,20 @@ fn decode_entry(index: Index, term: Term, body: &[u8]) -> Option<Entry> {
 /// Snapshot file data: voter count, voters, learner count, learners (u64 each), then the
 /// state machine's bytes.
 fn encode_snapshot_data(conf: &ConfState, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + 8 * (conf.voters.len() + conf.learners.len()) + data.len());
+    let mut out = encode_conf(conf);
+    out.extend_from_slice(data);
+    out
+}
+
+/// The voters and learners a snapshot's data starts with.
+fn encode_conf(conf: &ConfState) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 8 * (conf.voters.len() + conf.learners.len()));
     for list in [&conf.voters, &conf.learners] {
         out.extend_from_slice(&(list.len() as u64).to_le_bytes());
         for id in list {
             out.extend_from_slice(&id.to_le_bytes());
         }
     }
-    out.extend_from_slice(data);
     out
 }
 
