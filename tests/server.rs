@@ -405,6 +405,67 @@ async fn jobs_spread_over_partitions_whose_count_is_fixed_at_creation() {
     assert_eq!(node.call("GET", "/health", b"").1["jobs"]["pending"], 65, "every job back, on one shard");
 }
 
+/// A data directory written in another format is refused at start, naming both versions
+/// and what to do — never read as this build's: the directory's own format, and a log
+/// segment's.
+#[test]
+fn a_data_directory_of_another_format_is_refused_naming_both_versions() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(data.path(), &["--partitions", "2"]);
+    assert_eq!(node.call("POST", "/jobs", br#"{"id": "kept", "delay": "1h", "url": "http://127.0.0.1:9/"}"#).0, 201);
+    node.kill();
+    // The node must exit: one that started after all is killed and the test fails.
+    let start = || {
+        let mut child = std::process::Command::new(support::sundial_bin())
+            .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run sundial");
+        for _ in 0..200 {
+            if child.try_wait().expect("wait").is_some() {
+                return child.wait_with_output().expect("its output");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        panic!("the node started on a directory of another format");
+    };
+    let meta = data.path().join("cluster.json");
+    let written = std::fs::read_to_string(&meta).expect("cluster.json");
+    assert!(written.contains("\"format\": 1"), "{written}");
+    std::fs::write(&meta, written.replace("\"format\": 1", "\"format\": 2")).expect("rewrite");
+    let refused = start();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{message}");
+    assert!(
+        message.contains("format 2, this build reads format 1: run the Sundial version that wrote it"),
+        "{message}"
+    );
+    std::fs::write(&meta, &written).expect("put back");
+
+    let partition = data.path().join("partition-0");
+    let segment = std::fs::read_dir(&partition)
+        .expect("partition dir")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "wal") && !path.to_string_lossy().contains("free-"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).expect("segment");
+    let version = bytes[8..12].to_vec();
+    bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(&segment, &bytes).expect("rewrite");
+    let refused = start();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{message}");
+    assert!(message.contains("log segment format version 2, this build reads version 1"), "{message}");
+    bytes[8..12].copy_from_slice(&version);
+    std::fs::write(&segment, &bytes).expect("put back");
+    let node = Node::start_with(data.path(), &[]);
+    assert_eq!(node.call("GET", "/jobs/kept", b"").0, 200, "the same directory, put back, serves its job");
+}
+
 /// The binary protocol end to end with the Rust client: a job created over it fires with its
 /// body and headers, a cancel prevents a fire, hundreds of creates travel in batches, and bad
 /// input — an invalid job, an unknown protocol version, an oversized frame, a missing token —

@@ -72,10 +72,12 @@ fn apply(c: &mut Criterion) {
     group.throughput(Throughput::Elements(JOBS));
     group.sample_size(10);
     let state = filled();
-    let size = state.snapshot().len();
-    group.bench_function("snapshot_100k_jobs", |b| b.iter(|| state.snapshot_sized(size + size / 8).len()));
+    let size = state.snapshot().expect("snapshot").len();
+    group.bench_function("snapshot_100k_jobs", |b| {
+        b.iter(|| state.snapshot_sized(size + size / 8).expect("snapshot").len())
+    });
     group.bench_function("snapshot_100k_jobs_json", |b| b.iter(|| serde_json::to_vec(&state).expect("json").len()));
-    let bytes = state.snapshot();
+    let bytes = state.snapshot().expect("snapshot");
     group.bench_function("restore_100k_jobs", |b| b.iter(|| State::restore(black_box(&bytes)).expect("restores")));
     let json = serde_json::to_vec(&state).expect("json");
     println!("snapshot of 100k jobs: {} bytes archived, {} bytes JSON", bytes.len(), json.len());

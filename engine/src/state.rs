@@ -45,6 +45,25 @@ pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 pub const SNAPSHOT_FORMAT: u8 = 1;
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
+/// Why a snapshot could not be taken (a state past the archive's 2 GiB).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the state cannot be archived: {0}")]
+pub struct SnapshotError(String);
+
+/// FNV-1a over what is written to it (`State::digest`).
+struct Fnv(u64);
+
+impl std::io::Write for Fnv {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0 = bytes.iter().fold(self.0, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Why a snapshot could not be restored.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
@@ -1587,20 +1606,24 @@ impl State {
     /// The whole state as bytes: a header (`SNAPSHOT_FORMAT`, then zeros, so the archive
     /// after it keeps its alignment), then the state archived by rkyv. Maps by id are
     /// archived in key order, so equal states give equal bytes (`digest` relies on it).
-    pub fn snapshot(&self) -> Vec<u8> {
-        self.snapshot_sized(0).to_vec()
+    pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
+        self.snapshot_sized(0).map(|bytes| bytes.to_vec())
     }
 
     /// `snapshot`, into a buffer of `capacity_bytes` to start with (the last snapshot's size
-    /// is a good guess: growing the buffer as it fills costs more than archiving).
-    pub fn snapshot_sized(&self, capacity_bytes: usize) -> AlignedVec<16> {
+    /// is a good guess: growing the buffer as it fills costs more than archiving). Fails
+    /// only for a state whose archive would pass rkyv's 32-bit offsets (2 GiB).
+    pub fn snapshot_sized(&self, capacity_bytes: usize) -> Result<AlignedVec<16>, SnapshotError> {
         let mut header = AlignedVec::<16>::with_capacity(capacity_bytes.max(SNAPSHOT_HEADER_BYTES));
         header.extend_from_slice(&[SNAPSHOT_FORMAT]);
         header.extend_from_slice(&[0; SNAPSHOT_HEADER_BYTES - 1]);
-        // The state is plain owned data (no shared pointers, no I/O): archiving can fail
-        // only to allocate, which aborts anyway.
-        // Never fails: see above.
-        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, header).expect("the state archives")
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, header).map_err(|e| SnapshotError(e.to_string()))
+    }
+
+    /// `snapshot` in format 0 (JSON), for a partition an older member (which reads only
+    /// that) replicates.
+    pub fn snapshot_json(&self) -> Result<Vec<u8>, SnapshotError> {
+        serde_json::to_vec(self).map_err(|e| SnapshotError(e.to_string()))
     }
 
     /// A state from `snapshot`'s bytes, or from the JSON snapshots of builds before the
@@ -1610,7 +1633,11 @@ impl State {
         let mut state: State = match bytes.first() {
             Some(b'{') => serde_json::from_slice(bytes).map_err(|e| damaged(0)(e.to_string()))?,
             Some(&SNAPSHOT_FORMAT) => {
-                let archive = bytes.get(SNAPSHOT_HEADER_BYTES..).unwrap_or_default();
+                // The header's other bytes are zero in format 1 (kept so, to mean something later).
+                if bytes.get(1..SNAPSHOT_HEADER_BYTES).is_none_or(|rest| rest.iter().any(|&b| b != 0)) {
+                    return Err(damaged(1)("its header is not format 1's".into()));
+                }
+                let archive = &bytes[SNAPSHOT_HEADER_BYTES..];
                 // The archive needs 16-byte alignment; bytes read from a file may lack it.
                 let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
                 aligned.extend_from_slice(archive);
@@ -1624,10 +1651,12 @@ impl State {
     }
 
     /// A digest of the whole state: equal on replicas that applied the same commands.
+    /// (Over the JSON form: unlike the archive it has no size limit, so it always exists.)
     pub fn digest(&self) -> u64 {
-        self.snapshot_sized(0)
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+        let mut hash = Fnv(0xcbf2_9ce4_8422_2325);
+        // Never fails: the writer takes every byte, and every key is a string or a number.
+        serde_json::to_writer(&mut hash, self).expect("the state serializes");
+        hash.0
     }
 }
 

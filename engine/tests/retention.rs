@@ -140,7 +140,7 @@ fn the_expiry_order_and_tombstones_survive_a_snapshot_and_expire_the_same_after_
         fire(&mut state, id, at, 200);
     }
     assert_eq!(expire(&mut state, T0 + 2_500, 0), 2, "a and b");
-    let mut restored = State::restore(&state.snapshot()).expect("restores");
+    let mut restored = State::restore(&state.snapshot().expect("snapshot")).expect("restores");
     assert_eq!(restored, state);
     assert_eq!((restored.tombstone_count(), restored.first_retained_ms()), (2, Some(T0 + 3_005)));
     assert_eq!(expire(&mut restored, T0 + 10_000, 0), expire(&mut state, T0 + 10_000, 0));
@@ -166,7 +166,7 @@ fn a_snapshot_written_before_compact_tombstones_is_read_with_its_tombstones() {
     assert!(
         written.get("tombstones").is_none() && written["dedup_tombstones"].as_array().is_some_and(|t| t.len() == 1)
     );
-    let archived = State::restore(&state.snapshot()).expect("restores");
+    let archived = State::restore(&state.snapshot().expect("snapshot")).expect("restores");
     assert_eq!(archived.tombstone_count(), 1);
     assert!(
         written.get("tombstones").is_none() && written["dedup_tombstones"].as_array().is_some_and(|t| t.len() == 1)

@@ -531,7 +531,7 @@ proptest! {
                 prop_assert_eq!(third.apply(command), a);
             }
             if position == snapshot_at {
-                restored = Some(State::restore(&first.snapshot()).expect("restores"));
+                restored = Some(State::restore(&first.snapshot().expect("snapshot")).expect("restores"));
             }
             prop_assert_eq!(first.digest(), second.digest());
         }
@@ -550,16 +550,16 @@ fn a_json_snapshot_of_an_earlier_build_restores_to_the_same_state_and_an_unknown
     start(&mut state, "a", T0 + 1_000, 1, T0 + 1_000).expect("started");
     finish(&mut state, "a", T0 + 1_000, 1, T0 + 1_005, 500).expect("finished");
     let from_json = State::restore(&serde_json::to_vec(&state).expect("json")).expect("format 0 restores");
-    let from_archive = State::restore(&state.snapshot()).expect("format 1 restores");
+    let from_archive = State::restore(&state.snapshot().expect("snapshot")).expect("format 1 restores");
     assert_eq!(from_json, state);
     assert_eq!(from_archive, state);
-    assert_eq!(state.snapshot()[0], SNAPSHOT_FORMAT);
-    let mut future = state.snapshot();
+    assert_eq!(state.snapshot().expect("snapshot")[0], SNAPSHOT_FORMAT);
+    let mut future = state.snapshot().expect("snapshot");
     future[0] = SNAPSHOT_FORMAT + 1;
     let refused = State::restore(&future).expect_err("unknown format");
     assert_eq!(refused, RestoreError::UnknownFormat { found: SNAPSHOT_FORMAT + 1 });
     assert!(refused.to_string().contains("snapshot format 2 is unknown"), "{refused}");
-    let mut cut = state.snapshot();
+    let mut cut = state.snapshot().expect("snapshot");
     cut.truncate(cut.len() / 2);
     assert!(matches!(State::restore(&cut), Err(RestoreError::Damaged { format: 1, .. })), "never misread");
 }
@@ -569,14 +569,31 @@ fn a_json_snapshot_of_an_earlier_build_restores_to_the_same_state_and_an_unknown
 #[test]
 fn the_archived_layout_of_snapshot_format_1_is_pinned() {
     use sha2::{Digest, Sha256};
+    // Every kind of thing a state holds, so each type's layout is in the bytes: a dead
+    // letter, a callback waiting, a fire in flight, a flow key, dependents, a tombstone,
+    // an expired job's order, history.
     let mut state = State::new();
-    create(&mut state, once("a", T0 + 1_000)).expect("created");
+    let at = T0 + 1_000;
+    let failing = spec(json!({"id": "f", "run_at": at, "url": "https://example.com/f", "retry": {"max_attempts": 1},
+        "callbacks": {"on_failure": "https://example.com/cb"}}));
+    create(&mut state, failing).expect("created");
+    let keyed = spec(
+        json!({"id": "k", "run_at": at, "url": "https://example.com/k", "flow": {"key": "key", "parallelism": 2}}),
+    );
+    create(&mut state, keyed).expect("created");
+    let waiting = spec(json!({"id": "w", "run_at": at + 9_000, "url": "https://example.com/w", "depends_on": ["k"]}));
+    create(&mut state, waiting).expect("created");
     create(&mut state, cron("c", "*/30 * * * * *", "skip", "allow")).expect("created");
-    start(&mut state, "a", T0 + 1_000, 1, T0 + 1_000).expect("started");
-    finish(&mut state, "a", T0 + 1_000, 1, T0 + 1_005, 500).expect("finished");
-    state.apply(Command::Delete { id: "c".into(), now_ms: T0 + 2_000 }).expect("deleted");
-    let digest: String = Sha256::digest(state.snapshot()).iter().take(8).map(|b| format!("{b:02x}")).collect();
-    assert_eq!(digest, "a14e1b77fa71cbac", "the archived layout of the state changed: give it a new SNAPSHOT_FORMAT");
+    start(&mut state, "f", at, 1, at).expect("started");
+    finish(&mut state, "f", at, 1, at + 5, 500).expect("dead-lettered, its callback waiting");
+    start(&mut state, "k", at, 1, at).expect("in flight");
+    state.apply(Command::Delete { id: "c".into(), now_ms: at + 10 }).expect("deleted: a tombstone");
+    state.apply(Command::PauseKey { key: "idle".into() }).expect("a key of no jobs");
+    assert!(state.dead_letters().count() == 1 && state.job("f").is_some_and(|job| !job.callbacks.is_empty()));
+    assert!(state.job("k").is_some_and(|job| !job.active.is_empty()) && state.tombstone_count() == 1);
+    let digest: String =
+        Sha256::digest(state.snapshot().expect("snapshot")).iter().take(8).map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, "215cea6535105568", "the archived layout of the state changed: give it a new SNAPSHOT_FORMAT");
 }
 
 // ---- lifecycle verbs, receiver-controlled retries, auto-pause, dedup window ----------------
@@ -691,7 +708,7 @@ fn a_finished_jobs_id_is_a_duplicate_for_the_window_then_free_even_after_a_delet
     assert!(matches!(after_delete, Err(ApplyError::Duplicate { .. })), "a delete does not free the id");
     assert_eq!(state.digest(), digest, "a refused create changes nothing");
     // The window survives a snapshot and restore (a restart, or a follower catching up).
-    let mut restored = State::restore(&state.snapshot()).expect("restores");
+    let mut restored = State::restore(&state.snapshot().expect("snapshot")).expect("restores");
     assert!(matches!(create_at(&mut restored, T0 + 8_000, T0 + 9_000), Err(ApplyError::Duplicate { .. })));
     assert_eq!(create_at(&mut restored, T0 + 61_010, T0 + 70_000), Ok(Applied::Created), "the window passed");
     assert_eq!(restored.tombstone_count(), 0, "the tombstone was dropped with the window");

@@ -35,6 +35,10 @@ pub struct ServerOptions {
     /// Size of each preallocated log segment, MiB [default: 8].
     #[arg(long, env = "SUNDIAL_SEGMENT_MB")]
     pub segment_mb: Option<u64>,
+    /// How log writes are made durable: auto (io_uring when the kernel allows it, else
+    /// pwrite + fdatasync), io_uring, or syscall (pwrite + fdatasync) [default: auto].
+    #[arg(long, env = "SUNDIAL_LOG_SYNC")]
+    pub log_sync: Option<String>,
     /// Applied entries between state snapshots of a partition [default: 10000].
     #[arg(long, env = "SUNDIAL_SNAPSHOT_EVERY")]
     pub snapshot_every: Option<u64>,
@@ -160,6 +164,7 @@ pub struct Settings {
     pub partitions: Option<u32>,
     pub shards: usize,
     pub segment_bytes: u64,
+    pub log_sync: sundial_wal::SyncChoice,
     pub snapshot_every: u64,
     pub limits: Limits,
     pub tokens: Vec<String>,
@@ -194,7 +199,7 @@ macro_rules! prefer {
 impl ServerOptions {
     /// Flags and environment over the file's settings.
     pub fn over(&self, file: &ServerOptions) -> ServerOptions {
-        prefer!(self, file; data, http, binary, partitions, shards, segment_mb, snapshot_every, max_jobs,
+        prefer!(self, file; data, http, binary, partitions, shards, segment_mb, log_sync, snapshot_every, max_jobs,
             max_memory_mb, tokens, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
@@ -248,6 +253,12 @@ impl ServerOptions {
             partitions: self.partitions,
             shards: within("shards", self.shards.unwrap_or(cores), 1, 1_024)?,
             segment_bytes: segment_mb << 20,
+            log_sync: match self.log_sync.as_deref().unwrap_or("auto") {
+                "auto" => sundial_wal::SyncChoice::Auto,
+                "io_uring" => sundial_wal::SyncChoice::IoUring,
+                "syscall" => sundial_wal::SyncChoice::Syscall,
+                other => return Err(format!("log_sync: must be auto, io_uring or syscall, not {other:?}")),
+            },
             snapshot_every: within("snapshot_every", self.snapshot_every.unwrap_or(10_000), 1, u64::MAX)?,
             limits: Limits {
                 max_jobs: self.max_jobs.unwrap_or(1_000_000),
@@ -410,5 +421,14 @@ mod tests {
         assert_eq!(zero, "shards: must be within 1..=1024, not 0");
         let level = ServerOptions { log_level: Some("loud".into()), ..ServerOptions::default() }.resolve().unwrap_err();
         assert!(level.starts_with("log_level:"), "{level}");
+        let sync = ServerOptions { log_sync: Some("fast".into()), ..ServerOptions::default() }.resolve().unwrap_err();
+        assert_eq!(sync, "log_sync: must be auto, io_uring or syscall, not \"fast\"");
+        let retention =
+            ServerOptions { retention_s: Some(u64::MAX), ..ServerOptions::default() }.resolve().unwrap_err();
+        assert!(retention.starts_with("retention_s: must be within 0..="), "{retention}");
+        let chosen =
+            ServerOptions { log_sync: Some("syscall".into()), retention_s: Some(0), ..ServerOptions::default() };
+        let chosen = chosen.resolve().expect("valid");
+        assert_eq!((chosen.log_sync, chosen.retention_ms), (sundial_wal::SyncChoice::Syscall, 0));
     }
 }

@@ -230,6 +230,7 @@ fn open_cluster(settings: &Settings) -> Result<Option<(ClusterStart, Partition)>
         members: Some(initial),
         election_ticks: cluster.election_ticks,
         heartbeat_ticks: cluster.heartbeat_ticks,
+        wal: WalOptions { sync: settings.log_sync, ..WalOptions::default() },
         ..PartitionOptions::single_node(node_id)
     };
     let group = Partition::open(&dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
@@ -271,7 +272,7 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
         data: settings.data.clone(),
         node_id,
         partition: PartitionOptions {
-            wal: WalOptions { segment_size_bytes: settings.segment_bytes, ..WalOptions::default() },
+            wal: WalOptions { segment_size_bytes: settings.segment_bytes, sync: settings.log_sync },
             snapshot_every_entries: settings.snapshot_every,
             election_ticks: settings.cluster.as_ref().map_or(10, |c| c.election_ticks),
             heartbeat_ticks: settings.cluster.as_ref().map_or(1, |c| c.heartbeat_ticks),

@@ -53,7 +53,10 @@ impl std::fmt::Display for HeaderFault {
         match self {
             HeaderFault::TooShort => write!(f, "file shorter than the segment header"),
             HeaderFault::BadMagic => write!(f, "not a Sundial log segment (bad magic)"),
-            HeaderFault::UnsupportedVersion(v) => write!(f, "unsupported format version {v}"),
+            HeaderFault::UnsupportedVersion(v) => write!(
+                f,
+                "log segment format version {v}, this build reads version {FORMAT_VERSION}: run the Sundial version that wrote it"
+            ),
             HeaderFault::ChecksumMismatch => write!(f, "segment header checksum mismatch"),
         }
     }
@@ -77,7 +80,11 @@ impl SegmentHeader {
             return Err(HeaderFault::TooShort);
         };
         if raw[0..8] != SEGMENT_MAGIC {
-            return Err(HeaderFault::BadMagic);
+            // `SUNDWAL` and another digit: a segment of another version, named as such.
+            return match (raw[0..7] == SEGMENT_MAGIC[0..7], raw[7]) {
+                (true, digit @ b'0'..=b'9') => Err(HeaderFault::UnsupportedVersion(u32::from(digit - b'0'))),
+                _ => Err(HeaderFault::BadMagic),
+            };
         }
         let version = read_u32(raw, 8);
         if version != FORMAT_VERSION {
@@ -230,6 +237,18 @@ mod tests {
         raw[0] = b'X';
         assert_eq!(SegmentHeader::decode(&raw), Err(HeaderFault::BadMagic));
         assert_eq!(SegmentHeader::decode(&raw[..10]), Err(HeaderFault::TooShort));
+        let mut newer = header.encode();
+        newer[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        let refused = SegmentHeader::decode(&newer).expect_err("a newer version is refused, not misread");
+        assert_eq!(refused, HeaderFault::UnsupportedVersion(FORMAT_VERSION + 1));
+        // A future version may change the magic's digit too: named the same way.
+        let mut renamed = header.encode();
+        renamed[7] = b'2';
+        assert_eq!(SegmentHeader::decode(&renamed), Err(HeaderFault::UnsupportedVersion(2)));
+        assert_eq!(
+            refused.to_string(),
+            "log segment format version 2, this build reads version 1: run the Sundial version that wrote it"
+        );
     }
 
     #[test]

@@ -81,8 +81,11 @@ impl ClusterMeta {
     fn decode(bytes: &[u8]) -> Result<ClusterMeta, String> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         let field = |name: &str| value.get(name).ok_or_else(|| format!("{name}: missing"));
-        if field("format")?.as_u64() != Some(META_FORMAT) {
-            return Err(format!("format: must be {META_FORMAT}"));
+        let format = field("format")?;
+        if format.as_u64() != Some(META_FORMAT) {
+            return Err(format!(
+                "format: this data directory is format {format}, this build reads format {META_FORMAT}: run the Sundial version that wrote it"
+            ));
         }
         let partitions = field("partitions")?.as_u64().ok_or("partitions: must be a whole number")?;
         let partitions = u32::try_from(partitions).map_err(|_| "partitions: too large".to_string())?;
@@ -184,6 +187,12 @@ mod tests {
         std::fs::write(dir.path().join(META_FILE), b"{\"format\": 1}").unwrap();
         let refused = ClusterMeta::open_or_create(dir.path(), None, 1).unwrap_err().to_string();
         assert!(refused.contains("partitions: missing"), "{refused}");
+        std::fs::write(dir.path().join(META_FILE), b"{\"format\": 2, \"partitions\": 16}").unwrap();
+        let refused = ClusterMeta::open_or_create(dir.path(), None, 1).unwrap_err().to_string();
+        assert!(
+            refused.contains("this data directory is format 2, this build reads format 1: run the Sundial version"),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub enum PartitionError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Propose(#[from] ProposeError),
-    #[error("the partition's snapshot does not decode: {0}")]
+    #[error("the partition's snapshot: {0}")]
     Snapshot(String),
     #[error("no leader elected within {ticks} ticks")]
     NoLeader { ticks: u32 },
@@ -242,8 +242,9 @@ impl Partition {
     }
 
     /// Proposes a command; its ticket is answered once the command is applied (or lost).
-    /// Writes commands in `format` from now on (`codec::COMMAND_FORMAT` unless an older
-    /// member, which reads only older ones, replicates the partition).
+    /// Writes commands and snapshots in `format` from now on (`codec::COMMAND_FORMAT`, whose
+    /// members also read archived snapshots, unless an older member, which reads only JSON,
+    /// replicates the partition).
     pub fn write_commands_in(&mut self, format: u8) {
         self.command_format = format.min(sundial_engine::codec::COMMAND_FORMAT);
     }
@@ -462,9 +463,17 @@ impl Partition {
         let conf = self.node.conf_state();
         match &self.members {
             Some(members) => self.node.storage_mut().compact(applied, &members.snapshot(), conf)?,
+            // A member of an older build (it reads format 0 only) may be sent this snapshot.
+            None if self.command_format == 0 => {
+                let data = self.state.snapshot_json().map_err(|e| PartitionError::Snapshot(e.to_string()))?;
+                self.node.storage_mut().compact(applied, &data, conf)?;
+            }
             None => {
                 let last_bytes = self.node.storage().snapshot().data.len();
-                let data = self.state.snapshot_sized(last_bytes + last_bytes / 8);
+                let data = self
+                    .state
+                    .snapshot_sized(last_bytes + last_bytes / 8)
+                    .map_err(|e| PartitionError::Snapshot(e.to_string()))?;
                 self.node.storage_mut().compact(applied, &data, conf)?;
             }
         }
