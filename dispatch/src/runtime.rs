@@ -371,6 +371,8 @@ impl<L: CommandLog> Runtime<L> {
     fn start_leading(&mut self, now_ms: u64) {
         self.leading = true;
         self.stats.leaderships += 1;
+        // Evictions before this leadership were reported by whoever led then.
+        self.evictions_reported = self.log.state().dead_letters_evicted_total();
         self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
         self.timers.clear();
         let ids: Vec<String> = self.log.state().jobs().map(|job| job.spec.id.clone()).collect();
@@ -651,9 +653,9 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
-    /// Proposes an `Expire` when the job that finished first has outlived the retention (one
-    /// at a time, at most every `EXPIRE_EVERY_MS` unless a backlog remains).
-    fn expire_finished(&mut self, now_ms: u64) {
+    /// Logs dead letters evicted since the last report (the count is replicated; the leader
+    /// says it, once).
+    fn report_evictions(&mut self) {
         let evicted = self.log.state().dead_letters_evicted_total();
         if evicted > self.evictions_reported {
             tracing::warn!(
@@ -663,6 +665,11 @@ impl<L: CommandLog> Runtime<L> {
             );
             self.evictions_reported = evicted;
         }
+    }
+
+    /// Proposes an `Expire` when the job that finished first has outlived the retention (one
+    /// at a time, at most every `EXPIRE_EVERY_MS` unless a backlog remains).
+    fn expire_finished(&mut self, now_ms: u64) {
         if self.expiring.is_some_and(|ticket| self.own.contains_key(&ticket)) || now_ms < self.next_expire_ms {
             return;
         }
@@ -752,6 +759,7 @@ impl<L: CommandLog> Runtime<L> {
         if !self.leading || self.log_failure.is_some() {
             return;
         }
+        self.report_evictions();
         self.expire_finished(now_ms);
         let mut expired: Vec<Expired<String>> = Vec::new();
         self.wheel.advance_to(now_ms, &mut expired);
