@@ -621,7 +621,7 @@ impl<S: Storage> Raft<S> {
             return;
         }
         self.set_conf(&meta.conf);
-        self.log.restore(Snapshot { meta, data });
+        self.log.restore(Snapshot { meta, data: data.into() });
         self.send(from, MessageKind::SnapshotResponse { index: self.log.last_index() });
     }
 

@@ -82,7 +82,7 @@ impl MemStorage {
         let term = self.term(index).expect("index is within the log");
         let offset = self.snapshot.meta.index + 1;
         self.entries.drain(..(index + 1 - offset) as usize);
-        self.snapshot = Snapshot { meta: crate::types::SnapshotMeta { index, term, conf }, data };
+        self.snapshot = Snapshot { meta: crate::types::SnapshotMeta { index, term, conf }, data: data.into() };
     }
 
     /// All persisted entries (for the simulator's checks).

@@ -65,7 +65,9 @@ pub struct SnapshotMeta {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub meta: SnapshotMeta,
-    pub data: Vec<u8>,
+    /// The state machine's bytes: a storage may hand out a view of its mapped file, so
+    /// keeping the newest snapshot for followers costs page cache, not heap.
+    pub data: bytes::Bytes,
 }
 
 /// A message between two members of a group.

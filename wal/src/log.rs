@@ -18,7 +18,7 @@ pub const SEGMENT_SIZE_MAX_BYTES: u64 = 1 << 30;
 pub const SEGMENT_SIZE_DEFAULT_BYTES: u64 = 64 << 20;
 /// Hard state is a small record (Raft's term, vote and commit index); bounded to keep it so.
 pub const HARD_STATE_MAX_BYTES: usize = 64 << 10;
-/// Snapshots are read whole into memory; this bounds that memory.
+/// Snapshots are written whole from memory; this bounds that memory.
 pub const SNAPSHOT_MAX_BYTES: usize = 1 << 30;
 /// Zeroing (torn tails, suffix truncation) writes at most this much per call.
 const ZERO_CHUNK_BYTES: usize = 1 << 20;
@@ -76,7 +76,9 @@ pub struct Snapshot {
     pub index: u64,
     /// The tag of that index (Raft: its term).
     pub tag: u64,
-    pub data: Vec<u8>,
+    /// A view of the mapped snapshot file: page cache, not heap. The file is never written
+    /// again (a newer snapshot is a new file), so the view stays valid after it is replaced.
+    pub data: bytes::Bytes,
 }
 
 /// What recovery found and did when the log opened.
@@ -784,19 +786,25 @@ impl Wal {
         Ok(())
     }
 
-    /// Loads the newest snapshot. A damaged newest snapshot is an error, not a fallback.
+    /// Loads the newest snapshot, checked whole, as a view of its mapped file. A damaged
+    /// newest snapshot is an error, not a fallback.
     pub fn load_snapshot(&self) -> Result<Option<Snapshot>> {
         let Some((_, path)) = list_snapshots(&self.dir)?.pop() else {
             return Ok(None);
         };
-        let bytes = fs::read(&path).map_err(|e| WalError::io("read", &path, e))?;
+        let file = File::open(&path).map_err(|e| WalError::io("open", &path, e))?;
+        // SAFETY: snapshot files are written to a temporary name and renamed into place, never
+        // modified or shrunk afterwards (removal only unlinks: the mapping keeps the inode);
+        // other processes are kept out of the directory by its lock.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| WalError::io("mmap", &path, e))?;
         let corrupt = |reason: &str| WalError::Corrupt { path: path.clone(), offset: 0, reason: reason.to_string() };
-        let (_, payload) = decode_framed(SNAPSHOT_MAGIC, &bytes).map_err(corrupt)?;
+        let (_, payload) = decode_framed(SNAPSHOT_MAGIC, &map).map_err(corrupt)?;
         let field = |at: usize| payload.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
         let (Some(index), Some(tag)) = (field(0), field(8)) else {
             return Err(corrupt("snapshot payload shorter than its header"));
         };
-        Ok(Some(Snapshot { index, tag, data: payload[16..].to_vec() }))
+        let data_at = map.len() - payload.len() + 16;
+        Ok(Some(Snapshot { index, tag, data: bytes::Bytes::from_owner(map).slice(data_at..) }))
     }
 }
 

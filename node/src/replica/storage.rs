@@ -4,7 +4,7 @@
 //! membership it was taken at. Everything `persist` writes is durable (fdatasync'd) when it
 //! returns, which is what `RawNode::advance` requires.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use sundial_consensus::{
     ConfChange, ConfState, Entry, EntryKind, HardState, Index, Ready, Snapshot, SnapshotMeta, Storage, StorageError,
     Term,
@@ -13,8 +13,10 @@ use sundial_wal::{Wal, WalError, WalOptions};
 
 pub struct WalStorage {
     wal: Wal,
+    dir: PathBuf,
     hard_state: HardState,
-    /// The newest snapshot, kept in memory (Raft asks for it to send to followers).
+    /// The newest snapshot (Raft asks for it to send to followers): its data is a view of the
+    /// mapped snapshot file, so keeping it costs page cache, not heap.
     snapshot: Snapshot,
 }
 
@@ -33,11 +35,8 @@ impl WalStorage {
             Some(bytes) => decode_hard_state(bytes).ok_or_else(|| corrupt(dir, "hard state"))?,
             None => HardState::default(),
         };
-        let snapshot = match wal.load_snapshot()? {
-            Some(stored) => {
-                let (conf, data) = decode_snapshot_data(&stored.data).ok_or_else(|| corrupt(dir, "snapshot"))?;
-                Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data }
-            }
+        let snapshot = match load_snapshot(&wal, dir)? {
+            Some(snapshot) => snapshot,
             None => {
                 // Without a snapshot the log must start at the beginning: a log that starts
                 // later lost the snapshot that covered its prefix (refused, never replayed
@@ -47,10 +46,10 @@ impl WalStorage {
                     return Err(WalError::Inconsistent { path: dir.to_path_buf(), reason });
                 }
                 let conf = ConfState { voters: voters.to_vec(), learners: Vec::new() };
-                Snapshot { meta: SnapshotMeta { index: 0, term: 0, conf }, data: Vec::new() }
+                Snapshot { meta: SnapshotMeta { index: 0, term: 0, conf }, data: Default::default() }
             }
         };
-        let mut storage = WalStorage { wal, hard_state, snapshot };
+        let mut storage = WalStorage { wal, dir: dir.to_path_buf(), hard_state, snapshot };
         let snapshot_index = storage.snapshot.meta.index;
         if storage.wal.first_index() > snapshot_index + 1 {
             let reason = format!(
@@ -108,9 +107,8 @@ impl WalStorage {
         };
         let conf_bytes = encode_conf(&conf);
         self.wal.save_snapshot_parts(index, term, &[&conf_bytes, data])?;
-        let snapshot = Snapshot { meta: SnapshotMeta { index, term, conf }, data: data.to_vec() };
         self.wal.truncate_prefix(index)?;
-        self.snapshot = snapshot;
+        self.snapshot = self.saved_snapshot(index)?;
         Ok(())
     }
 
@@ -122,18 +120,26 @@ impl WalStorage {
             return Ok(());
         }
         let consistent = self.wal.get(index).is_some_and(|e| e.tag == snapshot.meta.term);
-        self.wal.save_snapshot(
-            index,
-            snapshot.meta.term,
-            &encode_snapshot_data(&snapshot.meta.conf, &snapshot.data),
-        )?;
+        self.wal.save_snapshot_parts(index, snapshot.meta.term, &[&encode_conf(&snapshot.meta.conf), &snapshot.data])?;
         if !consistent && index < self.wal.last_index() {
             self.wal.truncate_suffix(index + 1)?;
         }
         self.wal.truncate_prefix(index)?;
         self.hard_state.commit = self.hard_state.commit.max(index);
-        self.snapshot = snapshot;
+        self.snapshot = self.saved_snapshot(index)?;
         Ok(())
+    }
+
+    /// The snapshot just saved at `index`, mapped from its file (the copy in memory that was
+    /// written is dropped by the caller).
+    fn saved_snapshot(&self, index: Index) -> Result<Snapshot, WalError> {
+        match load_snapshot(&self.wal, &self.dir)? {
+            Some(snapshot) if snapshot.meta.index == index => Ok(snapshot),
+            _ => Err(WalError::Inconsistent {
+                path: self.dir.clone(),
+                reason: format!("the snapshot at {index} just saved does not read back"),
+            }),
+        }
     }
 
     pub fn wal(&self) -> &Wal {
@@ -242,12 +248,11 @@ fn decode_entry(index: Index, term: Term, body: &[u8]) -> Option<Entry> {
     Some(Entry { term, index, kind: EntryKind::ConfChange(kind), data: Vec::new() })
 }
 
-/// Snapshot file data: voter count, voters, learner count, learners (u64 each), then the
-/// state machine's bytes.
-fn encode_snapshot_data(conf: &ConfState, data: &[u8]) -> Vec<u8> {
-    let mut out = encode_conf(conf);
-    out.extend_from_slice(data);
-    out
+/// The newest snapshot in the log's directory, its state machine's bytes a view of the file.
+fn load_snapshot(wal: &Wal, dir: &Path) -> Result<Option<Snapshot>, WalError> {
+    let Some(stored) = wal.load_snapshot()? else { return Ok(None) };
+    let (conf, data) = decode_snapshot_data(&stored.data).ok_or_else(|| corrupt(dir, "snapshot"))?;
+    Ok(Some(Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data }))
 }
 
 /// The voters and learners a snapshot's data starts with.
@@ -262,7 +267,9 @@ fn encode_conf(conf: &ConfState) -> Vec<u8> {
     out
 }
 
-fn decode_snapshot_data(bytes: &[u8]) -> Option<(ConfState, Vec<u8>)> {
+/// Snapshot file data: voter count, voters, learner count, learners (u64 each) — the
+/// `encode_conf` form — then the state machine's bytes (a view, not a copy).
+fn decode_snapshot_data(bytes: &bytes::Bytes) -> Option<(ConfState, bytes::Bytes)> {
     let mut at = 0usize;
     let mut read = || -> Option<u64> {
         let value = u64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?);
@@ -280,7 +287,10 @@ fn decode_snapshot_data(bytes: &[u8]) -> Option<(ConfState, Vec<u8>)> {
         }
     }
     let [voters, learners] = lists;
-    Some((ConfState { voters, learners }, bytes.get(at..)?.to_vec()))
+    if at > bytes.len() {
+        return None;
+    }
+    Some((ConfState { voters, learners }, bytes.slice(at..)))
 }
 
 #[cfg(test)]
@@ -306,7 +316,10 @@ mod tests {
         let hard_state = HardState { term: 9, vote: Some(2), commit: 41 };
         assert_eq!(decode_hard_state(&encode_hard_state(&hard_state)), Some(hard_state));
         let conf = ConfState { voters: vec![1, 2, 3], learners: vec![4] };
-        assert_eq!(decode_snapshot_data(&encode_snapshot_data(&conf, b"state")), Some((conf, b"state".to_vec())));
-        assert_eq!(decode_snapshot_data(&[1, 2, 3]), None);
+        let mut file_data = encode_conf(&conf);
+        file_data.extend_from_slice(b"state");
+        let decoded = decode_snapshot_data(&file_data.into());
+        assert_eq!(decoded, Some((conf, bytes::Bytes::from_static(b"state"))));
+        assert_eq!(decode_snapshot_data(&bytes::Bytes::from_static(&[1, 2, 3])), None);
     }
 }
