@@ -375,7 +375,7 @@ impl<L: CommandLog> Runtime<L> {
         self.evictions_reported = self.log.state().dead_letters_evicted_total();
         self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
         self.timers.clear();
-        let ids: Vec<String> = self.log.state().jobs().map(|job| job.spec.id.clone()).collect();
+        let ids: Vec<String> = self.log.state().jobs().map(|job| job.id().to_string()).collect();
         for id in &ids {
             self.arm(id);
         }
@@ -410,7 +410,7 @@ impl<L: CommandLog> Runtime<L> {
     /// queue is full.
     fn submit(&mut self, id: &str, fire_ms: u64, attempt: u32, due_ms: u64, callback: bool) -> bool {
         let Some(job) = self.log.state().job(id) else { return false };
-        let spec = &job.spec;
+        let spec = job.spec();
         let target = if callback {
             let Some(pending) = job.callbacks.get(&fire_ms) else { return false };
             let which = if pending.success { "success" } else { "failure" };
@@ -965,7 +965,7 @@ impl<L: CommandLog> Runtime<L> {
                 Outcome::Response { retry_after_ms: Some(ms), .. } => *ms,
                 _ => 0,
             };
-            let retry_at_ms = job.spec.retry.retry_at_ms(result.attempt, result.finished_ms, retry_after_ms, random);
+            let retry_at_ms = job.spec().retry.retry_at_ms(result.attempt, result.finished_ms, retry_after_ms, random);
             match &result.outcome {
                 // A delivered attempt is routine (debug: one line per fire is too many at
                 // volume); an answer that is not 2xx is worth an operator's eye.
@@ -1046,7 +1046,7 @@ impl<L: CommandLog> Runtime<L> {
         outcome: &Outcome,
     ) {
         let Some(job) = self.log.state().job(id) else { return };
-        let trace = job.spec.trace.clone();
+        let trace = job.spec().trace.clone();
         let trace_id = fire_trace(trace.as_ref(), id, fire_ms);
         let fire_span = fire_span_id(id, fire_ms);
         let result = match outcome {
@@ -1066,7 +1066,7 @@ impl<L: CommandLog> Runtime<L> {
                 ("sundial.job_id", id.to_string()),
                 ("sundial.fire_ms", fire_ms.to_string()),
                 ("sundial.attempt", attempt.to_string()),
-                ("url.full", job.spec.target.url.clone()),
+                ("url.full", job.spec().target.url.clone()),
                 result.clone(),
             ],
             failed: !outcome.succeeded(),

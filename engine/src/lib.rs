@@ -11,6 +11,7 @@ pub mod job;
 pub mod limits;
 pub mod request;
 pub mod sign;
+pub mod spec;
 pub mod state;
 pub mod trace;
 pub mod wheel;

@@ -5,9 +5,11 @@
 
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
+use crate::spec::{SpecCell, SpecSink};
 use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Executions kept per job (oldest dropped first).
@@ -380,7 +382,9 @@ pub struct ActiveFire {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Job {
-    pub spec: JobSpec,
+    /// In the heap, or in the partition's spec store once one is attached (`spec()` reads it).
+    #[rkyv(with = crate::spec::AsJobSpec)]
+    pub spec: SpecCell,
     pub status: Status,
     pub created_ms: u64,
     pub paused: bool,
@@ -409,6 +413,17 @@ pub struct Job {
     /// last found still needed). Its key in the state's expiry order.
     #[serde(default)]
     retained_from_ms: Option<u64>,
+}
+
+impl Job {
+    /// The job's spec: borrowed from the heap, or read back from the partition's store.
+    pub fn spec(&self) -> Cow<'_, JobSpec> {
+        self.spec.get()
+    }
+
+    pub fn id(&self) -> &str {
+        self.spec.id()
+    }
 }
 
 /// A fire's outcome waiting to be POSTed to the job's callback URL.
@@ -516,11 +531,62 @@ pub struct State {
     auto_paused: u64,
     #[serde(default)]
     flow_keys: BTreeMap<String, FlowKey>,
+    /// Where specs go once applied (none: they stay in the heap). A replica's own: it is
+    /// neither replicated nor part of a snapshot, and a spec reads the same wherever it is.
+    #[serde(skip)]
+    #[rkyv(with = rkyv::with::Skip)]
+    spec_sink: SinkSlot,
+}
+
+/// The state's spec store, if attached. A clone of the state shares the stored specs (they
+/// are read-only) but attaches no store of its own.
+#[derive(Default)]
+struct SinkSlot(Option<Box<dyn SpecSink>>);
+
+impl Clone for SinkSlot {
+    fn clone(&self) -> SinkSlot {
+        SinkSlot(None)
+    }
+}
+
+impl PartialEq for SinkSlot {
+    fn eq(&self, _: &SinkSlot) -> bool {
+        true
+    }
+}
+
+impl Eq for SinkSlot {}
+
+impl std::fmt::Debug for SinkSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "SinkSlot(attached)" } else { "SinkSlot(none)" })
+    }
 }
 
 impl State {
     pub fn new() -> State {
         State::default()
+    }
+
+    /// From now on specs live in `sink`: those in the heap move there (a restored state's),
+    /// and every spec created or replaced later goes there when applied.
+    pub fn attach_spec_store(&mut self, mut sink: Box<dyn SpecSink>) {
+        for job in self.jobs.values_mut() {
+            job.spec.store_in(&mut *sink);
+        }
+        self.spec_sink = SinkSlot(Some(sink));
+    }
+
+    /// Jobs whose spec is in the heap (the store refused it, or none is attached).
+    pub fn specs_in_heap(&self) -> usize {
+        self.jobs.values().filter(|job| !job.spec.is_stored()).count()
+    }
+
+    /// Moves the spec of `id` into the attached store, if any.
+    fn keep_spec(&mut self, id: &str) {
+        if let (Some(sink), Some(job)) = (self.spec_sink.0.as_mut(), self.jobs.get_mut(id)) {
+            job.spec.store_in(&mut **sink);
+        }
     }
 
     pub fn job(&self, id: &str) -> Option<&Job> {
@@ -723,7 +789,7 @@ impl State {
         if let Some(from_ms) = job.retained_from_ms {
             self.expiry_order.remove(&(from_ms, id.to_string()));
         }
-        for dependency in &job.spec.depends_on {
+        for dependency in &job.spec.get().depends_on {
             if let Some(set) = self.dependents.get_mut(dependency) {
                 set.remove(id);
                 if set.is_empty() {
@@ -735,7 +801,7 @@ impl State {
         if job.paused_reason.is_some() {
             self.auto_paused -= 1;
         }
-        self.leave_flow_key(id, &job.spec);
+        self.leave_flow_key(id, &job.spec.get());
         Some(job)
     }
 
@@ -776,8 +842,9 @@ impl State {
 
     /// The flow key of the job `id`, with its state.
     pub fn flow_key_of(&self, id: &str) -> Option<(&str, &FlowKey)> {
-        let flow = self.jobs.get(id)?.spec.flow.as_ref()?;
-        Some((flow.key.as_str(), self.flow_keys.get(&flow.key)?))
+        let spec = self.jobs.get(id)?.spec.get();
+        let key = &spec.flow.as_ref()?.key;
+        self.flow_keys.get_key_value(key).map(|(name, key)| (name.as_str(), key))
     }
 
     /// Attempts of the key's jobs in flight (started and not finished).
@@ -792,7 +859,7 @@ impl State {
         let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id)).filter(|job| !job.active.is_empty());
         jobs.flat_map(|job| {
             job.active.iter().map(|(fire_ms, fire)| KeyFire {
-                job: job.spec.id.as_str(),
+                job: job.spec.id(),
                 fire_ms: *fire_ms,
                 started: fire.in_flight || fire.attempts > 0,
             })
@@ -823,7 +890,7 @@ impl State {
         let mut out = Vec::new();
         for job in self.jobs.values() {
             for (&fire_ms, callback) in job.callbacks.iter().filter(|(_, c)| c.in_flight) {
-                out.push((job.spec.id.clone(), fire_ms, callback.attempts + 1));
+                out.push((job.spec.id().to_string(), fire_ms, callback.attempts + 1));
             }
         }
         out
@@ -1023,7 +1090,7 @@ impl State {
                 }
             }
             (Some(existing), _) => {
-                return if existing.spec.same_job(&spec) {
+                return if existing.spec.get().same_job(&spec) {
                     Ok(Applied::AlreadyExists)
                 } else {
                     Err(ApplyError::Conflict(spec.id))
@@ -1051,7 +1118,7 @@ impl State {
     fn upsert(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
         let Some(existing) = self.jobs.get(&spec.id) else { return self.insert_new(spec, now_ms) };
         // The same spec again changes nothing, finished or not (a repeated PUT never re-runs it).
-        if existing.spec.same_job(&spec) {
+        if existing.spec.get().same_job(&spec) {
             return Ok(Applied::AlreadyExists);
         }
         self.check_dependencies(&spec)?;
@@ -1060,7 +1127,7 @@ impl State {
             self.insert_new(spec, now_ms)?;
             return Ok(Applied::Replaced);
         }
-        let old_spec = self.jobs[&id].spec.clone();
+        let old_spec = self.jobs[&id].spec.get().into_owned();
         let key_of = |spec: &JobSpec| spec.flow.as_ref().map(|flow| flow.key.clone());
         if key_of(&old_spec) != key_of(&spec) {
             self.leave_flow_key(&id, &old_spec);
@@ -1068,8 +1135,8 @@ impl State {
         self.join_flow_key(&spec);
         let taken_in_dead_letters = self.dead_letters.get(&id).cloned().unwrap_or_default();
         let job = self.jobs.get_mut(&id).expect("checked");
-        let old_dependencies = std::mem::take(&mut job.spec.depends_on);
-        let started_at = |at_ms: u64| matches!(job.spec.schedule, Schedule::Once { at_ms: old } if old == at_ms && job.next_fire_ms.is_none());
+        let old_dependencies = old_spec.depends_on;
+        let started_at = |at_ms: u64| matches!(old_spec.schedule, Schedule::Once { at_ms: old } if old == at_ms && job.next_fire_ms.is_none());
         job.next_fire_ms = match (&spec.schedule, first_fire(&spec, now_ms)) {
             // A one-time fire that already ran (or runs, or was dead-lettered) is not run again.
             (Schedule::Once { .. }, Some(at_ms))
@@ -1083,7 +1150,7 @@ impl State {
             // A cron fire of the old cron schedule that is due and not started yet is kept
             // (within the new start and end): it starts under the new spec, its misfire policy
             // applying, rather than being dropped.
-            (Schedule::Cron(cron), first) => match (&job.spec.schedule, job.next_fire_ms) {
+            (Schedule::Cron(cron), first) => match (&old_spec.schedule, job.next_fire_ms) {
                 (Schedule::Cron(_), Some(old))
                     if old <= now_ms
                         && cron.start_ms.is_none_or(|start| old >= start)
@@ -1095,7 +1162,8 @@ impl State {
             },
             (_, first) => first,
         };
-        job.spec = spec;
+        let new_dependencies = spec.depends_on.clone();
+        job.spec = SpecCell::new(spec);
         job.catch_up_run = 0;
         let status = if !job.active.is_empty() {
             Status::InProgress
@@ -1104,7 +1172,6 @@ impl State {
         } else {
             Status::Completed
         };
-        let new_dependencies = job.spec.depends_on.clone();
         for dependency in old_dependencies {
             if let Some(set) = self.dependents.get_mut(&dependency) {
                 set.remove(&id);
@@ -1117,6 +1184,7 @@ impl State {
             self.dependents.entry(dependency).or_default().insert(id.clone());
         }
         self.set_status(&id, status, now_ms);
+        self.keep_spec(&id);
         Ok(Applied::Replaced)
     }
 
@@ -1167,7 +1235,7 @@ impl State {
             return Err(invalid(id, job.status, action));
         }
         let rule = |field: &str, rule: &str| ApplyError::Invalid { field: field.into(), rule: rule.into() };
-        let Some((schedule, _)) = schedule_of(&job.spec) else {
+        let Some((schedule, _)) = schedule_of(&job.spec.get()) else {
             return Err(rule("id", "only a cron job has a schedule to backfill"));
         };
         if from_ms > to_ms {
@@ -1221,7 +1289,7 @@ impl State {
         let callbacks = self.detach(&id).map(|old| old.callbacks).unwrap_or_default();
         self.forget_tombstone(&id);
         let job = Job {
-            spec,
+            spec: SpecCell::new(spec),
             status,
             created_ms: now_ms,
             paused: false,
@@ -1238,13 +1306,14 @@ impl State {
             callbacks,
             retained_from_ms: None,
         };
-        self.join_flow_key(&job.spec);
+        self.join_flow_key(&job.spec.get());
         self.counts[status as usize] += 1;
-        for dependency in &job.spec.depends_on {
+        for dependency in &job.spec.get().depends_on {
             self.dependents.entry(dependency.clone()).or_default().insert(id.clone());
         }
         self.jobs.insert(id.clone(), Box::new(job));
         self.index_retention(&id);
+        self.keep_spec(&id);
         Ok(Applied::Created)
     }
 
@@ -1260,14 +1329,14 @@ impl State {
                 continue;
             }
             if let Some(job) = self.jobs.get(&id) {
-                stack.extend(job.spec.depends_on.iter().cloned());
+                stack.extend(job.spec.get().depends_on.iter().cloned());
             }
         }
         false
     }
 
     fn dependencies_done(&self, job: &Job) -> bool {
-        job.spec.depends_on.iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
+        job.spec.get().depends_on.iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
     }
 
     fn fire_started(&mut self, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> Result<Applied, ApplyError> {
@@ -1290,19 +1359,19 @@ impl State {
             fire.in_flight = true;
             return Ok(Applied::Done);
         }
-        let overlap_blocks =
-            matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Skip) && !job.active.is_empty();
+        let overlap_blocks = matches!(&job.spec.get().schedule, Schedule::Cron(c) if c.overlap == Overlap::Skip)
+            && !job.active.is_empty();
         if job.next_fire_ms != Some(fire_ms) || attempt != 1 || !ready || overlap_blocks {
             return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
         }
         let lateness_ms = now_ms.saturating_sub(fire_ms);
-        match &job.spec.schedule {
+        match &job.spec.get().schedule {
             // A once job's only fire is run however late, up to the catch-up window.
             Schedule::Once { .. } if lateness_ms > CATCH_UP_WINDOW_MS => {
                 job.next_fire_ms = None;
                 record_missed(job, 1, fire_ms, now_ms);
                 let reason = "missed: later than the catch-up window".to_string();
-                if let Some(url) = job.spec.callbacks.on_failure.clone() {
+                if let Some(url) = job.spec.get().callbacks.on_failure.clone() {
                     let body = callback_document(id, fire_ms, 0, Some(&reason), None, Status::Failed);
                     let callback = PendingCallback {
                         url,
@@ -1340,9 +1409,9 @@ impl State {
         let fire = ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms, deadline_from_ms: fire_ms };
         job.active.insert(fire_ms, fire);
         // The next fire is computed from the committed fire time, then caught up to now.
-        job.next_fire_ms = match &job.spec.schedule {
+        job.next_fire_ms = match &job.spec.get().schedule {
             Schedule::Once { .. } => None,
-            Schedule::Cron(_) => next_cron_fire(&job.spec, fire_ms),
+            Schedule::Cron(_) => next_cron_fire(&job.spec.get(), fire_ms),
         };
         // Fires that came due while this one was late are handled (and recorded) here.
         catch_up(job, now_ms);
@@ -1383,23 +1452,25 @@ impl State {
         );
         let receiver_refused_retries = matches!(outcome, Outcome::Response { no_retry: true, .. });
         let retryable = match &outcome {
-            Outcome::Response { status, .. } => job.spec.retry.retries_status(*status) && !receiver_refused_retries,
+            Outcome::Response { status, .. } => {
+                job.spec.get().retry.retries_status(*status) && !receiver_refused_retries
+            }
             Outcome::Error(ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other) => true,
             Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted | ErrorClass::InvalidRequest) => false,
         };
         let retry_at_ms = retry_at_ms.max(finished_ms);
         let deadline_from_ms = job.active.get(&fire_ms).map_or(fire_ms, |f| f.deadline_from_ms);
         let past_deadline =
-            job.spec.deadline_ms.is_some_and(|deadline| retry_at_ms >= deadline_from_ms.saturating_add(deadline));
+            job.spec.get().deadline_ms.is_some_and(|deadline| retry_at_ms >= deadline_from_ms.saturating_add(deadline));
         let ended = if outcome.succeeded() {
             job.fires_succeeded += 1;
             None
-        } else if retryable && attempt < job.spec.retry.max_attempts && !past_deadline {
+        } else if retryable && attempt < job.spec.get().retry.max_attempts && !past_deadline {
             job.active.get_mut(&fire_ms).expect("checked above").due_ms = retry_at_ms;
             return Ok(Applied::Done);
         } else {
             job.fires_failed += 1;
-            let reason = if past_deadline && retryable && attempt < job.spec.retry.max_attempts {
+            let reason = if past_deadline && retryable && attempt < job.spec.get().retry.max_attempts {
                 "deadline exceeded".to_string()
             } else if receiver_refused_retries {
                 "the receiver asked not to retry".to_string()
@@ -1411,7 +1482,7 @@ impl State {
             Some(reason)
         };
         job.active.remove(&fire_ms);
-        let once = matches!(job.spec.schedule, Schedule::Once { .. });
+        let once = matches!(job.spec.get().schedule, Schedule::Once { .. });
         let auto_paused = count_fire_for_auto_pause(job, ended.is_some(), fire_ms, finished_ms);
         self.auto_paused += u64::from(auto_paused);
         let job = self.jobs.get_mut(id).expect("checked above");
@@ -1431,7 +1502,7 @@ impl State {
             }
         };
         let callback_url =
-            if ended.is_none() { &job.spec.callbacks.on_success } else { &job.spec.callbacks.on_failure };
+            if ended.is_none() { &job.spec.get().callbacks.on_success } else { &job.spec.get().callbacks.on_failure };
         if let Some(url) = callback_url.clone() {
             let body = callback_document(id, fire_ms, attempt, ended.as_deref(), Some(&outcome), status);
             let callback = PendingCallback {
@@ -1467,12 +1538,12 @@ impl State {
         let which = if callback.success { "on_success" } else { "on_failure" };
         let retryable = match &outcome {
             Outcome::Response { no_retry: true, .. } => false,
-            Outcome::Response { status, .. } => job.spec.retry.retries_status(*status),
+            Outcome::Response { status, .. } => job.spec.get().retry.retries_status(*status),
             Outcome::Error(class) => matches!(class, ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other),
         };
         let note = if outcome.succeeded() {
             format!("callback {which} delivered")
-        } else if retryable && attempt < job.spec.retry.max_attempts {
+        } else if retryable && attempt < job.spec.get().retry.max_attempts {
             callback.due_ms = retry_at_ms.max(finished_ms);
             format!("callback {which} failed; retrying")
         } else {
@@ -1539,7 +1610,8 @@ impl State {
         }
         // An ordered key runs one fire at a time: its jobs' fires never overlap.
         let ordered = self.flow_key_of(id).is_some_and(|(_, key)| key.ordered);
-        let concurrent = !ordered && matches!(&job.spec.schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
+        let concurrent =
+            !ordered && matches!(&job.spec.get().schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
         // Fires added to the job (trigger, backfill, redrive) start one after another unless
         // its fires may overlap: a fire not started waits while another has started.
         let one_started = job.active.values().any(|fire| fire.in_flight || fire.attempts > 0);
@@ -1564,7 +1636,7 @@ impl State {
         let mut out = Vec::new();
         for job in self.jobs.values().filter(|j| !j.status.is_final()) {
             for (&fire_ms, fire) in job.active.iter().filter(|(_, f)| f.in_flight) {
-                out.push((job.spec.id.clone(), fire_ms, fire.attempts + 1));
+                out.push((job.spec.id().to_string(), fire_ms, fire.attempts + 1));
             }
         }
         out
@@ -1585,14 +1657,17 @@ impl State {
         let auto_paused = self.jobs.values().filter(|job| job.paused_reason.is_some()).count() as u64;
         let keys_hold_their_jobs = self.jobs.values().all(|job| {
             job.spec
+                .get()
                 .flow
                 .as_ref()
-                .is_none_or(|f| self.flow_keys.get(&f.key).is_some_and(|k| k.jobs.contains(&job.spec.id)))
+                .is_none_or(|f| self.flow_keys.get(&f.key).is_some_and(|k| k.jobs.contains(job.spec.id())))
         });
         let keys_hold_only_their_jobs = self.flow_keys.iter().all(|(name, key)| {
             (key.paused || !key.jobs.is_empty())
                 && key.jobs.iter().all(|id| {
-                    self.jobs.get(id).and_then(|job| job.spec.flow.as_ref()).is_some_and(|flow| flow.key == *name)
+                    self.jobs
+                        .get(id)
+                        .is_some_and(|job| job.spec.get().flow.as_ref().is_some_and(|flow| flow.key == *name))
                 })
         });
         recount == self.counts
@@ -1779,7 +1854,7 @@ fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms
 /// Counts a cron fire that ended for `pause_after_failures`; returns true when the job paused
 /// itself now (the reason goes to its history).
 fn count_fire_for_auto_pause(job: &mut Job, failed: bool, fire_ms: u64, now_ms: u64) -> bool {
-    let Schedule::Cron(cron) = &job.spec.schedule else { return false };
+    let Schedule::Cron(cron) = &job.spec.get().schedule else { return false };
     if !failed {
         job.failures_in_a_row = 0;
         return false;
@@ -1879,7 +1954,8 @@ fn count_fires(schedule: &CronSchedule, cron: &crate::job::CronSpec, from_ms: u6
 /// written to the history; returns how many.
 fn catch_up(job: &mut Job, now_ms: u64) -> u64 {
     let Some(next) = job.next_fire_ms.filter(|next| *next <= now_ms) else { return 0 };
-    let Some((schedule, cron)) = schedule_of(&job.spec) else { return 0 };
+    let spec = job.spec.get();
+    let Some((schedule, cron)) = schedule_of(&spec) else { return 0 };
     let mut missed = 0;
     let mut next = next;
     let first_missed = next;

@@ -120,7 +120,11 @@ impl WalStorage {
             return Ok(());
         }
         let consistent = self.wal.get(index).is_some_and(|e| e.tag == snapshot.meta.term);
-        self.wal.save_snapshot_parts(index, snapshot.meta.term, &[&encode_conf(&snapshot.meta.conf), &snapshot.data])?;
+        self.wal.save_snapshot_parts(
+            index,
+            snapshot.meta.term,
+            &[&encode_conf(&snapshot.meta.conf), &snapshot.data],
+        )?;
         if !consistent && index < self.wal.last_index() {
             self.wal.truncate_suffix(index + 1)?;
         }

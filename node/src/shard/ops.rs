@@ -150,9 +150,7 @@ pub fn job_command(id: &str, op: JobOp, now: u64) -> Option<Command> {
 /// The answer to a read `op` of the job `id`.
 pub fn read_answer(state: &State, id: &str, op: JobOp, now_ms: u64) -> Answer {
     match op {
-        JobOp::Status => {
-            with_job(state, id, |job| answer(200, json!({"id": job.spec.id, "status": job.status.as_str()})))
-        }
+        JobOp::Status => with_job(state, id, |job| answer(200, json!({"id": job.id(), "status": job.status.as_str()}))),
         JobOp::Executions => with_job(state, id, |job| answer(200, executions(job))),
         JobOp::KeyGet | JobOp::KeyPause | JobOp::KeyResume => match state.flow_key(id) {
             Some(key) => answer(200, flow_key_view(state, id, key, now_ms)),
@@ -285,7 +283,7 @@ pub fn live_jobs(state: &State) -> usize {
 /// status, oldest first.
 pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Value> {
     let mut jobs: Vec<&Job> = state.jobs().filter(|job| status.is_none_or(|s| job.status == s)).collect();
-    let age = |job: &&Job| (job.created_ms, job.spec.id.clone());
+    let age = |job: &&Job| (job.created_ms, job.id().to_string());
     if jobs.len() > limit && limit > 0 {
         jobs.select_nth_unstable_by_key(limit - 1, age);
         jobs.truncate(limit);
@@ -318,10 +316,12 @@ pub fn flow_keys(state: &State, limit: usize, now_ms: u64) -> Vec<Value> {
 /// `{"id", "created_ms"}` of up to `limit` jobs of this partition carrying every one of
 /// `labels`, oldest first.
 pub fn labelled_jobs(state: &State, labels: &[(String, String)], limit: usize) -> Vec<Value> {
-    let mut jobs: Vec<&Job> =
-        state.jobs().filter(|job| labels.iter().all(|(key, value)| job.spec.labels.get(key) == Some(value))).collect();
-    jobs.sort_by_key(|job| (job.created_ms, job.spec.id.clone()));
-    jobs.into_iter().take(limit).map(|job| json!({"id": job.spec.id, "created_ms": job.created_ms})).collect()
+    let mut jobs: Vec<&Job> = state
+        .jobs()
+        .filter(|job| labels.iter().all(|(key, value)| job.spec().labels.get(key) == Some(value)))
+        .collect();
+    jobs.sort_by_key(|job| (job.created_ms, job.id().to_string()));
+    jobs.into_iter().take(limit).map(|job| json!({"id": job.id(), "created_ms": job.created_ms})).collect()
 }
 
 /// Up to `limit` dead letters of this partition, oldest first.
@@ -389,7 +389,8 @@ pub fn apply_error(e: ApplyError) -> Answer {
 
 /// A job as clients see it (Scheduled-DB's fields first).
 pub fn job_view(job: &Job) -> Value {
-    let (kind, schedule) = match &job.spec.schedule {
+    let spec = job.spec();
+    let (kind, schedule) = match &spec.schedule {
         Schedule::Once { at_ms } => ("unico", json!({"run_at_ms": at_ms})),
         Schedule::Cron(cron) => (
             "recurrente",
@@ -406,18 +407,18 @@ pub fn job_view(job: &Job) -> Value {
             }),
         ),
     };
-    let retry = &job.spec.retry;
+    let retry = &spec.retry;
     let backoff = match &retry.backoff {
         Backoff::Exponential => json!("exponential"),
         Backoff::Fixed => json!("fixed"),
         Backoff::Delays(delays) => json!(delays),
     };
     json!({
-        "id": job.spec.id,
+        "id": job.id(),
         "type": kind,
         "status": job.status.as_str(),
-        "webhook_url": job.spec.target.url,
-        "method": job.spec.target.method.as_str(),
+        "webhook_url": spec.target.url,
+        "method": spec.target.method.as_str(),
         "schedule": schedule,
         "next_fire_ms": job.next_fire_ms,
         "paused": job.paused,
@@ -430,12 +431,12 @@ pub fn job_view(job: &Job) -> Value {
             "multiplier": f64::from(retry.multiplier_permille) / 1000.0,
             "jitter": f64::from(retry.jitter_percent) / 100.0,
         },
-        "signing": {"own_secret": job.spec.secret.is_some(), "rotating": job.spec.secret_next.is_some()},
-        "flow": job.spec.flow.as_ref().map(|flow| json!({"key": flow.key, "parallelism": flow.parallelism, "rate": flow.rate, "period_ms": flow.period_ms, "ordered": flow.ordered})),
-        "callbacks": {"on_success": job.spec.callbacks.on_success, "on_failure": job.spec.callbacks.on_failure},
+        "signing": {"own_secret": spec.secret.is_some(), "rotating": spec.secret_next.is_some()},
+        "flow": spec.flow.as_ref().map(|flow| json!({"key": flow.key, "parallelism": flow.parallelism, "rate": flow.rate, "period_ms": flow.period_ms, "ordered": flow.ordered})),
+        "callbacks": {"on_success": spec.callbacks.on_success, "on_failure": spec.callbacks.on_failure},
         "callbacks_pending": job.callbacks.len(),
-        "priority": job.spec.priority,
-        "labels": job.spec.labels,
+        "priority": spec.priority,
+        "labels": spec.labels,
         "created_ms": job.created_ms,
         "fires": {"succeeded": job.fires_succeeded, "failed": job.fires_failed, "missed": job.fires_missed},
     })
@@ -461,5 +462,5 @@ fn executions(job: &Job) -> Value {
             })
         })
         .collect();
-    json!({"id": job.spec.id, "executions": list})
+    json!({"id": job.id(), "executions": list})
 }

@@ -1,0 +1,174 @@
+//! Where a job's spec lives: in the heap (`SpecCell::Here`), or archived in a file-backed
+//! store that the shell provides (`SpecCell::Stored`), read back when a decision, a fire or
+//! a read needs it. The core sees the store only through `SpecSink` and `SpecSegment`: it
+//! does no I/O itself, and a spec reads the same wherever it lives, so replicas whose specs
+//! live in different places (or nowhere but the heap) hold equal states with equal digests.
+
+use crate::job::{ArchivedJobSpec, JobSpec};
+use rkyv::rancor::Fallible;
+use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
+use rkyv::{Archive, Deserialize as _, Place, Serialize as _};
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+
+/// Archives are placed at this alignment (the archive's own, with rkyv's `aligned` layout):
+/// a store must hand out records starting at a multiple of it.
+pub const SPEC_ALIGN_BYTES: usize = 16;
+
+/// A region of the store that records are read from. Records are written once, before any
+/// `SpecView` of them exists, and never written again while one does.
+pub trait SpecSegment: Send + Sync {
+    /// The record at `offset`, `len` bytes long, as `SpecSink::put` placed it.
+    fn read(&self, offset: u32, len: u32) -> &[u8];
+}
+
+/// Where the state puts specs it need not keep in the heap.
+pub trait SpecSink: Send {
+    /// Keeps `archive` (an archived `JobSpec`) and returns a view of it, or `None` when the
+    /// store cannot take it (full, or a write failed): the spec then stays in the heap.
+    fn put(&mut self, archive: &[u8]) -> Option<SpecView>;
+}
+
+/// A spec archived in a store: the segment stays mapped while any view of it lives.
+#[derive(Clone)]
+pub struct SpecView {
+    segment: Arc<dyn SpecSegment>,
+    offset: u32,
+    len: u32,
+}
+
+impl SpecView {
+    pub fn new(segment: Arc<dyn SpecSegment>, offset: u32, len: u32) -> SpecView {
+        SpecView { segment, offset, len }
+    }
+
+    fn archived(&self) -> &ArchivedJobSpec {
+        let bytes = self.segment.read(self.offset, self.len);
+        // SAFETY: the bytes are what `archive` produced for a JobSpec in this process (the
+        // only caller of `put`), at an offset aligned to SPEC_ALIGN_BYTES, and never written
+        // again while this view lives (SpecSegment's contract).
+        unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(bytes) }
+    }
+
+    fn decode(&self) -> JobSpec {
+        let archived = self.archived();
+        match rkyv::deserialize::<JobSpec, rkyv::rancor::Error>(archived) {
+            Ok(spec) => spec,
+            // Never fails: deserializing a JobSpec allocates and copies, and has no error of its own.
+            Err(error) => unreachable!("deserializing an archived JobSpec failed: {error}"),
+        }
+    }
+}
+
+/// The archive of a spec as a store keeps it.
+pub fn archive(spec: &JobSpec) -> Option<rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>> {
+    rkyv::to_bytes::<rkyv::rancor::Error>(spec).ok()
+}
+
+/// A job's spec, wherever it lives.
+#[derive(Clone)]
+pub enum SpecCell {
+    Here(Box<JobSpec>),
+    Stored(SpecView),
+}
+
+impl SpecCell {
+    pub fn new(spec: JobSpec) -> SpecCell {
+        SpecCell::Here(Box::new(spec))
+    }
+
+    /// The spec: borrowed from the heap, or read back from the store.
+    pub fn get(&self) -> Cow<'_, JobSpec> {
+        match self {
+            SpecCell::Here(spec) => Cow::Borrowed(spec),
+            SpecCell::Stored(view) => Cow::Owned(view.decode()),
+        }
+    }
+
+    /// The job's id without decoding the rest of the spec.
+    pub fn id(&self) -> &str {
+        match self {
+            SpecCell::Here(spec) => &spec.id,
+            SpecCell::Stored(view) => view.archived().id.as_str(),
+        }
+    }
+
+    /// Moves a spec held in the heap into `sink`; it stays in the heap if the sink refuses.
+    pub fn store_in(&mut self, sink: &mut dyn SpecSink) {
+        let SpecCell::Here(spec) = self else { return };
+        let Some(bytes) = archive(spec) else { return };
+        if let Some(view) = sink.put(&bytes) {
+            *self = SpecCell::Stored(view);
+        }
+    }
+
+    pub fn is_stored(&self) -> bool {
+        matches!(self, SpecCell::Stored(_))
+    }
+}
+
+impl From<JobSpec> for SpecCell {
+    fn from(spec: JobSpec) -> SpecCell {
+        SpecCell::new(spec)
+    }
+}
+
+impl PartialEq for SpecCell {
+    fn eq(&self, other: &SpecCell) -> bool {
+        *self.get() == *other.get()
+    }
+}
+
+impl Eq for SpecCell {}
+
+impl fmt::Debug for SpecCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
+/// Serialized as the spec itself, wherever it lives: JSON and archived states read the same
+/// as before specs could be stored.
+impl serde::Serialize for SpecCell {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SpecCell {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<SpecCell, D::Error> {
+        JobSpec::deserialize(deserializer).map(SpecCell::new)
+    }
+}
+
+/// rkyv wrapper: a `SpecCell` is archived as the `JobSpec` it holds (the archive's layout is
+/// the one before specs could be stored).
+pub struct AsJobSpec;
+
+impl ArchiveWith<SpecCell> for AsJobSpec {
+    type Archived = ArchivedJobSpec;
+    type Resolver = <JobSpec as Archive>::Resolver;
+
+    fn resolve_with(field: &SpecCell, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        field.get().resolve(resolver, out);
+    }
+}
+
+impl<S: Fallible + ?Sized> SerializeWith<SpecCell, S> for AsJobSpec
+where
+    JobSpec: rkyv::Serialize<S>,
+{
+    fn serialize_with(field: &SpecCell, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        field.get().serialize(serializer)
+    }
+}
+
+impl<D: Fallible + ?Sized> DeserializeWith<ArchivedJobSpec, SpecCell, D> for AsJobSpec
+where
+    ArchivedJobSpec: rkyv::Deserialize<JobSpec, D>,
+{
+    fn deserialize_with(field: &ArchivedJobSpec, deserializer: &mut D) -> Result<SpecCell, D::Error> {
+        field.deserialize(deserializer).map(SpecCell::new)
+    }
+}
