@@ -21,6 +21,13 @@ pub const SPEC_ALIGN_BYTES: usize = 16;
 pub trait SpecSegment: Send + Sync {
     /// The record at `offset`, `len` bytes long, as `SpecSink::put` placed it.
     fn read(&self, offset: u32, len: u32) -> &[u8];
+    /// A view of `len` bytes came into being (accounting of live bytes).
+    fn retain(&self, len: u32);
+    /// A view of `len` bytes went away.
+    fn release(&self, len: u32);
+    /// Most of the segment is dead: its live specs should be put again elsewhere, so the
+    /// segment can go.
+    fn wants_repack(&self) -> bool;
 }
 
 /// Where the state puts specs it need not keep in the heap.
@@ -28,23 +35,42 @@ pub trait SpecSink: Send {
     /// Keeps `archive` (an archived `JobSpec`) and returns a view of it, or `None` when the
     /// store cannot take it (full, or a write failed): the spec then stays in the heap.
     fn put(&mut self, archive: &[u8]) -> Option<SpecView>;
+    /// Some segment asked to be repacked (`SpecSegment::wants_repack`).
+    fn repack_wanted(&self) -> bool;
 }
 
 /// A spec archived in a store: the segment stays mapped while any view of it lives.
-#[derive(Clone)]
 pub struct SpecView {
     segment: Arc<dyn SpecSegment>,
     offset: u32,
     len: u32,
 }
 
+impl Clone for SpecView {
+    fn clone(&self) -> SpecView {
+        SpecView::new(self.segment.clone(), self.offset, self.len)
+    }
+}
+
+impl Drop for SpecView {
+    fn drop(&mut self) {
+        self.segment.release(self.len);
+    }
+}
+
 impl SpecView {
     pub fn new(segment: Arc<dyn SpecSegment>, offset: u32, len: u32) -> SpecView {
+        segment.retain(len);
         SpecView { segment, offset, len }
     }
 
+    /// The archived bytes, as they were put.
+    pub fn bytes(&self) -> &[u8] {
+        self.segment.read(self.offset, self.len)
+    }
+
     fn archived(&self) -> &ArchivedJobSpec {
-        let bytes = self.segment.read(self.offset, self.len);
+        let bytes = self.bytes();
         // SAFETY: the bytes are what `archive` produced for a JobSpec in this process (the
         // only caller of `put`), at an offset aligned to SPEC_ALIGN_BYTES, and never written
         // again while this view lives (SpecSegment's contract).
@@ -105,6 +131,22 @@ impl SpecCell {
 
     pub fn is_stored(&self) -> bool {
         matches!(self, SpecCell::Stored(_))
+    }
+
+    /// Puts a stored spec again into `sink` if its segment asked to be repacked (the bytes
+    /// are copied as they are: no decoding). True if it moved.
+    pub fn repack_into(&mut self, sink: &mut dyn SpecSink) -> bool {
+        let SpecCell::Stored(view) = self else { return false };
+        if !view.segment.wants_repack() {
+            return false;
+        }
+        match sink.put(view.bytes()) {
+            Some(moved) => {
+                *self = SpecCell::Stored(moved);
+                true
+            }
+            None => false,
+        }
     }
 }
 

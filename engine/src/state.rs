@@ -582,6 +582,38 @@ impl State {
         self.jobs.values().filter(|job| !job.spec.is_stored()).count()
     }
 
+    /// Takes the attached spec store away (to attach it to the state that replaces this one).
+    pub fn detach_spec_store(&mut self) -> Option<Box<dyn SpecSink>> {
+        self.spec_sink.0.take()
+    }
+
+    /// Looks at up to `budget` jobs after `cursor` (in id order; `None`: from the first) and
+    /// moves their specs out of segments that asked to be repacked. Returns where to go on
+    /// from (`None`: the end was reached) and how many moved. Local to this replica: where a
+    /// spec lives changes nothing replicated.
+    pub fn repack_specs(&mut self, cursor: Option<&str>, budget: usize) -> (Option<String>, usize) {
+        let Some(sink) = self.spec_sink.0.as_mut() else { return (None, 0) };
+        if cursor.is_none() && !sink.repack_wanted() {
+            return (None, 0);
+        }
+        let range = match cursor {
+            Some(after) => self.jobs.range_mut::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => self.jobs.range_mut::<str, _>(..),
+        };
+        let (mut moved, mut seen) = (0, 0);
+        let mut last = None;
+        for (id, job) in range.take(budget) {
+            if job.spec.repack_into(&mut **sink) {
+                moved += 1;
+            }
+            seen += 1;
+            last = Some(id);
+        }
+        // Fewer than the budget: the range ran out, the next pass starts over.
+        let next = if seen < budget { None } else { last.cloned() };
+        (next, moved)
+    }
+
     /// Moves the spec of `id` into the attached store, if any.
     fn keep_spec(&mut self, id: &str) {
         if let (Some(sink), Some(job)) = (self.spec_sink.0.as_mut(), self.jobs.get_mut(id)) {

@@ -5,6 +5,7 @@
 //! before it dropped.
 
 use crate::cluster::members::{Members, MembersCommand};
+use crate::replica::specs::{SpecStore, SEGMENTS_MAX_DEFAULT, SEGMENT_BYTES_DEFAULT, SPECS_DIR};
 use crate::replica::storage::WalStorage;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -32,6 +33,8 @@ pub struct PartitionOptions {
     /// Set for the meta group: its entries are membership changes applied to `Members`
     /// (starting from this, for a brand-new group) instead of jobs commands.
     pub members: Option<Members>,
+    /// Size of the files job specs are kept in (`None`: specs stay in the heap).
+    pub spec_segment_bytes: Option<u64>,
 }
 
 impl PartitionOptions {
@@ -46,6 +49,7 @@ impl PartitionOptions {
             election_ticks: 10,
             heartbeat_ticks: 1,
             members: None,
+            spec_segment_bytes: Some(SEGMENT_BYTES_DEFAULT),
         }
     }
 }
@@ -64,9 +68,16 @@ pub enum PartitionError {
     NoLeader { ticks: u32 },
     #[error("the partition's log cannot be applied: {0}")]
     Format(String),
+    #[error("the partition's spec store ({path}): {error}")]
+    SpecStore { path: String, error: std::io::Error },
 }
 
+/// Jobs looked at per tick for specs to repack (a few tens of microseconds).
+const REPACK_JOBS_PER_TICK: usize = 4096;
+
 pub struct Partition {
+    /// Where the next tick goes on looking for specs to repack (`None`: from the first job).
+    repack_cursor: Option<String>,
     node: RawNode<WalStorage>,
     state: State,
     /// The meta group's state machine (`None` for a partition of jobs).
@@ -143,6 +154,12 @@ impl Partition {
             (None, true) => (State::new(), None),
             (None, false) => (State::restore(&snapshot.data).map_err(|e| snapshot_error(e.to_string()))?, None),
         };
+        let mut state = state;
+        if let (None, Some(segment_bytes)) = (&options.members, options.spec_segment_bytes) {
+            let store = SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT)
+                .map_err(|error| PartitionError::SpecStore { path: dir.join(SPECS_DIR).display().to_string(), error })?;
+            state.attach_spec_store(Box::new(store));
+        }
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
         config.election_tick = options.election_ticks;
@@ -168,6 +185,7 @@ impl Partition {
             writes: Vec::new(),
             elections_won: 0,
             leading: false,
+            repack_cursor: None,
         };
         partition.process()?;
         if partition.options.voters == [partition.options.node_id] {
@@ -199,6 +217,14 @@ impl Partition {
 
     pub fn tick(&mut self) {
         self.node.tick();
+        self.repack_specs();
+    }
+
+    /// Moves live specs out of mostly dead spec segments, a bounded number of jobs looked at
+    /// per tick, so those segments (files) can go.
+    fn repack_specs(&mut self) {
+        let (next, _moved) = self.state.repack_specs(self.repack_cursor.as_deref(), REPACK_JOBS_PER_TICK);
+        self.repack_cursor = next;
     }
 
     /// A message from a peer replica of this group.
@@ -306,7 +332,12 @@ impl Partition {
                 if self.members.is_some() {
                     self.members = Some(Members::restore(&snapshot.data).map_err(PartitionError::Snapshot)?);
                 } else {
+                    let spec_store = self.state.detach_spec_store();
                     self.state = State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
+                    if let Some(store) = spec_store {
+                        self.state.attach_spec_store(store);
+                    }
+                    self.repack_cursor = None;
                 }
             }
             for entry in &ready.committed_entries {
