@@ -6,8 +6,9 @@
 
 use crate::job::{ArchivedJobSpec, JobSpec};
 use rkyv::rancor::Fallible;
+use rkyv::rancor::Source as _;
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
-use rkyv::{Archive, Deserialize as _, Place, Serialize as _};
+use rkyv::Place;
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
@@ -70,21 +71,27 @@ impl SpecView {
     }
 
     fn archived(&self) -> &ArchivedJobSpec {
-        let bytes = self.bytes();
-        // SAFETY: the bytes are what `archive` produced for a JobSpec in this process (the
-        // only caller of `put`), at an offset aligned to SPEC_ALIGN_BYTES, and never written
-        // again while this view lives (SpecSegment's contract).
-        unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(bytes) }
+        // SAFETY: the bytes were put by `SpecCell` (the only caller of `put`): an archive it
+        // made or checked, at an offset aligned to SPEC_ALIGN_BYTES, never written again
+        // while this view lives (SpecSegment's contract).
+        unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(self.bytes()) }
     }
+}
 
-    fn decode(&self) -> JobSpec {
-        let archived = self.archived();
-        match rkyv::deserialize::<JobSpec, rkyv::rancor::Error>(archived) {
-            Ok(spec) => spec,
-            // Never fails: deserializing a JobSpec allocates and copies, and has no error of its own.
-            Err(error) => unreachable!("deserializing an archived JobSpec failed: {error}"),
-        }
+/// The owned spec of an archive.
+fn decode(archived: &ArchivedJobSpec) -> JobSpec {
+    match rkyv::deserialize::<JobSpec, rkyv::rancor::Error>(archived) {
+        Ok(spec) => spec,
+        // Never fails: deserializing a JobSpec allocates and copies, and has no error of its own.
+        Err(error) => unreachable!("deserializing an archived JobSpec failed: {error}"),
     }
+}
+
+/// A packed spec's archive.
+fn packed(bytes: &rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>) -> &ArchivedJobSpec {
+    // SAFETY: a `Packed` cell's bytes were checked as a JobSpec archive when it was made
+    // (`AsSpecArchive::deserialize_with`) and are never changed.
+    unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(bytes) }
 }
 
 /// The archive of a spec as a store keeps it.
@@ -95,7 +102,11 @@ pub fn archive(spec: &JobSpec) -> Option<rkyv::util::AlignedVec<SPEC_ALIGN_BYTES
 /// A job's spec, wherever it lives.
 #[derive(Clone)]
 pub enum SpecCell {
+    /// In the heap, as a value (a created job's, where no store is attached).
     Here(Box<JobSpec>),
+    /// In the heap, as its checked archive (a restored job's, until a store takes it).
+    Packed(rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>),
+    /// In a store.
     Stored(SpecView),
 }
 
@@ -108,7 +119,8 @@ impl SpecCell {
     pub fn get(&self) -> Cow<'_, JobSpec> {
         match self {
             SpecCell::Here(spec) => Cow::Borrowed(spec),
-            SpecCell::Stored(view) => Cow::Owned(view.decode()),
+            SpecCell::Packed(bytes) => Cow::Owned(decode(packed(bytes))),
+            SpecCell::Stored(view) => Cow::Owned(decode(view.archived())),
         }
     }
 
@@ -116,15 +128,19 @@ impl SpecCell {
     pub fn id(&self) -> &str {
         match self {
             SpecCell::Here(spec) => &spec.id,
+            SpecCell::Packed(bytes) => packed(bytes).id.as_str(),
             SpecCell::Stored(view) => view.archived().id.as_str(),
         }
     }
 
     /// Moves a spec held in the heap into `sink`; it stays in the heap if the sink refuses.
     pub fn store_in(&mut self, sink: &mut dyn SpecSink) {
-        let SpecCell::Here(spec) = self else { return };
-        let Some(bytes) = archive(spec) else { return };
-        if let Some(view) = sink.put(&bytes) {
+        let view = match self {
+            SpecCell::Here(spec) => archive(spec).and_then(|bytes| sink.put(&bytes)),
+            SpecCell::Packed(bytes) => sink.put(bytes),
+            SpecCell::Stored(_) => None,
+        };
+        if let Some(view) = view {
             *self = SpecCell::Stored(view);
         }
     }
@@ -184,33 +200,54 @@ impl<'de> serde::Deserialize<'de> for SpecCell {
     }
 }
 
-/// rkyv wrapper: a `SpecCell` is archived as the `JobSpec` it holds (the archive's layout is
-/// the one before specs could be stored).
-pub struct AsJobSpec;
+/// rkyv wrapper: a `SpecCell` is archived as the bytes of the spec's own archive (what a
+/// store keeps), so a snapshot copies stored specs out, and a restore into a store copies them
+/// in, without decoding either way. Validated as a `JobSpec` archive when read back.
+pub struct AsSpecArchive;
 
-impl ArchiveWith<SpecCell> for AsJobSpec {
-    type Archived = ArchivedJobSpec;
-    type Resolver = <JobSpec as Archive>::Resolver;
+pub struct SpecArchiveResolver {
+    bytes: rkyv::vec::VecResolver,
+    len: usize,
+}
 
-    fn resolve_with(field: &SpecCell, resolver: Self::Resolver, out: Place<Self::Archived>) {
-        field.get().resolve(resolver, out);
+impl ArchiveWith<SpecCell> for AsSpecArchive {
+    type Archived = rkyv::vec::ArchivedVec<u8>;
+    type Resolver = SpecArchiveResolver;
+
+    fn resolve_with(_: &SpecCell, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(resolver.len, resolver.bytes, out);
     }
 }
 
-impl<S: Fallible + ?Sized> SerializeWith<SpecCell, S> for AsJobSpec
+impl<S: Fallible + rkyv::ser::Writer + rkyv::ser::Allocator + ?Sized> SerializeWith<SpecCell, S> for AsSpecArchive
 where
-    JobSpec: rkyv::Serialize<S>,
+    S::Error: rkyv::rancor::Source,
 {
     fn serialize_with(field: &SpecCell, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
-        field.get().serialize(serializer)
+        let write = |bytes: &[u8], serializer: &mut S| {
+            let resolver = rkyv::vec::ArchivedVec::<u8>::serialize_from_slice(bytes, serializer)?;
+            Ok(SpecArchiveResolver { bytes: resolver, len: bytes.len() })
+        };
+        match field {
+            SpecCell::Here(spec) => {
+                let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&**spec).map_err(S::Error::new)?;
+                write(&bytes, serializer)
+            }
+            SpecCell::Packed(bytes) => write(bytes, serializer),
+            SpecCell::Stored(view) => write(view.bytes(), serializer),
+        }
     }
 }
 
-impl<D: Fallible + ?Sized> DeserializeWith<ArchivedJobSpec, SpecCell, D> for AsJobSpec
+impl<D: Fallible + ?Sized> DeserializeWith<rkyv::vec::ArchivedVec<u8>, SpecCell, D> for AsSpecArchive
 where
-    ArchivedJobSpec: rkyv::Deserialize<JobSpec, D>,
+    D::Error: rkyv::rancor::Source,
 {
-    fn deserialize_with(field: &ArchivedJobSpec, deserializer: &mut D) -> Result<SpecCell, D::Error> {
-        field.deserialize(deserializer).map(SpecCell::new)
+    fn deserialize_with(field: &rkyv::vec::ArchivedVec<u8>, _: &mut D) -> Result<SpecCell, D::Error> {
+        let mut bytes = rkyv::util::AlignedVec::<SPEC_ALIGN_BYTES>::with_capacity(field.len());
+        bytes.extend_from_slice(field.as_slice());
+        // Checked once here; read back unchecked afterwards.
+        rkyv::access::<ArchivedJobSpec, rkyv::rancor::Error>(&bytes).map_err(D::Error::new)?;
+        Ok(SpecCell::Packed(bytes))
     }
 }

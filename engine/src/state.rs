@@ -44,7 +44,11 @@ pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 
 /// The format `State::snapshot` writes (rkyv behind a 16-byte header). As for commands
 /// (`codec`), a change of the archived layout takes a new number; never 123 (`{`, format 0).
-pub const SNAPSHOT_FORMAT: u8 = 1;
+/// Format 2 holds each job's spec as its own archive (what a spec store keeps); format 1
+/// (specs inline) was written only by development builds and is not read.
+pub const SNAPSHOT_FORMAT: u8 = 2;
+/// Snapshot formats this build knows and no longer reads.
+const SNAPSHOT_FORMATS_RETIRED: [u8; 1] = [1];
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
 /// Why a snapshot could not be taken (a state past the archive's 2 GiB).
@@ -73,6 +77,10 @@ pub enum RestoreError {
         "snapshot format {found} is unknown (a newer Sundial wrote it); this node reads formats 0 to {SNAPSHOT_FORMAT}: upgrade it to the version that wrote the data"
     )]
     UnknownFormat { found: u8 },
+    #[error(
+        "snapshot format {found} was written by a development build and is no longer read (this node reads formats 0 and {SNAPSHOT_FORMAT}): run the build that wrote the data, or give this node an empty data directory to catch up from its peers"
+    )]
+    Retired { found: u8 },
     #[error("a snapshot of format {format} does not decode: {reason}")]
     Damaged { format: u8, reason: String },
 }
@@ -383,7 +391,7 @@ pub struct ActiveFire {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct Job {
     /// In the heap, or in the partition's spec store once one is attached (`spec()` reads it).
-    #[rkyv(with = crate::spec::AsJobSpec)]
+    #[rkyv(with = crate::spec::AsSpecArchive)]
     pub spec: SpecCell,
     pub status: Status,
     pub created_ms: u64,
@@ -597,7 +605,9 @@ impl State {
             return (None, 0);
         }
         let range = match cursor {
-            Some(after) => self.jobs.range_mut::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            Some(after) => {
+                self.jobs.range_mut::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            }
             None => self.jobs.range_mut::<str, _>(..),
         };
         let (mut moved, mut seen) = (0, 0);
@@ -1742,15 +1752,19 @@ impl State {
         let mut state: State = match bytes.first() {
             Some(b'{') => serde_json::from_slice(bytes).map_err(|e| damaged(0)(e.to_string()))?,
             Some(&SNAPSHOT_FORMAT) => {
-                // The header's other bytes are zero in format 1 (kept so, to mean something later).
+                // The header's other bytes are zero (kept so, to mean something later).
                 if bytes.get(1..SNAPSHOT_HEADER_BYTES).is_none_or(|rest| rest.iter().any(|&b| b != 0)) {
-                    return Err(damaged(1)("its header is not format 1's".into()));
+                    return Err(damaged(SNAPSHOT_FORMAT)("its header is not this format's".into()));
                 }
                 let archive = &bytes[SNAPSHOT_HEADER_BYTES..];
                 // The archive needs 16-byte alignment; bytes read from a file may lack it.
                 let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
                 aligned.extend_from_slice(archive);
-                rkyv::from_bytes::<State, rkyv::rancor::Error>(&aligned).map_err(|e| damaged(1)(e.to_string()))?
+                rkyv::from_bytes::<State, rkyv::rancor::Error>(&aligned)
+                    .map_err(|e| damaged(SNAPSHOT_FORMAT)(e.to_string()))?
+            }
+            Some(found) if SNAPSHOT_FORMATS_RETIRED.contains(found) => {
+                return Err(RestoreError::Retired { found: *found })
             }
             Some(&found) => return Err(RestoreError::UnknownFormat { found }),
             None => return Err(damaged(0)("no bytes".into())),

@@ -156,8 +156,9 @@ impl Partition {
         };
         let mut state = state;
         if let (None, Some(segment_bytes)) = (&options.members, options.spec_segment_bytes) {
-            let store = SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT)
-                .map_err(|error| PartitionError::SpecStore { path: dir.join(SPECS_DIR).display().to_string(), error })?;
+            let store = SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT).map_err(|error| {
+                PartitionError::SpecStore { path: dir.join(SPECS_DIR).display().to_string(), error }
+            })?;
             state.attach_spec_store(Box::new(store));
         }
         let mut config = Config::new(options.node_id);
@@ -778,6 +779,59 @@ mod tests {
         let partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("reopen");
         assert!(partition.state().job("json").is_some() && partition.state().job("archived").is_some());
         assert_eq!(partition.undecodable_entries(), 0);
+    }
+
+    fn create_with_body(id: &str, body: &str) -> Command {
+        let request =
+            serde_json::json!({"id": id, "run_at": 1_900_000_000_000u64, "url": "https://example.com/", "body": body});
+        let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        Command::Create { spec: Box::new(spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
+    }
+
+    fn spec_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join(SPECS_DIR)).expect("specs dir").count()
+    }
+
+    #[test]
+    fn specs_live_in_files_read_the_same_after_a_snapshot_and_a_restart_and_dead_segments_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Small segments (64 KiB: ~150 of these specs each), so a few hundred jobs fill several.
+        let options = || PartitionOptions { spec_segment_bytes: Some(64 << 10), ..PartitionOptions::single_node(1) };
+        let mut partition = Partition::open(dir.path(), options()).expect("open");
+        let body = "b".repeat(256);
+        let ids: Vec<String> = (0..1_000).map(|i| format!("job-{i:04}")).collect();
+        for id in &ids {
+            partition.propose_one(&create_with_body(id, &body)).expect("leads");
+        }
+        partition.advance().expect("persisted");
+        let state = partition.state();
+        assert_eq!((state.job_count(), state.specs_in_heap()), (1_000, 0), "every spec went to the store");
+        let job = state.job("job-0042").expect("created");
+        assert_eq!((job.spec().target.body.as_slice(), job.id()), (body.as_bytes(), "job-0042"));
+        let files = spec_files(dir.path());
+        assert!(files >= 4, "1,000 specs of ~400 bytes fill several 64 KiB segments: {files}");
+        // Delete nine jobs in ten: every sealed segment is mostly dead, and asks to be repacked.
+        for id in ids.iter().filter(|id| !id.ends_with('0')) {
+            partition.propose_one(&Command::Delete { id: id.clone(), now_ms: 1_800_000_000_000 }).expect("leads");
+        }
+        partition.advance().expect("persisted");
+        for _ in 0..10 {
+            partition.tick(); // each tick repacks a bounded number of jobs
+        }
+        assert!(
+            spec_files(dir.path()) < files / 2,
+            "repacked segments were removed: {} of {files} left",
+            spec_files(dir.path())
+        );
+        assert_eq!(partition.state().job("job-0040").map(|job| job.spec().target.body.len()), Some(256));
+        partition.compact().expect("a snapshot of specs that live in files");
+        let digest = partition.state().digest();
+        drop(partition);
+        let partition = Partition::open(dir.path(), options()).expect("reopen");
+        let state = partition.state();
+        assert_eq!((state.job_count(), state.specs_in_heap(), state.digest()), (100, 0, digest));
+        assert_eq!(state.job("job-0990").map(|job| job.spec().target.body.len()), Some(256));
+        assert!(spec_files(dir.path()) <= 2, "the files of the last run were removed at open");
     }
 
     #[test]

@@ -172,7 +172,9 @@ impl SpecSink for SpecStore {
         let at = align_up(head.written_bytes.load(Ordering::Relaxed));
         // SAFETY: `at..at + len` lies inside the mapping (`fits`) and past every record
         // handed out so far, so no view refers to it.
-        unsafe { std::ptr::copy_nonoverlapping(archive.as_ptr(), head.map.as_mut_ptr().add(at as usize), archive.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(archive.as_ptr(), head.map.as_mut_ptr().add(at as usize), archive.len())
+        };
         head.written_bytes.store(at + u64::from(len), Ordering::Relaxed);
         let offset = u32::try_from(at).ok()?;
         let segment: Arc<dyn SpecSegment> = head.clone();
