@@ -965,7 +965,7 @@ impl<L: CommandLog> Runtime<L> {
                 Outcome::Response { retry_after_ms: Some(ms), .. } => *ms,
                 _ => 0,
             };
-            let retry_at_ms = job.spec().retry.retry_at_ms(result.attempt, result.finished_ms, retry_after_ms, random);
+            let retry_at_ms = job.spec.retry().retry_at_ms(result.attempt, result.finished_ms, retry_after_ms, random);
             match &result.outcome {
                 // A delivered attempt is routine (debug: one line per fire is too many at
                 // volume); an answer that is not 2xx is worth an operator's eye.
@@ -1046,7 +1046,8 @@ impl<L: CommandLog> Runtime<L> {
         outcome: &Outcome,
     ) {
         let Some(job) = self.log.state().job(id) else { return };
-        let trace = job.spec().trace.clone();
+        let spec = job.spec();
+        let trace = spec.trace.clone();
         let trace_id = fire_trace(trace.as_ref(), id, fire_ms);
         let fire_span = fire_span_id(id, fire_ms);
         let result = match outcome {
@@ -1066,7 +1067,7 @@ impl<L: CommandLog> Runtime<L> {
                 ("sundial.job_id", id.to_string()),
                 ("sundial.fire_ms", fire_ms.to_string()),
                 ("sundial.attempt", attempt.to_string()),
-                ("url.full", job.spec().target.url.clone()),
+                ("url.full", spec.target.url.clone()),
                 result.clone(),
             ],
             failed: !outcome.succeeded(),

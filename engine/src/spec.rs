@@ -4,7 +4,7 @@
 //! does no I/O itself, and a spec reads the same wherever it lives, so replicas whose specs
 //! live in different places (or nowhere but the heap) hold equal states with equal digests.
 
-use crate::job::{ArchivedJobSpec, JobSpec};
+use crate::job::{ArchivedJobSpec, ArchivedOverlap, ArchivedSchedule, JobSpec, Overlap, RetryPolicy, Schedule};
 use rkyv::rancor::Fallible;
 use rkyv::rancor::Source as _;
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
@@ -80,10 +80,18 @@ impl SpecView {
 
 /// The owned spec of an archive.
 fn decode(archived: &ArchivedJobSpec) -> JobSpec {
-    match rkyv::deserialize::<JobSpec, rkyv::rancor::Error>(archived) {
-        Ok(spec) => spec,
-        // Never fails: deserializing a JobSpec allocates and copies, and has no error of its own.
-        Err(error) => unreachable!("deserializing an archived JobSpec failed: {error}"),
+    owned(archived)
+}
+
+/// The owned value of part of an archive.
+fn owned<T, A>(archived: &A) -> T
+where
+    A: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    match rkyv::deserialize::<T, rkyv::rancor::Error>(archived) {
+        Ok(value) => value,
+        // Never fails: the parts of a JobSpec deserialize by allocating and copying only.
+        Err(error) => unreachable!("deserializing part of an archived JobSpec failed: {error}"),
     }
 }
 
@@ -142,6 +150,80 @@ impl SpecCell {
         };
         if let Some(view) = view {
             *self = SpecCell::Stored(view);
+        }
+    }
+
+    /// The archive of a spec not held as a value.
+    fn archive_of(&self) -> Result<&JobSpec, &ArchivedJobSpec> {
+        match self {
+            SpecCell::Here(spec) => Ok(spec),
+            SpecCell::Packed(bytes) => Err(packed(bytes)),
+            SpecCell::Stored(view) => Err(view.archived()),
+        }
+    }
+
+    // What decisions on every fire read, from the archive in place (no whole decode).
+
+    pub fn flow_key(&self) -> Option<&str> {
+        match self.archive_of() {
+            Ok(spec) => spec.flow.as_ref().map(|flow| flow.key.as_str()),
+            Err(archived) => archived.flow.as_ref().map(|flow| flow.key.as_str()),
+        }
+    }
+
+    pub fn depends_on(&self) -> Vec<&str> {
+        match self.archive_of() {
+            Ok(spec) => spec.depends_on.iter().map(String::as_str).collect(),
+            Err(archived) => archived.depends_on.iter().map(|id| id.as_str()).collect(),
+        }
+    }
+
+    pub fn is_once(&self) -> bool {
+        match self.archive_of() {
+            Ok(spec) => matches!(spec.schedule, Schedule::Once { .. }),
+            Err(archived) => matches!(archived.schedule, ArchivedSchedule::Once { .. }),
+        }
+    }
+
+    /// A cron job's overlap policy (`None`: a one-time job).
+    pub fn cron_overlap(&self) -> Option<Overlap> {
+        match self.archive_of() {
+            Ok(spec) => match &spec.schedule {
+                Schedule::Cron(cron) => Some(cron.overlap),
+                Schedule::Once { .. } => None,
+            },
+            Err(archived) => match &archived.schedule {
+                ArchivedSchedule::Cron(cron) => Some(match cron.overlap {
+                    ArchivedOverlap::Skip => Overlap::Skip,
+                    ArchivedOverlap::Allow => Overlap::Allow,
+                }),
+                ArchivedSchedule::Once { .. } => None,
+            },
+        }
+    }
+
+    pub fn retry(&self) -> Cow<'_, RetryPolicy> {
+        match self.archive_of() {
+            Ok(spec) => Cow::Borrowed(&spec.retry),
+            Err(archived) => Cow::Owned(owned(&archived.retry)),
+        }
+    }
+
+    pub fn deadline_ms(&self) -> Option<u64> {
+        match self.archive_of() {
+            Ok(spec) => spec.deadline_ms,
+            Err(archived) => archived.deadline_ms.as_ref().map(|ms| ms.to_native()),
+        }
+    }
+
+    /// The URL told of a fire's success (`true`) or of its dead-lettering.
+    pub fn callback_url(&self, success: bool) -> Option<String> {
+        match self.archive_of() {
+            Ok(spec) => if success { &spec.callbacks.on_success } else { &spec.callbacks.on_failure }.clone(),
+            Err(archived) => {
+                let url = if success { &archived.callbacks.on_success } else { &archived.callbacks.on_failure };
+                url.as_ref().map(|url| url.as_str().to_string())
+            }
         }
     }
 

@@ -831,7 +831,7 @@ impl State {
         if let Some(from_ms) = job.retained_from_ms {
             self.expiry_order.remove(&(from_ms, id.to_string()));
         }
-        for dependency in &job.spec.get().depends_on {
+        for dependency in job.spec.depends_on() {
             if let Some(set) = self.dependents.get_mut(dependency) {
                 set.remove(id);
                 if set.is_empty() {
@@ -843,7 +843,7 @@ impl State {
         if job.paused_reason.is_some() {
             self.auto_paused -= 1;
         }
-        self.leave_flow_key(id, &job.spec.get());
+        self.leave_flow_key(id, job.spec.flow_key());
         Some(job)
     }
 
@@ -863,12 +863,12 @@ impl State {
         }
     }
 
-    fn leave_flow_key(&mut self, id: &str, spec: &JobSpec) {
-        let Some(flow) = &spec.flow else { return };
-        if let Some(key) = self.flow_keys.get_mut(&flow.key) {
+    fn leave_flow_key(&mut self, id: &str, key_name: Option<&str>) {
+        let Some(key_name) = key_name else { return };
+        if let Some(key) = self.flow_keys.get_mut(key_name) {
             key.jobs.remove(id);
             if key.jobs.is_empty() && !key.paused {
-                self.flow_keys.remove(&flow.key);
+                self.flow_keys.remove(key_name);
             }
         }
     }
@@ -884,8 +884,7 @@ impl State {
 
     /// The flow key of the job `id`, with its state.
     pub fn flow_key_of(&self, id: &str) -> Option<(&str, &FlowKey)> {
-        let spec = self.jobs.get(id)?.spec.get();
-        let key = &spec.flow.as_ref()?.key;
+        let key = self.jobs.get(id)?.spec.flow_key()?;
         self.flow_keys.get_key_value(key).map(|(name, key)| (name.as_str(), key))
     }
 
@@ -1172,7 +1171,7 @@ impl State {
         let old_spec = self.jobs[&id].spec.get().into_owned();
         let key_of = |spec: &JobSpec| spec.flow.as_ref().map(|flow| flow.key.clone());
         if key_of(&old_spec) != key_of(&spec) {
-            self.leave_flow_key(&id, &old_spec);
+            self.leave_flow_key(&id, old_spec.flow.as_ref().map(|flow| flow.key.as_str()));
         }
         self.join_flow_key(&spec);
         let taken_in_dead_letters = self.dead_letters.get(&id).cloned().unwrap_or_default();
@@ -1350,8 +1349,8 @@ impl State {
         };
         self.join_flow_key(&job.spec.get());
         self.counts[status as usize] += 1;
-        for dependency in &job.spec.get().depends_on {
-            self.dependents.entry(dependency.clone()).or_default().insert(id.clone());
+        for dependency in job.spec.depends_on() {
+            self.dependents.entry(dependency.to_string()).or_default().insert(id.clone());
         }
         self.jobs.insert(id.clone(), Box::new(job));
         self.index_retention(&id);
@@ -1371,14 +1370,14 @@ impl State {
                 continue;
             }
             if let Some(job) = self.jobs.get(&id) {
-                stack.extend(job.spec.get().depends_on.iter().cloned());
+                stack.extend(job.spec.depends_on().into_iter().map(String::from));
             }
         }
         false
     }
 
     fn dependencies_done(&self, job: &Job) -> bool {
-        job.spec.get().depends_on.iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
+        job.spec.depends_on().into_iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
     }
 
     fn fire_started(&mut self, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> Result<Applied, ApplyError> {
@@ -1401,8 +1400,7 @@ impl State {
             fire.in_flight = true;
             return Ok(Applied::Done);
         }
-        let overlap_blocks = matches!(&job.spec.get().schedule, Schedule::Cron(c) if c.overlap == Overlap::Skip)
-            && !job.active.is_empty();
+        let overlap_blocks = job.spec.cron_overlap() == Some(Overlap::Skip) && !job.active.is_empty();
         if job.next_fire_ms != Some(fire_ms) || attempt != 1 || !ready || overlap_blocks {
             return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
         }
@@ -1413,7 +1411,7 @@ impl State {
                 job.next_fire_ms = None;
                 record_missed(job, 1, fire_ms, now_ms);
                 let reason = "missed: later than the catch-up window".to_string();
-                if let Some(url) = job.spec.get().callbacks.on_failure.clone() {
+                if let Some(url) = job.spec.callback_url(false) {
                     let body = callback_document(id, fire_ms, 0, Some(&reason), None, Status::Failed);
                     let callback = PendingCallback {
                         url,
@@ -1494,25 +1492,23 @@ impl State {
         );
         let receiver_refused_retries = matches!(outcome, Outcome::Response { no_retry: true, .. });
         let retryable = match &outcome {
-            Outcome::Response { status, .. } => {
-                job.spec.get().retry.retries_status(*status) && !receiver_refused_retries
-            }
+            Outcome::Response { status, .. } => job.spec.retry().retries_status(*status) && !receiver_refused_retries,
             Outcome::Error(ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other) => true,
             Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted | ErrorClass::InvalidRequest) => false,
         };
         let retry_at_ms = retry_at_ms.max(finished_ms);
         let deadline_from_ms = job.active.get(&fire_ms).map_or(fire_ms, |f| f.deadline_from_ms);
         let past_deadline =
-            job.spec.get().deadline_ms.is_some_and(|deadline| retry_at_ms >= deadline_from_ms.saturating_add(deadline));
+            job.spec.deadline_ms().is_some_and(|deadline| retry_at_ms >= deadline_from_ms.saturating_add(deadline));
         let ended = if outcome.succeeded() {
             job.fires_succeeded += 1;
             None
-        } else if retryable && attempt < job.spec.get().retry.max_attempts && !past_deadline {
+        } else if retryable && attempt < job.spec.retry().max_attempts && !past_deadline {
             job.active.get_mut(&fire_ms).expect("checked above").due_ms = retry_at_ms;
             return Ok(Applied::Done);
         } else {
             job.fires_failed += 1;
-            let reason = if past_deadline && retryable && attempt < job.spec.get().retry.max_attempts {
+            let reason = if past_deadline && retryable && attempt < job.spec.retry().max_attempts {
                 "deadline exceeded".to_string()
             } else if receiver_refused_retries {
                 "the receiver asked not to retry".to_string()
@@ -1524,7 +1520,7 @@ impl State {
             Some(reason)
         };
         job.active.remove(&fire_ms);
-        let once = matches!(job.spec.get().schedule, Schedule::Once { .. });
+        let once = job.spec.is_once();
         let auto_paused = count_fire_for_auto_pause(job, ended.is_some(), fire_ms, finished_ms);
         self.auto_paused += u64::from(auto_paused);
         let job = self.jobs.get_mut(id).expect("checked above");
@@ -1543,9 +1539,7 @@ impl State {
                 _ => Status::Completed,
             }
         };
-        let callback_url =
-            if ended.is_none() { &job.spec.get().callbacks.on_success } else { &job.spec.get().callbacks.on_failure };
-        if let Some(url) = callback_url.clone() {
+        if let Some(url) = job.spec.callback_url(ended.is_none()) {
             let body = callback_document(id, fire_ms, attempt, ended.as_deref(), Some(&outcome), status);
             let callback = PendingCallback {
                 url,
@@ -1580,12 +1574,12 @@ impl State {
         let which = if callback.success { "on_success" } else { "on_failure" };
         let retryable = match &outcome {
             Outcome::Response { no_retry: true, .. } => false,
-            Outcome::Response { status, .. } => job.spec.get().retry.retries_status(*status),
+            Outcome::Response { status, .. } => job.spec.retry().retries_status(*status),
             Outcome::Error(class) => matches!(class, ErrorClass::Timeout | ErrorClass::Connect | ErrorClass::Other),
         };
         let note = if outcome.succeeded() {
             format!("callback {which} delivered")
-        } else if retryable && attempt < job.spec.get().retry.max_attempts {
+        } else if retryable && attempt < job.spec.retry().max_attempts {
             callback.due_ms = retry_at_ms.max(finished_ms);
             format!("callback {which} failed; retrying")
         } else {
@@ -1652,8 +1646,7 @@ impl State {
         }
         // An ordered key runs one fire at a time: its jobs' fires never overlap.
         let ordered = self.flow_key_of(id).is_some_and(|(_, key)| key.ordered);
-        let concurrent =
-            !ordered && matches!(&job.spec.get().schedule, Schedule::Cron(c) if c.overlap == Overlap::Allow);
+        let concurrent = !ordered && job.spec.cron_overlap() == Some(Overlap::Allow);
         // Fires added to the job (trigger, backfill, redrive) start one after another unless
         // its fires may overlap: a fire not started waits while another has started.
         let one_started = job.active.values().any(|fire| fire.in_flight || fire.attempts > 0);
@@ -1706,11 +1699,10 @@ impl State {
         });
         let keys_hold_only_their_jobs = self.flow_keys.iter().all(|(name, key)| {
             (key.paused || !key.jobs.is_empty())
-                && key.jobs.iter().all(|id| {
-                    self.jobs
-                        .get(id)
-                        .is_some_and(|job| job.spec.get().flow.as_ref().is_some_and(|flow| flow.key == *name))
-                })
+                && key
+                    .jobs
+                    .iter()
+                    .all(|id| self.jobs.get(id).is_some_and(|job| job.spec.flow_key() == Some(name.as_str())))
         });
         recount == self.counts
             && auto_paused == self.auto_paused
