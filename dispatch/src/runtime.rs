@@ -11,6 +11,7 @@ use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 // Maps by job id and flow key: fast, and keyed at random per process, so ids a client
 // chooses cannot force collisions (none of them is iterated into replicated state).
 use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
+use std::sync::Arc;
 use std::time::Duration;
 use sundial_engine::flow::{self, Gate};
 use sundial_engine::state::{
@@ -256,8 +257,10 @@ pub struct Runtime<L: CommandLog> {
     leading: bool,
     /// The term of the leadership it fires in.
     leading_term: Option<u64>,
-    wheel: TimingWheel<String>,
-    timers: HashMap<String, TimerHandle>,
+    wheel: TimingWheel<Arc<str>>,
+    /// Job id → its timer in the wheel. The id is shared with the wheel's entry (one copy per
+    /// job that waits, not two).
+    timers: HashMap<Arc<str>, TimerHandle>,
     own: HashMap<Ticket, OwnProposal>,
     /// Verdicts of callers' proposals, until taken (`take_resolved`).
     resolved: Vec<(Ticket, Result<Applied, ApplyError>)>,
@@ -701,8 +704,9 @@ impl<L: CommandLog> Runtime<L> {
             self.wheel.cancel(handle);
         }
         if let Some((due_ms, _)) = self.log.state().next_due(id) {
-            if let Ok(handle) = self.wheel.insert(due_ms, id.to_string()) {
-                self.timers.insert(id.to_string(), handle);
+            let id: Arc<str> = Arc::from(id);
+            if let Ok(handle) = self.wheel.insert(due_ms, id.clone()) {
+                self.timers.insert(id, handle);
             }
         }
     }
@@ -761,12 +765,12 @@ impl<L: CommandLog> Runtime<L> {
         }
         self.report_evictions();
         self.expire_finished(now_ms);
-        let mut expired: Vec<Expired<String>> = Vec::new();
+        let mut expired: Vec<Expired<Arc<str>>> = Vec::new();
         self.wheel.advance_to(now_ms, &mut expired);
         let turn_max = FIRES_PER_TURN_MAX.min(OWN_PROPOSALS_MAX.saturating_sub(self.own.len()));
         if expired.len() > turn_max {
             for timer in expired.split_off(turn_max) {
-                self.timers.remove(&timer.value);
+                self.timers.remove(&*timer.value);
                 self.arm(&timer.value);
             }
         }
@@ -793,17 +797,17 @@ impl<L: CommandLog> Runtime<L> {
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
         let mut started_in_turn: HashMap<String, u32> = HashMap::new();
-        let mut seen_in_turn: HashSet<String> = HashSet::new();
+        let mut seen_in_turn: HashSet<Arc<str>> = HashSet::new();
         for timer in expired {
             let id = timer.value;
             // The map names the job's current timer; an older one that fired is only a hint.
-            if self.timers.get(&id) == Some(&timer.handle) {
-                self.timers.remove(&id);
+            if self.timers.get(&*id) == Some(&timer.handle) {
+                self.timers.remove(&*id);
             }
             if !seen_in_turn.insert(id.clone()) {
                 continue; // one start per job per turn
             }
-            if let Some(handle) = self.timers.remove(&id) {
+            if let Some(handle) = self.timers.remove(&*id) {
                 // A newer timer: this turn looks at the job now, and re-arms it as needed.
                 self.wheel.cancel(handle);
             }
@@ -837,7 +841,7 @@ impl<L: CommandLog> Runtime<L> {
                             _ => None,
                         };
                         if matches!(gate, FlowGate::Park) {
-                            self.flow_parked.entry(key).or_default().insert(id.clone());
+                            self.flow_parked.entry(key).or_default().insert(id.to_string());
                         }
                         let callback_ms = callback_due.map(|(due_ms, _)| due_ms);
                         let at_ms = [wake_ms, callback_ms].into_iter().flatten().min();
@@ -864,7 +868,7 @@ impl<L: CommandLog> Runtime<L> {
                     starts.push_back(now);
                 }
             }
-            starts.push(OwnProposal::FireStart { id, fire_ms, attempt, due_ms, callback, flow_key });
+            starts.push(OwnProposal::FireStart { id: id.to_string(), fire_ms, attempt, due_ms, callback, flow_key });
         }
         if starts.is_empty() {
             return;
@@ -914,7 +918,7 @@ impl<L: CommandLog> Runtime<L> {
                                 starts.pop_back();
                             }
                         }
-                        let id = id.clone();
+                        let id: Arc<str> = Arc::from(id.as_str());
                         if let Ok(handle) = self.wheel.insert(now_ms + QUEUE_FULL_RETRY_MS, id.clone()) {
                             self.timers.insert(id, handle);
                         }
