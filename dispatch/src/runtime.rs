@@ -698,13 +698,19 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
+    /// The job's id as the state holds it (shared by its timer entries), or a copy for a job
+    /// the state no longer has.
+    fn shared_id(&self, id: &str) -> Arc<str> {
+        self.log.state().shared_id(id).unwrap_or_else(|| Arc::from(id))
+    }
+
     /// Sets the job's timer to its next due time (or removes it).
     fn arm(&mut self, id: &str) {
         if let Some(handle) = self.timers.remove(id) {
             self.wheel.cancel(handle);
         }
         if let Some((due_ms, _)) = self.log.state().next_due(id) {
-            let id: Arc<str> = Arc::from(id);
+            let id = self.shared_id(id);
             if let Ok(handle) = self.wheel.insert(due_ms, id.clone()) {
                 self.timers.insert(id, handle);
             }
@@ -918,7 +924,7 @@ impl<L: CommandLog> Runtime<L> {
                                 starts.pop_back();
                             }
                         }
-                        let id: Arc<str> = Arc::from(id.as_str());
+                        let id = self.shared_id(id);
                         if let Ok(handle) = self.wheel.insert(now_ms + QUEUE_FULL_RETRY_MS, id.clone()) {
                             self.timers.insert(id, handle);
                         }

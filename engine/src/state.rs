@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 /// Executions kept per job (oldest dropped first).
 pub const HISTORY_PER_JOB_MAX: usize = 50;
@@ -502,7 +503,9 @@ pub enum Due {
 pub struct State {
     /// Boxed: a job is 800 bytes, and ids made in time order fill B-tree leaves by half, so
     /// jobs held inline cost twice their size; a box costs a pointer per slot.
-    jobs: BTreeMap<String, Box<Job>>,
+    /// Keyed by a shared id: the runtime's timer and wheel entries for a job hold the same
+    /// allocation (`shared_id`), not copies.
+    jobs: BTreeMap<Arc<str>, Box<Job>>,
     /// Job id → fire time → entry.
     dead_letters: BTreeMap<String, BTreeMap<u64, DeadLetter>>,
     dead_letter_count: usize,
@@ -620,7 +623,7 @@ impl State {
             last = Some(id);
         }
         // Fewer than the budget: the range ran out, the next pass starts over.
-        let next = if seen < budget { None } else { last.cloned() };
+        let next = if seen < budget { None } else { last.map(|id| id.to_string()) };
         (next, moved)
     }
 
@@ -629,6 +632,11 @@ impl State {
         if let (Some(sink), Some(job)) = (self.spec_sink.0.as_mut(), self.jobs.get_mut(id)) {
             job.spec.store_in(&mut **sink);
         }
+    }
+
+    /// The id of job `id` as the state holds it, to share rather than copy.
+    pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
+        self.jobs.get_key_value(id).map(|(id, _)| id.clone())
     }
 
     pub fn job(&self, id: &str) -> Option<&Job> {
@@ -787,7 +795,7 @@ impl State {
                 break;
             }
             self.expiry_order.pop_first();
-            let Some(job) = self.jobs.get_mut(&id) else { continue };
+            let Some(job) = self.jobs.get_mut(id.as_str()) else { continue };
             job.retained_from_ms = None;
             // Jobs waiting on it read its status; its callbacks still go out: it stays, and
             // is looked at again later (an order key in the future keeps this loop finite).
@@ -820,7 +828,7 @@ impl State {
         self.tombstone_index = self.tombstones.iter().map(|t| (t.digest(), t.finished_ms)).collect();
         for (id, job) in self.jobs.iter_mut().filter(|(_, job)| job.status.is_final()) {
             let from_ms = *job.retained_from_ms.get_or_insert(job.finished_ms.unwrap_or(0));
-            self.expiry_order.insert((from_ms, id.clone()));
+            self.expiry_order.insert((from_ms, id.to_string()));
         }
     }
 
@@ -890,14 +898,14 @@ impl State {
 
     /// Attempts of the key's jobs in flight (started and not finished).
     pub fn flow_in_flight(&self, key: &FlowKey) -> usize {
-        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id));
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str()));
         jobs.map(|job| job.active.values().filter(|fire| fire.in_flight).count()).sum()
     }
 
     /// Active fires of the key's jobs: started and not ended (in flight or waiting to retry),
     /// or added (trigger, backfill, redrive) and waiting for their first attempt.
     pub fn flow_active<'a>(&'a self, key: &'a FlowKey) -> Vec<KeyFire<'a>> {
-        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id)).filter(|job| !job.active.is_empty());
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str())).filter(|job| !job.active.is_empty());
         jobs.flat_map(|job| {
             job.active.iter().map(|(fire_ms, fire)| KeyFire {
                 job: job.spec.id(),
@@ -911,7 +919,7 @@ impl State {
     /// Fires of the key's jobs due by `now_ms` and not started: waiting for the key's
     /// limits, its pause, or the dispatcher.
     pub fn flow_backlog(&self, key: &FlowKey, now_ms: u64) -> u64 {
-        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id)).filter(|job| !job.status.is_final());
+        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str())).filter(|job| !job.status.is_final());
         jobs.map(|job| {
             let retries = job.active.values().filter(|fire| !fire.in_flight && fire.due_ms <= now_ms).count() as u64;
             retries + u64::from(job.next_fire_ms.is_some_and(|next| next <= now_ms))
@@ -992,7 +1000,9 @@ impl State {
                 }
                 // Fires missed while the key was paused follow each job's misfire policy.
                 for id in jobs {
-                    if let Some(job) = self.jobs.get_mut(&id).filter(|job| !job.paused && !job.status.is_final()) {
+                    if let Some(job) =
+                        self.jobs.get_mut(id.as_str()).filter(|job| !job.paused && !job.status.is_final())
+                    {
                         catch_up(job, now_ms);
                     }
                 }
@@ -1063,7 +1073,7 @@ impl State {
             }
             Command::Purge { id } => {
                 match id {
-                    Some(id) if !self.jobs.contains_key(&id) && !self.dead_letters.contains_key(&id) => {
+                    Some(id) if !self.jobs.contains_key(id.as_str()) && !self.dead_letters.contains_key(&id) => {
                         return Err(ApplyError::NotFound(id));
                     }
                     Some(id) => self.purge_dead_letters_of(&id),
@@ -1122,7 +1132,7 @@ impl State {
             finished_ms,
             until_ms: finished_ms.saturating_add(window_ms),
         };
-        match (self.jobs.get(&spec.id), dedup_window_ms) {
+        match (self.jobs.get(spec.id.as_str()), dedup_window_ms) {
             // A finished job's id is held for the window, then free again.
             (Some(existing), Some(window_ms)) if existing.status.is_final() && existing.finished_ms.is_some() => {
                 let finished_ms = existing.finished_ms.expect("checked");
@@ -1157,7 +1167,7 @@ impl State {
     /// Creates the job, or replaces the spec of the one with its id (a finished one is
     /// replaced whole; no dedup window: an upsert says what it means).
     fn upsert(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
-        let Some(existing) = self.jobs.get(&spec.id) else { return self.insert_new(spec, now_ms) };
+        let Some(existing) = self.jobs.get(spec.id.as_str()) else { return self.insert_new(spec, now_ms) };
         // The same spec again changes nothing, finished or not (a repeated PUT never re-runs it).
         if existing.spec.get().same_job(&spec) {
             return Ok(Applied::AlreadyExists);
@@ -1168,14 +1178,14 @@ impl State {
             self.insert_new(spec, now_ms)?;
             return Ok(Applied::Replaced);
         }
-        let old_spec = self.jobs[&id].spec.get().into_owned();
+        let old_spec = self.jobs[id.as_str()].spec.get().into_owned();
         let key_of = |spec: &JobSpec| spec.flow.as_ref().map(|flow| flow.key.clone());
         if key_of(&old_spec) != key_of(&spec) {
             self.leave_flow_key(&id, old_spec.flow.as_ref().map(|flow| flow.key.as_str()));
         }
         self.join_flow_key(&spec);
         let taken_in_dead_letters = self.dead_letters.get(&id).cloned().unwrap_or_default();
-        let job = self.jobs.get_mut(&id).expect("checked");
+        let job = self.jobs.get_mut(id.as_str()).expect("checked");
         let old_dependencies = old_spec.depends_on;
         let started_at = |at_ms: u64| matches!(old_spec.schedule, Schedule::Once { at_ms: old } if old == at_ms && job.next_fire_ms.is_none());
         job.next_fire_ms = match (&spec.schedule, first_fire(&spec, now_ms)) {
@@ -1231,7 +1241,7 @@ impl State {
 
     fn check_dependencies(&self, spec: &JobSpec) -> Result<(), ApplyError> {
         for dependency in &spec.depends_on {
-            if !self.jobs.contains_key(dependency) {
+            if !self.jobs.contains_key(dependency.as_str()) {
                 return Err(ApplyError::UnknownDependency(dependency.clone()));
             }
             if self.reaches(dependency, &spec.id) {
@@ -1315,7 +1325,7 @@ impl State {
     /// Adds a new job (an old one with its id, finished, is replaced).
     fn insert_new(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
         for dependency in &spec.depends_on {
-            if !self.jobs.contains_key(dependency) {
+            if !self.jobs.contains_key(dependency.as_str()) {
                 return Err(ApplyError::UnknownDependency(dependency.clone()));
             }
             if self.reaches(dependency, &spec.id) {
@@ -1352,7 +1362,7 @@ impl State {
         for dependency in job.spec.depends_on() {
             self.dependents.entry(dependency.to_string()).or_default().insert(id.clone());
         }
-        self.jobs.insert(id.clone(), Box::new(job));
+        self.jobs.insert(Arc::from(id.as_str()), Box::new(job));
         self.index_retention(&id);
         self.keep_spec(&id);
         Ok(Applied::Created)
@@ -1369,7 +1379,7 @@ impl State {
             if !seen.insert(id.clone()) {
                 continue;
             }
-            if let Some(job) = self.jobs.get(&id) {
+            if let Some(job) = self.jobs.get(id.as_str()) {
                 stack.extend(job.spec.depends_on().into_iter().map(String::from));
             }
         }
@@ -1702,14 +1712,14 @@ impl State {
                 && key
                     .jobs
                     .iter()
-                    .all(|id| self.jobs.get(id).is_some_and(|job| job.spec.flow_key() == Some(name.as_str())))
+                    .all(|id| self.jobs.get(id.as_str()).is_some_and(|job| job.spec.flow_key() == Some(name.as_str())))
         });
         recount == self.counts
             && auto_paused == self.auto_paused
             && self.tombstone_index.len() == self.tombstones.len()
             && self.tombstones.iter().zip(self.tombstones.iter().skip(1)).all(|(a, b)| a < b)
             && self.expiry_order.len() == self.jobs.values().filter(|job| job.status.is_final()).count()
-            && self.expiry_order.iter().all(|(from_ms, id)| self.jobs[id].retained_from_ms == Some(*from_ms))
+            && self.expiry_order.iter().all(|(from_ms, id)| self.jobs[id.as_str()].retained_from_ms == Some(*from_ms))
             && keys_hold_their_jobs
             && keys_hold_only_their_jobs
     }
