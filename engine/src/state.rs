@@ -505,6 +505,7 @@ pub struct State {
     /// jobs held inline cost twice their size; a box costs a pointer per slot.
     /// Keyed by a shared id: the runtime's timer and wheel entries for a job hold the same
     /// allocation (`shared_id`), not copies.
+    #[rkyv(with = rkyv::with::MapKV<AsPlainString, rkyv::with::Identity>)]
     jobs: BTreeMap<Arc<str>, Box<Job>>,
     /// Job id → fire time → entry.
     dead_letters: BTreeMap<String, BTreeMap<u64, DeadLetter>>,
@@ -547,6 +548,37 @@ pub struct State {
     #[serde(skip)]
     #[rkyv(with = rkyv::with::Skip)]
     spec_sink: SinkSlot,
+}
+
+/// rkyv wrapper: a shared id is archived as a plain string (rkyv's shared pointers would
+/// track every id in a map while archiving, and the ids are never shared in the archive).
+pub struct AsPlainString;
+
+impl rkyv::with::ArchiveWith<Arc<str>> for AsPlainString {
+    type Archived = rkyv::string::ArchivedString;
+    type Resolver = rkyv::string::StringResolver;
+
+    fn resolve_with(field: &Arc<str>, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::string::ArchivedString::resolve_from_str(field, resolver, out);
+    }
+}
+
+impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::with::SerializeWith<Arc<str>, S> for AsPlainString
+where
+    S::Error: rkyv::rancor::Source,
+    str: rkyv::SerializeUnsized<S>,
+{
+    fn serialize_with(field: &Arc<str>, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::string::ArchivedString::serialize_from_str(field, serializer)
+    }
+}
+
+impl<D: rkyv::rancor::Fallible + ?Sized> rkyv::with::DeserializeWith<rkyv::string::ArchivedString, Arc<str>, D>
+    for AsPlainString
+{
+    fn deserialize_with(field: &rkyv::string::ArchivedString, _: &mut D) -> Result<Arc<str>, D::Error> {
+        Ok(Arc::from(field.as_str()))
+    }
 }
 
 /// The state's spec store, if attached. A clone of the state shares the stored specs (they

@@ -10,6 +10,12 @@ use sundial_node::config::{ServerOptions, Settings};
 use sundial_node::server::{Node, RUNTIME_KIND};
 
 mod cli;
+
+/// mimalloc, not the system allocator: a node allocates and frees small objects on every
+/// create and fire from two shard threads, where glibc's malloc spent a quarter of the
+/// node's CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use cli::{CertsCommand, Connection, DlqCommand, FlowCommand, JobCommand};
 
 #[derive(clap::Parser, Debug)]
