@@ -378,7 +378,7 @@ impl<L: CommandLog> Runtime<L> {
         self.evictions_reported = self.log.state().dead_letters_evicted_total();
         self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
         self.timers.clear();
-        let ids: Vec<String> = self.log.state().jobs().map(|job| job.id().to_string()).collect();
+        let ids: Vec<String> = self.log.state().jobs_by_id().map(|(id, _)| id.to_string()).collect();
         for id in &ids {
             self.arm(id);
         }

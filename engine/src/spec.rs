@@ -17,9 +17,14 @@ use std::sync::Arc;
 /// a store must hand out records starting at a multiple of it.
 pub const SPEC_ALIGN_BYTES: usize = 16;
 
-/// A region of the store that records are read from. Records are written once, before any
-/// `SpecView` of them exists, and never written again while one does.
-pub trait SpecSegment: Send + Sync {
+/// A region of the store that records are read from.
+///
+/// # Safety
+/// `read(offset, len)` must return the bytes `SpecSink::put` was given for the view it made
+/// with that offset and length: written before the view existed, starting at a multiple of
+/// `SPEC_ALIGN_BYTES` in memory, and never written again while a view of them lives. Views
+/// read them as a `JobSpec` archive without checking it again.
+pub unsafe trait SpecSegment: Send + Sync {
     /// The record at `offset`, `len` bytes long, as `SpecSink::put` placed it.
     fn read(&self, offset: u32, len: u32) -> &[u8];
     /// A view of `len` bytes came into being (accounting of live bytes).
@@ -71,6 +76,7 @@ impl SpecView {
     }
 
     fn archived(&self) -> &ArchivedJobSpec {
+        debug_assert_eq!(self.bytes().as_ptr().align_offset(SPEC_ALIGN_BYTES), 0, "records are aligned");
         // SAFETY: the bytes were put by `SpecCell` (the only caller of `put`): an archive it
         // made or checked, at an offset aligned to SPEC_ALIGN_BYTES, never written again
         // while this view lives (SpecSegment's contract).
@@ -175,6 +181,16 @@ impl SpecCell {
         match self.archive_of() {
             Ok(spec) => spec.depends_on.iter().map(String::as_str).collect(),
             Err(archived) => archived.depends_on.iter().map(|id| id.as_str()).collect(),
+        }
+    }
+
+    /// The job has every one of these labels with these values.
+    pub fn has_labels(&self, labels: &[(String, String)]) -> bool {
+        match self.archive_of() {
+            Ok(spec) => labels.iter().all(|(key, value)| spec.labels.get(key) == Some(value)),
+            Err(archived) => labels
+                .iter()
+                .all(|(key, value)| archived.labels.get(key.as_str()).is_some_and(|found| found.as_str() == value)),
         }
     }
 

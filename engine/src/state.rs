@@ -671,6 +671,11 @@ impl State {
         self.jobs.get_key_value(id).map(|(id, _)| id.clone())
     }
 
+    /// Every job with its id, in id order (the id from the map: no spec is read).
+    pub fn jobs_by_id(&self) -> impl Iterator<Item = (&str, &Job)> {
+        self.jobs.iter().map(|(id, job)| (&**id, &**job))
+    }
+
     pub fn job(&self, id: &str) -> Option<&Job> {
         self.jobs.get(id).map(|job| &**job)
     }
@@ -1447,9 +1452,9 @@ impl State {
             return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
         }
         let lateness_ms = now_ms.saturating_sub(fire_ms);
-        match &job.spec.get().schedule {
+        match job.spec.is_once() {
             // A once job's only fire is run however late, up to the catch-up window.
-            Schedule::Once { .. } if lateness_ms > CATCH_UP_WINDOW_MS => {
+            true if lateness_ms > CATCH_UP_WINDOW_MS => {
                 job.next_fire_ms = None;
                 record_missed(job, 1, fire_ms, now_ms);
                 let reason = "missed: later than the catch-up window".to_string();
@@ -1470,10 +1475,10 @@ impl State {
                 self.set_status(id, Status::Failed, now_ms);
                 return Ok(Applied::Missed { count: 1 });
             }
-            Schedule::Once { .. } => {}
+            true => {}
             // A late cron fire goes through the misfire policy first: it may be replaced by a
             // later one (fire_once), skipped (skip, or past the window), or run (fire_all).
-            Schedule::Cron(_) => {
+            false => {
                 let missed = catch_up(job, now_ms);
                 if job.next_fire_ms != Some(fire_ms) {
                     let status = if job.next_fire_ms.is_none() && job.active.is_empty() {
@@ -1491,10 +1496,7 @@ impl State {
         let fire = ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms, deadline_from_ms: fire_ms };
         job.active.insert(fire_ms, fire);
         // The next fire is computed from the committed fire time, then caught up to now.
-        job.next_fire_ms = match &job.spec.get().schedule {
-            Schedule::Once { .. } => None,
-            Schedule::Cron(_) => next_cron_fire(&job.spec.get(), fire_ms),
-        };
+        job.next_fire_ms = if job.spec.is_once() { None } else { next_cron_fire(&job.spec.get(), fire_ms) };
         // Fires that came due while this one was late are handled (and recorded) here.
         catch_up(job, now_ms);
         self.set_status(id, Status::InProgress, now_ms);

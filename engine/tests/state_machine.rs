@@ -26,7 +26,9 @@ struct MemSegment {
     repack: std::sync::atomic::AtomicBool,
 }
 
-impl sundial_engine::spec::SpecSegment for MemSegment {
+// SAFETY: a segment holds one record, the bytes `put` was given, in an AlignedVec<16>
+// (offset 0), never written after.
+unsafe impl sundial_engine::spec::SpecSegment for MemSegment {
     fn read(&self, offset: u32, len: u32) -> &[u8] {
         &self.bytes[offset as usize..(offset + len) as usize]
     }

@@ -49,7 +49,9 @@ impl PartitionOptions {
             election_ticks: 10,
             heartbeat_ticks: 1,
             members: None,
-            spec_segment_bytes: Some(SEGMENT_BYTES_DEFAULT),
+            // Linux only: elsewhere a file cannot be reserved, and a write through the
+            // mapping to a full disk would be a SIGBUS.
+            spec_segment_bytes: cfg!(target_os = "linux").then_some(SEGMENT_BYTES_DEFAULT),
         }
     }
 }
@@ -68,8 +70,6 @@ pub enum PartitionError {
     NoLeader { ticks: u32 },
     #[error("the partition's log cannot be applied: {0}")]
     Format(String),
-    #[error("the partition's spec store ({path}): {error}")]
-    SpecStore { path: String, error: std::io::Error },
 }
 
 /// Jobs looked at per tick for specs to repack (a few tens of microseconds).
@@ -156,10 +156,13 @@ impl Partition {
         };
         let mut state = state;
         if let (None, Some(segment_bytes)) = (&options.members, options.spec_segment_bytes) {
-            let store = SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT).map_err(|error| {
-                PartitionError::SpecStore { path: dir.join(SPECS_DIR).display().to_string(), error }
-            })?;
-            state.attach_spec_store(Box::new(store));
+            // Scratch space: without it, specs stay in the heap (more memory, nothing lost).
+            match SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT) {
+                Ok(store) => state.attach_spec_store(Box::new(store)),
+                Err(error) => tracing::warn!(
+                    path = %dir.join(SPECS_DIR).display(), %error, "no spec store: this partition keeps its jobs' specs in memory"
+                ),
+            }
         }
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
@@ -333,11 +336,12 @@ impl Partition {
                 if self.members.is_some() {
                     self.members = Some(Members::restore(&snapshot.data).map_err(PartitionError::Snapshot)?);
                 } else {
-                    let spec_store = self.state.detach_spec_store();
-                    self.state = State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
-                    if let Some(store) = spec_store {
-                        self.state.attach_spec_store(store);
+                    let mut restored =
+                        State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
+                    if let Some(store) = self.state.detach_spec_store() {
+                        restored.attach_spec_store(store);
                     }
+                    self.state = restored;
                     self.repack_cursor = None;
                 }
             }

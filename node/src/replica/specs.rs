@@ -26,6 +26,15 @@ const SEGMENT_HEADER_BYTES: usize = 16;
 pub const SEGMENT_BYTES_DEFAULT: u64 = 8 << 20;
 /// Live segments at most (× segment size = disk at most); beyond, specs stay in the heap.
 pub const SEGMENTS_MAX_DEFAULT: usize = 8192;
+/// No segment is made while the disk has less free space than this: the log, which must not
+/// run out, comes first (specs then stay in the heap).
+const DISK_FREE_FLOOR_BYTES: u64 = 1 << 30;
+/// After a segment could not be made, puts go on refusing this many specs before trying
+/// again (a failing disk is not retried on every create).
+const PUTS_BEFORE_RETRY: u64 = 4096;
+/// Numbers the stores of this process, so a store's files never share a name with those of
+/// an earlier store of the same partition whose segments are still mapped.
+static STORES_OPENED: AtomicU64 = AtomicU64::new(0);
 
 /// One segment file, mapped shared and writable.
 struct FileSegment {
@@ -39,10 +48,14 @@ struct FileSegment {
     sealed: AtomicBool,
 }
 
-impl SpecSegment for FileSegment {
+// SAFETY: `SpecStore::put` is the only writer: it copies a record to a 16-byte-aligned offset
+// of the page-aligned mapping past every record handed out, then makes its view; nothing
+// writes there again, and the file is never truncated while mapped.
+unsafe impl SpecSegment for FileSegment {
     fn read(&self, offset: u32, len: u32) -> &[u8] {
         let (offset, len) = (offset as usize, len as usize);
         assert!(offset + len <= self.map.len(), "a view lies inside its segment");
+        debug_assert_eq!(offset % SPEC_ALIGN_BYTES, 0, "records are aligned");
         // SAFETY: `offset..offset + len` is a record `put` wrote before handing out the view
         // (inside the mapping, checked above); records are never written again, and the
         // mapping lives as long as `self`.
@@ -81,8 +94,11 @@ pub struct SpecStore {
     /// Segments made, including the head; dead ones are pruned when a segment is made.
     made: Vec<Weak<FileSegment>>,
     next_number: u64,
-    /// A failure was logged (once: the store refuses quietly afterwards, counted by the
-    /// state as specs kept in the heap).
+    /// This store's number in the process (its files' names start with it).
+    instance: u64,
+    /// Puts still to refuse before trying to make a segment again, after a failure.
+    refusing_puts: u64,
+    /// A failure was logged; the next one is logged only after a segment was made again.
     warned: bool,
 }
 
@@ -97,7 +113,18 @@ impl SpecStore {
         }
         fs::create_dir_all(&dir)?;
         let segment_bytes = segment_bytes.clamp(1 << 16, 1 << 30);
-        Ok(SpecStore { dir, segment_bytes, segments_max, head: None, made: Vec::new(), next_number: 0, warned: false })
+        let instance = STORES_OPENED.fetch_add(1, Ordering::Relaxed);
+        Ok(SpecStore {
+            dir,
+            segment_bytes,
+            segments_max,
+            head: None,
+            made: Vec::new(),
+            next_number: 0,
+            instance,
+            refusing_puts: 0,
+            warned: false,
+        })
     }
 
     /// Segments still held (the head and every older one a job still uses).
@@ -114,7 +141,13 @@ impl SpecStore {
                 self.segment_bytes
             )));
         }
-        let path = self.dir.join(format!("{:012}.spec", self.next_number));
+        if let Some(free) = disk_free_bytes(&self.dir).filter(|free| *free < DISK_FREE_FLOOR_BYTES + self.segment_bytes)
+        {
+            return Err(std::io::Error::other(format!(
+                "{free} bytes free on the disk, under the floor kept for the log"
+            )));
+        }
+        let path = self.dir.join(format!("{:06}-{:012}.spec", self.instance, self.next_number));
         self.next_number += 1;
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         let made = reserve(&file, self.segment_bytes).and_then(|()| memmap2::MmapOptions::new().map_raw(&file));
@@ -157,13 +190,21 @@ impl SpecSink for SpecStore {
             if let Some(old) = self.head.take() {
                 old.sealed.store(true, Ordering::Relaxed);
             }
+            if self.refusing_puts > 0 {
+                self.refusing_puts -= 1;
+                return None;
+            }
             match self.new_segment() {
-                Ok(segment) => self.head = Some(segment),
+                Ok(segment) => {
+                    self.head = Some(segment);
+                    self.warned = false;
+                }
                 Err(error) => {
                     if !self.warned {
                         self.warned = true;
                         tracing::warn!(dir = %self.dir.display(), %error, "specs stay in memory: the spec store cannot grow");
                     }
+                    self.refusing_puts = PUTS_BEFORE_RETRY;
                     return None;
                 }
             }
@@ -186,6 +227,28 @@ impl SpecSink for SpecStore {
     }
 }
 
+/// Bytes free for unprivileged writers on the file system of `dir` (`None`: unknown).
+fn disk_free_bytes(dir: &Path) -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: a plain syscall with a NUL-terminated path and a buffer of its result type.
+        if unsafe { libc::statvfs(path.as_ptr(), stats.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: statvfs succeeded, so it filled the buffer.
+        let stats = unsafe { stats.assume_init() };
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
 fn align_up(at: u64) -> u64 {
     at.next_multiple_of(SPEC_ALIGN_BYTES as u64)
 }
@@ -205,4 +268,45 @@ fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        fs::read_dir(dir.join(SPECS_DIR)).expect("specs dir").map(|entry| entry.expect("entry").path()).collect()
+    }
+
+    #[test]
+    fn a_full_store_refuses_specs_and_a_segment_goes_with_its_last_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::create_dir_all(dir.path().join(SPECS_DIR)).expect("dir");
+        fs::write(dir.path().join(SPECS_DIR).join("left-over.spec"), b"from an earlier run").expect("write");
+        let mut store = SpecStore::open(dir.path(), 1 << 16, 1).expect("open");
+        assert!(files(dir.path()).is_empty(), "an earlier run's files are removed at open");
+        let record: Vec<u8> = (0..1_000u32).map(|i| i as u8).collect();
+        let mut views = Vec::new();
+        while let Some(view) = store.put(&record) {
+            assert_eq!(view.bytes(), record.as_slice(), "a spec reads back as it was put");
+            assert_eq!(view.bytes().as_ptr().align_offset(SPEC_ALIGN_BYTES), 0, "records are aligned");
+            views.push(view);
+            assert!(views.len() <= 65, "a 64 KiB segment holds 65 records of 1,000 bytes (1,008 aligned)");
+        }
+        assert!(views.len() >= 60, "{}", views.len());
+        let [file] = files(dir.path()).try_into().expect("one segment file");
+        let header = fs::read(&file).expect("read");
+        assert_eq!((&header[..8], &header[8..12]), (&SEGMENT_MAGIC[..], &SEGMENT_FORMAT.to_le_bytes()[..]));
+        // The bound (one segment) is reached: refused, so the caller keeps the spec.
+        assert!(store.put(&record).is_none());
+        views.clear();
+        assert!(files(dir.path()).is_empty(), "the segment went with its last spec");
+        // A failure is not retried on every put, only after PUTS_BEFORE_RETRY of them (the
+        // refused put above was the first).
+        for _ in 1..PUTS_BEFORE_RETRY {
+            assert!(store.put(&record).is_none());
+        }
+        let view = store.put(&record).expect("a new segment once the old one is gone");
+        assert_eq!((view.bytes(), files(dir.path()).len()), (record.as_slice(), 1));
+    }
 }

@@ -107,8 +107,11 @@ impl WalStorage {
         };
         let conf_bytes = encode_conf(&conf);
         self.wal.save_snapshot_parts(index, term, &[&conf_bytes, data])?;
+        let written =
+            || Snapshot { meta: SnapshotMeta { index, term, conf }, data: bytes::Bytes::copy_from_slice(data) };
+        let snapshot = self.saved_snapshot(index, written);
         self.wal.truncate_prefix(index)?;
-        self.snapshot = self.saved_snapshot(index)?;
+        self.snapshot = snapshot;
         Ok(())
     }
 
@@ -128,21 +131,23 @@ impl WalStorage {
         if !consistent && index < self.wal.last_index() {
             self.wal.truncate_suffix(index + 1)?;
         }
+        let saved = self.saved_snapshot(index, || snapshot);
         self.wal.truncate_prefix(index)?;
         self.hard_state.commit = self.hard_state.commit.max(index);
-        self.snapshot = self.saved_snapshot(index)?;
+        self.snapshot = saved;
         Ok(())
     }
 
     /// The snapshot just saved at `index`, mapped from its file (the copy in memory that was
-    /// written is dropped by the caller).
-    fn saved_snapshot(&self, index: Index) -> Result<Snapshot, WalError> {
-        match load_snapshot(&self.wal, &self.dir)? {
-            Some(snapshot) if snapshot.meta.index == index => Ok(snapshot),
-            _ => Err(WalError::Inconsistent {
-                path: self.dir.clone(),
-                reason: format!("the snapshot at {index} just saved does not read back"),
-            }),
+    /// written is dropped); if it cannot be mapped back, that copy is kept (`written`).
+    fn saved_snapshot(&self, index: Index, written: impl FnOnce() -> Snapshot) -> Snapshot {
+        match load_snapshot(&self.wal, &self.dir) {
+            Ok(Some(snapshot)) if snapshot.meta.index == index => snapshot,
+            outcome => {
+                let found = outcome.map(|s| s.map(|s| s.meta.index));
+                tracing::warn!(dir = %self.dir.display(), index, ?found, "the snapshot just saved did not map back; keeping it in memory");
+                written()
+            }
         }
     }
 

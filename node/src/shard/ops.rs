@@ -279,17 +279,22 @@ pub fn live_jobs(state: &State) -> usize {
     (state.count(Status::Pending) + state.count(Status::InProgress)) as usize
 }
 
+/// A job's age: creation time, then id.
+fn age<'a>((id, job): &(&'a str, &'a Job)) -> (u64, &'a str) {
+    (job.created_ms, id)
+}
+
 /// The `limit` oldest jobs (by creation time, then id) of this partition, optionally of one
 /// status, oldest first.
 pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Value> {
-    let mut jobs: Vec<&Job> = state.jobs().filter(|job| status.is_none_or(|s| job.status == s)).collect();
-    let age = |job: &&Job| (job.created_ms, job.id().to_string());
+    let mut jobs: Vec<(&str, &Job)> =
+        state.jobs_by_id().filter(|(_, job)| status.is_none_or(|s| job.status == s)).collect();
     if jobs.len() > limit && limit > 0 {
         jobs.select_nth_unstable_by_key(limit - 1, age);
         jobs.truncate(limit);
     }
     jobs.sort_by_key(age);
-    jobs.into_iter().take(limit).map(job_view).collect()
+    jobs.into_iter().take(limit).map(|(_, job)| job_view(job)).collect()
 }
 
 /// A flow key as clients see it: its limits, pause, jobs, attempts in flight and backlog.
@@ -316,12 +321,9 @@ pub fn flow_keys(state: &State, limit: usize, now_ms: u64) -> Vec<Value> {
 /// `{"id", "created_ms"}` of up to `limit` jobs of this partition carrying every one of
 /// `labels`, oldest first.
 pub fn labelled_jobs(state: &State, labels: &[(String, String)], limit: usize) -> Vec<Value> {
-    let mut jobs: Vec<&Job> = state
-        .jobs()
-        .filter(|job| labels.iter().all(|(key, value)| job.spec().labels.get(key) == Some(value)))
-        .collect();
-    jobs.sort_by_key(|job| (job.created_ms, job.id().to_string()));
-    jobs.into_iter().take(limit).map(|job| json!({"id": job.id(), "created_ms": job.created_ms})).collect()
+    let mut jobs: Vec<(&str, &Job)> = state.jobs_by_id().filter(|(_, job)| job.spec.has_labels(labels)).collect();
+    jobs.sort_by_key(age);
+    jobs.into_iter().take(limit).map(|(id, job)| json!({"id": id, "created_ms": job.created_ms})).collect()
 }
 
 /// Up to `limit` dead letters of this partition, oldest first.
