@@ -54,7 +54,8 @@ pub struct SpecView {
 
 impl Clone for SpecView {
     fn clone(&self) -> SpecView {
-        SpecView::new(self.segment.clone(), self.offset, self.len)
+        // SAFETY: the same record of the same segment as a view that already exists.
+        unsafe { SpecView::new(self.segment.clone(), self.offset, self.len) }
     }
 }
 
@@ -65,7 +66,12 @@ impl Drop for SpecView {
 }
 
 impl SpecView {
-    pub fn new(segment: Arc<dyn SpecSegment>, offset: u32, len: u32) -> SpecView {
+    /// A view of the record at `offset`, `len` bytes long, in `segment`.
+    ///
+    /// # Safety
+    /// The record must be one `SpecSink::put` placed there, from the archive it was given
+    /// (views are read as a `JobSpec` archive without checking it again).
+    pub unsafe fn new(segment: Arc<dyn SpecSegment>, offset: u32, len: u32) -> SpecView {
         segment.retain(len);
         SpecView { segment, offset, len }
     }
@@ -101,11 +107,24 @@ where
     }
 }
 
+/// A spec's archive in the heap, checked when it was made (only `AsSpecArchive` makes one)
+/// and never changed.
+#[derive(Clone)]
+pub struct PackedSpec(rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>);
+
+impl std::ops::Deref for PackedSpec {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// A packed spec's archive.
-fn packed(bytes: &rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>) -> &ArchivedJobSpec {
-    // SAFETY: a `Packed` cell's bytes were checked as a JobSpec archive when it was made
-    // (`AsSpecArchive::deserialize_with`) and are never changed.
-    unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(bytes) }
+fn packed(bytes: &PackedSpec) -> &ArchivedJobSpec {
+    // SAFETY: a PackedSpec's bytes were checked as a JobSpec archive when it was made
+    // (`AsSpecArchive::deserialize_with`, the only maker) and are never changed.
+    unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(&bytes.0) }
 }
 
 /// The archive of a spec as a store keeps it.
@@ -119,7 +138,7 @@ pub enum SpecCell {
     /// In the heap, as a value (a created job's, where no store is attached).
     Here(Box<JobSpec>),
     /// In the heap, as its checked archive (a restored job's, until a store takes it).
-    Packed(rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>),
+    Packed(PackedSpec),
     /// In a store.
     Stored(SpecView),
 }
@@ -346,6 +365,6 @@ where
         bytes.extend_from_slice(field.as_slice());
         // Checked once here; read back unchecked afterwards.
         rkyv::access::<ArchivedJobSpec, rkyv::rancor::Error>(&bytes).map_err(D::Error::new)?;
-        Ok(SpecCell::Packed(bytes))
+        Ok(SpecCell::Packed(PackedSpec(bytes)))
     }
 }

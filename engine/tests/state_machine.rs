@@ -58,7 +58,8 @@ impl sundial_engine::spec::SpecSink for MemSpecStore {
         bytes.extend_from_slice(archive);
         let segment = std::sync::Arc::new(MemSegment { bytes, live: Default::default(), repack: Default::default() });
         self.segments.lock().expect("unpoisoned").push(std::sync::Arc::downgrade(&segment));
-        Some(sundial_engine::spec::SpecView::new(segment, 0, archive.len() as u32))
+        // SAFETY: the segment holds exactly the archive `put` was given, at offset 0.
+        Some(unsafe { sundial_engine::spec::SpecView::new(segment, 0, archive.len() as u32) })
     }
     fn repack_wanted(&self) -> bool {
         use sundial_engine::spec::SpecSegment as _;

@@ -219,7 +219,8 @@ impl SpecSink for SpecStore {
         head.written_bytes.store(at + u64::from(len), Ordering::Relaxed);
         let offset = u32::try_from(at).ok()?;
         let segment: Arc<dyn SpecSegment> = head.clone();
-        Some(SpecView::new(segment, offset, len))
+        // SAFETY: the record just copied there from `archive`, as `put` was given it.
+        Some(unsafe { SpecView::new(segment, offset, len) })
     }
 
     fn repack_wanted(&self) -> bool {
