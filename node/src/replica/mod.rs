@@ -91,6 +91,11 @@ impl Replica {
         self.runtime.log_mut().tick();
     }
 
+    /// Moves live job specs out of mostly dead spec segments (a bounded amount).
+    pub fn repack_specs(&mut self) {
+        self.runtime.log_mut().repack_specs();
+    }
+
     /// A message from a peer.
     pub fn step(&mut self, message: Message) {
         self.runtime.log_mut().step(message);

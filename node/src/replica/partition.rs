@@ -72,7 +72,7 @@ pub enum PartitionError {
     Format(String),
 }
 
-/// Jobs looked at per tick for specs to repack (a few tens of microseconds).
+/// Jobs looked at per call for specs to repack (a few tens of microseconds).
 const REPACK_JOBS_PER_TICK: usize = 4096;
 
 pub struct Partition {
@@ -221,12 +221,11 @@ impl Partition {
 
     pub fn tick(&mut self) {
         self.node.tick();
-        self.repack_specs();
     }
 
     /// Moves live specs out of mostly dead spec segments, a bounded number of jobs looked at
-    /// per tick, so those segments (files) can go.
-    fn repack_specs(&mut self) {
+    /// per call (the shard calls it every 100 ms), so those segments (files) can go.
+    pub fn repack_specs(&mut self) {
         let (next, _moved) = self.state.repack_specs(self.repack_cursor.as_deref(), REPACK_JOBS_PER_TICK);
         self.repack_cursor = next;
     }
@@ -820,7 +819,7 @@ mod tests {
         }
         partition.advance().expect("persisted");
         for _ in 0..10 {
-            partition.tick(); // each tick repacks a bounded number of jobs
+            partition.repack_specs(); // each call looks at a bounded number of jobs
         }
         assert!(
             spec_files(dir.path()) < files / 2,

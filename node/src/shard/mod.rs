@@ -145,6 +145,9 @@ pub type PeerMessages = mpsc::Receiver<Vec<(u32, Message)>>;
 pub const PEER_INBOX_CAPACITY: usize = 1_024;
 /// How often a leader looks whether its partition's preferred leader should take over.
 const BALANCE_EVERY: Duration = Duration::from_secs(1);
+/// How often a shard repacks its partitions' spec stores (a bounded number of jobs each time;
+/// an idle shard wakes once a second, so at least that often).
+const REPACK_SPECS_EVERY: Duration = Duration::from_millis(100);
 
 /// A running shard, as the rest of the node sees it.
 pub struct ShardHandle {
@@ -379,6 +382,7 @@ impl Shard {
         let tick = self.config.cluster.as_ref().map(|c| c.tick);
         let mut next_tick = Instant::now();
         let mut next_balance = Instant::now() + BALANCE_EVERY;
+        let mut next_repack = Instant::now() + REPACK_SPECS_EVERY;
         // Bounded by `stop` (or a failed log).
         while !*stop.borrow() {
             self.begin_turn();
@@ -448,6 +452,12 @@ impl Shard {
                     self.reconcile_replicas();
                     next_balance = now + BALANCE_EVERY;
                 }
+            }
+            if Instant::now() >= next_repack {
+                for replica in self.replicas.values_mut() {
+                    replica.repack_specs();
+                }
+                next_repack = Instant::now() + REPACK_SPECS_EVERY;
             }
             // Fires are looked at with the clock as it is now, after this turn's work.
             self.begin_turn();
