@@ -90,12 +90,7 @@ impl SpecView {
     }
 }
 
-/// The owned spec of an archive.
-fn decode(archived: &ArchivedJobSpec) -> JobSpec {
-    owned(archived)
-}
-
-/// The owned value of part of an archive.
+/// The owned value of an archive (a spec's, or part of one).
 fn owned<T, A>(archived: &A) -> T
 where
     A: rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
@@ -128,8 +123,8 @@ fn packed(bytes: &PackedSpec) -> &ArchivedJobSpec {
 }
 
 /// The archive of a spec as a store keeps it.
-pub fn archive(spec: &JobSpec) -> Option<rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>> {
-    rkyv::to_bytes::<rkyv::rancor::Error>(spec).ok()
+fn archive(spec: &JobSpec) -> Result<rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>, rkyv::rancor::Error> {
+    rkyv::to_bytes::<rkyv::rancor::Error>(spec)
 }
 
 /// A job's spec, wherever it lives.
@@ -150,26 +145,24 @@ impl SpecCell {
 
     /// The spec: borrowed from the heap, or read back from the store.
     pub fn get(&self) -> Cow<'_, JobSpec> {
-        match self {
-            SpecCell::Here(spec) => Cow::Borrowed(spec),
-            SpecCell::Packed(bytes) => Cow::Owned(decode(packed(bytes))),
-            SpecCell::Stored(view) => Cow::Owned(decode(view.archived())),
+        match self.archive_of() {
+            Ok(spec) => Cow::Borrowed(spec),
+            Err(archived) => Cow::Owned(owned(archived)),
         }
     }
 
     /// The job's id without decoding the rest of the spec.
     pub fn id(&self) -> &str {
-        match self {
-            SpecCell::Here(spec) => &spec.id,
-            SpecCell::Packed(bytes) => packed(bytes).id.as_str(),
-            SpecCell::Stored(view) => view.archived().id.as_str(),
+        match self.archive_of() {
+            Ok(spec) => &spec.id,
+            Err(archived) => archived.id.as_str(),
         }
     }
 
     /// Moves a spec held in the heap into `sink`; it stays in the heap if the sink refuses.
     pub fn store_in(&mut self, sink: &mut dyn SpecSink) {
         let view = match self {
-            SpecCell::Here(spec) => archive(spec).and_then(|bytes| sink.put(&bytes)),
+            SpecCell::Here(spec) => archive(spec).ok().and_then(|bytes| sink.put(&bytes)),
             SpecCell::Packed(bytes) => sink.put(bytes),
             SpecCell::Stored(_) => None,
         };
@@ -283,12 +276,6 @@ impl SpecCell {
     }
 }
 
-impl From<JobSpec> for SpecCell {
-    fn from(spec: JobSpec) -> SpecCell {
-        SpecCell::new(spec)
-    }
-}
-
 impl PartialEq for SpecCell {
     fn eq(&self, other: &SpecCell) -> bool {
         *self.get() == *other.get()
@@ -347,7 +334,7 @@ where
         };
         match field {
             SpecCell::Here(spec) => {
-                let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&**spec).map_err(S::Error::new)?;
+                let bytes = archive(spec).map_err(S::Error::new)?;
                 write(&bytes, serializer)
             }
             SpecCell::Packed(bytes) => write(bytes, serializer),

@@ -148,13 +148,12 @@ impl Partition {
         let storage = WalStorage::open(dir, options.wal, &options.voters)?;
         let snapshot = storage.snapshot();
         let snapshot_error = |e: String| PartitionError::Snapshot(e);
-        let (state, members) = match (&options.members, snapshot.data.is_empty()) {
+        let (mut state, members) = match (&options.members, snapshot.data.is_empty()) {
             (Some(initial), true) => (State::new(), Some(initial.clone())),
             (Some(_), false) => (State::new(), Some(Members::restore(&snapshot.data).map_err(snapshot_error)?)),
             (None, true) => (State::new(), None),
             (None, false) => (State::restore(&snapshot.data).map_err(|e| snapshot_error(e.to_string()))?, None),
         };
-        let mut state = state;
         if let (None, Some(segment_bytes)) = (&options.members, options.spec_segment_bytes) {
             // Scratch space: without it, specs stay in the heap (more memory, nothing lost).
             match SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT) {
