@@ -240,11 +240,7 @@ fn code_of(error: &DecodeError) -> Code {
 }
 
 fn item(answer: Answer) -> Item {
-    Item {
-        status: answer.status,
-        retry_after_s: answer.retry_after_s.unwrap_or(0),
-        body: answer.body.map(|b| b.to_string().into_bytes()).unwrap_or_default(),
-    }
+    Item { status: answer.status, retry_after_s: answer.retry_after_s.unwrap_or(0), body: answer.into_body_bytes() }
 }
 
 fn refusal(request_id: u64, code: Code, message: impl Into<String>) -> Frame {

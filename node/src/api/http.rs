@@ -473,14 +473,13 @@ fn html_response(page: crate::api::ui::Page) -> hyper::Response<Full<Bytes>> {
 }
 
 fn to_response(answer: Answer) -> hyper::Response<Full<Bytes>> {
-    let bytes = answer.body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    let mut response = hyper::Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() =
-        hyper::StatusCode::from_u16(answer.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
-    if answer.status != 204 {
+    let (status, retry_after_s) = (answer.status, answer.retry_after_s);
+    let mut response = hyper::Response::new(Full::new(Bytes::from(answer.into_body_bytes())));
+    *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if status != 204 {
         response.headers_mut().insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
     }
-    if let Some(seconds) = answer.retry_after_s {
+    if let Some(seconds) = retry_after_s {
         response.headers_mut().insert("retry-after", hyper::header::HeaderValue::from(seconds));
     }
     response
