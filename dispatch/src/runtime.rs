@@ -415,7 +415,7 @@ impl<L: CommandLog> Runtime<L> {
         let Some(job) = self.log.state().job(id) else { return false };
         let spec = job.spec();
         let target = if callback {
-            let Some(pending) = job.callbacks.get(&fire_ms) else { return false };
+            let Some(pending) = job.life().callbacks.get(&fire_ms) else { return false };
             let which = if pending.success { "success" } else { "failure" };
             sundial_engine::job::Target {
                 url: pending.url.clone(),
@@ -785,9 +785,9 @@ impl<L: CommandLog> Runtime<L> {
         for (id, fire_ms, attempt, due_ms, callback) in unsubmitted {
             let still_in_flight = self.log.state().job(&id).is_some_and(|job| {
                 if callback {
-                    job.callbacks.get(&fire_ms).is_some_and(|c| c.in_flight && c.attempts + 1 == attempt)
+                    job.life().callbacks.get(&fire_ms).is_some_and(|c| c.in_flight && c.attempts + 1 == attempt)
                 } else {
-                    job.active.get(&fire_ms).is_some_and(|f| f.in_flight && f.attempts + 1 == attempt)
+                    job.life().active.get(&fire_ms).is_some_and(|f| f.in_flight && f.attempts + 1 == attempt)
                 }
             });
             if !still_in_flight {

@@ -72,7 +72,7 @@ async fn a_fire_arrives_with_every_header_and_a_signature_the_receiver_verifies(
     let signature = request.header("x-sundial-signature").expect("signed");
     assert!(sign::verify(b"top-secret", signature, &request.body, now_ms(), 300_000), "{signature}");
     assert!(!sign::verify(b"wrong", signature, &request.body, now_ms(), 300_000));
-    let history = &runtime.state().job("signed").expect("job").history;
+    let history = &runtime.state().job("signed").expect("job").life().history;
     assert_eq!(
         (history[0].status_code, history[0].response_body.as_slice()),
         (Some(200), b"receiver says hi".as_slice())
@@ -147,7 +147,7 @@ async fn a_slow_receiver_times_out_and_the_fire_is_retried() {
                "retry": {"initial_backoff_ms": 100, "jitter": 0}}),
     );
     assert!(runtime.run_until(PATIENCE, |s| status_of(s, "slow") == Status::Completed).await);
-    let history = &runtime.state().job("slow").expect("job").history;
+    let history = &runtime.state().job("slow").expect("job").life().history;
     assert_eq!(history.len(), 2);
     assert_eq!(history[0].error, Some(ErrorClass::Timeout));
     assert!(history[0].finished_ms - history[0].started_ms < 2_500, "gave up near the 300 ms timeout");
@@ -230,7 +230,7 @@ async fn the_ssrf_guard_refuses_loopback_unless_allowed() {
     let refused = |s: &State| status_of(s, "ip") == Status::Failed && status_of(s, "name") == Status::Failed;
     assert!(runtime.run_until(PATIENCE, refused).await);
     for id in ["ip", "name"] {
-        assert_eq!(runtime.state().job(id).expect("job").history[0].error, Some(ErrorClass::Refused), "{id}");
+        assert_eq!(runtime.state().job(id).expect("job").life().history[0].error, Some(ErrorClass::Refused), "{id}");
     }
     assert!(receiver.requests().is_empty(), "nothing reached the receiver");
 }
@@ -243,7 +243,7 @@ async fn a_cron_job_fires_each_second_on_the_second_never_early() {
         &mut runtime,
         json!({"id": "tick", "cron": "* * * * * *", "time_zone": "Europe/Paris", "url": receiver.url("/")}),
     );
-    let three_fires = |s: &State| s.job("tick").expect("job").fires_succeeded >= 3;
+    let three_fires = |s: &State| s.job("tick").expect("job").life().fires_succeeded >= 3;
     assert!(runtime.run_until(PATIENCE, three_fires).await);
     let fires: Vec<u64> = receiver
         .requests()

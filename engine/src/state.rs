@@ -45,11 +45,13 @@ pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 
 /// The format `State::snapshot` writes (rkyv behind a 16-byte header). As for commands
 /// (`codec`), a change of the archived layout takes a new number; never 123 (`{`, format 0).
-/// Format 2 holds each job's spec as its own archive (what a spec store keeps); format 1
-/// (specs inline) was written only by development builds and is not read.
-pub const SNAPSHOT_FORMAT: u8 = 2;
+/// Format 3 holds each job's spec as its own archive (what a spec store keeps) and a job's
+/// fires, history and counters apart from its scheduling fields (`JobLife`); formats 1
+/// (specs inline) and 2 (one flat job) were written only by development builds and are not
+/// read.
+pub const SNAPSHOT_FORMAT: u8 = 3;
 /// Snapshot formats this build knows and no longer reads.
-const SNAPSHOT_FORMATS_RETIRED: [u8; 1] = [1];
+const SNAPSHOT_FORMATS_RETIRED: [u8; 2] = [1, 2];
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
 /// Why a snapshot could not be taken (a state past the archive's 2 GiB).
@@ -389,16 +391,38 @@ pub struct ActiveFire {
     pub deadline_from_ms: u64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+/// A job as the state holds it: what scheduling reads on every job, and the rest behind one
+/// pointer. A pending job that never fired (most of a large backlog) has no `life`: it costs
+/// its spec's view and these few words. Equal jobs are equal whether an empty life is
+/// boxed or absent.
+#[derive(Clone, Debug, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+#[serde(from = "JobForm", into = "JobForm")]
 pub struct Job {
     /// In the heap, or in the partition's spec store once one is attached (`spec()` reads it).
     #[rkyv(with = crate::spec::AsSpecArchive)]
     pub spec: SpecCell,
     pub status: Status,
-    pub created_ms: u64,
     pub paused: bool,
+    pub created_ms: u64,
     /// The next fire not yet started.
     pub next_fire_ms: Option<u64>,
+    /// Fires, history, counters and callbacks: made at the first write to any of them
+    /// (`life_mut`), read through `life()` (all empty without one).
+    life: Option<Box<JobLife>>,
+}
+
+impl PartialEq for Job {
+    fn eq(&self, other: &Job) -> bool {
+        (&self.spec, self.status, self.paused, self.created_ms, self.next_fire_ms, self.life())
+            == (&other.spec, other.status, other.paused, other.created_ms, other.next_fire_ms, other.life())
+    }
+}
+
+impl Eq for Job {}
+
+/// What a job gains once it fires, fails, pauses itself or finishes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JobLife {
     pub active: BTreeMap<u64, ActiveFire>,
     pub history: VecDeque<Execution>,
     pub fires_succeeded: u64,
@@ -407,22 +431,32 @@ pub struct Job {
     /// Catch-up fires run in a row under `Misfire::FireAll`.
     catch_up_run: u32,
     /// When the job reached its final status (the dedup window counts from here).
-    #[serde(default)]
     pub finished_ms: Option<u64>,
     /// Fires in a row that ended failed (cron jobs; for `pause_after_failures`).
-    #[serde(default)]
     pub failures_in_a_row: u32,
     /// Why the job paused itself, while it is auto-paused.
-    #[serde(default)]
     pub paused_reason: Option<String>,
     /// Fire time → the callback telling its outcome, until delivered or given up.
-    #[serde(default)]
     pub callbacks: BTreeMap<u64, PendingCallback>,
     /// While finished: the time its retention counts from (when it finished, or when it was
     /// last found still needed). Its key in the state's expiry order.
-    #[serde(default)]
     retained_from_ms: Option<u64>,
 }
+
+/// The life of a job that has none yet: everything empty.
+static NO_LIFE: JobLife = JobLife {
+    active: BTreeMap::new(),
+    history: VecDeque::new(),
+    fires_succeeded: 0,
+    fires_failed: 0,
+    fires_missed: 0,
+    catch_up_run: 0,
+    finished_ms: None,
+    failures_in_a_row: 0,
+    paused_reason: None,
+    callbacks: BTreeMap::new(),
+    retained_from_ms: None,
+};
 
 impl Job {
     /// The job's spec: borrowed from the heap, or read back from the partition's store.
@@ -432,6 +466,102 @@ impl Job {
 
     pub fn id(&self) -> &str {
         self.spec.id()
+    }
+
+    /// Its fires, history, counters and callbacks (all empty for a job that never fired).
+    pub fn life(&self) -> &JobLife {
+        self.life.as_deref().unwrap_or(&NO_LIFE)
+    }
+
+    fn life_mut(&mut self) -> &mut JobLife {
+        life_of(&mut self.life)
+    }
+
+    /// Its life to change, if it has one (clearing something makes none).
+    fn life_if_any(&mut self) -> Option<&mut JobLife> {
+        self.life.as_deref_mut()
+    }
+}
+
+/// A job's life made if it has none, from the field alone (so the spec may stay borrowed).
+fn life_of(life: &mut Option<Box<JobLife>>) -> &mut JobLife {
+    life.get_or_insert_with(Box::default)
+}
+
+/// A job's JSON form (snapshot format 0, digests): every field at one level, as before the
+/// job was split, so the form and the digests did not change with the split.
+#[derive(Clone, Serialize, Deserialize)]
+struct JobForm {
+    spec: SpecCell,
+    status: Status,
+    created_ms: u64,
+    paused: bool,
+    next_fire_ms: Option<u64>,
+    active: BTreeMap<u64, ActiveFire>,
+    history: VecDeque<Execution>,
+    fires_succeeded: u64,
+    fires_failed: u64,
+    fires_missed: u64,
+    catch_up_run: u32,
+    #[serde(default)]
+    finished_ms: Option<u64>,
+    #[serde(default)]
+    failures_in_a_row: u32,
+    #[serde(default)]
+    paused_reason: Option<String>,
+    #[serde(default)]
+    callbacks: BTreeMap<u64, PendingCallback>,
+    #[serde(default)]
+    retained_from_ms: Option<u64>,
+}
+
+impl From<JobForm> for Job {
+    fn from(form: JobForm) -> Job {
+        let life = JobLife {
+            active: form.active,
+            history: form.history,
+            fires_succeeded: form.fires_succeeded,
+            fires_failed: form.fires_failed,
+            fires_missed: form.fires_missed,
+            catch_up_run: form.catch_up_run,
+            finished_ms: form.finished_ms,
+            failures_in_a_row: form.failures_in_a_row,
+            paused_reason: form.paused_reason,
+            callbacks: form.callbacks,
+            retained_from_ms: form.retained_from_ms,
+        };
+        Job {
+            spec: form.spec,
+            status: form.status,
+            paused: form.paused,
+            created_ms: form.created_ms,
+            next_fire_ms: form.next_fire_ms,
+            life: (life != NO_LIFE).then(|| Box::new(life)),
+        }
+    }
+}
+
+impl From<Job> for JobForm {
+    fn from(job: Job) -> JobForm {
+        let life = job.life.map(|life| *life).unwrap_or_default();
+        JobForm {
+            spec: job.spec,
+            status: job.status,
+            created_ms: job.created_ms,
+            paused: job.paused,
+            next_fire_ms: job.next_fire_ms,
+            active: life.active,
+            history: life.history,
+            fires_succeeded: life.fires_succeeded,
+            fires_failed: life.fires_failed,
+            fires_missed: life.fires_missed,
+            catch_up_run: life.catch_up_run,
+            finished_ms: life.finished_ms,
+            failures_in_a_row: life.failures_in_a_row,
+            paused_reason: life.paused_reason,
+            callbacks: life.callbacks,
+            retained_from_ms: life.retained_from_ms,
+        }
     }
 }
 
@@ -813,12 +943,12 @@ impl State {
     /// there under the time it finished; a live one is not.
     fn index_retention(&mut self, id: &str) {
         let Some(job) = self.jobs.get_mut(id) else { return };
-        if let Some(from_ms) = job.retained_from_ms.take() {
+        if let Some(from_ms) = job.life_if_any().and_then(|life| life.retained_from_ms.take()) {
             self.expiry_order.remove(&(from_ms, id.to_string()));
         }
         if job.status.is_final() {
-            let from_ms = job.finished_ms.unwrap_or(0);
-            job.retained_from_ms = Some(from_ms);
+            let from_ms = job.life().finished_ms.unwrap_or(0);
+            job.life_mut().retained_from_ms = Some(from_ms);
             self.expiry_order.insert((from_ms, id.to_string()));
         }
     }
@@ -833,18 +963,18 @@ impl State {
             }
             self.expiry_order.pop_first();
             let Some(job) = self.jobs.get_mut(id.as_str()) else { continue };
-            job.retained_from_ms = None;
+            job.life_mut().retained_from_ms = None;
             // Jobs waiting on it read its status; its callbacks still go out: it stays, and
             // is looked at again later (an order key in the future keeps this loop finite).
-            if self.dependents.contains_key(&id) || !job.callbacks.is_empty() {
+            if self.dependents.contains_key(&id) || !job.life().callbacks.is_empty() {
                 // Retention counts from this key: it is looked at again `EXPIRY_RECHECK_MS`
                 // from now (a key that far ahead of now stops this loop from finding it again).
                 let again_ms = now_ms.saturating_add(EXPIRY_RECHECK_MS).saturating_sub(retention_ms);
-                job.retained_from_ms = Some(again_ms);
+                job.life_mut().retained_from_ms = Some(again_ms);
                 self.expiry_order.insert((again_ms, id));
                 continue;
             }
-            let finished_ms = job.finished_ms.unwrap_or(from_ms);
+            let finished_ms = job.life().finished_ms.unwrap_or(from_ms);
             self.detach(&id);
             self.purge_dead_letters_of(&id);
             if finished_ms.saturating_add(dedup_window_ms) > now_ms {
@@ -864,7 +994,8 @@ impl State {
         self.tombstones.make_contiguous().sort_unstable();
         self.tombstone_index = self.tombstones.iter().map(|t| (t.digest(), t.finished_ms)).collect();
         for (id, job) in self.jobs.iter_mut().filter(|(_, job)| job.status.is_final()) {
-            let from_ms = *job.retained_from_ms.get_or_insert(job.finished_ms.unwrap_or(0));
+            let life = job.life_mut();
+            let from_ms = *life.retained_from_ms.get_or_insert(life.finished_ms.unwrap_or(0));
             self.expiry_order.insert((from_ms, id.to_string()));
         }
     }
@@ -873,7 +1004,7 @@ impl State {
     /// keep pointing at its id).
     fn detach(&mut self, id: &str) -> Option<Job> {
         let job = *self.jobs.remove(id)?;
-        if let Some(from_ms) = job.retained_from_ms {
+        if let Some(from_ms) = job.life().retained_from_ms {
             self.expiry_order.remove(&(from_ms, id.to_string()));
         }
         for dependency in job.spec.depends_on() {
@@ -885,7 +1016,7 @@ impl State {
             }
         }
         self.counts[job.status as usize] -= 1;
-        if job.paused_reason.is_some() {
+        if job.life().paused_reason.is_some() {
             self.auto_paused -= 1;
         }
         self.leave_flow_key(id, job.spec.flow_key());
@@ -936,15 +1067,16 @@ impl State {
     /// Attempts of the key's jobs in flight (started and not finished).
     pub fn flow_in_flight(&self, key: &FlowKey) -> usize {
         let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str()));
-        jobs.map(|job| job.active.values().filter(|fire| fire.in_flight).count()).sum()
+        jobs.map(|job| job.life().active.values().filter(|fire| fire.in_flight).count()).sum()
     }
 
     /// Active fires of the key's jobs: started and not ended (in flight or waiting to retry),
     /// or added (trigger, backfill, redrive) and waiting for their first attempt.
     pub fn flow_active<'a>(&'a self, key: &'a FlowKey) -> Vec<KeyFire<'a>> {
-        let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str())).filter(|job| !job.active.is_empty());
+        let jobs =
+            key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str())).filter(|job| !job.life().active.is_empty());
         jobs.flat_map(|job| {
-            job.active.iter().map(|(fire_ms, fire)| KeyFire {
+            job.life().active.iter().map(|(fire_ms, fire)| KeyFire {
                 job: job.spec.id(),
                 fire_ms: *fire_ms,
                 started: fire.in_flight || fire.attempts > 0,
@@ -958,7 +1090,8 @@ impl State {
     pub fn flow_backlog(&self, key: &FlowKey, now_ms: u64) -> u64 {
         let jobs = key.jobs.iter().filter_map(|id| self.jobs.get(id.as_str())).filter(|job| !job.status.is_final());
         jobs.map(|job| {
-            let retries = job.active.values().filter(|fire| !fire.in_flight && fire.due_ms <= now_ms).count() as u64;
+            let retries =
+                job.life().active.values().filter(|fire| !fire.in_flight && fire.due_ms <= now_ms).count() as u64;
             retries + u64::from(job.next_fire_ms.is_some_and(|next| next <= now_ms))
         })
         .sum()
@@ -975,7 +1108,7 @@ impl State {
     pub fn callbacks_in_flight(&self) -> Vec<(String, u64, u32)> {
         let mut out = Vec::new();
         for job in self.jobs.values() {
-            for (&fire_ms, callback) in job.callbacks.iter().filter(|(_, c)| c.in_flight) {
+            for (&fire_ms, callback) in job.life().callbacks.iter().filter(|(_, c)| c.in_flight) {
                 out.push((job.spec.id().to_string(), fire_ms, callback.attempts + 1));
             }
         }
@@ -996,9 +1129,11 @@ impl State {
                     return Err(invalid(&id, job.status, "cancel"));
                 }
                 // Callbacks of fires that already ended still go out.
-                job.active.clear();
+                if let Some(life) = job.life_if_any() {
+                    life.active.clear();
+                }
                 job.next_fire_ms = None;
-                let was_auto_paused = job.paused_reason.take().is_some();
+                let was_auto_paused = job.life_if_any().and_then(|life| life.paused_reason.take()).is_some();
                 self.auto_paused -= u64::from(was_auto_paused);
                 self.set_status(&id, Status::Cancelled, now_ms);
                 Ok(Applied::Done)
@@ -1013,7 +1148,7 @@ impl State {
                 self.purge_dead_letters_of(&id);
                 // Commands logged before the dedup window carry no time: nothing to remember.
                 if now_ms > 0 {
-                    self.add_tombstone(&id, job.finished_ms.unwrap_or(now_ms));
+                    self.add_tombstone(&id, job.life().finished_ms.unwrap_or(now_ms));
                 }
                 Ok(Applied::Done)
             }
@@ -1048,7 +1183,7 @@ impl State {
             Command::CallbackStarted { id, fire_ms, attempt, .. } => {
                 let job = self.job_mut(&id)?;
                 let stale = || ApplyError::StaleAttempt { id: id.clone(), fire_ms, attempt };
-                let callback = job.callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
+                let callback = job.life_mut().callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
                 if attempt != callback.attempts + 1 || callback.in_flight {
                     return Err(stale());
                 }
@@ -1086,8 +1221,10 @@ impl State {
                     return Err(invalid(&id, job.status, "resume"));
                 }
                 job.paused = false;
-                job.failures_in_a_row = 0;
-                let was_auto_paused = job.paused_reason.take().is_some();
+                if let Some(life) = job.life_if_any() {
+                    life.failures_in_a_row = 0;
+                }
+                let was_auto_paused = job.life_if_any().and_then(|life| life.paused_reason.take()).is_some();
                 catch_up(job, now_ms);
                 self.auto_paused -= u64::from(was_auto_paused);
                 Ok(Applied::Done)
@@ -1134,11 +1271,14 @@ impl State {
         let job = self.jobs.get_mut(id).expect("caller checked");
         self.counts[job.status as usize] -= 1;
         self.counts[status as usize] += 1;
-        if status.is_final() != job.status.is_final() || job.finished_ms.is_none() {
-            job.finished_ms = status.is_final().then_some(now_ms);
+        if status.is_final() != job.status.is_final() || job.life().finished_ms.is_none() {
+            let finished_ms = status.is_final().then_some(now_ms);
+            if finished_ms != job.life().finished_ms {
+                job.life_mut().finished_ms = finished_ms;
+            }
         }
         // A finished job is no longer paused by anything (a resume could not clear it).
-        if status.is_final() && job.paused_reason.take().is_some() {
+        if status.is_final() && job.life_if_any().and_then(|life| life.paused_reason.take()).is_some() {
             self.auto_paused -= 1;
         }
         job.status = status;
@@ -1148,7 +1288,7 @@ impl State {
     /// Puts a dead-lettered fire back with a full new set of attempts, its deadline counted
     /// from now.
     fn redrive(&mut self, id: &str, fire_ms: u64, now_ms: u64) -> Result<(), ApplyError> {
-        if self.jobs.get(id).is_some_and(|job| job.active.contains_key(&fire_ms)) {
+        if self.jobs.get(id).is_some_and(|job| job.life().active.contains_key(&fire_ms)) {
             // Backfilled or triggered again meanwhile: it runs already.
             let status = self.jobs[id].status;
             return Err(invalid(id, status, "redrive (that fire is active again)"));
@@ -1158,7 +1298,7 @@ impl State {
         }
         let job = self.jobs.get_mut(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))?;
         let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
-        job.active.insert(fire_ms, fire);
+        job.life_mut().active.insert(fire_ms, fire);
         self.set_status(id, Status::InProgress, now_ms);
         Ok(())
     }
@@ -1171,8 +1311,10 @@ impl State {
         };
         match (self.jobs.get(spec.id.as_str()), dedup_window_ms) {
             // A finished job's id is held for the window, then free again.
-            (Some(existing), Some(window_ms)) if existing.status.is_final() && existing.finished_ms.is_some() => {
-                let finished_ms = existing.finished_ms.expect("checked");
+            (Some(existing), Some(window_ms))
+                if existing.status.is_final() && existing.life().finished_ms.is_some() =>
+            {
+                let finished_ms = existing.life().finished_ms.expect("checked");
                 if now_ms < finished_ms.saturating_add(window_ms) {
                     return Err(duplicate(finished_ms, window_ms));
                 }
@@ -1229,9 +1371,9 @@ impl State {
             // A one-time fire that already ran (or runs, or was dead-lettered) is not run again.
             (Schedule::Once { .. }, Some(at_ms))
                 if started_at(at_ms)
-                    || job.active.contains_key(&at_ms)
+                    || job.life().active.contains_key(&at_ms)
                     || taken_in_dead_letters.contains_key(&at_ms)
-                    || job.history.iter().any(|e| e.fire_ms == at_ms) =>
+                    || job.life().history.iter().any(|e| e.fire_ms == at_ms) =>
             {
                 None
             }
@@ -1252,8 +1394,10 @@ impl State {
         };
         let new_dependencies = spec.depends_on.clone();
         job.spec = SpecCell::new(spec);
-        job.catch_up_run = 0;
-        let status = if !job.active.is_empty() {
+        if let Some(life) = job.life_if_any() {
+            life.catch_up_run = 0;
+        }
+        let status = if !job.life().active.is_empty() {
             Status::InProgress
         } else if job.next_fire_ms.is_some() {
             Status::Pending
@@ -1297,16 +1441,16 @@ impl State {
             return Err(invalid(id, job.status, action));
         }
         let taken = |fire_ms: u64| {
-            job.active.contains_key(&fire_ms)
+            job.life().active.contains_key(&fire_ms)
                 || job.next_fire_ms == Some(fire_ms)
                 || taken_in_dead_letters.contains_key(&fire_ms)
-                || job.history.iter().any(|e| e.fire_ms == fire_ms)
+                || job.life().history.iter().any(|e| e.fire_ms == fire_ms)
         };
         let Some(fire_ms) = (now_ms..now_ms + TRIGGER_PROBES_MAX).find(|at| !taken(*at)) else {
             return Err(invalid(id, job.status, "trigger (no free fire time this second)"));
         };
         let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
-        job.active.insert(fire_ms, fire);
+        job.life_mut().active.insert(fire_ms, fire);
         self.set_status(id, Status::InProgress, now_ms);
         Ok(Applied::Fires { fire_ms: vec![fire_ms] })
     }
@@ -1347,11 +1491,11 @@ impl State {
         let scheduled_from = job.next_fire_ms.unwrap_or(u64::MAX);
         // A dead-lettered occurrence is redriven, not backfilled.
         occurrences.retain(|fire_ms| {
-            !job.active.contains_key(fire_ms) && !dead_lettered.contains(fire_ms) && *fire_ms < scheduled_from
+            !job.life().active.contains_key(fire_ms) && !dead_lettered.contains(fire_ms) && *fire_ms < scheduled_from
         });
         for fire_ms in &occurrences {
             let fire = ActiveFire { attempts: 0, in_flight: false, due_ms: now_ms, deadline_from_ms: now_ms };
-            job.active.insert(*fire_ms, fire);
+            job.life_mut().active.insert(*fire_ms, fire);
         }
         if !occurrences.is_empty() {
             self.set_status(id, Status::InProgress, now_ms);
@@ -1374,26 +1518,14 @@ impl State {
         let id = spec.id.clone();
         // A finished job with this id is replaced whole (its dead letters stay: they name
         // past fires of this id, and so do its callbacks still waiting, which go on).
-        let callbacks = self.detach(&id).map(|old| old.callbacks).unwrap_or_default();
+        let callbacks = self.detach(&id).and_then(|old| old.life).map(|life| life.callbacks).unwrap_or_default();
         self.forget_tombstone(&id);
-        let job = Job {
-            spec: SpecCell::new(spec),
-            status,
-            created_ms: now_ms,
-            paused: false,
-            next_fire_ms,
-            active: BTreeMap::new(),
-            history: VecDeque::new(),
-            fires_succeeded: 0,
-            fires_failed: 0,
-            fires_missed: 0,
-            catch_up_run: 0,
-            finished_ms: (status == Status::Completed).then_some(now_ms),
-            failures_in_a_row: 0,
-            paused_reason: None,
-            callbacks,
-            retained_from_ms: None,
-        };
+        let mut job =
+            Job { spec: SpecCell::new(spec), status, created_ms: now_ms, paused: false, next_fire_ms, life: None };
+        let finished_ms = (status == Status::Completed).then_some(now_ms);
+        if finished_ms.is_some() || !callbacks.is_empty() {
+            job.life = Some(Box::new(JobLife { finished_ms, callbacks, ..JobLife::default() }));
+        }
         self.join_flow_key(&job.spec.get());
         self.counts[status as usize] += 1;
         for dependency in job.spec.depends_on() {
@@ -1438,7 +1570,7 @@ impl State {
             let action = if key_paused { "start a fire (its flow key is paused)" } else { "start a fire" };
             return Err(invalid(id, job.status, action));
         }
-        if let Some(fire) = job.active.get_mut(&fire_ms) {
+        if let Some(fire) = job.life_mut().active.get_mut(&fire_ms) {
             // A retry. (An attempt left in flight by a leader that died is re-run by the next
             // one without a new start; a second start of the same attempt is a duplicate.)
             if attempt != fire.attempts + 1 || fire.in_flight {
@@ -1447,7 +1579,7 @@ impl State {
             fire.in_flight = true;
             return Ok(Applied::Done);
         }
-        let overlap_blocks = job.spec.cron_overlap() == Some(Overlap::Skip) && !job.active.is_empty();
+        let overlap_blocks = job.spec.cron_overlap() == Some(Overlap::Skip) && !job.life().active.is_empty();
         if job.next_fire_ms != Some(fire_ms) || attempt != 1 || !ready || overlap_blocks {
             return Err(ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt });
         }
@@ -1481,7 +1613,7 @@ impl State {
             false => {
                 let missed = catch_up(job, now_ms);
                 if job.next_fire_ms != Some(fire_ms) {
-                    let status = if job.next_fire_ms.is_none() && job.active.is_empty() {
+                    let status = if job.next_fire_ms.is_none() && job.life().active.is_empty() {
                         Status::Completed
                     } else {
                         job.status
@@ -1492,9 +1624,10 @@ impl State {
             }
         }
         let job = self.jobs.get_mut(id).expect("checked");
-        job.catch_up_run = if lateness_ms > MISFIRE_THRESHOLD_MS { job.catch_up_run + 1 } else { 0 };
+        job.life_mut().catch_up_run =
+            if lateness_ms > MISFIRE_THRESHOLD_MS { job.life_mut().catch_up_run + 1 } else { 0 };
         let fire = ActiveFire { attempts: 0, in_flight: true, due_ms: fire_ms, deadline_from_ms: fire_ms };
-        job.active.insert(fire_ms, fire);
+        job.life_mut().active.insert(fire_ms, fire);
         // The next fire is computed from the committed fire time, then caught up to now.
         job.next_fire_ms = if job.spec.is_once() { None } else { next_cron_fire(&job.spec.get(), fire_ms) };
         // Fires that came due while this one was late are handled (and recorded) here.
@@ -1507,7 +1640,7 @@ impl State {
         let AttemptRecord { fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms } = record;
         let job = self.job_mut(id)?;
         let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
-        let Some(fire) = job.active.get_mut(&fire_ms) else { return Err(stale()) };
+        let Some(fire) = job.life_mut().active.get_mut(&fire_ms) else { return Err(stale()) };
         if attempt != fire.attempts + 1 {
             return Err(stale());
         }
@@ -1541,17 +1674,17 @@ impl State {
             Outcome::Error(ErrorClass::Refused | ErrorClass::Aborted | ErrorClass::InvalidRequest) => false,
         };
         let retry_at_ms = retry_at_ms.max(finished_ms);
-        let deadline_from_ms = job.active.get(&fire_ms).map_or(fire_ms, |f| f.deadline_from_ms);
+        let deadline_from_ms = job.life().active.get(&fire_ms).map_or(fire_ms, |f| f.deadline_from_ms);
         let past_deadline =
             job.spec.deadline_ms().is_some_and(|deadline| retry_at_ms >= deadline_from_ms.saturating_add(deadline));
         let ended = if outcome.succeeded() {
-            job.fires_succeeded += 1;
+            job.life_mut().fires_succeeded += 1;
             None
         } else if retryable && attempt < job.spec.retry().max_attempts && !past_deadline {
-            job.active.get_mut(&fire_ms).expect("checked above").due_ms = retry_at_ms;
+            job.life_mut().active.get_mut(&fire_ms).expect("checked above").due_ms = retry_at_ms;
             return Ok(Applied::Done);
         } else {
-            job.fires_failed += 1;
+            job.life_mut().fires_failed += 1;
             let reason = if past_deadline && retryable && attempt < job.spec.retry().max_attempts {
                 "deadline exceeded".to_string()
             } else if receiver_refused_retries {
@@ -1563,7 +1696,7 @@ impl State {
             };
             Some(reason)
         };
-        job.active.remove(&fire_ms);
+        job.life_mut().active.remove(&fire_ms);
         let once = job.spec.is_once();
         let auto_paused = count_fire_for_auto_pause(job, ended.is_some(), fire_ms, finished_ms);
         self.auto_paused += u64::from(auto_paused);
@@ -1572,7 +1705,7 @@ impl State {
         catch_up(job, finished_ms);
         // Other fires (retries, a trigger, a backfill) or the next one keep the job going;
         // a once job ends with the outcome of its last fire.
-        let status = if !job.active.is_empty() {
+        let status = if !job.life().active.is_empty() {
             Status::InProgress
         } else if job.next_fire_ms.is_some() {
             Status::Pending
@@ -1609,7 +1742,7 @@ impl State {
         let AttemptRecord { fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms, .. } = record;
         let job = self.job_mut(id)?;
         let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
-        let callback = job.callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
+        let callback = life_of(&mut job.life).callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
         if attempt != callback.attempts + 1 {
             return Err(stale());
         }
@@ -1630,10 +1763,10 @@ impl State {
             format!("callback {which} given up after {attempt} attempts")
         };
         if !note.ends_with("retrying") {
-            let ended = job.callbacks.remove(&fire_ms).expect("found above");
+            let ended = job.life_mut().callbacks.remove(&fire_ms).expect("found above");
             if let Some(mut next) = ended.then {
                 next.due_ms = finished_ms;
-                job.callbacks.insert(fire_ms, *next);
+                job.life_mut().callbacks.insert(fire_ms, *next);
             }
         }
         let (status_code, error) = match &outcome {
@@ -1669,7 +1802,7 @@ impl State {
     /// go out whatever the job's state (paused, finished, cancelled).
     pub fn next_callback(&self, id: &str) -> Option<(u64, Due)> {
         let job = self.jobs.get(id)?;
-        let callbacks = job.callbacks.iter().filter(|(_, callback)| !callback.in_flight);
+        let callbacks = job.life().callbacks.iter().filter(|(_, callback)| !callback.in_flight);
         callbacks
             .map(|(&fire_ms, callback)| (callback.due_ms, Due::Callback { fire_ms, attempt: callback.attempts + 1 }))
             .min_by_key(|(due_ms, _)| *due_ms)
@@ -1693,15 +1826,16 @@ impl State {
         let concurrent = !ordered && job.spec.cron_overlap() == Some(Overlap::Allow);
         // Fires added to the job (trigger, backfill, redrive) start one after another unless
         // its fires may overlap: a fire not started waits while another has started.
-        let one_started = job.active.values().any(|fire| fire.in_flight || fire.attempts > 0);
+        let one_started = job.life().active.values().any(|fire| fire.in_flight || fire.attempts > 0);
         let retry = job
+            .life()
             .active
             .iter()
             .filter(|(_, fire)| !fire.in_flight)
             .filter(|(_, fire)| concurrent || fire.attempts > 0 || !one_started)
             .map(|(&fire_ms, fire)| (fire.due_ms, Due::Retry { fire_ms, attempt: fire.attempts + 1 }))
             .min_by_key(|(due_ms, _)| *due_ms);
-        let overlap_allows = job.active.is_empty() || concurrent;
+        let overlap_allows = job.life().active.is_empty() || concurrent;
         let new_fire = job
             .next_fire_ms
             .filter(|_| overlap_allows && self.dependencies_done(job))
@@ -1714,7 +1848,7 @@ impl State {
     pub fn in_flight(&self) -> Vec<(String, u64, u32)> {
         let mut out = Vec::new();
         for job in self.jobs.values().filter(|j| !j.status.is_final()) {
-            for (&fire_ms, fire) in job.active.iter().filter(|(_, f)| f.in_flight) {
+            for (&fire_ms, fire) in job.life().active.iter().filter(|(_, f)| f.in_flight) {
                 out.push((job.spec.id().to_string(), fire_ms, fire.attempts + 1));
             }
         }
@@ -1733,7 +1867,7 @@ impl State {
         for job in self.jobs.values() {
             recount[job.status as usize] += 1;
         }
-        let auto_paused = self.jobs.values().filter(|job| job.paused_reason.is_some()).count() as u64;
+        let auto_paused = self.jobs.values().filter(|job| job.life().paused_reason.is_some()).count() as u64;
         let keys_hold_their_jobs = self.jobs.values().all(|job| {
             job.spec
                 .get()
@@ -1753,7 +1887,10 @@ impl State {
             && self.tombstone_index.len() == self.tombstones.len()
             && self.tombstones.iter().zip(self.tombstones.iter().skip(1)).all(|(a, b)| a < b)
             && self.expiry_order.len() == self.jobs.values().filter(|job| job.status.is_final()).count()
-            && self.expiry_order.iter().all(|(from_ms, id)| self.jobs[id.as_str()].retained_from_ms == Some(*from_ms))
+            && self
+                .expiry_order
+                .iter()
+                .all(|(from_ms, id)| self.jobs[id.as_str()].life().retained_from_ms == Some(*from_ms))
             && keys_hold_their_jobs
             && keys_hold_only_their_jobs
     }
@@ -1873,10 +2010,10 @@ fn invalid(id: &str, status: Status, action: &'static str) -> ApplyError {
 }
 
 fn push_history(job: &mut Job, execution: Execution) {
-    if job.history.len() == HISTORY_PER_JOB_MAX {
-        job.history.pop_front();
+    if job.life().history.len() == HISTORY_PER_JOB_MAX {
+        job.life_mut().history.pop_front();
     }
-    job.history.push_back(execution);
+    job.life_mut().history.push_back(execution);
 }
 
 /// The document POSTed to a callback URL: the fire, how it ended, the last answer.
@@ -1915,18 +2052,18 @@ fn callback_document(
 /// Queues a callback; beyond `CALLBACKS_PENDING_MAX` the oldest waiting one is dropped,
 /// with a note in the history (a receiver that never answers cannot grow the state).
 fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms: u64) {
-    if let Some(earlier) = job.callbacks.get_mut(&fire_ms).filter(|earlier| earlier.in_flight) {
+    if let Some(earlier) = job.life_mut().callbacks.get_mut(&fire_ms).filter(|earlier| earlier.in_flight) {
         // An attempt of the earlier outcome is out: the new one follows it (replacing any
         // that waited behind it: the latest outcome is what matters).
         earlier.then = Some(Box::new(callback));
         return;
     }
     // Not sent yet (or none): the newer outcome replaces it.
-    job.callbacks.insert(fire_ms, callback);
-    if job.callbacks.len() > CALLBACKS_PENDING_MAX {
-        let oldest = job.callbacks.iter().find(|(_, c)| !c.in_flight).map(|(fire_ms, _)| *fire_ms);
+    job.life_mut().callbacks.insert(fire_ms, callback);
+    if job.life().callbacks.len() > CALLBACKS_PENDING_MAX {
+        let oldest = job.life().callbacks.iter().find(|(_, c)| !c.in_flight).map(|(fire_ms, _)| *fire_ms);
         if let Some(dropped) = oldest {
-            job.callbacks.remove(&dropped);
+            job.life_mut().callbacks.remove(&dropped);
             let note = format!("callback dropped: more than {CALLBACKS_PENDING_MAX} waiting");
             push_history(job, Execution::event(dropped, now_ms, 0, Some(note)));
         }
@@ -1938,17 +2075,20 @@ fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms
 fn count_fire_for_auto_pause(job: &mut Job, failed: bool, fire_ms: u64, now_ms: u64) -> bool {
     let Schedule::Cron(cron) = &job.spec.get().schedule else { return false };
     if !failed {
-        job.failures_in_a_row = 0;
+        if let Some(life) = job.life.as_deref_mut() {
+            life.failures_in_a_row = 0;
+        }
         return false;
     }
-    job.failures_in_a_row = job.failures_in_a_row.saturating_add(1);
-    let Some(limit) = cron.pause_after_failures.filter(|limit| job.failures_in_a_row >= *limit) else { return false };
+    let life = life_of(&mut job.life);
+    life.failures_in_a_row = life.failures_in_a_row.saturating_add(1);
+    let Some(limit) = cron.pause_after_failures.filter(|limit| life.failures_in_a_row >= *limit) else { return false };
     if job.paused {
         return false;
     }
     let reason = format!("paused itself after {limit} failed fires in a row");
     job.paused = true;
-    job.paused_reason = Some(reason.clone());
+    job.life_mut().paused_reason = Some(reason.clone());
     push_history(job, Execution::event(fire_ms, now_ms, 0, Some(reason)));
     true
 }
@@ -1985,7 +2125,7 @@ fn record_missed(job: &mut Job, missed: u64, first_fire_ms: u64, now_ms: u64) {
     if missed == 0 {
         return;
     }
-    job.fires_missed += missed;
+    job.life_mut().fires_missed += missed;
     push_history(job, Execution::event(first_fire_ms, now_ms, missed, None));
 }
 
@@ -2064,11 +2204,13 @@ fn catch_up(job: &mut Job, now_ms: u64) -> u64 {
             Some(latest)
         }
         Misfire::Skip if now_ms - next <= MISFIRE_THRESHOLD_MS => Some(next),
-        Misfire::FireAll { max } if job.catch_up_run < max || now_ms - next <= MISFIRE_THRESHOLD_MS => Some(next),
+        Misfire::FireAll { max } if job.life().catch_up_run < max || now_ms - next <= MISFIRE_THRESHOLD_MS => {
+            Some(next)
+        }
         // Skip, or fire_all past its cap: everything due so far is missed.
         Misfire::Skip | Misfire::FireAll { .. } => {
             missed += count_fires(&schedule, cron, next, now_ms.saturating_add(1));
-            job.catch_up_run = 0;
+            life_of(&mut job.life).catch_up_run = 0;
             next_in(&schedule, cron, now_ms)
         }
     };

@@ -130,7 +130,7 @@ fn a_once_job_fires_retries_and_completes() {
     start(&mut state, "a", at, 2, at + 1_010).expect("retry started");
     finish(&mut state, "a", at, 2, at + 1_020, 200).expect("recorded");
     let job = state.job("a").expect("job");
-    assert_eq!((job.status, job.fires_succeeded, job.history.len()), (Status::Completed, 1, 2));
+    assert_eq!((job.status, job.life().fires_succeeded, job.life().history.len()), (Status::Completed, 1, 2));
     assert_eq!(state.next_due("a"), None);
     assert_eq!(state.count(Status::Completed), 1);
 }
@@ -143,7 +143,7 @@ fn exhausted_and_non_retryable_failures_are_dead_lettered_and_can_be_redriven() 
     start(&mut state, "a", at, 1, at).expect("started");
     finish(&mut state, "a", at, 1, at + 10, 404).expect("recorded");
     let job = state.job("a").expect("job");
-    assert_eq!((job.status, job.fires_failed), (Status::Failed, 1), "404 is not retried");
+    assert_eq!((job.status, job.life().fires_failed), (Status::Failed, 1), "404 is not retried");
     let (job_id, fire_ms, letter) = state.dead_letters().next().expect("dead-lettered");
     assert_eq!((job_id, fire_ms, letter.attempts, letter.reason.as_str()), ("a", at, 1, "not retryable"));
     state.apply(Command::Redrive { id: "a".into(), fire_ms: at, now_ms: at + 50 }).expect("redriven");
@@ -283,7 +283,7 @@ fn misfires_after_downtime_follow_the_policy() {
             assert_eq!(job.next_fire_ms, Some(first + next_offset), "{policy}");
             assert_eq!(state.next_due("c").map(|(at, _)| at <= now), Some(runs), "{policy}");
         }
-        assert_eq!(job.fires_missed, missed, "{policy}");
+        assert_eq!(job.life().fires_missed, missed, "{policy}");
         assert!(state.counts_match_jobs());
     }
 }
@@ -312,7 +312,7 @@ fn fire_all_runs_missed_fires_up_to_its_cap_then_skips() {
     assert_eq!(ran, [0, 10_000, 20_000], "three late fires ran back to back, oldest first");
     let job = state.job("c").expect("job");
     assert_eq!(job.next_fire_ms, Some(first + 130_000), "then the rest were skipped");
-    assert_eq!(job.fires_missed, 10, "+30 s … +120 s recorded missed");
+    assert_eq!(job.life().fires_missed, 10, "+30 s … +120 s recorded missed");
 }
 
 #[test]
@@ -355,7 +355,7 @@ fn resume_after_a_long_pause_follows_the_misfire_policy() {
     state.apply(Command::Pause { id: "c".into() }).expect("paused");
     state.apply(Command::Resume { id: "c".into(), now_ms: first + 95_000 }).expect("resumed");
     let job = state.job("c").expect("job");
-    assert_eq!((job.next_fire_ms, job.fires_missed), (Some(first + 100_000), 10));
+    assert_eq!((job.next_fire_ms, job.life().fires_missed), (Some(first + 100_000), 10));
 }
 
 #[test]
@@ -622,7 +622,7 @@ fn a_json_snapshot_of_an_earlier_build_restores_to_the_same_state_and_an_unknown
     start(&mut state, "a", T0 + 1_000, 1, T0 + 1_000).expect("started");
     finish(&mut state, "a", T0 + 1_000, 1, T0 + 1_005, 500).expect("finished");
     let from_json = State::restore(&serde_json::to_vec(&state).expect("json")).expect("format 0 restores");
-    let from_archive = State::restore(&state.snapshot().expect("snapshot")).expect("format 2 restores");
+    let from_archive = State::restore(&state.snapshot().expect("snapshot")).expect("format 3 restores");
     assert_eq!(from_json, state);
     assert_eq!(from_archive, state);
     assert_eq!(state.snapshot().expect("snapshot")[0], SNAPSHOT_FORMAT);
@@ -630,21 +630,24 @@ fn a_json_snapshot_of_an_earlier_build_restores_to_the_same_state_and_an_unknown
     future[0] = SNAPSHOT_FORMAT + 1;
     let refused = State::restore(&future).expect_err("unknown format");
     assert_eq!(refused, RestoreError::UnknownFormat { found: SNAPSHOT_FORMAT + 1 });
-    assert!(refused.to_string().contains("snapshot format 3 is unknown"), "{refused}");
-    let mut retired = state.snapshot().expect("snapshot");
-    retired[0] = 1;
-    let refused = State::restore(&retired).expect_err("format 1 is no longer read");
-    assert_eq!(refused, RestoreError::Retired { found: 1 });
-    assert!(refused.to_string().contains("reads formats 0 and 2"), "{refused}");
+    assert!(refused.to_string().contains("snapshot format 4 is unknown"), "{refused}");
+    for old in [1, 2] {
+        let mut retired = state.snapshot().expect("snapshot");
+        retired[0] = old;
+        let refused = State::restore(&retired).expect_err("formats 1 and 2 are no longer read");
+        assert_eq!(refused, RestoreError::Retired { found: old });
+        assert!(refused.to_string().contains(&format!("snapshot format {old} was written by a development build")));
+        assert!(refused.to_string().contains("reads formats 0 and 3"), "{refused}");
+    }
     let mut cut = state.snapshot().expect("snapshot");
     cut.truncate(cut.len() / 2);
-    assert!(matches!(State::restore(&cut), Err(RestoreError::Damaged { format: 2, .. })), "never misread");
+    assert!(matches!(State::restore(&cut), Err(RestoreError::Damaged { format: 3, .. })), "never misread");
 }
 
 /// The archived layout of a snapshot: a change shows here before a node reads an old
 /// snapshot with a new layout (rkyv has no schema evolution).
 #[test]
-fn the_archived_layout_of_snapshot_format_2_is_pinned() {
+fn the_archived_layout_of_snapshot_format_3_is_pinned() {
     use sha2::{Digest, Sha256};
     // Every kind of thing a state holds, so each type's layout is in the bytes: a dead
     // letter, a callback waiting, a fire in flight, a flow key, dependents, a tombstone,
@@ -666,11 +669,11 @@ fn the_archived_layout_of_snapshot_format_2_is_pinned() {
     start(&mut state, "k", at, 1, at).expect("in flight");
     state.apply(Command::Delete { id: "c".into(), now_ms: at + 10 }).expect("deleted: a tombstone");
     state.apply(Command::PauseKey { key: "idle".into() }).expect("a key of no jobs");
-    assert!(state.dead_letters().count() == 1 && state.job("f").is_some_and(|job| !job.callbacks.is_empty()));
-    assert!(state.job("k").is_some_and(|job| !job.active.is_empty()) && state.tombstone_count() == 1);
+    assert!(state.dead_letters().count() == 1 && state.job("f").is_some_and(|job| !job.life().callbacks.is_empty()));
+    assert!(state.job("k").is_some_and(|job| !job.life().active.is_empty()) && state.tombstone_count() == 1);
     let digest: String =
         Sha256::digest(state.snapshot().expect("snapshot")).iter().take(8).map(|b| format!("{b:02x}")).collect();
-    assert_eq!(digest, "2aac65dfa26481cc", "the archived layout of the state changed: give it a new SNAPSHOT_FORMAT");
+    assert_eq!(digest, "cfcf2175021ba41a", "the archived layout of the state changed: give it a new SNAPSHOT_FORMAT");
 }
 
 // ---- lifecycle verbs, receiver-controlled retries, auto-pause, dedup window ----------------
@@ -807,13 +810,17 @@ fn a_cron_job_pauses_itself_after_n_failed_fires_in_a_row_and_resume_resets_the_
     run_next(&mut state, "c", 500);
     let job = state.job("c").expect("job");
     assert!(job.paused, "paused after 2 failed fires in a row");
-    assert_eq!(job.paused_reason.as_deref(), Some("paused itself after 2 failed fires in a row"));
-    assert_eq!(job.history.back().and_then(|e| e.note.clone()), job.paused_reason, "the reason is in the history");
+    assert_eq!(job.life().paused_reason.as_deref(), Some("paused itself after 2 failed fires in a row"));
+    assert_eq!(
+        job.life().history.back().and_then(|e| e.note.clone()),
+        job.life().paused_reason,
+        "the reason is in the history"
+    );
     assert_eq!((state.auto_paused(), state.next_due("c")), (1, None));
     state.apply(Command::Resume { id: "c".into(), now_ms: T0 + 500_000 }).expect("resumed");
     let job = state.job("c").expect("job");
     assert_eq!(
-        (job.paused, job.paused_reason.clone(), job.failures_in_a_row, state.auto_paused()),
+        (job.paused, job.life().paused_reason.clone(), job.life().failures_in_a_row, state.auto_paused()),
         (false, None, 0, 0)
     );
     assert!(state.counts_match_jobs());
@@ -845,7 +852,7 @@ fn each_ended_fire_queues_its_callback_which_is_retried_then_given_up() {
     let (fire_ms, _) = run_next(&mut state, "c", 200);
     let (due_ms, due) = state.next_due("c").expect("the callback is due");
     assert_eq!(due, Due::Callback { fire_ms, attempt: 1 });
-    let pending = &state.job("c").expect("job").callbacks[&fire_ms];
+    let pending = &state.job("c").expect("job").life().callbacks[&fire_ms];
     let document: serde_json::Value = serde_json::from_slice(&pending.body).expect("JSON");
     assert_eq!((pending.url.as_str(), pending.success), ("https://example.com/ok", true));
     assert_eq!(document["outcome"], "delivered");
@@ -869,14 +876,14 @@ fn each_ended_fire_queues_its_callback_which_is_retried_then_given_up() {
     assert_eq!(state.next_due("c").map(|d| d.1), Some(Due::Callback { fire_ms, attempt: 2 }), "retried");
     callback(&mut state, 2, 503, due_ms + 500);
     let job = state.job("c").expect("job");
-    assert!(job.callbacks.is_empty(), "given up after the job's max_attempts");
-    let note = job.history.back().and_then(|e| e.note.clone()).expect("noted");
+    assert!(job.life().callbacks.is_empty(), "given up after the job's max_attempts");
+    let note = job.life().history.back().and_then(|e| e.note.clone()).expect("noted");
     assert_eq!(note, "callback on_success given up after 2 attempts");
     // A dead-lettered fire goes to on_failure, even while the job is paused.
     let (failed_fire, _) = run_next(&mut state, "c", 500);
     run_next(&mut state, "c", 500);
     state.apply(Command::Pause { id: "c".into() }).expect("paused");
-    let pending = &state.job("c").expect("job").callbacks[&failed_fire];
+    let pending = &state.job("c").expect("job").life().callbacks[&failed_fire];
     assert_eq!((pending.url.as_str(), pending.success), ("https://example.com/failed", false));
     assert!(matches!(state.next_due("c"), Some((_, Due::Callback { .. }))));
 }
@@ -972,7 +979,7 @@ fn a_missed_one_time_fire_calls_back_on_failure_and_a_cancel_keeps_waiting_callb
     create(&mut state, spec).expect("created");
     let late = T0 + CATCH_UP_WINDOW_MS + 1;
     assert_eq!(start(&mut state, "m", T0, 1, late), Ok(Applied::Missed { count: 1 }));
-    let pending = &state.job("m").expect("job").callbacks[&T0];
+    let pending = &state.job("m").expect("job").life().callbacks[&T0];
     let document: serde_json::Value = serde_json::from_slice(&pending.body).expect("JSON");
     assert_eq!((document["outcome"].as_str(), document["attempts"].as_u64()), (Some("dead_lettered"), Some(0)));
     assert_eq!(document["response"], serde_json::Value::Null);
@@ -1000,7 +1007,7 @@ fn an_outcome_that_ends_while_its_earlier_callback_is_out_follows_it() {
     state.apply(Command::CallbackStarted { id: "r".into(), fire_ms: at, attempt: 1, now_ms: at + 20 }).expect("out");
     state.apply(Command::Redrive { id: "r".into(), fire_ms: at, now_ms: at + 30 }).expect("redriven");
     run_next(&mut state, "r", 200); // delivered: on_success waits behind the failure callback
-    let pending = &state.job("r").expect("job").callbacks[&at];
+    let pending = &state.job("r").expect("job").life().callbacks[&at];
     assert!(!pending.success && pending.then.as_ref().is_some_and(|next| next.success));
     let outcome = Outcome::Response { status: 200, body: Vec::new(), retry_after_ms: None, no_retry: false };
     let finished = Command::CallbackFinished {
@@ -1013,7 +1020,7 @@ fn an_outcome_that_ends_while_its_earlier_callback_is_out_follows_it() {
         retry_at_ms: at + 3_000,
     };
     state.apply(finished).expect("finished");
-    let pending = &state.job("r").expect("job").callbacks[&at];
+    let pending = &state.job("r").expect("job").life().callbacks[&at];
     assert!(pending.success && pending.attempts == 0, "then the success callback, from attempt 1");
 }
 

@@ -432,7 +432,7 @@ pub fn job_view(job: &Job) -> Value {
         "schedule": schedule,
         "next_fire_ms": job.next_fire_ms,
         "paused": job.paused,
-        "paused_reason": job.paused_reason,
+        "paused_reason": job.life().paused_reason,
         "retry": {
             "max_attempts": retry.max_attempts,
             "backoff": backoff,
@@ -444,16 +444,17 @@ pub fn job_view(job: &Job) -> Value {
         "signing": {"own_secret": spec.secret.is_some(), "rotating": spec.secret_next.is_some()},
         "flow": spec.flow.as_ref().map(|flow| json!({"key": flow.key, "parallelism": flow.parallelism, "rate": flow.rate, "period_ms": flow.period_ms, "ordered": flow.ordered})),
         "callbacks": {"on_success": spec.callbacks.on_success, "on_failure": spec.callbacks.on_failure},
-        "callbacks_pending": job.callbacks.len(),
+        "callbacks_pending": job.life().callbacks.len(),
         "priority": spec.priority,
         "labels": spec.labels,
         "created_ms": job.created_ms,
-        "fires": {"succeeded": job.fires_succeeded, "failed": job.fires_failed, "missed": job.fires_missed},
+        "fires": {"succeeded": job.life().fires_succeeded, "failed": job.life().fires_failed, "missed": job.life().fires_missed},
     })
 }
 
 fn executions(job: &Job) -> Value {
     let list: Vec<Value> = job
+        .life()
         .history
         .iter()
         .map(|e| {
