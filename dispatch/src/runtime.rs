@@ -378,7 +378,7 @@ impl<L: CommandLog> Runtime<L> {
         self.evictions_reported = self.log.state().dead_letters_evicted_total();
         self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
         self.timers.clear();
-        let ids: Vec<String> = self.log.state().jobs_by_id().map(|(id, _)| id.to_string()).collect();
+        let ids: Vec<String> = self.log.state().jobs().map(|job| job.id().to_string()).collect();
         for id in &ids {
             self.arm(id);
         }
@@ -698,10 +698,10 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
-    /// The job's id as the state holds it (shared by its timer entries), or a copy for a job
-    /// the state no longer has.
+    /// The job's id for a timer: the one its timer map entry holds (shared with its wheel
+    /// entries), or a new one.
     fn shared_id(&self, id: &str) -> Arc<str> {
-        self.log.state().shared_id(id).unwrap_or_else(|| Arc::from(id))
+        self.timers.get_key_value(id).map_or_else(|| Arc::from(id), |(id, _)| id.clone())
     }
 
     /// Sets the job's timer to its next due time (or removes it).

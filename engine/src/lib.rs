@@ -13,6 +13,7 @@ pub mod request;
 pub mod sign;
 pub mod spec;
 pub mod state;
+pub mod table;
 pub mod trace;
 pub mod wheel;
 

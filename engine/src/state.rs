@@ -6,12 +6,12 @@
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
 use crate::spec::{SpecCell, SpecSink};
+use crate::table::{self, JobTable};
 use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 
 /// Executions kept per job (oldest dropped first).
 pub const HISTORY_PER_JOB_MAX: usize = 50;
@@ -45,13 +45,13 @@ pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 
 /// The format `State::snapshot` writes (rkyv behind a 16-byte header). As for commands
 /// (`codec`), a change of the archived layout takes a new number; never 123 (`{`, format 0).
-/// Format 3 holds each job's spec as its own archive (what a spec store keeps) and a job's
-/// fires, history and counters apart from its scheduling fields (`JobLife`); formats 1
-/// (specs inline) and 2 (one flat job) were written only by development builds and are not
-/// read.
-pub const SNAPSHOT_FORMAT: u8 = 3;
+/// Format 4 holds the job table as its slots and free list (`table`), each job's spec as its
+/// own archive (what a spec store keeps) and a job's fires, history and counters apart from
+/// its scheduling fields (`JobLife`). Formats 1 (specs inline), 2 (one flat job) and 3 (jobs
+/// in a map by id) were written only by development builds and are not read.
+pub const SNAPSHOT_FORMAT: u8 = 4;
 /// Snapshot formats this build knows and no longer reads.
-const SNAPSHOT_FORMATS_RETIRED: [u8; 2] = [1, 2];
+const SNAPSHOT_FORMATS_RETIRED: [u8; 3] = [1, 2, 3];
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
 /// Why a snapshot could not be taken (a state past the archive's 2 GiB).
@@ -459,6 +459,11 @@ static NO_LIFE: JobLife = JobLife {
 };
 
 impl Job {
+    /// A job that has not fired yet.
+    pub(crate) fn new(spec: JobSpec, status: Status, created_ms: u64, next_fire_ms: Option<u64>) -> Job {
+        Job { spec: SpecCell::new(spec), status, paused: false, created_ms, next_fire_ms, life: None }
+    }
+
     /// The job's spec: borrowed from the heap, or read back from the partition's store.
     pub fn spec(&self) -> Cow<'_, JobSpec> {
         self.spec.get()
@@ -631,12 +636,8 @@ pub enum Due {
     Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
 )]
 pub struct State {
-    /// Boxed: a job is 800 bytes, and ids made in time order fill B-tree leaves by half, so
-    /// jobs held inline cost twice their size; a box costs a pointer per slot.
-    /// Keyed by a shared id: the runtime's timer and wheel entries for a job hold the same
-    /// allocation (`shared_id`), not copies.
-    #[rkyv(with = rkyv::with::MapKV<AsPlainString, rkyv::with::Identity>)]
-    jobs: BTreeMap<Arc<str>, Box<Job>>,
+    /// Job records in slots, found by id (`table`).
+    jobs: JobTable,
     /// Job id → fire time → entry.
     dead_letters: BTreeMap<String, BTreeMap<u64, DeadLetter>>,
     dead_letter_count: usize,
@@ -678,37 +679,6 @@ pub struct State {
     #[serde(skip)]
     #[rkyv(with = rkyv::with::Skip)]
     spec_sink: SinkSlot,
-}
-
-/// rkyv wrapper: a shared id is archived as a plain string (rkyv's shared pointers would
-/// track every id in a map while archiving, and the ids are never shared in the archive).
-pub struct AsPlainString;
-
-impl rkyv::with::ArchiveWith<Arc<str>> for AsPlainString {
-    type Archived = rkyv::string::ArchivedString;
-    type Resolver = rkyv::string::StringResolver;
-
-    fn resolve_with(field: &Arc<str>, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
-        rkyv::string::ArchivedString::resolve_from_str(field, resolver, out);
-    }
-}
-
-impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::with::SerializeWith<Arc<str>, S> for AsPlainString
-where
-    S::Error: rkyv::rancor::Source,
-    str: rkyv::SerializeUnsized<S>,
-{
-    fn serialize_with(field: &Arc<str>, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
-        rkyv::string::ArchivedString::serialize_from_str(field, serializer)
-    }
-}
-
-impl<D: rkyv::rancor::Fallible + ?Sized> rkyv::with::DeserializeWith<rkyv::string::ArchivedString, Arc<str>, D>
-    for AsPlainString
-{
-    fn deserialize_with(field: &rkyv::string::ArchivedString, _: &mut D) -> Result<Arc<str>, D::Error> {
-        Ok(Arc::from(field.as_str()))
-    }
 }
 
 /// The state's spec store, if attached. A clone of the state shares the stored specs (they
@@ -760,32 +730,26 @@ impl State {
         self.spec_sink.0.take()
     }
 
-    /// Looks at up to `budget` jobs after `cursor` (in id order; `None`: from the first) and
-    /// moves their specs out of segments that asked to be repacked. Returns where to go on
-    /// from (`None`: the end was reached) and how many moved. Local to this replica: where a
-    /// spec lives changes nothing replicated.
-    pub fn repack_specs(&mut self, cursor: Option<&str>, budget: usize) -> (Option<String>, usize) {
+    /// Looks at up to `budget` jobs from slot `cursor` on (`None`: from the first) and moves
+    /// their specs out of segments that asked to be repacked. Returns where to go on from
+    /// (`None`: the end was reached) and how many moved. Local to this replica: where a spec
+    /// lives changes nothing replicated.
+    pub fn repack_specs(&mut self, cursor: Option<u32>, budget: usize) -> (Option<u32>, usize) {
         let Some(sink) = self.spec_sink.0.as_mut() else { return (None, 0) };
         if cursor.is_none() && !sink.repack_wanted() {
             return (None, 0);
         }
-        let range = match cursor {
-            Some(after) => {
-                self.jobs.range_mut::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
-            }
-            None => self.jobs.range_mut::<str, _>(..),
-        };
         let (mut moved, mut seen) = (0, 0);
         let mut last = None;
-        for (id, job) in range.take(budget) {
+        for (slot, job) in self.jobs.from_slot_mut(cursor.unwrap_or(0)).take(budget) {
             if job.spec.repack_into(&mut **sink) {
                 moved += 1;
             }
             seen += 1;
-            last = Some(id);
+            last = Some(slot);
         }
-        // Fewer than the budget: the range ran out, the next pass starts over.
-        let next = if seen < budget { None } else { last.map(|id| id.to_string()) };
+        // Fewer than the budget: the slots ran out, the next pass starts over.
+        let next = if seen < budget { None } else { last.map(|slot| slot + 1) };
         (next, moved)
     }
 
@@ -796,22 +760,13 @@ impl State {
         }
     }
 
-    /// The id of job `id` as the state holds it, to share rather than copy.
-    pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
-        self.jobs.get_key_value(id).map(|(id, _)| id.clone())
-    }
-
-    /// Every job with its id, in id order (the id from the map: no spec is read).
-    pub fn jobs_by_id(&self) -> impl Iterator<Item = (&str, &Job)> {
-        self.jobs.iter().map(|(id, job)| (&**id, &**job))
-    }
-
     pub fn job(&self, id: &str) -> Option<&Job> {
-        self.jobs.get(id).map(|job| &**job)
+        self.jobs.get(id)
     }
 
+    /// Every job, in slot order (the same on every replica; not by id).
     pub fn jobs(&self) -> impl Iterator<Item = &Job> {
-        self.jobs.values().map(|job| &**job)
+        self.jobs.values()
     }
 
     pub fn job_count(&self) -> usize {
@@ -986,24 +941,25 @@ impl State {
         Applied::Expired { count }
     }
 
-    /// Builds what snapshots leave out (the tombstone index, the expiry order) from what
-    /// they hold; reads tombstones in the form snapshots had before.
+    /// Builds what snapshots leave out (the job table's index, the tombstone index, the
+    /// expiry order) from what they hold; reads tombstones in the form snapshots had before.
     fn rebuild_indexes(&mut self) {
+        self.jobs.rebuild_index();
         let legacy = std::mem::take(&mut self.legacy_tombstones);
         self.tombstones.extend(legacy.into_iter().map(|(id, finished_ms)| Tombstone::new(id_digest(&id), finished_ms)));
         self.tombstones.make_contiguous().sort_unstable();
         self.tombstone_index = self.tombstones.iter().map(|t| (t.digest(), t.finished_ms)).collect();
-        for (id, job) in self.jobs.iter_mut().filter(|(_, job)| job.status.is_final()) {
-            let life = job.life_mut();
+        for job in self.jobs.values_mut().filter(|job| job.status.is_final()) {
+            let life = life_of(&mut job.life);
             let from_ms = *life.retained_from_ms.get_or_insert(life.finished_ms.unwrap_or(0));
-            self.expiry_order.insert((from_ms, id.to_string()));
+            self.expiry_order.insert((from_ms, job.spec.id().to_string()));
         }
     }
 
     /// Takes a job out with its own dependency edges and its count (jobs that depend on it
     /// keep pointing at its id).
     fn detach(&mut self, id: &str) -> Option<Job> {
-        let job = *self.jobs.remove(id)?;
+        let job = self.jobs.remove(id)?;
         if let Some(from_ms) = job.life().retained_from_ms {
             self.expiry_order.remove(&(from_ms, id.to_string()));
         }
@@ -1263,7 +1219,7 @@ impl State {
     }
 
     fn job_mut(&mut self, id: &str) -> Result<&mut Job, ApplyError> {
-        self.jobs.get_mut(id).map(|job| &mut **job).ok_or_else(|| ApplyError::NotFound(id.to_string()))
+        self.jobs.get_mut(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))
     }
 
     /// Sets a job's status at `now_ms` (when a final one counts from, for the dedup window).
@@ -1288,10 +1244,9 @@ impl State {
     /// Puts a dead-lettered fire back with a full new set of attempts, its deadline counted
     /// from now.
     fn redrive(&mut self, id: &str, fire_ms: u64, now_ms: u64) -> Result<(), ApplyError> {
-        if self.jobs.get(id).is_some_and(|job| job.life().active.contains_key(&fire_ms)) {
+        if let Some(job) = self.jobs.get(id).filter(|job| job.life().active.contains_key(&fire_ms)) {
             // Backfilled or triggered again meanwhile: it runs already.
-            let status = self.jobs[id].status;
-            return Err(invalid(id, status, "redrive (that fire is active again)"));
+            return Err(invalid(id, job.status, "redrive (that fire is active again)"));
         }
         if self.remove_dead_letter(id, fire_ms).is_none() {
             return Err(ApplyError::NotDeadLettered { id: id.to_string(), fire_ms });
@@ -1352,12 +1307,12 @@ impl State {
             return Ok(Applied::AlreadyExists);
         }
         self.check_dependencies(&spec)?;
-        let id = spec.id.clone();
         if existing.status.is_final() {
             self.insert_new(spec, now_ms)?;
             return Ok(Applied::Replaced);
         }
-        let old_spec = self.jobs[id.as_str()].spec.get().into_owned();
+        let old_spec = existing.spec.get().into_owned();
+        let id = spec.id.clone();
         let key_of = |spec: &JobSpec| spec.flow.as_ref().map(|flow| flow.key.clone());
         if key_of(&old_spec) != key_of(&spec) {
             self.leave_flow_key(&id, old_spec.flow.as_ref().map(|flow| flow.key.as_str()));
@@ -1505,6 +1460,9 @@ impl State {
 
     /// Adds a new job (an old one with its id, finished, is replaced).
     fn insert_new(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
+        if self.jobs.len() >= table::SLOTS_MAX {
+            return Err(ApplyError::Invalid { field: "id".into(), rule: table::TableFull.to_string() });
+        }
         for dependency in &spec.depends_on {
             if !self.jobs.contains_key(dependency.as_str()) {
                 return Err(ApplyError::UnknownDependency(dependency.clone()));
@@ -1520,8 +1478,7 @@ impl State {
         // past fires of this id, and so do its callbacks still waiting, which go on).
         let callbacks = self.detach(&id).and_then(|old| old.life).map(|life| life.callbacks).unwrap_or_default();
         self.forget_tombstone(&id);
-        let mut job =
-            Job { spec: SpecCell::new(spec), status, created_ms: now_ms, paused: false, next_fire_ms, life: None };
+        let mut job = Job::new(spec, status, now_ms, next_fire_ms);
         let finished_ms = (status == Status::Completed).then_some(now_ms);
         if finished_ms.is_some() || !callbacks.is_empty() {
             job.life = Some(Box::new(JobLife { finished_ms, callbacks, ..JobLife::default() }));
@@ -1531,9 +1488,13 @@ impl State {
         for dependency in job.spec.depends_on() {
             self.dependents.entry(dependency.to_string()).or_default().insert(id.clone());
         }
-        self.jobs.insert(Arc::from(id.as_str()), Box::new(job));
+        if let Some(sink) = self.spec_sink.0.as_mut() {
+            job.spec.store_in(&mut **sink);
+        }
+        if self.jobs.insert(job).is_err() {
+            unreachable!("room was checked above, and the job it replaced (if any) was detached");
+        }
         self.index_retention(&id);
-        self.keep_spec(&id);
         Ok(Applied::Created)
     }
 
@@ -1861,7 +1822,7 @@ impl State {
     }
 
     /// True when the per-status counts (and the auto-paused count) match a recount of every
-    /// job (tests use it).
+    /// job, and the job table's slots, free list and index agree (tests use it).
     pub fn counts_match_jobs(&self) -> bool {
         let mut recount = [0u64; 6];
         for job in self.jobs.values() {
@@ -1890,8 +1851,9 @@ impl State {
             && self
                 .expiry_order
                 .iter()
-                .all(|(from_ms, id)| self.jobs[id.as_str()].life().retained_from_ms == Some(*from_ms))
+                .all(|(from_ms, id)| self.jobs.get(id).is_some_and(|job| job.life().retained_from_ms == Some(*from_ms)))
             && keys_hold_their_jobs
+            && self.jobs.is_consistent()
             && keys_hold_only_their_jobs
     }
 

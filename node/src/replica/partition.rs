@@ -76,8 +76,9 @@ pub enum PartitionError {
 const REPACK_JOBS_PER_TICK: usize = 4096;
 
 pub struct Partition {
-    /// Where the next tick goes on looking for specs to repack (`None`: from the first job).
-    repack_cursor: Option<String>,
+    /// The job-table slot where the next tick goes on looking for specs to repack (`None`:
+    /// from the first).
+    repack_cursor: Option<u32>,
     node: RawNode<WalStorage>,
     state: State,
     /// The meta group's state machine (`None` for a partition of jobs).
@@ -225,7 +226,7 @@ impl Partition {
     /// Moves live specs out of mostly dead spec segments, a bounded number of jobs looked at
     /// per call (the shard calls it every 100 ms), so those segments (files) can go.
     pub fn repack_specs(&mut self) {
-        let (next, _moved) = self.state.repack_specs(self.repack_cursor.as_deref(), REPACK_JOBS_PER_TICK);
+        let (next, _moved) = self.state.repack_specs(self.repack_cursor, REPACK_JOBS_PER_TICK);
         self.repack_cursor = next;
     }
 

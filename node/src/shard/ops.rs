@@ -296,7 +296,7 @@ fn age<'a>((id, job): &(&'a str, &'a Job)) -> (u64, &'a str) {
 /// status, oldest first.
 pub fn list_jobs(state: &State, status: Option<Status>, limit: usize) -> Vec<Value> {
     let mut jobs: Vec<(&str, &Job)> =
-        state.jobs_by_id().filter(|(_, job)| status.is_none_or(|s| job.status == s)).collect();
+        state.jobs().filter(|job| status.is_none_or(|s| job.status == s)).map(|job| (job.id(), job)).collect();
     if jobs.len() > limit && limit > 0 {
         jobs.select_nth_unstable_by_key(limit - 1, age);
         jobs.truncate(limit);
@@ -329,7 +329,8 @@ pub fn flow_keys(state: &State, limit: usize, now_ms: u64) -> Vec<Value> {
 /// `{"id", "created_ms"}` of up to `limit` jobs of this partition carrying every one of
 /// `labels`, oldest first.
 pub fn labelled_jobs(state: &State, labels: &[(String, String)], limit: usize) -> Vec<Value> {
-    let mut jobs: Vec<(&str, &Job)> = state.jobs_by_id().filter(|(_, job)| job.spec.has_labels(labels)).collect();
+    let mut jobs: Vec<(&str, &Job)> =
+        state.jobs().filter(|job| job.spec.has_labels(labels)).map(|job| (job.id(), job)).collect();
     jobs.sort_by_key(age);
     jobs.into_iter().take(limit).map(|(id, job)| json!({"id": id, "created_ms": job.created_ms})).collect()
 }

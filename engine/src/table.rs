@@ -1,0 +1,256 @@
+//! The jobs of a partition: records in numbered slots, found by id through a hash index.
+//!
+//! A job is a fixed-size record (`Job`: scheduling fields, a view of its spec, one pointer to
+//! what it gains once it fires) stored inline in one vector, so a pending job costs its
+//! record and an index entry — no allocation of its own, no tree node, no copy of its id
+//! (the id is read from the spec). Slots freed by removals are reused last-freed first, so
+//! two replicas that applied the same commands hold every job in the same slot, and a
+//! snapshot carries slots and free list as they are. The index maps a hash of the id
+//! (keyed at random per process: ids cannot be chosen to collide) to a slot; it is only
+//! looked up, never iterated, and rebuilt after a restore.
+
+use hashbrown::HashTable;
+use serde::{Deserialize, Serialize};
+
+use crate::state::Job;
+
+/// Slots are `u32`: a partition holds at most this many jobs (the node's own limits are far
+/// below; an insert past it is refused by `insert`).
+pub const SLOTS_MAX: usize = u32::MAX as usize;
+
+#[derive(Clone, Debug, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct JobTable {
+    slots: Vec<Option<Job>>,
+    /// Empty slots, the next one to fill last.
+    free: Vec<u32>,
+    /// (hash of the id, slot) of every job.
+    #[rkyv(with = rkyv::with::Skip)]
+    index: HashTable<(u64, u32)>,
+    #[rkyv(with = rkyv::with::Skip)]
+    hasher: ahash::RandomState,
+}
+
+/// The table holds `SLOTS_MAX` jobs; nothing was inserted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the partition holds {SLOTS_MAX} jobs, its most")]
+pub struct TableFull;
+
+impl JobTable {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// The slot of the job `id`.
+    pub fn slot_of(&self, id: &str) -> Option<u32> {
+        let slots = &self.slots;
+        let found = self.index.find(self.hash(id), |&(_, slot)| holds(slots, slot, id));
+        found.map(|&(_, slot)| slot)
+    }
+
+    pub fn get(&self, id: &str) -> Option<&Job> {
+        self.slot_of(id).and_then(|slot| self.at(slot))
+    }
+
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut Job> {
+        let slot = self.slot_of(id)?;
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
+    pub fn contains_key(&self, id: &str) -> bool {
+        self.slot_of(id).is_some()
+    }
+
+    /// The job in `slot`, if one is there.
+    pub fn at(&self, slot: u32) -> Option<&Job> {
+        self.slots.get(slot as usize)?.as_ref()
+    }
+
+    /// Puts `job` in the table, replacing a job of the same id in its slot; returns the slot.
+    pub fn insert(&mut self, job: Job) -> Result<u32, TableFull> {
+        if let Some(slot) = self.slot_of(job.id()) {
+            self.slots[slot as usize] = Some(job);
+            return Ok(slot);
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.slots.len() >= SLOTS_MAX => return Err(TableFull),
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let hash = self.hash(job.id());
+        debug_assert!(self.slots[slot as usize].is_none(), "a free slot is empty");
+        self.slots[slot as usize] = Some(job);
+        self.index.insert_unique(hash, (hash, slot), |&(hash, _)| hash);
+        Ok(slot)
+    }
+
+    /// Takes the job `id` out; its slot is the next one filled.
+    pub fn remove(&mut self, id: &str) -> Option<Job> {
+        let hash = self.hash(id);
+        let slots = &self.slots;
+        let entry = self.index.find_entry(hash, |&(_, slot)| holds(slots, slot, id)).ok()?;
+        let ((_, slot), _) = entry.remove();
+        let job = self.slots[slot as usize].take();
+        self.free.push(slot);
+        job
+    }
+
+    /// Every job with its slot, in slot order (the same on every replica).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Job)> {
+        self.slots.iter().enumerate().filter_map(|(slot, job)| job.as_ref().map(|job| (slot as u32, job)))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Job> {
+        self.slots.iter().flatten()
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut Job> {
+        self.slots.iter_mut().flatten()
+    }
+
+    /// Jobs from slot `from` on, with their slots (a cursor that survives changes between
+    /// calls: slots do not move).
+    pub fn from_slot_mut(&mut self, from: u32) -> impl Iterator<Item = (u32, &mut Job)> {
+        let skip = (from as usize).min(self.slots.len());
+        self.slots[skip..]
+            .iter_mut()
+            .enumerate()
+            .filter_map(move |(offset, job)| job.as_mut().map(|job| ((skip + offset) as u32, job)))
+    }
+
+    /// Makes the index again from the slots (after a restore, which carries no index).
+    pub fn rebuild_index(&mut self) {
+        self.index = HashTable::with_capacity(self.slots.len() - self.free.len());
+        for (slot, job) in self.slots.iter().enumerate() {
+            if let Some(job) = job {
+                let hash = self.hasher.hash_one(job.id());
+                self.index.insert_unique(hash, (hash, slot as u32), |&(hash, _)| hash);
+            }
+        }
+    }
+
+    /// Whether slots, free list and index agree (for the state's own check).
+    pub fn is_consistent(&self) -> bool {
+        let filled = self.slots.iter().filter(|job| job.is_some()).count();
+        filled == self.index.len()
+            && filled + self.free.len() == self.slots.len()
+            && self.free.iter().all(|&slot| self.at(slot).is_none())
+            && self.iter().all(|(slot, job)| self.slot_of(job.id()) == Some(slot))
+    }
+}
+
+fn holds(slots: &[Option<Job>], slot: u32, id: &str) -> bool {
+    slots.get(slot as usize).and_then(Option::as_ref).is_some_and(|job| job.id() == id)
+}
+
+/// Equal when they hold the same jobs by id, wherever each sits.
+impl PartialEq for JobTable {
+    fn eq(&self, other: &JobTable) -> bool {
+        self.len() == other.len() && self.values().all(|job| other.get(job.id()) == Some(job))
+    }
+}
+
+impl Eq for JobTable {}
+
+/// JSON (snapshot format 0, digests): a map of id → job in id order, as when jobs were a map.
+impl Serialize for JobTable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut jobs: Vec<&Job> = self.values().collect();
+        jobs.sort_unstable_by(|a, b| a.id().cmp(b.id()));
+        let mut map = serializer.serialize_map(Some(jobs.len()))?;
+        for job in jobs {
+            map.serialize_entry(job.id(), job)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for JobTable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<JobTable, D::Error> {
+        let jobs = std::collections::BTreeMap::<String, Job>::deserialize(deserializer)?;
+        let mut table = JobTable::default();
+        for (id, job) in jobs {
+            if job.id() != id {
+                return Err(serde::de::Error::custom(format!("the job under {id:?} is {:?}", job.id())));
+            }
+            table.insert(job).map_err(serde::de::Error::custom)?;
+        }
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::parse_job_request;
+    use crate::state::Status;
+
+    const T0: u64 = 1_800_000_000_000;
+
+    fn job(id: &str) -> Job {
+        let request = serde_json::json!({"id": id, "run_at": T0 + 60_000, "url": "https://example.com/hook"});
+        let spec = parse_job_request(&request, T0, "unused").expect("valid request");
+        Job::new(spec, Status::Pending, T0, Some(T0 + 60_000))
+    }
+
+    #[test]
+    fn freed_slots_are_reused_last_freed_first_and_lookups_follow_the_jobs() {
+        let mut table = JobTable::default();
+        let slots: Vec<u32> = ["a", "b", "c", "d"].map(|id| table.insert(job(id)).expect("room")).to_vec();
+        assert_eq!(slots, [0, 1, 2, 3]);
+        assert!(table.remove("b").is_some() && table.remove("d").is_some() && table.remove("b").is_none());
+        assert_eq!((table.len(), table.get("b"), table.slot_of("c")), (2, None, Some(2)));
+        assert_eq!(table.insert(job("e")).expect("room"), 3, "the last freed slot first");
+        assert_eq!(table.insert(job("f")).expect("room"), 1);
+        assert_eq!(table.insert(job("c")).expect("room"), 2, "the same id replaces its job in place");
+        assert_eq!(
+            table.iter().map(|(slot, job)| (slot, job.id())).collect::<Vec<_>>(),
+            [(0, "a"), (1, "f"), (2, "c"), (3, "e")]
+        );
+        assert!(table.is_consistent());
+        let mut restored = table.clone();
+        restored.index = HashTable::new();
+        assert!(!restored.is_consistent(), "an index that lost its entries is caught");
+        restored.rebuild_index();
+        assert!(restored.is_consistent() && restored == table);
+    }
+
+    #[test]
+    fn the_consistency_check_catches_a_free_slot_that_holds_a_job() {
+        let mut table = JobTable::default();
+        for id in ["a", "b"] {
+            table.insert(job(id)).expect("room");
+        }
+        table.free.push(0);
+        assert!(!table.is_consistent());
+    }
+
+    #[test]
+    fn the_json_form_is_a_map_in_id_order_whatever_the_slots() {
+        let mut table = JobTable::default();
+        for id in ["b", "c", "a"] {
+            table.insert(job(id)).expect("room");
+        }
+        let json = serde_json::to_value(&table).expect("json");
+        assert_eq!(
+            json.as_object().map(|map| map.keys().cloned().collect::<Vec<_>>()),
+            Some(vec!["a".to_string(), "b".into(), "c".into()])
+        );
+        let back: JobTable = serde_json::from_value(json).expect("reads back");
+        assert!(back == table && back.is_consistent());
+        let mut wrong = serde_json::to_value(&table).expect("json");
+        wrong["a"] = wrong["b"].clone();
+        assert!(serde_json::from_value::<JobTable>(wrong).is_err(), "a job under another id is refused");
+    }
+}
