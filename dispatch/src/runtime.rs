@@ -11,7 +11,6 @@ use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
 // Maps by job id and flow key: fast, and keyed at random per process, so ids a client
 // chooses cannot force collisions (none of them is iterated into replicated state).
 use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
-use std::sync::Arc;
 use std::time::Duration;
 use sundial_engine::flow::{self, Gate};
 use sundial_engine::state::{
@@ -257,10 +256,12 @@ pub struct Runtime<L: CommandLog> {
     leading: bool,
     /// The term of the leadership it fires in.
     leading_term: Option<u64>,
-    wheel: TimingWheel<Arc<str>>,
-    /// Job id → its timer in the wheel. The id is shared with the wheel's entry (one copy per
-    /// job that waits, not two).
-    timers: HashMap<Arc<str>, TimerHandle>,
+    /// Timers name jobs by their slot in the state's job table (4 bytes, no copy of the id).
+    wheel: TimingWheel<u32>,
+    /// Slot → the current timer of the job in it. A job that left the state may leave its
+    /// timer behind: it is cancelled when the slot's next job is armed, or found empty when
+    /// it fires.
+    timers: Vec<Option<TimerHandle>>,
     own: HashMap<Ticket, OwnProposal>,
     /// Verdicts of callers' proposals, until taken (`take_resolved`).
     resolved: Vec<(Ticket, Result<Applied, ApplyError>)>,
@@ -347,7 +348,7 @@ impl<L: CommandLog> Runtime<L> {
             log_failure: None,
             leading: false,
             leading_term: None,
-            timers: HashMap::new(),
+            timers: Vec::new(),
             own: HashMap::new(),
             resolved: Vec::new(),
             dispatcher,
@@ -377,10 +378,12 @@ impl<L: CommandLog> Runtime<L> {
         // Evictions before this leadership were reported by whoever led then.
         self.evictions_reported = self.log.state().dead_letters_evicted_total();
         self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
-        self.timers.clear();
-        let ids: Vec<String> = self.log.state().jobs().map(|job| job.id().to_string()).collect();
-        for id in &ids {
-            self.arm(id);
+        self.timers = Vec::new();
+        let state = self.log.state();
+        let due: Vec<(u32, u64)> =
+            state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due(job.id())?.0))).collect();
+        for (slot, due_ms) in due {
+            self.set_timer(slot, due_ms);
         }
         for (id, fire_ms, attempt) in self.log.state().in_flight() {
             // A full queue at take-over: the attempt stays in flight in the state and is
@@ -400,7 +403,7 @@ impl<L: CommandLog> Runtime<L> {
     fn stop_leading(&mut self, now_ms: u64) {
         self.leading = false;
         self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
-        self.timers.clear();
+        self.timers = Vec::new();
         self.own.clear();
         self.flow_pending.clear();
         self.flow_starts.clear();
@@ -698,22 +701,33 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
-    /// The job's id for a timer: the one its timer map entry holds (shared with its wheel
-    /// entries), or a new one.
-    fn shared_id(&self, id: &str) -> Arc<str> {
-        self.timers.get_key_value(id).map_or_else(|| Arc::from(id), |(id, _)| id.clone())
+    /// Sets the job's timer to its next due time (or removes it). A job no longer in the
+    /// state has no slot: its timer, if any, is dropped when it fires.
+    fn arm(&mut self, id: &str) {
+        let state = self.log.state();
+        let Some(slot) = state.slot_of(id) else { return };
+        match state.next_due(id) {
+            Some((due_ms, _)) => self.set_timer(slot, due_ms),
+            None => self.clear_timer(slot),
+        }
     }
 
-    /// Sets the job's timer to its next due time (or removes it).
-    fn arm(&mut self, id: &str) {
-        if let Some(handle) = self.timers.remove(id) {
-            self.wheel.cancel(handle);
-        }
-        if let Some((due_ms, _)) = self.log.state().next_due(id) {
-            let id = self.shared_id(id);
-            if let Ok(handle) = self.wheel.insert(due_ms, id.clone()) {
-                self.timers.insert(id, handle);
+    /// The job in `slot` wakes at `at_ms` (and not at any earlier time set for it).
+    fn set_timer(&mut self, slot: u32, at_ms: u64) {
+        self.clear_timer(slot);
+        // A full wheel refuses: the job is armed again by its next change or leadership.
+        if let Ok(handle) = self.wheel.insert(at_ms, slot) {
+            let index = slot as usize;
+            if self.timers.len() <= index {
+                self.timers.resize(index + 1, None);
             }
+            self.timers[index] = Some(handle);
+        }
+    }
+
+    fn clear_timer(&mut self, slot: u32) {
+        if let Some(handle) = self.timers.get_mut(slot as usize).and_then(Option::take) {
+            self.wheel.cancel(handle);
         }
     }
 
@@ -771,13 +785,15 @@ impl<L: CommandLog> Runtime<L> {
         }
         self.report_evictions();
         self.expire_finished(now_ms);
-        let mut expired: Vec<Expired<Arc<str>>> = Vec::new();
+        let mut expired: Vec<Expired<u32>> = Vec::new();
         self.wheel.advance_to(now_ms, &mut expired);
         let turn_max = FIRES_PER_TURN_MAX.min(OWN_PROPOSALS_MAX.saturating_sub(self.own.len()));
         if expired.len() > turn_max {
             for timer in expired.split_off(turn_max) {
-                self.timers.remove(&*timer.value);
-                self.arm(&timer.value);
+                self.forget_fired(timer.value, timer.handle);
+                if let Some(id) = self.log.state().job_at(timer.value).map(|job| job.id().to_string()) {
+                    self.arm(&id);
+                }
             }
         }
         // Attempts whose start applied while the queue was full go first.
@@ -803,20 +819,16 @@ impl<L: CommandLog> Runtime<L> {
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
         let mut started_in_turn: HashMap<String, u32> = HashMap::new();
-        let mut seen_in_turn: HashSet<Arc<str>> = HashSet::new();
+        let mut seen_in_turn: HashSet<u32> = HashSet::new();
         for timer in expired {
-            let id = timer.value;
-            // The map names the job's current timer; an older one that fired is only a hint.
-            if self.timers.get(&*id) == Some(&timer.handle) {
-                self.timers.remove(&*id);
-            }
-            if !seen_in_turn.insert(id.clone()) {
+            let slot = timer.value;
+            self.forget_fired(slot, timer.handle);
+            if !seen_in_turn.insert(slot) {
                 continue; // one start per job per turn
             }
-            if let Some(handle) = self.timers.remove(&*id) {
-                // A newer timer: this turn looks at the job now, and re-arms it as needed.
-                self.wheel.cancel(handle);
-            }
+            // A newer timer: this turn looks at the job now, and re-arms it as needed.
+            self.clear_timer(slot);
+            let Some(id) = self.log.state().job_at(slot).map(|job| job.id().to_string()) else { continue };
             let Some((due_ms, due)) = self.log.state().next_due(&id) else { continue };
             if due_ms > now {
                 self.arm(&id); // moved later meanwhile
@@ -850,9 +862,8 @@ impl<L: CommandLog> Runtime<L> {
                             self.flow_parked.entry(key).or_default().insert(id.to_string());
                         }
                         let callback_ms = callback_due.map(|(due_ms, _)| due_ms);
-                        let at_ms = [wake_ms, callback_ms].into_iter().flatten().min();
-                        if let Some(handle) = at_ms.and_then(|at_ms| self.wheel.insert(at_ms, id.clone()).ok()) {
-                            self.timers.insert(id, handle);
+                        if let Some(at_ms) = [wake_ms, callback_ms].into_iter().flatten().min() {
+                            self.set_timer(slot, at_ms);
                         }
                         continue;
                     }
@@ -861,9 +872,7 @@ impl<L: CommandLog> Runtime<L> {
             if room == 0 {
                 // The queue is full: the fire stays due and is tried again shortly.
                 self.stats.queue_full_waits += 1;
-                if let Ok(handle) = self.wheel.insert(now + QUEUE_FULL_RETRY_MS, id.clone()) {
-                    self.timers.insert(id, handle);
-                }
+                self.set_timer(slot, now + QUEUE_FULL_RETRY_MS);
                 continue;
             }
             room -= 1;
@@ -903,6 +912,13 @@ impl<L: CommandLog> Runtime<L> {
         self.advance(now);
     }
 
+    /// A timer of the job in `slot` fired: if it was the slot's current one, the slot has none.
+    fn forget_fired(&mut self, slot: u32, handle: TimerHandle) {
+        if let Some(current) = self.timers.get_mut(slot as usize).filter(|current| **current == Some(handle)) {
+            *current = None;
+        }
+    }
+
     /// Proposes commands of the runtime's own, remembering each by its ticket. A refused
     /// one (no longer leading, overload) is dropped: its fire stays due, or its attempt in
     /// flight, for whoever leads to run again.
@@ -924,9 +940,8 @@ impl<L: CommandLog> Runtime<L> {
                                 starts.pop_back();
                             }
                         }
-                        let id = self.shared_id(id);
-                        if let Ok(handle) = self.wheel.insert(now_ms + QUEUE_FULL_RETRY_MS, id.clone()) {
-                            self.timers.insert(id, handle);
+                        if let Some(slot) = self.log.state().slot_of(id) {
+                            self.set_timer(slot, now_ms + QUEUE_FULL_RETRY_MS);
                         }
                     }
                 }

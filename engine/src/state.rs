@@ -769,6 +769,22 @@ impl State {
         self.jobs.values()
     }
 
+    /// Every job with its slot in the job table, in slot order.
+    pub fn job_slots(&self) -> impl Iterator<Item = (u32, &Job)> {
+        self.jobs.iter()
+    }
+
+    /// The slot of job `id` in the job table: where it stays until it leaves the state (then
+    /// the slot may hold another job).
+    pub fn slot_of(&self, id: &str) -> Option<u32> {
+        self.jobs.slot_of(id)
+    }
+
+    /// The job in `slot`, if one is there.
+    pub fn job_at(&self, slot: u32) -> Option<&Job> {
+        self.jobs.at(slot)
+    }
+
     pub fn job_count(&self) -> usize {
         self.jobs.len()
     }
