@@ -412,10 +412,10 @@ async fn bulk(router: &Router, body: &[u8]) -> Answer {
     let mut fires = 0usize;
     for (id, answer) in ids.iter().zip(&answers) {
         if answer.status < 300 {
-            fires += answer.body.as_ref().and_then(|b| b["fires_added"].as_array()).map_or(0, Vec::len);
+            fires += answer.body_value().and_then(|b| b["fires_added"].as_array().map(Vec::len)).unwrap_or(0);
             done.push(json!(id));
         } else {
-            let body = answer.body.clone().unwrap_or(Value::Null);
+            let body = answer.body_value().unwrap_or(Value::Null);
             failed.push(json!({"id": id, "status": answer.status, "code": body["code"], "error": body["error"]}));
         }
     }

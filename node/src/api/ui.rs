@@ -63,7 +63,8 @@ fn text(value: &Value) -> String {
 }
 
 fn failure(answer: Answer) -> Page {
-    let message = answer.body.as_ref().and_then(|b| b["error"].as_str()).unwrap_or("unavailable").to_string();
+    let message =
+        answer.body_value().and_then(|b| b["error"].as_str().map(str::to_string)).unwrap_or("unavailable".into());
     Page { status: answer.status, html: layout("Error", &format!("<p class=\"failed\">{}</p>", escape(&message))) }
 }
 
@@ -127,7 +128,7 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
     let status_filter =
         status.as_deref().and_then(|s| sundial_engine::state::Status::ALL.iter().find(|x| x.as_str() == s).copied());
     let answer = router.list(status_filter, crate::shard::router::LIST_LIMIT_MAX).await;
-    let Some(body) = answer.body.as_ref().filter(|_| answer.status == 200) else { return failure(answer) };
+    let Some(body) = answer.body_value().filter(|_| answer.status == 200) else { return failure(answer) };
     let now = sundial_dispatch::now_ms();
     let jobs: Vec<&Value> = body["jobs"].as_array().map(|jobs| jobs.iter().collect()).unwrap_or_default();
     let jobs: Vec<&Value> = jobs
@@ -201,10 +202,10 @@ pub async fn jobs(router: &Router, query: &str) -> Page {
 /// `GET /ui/jobs/{id}`: the job's spec and status, and its attempts as a timeline.
 pub async fn job(router: &Router, id: &str) -> Page {
     let answer = router.job(id, crate::shard::ops::JobOp::Get).await;
-    let Some(job) = answer.body.clone().filter(|_| answer.status == 200) else { return failure(answer) };
+    let Some(job) = answer.body_value().filter(|_| answer.status == 200) else { return failure(answer) };
     let executions = router.job(id, crate::shard::ops::JobOp::Executions).await;
     let attempts: Vec<Value> =
-        executions.body.as_ref().and_then(|b| b["executions"].as_array().cloned()).unwrap_or_default();
+        executions.body_value().and_then(|b| b["executions"].as_array().cloned()).unwrap_or_default();
     let (first, last) = attempts.iter().fold((u64::MAX, 0u64), |(lo, hi), e| {
         let start = e["started_ms"].as_u64().unwrap_or(0);
         let end = e["finished_ms"].as_u64().unwrap_or(start);
@@ -274,7 +275,7 @@ pub async fn job(router: &Router, id: &str) -> Page {
 /// `GET /ui/dlq`: the dead letters, each with Redrive and Purge (both confirmed).
 pub async fn dead_letters(router: &Router) -> Page {
     let answer = router.dead_letters().await;
-    let Some(body) = answer.body.clone().filter(|_| answer.status == 200) else { return failure(answer) };
+    let Some(body) = answer.body_value().filter(|_| answer.status == 200) else { return failure(answer) };
     let mut rows = String::new();
     for letter in body["dead_letters"].as_array().into_iter().flatten() {
         let id = letter["id"].as_str().unwrap_or("");
@@ -300,7 +301,7 @@ pub async fn dead_letters(router: &Router) -> Page {
 /// indexes and replication lag.
 pub async fn cluster(router: &Router) -> Page {
     let answer = router.cluster().await;
-    let Some(view) = answer.body.clone().filter(|_| answer.status == 200) else { return failure(answer) };
+    let Some(view) = answer.body_value().filter(|_| answer.status == 200) else { return failure(answer) };
     let members: String = view["members"]
         .as_array()
         .into_iter()

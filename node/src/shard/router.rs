@@ -8,7 +8,7 @@
 use crate::cluster::meta::{partition_of, ClusterMeta};
 use crate::obs::metrics::Metrics;
 use crate::obs::telemetry::SpanSink;
-use crate::shard::ops::{answer, field_error, retry_later, Answer, CreateMode, JobOp, Refusal};
+use crate::shard::ops::{answer, field_error, raw_json, retry_later, Answer, CreateMode, JobOp, Refusal};
 use crate::shard::{LiveJobs, Scan, Work};
 use futures_util::future::join_all as futures_join_all;
 use serde_json::{json, Value};
@@ -529,7 +529,8 @@ impl Router {
         }
         let answers: Vec<Answer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
         for refused in answers.iter().filter(|a| a.status >= 400) {
-            let code = refused.body.as_ref().and_then(|b| b["code"].as_str()).unwrap_or("other");
+            let body = refused.body_value();
+            let code = body.as_ref().and_then(|b| b["code"].as_str()).unwrap_or("other");
             self.metrics.rejected(code);
         }
         if let Some(spans) = &self.spans {
@@ -677,7 +678,7 @@ impl Router {
             Ok(values) => match values.iter().find(|v| v["status"].as_u64() != Some(200)) {
                 Some(failed) => Answer {
                     status: failed["status"].as_u64().unwrap_or(503) as u16,
-                    body: Some(failed["body"].clone()),
+                    body: Some(raw_json(&failed["body"])),
                     retry_after_s: Some(5),
                     refusal: None,
                 },
@@ -844,7 +845,7 @@ mod tests {
         assert_eq!(forward.status, crate::shard::ops::NOT_LEADER_STATUS);
         let election = crate::shard::ops::not_leader(3, None);
         assert!(election.wants_leader() && election.leader_named().is_none());
-        assert_eq!(election.body.as_ref().map(|b| b["code"].clone()), Some(json!("no_leader")));
+        assert_eq!(election.body_value().map(|b| b["code"].clone()), Some(json!("no_leader")));
         // A refusal read back from another member keeps its type.
         let bytes = encode_forwarded(&vec![forward.clone()]);
         let back: Vec<Answer> = decode_forwarded(&bytes).expect("decodes");
