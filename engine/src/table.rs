@@ -50,8 +50,10 @@ impl JobTable {
 
     /// The slot of the job `id`.
     pub fn slot_of(&self, id: &str) -> Option<u32> {
-        let slots = &self.slots;
-        let found = self.index.find(self.hash(id), |&(_, slot)| holds(slots, slot, id));
+        let (hash, slots) = (self.hash(id), &self.slots);
+        // The whole hash first: the id is read from the spec (maybe from its store's
+        // mapping) only for the entry that is almost surely the one.
+        let found = self.index.find(hash, |&(entry_hash, slot)| entry_hash == hash && holds(slots, slot, id));
         found.map(|&(_, slot)| slot)
     }
 
@@ -98,7 +100,8 @@ impl JobTable {
     pub fn remove(&mut self, id: &str) -> Option<Job> {
         let hash = self.hash(id);
         let slots = &self.slots;
-        let entry = self.index.find_entry(hash, |&(_, slot)| holds(slots, slot, id)).ok()?;
+        let entry =
+            self.index.find_entry(hash, |&(entry_hash, slot)| entry_hash == hash && holds(slots, slot, id)).ok()?;
         let ((_, slot), _) = entry.remove();
         let job = self.slots[slot as usize].take();
         self.free.push(slot);
