@@ -17,7 +17,7 @@ use sundial_engine::state::{
     Applied, ApplyError, Command, Due, Outcome, State, DEAD_LETTERS_MAX, EXPIRE_PER_COMMAND_MAX,
 };
 use sundial_engine::trace::{attempt_span_id, fire_span_id, fire_trace, SpanRecord};
-use sundial_engine::wheel::{Expired, TimerHandle, TimingWheel};
+use sundial_engine::wheel::{Expired, TimingWheel};
 use tokio::sync::mpsc;
 
 /// Names a proposed command until the log reports it applied (a log index, for a partition).
@@ -223,6 +223,9 @@ pub struct RuntimeStats {
     pub queue_full_waits: u64,
     /// Times this runtime took over firing (became the leader and caught up).
     pub leaderships: u64,
+    /// Timers the full wheel refused (`timers_max`): each job is armed again by its next
+    /// change or leadership. Admission (`max_jobs`) keeps this at 0.
+    pub timers_refused: u64,
 }
 
 /// A finished job stays readable this long by default: 7 days.
@@ -256,12 +259,10 @@ pub struct Runtime<L: CommandLog> {
     leading: bool,
     /// The term of the leadership it fires in.
     leading_term: Option<u64>,
-    /// Timers name jobs by their slot in the state's job table (4 bytes, no copy of the id).
+    /// One timer per job, keyed by its slot in the state's job table (no copy of the id, no
+    /// map). A job that left the state may leave its timer behind: it moves when the slot's
+    /// next job is armed, or finds the slot empty when it fires.
     wheel: TimingWheel<u32>,
-    /// Slot → the current timer of the job in it. A job that left the state may leave its
-    /// timer behind: it is cancelled when the slot's next job is armed, or found empty when
-    /// it fires.
-    timers: Vec<Option<TimerHandle>>,
     own: HashMap<Ticket, OwnProposal>,
     /// Verdicts of callers' proposals, until taken (`take_resolved`).
     resolved: Vec<(Ticket, Result<Applied, ApplyError>)>,
@@ -342,13 +343,12 @@ impl<L: CommandLog> Runtime<L> {
     ) -> Runtime<L> {
         let dispatcher = Dispatcher::start(config.dispatch.clone(), sender);
         let mut runtime = Runtime {
-            wheel: TimingWheel::new(now_ms, config.timers_max),
+            wheel: TimingWheel::keyed(now_ms, config.timers_max),
             config,
             log,
             log_failure: None,
             leading: false,
             leading_term: None,
-            timers: Vec::new(),
             own: HashMap::new(),
             resolved: Vec::new(),
             dispatcher,
@@ -377,8 +377,7 @@ impl<L: CommandLog> Runtime<L> {
         self.stats.leaderships += 1;
         // Evictions before this leadership were reported by whoever led then.
         self.evictions_reported = self.log.state().dead_letters_evicted_total();
-        self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
-        self.timers = Vec::new();
+        self.wheel = TimingWheel::keyed(now_ms, self.config.timers_max);
         let state = self.log.state();
         let due: Vec<(u32, u64)> =
             state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due(job.id())?.0))).collect();
@@ -402,8 +401,7 @@ impl<L: CommandLog> Runtime<L> {
     /// Stops firing: another replica leads now and re-runs what was in flight here.
     fn stop_leading(&mut self, now_ms: u64) {
         self.leading = false;
-        self.wheel = TimingWheel::new(now_ms, self.config.timers_max);
-        self.timers = Vec::new();
+        self.wheel = TimingWheel::keyed(now_ms, self.config.timers_max);
         self.own.clear();
         self.flow_pending.clear();
         self.flow_starts.clear();
@@ -712,23 +710,20 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
-    /// The job in `slot` wakes at `at_ms` (and not at any earlier time set for it).
+    /// The job in `slot` wakes at `at_ms` (and not at any other time set for it before).
     fn set_timer(&mut self, slot: u32, at_ms: u64) {
-        self.clear_timer(slot);
-        // A full wheel refuses: the job is armed again by its next change or leadership.
-        if let Ok(handle) = self.wheel.insert(at_ms, slot) {
-            let index = slot as usize;
-            if self.timers.len() <= index {
-                self.timers.resize(index + 1, None);
+        if let Err(full) = self.wheel.set(slot, at_ms, slot) {
+            // The job is armed again by its next change or leadership; said in the log at the
+            // 1st, 2nd, 4th, 8th… refusal.
+            self.stats.timers_refused += 1;
+            if self.stats.timers_refused.is_power_of_two() {
+                tracing::warn!(refused = self.stats.timers_refused, "{full}: a job's timer was not set");
             }
-            self.timers[index] = Some(handle);
         }
     }
 
     fn clear_timer(&mut self, slot: u32) {
-        if let Some(handle) = self.timers.get_mut(slot as usize).and_then(Option::take) {
-            self.wheel.cancel(handle);
-        }
+        self.wheel.unset(slot);
     }
 
     /// Runs fires and applies outcomes until `done` holds or `limit` passes; returns whether
@@ -790,7 +785,6 @@ impl<L: CommandLog> Runtime<L> {
         let turn_max = FIRES_PER_TURN_MAX.min(OWN_PROPOSALS_MAX.saturating_sub(self.own.len()));
         if expired.len() > turn_max {
             for timer in expired.split_off(turn_max) {
-                self.forget_fired(timer.value, timer.handle);
                 if let Some(id) = self.log.state().job_at(timer.value).map(|job| job.id().to_string()) {
                     self.arm(&id);
                 }
@@ -822,12 +816,9 @@ impl<L: CommandLog> Runtime<L> {
         let mut seen_in_turn: HashSet<u32> = HashSet::new();
         for timer in expired {
             let slot = timer.value;
-            self.forget_fired(slot, timer.handle);
             if !seen_in_turn.insert(slot) {
                 continue; // one start per job per turn
             }
-            // A newer timer: this turn looks at the job now, and re-arms it as needed.
-            self.clear_timer(slot);
             let Some(id) = self.log.state().job_at(slot).map(|job| job.id().to_string()) else { continue };
             let Some((due_ms, due)) = self.log.state().next_due(&id) else { continue };
             if due_ms > now {
@@ -910,13 +901,6 @@ impl<L: CommandLog> Runtime<L> {
             .collect();
         self.propose_own(commands, starts, now);
         self.advance(now);
-    }
-
-    /// A timer of the job in `slot` fired: if it was the slot's current one, the slot has none.
-    fn forget_fired(&mut self, slot: u32, handle: TimerHandle) {
-        if let Some(current) = self.timers.get_mut(slot as usize).filter(|current| **current == Some(handle)) {
-            *current = None;
-        }
     }
 
     /// Proposes commands of the runtime's own, remembering each by its ticket. A refused

@@ -78,6 +78,9 @@ pub struct TimingWheel<T> {
     tombstones: usize,
     tombstones_before_sweep_min: usize,
     capacity: usize,
+    /// Timers are named by the caller's keys (`set`, `unset`): a key is the slab index of its
+    /// one timer, and freed indexes are not listed (they are the caller's to reuse).
+    keyed: bool,
 }
 
 fn state_word(place: u64, generation: u64) -> u64 {
@@ -100,7 +103,49 @@ impl<T> TimingWheel<T> {
             tombstones: 0,
             tombstones_before_sweep_min: TOMBSTONES_BEFORE_SWEEP_MIN,
             capacity,
+            keyed: false,
         }
+    }
+
+    /// An empty wheel whose timers are named by the caller's keys (`set`, `unset`): at most
+    /// one timer per key, and no handle to keep (a key costs the wheel 16 bytes of slab
+    /// whether or not it has a timer, so keys should be dense: slots of a table, say).
+    /// `insert` and `cancel` are not for a keyed wheel.
+    pub fn keyed(now_ms: u64, capacity: usize) -> TimingWheel<T> {
+        TimingWheel { keyed: true, ..TimingWheel::new(now_ms, capacity) }
+    }
+
+    /// Sets the timer of `key` to `deadline_ms` (replacing the one it had). Refused when the
+    /// wheel is full and `key` had no timer.
+    pub fn set(&mut self, key: u32, deadline_ms: u64, value: T) -> Result<(), WheelFull> {
+        debug_assert!(self.keyed, "set is for keyed wheels");
+        self.unset(key);
+        if self.len == self.capacity {
+            return Err(WheelFull { capacity: self.capacity });
+        }
+        let index = key as usize;
+        if self.states.len() <= index {
+            self.states.resize(index + 1, state_word(PLACE_FREE, 0));
+            self.deadlines.resize(index + 1, 0);
+        }
+        let generation = self.states[index] & GENERATION_MASK;
+        self.deadlines[index] = deadline_ms;
+        self.place(SlotEntry { deadline_ms, index: key, generation, value });
+        self.len += 1;
+        Ok(())
+    }
+
+    /// Removes the timer of `key`; false if it had none.
+    pub fn unset(&mut self, key: u32) -> bool {
+        debug_assert!(self.keyed, "unset is for keyed wheels");
+        let Some(&word) = self.states.get(key as usize) else { return false };
+        self.cancel(TimerHandle { index: key, generation: word & GENERATION_MASK })
+    }
+
+    /// The deadline of the timer of `key`, if it has one.
+    pub fn deadline_of(&self, key: u32) -> Option<u64> {
+        let &word = self.states.get(key as usize)?;
+        self.deadline_ms(TimerHandle { index: key, generation: word & GENERATION_MASK })
     }
 
     /// Sweeps tombstones sooner (tests use it to exercise the sweep with few timers).
@@ -123,6 +168,7 @@ impl<T> TimingWheel<T> {
 
     /// Adds a timer. A deadline already past fires at the next `advance_to`.
     pub fn insert(&mut self, deadline_ms: u64, value: T) -> Result<TimerHandle, WheelFull> {
+        debug_assert!(!self.keyed, "a keyed wheel's timers are set by key");
         if self.len == self.capacity {
             return Err(WheelFull { capacity: self.capacity });
         }
@@ -277,7 +323,9 @@ impl<T> TimingWheel<T> {
     fn release(&mut self, index: u32) {
         let generation = (self.states[index as usize] & GENERATION_MASK).wrapping_add(1);
         self.states[index as usize] = state_word(PLACE_FREE, generation);
-        self.free.push(index);
+        if !self.keyed {
+            self.free.push(index);
+        }
         self.len -= 1;
     }
 
@@ -320,6 +368,19 @@ mod tests {
         let mut expired = Vec::new();
         wheel.advance_to(now_ms, &mut expired);
         expired.into_iter().map(|e| (e.deadline_ms, e.value)).collect()
+    }
+
+    #[test]
+    fn a_full_keyed_wheel_refuses_a_new_key_but_moves_a_key_it_holds() {
+        let mut wheel = TimingWheel::keyed(0, 2);
+        wheel.set(0, 10, 0).expect("room");
+        wheel.set(5, 20, 5).expect("room");
+        assert_eq!(wheel.set(3, 30, 3), Err(WheelFull { capacity: 2 }));
+        wheel.set(5, 40, 5).expect("moved, not added");
+        assert_eq!((wheel.len(), wheel.deadline_of(5), wheel.deadline_of(3)), (2, Some(40), None));
+        assert_eq!(fire(&mut wheel, 39), vec![(10, 0)]);
+        assert_eq!(fire(&mut wheel, 40), vec![(40, 5)]);
+        assert!(wheel.is_empty() && wheel.free.is_empty(), "keys are the caller's: none listed as free");
     }
 
     #[test]

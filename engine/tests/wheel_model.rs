@@ -116,6 +116,72 @@ proptest! {
     }
 }
 
+#[derive(Clone, Debug)]
+enum KeyedOp {
+    Set { key: u32, ahead_ms: u64 },
+    Unset { key: u32 },
+    Advance { by_ms: u64 },
+}
+
+fn keyed_op() -> impl Strategy<Value = KeyedOp> {
+    prop_oneof![
+        4 => (0u32..40, distance()).prop_map(|(key, ahead_ms)| KeyedOp::Set { key, ahead_ms }),
+        1 => (0u32..40).prop_map(|key| KeyedOp::Unset { key }),
+        2 => distance().prop_map(|by_ms| KeyedOp::Advance { by_ms }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// A keyed wheel holds one timer per key: setting a key again moves its timer, and every
+    /// key fires once, at its last deadline set, never before.
+    #[test]
+    fn a_keyed_wheel_fires_each_key_once_at_its_last_deadline(
+        start_ms in prop_oneof![Just(0u64), 0u64..(1 << 40)],
+        sweep_after in 0usize..8,
+        ops in prop::collection::vec(keyed_op(), 1..300),
+    ) {
+        let mut wheel: TimingWheel<u32> = TimingWheel::keyed(start_ms, 10_000);
+        wheel.set_tombstones_before_sweep_min(sweep_after);
+        let mut model: BTreeMap<u32, u64> = BTreeMap::new();
+        let mut now_ms = start_ms;
+        let advance = |wheel: &mut TimingWheel<u32>, model: &mut BTreeMap<u32, u64>, to_ms: u64| {
+            let mut expired = Vec::new();
+            wheel.advance_to(to_ms, &mut expired);
+            let mut fired: Vec<(u32, u64)> = expired.iter().map(|e| (e.value, e.deadline_ms)).collect();
+            let due: Vec<(u32, u64)> = model.iter().filter(|(_, &at)| at <= to_ms).map(|(&k, &at)| (k, at)).collect();
+            model.retain(|_, at| *at > to_ms);
+            fired.sort_unstable();
+            (fired, due)
+        };
+        for op in ops {
+            match op {
+                KeyedOp::Set { key, ahead_ms } => {
+                    let at_ms = now_ms.saturating_add(ahead_ms);
+                    wheel.set(key, at_ms, key).expect("room");
+                    model.insert(key, at_ms);
+                }
+                KeyedOp::Unset { key } => {
+                    prop_assert_eq!(wheel.unset(key), model.remove(&key).is_some());
+                }
+                KeyedOp::Advance { by_ms } => {
+                    now_ms = now_ms.saturating_add(by_ms);
+                    let (fired, due) = advance(&mut wheel, &mut model, now_ms);
+                    prop_assert_eq!(fired, due, "at {} ms", now_ms);
+                }
+            }
+            prop_assert_eq!(wheel.len(), model.len());
+            for (&key, &at_ms) in &model {
+                prop_assert_eq!(wheel.deadline_of(key), Some(at_ms));
+            }
+        }
+        let (fired, due) = advance(&mut wheel, &mut model, u64::MAX);
+        prop_assert_eq!(fired, due);
+        prop_assert!(wheel.is_empty());
+    }
+}
+
 /// The checker itself catches a wrong wheel: a timer fired early is reported.
 #[test]
 fn the_model_check_catches_an_early_fire() {
