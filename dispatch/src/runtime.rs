@@ -380,7 +380,7 @@ impl<L: CommandLog> Runtime<L> {
         self.wheel = TimingWheel::keyed(now_ms, self.config.timers_max);
         let state = self.log.state();
         let due: Vec<(u32, u64)> =
-            state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due(job.id())?.0))).collect();
+            state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due_of(job)?.0))).collect();
         for (slot, due_ms) in due {
             self.set_timer(slot, due_ms);
         }
@@ -704,7 +704,8 @@ impl<L: CommandLog> Runtime<L> {
     fn arm(&mut self, id: &str) {
         let state = self.log.state();
         let Some(slot) = state.slot_of(id) else { return };
-        match state.next_due(id) {
+        let Some(job) = state.job_at(slot) else { return };
+        match state.next_due_of(job) {
             Some((due_ms, _)) => self.set_timer(slot, due_ms),
             None => self.clear_timer(slot),
         }
@@ -819,8 +820,10 @@ impl<L: CommandLog> Runtime<L> {
             if !seen_in_turn.insert(slot) {
                 continue; // one start per job per turn
             }
-            let Some(id) = self.log.state().job_at(slot).map(|job| job.id().to_string()) else { continue };
-            let Some((due_ms, due)) = self.log.state().next_due(&id) else { continue };
+            let state = self.log.state();
+            let Some(job) = state.job_at(slot) else { continue };
+            let Some((due_ms, due)) = state.next_due_of(job) else { continue };
+            let id = job.id().to_string();
             if due_ms > now {
                 self.arm(&id); // moved later meanwhile
                 continue;

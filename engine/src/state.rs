@@ -1032,7 +1032,11 @@ impl State {
 
     /// The flow key of the job `id`, with its state.
     pub fn flow_key_of(&self, id: &str) -> Option<(&str, &FlowKey)> {
-        let key = self.jobs.get(id)?.spec.flow_key()?;
+        self.flow_key_of_job(self.jobs.get(id)?)
+    }
+
+    fn flow_key_of_job(&self, job: &Job) -> Option<(&str, &FlowKey)> {
+        let key = job.spec.flow_key()?;
         self.flow_keys.get_key_value(key).map(|(name, key)| (name.as_str(), key))
     }
 
@@ -1072,7 +1076,7 @@ impl State {
     /// The key's job whose fire or retry is due first (ordered delivery runs that one
     /// next): (due time, job id).
     pub fn flow_first_due<'a>(&'a self, key: &'a FlowKey) -> Option<(u64, &'a str)> {
-        let due = key.jobs.iter().filter_map(|id| Some((self.next_fire_due(id)?.0, id.as_str())));
+        let due = key.jobs.iter().filter_map(|id| Some((self.next_fire_due(self.jobs.get(id)?)?.0, id.as_str())));
         due.min()
     }
 
@@ -1768,9 +1772,14 @@ impl State {
 
     /// The next thing the runtime should do for `id`, and when (`None`: nothing to do).
     pub fn next_due(&self, id: &str) -> Option<(u64, Due)> {
-        let key_paused = self.flow_key_of(id).is_some_and(|(_, key)| key.paused);
-        match self.next_due_ignoring_key(id) {
-            Some((_, Due::NewFire { .. } | Due::Retry { .. })) if key_paused => self.next_callback(id),
+        self.next_due_of(self.jobs.get(id)?)
+    }
+
+    /// `next_due` of a job in hand (no lookup by id: the runtime arms jobs by slot).
+    pub fn next_due_of(&self, job: &Job) -> Option<(u64, Due)> {
+        let key_paused = self.flow_key_of_job(job).is_some_and(|(_, key)| key.paused);
+        match self.next_due_ignoring_key(job) {
+            Some((_, Due::NewFire { .. } | Due::Retry { .. })) if key_paused => next_callback_of(job),
             due => due,
         }
     }
@@ -1778,28 +1787,23 @@ impl State {
     /// The callback attempt due first for `id`: callbacks report fires that ended, so they
     /// go out whatever the job's state (paused, finished, cancelled).
     pub fn next_callback(&self, id: &str) -> Option<(u64, Due)> {
-        let job = self.jobs.get(id)?;
-        let callbacks = job.life().callbacks.iter().filter(|(_, callback)| !callback.in_flight);
-        callbacks
-            .map(|(&fire_ms, callback)| (callback.due_ms, Due::Callback { fire_ms, attempt: callback.attempts + 1 }))
-            .min_by_key(|(due_ms, _)| *due_ms)
+        next_callback_of(self.jobs.get(id)?)
     }
 
     /// `next_due` as if the job's flow key were not paused.
-    fn next_due_ignoring_key(&self, id: &str) -> Option<(u64, Due)> {
-        let fire = self.next_fire_due(id);
-        let callback = self.next_callback(id);
+    fn next_due_ignoring_key(&self, job: &Job) -> Option<(u64, Due)> {
+        let fire = self.next_fire_due(job);
+        let callback = next_callback_of(job);
         [fire, callback].into_iter().flatten().min_by_key(|(due_ms, _)| *due_ms)
     }
 
     /// The job's next fire or retry (not callback), as if its flow key were not paused.
-    fn next_fire_due(&self, id: &str) -> Option<(u64, Due)> {
-        let job = self.jobs.get(id)?;
+    fn next_fire_due(&self, job: &Job) -> Option<(u64, Due)> {
         if job.status.is_final() || job.paused {
             return None;
         }
         // An ordered key runs one fire at a time: its jobs' fires never overlap.
-        let ordered = self.flow_key_of(id).is_some_and(|(_, key)| key.ordered);
+        let ordered = self.flow_key_of_job(job).is_some_and(|(_, key)| key.ordered);
         let concurrent = !ordered && job.spec.cron_overlap() == Some(Overlap::Allow);
         // Fires added to the job (trigger, backfill, redrive) start one after another unless
         // its fires may overlap: a fire not started waits while another has started.
@@ -1964,6 +1968,14 @@ impl Tombstone {
     fn digest(&self) -> u128 {
         (u128::from(self.digest_high) << 64) | u128::from(self.digest_low)
     }
+}
+
+/// The callback attempt of `job` due first (see `State::next_callback`).
+fn next_callback_of(job: &Job) -> Option<(u64, Due)> {
+    let callbacks = job.life().callbacks.iter().filter(|(_, callback)| !callback.in_flight);
+    callbacks
+        .map(|(&fire_ms, callback)| (callback.due_ms, Due::Callback { fire_ms, attempt: callback.attempts + 1 }))
+        .min_by_key(|(due_ms, _)| *due_ms)
 }
 
 fn id_digest(id: &str) -> u128 {
