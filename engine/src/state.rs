@@ -959,8 +959,8 @@ impl State {
 
     /// Builds what snapshots leave out (the job table's index, the tombstone index, the
     /// expiry order) from what they hold; reads tombstones in the form snapshots had before.
-    fn rebuild_indexes(&mut self) {
-        self.jobs.rebuild_index();
+    fn rebuild_indexes(&mut self) -> Result<(), String> {
+        self.jobs.rebuild_index()?;
         let legacy = std::mem::take(&mut self.legacy_tombstones);
         self.tombstones.extend(legacy.into_iter().map(|(id, finished_ms)| Tombstone::new(id_digest(&id), finished_ms)));
         self.tombstones.make_contiguous().sort_unstable();
@@ -970,6 +970,7 @@ impl State {
             let from_ms = *life.retained_from_ms.get_or_insert(life.finished_ms.unwrap_or(0));
             self.expiry_order.insert((from_ms, job.spec.id().to_string()));
         }
+        Ok(())
     }
 
     /// Takes a job out with its own dependency edges and its count (jobs that depend on it
@@ -1159,7 +1160,7 @@ impl State {
             Command::CallbackStarted { id, fire_ms, attempt, .. } => {
                 let job = self.job_mut(&id)?;
                 let stale = || ApplyError::StaleAttempt { id: id.clone(), fire_ms, attempt };
-                let callback = job.life_mut().callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
+                let callback = job.life_if_any().and_then(|life| life.callbacks.get_mut(&fire_ms)).ok_or_else(stale)?;
                 if attempt != callback.attempts + 1 || callback.in_flight {
                     return Err(stale());
                 }
@@ -1551,7 +1552,7 @@ impl State {
             let action = if key_paused { "start a fire (its flow key is paused)" } else { "start a fire" };
             return Err(invalid(id, job.status, action));
         }
-        if let Some(fire) = job.life_mut().active.get_mut(&fire_ms) {
+        if let Some(fire) = job.life_if_any().and_then(|life| life.active.get_mut(&fire_ms)) {
             // A retry. (An attempt left in flight by a leader that died is re-run by the next
             // one without a new start; a second start of the same attempt is a duplicate.)
             if attempt != fire.attempts + 1 || fire.in_flight {
@@ -1621,7 +1622,7 @@ impl State {
         let AttemptRecord { fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms } = record;
         let job = self.job_mut(id)?;
         let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
-        let Some(fire) = job.life_mut().active.get_mut(&fire_ms) else { return Err(stale()) };
+        let Some(fire) = job.life_if_any().and_then(|life| life.active.get_mut(&fire_ms)) else { return Err(stale()) };
         if attempt != fire.attempts + 1 {
             return Err(stale());
         }
@@ -1723,7 +1724,7 @@ impl State {
         let AttemptRecord { fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms, .. } = record;
         let job = self.job_mut(id)?;
         let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
-        let callback = life_of(&mut job.life).callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
+        let callback = job.life.as_deref_mut().and_then(|life| life.callbacks.get_mut(&fire_ms)).ok_or_else(stale)?;
         if attempt != callback.attempts + 1 {
             return Err(stale());
         }
@@ -1878,8 +1879,10 @@ impl State {
     }
 
     /// The whole state as bytes: a header (`SNAPSHOT_FORMAT`, then zeros, so the archive
-    /// after it keeps its alignment), then the state archived by rkyv. Maps by id are
-    /// archived in key order, so equal states give equal bytes (`digest` relies on it).
+    /// after it keeps its alignment), then the state archived by rkyv: jobs by slot (the
+    /// same on replicas that applied the same commands or restored the same archive), maps
+    /// by id in key order. `digest` does not read these bytes: it hashes the JSON form,
+    /// which holds jobs by id whatever their slots.
     pub fn snapshot(&self) -> Result<Vec<u8>, SnapshotError> {
         self.snapshot_sized(0).map(|bytes| bytes.to_vec())
     }
@@ -1924,7 +1927,8 @@ impl State {
             Some(&found) => return Err(RestoreError::UnknownFormat { found }),
             None => return Err(damaged(0)("no bytes".into())),
         };
-        state.rebuild_indexes();
+        let format = bytes.first().map_or(0, |&b| if b == b'{' { 0 } else { b });
+        state.rebuild_indexes().map_err(damaged(format))?;
         Ok(state)
     }
 
@@ -2042,7 +2046,8 @@ fn callback_document(
 /// Queues a callback; beyond `CALLBACKS_PENDING_MAX` the oldest waiting one is dropped,
 /// with a note in the history (a receiver that never answers cannot grow the state).
 fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms: u64) {
-    if let Some(earlier) = job.life_mut().callbacks.get_mut(&fire_ms).filter(|earlier| earlier.in_flight) {
+    let earlier = job.life_if_any().and_then(|life| life.callbacks.get_mut(&fire_ms));
+    if let Some(earlier) = earlier.filter(|earlier| earlier.in_flight) {
         // An attempt of the earlier outcome is out: the new one follows it (replacing any
         // that waited behind it: the latest outcome is what matters).
         earlier.then = Some(Box::new(callback));

@@ -4,8 +4,11 @@
 //! what it gains once it fires) stored inline in one vector, so a pending job costs its
 //! record and an index entry — no allocation of its own, no tree node, no copy of its id
 //! (the id is read from the spec). Slots freed by removals are reused last-freed first, so
-//! two replicas that applied the same commands hold every job in the same slot, and a
-//! snapshot carries slots and free list as they are. The index maps a hash of the id
+//! two replicas that applied the same commands (or restored the same archived snapshot)
+//! hold every job in the same slot, and a snapshot carries slots and free list as they are.
+//! Nothing replicated depends on slots: a state restored from JSON (format 0) numbers its
+//! jobs in id order, and the JSON form and digests know jobs by id only. The table does not
+//! shrink: after a peak its empty slots stay (72 bytes each) until new jobs fill them. The index maps a hash of the id
 //! (keyed at random per process: ids cannot be chosen to collide) to a slot; it is only
 //! looked up, never iterated, and rebuilt after a restore.
 
@@ -81,7 +84,9 @@ impl JobTable {
             self.slots[slot as usize] = Some(job);
             return Ok(slot);
         }
-        let slot = match self.free.pop() {
+        // A free slot is empty (`rebuild_index` checks a restored list); one that is not is
+        // never overwritten: the job goes to a new slot.
+        let slot = match self.free.pop().filter(|&slot| self.at(slot).is_none() && (slot as usize) < self.slots.len()) {
             Some(slot) => slot,
             None if self.slots.len() >= SLOTS_MAX => return Err(TableFull),
             None => {
@@ -90,7 +95,6 @@ impl JobTable {
             }
         };
         let hash = self.hash(job.id());
-        debug_assert!(self.slots[slot as usize].is_none(), "a free slot is empty");
         self.slots[slot as usize] = Some(job);
         self.index.insert_unique(hash, (hash, slot), |&(hash, _)| hash);
         Ok(slot)
@@ -131,15 +135,33 @@ impl JobTable {
             .filter_map(move |(offset, job)| job.as_mut().map(|job| ((skip + offset) as u32, job)))
     }
 
-    /// Makes the index again from the slots (after a restore, which carries no index).
-    pub fn rebuild_index(&mut self) {
-        self.index = HashTable::with_capacity(self.slots.len() - self.free.len());
+    /// Makes the index again from the slots (after a restore, which carries no index), and
+    /// checks what a restored table must hold: every free slot empty, listed once, and every
+    /// other slot a job, each id in one slot only. Says what is wrong otherwise.
+    pub fn rebuild_index(&mut self) -> Result<(), String> {
+        let mut listed = vec![false; self.slots.len()];
+        for &slot in &self.free {
+            match listed.get_mut(slot as usize) {
+                Some(seen) if !*seen && self.slots[slot as usize].is_none() => *seen = true,
+                _ => return Err(format!("free slot {slot} is out of range, listed twice or holds a job")),
+            }
+        }
+        let filled = self.slots.iter().filter(|job| job.is_some()).count();
+        if filled + self.free.len() != self.slots.len() {
+            return Err(format!("{} slots: {filled} jobs and {} free", self.slots.len(), self.free.len()));
+        }
+        self.index = HashTable::with_capacity(filled);
         for (slot, job) in self.slots.iter().enumerate() {
             if let Some(job) = job {
-                let hash = self.hasher.hash_one(job.id());
+                let (id, hash) = (job.id(), self.hasher.hash_one(job.id()));
+                let slots = &self.slots;
+                if let Some(&(_, other)) = self.index.find(hash, |&(h, s)| h == hash && holds(slots, s, id)) {
+                    return Err(format!("job {id} is in slots {other} and {slot}"));
+                }
                 self.index.insert_unique(hash, (hash, slot as u32), |&(hash, _)| hash);
             }
         }
+        Ok(())
     }
 
     /// Whether slots, free list and index agree (for the state's own check).
@@ -225,7 +247,7 @@ mod tests {
         let mut restored = table.clone();
         restored.index = HashTable::new();
         assert!(!restored.is_consistent(), "an index that lost its entries is caught");
-        restored.rebuild_index();
+        restored.rebuild_index().expect("a sound table");
         assert!(restored.is_consistent() && restored == table);
     }
 
@@ -237,6 +259,14 @@ mod tests {
         }
         table.free.push(0);
         assert!(!table.is_consistent());
+        let refused = table.clone().rebuild_index().expect_err("a restored free list that names a job");
+        assert!(refused.contains("free slot 0"), "{refused}");
+        assert_eq!(table.insert(job("c")).expect("room"), 2, "a job is never written over a listed job");
+        assert_eq!((table.get("a").map(Job::id), table.get("c").map(Job::id)), (Some("a"), Some("c")));
+        let mut twice = JobTable::default();
+        twice.insert(job("a")).expect("room");
+        twice.slots.push(Some(job("a")));
+        assert!(twice.rebuild_index().expect_err("one id in two slots").contains("job a is in slots 0 and 1"));
     }
 
     #[test]

@@ -13,6 +13,11 @@
 //! comes up; when tombstones outnumber live timers, one sweep drops them all (amortized O(1)).
 //! Deadlines more than 2^36 ms (~2.2 years) ahead wait in an ordered overflow and enter the
 //! wheel when time gets within the horizon.
+//!
+//! A keyed wheel (`TimingWheel::keyed`) names timers by the caller's keys instead of
+//! handles: a key is the slab index of its one timer (`set` replaces it, `unset` removes
+//! it), so the caller keeps no handles; keys should be dense (every key up to the highest
+//! costs 16 bytes of slab).
 
 use std::collections::BTreeMap;
 
