@@ -8,9 +8,11 @@
 //! hold every job in the same slot, and a snapshot carries slots and free list as they are.
 //! Nothing replicated depends on slots: a state restored from JSON (format 0) numbers its
 //! jobs in id order, and the JSON form and digests know jobs by id only. The table does not
-//! shrink: after a peak its empty slots stay (72 bytes each) until new jobs fill them. The index maps a hash of the id
-//! (keyed at random per process: ids cannot be chosen to collide) to a slot; it is only
-//! looked up, never iterated, and rebuilt after a restore.
+//! shrink: after a peak its empty slots stay (72 bytes each) until new jobs fill them.
+//!
+//! The index holds, per job, 32 bits of a hash of its id (keyed at random per process: ids
+//! cannot be chosen to collide) and its slot — 8 bytes; a match is confirmed by the id read
+//! from the spec. It is only looked up, never iterated, and rebuilt after a restore.
 
 use hashbrown::HashTable;
 use serde::{Deserialize, Serialize};
@@ -26,11 +28,25 @@ pub struct JobTable {
     slots: Vec<Option<Job>>,
     /// Empty slots, the next one to fill last.
     free: Vec<u32>,
-    /// (hash of the id, slot) of every job.
     #[rkyv(with = rkyv::with::Skip)]
-    index: HashTable<(u64, u32)>,
+    index: HashTable<IndexEntry>,
     #[rkyv(with = rkyv::with::Skip)]
     hasher: ahash::RandomState,
+}
+
+/// A job in the index: 32 bits of its id's hash, and its slot.
+#[derive(Clone, Copy, Debug)]
+struct IndexEntry {
+    hash: u32,
+    slot: u32,
+}
+
+impl IndexEntry {
+    /// The hash table's hash of the entry, from the 32 bits it keeps, spread over 64 (an
+    /// odd multiplier) so that both the bucket bits and the tag bits the table takes vary.
+    fn table_hash(self) -> u64 {
+        u64::from(self.hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
 }
 
 /// The table holds `SLOTS_MAX` jobs; nothing was inserted.
@@ -47,17 +63,18 @@ impl JobTable {
         self.index.is_empty()
     }
 
-    fn hash(&self, id: &str) -> u64 {
-        self.hasher.hash_one(id)
+    /// The entry `id` would have in `slot` (the hash's low 32 bits).
+    fn entry(&self, id: &str, slot: u32) -> IndexEntry {
+        IndexEntry { hash: self.hasher.hash_one(id) as u32, slot }
     }
 
     /// The slot of the job `id`.
     pub fn slot_of(&self, id: &str) -> Option<u32> {
-        let (hash, slots) = (self.hash(id), &self.slots);
-        // The whole hash first: the id is read from the spec (maybe from its store's
-        // mapping) only for the entry that is almost surely the one.
-        let found = self.index.find(hash, |&(entry_hash, slot)| entry_hash == hash && holds(slots, slot, id));
-        found.map(|&(_, slot)| slot)
+        let (wanted, slots) = (self.entry(id, 0), &self.slots);
+        // The kept hash first: the id is read from the spec (maybe from its store's
+        // mapping) only for an entry that is almost surely the one.
+        let found = self.index.find(wanted.table_hash(), |e| e.hash == wanted.hash && holds(slots, e.slot, id));
+        found.map(|e| e.slot)
     }
 
     pub fn get(&self, id: &str) -> Option<&Job> {
@@ -94,19 +111,18 @@ impl JobTable {
                 (self.slots.len() - 1) as u32
             }
         };
-        let hash = self.hash(job.id());
+        let entry = self.entry(job.id(), slot);
         self.slots[slot as usize] = Some(job);
-        self.index.insert_unique(hash, (hash, slot), |&(hash, _)| hash);
+        self.index.insert_unique(entry.table_hash(), entry, |e| e.table_hash());
         Ok(slot)
     }
 
     /// Takes the job `id` out; its slot is the next one filled.
     pub fn remove(&mut self, id: &str) -> Option<Job> {
-        let hash = self.hash(id);
-        let slots = &self.slots;
+        let (wanted, slots) = (self.entry(id, 0), &self.slots);
         let entry =
-            self.index.find_entry(hash, |&(entry_hash, slot)| entry_hash == hash && holds(slots, slot, id)).ok()?;
-        let ((_, slot), _) = entry.remove();
+            self.index.find_entry(wanted.table_hash(), |e| e.hash == wanted.hash && holds(slots, e.slot, id)).ok()?;
+        let (IndexEntry { slot, .. }, _) = entry.remove();
         let job = self.slots[slot as usize].take();
         self.free.push(slot);
         job
@@ -153,12 +169,14 @@ impl JobTable {
         self.index = HashTable::with_capacity(filled);
         for (slot, job) in self.slots.iter().enumerate() {
             if let Some(job) = job {
-                let (id, hash) = (job.id(), self.hasher.hash_one(job.id()));
+                let id = job.id();
+                let entry = IndexEntry { hash: self.hasher.hash_one(id) as u32, slot: slot as u32 };
                 let slots = &self.slots;
-                if let Some(&(_, other)) = self.index.find(hash, |&(h, s)| h == hash && holds(slots, s, id)) {
-                    return Err(format!("job {id} is in slots {other} and {slot}"));
+                let same = |e: &IndexEntry| e.hash == entry.hash && holds(slots, e.slot, id);
+                if let Some(other) = self.index.find(entry.table_hash(), same) {
+                    return Err(format!("job {id} is in slots {} and {slot}", other.slot));
                 }
-                self.index.insert_unique(hash, (hash, slot as u32), |&(hash, _)| hash);
+                self.index.insert_unique(entry.table_hash(), entry, |e| e.table_hash());
             }
         }
         Ok(())
