@@ -14,6 +14,7 @@ pub mod sign;
 pub mod spec;
 pub mod state;
 pub mod table;
+pub mod tombstones;
 pub mod trace;
 pub mod wheel;
 

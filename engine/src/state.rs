@@ -7,11 +7,12 @@ use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
 use crate::spec::{SpecCell, SpecSink};
 use crate::table::{self, JobTable};
+use crate::tombstones::{AsTombstoneList, Tombstone, TombstoneStore, Tombstones};
 use rkyv::util::AlignedVec;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// Executions kept per job (oldest dropped first).
 pub const HISTORY_PER_JOB_MAX: usize = 50;
@@ -647,14 +648,11 @@ pub struct State {
     dependents: BTreeMap<String, BTreeSet<String>>,
     counts: [u64; 6],
     /// Deleted or expired jobs' ids, as digests, with when each finished: the dedup window's
-    /// memory, in the order they were added (24 bytes each).
+    /// memory, in the order they were added (24 bytes each, in chunks a store may keep out of
+    /// the heap; an 8-byte index entry each in it).
     #[serde(default, rename = "dedup_tombstones")]
-    tombstones: VecDeque<Tombstone>,
-    /// Digest of an id → when it finished, for the tombstones above (built on restore; only
-    /// looked up, never iterated, so its random order reaches no replica's state).
-    #[serde(skip)]
-    #[rkyv(with = rkyv::with::Skip)]
-    tombstone_index: HashMap<u128, u64, ahash::RandomState>,
+    #[rkyv(with = AsTombstoneList)]
+    tombstones: Tombstones,
     /// Tombstones as snapshots before compact tombstones held them (read, never written).
     #[serde(default, rename = "tombstones", skip_serializing)]
     #[rkyv(with = rkyv::with::Skip)]
@@ -718,6 +716,22 @@ impl State {
             job.spec.store_in(&mut *sink);
         }
         self.spec_sink = SinkSlot(Some(sink));
+    }
+
+    /// From now on the dedup window's tombstones are kept in chunks `store` makes (those
+    /// held so far move there).
+    pub fn attach_tombstone_store(&mut self, store: Box<dyn TombstoneStore>) {
+        self.tombstones.attach_store(store);
+    }
+
+    /// Takes the attached tombstone store away (to attach it to the state that replaces this).
+    pub fn detach_tombstone_store(&mut self) -> Option<Box<dyn TombstoneStore>> {
+        self.tombstones.detach_store()
+    }
+
+    /// Chunks of tombstones kept in the heap because the attached store could not make them.
+    pub fn tombstone_chunks_in_heap(&self) -> usize {
+        self.tombstones.chunks_in_heap()
     }
 
     /// Jobs whose spec is in the heap (the store refused it, or none is attached).
@@ -844,7 +858,7 @@ impl State {
 
     /// Ids of deleted or expired jobs still remembered for the dedup window.
     pub fn tombstone_count(&self) -> usize {
-        self.tombstone_index.len()
+        self.tombstones.len()
     }
 
     /// Jobs removed at the end of their retention, ever (replicated: the same on every replica).
@@ -865,48 +879,31 @@ impl State {
 
     /// When a job with this id finished, if it was deleted or expired and is remembered.
     fn tombstone_of(&self, id: &str) -> Option<u64> {
-        self.tombstone_index.get(&id_digest(id)).copied()
+        self.tombstones.finished_ms_of(id_digest(id))
     }
 
-    /// The queue is kept in (finish time, digest) order whatever order tombstones came in,
-    /// so it is a function of which ids are remembered: replicas that restored snapshots at
-    /// different points hold the same queue. Most finished just now and go at the back.
+    /// Tombstones go at the back whatever their finish time (an expired job's is older than
+    /// a deleted one's), so the sequence depends only on the commands applied.
     fn add_tombstone(&mut self, id: &str, finished_ms: u64) {
-        self.forget_tombstone(id);
-        let tombstone = Tombstone::new(id_digest(id), finished_ms);
-        let at = self.tombstones.partition_point(|t| *t < tombstone);
-        self.tombstones.insert(at, tombstone);
-        self.tombstone_index.insert(tombstone.digest(), finished_ms);
-        // Bounded: one insert adds at most one entry over the limit.
+        self.tombstones.push(Tombstone::new(id_digest(id), finished_ms));
+        // Bounded: one push adds at most one over the limit.
         while self.tombstones.len() > TOMBSTONES_MAX {
-            self.pop_oldest_tombstone();
+            self.tombstones.pop_front();
         }
     }
 
-    /// The queue and the index hold the same tombstones, always: an id remembered is in
-    /// both once (found by binary search: the index gives its finish time).
     fn forget_tombstone(&mut self, id: &str) {
-        let digest = id_digest(id);
-        let Some(finished_ms) = self.tombstone_index.remove(&digest) else { return };
-        if let Ok(at) = self.tombstones.binary_search(&Tombstone::new(digest, finished_ms)) {
-            self.tombstones.remove(at);
-        }
+        self.tombstones.remove(id_digest(id));
     }
 
-    fn pop_oldest_tombstone(&mut self) {
-        if let Some(oldest) = self.tombstones.pop_front() {
-            self.tombstone_index.remove(&oldest.digest());
-        }
-    }
-
-    /// Forgets tombstones older than the window, oldest first (each is looked at once:
-    /// bounded overall).
+    /// Forgets tombstones older than the window from the front (each is looked at once:
+    /// bounded overall). One behind a younger one waits for it; lookups check the window.
     fn prune_tombstones(&mut self, now_ms: u64, window_ms: u64) {
         while let Some(oldest) = self.tombstones.front() {
-            if oldest.finished_ms.saturating_add(window_ms) > now_ms {
+            if oldest.finished_ms().saturating_add(window_ms) > now_ms {
                 break;
             }
-            self.pop_oldest_tombstone();
+            self.tombstones.pop_front();
         }
     }
 
@@ -962,9 +959,12 @@ impl State {
     fn rebuild_indexes(&mut self) -> Result<(), String> {
         self.jobs.rebuild_index()?;
         let legacy = std::mem::take(&mut self.legacy_tombstones);
-        self.tombstones.extend(legacy.into_iter().map(|(id, finished_ms)| Tombstone::new(id_digest(&id), finished_ms)));
-        self.tombstones.make_contiguous().sort_unstable();
-        self.tombstone_index = self.tombstones.iter().map(|t| (t.digest(), t.finished_ms)).collect();
+        let mut legacy: Vec<Tombstone> =
+            legacy.into_iter().map(|(id, finished_ms)| Tombstone::new(id_digest(&id), finished_ms)).collect();
+        legacy.sort_unstable();
+        for tombstone in legacy {
+            self.tombstones.push(tombstone);
+        }
         for job in self.jobs.values_mut().filter(|job| job.status.is_final()) {
             let life = life_of(&mut job.life);
             let from_ms = *life.retained_from_ms.get_or_insert(life.finished_ms.unwrap_or(0));
@@ -1866,8 +1866,7 @@ impl State {
         });
         recount == self.counts
             && auto_paused == self.auto_paused
-            && self.tombstone_index.len() == self.tombstones.len()
-            && self.tombstones.iter().zip(self.tombstones.iter().skip(1)).all(|(a, b)| a < b)
+            && self.tombstones.is_consistent()
             && self.expiry_order.len() == self.jobs.values().filter(|job| job.status.is_final()).count()
             && self
                 .expiry_order
@@ -1939,38 +1938,6 @@ impl State {
         // Never fails: the writer takes every byte, and every key is a string or a number.
         serde_json::to_writer(&mut hash, self).expect("the state serializes");
         hash.0
-    }
-}
-
-/// A deleted or expired job's id as a 128-bit digest (SHA-256, cut: ids a client chooses
-/// cannot be made to collide), and when the job finished. 24 bytes; ordered by finish time.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Serialize,
-    Deserialize,
-    rkyv::Archive,
-    rkyv::Serialize,
-    rkyv::Deserialize,
-)]
-struct Tombstone {
-    finished_ms: u64,
-    digest_high: u64,
-    digest_low: u64,
-}
-
-impl Tombstone {
-    fn new(digest: u128, finished_ms: u64) -> Tombstone {
-        Tombstone { finished_ms, digest_high: (digest >> 64) as u64, digest_low: digest as u64 }
-    }
-
-    fn digest(&self) -> u128 {
-        (u128::from(self.digest_high) << 64) | u128::from(self.digest_low)
     }
 }
 

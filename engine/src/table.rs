@@ -34,17 +34,18 @@ pub struct JobTable {
     hasher: ahash::RandomState,
 }
 
-/// A job in the index: 32 bits of its id's hash, and its slot.
+/// An entry of a compact index: 32 bits of a key's hash, and where the record is (a job's
+/// slot here; a tombstone's sequence number in `tombstones`). 8 bytes.
 #[derive(Clone, Copy, Debug)]
-struct IndexEntry {
-    hash: u32,
-    slot: u32,
+pub(crate) struct IndexEntry {
+    pub(crate) hash: u32,
+    pub(crate) slot: u32,
 }
 
 impl IndexEntry {
     /// The hash table's hash of the entry, from the 32 bits it keeps, spread over 64 (an
     /// odd multiplier) so that both the bucket bits and the tag bits the table takes vary.
-    fn table_hash(self) -> u64 {
+    pub(crate) fn table_hash(self) -> u64 {
         u64::from(self.hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
 }

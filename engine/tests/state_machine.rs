@@ -9,8 +9,33 @@ use serde_json::json;
 use sundial_engine::job::JobSpec;
 use sundial_engine::request::parse_job_request;
 use sundial_engine::state::*;
+use sundial_engine::tombstones::{Tombstone, TombstoneChunk, TombstoneStore, TOMBSTONES_PER_CHUNK};
 
 const T0: u64 = 1_780_000_000_000; // 2026-05-28T20:26:40Z
+
+/// A tombstone store in memory (the node's keeps chunks in files,
+/// node/src/replica/tombstones.rs): enough to show tombstones read the same wherever they live.
+#[derive(Clone, Default)]
+struct MemTombstoneStore;
+
+/// Chunks of tombstones a store made (in the heap here; in files in the node).
+struct MemChunk(Vec<Tombstone>);
+
+impl TombstoneChunk for MemChunk {
+    fn records(&self) -> &[Tombstone] {
+        &self.0
+    }
+    fn records_mut(&mut self) -> &mut [Tombstone] {
+        &mut self.0
+    }
+}
+
+impl TombstoneStore for MemTombstoneStore {
+    fn chunk(&mut self) -> Option<Box<dyn TombstoneChunk>> {
+        // Filled with what no record is, so a read of a place never written shows.
+        Some(Box::new(MemChunk(vec![Tombstone::new(u128::MAX, u64::MAX); TOMBSTONES_PER_CHUNK])))
+    }
+}
 
 /// A spec store in memory, each spec in a segment of its own (the node's store keeps them in
 /// files, node/src/replica/specs.rs): enough to show the core reads, snapshots and repacks
@@ -574,6 +599,7 @@ proptest! {
         let mut second = State::new();
         let store = MemSpecStore::default();
         second.attach_spec_store(Box::new(store.clone()));
+        second.attach_tombstone_store(Box::new(MemTombstoneStore));
         let mut restored: Option<State> = None;
         for (position, command) in commands.into_iter().enumerate() {
             let command = steer(&first, command);

@@ -6,6 +6,7 @@
 pub mod partition;
 pub mod specs;
 pub mod storage;
+pub mod tombstones;
 
 use partition::{LogWrite, Partition, PartitionOptions};
 use std::path::Path;

@@ -7,6 +7,7 @@
 use crate::cluster::members::{Members, MembersCommand};
 use crate::replica::specs::{SpecStore, SEGMENTS_MAX_DEFAULT, SEGMENT_BYTES_DEFAULT, SPECS_DIR};
 use crate::replica::storage::WalStorage;
+use crate::replica::tombstones::{TombstoneFiles, TOMBSTONES_DIR};
 use std::collections::BTreeMap;
 use std::path::Path;
 use sundial_consensus::{
@@ -33,7 +34,8 @@ pub struct PartitionOptions {
     /// Set for the meta group: its entries are membership changes applied to `Members`
     /// (starting from this, for a brand-new group) instead of jobs commands.
     pub members: Option<Members>,
-    /// Size of the files job specs are kept in (`None`: specs stay in the heap).
+    /// Size of the files job specs are kept in (`None`: specs, and the dedup window's
+    /// tombstones, stay in the heap).
     pub spec_segment_bytes: Option<u64>,
 }
 
@@ -161,6 +163,12 @@ impl Partition {
                 Ok(store) => state.attach_spec_store(Box::new(store)),
                 Err(error) => tracing::warn!(
                     path = %dir.join(SPECS_DIR).display(), %error, "no spec store: this partition keeps its jobs' specs in memory"
+                ),
+            }
+            match TombstoneFiles::open(dir) {
+                Ok(store) => state.attach_tombstone_store(Box::new(store)),
+                Err(error) => tracing::warn!(
+                    path = %dir.join(TOMBSTONES_DIR).display(), %error, "no tombstone store: this partition keeps its dedup window in memory"
                 ),
             }
         }
@@ -339,6 +347,9 @@ impl Partition {
                         State::restore(&snapshot.data).map_err(|e| PartitionError::Snapshot(e.to_string()))?;
                     if let Some(store) = self.state.detach_spec_store() {
                         restored.attach_spec_store(store);
+                    }
+                    if let Some(store) = self.state.detach_tombstone_store() {
+                        restored.attach_tombstone_store(store);
                     }
                     self.state = restored;
                     self.repack_cursor = None;
@@ -796,7 +807,7 @@ mod tests {
     }
 
     #[test]
-    fn specs_live_in_files_read_the_same_after_a_snapshot_and_a_restart_and_dead_segments_go() {
+    fn specs_and_tombstones_live_in_files_read_the_same_after_a_snapshot_and_a_restart_and_dead_segments_go() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Small segments (64 KiB: ~150 of these specs each), so a few hundred jobs fill several.
         let options = || PartitionOptions { spec_segment_bytes: Some(64 << 10), ..PartitionOptions::single_node(1) };
@@ -827,6 +838,9 @@ mod tests {
             spec_files(dir.path())
         );
         assert_eq!(partition.state().job("job-0040").map(|job| job.spec().target.body.len()), Some(256));
+        let tombstone_files = || std::fs::read_dir(dir.path().join(TOMBSTONES_DIR)).expect("tombstones dir").count();
+        let state = partition.state();
+        assert_eq!((state.tombstone_count(), state.tombstone_chunks_in_heap(), tombstone_files()), (900, 0, 1));
         partition.compact().expect("a snapshot of specs that live in files");
         let digest = partition.state().digest();
         drop(partition);
@@ -835,6 +849,8 @@ mod tests {
         assert_eq!((state.job_count(), state.specs_in_heap(), state.digest()), (100, 0, digest));
         assert_eq!(state.job("job-0990").map(|job| job.spec().target.body.len()), Some(256));
         assert!(spec_files(dir.path()) <= 2, "the files of the last run were removed at open");
+        assert_eq!((state.tombstone_count(), state.tombstone_chunks_in_heap()), (900, 0), "remembered, in the store");
+        assert_eq!(tombstone_files(), 1, "the last run's chunk was removed at open, one made");
     }
 
     #[test]

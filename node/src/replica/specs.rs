@@ -28,7 +28,7 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 8 << 20;
 pub const SEGMENTS_MAX_DEFAULT: usize = 8192;
 /// No segment is made while the disk has less free space than this: the log, which must not
 /// run out, comes first (specs then stay in the heap).
-const DISK_FREE_FLOOR_BYTES: u64 = 1 << 30;
+pub(super) const DISK_FREE_FLOOR_BYTES: u64 = 1 << 30;
 /// After a segment could not be made, puts go on refusing this many specs before trying
 /// again (a failing disk is not retried on every create).
 const PUTS_BEFORE_RETRY: u64 = 4096;
@@ -229,7 +229,7 @@ impl SpecSink for SpecStore {
 }
 
 /// Bytes free for unprivileged writers on the file system of `dir` (`None`: unknown).
-fn disk_free_bytes(dir: &Path) -> Option<u64> {
+pub(super) fn disk_free_bytes(dir: &Path) -> Option<u64> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::ffi::OsStrExt;
@@ -256,7 +256,7 @@ fn align_up(at: u64) -> u64 {
 
 /// Sizes the file and reserves its blocks, so a write through the mapping never meets a full
 /// disk (which would be a SIGBUS, not an error).
-fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
+pub(super) fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
     file.set_len(bytes)?;
     #[cfg(target_os = "linux")]
     {

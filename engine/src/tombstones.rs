@@ -1,0 +1,510 @@
+//! The dedup window's memory: digests of deleted and expired jobs' ids, with when each job
+//! finished, in the order they were added. Records sit in fixed-size chunks that the shell
+//! may place in file-backed mappings (`TombstoneStore`), so a remembered id costs page cache
+//! the kernel can write back and evict, plus an 8-byte entry of a heap index.
+//!
+//! Order: a tombstone is added at the back and leaves from the front, so the sequence is a
+//! function of the commands applied — replicas that applied the same commands, or restored
+//! the same snapshot (which holds the sequence as it is) and applied the rest, hold the same
+//! sequence. One forgotten in the middle (its id was used again) is marked dead where it
+//! lies and leaves the index; everything that reads the sequence (iteration, snapshots,
+//! digests, counts, equality) skips dead records, so where they lie changes nothing
+//! replicated. Dead records leave when they reach the front, or all at once when they
+//! outnumber the live ones.
+
+use crate::table::IndexEntry;
+use hashbrown::HashTable;
+use rkyv::rancor::Fallible;
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
+use rkyv::Place;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::fmt;
+
+/// Records per chunk: 768 KiB of 24-byte records, a whole number of 4 KiB pages.
+pub const TOMBSTONES_PER_CHUNK: usize = 32 * 1024;
+
+/// A deleted or expired job's id as a 128-bit digest (SHA-256, cut: ids a client chooses
+/// cannot be made to collide), and when the job finished. 24 bytes, three `u64`s: any bit
+/// pattern is a record (all zeros is a dead one), so a store may hand out any memory.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    rkyv::Archive,
+    rkyv::Serialize,
+    rkyv::Deserialize,
+)]
+#[repr(C)]
+pub struct Tombstone {
+    finished_ms: u64,
+    digest_high: u64,
+    digest_low: u64,
+}
+
+impl Tombstone {
+    pub fn new(digest: u128, finished_ms: u64) -> Tombstone {
+        Tombstone { finished_ms, digest_high: (digest >> 64) as u64, digest_low: digest as u64 }
+    }
+
+    pub fn digest(&self) -> u128 {
+        (u128::from(self.digest_high) << 64) | u128::from(self.digest_low)
+    }
+
+    pub fn finished_ms(&self) -> u64 {
+        self.finished_ms
+    }
+
+    /// A forgotten record (a digest of all zeros: SHA-256 gives one with odds of 2^-128).
+    fn is_dead(&self) -> bool {
+        self.digest_high == 0 && self.digest_low == 0
+    }
+}
+
+/// Where chunks of tombstones are kept instead of the heap (the shell's; the core does no
+/// I/O). Scratch space: the records are rebuilt from snapshots and the log on every start.
+pub trait TombstoneStore: Send {
+    /// Memory for `TOMBSTONES_PER_CHUNK` records, or `None` when the store cannot make it
+    /// (the chunk then lives in the heap: more memory, nothing lost).
+    fn chunk(&mut self) -> Option<Box<dyn TombstoneChunk>>;
+}
+
+/// One chunk's records: exactly `TOMBSTONES_PER_CHUNK` of them, whatever they hold.
+pub trait TombstoneChunk: Send + Sync {
+    fn records(&self) -> &[Tombstone];
+    fn records_mut(&mut self) -> &mut [Tombstone];
+}
+
+/// A chunk in the heap (no store attached, or the store could not make one).
+struct HeapChunk(Box<[Tombstone]>);
+
+impl TombstoneChunk for HeapChunk {
+    fn records(&self) -> &[Tombstone] {
+        &self.0
+    }
+
+    fn records_mut(&mut self) -> &mut [Tombstone] {
+        &mut self.0
+    }
+}
+
+/// The sequence of tombstones (see the module's comment).
+#[derive(Default)]
+pub struct Tombstones {
+    chunks: VecDeque<Box<dyn TombstoneChunk>>,
+    /// Where the first record is in the first chunk.
+    head: usize,
+    /// Records from the first on, live and dead.
+    held: usize,
+    live: usize,
+    /// The first record's sequence number (each record's is its place since the first ever;
+    /// the index keeps it cut to 32 bits, unambiguous while fewer than 2^32 records are held).
+    first_seq: u64,
+    /// Every live record: 32 bits of a keyed hash of its digest, and its sequence number.
+    index: HashTable<IndexEntry>,
+    hasher: ahash::RandomState,
+    store: Option<Box<dyn TombstoneStore>>,
+    /// Chunks held in the heap because the store could not make one.
+    chunks_in_heap: usize,
+}
+
+impl Tombstones {
+    /// Live tombstones.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Chunks held in the heap although a store is attached (it could not make them).
+    pub fn chunks_in_heap(&self) -> usize {
+        if self.store.is_some() {
+            self.chunks_in_heap
+        } else {
+            0
+        }
+    }
+
+    /// When the job whose id has `digest` finished, if it is remembered.
+    pub fn finished_ms_of(&self, digest: u128) -> Option<u64> {
+        let wanted = self.entry(digest);
+        let found = self.index.find(wanted.table_hash(), |e| e.hash == wanted.hash && self.holds(e.slot, digest))?;
+        self.record(self.position(found.slot)).map(Tombstone::finished_ms)
+    }
+
+    /// The oldest live tombstone (dead records never stay at the front).
+    pub fn front(&self) -> Option<&Tombstone> {
+        self.record(0)
+    }
+
+    /// Adds `tombstone` at the back, forgetting an earlier one of the same digest.
+    pub fn push(&mut self, tombstone: Tombstone) {
+        if tombstone.is_dead() {
+            return; // not a record of any id (see `Tombstone::is_dead`)
+        }
+        self.remove(tombstone.digest());
+        let at = self.head + self.held;
+        if at == self.chunks.len() * TOMBSTONES_PER_CHUNK {
+            let chunk = self.new_chunk();
+            self.chunks.push_back(chunk);
+        }
+        self.chunks[at / TOMBSTONES_PER_CHUNK].records_mut()[at % TOMBSTONES_PER_CHUNK] = tombstone;
+        let entry = IndexEntry { slot: (self.first_seq + self.held as u64) as u32, ..self.entry(tombstone.digest()) };
+        self.index.insert_unique(entry.table_hash(), entry, |e| e.table_hash());
+        self.held += 1;
+        self.live += 1;
+    }
+
+    /// Forgets the tombstone of `digest`, if there is one; says whether there was.
+    pub fn remove(&mut self, digest: u128) -> bool {
+        let wanted = self.entry(digest);
+        let Tombstones { index, chunks, head, held, first_seq, .. } = self;
+        let found = index.find_entry(wanted.table_hash(), |e| {
+            e.hash == wanted.hash
+                && record_at(chunks, *head, *held, *first_seq, e.slot).is_some_and(|t| t.digest() == digest)
+        });
+        let Ok(found) = found else { return false };
+        let (IndexEntry { slot, .. }, _) = found.remove();
+        let at = self.head + self.position(slot);
+        self.chunks[at / TOMBSTONES_PER_CHUNK].records_mut()[at % TOMBSTONES_PER_CHUNK] = Tombstone::default();
+        self.live -= 1;
+        self.drop_dead_front();
+        // Bounded: dead records never outnumber live ones by more than a chunk for long.
+        if self.held - self.live > self.live.max(TOMBSTONES_PER_CHUNK) {
+            self.compact();
+        }
+        true
+    }
+
+    /// Takes the oldest live tombstone out.
+    pub fn pop_front(&mut self) -> Option<Tombstone> {
+        let oldest = *self.front()?;
+        let wanted = self.entry(oldest.digest());
+        let seq = self.first_seq as u32;
+        if let Ok(found) = self.index.find_entry(wanted.table_hash(), |e| e.slot == seq) {
+            found.remove();
+        }
+        self.live -= 1;
+        self.advance();
+        self.drop_dead_front();
+        Some(oldest)
+    }
+
+    /// The live tombstones, oldest added first.
+    pub fn iter(&self) -> Live<'_> {
+        Live { tombstones: self, position: 0, remaining: self.live }
+    }
+
+    /// From now on chunks are made by `store`; the chunks held so far move there (a
+    /// restored state's), each record where it was.
+    pub fn attach_store(&mut self, store: Box<dyn TombstoneStore>) {
+        self.store = Some(store);
+        self.chunks_in_heap = 0;
+        for at in 0..self.chunks.len() {
+            let mut chunk = self.new_chunk();
+            chunk.records_mut().copy_from_slice(self.chunks[at].records());
+            self.chunks[at] = chunk;
+        }
+    }
+
+    /// Takes the attached store away (to attach it to the state that replaces this one).
+    pub fn detach_store(&mut self) -> Option<Box<dyn TombstoneStore>> {
+        self.store.take()
+    }
+
+    /// Every live record is in the index once, under its own place; the counts add up.
+    pub fn is_consistent(&self) -> bool {
+        let live_records = (0..self.held).filter(|&p| self.record_any(p).is_some_and(|t| !t.is_dead())).count();
+        let indexed = self.iter().all(|t| {
+            let wanted = self.entry(t.digest());
+            self.index.find(wanted.table_hash(), |e| e.hash == wanted.hash && self.holds(e.slot, t.digest())).is_some()
+        });
+        live_records == self.live
+            && self.index.len() == self.live
+            && indexed
+            && self.record_any(0).is_none_or(|t| !t.is_dead())
+            && self.head + self.held <= self.chunks.len() * TOMBSTONES_PER_CHUNK
+    }
+
+    fn entry(&self, digest: u128) -> IndexEntry {
+        IndexEntry { hash: self.hasher.hash_one(digest) as u32, slot: 0 }
+    }
+
+    /// The place (from the front) of the record whose sequence number is cut to `seq`.
+    fn position(&self, seq: u32) -> usize {
+        seq.wrapping_sub(self.first_seq as u32) as usize
+    }
+
+    fn holds(&self, seq: u32, digest: u128) -> bool {
+        record_at(&self.chunks, self.head, self.held, self.first_seq, seq).is_some_and(|t| t.digest() == digest)
+    }
+
+    /// The live record at `position`, if it is one.
+    fn record(&self, position: usize) -> Option<&Tombstone> {
+        self.record_any(position).filter(|t| !t.is_dead())
+    }
+
+    fn record_any(&self, position: usize) -> Option<&Tombstone> {
+        if position >= self.held {
+            return None;
+        }
+        let at = self.head + position;
+        self.chunks.get(at / TOMBSTONES_PER_CHUNK).map(|chunk| &chunk.records()[at % TOMBSTONES_PER_CHUNK])
+    }
+
+    /// Steps past the first record (its index entry is already gone).
+    fn advance(&mut self) {
+        self.head += 1;
+        self.held -= 1;
+        self.first_seq += 1;
+        if self.head == TOMBSTONES_PER_CHUNK {
+            self.chunks.pop_front();
+            self.head = 0;
+        }
+    }
+
+    fn drop_dead_front(&mut self) {
+        while self.record_any(0).is_some_and(Tombstone::is_dead) {
+            self.advance();
+        }
+    }
+
+    /// Rewrites the sequence without its dead records (they outnumbered the live ones).
+    fn compact(&mut self) {
+        let live: Vec<Tombstone> = self.iter().copied().collect();
+        self.chunks.clear();
+        self.index.clear();
+        (self.head, self.held, self.live) = (0, 0, 0);
+        for tombstone in live {
+            self.push(tombstone);
+        }
+    }
+
+    fn new_chunk(&mut self) -> Box<dyn TombstoneChunk> {
+        if let Some(chunk) = self.store.as_mut().and_then(|store| store.chunk()) {
+            assert_eq!(chunk.records().len(), TOMBSTONES_PER_CHUNK, "a store's chunk holds a chunk of records");
+            return chunk;
+        }
+        self.chunks_in_heap += 1;
+        Box::new(HeapChunk(vec![Tombstone::default(); TOMBSTONES_PER_CHUNK].into_boxed_slice()))
+    }
+}
+
+/// The record at the place of sequence number `seq` (cut to 32 bits), if it is held.
+fn record_at(
+    chunks: &VecDeque<Box<dyn TombstoneChunk>>,
+    head: usize,
+    len: usize,
+    first_seq: u64,
+    seq: u32,
+) -> Option<&Tombstone> {
+    let position = seq.wrapping_sub(first_seq as u32) as usize;
+    if position >= len {
+        return None;
+    }
+    let at = head + position;
+    chunks.get(at / TOMBSTONES_PER_CHUNK).map(|chunk| &chunk.records()[at % TOMBSTONES_PER_CHUNK])
+}
+
+/// The live tombstones in order (`Tombstones::iter`).
+#[derive(Clone)]
+pub struct Live<'a> {
+    tombstones: &'a Tombstones,
+    position: usize,
+    remaining: usize,
+}
+
+impl<'a> Iterator for Live<'a> {
+    type Item = &'a Tombstone;
+
+    fn next(&mut self) -> Option<&'a Tombstone> {
+        while self.remaining > 0 {
+            let record = self.tombstones.record_any(self.position)?;
+            self.position += 1;
+            if !record.is_dead() {
+                self.remaining -= 1;
+                return Some(record);
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl ExactSizeIterator for Live<'_> {}
+
+impl FromIterator<Tombstone> for Tombstones {
+    fn from_iter<I: IntoIterator<Item = Tombstone>>(iter: I) -> Tombstones {
+        let mut tombstones = Tombstones::default();
+        for tombstone in iter {
+            tombstones.push(tombstone);
+        }
+        tombstones
+    }
+}
+
+/// A copy in the heap, with no store of its own.
+impl Clone for Tombstones {
+    fn clone(&self) -> Tombstones {
+        self.iter().copied().collect()
+    }
+}
+
+/// Equal when they hold the same live tombstones in the same order.
+impl PartialEq for Tombstones {
+    fn eq(&self, other: &Tombstones) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Tombstones {}
+
+impl fmt::Debug for Tombstones {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tombstones").field("live", &self.live).field("dead", &(self.held - self.live)).finish()
+    }
+}
+
+/// JSON (snapshot format 0, digests): the live tombstones as a list, in order.
+impl Serialize for Tombstones {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Tombstones {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Tombstones, D::Error> {
+        Ok(Vec::<Tombstone>::deserialize(deserializer)?.into_iter().collect())
+    }
+}
+
+/// Archives `Tombstones` as the list of its live records (the layout a `VecDeque` of them
+/// had in snapshots before chunks).
+pub struct AsTombstoneList;
+
+impl ArchiveWith<Tombstones> for AsTombstoneList {
+    type Archived = ArchivedVec<ArchivedTombstone>;
+    type Resolver = VecResolver;
+
+    fn resolve_with(field: &Tombstones, resolver: VecResolver, out: Place<Self::Archived>) {
+        ArchivedVec::resolve_from_len(field.len(), resolver, out);
+    }
+}
+
+impl<S> SerializeWith<Tombstones, S> for AsTombstoneList
+where
+    S: Fallible + rkyv::ser::Writer + rkyv::ser::Allocator + ?Sized,
+{
+    fn serialize_with(field: &Tombstones, serializer: &mut S) -> Result<VecResolver, S::Error> {
+        ArchivedVec::<ArchivedTombstone>::serialize_from_iter::<Tombstone, _, _>(field.iter(), serializer)
+    }
+}
+
+impl<D: Fallible + ?Sized> DeserializeWith<ArchivedVec<ArchivedTombstone>, Tombstones, D> for AsTombstoneList {
+    fn deserialize_with(field: &ArchivedVec<ArchivedTombstone>, _: &mut D) -> Result<Tombstones, D::Error> {
+        Ok(field
+            .iter()
+            .map(|t| Tombstone {
+                finished_ms: t.finished_ms.to_native(),
+                digest_high: t.digest_high.to_native(),
+                digest_low: t.digest_low.to_native(),
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest(n: u64) -> u128 {
+        (u128::from(n) << 64) | u128::from(n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// A store whose chunks count how many it made (memory from the heap: the file-backed
+    /// one is the node's, tested there).
+    struct Counting(usize);
+
+    impl TombstoneStore for Counting {
+        fn chunk(&mut self) -> Option<Box<dyn TombstoneChunk>> {
+            self.0 += 1;
+            (self.0 <= 2).then(|| Box::new(HeapChunk(vec![Tombstone::default(); TOMBSTONES_PER_CHUNK].into())) as _)
+        }
+    }
+
+    #[test]
+    fn tombstones_leave_in_the_order_they_came_and_forgotten_ones_are_skipped() {
+        let mut tombstones = Tombstones::default();
+        let count = (TOMBSTONES_PER_CHUNK * 2 + 10) as u64;
+        for n in 1..=count {
+            tombstones.push(Tombstone::new(digest(n), 1_000 + n));
+        }
+        assert_eq!((tombstones.len(), tombstones.chunks.len()), (count as usize, 3));
+        assert_eq!(tombstones.finished_ms_of(digest(7)), Some(1_007));
+        // Forgotten in the middle: gone from lookups and from the order, nowhere else.
+        assert!(tombstones.remove(digest(7)) && !tombstones.remove(digest(7)));
+        assert_eq!(tombstones.finished_ms_of(digest(7)), None);
+        assert_eq!(tombstones.len(), count as usize - 1);
+        // Added again: at the back, with its new time.
+        tombstones.push(Tombstone::new(digest(7), 9_999));
+        assert_eq!(tombstones.iter().last().map(|t| (t.digest(), t.finished_ms())), Some((digest(7), 9_999)));
+        assert!(tombstones.is_consistent());
+        let order: Vec<u64> = (1..=10).map(|_| tombstones.pop_front().expect("held").finished_ms()).collect();
+        assert_eq!(order, [1_001, 1_002, 1_003, 1_004, 1_005, 1_006, 1_008, 1_009, 1_010, 1_011]);
+        // Forgetting the front drops it (and any dead records behind it) at once.
+        assert!(tombstones.remove(digest(12)));
+        assert_eq!(tombstones.front().map(Tombstone::finished_ms), Some(1_013));
+        while tombstones.pop_front().is_some() {}
+        assert!(tombstones.is_empty() && tombstones.index.is_empty() && tombstones.is_consistent());
+        assert!(tombstones.chunks.len() <= 1, "emptied chunks go");
+    }
+
+    #[test]
+    fn a_copy_a_restored_list_and_the_original_are_equal_whatever_lies_dead_between() {
+        let mut tombstones = Tombstones::default();
+        for n in 1..=5_000 {
+            tombstones.push(Tombstone::new(digest(n), n));
+        }
+        for n in (2..=5_000).step_by(3) {
+            tombstones.remove(digest(n));
+        }
+        let copy = tombstones.clone();
+        let json: Tombstones = serde_json::from_slice(&serde_json::to_vec(&tombstones).expect("json")).expect("read");
+        assert!(copy == tombstones && json == tombstones && copy.is_consistent());
+        assert_eq!(copy.held, copy.live, "a copy holds no dead records");
+        assert!(tombstones.held > tombstones.live, "the original still does");
+        // A broken index is caught by the check.
+        let mut broken = copy.clone();
+        broken.index.clear();
+        assert!(!broken.is_consistent());
+    }
+
+    #[test]
+    fn dead_records_do_not_pile_up_and_chunks_come_from_the_store_until_it_refuses() {
+        let mut tombstones = Tombstones::default();
+        tombstones.attach_store(Box::new(Counting(0)));
+        tombstones.push(Tombstone::new(digest(u64::MAX), 1));
+        // One id added and forgotten again and again behind a front that never leaves.
+        for n in 1..=(TOMBSTONES_PER_CHUNK * 4) as u64 {
+            tombstones.push(Tombstone::new(digest(n), n));
+            tombstones.remove(digest(n));
+        }
+        assert_eq!(tombstones.len(), 1);
+        assert!(tombstones.held <= 2 * TOMBSTONES_PER_CHUNK, "{} records held", tombstones.held);
+        assert!(tombstones.is_consistent());
+        assert!(tombstones.chunks_in_heap() > 0, "chunks the store refused came from the heap");
+    }
+}
