@@ -882,8 +882,9 @@ impl State {
         self.tombstones.finished_ms_of(id_digest(id))
     }
 
-    /// Tombstones go at the back whatever their finish time (an expired job's is older than
-    /// a deleted one's), so the sequence depends only on the commands applied.
+    /// Tombstones are kept in (finish time, digest) order whatever order they come in, so the
+    /// sequence is a function of which ids are remembered: replicas that restored snapshots
+    /// at different points (of this build or an earlier one) hold the same one.
     fn add_tombstone(&mut self, id: &str, finished_ms: u64) {
         self.tombstones.push(Tombstone::new(id_digest(id), finished_ms));
         // Bounded: one push adds at most one over the limit.
@@ -896,8 +897,8 @@ impl State {
         self.tombstones.remove(id_digest(id));
     }
 
-    /// Forgets tombstones older than the window from the front (each is looked at once:
-    /// bounded overall). One behind a younger one waits for it; lookups check the window.
+    /// Forgets tombstones older than the window, oldest first (each is looked at once:
+    /// bounded overall).
     fn prune_tombstones(&mut self, now_ms: u64, window_ms: u64) {
         while let Some(oldest) = self.tombstones.front() {
             if oldest.finished_ms().saturating_add(window_ms) > now_ms {

@@ -1,16 +1,20 @@
 //! The dedup window's memory: digests of deleted and expired jobs' ids, with when each job
-//! finished, in the order they were added. Records sit in fixed-size chunks that the shell
+//! finished, in (finish time, digest) order. Records sit in fixed-size chunks that the shell
 //! may place in file-backed mappings (`TombstoneStore`), so a remembered id costs page cache
 //! the kernel can write back and evict, plus an 8-byte entry of a heap index.
 //!
-//! Order: a tombstone is added at the back and leaves from the front, so the sequence is a
-//! function of the commands applied — replicas that applied the same commands, or restored
-//! the same snapshot (which holds the sequence as it is) and applied the rest, hold the same
-//! sequence. One forgotten in the middle (its id was used again) is marked dead where it
-//! lies and leaves the index; everything that reads the sequence (iteration, snapshots,
-//! digests, counts, equality) skips dead records, so where they lie changes nothing
-//! replicated. Dead records leave when they reach the front, or all at once when they
-//! outnumber the live ones.
+//! Order: the sequence is sorted whatever order tombstones come in, so it is a function of
+//! which ids are remembered — replicas that applied the same commands, or restored snapshots
+//! taken at different points (by this build or an earlier one, which kept the same order)
+//! and applied the rest, hold the same sequence, and the oldest leaves first. Nearly every
+//! tombstone comes in order (a job finished just now) and goes at the back of the ring of
+//! chunks; the few that do not (an expired job that finished before a deleted one, say) wait
+//! aside in a small sorted set in the heap, merged into the ring when it fills. One forgotten
+//! in the middle of the ring (its id was used again) is zeroed where it lies and leaves the
+//! index; everything that reads the sequence (iteration, snapshots, digests, counts,
+//! equality) skips dead records, so where they lie changes nothing replicated. Dead records
+//! leave when they reach the front, or in a rewrite once they outnumber both the live ones
+//! and a chunk.
 
 use crate::table::IndexEntry;
 use hashbrown::HashTable;
@@ -19,7 +23,7 @@ use rkyv::vec::{ArchivedVec, VecResolver};
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
 use rkyv::Place;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 
 /// Records per chunk: 768 KiB of 24-byte records, a whole number of 4 KiB pages.
@@ -96,9 +100,10 @@ impl TombstoneChunk for HeapChunk {
     }
 }
 
-/// The sequence of tombstones (see the module's comment).
+/// Tombstones in chunks, in the order pushed (the caller pushes in (finish time, digest)
+/// order), found through the index.
 #[derive(Default)]
-pub struct Tombstones {
+struct Ring {
     chunks: VecDeque<Box<dyn TombstoneChunk>>,
     /// Where the first record is in the first chunk.
     head: usize,
@@ -114,20 +119,13 @@ pub struct Tombstones {
     store: Option<Box<dyn TombstoneStore>>,
     /// Chunks held in the heap because the store could not make one.
     chunks_in_heap: usize,
+    /// The last record pushed since the ring was last empty (the next may not sort before it).
+    last: Option<Tombstone>,
 }
 
-impl Tombstones {
-    /// Live tombstones.
-    pub fn len(&self) -> usize {
-        self.live
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.live == 0
-    }
-
+impl Ring {
     /// Chunks held in the heap although a store is attached (it could not make them).
-    pub fn chunks_in_heap(&self) -> usize {
+    fn chunks_in_heap(&self) -> usize {
         if self.store.is_some() {
             self.chunks_in_heap
         } else {
@@ -135,24 +133,21 @@ impl Tombstones {
         }
     }
 
-    /// When the job whose id has `digest` finished, if it is remembered.
-    pub fn finished_ms_of(&self, digest: u128) -> Option<u64> {
+    fn finished_ms_of(&self, digest: u128) -> Option<u64> {
         let wanted = self.entry(digest);
         let found = self.index.find(wanted.table_hash(), |e| e.hash == wanted.hash && self.holds(e.slot, digest))?;
         self.record(self.position(found.slot)).map(Tombstone::finished_ms)
     }
 
-    /// The oldest live tombstone (dead records never stay at the front).
-    pub fn front(&self) -> Option<&Tombstone> {
+    /// The first live record (dead records never stay at the front).
+    fn front(&self) -> Option<&Tombstone> {
         self.record(0)
     }
 
-    /// Adds `tombstone` at the back, forgetting an earlier one of the same digest.
-    pub fn push(&mut self, tombstone: Tombstone) {
-        if tombstone.is_dead() {
-            return; // not a record of any id (see `Tombstone::is_dead`)
-        }
-        self.remove(tombstone.digest());
+    /// Adds `tombstone` (live, of a digest not held) at the back.
+    fn push(&mut self, tombstone: Tombstone) {
+        debug_assert!(self.last.is_none_or(|last| last <= tombstone), "pushed in order");
+        self.last = Some(tombstone);
         let at = self.head + self.held;
         if at == self.chunks.len() * TOMBSTONES_PER_CHUNK {
             let chunk = self.new_chunk();
@@ -166,9 +161,9 @@ impl Tombstones {
     }
 
     /// Forgets the tombstone of `digest`, if there is one; says whether there was.
-    pub fn remove(&mut self, digest: u128) -> bool {
+    fn remove(&mut self, digest: u128) -> bool {
         let wanted = self.entry(digest);
-        let Tombstones { index, chunks, head, held, first_seq, .. } = self;
+        let Ring { index, chunks, head, held, first_seq, .. } = self;
         let found = index.find_entry(wanted.table_hash(), |e| {
             e.hash == wanted.hash
                 && record_at(chunks, *head, *held, *first_seq, e.slot).is_some_and(|t| t.digest() == digest)
@@ -179,15 +174,15 @@ impl Tombstones {
         self.chunks[at / TOMBSTONES_PER_CHUNK].records_mut()[at % TOMBSTONES_PER_CHUNK] = Tombstone::default();
         self.live -= 1;
         self.drop_dead_front();
-        // Bounded: dead records never outnumber live ones by more than a chunk for long.
+        // Bounded: a remove leaves at most max(live, a chunk) dead records.
         if self.held - self.live > self.live.max(TOMBSTONES_PER_CHUNK) {
             self.compact();
         }
         true
     }
 
-    /// Takes the oldest live tombstone out.
-    pub fn pop_front(&mut self) -> Option<Tombstone> {
+    /// Takes the first live record out.
+    fn pop_front(&mut self) -> Option<Tombstone> {
         let oldest = *self.front()?;
         let wanted = self.entry(oldest.digest());
         let seq = self.first_seq as u32;
@@ -200,14 +195,12 @@ impl Tombstones {
         Some(oldest)
     }
 
-    /// The live tombstones, oldest added first.
-    pub fn iter(&self) -> Live<'_> {
-        Live { tombstones: self, position: 0, remaining: self.live }
+    /// The live records, in order.
+    fn iter(&self) -> Live<'_> {
+        Live { ring: self, position: 0, remaining: self.live }
     }
 
-    /// From now on chunks are made by `store`; the chunks held so far move there (a
-    /// restored state's), each record where it was.
-    pub fn attach_store(&mut self, store: Box<dyn TombstoneStore>) {
+    fn attach_store(&mut self, store: Box<dyn TombstoneStore>) {
         self.store = Some(store);
         self.chunks_in_heap = 0;
         for at in 0..self.chunks.len() {
@@ -217,13 +210,9 @@ impl Tombstones {
         }
     }
 
-    /// Takes the attached store away (to attach it to the state that replaces this one).
-    pub fn detach_store(&mut self) -> Option<Box<dyn TombstoneStore>> {
-        self.store.take()
-    }
-
-    /// Every live record is in the index once, under its own place; the counts add up.
-    pub fn is_consistent(&self) -> bool {
+    /// Every live record is in the index once, under its own place; the counts add up; the
+    /// live records are in order.
+    fn is_consistent(&self) -> bool {
         let live_records = (0..self.held).filter(|&p| self.record_any(p).is_some_and(|t| !t.is_dead())).count();
         let indexed = self.iter().all(|t| {
             let wanted = self.entry(t.digest());
@@ -234,6 +223,7 @@ impl Tombstones {
             && indexed
             && self.record_any(0).is_none_or(|t| !t.is_dead())
             && self.head + self.held <= self.chunks.len() * TOMBSTONES_PER_CHUNK
+            && self.iter().zip(self.iter().skip(1)).all(|(a, b)| a < b)
     }
 
     fn entry(&self, digest: u128) -> IndexEntry {
@@ -271,6 +261,9 @@ impl Tombstones {
             self.chunks.pop_front();
             self.head = 0;
         }
+        if self.held == 0 {
+            self.last = None;
+        }
     }
 
     fn drop_dead_front(&mut self) {
@@ -279,13 +272,18 @@ impl Tombstones {
         }
     }
 
-    /// Rewrites the sequence without its dead records (they outnumbered the live ones).
+    /// Rewrites the ring without its dead records (they outnumbered the live ones).
     fn compact(&mut self) {
         let live: Vec<Tombstone> = self.iter().copied().collect();
+        self.refill(live);
+    }
+
+    /// Empties the ring and pushes `records` (in order) into fresh chunks.
+    fn refill(&mut self, records: Vec<Tombstone>) {
         self.chunks.clear();
         self.index.clear();
-        (self.head, self.held, self.live) = (0, 0, 0);
-        for tombstone in live {
+        (self.head, self.held, self.live, self.last) = (0, 0, 0, None);
+        for tombstone in records {
             self.push(tombstone);
         }
     }
@@ -316,10 +314,10 @@ fn record_at(
     chunks.get(at / TOMBSTONES_PER_CHUNK).map(|chunk| &chunk.records()[at % TOMBSTONES_PER_CHUNK])
 }
 
-/// The live tombstones in order (`Tombstones::iter`).
+/// The live records of a ring, in order.
 #[derive(Clone)]
-pub struct Live<'a> {
-    tombstones: &'a Tombstones,
+struct Live<'a> {
+    ring: &'a Ring,
     position: usize,
     remaining: usize,
 }
@@ -329,7 +327,7 @@ impl<'a> Iterator for Live<'a> {
 
     fn next(&mut self) -> Option<&'a Tombstone> {
         while self.remaining > 0 {
-            let record = self.tombstones.record_any(self.position)?;
+            let record = self.ring.record_any(self.position)?;
             self.position += 1;
             if !record.is_dead() {
                 self.remaining -= 1;
@@ -345,6 +343,150 @@ impl<'a> Iterator for Live<'a> {
 }
 
 impl ExactSizeIterator for Live<'_> {}
+
+/// Tombstones added out of order are held aside, in the heap, up to this many (a few hundred
+/// KiB); past it they are merged into the ring in one pass over it.
+const ASIDE_MAX: usize = 16 * 1024;
+
+/// The sequence of tombstones, in (finish time, digest) order (see the module's comment).
+#[derive(Default)]
+pub struct Tombstones {
+    /// Tombstones added in order (each no earlier than the ring's last): nearly all.
+    ring: Ring,
+    /// The others: a job that finished before the newest remembered one (expired after a
+    /// later delete, say).
+    aside: BTreeSet<Tombstone>,
+    /// Digest → finish time of those aside.
+    aside_index: HashMap<u128, u64, ahash::RandomState>,
+}
+
+impl Tombstones {
+    /// Live tombstones.
+    pub fn len(&self) -> usize {
+        self.ring.live + self.aside.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Chunks held in the heap although a store is attached (it could not make them).
+    pub fn chunks_in_heap(&self) -> usize {
+        self.ring.chunks_in_heap()
+    }
+
+    /// When the job whose id has `digest` finished, if it is remembered.
+    pub fn finished_ms_of(&self, digest: u128) -> Option<u64> {
+        self.ring.finished_ms_of(digest).or_else(|| self.aside_index.get(&digest).copied())
+    }
+
+    /// The oldest tombstone: the first in (finish time, digest) order.
+    pub fn front(&self) -> Option<Tombstone> {
+        match (self.ring.front(), self.aside.first()) {
+            (Some(ring), Some(aside)) => Some(*ring.min(aside)),
+            (ring, aside) => ring.or(aside).copied(),
+        }
+    }
+
+    /// Adds `tombstone`, forgetting an earlier one of the same digest.
+    pub fn push(&mut self, tombstone: Tombstone) {
+        if tombstone.is_dead() {
+            return; // not a record of any id (see `Tombstone::is_dead`)
+        }
+        self.remove(tombstone.digest());
+        if self.ring.last.is_none_or(|last| last <= tombstone) {
+            self.ring.push(tombstone);
+            return;
+        }
+        self.aside.insert(tombstone);
+        self.aside_index.insert(tombstone.digest(), tombstone.finished_ms);
+        if self.aside.len() > ASIDE_MAX {
+            let merged: Vec<Tombstone> = self.iter().copied().collect();
+            self.aside.clear();
+            self.aside_index.clear();
+            self.ring.refill(merged);
+        }
+    }
+
+    /// Forgets the tombstone of `digest`, if there is one; says whether there was.
+    pub fn remove(&mut self, digest: u128) -> bool {
+        if self.ring.remove(digest) {
+            return true;
+        }
+        let Some(finished_ms) = self.aside_index.remove(&digest) else { return false };
+        self.aside.remove(&Tombstone::new(digest, finished_ms))
+    }
+
+    /// Takes the oldest tombstone out.
+    pub fn pop_front(&mut self) -> Option<Tombstone> {
+        let from_ring = match (self.ring.front(), self.aside.first()) {
+            (Some(ring), Some(aside)) => ring < aside,
+            (ring, _) => ring.is_some(),
+        };
+        if from_ring {
+            return self.ring.pop_front();
+        }
+        let oldest = self.aside.pop_first()?;
+        self.aside_index.remove(&oldest.digest());
+        Some(oldest)
+    }
+
+    /// The live tombstones in (finish time, digest) order.
+    pub fn iter(&self) -> Iter<'_> {
+        Iter { ring: self.ring.iter().peekable(), aside: self.aside.iter().peekable(), remaining: self.len() }
+    }
+
+    /// From now on chunks are made by `store`; the chunks held so far move there (a
+    /// restored state's), each record where it was.
+    pub fn attach_store(&mut self, store: Box<dyn TombstoneStore>) {
+        self.ring.attach_store(store);
+    }
+
+    /// Takes the attached store away (to attach it to the state that replaces this one).
+    pub fn detach_store(&mut self) -> Option<Box<dyn TombstoneStore>> {
+        self.ring.store.take()
+    }
+
+    /// The ring and the index agree and are in order; those aside are indexed, and no
+    /// digest is in both.
+    pub fn is_consistent(&self) -> bool {
+        self.ring.is_consistent()
+            && self.aside.len() == self.aside_index.len()
+            && self.aside.iter().all(|t| {
+                self.aside_index.get(&t.digest()) == Some(&t.finished_ms)
+                    && self.ring.finished_ms_of(t.digest()).is_none()
+            })
+            && self.aside.len() <= ASIDE_MAX
+    }
+}
+
+/// The live tombstones in order (`Tombstones::iter`): the ring and those aside, merged.
+#[derive(Clone)]
+pub struct Iter<'a> {
+    ring: std::iter::Peekable<Live<'a>>,
+    aside: std::iter::Peekable<std::collections::btree_set::Iter<'a, Tombstone>>,
+    remaining: usize,
+}
+
+impl<'a> Iterator for Iter<'a> {
+    type Item = &'a Tombstone;
+
+    fn next(&mut self) -> Option<&'a Tombstone> {
+        let next = match (self.ring.peek(), self.aside.peek()) {
+            (Some(ring), Some(aside)) if aside < ring => self.aside.next(),
+            (Some(_), _) => self.ring.next(),
+            (None, _) => self.aside.next(),
+        };
+        self.remaining = self.remaining.saturating_sub(usize::from(next.is_some()));
+        next
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.remaining, Some(self.remaining))
+    }
+}
+
+impl ExactSizeIterator for Iter<'_> {}
 
 impl FromIterator<Tombstone> for Tombstones {
     fn from_iter<I: IntoIterator<Item = Tombstone>>(iter: I) -> Tombstones {
@@ -363,7 +505,7 @@ impl Clone for Tombstones {
     }
 }
 
-/// Equal when they hold the same live tombstones in the same order.
+/// Equal when they hold the same tombstones (in order: the same order).
 impl PartialEq for Tombstones {
     fn eq(&self, other: &Tombstones) -> bool {
         self.len() == other.len() && self.iter().eq(other.iter())
@@ -374,7 +516,11 @@ impl Eq for Tombstones {}
 
 impl fmt::Debug for Tombstones {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Tombstones").field("live", &self.live).field("dead", &(self.held - self.live)).finish()
+        f.debug_struct("Tombstones")
+            .field("in_order", &self.ring.live)
+            .field("dead", &(self.ring.held - self.ring.live))
+            .field("aside", &self.aside.len())
+            .finish()
     }
 }
 
@@ -446,30 +592,31 @@ mod tests {
     }
 
     #[test]
-    fn tombstones_leave_in_the_order_they_came_and_forgotten_ones_are_skipped() {
+    fn tombstones_leave_oldest_first_and_forgotten_ones_are_skipped() {
         let mut tombstones = Tombstones::default();
         let count = (TOMBSTONES_PER_CHUNK * 2 + 10) as u64;
         for n in 1..=count {
             tombstones.push(Tombstone::new(digest(n), 1_000 + n));
         }
-        assert_eq!((tombstones.len(), tombstones.chunks.len()), (count as usize, 3));
+        assert_eq!((tombstones.len(), tombstones.ring.chunks.len()), (count as usize, 3));
         assert_eq!(tombstones.finished_ms_of(digest(7)), Some(1_007));
         // Forgotten in the middle: gone from lookups and from the order, nowhere else.
         assert!(tombstones.remove(digest(7)) && !tombstones.remove(digest(7)));
         assert_eq!(tombstones.finished_ms_of(digest(7)), None);
         assert_eq!(tombstones.len(), count as usize - 1);
         // Added again: at the back, with its new time.
-        tombstones.push(Tombstone::new(digest(7), 9_999));
-        assert_eq!(tombstones.iter().last().map(|t| (t.digest(), t.finished_ms())), Some((digest(7), 9_999)));
+        let again_ms = 2_000 + count;
+        tombstones.push(Tombstone::new(digest(7), again_ms));
+        assert_eq!(tombstones.iter().last().map(|t| (t.digest(), t.finished_ms())), Some((digest(7), again_ms)));
         assert!(tombstones.is_consistent());
         let order: Vec<u64> = (1..=10).map(|_| tombstones.pop_front().expect("held").finished_ms()).collect();
         assert_eq!(order, [1_001, 1_002, 1_003, 1_004, 1_005, 1_006, 1_008, 1_009, 1_010, 1_011]);
         // Forgetting the front drops it (and any dead records behind it) at once.
         assert!(tombstones.remove(digest(12)));
-        assert_eq!(tombstones.front().map(Tombstone::finished_ms), Some(1_013));
+        assert_eq!(tombstones.front().map(|t| t.finished_ms()), Some(1_013));
         while tombstones.pop_front().is_some() {}
-        assert!(tombstones.is_empty() && tombstones.index.is_empty() && tombstones.is_consistent());
-        assert!(tombstones.chunks.len() <= 1, "emptied chunks go");
+        assert!(tombstones.is_empty() && tombstones.ring.index.is_empty() && tombstones.is_consistent());
+        assert!(tombstones.ring.chunks.len() <= 1, "emptied chunks go");
     }
 
     #[test]
@@ -484,11 +631,11 @@ mod tests {
         let copy = tombstones.clone();
         let json: Tombstones = serde_json::from_slice(&serde_json::to_vec(&tombstones).expect("json")).expect("read");
         assert!(copy == tombstones && json == tombstones && copy.is_consistent());
-        assert_eq!(copy.held, copy.live, "a copy holds no dead records");
-        assert!(tombstones.held > tombstones.live, "the original still does");
+        assert_eq!(copy.ring.held, copy.ring.live, "a copy holds no dead records");
+        assert!(tombstones.ring.held > tombstones.ring.live, "the original still does");
         // A broken index is caught by the check.
         let mut broken = copy.clone();
-        broken.index.clear();
+        broken.ring.index.clear();
         assert!(!broken.is_consistent());
     }
 
@@ -503,8 +650,48 @@ mod tests {
             tombstones.remove(digest(n));
         }
         assert_eq!(tombstones.len(), 1);
-        assert!(tombstones.held <= 2 * TOMBSTONES_PER_CHUNK, "{} records held", tombstones.held);
+        assert!(tombstones.ring.held <= 2 * TOMBSTONES_PER_CHUNK, "{} records held", tombstones.ring.held);
         assert!(tombstones.is_consistent());
         assert!(tombstones.chunks_in_heap() > 0, "chunks the store refused came from the heap");
+    }
+
+    #[test]
+    fn tombstones_that_come_out_of_order_take_their_place_and_a_restore_holds_the_same_sequence() {
+        let mut tombstones = Tombstones::default();
+        // Deleted jobs finish now; an expired one finished long ago: it sorts before them.
+        for n in 1..=1_000u64 {
+            tombstones.push(Tombstone::new(digest(n), 10_000 + n));
+            if n % 10 == 0 {
+                tombstones.push(Tombstone::new(digest(1_000_000 + n), n));
+            }
+        }
+        assert_eq!(
+            (tombstones.len(), tombstones.aside.len()),
+            (1_100, 100),
+            "each expired one came after a later delete"
+        );
+        let order: Vec<(u64, u128)> = tombstones.iter().map(|t| (t.finished_ms(), t.digest())).collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "read in (finish time, digest) order");
+        // A restore pushes them in order: all in the ring, the same sequence.
+        let restored: Tombstones =
+            serde_json::from_slice(&serde_json::to_vec(&tombstones).expect("json")).expect("read");
+        assert!(restored.aside.is_empty() && restored == tombstones && restored.is_consistent());
+        assert_eq!(tombstones.finished_ms_of(digest(1_000_500)), Some(500));
+        assert_eq!(tombstones.pop_front().map(|t| t.finished_ms()), Some(10), "the oldest first, wherever it is");
+        assert!(tombstones.remove(digest(1_000_020)) && tombstones.is_consistent());
+        // Too many aside: merged into the ring, still in order.
+        for n in 0..=ASIDE_MAX as u64 {
+            tombstones.push(Tombstone::new(digest(2_000_000 + n), 5_000 + n % 1_000));
+        }
+        assert!(tombstones.aside.len() < ASIDE_MAX && tombstones.is_consistent());
+        assert_eq!(tombstones.len(), 1_100 - 2 + ASIDE_MAX + 1);
+        // A ring out of order is caught by the check.
+        let mut broken = Tombstones::default();
+        broken.ring.push(Tombstone::new(digest(1), 2));
+        broken.ring.last = None;
+        broken.ring.push(Tombstone::new(digest(2), 1));
+        assert!(!broken.is_consistent());
     }
 }

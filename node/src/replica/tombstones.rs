@@ -21,8 +21,9 @@ const CHUNK_MAGIC: [u8; 8] = *b"SUNDTOMB";
 const CHUNK_FORMAT: u32 = 1;
 const CHUNK_HEADER_BYTES: usize = 16;
 const CHUNK_BYTES: usize = CHUNK_HEADER_BYTES + TOMBSTONES_PER_CHUNK * std::mem::size_of::<Tombstone>();
-/// Chunks held at once, at most: the state keeps 1M live tombstones per partition and dead
-/// ones never more than the live (about 64 chunks, 48 MiB); past the bound, chunks come from
+/// Chunks held at once, at most: the state keeps 1M live tombstones per partition (31
+/// chunks) and a remove leaves dead ones at most max(live, a chunk) (about 64 chunks in all,
+/// and a snapshot's install briefly holds a second set); past the bound, chunks come from
 /// the heap.
 const CHUNKS_MAX: usize = 128;
 /// Numbers the stores of this process, so a store's files never share a name with those of
