@@ -648,8 +648,8 @@ pub struct State {
     dependents: BTreeMap<String, BTreeSet<String>>,
     counts: [u64; 6],
     /// Deleted or expired jobs' ids, as digests, with when each finished: the dedup window's
-    /// memory, in the order they were added (24 bytes each, in chunks a store may keep out of
-    /// the heap; an 8-byte index entry each in it).
+    /// memory, in (finish time, digest) order (24 bytes each, in chunks a store may keep out
+    /// of the heap, and an 8-byte index entry each in the heap).
     #[serde(default, rename = "dedup_tombstones")]
     #[rkyv(with = AsTombstoneList)]
     tombstones: Tombstones,
@@ -955,8 +955,9 @@ impl State {
         Applied::Expired { count }
     }
 
-    /// Builds what snapshots leave out (the job table's index, the tombstone index, the
-    /// expiry order) from what they hold; reads tombstones in the form snapshots had before.
+    /// Builds what snapshots leave out (the job table's index, the expiry order; tombstones
+    /// are indexed as they are read) from what they hold; reads tombstones in the form
+    /// snapshots had before compact ones.
     fn rebuild_indexes(&mut self) -> Result<(), String> {
         self.jobs.rebuild_index()?;
         let legacy = std::mem::take(&mut self.legacy_tombstones);

@@ -6,10 +6,12 @@
 //! Order: the sequence is sorted whatever order tombstones come in, so it is a function of
 //! which ids are remembered — replicas that applied the same commands, or restored snapshots
 //! taken at different points (by this build or an earlier one, which kept the same order)
-//! and applied the rest, hold the same sequence, and the oldest leaves first. Nearly every
-//! tombstone comes in order (a job finished just now) and goes at the back of the ring of
-//! chunks; the few that do not (an expired job that finished before a deleted one, say) wait
-//! aside in a small sorted set in the heap, merged into the ring when it fills. One forgotten
+//! and applied the rest, hold the same sequence, and the oldest leaves first. A tombstone
+//! that sorts after the ring's last goes at the back of the ring of chunks (most do); the
+//! others — ties within a millisecond that come in another order than their digests',
+//! expired jobs that finished before a job deleted since — wait aside in a bounded sorted
+//! set in the heap, and are merged into the ring's tail when it fills (costing the tail
+//! younger than the oldest of them, not the ring). One forgotten
 //! in the middle of the ring (its id was used again) is zeroed where it lies and leaves the
 //! index; everything that reads the sequence (iteration, snapshots, digests, counts,
 //! equality) skips dead records, so where they lie changes nothing replicated. Dead records
@@ -26,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fmt;
 
-/// Records per chunk: 768 KiB of 24-byte records, a whole number of 4 KiB pages.
+/// Records per chunk: 768 KiB of 24-byte records.
 pub const TOMBSTONES_PER_CHUNK: usize = 32 * 1024;
 
 /// A deleted or expired job's id as a 128-bit digest (SHA-256, cut: ids a client chooses
@@ -85,6 +87,10 @@ pub trait TombstoneStore: Send {
 pub trait TombstoneChunk: Send + Sync {
     fn records(&self) -> &[Tombstone];
     fn records_mut(&mut self) -> &mut [Tombstone];
+    /// The chunk is in the heap (not the store's).
+    fn in_heap(&self) -> bool {
+        false
+    }
 }
 
 /// A chunk in the heap (no store attached, or the store could not make one).
@@ -97,6 +103,10 @@ impl TombstoneChunk for HeapChunk {
 
     fn records_mut(&mut self) -> &mut [Tombstone] {
         &mut self.0
+    }
+
+    fn in_heap(&self) -> bool {
+        true
     }
 }
 
@@ -117,8 +127,6 @@ struct Ring {
     index: HashTable<IndexEntry>,
     hasher: ahash::RandomState,
     store: Option<Box<dyn TombstoneStore>>,
-    /// Chunks held in the heap because the store could not make one.
-    chunks_in_heap: usize,
     /// The last record pushed since the ring was last empty (the next may not sort before it).
     last: Option<Tombstone>,
 }
@@ -127,7 +135,7 @@ impl Ring {
     /// Chunks held in the heap although a store is attached (it could not make them).
     fn chunks_in_heap(&self) -> usize {
         if self.store.is_some() {
-            self.chunks_in_heap
+            self.chunks.iter().filter(|chunk| chunk.in_heap()).count()
         } else {
             0
         }
@@ -202,7 +210,6 @@ impl Ring {
 
     fn attach_store(&mut self, store: Box<dyn TombstoneStore>) {
         self.store = Some(store);
-        self.chunks_in_heap = 0;
         for at in 0..self.chunks.len() {
             let mut chunk = self.new_chunk();
             chunk.records_mut().copy_from_slice(self.chunks[at].records());
@@ -224,6 +231,7 @@ impl Ring {
             && self.record_any(0).is_none_or(|t| !t.is_dead())
             && self.head + self.held <= self.chunks.len() * TOMBSTONES_PER_CHUNK
             && self.iter().zip(self.iter().skip(1)).all(|(a, b)| a < b)
+            && self.iter().last().is_none_or(|newest| self.last.is_some_and(|last| last >= *newest))
     }
 
     fn entry(&self, digest: u128) -> IndexEntry {
@@ -272,6 +280,33 @@ impl Ring {
         }
     }
 
+    /// Takes out the live records that sort after `bound` — the ring's tail, since it is in
+    /// order — and returns them in order; the tail's places are written again by the next
+    /// pushes (its chunks stay). Costs the tail's length.
+    fn split_off_after(&mut self, bound: &Tombstone) -> Vec<Tombstone> {
+        let mut start = self.held;
+        while let Some(record) = start.checked_sub(1).and_then(|before| self.record_any(before)) {
+            if !record.is_dead() && record <= bound {
+                break;
+            }
+            start -= 1;
+        }
+        let mut tail = Vec::with_capacity(self.held - start);
+        for position in start..self.held {
+            let Some(&record) = self.record_any(position).filter(|t| !t.is_dead()) else { continue };
+            let wanted = self.entry(record.digest());
+            let seq = (self.first_seq + position as u64) as u32;
+            if let Ok(found) = self.index.find_entry(wanted.table_hash(), |e| e.slot == seq) {
+                found.remove();
+            }
+            tail.push(record);
+        }
+        self.live -= tail.len();
+        self.held = start;
+        self.last = start.checked_sub(1).and_then(|before| self.record_any(before)).copied();
+        tail
+    }
+
     /// Rewrites the ring without its dead records (they outnumbered the live ones).
     fn compact(&mut self) {
         let live: Vec<Tombstone> = self.iter().copied().collect();
@@ -293,7 +328,6 @@ impl Ring {
             assert_eq!(chunk.records().len(), TOMBSTONES_PER_CHUNK, "a store's chunk holds a chunk of records");
             return chunk;
         }
-        self.chunks_in_heap += 1;
         Box::new(HeapChunk(vec![Tombstone::default(); TOMBSTONES_PER_CHUNK].into_boxed_slice()))
     }
 }
@@ -344,8 +378,8 @@ impl<'a> Iterator for Live<'a> {
 
 impl ExactSizeIterator for Live<'_> {}
 
-/// Tombstones added out of order are held aside, in the heap, up to this many (a few hundred
-/// KiB); past it they are merged into the ring in one pass over it.
+/// Tombstones added out of order are held aside, in the heap, up to this many (~100 bytes
+/// each with their index: ~1.6 MiB); past it they are merged into the ring's tail.
 const ASIDE_MAX: usize = 16 * 1024;
 
 /// The sequence of tombstones, in (finish time, digest) order (see the module's comment).
@@ -401,10 +435,27 @@ impl Tombstones {
         self.aside.insert(tombstone);
         self.aside_index.insert(tombstone.digest(), tombstone.finished_ms);
         if self.aside.len() > ASIDE_MAX {
-            let merged: Vec<Tombstone> = self.iter().copied().collect();
-            self.aside.clear();
-            self.aside_index.clear();
-            self.ring.refill(merged);
+            self.merge_aside();
+        }
+    }
+
+    /// Moves the tombstones aside into the ring: the ring's records that sort after the
+    /// first of them come out, and both are pushed back merged. Costs the records aside
+    /// plus those of the ring younger than the oldest aside: a few for ties in a
+    /// millisecond, the retention's worth for expired jobs behind deleted ones.
+    fn merge_aside(&mut self) {
+        let Some(first) = self.aside.first().copied() else { return };
+        let mut tail = self.ring.split_off_after(&first).into_iter().peekable();
+        let mut aside = std::mem::take(&mut self.aside).into_iter().peekable();
+        self.aside_index.clear();
+        loop {
+            let next = match (tail.peek(), aside.peek()) {
+                (Some(t), Some(a)) if a < t => aside.next(),
+                (Some(_), _) => tail.next(),
+                (None, _) => aside.next(),
+            };
+            let Some(record) = next else { break };
+            self.ring.push(record);
         }
     }
 
@@ -687,6 +738,22 @@ mod tests {
         }
         assert!(tombstones.aside.len() < ASIDE_MAX && tombstones.is_consistent());
         assert_eq!(tombstones.len(), 1_100 - 2 + ASIDE_MAX + 1);
+        // A merge takes out only the ring's tail younger than the oldest aside.
+        let mut ring = Ring::default();
+        for n in 1..=1_000u64 {
+            ring.push(Tombstone::new(digest(n), n));
+        }
+        ring.remove(digest(995));
+        let tail = ring.split_off_after(&Tombstone::new(digest(7_777), 990));
+        assert_eq!(
+            tail.iter().map(|t| t.finished_ms()).collect::<Vec<_>>(),
+            [991, 992, 993, 994, 996, 997, 998, 999, 1_000]
+        );
+        assert!(ring.live == 990 && ring.is_consistent() && ring.finished_ms_of(digest(991)).is_none());
+        for record in tail {
+            ring.push(record);
+        }
+        assert!(ring.live == 999 && ring.is_consistent() && ring.finished_ms_of(digest(991)) == Some(991));
         // A ring out of order is caught by the check.
         let mut broken = Tombstones::default();
         broken.ring.push(Tombstone::new(digest(1), 2));
