@@ -378,9 +378,12 @@ impl<'a> Iterator for Live<'a> {
 
 impl ExactSizeIterator for Live<'_> {}
 
-/// Tombstones added out of order are held aside, in the heap, up to this many (~100 bytes
-/// each with their index: ~1.6 MiB); past it they are merged into the ring's tail.
-const ASIDE_MAX: usize = 16 * 1024;
+/// Tombstones added out of order are held aside, in the heap, up to this many per partition
+/// (~100 bytes each with their index: ~400 KiB); past it they are merged into the ring's
+/// tail. Small, because ties within a millisecond come aside all the time (merging them
+/// costs a few records); larger would spare merges only to expired jobs behind a deleted
+/// one, whose tail is the retention's worth of tombstones.
+const ASIDE_MAX: usize = 4 * 1024;
 
 /// The sequence of tombstones, in (finish time, digest) order (see the module's comment).
 #[derive(Default)]
