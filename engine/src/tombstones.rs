@@ -638,10 +638,22 @@ mod tests {
     /// one is the node's, tested there).
     struct Counting(usize);
 
+    /// A chunk the store made (its memory is the heap's here, but it is not a `HeapChunk`).
+    struct StoreChunk(Vec<Tombstone>);
+
+    impl TombstoneChunk for StoreChunk {
+        fn records(&self) -> &[Tombstone] {
+            &self.0
+        }
+        fn records_mut(&mut self) -> &mut [Tombstone] {
+            &mut self.0
+        }
+    }
+
     impl TombstoneStore for Counting {
         fn chunk(&mut self) -> Option<Box<dyn TombstoneChunk>> {
             self.0 += 1;
-            (self.0 <= 2).then(|| Box::new(HeapChunk(vec![Tombstone::default(); TOMBSTONES_PER_CHUNK].into())) as _)
+            (self.0 <= 2).then(|| Box::new(StoreChunk(vec![Tombstone::default(); TOMBSTONES_PER_CHUNK])) as _)
         }
     }
 
@@ -698,6 +710,7 @@ mod tests {
         let mut tombstones = Tombstones::default();
         tombstones.attach_store(Box::new(Counting(0)));
         tombstones.push(Tombstone::new(digest(u64::MAX), 1));
+        assert_eq!(tombstones.chunks_in_heap(), 0, "the first chunk is the store's");
         // One id added and forgotten again and again behind a front that never leaves.
         for n in 1..=(TOMBSTONES_PER_CHUNK * 4) as u64 {
             tombstones.push(Tombstone::new(digest(n), n));
@@ -757,6 +770,27 @@ mod tests {
             ring.push(record);
         }
         assert!(ring.live == 999 && ring.is_consistent() && ring.finished_ms_of(digest(991)) == Some(991));
+        // The same where the ring's front has moved on (its first chunk gone, the next one
+        // begun) and the tail spans a chunk boundary.
+        let mut ring = Ring::default();
+        let count = 3 * TOMBSTONES_PER_CHUNK as u64;
+        for n in 1..=count {
+            ring.push(Tombstone::new(digest(n), n));
+        }
+        for _ in 0..TOMBSTONES_PER_CHUNK + 100 {
+            ring.pop_front();
+        }
+        assert!(ring.head == 100 && ring.first_seq > 0 && ring.chunks.len() == 2);
+        let bound = count - TOMBSTONES_PER_CHUNK as u64 - 50; // 50 records before the last chunk
+        let tail = ring.split_off_after(&Tombstone::new(digest(bound), bound));
+        assert_eq!(tail.len(), TOMBSTONES_PER_CHUNK + 50);
+        assert!(ring.is_consistent() && ring.finished_ms_of(digest(bound + 1)).is_none());
+        for record in tail {
+            ring.push(record);
+        }
+        assert!(ring.is_consistent() && ring.chunks.len() == 2, "the kept chunks took the tail again");
+        assert_eq!(ring.finished_ms_of(digest(count)), Some(count));
+        assert_eq!(ring.pop_front().map(|t| t.finished_ms()), Some(TOMBSTONES_PER_CHUNK as u64 + 101));
         // A ring out of order is caught by the check.
         let mut broken = Tombstones::default();
         broken.ring.push(Tombstone::new(digest(1), 2));
