@@ -173,8 +173,8 @@ impl Ring {
         let wanted = self.entry(digest);
         let Ring { index, chunks, head, held, first_seq, .. } = self;
         let found = index.find_entry(wanted.table_hash(), |e| {
-            e.hash == wanted.hash
-                && record_at(chunks, *head, *held, *first_seq, e.slot).is_some_and(|t| t.digest() == digest)
+            let position = e.slot.wrapping_sub(*first_seq as u32) as usize;
+            e.hash == wanted.hash && record_in(chunks, *head, *held, position).is_some_and(|t| t.digest() == digest)
         });
         let Ok(found) = found else { return false };
         let (IndexEntry { slot, .. }, _) = found.remove();
@@ -244,7 +244,7 @@ impl Ring {
     }
 
     fn holds(&self, seq: u32, digest: u128) -> bool {
-        record_at(&self.chunks, self.head, self.held, self.first_seq, seq).is_some_and(|t| t.digest() == digest)
+        self.record_any(self.position(seq)).is_some_and(|t| t.digest() == digest)
     }
 
     /// The live record at `position`, if it is one.
@@ -253,11 +253,7 @@ impl Ring {
     }
 
     fn record_any(&self, position: usize) -> Option<&Tombstone> {
-        if position >= self.held {
-            return None;
-        }
-        let at = self.head + position;
-        self.chunks.get(at / TOMBSTONES_PER_CHUNK).map(|chunk| &chunk.records()[at % TOMBSTONES_PER_CHUNK])
+        record_in(&self.chunks, self.head, self.held, position)
     }
 
     /// Steps past the first record (its index entry is already gone).
@@ -332,20 +328,53 @@ impl Ring {
     }
 }
 
-/// The record at the place of sequence number `seq` (cut to 32 bits), if it is held.
-fn record_at(
+/// The record at `position` of a ring whose first is at `head` in its first chunk and which
+/// holds `held` (dead or live), if it holds that many.
+fn record_in(
     chunks: &VecDeque<Box<dyn TombstoneChunk>>,
     head: usize,
-    len: usize,
-    first_seq: u64,
-    seq: u32,
+    held: usize,
+    position: usize,
 ) -> Option<&Tombstone> {
-    let position = seq.wrapping_sub(first_seq as u32) as usize;
-    if position >= len {
+    if position >= held {
         return None;
     }
     let at = head + position;
     chunks.get(at / TOMBSTONES_PER_CHUNK).map(|chunk| &chunk.records()[at % TOMBSTONES_PER_CHUNK])
+}
+
+/// Two iterators in order, merged into one in order (the smaller first).
+struct Merge<A: Iterator, B: Iterator<Item = A::Item>> {
+    a: std::iter::Peekable<A>,
+    b: std::iter::Peekable<B>,
+}
+
+impl<A: Iterator + Clone, B: Iterator<Item = A::Item> + Clone> Clone for Merge<A, B>
+where
+    A::Item: Clone,
+{
+    fn clone(&self) -> Self {
+        Merge { a: self.a.clone(), b: self.b.clone() }
+    }
+}
+
+impl<A: Iterator, B: Iterator<Item = A::Item>> Iterator for Merge<A, B>
+where
+    A::Item: Ord,
+{
+    type Item = A::Item;
+
+    fn next(&mut self) -> Option<A::Item> {
+        match (self.a.peek(), self.b.peek()) {
+            (Some(a), Some(b)) if b < a => self.b.next(),
+            (Some(_), _) => self.a.next(),
+            (None, _) => self.b.next(),
+        }
+    }
+}
+
+fn merge<A: Iterator, B: Iterator<Item = A::Item>>(a: A, b: B) -> Merge<A, B> {
+    Merge { a: a.peekable(), b: b.peekable() }
 }
 
 /// The live records of a ring, in order.
@@ -448,16 +477,10 @@ impl Tombstones {
     /// millisecond, the retention's worth for expired jobs behind deleted ones.
     fn merge_aside(&mut self) {
         let Some(first) = self.aside.first().copied() else { return };
-        let mut tail = self.ring.split_off_after(&first).into_iter().peekable();
-        let mut aside = std::mem::take(&mut self.aside).into_iter().peekable();
+        let tail = self.ring.split_off_after(&first);
+        let aside = std::mem::take(&mut self.aside);
         self.aside_index.clear();
-        loop {
-            let next = match (tail.peek(), aside.peek()) {
-                (Some(t), Some(a)) if a < t => aside.next(),
-                (Some(_), _) => tail.next(),
-                (None, _) => aside.next(),
-            };
-            let Some(record) = next else { break };
+        for record in merge(tail.into_iter(), aside.into_iter()) {
             self.ring.push(record);
         }
     }
@@ -473,21 +496,18 @@ impl Tombstones {
 
     /// Takes the oldest tombstone out.
     pub fn pop_front(&mut self) -> Option<Tombstone> {
-        let from_ring = match (self.ring.front(), self.aside.first()) {
-            (Some(ring), Some(aside)) => ring < aside,
-            (ring, _) => ring.is_some(),
-        };
-        if from_ring {
+        let oldest = self.front()?;
+        if self.aside.first() != Some(&oldest) {
             return self.ring.pop_front();
         }
-        let oldest = self.aside.pop_first()?;
+        self.aside.pop_first();
         self.aside_index.remove(&oldest.digest());
         Some(oldest)
     }
 
     /// The live tombstones in (finish time, digest) order.
     pub fn iter(&self) -> Iter<'_> {
-        Iter { ring: self.ring.iter().peekable(), aside: self.aside.iter().peekable(), remaining: self.len() }
+        Iter { merged: merge(self.ring.iter(), self.aside.iter()), remaining: self.len() }
     }
 
     /// From now on chunks are made by `store`; the chunks held so far move there (a
@@ -517,8 +537,7 @@ impl Tombstones {
 /// The live tombstones in order (`Tombstones::iter`): the ring and those aside, merged.
 #[derive(Clone)]
 pub struct Iter<'a> {
-    ring: std::iter::Peekable<Live<'a>>,
-    aside: std::iter::Peekable<std::collections::btree_set::Iter<'a, Tombstone>>,
+    merged: Merge<Live<'a>, std::collections::btree_set::Iter<'a, Tombstone>>,
     remaining: usize,
 }
 
@@ -526,11 +545,7 @@ impl<'a> Iterator for Iter<'a> {
     type Item = &'a Tombstone;
 
     fn next(&mut self) -> Option<&'a Tombstone> {
-        let next = match (self.ring.peek(), self.aside.peek()) {
-            (Some(ring), Some(aside)) if aside < ring => self.aside.next(),
-            (Some(_), _) => self.ring.next(),
-            (None, _) => self.aside.next(),
-        };
+        let next = self.merged.next();
         self.remaining = self.remaining.saturating_sub(usize::from(next.is_some()));
         next
     }
