@@ -60,6 +60,20 @@ const SNAPSHOT_HEADER_BYTES: usize = 16;
 #[error("the state cannot be archived: {0}")]
 pub struct SnapshotError(String);
 
+/// A snapshot's bytes, aligned for the archive they hold.
+pub type SnapshotBytes = AlignedVec<16>;
+
+/// A state copied to be archived as a snapshot (`State::copy_for_snapshot`); it can only be
+/// encoded (it has no index to look jobs up by).
+pub struct SnapshotCopy(State);
+
+impl SnapshotCopy {
+    /// The snapshot's bytes, the same as `State::snapshot_sized` of the state copied.
+    pub fn encode(&self, capacity_bytes: usize) -> Result<SnapshotBytes, SnapshotError> {
+        self.0.snapshot_sized(capacity_bytes)
+    }
+}
+
 /// FNV-1a over what is written to it (`State::digest`).
 struct Fnv(u64);
 
@@ -1896,6 +1910,29 @@ impl State {
         header.extend_from_slice(&[SNAPSHOT_FORMAT]);
         header.extend_from_slice(&[0; SNAPSHOT_HEADER_BYTES - 1]);
         rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, header).map_err(|e| SnapshotError(e.to_string()))
+    }
+
+    /// A copy of what an archived snapshot holds, to encode elsewhere (another thread)
+    /// while this state goes on applying: the job records are copied as they are (a stored
+    /// spec's view is shared, not read), the indexes a restore rebuilds are left out. Costs
+    /// a copy of the table and of the tombstones, far less than encoding them.
+    pub fn copy_for_snapshot(&self) -> SnapshotCopy {
+        SnapshotCopy(State {
+            jobs: self.jobs.copy_records(),
+            dead_letters: self.dead_letters.clone(),
+            dead_letter_count: self.dead_letter_count,
+            dead_letter_order: self.dead_letter_order.clone(),
+            dependents: self.dependents.clone(),
+            counts: self.counts,
+            tombstones: self.tombstones.clone(),
+            legacy_tombstones: BTreeMap::new(),
+            expiry_order: BTreeSet::new(),
+            expired_total: self.expired_total,
+            dead_letters_evicted_total: self.dead_letters_evicted_total,
+            auto_paused: self.auto_paused,
+            flow_keys: self.flow_keys.clone(),
+            spec_sink: SinkSlot::default(),
+        })
     }
 
     /// `snapshot` in format 0 (JSON), for a partition an older member (which reads only

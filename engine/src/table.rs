@@ -91,6 +91,17 @@ impl JobTable {
         self.slot_of(id).is_some()
     }
 
+    /// The records, slots and free list as they are, without an index: what an archived
+    /// snapshot holds (`State::copy_for_snapshot`), copied without hashing any id.
+    pub(crate) fn copy_records(&self) -> JobTable {
+        JobTable {
+            slots: self.slots.clone(),
+            free: self.free.clone(),
+            index: HashTable::new(),
+            hasher: self.hasher.clone(),
+        }
+    }
+
     /// The job in `slot`, if one is there.
     pub fn at(&self, slot: u32) -> Option<&Job> {
         self.slots.get(slot as usize)?.as_ref()

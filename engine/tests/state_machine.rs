@@ -601,6 +601,7 @@ proptest! {
         second.attach_spec_store(Box::new(store.clone()));
         second.attach_tombstone_store(Box::new(MemTombstoneStore));
         let mut restored: Option<State> = None;
+        let mut copied = None;
         for (position, command) in commands.into_iter().enumerate() {
             let command = steer(&first, command);
             let before = first.digest();
@@ -615,7 +616,10 @@ proptest! {
                 prop_assert_eq!(third.apply(command), a);
             }
             if position == snapshot_at {
-                restored = Some(State::restore(&first.snapshot().expect("snapshot")).expect("restores"));
+                let then = first.snapshot().expect("snapshot");
+                restored = Some(State::restore(&then).expect("restores"));
+                // A copy to encode later (as a snapshot thread does), taken before the repack.
+                copied = Some((second.copy_for_snapshot(), then));
                 // Every spec the store holds moves, as a repack does it.
                 store.ask_repack();
                 let mut cursor = None;
@@ -629,6 +633,10 @@ proptest! {
         }
         prop_assert_eq!(second.specs_in_heap(), 0);
         prop_assert_eq!(first.snapshot().expect("snapshot"), second.snapshot().expect("snapshot"));
+        if let Some((copy, then)) = copied {
+            let encoded = copy.encode(0).expect("encodes");
+            prop_assert!(encoded.as_slice() == then.as_slice(), "a copy encodes the state it was taken from");
+        }
         let mut from_store = State::restore(&second.snapshot().expect("snapshot")).expect("restores");
         from_store.attach_spec_store(Box::new(MemSpecStore::default()));
         prop_assert_eq!(from_store.specs_in_heap(), 0);

@@ -17,20 +17,31 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 /// `write_atomic` of the parts one after another (large content is never joined in memory).
 pub(crate) fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
+    write_synced_parts(&tmp, parts)?;
+    rename_into_place(dir, &tmp, name)
+}
+
+/// Writes the parts one after another to a new file at `path` and syncs it; on failure the
+/// file is removed. Half of `write_atomic_parts`, for a caller that renames it later.
+pub(crate) fn write_synced_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .open(&tmp)
-        .map_err(|e| WalError::io("create", &tmp, e))?;
+        .open(path)
+        .map_err(|e| WalError::io("create", path, e))?;
     let written = parts.iter().try_for_each(|part| file.write_all(part)).and_then(|()| file.sync_all());
     if let Err(e) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(WalError::io("write", &tmp, e));
+        let _ = fs::remove_file(path);
+        return Err(WalError::io("write", path, e));
     }
-    drop(file);
-    fs::rename(&tmp, &path).map_err(|e| WalError::io("rename", &path, e))?;
+    Ok(())
+}
+
+/// Renames a synced file to `dir/name` (replacing it) and makes the rename durable.
+pub(crate) fn rename_into_place(dir: &Path, synced: &Path, name: &str) -> Result<()> {
+    let path = dir.join(name);
+    fs::rename(synced, &path).map_err(|e| WalError::io("rename", &path, e))?;
     fsync_dir(dir)
 }
 

@@ -31,7 +31,7 @@ mod sync;
 mod typed;
 
 pub use error::{Result, WalError};
-pub use log::{Entry, RecoveryReport, Snapshot, Wal, WalOptions};
+pub use log::{Entry, RecoveryReport, Snapshot, SnapshotDraft, Wal, WalOptions};
 pub use log::{
     HARD_STATE_MAX_BYTES, SEGMENT_SIZE_DEFAULT_BYTES, SEGMENT_SIZE_MAX_BYTES, SEGMENT_SIZE_MIN_BYTES,
     SNAPSHOT_MAX_BYTES,

@@ -1,7 +1,7 @@
 //! The log itself: open and recover a directory of segments, stage and group-commit records,
 //! read them in place, truncate either end, and keep hard state and snapshots beside them.
 
-use crate::atomic::{decode_framed, frame_header, fsync_dir, write_atomic_parts, DualFile};
+use crate::atomic::{decode_framed, frame_header, fsync_dir, rename_into_place, write_synced_parts, DualFile};
 use crate::error::{Result, WalError};
 use crate::format::{encode_record_into, record_size, RecordHeader, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use crate::recovery::{judge_sealed, judge_tail, scan_segment, TailVerdict};
@@ -10,6 +10,7 @@ use crate::sync::{SyncBackend, SyncChoice, Writer};
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Segments are at least a page and at most 1 GiB: offsets are u32 and a whole segment must
 /// fit one io_uring write.
@@ -757,25 +758,38 @@ impl Wal {
     /// `save_snapshot` of data given as parts, written one after another: a large snapshot
     /// is never copied to be framed.
     pub fn save_snapshot_parts(&mut self, index: u64, tag: u64, parts: &[&[u8]]) -> Result<()> {
-        let data_bytes: usize = parts.iter().map(|part| part.len()).sum();
-        if data_bytes > SNAPSHOT_MAX_BYTES {
-            return Err(WalError::TooLarge { what: "snapshot", len_bytes: data_bytes, max_bytes: SNAPSHOT_MAX_BYTES });
+        let draft = SnapshotDraft::write(&self.dir, index, tag, parts)?;
+        self.adopt_snapshot(draft)
+    }
+
+    /// The directory this log lives in (where `SnapshotDraft::write` puts its file).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes a snapshot written beside the log (`SnapshotDraft::write`, maybe on another
+    /// thread) the newest one: renamed into place, then older snapshots removed. Like
+    /// `save_snapshot`, it does not truncate the log.
+    pub fn adopt_snapshot(&mut self, mut draft: SnapshotDraft) -> Result<()> {
+        let Some(synced) = draft.synced.take() else {
+            return Err(WalError::Corrupt {
+                path: self.dir.clone(),
+                offset: 0,
+                reason: "a snapshot draft was adopted twice".into(),
+            });
+        };
+        if synced.parent() != Some(self.dir.as_path()) {
+            let _ = fs::remove_file(&synced);
+            return Err(WalError::Corrupt {
+                path: synced,
+                offset: 0,
+                reason: "a snapshot draft written for another log's directory".into(),
+            });
         }
-        let mut fields = [0u8; 16];
-        fields[..8].copy_from_slice(&index.to_le_bytes());
-        fields[8..].copy_from_slice(&tag.to_le_bytes());
-        let mut payload: Vec<&[u8]> = Vec::with_capacity(1 + parts.len());
-        payload.push(&fields);
-        payload.extend_from_slice(parts);
-        let header = frame_header(SNAPSHOT_MAGIC, index, &payload);
-        let mut file: Vec<&[u8]> = Vec::with_capacity(1 + payload.len());
-        file.push(&header);
-        file.extend_from_slice(&payload);
-        let name = snapshot_file_name(index);
-        write_atomic_parts(&self.dir, &name, &file)?;
+        rename_into_place(&self.dir, &synced, &snapshot_file_name(draft.index))?;
         let mut removed = 0;
         for (older, path) in list_snapshots(&self.dir)? {
-            if older < index {
+            if older < draft.index {
                 fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
                 removed += 1;
             }
@@ -805,6 +819,58 @@ impl Wal {
         };
         let data_at = map.len() - payload.len() + 16;
         Ok(Some(Snapshot { index, tag, data: bytes::Bytes::from_owner(map).slice(data_at..) }))
+    }
+}
+
+/// Numbers snapshot drafts in this process, so two drafts of one index never share a file.
+static DRAFTS_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// A snapshot framed, written and synced beside a log under a temporary name, which any
+/// thread can make (the encoding and the write of a large snapshot need not stall the
+/// thread that owns the log); `Wal::adopt_snapshot` makes it the log's. Dropped unadopted,
+/// its file is removed (and a crash leaves a `.tmp` that opening the log removes).
+#[derive(Debug)]
+pub struct SnapshotDraft {
+    index: u64,
+    /// The synced file, until adopted.
+    synced: Option<PathBuf>,
+}
+
+impl SnapshotDraft {
+    /// Writes the snapshot at `index` (of entry tag `tag`) with data given as parts into
+    /// `dir`, the log's directory (`Wal::dir`), and syncs it.
+    pub fn write(dir: &Path, index: u64, tag: u64, parts: &[&[u8]]) -> Result<SnapshotDraft> {
+        let data_bytes: usize = parts.iter().map(|part| part.len()).sum();
+        if data_bytes > SNAPSHOT_MAX_BYTES {
+            return Err(WalError::TooLarge { what: "snapshot", len_bytes: data_bytes, max_bytes: SNAPSHOT_MAX_BYTES });
+        }
+        let mut fields = [0u8; 16];
+        fields[..8].copy_from_slice(&index.to_le_bytes());
+        fields[8..].copy_from_slice(&tag.to_le_bytes());
+        let mut payload: Vec<&[u8]> = Vec::with_capacity(1 + parts.len());
+        payload.push(&fields);
+        payload.extend_from_slice(parts);
+        let header = frame_header(SNAPSHOT_MAGIC, index, &payload);
+        let mut file: Vec<&[u8]> = Vec::with_capacity(1 + payload.len());
+        file.push(&header);
+        file.extend_from_slice(&payload);
+        let number = DRAFTS_WRITTEN.fetch_add(1, Ordering::Relaxed);
+        let synced = dir.join(format!("{}.{number}.tmp", snapshot_file_name(index)));
+        write_synced_parts(&synced, &file)?;
+        Ok(SnapshotDraft { index, synced: Some(synced) })
+    }
+
+    /// The index the snapshot was taken at.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+}
+
+impl Drop for SnapshotDraft {
+    fn drop(&mut self) {
+        if let Some(synced) = self.synced.take() {
+            let _ = fs::remove_file(synced);
+        }
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use std::fs;
 use std::process::Command;
-use sundial_wal::{SyncBackend, SyncChoice, TypedWal, Wal, WalError, WalOptions};
+use sundial_wal::{SnapshotDraft, SyncBackend, SyncChoice, TypedWal, Wal, WalError, WalOptions};
 
 #[test]
 fn committed_records_survive_reopen_across_segments_on_both_backends() {
@@ -130,6 +130,40 @@ fn hard_state_and_snapshots_are_kept_atomically() {
     flip_byte(&newest, 40);
     let error = wal.load_snapshot().expect_err("damaged snapshot refused");
     assert!(error.to_string().contains("snapshot-00000000000000000020.snap"), "{error}");
+}
+
+fn temp_files(dir: &std::path::Path) -> usize {
+    let names = fs::read_dir(dir).expect("read dir").map(|e| e.expect("entry").file_name());
+    names.filter(|name| name.to_string_lossy().ends_with(".tmp")).count()
+}
+
+#[test]
+fn a_snapshot_written_on_another_thread_counts_only_once_adopted_and_a_dropped_one_leaves_no_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut wal, _) = Wal::open(dir.path(), options(8192)).expect("open");
+    wal.save_snapshot(10, 2, b"state at 10").expect("save snapshot");
+    let log_dir = wal.dir().to_path_buf();
+    let writer = std::thread::spawn(move || SnapshotDraft::write(&log_dir, 20, 3, &[b"state ", b"at 20"]));
+    let draft = writer.join().expect("the writer ran").expect("written");
+    let second = SnapshotDraft::write(wal.dir(), 20, 3, &[b"the same index again"]).expect("its own file");
+    assert_eq!(temp_files(dir.path()), 2, "two drafts of one index do not share a file");
+    let newest = wal.load_snapshot().expect("load").expect("a snapshot");
+    assert_eq!(newest.index, 10, "a draft is not a snapshot until adopted");
+    drop(second);
+    assert_eq!(temp_files(dir.path()), 1, "a dropped draft removes its file");
+    wal.adopt_snapshot(draft).expect("adopted");
+    assert_eq!(temp_files(dir.path()), 0);
+    drop(wal);
+    let (wal, _) = Wal::open(dir.path(), options(8192)).expect("reopen");
+    let snapshot = wal.load_snapshot().expect("load").expect("a snapshot");
+    assert_eq!((snapshot.index, snapshot.tag, &snapshot.data[..]), (20, 3, &b"state at 20"[..]));
+    assert!(!dir.path().join("snapshot-00000000000000000010.snap").exists(), "the older snapshot was removed");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let (mut other, _) = Wal::open(elsewhere.path(), options(8192)).expect("open");
+    let draft = SnapshotDraft::write(wal.dir(), 30, 3, &[b"for the first log"]).expect("written");
+    let error = other.adopt_snapshot(draft).expect_err("another log's draft is refused");
+    assert!(error.to_string().contains("another log"), "{error}");
+    assert_eq!(temp_files(dir.path()), 0, "and its file removed");
 }
 
 #[test]

@@ -1,12 +1,14 @@
 //! A partition: one Raft group whose log is a `WalStorage` and whose committed entries are
 //! the engine's commands. Commands reach the state machine only through the committed log,
 //! so a restart (or another replica) replays the same commands into the same state. The
-//! state machine is snapshotted into the WAL every `snapshot_every_entries` and the log
-//! before it dropped.
+//! state machine is snapshotted into the WAL every `snapshot_every_entries` (or once it
+//! applied as many entries as it holds jobs) and the log before it dropped. A partition of
+//! jobs encodes and writes its snapshot on a thread of its own from a copy of the state's
+//! records, so the shard stalls only for the copy; the log is cut once the file is synced.
 
 use crate::cluster::members::{Members, MembersCommand};
 use crate::replica::specs::{SpecStore, SEGMENTS_MAX_DEFAULT, SEGMENT_BYTES_DEFAULT, SPECS_DIR};
-use crate::replica::storage::WalStorage;
+use crate::replica::storage::{SnapshotPlan, WalStorage};
 use crate::replica::tombstones::{TombstoneFiles, TOMBSTONES_DIR};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -109,6 +111,8 @@ pub struct Partition {
     /// Snapshots that could not be written (retried at the next interval; the log keeps
     /// everything meanwhile).
     snapshot_failures: u64,
+    /// The snapshot being encoded and written off the shard (at most one at a time).
+    snapshot_in_flight: Option<SnapshotInFlight>,
     /// Committed entries whose data did not decode as a command (never expected).
     undecodable_entries: u64,
     /// The format proposals are written in (see `write_commands_in`).
@@ -126,6 +130,20 @@ pub struct Partition {
 pub struct LogWrite {
     pub duration: std::time::Duration,
     pub entries: usize,
+}
+
+/// A snapshot encoded and written on a thread of its own; the shard adopts it when done.
+struct SnapshotInFlight {
+    worker: std::thread::JoinHandle<Result<WrittenSnapshot, String>>,
+    /// When the shard copied the state (for the log line when it is adopted).
+    started: std::time::Instant,
+}
+
+/// What the snapshot thread hands back: the file it wrote and synced, and its data.
+struct WrittenSnapshot {
+    plan: SnapshotPlan,
+    draft: sundial_wal::SnapshotDraft,
+    data: sundial_engine::state::SnapshotBytes,
 }
 
 /// Writes kept for metrics until taken; beyond it the oldest are dropped (metrics only).
@@ -192,6 +210,7 @@ impl Partition {
             leading_from: None,
             applied_since_snapshot: 0,
             snapshot_failures: 0,
+            snapshot_in_flight: None,
             undecodable_entries: 0,
             command_format: sundial_engine::codec::COMMAND_FORMAT,
             writes: Vec::new(),
@@ -318,6 +337,10 @@ impl Partition {
     /// Persists, applies and acknowledges everything Raft has ready. Durable when it returns:
     /// an outcome taken after it belongs to a command that survives a crash.
     pub fn process(&mut self) -> Result<(), PartitionError> {
+        if let Err(error) = self.finish_snapshot() {
+            self.snapshot_failures += 1;
+            tracing::warn!(%error, "a snapshot written off the shard was not adopted; the log keeps its entries");
+        }
         // Bounded: a single node produces a finite amount of work between inputs.
         for _ in 0..1_000 {
             if !self.node.has_ready() {
@@ -495,10 +518,66 @@ impl Partition {
     /// most about as long as the state.
     fn maybe_snapshot(&mut self) -> Result<(), PartitionError> {
         let state_size = self.members.as_ref().map_or(self.state.job_count() as u64, |_| 0);
-        if self.applied_since_snapshot < self.options.snapshot_every_entries.max(state_size) {
+        if self.snapshot_in_flight.is_some()
+            || self.applied_since_snapshot < self.options.snapshot_every_entries.max(state_size)
+        {
             return Ok(());
         }
-        self.compact()
+        if self.members.is_some() || self.command_format == 0 {
+            return self.compact();
+        }
+        self.start_snapshot()
+    }
+
+    /// Starts a snapshot of the state at the applied index on a thread of its own: the shard
+    /// copies the state's records (a stored spec is shared, not read); the thread encodes
+    /// them and writes and syncs the file; `finish_snapshot` adopts it and cuts the log.
+    fn start_snapshot(&mut self) -> Result<(), PartitionError> {
+        self.applied_since_snapshot = 0;
+        let applied = self.node.status().applied;
+        let Some(plan) = self.node.storage().plan_snapshot(applied, self.node.conf_state())? else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let copy = self.state.copy_for_snapshot();
+        let last_bytes = self.node.storage().snapshot().data.len();
+        let capacity_bytes = last_bytes + last_bytes / 8;
+        let worker = std::thread::Builder::new()
+            .name(format!("snapshot-{applied}"))
+            .spawn(move || {
+                lower_this_threads_priority();
+                let data = copy.encode(capacity_bytes).map_err(|error| error.to_string())?;
+                drop(copy);
+                let draft = plan.write(&data).map_err(|error| error.to_string())?;
+                Ok(WrittenSnapshot { plan, draft, data })
+            })
+            .map_err(|error| PartitionError::Snapshot(format!("starting the snapshot's thread: {error}")))?;
+        tracing::debug!(index = applied, copy_ms = started.elapsed().as_secs_f64() * 1e3, "snapshot started");
+        self.snapshot_in_flight = Some(SnapshotInFlight { worker, started });
+        Ok(())
+    }
+
+    /// Adopts the snapshot written off the shard, once its thread is done (a snapshot from
+    /// the leader that came meanwhile supersedes it: its file is then removed).
+    fn finish_snapshot(&mut self) -> Result<(), PartitionError> {
+        if !self.snapshot_in_flight.as_ref().is_some_and(|in_flight| in_flight.worker.is_finished()) {
+            return Ok(());
+        }
+        let Some(SnapshotInFlight { worker, started }) = self.snapshot_in_flight.take() else { return Ok(()) };
+        let written = match worker.join() {
+            Ok(written) => written.map_err(PartitionError::Snapshot)?,
+            Err(_) => return Err(PartitionError::Snapshot("the snapshot's thread panicked".into())),
+        };
+        let index = written.plan.index();
+        let adopted = self.node.storage_mut().adopt_snapshot(written.plan, written.draft, &written.data)?;
+        tracing::debug!(
+            index,
+            adopted,
+            bytes = written.data.len(),
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "snapshot written"
+        );
+        Ok(())
     }
 
     /// Snapshots the state machine at the applied index and drops the log before it. A
@@ -742,6 +821,19 @@ const READ_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 /// Read tickets live above every proposal ticket, so the two never collide.
 const READ_TICKETS_FROM: Ticket = 1 << 62;
 
+/// Snapshots are background work: their thread yields to the shards when the CPU is busy
+/// (nice 10 on Linux, where the nice value is per thread; elsewhere nothing).
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority takes plain integers; `who` 0 is the calling thread on Linux.
+        let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } != 0;
+        if failed {
+            tracing::debug!("could not lower the snapshot thread's priority");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -793,6 +885,64 @@ mod tests {
         let partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("reopen");
         assert!(partition.state().job("json").is_some() && partition.state().job("archived").is_some());
         assert_eq!(partition.undecodable_entries(), 0);
+    }
+
+    fn files_ending(dir: &Path, suffix: &str) -> usize {
+        let names = std::fs::read_dir(dir).expect("read dir").map(|e| e.expect("entry").file_name());
+        names.filter(|name| name.to_string_lossy().ends_with(suffix)).count()
+    }
+
+    /// Processes until no snapshot is in flight (its thread is done and it was adopted or
+    /// dropped); bounded by a generous wait.
+    fn settle_snapshot(partition: &mut Partition) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while partition.snapshot_in_flight.is_some() && std::time::Instant::now() < deadline {
+            partition.process().expect("processed");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(partition.snapshot_in_flight.is_none(), "the snapshot's thread finished");
+    }
+
+    #[test]
+    fn a_snapshot_written_off_the_shard_holds_the_state_where_it_started_and_a_newer_one_supersedes_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = || PartitionOptions { snapshot_every_entries: 20, ..PartitionOptions::single_node(1) };
+        let mut partition = Partition::open(dir.path(), options()).expect("open");
+        let mut created = 0;
+        // Bounded: a snapshot starts once 20 entries, and as many as there are jobs, applied.
+        while partition.snapshot_in_flight.is_none() && created < 200 {
+            partition.propose_one(&create(&format!("job-{created}"))).expect("leads");
+            partition.advance().expect("persisted");
+            created += 1;
+        }
+        assert!(partition.snapshot_in_flight.is_some(), "a snapshot started off the shard");
+        let (started_at, jobs_then) = (partition.node.status().applied, partition.state().job_count());
+        for i in 0..5 {
+            partition.propose_one(&create(&format!("later-{i}"))).expect("leads");
+            partition.advance().expect("persisted");
+        }
+        settle_snapshot(&mut partition);
+        assert_eq!(partition.snapshot_index(), started_at, "adopted, at the index it started at");
+        let restored = State::restore(&partition.node.storage().snapshot().data).expect("the snapshot restores");
+        assert_eq!(restored.job_count(), jobs_then, "it holds the state where it started");
+        assert!(restored.job("later-0").is_none() && partition.state().job("later-0").is_some());
+        assert_eq!(partition.node.storage().wal().first_index(), started_at + 1, "the log before it was cut");
+        assert_eq!(files_ending(dir.path(), ".tmp"), 0);
+
+        // One started, then a newer one taken at once: the older, done later, is dropped.
+        partition.start_snapshot().expect("started");
+        assert!(partition.snapshot_in_flight.is_some());
+        partition.propose_one(&create("newest")).expect("leads");
+        partition.advance().expect("persisted");
+        partition.compact().expect("a snapshot taken on the spot");
+        let newer = partition.snapshot_index();
+        settle_snapshot(&mut partition);
+        assert_eq!(partition.snapshot_index(), newer, "the older snapshot is not adopted over the newer");
+        assert_eq!((files_ending(dir.path(), ".tmp"), files_ending(dir.path(), ".snap")), (0, 1), "its file went");
+        drop(partition);
+        let reopened = Partition::open(dir.path(), options()).expect("reopen");
+        assert_eq!(reopened.state().job_count(), created + 6, "every job after a restart");
+        assert!(reopened.state().job("newest").is_some());
     }
 
     fn create_with_body(id: &str, body: &str) -> Command {

@@ -9,7 +9,7 @@ use sundial_consensus::{
     ConfChange, ConfState, Entry, EntryKind, HardState, Index, Ready, Snapshot, SnapshotMeta, Storage, StorageError,
     Term,
 };
-use sundial_wal::{Wal, WalError, WalOptions};
+use sundial_wal::{SnapshotDraft, Wal, WalError, WalOptions};
 
 pub struct WalStorage {
     wal: Wal,
@@ -18,6 +18,29 @@ pub struct WalStorage {
     /// The newest snapshot (Raft asks for it to send to followers): its data is a view of the
     /// mapped snapshot file, so keeping it costs page cache, not heap.
     snapshot: Snapshot,
+}
+
+/// A snapshot to be written off the thread that owns the log: where, at which index and
+/// term, with which membership (`WalStorage::plan_snapshot`).
+#[derive(Debug)]
+pub struct SnapshotPlan {
+    dir: PathBuf,
+    index: Index,
+    term: Term,
+    conf: ConfState,
+    conf_bytes: Vec<u8>,
+}
+
+impl SnapshotPlan {
+    /// Writes and syncs the snapshot of the state machine's `data` beside the log (on any
+    /// thread); `WalStorage::adopt_snapshot` then makes it the log's.
+    pub fn write(&self, data: &[u8]) -> Result<SnapshotDraft, WalError> {
+        SnapshotDraft::write(&self.dir, self.index, self.term, &[&self.conf_bytes, data])
+    }
+
+    pub fn index(&self) -> Index {
+        self.index
+    }
 }
 
 /// A stored file that does not decode: the directory holds something this build did not write.
@@ -99,20 +122,43 @@ impl WalStorage {
 
     /// Replaces entries up to `index` with a snapshot of the state machine at `index`.
     pub fn compact(&mut self, index: Index, data: &[u8], conf: ConfState) -> Result<(), WalError> {
+        let Some(plan) = self.plan_snapshot(index, conf)? else { return Ok(()) };
+        let draft = plan.write(data)?;
+        self.adopt_snapshot(plan, draft, data)?;
+        Ok(())
+    }
+
+    /// What a snapshot of the state machine at `index` (with membership `conf`) needs to be
+    /// written on another thread; `None` when it would be no newer than the newest.
+    pub fn plan_snapshot(&self, index: Index, conf: ConfState) -> Result<Option<SnapshotPlan>, WalError> {
         if index <= self.snapshot.meta.index || index > self.wal.last_index() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(term) = self.wal.get(index).map(|e| e.tag) else {
             return Err(WalError::OutOfRange { index, first: self.wal.first_index(), last: self.wal.last_index() });
         };
         let conf_bytes = encode_conf(&conf);
-        self.wal.save_snapshot_parts(index, term, &[&conf_bytes, data])?;
+        Ok(Some(SnapshotPlan { dir: self.wal.dir().to_path_buf(), index, term, conf, conf_bytes }))
+    }
+
+    /// Makes a snapshot written from `plan` the newest and drops the log before it — if it
+    /// still is newer than the newest and the log still holds its entry in its term (a
+    /// snapshot from the leader may have come meanwhile); otherwise its file is removed.
+    /// `data` is what was written (kept in memory only if the file cannot be mapped back).
+    /// Returns whether it was adopted.
+    pub fn adopt_snapshot(&mut self, plan: SnapshotPlan, draft: SnapshotDraft, data: &[u8]) -> Result<bool, WalError> {
+        let SnapshotPlan { index, term, conf, .. } = plan;
+        let current = index > self.snapshot.meta.index && self.wal.get(index).is_some_and(|e| e.tag == term);
+        if !current || draft.index() != index {
+            return Ok(false);
+        }
+        self.wal.adopt_snapshot(draft)?;
         let written =
             || Snapshot { meta: SnapshotMeta { index, term, conf }, data: bytes::Bytes::copy_from_slice(data) };
         let snapshot = self.saved_snapshot(index, written);
         self.wal.truncate_prefix(index)?;
         self.snapshot = snapshot;
-        Ok(())
+        Ok(true)
     }
 
     /// A snapshot from the leader: saved, then the log keeps only entries that follow it
