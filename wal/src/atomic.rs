@@ -38,6 +38,70 @@ pub(crate) fn write_synced_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     Ok(())
 }
 
+/// Bytes of a large file written, then flushed to the disk, before the next are written
+/// (`write_flushed_parts`).
+const FLUSH_CHUNK_BYTES: usize = 1 << 20;
+
+/// `write_synced_parts` for large files written beside a busy log: the bytes go to the disk
+/// a chunk at a time (written, then flushed and waited for) instead of all at the final
+/// sync. Measured: an 80 MB snapshot synced at once queued ahead of the log's fdatasyncs,
+/// and fires at 1k/s came seconds late while snapshots of a growing state were written.
+pub(crate) fn write_flushed_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|e| WalError::io("create", path, e))?;
+    let mut flushed_to = 0u64;
+    let mut written_to = 0u64;
+    let mut written = Ok(());
+    'parts: for part in parts {
+        for chunk in part.chunks(FLUSH_CHUNK_BYTES) {
+            written = file.write_all(chunk);
+            if written.is_err() {
+                break 'parts;
+            }
+            written_to += chunk.len() as u64;
+            if written_to - flushed_to >= FLUSH_CHUNK_BYTES as u64 {
+                written = flush_range(&file, flushed_to, written_to - flushed_to);
+                if written.is_err() {
+                    break 'parts;
+                }
+                flushed_to = written_to;
+            }
+        }
+    }
+    if let Err(e) = written.and_then(|()| file.sync_all()) {
+        let _ = fs::remove_file(path);
+        return Err(WalError::io("write", path, e));
+    }
+    Ok(())
+}
+
+/// Writes a range of a file's dirty pages to the disk and waits for them (not a durability
+/// point: the final `sync_all` is). Elsewhere than Linux, nothing (the final sync does all).
+#[cfg(target_os = "linux")]
+fn flush_range(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (libc::off64_t::try_from(offset), libc::off64_t::try_from(len)) else {
+        return Ok(()); // past what the call takes: the final sync writes it
+    };
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain syscall on a valid, owned descriptor.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn flush_range(_file: &File, _offset: u64, _len: u64) -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Renames a synced file to `dir/name` (replacing it) and makes the rename durable.
 pub(crate) fn rename_into_place(dir: &Path, synced: &Path, name: &str) -> Result<()> {
     let path = dir.join(name);

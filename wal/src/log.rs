@@ -1,7 +1,7 @@
 //! The log itself: open and recover a directory of segments, stage and group-commit records,
 //! read them in place, truncate either end, and keep hard state and snapshots beside them.
 
-use crate::atomic::{decode_framed, frame_header, fsync_dir, rename_into_place, write_synced_parts, DualFile};
+use crate::atomic::{decode_framed, frame_header, fsync_dir, rename_into_place, write_flushed_parts, DualFile};
 use crate::error::{Result, WalError};
 use crate::format::{encode_record_into, record_size, RecordHeader, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE};
 use crate::recovery::{judge_sealed, judge_tail, scan_segment, TailVerdict};
@@ -856,7 +856,7 @@ impl SnapshotDraft {
         file.extend_from_slice(&payload);
         let number = DRAFTS_WRITTEN.fetch_add(1, Ordering::Relaxed);
         let synced = dir.join(format!("{}.{number}.tmp", snapshot_file_name(index)));
-        write_synced_parts(&synced, &file)?;
+        write_flushed_parts(&synced, &file)?;
         Ok(SnapshotDraft { index, synced: Some(synced) })
     }
 

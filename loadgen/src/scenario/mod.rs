@@ -18,7 +18,8 @@ pub async fn run(scenario: Scenario) -> Result<bool, String> {
     }
 }
 
-/// A prefix for this run's job ids, unique per run.
+/// A prefix for this run's job ids, unique per run: two runs started in the same
+/// millisecond (a fill beside a soak) differ by their process ids.
 pub fn run_name() -> String {
-    format!("lg{:x}", crate::receiver::now_ms())
+    format!("lg{:x}-{:x}", crate::receiver::now_ms(), std::process::id())
 }

@@ -2,7 +2,7 @@
 //! and histograms on the hot path are per shard (a `shard` label), so shards never contend
 //! on one; gauges (jobs, queue depth, dead letters) are read from the shards at scrape time.
 
-use crate::replica::partition::LogWrite;
+use crate::replica::partition::{LogWrite, SnapshotTaken};
 use crate::shard::ops::Answer;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -38,6 +38,8 @@ pub struct Metrics {
     apply_latency: HistogramFamily,
     fsync_latency: HistogramFamily,
     write_entries: HistogramFamily,
+    snapshot_pause: HistogramFamily,
+    snapshot_duration: HistogramFamily,
     /// Set at scrape time from the shards.
     pub jobs: Family<Labels, Gauge>,
     pub queue_depth: Family<Labels, Gauge>,
@@ -78,6 +80,8 @@ impl Metrics {
             apply_latency: Family::new_with_constructor(seconds_histogram),
             fsync_latency: Family::new_with_constructor(seconds_histogram),
             write_entries: Family::new_with_constructor(entries_histogram),
+            snapshot_pause: Family::new_with_constructor(seconds_histogram),
+            snapshot_duration: Family::new_with_constructor(seconds_histogram),
             jobs: Family::default(),
             queue_depth: Family::default(),
             dead_letters: Gauge::default(),
@@ -137,6 +141,16 @@ impl Metrics {
             metrics.fsync_latency.clone(),
         );
         registry.register("wal_batch_entries", "Entries per durable log write", metrics.write_entries.clone());
+        registry.register(
+            "snapshot_shard_pause_seconds",
+            "How long a snapshot stopped its shard (copying the state's records; the whole snapshot when taken on the spot)",
+            metrics.snapshot_pause.clone(),
+        );
+        registry.register(
+            "snapshot_seconds",
+            "From a snapshot's start to its file replacing the log before it",
+            metrics.snapshot_duration.clone(),
+        );
         registry.register("raft_elections", "Leader elections this node won", metrics.elections.clone());
         registry.register(
             "replication_lag_entries",
@@ -167,6 +181,8 @@ impl Metrics {
             apply_latency: self.apply_latency.get_or_create(&shard()).clone(),
             fsync_latency: self.fsync_latency.get_or_create(&shard()).clone(),
             write_entries: self.write_entries.get_or_create(&shard()).clone(),
+            snapshot_pause: self.snapshot_pause.get_or_create(&shard()).clone(),
+            snapshot_duration: self.snapshot_duration.get_or_create(&shard()).clone(),
             retries: self.retries.get_or_create(&shard()).clone(),
             outcomes: std::array::from_fn(|class| {
                 self.outcomes.get_or_create(&vec![("class", OUTCOME_CLASSES[class].to_string())]).clone()
@@ -257,6 +273,8 @@ pub struct ShardMetrics {
     apply_latency: Histogram,
     fsync_latency: Histogram,
     write_entries: Histogram,
+    snapshot_pause: Histogram,
+    snapshot_duration: Histogram,
     retries: Counter,
     outcomes: [Counter; OUTCOME_CLASSES.len()],
 }
@@ -284,6 +302,13 @@ impl ShardMetrics {
         for write in writes {
             self.fsync_latency.observe(write.duration.as_secs_f64());
             self.write_entries.observe(write.entries as f64);
+        }
+    }
+
+    pub fn snapshots(&self, taken: &[SnapshotTaken]) {
+        for snapshot in taken {
+            self.snapshot_pause.observe(snapshot.shard_pause.as_secs_f64());
+            self.snapshot_duration.observe(snapshot.duration.as_secs_f64());
         }
     }
 }

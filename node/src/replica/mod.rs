@@ -8,7 +8,7 @@ pub mod specs;
 pub mod storage;
 pub mod tombstones;
 
-use partition::{LogWrite, Partition, PartitionOptions};
+use partition::{LogWrite, Partition, PartitionOptions, SnapshotTaken};
 use std::path::Path;
 use sundial_consensus::{Message, NodeId, ProposeError};
 use sundial_dispatch::runtime::{Runtime, RuntimeConfig, Ticket};
@@ -128,6 +128,11 @@ impl Replica {
     /// The log's write records since the last call (for metrics).
     pub fn take_writes(&mut self) -> Vec<LogWrite> {
         self.runtime.log_mut().take_writes()
+    }
+
+    /// The snapshots adopted since the last call (for metrics).
+    pub fn take_snapshots(&mut self) -> Vec<SnapshotTaken> {
+        self.runtime.log_mut().take_snapshots()
     }
 
     pub fn take_spans(&mut self) -> (Vec<SpanRecord>, u64) {

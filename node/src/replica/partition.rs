@@ -113,6 +113,8 @@ pub struct Partition {
     snapshot_failures: u64,
     /// The snapshot being encoded and written off the shard (at most one at a time).
     snapshot_in_flight: Option<SnapshotInFlight>,
+    /// Snapshots adopted since they were last taken, for metrics.
+    snapshots_taken: Vec<SnapshotTaken>,
     /// Committed entries whose data did not decode as a command (never expected).
     undecodable_entries: u64,
     /// The format proposals are written in (see `write_commands_in`).
@@ -135,9 +137,49 @@ pub struct LogWrite {
 /// A snapshot encoded and written on a thread of its own; the shard adopts it when done.
 struct SnapshotInFlight {
     worker: std::thread::JoinHandle<Result<WrittenSnapshot, String>>,
-    /// When the shard copied the state (for the log line when it is adopted).
+    /// When the shard began copying the state.
     started: std::time::Instant,
+    /// How long the copy stopped the shard (adopting the file stops it again).
+    shard_pause: std::time::Duration,
 }
+
+/// One snapshot of the state machine, adopted: how long the shard stopped for it (the copy,
+/// or the whole snapshot when taken on the spot), and how long until it was the log's.
+#[derive(Clone, Copy, Debug)]
+pub struct SnapshotTaken {
+    pub shard_pause: std::time::Duration,
+    pub duration: std::time::Duration,
+}
+
+/// Snapshots written off the shards at once, in the whole process: each holds a copy of its
+/// partition's records and its encoded bytes until written, and its write competes with the
+/// logs' fdatasyncs. Measured: 16 partitions that reached their snapshot together, each on a
+/// thread of its own, made fires at 1k/s up to 0.3 s late while filling at 10k creates/s.
+/// A partition whose turn has not come snapshots at a later `process`.
+const SNAPSHOTS_IN_FLIGHT_MAX: usize = 1;
+static SNAPSHOTS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A place among the `SNAPSHOTS_IN_FLIGHT_MAX`, given back when dropped (by the snapshot's
+/// thread, once it wrote the file or failed).
+struct SnapshotTurn;
+
+impl SnapshotTurn {
+    fn take() -> Option<SnapshotTurn> {
+        use std::sync::atomic::Ordering;
+        let taken = SNAPSHOTS_IN_FLIGHT
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < SNAPSHOTS_IN_FLIGHT_MAX).then_some(n + 1));
+        taken.is_ok().then_some(SnapshotTurn)
+    }
+}
+
+impl Drop for SnapshotTurn {
+    fn drop(&mut self) {
+        SNAPSHOTS_IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Snapshots kept for metrics until taken; beyond it the oldest are dropped (metrics only).
+const SNAPSHOTS_KEPT_MAX: usize = 64;
 
 /// What the snapshot thread hands back: the file it wrote and synced, and its data.
 struct WrittenSnapshot {
@@ -211,6 +253,7 @@ impl Partition {
             applied_since_snapshot: 0,
             snapshot_failures: 0,
             snapshot_in_flight: None,
+            snapshots_taken: Vec::new(),
             undecodable_entries: 0,
             command_format: sundial_engine::codec::COMMAND_FORMAT,
             writes: Vec::new(),
@@ -533,6 +576,7 @@ impl Partition {
     /// copies the state's records (a stored spec is shared, not read); the thread encodes
     /// them and writes and syncs the file; `finish_snapshot` adopts it and cuts the log.
     fn start_snapshot(&mut self) -> Result<(), PartitionError> {
+        let Some(turn) = SnapshotTurn::take() else { return Ok(()) };
         self.applied_since_snapshot = 0;
         let applied = self.node.status().applied;
         let Some(plan) = self.node.storage().plan_snapshot(applied, self.node.conf_state())? else {
@@ -545,6 +589,7 @@ impl Partition {
         let worker = std::thread::Builder::new()
             .name(format!("snapshot-{applied}"))
             .spawn(move || {
+                let _turn = turn;
                 lower_this_threads_priority();
                 let data = copy.encode(capacity_bytes).map_err(|error| error.to_string())?;
                 drop(copy);
@@ -552,8 +597,8 @@ impl Partition {
                 Ok(WrittenSnapshot { plan, draft, data })
             })
             .map_err(|error| PartitionError::Snapshot(format!("starting the snapshot's thread: {error}")))?;
-        tracing::debug!(index = applied, copy_ms = started.elapsed().as_secs_f64() * 1e3, "snapshot started");
-        self.snapshot_in_flight = Some(SnapshotInFlight { worker, started });
+        let shard_pause = started.elapsed();
+        self.snapshot_in_flight = Some(SnapshotInFlight { worker, started, shard_pause });
         Ok(())
     }
 
@@ -563,20 +608,18 @@ impl Partition {
         if !self.snapshot_in_flight.as_ref().is_some_and(|in_flight| in_flight.worker.is_finished()) {
             return Ok(());
         }
-        let Some(SnapshotInFlight { worker, started }) = self.snapshot_in_flight.take() else { return Ok(()) };
+        let Some(SnapshotInFlight { worker, started, shard_pause }) = self.snapshot_in_flight.take() else {
+            return Ok(());
+        };
         let written = match worker.join() {
             Ok(written) => written.map_err(PartitionError::Snapshot)?,
             Err(_) => return Err(PartitionError::Snapshot("the snapshot's thread panicked".into())),
         };
-        let index = written.plan.index();
-        let adopted = self.node.storage_mut().adopt_snapshot(written.plan, written.draft, &written.data)?;
-        tracing::debug!(
-            index,
-            adopted,
-            bytes = written.data.len(),
-            total_ms = started.elapsed().as_secs_f64() * 1e3,
-            "snapshot written"
-        );
+        let adopting = std::time::Instant::now();
+        if self.node.storage_mut().adopt_snapshot(written.plan, written.draft, &written.data)? {
+            let shard_pause = shard_pause + adopting.elapsed();
+            self.snapshot_taken(SnapshotTaken { shard_pause, duration: started.elapsed() });
+        }
         Ok(())
     }
 
@@ -584,6 +627,7 @@ impl Partition {
     /// leader does so before adding a replica, so the newcomer starts from a snapshot that
     /// carries the group's membership (an empty log would not).
     pub fn compact(&mut self) -> Result<(), PartitionError> {
+        let started = std::time::Instant::now();
         let applied = self.node.status().applied;
         let conf = self.node.conf_state();
         match &self.members {
@@ -603,7 +647,21 @@ impl Partition {
             }
         }
         self.applied_since_snapshot = 0;
+        let elapsed = started.elapsed();
+        self.snapshot_taken(SnapshotTaken { shard_pause: elapsed, duration: elapsed });
         Ok(())
+    }
+
+    fn snapshot_taken(&mut self, taken: SnapshotTaken) {
+        if self.snapshots_taken.len() >= SNAPSHOTS_KEPT_MAX {
+            self.snapshots_taken.remove(0);
+        }
+        self.snapshots_taken.push(taken);
+    }
+
+    /// The snapshots adopted since the last call (for metrics).
+    pub fn take_snapshots(&mut self) -> Vec<SnapshotTaken> {
+        std::mem::take(&mut self.snapshots_taken)
     }
 
     /// The meta group's membership (`None` for a partition of jobs).

@@ -577,6 +577,7 @@ impl Shard {
             // The log's write records are metrics-only and taken here.
             let writes = replica.take_writes();
             self.metrics.log_writes(&writes);
+            self.metrics.snapshots(&replica.take_snapshots());
             if let Some(sink) = &self.config.spans {
                 sink.send(replica.take_spans().0);
             }
