@@ -1912,6 +1912,12 @@ impl State {
         rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(self, header).map_err(|e| SnapshotError(e.to_string()))
     }
 
+    /// Room for `additional` more jobs without growing the table (a replay of a log's tail
+    /// of about that many creates). Changes nothing replicated.
+    pub fn reserve_jobs(&mut self, additional: usize) {
+        self.jobs.reserve(additional);
+    }
+
     /// A copy of what an archived snapshot holds, to encode elsewhere (another thread)
     /// while this state goes on applying: the job records are copied as they are (a stored
     /// spec's view is shared, not read), the indexes a restore rebuilds are left out. Costs

@@ -91,6 +91,15 @@ impl JobTable {
         self.slot_of(id).is_some()
     }
 
+    /// Room for `additional` more jobs without growing (a replay that will insert about
+    /// that many: one allocation of each vector instead of doublings, each a copy).
+    pub fn reserve(&mut self, additional: usize) {
+        let new_slots = additional.saturating_sub(self.free.len());
+        self.slots.reserve(new_slots);
+        let hasher = |e: &IndexEntry| e.table_hash();
+        self.index.reserve(additional, hasher);
+    }
+
     /// The records, slots and free list as they are, without an index: what an archived
     /// snapshot holds (`State::copy_for_snapshot`), copied without hashing any id.
     pub(crate) fn copy_records(&self) -> JobTable {

@@ -76,6 +76,9 @@ pub enum PartitionError {
     Format(String),
 }
 
+/// Jobs a partition makes room for before replaying its log (`Partition::open`), at most.
+const RESERVED_JOBS_MAX: usize = 1 << 24;
+
 /// Jobs looked at per call for specs to repack (a few tens of microseconds).
 const REPACK_JOBS_PER_TICK: usize = 4096;
 
@@ -232,6 +235,11 @@ impl Partition {
                 ),
             }
         }
+        // Replaying the log's tail inserts up to one job per entry: room for them now is one
+        // allocation instead of doublings (each a copy of the table, whose old buffers the
+        // allocator keeps). Reserved memory is not touched until used.
+        let tail_entries = storage.wal().last_index().saturating_sub(storage.snapshot().meta.index);
+        state.reserve_jobs(usize::try_from(tail_entries).unwrap_or(usize::MAX).min(RESERVED_JOBS_MAX));
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
         config.election_tick = options.election_ticks;
