@@ -1920,8 +1920,11 @@ impl State {
 
     /// A copy of what an archived snapshot holds, to encode elsewhere (another thread)
     /// while this state goes on applying: the job records are copied as they are (a stored
-    /// spec's view is shared, not read), the indexes a restore rebuilds are left out. Costs
-    /// a copy of the table and of the tombstones, far less than encoding them.
+    /// spec's view is shared, not read; what a job gained once it fired, its `JobLife`, and
+    /// a spec kept in the heap are copied whole), the tombstones' chunks into the heap, the
+    /// dead letters and the maps of dependents and flow keys as they are; the indexes a
+    /// restore rebuilds are left out. Far less than encoding them, but not nothing: it is
+    /// the pause a snapshot costs the shard (a metric).
     pub fn copy_for_snapshot(&self) -> SnapshotCopy {
         SnapshotCopy(State {
             jobs: self.jobs.copy_records(),
@@ -1930,7 +1933,7 @@ impl State {
             dead_letter_order: self.dead_letter_order.clone(),
             dependents: self.dependents.clone(),
             counts: self.counts,
-            tombstones: self.tombstones.clone(),
+            tombstones: self.tombstones.copy_for_encoding(),
             legacy_tombstones: BTreeMap::new(),
             expiry_order: BTreeSet::new(),
             expired_total: self.expired_total,

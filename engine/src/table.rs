@@ -91,13 +91,13 @@ impl JobTable {
         self.slot_of(id).is_some()
     }
 
-    /// Room for `additional` more jobs without growing (a replay that will insert about
-    /// that many: one allocation of each vector instead of doublings, each a copy).
+    /// Room for `additional` more jobs without growing (a replay that will insert up to
+    /// that many: one allocation of each instead of doublings, each a copy). Memory that
+    /// cannot be had is not an error: the table then grows as it fills.
     pub fn reserve(&mut self, additional: usize) {
         let new_slots = additional.saturating_sub(self.free.len());
-        self.slots.reserve(new_slots);
-        let hasher = |e: &IndexEntry| e.table_hash();
-        self.index.reserve(additional, hasher);
+        let _ = self.slots.try_reserve(new_slots);
+        let _ = self.index.try_reserve(additional, |e: &IndexEntry| e.table_hash());
     }
 
     /// The records, slots and free list as they are, without an index: what an archived

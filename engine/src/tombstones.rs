@@ -132,6 +132,26 @@ struct Ring {
 }
 
 impl Ring {
+    /// The same records in heap chunks, with no store; with the index, or without one (a
+    /// copy that is only read in order: `Tombstones::copy_for_encoding`).
+    fn copy_to_heap(&self, with_index: bool) -> Ring {
+        let chunks = self.chunks.iter().map(|chunk| {
+            let copied: Box<dyn TombstoneChunk> = Box::new(HeapChunk(chunk.records().into()));
+            copied
+        });
+        Ring {
+            chunks: chunks.collect(),
+            head: self.head,
+            held: self.held,
+            live: self.live,
+            first_seq: self.first_seq,
+            index: if with_index { self.index.clone() } else { HashTable::new() },
+            hasher: self.hasher.clone(),
+            store: None,
+            last: self.last,
+        }
+    }
+
     /// Chunks held in the heap although a store is attached (it could not make them).
     fn chunks_in_heap(&self) -> usize {
         if self.store.is_some() {
@@ -427,6 +447,12 @@ pub struct Tombstones {
 }
 
 impl Tombstones {
+    /// A copy to be read in order only (encoded into a snapshot): the records copied into
+    /// heap chunks as they are, without the indexes that find one by digest.
+    pub(crate) fn copy_for_encoding(&self) -> Tombstones {
+        Tombstones { ring: self.ring.copy_to_heap(false), aside: self.aside.clone(), aside_index: HashMap::default() }
+    }
+
     /// Live tombstones.
     pub fn len(&self) -> usize {
         self.ring.live + self.aside.len()
@@ -567,10 +593,15 @@ impl FromIterator<Tombstone> for Tombstones {
     }
 }
 
-/// A copy in the heap, with no store of its own.
+/// A copy in the heap, with no store of its own: chunks and index copied as they are (no
+/// record hashed or pushed again).
 impl Clone for Tombstones {
     fn clone(&self) -> Tombstones {
-        self.iter().copied().collect()
+        Tombstones {
+            ring: self.ring.copy_to_heap(true),
+            aside: self.aside.clone(),
+            aside_index: self.aside_index.clone(),
+        }
     }
 }
 
@@ -712,8 +743,11 @@ mod tests {
         let copy = tombstones.clone();
         let json: Tombstones = serde_json::from_slice(&serde_json::to_vec(&tombstones).expect("json")).expect("read");
         assert!(copy == tombstones && json == tombstones && copy.is_consistent());
-        assert_eq!(copy.ring.held, copy.ring.live, "a copy holds no dead records");
-        assert!(tombstones.ring.held > tombstones.ring.live, "the original still does");
+        assert!(tombstones.ring.held > tombstones.ring.live, "the original holds dead records");
+        assert_eq!(copy.ring.held, tombstones.ring.held, "a copy holds the records as they lie");
+        let for_encoding = tombstones.copy_for_encoding();
+        assert!(for_encoding.iter().eq(tombstones.iter()) && for_encoding.len() == tombstones.len());
+        assert!(for_encoding.ring.index.is_empty(), "without the index");
         // A broken index is caught by the check.
         let mut broken = copy.clone();
         broken.ring.index.clear();

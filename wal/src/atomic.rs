@@ -5,6 +5,7 @@ use crate::error::{Result, WalError};
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const FRAME_HEADER_SIZE: usize = 32;
 
@@ -46,7 +47,7 @@ const FLUSH_CHUNK_BYTES: usize = 1 << 20;
 /// a chunk at a time (written, then flushed and waited for) instead of all at the final
 /// sync. Measured: an 80 MB snapshot synced at once queued ahead of the log's fdatasyncs,
 /// and fires at 1k/s came seconds late while snapshots of a growing state were written.
-pub(crate) fn write_flushed_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
+pub(crate) fn write_flushed_parts(path: &Path, parts: &[&[u8]], stop: &AtomicBool) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -58,6 +59,10 @@ pub(crate) fn write_flushed_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
     let mut written = Ok(());
     'parts: for part in parts {
         for chunk in part.chunks(FLUSH_CHUNK_BYTES) {
+            if stop.load(Ordering::Relaxed) {
+                written = Err(std::io::Error::new(ErrorKind::Interrupted, "given up: its log is closing"));
+                break 'parts;
+            }
             written = file.write_all(chunk);
             if written.is_err() {
                 break 'parts;

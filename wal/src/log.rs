@@ -10,7 +10,7 @@ use crate::sync::{SyncBackend, SyncChoice, Writer};
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// Segments are at least a page and at most 1 GiB: offsets are u32 and a whole segment must
 /// fit one io_uring write.
@@ -786,7 +786,10 @@ impl Wal {
                 reason: "a snapshot draft written for another log's directory".into(),
             });
         }
-        rename_into_place(&self.dir, &synced, &snapshot_file_name(draft.index))?;
+        if let Err(error) = rename_into_place(&self.dir, &synced, &snapshot_file_name(draft.index)) {
+            let _ = fs::remove_file(&synced);
+            return Err(error);
+        }
         let mut removed = 0;
         for (older, path) in list_snapshots(&self.dir)? {
             if older < draft.index {
@@ -806,20 +809,25 @@ impl Wal {
         let Some((_, path)) = list_snapshots(&self.dir)?.pop() else {
             return Ok(None);
         };
-        let file = File::open(&path).map_err(|e| WalError::io("open", &path, e))?;
-        // SAFETY: snapshot files are written to a temporary name and renamed into place, never
-        // modified or shrunk afterwards (removal only unlinks: the mapping keeps the inode);
-        // other processes are kept out of the directory by its lock.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| WalError::io("mmap", &path, e))?;
-        let corrupt = |reason: &str| WalError::Corrupt { path: path.clone(), offset: 0, reason: reason.to_string() };
-        let (_, payload) = decode_framed(SNAPSHOT_MAGIC, &map).map_err(corrupt)?;
-        let field = |at: usize| payload.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
-        let (Some(index), Some(tag)) = (field(0), field(8)) else {
-            return Err(corrupt("snapshot payload shorter than its header"));
-        };
-        let data_at = map.len() - payload.len() + 16;
-        Ok(Some(Snapshot { index, tag, data: bytes::Bytes::from_owner(map).slice(data_at..) }))
+        map_snapshot(&path).map(Some)
     }
+}
+
+/// The snapshot file at `path`, checked whole, as a view of its mapping.
+fn map_snapshot(path: &Path) -> Result<Snapshot> {
+    let file = File::open(path).map_err(|e| WalError::io("open", path, e))?;
+    // SAFETY: snapshot files are written to a temporary name (synced before anyone maps them)
+    // and renamed into place, never modified or shrunk afterwards (removal only unlinks: the
+    // mapping keeps the inode); other processes are kept out of the directory by its lock.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| WalError::io("mmap", path, e))?;
+    let corrupt = |reason: &str| WalError::Corrupt { path: path.to_path_buf(), offset: 0, reason: reason.to_string() };
+    let (_, payload) = decode_framed(SNAPSHOT_MAGIC, &map).map_err(corrupt)?;
+    let field = |at: usize| payload.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+    let (Some(index), Some(tag)) = (field(0), field(8)) else {
+        return Err(corrupt("snapshot payload shorter than its header"));
+    };
+    let data_at = map.len() - payload.len() + 16;
+    Ok(Snapshot { index, tag, data: bytes::Bytes::from_owner(map).slice(data_at..) })
 }
 
 /// Numbers snapshot drafts in this process, so two drafts of one index never share a file.
@@ -840,6 +848,12 @@ impl SnapshotDraft {
     /// Writes the snapshot at `index` (of entry tag `tag`) with data given as parts into
     /// `dir`, the log's directory (`Wal::dir`), and syncs it.
     pub fn write(dir: &Path, index: u64, tag: u64, parts: &[&[u8]]) -> Result<SnapshotDraft> {
+        SnapshotDraft::write_unless(dir, index, tag, parts, &AtomicBool::new(false))
+    }
+
+    /// `write`, given up (an error, the file removed) once `stop` is set: checked between
+    /// chunks, so a log that closes need not wait for a large snapshot's write.
+    pub fn write_unless(dir: &Path, index: u64, tag: u64, parts: &[&[u8]], stop: &AtomicBool) -> Result<SnapshotDraft> {
         let data_bytes: usize = parts.iter().map(|part| part.len()).sum();
         if data_bytes > SNAPSHOT_MAX_BYTES {
             return Err(WalError::TooLarge { what: "snapshot", len_bytes: data_bytes, max_bytes: SNAPSHOT_MAX_BYTES });
@@ -856,13 +870,22 @@ impl SnapshotDraft {
         file.extend_from_slice(&payload);
         let number = DRAFTS_WRITTEN.fetch_add(1, Ordering::Relaxed);
         let synced = dir.join(format!("{}.{number}.tmp", snapshot_file_name(index)));
-        write_flushed_parts(&synced, &file)?;
+        write_flushed_parts(&synced, &file, stop)?;
         Ok(SnapshotDraft { index, synced: Some(synced) })
     }
 
     /// The index the snapshot was taken at.
     pub fn index(&self) -> u64 {
         self.index
+    }
+
+    /// The written snapshot, checked whole, as a view of its mapped file (which stays valid
+    /// once adopted: a rename keeps the file), as `Wal::load_snapshot` would read it.
+    pub fn map(&self) -> Result<Snapshot> {
+        match &self.synced {
+            Some(path) => map_snapshot(path),
+            None => Err(WalError::Corrupt { path: PathBuf::new(), offset: 0, reason: "an adopted draft".into() }),
+        }
     }
 }
 
@@ -932,8 +955,12 @@ fn remove_temp_files(dir: &Path) -> Result<usize> {
     for entry in entries {
         let entry = entry.map_err(|e| WalError::io("read directory", dir, e))?;
         if entry.file_name().to_string_lossy().ends_with(".tmp") {
-            fs::remove_file(entry.path()).map_err(|e| WalError::io("remove", entry.path(), e))?;
-            removed += 1;
+            match fs::remove_file(entry.path()) {
+                Ok(()) => removed += 1,
+                // Its writer removed it meanwhile (a snapshot draft given up).
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(WalError::io("remove", entry.path(), e)),
+            }
         }
     }
     Ok(removed)

@@ -143,7 +143,7 @@ impl Metrics {
         registry.register("wal_batch_entries", "Entries per durable log write", metrics.write_entries.clone());
         registry.register(
             "snapshot_shard_pause_seconds",
-            "How long a snapshot stopped its shard (copying the state's records; the whole snapshot when taken on the spot)",
+            "How long a snapshot stopped its shard (copying the state's records, then adopting the written file; the whole snapshot when taken on the spot)",
             metrics.snapshot_pause.clone(),
         );
         registry.register(

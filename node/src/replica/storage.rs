@@ -5,6 +5,7 @@
 //! returns, which is what `RawNode::advance` requires.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use sundial_consensus::{
     ConfChange, ConfState, Entry, EntryKind, HardState, Index, Ready, Snapshot, SnapshotMeta, Storage, StorageError,
     Term,
@@ -27,15 +28,26 @@ pub struct SnapshotPlan {
     dir: PathBuf,
     index: Index,
     term: Term,
-    conf: ConfState,
     conf_bytes: Vec<u8>,
+}
+
+/// A snapshot written from a plan and checked: its file (not yet the log's) and a view of it.
+#[derive(Debug)]
+pub struct WrittenSnapshot {
+    draft: SnapshotDraft,
+    snapshot: Snapshot,
 }
 
 impl SnapshotPlan {
     /// Writes and syncs the snapshot of the state machine's `data` beside the log (on any
-    /// thread); `WalStorage::adopt_snapshot` then makes it the log's.
-    pub fn write(&self, data: &[u8]) -> Result<SnapshotDraft, WalError> {
-        SnapshotDraft::write(&self.dir, self.index, self.term, &[&self.conf_bytes, data])
+    /// thread; given up once `stop` is set), then maps it back and checks it whole, so
+    /// `WalStorage::adopt_snapshot` has only to make it the log's.
+    pub fn write(&self, data: &[u8], stop: &AtomicBool) -> Result<WrittenSnapshot, WalError> {
+        let draft = SnapshotDraft::write_unless(&self.dir, self.index, self.term, &[&self.conf_bytes, data], stop)?;
+        let stored = draft.map()?;
+        let (conf, data) = decode_snapshot_data(&stored.data).ok_or_else(|| corrupt(&self.dir, "snapshot"))?;
+        let snapshot = Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data };
+        Ok(WrittenSnapshot { draft, snapshot })
     }
 
     pub fn index(&self) -> Index {
@@ -120,12 +132,12 @@ impl WalStorage {
         Ok(())
     }
 
-    /// Replaces entries up to `index` with a snapshot of the state machine at `index`.
-    pub fn compact(&mut self, index: Index, data: &[u8], conf: ConfState) -> Result<(), WalError> {
-        let Some(plan) = self.plan_snapshot(index, conf)? else { return Ok(()) };
-        let draft = plan.write(data)?;
-        self.adopt_snapshot(plan, draft, data)?;
-        Ok(())
+    /// Replaces entries up to `index` with a snapshot of the state machine at `index`;
+    /// returns whether it did (not when the newest snapshot is at `index` or later).
+    pub fn compact(&mut self, index: Index, data: &[u8], conf: ConfState) -> Result<bool, WalError> {
+        let Some(plan) = self.plan_snapshot(index, conf)? else { return Ok(false) };
+        let written = plan.write(data, &AtomicBool::new(false))?;
+        self.adopt_snapshot(plan, written)
     }
 
     /// What a snapshot of the state machine at `index` (with membership `conf`) needs to be
@@ -138,26 +150,23 @@ impl WalStorage {
             return Err(WalError::OutOfRange { index, first: self.wal.first_index(), last: self.wal.last_index() });
         };
         let conf_bytes = encode_conf(&conf);
-        Ok(Some(SnapshotPlan { dir: self.wal.dir().to_path_buf(), index, term, conf, conf_bytes }))
+        Ok(Some(SnapshotPlan { dir: self.wal.dir().to_path_buf(), index, term, conf_bytes }))
     }
 
     /// Makes a snapshot written from `plan` the newest and drops the log before it — if it
     /// still is newer than the newest and the log still holds its entry in its term (a
     /// snapshot from the leader may have come meanwhile); otherwise its file is removed.
-    /// `data` is what was written (kept in memory only if the file cannot be mapped back).
-    /// Returns whether it was adopted.
-    pub fn adopt_snapshot(&mut self, plan: SnapshotPlan, draft: SnapshotDraft, data: &[u8]) -> Result<bool, WalError> {
-        let SnapshotPlan { index, term, conf, .. } = plan;
+    /// Nothing is read here: the writer mapped and checked the file. Returns whether it was
+    /// adopted.
+    pub fn adopt_snapshot(&mut self, plan: SnapshotPlan, written: WrittenSnapshot) -> Result<bool, WalError> {
+        let SnapshotPlan { index, term, .. } = plan;
         let current = index > self.snapshot.meta.index && self.wal.get(index).is_some_and(|e| e.tag == term);
-        if !current || draft.index() != index {
+        if !current || written.snapshot.meta.index != index || written.snapshot.meta.term != term {
             return Ok(false);
         }
-        self.wal.adopt_snapshot(draft)?;
-        let written =
-            || Snapshot { meta: SnapshotMeta { index, term, conf }, data: bytes::Bytes::copy_from_slice(data) };
-        let snapshot = self.saved_snapshot(index, written);
+        self.wal.adopt_snapshot(written.draft)?;
         self.wal.truncate_prefix(index)?;
-        self.snapshot = snapshot;
+        self.snapshot = written.snapshot;
         Ok(true)
     }
 
@@ -364,6 +373,32 @@ mod tests {
             assert_eq!(decode_entry(entry.index, entry.term, &encode_entry(&entry)), Some(entry));
         }
         assert_eq!(decode_entry(1, 1, &[9]), None, "an unknown kind is refused");
+    }
+
+    #[test]
+    fn a_snapshot_written_aside_is_not_adopted_over_the_leaders_newer_one_and_its_file_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = WalOptions { segment_size_bytes: 1 << 20, ..WalOptions::default() };
+        let mut storage = WalStorage::open(dir.path(), options, &[1]).expect("open");
+        let entries = (1..=10).map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![index as u8] });
+        storage.persist(&Ready { entries: entries.collect(), ..Ready::default() }).expect("persisted");
+        let conf = ConfState { voters: vec![1], learners: Vec::new() };
+        let plan = storage.plan_snapshot(5, conf.clone()).expect("planned").expect("newer than none");
+        let written = plan.write(b"state at 5", &AtomicBool::new(false)).expect("written");
+        let leaders =
+            Snapshot { meta: SnapshotMeta { index: 8, term: 1, conf }, data: bytes::Bytes::from_static(b"at 8") };
+        storage.persist(&Ready { snapshot: Some(leaders), ..Ready::default() }).expect("installed");
+        assert!(!storage.adopt_snapshot(plan, written).expect("no error"), "the older snapshot is not adopted");
+        assert_eq!(storage.snapshot().meta.index, 8);
+        assert_eq!(&storage.snapshot().data[..], b"at 8");
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into())
+            .collect();
+        assert!(names.iter().all(|name| !name.ends_with(".tmp")), "its file was removed: {names:?}");
+        let stopped = storage.plan_snapshot(9, ConfState { voters: vec![1], learners: Vec::new() }).expect("planned");
+        let error = stopped.expect("newer").write(&[0; 3 << 20], &AtomicBool::new(true)).expect_err("given up");
+        assert!(error.to_string().contains("closing"), "{error}");
     }
 
     #[test]
