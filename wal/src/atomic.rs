@@ -18,35 +18,21 @@ pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
 /// `write_atomic` of the parts one after another (large content is never joined in memory).
 pub(crate) fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> Result<()> {
     let tmp = dir.join(format!("{name}.tmp"));
-    write_synced_parts(&tmp, parts)?;
+    write_flushed_parts(&tmp, parts, &AtomicBool::new(false))?;
     rename_into_place(dir, &tmp, name)
-}
-
-/// Writes the parts one after another to a new file at `path` and syncs it; on failure the
-/// file is removed. Half of `write_atomic_parts`, for a caller that renames it later.
-pub(crate) fn write_synced_parts(path: &Path, parts: &[&[u8]]) -> Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|e| WalError::io("create", path, e))?;
-    let written = parts.iter().try_for_each(|part| file.write_all(part)).and_then(|()| file.sync_all());
-    if let Err(e) = written {
-        let _ = fs::remove_file(path);
-        return Err(WalError::io("write", path, e));
-    }
-    Ok(())
 }
 
 /// Bytes of a large file written, then flushed to the disk, before the next are written
 /// (`write_flushed_parts`).
 const FLUSH_CHUNK_BYTES: usize = 1 << 20;
 
-/// `write_synced_parts` for large files written beside a busy log: the bytes go to the disk
-/// a chunk at a time (written, then flushed and waited for) instead of all at the final
-/// sync. Measured: an 80 MB snapshot synced at once queued ahead of the log's fdatasyncs,
-/// and fires at 1k/s came seconds late while snapshots of a growing state were written.
+/// Writes the parts one after another to a new file at `path` and syncs it; on failure (or
+/// once `stop` is set, checked between chunks) the file is removed. A large file (a
+/// snapshot, written beside a busy log) goes to the disk a chunk at a time — written, then
+/// flushed and waited for — so at most a chunk of it is queued ahead of the log's
+/// fdatasyncs, instead of all of it at the final sync. (Measured, that alone did not
+/// change fire lateness at 25k creates/s, which the snapshots' bytes decide: docs/BENCHMARKS.md.)
+/// Files under a chunk are written and synced as they are.
 pub(crate) fn write_flushed_parts(path: &Path, parts: &[&[u8]], stop: &AtomicBool) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
