@@ -40,30 +40,22 @@ pub(crate) fn write_flushed_parts(path: &Path, parts: &[&[u8]], stop: &AtomicBoo
         .truncate(true)
         .open(path)
         .map_err(|e| WalError::io("create", path, e))?;
-    let mut flushed_to = 0u64;
-    let mut written_to = 0u64;
-    let mut written = Ok(());
-    'parts: for part in parts {
-        for chunk in part.chunks(FLUSH_CHUNK_BYTES) {
+    let mut write_all = || -> std::io::Result<()> {
+        let (mut written_to, mut flushed_to) = (0u64, 0u64);
+        for chunk in parts.iter().flat_map(|part| part.chunks(FLUSH_CHUNK_BYTES)) {
             if stop.load(Ordering::Relaxed) {
-                written = Err(std::io::Error::new(ErrorKind::Interrupted, "given up: its log is closing"));
-                break 'parts;
+                return Err(std::io::Error::new(ErrorKind::Interrupted, "given up: its log is closing"));
             }
-            written = file.write_all(chunk);
-            if written.is_err() {
-                break 'parts;
-            }
+            file.write_all(chunk)?;
             written_to += chunk.len() as u64;
             if written_to - flushed_to >= FLUSH_CHUNK_BYTES as u64 {
-                written = flush_range(&file, flushed_to, written_to - flushed_to);
-                if written.is_err() {
-                    break 'parts;
-                }
+                flush_range(&file, flushed_to, written_to - flushed_to)?;
                 flushed_to = written_to;
             }
         }
-    }
-    if let Err(e) = written.and_then(|()| file.sync_all()) {
+        file.sync_all()
+    };
+    if let Err(e) = write_all() {
         let _ = fs::remove_file(path);
         return Err(WalError::io("write", path, e));
     }

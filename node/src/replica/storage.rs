@@ -49,10 +49,6 @@ impl SnapshotPlan {
         let snapshot = Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data };
         Ok(WrittenSnapshot { draft, snapshot })
     }
-
-    pub fn index(&self) -> Index {
-        self.index
-    }
 }
 
 /// A stored file that does not decode: the directory holds something this build did not write.
