@@ -34,7 +34,47 @@ pub unsafe trait SpecSegment: Send + Sync {
     /// Most of the segment is dead: its live specs should be put again elsewhere, so the
     /// segment can go.
     fn wants_repack(&self) -> bool;
+    /// The segment's number in its store, unique there for as long as the store's files
+    /// live (a linked snapshot names its segments by it).
+    fn number(&self) -> u64;
 }
+
+/// Where a linked snapshot (`State::copy_for_snapshot(true)`) says a job's spec lives: a
+/// record of a store's segment, by the segment's number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpecRef {
+    pub segment: u64,
+    pub offset: u32,
+    pub len: u32,
+}
+
+/// A reference is archived as this many bytes in place of the spec's archive: fewer than
+/// any `JobSpec` archive can be (its root alone is larger), so the two never pass for each
+/// other. Layout: segment number (8, little-endian), offset (4), length (4).
+pub const SPEC_REF_BYTES: usize = 16;
+
+impl SpecRef {
+    fn to_bytes(self) -> [u8; SPEC_REF_BYTES] {
+        let mut bytes = [0u8; SPEC_REF_BYTES];
+        bytes[..8].copy_from_slice(&self.segment.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.offset.to_le_bytes());
+        bytes[12..].copy_from_slice(&self.len.to_le_bytes());
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<SpecRef> {
+        let bytes: &[u8; SPEC_REF_BYTES] = bytes.try_into().ok()?;
+        let (segment, rest) = bytes.split_at(8);
+        let (offset, len) = rest.split_at(4);
+        Some(SpecRef {
+            segment: u64::from_le_bytes(segment.try_into().ok()?),
+            offset: u32::from_le_bytes(offset.try_into().ok()?),
+            len: u32::from_le_bytes(len.try_into().ok()?),
+        })
+    }
+}
+
+const _: () = assert!(std::mem::size_of::<ArchivedJobSpec>() > SPEC_REF_BYTES, "a reference never reads as a spec");
 
 /// Where the state puts specs it need not keep in the heap.
 pub trait SpecSink: Send {
@@ -74,6 +114,38 @@ impl SpecView {
     pub unsafe fn new(segment: Arc<dyn SpecSegment>, offset: u32, len: u32) -> SpecView {
         segment.retain(len);
         SpecView { segment, offset, len }
+    }
+
+    /// Where the record lies in its store.
+    pub fn reference(&self) -> SpecRef {
+        SpecRef { segment: self.segment.number(), offset: self.offset, len: self.len }
+    }
+
+    /// The segment the record lies in.
+    pub fn segment(&self) -> &Arc<dyn SpecSegment> {
+        &self.segment
+    }
+
+    /// A view of the record `reference` names in `segment` (a linked snapshot's, restored),
+    /// after checking that it lies inside the segment's first `segment_len` bytes, is aligned
+    /// and holds a `JobSpec` archive.
+    pub fn resolve(segment: Arc<dyn SpecSegment>, segment_len: u64, reference: SpecRef) -> Result<SpecView, String> {
+        let SpecRef { offset, len, .. } = reference;
+        if u64::from(offset) + u64::from(len) > segment_len || offset as usize % SPEC_ALIGN_BYTES != 0 {
+            return Err(format!(
+                "a spec at {offset}+{len} of segment {} lies outside its {segment_len} bytes or off alignment",
+                reference.segment
+            ));
+        }
+        let bytes = segment.read(offset, len);
+        if bytes.as_ptr().align_offset(SPEC_ALIGN_BYTES) != 0 {
+            return Err(format!("segment {} is not mapped at the archive's alignment", reference.segment));
+        }
+        rkyv::access::<ArchivedJobSpec, rkyv::rancor::Error>(bytes)
+            .map_err(|error| format!("the spec at {offset} of segment {}: {error}", reference.segment))?;
+        // SAFETY: inside the segment and aligned (checked above), a valid JobSpec archive
+        // (checked above); segments are never written below the length a snapshot listed.
+        Ok(unsafe { SpecView::new(segment, offset, len) })
     }
 
     /// The archived bytes, as they were put.
@@ -136,6 +208,11 @@ pub enum SpecCell {
     Packed(PackedSpec),
     /// In a store.
     Stored(SpecView),
+    /// In a store, in a copy taken for a linked snapshot: archived as its `SpecRef`.
+    Linked(SpecView),
+    /// Read from a linked snapshot and not yet resolved (`State::restore_linked` resolves
+    /// every one before the state is used; nothing else holds one).
+    Unresolved(SpecRef),
 }
 
 impl SpecCell {
@@ -164,7 +241,7 @@ impl SpecCell {
         let view = match self {
             SpecCell::Here(spec) => archive(spec).ok().and_then(|bytes| sink.put(&bytes)),
             SpecCell::Packed(bytes) => sink.put(bytes),
-            SpecCell::Stored(_) => None,
+            SpecCell::Stored(_) | SpecCell::Linked(_) | SpecCell::Unresolved(_) => None,
         };
         if let Some(view) = view {
             *self = SpecCell::Stored(view);
@@ -176,7 +253,34 @@ impl SpecCell {
         match self {
             SpecCell::Here(spec) => Ok(spec),
             SpecCell::Packed(bytes) => Err(packed(bytes)),
-            SpecCell::Stored(view) => Err(view.archived()),
+            SpecCell::Stored(view) | SpecCell::Linked(view) => Err(view.archived()),
+            SpecCell::Unresolved(reference) => {
+                unreachable!("a restore resolves every spec reference before the state is used ({reference:?})")
+            }
+        }
+    }
+
+    /// A stored spec as a link (archived as its reference); other cells as they are.
+    pub(crate) fn linked(&self) -> SpecCell {
+        match self {
+            SpecCell::Stored(view) => SpecCell::Linked(view.clone()),
+            other => other.clone(),
+        }
+    }
+
+    /// The reference of a spec read from a linked snapshot, not yet resolved.
+    pub(crate) fn unresolved(&self) -> Option<SpecRef> {
+        match self {
+            SpecCell::Unresolved(reference) => Some(*reference),
+            _ => None,
+        }
+    }
+
+    /// The store's view of a linked spec, if it is one.
+    pub(crate) fn link(&self) -> Option<&SpecView> {
+        match self {
+            SpecCell::Linked(view) => Some(view),
+            _ => None,
         }
     }
 
@@ -256,7 +360,7 @@ impl SpecCell {
     }
 
     pub fn is_stored(&self) -> bool {
-        matches!(self, SpecCell::Stored(_))
+        matches!(self, SpecCell::Stored(_) | SpecCell::Linked(_))
     }
 
     /// Puts a stored spec again into `sink` if its segment asked to be repacked (the bytes
@@ -339,6 +443,8 @@ where
             }
             SpecCell::Packed(bytes) => write(bytes, serializer),
             SpecCell::Stored(view) => write(view.bytes(), serializer),
+            SpecCell::Linked(view) => write(&view.reference().to_bytes(), serializer),
+            SpecCell::Unresolved(reference) => write(&reference.to_bytes(), serializer),
         }
     }
 }
@@ -348,6 +454,9 @@ where
     D::Error: rkyv::rancor::Source,
 {
     fn deserialize_with(field: &rkyv::vec::ArchivedVec<u8>, _: &mut D) -> Result<SpecCell, D::Error> {
+        if let Some(reference) = SpecRef::from_bytes(field.as_slice()) {
+            return Ok(SpecCell::Unresolved(reference));
+        }
         let mut bytes = rkyv::util::AlignedVec::<SPEC_ALIGN_BYTES>::with_capacity(field.len());
         bytes.extend_from_slice(field.as_slice());
         // Checked once here; read back unchecked afterwards.

@@ -5,7 +5,7 @@
 
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
-use crate::spec::{SpecCell, SpecSink};
+use crate::spec::{SpecCell, SpecSegment, SpecSink, SpecView};
 use crate::table::{self, JobTable};
 use crate::tombstones::{AsTombstoneList, Tombstone, TombstoneStore, Tombstones};
 use rkyv::util::AlignedVec;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Executions kept per job (oldest dropped first).
 pub const HISTORY_PER_JOB_MAX: usize = 50;
@@ -51,6 +52,16 @@ pub const CALLBACKS_PENDING_MAX: usize = 1_000;
 /// its scheduling fields (`JobLife`). Formats 1 (specs inline), 2 (one flat job) and 3 (jobs
 /// in a map by id) were written only by development builds and are not read.
 pub const SNAPSHOT_FORMAT: u8 = 4;
+/// The format of a linked snapshot (`SnapshotCopy::encode_linked`): format 4's archive, in
+/// which a stored spec is a `SpecRef` into a segment of the replica's spec store instead of
+/// its bytes, behind a list of those segments (`LinkedSegment`: number, length, CRC32C) that
+/// the shell keeps and checks. Never sent to another member: it is only whole together with
+/// this replica's segment files.
+pub const SNAPSHOT_FORMAT_LINKED: u8 = 5;
+/// Bytes of one entry of a linked snapshot's segment list.
+const LINKED_SEGMENT_BYTES: usize = 24;
+/// Segments a linked snapshot lists at most (the spec store's own bound is lower).
+pub const LINKED_SEGMENTS_MAX: usize = 1 << 20;
 /// Snapshot formats this build knows and no longer reads.
 const SNAPSHOT_FORMATS_RETIRED: [u8; 3] = [1, 2, 3];
 const SNAPSHOT_HEADER_BYTES: usize = 16;
@@ -67,11 +78,99 @@ pub type SnapshotBytes = AlignedVec<16>;
 /// encoded (it has no index to look jobs up by).
 pub struct SnapshotCopy(State);
 
+/// A segment a linked snapshot needs: its first `len_bytes` bytes, whose CRC32C is `crc32c`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkedSegment {
+    pub number: u64,
+    pub len_bytes: u64,
+    pub crc32c: u32,
+}
+
 impl SnapshotCopy {
     /// The snapshot's bytes, the same as `State::snapshot_sized` of the state copied.
     pub fn encode(&self, capacity_bytes: usize) -> Result<SnapshotBytes, SnapshotError> {
         self.0.snapshot_sized(capacity_bytes)
     }
+
+    /// Makes every stored spec of the copy a link (archived as its place in the store, not
+    /// its bytes) and returns the segments they lie in, by number, each once. What
+    /// `encode_linked` then writes is whole only with those segments' files.
+    pub fn link(&mut self) -> Vec<Arc<dyn SpecSegment>> {
+        let mut segments: BTreeMap<u64, Arc<dyn SpecSegment>> = BTreeMap::new();
+        for job in self.0.jobs.values_mut() {
+            job.spec = job.spec.linked();
+            if let Some(view) = job.spec.link() {
+                segments.entry(view.reference().segment).or_insert_with(|| view.segment().clone());
+            }
+        }
+        segments.into_values().collect()
+    }
+
+    /// A linked snapshot (`SNAPSHOT_FORMAT_LINKED`): a 16-byte header (the format, zeros, the
+    /// number of segments at bytes 8..12), the segment list (24 bytes each: number, length,
+    /// CRC32C, zero), zeros to a multiple of 16, then the archive as format 4 has it but
+    /// with links. `segments` must list every segment a link of the copy lies in.
+    pub fn encode_linked(
+        &self,
+        segments: &[LinkedSegment],
+        capacity_bytes: usize,
+    ) -> Result<SnapshotBytes, SnapshotError> {
+        let listed: BTreeMap<u64, u64> = segments.iter().map(|s| (s.number, s.len_bytes)).collect();
+        for job in self.0.jobs.values() {
+            if let Some(reference) = job.spec.link().map(SpecView::reference) {
+                let inside = listed
+                    .get(&reference.segment)
+                    .is_some_and(|&len| u64::from(reference.offset) + u64::from(reference.len) <= len);
+                if !inside {
+                    return Err(SnapshotError(format!("spec segment {} is not listed whole", reference.segment)));
+                }
+            }
+        }
+        let count = u32::try_from(segments.len())
+            .ok()
+            .filter(|&count| count as usize <= LINKED_SEGMENTS_MAX)
+            .ok_or_else(|| SnapshotError(format!("{} spec segments are more than a snapshot lists", segments.len())))?;
+        let list_bytes = (segments.len() * LINKED_SEGMENT_BYTES).next_multiple_of(SNAPSHOT_HEADER_BYTES);
+        let mut out = AlignedVec::<16>::with_capacity(capacity_bytes.max(SNAPSHOT_HEADER_BYTES + list_bytes));
+        out.extend_from_slice(&[SNAPSHOT_FORMAT_LINKED, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&count.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        for segment in segments {
+            out.extend_from_slice(&segment.number.to_le_bytes());
+            out.extend_from_slice(&segment.len_bytes.to_le_bytes());
+            out.extend_from_slice(&segment.crc32c.to_le_bytes());
+            out.extend_from_slice(&[0; 4]);
+        }
+        out.resize(SNAPSHOT_HEADER_BYTES + list_bytes, 0);
+        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.0, out).map_err(|e| SnapshotError(e.to_string()))
+    }
+}
+
+/// The segments a linked snapshot lists (none for a snapshot of any other format), and
+/// where its archive starts.
+fn linked_list(bytes: &[u8]) -> Result<(Vec<LinkedSegment>, usize), RestoreError> {
+    let damaged = |reason: String| RestoreError::Damaged { format: SNAPSHOT_FORMAT_LINKED, reason };
+    let header = bytes.get(..SNAPSHOT_HEADER_BYTES).ok_or_else(|| damaged("it is shorter than its header".into()))?;
+    if header[1..8].iter().chain(&header[12..16]).any(|&b| b != 0) {
+        return Err(damaged("its header is not this format's".into()));
+    }
+    let count = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+    if count > LINKED_SEGMENTS_MAX {
+        return Err(damaged(format!("it lists {count} segments, more than {LINKED_SEGMENTS_MAX}")));
+    }
+    let list_end = SNAPSHOT_HEADER_BYTES + (count * LINKED_SEGMENT_BYTES).next_multiple_of(SNAPSHOT_HEADER_BYTES);
+    let list = bytes.get(SNAPSHOT_HEADER_BYTES..list_end).ok_or_else(|| damaged("its segment list is cut".into()))?;
+    let word = |at: &[u8]| u64::from_le_bytes(at.try_into().unwrap_or_default());
+    let segments = list
+        .chunks_exact(LINKED_SEGMENT_BYTES)
+        .take(count)
+        .map(|entry| LinkedSegment {
+            number: word(&entry[..8]),
+            len_bytes: word(&entry[8..16]),
+            crc32c: u32::from_le_bytes([entry[16], entry[17], entry[18], entry[19]]),
+        })
+        .collect();
+    Ok((segments, list_end))
 }
 
 /// FNV-1a over what is written to it (`State::digest`).
@@ -92,11 +191,11 @@ impl std::io::Write for Fnv {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RestoreError {
     #[error(
-        "snapshot format {found} is unknown (a newer Sundial wrote it); this node reads formats 0 to {SNAPSHOT_FORMAT}: upgrade it to the version that wrote the data"
+        "snapshot format {found} is unknown (a newer Sundial wrote it); this node reads formats 0 to {SNAPSHOT_FORMAT_LINKED}: upgrade it to the version that wrote the data"
     )]
     UnknownFormat { found: u8 },
     #[error(
-        "snapshot format {found} was written by a development build and is no longer read (this node reads formats 0 and {SNAPSHOT_FORMAT}): run the build that wrote the data, or give this node an empty data directory to catch up from its peers"
+        "snapshot format {found} was written by a development build and is no longer read (this node reads formats 0, {SNAPSHOT_FORMAT} and {SNAPSHOT_FORMAT_LINKED}): run the build that wrote the data, or give this node an empty data directory to catch up from its peers"
     )]
     Retired { found: u8 },
     #[error("a snapshot of format {format} does not decode: {reason}")]
@@ -1953,7 +2052,37 @@ impl State {
     /// A state from `snapshot`'s bytes, or from the JSON snapshots of builds before the
     /// format header (format 0); an unknown format is refused, never guessed at.
     pub fn restore(bytes: &[u8]) -> Result<State, RestoreError> {
+        State::restore_linked(bytes, &BTreeMap::new())
+    }
+
+    /// The segments a snapshot lists (a linked snapshot's; none for any other format): the
+    /// shell finds and checks them before `restore_linked`.
+    pub fn linked_segments(bytes: &[u8]) -> Result<Vec<LinkedSegment>, RestoreError> {
+        match bytes.first() {
+            Some(&SNAPSHOT_FORMAT_LINKED) => linked_list(bytes).map(|(segments, _)| segments),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// `restore`, for a linked snapshot too: each of its links is resolved into `segments`
+    /// (by number: the segment and the length the snapshot listed), checked to lie inside
+    /// and to hold a spec's archive. A link into a segment not given is an error.
+    pub fn restore_linked(
+        bytes: &[u8],
+        segments: &BTreeMap<u64, (Arc<dyn SpecSegment>, u64)>,
+    ) -> Result<State, RestoreError> {
         let damaged = |format: u8| move |reason: String| RestoreError::Damaged { format, reason };
+        let archived = |archive: &[u8], format: u8| {
+            // The archive needs 16-byte alignment; bytes read from a file may lack it (a
+            // mapped file's start has it).
+            if archive.as_ptr().align_offset(SNAPSHOT_HEADER_BYTES) == 0 {
+                return rkyv::from_bytes::<State, rkyv::rancor::Error>(archive)
+                    .map_err(|e| damaged(format)(e.to_string()));
+            }
+            let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
+            aligned.extend_from_slice(archive);
+            rkyv::from_bytes::<State, rkyv::rancor::Error>(&aligned).map_err(|e| damaged(format)(e.to_string()))
+        };
         let mut state: State = match bytes.first() {
             Some(b'{') => serde_json::from_slice(bytes).map_err(|e| damaged(0)(e.to_string()))?,
             Some(&SNAPSHOT_FORMAT) => {
@@ -1961,12 +2090,27 @@ impl State {
                 if bytes.get(1..SNAPSHOT_HEADER_BYTES).is_none_or(|rest| rest.iter().any(|&b| b != 0)) {
                     return Err(damaged(SNAPSHOT_FORMAT)("its header is not this format's".into()));
                 }
-                let archive = &bytes[SNAPSHOT_HEADER_BYTES..];
-                // The archive needs 16-byte alignment; bytes read from a file may lack it.
-                let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
-                aligned.extend_from_slice(archive);
-                rkyv::from_bytes::<State, rkyv::rancor::Error>(&aligned)
-                    .map_err(|e| damaged(SNAPSHOT_FORMAT)(e.to_string()))?
+                archived(&bytes[SNAPSHOT_HEADER_BYTES..], SNAPSHOT_FORMAT)?
+            }
+            Some(&SNAPSHOT_FORMAT_LINKED) => {
+                let (listed, archive_from) = linked_list(bytes)?;
+                let mut state = archived(&bytes[archive_from..], SNAPSHOT_FORMAT_LINKED)?;
+                for job in state.jobs.values_mut() {
+                    let Some(reference) = job.spec.unresolved() else { continue };
+                    let (segment, len) = segments
+                        .get(&reference.segment)
+                        .filter(|_| listed.iter().any(|listed| listed.number == reference.segment))
+                        .ok_or_else(|| {
+                            damaged(SNAPSHOT_FORMAT_LINKED)(format!(
+                                "a job's spec lies in spec segment {}, which the snapshot does not list or is not here",
+                                reference.segment
+                            ))
+                        })?;
+                    let view =
+                        SpecView::resolve(segment.clone(), *len, reference).map_err(damaged(SNAPSHOT_FORMAT_LINKED))?;
+                    job.spec = SpecCell::Stored(view);
+                }
+                state
             }
             Some(found) if SNAPSHOT_FORMATS_RETIRED.contains(found) => {
                 return Err(RestoreError::Retired { found: *found })
@@ -1975,6 +2119,10 @@ impl State {
             None => return Err(damaged(0)("no bytes".into())),
         };
         let format = bytes.first().map_or(0, |&b| if b == b'{' { 0 } else { b });
+        if let Some(reference) = state.jobs.values().find_map(|job| job.spec.unresolved()) {
+            // Only a linked snapshot holds links (and its restore resolved them all above).
+            return Err(damaged(format)(format!("a spec reference ({reference:?}) in place of a spec")));
+        }
         state.rebuild_indexes().map_err(damaged(format))?;
         Ok(state)
     }

@@ -46,6 +46,7 @@ struct MemSpecStore {
 }
 
 struct MemSegment {
+    number: u64,
     bytes: rkyv::util::AlignedVec<16>,
     live: std::sync::atomic::AtomicI64,
     repack: std::sync::atomic::AtomicBool,
@@ -67,6 +68,9 @@ unsafe impl sundial_engine::spec::SpecSegment for MemSegment {
     fn wants_repack(&self) -> bool {
         self.repack.load(std::sync::atomic::Ordering::Relaxed)
     }
+    fn number(&self) -> u64 {
+        self.number
+    }
 }
 
 impl MemSpecStore {
@@ -81,8 +85,12 @@ impl sundial_engine::spec::SpecSink for MemSpecStore {
     fn put(&mut self, archive: &[u8]) -> Option<sundial_engine::spec::SpecView> {
         let mut bytes = rkyv::util::AlignedVec::<16>::new();
         bytes.extend_from_slice(archive);
-        let segment = std::sync::Arc::new(MemSegment { bytes, live: Default::default(), repack: Default::default() });
-        self.segments.lock().expect("unpoisoned").push(std::sync::Arc::downgrade(&segment));
+        let mut segments = self.segments.lock().expect("unpoisoned");
+        let number = segments.len() as u64;
+        let segment =
+            std::sync::Arc::new(MemSegment { number, bytes, live: Default::default(), repack: Default::default() });
+        segments.push(std::sync::Arc::downgrade(&segment));
+        drop(segments);
         // SAFETY: the segment holds exactly the archive `put` was given, at offset 0.
         Some(unsafe { sundial_engine::spec::SpecView::new(segment, 0, archive.len() as u32) })
     }
@@ -586,6 +594,29 @@ fn steer(state: &State, command: Command) -> Command {
     }
 }
 
+/// A state restored from a linked snapshot of `state` (whose specs live in `store`): the
+/// specs stay where they are, found by segment number (the lengths and checksums the shell
+/// checks are not the core's to check).
+fn restore_linked_copy(state: &State, store: &MemSpecStore) -> State {
+    let mut copy = state.copy_for_snapshot();
+    let segments = copy.link();
+    let held = store.segments.lock().expect("unpoisoned");
+    let len_of = |number: u64| held[number as usize].upgrade().expect("a linked segment lives").bytes.len() as u64;
+    let list: Vec<LinkedSegment> = segments
+        .iter()
+        .map(|s| LinkedSegment { number: s.number(), len_bytes: len_of(s.number()), crc32c: 0 })
+        .collect();
+    let bytes = copy.encode_linked(&list, 0).expect("encodes");
+    assert_eq!(bytes[0], SNAPSHOT_FORMAT_LINKED);
+    assert_eq!(State::linked_segments(&bytes).expect("lists"), list);
+    let by_number = segments.into_iter().map(|s| (s.number(), (s.clone(), len_of(s.number())))).collect();
+    if !list.is_empty() {
+        let refused = State::restore(&bytes).expect_err("a linked snapshot is not whole without its segments");
+        assert!(refused.to_string().contains("spec segment"), "{refused}");
+    }
+    State::restore_linked(&bytes, &by_number).expect("restores")
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -601,6 +632,8 @@ proptest! {
         second.attach_spec_store(Box::new(store.clone()));
         second.attach_tombstone_store(Box::new(MemTombstoneStore));
         let mut restored: Option<State> = None;
+        // A fourth restored from a linked snapshot of the second: specs left in its store.
+        let mut linked: Option<State> = None;
         let mut copied = None;
         for (position, command) in commands.into_iter().enumerate() {
             let command = steer(&first, command);
@@ -613,11 +646,15 @@ proptest! {
             }
             prop_assert!(first.counts_match_jobs());
             if let Some(third) = restored.as_mut() {
-                prop_assert_eq!(third.apply(command), a);
+                prop_assert_eq!(third.apply(command.clone()), a.clone());
+            }
+            if let Some(fourth) = linked.as_mut() {
+                prop_assert_eq!(fourth.apply(command), a);
             }
             if position == snapshot_at {
                 let then = first.snapshot().expect("snapshot");
                 restored = Some(State::restore(&then).expect("restores"));
+                linked = Some(restore_linked_copy(&second, &store));
                 // A copy to encode later (as a snapshot thread does), taken before the repack.
                 copied = Some((second.copy_for_snapshot(), then));
                 // Every spec the store holds moves, as a repack does it.
@@ -643,7 +680,11 @@ proptest! {
         prop_assert_eq!(from_store.digest(), first.digest());
         if let Some(third) = restored {
             prop_assert_eq!(third.digest(), first.digest());
-            prop_assert_eq!(third, first);
+            prop_assert_eq!(&third, &first);
+        }
+        if let Some(fourth) = linked {
+            prop_assert_eq!(fourth.digest(), first.digest());
+            prop_assert_eq!(&fourth, &first);
         }
     }
 }
@@ -661,17 +702,17 @@ fn a_json_snapshot_of_an_earlier_build_restores_to_the_same_state_and_an_unknown
     assert_eq!(from_archive, state);
     assert_eq!(state.snapshot().expect("snapshot")[0], SNAPSHOT_FORMAT);
     let mut future = state.snapshot().expect("snapshot");
-    future[0] = SNAPSHOT_FORMAT + 1;
+    future[0] = SNAPSHOT_FORMAT_LINKED + 1;
     let refused = State::restore(&future).expect_err("unknown format");
-    assert_eq!(refused, RestoreError::UnknownFormat { found: SNAPSHOT_FORMAT + 1 });
-    assert!(refused.to_string().contains("snapshot format 5 is unknown"), "{refused}");
+    assert_eq!(refused, RestoreError::UnknownFormat { found: SNAPSHOT_FORMAT_LINKED + 1 });
+    assert!(refused.to_string().contains("snapshot format 6 is unknown"), "{refused}");
     for old in [1, 2, 3] {
         let mut retired = state.snapshot().expect("snapshot");
         retired[0] = old;
         let refused = State::restore(&retired).expect_err("formats 1 to 3 are no longer read");
         assert_eq!(refused, RestoreError::Retired { found: old });
         assert!(refused.to_string().contains(&format!("snapshot format {old} was written by a development build")));
-        assert!(refused.to_string().contains("reads formats 0 and 4"), "{refused}");
+        assert!(refused.to_string().contains("reads formats 0, 4 and 5"), "{refused}");
     }
     let mut cut = state.snapshot().expect("snapshot");
     cut.truncate(cut.len() / 2);

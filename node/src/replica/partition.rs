@@ -8,7 +8,9 @@
 //! rename it into place and cut the log.
 
 use crate::cluster::members::{Members, MembersCommand};
-use crate::replica::specs::{SpecStore, SEGMENTS_MAX_DEFAULT, SEGMENT_BYTES_DEFAULT, SPECS_DIR};
+use crate::replica::specs::{
+    FileSegment, SegmentFiles, SpecStore, SEGMENTS_MAX_DEFAULT, SEGMENT_BYTES_DEFAULT, SPECS_DIR,
+};
 use crate::replica::storage::{SnapshotPlan, WalStorage, WrittenSnapshot};
 use crate::replica::tombstones::{TombstoneFiles, TOMBSTONES_DIR};
 use std::collections::BTreeMap;
@@ -129,6 +131,12 @@ pub struct Partition {
     elections_won: u64,
     /// Whether it led at the end of the last `process`.
     leading: bool,
+    /// The spec store's segments (none without a store), which a linked snapshot's thread
+    /// syncs and lists.
+    spec_files: Option<SegmentFiles>,
+    /// The segments the newest snapshot lists, when it is a linked one: held so their files
+    /// stay while it is the newest, whatever the jobs in them became since.
+    snapshot_segments: Vec<std::sync::Arc<FileSegment>>,
 }
 
 /// One durable write of the log: how long it took and how many entries it carried.
@@ -140,7 +148,7 @@ pub struct LogWrite {
 
 /// A snapshot encoded and written on a thread of its own; the shard adopts it when done.
 struct SnapshotInFlight {
-    worker: std::thread::JoinHandle<Result<(SnapshotPlan, WrittenSnapshot), String>>,
+    worker: std::thread::JoinHandle<Result<WrittenOffShard, String>>,
     /// Set when the partition goes away: the thread gives up between chunks of its write.
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// When the shard began copying the state.
@@ -148,6 +156,82 @@ struct SnapshotInFlight {
     /// How long the copy stopped the shard (adopting the file stops it again).
     shard_pause: std::time::Duration,
 }
+
+/// What a partition opens with: its state (or the meta group's membership) as the newest
+/// snapshot holds it, and its spec store.
+struct Restored {
+    state: State,
+    members: Option<Members>,
+    spec_files: Option<SegmentFiles>,
+    snapshot_segments: Vec<std::sync::Arc<FileSegment>>,
+}
+
+/// Restores the newest snapshot in `storage`: a linked one's specs are found in the spec
+/// store's segments it lists (checked), which the store then keeps; a whole one's go into
+/// a store opened empty.
+fn restore(dir: &Path, options: &PartitionOptions, storage: &WalStorage) -> Result<Restored, PartitionError> {
+    let snapshot = storage.snapshot();
+    let snapshot_error = |e: String| PartitionError::Snapshot(e);
+    let listed = match options.members {
+        None => State::linked_segments(&snapshot.data).map_err(|e| snapshot_error(e.to_string()))?,
+        Some(_) => Vec::new(),
+    };
+    let mut spec_store = None;
+    let mut spec_files = None;
+    let mut snapshot_segments = Vec::new();
+    let mut listed_segments = BTreeMap::new();
+    if let (None, Some(segment_bytes)) = (&options.members, options.spec_segment_bytes) {
+        match SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT, &listed) {
+            Ok(opened) => {
+                spec_files = Some(opened.store.files());
+                spec_store = Some(opened.store);
+                snapshot_segments = opened.held;
+                listed_segments = opened.listed;
+            }
+            // The newest snapshot's specs are in that store: without it, it is not whole.
+            Err(error) if !listed.is_empty() => return Err(snapshot_error(error.to_string())),
+            // Without a store, specs stay in the heap (more memory, nothing lost).
+            Err(error) => tracing::warn!(
+                path = %dir.join(SPECS_DIR).display(), %error, "no spec store: this partition keeps its jobs' specs in memory"
+            ),
+        }
+    }
+    let (mut state, members) = match (&options.members, snapshot.data.is_empty()) {
+        (Some(initial), true) => (State::new(), Some(initial.clone())),
+        (Some(_), false) => (State::new(), Some(Members::restore(&snapshot.data).map_err(snapshot_error)?)),
+        (None, true) => (State::new(), None),
+        (None, false) => {
+            (State::restore_linked(&snapshot.data, &listed_segments).map_err(|e| snapshot_error(e.to_string()))?, None)
+        }
+    };
+    drop(listed_segments);
+    if let Some(store) = spec_store {
+        state.attach_spec_store(Box::new(store));
+    }
+    if options.members.is_none() && options.spec_segment_bytes.is_some() {
+        match TombstoneFiles::open(dir) {
+            Ok(store) => state.attach_tombstone_store(Box::new(store)),
+            Err(error) => tracing::warn!(
+                path = %dir.join(TOMBSTONES_DIR).display(), %error, "no tombstone store: this partition keeps its dedup window in memory"
+            ),
+        }
+    }
+    Ok(Restored { state, members, spec_files, snapshot_segments })
+}
+
+/// What a snapshot's thread hands back: the file written, and the spec segments it lists
+/// (a linked snapshot's), synced.
+struct WrittenOffShard {
+    plan: SnapshotPlan,
+    written: WrittenSnapshot,
+    segments: Vec<std::sync::Arc<FileSegment>>,
+}
+
+/// A linked snapshot is taken once the partition applied this fraction of its job count
+/// since the last (a whole snapshot, once it applied as many as it holds): it writes the
+/// table, not the specs, so taking it more often costs little and bounds the log a restart
+/// replays to about this fraction of the jobs.
+const LINKED_SNAPSHOT_JOBS_DIVISOR: u64 = 8;
 
 /// One snapshot of the state machine, adopted: how long the shard stopped for it (the copy,
 /// or the whole snapshot when taken on the spot), and how long until it was the log's.
@@ -208,29 +292,7 @@ impl Partition {
         let dir = dir.as_ref();
         options.voters = initial_voters(dir, &options.voters)?;
         let storage = WalStorage::open(dir, options.wal, &options.voters)?;
-        let snapshot = storage.snapshot();
-        let snapshot_error = |e: String| PartitionError::Snapshot(e);
-        let (mut state, members) = match (&options.members, snapshot.data.is_empty()) {
-            (Some(initial), true) => (State::new(), Some(initial.clone())),
-            (Some(_), false) => (State::new(), Some(Members::restore(&snapshot.data).map_err(snapshot_error)?)),
-            (None, true) => (State::new(), None),
-            (None, false) => (State::restore(&snapshot.data).map_err(|e| snapshot_error(e.to_string()))?, None),
-        };
-        if let (None, Some(segment_bytes)) = (&options.members, options.spec_segment_bytes) {
-            // Scratch space: without it, specs stay in the heap (more memory, nothing lost).
-            match SpecStore::open(dir, segment_bytes, SEGMENTS_MAX_DEFAULT) {
-                Ok(store) => state.attach_spec_store(Box::new(store)),
-                Err(error) => tracing::warn!(
-                    path = %dir.join(SPECS_DIR).display(), %error, "no spec store: this partition keeps its jobs' specs in memory"
-                ),
-            }
-            match TombstoneFiles::open(dir) {
-                Ok(store) => state.attach_tombstone_store(Box::new(store)),
-                Err(error) => tracing::warn!(
-                    path = %dir.join(TOMBSTONES_DIR).display(), %error, "no tombstone store: this partition keeps its dedup window in memory"
-                ),
-            }
-        }
+        let Restored { mut state, members, spec_files, snapshot_segments } = restore(dir, &options, &storage)?;
         // Replaying the log's tail inserts up to one job per entry: room for them now is one
         // allocation instead of doublings (each a copy of the table, whose old buffers the
         // allocator keeps). The table's slots are not touched until used; the index's
@@ -267,6 +329,8 @@ impl Partition {
             elections_won: 0,
             leading: false,
             repack_cursor: None,
+            spec_files,
+            snapshot_segments,
         };
         partition.process()?;
         if partition.options.voters == [partition.options.node_id] {
@@ -426,6 +490,8 @@ impl Partition {
                     }
                     self.state = restored;
                     self.repack_cursor = None;
+                    // The leader's snapshot is whole in itself (never a linked one).
+                    self.snapshot_segments.clear();
                 }
             }
             for entry in &ready.committed_entries {
@@ -568,8 +634,9 @@ impl Partition {
     /// most about as long as the state.
     fn maybe_snapshot(&mut self) -> Result<(), PartitionError> {
         let state_size = self.members.as_ref().map_or(self.state.job_count() as u64, |_| 0);
+        let wait_entries = if self.links_snapshots() { state_size / LINKED_SNAPSHOT_JOBS_DIVISOR } else { state_size };
         if self.snapshot_in_flight.is_some()
-            || self.applied_since_snapshot < self.options.snapshot_every_entries.max(state_size)
+            || self.applied_since_snapshot < self.options.snapshot_every_entries.max(wait_entries)
         {
             return Ok(());
         }
@@ -577,6 +644,18 @@ impl Partition {
             return self.compact();
         }
         self.start_snapshot()
+    }
+
+    /// Whether this partition's snapshots are linked (the table, the specs left in the store's
+    /// segments): only with a spec store, and only while it is the group's one member, since
+    /// a linked snapshot is whole only together with this replica's files and so is never
+    /// sent. A leader about to add a replica takes a whole one first (`compact`).
+    fn links_snapshots(&self) -> bool {
+        let conf = self.node.conf_state();
+        self.spec_files.is_some()
+            && self.members.is_none()
+            && conf.learners.is_empty()
+            && conf.voters == [self.options.node_id]
     }
 
     /// Starts a snapshot of the state at the applied index on a thread of its own: the shard
@@ -590,20 +669,43 @@ impl Partition {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        let copy = self.state.copy_for_snapshot();
+        let mut copy = self.state.copy_for_snapshot();
         let last_bytes = self.node.storage().snapshot().data.len();
         let capacity_bytes = last_bytes + last_bytes / 8;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop_here = stop.clone();
+        let linked = self.links_snapshots().then(|| self.spec_files.clone()).flatten();
+        let dir = self.node.storage().wal().dir().to_path_buf();
         let worker = std::thread::Builder::new()
             .name(format!("snapshot-{applied}"))
             .spawn(move || {
                 let _turn = turn;
                 lower_this_threads_priority();
-                let data = copy.encode(capacity_bytes).map_err(|error| error.to_string())?;
+                let mut segments = Vec::new();
+                let data = match linked {
+                    None => copy.encode(capacity_bytes),
+                    Some(files) => {
+                        // The segments first, durable up to what the snapshot lists, and
+                        // their names: the snapshot is renamed into place only after.
+                        let mut list = Vec::new();
+                        for segment in copy.link() {
+                            let number = segment.number();
+                            let file = files.get(number).ok_or_else(|| format!("spec segment {number} is gone"))?;
+                            list.push(
+                                file.make_durable()
+                                    .map_err(|error| format!("syncing spec segment {number}: {error}"))?,
+                            );
+                            segments.push(file);
+                        }
+                        SegmentFiles::sync_dir(&dir)
+                            .map_err(|error| format!("syncing the spec segments' directory: {error}"))?;
+                        copy.encode_linked(&list, capacity_bytes)
+                    }
+                }
+                .map_err(|error| error.to_string())?;
                 drop(copy);
                 let written = plan.write(&data, &stop_here).map_err(|error| error.to_string())?;
-                Ok((plan, written))
+                Ok(WrittenOffShard { plan, written, segments })
             })
             .map_err(|error| PartitionError::Snapshot(format!("starting the snapshot's thread: {error}")))?;
         let shard_pause = started.elapsed();
@@ -620,12 +722,14 @@ impl Partition {
         let Some(SnapshotInFlight { worker, started, shard_pause, .. }) = self.snapshot_in_flight.take() else {
             return Ok(());
         };
-        let (plan, written) = match worker.join() {
+        let WrittenOffShard { plan, written, segments } = match worker.join() {
             Ok(written) => written.map_err(PartitionError::Snapshot)?,
             Err(_) => return Err(PartitionError::Snapshot("the snapshot's thread panicked".into())),
         };
         let adopting = std::time::Instant::now();
         if self.node.storage_mut().adopt_snapshot(plan, written)? {
+            // Only now may the segments the last snapshot listed (and this one does not) go.
+            self.snapshot_segments = segments;
             let shard_pause = shard_pause + adopting.elapsed();
             self.snapshot_taken(SnapshotTaken { shard_pause, duration: started.elapsed() });
         }
@@ -657,6 +761,8 @@ impl Partition {
         };
         self.applied_since_snapshot = 0;
         if taken {
+            // Whole in itself: the segments the last snapshot listed are no longer needed.
+            self.snapshot_segments.clear();
             let elapsed = started.elapsed();
             self.snapshot_taken(SnapshotTaken { shard_pause: elapsed, duration: elapsed });
         }
@@ -1005,7 +1111,7 @@ mod tests {
         }
         settle_snapshot(&mut partition);
         assert_eq!(partition.snapshot_index(), started_at, "adopted, at the index it started at");
-        let restored = State::restore(&partition.node.storage().snapshot().data).expect("the snapshot restores");
+        let restored = restore_newest_snapshot(&partition);
         assert_eq!(restored.job_count(), jobs_then, "it holds the state where it started");
         assert!(restored.job("later-0").is_none() && partition.state().job("later-0").is_some());
         assert_eq!(partition.node.storage().wal().first_index(), started_at + 1, "the log before it was cut");
@@ -1031,6 +1137,92 @@ mod tests {
         let reopened = Partition::open(dir.path(), options()).expect("reopen");
         assert_eq!(reopened.state().job_count(), created + 6, "every job after a restart");
         assert!(reopened.state().job("newest").is_some());
+    }
+
+    /// The partition's newest snapshot restored, its specs found in the segments the
+    /// partition holds for it (a linked snapshot's) or in its own bytes.
+    fn restore_newest_snapshot(partition: &Partition) -> State {
+        let data = partition.node.storage().snapshot().data.clone();
+        let listed = State::linked_segments(&data).expect("lists");
+        let held: BTreeMap<u64, (std::sync::Arc<dyn sundial_engine::spec::SpecSegment>, u64)> = listed
+            .iter()
+            .map(|entry| {
+                use sundial_engine::spec::SpecSegment as _;
+                let segment = partition.snapshot_segments.iter().find(|s| s.number() == entry.number);
+                let segment: std::sync::Arc<dyn sundial_engine::spec::SpecSegment> = segment.expect("held").clone();
+                (entry.number, (segment, entry.len_bytes))
+            })
+            .collect();
+        State::restore_linked(&data, &held).expect("the snapshot restores")
+    }
+
+    #[test]
+    fn a_linked_snapshot_leaves_specs_in_their_segments_which_a_restart_maps_checked_and_dead_ones_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Small segments (64 KiB: ~150 of these specs each), so a thousand jobs fill several.
+        let options = || PartitionOptions {
+            spec_segment_bytes: Some(64 << 10),
+            snapshot_every_entries: 1_000_000,
+            ..PartitionOptions::single_node(1)
+        };
+        let mut partition = Partition::open(dir.path(), options()).expect("open");
+        let body = "b".repeat(256);
+        for i in 0..1_000 {
+            partition.propose_one(&create_with_body(&format!("job-{i:04}"), &body)).expect("leads");
+        }
+        partition.advance().expect("persisted");
+        partition.start_snapshot().expect("started");
+        settle_snapshot(&mut partition);
+        let snapshot = partition.node.storage().snapshot();
+        assert_eq!(snapshot.data[0], sundial_engine::state::SNAPSHOT_FORMAT_LINKED, "a single node links its specs");
+        let listed = State::linked_segments(&snapshot.data).expect("lists");
+        assert!(listed.len() >= 4 && listed.len() == partition.snapshot_segments.len(), "{}", listed.len());
+        assert!(snapshot.data.len() < 1_000 * 200, "the table, not the specs: {} bytes", snapshot.data.len());
+        // Created after the snapshot: the log's tail, replayed at the restart.
+        for i in 0..100 {
+            partition.propose_one(&create_with_body(&format!("late-{i:03}"), &body)).expect("leads");
+        }
+        partition.advance().expect("persisted");
+        let digest = partition.state().digest();
+        drop(partition);
+
+        let mut partition = Partition::open(dir.path(), options()).expect("reopen");
+        let state = partition.state();
+        assert_eq!((state.job_count(), state.specs_in_heap(), state.digest()), (1_100, 0, digest));
+        assert_eq!(state.job("job-0042").map(|job| job.spec().target.body.len()), Some(256));
+        let listed_files = |dir: &Path| {
+            let names: Vec<_> = listed.iter().map(|entry| format!("{:016}.spec", entry.number)).collect();
+            names.iter().filter(|name| dir.join(SPECS_DIR).join(name).exists()).count()
+        };
+        assert_eq!(listed_files(dir.path()), listed.len(), "the listed segments were kept and mapped, not put again");
+        // The tail's 100 specs (~650 bytes each) fill one segment and start another.
+        assert!(spec_files(dir.path()) <= listed.len() + 2, "{} files", spec_files(dir.path()));
+
+        // Every job of the snapshot deleted: the next linked snapshot lists none of their
+        // segments, and once it is adopted they go.
+        for i in 0..1_000 {
+            let id = format!("job-{i:04}");
+            partition.propose_one(&Command::Delete { id, now_ms: 1_800_000_000_000 }).expect("leads");
+        }
+        partition.advance().expect("persisted");
+        assert_eq!(listed_files(dir.path()), listed.len(), "still listed by the newest snapshot");
+        partition.start_snapshot().expect("started");
+        settle_snapshot(&mut partition);
+        assert_eq!(listed_files(dir.path()), 0, "no snapshot and no job needs them");
+        drop(partition);
+
+        // A listed segment damaged: the partition does not open, and says which file and why.
+        let snapshot_listed = {
+            let partition = Partition::open(dir.path(), options()).expect("reopen");
+            assert_eq!(partition.state().job_count(), 100);
+            State::linked_segments(&partition.node.storage().snapshot().data).expect("lists")
+        };
+        let damaged = dir.path().join(SPECS_DIR).join(format!("{:016}.spec", snapshot_listed[0].number));
+        let mut bytes = std::fs::read(&damaged).expect("read");
+        bytes[100] ^= 1;
+        std::fs::write(&damaged, &bytes).expect("write");
+        let refused = Partition::open(dir.path(), options()).err().expect("refused").to_string();
+        assert!(refused.contains(&damaged.display().to_string()) && refused.contains("checksum"), "{refused}");
     }
 
     fn create_with_body(id: &str, body: &str) -> Command {

@@ -1,26 +1,35 @@
 //! A partition's spec store: job specs archived into file-backed mappings (`specs/` in the
 //! partition's directory), so a pending job's URL, headers, body, labels and secrets cost
-//! page cache the kernel can write back and evict, not heap. The store is rebuilt whenever
-//! the replica opens (from the snapshot and the log, which are what is durable): its files
-//! are scratch space, never read back across a restart, and removed at open.
+//! page cache the kernel can write back and evict, not heap.
 //!
-//! A segment is a preallocated file mapped shared; specs are appended at 16-byte alignment
-//! and never written again. A segment is unmapped and deleted when the last spec in it is
-//! gone (each view holds it); a sealed segment whose live bytes fell below a quarter asks to
-//! be repacked (`State::repack_specs` copies its live specs to the head).
+//! A segment is a preallocated file mapped shared, named by its number; specs are appended
+//! at 16-byte alignment and never written again. A linked snapshot (`State::link`) names the
+//! segments its jobs' specs lie in with a length and a CRC32C: before it is written, each of
+//! them is synced up to that length (only past what an earlier snapshot synced, the checksum
+//! carried on from there, since nothing below is ever written again). So the segments the
+//! newest snapshot lists are durable, and at open they are mapped and checked, not read into
+//! memory; every other file in the directory (specs put after that snapshot, which the log
+//! replays) is removed. A segment is unmapped and deleted when the last spec in it is gone
+//! and no adopted snapshot lists it (each view, and the partition for its snapshot, holds
+//! it); a sealed segment whose live bytes fell below a quarter asks to be repacked
+//! (`State::repack_specs` copies its live specs to the head).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use sundial_engine::spec::{SpecSegment, SpecSink, SpecView, SPEC_ALIGN_BYTES};
+use sundial_engine::state::LinkedSegment;
 
 /// The directory in a partition's directory that holds its spec segments.
 pub const SPECS_DIR: &str = "specs";
 /// Each segment file starts with this header: magic (8), format version (4), zero (4).
 const SEGMENT_MAGIC: [u8; 8] = *b"SUNDSPEC";
-const SEGMENT_FORMAT: u32 = 1;
+/// Format 2: segments named by number and kept across restarts (format 1's were scratch).
+const SEGMENT_FORMAT: u32 = 2;
 const SEGMENT_HEADER_BYTES: usize = 16;
+const SEGMENT_SUFFIX: &str = ".spec";
 /// A segment file's size: small enough that one long-lived spec pins little disk before a
 /// repack moves it, large enough that new files are rare (one per ~10k small specs).
 pub const SEGMENT_BYTES_DEFAULT: u64 = 8 << 20;
@@ -32,25 +41,38 @@ pub(super) const DISK_FREE_FLOOR_BYTES: u64 = 1 << 30;
 /// After a segment could not be made, puts go on refusing this many specs before trying
 /// again (a failing disk is not retried on every create).
 const PUTS_BEFORE_RETRY: u64 = 4096;
-/// Numbers the stores of this process, so a store's files never share a name with those of
-/// an earlier store of the same partition whose segments are still mapped.
-static STORES_OPENED: AtomicU64 = AtomicU64::new(0);
 
 /// One segment file, mapped shared and writable.
-struct FileSegment {
+pub struct FileSegment {
     map: memmap2::MmapRaw,
     path: PathBuf,
+    number: u64,
+    /// The file's inode: a segment deletes its file only if the name still names it.
+    inode: u64,
     /// Bytes of specs in it that some job still holds.
     live_bytes: AtomicU64,
-    /// Bytes written (header included); final once sealed.
+    /// Bytes written (header included); final once sealed. Stored with Release after the
+    /// bytes are copied, so a thread that loads it (Acquire) sees them.
     written_bytes: AtomicU64,
     /// No more specs are appended (a newer segment is the head).
     sealed: AtomicBool,
+    /// How far the file is known durable, and the CRC32C of its bytes up to there.
+    durable: Mutex<Durable>,
+    /// Whether its store is still open: a segment that goes after its store closed (the
+    /// partition going away) keeps its file, which a snapshot may list.
+    store_open: Arc<AtomicBool>,
+}
+
+#[derive(Clone, Copy)]
+struct Durable {
+    len_bytes: u64,
+    crc32c: u32,
 }
 
 // SAFETY: `SpecStore::put` is the only writer: it copies a record to a 16-byte-aligned offset
 // of the page-aligned mapping past every record handed out, then makes its view; nothing
-// writes there again, and the file is never truncated while mapped.
+// writes there again, and the file is never truncated while mapped. A segment opened from a
+// snapshot's list is never written below the length listed (it is sealed).
 unsafe impl SpecSegment for FileSegment {
     fn read(&self, offset: u32, len: u32) -> &[u8] {
         let (offset, len) = (offset as usize, len as usize);
@@ -74,14 +96,88 @@ unsafe impl SpecSegment for FileSegment {
         self.sealed.load(Ordering::Relaxed)
             && self.live_bytes.load(Ordering::Relaxed) * 4 < self.written_bytes.load(Ordering::Relaxed)
     }
+
+    fn number(&self) -> u64 {
+        self.number
+    }
+}
+
+impl FileSegment {
+    /// Syncs the segment's written bytes to disk (past what is already durable) and returns
+    /// them as a snapshot lists them. Called off the shard (the snapshot's thread) while the
+    /// shard may append further: only bytes written before the call are covered.
+    pub fn make_durable(&self) -> std::io::Result<LinkedSegment> {
+        let written = self.written_bytes.load(Ordering::Acquire);
+        let mut durable = self.durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if written > durable.len_bytes {
+            let from = durable.len_bytes as usize;
+            let len = (written - durable.len_bytes) as usize;
+            self.map.flush_range(from, len)?;
+            // SAFETY: `from..from + len` lies below `written`, bytes the shard copied before
+            // it stored `written` (Release, loaded above with Acquire) and never writes again.
+            let bytes = unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(from), len) };
+            *durable = Durable { len_bytes: written, crc32c: crc32c::crc32c_append(durable.crc32c, bytes) };
+        }
+        Ok(LinkedSegment { number: self.number, len_bytes: durable.len_bytes, crc32c: durable.crc32c })
+    }
+
+    fn map_file(path: &Path, file: &File, number: u64, store_open: Arc<AtomicBool>) -> std::io::Result<FileSegment> {
+        use std::os::unix::fs::MetadataExt;
+        let map = memmap2::MmapOptions::new().map_raw(file)?;
+        Ok(FileSegment {
+            map,
+            path: path.to_path_buf(),
+            number,
+            inode: file.metadata()?.ino(),
+            live_bytes: AtomicU64::new(0),
+            written_bytes: AtomicU64::new(SEGMENT_HEADER_BYTES as u64),
+            sealed: AtomicBool::new(false),
+            durable: Mutex::new(Durable { len_bytes: 0, crc32c: 0 }),
+            store_open,
+        })
+    }
 }
 
 impl Drop for FileSegment {
     fn drop(&mut self) {
-        // Scratch space: the mapping goes with `self.map`; the file is not needed again.
+        use std::os::unix::fs::MetadataExt;
+        if !self.store_open.load(Ordering::Acquire) {
+            return; // the partition went away: the next open decides by the snapshot's list
+        }
+        // No spec and no adopted snapshot needs it. The name may since name another file (a
+        // store opened again in this process): that one is not this segment's to remove.
+        match fs::metadata(&self.path) {
+            Ok(metadata) if metadata.ino() == self.inode => {}
+            Ok(_) => return,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+            Err(error) => {
+                tracing::warn!(path = %self.path.display(), %error, "a spec segment's file cannot be looked at");
+                return;
+            }
+        }
         if let Err(error) = fs::remove_file(&self.path) {
             tracing::warn!(path = %self.path.display(), %error, "removing a spec segment failed");
         }
+    }
+}
+
+/// The segments of a store that still live, by number: what a snapshot's thread syncs.
+#[derive(Clone, Default)]
+pub struct SegmentFiles(Arc<Mutex<BTreeMap<u64, Weak<FileSegment>>>>);
+
+impl SegmentFiles {
+    /// The segment of this number, if it still lives.
+    pub fn get(&self, number: u64) -> Option<Arc<FileSegment>> {
+        self.lock().get(&number).and_then(Weak::upgrade)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Weak<FileSegment>>> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Syncs the directory, so the names of segments made since the last call survive.
+    pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+        File::open(dir.join(SPECS_DIR))?.sync_all()
     }
 }
 
@@ -91,53 +187,112 @@ pub struct SpecStore {
     segment_bytes: u64,
     segments_max: usize,
     head: Option<Arc<FileSegment>>,
-    /// Segments made, including the head; dead ones are pruned when a segment is made.
-    made: Vec<Weak<FileSegment>>,
+    /// Segments made or opened, including the head, shared with snapshots' threads; dead
+    /// ones are pruned when a segment is made.
+    files: SegmentFiles,
     next_number: u64,
-    /// This store's number in the process (its files' names start with it).
-    instance: u64,
     /// Puts still to refuse before trying to make a segment again, after a failure.
     refusing_puts: u64,
     /// A failure was logged; the next one is logged only after a segment was made again.
     warned: bool,
+    /// Cleared when the store goes (see `FileSegment::store_open`).
+    open: Arc<AtomicBool>,
+}
+
+impl Drop for SpecStore {
+    fn drop(&mut self) {
+        self.open.store(false, Ordering::Release);
+    }
+}
+
+/// A store opened on the segments a snapshot lists.
+pub struct OpenedStore {
+    pub store: SpecStore,
+    /// The listed segments, by number, with the length listed (for `State::restore_linked`).
+    pub listed: BTreeMap<u64, (Arc<dyn SpecSegment>, u64)>,
+    /// The same segments, which the partition holds as long as that snapshot is its newest.
+    pub held: Vec<Arc<FileSegment>>,
+}
+
+/// A segment file's number, from its name.
+fn number_of(name: &str) -> Option<u64> {
+    name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok()
+}
+
+fn segment_name(number: u64) -> String {
+    format!("{number:016}{SEGMENT_SUFFIX}")
 }
 
 impl SpecStore {
-    /// A store in `partition_dir/specs`, emptied of whatever an earlier run left there.
-    pub fn open(partition_dir: &Path, segment_bytes: u64, segments_max: usize) -> std::io::Result<SpecStore> {
+    /// A store in `partition_dir/specs` holding the segments `listed` (the newest snapshot's
+    /// list), each checked against its length and CRC32C; every other file there is removed.
+    /// A listed segment missing or damaged is an error naming it: the snapshot is not whole.
+    pub fn open(
+        partition_dir: &Path,
+        segment_bytes: u64,
+        segments_max: usize,
+        listed: &[LinkedSegment],
+    ) -> std::io::Result<OpenedStore> {
         let dir = partition_dir.join(SPECS_DIR);
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => return Err(error),
-        }
         fs::create_dir_all(&dir)?;
         let segment_bytes = segment_bytes.clamp(1 << 16, 1 << 30);
-        let instance = STORES_OPENED.fetch_add(1, Ordering::Relaxed);
-        Ok(SpecStore {
+        let wanted: BTreeMap<u64, LinkedSegment> = listed.iter().map(|segment| (segment.number, *segment)).collect();
+        let mut highest = None;
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let number = entry.file_name().to_str().and_then(number_of);
+            highest = highest.max(number);
+            if !number.is_some_and(|number| wanted.contains_key(&number)) {
+                // Specs put after the newest snapshot (the log replays them), or what an
+                // older build left.
+                fs::remove_file(entry.path())?;
+            }
+        }
+        let files = SegmentFiles::default();
+        // Set once the store stands: a segment dropped on a failed open keeps its file.
+        let open = Arc::new(AtomicBool::new(false));
+        let mut opened = BTreeMap::new();
+        let mut held = Vec::new();
+        for segment in wanted.values() {
+            let file_segment = Arc::new(open_listed(&dir, segment, open.clone())?);
+            files.lock().insert(segment.number, Arc::downgrade(&file_segment));
+            let as_segment: Arc<dyn SpecSegment> = file_segment.clone();
+            opened.insert(segment.number, (as_segment, segment.len_bytes));
+            held.push(file_segment);
+        }
+        let next_number = highest.max(wanted.keys().next_back().copied()).map_or(0, |n| n + 1);
+        open.store(true, Ordering::Release);
+        let store = SpecStore {
             dir,
             segment_bytes,
             segments_max,
             head: None,
-            made: Vec::new(),
-            next_number: 0,
-            instance,
+            files,
+            next_number,
             refusing_puts: 0,
             warned: false,
-        })
+            open,
+        };
+        Ok(OpenedStore { store, listed: opened, held })
     }
 
-    /// Segments still held (the head and every older one a job still uses).
+    /// The store's segments, shared (a snapshot's thread syncs them).
+    pub fn files(&self) -> SegmentFiles {
+        self.files.clone()
+    }
+
+    /// Segments still held (the head and every older one a job or a snapshot still uses).
     pub fn segments(&self) -> usize {
-        self.made.iter().filter(|segment| segment.strong_count() > 0).count()
+        self.files.lock().values().filter(|segment| segment.strong_count() > 0).count()
     }
 
     fn new_segment(&mut self) -> std::io::Result<Arc<FileSegment>> {
-        self.made.retain(|segment| segment.strong_count() > 0);
-        if self.made.len() >= self.segments_max {
+        let mut files = self.files.lock();
+        files.retain(|_, segment| segment.strong_count() > 0);
+        if files.len() >= self.segments_max {
             return Err(std::io::Error::other(format!(
                 "{} spec segments of {} bytes are in use (the bound)",
-                self.made.len(),
+                files.len(),
                 self.segment_bytes
             )));
         }
@@ -147,12 +302,14 @@ impl SpecStore {
                 "{free} bytes free on the disk, under the floor kept for the log"
             )));
         }
-        let path = self.dir.join(format!("{:06}-{:012}.spec", self.instance, self.next_number));
+        let number = self.next_number;
+        let path = self.dir.join(segment_name(number));
         self.next_number += 1;
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
-        let made = reserve(&file, self.segment_bytes).and_then(|()| memmap2::MmapOptions::new().map_raw(&file));
-        let map = match made {
-            Ok(map) => map,
+        let made = reserve(&file, self.segment_bytes)
+            .and_then(|()| FileSegment::map_file(&path, &file, number, self.open.clone()));
+        let segment = match made {
+            Ok(segment) => segment,
             Err(error) => {
                 let _ = fs::remove_file(&path);
                 return Err(error);
@@ -163,17 +320,54 @@ impl SpecStore {
         header[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
         // SAFETY: the mapping is at least a segment long (reserved above) and nothing else
         // refers to it yet.
-        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), map.as_mut_ptr(), SEGMENT_HEADER_BYTES) };
-        let segment = Arc::new(FileSegment {
-            map,
-            path,
-            live_bytes: AtomicU64::new(0),
-            written_bytes: AtomicU64::new(SEGMENT_HEADER_BYTES as u64),
-            sealed: AtomicBool::new(false),
-        });
-        self.made.push(Arc::downgrade(&segment));
+        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), segment.map.as_mut_ptr(), SEGMENT_HEADER_BYTES) };
+        let segment = Arc::new(segment);
+        files.insert(number, Arc::downgrade(&segment));
         Ok(segment)
     }
+}
+
+/// Maps a segment a snapshot lists, sealed at the length listed, after checking its header
+/// and the CRC32C of its bytes up to there.
+fn open_listed(dir: &Path, listed: &LinkedSegment, store_open: Arc<AtomicBool>) -> std::io::Result<FileSegment> {
+    let path = dir.join(segment_name(listed.number));
+    let damaged = |what: String| {
+        std::io::Error::other(format!(
+            "spec segment {} that the newest snapshot lists {what}; the snapshot cannot be restored without it",
+            path.display()
+        ))
+    };
+    let file = match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Err(damaged("is missing".into())),
+        Err(error) => return Err(error),
+    };
+    let size = file.metadata()?.len();
+    if size < listed.len_bytes || listed.len_bytes < SEGMENT_HEADER_BYTES as u64 {
+        return Err(damaged(format!("is {size} bytes long, not the {} listed", listed.len_bytes)));
+    }
+    let segment = FileSegment::map_file(&path, &file, listed.number, store_open)?;
+    let len = listed.len_bytes as usize;
+    // SAFETY: the file is at least `len` bytes long (checked above) and mapped whole.
+    let bytes = unsafe { std::slice::from_raw_parts(segment.map.as_ptr(), len) };
+    let format = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if bytes[..8] != SEGMENT_MAGIC || format != SEGMENT_FORMAT {
+        return Err(damaged(format!(
+            "is not a spec segment of format {SEGMENT_FORMAT} (format {format}): run the build that wrote the data"
+        )));
+    }
+    let crc32c = crc32c::crc32c(bytes);
+    if crc32c != listed.crc32c {
+        return Err(damaged(format!(
+            "does not match its checksum (CRC32C {crc32c:#010x} of its first {len} bytes, {:#010x} listed)",
+            listed.crc32c
+        )));
+    }
+    segment.written_bytes.store(listed.len_bytes, Ordering::Release);
+    segment.sealed.store(true, Ordering::Relaxed);
+    *segment.durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) =
+        Durable { len_bytes: listed.len_bytes, crc32c };
+    Ok(segment)
 }
 
 impl SpecSink for SpecStore {
@@ -216,7 +410,7 @@ impl SpecSink for SpecStore {
         unsafe {
             std::ptr::copy_nonoverlapping(archive.as_ptr(), head.map.as_mut_ptr().add(at as usize), archive.len())
         };
-        head.written_bytes.store(at + u64::from(len), Ordering::Relaxed);
+        head.written_bytes.store(at + u64::from(len), Ordering::Release);
         let offset = u32::try_from(at).ok()?;
         let segment: Arc<dyn SpecSegment> = head.clone();
         // SAFETY: the record just copied there from `archive`, as `put` was given it.
@@ -224,7 +418,7 @@ impl SpecSink for SpecStore {
     }
 
     fn repack_wanted(&self) -> bool {
-        self.made.iter().filter_map(Weak::upgrade).any(|segment| segment.wants_repack())
+        self.files.lock().values().filter_map(Weak::upgrade).any(|segment| segment.wants_repack())
     }
 }
 
@@ -274,6 +468,7 @@ pub(super) fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sundial_engine::spec::SpecCell;
 
     fn files(dir: &Path) -> Vec<PathBuf> {
         fs::read_dir(dir.join(SPECS_DIR)).expect("specs dir").map(|entry| entry.expect("entry").path()).collect()
@@ -284,8 +479,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::create_dir_all(dir.path().join(SPECS_DIR)).expect("dir");
         fs::write(dir.path().join(SPECS_DIR).join("left-over.spec"), b"from an earlier run").expect("write");
-        let mut store = SpecStore::open(dir.path(), 1 << 16, 1).expect("open");
-        assert!(files(dir.path()).is_empty(), "an earlier run's files are removed at open");
+        let mut store = SpecStore::open(dir.path(), 1 << 16, 1, &[]).expect("open").store;
+        assert!(files(dir.path()).is_empty(), "files no snapshot lists are removed at open");
         let record: Vec<u8> = (0..1_000u32).map(|i| i as u8).collect();
         let mut views = Vec::new();
         while let Some(view) = store.put(&record) {
@@ -298,6 +493,7 @@ mod tests {
         let [file] = files(dir.path()).try_into().expect("one segment file");
         let header = fs::read(&file).expect("read");
         assert_eq!((&header[..8], &header[8..12]), (&SEGMENT_MAGIC[..], &SEGMENT_FORMAT.to_le_bytes()[..]));
+        assert_eq!(file.file_name().and_then(|name| name.to_str()), Some("0000000000000000.spec"));
         // The bound (one segment) is reached: refused, so the caller keeps the spec.
         assert!(store.put(&record).is_none());
         views.clear();
@@ -309,5 +505,62 @@ mod tests {
         }
         let view = store.put(&record).expect("a new segment once the old one is gone");
         assert_eq!((view.bytes(), files(dir.path()).len()), (record.as_slice(), 1));
+    }
+
+    /// Puts the spec of a job `id` in `store` as the state would, and returns its view.
+    fn put_spec(store: &mut SpecStore, id: &str) -> SpecView {
+        let request = serde_json::json!({"id": id, "run_at": 2_000_000_000_000u64, "url": "https://example.com/hook"});
+        let spec = sundial_engine::request::parse_job_request(&request, 1_000, "unused").expect("valid");
+        let mut cell = SpecCell::new(spec);
+        cell.store_in(store);
+        match cell {
+            SpecCell::Stored(view) => view,
+            _ => panic!("the store took the spec"),
+        }
+    }
+
+    #[test]
+    fn listed_segments_survive_a_reopen_checked_and_a_damaged_or_missing_one_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SpecStore::open(dir.path(), 1 << 16, 8, &[]).expect("open").store;
+        let first = put_spec(&mut store, "job-a");
+        let files_of_store = store.files();
+        let listed = files_of_store.get(0).expect("segment 0").make_durable().expect("durable");
+        assert_eq!(listed.len_bytes, u64::from(first.reference().offset + first.reference().len));
+        // Put after the snapshot's list: durable only at the next one, so the list stays.
+        let later = put_spec(&mut store, "job-b");
+        assert_eq!(later.reference().segment, 0, "the same head segment");
+        let again = files_of_store.get(0).expect("segment 0").make_durable().expect("durable");
+        assert!(again.len_bytes > listed.len_bytes, "the checksum carries on past the first list");
+        let whole = fs::read(dir.path().join(SPECS_DIR).join(segment_name(0))).expect("read");
+        assert_eq!(
+            again.crc32c,
+            crc32c::crc32c(&whole[..again.len_bytes as usize]),
+            "an extended CRC is the whole one"
+        );
+        let reference = first.reference();
+        drop((first, later, store));
+        // A crash leaves the file (a snapshot lists it); and a stray file beside it.
+        fs::write(dir.path().join(SPECS_DIR).join(segment_name(7)), b"specs put after the snapshot").expect("write");
+        let opened = SpecStore::open(dir.path(), 1 << 16, 8, &[listed]).expect("reopened");
+        assert_eq!(files(dir.path()).len(), 1, "what the list does not name is removed");
+        let (segment, len) = opened.listed.get(&0).expect("listed").clone();
+        let view = SpecView::resolve(segment, len, reference).expect("resolves");
+        assert_eq!(SpecCell::Stored(view).id(), "job-a");
+        let mut store = opened.store;
+        let next = put_spec(&mut store, "job-c");
+        assert_eq!(next.reference().segment, 8, "a new head, numbered past every file seen");
+        drop((next, store, opened.held, opened.listed));
+
+        // One flipped byte inside the listed length: refused, naming the file and the sums.
+        let path = dir.path().join(SPECS_DIR).join(segment_name(0));
+        let mut bytes = fs::read(&path).expect("read");
+        bytes[SEGMENT_HEADER_BYTES + 3] ^= 0x40;
+        fs::write(&path, &bytes).expect("write");
+        let error = SpecStore::open(dir.path(), 1 << 16, 8, &[listed]).err().expect("damaged").to_string();
+        assert!(error.contains(&segment_name(0)) && error.contains("checksum"), "{error}");
+        fs::remove_file(&path).expect("remove");
+        let error = SpecStore::open(dir.path(), 1 << 16, 8, &[listed]).err().expect("missing").to_string();
+        assert!(error.contains("is missing"), "{error}");
     }
 }
