@@ -105,6 +105,54 @@ async fn after_kill_minus_9_every_acknowledged_job_fires_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_in_linked_snapshots_survive_two_kill_9s_and_fire_exactly_once() {
+    const ROUNDS: usize = 3;
+    const JOBS_PER_ROUND: usize = 400;
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    // Two partitions and a snapshot every 50 entries (or an eighth of the jobs): each round
+    // takes several linked snapshots, and a kill may land while one is written.
+    let options = ["--partitions", "2", "--snapshot-every", "50"];
+    // Due well after the creates and both kills: none can fire before the last restart.
+    let run_at = now_ms() + 20_000;
+    let mut node = Node::start_with(data.path(), &options);
+    for round in 0..ROUNDS {
+        for batch in 0..JOBS_PER_ROUND / 100 {
+            let jobs: Vec<Value> = (0..100)
+                .map(|i| {
+                    let id = format!("job-{round}-{batch}-{i}");
+                    json!({"id": id, "run_at": run_at, "url": format!("http://{target}/"), "body": "x".repeat(200)})
+                })
+                .collect();
+            let (status, results) = node.call("POST", "/jobs/batch", json!({"jobs": jobs}).to_string().as_bytes());
+            let created = results["results"].as_array().map_or(0, |r| r.iter().filter(|r| r["status"] == 201).count());
+            assert_eq!((status, created), (200, 100), "every job acknowledged");
+        }
+        if round + 1 < ROUNDS {
+            let snapshots =
+                node.metrics_text().lines().filter(|l| l.starts_with("sundial_snapshot_seconds_count")).count();
+            assert!(snapshots > 0, "snapshots were taken");
+            node.kill();
+            let specs = data.path().join("partition-0").join("specs");
+            assert!(std::fs::read_dir(&specs).map_or(0, Iterator::count) > 0, "spec segments stay on disk");
+            node = Node::start_with(data.path(), &options);
+        }
+    }
+    assert!(now_ms() < run_at, "the creates and restarts took too long for this test's premise");
+    let jobs = ROUNDS * JOBS_PER_ROUND;
+    let all_fired = wait_for(Duration::from_secs(90), || hits.lock().expect("hits").len() >= jobs).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let hits = hits.lock().expect("hits").clone();
+    assert!(all_fired, "{} of {jobs} fired", hits.len());
+    let mut keys: Vec<String> = hits.iter().map(|h| h.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!((keys.len(), hits.len()), (jobs, jobs), "each job fired exactly once");
+    assert!(hits.iter().all(|h| h.at_ms >= run_at), "none early");
+    drop(node);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_node_refuses_creates_with_507_and_keeps_serving() {
     let data = tempfile::tempdir().expect("tempdir");
     let node = Node::start_with(data.path(), &["--max-jobs", "3"]);

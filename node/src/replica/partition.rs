@@ -258,7 +258,13 @@ impl SnapshotTurn {
         use std::sync::atomic::Ordering;
         let taken = SNAPSHOTS_IN_FLIGHT
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < SNAPSHOTS_IN_FLIGHT_MAX).then_some(n + 1));
-        taken.is_ok().then_some(SnapshotTurn)
+        // Made only when counted: a turn made and dropped on refusal (`then_some` builds its
+        // value either way) would give back a place never taken, and once the count wrapped
+        // below zero no partition would snapshot again.
+        match taken {
+            Ok(_) => Some(SnapshotTurn),
+            Err(_) => None,
+        }
     }
 }
 
@@ -1223,6 +1229,18 @@ mod tests {
         std::fs::write(&damaged, &bytes).expect("write");
         let refused = Partition::open(dir.path(), options()).err().expect("refused").to_string();
         assert!(refused.contains(&damaged.display().to_string()) && refused.contains("checksum"), "{refused}");
+    }
+
+    #[test]
+    fn a_refused_snapshot_turn_gives_back_nothing() {
+        let held = SnapshotTurn::take().expect("the first turn");
+        for _ in 0..3 {
+            assert!(SnapshotTurn::take().is_none(), "one snapshot thread at a time");
+        }
+        drop(held);
+        let again = SnapshotTurn::take().expect("free again once given back");
+        assert!(SnapshotTurn::take().is_none(), "refusals did not free places never taken");
+        drop(again);
     }
 
     fn create_with_body(id: &str, body: &str) -> Command {
