@@ -379,8 +379,11 @@ impl<L: CommandLog> Runtime<L> {
         self.evictions_reported = self.log.state().dead_letters_evicted_total();
         self.wheel = TimingWheel::keyed(now_ms, self.config.timers_max);
         let state = self.log.state();
-        let due: Vec<(u32, u64)> =
-            state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due_of(job)?.0))).collect();
+        let mut due: Vec<(u32, u64)> = Vec::with_capacity(state.job_count());
+        due.extend(state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due_of(job)?.0))));
+        // One allocation of each of the wheel's buffers, not doublings: each is a copy.
+        self.wheel.reserve_keys(due.last().map_or(0, |&(slot, _)| slot as usize + 1));
+        self.wheel.reserve_deadlines(due.iter().map(|&(_, due_ms)| due_ms));
         for (slot, due_ms) in due {
             self.set_timer(slot, due_ms);
         }

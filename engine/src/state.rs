@@ -107,12 +107,16 @@ impl SnapshotCopy {
     }
 
     /// A linked snapshot (`SNAPSHOT_FORMAT_LINKED`): a 16-byte header (the format, zeros, the
-    /// number of segments at bytes 8..12), the segment list (24 bytes each: number, length,
-    /// CRC32C, zero), zeros to a multiple of 16, then the archive as format 4 has it but
-    /// with links. `segments` must list every segment a link of the copy lies in.
+    /// number of segments at bytes 8..12, the padding's length at 12..16), the segment list
+    /// (24 bytes each: number, length, CRC32C, zero), zeros to a multiple of 16 and then the
+    /// padding (zeros), then the archive as format 4 has it but with links. `segments` must
+    /// list every segment a link of the copy lies in. The padding (under 16 bytes) makes the
+    /// archive start at a multiple of 16 from `lands_at_bytes`, the offset the bytes will
+    /// have in a page-aligned mapping, so a restore reads it there instead of copying it.
     pub fn encode_linked(
         &self,
         segments: &[LinkedSegment],
+        lands_at_bytes: usize,
         capacity_bytes: usize,
     ) -> Result<SnapshotBytes, SnapshotError> {
         let listed: BTreeMap<u64, u64> = segments.iter().map(|s| (s.number, s.len_bytes)).collect();
@@ -131,18 +135,23 @@ impl SnapshotCopy {
             .filter(|&count| count as usize <= LINKED_SEGMENTS_MAX)
             .ok_or_else(|| SnapshotError(format!("{} spec segments are more than a snapshot lists", segments.len())))?;
         let list_bytes = (segments.len() * LINKED_SEGMENT_BYTES).next_multiple_of(SNAPSHOT_HEADER_BYTES);
-        let mut out = AlignedVec::<16>::with_capacity(capacity_bytes.max(SNAPSHOT_HEADER_BYTES + list_bytes));
+        let pad_bytes = (SNAPSHOT_HEADER_BYTES - lands_at_bytes % SNAPSHOT_HEADER_BYTES) % SNAPSHOT_HEADER_BYTES;
+        let mut out = AlignedVec::<16>::with_capacity(capacity_bytes.max(SNAPSHOT_HEADER_BYTES + list_bytes + 16));
         out.extend_from_slice(&[SNAPSHOT_FORMAT_LINKED, 0, 0, 0, 0, 0, 0, 0]);
         out.extend_from_slice(&count.to_le_bytes());
-        out.extend_from_slice(&[0; 4]);
+        out.extend_from_slice(&(pad_bytes as u32).to_le_bytes());
         for segment in segments {
             out.extend_from_slice(&segment.number.to_le_bytes());
             out.extend_from_slice(&segment.len_bytes.to_le_bytes());
             out.extend_from_slice(&segment.crc32c.to_le_bytes());
             out.extend_from_slice(&[0; 4]);
         }
-        out.resize(SNAPSHOT_HEADER_BYTES + list_bytes, 0);
-        rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.0, out).map_err(|e| SnapshotError(e.to_string()))
+        out.resize(SNAPSHOT_HEADER_BYTES + list_bytes + pad_bytes, 0);
+        // The archive's own positions are relative to its start, wherever that lies.
+        let archive = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.0, AlignedVec::<16>::new())
+            .map_err(|e| SnapshotError(e.to_string()))?;
+        out.extend_from_slice(&archive);
+        Ok(out)
     }
 }
 
@@ -151,7 +160,8 @@ impl SnapshotCopy {
 fn linked_list(bytes: &[u8]) -> Result<(Vec<LinkedSegment>, usize), RestoreError> {
     let damaged = |reason: String| RestoreError::Damaged { format: SNAPSHOT_FORMAT_LINKED, reason };
     let header = bytes.get(..SNAPSHOT_HEADER_BYTES).ok_or_else(|| damaged("it is shorter than its header".into()))?;
-    if header[1..8].iter().chain(&header[12..16]).any(|&b| b != 0) {
+    let pad_bytes = u32::from_le_bytes([header[12], header[13], header[14], header[15]]) as usize;
+    if header[1..8].iter().any(|&b| b != 0) || pad_bytes >= SNAPSHOT_HEADER_BYTES {
         return Err(damaged("its header is not this format's".into()));
     }
     let count = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
@@ -160,6 +170,7 @@ fn linked_list(bytes: &[u8]) -> Result<(Vec<LinkedSegment>, usize), RestoreError
     }
     let list_end = SNAPSHOT_HEADER_BYTES + (count * LINKED_SEGMENT_BYTES).next_multiple_of(SNAPSHOT_HEADER_BYTES);
     let list = bytes.get(SNAPSHOT_HEADER_BYTES..list_end).ok_or_else(|| damaged("its segment list is cut".into()))?;
+    let archive_at = list_end + pad_bytes;
     let word = |at: &[u8]| u64::from_le_bytes(at.try_into().unwrap_or_default());
     let segments = list
         .chunks_exact(LINKED_SEGMENT_BYTES)
@@ -170,7 +181,7 @@ fn linked_list(bytes: &[u8]) -> Result<(Vec<LinkedSegment>, usize), RestoreError
             crc32c: u32::from_le_bytes([entry[16], entry[17], entry[18], entry[19]]),
         })
         .collect();
-    Ok((segments, list_end))
+    Ok((segments, archive_at))
 }
 
 /// FNV-1a over what is written to it (`State::digest`).

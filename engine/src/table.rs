@@ -25,6 +25,7 @@ pub const SLOTS_MAX: usize = u32::MAX as usize;
 
 #[derive(Clone, Debug, Default, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct JobTable {
+    #[rkyv(with = SlotsWithRoom)]
     slots: Vec<Option<Job>>,
     /// Empty slots, the next one to fill last.
     free: Vec<u32>,
@@ -47,6 +48,49 @@ impl IndexEntry {
     /// odd multiplier) so that both the bucket bits and the tag bits the table takes vary.
     pub(crate) fn table_hash(self) -> u64 {
         u64::from(self.hash).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}
+
+/// A restored table has room for this fraction more jobs than it holds, so replaying the
+/// log's tail after a linked snapshot (taken every sixteenth of the job count) does not grow
+/// it: growing copies the whole table into a new allocation. The room is address space
+/// until used (its pages are never touched), not resident memory.
+const RESTORED_ROOM_DIVISOR: usize = 8;
+
+/// rkyv wrapper for the slots: archived exactly as a `Vec` (the layout is the same), and
+/// deserialized into a vector with room to grow (`RESTORED_ROOM_DIVISOR`).
+pub struct SlotsWithRoom;
+
+type Slots = Vec<Option<Job>>;
+
+impl rkyv::with::ArchiveWith<Slots> for SlotsWithRoom {
+    type Archived = rkyv::Archived<Slots>;
+    type Resolver = rkyv::Resolver<Slots>;
+
+    fn resolve_with(field: &Slots, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::Archive::resolve(field, resolver, out);
+    }
+}
+
+impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::with::SerializeWith<Slots, S> for SlotsWithRoom
+where
+    Slots: rkyv::Serialize<S>,
+{
+    fn serialize_with(field: &Slots, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::Serialize::serialize(field, serializer)
+    }
+}
+
+impl<D: rkyv::rancor::Fallible + ?Sized> rkyv::with::DeserializeWith<rkyv::Archived<Slots>, Slots, D> for SlotsWithRoom
+where
+    rkyv::Archived<Option<Job>>: rkyv::Deserialize<Option<Job>, D>,
+{
+    fn deserialize_with(field: &rkyv::Archived<Slots>, deserializer: &mut D) -> Result<Slots, D::Error> {
+        let mut slots = Vec::with_capacity(field.len() + field.len() / RESTORED_ROOM_DIVISOR);
+        for slot in field.iter() {
+            slots.push(rkyv::Deserialize::deserialize(slot, deserializer)?);
+        }
+        Ok(slots)
     }
 }
 

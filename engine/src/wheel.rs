@@ -120,6 +120,14 @@ impl<T> TimingWheel<T> {
         TimingWheel { keyed: true, ..TimingWheel::new(now_ms, capacity) }
     }
 
+    /// Room for keys below `keys` without growing the slab as they are set (a take-over
+    /// that sets a timer for each slot of a table: one allocation instead of doublings).
+    pub fn reserve_keys(&mut self, keys: usize) {
+        let more = keys.saturating_sub(self.states.len());
+        self.states.reserve_exact(more);
+        self.deadlines.reserve_exact(more);
+    }
+
     /// Sets the timer of `key` to `deadline_ms` (replacing the one it had). Refused when the
     /// wheel is full and `key` had no timer.
     pub fn set(&mut self, key: u32, deadline_ms: u64, value: T) -> Result<(), WheelFull> {
@@ -307,19 +315,41 @@ impl<T> TimingWheel<T> {
         self.slots[level * SLOTS + slot] = entries;
     }
 
-    /// Puts an entry where its deadline belongs relative to `now_ms`.
-    fn place(&mut self, entry: SlotEntry<T>) {
-        let deadline_ms = entry.deadline_ms.max(self.now_ms);
+    /// Where a timer due at `deadline_ms` goes now: (level, slot), or `None` for the overflow.
+    fn slot_for(&self, deadline_ms: u64) -> Option<(usize, usize)> {
+        let deadline_ms = deadline_ms.max(self.now_ms);
         let differing = (deadline_ms ^ self.now_ms) | (SLOTS as u64 - 1);
         let highest_bit = 63 - differing.leading_zeros();
         if highest_bit >= HORIZON_BITS {
+            return None;
+        }
+        let level = (highest_bit / SLOT_BITS) as usize;
+        Some((level, ((deadline_ms >> (SLOT_BITS * level as u32)) as usize) & (SLOTS - 1)))
+    }
+
+    /// Room for timers due at `deadlines_ms`, about to be set: each slot's buffer grows once
+    /// to what it will hold instead of doubling as it fills (a take-over that sets a timer
+    /// per job puts most of a large table's into a few far slots).
+    pub fn reserve_deadlines(&mut self, deadlines_ms: impl Iterator<Item = u64>) {
+        let mut counts = vec![0usize; LEVELS * SLOTS];
+        for deadline_ms in deadlines_ms {
+            if let Some((level, slot)) = self.slot_for(deadline_ms) {
+                counts[level * SLOTS + slot] += 1;
+            }
+        }
+        for (slot, count) in self.slots.iter_mut().zip(counts) {
+            slot.reserve_exact(count);
+        }
+    }
+
+    /// Puts an entry where its deadline belongs relative to `now_ms`.
+    fn place(&mut self, entry: SlotEntry<T>) {
+        let Some((level, slot)) = self.slot_for(entry.deadline_ms) else {
             self.states[entry.index as usize] = state_word(PLACE_OVERFLOW, entry.generation);
             self.overflow.insert((entry.deadline_ms, entry.index), entry.value);
             return;
-        }
+        };
         self.states[entry.index as usize] = state_word(PLACE_WHEEL, entry.generation);
-        let level = (highest_bit / SLOT_BITS) as usize;
-        let slot = ((deadline_ms >> (SLOT_BITS * level as u32)) as usize) & (SLOTS - 1);
         self.slots[level * SLOTS + slot].push(entry);
         self.occupied[level] |= 1u64 << slot;
     }

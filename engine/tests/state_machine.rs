@@ -606,7 +606,9 @@ fn restore_linked_copy(state: &State, store: &MemSpecStore) -> State {
         .iter()
         .map(|s| LinkedSegment { number: s.number(), len_bytes: len_of(s.number()), crc32c: 0 })
         .collect();
-    let bytes = copy.encode_linked(&list, 0).expect("encodes");
+    let bytes = copy.encode_linked(&list, 8, 0).expect("encodes");
+    let pad = u32::from_le_bytes(bytes[12..16].try_into().expect("4 bytes")) as usize;
+    assert_eq!((8 + 16 + (list.len() * 24).next_multiple_of(16) + pad) % 16, 0, "the archive lands aligned");
     assert_eq!(bytes[0], SNAPSHOT_FORMAT_LINKED);
     assert_eq!(State::linked_segments(&bytes).expect("lists"), list);
     let by_number = segments.into_iter().map(|s| (s.number(), (s.clone(), len_of(s.number())))).collect();

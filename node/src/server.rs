@@ -314,21 +314,34 @@ fn spawn_shards(
     stop: &watch::Sender<bool>,
     stopping: &watch::Receiver<bool>,
 ) -> Result<Vec<ShardHandle>, String> {
-    let mut shards = Vec::with_capacity(start.shard_count);
+    // Every shard's thread first, so they open their partitions at once, each on its core.
+    let mut opening = Vec::with_capacity(start.shard_count);
+    let mut failure = None;
     for index in 0..start.shard_count {
         // Taken in shard order: shard `index` gets the receiver of its peer inbox.
         let peers = peer_receivers.pop_front().filter(|_| start.settings.cluster.is_some());
         let group = if index == 0 { meta_group.take() } else { None };
         match shard::spawn(shard_config(start, index), peers, group, stopping.clone()) {
-            Ok(handle) => shards.push(handle),
+            Ok(shard) => opening.push(shard),
             Err(message) => {
-                let _ = stop.send(true);
-                for started in shards {
-                    let _ = started.join();
-                }
-                return Err(message);
+                failure = Some(message);
+                break;
             }
         }
+    }
+    let mut shards = Vec::with_capacity(opening.len());
+    for shard in opening {
+        match shard.opened() {
+            Ok(handle) => shards.push(handle),
+            Err(message) => failure = failure.or(Some(message)),
+        }
+    }
+    if let Some(message) = failure {
+        let _ = stop.send(true);
+        for started in shards {
+            let _ = started.join();
+        }
+        return Err(message);
     }
     Ok(shards)
 }

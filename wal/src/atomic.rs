@@ -7,7 +7,7 @@ use std::io::{ErrorKind, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-const FRAME_HEADER_SIZE: usize = 32;
+pub(crate) const FRAME_HEADER_SIZE: usize = 32;
 
 /// Writes `bytes` to `dir/name` so that after a crash the file holds either the old or the new
 /// content, never a mix: temp file, fsync, rename over, fsync the directory.

@@ -34,7 +34,7 @@ pub use error::{Result, WalError};
 pub use log::{Entry, RecoveryReport, Snapshot, SnapshotDraft, Wal, WalOptions};
 pub use log::{
     HARD_STATE_MAX_BYTES, SEGMENT_SIZE_DEFAULT_BYTES, SEGMENT_SIZE_MAX_BYTES, SEGMENT_SIZE_MIN_BYTES,
-    SNAPSHOT_MAX_BYTES,
+    SNAPSHOT_DATA_OFFSET_BYTES, SNAPSHOT_MAX_BYTES,
 };
 pub use sync::{SyncBackend, SyncChoice};
 pub use typed::TypedWal;

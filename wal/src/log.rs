@@ -813,6 +813,11 @@ impl Wal {
     }
 }
 
+/// Where a snapshot's data (the parts given to `SnapshotDraft::write`) starts in its file:
+/// after the frame's header and the index and tag. A caller that wants part of its data
+/// aligned in the mapping (an archive read in place) pads against this.
+pub const SNAPSHOT_DATA_OFFSET_BYTES: usize = crate::atomic::FRAME_HEADER_SIZE + 16;
+
 /// The snapshot file at `path`, checked whole, as a view of its mapping.
 fn map_snapshot(path: &Path) -> Result<Snapshot> {
     let file = File::open(path).map_err(|e| WalError::io("open", path, e))?;
@@ -827,6 +832,7 @@ fn map_snapshot(path: &Path) -> Result<Snapshot> {
         return Err(corrupt("snapshot payload shorter than its header"));
     };
     let data_at = map.len() - payload.len() + 16;
+    debug_assert_eq!(data_at, SNAPSHOT_DATA_OFFSET_BYTES, "the data starts where the constant says");
     Ok(Snapshot { index, tag, data: bytes::Bytes::from_owner(map).slice(data_at..) })
 }
 

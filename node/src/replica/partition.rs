@@ -231,7 +231,7 @@ struct WrittenOffShard {
 /// since the last (a whole snapshot, once it applied as many as it holds): it writes the
 /// table, not the specs, so taking it more often costs little and bounds the log a restart
 /// replays to about this fraction of the jobs.
-const LINKED_SNAPSHOT_JOBS_DIVISOR: u64 = 8;
+const LINKED_SNAPSHOT_JOBS_DIVISOR: u64 = 16;
 
 /// One snapshot of the state machine, adopted: how long the shard stopped for it (the copy,
 /// or the whole snapshot when taken on the spot), and how long until it was the log's.
@@ -682,6 +682,7 @@ impl Partition {
         let stop_here = stop.clone();
         let linked = self.links_snapshots().then(|| self.spec_files.clone()).flatten();
         let dir = self.node.storage().wal().dir().to_path_buf();
+        let lands_at_bytes = plan.data_offset_bytes();
         let worker = std::thread::Builder::new()
             .name(format!("snapshot-{applied}"))
             .spawn(move || {
@@ -705,7 +706,7 @@ impl Partition {
                         }
                         SegmentFiles::sync_dir(&dir)
                             .map_err(|error| format!("syncing the spec segments' directory: {error}"))?;
-                        copy.encode_linked(&list, capacity_bytes)
+                        copy.encode_linked(&list, lands_at_bytes, capacity_bytes)
                     }
                 }
                 .map_err(|error| error.to_string())?;
@@ -1184,6 +1185,9 @@ mod tests {
         let listed = State::linked_segments(&snapshot.data).expect("lists");
         assert!(listed.len() >= 4 && listed.len() == partition.snapshot_segments.len(), "{}", listed.len());
         assert!(snapshot.data.len() < 1_000 * 200, "the table, not the specs: {} bytes", snapshot.data.len());
+        let pad = u32::from_le_bytes(snapshot.data[12..16].try_into().expect("4 bytes")) as usize;
+        let archive_at = snapshot.data.as_ptr() as usize + 16 + (listed.len() * 24).next_multiple_of(16) + pad;
+        assert_eq!(archive_at % 16, 0, "the archive lies aligned in the mapping: a restore reads it in place");
         // Created after the snapshot: the log's tail, replayed at the restart.
         for i in 0..100 {
             partition.propose_one(&create_with_body(&format!("late-{i:03}"), &body)).expect("leads");

@@ -39,6 +39,12 @@ pub struct WrittenSnapshot {
 }
 
 impl SnapshotPlan {
+    /// Where the state machine's data will start in the snapshot's file (its mapping is
+    /// page-aligned): an archive in it can be padded to read in place.
+    pub fn data_offset_bytes(&self) -> usize {
+        sundial_wal::SNAPSHOT_DATA_OFFSET_BYTES + self.conf_bytes.len()
+    }
+
     /// Writes and syncs the snapshot of the state machine's `data` beside the log (on any
     /// thread; given up once `stop` is set), then maps it back and checks it whole, so
     /// `WalStorage::adopt_snapshot` has only to make it the log's.

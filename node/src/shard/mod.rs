@@ -167,15 +167,41 @@ impl ShardHandle {
     }
 }
 
-/// Starts the shard's thread, opens its partitions (recovering their logs) and returns once
-/// it serves. `stop` turning true makes it drain and end.
+/// What a shard's thread sends once its partitions are open: how to reach it, or why not.
+type Opened = Result<(mpsc::Sender<Work>, tokio::runtime::Handle, (Vec<u32>, &'static str, usize)), String>;
+
+/// A shard whose thread is opening its partitions (recovering their logs): the shards of a
+/// node open at once, each on its own core, rather than one after another.
+pub struct OpeningShard {
+    opening: std::sync::mpsc::Receiver<Opened>,
+    thread: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl OpeningShard {
+    /// Waits until the shard serves (its partitions are open), or says why it could not.
+    pub fn opened(self) -> Result<ShardHandle, String> {
+        let OpeningShard { opening, thread } = self;
+        match opening.recv() {
+            Ok(Ok((inbox, runtime, (partitions, log_backend, jobs)))) => {
+                Ok(ShardHandle { inbox, runtime, partitions, log_backend, jobs, thread })
+            }
+            Ok(Err(message)) => Err(message),
+            Err(_) => {
+                Err(thread.join().map_or_else(|_| "a shard thread panicked".into(), |r| r.err().unwrap_or_default()))
+            }
+        }
+    }
+}
+
+/// Starts the shard's thread, which opens its partitions (recovering their logs) and then
+/// serves; `OpeningShard::opened` waits for that. `stop` turning true makes it drain and end.
 pub fn spawn(
     config: ShardConfig,
     peers: Option<PeerMessages>,
     meta: Option<Partition>,
     stop: watch::Receiver<bool>,
-) -> Result<ShardHandle, String> {
-    let (opened, opening) = std::sync::mpsc::sync_channel(1);
+) -> Result<OpeningShard, String> {
+    let (opened, opening) = std::sync::mpsc::sync_channel::<Opened>(1);
     let name = format!("shard-{}", config.index);
     let thread = std::thread::Builder::new()
         .name(name.clone())
@@ -201,13 +227,7 @@ pub fn spawn(
             })
         })
         .map_err(|e| format!("cannot start a shard thread: {e}"))?;
-    match opening.recv() {
-        Ok(Ok((inbox, runtime, (partitions, log_backend, jobs)))) => {
-            Ok(ShardHandle { inbox, runtime, partitions, log_backend, jobs, thread })
-        }
-        Ok(Err(message)) => Err(message),
-        Err(_) => Err(thread.join().map_or_else(|_| "a shard thread panicked".into(), |r| r.err().unwrap_or_default())),
-    }
+    Ok(OpeningShard { opening, thread })
 }
 
 /// Pins the calling thread to core `index` (modulo the cores there are). Best effort: a
