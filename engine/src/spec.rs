@@ -260,11 +260,10 @@ impl SpecCell {
         }
     }
 
-    /// A stored spec as a link (archived as its reference); other cells as they are.
-    pub(crate) fn linked(&self) -> SpecCell {
-        match self {
-            SpecCell::Stored(view) => SpecCell::Linked(view.clone()),
-            other => other.clone(),
+    /// Makes a stored spec a link (archived as its reference); other cells stay as they are.
+    pub(crate) fn link_in_place(&mut self) {
+        if let SpecCell::Stored(view) = self {
+            *self = SpecCell::Linked(view.clone());
         }
     }
 

@@ -98,7 +98,7 @@ impl SnapshotCopy {
     pub fn link(&mut self) -> Vec<Arc<dyn SpecSegment>> {
         let mut segments: BTreeMap<u64, Arc<dyn SpecSegment>> = BTreeMap::new();
         for job in self.0.jobs.values_mut() {
-            job.spec = job.spec.linked();
+            job.spec.link_in_place();
             if let Some(view) = job.spec.link() {
                 segments.entry(view.reference().segment).or_insert_with(|| view.segment().clone());
             }
@@ -2105,12 +2105,16 @@ impl State {
             }
             Some(&SNAPSHOT_FORMAT_LINKED) => {
                 let (listed, archive_from) = linked_list(bytes)?;
-                let mut state = archived(&bytes[archive_from..], SNAPSHOT_FORMAT_LINKED)?;
+                let archive = bytes
+                    .get(archive_from..)
+                    .ok_or_else(|| damaged(SNAPSHOT_FORMAT_LINKED)("its archive is cut".into()))?;
+                let mut state = archived(archive, SNAPSHOT_FORMAT_LINKED)?;
+                let listed: BTreeSet<u64> = listed.iter().map(|segment| segment.number).collect();
                 for job in state.jobs.values_mut() {
                     let Some(reference) = job.spec.unresolved() else { continue };
                     let (segment, len) = segments
                         .get(&reference.segment)
-                        .filter(|_| listed.iter().any(|listed| listed.number == reference.segment))
+                        .filter(|_| listed.contains(&reference.segment))
                         .ok_or_else(|| {
                             damaged(SNAPSHOT_FORMAT_LINKED)(format!(
                                 "a job's spec lies in spec segment {}, which the snapshot does not list or is not here",

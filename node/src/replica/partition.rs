@@ -155,6 +155,8 @@ struct SnapshotInFlight {
     started: std::time::Instant,
     /// How long the copy stopped the shard (adopting the file stops it again).
     shard_pause: std::time::Duration,
+    /// It is a linked snapshot (adopted only while the partition still links its snapshots).
+    linked: bool,
 }
 
 /// What a partition opens with: its state (or the meta group's membership) as the newest
@@ -342,6 +344,9 @@ impl Partition {
         if partition.options.voters == [partition.options.node_id] {
             partition.elect_self()?;
         }
+        if let Some(files) = &partition.spec_files {
+            files.activate();
+        }
         Ok(partition)
     }
 
@@ -467,6 +472,18 @@ impl Partition {
                 return Ok(());
             }
             let ready = self.node.ready();
+            if ready
+                .snapshot
+                .as_ref()
+                .is_some_and(|snapshot| snapshot.data.first() == Some(&sundial_engine::state::SNAPSHOT_FORMAT_LINKED))
+            {
+                // Only the replica that wrote it can read it (its specs are in that replica's
+                // files): refused before it is saved, so this replica's data stays as it was.
+                return Err(PartitionError::Snapshot(
+                    "the leader sent a linked snapshot (format 5), which only its own replica can read; not installed"
+                        .into(),
+                ));
+            }
             let started = std::time::Instant::now();
             self.node.storage_mut().persist(&ready)?;
             if !ready.entries.is_empty() {
@@ -652,6 +669,11 @@ impl Partition {
         self.start_snapshot()
     }
 
+    /// Whether the newest snapshot is a linked one (readable only with this replica's files).
+    fn newest_snapshot_is_linked(&self) -> bool {
+        self.node.storage().snapshot().data.first() == Some(&sundial_engine::state::SNAPSHOT_FORMAT_LINKED)
+    }
+
     /// Whether this partition's snapshots are linked (the table, the specs left in the store's
     /// segments): only with a spec store, and only while it is the group's one member, since
     /// a linked snapshot is whole only together with this replica's files and so is never
@@ -681,6 +703,7 @@ impl Partition {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop_here = stop.clone();
         let linked = self.links_snapshots().then(|| self.spec_files.clone()).flatten();
+        let is_linked = linked.is_some();
         let dir = self.node.storage().wal().dir().to_path_buf();
         let lands_at_bytes = plan.data_offset_bytes();
         let worker = std::thread::Builder::new()
@@ -716,7 +739,7 @@ impl Partition {
             })
             .map_err(|error| PartitionError::Snapshot(format!("starting the snapshot's thread: {error}")))?;
         let shard_pause = started.elapsed();
-        self.snapshot_in_flight = Some(SnapshotInFlight { worker, stop, started, shard_pause });
+        self.snapshot_in_flight = Some(SnapshotInFlight { worker, stop, started, shard_pause, linked: is_linked });
         Ok(())
     }
 
@@ -726,15 +749,27 @@ impl Partition {
         if !self.snapshot_in_flight.as_ref().is_some_and(|in_flight| in_flight.worker.is_finished()) {
             return Ok(());
         }
-        let Some(SnapshotInFlight { worker, started, shard_pause, .. }) = self.snapshot_in_flight.take() else {
+        let Some(SnapshotInFlight { worker, started, shard_pause, linked, .. }) = self.snapshot_in_flight.take() else {
             return Ok(());
         };
         let WrittenOffShard { plan, written, segments } = match worker.join() {
             Ok(written) => written.map_err(PartitionError::Snapshot)?,
             Err(_) => return Err(PartitionError::Snapshot("the snapshot's thread panicked".into())),
         };
+        if linked && !self.links_snapshots() {
+            // The group grew while it was written: a replica may be sent the newest snapshot.
+            return Ok(());
+        }
         let adopting = std::time::Instant::now();
-        if self.node.storage_mut().adopt_snapshot(plan, written)? {
+        let adopted = match self.node.storage_mut().adopt_snapshot(plan, written) {
+            Ok(adopted) => adopted,
+            Err(error) => {
+                // It may have been renamed into place before the error: keep what it lists.
+                self.snapshot_segments.extend(segments);
+                return Err(error.into());
+            }
+        };
+        if adopted {
             // Only now may the segments the last snapshot listed (and this one does not) go.
             self.snapshot_segments = segments;
             let shard_pause = shard_pause + adopting.elapsed();
@@ -750,12 +785,15 @@ impl Partition {
         let started = std::time::Instant::now();
         let applied = self.node.status().applied;
         let conf = self.node.conf_state();
+        // A whole snapshot replaces a linked one even at the same index: a replica about to be
+        // added may be sent the newest, and could not read a linked one.
+        let replace = self.newest_snapshot_is_linked();
         let taken = match &self.members {
-            Some(members) => self.node.storage_mut().compact(applied, &members.snapshot(), conf)?,
+            Some(members) => self.node.storage_mut().compact(applied, &members.snapshot(), conf, false)?,
             // A member of an older build (it reads format 0 only) may be sent this snapshot.
             None if self.command_format == 0 => {
                 let data = self.state.snapshot_json().map_err(|e| PartitionError::Snapshot(e.to_string()))?;
-                self.node.storage_mut().compact(applied, &data, conf)?
+                self.node.storage_mut().compact(applied, &data, conf, replace)?
             }
             None => {
                 let last_bytes = self.node.storage().snapshot().data.len();
@@ -763,7 +801,7 @@ impl Partition {
                     .state
                     .snapshot_sized(last_bytes + last_bytes / 8)
                     .map_err(|e| PartitionError::Snapshot(e.to_string()))?;
-                self.node.storage_mut().compact(applied, &data, conf)?
+                self.node.storage_mut().compact(applied, &data, conf, replace)?
             }
         };
         self.applied_since_snapshot = 0;
@@ -815,6 +853,11 @@ impl Partition {
             // The newcomer starts from a snapshot: one taken now carries the membership.
             if let Err(error) = self.compact() {
                 tracing::warn!(%error, "could not snapshot before adding a replica");
+                return;
+            }
+            if self.newest_snapshot_is_linked() || self.snapshot_in_flight.as_ref().is_some_and(|s| s.linked) {
+                // Never happens after a compaction that succeeded; a newcomer could not read it.
+                tracing::warn!("the newest snapshot is still a linked one: the replica is added later");
                 return;
             }
             ConfChange::AddLearner(*new)
@@ -1233,6 +1276,27 @@ mod tests {
         std::fs::write(&damaged, &bytes).expect("write");
         let refused = Partition::open(dir.path(), options()).err().expect("refused").to_string();
         assert!(refused.contains(&damaged.display().to_string()) && refused.contains("checksum"), "{refused}");
+        // The refusal changed nothing on disk: mended, the partition opens whole.
+        bytes[100] ^= 1;
+        std::fs::write(&damaged, &bytes).expect("write");
+        let mut partition = Partition::open(dir.path(), options()).expect("opens once mended");
+        assert_eq!(partition.state().job_count(), 100);
+
+        // Before a replica is added, a whole snapshot replaces the linked one, even at the
+        // same index: a newcomer is sent the newest and could not read a linked one.
+        partition.start_snapshot().expect("started");
+        settle_snapshot(&mut partition);
+        let index = partition.snapshot_index();
+        assert_eq!(partition.node.storage().snapshot().data[0], sundial_engine::state::SNAPSHOT_FORMAT_LINKED);
+        assert_eq!(partition.node.status().applied, index, "nothing applied since: the same index");
+        partition.compact().expect("a whole snapshot");
+        assert_eq!(partition.snapshot_index(), index);
+        assert_eq!(partition.node.storage().snapshot().data[0], sundial_engine::state::SNAPSHOT_FORMAT);
+        assert!(partition.snapshot_segments.is_empty(), "no segment is held for it");
+        drop(partition);
+        let reopened = Partition::open(dir.path(), options()).expect("reopen from the whole snapshot");
+        assert_eq!(reopened.state().job_count(), 100);
+        assert_eq!(reopened.state().job("late-007").map(|job| job.spec().target.body.len()), Some(256));
     }
 
     #[test]

@@ -93,8 +93,11 @@ unsafe impl SpecSegment for FileSegment {
     }
 
     fn wants_repack(&self) -> bool {
+        // One with nothing live has nothing to move (a snapshot may still hold it).
+        let live_bytes = self.live_bytes.load(Ordering::Relaxed);
         self.sealed.load(Ordering::Relaxed)
-            && self.live_bytes.load(Ordering::Relaxed) * 4 < self.written_bytes.load(Ordering::Relaxed)
+            && live_bytes > 0
+            && live_bytes * 4 < self.written_bytes.load(Ordering::Relaxed)
     }
 
     fn number(&self) -> u64 {
@@ -161,9 +164,16 @@ impl Drop for FileSegment {
     }
 }
 
-/// The segments of a store that still live, by number: what a snapshot's thread syncs.
+/// The segments of a store that still live, by number (what a snapshot's thread syncs), and
+/// whether the store is open for deleting files.
 #[derive(Clone, Default)]
-pub struct SegmentFiles(Arc<Mutex<BTreeMap<u64, Weak<FileSegment>>>>);
+pub struct SegmentFiles {
+    segments: Arc<Mutex<BTreeMap<u64, Weak<FileSegment>>>>,
+    /// Set by `activate` once the partition opened (see `FileSegment::store_open`).
+    open: Arc<AtomicBool>,
+    /// Files no snapshot lists, found at open: removed by `activate`.
+    stale: Arc<Mutex<Vec<PathBuf>>>,
+}
 
 impl SegmentFiles {
     /// The segment of this number, if it still lives.
@@ -172,7 +182,23 @@ impl SegmentFiles {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Weak<FileSegment>>> {
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.segments.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The partition opened (its snapshot restored, its log replayed): from now on a segment
+    /// no job and no snapshot needs is deleted, and so are the files no snapshot listed at
+    /// open. Until then nothing is deleted, so an open that fails (an unknown format, a
+    /// damaged record, a replay that stops) leaves the directory as it found it.
+    pub fn activate(&self) {
+        self.open.store(true, Ordering::Release);
+        let stale = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for path in stale {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => tracing::warn!(path = %path.display(), %error, "removing a stale spec segment failed"),
+            }
+        }
     }
 
     /// Syncs the directory, so the names of segments made since the last call survive.
@@ -195,13 +221,12 @@ pub struct SpecStore {
     refusing_puts: u64,
     /// A failure was logged; the next one is logged only after a segment was made again.
     warned: bool,
-    /// Cleared when the store goes (see `FileSegment::store_open`).
-    open: Arc<AtomicBool>,
 }
 
 impl Drop for SpecStore {
     fn drop(&mut self) {
-        self.open.store(false, Ordering::Release);
+        // The partition goes: its segments keep their files (see `FileSegment::store_open`).
+        self.files.open.store(false, Ordering::Release);
     }
 }
 
@@ -225,8 +250,9 @@ fn segment_name(number: u64) -> String {
 
 impl SpecStore {
     /// A store in `partition_dir/specs` holding the segments `listed` (the newest snapshot's
-    /// list), each checked against its length and CRC32C; every other file there is removed.
-    /// A listed segment missing or damaged is an error naming it: the snapshot is not whole.
+    /// list), each checked against its length and CRC32C; every other file there is removed
+    /// once the partition opened (`SegmentFiles::activate`). A listed segment missing or
+    /// damaged is an error naming it: the snapshot is not whole.
     pub fn open(
         partition_dir: &Path,
         segment_bytes: u64,
@@ -238,30 +264,27 @@ impl SpecStore {
         let segment_bytes = segment_bytes.clamp(1 << 16, 1 << 30);
         let wanted: BTreeMap<u64, LinkedSegment> = listed.iter().map(|segment| (segment.number, *segment)).collect();
         let mut highest = None;
+        let files = SegmentFiles::default();
         for entry in fs::read_dir(&dir)? {
             let entry = entry?;
             let number = entry.file_name().to_str().and_then(number_of);
             highest = highest.max(number);
             if !number.is_some_and(|number| wanted.contains_key(&number)) {
                 // Specs put after the newest snapshot (the log replays them), or what an
-                // older build left.
-                fs::remove_file(entry.path())?;
+                // older build left: removed once the partition opened.
+                files.stale.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(entry.path());
             }
         }
-        let files = SegmentFiles::default();
-        // Set once the store stands: a segment dropped on a failed open keeps its file.
-        let open = Arc::new(AtomicBool::new(false));
         let mut opened = BTreeMap::new();
         let mut held = Vec::new();
         for segment in wanted.values() {
-            let file_segment = Arc::new(open_listed(&dir, segment, open.clone())?);
+            let file_segment = Arc::new(open_listed(&dir, segment, files.open.clone())?);
             files.lock().insert(segment.number, Arc::downgrade(&file_segment));
             let as_segment: Arc<dyn SpecSegment> = file_segment.clone();
             opened.insert(segment.number, (as_segment, segment.len_bytes));
             held.push(file_segment);
         }
         let next_number = highest.max(wanted.keys().next_back().copied()).map_or(0, |n| n + 1);
-        open.store(true, Ordering::Release);
         let store = SpecStore {
             dir,
             segment_bytes,
@@ -271,7 +294,6 @@ impl SpecStore {
             next_number,
             refusing_puts: 0,
             warned: false,
-            open,
         };
         Ok(OpenedStore { store, listed: opened, held })
     }
@@ -307,7 +329,7 @@ impl SpecStore {
         self.next_number += 1;
         let file = OpenOptions::new().read(true).write(true).create_new(true).open(&path)?;
         let made = reserve(&file, self.segment_bytes)
-            .and_then(|()| FileSegment::map_file(&path, &file, number, self.open.clone()));
+            .and_then(|()| FileSegment::map_file(&path, &file, number, self.files.open.clone()));
         let segment = match made {
             Ok(segment) => segment,
             Err(error) => {
@@ -480,7 +502,9 @@ mod tests {
         fs::create_dir_all(dir.path().join(SPECS_DIR)).expect("dir");
         fs::write(dir.path().join(SPECS_DIR).join("left-over.spec"), b"from an earlier run").expect("write");
         let mut store = SpecStore::open(dir.path(), 1 << 16, 1, &[]).expect("open").store;
-        assert!(files(dir.path()).is_empty(), "files no snapshot lists are removed at open");
+        assert_eq!(files(dir.path()).len(), 1, "nothing is removed before the partition opened");
+        store.files().activate();
+        assert!(files(dir.path()).is_empty(), "files no snapshot lists are removed once it did");
         let record: Vec<u8> = (0..1_000u32).map(|i| i as u8).collect();
         let mut views = Vec::new();
         while let Some(view) = store.put(&record) {
@@ -523,6 +547,7 @@ mod tests {
     fn listed_segments_survive_a_reopen_checked_and_a_damaged_or_missing_one_is_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut store = SpecStore::open(dir.path(), 1 << 16, 8, &[]).expect("open").store;
+        store.files().activate();
         let first = put_spec(&mut store, "job-a");
         let files_of_store = store.files();
         let listed = files_of_store.get(0).expect("segment 0").make_durable().expect("durable");
@@ -543,6 +568,8 @@ mod tests {
         // A crash leaves the file (a snapshot lists it); and a stray file beside it.
         fs::write(dir.path().join(SPECS_DIR).join(segment_name(7)), b"specs put after the snapshot").expect("write");
         let opened = SpecStore::open(dir.path(), 1 << 16, 8, &[listed]).expect("reopened");
+        assert_eq!(files(dir.path()).len(), 2, "nothing is removed before the partition opened");
+        opened.store.files().activate();
         assert_eq!(files(dir.path()).len(), 1, "what the list does not name is removed");
         let (segment, len) = opened.listed.get(&0).expect("listed").clone();
         let view = SpecView::resolve(segment, len, reference).expect("resolves");

@@ -29,6 +29,8 @@ pub struct SnapshotPlan {
     index: Index,
     term: Term,
     conf_bytes: Vec<u8>,
+    /// It may replace a snapshot at the same index (a whole one over a linked one).
+    replaces_equal: bool,
 }
 
 /// A snapshot written from a plan and checked: its file (not yet the log's) and a view of it.
@@ -136,8 +138,26 @@ impl WalStorage {
 
     /// Replaces entries up to `index` with a snapshot of the state machine at `index`;
     /// returns whether it did (not when the newest snapshot is at `index` or later).
-    pub fn compact(&mut self, index: Index, data: &[u8], conf: ConfState) -> Result<bool, WalError> {
-        let Some(plan) = self.plan_snapshot(index, conf)? else { return Ok(false) };
+    /// `replace_equal`: a snapshot at `index` itself is replaced too (a whole snapshot over a
+    /// linked one, which only this replica can read, before a replica is added).
+    pub fn compact(
+        &mut self,
+        index: Index,
+        data: &[u8],
+        conf: ConfState,
+        replace_equal: bool,
+    ) -> Result<bool, WalError> {
+        let plan = match self.plan_snapshot(index, conf.clone())? {
+            Some(plan) => plan,
+            None if replace_equal && index == self.snapshot.meta.index && index > 0 => SnapshotPlan {
+                dir: self.wal.dir().to_path_buf(),
+                index,
+                term: self.snapshot.meta.term,
+                conf_bytes: encode_conf(&conf),
+                replaces_equal: true,
+            },
+            None => return Ok(false),
+        };
         let written = plan.write(data, &AtomicBool::new(false))?;
         self.adopt_snapshot(plan, written)
     }
@@ -152,7 +172,7 @@ impl WalStorage {
             return Err(WalError::OutOfRange { index, first: self.wal.first_index(), last: self.wal.last_index() });
         };
         let conf_bytes = encode_conf(&conf);
-        Ok(Some(SnapshotPlan { dir: self.wal.dir().to_path_buf(), index, term, conf_bytes }))
+        Ok(Some(SnapshotPlan { dir: self.wal.dir().to_path_buf(), index, term, conf_bytes, replaces_equal: false }))
     }
 
     /// Makes a snapshot written from `plan` the newest and drops the log before it — if it
@@ -161,8 +181,10 @@ impl WalStorage {
     /// Nothing is read here: the writer mapped and checked the file. Returns whether it was
     /// adopted.
     pub fn adopt_snapshot(&mut self, plan: SnapshotPlan, written: WrittenSnapshot) -> Result<bool, WalError> {
-        let SnapshotPlan { index, term, .. } = plan;
-        let current = index > self.snapshot.meta.index && self.wal.get(index).is_some_and(|e| e.tag == term);
+        let SnapshotPlan { index, term, replaces_equal, .. } = plan;
+        let newer = index > self.snapshot.meta.index && self.wal.get(index).is_some_and(|e| e.tag == term);
+        let same = replaces_equal && index == self.snapshot.meta.index && term == self.snapshot.meta.term;
+        let current = newer || same;
         if !current || written.snapshot.meta.index != index || written.snapshot.meta.term != term {
             return Ok(false);
         }
