@@ -91,17 +91,22 @@ async fn after_kill_minus_9_every_acknowledged_job_fires_exactly_once() {
     node.kill();
     assert!(hits.lock().expect("hits").is_empty());
     let node = Node::start(data.path());
-    let all_fired = wait_for(Duration::from_secs(60), || hits.lock().expect("hits").len() >= JOBS).await;
-    // A little longer, to see any duplicate.
+    assert_each_fires_once(&hits, JOBS, run_at, Duration::from_secs(60)).await;
+    drop(node);
+}
+
+/// Waits (up to `limit`) until `jobs` jobs fired, a little longer to see any duplicate, then
+/// asserts each fired exactly once (by idempotency key) and none before `run_at`.
+async fn assert_each_fires_once(hits: &Arc<Mutex<Vec<support::Hit>>>, jobs: usize, run_at: u64, limit: Duration) {
+    let all_fired = wait_for(limit, || hits.lock().expect("hits").len() >= jobs).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let hits = hits.lock().expect("hits").clone();
-    assert!(all_fired, "{} of {JOBS} fired", hits.len());
+    assert!(all_fired, "{} of {jobs} fired", hits.len());
     let mut keys: Vec<String> = hits.iter().map(|h| h.key.clone()).collect();
     keys.sort();
     keys.dedup();
-    assert_eq!((keys.len(), hits.len()), (JOBS, JOBS), "each job fired exactly once");
+    assert_eq!((keys.len(), hits.len()), (jobs, jobs), "each job fired exactly once");
     assert!(hits.iter().all(|h| h.at_ms >= run_at), "none early");
-    drop(node);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,16 +144,7 @@ async fn jobs_in_linked_snapshots_survive_two_kill_9s_and_fire_exactly_once() {
         }
     }
     assert!(now_ms() < run_at, "the creates and restarts took too long for this test's premise");
-    let jobs = ROUNDS * JOBS_PER_ROUND;
-    let all_fired = wait_for(Duration::from_secs(90), || hits.lock().expect("hits").len() >= jobs).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let hits = hits.lock().expect("hits").clone();
-    assert!(all_fired, "{} of {jobs} fired", hits.len());
-    let mut keys: Vec<String> = hits.iter().map(|h| h.key.clone()).collect();
-    keys.sort();
-    keys.dedup();
-    assert_eq!((keys.len(), hits.len()), (jobs, jobs), "each job fired exactly once");
-    assert!(hits.iter().all(|h| h.at_ms >= run_at), "none early");
+    assert_each_fires_once(&hits, ROUNDS * JOBS_PER_ROUND, run_at, Duration::from_secs(90)).await;
     drop(node);
 }
 
