@@ -39,7 +39,7 @@ pub unsafe trait SpecSegment: Send + Sync {
     fn number(&self) -> u64;
 }
 
-/// Where a linked snapshot (`State::copy_for_snapshot(true)`) says a job's spec lives: a
+/// Where a linked snapshot (`SnapshotCopy::link`) says a job's spec lives: a
 /// record of a store's segment, by the segment's number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpecRef {

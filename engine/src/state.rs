@@ -136,7 +136,14 @@ impl SnapshotCopy {
             .ok_or_else(|| SnapshotError(format!("{} spec segments are more than a snapshot lists", segments.len())))?;
         let list_bytes = (segments.len() * LINKED_SEGMENT_BYTES).next_multiple_of(SNAPSHOT_HEADER_BYTES);
         let pad_bytes = (SNAPSHOT_HEADER_BYTES - lands_at_bytes % SNAPSHOT_HEADER_BYTES) % SNAPSHOT_HEADER_BYTES;
-        let mut out = AlignedVec::<16>::with_capacity(capacity_bytes.max(SNAPSHOT_HEADER_BYTES + list_bytes + 16));
+        // Archived into a buffer of its own: its alignment padding is relative to where it
+        // starts, which is aligned in the file, not in `out` (then one copy, on the thread).
+        let archive = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(
+            &self.0,
+            AlignedVec::<16>::with_capacity(capacity_bytes),
+        )
+        .map_err(|e| SnapshotError(e.to_string()))?;
+        let mut out = AlignedVec::<16>::with_capacity(SNAPSHOT_HEADER_BYTES + list_bytes + pad_bytes + archive.len());
         out.extend_from_slice(&[SNAPSHOT_FORMAT_LINKED, 0, 0, 0, 0, 0, 0, 0]);
         out.extend_from_slice(&count.to_le_bytes());
         out.extend_from_slice(&(pad_bytes as u32).to_le_bytes());
@@ -147,9 +154,6 @@ impl SnapshotCopy {
             out.extend_from_slice(&[0; 4]);
         }
         out.resize(SNAPSHOT_HEADER_BYTES + list_bytes + pad_bytes, 0);
-        // The archive's own positions are relative to its start, wherever that lies.
-        let archive = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&self.0, AlignedVec::<16>::new())
-            .map_err(|e| SnapshotError(e.to_string()))?;
         out.extend_from_slice(&archive);
         Ok(out)
     }
@@ -2064,6 +2068,11 @@ impl State {
     /// format header (format 0); an unknown format is refused, never guessed at.
     pub fn restore(bytes: &[u8]) -> Result<State, RestoreError> {
         State::restore_linked(bytes, &BTreeMap::new())
+    }
+
+    /// Whether `bytes` are a linked snapshot (whole only with its replica's segment files).
+    pub fn is_linked_snapshot(bytes: &[u8]) -> bool {
+        bytes.first() == Some(&SNAPSHOT_FORMAT_LINKED)
     }
 
     /// The segments a snapshot lists (a linked snapshot's; none for any other format): the

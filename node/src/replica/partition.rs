@@ -472,11 +472,7 @@ impl Partition {
                 return Ok(());
             }
             let ready = self.node.ready();
-            if ready
-                .snapshot
-                .as_ref()
-                .is_some_and(|snapshot| snapshot.data.first() == Some(&sundial_engine::state::SNAPSHOT_FORMAT_LINKED))
-            {
+            if ready.snapshot.as_ref().is_some_and(|snapshot| State::is_linked_snapshot(&snapshot.data)) {
                 // Only the replica that wrote it can read it (its specs are in that replica's
                 // files): refused before it is saved, so this replica's data stays as it was.
                 return Err(PartitionError::Snapshot(
@@ -671,7 +667,7 @@ impl Partition {
 
     /// Whether the newest snapshot is a linked one (readable only with this replica's files).
     fn newest_snapshot_is_linked(&self) -> bool {
-        self.node.storage().snapshot().data.first() == Some(&sundial_engine::state::SNAPSHOT_FORMAT_LINKED)
+        State::is_linked_snapshot(&self.node.storage().snapshot().data)
     }
 
     /// Whether this partition's snapshots are linked (the table, the specs left in the store's
@@ -1244,7 +1240,7 @@ mod tests {
         assert_eq!((state.job_count(), state.specs_in_heap(), state.digest()), (1_100, 0, digest));
         assert_eq!(state.job("job-0042").map(|job| job.spec().target.body.len()), Some(256));
         let listed_files = |dir: &Path| {
-            let names: Vec<_> = listed.iter().map(|entry| format!("{:016}.spec", entry.number)).collect();
+            let names: Vec<_> = listed.iter().map(|entry| crate::replica::specs::segment_name(entry.number)).collect();
             names.iter().filter(|name| dir.join(SPECS_DIR).join(name).exists()).count()
         };
         assert_eq!(listed_files(dir.path()), listed.len(), "the listed segments were kept and mapped, not put again");
@@ -1270,7 +1266,7 @@ mod tests {
             assert_eq!(partition.state().job_count(), 100);
             State::linked_segments(&partition.node.storage().snapshot().data).expect("lists")
         };
-        let damaged = dir.path().join(SPECS_DIR).join(format!("{:016}.spec", snapshot_listed[0].number));
+        let damaged = dir.path().join(SPECS_DIR).join(crate::replica::specs::segment_name(snapshot_listed[0].number));
         let mut bytes = std::fs::read(&damaged).expect("read");
         bytes[100] ^= 1;
         std::fs::write(&damaged, &bytes).expect("write");

@@ -244,7 +244,8 @@ fn number_of(name: &str) -> Option<u64> {
     name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok()
 }
 
-fn segment_name(number: u64) -> String {
+/// The file name of segment `number`.
+pub(crate) fn segment_name(number: u64) -> String {
     format!("{number:016}{SEGMENT_SUFFIX}")
 }
 

@@ -147,17 +147,7 @@ impl WalStorage {
         conf: ConfState,
         replace_equal: bool,
     ) -> Result<bool, WalError> {
-        let plan = match self.plan_snapshot(index, conf.clone())? {
-            Some(plan) => plan,
-            None if replace_equal && index == self.snapshot.meta.index && index > 0 => SnapshotPlan {
-                dir: self.wal.dir().to_path_buf(),
-                index,
-                term: self.snapshot.meta.term,
-                conf_bytes: encode_conf(&conf),
-                replaces_equal: true,
-            },
-            None => return Ok(false),
-        };
+        let Some(plan) = self.plan(index, conf, replace_equal)? else { return Ok(false) };
         let written = plan.write(data, &AtomicBool::new(false))?;
         self.adopt_snapshot(plan, written)
     }
@@ -165,6 +155,16 @@ impl WalStorage {
     /// What a snapshot of the state machine at `index` (with membership `conf`) needs to be
     /// written on another thread; `None` when it would be no newer than the newest.
     pub fn plan_snapshot(&self, index: Index, conf: ConfState) -> Result<Option<SnapshotPlan>, WalError> {
+        self.plan(index, conf, false)
+    }
+
+    /// `plan_snapshot`; with `replace_equal`, also at the newest snapshot's own index.
+    fn plan(&self, index: Index, conf: ConfState, replace_equal: bool) -> Result<Option<SnapshotPlan>, WalError> {
+        let dir = self.wal.dir().to_path_buf();
+        if replace_equal && index == self.snapshot.meta.index && index > 0 {
+            let term = self.snapshot.meta.term;
+            return Ok(Some(SnapshotPlan { dir, index, term, conf_bytes: encode_conf(&conf), replaces_equal: true }));
+        }
         if index <= self.snapshot.meta.index || index > self.wal.last_index() {
             return Ok(None);
         }
@@ -172,7 +172,7 @@ impl WalStorage {
             return Err(WalError::OutOfRange { index, first: self.wal.first_index(), last: self.wal.last_index() });
         };
         let conf_bytes = encode_conf(&conf);
-        Ok(Some(SnapshotPlan { dir: self.wal.dir().to_path_buf(), index, term, conf_bytes, replaces_equal: false }))
+        Ok(Some(SnapshotPlan { dir, index, term, conf_bytes, replaces_equal: false }))
     }
 
     /// Makes a snapshot written from `plan` the newest and drops the log before it — if it
