@@ -66,12 +66,11 @@ pub async fn serve(
             Ok(accepted) => accepted,
             Err(why) => return why,
         };
-        let served = serve_connection(stream, router.clone(), gate.clone(), config);
-        let connection = async move {
-            served.await;
+        let (router, gate) = (router.clone(), gate.clone());
+        acceptor.spawn(stream, move |stream| async move {
+            serve_connection(stream, router, gate, config).await;
             drop(permit);
-        };
-        acceptor.spawn(connection);
+        });
     }
 }
 

@@ -41,7 +41,7 @@ pub async fn serve(
         };
         let router = router.clone();
         let gate = gate.clone();
-        let connection = async move {
+        acceptor.spawn(stream, move |stream| async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let router = router.clone();
@@ -51,8 +51,7 @@ pub async fn serve(
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
-        };
-        acceptor.spawn(connection);
+        });
     }
 }
 

@@ -87,12 +87,34 @@ impl Acceptor {
         Ok((permit, stream))
     }
 
-    /// Serves a connection on the next shard's runtime.
-    pub fn spawn(&mut self, connection: impl Future<Output = ()> + Send + 'static) {
-        match self.shards.get(self.next_shard % self.shards.len().max(1)) {
-            Some(shard) => drop(shard.spawn(connection)),
-            None => drop(tokio::spawn(connection)),
-        }
+    /// Serves `stream` with `serve` on the next shard's runtime. The stream is moved to that
+    /// runtime's own reactor first: left registered with the accepting runtime, every read
+    /// and write readiness would be relayed from that runtime's thread to the shard's, one
+    /// wake-up of an idle thread more per request (measured: a third of a lone create's
+    /// round trip).
+    pub fn spawn<Serve, Served>(&mut self, stream: tokio::net::TcpStream, serve: Serve)
+    where
+        Serve: FnOnce(tokio::net::TcpStream) -> Served + Send + 'static,
+        Served: Future<Output = ()> + Send + 'static,
+    {
+        let Some(shard) = self.shards.get(self.next_shard % self.shards.len().max(1)) else {
+            drop(tokio::spawn(serve(stream)));
+            return;
+        };
         self.next_shard = self.next_shard.wrapping_add(1);
+        let name = self.name;
+        let detached = match stream.into_std() {
+            Ok(detached) => detached,
+            Err(error) => {
+                tracing::warn!(listener = name, %error, "could not hand a connection to a shard; closing it");
+                return;
+            }
+        };
+        drop(shard.spawn(async move {
+            match tokio::net::TcpStream::from_std(detached) {
+                Ok(stream) => serve(stream).await,
+                Err(error) => tracing::warn!(listener = name, %error, "could not register a connection; closing it"),
+            }
+        }));
     }
 }
