@@ -201,6 +201,59 @@ async fn a_batch_creates_each_job_or_names_its_problem() {
     assert_eq!(node.call("GET", "/jobs", b"").1["jobs"].as_array().map(Vec::len), Some(2));
 }
 
+/// A bulk loader asks for ids only (HTTP `Prefer: return=minimal`, the binary MINIMAL
+/// flag): each create is answered `{"id"}` with its usual status, refusals keep their
+/// whole error, and the jobs are the same as with full answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_answered_with_ids_only_when_the_client_prefers_it() {
+    use sundial_net::{Client, ClientOptions};
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let minimal = "prefer: return=minimal\r\n";
+    let run_at = now_ms() + 3_600_000;
+    let one = json!({"id": "min-1", "run_at": run_at, "url": "http://127.0.0.1:9/"}).to_string();
+    let (status, head, body) = node.exchange("POST", "/jobs", one.as_bytes(), minimal);
+    assert_eq!((status, &body), (201, &json!({"id": "min-1"})), "{head}");
+    assert!(head.to_ascii_lowercase().contains("preference-applied: return=minimal"), "{head}");
+    let (status, _, body) = node.exchange("POST", "/jobs", one.as_bytes(), minimal);
+    assert_eq!((status, &body), (200, &json!({"id": "min-1"})), "the same job again");
+    let (status, head, full) = node.call_with_headers("POST", "/jobs", one.as_bytes());
+    assert_eq!((status, full["status"].as_str()), (200, Some("pending")), "without the preference: the job");
+    assert!(!head.to_ascii_lowercase().contains("preference-applied"), "{head}");
+    let batch = json!({"jobs": [
+        {"delay": "1h", "url": "http://127.0.0.1:9/"},
+        {"id": "min-bad", "delay": "1h", "url": "ftp://bad"}
+    ]});
+    let (status, _, results) = node.exchange("POST", "/jobs/batch", batch.to_string().as_bytes(), minimal);
+    assert_eq!(status, 200);
+    let chosen = results["results"][0]["body"]["id"].as_str().expect("the chosen id").to_string();
+    assert_eq!(results["results"][0]["body"].as_object().map(|o| o.len()), Some(1), "{results}");
+    assert_eq!(
+        (results["results"][1]["status"].as_u64(), results["results"][1]["body"]["field"].as_str()),
+        (Some(400), Some("url"))
+    );
+    let put = json!({"delay": "2h", "url": "http://127.0.0.1:9/put"}).to_string();
+    let (status, _, body) = node.exchange("PUT", "/jobs/min-1", put.as_bytes(), minimal);
+    assert_eq!((status, &body), (200, &json!({"id": "min-1"})), "an upsert");
+    let (_, read) = node.call("GET", "/jobs/min-1", b"");
+    assert_eq!(read["webhook_url"].as_str(), Some("http://127.0.0.1:9/put"), "{read}");
+    assert_eq!(node.call("GET", &format!("/jobs/{chosen}"), b"").0, 200);
+
+    let options = ClientOptions { minimal_answers: true, ..ClientOptions::default() };
+    let client = Client::connect(node.binary, options).await.expect("connect");
+    let many: Vec<Value> =
+        (0..300).map(|i| json!({"id": format!("bin-{i}"), "delay": "1h", "url": "http://127.0.0.1:9/"})).collect();
+    let items = client.create_many(&many).await.expect("create many");
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!((item.status, item.json()), (201, json!({"id": format!("bin-{i}")})));
+    }
+    let upserted = client.upsert(&json!({"id": "bin-0", "delay": "3h", "url": "http://127.0.0.1:9/u"})).await;
+    assert_eq!(upserted.map(|i| (i.status, i.json())).expect("upsert"), (200, json!({"id": "bin-0"})));
+    assert_eq!(client.get("bin-299").await.expect("get").json()["status"], "pending", "reads are whole");
+    let (_, health) = node.call("GET", "/health", b"");
+    assert_eq!(health["jobs"]["pending"], 302, "min-1, the chosen one and 300: {health}");
+}
+
 #[test]
 fn sigterm_stops_the_node_cleanly() {
     let data = tempfile::tempdir().expect("tempdir");

@@ -150,6 +150,11 @@ pub struct Load {
     /// No live progress line (it is never drawn when stderr is not a terminal).
     #[arg(long)]
     pub quiet: bool,
+    /// Ask for creates to be answered with ids only (the binary protocol's MINIMAL flag,
+    /// HTTP's `Prefer: return=minimal`), as a bulk loader would; by default the node
+    /// answers each create with the whole job.
+    #[arg(long)]
+    pub minimal_answers: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -225,7 +230,7 @@ impl Load {
     }
 
     pub async fn target(&self) -> Result<Target, String> {
-        Target::connect(self.protocol, &self.node, self.connections, self.token.clone()).await
+        Target::connect(self.protocol, &self.node, self.connections, self.token.clone(), self.minimal_answers).await
     }
 
     pub fn describe(&self, plan: &Plan) -> String {

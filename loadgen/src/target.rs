@@ -49,6 +49,7 @@ impl Target {
         members: &[SocketAddr],
         connections: usize,
         token: Option<String>,
+        minimal_answers: bool,
     ) -> Result<Target, String> {
         if members.is_empty() {
             return Err("--node: give at least one address".into());
@@ -56,7 +57,7 @@ impl Target {
         let connections = connections.clamp(1, HTTP_CONNECTIONS_MAX);
         let transport = match protocol {
             Protocol::Binary => {
-                let options = ClientOptions { token, ..ClientOptions::default() };
+                let options = ClientOptions { token, minimal_answers, ..ClientOptions::default() };
                 let mut clients = Vec::with_capacity(connections);
                 for _ in 0..connections {
                     let client = ClusterClient::connect(members, options.clone()).await.map_err(|e| e.to_string())?;
@@ -64,7 +65,11 @@ impl Target {
                 }
                 Transport::Binary(clients)
             }
-            Protocol::Http => Transport::Http(HttpPool::new(members.to_vec(), connections, token)),
+            Protocol::Http => {
+                let mut pool = HttpPool::new(members.to_vec(), connections, token);
+                pool.minimal_answers = minimal_answers;
+                Transport::Http(pool)
+            }
         };
         Ok(Target { transport, next: AtomicUsize::new(0), examples: Default::default() })
     }
@@ -173,6 +178,8 @@ type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 pub(crate) struct HttpPool {
     members: Vec<SocketAddr>,
     token: Option<String>,
+    /// Sends `Prefer: return=minimal`: creates are answered with ids only.
+    minimal_answers: bool,
     free: Semaphore,
     idle: Mutex<Vec<Sender>>,
 }
@@ -182,6 +189,7 @@ impl HttpPool {
         HttpPool {
             members,
             token,
+            minimal_answers: false,
             free: Semaphore::new(connections),
             idle: Mutex::new(Vec::with_capacity(connections)),
         }
@@ -214,6 +222,9 @@ impl HttpPool {
             .header("content-type", "application/json");
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if self.minimal_answers {
+            request = request.header("prefer", "return=minimal");
         }
         let request = request.body(Full::new(Bytes::from(body))).map_err(|e| e.to_string())?;
         sender.ready().await.map_err(|e| e.to_string())?;

@@ -25,6 +25,9 @@ pub struct ClientOptions {
     pub in_flight_max: usize,
     /// Calls waiting for the connection's writer at most; beyond it calls wait.
     pub queue_max: usize,
+    /// Creates and upserts are answered with the job's id only (the MINIMAL flag), not
+    /// the whole job: for loading jobs in bulk. Nodes before the flag refuse such frames.
+    pub minimal_answers: bool,
 }
 
 impl Default for ClientOptions {
@@ -36,6 +39,7 @@ impl Default for ClientOptions {
             batch_max: 256,
             in_flight_max: 64,
             queue_max: 8_192,
+            minimal_answers: false,
         }
     }
 }
@@ -292,7 +296,7 @@ async fn drive(
     let permits = Arc::new(tokio::sync::Semaphore::new(options.in_flight_max.max(1)));
     let mut reading = tokio::spawn(read_answers(reader, buffer, in_flight.clone(), info));
     let failure = tokio::select! {
-        failure = write_calls(writer, queued, in_flight.clone(), permits, options.batch_max, info) => failure,
+        failure = write_calls(writer, queued, in_flight.clone(), permits, options.batch_max, options.minimal_answers, info) => failure,
         failure = &mut reading => failure.unwrap_or_else(|e| e.to_string()),
     };
     reading.abort();
@@ -310,6 +314,7 @@ async fn write_calls(
     in_flight: InFlight,
     permits: Arc<tokio::sync::Semaphore>,
     batch_max: usize,
+    minimal: bool,
     info: NodeInfo,
 ) -> String {
     let batch_max = batch_max.clamp(1, BATCH_MAX);
@@ -324,27 +329,31 @@ async fn write_calls(
             }
         }
         let mut bytes = Vec::new();
-        for (message, flags, waiting) in batch(calls, batch_max) {
+        for (message, flags, waiting) in batch(calls, batch_max, minimal) {
+            let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
+            let frame = Frame { flags, ..Frame::new(next_id, message) };
+            if codec::encode(&frame, info.frame_max_bytes, &mut bytes).is_ok() {
+                if let Ok(mut map) = in_flight.lock() {
+                    map.insert(next_id, (waiting, permit));
+                }
+                next_id += 1;
+                continue;
+            }
+            drop(permit);
             // A batch that does not encode (too big together, or one bad item) is sent one
             // call per frame, so only the calls that cannot be sent fail.
-            let frames = match codec::encode(&Frame::new(0, message.clone()), info.frame_max_bytes, &mut Vec::new()) {
-                Ok(()) => vec![(message, waiting)],
-                Err(_) => split(message).into_iter().zip(waiting.into_iter().map(|reply| vec![reply])).collect(),
-            };
-            for (message, waiting) in frames {
+            for (message, reply) in split(frame.message).into_iter().zip(waiting) {
                 let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
                 let frame = Frame { flags, ..Frame::new(next_id, message) };
                 match codec::encode(&frame, info.frame_max_bytes, &mut bytes) {
                     Ok(()) => {
                         if let Ok(mut map) = in_flight.lock() {
-                            map.insert(next_id, (waiting, permit));
+                            map.insert(next_id, (vec![reply], permit));
                         }
                         next_id += 1;
                     }
                     Err(e) => {
-                        for reply in waiting {
-                            let _ = reply.send(Err(ClientError::Invalid(e.to_string())));
-                        }
+                        let _ = reply.send(Err(ClientError::Invalid(e.to_string())));
                     }
                 }
             }
@@ -406,7 +415,8 @@ fn split(message: Message) -> Vec<Message> {
 }
 
 /// Groups calls by kind into messages of at most `batch_max` items, each with its flags.
-fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, u8, Waiting)> {
+fn batch(calls: Vec<Call>, batch_max: usize, minimal: bool) -> Vec<(Message, u8, Waiting)> {
+    let creates_flags = if minimal { codec::FLAG_MINIMAL } else { 0 };
     let mut groups: Vec<(Kind, Vec<Vec<u8>>, Waiting)> = Vec::new();
     for call in calls {
         // A topology request has no items: each is a frame of its own.
@@ -425,14 +435,15 @@ fn batch(calls: Vec<Call>, batch_max: usize) -> Vec<(Message, u8, Waiting)> {
     groups
         .into_iter()
         .map(|(kind, arguments, waiting)| {
-            let ids = || arguments.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let ids =
+                |arguments: &[Vec<u8>]| arguments.iter().map(|a| String::from_utf8_lossy(a).into_owned()).collect();
             let (message, flags) = match kind {
-                Kind::Create => (Message::Create { jobs: arguments.clone() }, 0),
-                Kind::Get => (Message::Get { ids: ids() }, 0),
-                Kind::GetStale => (Message::Get { ids: ids() }, codec::FLAG_STALE_OK),
-                Kind::Cancel => (Message::Cancel { ids: ids() }, 0),
-                Kind::Upsert => (Message::Upsert { jobs: arguments.clone() }, 0),
-                Kind::Trigger => (Message::Trigger { ids: ids() }, 0),
+                Kind::Create => (Message::Create { jobs: arguments }, creates_flags),
+                Kind::Get => (Message::Get { ids: ids(&arguments) }, 0),
+                Kind::GetStale => (Message::Get { ids: ids(&arguments) }, codec::FLAG_STALE_OK),
+                Kind::Cancel => (Message::Cancel { ids: ids(&arguments) }, 0),
+                Kind::Upsert => (Message::Upsert { jobs: arguments }, creates_flags),
+                Kind::Trigger => (Message::Trigger { ids: ids(&arguments) }, 0),
                 Kind::Topology => (Message::Topology, 0),
             };
             (message, flags, waiting)

@@ -18,9 +18,13 @@ pub const BATCH_MAX: usize = 1_000;
 pub const STRING_MAX_BYTES: usize = 1_024;
 
 /// Flag bit: the request may be served from a replica's local state (a stale read).
-/// Ignored by a single node; every other bit must be zero in v1.
+/// Ignored by a single node; every bit but the known ones must be zero in v1.
 pub const FLAG_STALE_OK: u8 = 0b0000_0001;
-const FLAGS_KNOWN: u8 = FLAG_STALE_OK;
+/// Flag bit of Create and Upsert: each created or replaced job is answered with its id only
+/// (`{"id"}`), not the whole job (HTTP's `Prefer: return=minimal`). Ignored on other kinds.
+/// Nodes before it refuse the frame for its unknown bit.
+pub const FLAG_MINIMAL: u8 = 0b0000_0010;
+const FLAGS_KNOWN: u8 = FLAG_STALE_OK | FLAG_MINIMAL;
 
 /// Frame-level error codes; they mirror HTTP's statuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -171,7 +175,7 @@ pub enum DecodeError {
     TooShort { len_bytes: u32 },
     #[error("unknown frame kind 0x{0:02x}")]
     UnknownKind(u8),
-    #[error("flags: unknown bits 0x{0:02x} (v1 knows only 0x01)")]
+    #[error("flags: unknown bits 0x{0:02x} (v1 knows 0x01 and 0x02)")]
     UnknownFlags(u8),
     #[error("{field}: the frame ends inside it")]
     Truncated { field: &'static str },

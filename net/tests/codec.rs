@@ -3,8 +3,8 @@
 
 use proptest::prelude::*;
 use sundial_net::codec::{
-    announced_len, decode, encode, Code, DecodeError, Frame, Item, Message, BATCH_MAX, FRAME_MAX_BYTES_DEFAULT,
-    STRING_MAX_BYTES,
+    announced_len, decode, encode, Code, DecodeError, Frame, Item, Message, BATCH_MAX, FLAG_MINIMAL, FLAG_STALE_OK,
+    FRAME_MAX_BYTES_DEFAULT, STRING_MAX_BYTES,
 };
 
 fn text() -> impl Strategy<Value = String> {
@@ -122,8 +122,14 @@ fn malformed_frames_are_refused_with_what_is_wrong() {
     unknown_kind[4] = 0x55;
     assert_eq!(decode(&unknown_kind, max), Err(DecodeError::UnknownKind(0x55)));
     let mut unknown_flags = encoded(&Frame::new(1, Message::Ping));
-    unknown_flags[5] = 0x82;
-    assert_eq!(decode(&unknown_flags, max), Err(DecodeError::UnknownFlags(0x82)));
+    unknown_flags[5] = 0x86;
+    let refused = decode(&unknown_flags, max);
+    assert_eq!(refused, Err(DecodeError::UnknownFlags(0x84)), "the unknown bits, not STALE_OK's or MINIMAL's");
+    assert!(refused.expect_err("refused").to_string().contains("0x84"));
+    let mut minimal = encoded(&Frame::new(1, Message::Create { jobs: vec![b"{}".to_vec()] }));
+    minimal[5] = FLAG_MINIMAL | FLAG_STALE_OK;
+    let (decoded, _) = decode(&minimal, max).expect("known flags").expect("a whole frame");
+    assert_eq!(decoded.flags, FLAG_MINIMAL | FLAG_STALE_OK);
 
     // A count beyond the batch limit.
     let mut too_many = encoded(&Frame::new(1, Message::Get { ids: vec![] }));

@@ -6,7 +6,7 @@
 
 use crate::api::auth::{Gate, Verdict};
 use crate::api::http::parse_body;
-use crate::shard::ops::{Answer, JobOp};
+use crate::shard::ops::{Answer, CreateMode, JobOp, Representation};
 use crate::shard::router::Router;
 use std::sync::Arc;
 use std::time::Duration;
@@ -202,15 +202,22 @@ async fn handshake(
 async fn handle(router: &Router, frame: Frame) -> Frame {
     let id = frame.request_id;
     let stale_ok = frame.flags & sundial_net::codec::FLAG_STALE_OK != 0;
+    let representation = match frame.flags & sundial_net::codec::FLAG_MINIMAL {
+        0 => Representation::Full,
+        _ => Representation::Minimal,
+    };
     let answers = match frame.message {
         Message::Ping => return Frame::new(id, Message::Pong),
         Message::Topology => vec![router.topology().await],
-        Message::Create { jobs } => router.create(jobs.iter().map(|job| parse_body(job)).collect(), None).await,
+        Message::Create { jobs } => {
+            let requests = jobs.iter().map(|job| parse_body(job)).collect();
+            router.create(requests, None, CreateMode::Create, representation).await
+        }
         Message::Get { ids } => router.job_many_read(&ids, JobOp::Get, stale_ok).await,
         Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,
         Message::Upsert { jobs } => {
             let requests = jobs.iter().map(|job| parse_body(job).and_then(with_id)).collect();
-            router.create_with(requests, None, crate::shard::ops::CreateMode::Upsert).await
+            router.create(requests, None, CreateMode::Upsert, representation).await
         }
         Message::Trigger { ids } => router.job_many(&ids, JobOp::Trigger).await,
         other => {

@@ -4,7 +4,7 @@
 //! status.
 
 use crate::api::auth::{Gate, Verdict};
-use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp};
+use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp, Representation};
 use crate::shard::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -76,6 +76,7 @@ async fn respond(
     let authorization = authorization.as_deref();
     let parent =
         request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceContext::parse_traceparent);
+    let representation = preferred_representation(request.headers());
     let verdict = if console && path == "/ui/login" {
         Verdict::Allow
     } else {
@@ -111,19 +112,50 @@ async fn respond(
         }
     }
     if method == "GET" && path == "/metrics" {
-        return match router.metrics_text().await {
-            Ok(text) => {
-                let mut response = hyper::Response::new(Full::new(Bytes::from(text)));
-                response.headers_mut().insert(
-                    "content-type",
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                response
-            }
-            Err(refused) => to_response(refused),
-        };
+        return metrics_response(router).await;
     }
-    to_response(route(router, &method, &path, &query, &body, parent).await)
+    let answer = route(router, &method, &path, &query, &body, parent, representation).await;
+    let mut response = to_response(answer);
+    let creates = matches!((method.as_str(), path.trim_end_matches('/')), ("POST", "/jobs" | "/jobs/batch"))
+        || (method == "PUT" && path.starts_with("/jobs/") && path.matches('/').count() == 2);
+    if creates && representation == Representation::Minimal {
+        response.headers_mut().insert("preference-applied", hyper::header::HeaderValue::from_static("return=minimal"));
+    }
+    response
+}
+
+/// `GET /metrics`: the Prometheus text format.
+async fn metrics_response(router: &Router) -> hyper::Response<Full<Bytes>> {
+    match router.metrics_text().await {
+        Ok(text) => {
+            let mut response = hyper::Response::new(Full::new(Bytes::from(text)));
+            response.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        Err(refused) => to_response(refused),
+    }
+}
+
+/// `Prefer: return=minimal` (RFC 7240; tokens are comma-separated, case-insensitive, in
+/// one header or several): creates answer each job with its id only.
+fn preferred_representation(headers: &hyper::HeaderMap) -> Representation {
+    let minimal = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|preference| {
+            let token = preference.split(';').next().unwrap_or("").trim();
+            token.eq_ignore_ascii_case("return=minimal") || token.eq_ignore_ascii_case("return=\"minimal\"")
+        });
+    if minimal {
+        Representation::Minimal
+    } else {
+        Representation::Full
+    }
 }
 
 /// `{"node_id": 4, "raft": "10.0.0.4:7400"}`: the member to add, checked.
@@ -159,6 +191,7 @@ pub async fn route(
     query: &str,
     body: &[u8],
     parent: Option<TraceContext>,
+    representation: Representation,
 ) -> Answer {
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     match (method, segments.as_slice()) {
@@ -177,12 +210,13 @@ pub async fn route(
         },
         ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
         ("POST", ["jobs"]) => {
-            router.create(vec![parse_body(body)], parent).await.pop().expect("one answer per request")
+            let requests = vec![parse_body(body)];
+            router.create(requests, parent, CreateMode::Create, representation).await.pop().expect("one answer")
         }
-        ("POST", ["jobs", "batch"]) => batch(router, body, parent).await,
+        ("POST", ["jobs", "batch"]) => batch(router, body, parent, representation).await,
         ("POST", ["jobs", "bulk"]) => bulk(router, body).await,
         ("POST", ["jobs", "preview"]) => preview(body, query),
-        ("PUT", ["jobs", id]) => upsert(router, id, body, parent).await,
+        ("PUT", ["jobs", id]) => upsert(router, id, body, parent, representation).await,
         ("GET", ["dlq"]) => router.dead_letters().await,
         ("GET", ["flow-keys"]) => router.flow_keys().await,
         ("GET", ["flow-keys", key]) => router.job(key, JobOp::KeyGet).await,
@@ -241,7 +275,7 @@ pub async fn route(
 
 /// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), answered in order
 /// with each one's status and job or error.
-async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>) -> Answer {
+async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>, representation: Representation) -> Answer {
     let requests = match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(mut object)) => match object.remove("jobs") {
             Some(Value::Array(requests)) if requests.len() <= BATCH_MAX => requests,
@@ -251,7 +285,8 @@ async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>) -> An
         Ok(_) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
         Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
     };
-    let answers = router.create(requests.into_iter().map(Ok).collect(), parent).await;
+    let requests = requests.into_iter().map(Ok).collect();
+    let answers = router.create(requests, parent, CreateMode::Create, representation).await;
     let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
     answer(200, json!({"results": results}))
 }
@@ -266,7 +301,13 @@ fn invalid(problems: &[sundial_engine::job::FieldError]) -> Answer {
 
 /// `PUT /jobs/{id}`: creates the job or replaces its spec; the body's `id`, if any, must be
 /// the path's.
-async fn upsert(router: &Router, id: &str, body: &[u8], parent: Option<TraceContext>) -> Answer {
+async fn upsert(
+    router: &Router,
+    id: &str,
+    body: &[u8],
+    parent: Option<TraceContext>,
+    representation: Representation,
+) -> Answer {
     let request = parse_body(body).and_then(|mut request| match request.as_object_mut() {
         Some(object) => match object.get("id") {
             Some(given) if given.as_str() != Some(id) => {
@@ -279,7 +320,7 @@ async fn upsert(router: &Router, id: &str, body: &[u8], parent: Option<TraceCont
         },
         None => Ok(request), // refused with its reason by the parser
     });
-    router.create_with(vec![request], parent, CreateMode::Upsert).await.pop().expect("one answer per request")
+    router.create(vec![request], parent, CreateMode::Upsert, representation).await.pop().expect("one answer")
 }
 
 /// Fires previewed per request at most.

@@ -19,7 +19,7 @@ use crate::cluster::meta::replicas_of;
 use crate::obs::metrics::ShardMetrics;
 use crate::replica::partition::{Partition, PartitionOptions};
 use crate::replica::Replica;
-use ops::{Answer, CreateMode, JobOp};
+use ops::{Answer, CreateMode, JobOp, Representation};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,7 +46,14 @@ pub enum Work {
     /// A membership change, for the meta group's leader (shard 0).
     Members { command: MembersCommand, reply: oneshot::Sender<Answer> },
     /// Create validated jobs of one partition.
-    Create { partition: u32, specs: Vec<JobSpec>, now_ms: u64, mode: CreateMode, reply: oneshot::Sender<Vec<Answer>> },
+    Create {
+        partition: u32,
+        specs: Vec<JobSpec>,
+        now_ms: u64,
+        mode: CreateMode,
+        representation: Representation,
+        reply: oneshot::Sender<Vec<Answer>>,
+    },
     /// One operation on some jobs of one partition (one log write for commands).
     /// One operation on some jobs of one partition (one log write for commands); `stale`
     /// reads are answered from this replica as it stands.
@@ -79,7 +86,7 @@ pub enum Scan {
 }
 
 /// Create requests for one partition taken from the inbox: specs, request time, mode, reply.
-type CreateRequest = (Vec<JobSpec>, u64, CreateMode, oneshot::Sender<Vec<Answer>>);
+type CreateRequest = (Vec<JobSpec>, u64, CreateMode, Representation, oneshot::Sender<Vec<Answer>>);
 
 /// Live (pending or running) jobs per shard, read by every shard for admission control.
 /// Each shard writes only its own slot.
@@ -305,6 +312,7 @@ struct TicketUse {
 enum AnswerKind {
     Create {
         id: String,
+        representation: Representation,
     },
     Command {
         id: String,

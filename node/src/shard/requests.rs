@@ -30,7 +30,7 @@ impl Shard {
             return;
         }
         let answer = match kind {
-            AnswerKind::Create { id } => ops::create_answer(state, &id, verdict),
+            AnswerKind::Create { id, representation } => ops::create_answer(state, &id, verdict, representation),
             AnswerKind::Command { id, op } => ops::command_answer(state, &id, op, verdict, now_ms),
             AnswerKind::Read { .. } => unreachable!("answered above"),
             AnswerKind::Purged => match verdict {
@@ -125,8 +125,8 @@ impl Shard {
         let mut others = Vec::new();
         for work in batch {
             match work {
-                Work::Create { partition, specs, now_ms, mode, reply } => {
-                    creates.entry(partition).or_default().push((specs, now_ms, mode, reply))
+                Work::Create { partition, specs, now_ms, mode, representation, reply } => {
+                    creates.entry(partition).or_default().push((specs, now_ms, mode, representation, reply))
                 }
                 other => others.push(other),
             }
@@ -249,14 +249,14 @@ impl Shard {
     /// request is answered once all its creates are applied.
     pub(super) fn create(&mut self, partition: u32, requests: Vec<CreateRequest>) {
         let Some(replica) = self.replicas.get_mut(&partition) else {
-            for (specs, _, _, reply) in requests {
+            for (specs, _, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| misrouted(partition)).collect());
             }
             return;
         };
         if let Some(leader) = replica.not_accepting() {
             let answer = ops::not_leader(partition, leader);
-            for (specs, _, _, reply) in requests {
+            for (specs, _, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| answer.clone()).collect());
             }
             return;
@@ -270,7 +270,7 @@ impl Shard {
         let started_ms = self.turn_ms;
         let mut plans = Vec::with_capacity(requests.len());
         let mut commands = Vec::new();
-        for (specs, now_ms, mode, reply) in requests {
+        for (specs, now_ms, mode, representation, reply) in requests {
             let traces: Vec<(String, String)> = specs
                 .iter()
                 .filter_map(|spec| spec.trace.as_ref().map(|t| (t.trace_id.clone(), t.span_id.clone())))
@@ -285,18 +285,18 @@ impl Shard {
             let mut plan = ops::plan_creates(replica.state(), specs, now_ms, how);
             room = room.saturating_sub(plan.commands.len());
             commands.append(&mut plan.commands);
-            plans.push((plan, traces, reply));
+            plans.push((plan, traces, representation, reply));
         }
         // Proposed together: one log write (group commit) for every request of the turn.
         let mut tickets = replica.propose(commands).into_iter();
         self.metrics.applied(started.elapsed());
-        for (plan, traces, reply) in plans {
+        for (plan, traces, representation, reply) in plans {
             let pending = plan
                 .waiting
                 .into_iter()
                 .map(|(slot, id)| {
                     let ticket = tickets.next().unwrap_or_else(|| Err(ApplyError::Unavailable("not proposed".into())));
-                    (slot, ticket, AnswerKind::Create { id })
+                    (slot, ticket, AnswerKind::Create { id, representation })
                 })
                 .collect();
             let commit = CommitSpan { partition, started_ms, traces };

@@ -8,7 +8,9 @@
 use crate::cluster::meta::{partition_of, ClusterMeta};
 use crate::obs::metrics::Metrics;
 use crate::obs::telemetry::SpanSink;
-use crate::shard::ops::{answer, field_error, raw_json, retry_later, Answer, CreateMode, JobOp, Refusal};
+use crate::shard::ops::{
+    answer, field_error, raw_json, retry_later, Answer, CreateMode, JobOp, Refusal, Representation,
+};
 use crate::shard::{LiveJobs, Scan, Work};
 use futures_util::future::join_all as futures_join_all;
 use serde_json::{json, Value};
@@ -104,6 +106,8 @@ pub enum PartitionWork {
         now_ms: u64,
         #[serde(default)]
         mode: CreateMode,
+        #[serde(default)]
+        representation: Representation,
     },
     /// `stale`: a read may be answered from the local replica without confirming it is
     /// current (no round trip to the leader).
@@ -126,10 +130,11 @@ impl PartitionWork {
     /// The items at `positions`, as work of their own.
     fn select(&self, positions: &[usize]) -> PartitionWork {
         match self {
-            PartitionWork::Create { specs, now_ms, mode } => PartitionWork::Create {
+            PartitionWork::Create { specs, now_ms, mode, representation } => PartitionWork::Create {
                 specs: positions.iter().map(|i| specs[*i].clone()).collect(),
                 now_ms: *now_ms,
                 mode: *mode,
+                representation: *representation,
             },
             PartitionWork::Jobs { ids, op, stale } => {
                 PartitionWork::Jobs { ids: positions.iter().map(|i| ids[*i].clone()).collect(), op: *op, stale: *stale }
@@ -380,7 +385,9 @@ impl Router {
         let count = work.len();
         let (reply, answer) = oneshot::channel();
         let item = match work {
-            PartitionWork::Create { specs, now_ms, mode } => Work::Create { partition, specs, now_ms, mode, reply },
+            PartitionWork::Create { specs, now_ms, mode, representation } => {
+                Work::Create { partition, specs, now_ms, mode, representation, reply }
+            }
             PartitionWork::Jobs { ids, op, stale } => Work::Jobs { partition, ids, op, stale, reply },
         };
         match self.shard_of(partition).try_send(item) {
@@ -482,19 +489,16 @@ impl Router {
     }
 
     /// Creates jobs (one per request, in order): each validated on its own; the admitted
-    /// ones of a partition go to its log together. `parent` is the caller's trace context
-    /// (an HTTP `traceparent`); the jobs belong to this request's span in its trace, or in a
-    /// new one.
-    pub async fn create(&self, requests: Vec<Result<Value, Answer>>, parent: Option<TraceContext>) -> Vec<Answer> {
-        self.create_with(requests, parent, CreateMode::Create).await
-    }
-
-    /// `create`, as creates or as upserts (each job created, or its spec replaced).
-    pub async fn create_with(
+    /// ones of a partition go to its log together. As `mode` says, each job is created, or
+    /// created or its spec replaced (an upsert); each answer carries the whole job or its id
+    /// (`representation`). `parent` is the caller's trace context (an HTTP `traceparent`);
+    /// the jobs belong to this request's span in its trace, or in a new one.
+    pub async fn create(
         &self,
         requests: Vec<Result<Value, Answer>>,
         parent: Option<TraceContext>,
         mode: CreateMode,
+        representation: Representation,
     ) -> Vec<Answer> {
         let now = now_ms();
         let random = self.next_random();
@@ -520,7 +524,11 @@ impl Router {
             }
         }
         let groups = by_partition.into_iter().map(|(partition, (slots, specs))| async move {
-            (slots, self.partition_work(partition, PartitionWork::Create { specs, now_ms: now, mode }, 0).await)
+            (
+                slots,
+                self.partition_work(partition, PartitionWork::Create { specs, now_ms: now, mode, representation }, 0)
+                    .await,
+            )
         });
         for (slots, group_answers) in futures_join_all(groups).await {
             for (slot, answer) in slots.into_iter().zip(group_answers) {
