@@ -230,7 +230,7 @@ impl Router {
     /// Runs work on a partition: on this node's shard when it holds a replica, and on the
     /// leader (forwarded) for the items the local replica does not lead. Answers in order.
     pub async fn partition_work(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
-        let mut answers = self.partition_work_once(partition, work.clone(), hops).await;
+        let mut answers = self.partition_work_once(partition, &work, hops).await;
         if hops > 0 {
             return answers; // the member the request arrived at does the waiting
         }
@@ -243,7 +243,7 @@ impl Router {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(backoff_ms)).await;
-            let again = self.partition_work_once(partition, work.select(&waiting), hops).await;
+            let again = self.partition_work_once(partition, &work.select(&waiting), hops).await;
             for (position, answer) in waiting.into_iter().zip(again) {
                 answers[position] = answer;
             }
@@ -251,7 +251,10 @@ impl Router {
         answers
     }
 
-    async fn partition_work_once(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
+    /// `work` once: on the local shard, or forwarded to the leader the shard names. The work
+    /// is borrowed and copied once for the shard: what was not done stays here to be retried
+    /// or forwarded.
+    async fn partition_work_once(&self, partition: u32, work: &PartitionWork, hops: u8) -> Vec<Answer> {
         let count = work.len();
         let me = self.facts.node_id;
         let local = match &self.cluster {
