@@ -232,8 +232,13 @@ async fn creates_answered_with_ids_only_when_the_client_prefers_it() {
         (results["results"][1]["status"].as_u64(), results["results"][1]["body"]["field"].as_str()),
         (Some(400), Some("url"))
     );
+    let bad = json!({"id": "min-bad", "delay": "1h", "url": "ftp://bad"}).to_string();
+    let (status, head, body) = node.exchange("POST", "/jobs", bad.as_bytes(), minimal);
+    assert_eq!((status, body["field"].as_str()), (400, Some("url")), "a refusal keeps its whole error");
+    assert!(!head.to_ascii_lowercase().contains("preference-applied"), "{head}");
     let put = json!({"delay": "2h", "url": "http://127.0.0.1:9/put"}).to_string();
-    let (status, _, body) = node.exchange("PUT", "/jobs/min-1", put.as_bytes(), minimal);
+    let spaced = "prefer: respond-async, return = \"minimal\"\r\n";
+    let (status, _, body) = node.exchange("PUT", "/jobs/min-1/", put.as_bytes(), spaced);
     assert_eq!((status, &body), (200, &json!({"id": "min-1"})), "an upsert");
     let (_, read) = node.call("GET", "/jobs/min-1", b"");
     assert_eq!(read["webhook_url"].as_str(), Some("http://127.0.0.1:9/put"), "{read}");
@@ -252,6 +257,21 @@ async fn creates_answered_with_ids_only_when_the_client_prefers_it() {
     assert_eq!(client.get("bin-299").await.expect("get").json()["status"], "pending", "reads are whole");
     let (_, health) = node.call("GET", "/health", b"");
     assert_eq!(health["jobs"]["pending"], 302, "min-1, the chosen one and 300: {health}");
+
+    // A turn whose batch does not fit one frame is split into a frame per job; with fewer
+    // frames allowed in flight than that, the client sends what it has before waiting for
+    // room (it used to wait with them unsent, for ever).
+    let options = ClientOptions { minimal_answers: true, in_flight_max: 2, ..ClientOptions::default() };
+    let client = Client::connect(node.binary, options).await.expect("connect");
+    let body = "b".repeat(200 * 1024);
+    let large: Vec<Value> = (0..24)
+        .map(|i| json!({"id": format!("large-{i}"), "delay": "1h", "url": "http://127.0.0.1:9/", "json": {"b": body}}))
+        .collect();
+    let items = tokio::time::timeout(Duration::from_secs(60), client.create_many(&large))
+        .await
+        .expect("answered, not stuck")
+        .expect("create many");
+    assert!(items.iter().all(|item| item.status == 201), "{:?}", items.iter().map(|i| i.status).collect::<Vec<_>>());
 }
 
 #[test]

@@ -26,7 +26,8 @@ pub struct ClientOptions {
     /// Calls waiting for the connection's writer at most; beyond it calls wait.
     pub queue_max: usize,
     /// Creates and upserts are answered with the job's id only (the MINIMAL flag), not
-    /// the whole job: for loading jobs in bulk. Nodes before the flag refuse such frames.
+    /// the whole job: for loading jobs in bulk. A node before the flag answers such a frame
+    /// with an error and closes the connection (every call in flight on it fails).
     pub minimal_answers: bool,
 }
 
@@ -330,7 +331,10 @@ async fn write_calls(
         }
         let mut bytes = Vec::new();
         for (message, flags, waiting) in batch(calls, batch_max, minimal) {
-            let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
+            let permit = match frame_permit(&permits, &mut writer, &mut bytes).await {
+                Ok(permit) => permit,
+                Err(failure) => return failure,
+            };
             let frame = Frame { flags, ..Frame::new(next_id, message) };
             if codec::encode(&frame, info.frame_max_bytes, &mut bytes).is_ok() {
                 if let Ok(mut map) = in_flight.lock() {
@@ -343,7 +347,10 @@ async fn write_calls(
             // A batch that does not encode (too big together, or one bad item) is sent one
             // call per frame, so only the calls that cannot be sent fail.
             for (message, reply) in split(frame.message).into_iter().zip(waiting) {
-                let Ok(permit) = permits.clone().acquire_owned().await else { return "closed".into() };
+                let permit = match frame_permit(&permits, &mut writer, &mut bytes).await {
+                    Ok(permit) => permit,
+                    Err(failure) => return failure,
+                };
                 let frame = Frame { flags, ..Frame::new(next_id, message) };
                 match codec::encode(&frame, info.frame_max_bytes, &mut bytes) {
                     Ok(()) => {
@@ -363,6 +370,24 @@ async fn write_calls(
         }
     }
     "the client was dropped".into()
+}
+
+/// A permit for one more frame in flight. When none is free, the frames encoded so far are
+/// sent first: their answers are what frees permits, so waiting with them unsent (a turn
+/// that splits a batch into more frames than `in_flight_max`) would wait for ever.
+async fn frame_permit(
+    permits: &Arc<tokio::sync::Semaphore>,
+    writer: &mut tokio::net::tcp::OwnedWriteHalf,
+    bytes: &mut Vec<u8>,
+) -> Result<tokio::sync::OwnedSemaphorePermit, String> {
+    if let Ok(permit) = permits.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    if !bytes.is_empty() {
+        writer.write_all(bytes).await.map_err(|e| e.to_string())?;
+        bytes.clear();
+    }
+    permits.clone().acquire_owned().await.map_err(|_| "closed".to_string())
 }
 
 async fn read_answers(

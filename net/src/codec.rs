@@ -22,7 +22,7 @@ pub const STRING_MAX_BYTES: usize = 1_024;
 pub const FLAG_STALE_OK: u8 = 0b0000_0001;
 /// Flag bit of Create and Upsert: each created or replaced job is answered with its id only
 /// (`{"id"}`), not the whole job (HTTP's `Prefer: return=minimal`). Ignored on other kinds.
-/// Nodes before it refuse the frame for its unknown bit.
+/// A node before it answers the frame with an Error (an unknown bit) and closes the connection.
 pub const FLAG_MINIMAL: u8 = 0b0000_0010;
 const FLAGS_KNOWN: u8 = FLAG_STALE_OK | FLAG_MINIMAL;
 

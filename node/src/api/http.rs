@@ -115,10 +115,14 @@ async fn respond(
         return metrics_response(router).await;
     }
     let answer = route(router, &method, &path, &query, &body, parent, representation).await;
+    // Applied when a create route answered with what it created (a refusal is the same
+    // error either way); the path is read as `route` reads it.
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let creates =
+        matches!((method.as_str(), segments.as_slice()), ("POST", ["jobs"] | ["jobs", "batch"]) | ("PUT", ["jobs", _]));
+    let applied = creates && representation == Representation::Minimal && answer.status < 300;
     let mut response = to_response(answer);
-    let creates = matches!((method.as_str(), path.trim_end_matches('/')), ("POST", "/jobs" | "/jobs/batch"))
-        || (method == "PUT" && path.starts_with("/jobs/") && path.matches('/').count() == 2);
-    if creates && representation == Representation::Minimal {
+    if applied {
         response.headers_mut().insert("preference-applied", hyper::header::HeaderValue::from_static("return=minimal"));
     }
     response
@@ -139,8 +143,9 @@ async fn metrics_response(router: &Router) -> hyper::Response<Full<Bytes>> {
     }
 }
 
-/// `Prefer: return=minimal` (RFC 7240; tokens are comma-separated, case-insensitive, in
-/// one header or several): creates answer each job with its id only.
+/// `Prefer: return=minimal` (RFC 7240: preferences are comma-separated, case-insensitive,
+/// may have spaces around `=` and quotes around the value, in one header or several):
+/// creates answer each job with its id only.
 fn preferred_representation(headers: &hyper::HeaderMap) -> Representation {
     let minimal = headers
         .get_all("prefer")
@@ -148,8 +153,9 @@ fn preferred_representation(headers: &hyper::HeaderMap) -> Representation {
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
         .any(|preference| {
-            let token = preference.split(';').next().unwrap_or("").trim();
-            token.eq_ignore_ascii_case("return=minimal") || token.eq_ignore_ascii_case("return=\"minimal\"")
+            let preference = preference.split(';').next().unwrap_or("");
+            let (name, value) = preference.split_once('=').unwrap_or((preference, ""));
+            name.trim().eq_ignore_ascii_case("return") && value.trim().trim_matches('"').eq_ignore_ascii_case("minimal")
         });
     if minimal {
         Representation::Minimal

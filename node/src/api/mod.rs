@@ -90,8 +90,8 @@ impl Acceptor {
     /// Serves `stream` with `serve` on the next shard's runtime. The stream is moved to that
     /// runtime's own reactor first: left registered with the accepting runtime, every read
     /// and write readiness would be relayed from that runtime's thread to the shard's, one
-    /// wake-up of an idle thread more per request (measured: a third of a lone create's
-    /// round trip).
+    /// wake-up of an idle thread more per request (measured: 2–7 % of a lone create's round
+    /// trip, docs/BENCHMARKS.md).
     pub fn spawn<Serve, Served>(&mut self, stream: tokio::net::TcpStream, serve: Serve)
     where
         Serve: FnOnce(tokio::net::TcpStream) -> Served + Send + 'static,

@@ -602,6 +602,11 @@ impl Partition {
             if !self.is_leader() && self.leading {
                 self.leading_from = None;
                 self.abandon_reads();
+                // Proposals wait up to `PROPOSAL_WAIT_MAX` for the next leader's verdict;
+                // their entries, if they commit, are decoded like any follower's.
+                for (proposal, _) in self.proposed.values_mut() {
+                    proposal.command = None;
+                }
             }
             self.leading = self.is_leader();
             // A failed snapshot is not the applied commands' failure: they are committed.
