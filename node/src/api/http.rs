@@ -116,16 +116,19 @@ async fn respond(
     }
     let answer = route(router, &method, &path, &query, &body, parent, representation).await;
     // Applied when a create route answered with what it created (a refusal is the same
-    // error either way); the path is read as `route` reads it.
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    let creates =
-        matches!((method.as_str(), segments.as_slice()), ("POST", ["jobs"] | ["jobs", "batch"]) | ("PUT", ["jobs", _]));
-    let applied = creates && representation == Representation::Minimal && answer.status < 300;
+    // error either way).
+    let applied = representation == Representation::Minimal && answer.status < 300 && creates_jobs(&method, &path);
     let mut response = to_response(answer);
     if applied {
         response.headers_mut().insert("preference-applied", hyper::header::HeaderValue::from_static("return=minimal"));
     }
     response
+}
+
+/// Whether `method` on `path` is one of the create routes (read as `route` reads paths).
+fn creates_jobs(method: &str, path: &str) -> bool {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    matches!((method, segments.as_slice()), ("POST", ["jobs"] | ["jobs", "batch"]) | ("PUT", ["jobs", _]))
 }
 
 /// `GET /metrics`: the Prometheus text format.
