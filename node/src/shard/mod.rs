@@ -85,7 +85,8 @@ pub enum Scan {
     Raft,
 }
 
-/// Create requests for one partition taken from the inbox: specs, request time, mode, reply.
+/// Create requests for one partition taken from the inbox: specs, request time, mode, what
+/// the answers carry, reply.
 type CreateRequest = (Vec<JobSpec>, u64, CreateMode, Representation, oneshot::Sender<Vec<Answer>>);
 
 /// Live (pending or running) jobs per shard, read by every shard for admission control.
