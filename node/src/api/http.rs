@@ -125,10 +125,12 @@ async fn respond(
     response
 }
 
-/// Whether `method` on `path` is one of the create routes (read as `route` reads paths).
+/// Whether `method` on `path` is one of the create routes.
 fn creates_jobs(method: &str, path: &str) -> bool {
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    matches!((method, segments.as_slice()), ("POST", ["jobs"] | ["jobs", "batch"]) | ("PUT", ["jobs", _]))
+    matches!(
+        (method, crate::api::path_segments(path).as_slice()),
+        ("POST", ["jobs"] | ["jobs", "batch"]) | ("PUT", ["jobs", _])
+    )
 }
 
 /// `GET /metrics`: the Prometheus text format.
@@ -202,8 +204,7 @@ pub async fn route(
     parent: Option<TraceContext>,
     representation: Representation,
 ) -> Answer {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
-    match (method, segments.as_slice()) {
+    match (method, crate::api::path_segments(path).as_slice()) {
         ("GET", ["health"]) => router.health().await,
         ("GET", ["debug", "cluster"]) => router.cluster().await,
         ("GET", ["cluster", "members"]) => router.members(),

@@ -13,6 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// A path's segments as routes read them: empty ones (doubled or trailing slashes) dropped.
+pub fn path_segments(path: &str) -> Vec<&str> {
+    path.split('/').filter(|segment| !segment.is_empty()).collect()
+}
+
 /// The first pause after a failed `accept`; it doubles up to `ACCEPT_BACKOFF_MS_MAX`.
 const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
 const ACCEPT_BACKOFF_MS_MAX: u64 = 1_000;

@@ -345,7 +345,7 @@ pub fn login() -> Page {
 
 /// Routes a console path; `None` when it is not one.
 pub async fn route(router: &Router, path: &str, query: &str) -> Option<Page> {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segments = crate::api::path_segments(path);
     Some(match segments.as_slice() {
         ["ui"] => jobs(router, query).await,
         ["ui", "jobs", id] => job(router, &decoded(id)).await,
