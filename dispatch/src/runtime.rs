@@ -53,7 +53,7 @@ impl Committed {
     /// What `command` touches, with its verdict.
     pub fn of(command: &Command, ticket: Option<Ticket>, verdict: Result<Applied, ApplyError>) -> Committed {
         let job = match command {
-            Command::Create { spec, .. } | Command::Upsert { spec, .. } => Some(spec.id.clone()),
+            Command::Create { spec, .. } | Command::Upsert { spec, .. } => Some(spec.id().to_string()),
             Command::Cancel { id, .. }
             | Command::Delete { id, .. }
             | Command::Trigger { id, .. }

@@ -16,6 +16,7 @@ use sundial_dispatch::{now_ms, DispatchConfig};
 use sundial_engine::limits::BreakerState;
 use sundial_engine::request::parse_job_request;
 use sundial_engine::sign;
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::{Command, ErrorClass, State, Status};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -32,7 +33,9 @@ fn runtime(configure: impl FnOnce(&mut DispatchConfig)) -> LocalRuntime {
 fn create(runtime: &mut LocalRuntime, request: serde_json::Value) {
     let now = now_ms();
     let spec = parse_job_request(&request, now, "unused").expect("valid request");
-    runtime.apply(Command::Create { spec: Box::new(spec), now_ms: now, dedup_window_ms: None }, now).expect("created");
+    runtime
+        .apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: now, dedup_window_ms: None }, now)
+        .expect("created");
 }
 
 fn status_of(state: &State, id: &str) -> Status {

@@ -11,6 +11,7 @@ use serde_json::json;
 use std::hint::black_box;
 use sundial_engine::codec::{decode_command, encode_command};
 use sundial_engine::request::parse_job_request;
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::{Command, State};
 
 const NOW_MS: u64 = 1_790_000_000_000;
@@ -25,7 +26,7 @@ fn request(i: u64) -> serde_json::Value {
 
 fn create(i: u64) -> Command {
     let spec = parse_job_request(&request(i), NOW_MS, "unused").expect("a valid request");
-    Command::Create { spec: Box::new(spec), now_ms: NOW_MS, dedup_window_ms: None }
+    Command::Create { spec: PackedSpec::of(&spec), now_ms: NOW_MS, dedup_window_ms: None }
 }
 
 fn filled() -> State {

@@ -174,8 +174,8 @@ where
     }
 }
 
-/// A spec's archive in the heap, checked when it was made (only `AsSpecArchive` makes one)
-/// and never changed.
+/// A spec's archive in the heap, made from a spec or checked when it was read, and never
+/// changed: what a create command carries, and a restored job's spec until a store takes it.
 #[derive(Clone)]
 pub struct PackedSpec(rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>);
 
@@ -189,9 +189,95 @@ impl std::ops::Deref for PackedSpec {
 
 /// A packed spec's archive.
 fn packed(bytes: &PackedSpec) -> &ArchivedJobSpec {
-    // SAFETY: a PackedSpec's bytes were checked as a JobSpec archive when it was made
-    // (`AsSpecArchive::deserialize_with`, the only maker) and are never changed.
+    // SAFETY: a PackedSpec's bytes are a JobSpec archive, made from a spec (`PackedSpec::of`)
+    // or checked as one (`PackedSpec::checked`, the only other maker), and never changed.
     unsafe { rkyv::access_unchecked::<ArchivedJobSpec>(&bytes.0) }
+}
+
+impl PackedSpec {
+    /// The archive of `spec`: what a create carries through the log and the store keeps.
+    pub fn of(spec: &JobSpec) -> PackedSpec {
+        match archive(spec) {
+            Ok(bytes) => PackedSpec(bytes),
+            // Never fails: a JobSpec is owned strings, maps and numbers; archiving it only
+            // allocates (which aborts on failure).
+            Err(error) => unreachable!("archiving a JobSpec failed: {error}"),
+        }
+    }
+
+    /// `bytes` copied to the archive's alignment, after checking they hold a JobSpec archive.
+    pub fn checked(bytes: &[u8]) -> Result<PackedSpec, rkyv::rancor::Error> {
+        let mut aligned = rkyv::util::AlignedVec::<SPEC_ALIGN_BYTES>::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        // Checked once here; read back unchecked afterwards.
+        rkyv::access::<ArchivedJobSpec, rkyv::rancor::Error>(&aligned)?;
+        Ok(PackedSpec(aligned))
+    }
+
+    /// The job's id, read in place.
+    pub fn id(&self) -> &str {
+        packed(self).id.as_str()
+    }
+
+    /// The spec as a value (decoded: for rare paths and tests).
+    pub fn to_spec(&self) -> JobSpec {
+        owned(packed(self))
+    }
+}
+
+impl PartialEq for PackedSpec {
+    /// Equal specs, whatever their bytes.
+    fn eq(&self, other: &PackedSpec) -> bool {
+        self.to_spec() == other.to_spec()
+    }
+}
+
+impl Eq for PackedSpec {}
+
+impl fmt::Debug for PackedSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.to_spec().fmt(f)
+    }
+}
+
+/// In JSON (commands of format 0) a packed spec is the spec itself.
+impl serde::Serialize for PackedSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_spec().serialize(serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PackedSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<PackedSpec, D::Error> {
+        JobSpec::deserialize(deserializer).map(|spec| PackedSpec::of(&spec))
+    }
+}
+
+/// Archived (in a command) as the bytes of the spec's own archive, so a command carries
+/// the very bytes the store keeps: applying it copies them, decoding nothing. Checked as a
+/// JobSpec archive when read back.
+impl rkyv::Archive for PackedSpec {
+    type Archived = rkyv::vec::ArchivedVec<u8>;
+    type Resolver = rkyv::vec::VecResolver;
+
+    fn resolve(&self, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(self.0.len(), resolver, out);
+    }
+}
+
+impl<S: Fallible + rkyv::ser::Writer + rkyv::ser::Allocator + ?Sized> rkyv::Serialize<S> for PackedSpec {
+    fn serialize(&self, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::vec::ArchivedVec::<u8>::serialize_from_slice(&self.0, serializer)
+    }
+}
+
+impl<D: Fallible + ?Sized> rkyv::Deserialize<PackedSpec, D> for rkyv::vec::ArchivedVec<u8>
+where
+    D::Error: rkyv::rancor::Source,
+{
+    fn deserialize(&self, _: &mut D) -> Result<PackedSpec, D::Error> {
+        PackedSpec::checked(self.as_slice()).map_err(D::Error::new)
+    }
 }
 
 /// The archive of a spec as a store keeps it.
@@ -225,6 +311,20 @@ impl SpecCell {
         match self.archive_of() {
             Ok(spec) => Cow::Borrowed(spec),
             Err(archived) => Cow::Owned(owned(archived)),
+        }
+    }
+
+    /// A one-time job's fire time, read in place (`None`: a cron job).
+    pub fn once_at_ms(&self) -> Option<u64> {
+        match self.archive_of() {
+            Ok(spec) => match spec.schedule {
+                Schedule::Once { at_ms } => Some(at_ms),
+                Schedule::Cron(_) => None,
+            },
+            Err(archived) => match &archived.schedule {
+                ArchivedSchedule::Once { at_ms } => Some(at_ms.to_native()),
+                ArchivedSchedule::Cron(_) => None,
+            },
         }
     }
 
@@ -456,10 +556,6 @@ where
         if let Some(reference) = SpecRef::from_bytes(field.as_slice()) {
             return Ok(SpecCell::Unresolved(reference));
         }
-        let mut bytes = rkyv::util::AlignedVec::<SPEC_ALIGN_BYTES>::with_capacity(field.len());
-        bytes.extend_from_slice(field.as_slice());
-        // Checked once here; read back unchecked afterwards.
-        rkyv::access::<ArchivedJobSpec, rkyv::rancor::Error>(&bytes).map_err(D::Error::new)?;
-        Ok(SpecCell::Packed(PackedSpec(bytes)))
+        PackedSpec::checked(field.as_slice()).map(SpecCell::Packed).map_err(D::Error::new)
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::cron::CronSchedule;
 use crate::job::{JobSpec, Misfire, Overlap, Schedule};
-use crate::spec::{SpecCell, SpecSegment, SpecSink, SpecView};
+use crate::spec::{PackedSpec, SpecCell, SpecSegment, SpecSink, SpecView};
 use crate::table::{self, JobTable};
 use crate::tombstones::{AsTombstoneList, Tombstone, TombstoneStore, Tombstones};
 use rkyv::util::AlignedVec;
@@ -297,10 +297,16 @@ impl Outcome {
     }
 }
 
+/// A command of the state machine as this build writes it: a create carries its spec's
+/// archive (the bytes the spec store keeps).
+pub type Command = CommandOf<PackedSpec>;
+
+/// A command; `Spec` is how creates and upserts carry their spec (`PackedSpec` today; a
+/// `Box<JobSpec>` in the commands of format 1, `codec.rs`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub enum Command {
+pub enum CommandOf<Spec> {
     Create {
-        spec: Box<JobSpec>,
+        spec: Spec,
         now_ms: u64,
         /// A create that repeats the id of a job finished (or deleted) less than this long
         /// ago is refused as a duplicate. `None`: no window (commands logged before it).
@@ -309,7 +315,7 @@ pub enum Command {
     },
     /// Creates the job, or replaces the schedule and target of the job with its id.
     Upsert {
-        spec: Box<JobSpec>,
+        spec: Spec,
         now_ms: u64,
     },
     Cancel {
@@ -409,6 +415,42 @@ pub enum Command {
         dedup_window_ms: u64,
         max: u32,
     },
+}
+
+impl<Spec> CommandOf<Spec> {
+    /// The same command with its spec (if it carries one) in another form: between this
+    /// build's commands and those of an older format (`codec.rs`).
+    pub fn map_spec<Other>(self, convert: impl FnOnce(Spec) -> Other) -> CommandOf<Other> {
+        use CommandOf as C;
+        match self {
+            C::Create { spec, now_ms, dedup_window_ms } => C::Create { spec: convert(spec), now_ms, dedup_window_ms },
+            C::Upsert { spec, now_ms } => C::Upsert { spec: convert(spec), now_ms },
+            C::Cancel { id, now_ms } => C::Cancel { id, now_ms },
+            C::Delete { id, now_ms } => C::Delete { id, now_ms },
+            C::Trigger { id, now_ms } => C::Trigger { id, now_ms },
+            C::Backfill { id, from_ms, to_ms, now_ms } => C::Backfill { id, from_ms, to_ms, now_ms },
+            C::RedriveJob { id, now_ms } => C::RedriveJob { id, now_ms },
+            C::PauseKey { key } => C::PauseKey { key },
+            C::ResumeKey { key, now_ms } => C::ResumeKey { key, now_ms },
+            C::CallbackStarted { id, fire_ms, attempt, now_ms } => C::CallbackStarted { id, fire_ms, attempt, now_ms },
+            C::CallbackFinished { id, fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms } => {
+                C::CallbackFinished { id, fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms }
+            }
+            C::Pause { id } => C::Pause { id },
+            C::Resume { id, now_ms } => C::Resume { id, now_ms },
+            C::FireStarted { id, fire_ms, attempt, node, now_ms } => {
+                C::FireStarted { id, fire_ms, attempt, node, now_ms }
+            }
+            C::AttemptFinished { id, fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms } => {
+                C::AttemptFinished { id, fire_ms, attempt, node, started_ms, finished_ms, outcome, retry_at_ms }
+            }
+            C::Redrive { id, fire_ms, now_ms } => C::Redrive { id, fire_ms, now_ms },
+            C::Purge { id } => C::Purge { id },
+            C::Expire { now_ms, retention_ms, dedup_window_ms, max } => {
+                C::Expire { now_ms, retention_ms, dedup_window_ms, max }
+            }
+        }
+    }
 }
 
 /// Why a command was refused; nothing changed.
@@ -589,8 +631,8 @@ static NO_LIFE: JobLife = JobLife {
 
 impl Job {
     /// A job that has not fired yet.
-    pub(crate) fn new(spec: JobSpec, status: Status, created_ms: u64, next_fire_ms: Option<u64>) -> Job {
-        Job { spec: SpecCell::new(spec), status, paused: false, created_ms, next_fire_ms, life: None }
+    pub(crate) fn new(spec: SpecCell, status: Status, created_ms: u64, next_fire_ms: Option<u64>) -> Job {
+        Job { spec, status, paused: false, created_ms, next_fire_ms, life: None }
     }
 
     /// The job's spec: borrowed from the heap, or read back from the partition's store.
@@ -1225,11 +1267,11 @@ impl State {
     /// Applies one committed command.
     pub fn apply(&mut self, command: Command) -> Result<Applied, ApplyError> {
         match command {
-            Command::Create { spec, now_ms, dedup_window_ms } => self.create(*spec, now_ms, dedup_window_ms),
+            Command::Create { spec, now_ms, dedup_window_ms } => self.create(spec, now_ms, dedup_window_ms),
             Command::Expire { now_ms, retention_ms, dedup_window_ms, max } => {
                 Ok(self.expire(now_ms, retention_ms, dedup_window_ms, max))
             }
-            Command::Upsert { spec, now_ms } => self.upsert(*spec, now_ms),
+            Command::Upsert { spec, now_ms } => self.upsert(spec, now_ms),
             Command::Cancel { id, now_ms } => {
                 let job = self.job_mut(&id)?;
                 if job.status.is_final() {
@@ -1409,13 +1451,15 @@ impl State {
         Ok(())
     }
 
-    fn create(&mut self, spec: JobSpec, now_ms: u64, dedup_window_ms: Option<u64>) -> Result<Applied, ApplyError> {
+    /// Creates a job from its archived spec, read in place: a new job's spec goes to the
+    /// store as these bytes (decoded only to compare with a job that has its id already).
+    fn create(&mut self, spec: PackedSpec, now_ms: u64, dedup_window_ms: Option<u64>) -> Result<Applied, ApplyError> {
         let duplicate = |finished_ms: u64, window_ms: u64| ApplyError::Duplicate {
-            id: spec.id.clone(),
+            id: spec.id().to_string(),
             finished_ms,
             until_ms: finished_ms.saturating_add(window_ms),
         };
-        match (self.jobs.get(spec.id.as_str()), dedup_window_ms) {
+        match (self.jobs.get(spec.id()), dedup_window_ms) {
             // A finished job's id is held for the window, then free again.
             (Some(existing), Some(window_ms))
                 if existing.status.is_final() && existing.life().finished_ms.is_some() =>
@@ -1426,14 +1470,14 @@ impl State {
                 }
             }
             (Some(existing), _) => {
-                return if existing.spec.get().same_job(&spec) {
+                return if existing.spec.get().same_job(&spec.to_spec()) {
                     Ok(Applied::AlreadyExists)
                 } else {
-                    Err(ApplyError::Conflict(spec.id))
+                    Err(ApplyError::Conflict(spec.id().to_string()))
                 };
             }
             (None, Some(window_ms)) => {
-                if let Some(finished_ms) = self.tombstone_of(&spec.id) {
+                if let Some(finished_ms) = self.tombstone_of(spec.id()) {
                     if now_ms < finished_ms.saturating_add(window_ms) {
                         return Err(duplicate(finished_ms, window_ms));
                     }
@@ -1441,7 +1485,7 @@ impl State {
             }
             (None, None) => {}
         }
-        let created = self.insert_new(spec, now_ms)?;
+        let created = self.insert_new(SpecCell::Packed(spec), now_ms)?;
         // Only an applied create prunes: a refused command changes nothing.
         if let Some(window_ms) = dedup_window_ms {
             self.prune_tombstones(now_ms, window_ms);
@@ -1451,15 +1495,18 @@ impl State {
 
     /// Creates the job, or replaces the spec of the one with its id (a finished one is
     /// replaced whole; no dedup window: an upsert says what it means).
-    fn upsert(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
-        let Some(existing) = self.jobs.get(spec.id.as_str()) else { return self.insert_new(spec, now_ms) };
+    fn upsert(&mut self, packed: PackedSpec, now_ms: u64) -> Result<Applied, ApplyError> {
+        let Some(existing) = self.jobs.get(packed.id()) else {
+            return self.insert_new(SpecCell::Packed(packed), now_ms);
+        };
+        let spec = packed.to_spec();
         // The same spec again changes nothing, finished or not (a repeated PUT never re-runs it).
         if existing.spec.get().same_job(&spec) {
             return Ok(Applied::AlreadyExists);
         }
         self.check_dependencies(&spec)?;
         if existing.status.is_final() {
-            self.insert_new(spec, now_ms)?;
+            self.insert_new(SpecCell::Packed(packed), now_ms)?;
             return Ok(Applied::Replaced);
         }
         let old_spec = existing.spec.get().into_owned();
@@ -1499,7 +1546,7 @@ impl State {
             (_, first) => first,
         };
         let new_dependencies = spec.depends_on.clone();
-        job.spec = SpecCell::new(spec);
+        job.spec = SpecCell::Packed(packed);
         if let Some(life) = job.life_if_any() {
             life.catch_up_run = 0;
         }
@@ -1610,21 +1657,22 @@ impl State {
     }
 
     /// Adds a new job (an old one with its id, finished, is replaced).
-    fn insert_new(&mut self, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
+    fn insert_new(&mut self, spec: SpecCell, now_ms: u64) -> Result<Applied, ApplyError> {
         if self.jobs.len() >= table::SLOTS_MAX {
             return Err(ApplyError::Invalid { field: "id".into(), rule: table::TableFull.to_string() });
         }
-        for dependency in &spec.depends_on {
-            if !self.jobs.contains_key(dependency.as_str()) {
-                return Err(ApplyError::UnknownDependency(dependency.clone()));
+        for dependency in spec.depends_on() {
+            if !self.jobs.contains_key(dependency) {
+                return Err(ApplyError::UnknownDependency(dependency.to_string()));
             }
-            if self.reaches(dependency, &spec.id) {
-                return Err(ApplyError::Cycle(dependency.clone()));
+            if self.reaches(dependency, spec.id()) {
+                return Err(ApplyError::Cycle(dependency.to_string()));
             }
         }
-        let next_fire_ms = first_fire(&spec, now_ms);
+        // A one-time job's fire is read in place; a cron job's spec is decoded to compute it.
+        let next_fire_ms = spec.once_at_ms().or_else(|| first_fire(&spec.get(), now_ms));
         let status = if next_fire_ms.is_some() { Status::Pending } else { Status::Completed };
-        let id = spec.id.clone();
+        let id = spec.id().to_string();
         // A finished job with this id is replaced whole (its dead letters stay: they name
         // past fires of this id, and so do its callbacks still waiting, which go on).
         let callbacks = self.detach(&id).and_then(|old| old.life).map(|life| life.callbacks).unwrap_or_default();
@@ -1634,7 +1682,9 @@ impl State {
         if finished_ms.is_some() || !callbacks.is_empty() {
             job.life = Some(Box::new(JobLife { finished_ms, callbacks, ..JobLife::default() }));
         }
-        self.join_flow_key(&job.spec.get());
+        if job.spec.flow_key().is_some() {
+            self.join_flow_key(&job.spec.get());
+        }
         self.counts[status as usize] += 1;
         for dependency in job.spec.depends_on() {
             self.dependents.entry(dependency.to_string()).or_default().insert(id.clone());

@@ -13,6 +13,7 @@ use serde_json::json;
 use std::collections::BTreeSet;
 use sundial_engine::cron::{time_zone_named, CronSchedule, DstPolicy, Missing, Repeated};
 use sundial_engine::request::parse_job_request;
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::{Command, Due, Outcome, State};
 
 const ZONES: [&str; 6] =
@@ -243,7 +244,7 @@ fn a_job_created_before_spring_forward_fires_after_the_gap_and_is_not_lost() {
     let request = json!({"id": "nightly", "cron": "0,30 2 * * *", "time_zone": "America/New_York", "url": "https://example.com/n"});
     let spec = parse_job_request(&request, now, "unused").expect("a valid job");
     let mut state = State::new();
-    state.apply(Command::Create { spec: Box::new(spec), now_ms: now, dedup_window_ms: None }).expect("created");
+    state.apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: now, dedup_window_ms: None }).expect("created");
     let due = state.next_due("nightly").expect("a fire is due");
     let fire_ms = ms("2026-03-08T07:00:00Z") as u64;
     assert_eq!(due.0, fire_ms, "03:00 EDT");

@@ -6,6 +6,7 @@
 use serde_json::json;
 use sundial_engine::job::JobSpec;
 use sundial_engine::request::parse_job_request;
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::*;
 
 const T0: u64 = 1_780_000_000_000;
@@ -21,7 +22,7 @@ fn once(id: &str, at_ms: u64) -> JobSpec {
 }
 
 fn create_at(state: &mut State, spec: JobSpec, now_ms: u64) -> Result<Applied, ApplyError> {
-    state.apply(Command::Create { spec: Box::new(spec), now_ms, dedup_window_ms: Some(DAY_MS) })
+    state.apply(Command::Create { spec: PackedSpec::of(&spec), now_ms, dedup_window_ms: Some(DAY_MS) })
 }
 
 /// Fires `id` at `at_ms` and records the receiver's `status` 5 ms later (one attempt).

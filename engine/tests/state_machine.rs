@@ -8,6 +8,7 @@ use proptest::prelude::*;
 use serde_json::json;
 use sundial_engine::job::JobSpec;
 use sundial_engine::request::parse_job_request;
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::*;
 use sundial_engine::tombstones::{Tombstone, TombstoneChunk, TombstoneStore, TOMBSTONES_PER_CHUNK};
 
@@ -109,7 +110,7 @@ fn once(id: &str, at_ms: u64) -> JobSpec {
 }
 
 fn create(state: &mut State, spec: JobSpec) -> Result<Applied, ApplyError> {
-    state.apply(Command::Create { spec: Box::new(spec), now_ms: T0, dedup_window_ms: None })
+    state.apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: T0, dedup_window_ms: None })
 }
 
 fn start(state: &mut State, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> Result<Applied, ApplyError> {
@@ -474,7 +475,7 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
                 spec.callbacks.on_success = Some("https://example.com/ok".into());
                 spec.callbacks.on_failure = Some("https://example.com/failed".into());
             }
-            Command::Create { spec: Box::new(spec), now_ms: T0, dedup_window_ms: None }
+            Command::Create { spec: PackedSpec::of(&spec), now_ms: T0, dedup_window_ms: None }
         }),
         (id.clone(), time.clone()).prop_map(|(id, now_ms)| Command::Cancel { id, now_ms }),
         id.clone().prop_map(|id| Command::Delete { id, now_ms: 0 }),
@@ -524,11 +525,11 @@ fn command(ids: &'static [&'static str]) -> impl Strategy<Value = Command> {
             if let sundial_engine::job::Schedule::Cron(c) = &mut spec.schedule {
                 c.pause_after_failures = Some(2);
             }
-            Command::Upsert { spec: Box::new(spec), now_ms: at }
+            Command::Upsert { spec: PackedSpec::of(&spec), now_ms: at }
         }),
         (id.clone(), time.clone(), 0u64..60).prop_map(|(id, now_ms, window_s)| {
             Command::Create {
-                spec: Box::new(once(&id, now_ms + 5_000)),
+                spec: PackedSpec::of(&once(&id, now_ms + 5_000)),
                 now_ms,
                 dedup_window_ms: Some(window_s * 1_000),
             }
@@ -836,7 +837,8 @@ fn a_backfill_adds_the_schedules_occurrences_in_the_range_once_each() {
 #[test]
 fn an_upsert_replaces_the_schedule_of_a_live_job_and_creates_a_missing_one() {
     let mut state = State::new();
-    let upsert = |state: &mut State, spec: JobSpec| state.apply(Command::Upsert { spec: Box::new(spec), now_ms: T0 });
+    let upsert =
+        |state: &mut State, spec: JobSpec| state.apply(Command::Upsert { spec: PackedSpec::of(&spec), now_ms: T0 });
     assert_eq!(upsert(&mut state, once("a", T0 + 10_000)), Ok(Applied::Created));
     assert_eq!(upsert(&mut state, once("a", T0 + 10_000)), Ok(Applied::AlreadyExists));
     assert_eq!(upsert(&mut state, once("a", T0 + 20_000)), Ok(Applied::Replaced));
@@ -852,7 +854,7 @@ fn a_finished_jobs_id_is_a_duplicate_for_the_window_then_free_even_after_a_delet
     let mut state = State::new();
     let window = Some(60_000);
     let create_at = |state: &mut State, now_ms: u64, at_ms: u64| {
-        state.apply(Command::Create { spec: Box::new(once("a", at_ms)), now_ms, dedup_window_ms: window })
+        state.apply(Command::Create { spec: PackedSpec::of(&once("a", at_ms)), now_ms, dedup_window_ms: window })
     };
     create_at(&mut state, T0, T0 + 1_000).expect("created");
     assert_eq!(create_at(&mut state, T0 + 10, T0 + 1_000), Ok(Applied::AlreadyExists), "live: idempotent");
@@ -1010,7 +1012,7 @@ fn an_upsert_never_runs_a_one_time_fire_again_and_keeps_a_due_cron_fire() {
     start(&mut state, "a", at, 1, at).expect("started");
     finish(&mut state, "a", at, 1, at + 10, 500).expect("a retry is due");
     let upsert =
-        |state: &mut State, spec: JobSpec, now_ms| state.apply(Command::Upsert { spec: Box::new(spec), now_ms });
+        |state: &mut State, spec: JobSpec, now_ms| state.apply(Command::Upsert { spec: PackedSpec::of(&spec), now_ms });
     let mut retargeted = once("a", at);
     retargeted.target.url = "https://example.com/elsewhere".into();
     assert_eq!(upsert(&mut state, retargeted, at + 20), Ok(Applied::Replaced));
@@ -1109,7 +1111,9 @@ fn dst_policies_hold_through_the_state_machine_with_real_zone_data() {
         "url": "https://example.com/h", "dst": {"repeated": "both"}});
     let before = 1_793_448_000_000; // 2026-10-31T12:00:00Z
     let spec = parse_job_request(&request, before, "unused").expect("valid");
-    state.apply(Command::Create { spec: Box::new(spec), now_ms: before, dedup_window_ms: None }).expect("created");
+    state
+        .apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: before, dedup_window_ms: None })
+        .expect("created");
     let fired: Vec<u64> = (0..3).map(|_| run_next(&mut state, "ny", 200).0).collect();
     let hours = |t: u64| (t - 1_793_491_200_000) as f64 / 3_600_000.0; // hours after 2026-11-01T00:00Z
     assert_eq!(fired.iter().map(|t| hours(*t)).collect::<Vec<_>>(), [5.5, 6.5, 30.5]);

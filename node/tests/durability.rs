@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use sundial_dispatch::runtime::CommandLog;
 use sundial_engine::job::JobSpec;
 use sundial_engine::request::parse_job_request;
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::{Applied, Command};
 use sundial_node::{Partition, PartitionOptions};
 use sundial_wal::WalOptions;
@@ -31,7 +32,7 @@ fn job(id: &str) -> JobSpec {
 /// Proposes a create and processes until its outcome is known (durable by then).
 fn create(partition: &mut Partition, id: &str) -> Applied {
     let index = partition
-        .propose_one(&Command::Create { spec: Box::new(job(id)), now_ms: T0, dedup_window_ms: None })
+        .propose_one(&Command::Create { spec: PackedSpec::of(&job(id)), now_ms: T0, dedup_window_ms: None })
         .expect("leader accepts");
     let applied = partition.advance().expect("persisted");
     let mine = applied.into_iter().find(|c| c.ticket == Some(index)).expect("applied");
@@ -73,7 +74,7 @@ fn crash_child() {
         let id = format!("job-{i}");
         if ack_early {
             partition
-                .propose_one(&Command::Create { spec: Box::new(job(&id)), now_ms: T0, dedup_window_ms: None })
+                .propose_one(&Command::Create { spec: PackedSpec::of(&job(&id)), now_ms: T0, dedup_window_ms: None })
                 .expect("leader accepts");
             writeln!(stdout, "ack {id}").expect("parent reads");
             stdout.flush().expect("parent reads");

@@ -1107,6 +1107,7 @@ fn lower_this_threads_priority() {
 mod tests {
     use super::*;
     use sundial_engine::request::parse_job_request;
+    use sundial_engine::spec::PackedSpec;
 
     #[test]
     fn a_proposal_whose_index_is_proposed_again_is_answered_lost_and_never_for_the_new_one() {
@@ -1115,7 +1116,7 @@ mod tests {
         let request = serde_json::json!({"id": "a", "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
         let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
         let first = partition
-            .propose_one(&Command::Create { spec: Box::new(spec), now_ms: 0, dedup_window_ms: None })
+            .propose_one(&Command::Create { spec: PackedSpec::of(&spec), now_ms: 0, dedup_window_ms: None })
             .expect("leads");
         // What a leader sees after its uncommitted tail was truncated and it leads again:
         // the same log index proposed anew. (Tickets used to be the index: the old request
@@ -1135,7 +1136,7 @@ mod tests {
     fn create(id: &str) -> Command {
         let request = serde_json::json!({"id": id, "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
         let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
-        Command::Create { spec: Box::new(spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
+        Command::Create { spec: PackedSpec::of(&spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
     }
 
     #[test]
@@ -1158,10 +1159,11 @@ mod tests {
 
     /// The leader applies the commands it proposed as it kept them; every other replica,
     /// and this one after a restart, decodes them from the log. Both must make the same
-    /// state, in the archived format and in JSON (for members of an older build).
+    /// state, in the archived formats (this one, and 1 for members of the build before) and
+    /// in JSON (for members of older builds).
     #[test]
     fn commands_applied_as_kept_make_the_state_a_replay_of_the_log_makes() {
-        for format in [sundial_engine::codec::COMMAND_FORMAT, 0] {
+        for format in [sundial_engine::codec::COMMAND_FORMAT, 1, 0] {
             let dir = tempfile::tempdir().expect("tempdir");
             let options = || PartitionOptions { snapshot_every_entries: 1_000_000, ..PartitionOptions::single_node(1) };
             let mut partition = Partition::open(dir.path(), options()).expect("open");
@@ -1180,7 +1182,7 @@ mod tests {
                 .iter()
                 .map(|request| {
                     let spec = parse_job_request(request, now_ms, "secret").expect("valid");
-                    Command::Create { spec: Box::new(spec), now_ms, dedup_window_ms: Some(86_400_000) }
+                    Command::Create { spec: PackedSpec::of(&spec), now_ms, dedup_window_ms: Some(86_400_000) }
                 })
                 .collect();
             commands.push(Command::Pause { id: "cron".into() });
@@ -1387,7 +1389,7 @@ mod tests {
         let request =
             serde_json::json!({"id": id, "run_at": 1_900_000_000_000u64, "url": "https://example.com/", "body": body});
         let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
-        Command::Create { spec: Box::new(spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
+        Command::Create { spec: PackedSpec::of(&spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
     }
 
     fn spec_files(dir: &Path) -> usize {
@@ -1449,8 +1451,8 @@ mod tests {
         future[0] = sundial_engine::codec::COMMAND_FORMAT + 1;
         partition.node.propose(future).expect("leads");
         let refused = partition.advance().expect_err("not skipped: the replica would part from its peers");
-        assert!(refused.to_string().contains("command format 2 is unknown"), "{refused}");
-        assert!(refused.to_string().contains("reads formats 0 to 1"), "{refused}");
+        assert!(refused.to_string().contains("command format 3 is unknown"), "{refused}");
+        assert!(refused.to_string().contains("reads formats 0 to 2"), "{refused}");
         assert!(partition.state().job("future").is_none());
     }
 }

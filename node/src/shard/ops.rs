@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use sundial_engine::job::{Backoff, JobSpec, Missing, Repeated, Schedule};
+use sundial_engine::spec::PackedSpec;
 use sundial_engine::state::{Applied, ApplyError, Command, FlowKey, Job, State, Status};
 
 /// An answer: status code (HTTP's; the binary protocol mirrors it), JSON body as written
@@ -269,7 +270,8 @@ pub fn plan_creates(state: &State, specs: Vec<JobSpec>, now_ms: u64, how: Create
         }
         admitted += usize::from(!exists);
         plan.waiting.push((plan.answers.len(), spec.id.clone()));
-        let spec = Box::new(spec);
+        // Archived here, once: the entry carries these bytes and the spec store keeps them.
+        let spec = PackedSpec::of(&spec);
         plan.commands.push(match mode {
             CreateMode::Create => Command::Create { spec, now_ms, dedup_window_ms: Some(dedup_window_ms) },
             CreateMode::Upsert => Command::Upsert { spec, now_ms },
@@ -639,7 +641,9 @@ mod tests {
     fn created(state: &mut State, request: Value) -> &Job {
         let spec = parse_job_request(&request, T0, "unused").expect("valid request");
         let id = spec.id.clone();
-        state.apply(Command::Create { spec: Box::new(spec), now_ms: T0, dedup_window_ms: None }).expect("created");
+        state
+            .apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: T0, dedup_window_ms: None })
+            .expect("created");
         state.job(&id).expect("the job")
     }
 
