@@ -297,6 +297,14 @@ impl Outcome {
     }
 }
 
+/// Whether the id of a job being created may have a tombstone (`create` looked, and
+/// found none: no second look).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Remembered {
+    Maybe,
+    No,
+}
+
 /// A command of the state machine as this build writes it: a create carries its spec's
 /// archive (the bytes the spec store keeps).
 pub type Command = CommandOf<PackedSpec>;
@@ -1049,6 +1057,10 @@ impl State {
 
     /// When a job with this id finished, if it was deleted or expired and is remembered.
     fn tombstone_of(&self, id: &str) -> Option<u64> {
+        // No digest to compute (a SHA-256) while nothing is remembered.
+        if self.tombstones.is_empty() {
+            return None;
+        }
         self.tombstones.finished_ms_of(id_digest(id))
     }
 
@@ -1064,7 +1076,9 @@ impl State {
     }
 
     fn forget_tombstone(&mut self, id: &str) {
-        self.tombstones.remove(id_digest(id));
+        if !self.tombstones.is_empty() {
+            self.tombstones.remove(id_digest(id));
+        }
     }
 
     /// Forgets tombstones older than the window, oldest first (each is looked at once:
@@ -1459,6 +1473,7 @@ impl State {
             finished_ms,
             until_ms: finished_ms.saturating_add(window_ms),
         };
+        let mut remembered = Remembered::Maybe;
         match (self.jobs.get(spec.id()), dedup_window_ms) {
             // A finished job's id is held for the window, then free again.
             (Some(existing), Some(window_ms))
@@ -1476,16 +1491,16 @@ impl State {
                     Err(ApplyError::Conflict(spec.id().to_string()))
                 };
             }
-            (None, Some(window_ms)) => {
-                if let Some(finished_ms) = self.tombstone_of(spec.id()) {
-                    if now_ms < finished_ms.saturating_add(window_ms) {
-                        return Err(duplicate(finished_ms, window_ms));
-                    }
+            (None, Some(window_ms)) => match self.tombstone_of(spec.id()) {
+                Some(finished_ms) if now_ms < finished_ms.saturating_add(window_ms) => {
+                    return Err(duplicate(finished_ms, window_ms));
                 }
-            }
+                Some(_) => {}
+                None => remembered = Remembered::No,
+            },
             (None, None) => {}
         }
-        let created = self.insert_new(SpecCell::Packed(spec), now_ms)?;
+        let created = self.insert_new(SpecCell::Packed(spec), now_ms, remembered)?;
         // Only an applied create prunes: a refused command changes nothing.
         if let Some(window_ms) = dedup_window_ms {
             self.prune_tombstones(now_ms, window_ms);
@@ -1497,7 +1512,7 @@ impl State {
     /// replaced whole; no dedup window: an upsert says what it means).
     fn upsert(&mut self, packed: PackedSpec, now_ms: u64) -> Result<Applied, ApplyError> {
         let Some(existing) = self.jobs.get(packed.id()) else {
-            return self.insert_new(SpecCell::Packed(packed), now_ms);
+            return self.insert_new(SpecCell::Packed(packed), now_ms, Remembered::Maybe);
         };
         let spec = packed.to_spec();
         // The same spec again changes nothing, finished or not (a repeated PUT never re-runs it).
@@ -1506,7 +1521,7 @@ impl State {
         }
         self.check_dependencies(&spec)?;
         if existing.status.is_final() {
-            self.insert_new(SpecCell::Packed(packed), now_ms)?;
+            self.insert_new(SpecCell::Packed(packed), now_ms, Remembered::Maybe)?;
             return Ok(Applied::Replaced);
         }
         let old_spec = existing.spec.get().into_owned();
@@ -1657,7 +1672,7 @@ impl State {
     }
 
     /// Adds a new job (an old one with its id, finished, is replaced).
-    fn insert_new(&mut self, spec: SpecCell, now_ms: u64) -> Result<Applied, ApplyError> {
+    fn insert_new(&mut self, spec: SpecCell, now_ms: u64, remembered: Remembered) -> Result<Applied, ApplyError> {
         if self.jobs.len() >= table::SLOTS_MAX {
             return Err(ApplyError::Invalid { field: "id".into(), rule: table::TableFull.to_string() });
         }
@@ -1676,7 +1691,9 @@ impl State {
         // A finished job with this id is replaced whole (its dead letters stay: they name
         // past fires of this id, and so do its callbacks still waiting, which go on).
         let callbacks = self.detach(&id).and_then(|old| old.life).map(|life| life.callbacks).unwrap_or_default();
-        self.forget_tombstone(&id);
+        if remembered == Remembered::Maybe {
+            self.forget_tombstone(&id);
+        }
         let mut job = Job::new(spec, status, now_ms, next_fire_ms);
         let finished_ms = (status == Status::Completed).then_some(now_ms);
         if finished_ms.is_some() || !callbacks.is_empty() {
@@ -1692,10 +1709,15 @@ impl State {
         if let Some(sink) = self.spec_sink.0.as_mut() {
             job.spec.store_in(&mut **sink);
         }
+        // Only a job with a life (finished, or callbacks waiting) has a place in the expiry
+        // order: a new pending job is not looked up again for it.
+        let has_life = job.life.is_some();
         if self.jobs.insert(job).is_err() {
             unreachable!("room was checked above, and the job it replaced (if any) was detached");
         }
-        self.index_retention(&id);
+        if has_life {
+            self.index_retention(&id);
+        }
         Ok(Applied::Created)
     }
 
