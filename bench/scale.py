@@ -6,7 +6,7 @@ and a start on the same data: seconds until /health answers, until a list read i
 and how late a job due 3 s after the kill fired. Measures, never asserts.
 
     cargo build --release -p sundial-node -p sundial-loadgen
-    python3 bench/scale.py --jobs 1000000,3000000 [--sundial target/release/sundial]
+    python3 bench/scale.py --jobs 1000000,3000000 [--sundial target/release/sundial] [--minimal-answers]
 """
 
 import argparse, http.server, json, os, shutil, signal, subprocess, tempfile, threading, time, urllib.request
@@ -107,7 +107,8 @@ def fill(args, node, jobs, work):
         out = os.path.join(work, "ingest.json")
         subprocess.run([args.loadgen, "ingest", "--node", node.binary, "--max", "--window", "16", "--batch", "256",
                         "--connections", "2", "--seconds", str(seconds), "--due-in-s", "360000", "--quiet",
-                        "--json", out], check=True, stdout=subprocess.DEVNULL)
+                        "--json", out] + (["--minimal-answers"] if args.minimal_answers else []),
+                       check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             rates.append(json.load(f)["ok_per_s"])
 
@@ -153,6 +154,8 @@ def main():
     parser.add_argument("--loadgen", default=os.path.join(TARGET, "sundial-loadgen"))
     parser.add_argument("--work", default=tempfile.gettempdir(), help="where the data directories go")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--minimal-answers", action="store_true",
+                        help="fill as a bulk loader would: creates answered with ids only")
     args = parser.parse_args()
     receiver = Receiver()
     results = []

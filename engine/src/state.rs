@@ -2104,6 +2104,14 @@ impl State {
         self.jobs.reserve(additional);
     }
 
+    /// Room in the table for `jobs` in all (the most this partition is expected to hold), so
+    /// it never grows while filling: each growth copies the table into a new allocation and
+    /// leaves the old one to the allocator. Address space until used. Changes nothing
+    /// replicated.
+    pub fn reserve_slots(&mut self, jobs: usize) {
+        self.jobs.reserve_slots(jobs);
+    }
+
     /// A copy of what an archived snapshot holds, to encode elsewhere (another thread)
     /// while this state goes on applying: the job records are copied as they are (a stored
     /// spec's view is shared, not read; what a job gained once it fired, its `JobLife`, and

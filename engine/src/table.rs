@@ -144,6 +144,13 @@ impl JobTable {
         let _ = self.index.try_reserve(additional, |e: &IndexEntry| e.table_hash());
     }
 
+    /// Room for `jobs` in all without growing the slots (the index still grows as it fills:
+    /// its entries land anywhere in it, so room reserved there would be memory touched).
+    /// The room is address space until used. Memory that cannot be had is not an error.
+    pub fn reserve_slots(&mut self, jobs: usize) {
+        let _ = self.slots.try_reserve_exact(jobs.saturating_sub(self.slots.len()));
+    }
+
     /// The records, slots and free list as they are, without an index: what an archived
     /// snapshot holds (`State::copy_for_snapshot`), copied without hashing any id.
     pub(crate) fn copy_records(&self) -> JobTable {

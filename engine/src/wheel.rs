@@ -123,9 +123,10 @@ impl<T> TimingWheel<T> {
     /// Room for keys below `keys` without growing the slab as they are set (a take-over
     /// that sets a timer for each slot of a table: one allocation instead of doublings).
     pub fn reserve_keys(&mut self, keys: usize) {
+        // Room that cannot be had is not an error: the slab then grows as keys are set.
         let more = keys.saturating_sub(self.states.len());
-        self.states.reserve_exact(more);
-        self.deadlines.reserve_exact(more);
+        let _ = self.states.try_reserve_exact(more);
+        let _ = self.deadlines.try_reserve_exact(more);
     }
 
     /// Sets the timer of `key` to `deadline_ms` (replacing the one it had). Refused when the

@@ -262,6 +262,14 @@ fn dispatch_config(settings: &Settings) -> DispatchConfig {
     }
 }
 
+/// The most jobs one partition is expected to hold: its share of the node's `max_jobs`, and
+/// an eighth more for the skew of the hash that places jobs and for finished jobs kept
+/// until their retention ends.
+fn expected_jobs_per_partition(max_jobs: usize, partitions: u32) -> usize {
+    let share = max_jobs / (partitions.max(1) as usize);
+    share.saturating_add(share / 8)
+}
+
 fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
     let settings = start.settings;
     let node_id = settings.node_id;
@@ -276,9 +284,11 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
             snapshot_every_entries: settings.snapshot_every,
             election_ticks: settings.cluster.as_ref().map_or(10, |c| c.election_ticks),
             heartbeat_ticks: settings.cluster.as_ref().map_or(1, |c| c.heartbeat_ticks),
+            expected_jobs: expected_jobs_per_partition(settings.limits.max_jobs, start.partitions),
             ..PartitionOptions::single_node(node_id)
         },
         runtime: RuntimeConfig {
+            expected_jobs: expected_jobs_per_partition(settings.limits.max_jobs, start.partitions),
             dispatch: dispatch_config(settings),
             record_spans: start.spans.is_some(),
             retention_ms: settings.retention_ms,

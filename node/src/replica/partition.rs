@@ -42,6 +42,10 @@ pub struct PartitionOptions {
     /// Size of the files job specs are kept in (`None`: specs, and the dedup window's
     /// tombstones, stay in the heap).
     pub spec_segment_bytes: Option<u64>,
+    /// The most jobs this partition is expected to hold (the node's `max_jobs` over its
+    /// partitions, with room for skew): its table reserves their slots at open, as address
+    /// space, and never grows while filling. 0: no reservation.
+    pub expected_jobs: usize,
 }
 
 impl PartitionOptions {
@@ -59,6 +63,7 @@ impl PartitionOptions {
             // Linux only: elsewhere a file cannot be reserved, and a write through the
             // mapping to a full disk would be a SIGBUS.
             spec_segment_bytes: cfg!(target_os = "linux").then_some(SEGMENT_BYTES_DEFAULT),
+            expected_jobs: 0,
         }
     }
 }
@@ -79,7 +84,8 @@ pub enum PartitionError {
     Format(String),
 }
 
-/// Jobs a partition makes room for before replaying its log (`Partition::open`), at most.
+/// Jobs a partition makes room for at open (`Partition::open`: the log's tail to replay, and
+/// the jobs it is expected to hold), at most.
 const RESERVED_JOBS_MAX: usize = 1 << 24;
 
 /// Jobs looked at per call for specs to repack (a few tens of microseconds).
@@ -312,6 +318,12 @@ impl Partition {
         if options.members.is_none() {
             let tail_entries = storage.wal().last_index().saturating_sub(storage.snapshot().meta.index);
             state.reserve_jobs(usize::try_from(tail_entries).unwrap_or(usize::MAX).min(RESERVED_JOBS_MAX));
+            // A new (or emptied) partition's table gets room for all it is expected to hold;
+            // a restored one already has room beyond its jobs, and growing it now would be
+            // a copy of it at every restart.
+            if state.job_count() == 0 {
+                state.reserve_slots(options.expected_jobs.min(RESERVED_JOBS_MAX));
+            }
         }
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
