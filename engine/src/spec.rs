@@ -1,5 +1,6 @@
-//! Where a job's spec lives: in the heap (`SpecCell::Here`), or archived in a file-backed
-//! store that the shell provides (`SpecCell::Stored`), read back when a decision, a fire or
+//! Where a job's spec lives: in the heap (`SpecCell::Here` as a value, `SpecCell::Packed` as
+//! its archive), or archived in a file-backed store that the shell provides
+//! (`SpecCell::Stored`), read back when a decision, a fire or
 //! a read needs it. The core sees the store only through `SpecSink` and `SpecSegment`: it
 //! does no I/O itself, and a spec reads the same wherever it lives, so replicas whose specs
 //! live in different places (or nowhere but the heap) hold equal states with equal digests.
@@ -288,9 +289,11 @@ fn archive(spec: &JobSpec) -> Result<rkyv::util::AlignedVec<SPEC_ALIGN_BYTES>, r
 /// A job's spec, wherever it lives.
 #[derive(Clone)]
 pub enum SpecCell {
-    /// In the heap, as a value (a created job's, where no store is attached).
+    /// In the heap, as a value (a job restored from a JSON snapshot, until a store takes it).
     Here(Box<JobSpec>),
-    /// In the heap, as its checked archive (a restored job's, until a store takes it).
+    /// In the heap, as its checked archive: a created job's (the bytes its command carried)
+    /// or a restored one's, until a store takes it (where none is attached, for good: its
+    /// reads then decode it, as they do a stored spec).
     Packed(PackedSpec),
     /// In a store.
     Stored(SpecView),
@@ -343,8 +346,17 @@ impl SpecCell {
             SpecCell::Packed(bytes) => sink.put(bytes),
             SpecCell::Stored(_) | SpecCell::Linked(_) | SpecCell::Unresolved(_) => None,
         };
-        if let Some(view) = view {
-            *self = SpecCell::Stored(view);
+        match view {
+            Some(view) => *self = SpecCell::Stored(view),
+            None => self.keep_in_heap(),
+        }
+    }
+
+    /// A spec that stays in the heap (no store, or the store refused it) keeps its archive
+    /// without the room it was grown with.
+    pub fn keep_in_heap(&mut self) {
+        if let SpecCell::Packed(bytes) = self {
+            bytes.0.shrink_to_fit();
         }
     }
 
@@ -410,10 +422,7 @@ impl SpecCell {
     }
 
     pub fn is_once(&self) -> bool {
-        match self.archive_of() {
-            Ok(spec) => matches!(spec.schedule, Schedule::Once { .. }),
-            Err(archived) => matches!(archived.schedule, ArchivedSchedule::Once { .. }),
-        }
+        self.once_at_ms().is_some()
     }
 
     /// A cron job's overlap policy (`None`: a one-time job).

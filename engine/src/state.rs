@@ -1519,7 +1519,7 @@ impl State {
         if existing.spec.get().same_job(&spec) {
             return Ok(Applied::AlreadyExists);
         }
-        self.check_dependencies(&spec)?;
+        self.check_dependencies(&spec.id, spec.depends_on.iter().map(String::as_str))?;
         if existing.status.is_final() {
             self.insert_new(SpecCell::Packed(packed), now_ms, Remembered::Maybe)?;
             return Ok(Applied::Replaced);
@@ -1588,13 +1588,18 @@ impl State {
         Ok(Applied::Replaced)
     }
 
-    fn check_dependencies(&self, spec: &JobSpec) -> Result<(), ApplyError> {
-        for dependency in &spec.depends_on {
-            if !self.jobs.contains_key(dependency.as_str()) {
-                return Err(ApplyError::UnknownDependency(dependency.clone()));
+    /// Every dependency of job `id` exists, and none depends (directly or not) on it.
+    fn check_dependencies<'a>(
+        &self,
+        id: &str,
+        dependencies: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ApplyError> {
+        for dependency in dependencies {
+            if !self.jobs.contains_key(dependency) {
+                return Err(ApplyError::UnknownDependency(dependency.to_string()));
             }
-            if self.reaches(dependency, &spec.id) {
-                return Err(ApplyError::Cycle(dependency.clone()));
+            if self.reaches(dependency, id) {
+                return Err(ApplyError::Cycle(dependency.to_string()));
             }
         }
         Ok(())
@@ -1676,14 +1681,7 @@ impl State {
         if self.jobs.len() >= table::SLOTS_MAX {
             return Err(ApplyError::Invalid { field: "id".into(), rule: table::TableFull.to_string() });
         }
-        for dependency in spec.depends_on() {
-            if !self.jobs.contains_key(dependency) {
-                return Err(ApplyError::UnknownDependency(dependency.to_string()));
-            }
-            if self.reaches(dependency, spec.id()) {
-                return Err(ApplyError::Cycle(dependency.to_string()));
-            }
-        }
+        self.check_dependencies(spec.id(), spec.depends_on())?;
         // A one-time job's fire is read in place; a cron job's spec is decoded to compute it.
         let next_fire_ms = spec.once_at_ms().or_else(|| first_fire(&spec.get(), now_ms));
         let status = if next_fire_ms.is_some() { Status::Pending } else { Status::Completed };
@@ -1706,8 +1704,9 @@ impl State {
         for dependency in job.spec.depends_on() {
             self.dependents.entry(dependency.to_string()).or_default().insert(id.clone());
         }
-        if let Some(sink) = self.spec_sink.0.as_mut() {
-            job.spec.store_in(&mut **sink);
+        match self.spec_sink.0.as_mut() {
+            Some(sink) => job.spec.store_in(&mut **sink),
+            None => job.spec.keep_in_heap(),
         }
         // Only a job with a life (finished, or callbacks waiting) has a place in the expiry
         // order: a new pending job is not looked up again for it.

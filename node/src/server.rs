@@ -273,6 +273,7 @@ fn expected_jobs_per_partition(max_jobs: usize, partitions: u32) -> usize {
 fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
     let settings = start.settings;
     let node_id = settings.node_id;
+    let expected_jobs = expected_jobs_per_partition(settings.limits.max_jobs, start.partitions);
     ShardConfig {
         index,
         shards: start.shard_count,
@@ -284,11 +285,11 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
             snapshot_every_entries: settings.snapshot_every,
             election_ticks: settings.cluster.as_ref().map_or(10, |c| c.election_ticks),
             heartbeat_ticks: settings.cluster.as_ref().map_or(1, |c| c.heartbeat_ticks),
-            expected_jobs: expected_jobs_per_partition(settings.limits.max_jobs, start.partitions),
+            expected_jobs,
             ..PartitionOptions::single_node(node_id)
         },
         runtime: RuntimeConfig {
-            expected_jobs: expected_jobs_per_partition(settings.limits.max_jobs, start.partitions),
+            expected_jobs,
             dispatch: dispatch_config(settings),
             record_spans: start.spans.is_some(),
             retention_ms: settings.retention_ms,

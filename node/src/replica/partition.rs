@@ -316,14 +316,15 @@ impl Partition {
         // allocator keeps). The table's slots are not touched until used; the index's
         // control bytes are (one byte per entry reserved).
         if options.members.is_none() {
-            let tail_entries = storage.wal().last_index().saturating_sub(storage.snapshot().meta.index);
-            state.reserve_jobs(usize::try_from(tail_entries).unwrap_or(usize::MAX).min(RESERVED_JOBS_MAX));
-            // A new (or emptied) partition's table gets room for all it is expected to hold;
-            // a restored one already has room beyond its jobs, and growing it now would be
-            // a copy of it at every restart.
+            // A new (or emptied) partition's table gets room for all it is expected to hold
+            // (first: the room for the tail below then fits in it, no second allocation); a
+            // restored one already has room beyond its jobs, and growing it now would be a
+            // copy of it at every restart.
             if state.job_count() == 0 {
                 state.reserve_slots(options.expected_jobs.min(RESERVED_JOBS_MAX));
             }
+            let tail_entries = storage.wal().last_index().saturating_sub(storage.snapshot().meta.index);
+            state.reserve_jobs(usize::try_from(tail_entries).unwrap_or(usize::MAX).min(RESERVED_JOBS_MAX));
         }
         let mut config = Config::new(options.node_id);
         config.max_uncommitted_entries = options.max_uncommitted_entries;
@@ -438,10 +439,9 @@ impl Partition {
         self.node.transfer_leader(to)
     }
 
-    /// Proposes a command; its ticket is answered once the command is applied (or lost).
-    /// Writes commands and snapshots in `format` from now on (`codec::COMMAND_FORMAT`, whose
-    /// members also read archived snapshots, unless an older member, which reads only JSON,
-    /// replicates the partition).
+    /// Writes commands and snapshots in `format` from now on: `codec::COMMAND_FORMAT`, or the
+    /// newest an older member that replicates the partition reads (1: the spec archived inside
+    /// each create; 0: JSON commands and snapshots).
     pub fn write_commands_in(&mut self, format: u8) {
         self.command_format = format.min(sundial_engine::codec::COMMAND_FORMAT);
     }

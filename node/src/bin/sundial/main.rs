@@ -83,14 +83,13 @@ enum Command {
 const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Arena memory is committed as it is used, not when the arena is reserved: eagerly
-/// committed arenas made pages resident around the job table's reserved (and unused) room,
-/// ~7 MB per partition at start and ~15 B per job at 10M pending (docs/BENCHMARKS.md). The
-/// variable `MIMALLOC_ARENA_EAGER_COMMIT`, when set, is left to decide.
+/// committed arenas made pages resident around the job table's reserved (and unused) room
+/// (docs/BENCHMARKS.md, "tables that do not regrow"). Only the default changes: the
+/// variable `MIMALLOC_ARENA_EAGER_COMMIT`, when set, still decides.
 fn commit_allocator_memory_as_used() {
-    if std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT").is_none() {
-        // SAFETY: sets one of mimalloc's options; any thread may, at any time.
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
-    }
+    // SAFETY: mimalloc's options are plain words written without synchronisation; this runs
+    // first in `main`, before the process starts any thread.
+    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
 }
 
 fn main() -> ExitCode {
