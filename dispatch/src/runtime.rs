@@ -197,8 +197,8 @@ pub struct RuntimeConfig {
     pub retention_ms: u64,
     /// An expired job's id is refused to creates until this long after it finished.
     pub dedup_window_ms: u64,
-    /// The most jobs the partition is expected to hold: a leader's wheel reserves a key for
-    /// each (address space until used), so it never grows while the table fills. 0: none.
+    /// The most jobs the partition is expected to hold: once a leader's wheel is large, its
+    /// slab of keys grows once to that many rather than doubling. 0: not said.
     pub expected_jobs: usize,
 }
 
@@ -386,8 +386,8 @@ impl<L: CommandLog> Runtime<L> {
         let mut due: Vec<(u32, u64)> = Vec::with_capacity(state.job_count());
         due.extend(state.job_slots().filter_map(|(slot, job)| Some((slot, state.next_due_of(job)?.0))));
         // One allocation of each of the wheel's buffers, not doublings: each is a copy.
-        let highest_key = due.last().map_or(0, |&(slot, _)| slot as usize + 1);
-        self.wheel.reserve_keys(highest_key.max(self.config.expected_jobs.min(self.config.timers_max)));
+        self.wheel.reserve_keys(due.last().map_or(0, |&(slot, _)| slot as usize + 1));
+        self.wheel.expect_keys(self.config.expected_jobs.min(self.config.timers_max));
         self.wheel.reserve_deadlines(due.iter().map(|&(_, due_ms)| due_ms));
         for (slot, due_ms) in due {
             self.set_timer(slot, due_ms);

@@ -10,6 +10,7 @@ pub mod flow;
 pub mod job;
 pub mod limits;
 pub mod request;
+pub mod room;
 pub mod sign;
 pub mod spec;
 pub mod state;

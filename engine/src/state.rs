@@ -2103,12 +2103,12 @@ impl State {
         self.jobs.reserve(additional);
     }
 
-    /// Room in the table for `jobs` in all (the most this partition is expected to hold), so
-    /// it never grows while filling: each growth copies the table into a new allocation and
-    /// leaves the old one to the allocator. Address space until used. Changes nothing
+    /// The most jobs this partition is expected to hold: once its table is large, it grows
+    /// once to that many slots rather than doubling there (each doubling copies the table
+    /// into a new allocation and leaves the old one to the allocator). Changes nothing
     /// replicated.
-    pub fn reserve_slots(&mut self, jobs: usize) {
-        self.jobs.reserve_slots(jobs);
+    pub fn expect_jobs(&mut self, jobs: usize) {
+        self.jobs.expect_slots(jobs);
     }
 
     /// A copy of what an archived snapshot holds, to encode elsewhere (another thread)

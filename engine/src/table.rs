@@ -33,6 +33,9 @@ pub struct JobTable {
     index: HashTable<IndexEntry>,
     #[rkyv(with = rkyv::with::Skip)]
     hasher: ahash::RandomState,
+    /// How many slots the table is expected to reach (`expect_slots`; 0: not said).
+    #[rkyv(with = rkyv::with::Skip)]
+    expected_slots: usize,
 }
 
 /// An entry of a compact index: 32 bits of a key's hash, and where the record is (a job's
@@ -144,11 +147,11 @@ impl JobTable {
         let _ = self.index.try_reserve(additional, |e: &IndexEntry| e.table_hash());
     }
 
-    /// Room for `jobs` in all without growing the slots (the index still grows as it fills:
-    /// its entries land anywhere in it, so room reserved there would be memory touched).
-    /// The room is address space until used. Memory that cannot be had is not an error.
-    pub fn reserve_slots(&mut self, jobs: usize) {
-        let _ = self.slots.try_reserve_exact(jobs.saturating_sub(self.slots.len()));
+    /// The table is expected to reach `jobs` slots: once large (`room::EXPECTED_ROOM_FROM`),
+    /// its slots grow once to that many instead of doubling (the index still doubles: its
+    /// entries land anywhere in it, so room reserved there would be memory touched).
+    pub fn expect_slots(&mut self, jobs: usize) {
+        self.expected_slots = jobs;
     }
 
     /// The records, slots and free list as they are, without an index: what an archived
@@ -159,6 +162,7 @@ impl JobTable {
             free: self.free.clone(),
             index: HashTable::new(),
             hasher: self.hasher.clone(),
+            expected_slots: 0,
         }
     }
 
@@ -179,6 +183,8 @@ impl JobTable {
             Some(slot) => slot,
             None if self.slots.len() >= SLOTS_MAX => return Err(TableFull),
             None => {
+                let needed = self.slots.len() + 1;
+                crate::room::grow_toward_expected(&mut self.slots, needed, self.expected_slots);
                 self.slots.push(None);
                 (self.slots.len() - 1) as u32
             }

@@ -86,6 +86,8 @@ pub struct TimingWheel<T> {
     /// Timers are named by the caller's keys (`set`, `unset`): a key is the slab index of its
     /// one timer, and freed indexes are not listed (they are the caller's to reuse).
     keyed: bool,
+    /// How many keys the slab is expected to reach (`expect_keys`; 0: not said).
+    expected_keys: usize,
 }
 
 fn state_word(place: u64, generation: u64) -> u64 {
@@ -109,6 +111,7 @@ impl<T> TimingWheel<T> {
             tombstones_before_sweep_min: TOMBSTONES_BEFORE_SWEEP_MIN,
             capacity,
             keyed: false,
+            expected_keys: 0,
         }
     }
 
@@ -129,6 +132,12 @@ impl<T> TimingWheel<T> {
         let _ = self.deadlines.try_reserve_exact(more);
     }
 
+    /// Keys are expected to reach `keys`: once the slab is large (`room::EXPECTED_ROOM_FROM`),
+    /// it grows once to that many instead of doubling.
+    pub fn expect_keys(&mut self, keys: usize) {
+        self.expected_keys = keys;
+    }
+
     /// Sets the timer of `key` to `deadline_ms` (replacing the one it had). Refused when the
     /// wheel is full and `key` had no timer.
     pub fn set(&mut self, key: u32, deadline_ms: u64, value: T) -> Result<(), WheelFull> {
@@ -139,6 +148,8 @@ impl<T> TimingWheel<T> {
         }
         let index = key as usize;
         if self.states.len() <= index {
+            crate::room::grow_toward_expected(&mut self.states, index + 1, self.expected_keys);
+            crate::room::grow_toward_expected(&mut self.deadlines, index + 1, self.expected_keys);
             self.states.resize(index + 1, state_word(PLACE_FREE, 0));
             self.deadlines.resize(index + 1, 0);
         }

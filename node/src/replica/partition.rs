@@ -43,8 +43,8 @@ pub struct PartitionOptions {
     /// tombstones, stay in the heap).
     pub spec_segment_bytes: Option<u64>,
     /// The most jobs this partition is expected to hold (the node's `max_jobs` over its
-    /// partitions, with room for skew): its table reserves their slots at open, as address
-    /// space, and never grows while filling. 0: no reservation.
+    /// partitions, with room for skew): once its table is large it grows once to that many
+    /// slots rather than doubling (`State::expect_jobs`). 0: not said.
     pub expected_jobs: usize,
 }
 
@@ -84,8 +84,8 @@ pub enum PartitionError {
     Format(String),
 }
 
-/// Jobs a partition makes room for at open (`Partition::open`: the log's tail to replay, and
-/// the jobs it is expected to hold), at most.
+/// Jobs a partition makes room for (the log's tail to replay at open, the jobs it is
+/// expected to hold), at most.
 const RESERVED_JOBS_MAX: usize = 1 << 24;
 
 /// Jobs looked at per call for specs to repack (a few tens of microseconds).
@@ -316,13 +316,7 @@ impl Partition {
         // allocator keeps). The table's slots are not touched until used; the index's
         // control bytes are (one byte per entry reserved).
         if options.members.is_none() {
-            // A new (or emptied) partition's table gets room for all it is expected to hold
-            // (first: the room for the tail below then fits in it, no second allocation); a
-            // restored one already has room beyond its jobs, and growing it now would be a
-            // copy of it at every restart.
-            if state.job_count() == 0 {
-                state.reserve_slots(options.expected_jobs.min(RESERVED_JOBS_MAX));
-            }
+            state.expect_jobs(options.expected_jobs.min(RESERVED_JOBS_MAX));
             let tail_entries = storage.wal().last_index().saturating_sub(storage.snapshot().meta.index);
             state.reserve_jobs(usize::try_from(tail_entries).unwrap_or(usize::MAX).min(RESERVED_JOBS_MAX));
         }

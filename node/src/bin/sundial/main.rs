@@ -84,12 +84,17 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 
 /// Arena memory is committed as it is used, not when the arena is reserved: eagerly
 /// committed arenas made pages resident around the job table's reserved (and unused) room
-/// (docs/BENCHMARKS.md, "tables that do not regrow"). Only the default changes: the
-/// variable `MIMALLOC_ARENA_EAGER_COMMIT`, when set, still decides.
+/// (docs/BENCHMARKS.md, "tables that do not regrow"). The variables that name the option
+/// (`MIMALLOC_ARENA_EAGER_COMMIT`, or its old name `MIMALLOC_EAGER_REGION_COMMIT`), when set,
+/// still decide. (`mi_option_set_default` would not do: mimalloc has read its options, and
+/// so fixed their defaults, before `main` runs.)
 fn commit_allocator_memory_as_used() {
-    // SAFETY: mimalloc's options are plain words written without synchronisation; this runs
-    // first in `main`, before the process starts any thread.
-    unsafe { libmimalloc_sys::mi_option_set_default(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    let named = ["MIMALLOC_ARENA_EAGER_COMMIT", "MIMALLOC_EAGER_REGION_COMMIT"];
+    if named.iter().all(|name| std::env::var_os(name).is_none()) {
+        // SAFETY: mimalloc's options are plain words written without synchronisation; this
+        // runs first in `main`, before the process starts any thread.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0) };
+    }
 }
 
 fn main() -> ExitCode {
