@@ -80,11 +80,7 @@ pub fn decode_command(bytes: &[u8]) -> Result<Command, DecodeError> {
     let (&format, archived) = bytes.split_first().ok_or(DecodeError::Empty)?;
     let damaged = |error: rancor::Error| DecodeError::Damaged { format, reason: error.to_string() };
     // An archive needs its own alignment; the entry's bytes follow a format byte.
-    let aligned = || {
-        let mut aligned = AlignedVec::<16>::with_capacity(archived.len());
-        aligned.extend_from_slice(archived);
-        aligned
-    };
+    let aligned = || crate::spec::aligned_copy(archived);
     match format {
         COMMAND_FORMAT => rkyv::from_bytes::<Command, rancor::Error>(&aligned()).map_err(damaged),
         SPEC_INSIDE_FORMAT => rkyv::from_bytes::<CommandWithSpecInside, rancor::Error>(&aligned())

@@ -188,6 +188,14 @@ impl std::ops::Deref for PackedSpec {
     }
 }
 
+/// `bytes` copied to the alignment rkyv archives are read at (all of ours: commands, specs,
+/// snapshots), for bytes that arrive without it.
+pub fn aligned_copy(bytes: &[u8]) -> rkyv::util::AlignedVec<SPEC_ALIGN_BYTES> {
+    let mut aligned = rkyv::util::AlignedVec::<SPEC_ALIGN_BYTES>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    aligned
+}
+
 /// A packed spec's archive.
 fn packed(bytes: &PackedSpec) -> &ArchivedJobSpec {
     // SAFETY: a PackedSpec's bytes are a JobSpec archive, made from a spec (`PackedSpec::of`)
@@ -208,8 +216,7 @@ impl PackedSpec {
 
     /// `bytes` copied to the archive's alignment, after checking they hold a JobSpec archive.
     pub fn checked(bytes: &[u8]) -> Result<PackedSpec, rkyv::rancor::Error> {
-        let mut aligned = rkyv::util::AlignedVec::<SPEC_ALIGN_BYTES>::with_capacity(bytes.len());
-        aligned.extend_from_slice(bytes);
+        let aligned = aligned_copy(bytes);
         // Checked once here; read back unchecked afterwards.
         rkyv::access::<ArchivedJobSpec, rkyv::rancor::Error>(&aligned)?;
         Ok(PackedSpec(aligned))

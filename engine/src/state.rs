@@ -2178,8 +2178,7 @@ impl State {
                 return rkyv::from_bytes::<State, rkyv::rancor::Error>(archive)
                     .map_err(|e| damaged(format)(e.to_string()));
             }
-            let mut aligned = AlignedVec::<16>::with_capacity(archive.len());
-            aligned.extend_from_slice(archive);
+            let aligned = crate::spec::aligned_copy(archive);
             rkyv::from_bytes::<State, rkyv::rancor::Error>(&aligned).map_err(|e| damaged(format)(e.to_string()))
         };
         let mut state: State = match bytes.first() {
