@@ -753,6 +753,7 @@ impl<L: CommandLog> Runtime<L> {
                 return false;
             }
             self.fire_due_jobs(now_ms());
+            self.advance(now_ms());
             // Sleeps until the next timer or an outcome; `done` is looked at on each wake-up and
             // at least once a second.
             let wait_ms = self.sleep_ms(now_ms());
@@ -760,6 +761,7 @@ impl<L: CommandLog> Runtime<L> {
                 result = self.next_result() => {
                     if let Some(result) = result {
                         self.finish(result, now_ms());
+                        self.advance(now_ms());
                     }
                 }
                 _ = tokio::time::sleep(Duration::from_millis(wait_ms)) => {}
@@ -782,7 +784,9 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// Proposes a start for every fire due by now (leading only); each attempt is
-    /// submitted when its start is applied.
+    /// submitted when its start is applied. Nothing is written here: the caller's next
+    /// `advance` persists the starts with whatever else it proposed meanwhile (one log
+    /// write for a turn's creates, starts and outcomes).
     pub fn fire_due_jobs(&mut self, now_ms: u64) {
         if !self.leading || self.log_failure.is_some() {
             return;
@@ -911,7 +915,6 @@ impl<L: CommandLog> Runtime<L> {
             })
             .collect();
         self.propose_own(commands, starts, now);
-        self.advance(now);
     }
 
     /// Proposes commands of the runtime's own, remembering each by its ticket. A refused
@@ -964,13 +967,14 @@ impl<L: CommandLog> Runtime<L> {
         }
     }
 
-    /// Applies an attempt's outcome (with its retry time).
+    /// Proposes an attempt's outcome (with its retry time); `advance` applies it.
     pub fn finish(&mut self, result: AttemptResult, now_ms: u64) {
         self.finish_many(vec![result], now_ms);
     }
 
-    /// Proposes several outcomes with one log write. Outcomes of a runtime that no longer
-    /// leads are dropped: the new leader runs those attempts again.
+    /// Proposes several outcomes, written by the next `advance` (one log write with the
+    /// rest of the turn). Outcomes of a runtime that no longer leads are dropped: the new
+    /// leader runs those attempts again.
     pub fn finish_many(&mut self, results: Vec<AttemptResult>, now_ms: u64) {
         let mut commands = Vec::with_capacity(results.len());
         let mut proposals = Vec::with_capacity(results.len());
@@ -1052,7 +1056,6 @@ impl<L: CommandLog> Runtime<L> {
         }
         // A stale outcome (the job was cancelled meanwhile) is refused and changes nothing.
         self.propose_own(commands, proposals, now_ms);
-        self.advance(now_ms);
     }
 
     /// The spans of a finished attempt, and of its fire when that was the last attempt.

@@ -110,12 +110,13 @@ impl Replica {
         Settled { resolved, messages }
     }
 
-    /// Proposes a start for every fire due by now (leading only).
+    /// Proposes a start for every fire due by now (leading only); `settle` writes them.
     pub fn fire_due_jobs(&mut self, now_ms: u64) {
         self.runtime.fire_due_jobs(now_ms);
     }
 
-    /// Proposes the outcomes of attempts, with one log write.
+    /// Proposes the outcomes of attempts; `settle` writes them with the turn's other
+    /// proposals (one log write).
     pub fn finish(&mut self, results: Vec<AttemptResult>, now_ms: u64) {
         self.runtime.finish_many(results, now_ms);
     }

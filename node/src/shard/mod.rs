@@ -240,6 +240,18 @@ pub fn spawn(
 
 /// Pins the calling thread to core `index` (modulo the cores there are). Best effort: a
 /// container that forbids it still runs, unpinned.
+/// `first` and what waits behind it in `channel`, up to `GROUP_COMMIT_MAX` in all.
+fn waiting_after<T>(first: T, channel: &mut mpsc::Receiver<T>) -> Vec<T> {
+    let mut batch = vec![first];
+    while batch.len() < GROUP_COMMIT_MAX {
+        match channel.try_recv() {
+            Ok(more) => batch.push(more),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
 fn pin_to_core(index: usize) {
     #[cfg(target_os = "linux")]
     {
@@ -425,25 +437,12 @@ impl Shard {
                     let Some(first) = work else { break };
                     // Everything already waiting is taken too: creates of one partition go
                     // to its log together (one fsync for all of them).
-                    let mut batch = vec![first];
-                    while batch.len() < GROUP_COMMIT_MAX {
-                        match requests.try_recv() {
-                            Ok(more) => batch.push(more),
-                            Err(_) => break,
-                        }
-                    }
                     self.begin_turn();
-                    self.handle(batch);
+                    self.handle(waiting_after(first, &mut requests));
                 }
                 result = self.results.recv() => {
-                    if let Some(result) = result {
-                        let mut results = vec![result];
-                        while results.len() < GROUP_COMMIT_MAX {
-                            match self.results.try_recv() {
-                                Ok(more) => results.push(more),
-                                Err(_) => break,
-                            }
-                        }
+                    if let Some(first) = result {
+                        let results = waiting_after(first, &mut self.results);
                         self.begin_turn();
                         self.finish(results);
                     }
@@ -488,6 +487,10 @@ impl Shard {
                 }
                 next_repack = Instant::now() + REPACK_SPECS_EVERY;
             }
+            // Whatever else waits joins this turn, whichever source woke it: a partition's
+            // creates, outcomes and starts of one turn go to its log in one write (one
+            // fsync), not one each.
+            self.take_waiting(&mut requests);
             // Fires are looked at with the clock as it is now, after this turn's work.
             self.begin_turn();
             let now_ms = self.turn_ms;
@@ -511,6 +514,20 @@ impl Shard {
         drop(requests);
         self.drain(peers.as_mut()).await;
         Ok(())
+    }
+
+    /// Takes the requests and outcomes already waiting (at most a batch of each, without
+    /// waiting for more) into the turn.
+    fn take_waiting(&mut self, requests: &mut mpsc::Receiver<Work>) {
+        if let Ok(first) = self.results.try_recv() {
+            let results = waiting_after(first, &mut self.results);
+            self.begin_turn();
+            self.finish(results);
+        }
+        if let Ok(first) = requests.try_recv() {
+            self.begin_turn();
+            self.handle(waiting_after(first, requests));
+        }
     }
 
     /// Drives every partition's log (persist, apply), answers the requests whose verdicts
