@@ -132,10 +132,25 @@ struct HostState {
 
 /// A queued attempt with its host's key, worked out once: a pass over the queue meets the
 /// same blocked attempts again and again, and parsing each one's URL every time cost more
-/// than the deliveries (measured under `sundial-loadgen fire`, docs/BENCHMARKS.md).
+/// than the deliveries (measured under `sundial-loadgen fire`, docs/BENCHMARKS.md). Its
+/// outcome goes to `results`, the channel of the handle that submitted it.
 struct Queued {
     host: Arc<str>,
     attempt: Attempt,
+    results: mpsc::Sender<AttemptResult>,
+}
+
+/// A running attempt: how to abort it, and whose it is.
+struct Running {
+    cancel: oneshot::Sender<()>,
+    partition: u32,
+}
+
+/// Attempts of one partition queued and running (what its handle reports).
+#[derive(Clone, Copy, Default)]
+struct PartitionCounts {
+    queued: usize,
+    running: usize,
 }
 
 struct Inner {
@@ -143,8 +158,59 @@ struct Inner {
     queue: BTreeMap<(u8, u64, u64), Queued>,
     sequence: u64,
     hosts: HashMap<Arc<str>, HostState>,
-    /// Cancel handles of running attempts, by (job, fire, callback).
-    running: HashMap<(String, u64, bool), oneshot::Sender<()>>,
+    /// Running attempts, by (job, fire, callback). A job lives in one partition, so its id
+    /// names it across the partitions that share the dispatcher.
+    running: HashMap<(String, u64, bool), Running>,
+    /// Per partition, what is queued and running (bounded by the partitions of a node).
+    counts: HashMap<u32, PartitionCounts>,
+}
+
+impl Inner {
+    fn counts(&mut self, partition: u32) -> &mut PartitionCounts {
+        self.counts.entry(partition).or_default()
+    }
+
+    /// Takes the queued attempt `key` out, counted as running (`cancel` aborts it).
+    fn start(&mut self, key: &(u8, u64, u64), cancel: oneshot::Sender<()>) -> Option<Queued> {
+        let queued = self.queue.remove(key)?;
+        let partition = queued.attempt.partition;
+        let counts = self.counts(partition);
+        counts.queued -= 1;
+        counts.running += 1;
+        let running = Running { cancel, partition };
+        self.running.insert((queued.attempt.job_id.clone(), queued.attempt.fire_ms, queued.attempt.callback), running);
+        Some(queued)
+    }
+
+    /// Drops the queued attempts `matches` picks and aborts the running ones (they report
+    /// `Aborted`).
+    fn cancel_matching(&mut self, matches: impl Fn(u32, &str, u64, bool) -> bool) {
+        let dropped: Vec<u32> = self
+            .queue
+            .values()
+            .filter(|q| matches(q.attempt.partition, &q.attempt.job_id, q.attempt.fire_ms, q.attempt.callback))
+            .map(|q| q.attempt.partition)
+            .collect();
+        if !dropped.is_empty() {
+            self.queue
+                .retain(|_, q| !matches(q.attempt.partition, &q.attempt.job_id, q.attempt.fire_ms, q.attempt.callback));
+            for partition in dropped {
+                self.counts(partition).queued -= 1;
+            }
+        }
+        let running: Vec<(String, u64, bool)> = self
+            .running
+            .iter()
+            .filter(|((job, fire, callback), r)| matches(r.partition, job, *fire, *callback))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in running {
+            // Counted as running until the attempt reports (`run_attempt`).
+            if let Some(running) = self.running.remove(&key) {
+                let _ = running.cancel.send(());
+            }
+        }
+    }
 }
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
@@ -154,20 +220,46 @@ struct Shared {
     wake: Notify,
     config: DispatchConfig,
     client: HttpClient,
-    results: mpsc::Sender<AttemptResult>,
 }
 
-/// A handle on the dispatcher; its driver runs on the current tokio runtime until every
-/// handle is dropped.
+/// A partition's handle on a dispatcher, which one or several partitions share: one queue,
+/// one connection pool, one set of per-host limits and breakers. Its driver runs until
+/// every handle is dropped.
 #[derive(Clone)]
 pub struct Dispatcher {
     shared: Arc<Shared>,
+    /// The partition whose attempts this handle submits, counts and cancels.
+    partition: u32,
+    /// Where the outcomes of this handle's attempts go (bounded: a slow consumer slows
+    /// attempts down rather than growing memory).
+    results: mpsc::Sender<AttemptResult>,
 }
 
-impl Dispatcher {
-    /// Starts a dispatcher whose results go to `results` (bounded: a slow consumer slows
-    /// attempts down rather than growing memory).
-    pub fn start(config: DispatchConfig, results: mpsc::Sender<AttemptResult>) -> Dispatcher {
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher").field("partition", &self.partition).finish_non_exhaustive()
+    }
+}
+
+/// A dispatcher that several partitions share, before any of them has a handle on it
+/// (`for_partition`).
+#[derive(Clone)]
+pub struct SharedDispatcher {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SharedDispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedDispatcher").finish_non_exhaustive()
+    }
+}
+
+impl SharedDispatcher {
+    /// A dispatcher and its driver, which the caller runs where it chooses (a node runs one
+    /// for all its partitions on a thread of its own, so that requests leave while shards
+    /// wait on their logs). The driver ends once every handle is dropped; it must run
+    /// inside a tokio runtime, where it spawns the attempts and their connections.
+    pub fn new(config: DispatchConfig) -> (SharedDispatcher, impl std::future::Future<Output = ()> + Send + 'static) {
         let mut http = HttpConnector::new_with_resolver(GuardedResolver { policy: config.address_policy });
         http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
@@ -184,26 +276,44 @@ impl Dispatcher {
                 sequence: 0,
                 hosts: HashMap::new(),
                 running: HashMap::new(),
+                counts: HashMap::new(),
             }),
             wake: Notify::new(),
             config,
             client,
-            results,
         });
-        tokio::spawn(drive(shared.clone()));
-        Dispatcher { shared }
+        let driver = drive(shared.clone());
+        (SharedDispatcher { shared }, driver)
     }
 
-    /// Queues an attempt; refused (handed back) when the queue is full.
-    pub fn submit(&self, attempt: Attempt) -> Result<(), QueueFull> {
+    /// A handle for `partition`, whose attempts' outcomes go to `results`.
+    pub fn for_partition(&self, partition: u32, results: mpsc::Sender<AttemptResult>) -> Dispatcher {
+        Dispatcher { shared: self.shared.clone(), partition, results }
+    }
+}
+
+impl Dispatcher {
+    /// Starts a dispatcher of its own for `partition` on the current tokio runtime, its
+    /// outcomes going to `results`.
+    pub fn start(config: DispatchConfig, partition: u32, results: mpsc::Sender<AttemptResult>) -> Dispatcher {
+        let (shared, driver) = SharedDispatcher::new(config);
+        tokio::spawn(driver);
+        shared.for_partition(partition, results)
+    }
+
+    /// Queues an attempt of this handle's partition; refused (handed back) when the queue
+    /// is full.
+    pub fn submit(&self, mut attempt: Attempt) -> Result<(), QueueFull> {
+        attempt.partition = self.partition;
+        let host: Arc<str> = host_key(&attempt.target.url).into();
         let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
         if inner.queue.len() >= self.shared.config.queue_capacity {
             return Err(QueueFull { capacity: self.shared.config.queue_capacity, attempt: Box::new(attempt) });
         }
         inner.sequence += 1;
         let key = (attempt.priority, attempt.due_ms, inner.sequence);
-        let host: Arc<str> = host_key(&attempt.target.url).into();
-        inner.queue.insert(key, Queued { host, attempt });
+        inner.counts(self.partition).queued += 1;
+        inner.queue.insert(key, Queued { host, attempt, results: self.results.clone() });
         drop(inner);
         self.shared.wake.notify_one();
         Ok(())
@@ -211,42 +321,28 @@ impl Dispatcher {
 
     /// Drops a job's queued attempts and aborts its running ones (they report `Aborted`).
     pub fn cancel(&self, job_id: &str) {
-        self.cancel_matching(|job, _| job == job_id);
+        self.cancel_matching(|_, job, _, _| job == job_id);
     }
 
     /// Drops a job's queued attempts and aborts its running ones, callbacks excepted.
     pub fn cancel_fires(&self, job_id: &str) {
-        let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
-        inner.queue.retain(|_, queued| queued.attempt.job_id != job_id || queued.attempt.callback);
-        let running: Vec<(String, u64, bool)> =
-            inner.running.keys().filter(|(job, _, callback)| job == job_id && !callback).cloned().collect();
-        for key in running {
-            if let Some(cancel) = inner.running.remove(&key) {
-                let _ = cancel.send(());
-            }
-        }
+        self.cancel_matching(|_, job, _, callback| job == job_id && !callback);
     }
 
-    /// Drops every queued attempt and aborts the running ones (leadership moved away).
+    /// Drops every queued attempt of this handle's partition and aborts its running ones
+    /// (leadership moved away); other partitions' attempts go on.
     pub fn cancel_all(&self) {
-        self.cancel_matching(|_, _| true);
+        let partition = self.partition;
+        self.cancel_matching(move |of, _, _, _| of == partition);
     }
 
     /// Drops or aborts the attempt of one fire only (other fires of the job go on).
     pub fn cancel_fire(&self, job_id: &str, fire_ms: u64) {
-        self.cancel_matching(|job, fire| job == job_id && fire == fire_ms);
+        self.cancel_matching(|_, job, fire, _| job == job_id && fire == fire_ms);
     }
 
-    fn cancel_matching(&self, matches: impl Fn(&str, u64) -> bool) {
-        let mut inner = self.shared.inner.lock().expect("no panic holds the lock");
-        inner.queue.retain(|_, queued| !matches(&queued.attempt.job_id, queued.attempt.fire_ms));
-        let running: Vec<(String, u64, bool)> =
-            inner.running.keys().filter(|(job, fire, _)| matches(job, *fire)).cloned().collect();
-        for key in running {
-            if let Some(cancel) = inner.running.remove(&key) {
-                let _ = cancel.send(());
-            }
-        }
+    fn cancel_matching(&self, matches: impl Fn(u32, &str, u64, bool) -> bool) {
+        self.shared.inner.lock().expect("no panic holds the lock").cancel_matching(matches);
     }
 
     /// True when `submit` would accept an attempt now.
@@ -254,7 +350,8 @@ impl Dispatcher {
         self.room() > 0
     }
 
-    /// How many attempts `submit` would accept now.
+    /// How many attempts `submit` would accept now (the queue is the dispatcher's, shared
+    /// by its partitions).
     pub fn room(&self) -> usize {
         let queued = self.shared.inner.lock().expect("no panic holds the lock").queue.len();
         self.shared.config.queue_capacity.saturating_sub(queued)
@@ -266,12 +363,14 @@ impl Dispatcher {
         inner.hosts.get(host_key(url).as_str()).map(|host| host.breaker.state)
     }
 
+    /// Attempts of this handle's partition waiting to start.
     pub fn queued(&self) -> usize {
-        self.shared.inner.lock().expect("no panic holds the lock").queue.len()
+        self.shared.inner.lock().expect("no panic holds the lock").counts(self.partition).queued
     }
 
+    /// Attempts of this handle's partition running (aborted ones until they report).
     pub fn running(&self) -> usize {
-        self.shared.inner.lock().expect("no panic holds the lock").running.len()
+        self.shared.inner.lock().expect("no panic holds the lock").counts(self.partition).running
     }
 }
 
@@ -337,14 +436,13 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
         }
         state.bucket.try_take(now);
         state.in_flight += 1;
-        let Queued { attempt, .. } = inner.queue.remove(&key).expect("key from the queue");
         let (cancel, cancelled) = oneshot::channel();
-        inner.running.insert((attempt.job_id.clone(), attempt.fire_ms, attempt.callback), cancel);
-        to_start.push((attempt, cancelled, host));
+        let queued = inner.start(&key, cancel).expect("key from the queue");
+        to_start.push((queued, cancelled));
     }
     drop(inner);
-    for (attempt, cancelled, host) in to_start {
-        tokio::spawn(run_attempt(shared.clone(), attempt, host, cancelled));
+    for (queued, cancelled) in to_start {
+        tokio::spawn(run_attempt(shared.clone(), queued, cancelled));
     }
     wake_at
 }
@@ -363,7 +461,8 @@ fn host_key(url: &str) -> String {
     }
 }
 
-async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, cancelled: oneshot::Receiver<()>) {
+async fn run_attempt(shared: Arc<Shared>, queued: Queued, cancelled: oneshot::Receiver<()>) {
+    let Queued { host, attempt, results } = queued;
     let started_ms = now_ms();
     let outcome = tokio::select! {
         outcome = send(&shared, &attempt) => outcome,
@@ -373,6 +472,8 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, canc
     {
         let mut inner = shared.inner.lock().expect("no panic holds the lock");
         inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms, attempt.callback));
+        let counts = inner.counts(attempt.partition);
+        counts.running = counts.running.saturating_sub(1);
         if let Some(host) = inner.hosts.get_mut(&host) {
             host.in_flight -= 1;
             match &outcome {
@@ -396,7 +497,7 @@ async fn run_attempt(shared: Arc<Shared>, attempt: Attempt, host: Arc<str>, canc
         finished_ms,
         outcome,
     };
-    let _ = shared.results.send(result).await;
+    let _ = results.send(result).await;
 }
 
 /// Sends one request and reads (a bounded part of) the answer, within the attempt timeout.

@@ -7,7 +7,7 @@
 //! with jitter, or Retry-After if longer) → the state machine decides retry, success or dead
 //! letter. Every step is completion-driven: nothing waits for the log inside a call.
 
-use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher};
+use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher, SharedDispatcher};
 // Maps by job id and flow key: fast, and keyed at random per process, so ids a client
 // chooses cannot force collisions (none of them is iterated into replicated state).
 use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -49,27 +49,30 @@ pub enum Reshape {
     Upserted,
 }
 
+/// The job a command names, if it names one.
+fn job_of(command: &Command) -> Option<String> {
+    match command {
+        Command::Create { spec, .. } | Command::Upsert { spec, .. } => Some(spec.id().to_string()),
+        Command::Cancel { id, .. }
+        | Command::Delete { id, .. }
+        | Command::Trigger { id, .. }
+        | Command::Backfill { id, .. }
+        | Command::RedriveJob { id, .. }
+        | Command::CallbackStarted { id, .. }
+        | Command::CallbackFinished { id, .. }
+        | Command::Pause { id }
+        | Command::Resume { id, .. }
+        | Command::FireStarted { id, .. }
+        | Command::AttemptFinished { id, .. }
+        | Command::Redrive { id, .. } => Some(id.clone()),
+        Command::Purge { .. } | Command::PauseKey { .. } | Command::ResumeKey { .. } | Command::Expire { .. } => None,
+    }
+}
+
 impl Committed {
     /// What `command` touches, with its verdict.
     pub fn of(command: &Command, ticket: Option<Ticket>, verdict: Result<Applied, ApplyError>) -> Committed {
-        let job = match command {
-            Command::Create { spec, .. } | Command::Upsert { spec, .. } => Some(spec.id().to_string()),
-            Command::Cancel { id, .. }
-            | Command::Delete { id, .. }
-            | Command::Trigger { id, .. }
-            | Command::Backfill { id, .. }
-            | Command::RedriveJob { id, .. }
-            | Command::CallbackStarted { id, .. }
-            | Command::CallbackFinished { id, .. }
-            | Command::Pause { id }
-            | Command::Resume { id, .. }
-            | Command::FireStarted { id, .. }
-            | Command::AttemptFinished { id, .. }
-            | Command::Redrive { id, .. } => Some(id.clone()),
-            Command::Purge { .. } | Command::PauseKey { .. } | Command::ResumeKey { .. } | Command::Expire { .. } => {
-                None
-            }
-        };
+        let job = job_of(command);
         let key = match command {
             Command::PauseKey { key } | Command::ResumeKey { key, .. } => Some(key.clone()),
             _ => None,
@@ -185,6 +188,10 @@ pub struct RuntimeConfig {
     /// The partition this runtime drives (stamped on its attempts and their outcomes).
     pub partition: u32,
     pub dispatch: DispatchConfig,
+    /// A dispatcher shared with other runtimes (a node runs one for all its partitions:
+    /// one connection pool and one set of per-host limits); `None`: one of its own, started
+    /// on the current tokio runtime with `dispatch`.
+    pub dispatcher: Option<SharedDispatcher>,
     /// Outcomes waiting to be applied.
     pub results_capacity: usize,
     /// Jobs with a pending timer.
@@ -208,6 +215,7 @@ impl Default for RuntimeConfig {
             node_id: 1,
             partition: 0,
             dispatch: DispatchConfig::default(),
+            dispatcher: None,
             results_capacity: 4096,
             timers_max: 10_000_000,
             record_spans: false,
@@ -243,8 +251,17 @@ pub type LocalRuntime = Runtime<DirectLog>;
 /// What the runtime proposed itself, by ticket, until applied.
 enum OwnProposal {
     /// `FireStarted` (or `CallbackStarted`) of a fire due at `due_ms`: the attempt is
-    /// submitted once it applies. `flow_key`: the key it counts against until then.
-    FireStart { id: String, fire_ms: u64, attempt: u32, due_ms: u64, callback: bool, flow_key: Option<String> },
+    /// submitted once it applies, or when proposed (`sent`, see `InLog`). `flow_key`: the
+    /// key it counts against until then.
+    FireStart {
+        id: String,
+        fire_ms: u64,
+        attempt: u32,
+        due_ms: u64,
+        callback: bool,
+        flow_key: Option<String>,
+        sent: bool,
+    },
     /// `AttemptFinished`: spans are recorded once it applies.
     Finish { id: String, fire_ms: u64, attempt: u32, started_ms: u64, finished_ms: u64, outcome: Option<Outcome> },
     /// `Expire`: finished jobs past their retention; one at a time.
@@ -253,6 +270,73 @@ enum OwnProposal {
 
 /// Proposals the runtime waits for at most; beyond it, due fires wait for the next turn.
 const OWN_PROPOSALS_MAX: usize = 65_536;
+
+/// The commands this leader proposed that are not applied yet, by the jobs whose fires they
+/// may stop. A due fire is sent before its start commits only when nothing ahead of the
+/// start in the log concerns its job: then applying the start finds the state the leader
+/// looked at (`State::starts_as_proposed`). Bounded by the proposals in flight; emptied
+/// when the leadership ends.
+#[derive(Default)]
+struct InLog {
+    by_ticket: HashMap<Ticket, Concern>,
+    by_job: HashMap<String, u32>,
+    /// Proposed commands that concern every job (pausing a flow key).
+    every_job: u32,
+}
+
+/// What a proposed command may change about a start.
+enum Concern {
+    Job(String),
+    EveryJob,
+}
+
+impl Concern {
+    fn of(command: &Command) -> Option<Concern> {
+        match command {
+            Command::PauseKey { .. } => Some(Concern::EveryJob),
+            // Expiring removes finished jobs only, and dead letters do not start fires.
+            Command::Expire { .. } | Command::Purge { .. } | Command::ResumeKey { .. } => None,
+            other => job_of(other).map(Concern::Job),
+        }
+    }
+}
+
+impl InLog {
+    fn note(&mut self, ticket: Ticket, concern: Option<Concern>) {
+        match &concern {
+            Some(Concern::Job(id)) => *self.by_job.entry(id.clone()).or_default() += 1,
+            Some(Concern::EveryJob) => self.every_job += 1,
+            None => return,
+        }
+        if let Some(concern) = concern {
+            self.by_ticket.insert(ticket, concern);
+        }
+    }
+
+    fn applied(&mut self, ticket: Ticket) {
+        match self.by_ticket.remove(&ticket) {
+            Some(Concern::Job(id)) => {
+                if let Some(count) = self.by_job.get_mut(&id) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.by_job.remove(&id);
+                    }
+                }
+            }
+            Some(Concern::EveryJob) => self.every_job -= 1,
+            None => {}
+        }
+    }
+
+    /// Whether no proposal in the log may change what a start of `id` finds.
+    fn leaves_alone(&self, id: &str) -> bool {
+        self.every_job == 0 && !self.by_job.contains_key(id)
+    }
+
+    fn clear(&mut self) {
+        *self = InLog::default();
+    }
+}
 
 pub struct Runtime<L: CommandLog> {
     config: RuntimeConfig,
@@ -268,6 +352,8 @@ pub struct Runtime<L: CommandLog> {
     /// next job is armed, or finds the slot empty when it fires.
     wheel: TimingWheel<u32>,
     own: HashMap<Ticket, OwnProposal>,
+    /// Proposals (callers' and its own) not applied yet, by the jobs they concern.
+    in_log: InLog,
     /// Verdicts of callers' proposals, until taken (`take_resolved`).
     resolved: Vec<(Ticket, Result<Applied, ApplyError>)>,
     dispatcher: Dispatcher,
@@ -345,7 +431,10 @@ impl<L: CommandLog> Runtime<L> {
         results: Option<mpsc::Receiver<AttemptResult>>,
         now_ms: u64,
     ) -> Runtime<L> {
-        let dispatcher = Dispatcher::start(config.dispatch.clone(), sender);
+        let dispatcher = match &config.dispatcher {
+            Some(shared) => shared.for_partition(config.partition, sender),
+            None => Dispatcher::start(config.dispatch.clone(), config.partition, sender),
+        };
         let mut runtime = Runtime {
             wheel: TimingWheel::keyed(now_ms, config.timers_max),
             config,
@@ -354,6 +443,7 @@ impl<L: CommandLog> Runtime<L> {
             leading: false,
             leading_term: None,
             own: HashMap::new(),
+            in_log: InLog::default(),
             resolved: Vec::new(),
             dispatcher,
             results,
@@ -411,6 +501,7 @@ impl<L: CommandLog> Runtime<L> {
         self.leading = false;
         self.wheel = TimingWheel::keyed(now_ms, self.config.timers_max);
         self.own.clear();
+        self.in_log.clear();
         self.flow_pending.clear();
         self.flow_starts.clear();
         self.flow_parked.clear();
@@ -496,7 +587,16 @@ impl<L: CommandLog> Runtime<L> {
         if let Some(failure) = &self.log_failure {
             return commands.iter().map(|_| Err(ApplyError::Unavailable(failure.clone()))).collect();
         }
-        self.log.propose(commands)
+        let concerns: Vec<Option<Concern>> = commands.iter().map(Concern::of).collect();
+        let tickets = self.log.propose(commands);
+        for (ticket, concern) in tickets.iter().zip(concerns) {
+            // Noted also before this replica fires (leading, not caught up): a start
+            // proposed once it fires must see the callers' commands ahead of it.
+            if let Ok(ticket) = ticket {
+                self.in_log.note(*ticket, concern);
+            }
+        }
+        tickets
     }
 
     /// Verdicts of proposals that were applied (or abandoned) since the last call.
@@ -550,6 +650,7 @@ impl<L: CommandLog> Runtime<L> {
                 tracing::error!(%error, "the command log failed; nothing more is applied");
                 self.log_failure = Some(error.to_string());
                 self.own.clear();
+                self.in_log.clear();
                 return;
             }
         };
@@ -569,6 +670,9 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     fn take_effect(&mut self, committed: Committed, now_ms: u64) {
+        if let Some(ticket) = committed.ticket {
+            self.in_log.applied(ticket);
+        }
         let own = committed.ticket.and_then(|ticket| self.own.remove(&ticket));
         if own.is_none() {
             if let Some(ticket) = committed.ticket {
@@ -628,6 +732,16 @@ impl<L: CommandLog> Runtime<L> {
             }
         }
         match own {
+            Some(OwnProposal::FireStart { id, fire_ms, sent: true, .. })
+                if !matches!(committed.verdict, Ok(Applied::Done)) =>
+            {
+                // Not expected (`starts_as_proposed` said it would start): the attempt sent
+                // is stopped if it still can be, and its outcome will be refused as stale.
+                tracing::warn!(job_id = %id, fire_ms, verdict = ?committed.verdict, "a fire sent before its start committed was not started by the log");
+                self.dispatcher.cancel_fire(&id, fire_ms);
+                self.arm(&id);
+            }
+            Some(OwnProposal::FireStart { sent: true, .. }) => {}
             Some(OwnProposal::FireStart { id, fire_ms, attempt, due_ms, callback, .. }) => match &committed.verdict {
                 Ok(Applied::Missed { count }) => {
                     tracing::warn!(job_id = %id, fire_ms, missed = count, "fires missed (misfire policy or catch-up window)");
@@ -889,7 +1003,19 @@ impl<L: CommandLog> Runtime<L> {
                     starts.push_back(now);
                 }
             }
-            starts.push(OwnProposal::FireStart { id: id.to_string(), fire_ms, attempt, due_ms, callback, flow_key });
+            // Sent now, before its start commits, when applying the start is sure to start it.
+            let sent = !callback
+                && self.in_log.leaves_alone(&id)
+                && self.log.state().starts_as_proposed(&id, fire_ms, attempt, now);
+            starts.push(OwnProposal::FireStart {
+                id: id.to_string(),
+                fire_ms,
+                attempt,
+                due_ms,
+                callback,
+                flow_key,
+                sent,
+            });
         }
         if starts.is_empty() {
             return;
@@ -921,9 +1047,13 @@ impl<L: CommandLog> Runtime<L> {
     /// one (no longer leading, overload) is dropped: its fire stays due, or its attempt in
     /// flight, for whoever leads to run again.
     fn propose_own(&mut self, commands: Vec<Command>, proposals: Vec<OwnProposal>, now_ms: u64) {
-        for (ticket, proposal) in self.log.propose(commands).into_iter().zip(proposals) {
+        let concerns: Vec<Option<Concern>> = commands.iter().map(Concern::of).collect();
+        let tickets = self.log.propose(commands);
+        for ((ticket, proposal), concern) in tickets.into_iter().zip(proposals).zip(concerns) {
             match ticket {
                 Ok(ticket) => {
+                    self.in_log.note(ticket, concern);
+                    let proposal = self.send_early(proposal);
                     self.own.insert(ticket, proposal);
                 }
                 Err(error) => {
@@ -944,6 +1074,24 @@ impl<L: CommandLog> Runtime<L> {
                     }
                 }
             }
+        }
+    }
+
+    /// Submits the attempt of a start proposed with `sent` (sure to start it when applied)
+    /// now, before the start commits. If the leader dies before the commit, the fire is
+    /// still due in the log, and whoever leads next sends it again under the same
+    /// idempotency key: at least once, as for an attempt whose outcome was lost. A full
+    /// queue leaves it to be submitted when the start applies.
+    fn send_early(&mut self, proposal: OwnProposal) -> OwnProposal {
+        match proposal {
+            OwnProposal::FireStart { id, fire_ms, attempt, due_ms, callback, flow_key, sent: true } => {
+                let sent = self.submit(&id, fire_ms, attempt, due_ms, callback);
+                if sent {
+                    self.stats.attempts_started += 1;
+                }
+                OwnProposal::FireStart { id, fire_ms, attempt, due_ms, callback, flow_key, sent }
+            }
+            other => other,
         }
     }
 

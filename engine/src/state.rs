@@ -1742,6 +1742,27 @@ impl State {
         job.spec.depends_on().into_iter().all(|id| self.jobs.get(id).is_some_and(|d| d.status == Status::Completed))
     }
 
+    /// Whether `FireStarted { id, fire_ms, attempt, now_ms }` applied to this state would
+    /// start that attempt (`fire_started` answering `Done`), answered without changing
+    /// anything. Conservative: a first fire of a cron job (the misfire policy may move it)
+    /// and a job with dependencies answer false, whatever `fire_started` would do. A leader
+    /// sends an attempt before its start is committed only on a true answer, and only when
+    /// no other command for the job is ahead of the start in the log (the runtime's part).
+    pub fn starts_as_proposed(&self, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> bool {
+        let Some(job) = self.jobs.get(id) else { return false };
+        let key_paused = self.flow_key_of(id).is_some_and(|(_, key)| key.paused);
+        if job.status.is_final() || job.paused || key_paused || !job.spec.depends_on().is_empty() {
+            return false;
+        }
+        if let Some(fire) = job.life().active.get(&fire_ms) {
+            return attempt == fire.attempts + 1 && !fire.in_flight;
+        }
+        job.spec.is_once()
+            && job.next_fire_ms == Some(fire_ms)
+            && attempt == 1
+            && now_ms.saturating_sub(fire_ms) <= CATCH_UP_WINDOW_MS
+    }
+
     fn fire_started(&mut self, id: &str, fire_ms: u64, attempt: u32, now_ms: u64) -> Result<Applied, ApplyError> {
         let ready = {
             let job = self.jobs.get(id).ok_or_else(|| ApplyError::NotFound(id.to_string()))?;

@@ -7,6 +7,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// Attempts the node's dispatcher holds waiting to start (every partition's together).
+const DISPATCH_QUEUE_DEFAULT: usize = 100_000;
+/// Connections to one host at once: enough for 10k deliveries/s to a receiver that answers
+/// in 5 ms, few enough for a small server's accept queue with the adaptive limit below it.
+const PER_HOST_CONCURRENCY_DEFAULT: usize = 64;
+/// Attempts started per second to one host.
+const PER_HOST_RATE_DEFAULT: u32 = 20_000;
+
 /// The settings as given (any may be missing): flags and environment through clap, the file
 /// through serde, with the same names (`max_jobs` in TOML is `--max-jobs` and
 /// `SUNDIAL_MAX_JOBS`).
@@ -77,13 +85,14 @@ pub struct ServerOptions {
     /// Attempt timeout of jobs that set none, ms (Scheduled-DB: a fixed 30 s) [default: 30000].
     #[arg(long, env = "SUNDIAL_ATTEMPT_TIMEOUT_MS")]
     pub attempt_timeout_ms: Option<u64>,
-    /// Attempts waiting to start per partition; beyond it fires wait [default: 10000].
+    /// Attempts waiting to start on this node; beyond it due fires wait [default: 100000].
     #[arg(long, env = "SUNDIAL_DISPATCH_QUEUE")]
     pub dispatch_queue: Option<usize>,
-    /// Attempts running at once per target host, per partition [default: 32].
+    /// Connections (and attempts running) at once per target host from this node: the
+    /// most; fewer while the host shows overload (adaptive) [default: 64].
     #[arg(long, env = "SUNDIAL_PER_HOST_CONCURRENCY")]
     pub per_host_concurrency: Option<usize>,
-    /// Attempts started per second per target host, per partition [default: 1000].
+    /// Attempts started per second per target host from this node [default: 20000].
     #[arg(long, env = "SUNDIAL_PER_HOST_RATE")]
     pub per_host_rate: Option<u32>,
     /// Consecutive failures that open a host's circuit breaker [default: 5].
@@ -289,9 +298,19 @@ impl ServerOptions {
                 1,
                 sundial_engine::job::ATTEMPT_TIMEOUT_MS_MAX,
             )?,
-            dispatch_queue: within("dispatch_queue", self.dispatch_queue.unwrap_or(10_000), 1, 10_000_000)?,
-            per_host_concurrency: within("per_host_concurrency", self.per_host_concurrency.unwrap_or(32), 1, 100_000)?,
-            per_host_rate: within("per_host_rate", self.per_host_rate.unwrap_or(1_000), 1, u32::MAX)?,
+            dispatch_queue: within(
+                "dispatch_queue",
+                self.dispatch_queue.unwrap_or(DISPATCH_QUEUE_DEFAULT),
+                1,
+                10_000_000,
+            )?,
+            per_host_concurrency: within(
+                "per_host_concurrency",
+                self.per_host_concurrency.unwrap_or(PER_HOST_CONCURRENCY_DEFAULT),
+                1,
+                100_000,
+            )?,
+            per_host_rate: within("per_host_rate", self.per_host_rate.unwrap_or(PER_HOST_RATE_DEFAULT), 1, u32::MAX)?,
             breaker_failures: within("breaker_failures", self.breaker_failures.unwrap_or(5), 1, 1_000_000)?,
             breaker_open_ms: within("breaker_open_ms", self.breaker_open_ms.unwrap_or(30_000), 1, 86_400_000)?,
             frame_max_bytes: within(

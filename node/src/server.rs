@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use sundial_dispatch::guard::AddressPolicy;
 use sundial_dispatch::runtime::RuntimeConfig;
-use sundial_dispatch::DispatchConfig;
+use sundial_dispatch::{DispatchConfig, SharedDispatcher};
 use sundial_net::quic::Endpoint;
 use sundial_wal::WalOptions;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -81,6 +81,8 @@ struct ShardStart<'a> {
     spans: &'a Option<SpanSink>,
     outbox: &'a mpsc::Sender<RaftBatch>,
     cluster: Option<(Arc<Membership>, bool, Arc<AtomicU8>)>,
+    /// The node's one dispatcher, which every partition's runtime submits to.
+    dispatcher: SharedDispatcher,
 }
 
 impl Node {
@@ -108,6 +110,7 @@ impl Node {
             spans: &spans,
             outbox: &outbox,
             cluster: cluster.as_ref().map(|c| (c.membership.clone(), c.bootstrap, c.command_format.clone())),
+            dispatcher: start_dispatcher(&settings)?,
         };
         let shards = spawn_shards(&shard_start, meta_group, peer_receivers, &stop, &stopping)?;
         drop(outbox);
@@ -245,6 +248,23 @@ fn peer_channels(shard_count: usize) -> (Vec<mpsc::Sender<RaftBatch>>, VecDeque<
     (0..shard_count).map(|_| mpsc::channel(shard::PEER_INBOX_CAPACITY)).unzip()
 }
 
+/// The node's dispatcher, driven on a thread of its own (`dispatch`): every partition's
+/// attempts share its queue, its connection pool and its per-host limits (so a setting per
+/// host is what this node opens to that host), and requests leave while the shards wait on
+/// their logs. The thread ends once the last handle is dropped.
+fn start_dispatcher(settings: &Settings) -> Result<SharedDispatcher, String> {
+    let (dispatcher, driver) = SharedDispatcher::new(dispatch_config(settings));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("the dispatcher's runtime: {e}"))?;
+    std::thread::Builder::new()
+        .name("dispatch".into())
+        .spawn(move || runtime.block_on(driver))
+        .map_err(|e| format!("the dispatcher's thread: {e}"))?;
+    Ok(dispatcher)
+}
+
 fn dispatch_config(settings: &Settings) -> DispatchConfig {
     DispatchConfig {
         address_policy: AddressPolicy {
@@ -291,6 +311,7 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
         runtime: RuntimeConfig {
             expected_jobs,
             dispatch: dispatch_config(settings),
+            dispatcher: Some(start.dispatcher.clone()),
             record_spans: start.spans.is_some(),
             retention_ms: settings.retention_ms,
             dedup_window_ms: settings.dedup_window_ms,
