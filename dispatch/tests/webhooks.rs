@@ -1,6 +1,7 @@
 //! The life of a fire against a real HTTP receiver on 127.0.0.1: headers and signature,
 //! retries at growing gaps, Retry-After, dead letters, timeouts, cancellation mid-attempt,
-//! the circuit breaker, a full queue that delays but loses nothing, and the SSRF guard.
+//! the circuit breaker, a full queue that delays but loses nothing, the SSRF guard, and a
+//! fire sent before its start commits.
 //! Time bounds are generous (seconds); what is asserted is order and outcome: fired, not
 //! early, exactly once per fire.
 
@@ -260,4 +261,95 @@ async fn a_cron_job_fires_each_second_on_the_second_never_early() {
         assert_eq!(fire % 1_000, 0, "on the second");
         assert!(request.at_ms >= *fire, "not early");
     }
+}
+
+/// A log that commits only when the test says so (`commit`), like a slow fsync held open:
+/// proposals wait in order, then apply together.
+struct HeldLog {
+    state: State,
+    next_ticket: sundial_dispatch::runtime::Ticket,
+    waiting: Vec<(sundial_dispatch::runtime::Ticket, Command)>,
+    committing: bool,
+}
+
+impl sundial_dispatch::runtime::CommandLog for HeldLog {
+    fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<u64, sundial_engine::state::ApplyError>> {
+        commands
+            .into_iter()
+            .map(|command| {
+                self.next_ticket += 1;
+                self.waiting.push((self.next_ticket, command));
+                Ok(self.next_ticket)
+            })
+            .collect()
+    }
+
+    fn advance(&mut self) -> Result<Vec<sundial_dispatch::runtime::Committed>, sundial_dispatch::runtime::LogError> {
+        if !self.committing {
+            return Ok(Vec::new());
+        }
+        let applied = std::mem::take(&mut self.waiting).into_iter().map(|(ticket, command)| {
+            let summary = sundial_dispatch::runtime::Committed::of(
+                &command,
+                Some(ticket),
+                Ok(sundial_engine::state::Applied::Done),
+            );
+            let verdict = self.state.apply(command);
+            sundial_dispatch::runtime::Committed { verdict, ..summary }
+        });
+        Ok(applied.collect())
+    }
+
+    fn state(&self) -> &State {
+        &self.state
+    }
+
+    fn leadership(&self) -> Option<u64> {
+        Some(1)
+    }
+}
+
+/// A due one-time fire goes out while its start waits for the log (its outcome is written
+/// after the start, so it applies in order); a fire whose job has a command ahead of it in
+/// the log (here a cancel) waits for the log, and then does not go out at all.
+#[tokio::test]
+async fn a_due_fire_is_sent_before_its_start_commits_unless_a_command_for_its_job_is_ahead() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let now = now_ms();
+    let log = HeldLog { state: State::new(), next_ticket: 0, waiting: Vec::new(), committing: true };
+    let dispatch = DispatchConfig {
+        address_policy: AddressPolicy { allow_loopback: true, allow_private: false },
+        ..DispatchConfig::default()
+    };
+    let mut runtime =
+        sundial_dispatch::runtime::Runtime::with_log(RuntimeConfig { dispatch, ..RuntimeConfig::default() }, log, now);
+    for id in ["early", "cancelled"] {
+        let request = json!({"id": id, "run_at": now + 200, "url": receiver.url(&format!("/{id}"))});
+        let spec = parse_job_request(&request, now, "unused").expect("valid request");
+        runtime.propose(vec![Command::Create { spec: PackedSpec::of(&spec), now_ms: now, dedup_window_ms: None }]);
+    }
+    runtime.advance(now);
+    assert_eq!(runtime.state().job_count(), 2);
+    // From here the log holds what it is given until told to commit.
+    runtime.log_mut().committing = false;
+    runtime.propose(vec![Command::Cancel { id: "cancelled".into(), now_ms: now }]);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    runtime.fire_due_jobs(now_ms());
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while receiver.requests().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let sent: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(sent, vec!["/early".to_string()], "only the free job's fire went out before the log committed");
+    assert_eq!(status_of(runtime.state(), "early"), Status::Pending, "its start is not applied yet");
+    let result = tokio::time::timeout(PATIENCE, runtime.next_result()).await.expect("an outcome").expect("open");
+    runtime.finish(result, now_ms());
+    runtime.log_mut().committing = true;
+    runtime.advance(now_ms());
+    assert_eq!(status_of(runtime.state(), "early"), Status::Completed, "start, then outcome, applied in order");
+    assert_eq!(status_of(runtime.state(), "cancelled"), Status::Cancelled);
+    // Nothing else goes out: the cancelled job's start was refused when it applied.
+    assert!(!runtime.run_until(Duration::from_millis(500), |_| false).await);
+    let sent: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(sent, vec!["/early".to_string()]);
 }

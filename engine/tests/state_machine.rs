@@ -692,6 +692,81 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A leader sends a fire before its start commits only when `starts_as_proposed` says
+    /// the start will start it. Over random histories, every start a job could be asked for
+    /// (its next fire, now or past the catch-up window; the next and a later attempt of
+    /// each fire it has) that is said to start is applied to a copy of the state: it must
+    /// apply `Done` with that attempt in flight (a wrong yes would be a delivery the log
+    /// never started).
+    #[test]
+    fn a_start_said_to_start_before_it_is_applied_does_start(
+        commands in prop::collection::vec(command(&["a", "b", "c"]), 1..120),
+    ) {
+        let mut state = State::new();
+        let late_ms = 25 * 3600 * 1000;
+        for command in commands {
+            let now_ms = match &command {
+                Command::FireStarted { now_ms, .. } | Command::Cancel { now_ms, .. } => *now_ms,
+                _ => T0,
+            };
+            let _ = state.apply(steer(&state, command));
+            for id in ["a", "b", "c"] {
+                let Some(job) = state.job(id) else { continue };
+                let mut asked: Vec<(u64, u32, u64)> = Vec::new();
+                if let Some(fire_ms) = job.next_fire_ms {
+                    asked.extend([(fire_ms, 1, fire_ms.max(now_ms)), (fire_ms, 1, fire_ms + late_ms)]);
+                }
+                for (fire_ms, fire) in &job.life().active {
+                    asked.extend([(*fire_ms, fire.attempts + 1, now_ms), (*fire_ms, fire.attempts + 2, now_ms)]);
+                }
+                for (fire_ms, attempt, at_ms) in asked {
+                    if !state.starts_as_proposed(id, fire_ms, attempt, at_ms) {
+                        continue;
+                    }
+                    let mut applied = state.clone();
+                    let start = Command::FireStarted { id: id.into(), fire_ms, attempt, node: 1, now_ms: at_ms };
+                    let verdict = applied.apply(start);
+                    prop_assert!(matches!(verdict, Ok(Applied::Done)), "{id} {fire_ms} {attempt} at {at_ms}: {verdict:?}");
+                    prop_assert!(applied.in_flight().contains(&(id.to_string(), fire_ms, attempt)));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_start_is_said_to_start_only_for_a_due_one_time_job_free_to_fire() {
+    let mut state = State::new();
+    create(&mut state, once("free", T0 + 10)).expect("created");
+    assert!(state.starts_as_proposed("free", T0 + 10, 1, T0 + 10));
+    assert!(!state.starts_as_proposed("free", T0 + 11, 1, T0 + 11), "another fire time");
+    assert!(!state.starts_as_proposed("free", T0 + 10, 2, T0 + 10), "an attempt not next");
+    assert!(!state.starts_as_proposed("missing", T0 + 10, 1, T0 + 10));
+    let day_ms = 24 * 3600 * 1000;
+    assert!(!state.starts_as_proposed("free", T0 + 10, 1, T0 + 11 + day_ms), "past the catch-up window");
+    start(&mut state, "free", T0 + 10, 1, T0 + 10).expect("started");
+    assert!(!state.starts_as_proposed("free", T0 + 10, 1, T0 + 10), "in flight");
+    finish(&mut state, "free", T0 + 10, 1, T0 + 20, 500).expect("failed once");
+    assert!(state.starts_as_proposed("free", T0 + 10, 2, T0 + 5_000), "its retry");
+
+    create(&mut state, once("paused", T0 + 10)).expect("created");
+    state.apply(Command::Pause { id: "paused".into() }).expect("paused");
+    assert!(!state.starts_as_proposed("paused", T0 + 10, 1, T0 + 10));
+
+    let mut dependent = once("dependent", T0 + 10);
+    dependent.depends_on = vec!["free".into()];
+    create(&mut state, dependent).expect("created");
+    assert!(!state.starts_as_proposed("dependent", T0 + 10, 1, T0 + 10), "dependencies take the committed path");
+
+    create(&mut state, cron("nightly", "*/20 * * * * *", "fire_once", "skip")).expect("created");
+    let (_, due) = state.next_due("nightly").expect("a cron job is due some time");
+    let Due::NewFire { fire_ms } = due else { panic!("a first fire: {due:?}") };
+    assert!(!state.starts_as_proposed("nightly", fire_ms, 1, fire_ms), "a cron fire takes the committed path");
+}
+
 #[test]
 fn a_json_snapshot_of_an_earlier_build_restores_to_the_same_state_and_an_unknown_format_is_refused() {
     let mut state = State::new();
