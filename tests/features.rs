@@ -641,3 +641,110 @@ async fn the_cli_covers_the_lifecycle_verbs_flow_keys_and_the_new_job_settings()
     let (ok, _, err) = node.cli(&["job", "bulk", "cancel"]);
     assert!(!ok && err.contains("--ids or at least one --label"), "{err}");
 }
+
+/// What a small receiver saw: connections open now and at most, and each delivery.
+#[derive(Default)]
+struct SmallServerLog {
+    open: usize,
+    most_open: usize,
+    /// (idempotency key, attempt number, arrival ms).
+    deliveries: Vec<(String, String, u64)>,
+}
+
+/// A small server on 127.0.0.1: an accept queue of 4 and 4 workers, each request taking
+/// 2 ms of one worker; it counts the connections open to it.
+async fn small_server() -> (std::net::SocketAddr, Arc<std::sync::Mutex<SmallServerLog>>) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("address")).expect("bind");
+    let listener = socket.listen(4).expect("listen");
+    let addr = listener.local_addr().expect("address");
+    let log: Arc<std::sync::Mutex<SmallServerLog>> = Arc::default();
+    let workers = Arc::new(tokio::sync::Semaphore::new(4));
+    let seen = log.clone();
+    tokio::spawn(async move {
+        // Bounded by the test's runtime.
+        while let Ok((stream, _)) = listener.accept().await {
+            {
+                let mut log = seen.lock().expect("log");
+                log.open += 1;
+                log.most_open = log.most_open.max(log.open);
+            }
+            let (seen, workers) = (seen.clone(), workers.clone());
+            tokio::spawn(async move {
+                let log = seen.clone();
+                let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let (log, workers) = (log.clone(), workers.clone());
+                    async move {
+                        let _worker = workers.acquire_owned().await.expect("open");
+                        let header = |name: &str| {
+                            request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string()
+                        };
+                        let (key, attempt) = (header("idempotency-key"), header("x-sundial-attempt"));
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                        log.lock().expect("log").deliveries.push((key, attempt, now_ms()));
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"ok"));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+                seen.lock().expect("log").open -= 1;
+            });
+        }
+    });
+    (addr, log)
+}
+
+/// 2,000 jobs due in the same second, all to one small server: the node never holds more
+/// connections to it than `per_host_concurrency` (one dispatcher and one pool per node,
+/// not one per partition), every job arrives, none early, and a job arrives again only as
+/// a later attempt (after one that failed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_receiver_gets_every_job_over_no_more_connections_than_the_per_host_limit() {
+    let (addr, log) = small_server().await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let node = Node::start_with(data.path(), &["--per-host-concurrency", "8"]);
+    let due_ms = (now_ms() / 1000 + 4) * 1000;
+    for batch in 0..2 {
+        let jobs: Vec<Value> = (0..1000)
+            .map(|i| json!({"id": format!("small-{batch}-{i}"), "run_at": due_ms + i % 1000, "url": format!("http://{addr}/hook")}))
+            .collect();
+        let (status, answer) = post(&node, "/jobs/batch", json!({ "jobs": jobs }));
+        assert_eq!(status, 200, "{answer}");
+    }
+    let arrived = || log.lock().expect("log").deliveries.iter().map(|d| d.0.clone()).collect::<BTreeSet<_>>().len();
+    assert!(wait_for(Duration::from_secs(90), || arrived() == 2000).await, "{} of 2000 arrived", arrived());
+    let log = log.lock().expect("log");
+    assert!(log.most_open <= 8, "{} connections were open at once; the limit is 8", log.most_open);
+    let mut attempts: std::collections::BTreeMap<&str, Vec<&str>> = std::collections::BTreeMap::new();
+    for (key, attempt, at_ms) in &log.deliveries {
+        let fire_ms: u64 = key.rsplit(':').next().and_then(|ms| ms.parse().ok()).expect("key ends with the fire time");
+        assert!(*at_ms >= fire_ms, "{key} arrived {} ms early", fire_ms - at_ms);
+        attempts.entry(key).or_default().push(attempt);
+    }
+    for (key, seen) in attempts {
+        let distinct: BTreeSet<&&str> = seen.iter().collect();
+        assert_eq!(distinct.len(), seen.len(), "{key} arrived again as the same attempt: {seen:?}");
+    }
+    node.kill();
+}
+
+/// A host answering 503 is sent fewer attempts at once: its adaptive limit drops below
+/// `per_host_concurrency`, and /metrics shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_answering_503_gets_a_lower_limit_shown_in_the_metrics() {
+    let receiver = answering(Reply::status(503)).await;
+    let data = tempfile::tempdir().expect("temp dir");
+    let node = Node::start_with(data.path(), &["--per-host-concurrency", "8"]);
+    let id = created(&node, json!({"url": to("/busy", &receiver), "delay": 0, "retry": {"max_attempts": 1}}));
+    assert!(wait_for(Duration::from_secs(30), || job(&node, &id)["status"] == "failed").await);
+    let host = receiver.url("");
+    let line = node
+        .metrics_text()
+        .lines()
+        .find(|line| line.starts_with("sundial_dispatch_host_limit{") && line.contains(&host))
+        .map(str::to_string);
+    let limit: u32 = line.as_deref().and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok()).expect("shown");
+    assert!(limit < 8, "the limit after a 503 is {limit}");
+    node.kill();
+}

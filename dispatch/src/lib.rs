@@ -9,12 +9,14 @@
 //! sent back as a value, which the runtime turns into a command.
 
 pub mod clock;
+mod connections;
 pub mod guard;
 pub mod runtime;
 
 use ahash::{HashMap, HashMapExt};
 use bytes::Bytes;
 pub use clock::now_ms;
+use connections::{CappedConnector, HostConnections};
 use guard::{AddressPolicy, GuardedResolver};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sundial_engine::job::Target;
-use sundial_engine::limits::{self, CircuitBreaker, TokenBucket};
+use sundial_engine::limits::{self, AdaptiveLimit, CircuitBreaker, TokenBucket};
 use sundial_engine::sign;
 use sundial_engine::state::{ErrorClass, Outcome};
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -128,6 +130,21 @@ struct HostState {
     in_flight: usize,
     bucket: TokenBucket,
     breaker: CircuitBreaker,
+    /// Attempts allowed at once now: at most `per_host_concurrency`, fewer while the host
+    /// shows overload.
+    limit: AdaptiveLimit,
+}
+
+/// A host's load as a status page shows it (`SharedDispatcher::busiest_hosts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostLoad {
+    /// `scheme://host:port`.
+    pub host: String,
+    /// Attempts allowed at once now (the adaptive limit).
+    pub limit: u32,
+    pub in_flight: usize,
+    /// Connections open to it (idle pooled ones included).
+    pub connections: usize,
 }
 
 /// A queued attempt with its host's key, worked out once: a pass over the queue meets the
@@ -213,13 +230,18 @@ impl Inner {
     }
 }
 
-type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>, Full<Bytes>>;
+type HttpClient = Client<CappedConnector<hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>>, Full<Bytes>>;
+
+/// How long a connect waits for one of its host's connections to close (when all are open,
+/// the request usually gets a pooled one back first).
+const CONNECTION_SLOT_WAIT: Duration = Duration::from_secs(10);
 
 struct Shared {
     inner: Mutex<Inner>,
     wake: Notify,
     config: DispatchConfig,
     client: HttpClient,
+    connections: Arc<HostConnections>,
 }
 
 /// A partition's handle on a dispatcher, which one or several partitions share: one queue,
@@ -268,8 +290,10 @@ impl SharedDispatcher {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client =
-            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(config.per_host_concurrency).build(tls);
+        let connections = Arc::new(HostConnections::new(config.per_host_concurrency, CONNECTION_SLOT_WAIT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(config.per_host_concurrency)
+            .build(CappedConnector::new(tls, connections.clone()));
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 queue: BTreeMap::new(),
@@ -281,9 +305,39 @@ impl SharedDispatcher {
             wake: Notify::new(),
             config,
             client,
+            connections,
         });
         let driver = drive(shared.clone());
         (SharedDispatcher { shared }, driver)
+    }
+
+    /// The hosts with the most attempts in flight (those whose limit is reduced first), at
+    /// most `max`: what a status page or a metric shows without a label per host ever seen.
+    pub fn busiest_hosts(&self, max: usize) -> Vec<HostLoad> {
+        let inner = self.shared.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut hosts: Vec<HostLoad> = inner
+            .hosts
+            .iter()
+            .filter(|(_, state)| state.in_flight > 0 || state.limit.is_reduced())
+            .map(|(host, state)| HostLoad {
+                host: host.to_string(),
+                limit: state.limit.current(),
+                in_flight: state.in_flight,
+                connections: 0,
+            })
+            .collect();
+        drop(inner);
+        hosts.sort_by_key(|h| {
+            (
+                std::cmp::Reverse(h.limit < self.shared.config.per_host_concurrency as u32),
+                std::cmp::Reverse(h.in_flight),
+            )
+        });
+        hosts.truncate(max);
+        for host in &mut hosts {
+            host.connections = self.shared.connections.open(&host.host);
+        }
+        hosts
     }
 
     /// A handle for `partition`, whose attempts' outcomes go to `results`.
@@ -399,7 +453,9 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
     let mut to_start = Vec::new();
     if inner.hosts.len() > HOSTS_REMEMBERED_MAX {
         // Forget hosts with nothing running and a closed breaker (their bucket refills anyway).
-        inner.hosts.retain(|_, host| host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed);
+        inner.hosts.retain(|_, host| {
+            host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed || host.limit.is_reduced()
+        });
     }
     let candidates: Vec<((u8, u64, u64), Arc<str>)> =
         inner.queue.iter().take(SCAN_PER_PASS_MAX).map(|(key, queued)| (*key, queued.host.clone())).collect();
@@ -414,8 +470,9 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
             in_flight: 0,
             bucket: TokenBucket::new(config.per_host_rate_per_second, config.per_host_burst, now),
             breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_open_ms),
+            limit: AdaptiveLimit::new(config.per_host_concurrency.min(u32::MAX as usize) as u32),
         });
-        if state.in_flight >= config.per_host_concurrency {
+        if state.in_flight >= state.limit.current() as usize {
             blocked.push(host);
             continue; // an attempt ending wakes the driver
         }
@@ -451,12 +508,7 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
 /// its limits.
 fn host_key(url: &str) -> String {
     match url.parse::<hyper::Uri>() {
-        Ok(uri) => {
-            let scheme = uri.scheme_str().unwrap_or("http").to_ascii_lowercase();
-            let default_port = if scheme == "https" { 443 } else { 80 };
-            let host = uri.host().unwrap_or("").to_ascii_lowercase();
-            format!("{scheme}://{host}:{}", uri.port_u16().unwrap_or(default_port))
-        }
+        Ok(uri) => connections::host_key_of(&uri),
         Err(_) => url.to_ascii_lowercase(),
     }
 }
@@ -474,8 +526,17 @@ async fn run_attempt(shared: Arc<Shared>, queued: Queued, cancelled: oneshot::Re
         inner.running.remove(&(attempt.job_id.clone(), attempt.fire_ms, attempt.callback));
         let counts = inner.counts(attempt.partition);
         counts.running = counts.running.saturating_sub(1);
+        let slow_connects = shared.connections.take_slow_connects(&host);
         if let Some(host) = inner.hosts.get_mut(&host) {
             host.in_flight -= 1;
+            // The adaptive limit: backs off on signs of overload, grows on answers.
+            match &outcome {
+                Outcome::Error(ErrorClass::Connect | ErrorClass::Timeout)
+                | Outcome::Response { status: 429 | 503, .. } => host.limit.on_overload(finished_ms),
+                _ if slow_connects > 0 => host.limit.on_overload(finished_ms),
+                Outcome::Response { .. } => host.limit.on_success(),
+                Outcome::Error(_) => {}
+            }
             match &outcome {
                 // Said nothing about the host: a probe slot is handed back.
                 Outcome::Error(ErrorClass::Aborted | ErrorClass::Refused | ErrorClass::InvalidRequest) => {

@@ -1,6 +1,7 @@
-//! Per-host limits, pure and driven by the caller's clock: a token bucket (rate and burst)
-//! and a circuit breaker (closed → open after consecutive failures → half-open after a
-//! cool-down, one probe at a time → closed on success, open again on failure).
+//! Per-host limits, pure and driven by the caller's clock: a token bucket (rate and burst),
+//! a circuit breaker (closed → open after consecutive failures → half-open after a
+//! cool-down, one probe at a time → closed on success, open again on failure), and an
+//! adaptive concurrency limit (additive increase, multiplicative decrease).
 
 /// Requests per second with a burst allowance. Time is in milliseconds from any origin.
 #[derive(Clone, Debug)]
@@ -127,6 +128,56 @@ impl CircuitBreaker {
     }
 }
 
+/// A host's overload signals closer together than this count as one (the attempts of one
+/// burst fail together; one halving answers them).
+const BACKOFF_SPACING_MS: u64 = 100;
+
+/// How many attempts may run at once to a host: it starts at the configured most, is cut by
+/// a quarter on each sign of overload (a failed or slow connect, a timeout, 429, 503; at
+/// most once per `BACKOFF_SPACING_MS`), and grows back by one for each `current()` answers
+/// (one per round of requests), never past the most nor below one — the additive increase,
+/// multiplicative decrease of TCP's congestion window and of Netflix's concurrency-limits.
+/// A receiver that can take few requests at once is sent about that many, instead of a
+/// queue of connections it cannot accept.
+#[derive(Clone, Debug)]
+pub struct AdaptiveLimit {
+    /// Thousandths of a request, so growth by a fraction needs no floating point.
+    milli: u64,
+    most_milli: u64,
+    last_backoff_ms: Option<u64>,
+}
+
+impl AdaptiveLimit {
+    pub fn new(most: u32) -> AdaptiveLimit {
+        let most_milli = u64::from(most.max(1)) * 1000;
+        AdaptiveLimit { milli: most_milli, most_milli, last_backoff_ms: None }
+    }
+
+    /// Attempts that may run at once now (at least one).
+    pub fn current(&self) -> u32 {
+        (self.milli / 1000).max(1) as u32
+    }
+
+    /// Whether the limit is below its most (the host showed overload lately).
+    pub fn is_reduced(&self) -> bool {
+        self.milli < self.most_milli
+    }
+
+    /// An answer that says the host coped.
+    pub fn on_success(&mut self) {
+        self.milli = (self.milli + 1000 / u64::from(self.current())).min(self.most_milli);
+    }
+
+    /// A sign the host is overloaded, at `now_ms`.
+    pub fn on_overload(&mut self, now_ms: u64) {
+        if self.last_backoff_ms.is_some_and(|last| now_ms < last.saturating_add(BACKOFF_SPACING_MS)) {
+            return;
+        }
+        self.last_backoff_ms = Some(now_ms);
+        self.milli = (self.milli * 3 / 4).max(1000);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +218,30 @@ mod tests {
         assert!(!breaker.try_acquire(100));
         breaker.release(); // the probe was cancelled: it said nothing about the host
         assert!(breaker.try_acquire(100), "another probe may go");
+    }
+
+    #[test]
+    fn the_adaptive_limit_backs_off_on_overload_once_per_spacing_and_grows_back_by_rounds() {
+        let mut limit = AdaptiveLimit::new(64);
+        assert_eq!(limit.current(), 64);
+        assert!(!limit.is_reduced());
+        limit.on_overload(1_000);
+        assert_eq!(limit.current(), 48);
+        limit.on_overload(1_050);
+        assert_eq!(limit.current(), 48, "a burst's failures count once");
+        for at in 0..40 {
+            limit.on_overload(1_100 + at * 100);
+        }
+        assert_eq!(limit.current(), 1, "never below one");
+        limit.on_success();
+        assert_eq!(limit.current(), 2, "one answer at a limit of one: a round");
+        limit.on_success();
+        limit.on_success();
+        assert_eq!(limit.current(), 3, "two answers at two: another round");
+        for _ in 0..10_000 {
+            limit.on_success();
+        }
+        assert_eq!(limit.current(), 64, "never past the most");
+        assert!(!limit.is_reduced());
     }
 }

@@ -101,6 +101,7 @@ impl Node {
         let live = Arc::new(LiveJobs::new(shard_count));
         let metrics = Arc::new(Metrics::new());
         let (stop, stopping) = watch::channel(false);
+        let dispatcher = start_dispatcher(&settings)?;
         let shard_start = ShardStart {
             settings: &settings,
             partitions: meta.partitions,
@@ -110,7 +111,7 @@ impl Node {
             spans: &spans,
             outbox: &outbox,
             cluster: cluster.as_ref().map(|c| (c.membership.clone(), c.bootstrap, c.command_format.clone())),
-            dispatcher: start_dispatcher(&settings)?,
+            dispatcher: dispatcher.clone(),
         };
         let shards = spawn_shards(&shard_start, meta_group, peer_receivers, &stop, &stopping)?;
         drop(outbox);
@@ -118,22 +119,21 @@ impl Node {
             mark_bootstrapped(&settings)?;
         }
         let (listeners, http, binary) = bind_apis(&settings).await?;
-        let (node_id, log_backend, runtime) = (settings.node_id, shards[0].log_backend, RUNTIME_KIND);
-        let (http_text, binary_text) = (http.to_string(), binary.to_string());
         let facts = NodeFacts {
-            node_id,
+            node_id: settings.node_id,
             meta,
             shards: shard_count,
-            runtime,
-            log_backend,
-            http: http_text,
-            binary: binary_text,
+            runtime: RUNTIME_KIND,
+            log_backend: shards[0].log_backend,
+            http: http.to_string(),
+            binary: binary.to_string(),
             started_ms,
         };
         let inboxes = shards.iter().map(|s| s.inbox.clone()).collect();
         let defaults = JobDefaults { attempt_timeout_ms: settings.attempt_timeout_ms };
         let mut router = Router::new(inboxes, settings.limits, defaults, live, metrics, facts);
         router.spans = spans;
+        router.dispatcher = Some(dispatcher);
         let forwarding = cluster.map(|c| join_mesh(&settings, c, &mut router, outgoing, peer_inboxes));
         let router = Arc::new(router);
         if let Some(slot) = &forwarding {

@@ -59,7 +59,15 @@ pub struct Metrics {
     pub cancelled: Counter,
     /// Connections a listener failed to accept (retried), by listener and error.
     accept_errors: Family<Labels, Counter>,
+    /// Per host, for the busiest few only (`DISPATCH_HOSTS_SHOWN`): the adaptive limit of
+    /// attempts at once, and the connections open. Set at scrape time.
+    pub host_limit: Family<Labels, Gauge>,
+    pub host_connections: Family<Labels, Gauge>,
 }
+
+/// Hosts the per-host gauges show at most (the busiest): the label set stays small whatever
+/// hosts jobs name.
+pub const DISPATCH_HOSTS_SHOWN: usize = 10;
 
 impl Default for Metrics {
     fn default() -> Metrics {
@@ -94,6 +102,8 @@ impl Metrics {
             forwarded: Counter::default(),
             cancelled: Counter::default(),
             accept_errors: Family::default(),
+            host_limit: Family::default(),
+            host_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register("jobs_created", "Jobs created", metrics.created.clone());
@@ -106,6 +116,16 @@ impl Metrics {
         registry.register("jobs_rejected", "Create requests refused, by reason", metrics.rejected.clone());
         registry.register("jobs", "Jobs held, by status", metrics.jobs.clone());
         registry.register("dispatch_queue_depth", "Attempts queued or running, by shard", metrics.queue_depth.clone());
+        registry.register(
+            "dispatch_host_limit",
+            "Attempts allowed at once to a host now (adaptive: below per_host_concurrency while it shows overload), for the busiest hosts",
+            metrics.host_limit.clone(),
+        );
+        registry.register(
+            "dispatch_host_connections",
+            "Connections open to a host (idle ones included), for the busiest hosts",
+            metrics.host_connections.clone(),
+        );
         registry.register("dead_letters", "Fires in the dead-letter queue", metrics.dead_letters.clone());
         registry.register(
             "jobs_expired",

@@ -79,6 +79,8 @@ pub struct Router {
     random: AtomicU64,
     /// Where request spans go (OTLP configured), else `None`.
     pub spans: Option<SpanSink>,
+    /// The node's dispatcher, for its per-host gauges.
+    pub dispatcher: Option<sundial_dispatch::SharedDispatcher>,
     /// Serializes the counter updates of concurrent /metrics scrapes (not on the hot path).
     scrape_lock: std::sync::Mutex<()>,
     /// Set when the node is a member of a cluster of several.
@@ -222,6 +224,7 @@ impl Router {
             facts,
             random,
             spans: None,
+            dispatcher: None,
             scrape_lock: std::sync::Mutex::new(()),
             cluster: None,
         }
@@ -809,6 +812,15 @@ impl Router {
             let label = vec![("partition", partition["partition"].as_u64().unwrap_or(0).to_string())];
             let lag = partition["replication_lag"].as_u64().unwrap_or(0);
             self.metrics.replication_lag.get_or_create(&label).set(lag as i64);
+        }
+        if let Some(dispatcher) = &self.dispatcher {
+            self.metrics.host_limit.clear();
+            self.metrics.host_connections.clear();
+            for host in dispatcher.busiest_hosts(crate::obs::metrics::DISPATCH_HOSTS_SHOWN) {
+                let label = vec![("host", host.host)];
+                self.metrics.host_limit.get_or_create(&label).set(i64::from(host.limit));
+                self.metrics.host_connections.get_or_create(&label).set(host.connections as i64);
+            }
         }
         let elections: u64 = rafts.iter().map(|p| p["elections_won"].as_u64().unwrap_or(0)).sum();
         // Two scrapes at once must not both add the same difference.
