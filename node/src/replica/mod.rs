@@ -20,6 +20,9 @@ use tokio::sync::mpsc;
 /// A partition's replica on this node: its log and its runtime, with one owner.
 pub struct Replica {
     runtime: Runtime<Partition>,
+    /// Since the last `settle`: the log was fed something of the shard's (a caller's
+    /// command or read, a tick, a peer's message), so the next `settle` may not wait.
+    fed: bool,
 }
 
 /// What a turn of a replica's log produced: verdicts of proposals and messages for peers.
@@ -40,7 +43,7 @@ impl Replica {
     ) -> Result<Replica, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let log = Partition::open(dir, options).map_err(|e| format!("opening {}: {e}", dir.display()))?;
-        Ok(Replica { runtime: Runtime::with_shared_results(config, log, results, now_ms) })
+        Ok(Replica { runtime: Runtime::with_shared_results(config, log, results, now_ms), fed: false })
     }
 
     /// The log, to read its Raft status.
@@ -69,11 +72,13 @@ impl Replica {
     }
 
     pub fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>> {
+        self.fed = true;
         self.runtime.propose(commands)
     }
 
     /// The format its commands are written in from now on (the newest every member reads).
     pub fn write_commands_in(&mut self, format: u8) {
+        self.fed = true;
         self.runtime.log_mut().write_commands_in(format);
     }
 
@@ -84,11 +89,13 @@ impl Replica {
 
     /// Starts a linearizable read; its ticket resolves once the leader confirmed it.
     pub fn read(&mut self) -> Result<Ticket, ProposeError> {
+        self.fed = true;
         self.runtime.log_mut().read()
     }
 
     /// One unit of Raft time.
     pub fn tick(&mut self) {
+        self.fed = true;
         self.runtime.log_mut().tick();
     }
 
@@ -99,15 +106,23 @@ impl Replica {
 
     /// A message from a peer.
     pub fn step(&mut self, message: Message) {
+        self.fed = true;
         self.runtime.log_mut().step(message);
     }
 
     /// Persists and applies what the log has ready; returns the verdicts and the messages.
     pub fn settle(&mut self, now_ms: u64) -> Settled {
+        self.fed = false;
         self.runtime.advance(now_ms);
         let resolved = self.runtime.take_resolved();
         let messages = self.runtime.log_mut().take_messages();
         Settled { resolved, messages }
+    }
+
+    /// Whether `settle` may wait (a few ms, `Runtime::write_may_wait`): since the last one,
+    /// the log was given nothing but the runtime's own commands whose write may wait.
+    pub fn settle_may_wait(&self, now_ms: u64) -> bool {
+        !self.fed && self.runtime.write_may_wait(now_ms)
     }
 
     /// Proposes a start for every fire due by now (leading only); `settle` writes them.
@@ -146,11 +161,13 @@ impl Replica {
 
     /// One step toward the replicas the membership places (`Partition::reconcile`).
     pub fn reconcile(&mut self, placed: &[NodeId], me: NodeId) {
+        self.fed = true;
         self.runtime.log_mut().reconcile(placed, me, "partition");
     }
 
     /// Hands leadership to `preferred` when this replica leads and it has caught up.
     pub fn hand_leadership_to(&mut self, preferred: NodeId) -> bool {
+        self.fed = true;
         self.runtime.log_mut().hand_leadership_to(preferred)
     }
 }

@@ -497,7 +497,7 @@ impl Shard {
             for replica in self.replicas.values_mut() {
                 replica.fire_due_jobs(now_ms);
             }
-            self.settle();
+            self.settle(false);
             // Fires and outcomes change the live count too: admission reads it fresh.
             self.publish_live_jobs();
             self.observe();
@@ -531,12 +531,17 @@ impl Shard {
     }
 
     /// Drives every partition's log (persist, apply), answers the requests whose verdicts
-    /// came, and hands the turn's Raft messages to the mesh in one batch.
-    fn settle(&mut self) {
+    /// came, and hands the turn's Raft messages to the mesh in one batch. A partition given
+    /// only fire-path commands whose write may wait is left for a later turn (a few ms,
+    /// `Replica::settle_may_wait`), unless `force`.
+    fn settle(&mut self, force: bool) {
         let mut outgoing = Vec::new();
         let mut resolved = Vec::new();
         let now_ms = self.turn_ms;
         for (partition, replica) in self.replicas.iter_mut() {
+            if !force && replica.settle_may_wait(now_ms) {
+                continue;
+            }
             let settled = replica.settle(now_ms);
             resolved.extend(settled.resolved.into_iter().map(|(ticket, verdict)| (*partition, ticket, verdict)));
             outgoing.extend(settled.messages.into_iter().map(|m| (*partition, m)));
@@ -590,7 +595,7 @@ impl Shard {
                 _ = tokio::time::sleep_until(deadline) => {}
             }
             self.begin_turn();
-            self.settle();
+            self.settle(true);
         }
     }
 
