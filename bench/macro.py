@@ -158,6 +158,8 @@ def main():
             ("ingest-http-max", ["ingest", "--protocol", "http", "--max", "--window", "32", "--batch", "100", "--connections", "32"]),
             ("ingest-binary-one-at-a-time", ["ingest", "--max", "--window", "1"]),
             ("fire-1k", ["fire", "--rate", "1000", "--connections", "2"]),
+            # BullMQ's shape: creates at 10k/s, each due 1 s later, so fires at 10k/s beside them.
+            ("fire-10k-with-creates", ["fire", "--rate", "10000", "--connections", "2"]),
             ("fires-alone-3k", ["fire", "--rate", "3000"] + ahead),
             ("fires-alone-10k", ["fire", "--rate", "10000"] + ahead),
             ("deliveries-backlog", ["fire", "--rate", "20000", "--batch", "100", "--connections", "2", "--due-together", "--due-after-ms", "3000", "--seconds", "5"]),

@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use sundial_engine::job::Target;
@@ -31,8 +31,6 @@ use sundial_engine::sign;
 use sundial_engine::state::{ErrorClass, Outcome};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-/// Queued attempts looked at per pass when the first ones' hosts are busy.
-const SCAN_PER_PASS_MAX: usize = 1024;
 /// Hosts whose limits are remembered; idle ones are forgotten beyond it.
 const HOSTS_REMEMBERED_MAX: usize = 10_000;
 /// A Retry-After longer than this is capped.
@@ -147,10 +145,9 @@ pub struct HostLoad {
     pub connections: usize,
 }
 
-/// A queued attempt with its host's key, worked out once: a pass over the queue meets the
-/// same blocked attempts again and again, and parsing each one's URL every time cost more
-/// than the deliveries (measured under `sundial-loadgen fire`, docs/BENCHMARKS.md). Its
-/// outcome goes to `results`, the channel of the handle that submitted it.
+/// A queued attempt with its host's key, worked out once when it is queued (parsing each
+/// one's URL on every pass cost more than the deliveries: docs/BENCHMARKS.md). Its outcome
+/// goes to `results`, the channel of the handle that submitted it.
 struct Queued {
     host: Arc<str>,
     attempt: Attempt,
@@ -170,9 +167,16 @@ struct PartitionCounts {
     running: usize,
 }
 
+/// Where an attempt waits: (priority, due, sequence); 0 is the most urgent priority.
+type QueueKey = (u8, u64, u64);
+
 struct Inner {
-    /// (priority, due, sequence) → attempt: 0 is the most urgent priority.
-    queue: BTreeMap<(u8, u64, u64), Queued>,
+    queue: BTreeMap<QueueKey, Queued>,
+    /// The queue's keys by host, each host's in queue order: a pass looks at each host with
+    /// attempts waiting and starts as many of its first ones as its limits allow, without
+    /// walking past the attempts of hosts at their limit (per-host limits are the only
+    /// ones, so order across hosts does not matter).
+    waiting: HashMap<Arc<str>, BTreeSet<QueueKey>>,
     sequence: u64,
     hosts: HashMap<Arc<str>, HostState>,
     /// Running attempts, by (job, fire, callback). A job lives in one partition, so its id
@@ -187,13 +191,30 @@ impl Inner {
         self.counts.entry(partition).or_default()
     }
 
-    /// Takes the queued attempt `key` out, counted as running (`cancel` aborts it).
-    fn start(&mut self, key: &(u8, u64, u64), cancel: oneshot::Sender<()>) -> Option<Queued> {
+    fn enqueue(&mut self, key: QueueKey, queued: Queued) {
+        self.counts(queued.attempt.partition).queued += 1;
+        self.waiting.entry(queued.host.clone()).or_default().insert(key);
+        self.queue.insert(key, queued);
+    }
+
+    /// Takes the queued attempt `key` out of the queue.
+    fn dequeue(&mut self, key: &QueueKey) -> Option<Queued> {
         let queued = self.queue.remove(key)?;
+        if let Some(keys) = self.waiting.get_mut(&queued.host) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.waiting.remove(&queued.host);
+            }
+        }
+        self.counts(queued.attempt.partition).queued -= 1;
+        Some(queued)
+    }
+
+    /// Takes the queued attempt `key` out, counted as running (`cancel` aborts it).
+    fn start(&mut self, key: &QueueKey, cancel: oneshot::Sender<()>) -> Option<Queued> {
+        let queued = self.dequeue(key)?;
         let partition = queued.attempt.partition;
-        let counts = self.counts(partition);
-        counts.queued -= 1;
-        counts.running += 1;
+        self.counts(partition).running += 1;
         let running = Running { cancel, partition };
         self.running.insert((queued.attempt.job_id.clone(), queued.attempt.fire_ms, queued.attempt.callback), running);
         Some(queued)
@@ -202,18 +223,14 @@ impl Inner {
     /// Drops the queued attempts `matches` picks and aborts the running ones (they report
     /// `Aborted`).
     fn cancel_matching(&mut self, matches: impl Fn(u32, &str, u64, bool) -> bool) {
-        let dropped: Vec<u32> = self
+        let dropped: Vec<QueueKey> = self
             .queue
-            .values()
-            .filter(|q| matches(q.attempt.partition, &q.attempt.job_id, q.attempt.fire_ms, q.attempt.callback))
-            .map(|q| q.attempt.partition)
+            .iter()
+            .filter(|(_, q)| matches(q.attempt.partition, &q.attempt.job_id, q.attempt.fire_ms, q.attempt.callback))
+            .map(|(key, _)| *key)
             .collect();
-        if !dropped.is_empty() {
-            self.queue
-                .retain(|_, q| !matches(q.attempt.partition, &q.attempt.job_id, q.attempt.fire_ms, q.attempt.callback));
-            for partition in dropped {
-                self.counts(partition).queued -= 1;
-            }
+        for key in dropped {
+            self.dequeue(&key);
         }
         let running: Vec<(String, u64, bool)> = self
             .running
@@ -297,6 +314,7 @@ impl SharedDispatcher {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 queue: BTreeMap::new(),
+                waiting: HashMap::new(),
                 sequence: 0,
                 hosts: HashMap::new(),
                 running: HashMap::new(),
@@ -366,8 +384,7 @@ impl Dispatcher {
         }
         inner.sequence += 1;
         let key = (attempt.priority, attempt.due_ms, inner.sequence);
-        inner.counts(self.partition).queued += 1;
-        inner.queue.insert(key, Queued { host, attempt, results: self.results.clone() });
+        inner.enqueue(key, Queued { host, attempt, results: self.results.clone() });
         drop(inner);
         self.shared.wake.notify_one();
         Ok(())
@@ -450,58 +467,67 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
     let now = now_ms();
     let mut inner = shared.inner.lock().expect("no panic holds the lock");
     let mut wake_at: Option<u64> = None;
-    let mut to_start = Vec::new();
     if inner.hosts.len() > HOSTS_REMEMBERED_MAX {
         // Forget hosts with nothing running and a closed breaker (their bucket refills anyway).
         inner.hosts.retain(|_, host| {
             host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed || host.limit.is_reduced()
         });
     }
-    let candidates: Vec<((u8, u64, u64), Arc<str>)> =
-        inner.queue.iter().take(SCAN_PER_PASS_MAX).map(|(key, queued)| (*key, queued.host.clone())).collect();
-    // Hosts found unable to start another attempt in this pass: their other attempts are
-    // passed over without looking again.
-    let mut blocked: Vec<Arc<str>> = Vec::new();
-    for (key, host) in candidates {
-        if blocked.iter().any(|b| **b == *host) {
-            continue;
+    let mut starting: Vec<QueueKey> = Vec::new();
+    let Inner { waiting, hosts, .. } = &mut *inner;
+    for (host, keys) in waiting.iter() {
+        let state = match hosts.get_mut(host) {
+            Some(state) => state,
+            None => hosts.entry(host.clone()).or_insert_with(|| HostState {
+                in_flight: 0,
+                bucket: TokenBucket::new(config.per_host_rate_per_second, config.per_host_burst, now),
+                breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_open_ms),
+                limit: AdaptiveLimit::new(config.per_host_concurrency.min(u32::MAX as usize) as u32),
+            }),
+        };
+        for key in keys {
+            match may_start(state, now) {
+                Ok(()) => starting.push(*key),
+                Err(lifts_at) => {
+                    wake_at = [wake_at, lifts_at].into_iter().flatten().min();
+                    break;
+                }
+            }
         }
-        let state = inner.hosts.entry(host.clone()).or_insert_with(|| HostState {
-            in_flight: 0,
-            bucket: TokenBucket::new(config.per_host_rate_per_second, config.per_host_burst, now),
-            breaker: CircuitBreaker::new(config.breaker_failures, config.breaker_open_ms),
-            limit: AdaptiveLimit::new(config.per_host_concurrency.min(u32::MAX as usize) as u32),
-        });
-        if state.in_flight >= state.limit.current() as usize {
-            blocked.push(host);
-            continue; // an attempt ending wakes the driver
-        }
-        if let Some(reopen) = state.breaker.reopens_at_ms().filter(|at| *at > now) {
-            wake_at = Some(wake_at.map_or(reopen, |w| w.min(reopen)));
-            blocked.push(host);
-            continue;
-        }
-        let token_at = state.bucket.next_token_ms(now);
-        if token_at > now {
-            wake_at = Some(wake_at.map_or(token_at, |w| w.min(token_at)));
-            blocked.push(host);
-            continue;
-        }
-        if !state.breaker.try_acquire(now) {
-            blocked.push(host);
-            continue; // half-open with its probe out
-        }
-        state.bucket.try_take(now);
-        state.in_flight += 1;
+    }
+    let mut to_start = Vec::with_capacity(starting.len());
+    for key in starting {
         let (cancel, cancelled) = oneshot::channel();
-        let queued = inner.start(&key, cancel).expect("key from the queue");
-        to_start.push((queued, cancelled));
+        if let Some(queued) = inner.start(&key, cancel) {
+            to_start.push((queued, cancelled));
+        }
     }
     drop(inner);
     for (queued, cancelled) in to_start {
         tokio::spawn(run_attempt(shared.clone(), queued, cancelled));
     }
     wake_at
+}
+
+/// Takes what an attempt to the host needs to start now (a slot under its limit, a token,
+/// the breaker's leave); else when that may change (`None`: when an attempt ends).
+fn may_start(state: &mut HostState, now: u64) -> Result<(), Option<u64>> {
+    if state.in_flight >= state.limit.current() as usize {
+        return Err(None); // an attempt ending wakes the driver
+    }
+    if let Some(reopen) = state.breaker.reopens_at_ms().filter(|at| *at > now) {
+        return Err(Some(reopen));
+    }
+    let token_at = state.bucket.next_token_ms(now);
+    if token_at > now {
+        return Err(Some(token_at));
+    }
+    if !state.breaker.try_acquire(now) {
+        return Err(None); // half-open with its probe out
+    }
+    state.bucket.try_take(now);
+    state.in_flight += 1;
+    Ok(())
 }
 
 /// `scheme://host:port`, lower-cased and without user info, so spellings of one host share
