@@ -899,11 +899,19 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// How long the runtime may sleep before its next timer or the write of commands that
-    /// wait for it (at most a second).
+    /// wait for it (at most a second; none when a command that must be written waits).
     pub fn sleep_ms(&self, now_ms: u64) -> u64 {
+        if self.must_write {
+            return 0; // proposed after this turn's write: written on the next
+        }
         let write_at = self.write_waits_since_ms.map(|since| since + WRITE_WAIT_MS);
         let wake_at = [self.wheel.next_wakeup_ms(), write_at].into_iter().flatten().min();
         wake_at.map_or(1_000, |at| at.saturating_sub(now_ms).clamp(1, 1_000))
+    }
+
+    /// When the wheel's next timer is due, if one is set.
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.wheel.next_wakeup_ms()
     }
 
     /// Whether `advance` may wait (`WRITE_WAIT_MS`): every proposal since the last one is

@@ -136,6 +136,11 @@ impl Replica {
         self.runtime.finish_many(results, now_ms);
     }
 
+    /// When its next timer is due (leading only), if one is set.
+    pub fn next_timer_ms(&self) -> Option<u64> {
+        self.runtime.next_timer_ms()
+    }
+
     /// How long the replica may sleep before its next timer.
     pub fn sleep_ms(&self, now_ms: u64) -> u64 {
         self.runtime.sleep_ms(now_ms)

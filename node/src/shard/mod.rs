@@ -516,6 +516,11 @@ impl Shard {
         Ok(())
     }
 
+    /// When the earliest timer of this shard's replicas is due.
+    fn next_timer_ms(&self) -> Option<u64> {
+        self.replicas.values().filter_map(Replica::next_timer_ms).min()
+    }
+
     /// Takes the requests and outcomes already waiting (at most a batch of each, without
     /// waiting for more) into the turn.
     fn take_waiting(&mut self, requests: &mut mpsc::Receiver<Work>) {
@@ -538,13 +543,26 @@ impl Shard {
         let mut outgoing = Vec::new();
         let mut resolved = Vec::new();
         let now_ms = self.turn_ms;
-        for (partition, replica) in self.replicas.iter_mut() {
+        let mut fires_at_ms = self.next_timer_ms();
+        let partitions: Vec<u32> = self.replicas.keys().copied().collect();
+        for partition in partitions {
+            let Some(replica) = self.replicas.get_mut(&partition) else { continue };
             if !force && replica.settle_may_wait(now_ms) {
                 continue;
             }
             let settled = replica.settle(now_ms);
-            resolved.extend(settled.resolved.into_iter().map(|(ticket, verdict)| (*partition, ticket, verdict)));
-            outgoing.extend(settled.messages.into_iter().map(|m| (*partition, m)));
+            resolved.extend(settled.resolved.into_iter().map(|(ticket, verdict)| (partition, ticket, verdict)));
+            outgoing.extend(settled.messages.into_iter().map(|m| (partition, m)));
+            // A fire that came due during this partition's fsync goes now, not after the
+            // other partitions' (its request leaves at once; its start is written with
+            // the next write).
+            let clock_ms = sundial_dispatch::now_ms();
+            if fires_at_ms.is_some_and(|at| at <= clock_ms) {
+                for replica in self.replicas.values_mut() {
+                    replica.fire_due_jobs(clock_ms);
+                }
+                fires_at_ms = self.next_timer_ms();
+            }
         }
         for (partition, ticket, verdict) in resolved {
             self.resolve(partition, ticket, verdict);
