@@ -132,13 +132,17 @@ impl CircuitBreaker {
 /// burst fail together; one halving answers them).
 const BACKOFF_SPACING_MS: u64 = 100;
 
-/// How many attempts may run at once to a host: it starts at the configured most, is cut by
-/// a quarter on each sign of overload (a failed or slow connect, a timeout, 429, 503; at
-/// most once per `BACKOFF_SPACING_MS`), and grows back by one for each `current()` answers
-/// (one per round of requests), never past the most nor below one — the additive increase,
-/// multiplicative decrease of TCP's congestion window and of Netflix's concurrency-limits.
-/// A receiver that can take few requests at once is sent about that many, instead of a
-/// queue of connections it cannot accept.
+/// A host not heard from yet may take this many attempts at once (or the most, if lower).
+pub const ADAPTIVE_LIMIT_START: u32 = 4;
+
+/// How many attempts may run at once to a host, as TCP sizes its congestion window (and
+/// Netflix's concurrency-limits a server's): it starts at `ADAPTIVE_LIMIT_START` and grows
+/// by one per answer (doubling per round of requests: slow start) until the host first
+/// shows overload — a failed or slow connect, a timeout, 429, 503 — which cuts it by a
+/// quarter (at most once per `BACKOFF_SPACING_MS`); from then on it grows by one per round
+/// (additive increase). Never past the configured most, never below one. A receiver that
+/// can take few requests at once is sent about that many, instead of a burst of
+/// connections its accept queue cannot hold.
 #[derive(Clone, Debug)]
 pub struct AdaptiveLimit {
     /// Thousandths of a request, so growth by a fraction needs no floating point.
@@ -150,7 +154,8 @@ pub struct AdaptiveLimit {
 impl AdaptiveLimit {
     pub fn new(most: u32) -> AdaptiveLimit {
         let most_milli = u64::from(most.max(1)) * 1000;
-        AdaptiveLimit { milli: most_milli, most_milli, last_backoff_ms: None }
+        let start_milli = u64::from(ADAPTIVE_LIMIT_START) * 1000;
+        AdaptiveLimit { milli: start_milli.min(most_milli), most_milli, last_backoff_ms: None }
     }
 
     /// Attempts that may run at once now (at least one).
@@ -158,14 +163,15 @@ impl AdaptiveLimit {
         (self.milli / 1000).max(1) as u32
     }
 
-    /// Whether the limit is below its most (the host showed overload lately).
+    /// Whether the limit is below its most (the host is new, or showed overload lately).
     pub fn is_reduced(&self) -> bool {
         self.milli < self.most_milli
     }
 
     /// An answer that says the host coped.
     pub fn on_success(&mut self) {
-        self.milli = (self.milli + 1000 / u64::from(self.current())).min(self.most_milli);
+        let step = if self.last_backoff_ms.is_none() { 1000 } else { 1000 / u64::from(self.current()) };
+        self.milli = (self.milli + step).min(self.most_milli);
     }
 
     /// A sign the host is overloaded, at `now_ms`.
@@ -221,9 +227,18 @@ mod tests {
     }
 
     #[test]
-    fn the_adaptive_limit_backs_off_on_overload_once_per_spacing_and_grows_back_by_rounds() {
+    fn the_adaptive_limit_starts_small_doubles_per_round_then_backs_off_and_grows_by_rounds() {
         let mut limit = AdaptiveLimit::new(64);
-        assert_eq!(limit.current(), 64);
+        assert_eq!(limit.current(), ADAPTIVE_LIMIT_START, "a host not heard from starts small");
+        assert!(limit.is_reduced());
+        for _ in 0..4 {
+            limit.on_success();
+        }
+        assert_eq!(limit.current(), 8, "slow start: a round of 4 answers doubles it");
+        for _ in 0..100 {
+            limit.on_success();
+        }
+        assert_eq!(limit.current(), 64, "never past the most");
         assert!(!limit.is_reduced());
         limit.on_overload(1_000);
         assert_eq!(limit.current(), 48);
@@ -234,14 +249,10 @@ mod tests {
         }
         assert_eq!(limit.current(), 1, "never below one");
         limit.on_success();
-        assert_eq!(limit.current(), 2, "one answer at a limit of one: a round");
+        assert_eq!(limit.current(), 2, "after a backoff: one answer at a limit of one is a round");
         limit.on_success();
         limit.on_success();
         assert_eq!(limit.current(), 3, "two answers at two: another round");
-        for _ in 0..10_000 {
-            limit.on_success();
-        }
-        assert_eq!(limit.current(), 64, "never past the most");
-        assert!(!limit.is_reduced());
+        assert_eq!(AdaptiveLimit::new(2).current(), 2, "the most, when lower than the start");
     }
 }
