@@ -33,6 +33,8 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Hosts whose limits are remembered; idle ones are forgotten beyond it.
 const HOSTS_REMEMBERED_MAX: usize = 10_000;
+/// Hosts with attempts waiting that one pass of the driver looks at, at most.
+const HOSTS_PER_PASS_MAX: usize = 1_024;
 /// A Retry-After longer than this is capped.
 const RETRY_AFTER_MS_MAX: u64 = 24 * 3600 * 1000;
 /// A response header by which a receiver says "do not retry this fire" (`true` or `1`): the
@@ -177,6 +179,8 @@ struct Inner {
     /// walking past the attempts of hosts at their limit (per-host limits are the only
     /// ones, so order across hosts does not matter).
     waiting: HashMap<Arc<str>, BTreeSet<QueueKey>>,
+    /// Where in `waiting` the next pass starts looking (passes take turns over the hosts).
+    pass_cursor: usize,
     sequence: u64,
     hosts: HashMap<Arc<str>, HostState>,
     /// Running attempts, by (job, fire, callback). A job lives in one partition, so its id
@@ -315,6 +319,7 @@ impl SharedDispatcher {
             inner: Mutex::new(Inner {
                 queue: BTreeMap::new(),
                 waiting: HashMap::new(),
+                pass_cursor: 0,
                 sequence: 0,
                 hosts: HashMap::new(),
                 running: HashMap::new(),
@@ -329,8 +334,8 @@ impl SharedDispatcher {
         (SharedDispatcher { shared }, driver)
     }
 
-    /// The hosts with the most attempts in flight (those whose limit is reduced first), at
-    /// most `max`: what a status page or a metric shows without a label per host ever seen.
+    /// The hosts with the most attempts in flight (then the lowest limits), at most `max`:
+    /// what a status page or a metric shows without a label per host ever seen.
     pub fn busiest_hosts(&self, max: usize) -> Vec<HostLoad> {
         let inner = self.shared.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut hosts: Vec<HostLoad> = inner
@@ -345,12 +350,7 @@ impl SharedDispatcher {
             })
             .collect();
         drop(inner);
-        hosts.sort_by_key(|h| {
-            (
-                std::cmp::Reverse(h.limit < self.shared.config.per_host_concurrency as u32),
-                std::cmp::Reverse(h.in_flight),
-            )
-        });
+        hosts.sort_by_key(|h| (std::cmp::Reverse(h.in_flight), h.limit));
         hosts.truncate(max);
         for host in &mut hosts {
             host.connections = self.shared.connections.open(&host.host);
@@ -468,14 +468,21 @@ fn start_ready_attempts(shared: &Arc<Shared>) -> Option<u64> {
     let mut inner = shared.inner.lock().expect("no panic holds the lock");
     let mut wake_at: Option<u64> = None;
     if inner.hosts.len() > HOSTS_REMEMBERED_MAX {
-        // Forget hosts with nothing running and a closed breaker (their bucket refills anyway).
-        inner.hosts.retain(|_, host| {
-            host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed || host.limit.is_reduced()
+        // Forget hosts with nothing running or waiting and a closed breaker (their bucket
+        // refills anyway; their limit starts small again).
+        let Inner { waiting, hosts, .. } = &mut *inner;
+        hosts.retain(|name, host| {
+            host.in_flight > 0 || host.breaker.state != limits::BreakerState::Closed || waiting.contains_key(name)
         });
     }
     let mut starting: Vec<QueueKey> = Vec::new();
-    let Inner { waiting, hosts, .. } = &mut *inner;
-    for (host, keys) in waiting.iter() {
+    let Inner { waiting, hosts, pass_cursor, .. } = &mut *inner;
+    // At most `HOSTS_PER_PASS_MAX` hosts a pass, the next pass going on from there, so that
+    // thousands of hosts at their limit cost each pass a bounded look.
+    let visited = waiting.len().min(HOSTS_PER_PASS_MAX);
+    let skip = if waiting.is_empty() { 0 } else { *pass_cursor % waiting.len() };
+    *pass_cursor = skip + visited;
+    for (host, keys) in waiting.iter().cycle().skip(skip).take(visited) {
         let state = match hosts.get_mut(host) {
             Some(state) => state,
             None => hosts.entry(host.clone()).or_insert_with(|| HostState {

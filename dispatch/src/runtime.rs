@@ -2,8 +2,9 @@
 //! `CommandLog` (`DirectLog` here, the node's Raft partition over the WAL) and take effect
 //! when the log reports them applied; the timing wheel keeps one timer per job at its next
 //! due time, and the dispatcher makes the attempts — on the replica that leads, only.
-//! Due fire → `FireStarted` proposed → applied: attempt submitted (a full queue leaves it
-//! due; it is tried again shortly) → outcome → `AttemptFinished` with a retry time (backoff
+//! Due fire → `FireStarted` proposed → attempt submitted, at once when that is safe (a node
+//! alone, nothing ahead in the log for the job: `send_early`), else once the start applies
+//! (a full queue leaves it due; it is tried again shortly) → outcome → `AttemptFinished` with a retry time (backoff
 //! with jitter, or Retry-After if longer) → the state machine decides retry, success or dead
 //! letter. Every step is completion-driven: nothing waits for the log inside a call.
 
@@ -120,6 +121,14 @@ pub trait CommandLog {
     /// predecessors started). A new term is a new leadership, even without a gap.
     fn leadership(&self) -> Option<u64>;
 
+    /// Whether no other replica can be elected while this one leads: it is the group's only
+    /// voter (a node alone). Only then may a fire go out before its start commits: in a
+    /// group of several, a leader cut off from the others still believes it leads for up to
+    /// an election timeout, while they may elect another that acknowledges a cancel.
+    fn leads_alone(&self) -> bool {
+        false
+    }
+
     /// The format commands are written in (`sundial_engine::codec`): 0 while a replica of an
     /// older build, which reads only JSON and knows only older commands, follows the log.
     fn command_format(&self) -> u8 {
@@ -173,6 +182,10 @@ impl CommandLog for DirectLog {
 
     fn leadership(&self) -> Option<u64> {
         Some(1)
+    }
+
+    fn leads_alone(&self) -> bool {
+        true
     }
 }
 
@@ -917,7 +930,9 @@ impl<L: CommandLog> Runtime<L> {
     /// Whether `advance` may wait (`WRITE_WAIT_MS`): every proposal since the last one is
     /// of the runtime's own whose write may wait, and the first is younger than that.
     pub fn write_may_wait(&self, now_ms: u64) -> bool {
-        !self.must_write && self.write_waits_since_ms.is_some_and(|since| now_ms < since + WRITE_WAIT_MS)
+        // A clock stepped back (now before `since`) writes at once rather than wait for it.
+        !self.must_write
+            && self.write_waits_since_ms.is_some_and(|since| since <= now_ms && now_ms < since + WRITE_WAIT_MS)
     }
 
     /// The next attempt outcome (for a caller driving its own loop: pass it to `finish`).
@@ -930,7 +945,8 @@ impl<L: CommandLog> Runtime<L> {
     }
 
     /// Proposes a start for every fire due by now (leading only); each attempt is
-    /// submitted when its start is applied. Nothing is written here: the caller's next
+    /// submitted now when that is safe (`send_early`), else when its start is applied.
+    /// Nothing is written here: the caller's next
     /// `advance` persists the starts with whatever else it proposed meanwhile (one log
     /// write for a turn's creates, starts and outcomes).
     pub fn fire_due_jobs(&mut self, now_ms: u64) {
@@ -969,6 +985,7 @@ impl<L: CommandLog> Runtime<L> {
             }
         }
         let now = now_ms;
+        let may_send_early = self.log.leads_alone();
         let mut room = self.dispatcher.room();
         let mut starts = Vec::new();
         let mut started_in_turn: HashMap<String, u32> = HashMap::new();
@@ -1036,7 +1053,8 @@ impl<L: CommandLog> Runtime<L> {
                 }
             }
             // Sent now, before its start commits, when applying the start is sure to start it.
-            let sent = !callback
+            let sent = may_send_early
+                && !callback
                 && self.in_log.leaves_alone(&id)
                 && self.log.state().starts_as_proposed(&id, fire_ms, attempt, now);
             starts.push(OwnProposal::FireStart {
@@ -1052,8 +1070,9 @@ impl<L: CommandLog> Runtime<L> {
         if starts.is_empty() {
             return;
         }
-        // Committed (together: one log write) before the requests go out, so an outcome
-        // always finds its fire, and a new leader knows which fires were started.
+        // Proposed together (one log write), ahead of any outcome of theirs, so an outcome
+        // always finds its fire and a new leader knows which fires were started; most
+        // requests go out now (`send_early`), the rest once their start commits.
         let commands = starts
             .iter()
             .map(|start| match start {

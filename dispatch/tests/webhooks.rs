@@ -270,6 +270,8 @@ struct HeldLog {
     next_ticket: sundial_dispatch::runtime::Ticket,
     waiting: Vec<(sundial_dispatch::runtime::Ticket, Command)>,
     committing: bool,
+    /// The group's only voter (else another could be elected while it waits).
+    alone: bool,
 }
 
 impl sundial_dispatch::runtime::CommandLog for HeldLog {
@@ -307,22 +309,23 @@ impl sundial_dispatch::runtime::CommandLog for HeldLog {
     fn leadership(&self) -> Option<u64> {
         Some(1)
     }
+
+    fn leads_alone(&self) -> bool {
+        self.alone
+    }
 }
 
-/// A due one-time fire goes out while its start waits for the log (its outcome is written
-/// after the start, so it applies in order); a fire whose job has a command ahead of it in
-/// the log (here a cancel) waits for the log, and then does not go out at all.
-#[tokio::test]
-async fn a_due_fire_is_sent_before_its_start_commits_unless_a_command_for_its_job_is_ahead() {
-    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+/// A runtime over a `HeldLog` with two jobs due 200 ms from now, "early" and "cancelled", and
+/// a cancel of the second proposed and held; the due fires are then looked at once.
+async fn fires_with_the_log_held(receiver: &Receiver, alone: bool) -> sundial_dispatch::runtime::Runtime<HeldLog> {
     let now = now_ms();
-    let log = HeldLog { state: State::new(), next_ticket: 0, waiting: Vec::new(), committing: true };
+    let log = HeldLog { state: State::new(), next_ticket: 0, waiting: Vec::new(), committing: true, alone };
     let dispatch = DispatchConfig {
         address_policy: AddressPolicy { allow_loopback: true, allow_private: false },
         ..DispatchConfig::default()
     };
-    let mut runtime =
-        sundial_dispatch::runtime::Runtime::with_log(RuntimeConfig { dispatch, ..RuntimeConfig::default() }, log, now);
+    let config = RuntimeConfig { dispatch, ..RuntimeConfig::default() };
+    let mut runtime = sundial_dispatch::runtime::Runtime::with_log(config, log, now);
     for id in ["early", "cancelled"] {
         let request = json!({"id": id, "run_at": now + 200, "url": receiver.url(&format!("/{id}"))});
         let spec = parse_job_request(&request, now, "unused").expect("valid request");
@@ -335,6 +338,16 @@ async fn a_due_fire_is_sent_before_its_start_commits_unless_a_command_for_its_jo
     runtime.propose(vec![Command::Cancel { id: "cancelled".into(), now_ms: now }]);
     tokio::time::sleep(Duration::from_millis(250)).await;
     runtime.fire_due_jobs(now_ms());
+    runtime
+}
+
+/// A due one-time fire goes out while its start waits for the log (its outcome is written
+/// after the start, so it applies in order); a fire whose job has a command ahead of it in
+/// the log (here a cancel) waits for the log, and then does not go out at all.
+#[tokio::test]
+async fn a_due_fire_is_sent_before_its_start_commits_unless_a_command_for_its_job_is_ahead() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let mut runtime = fires_with_the_log_held(&receiver, true).await;
     let deadline = std::time::Instant::now() + PATIENCE;
     while receiver.requests().is_empty() && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -350,6 +363,20 @@ async fn a_due_fire_is_sent_before_its_start_commits_unless_a_command_for_its_jo
     assert_eq!(status_of(runtime.state(), "cancelled"), Status::Cancelled);
     // Nothing else goes out: the cancelled job's start was refused when it applied.
     assert!(!runtime.run_until(Duration::from_millis(500), |_| false).await);
+    let sent: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(sent, vec!["/early".to_string()]);
+}
+
+/// A leader in a group of several (another could be elected while its start waits) sends
+/// nothing before the start commits; then the fire goes out, once.
+#[tokio::test]
+async fn a_leader_with_peers_sends_a_fire_only_once_its_start_commits() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let mut runtime = fires_with_the_log_held(&receiver, false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(receiver.requests().is_empty(), "nothing goes out before the log commits");
+    runtime.log_mut().committing = true;
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "early") == Status::Completed).await);
     let sent: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(sent, vec!["/early".to_string()]);
 }

@@ -1053,6 +1053,10 @@ impl CommandLog for Partition {
     fn command_format(&self) -> u8 {
         self.command_format
     }
+
+    fn leads_alone(&self) -> bool {
+        self.is_leader() && self.node.conf_state().voters == [self.node_id()]
+    }
 }
 
 /// A command proposed here and waiting for its entry to be applied.

@@ -238,8 +238,6 @@ pub fn spawn(
     Ok(OpeningShard { opening, thread })
 }
 
-/// Pins the calling thread to core `index` (modulo the cores there are). Best effort: a
-/// container that forbids it still runs, unpinned.
 /// `first` and what waits behind it in `channel`, up to `GROUP_COMMIT_MAX` in all.
 fn waiting_after<T>(first: T, channel: &mut mpsc::Receiver<T>) -> Vec<T> {
     let mut batch = vec![first];
@@ -252,6 +250,8 @@ fn waiting_after<T>(first: T, channel: &mut mpsc::Receiver<T>) -> Vec<T> {
     batch
 }
 
+/// Pins the calling thread to core `index` (modulo the cores there are). Best effort: a
+/// container that forbids it still runs, unpinned.
 fn pin_to_core(index: usize) {
     #[cfg(target_os = "linux")]
     {
@@ -580,6 +580,9 @@ impl Shard {
     /// ticking, stepping their messages and sending this shard's until the outcomes
     /// proposed are applied.
     async fn drain(&mut self, mut peers: Option<&mut PeerMessages>) {
+        // What the last turn left waiting to be written goes now, whatever the drain limit.
+        self.begin_turn();
+        self.settle(true);
         let deadline = tokio::time::Instant::now() + self.config.drain_limit;
         let tick = self.config.cluster.as_ref().map_or(Duration::from_secs(1), |c| c.tick);
         // Bounded by the deadline.
