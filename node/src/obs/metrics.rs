@@ -118,7 +118,7 @@ impl Metrics {
         registry.register("dispatch_queue_depth", "Attempts queued or running, by shard", metrics.queue_depth.clone());
         registry.register(
             "dispatch_host_limit",
-            "Attempts allowed at once to a host now (adaptive: below per_host_concurrency while it shows overload), for the busiest hosts",
+            "Attempts allowed at once to a host now (adaptive: starts at 4, grows to per_host_concurrency, backs off on overload), for the busiest hosts",
             metrics.host_limit.clone(),
         );
         registry.register(
