@@ -568,3 +568,99 @@ async fn the_cluster_client_sends_each_job_to_its_partitions_leader() {
     let stale = single.get_stale("routed-9").await.expect("a stale read");
     assert_eq!(stale.status, 200);
 }
+
+/// A base port b such that b+1..=b+3 are free for TCP (HTTP, binary) and UDP (peers) on
+/// loopback now (the dev cluster takes consecutive ports).
+fn free_port_base(taken: &[u16]) -> u16 {
+    // Bounded: ports from 20,000 up in steps of 7, with room for three each.
+    for base in (20_000u16..60_000).step_by(7) {
+        if (base..=base + 4).any(|p| taken.contains(&p)) {
+            continue;
+        }
+        let free = (1..=3).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free ports");
+}
+
+/// `sundial dev-cluster --nodes 3`, then kill -9 of a member: the other two keep serving and
+/// fire the jobs of the partitions it led (none lost, none early), and the dev cluster starts
+/// it again on its data; SIGTERM stops them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dev_cluster_member_killed_leaves_the_others_serving_and_is_started_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let http_base = free_port_base(&[]);
+    let binary_base = free_port_base(&[http_base]);
+    let peer_base = free_port_base(&[http_base, binary_base]);
+    let mut dev = sundial()
+        .args(["dev-cluster", "--nodes", "3", "--partitions", &PARTITIONS.to_string(), "--dir"])
+        .arg(dir.path())
+        .args(["--http-port", &http_base.to_string(), "--binary-port", &binary_base.to_string()])
+        .args(["--peer-port", &peer_base.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the dev cluster");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(dev.stdout.take().expect("stdout")));
+    let mut pids: BTreeMap<u64, String> = BTreeMap::new();
+    for line in lines.by_ref().map_while(Result::ok) {
+        if let (Some(node), Some(pid)) = (line.trim().strip_prefix("node "), line.rsplit("pid ").next()) {
+            if let Some(id) = node.split(':').next().and_then(|n| n.parse().ok()) {
+                pids.insert(id, pid.trim().to_string());
+            }
+        }
+        if line.starts_with("stop:") {
+            break;
+        }
+    }
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    let http = |id: u64| SocketAddr::from(([127, 0, 0, 1], http_base + id as u16));
+    let every_partition_led = || {
+        let Ok((_, _, view)) = try_exchange(http(1), "GET", "/debug/cluster", b"", "") else { return false };
+        view["partitions"]
+            .as_array()
+            .is_some_and(|ps| ps.len() == PARTITIONS as usize && ps.iter().all(|p| !p["leader"].is_null()))
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), every_partition_led).await,
+        "the dev cluster elected no leader for every partition"
+    );
+    let (target, hits) = receiver().await;
+    let due_ms = now_ms() + 4_000;
+    let jobs: Vec<Value> = (0..48).map(|i| job(&format!("dev-{i}"), due_ms, target)).collect();
+    let created = wait_for(Duration::from_secs(20), || {
+        let (status, answer) = call(http(1), "POST", "/jobs/batch", json!({ "jobs": jobs }).to_string().as_bytes());
+        status == 200
+            && answer["results"]
+                .as_array()
+                .is_some_and(|rs| rs.iter().all(|r| r["status"] == 201 || r["status"] == 409))
+    })
+    .await;
+    assert!(created, "the jobs were not created");
+    let killed = Command::new("kill").args(["-9", &pids[&2]]).status().expect("kill");
+    assert!(killed.success());
+    assert!(
+        wait_for(Duration::from_secs(60), || deliveries(&hits).len() == 48).await,
+        "{} of 48 fired",
+        deliveries(&hits).len()
+    );
+    for (id, (first_ms, _)) in deliveries(&hits) {
+        assert!(first_ms >= due_ms, "{id} fired {} ms early", due_ms - first_ms);
+    }
+    // The status of /health, 0 when nothing answers.
+    let health = |id: u64| try_exchange(http(id), "GET", "/health", b"", "").map_or(0, |(status, _, _)| status);
+    for member in [1, 3] {
+        assert_eq!(health(member), 200, "node {member} stopped serving");
+    }
+    let restarted = wait_for(Duration::from_secs(30), || health(2) == 200).await;
+    assert!(restarted, "the killed member was not started again");
+    let _ = Command::new("kill").args(["-TERM", &dev.id().to_string()]).status();
+    let stopped = wait_for(Duration::from_secs(30), || dev.try_wait().ok().flatten().is_some()).await;
+    assert!(stopped, "SIGTERM did not stop the dev cluster");
+    assert!(wait_for(Duration::from_secs(10), || (1..=3).all(|id| health(id) == 0)).await, "a member outlived it");
+}

@@ -121,7 +121,6 @@ const LONG_FUNCTIONS_ALLOWED: &[&str] = &[
     "node/src/api/ui.rs::job",
     "node/src/api/ui.rs::jobs",
     "node/src/bin/sundial/cli.rs::create_request",
-    "node/src/bin/sundial/cli.rs::dev_cluster",
     "node/src/bin/sundial/cli.rs::job",
     "node/src/config.rs::resolve",
     "node/src/obs/metrics.rs::new",

@@ -688,22 +688,96 @@ pub struct DevClusterArgs {
     /// Folder for the certificates (made once) and each node's data (node-ID).
     #[arg(long, default_value = "sundial-dev")]
     pub dir: PathBuf,
-    /// Node i serves HTTP on this port + i (the binary protocol on 7070 + i, peers on 7400 + i).
+    /// Node i serves HTTP on this port + i.
     #[arg(long, default_value_t = 8080)]
     pub http_port: u16,
+    /// Node i serves the binary protocol on this port + i.
+    #[arg(long, default_value_t = 7070)]
+    pub binary_port: u16,
+    /// Node i listens for its peers (QUIC) on this port + i.
+    #[arg(long, default_value_t = 7400)]
+    pub peer_port: u16,
     /// Partitions of the new cluster.
     #[arg(long, default_value_t = 16)]
     pub partitions: u32,
 }
 
+/// A member that ends this soon after it started has failed to start.
+const DEV_MEMBER_QUICK_EXIT: Duration = Duration::from_secs(5);
+/// Quick exits in a row after which a member is left stopped (its ports taken, say).
+const DEV_MEMBER_QUICK_EXITS_MAX: u32 = 3;
+
+/// Set by SIGINT or SIGTERM: the dev cluster stops rather than start a member again.
+static DEV_CLUSTER_STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn dev_cluster_stop(_signal: libc::c_int) {
+    DEV_CLUSTER_STOPPING.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// One member of the dev cluster, as its supervisor knows it.
+struct DevMember {
+    index: u64,
+    child: Option<std::process::Child>,
+    started: std::time::Instant,
+    quick_exits: u32,
+}
+
 /// Starts `nodes` members on loopback (certificates generated on first use), prints where
-/// they listen, and stops them all on Ctrl-C or when one of them ends.
+/// they listen, and keeps them running: a member that ends (killed, crashed) is started
+/// again on its data, so one can be killed to watch the others take over. Ctrl-C or SIGTERM
+/// stops them all.
 pub fn dev_cluster(args: &DevClusterArgs) -> ExitCode {
-    use sundial_net::certs::CertificateAuthority;
     if !(1..=9).contains(&args.nodes) {
         eprintln!("sundial: nodes: must be within 1..=9, not {}", args.nodes);
         return ExitCode::from(2);
     }
+    if let Err(e) = dev_certificates(args) {
+        eprintln!("sundial: certificates: {e}");
+        return ExitCode::FAILURE;
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("sundial: cannot find its own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, dev_cluster_stop as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, dev_cluster_stop as *const () as libc::sighandler_t);
+    }
+    let mut members: Vec<DevMember> = Vec::new();
+    for index in 1..=args.nodes {
+        match dev_member(&exe, args, index) {
+            Ok(child) => members.push(DevMember {
+                index,
+                child: Some(child),
+                started: std::time::Instant::now(),
+                quick_exits: 0,
+            }),
+            Err(e) => {
+                eprintln!("sundial: cannot start node {index}: {e}");
+                stop_all(&mut members.into_iter().filter_map(|m| m.child).collect::<Vec<_>>());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    dev_banner(args, &members);
+    // Bounded by a signal: each pass looks at every member, then sleeps.
+    while !DEV_CLUSTER_STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        for member in &mut members {
+            supervise(&exe, args, member);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop_all(&mut members.into_iter().filter_map(|m| m.child).collect::<Vec<_>>());
+    ExitCode::SUCCESS
+}
+
+/// The dev cluster's CA and node certificates, made once in `<dir>/certs`.
+fn dev_certificates(args: &DevClusterArgs) -> Result<(), String> {
+    use sundial_net::certs::CertificateAuthority;
     let certs = args.dir.join("certs");
     let names: Vec<String> = (1..=args.nodes).map(|i| format!("node-{i}")).collect();
     let made = if certs.join("ca.pem").exists() {
@@ -716,58 +790,69 @@ pub fn dev_cluster(args: &DevClusterArgs) -> ExitCode {
             names.iter().try_for_each(|n| ca.write_node(&certs, n))
         })
     };
-    if let Err(e) = made {
-        eprintln!("sundial: certificates: {e}");
-        return ExitCode::FAILURE;
-    }
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => {
-            eprintln!("sundial: cannot find its own executable: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let offset = |base: u16, i: u64| base.saturating_add(i as u16);
-    let peers: Vec<String> = (1..=args.nodes).map(|i| format!("{i}@127.0.0.1:{}", offset(7400, i))).collect();
-    let mut children = Vec::new();
-    for i in 1..=args.nodes {
-        let child = std::process::Command::new(&exe)
-            .arg("server")
-            .args(["--node-id", &i.to_string()])
-            .arg("--data")
-            .arg(args.dir.join(format!("node-{i}")))
-            .args(["--http", &format!("127.0.0.1:{}", offset(args.http_port, i))])
-            .args(["--binary", &format!("127.0.0.1:{}", offset(7070, i))])
-            .args(["--peers", &peers.join(",")])
-            .arg("--certs")
-            .arg(&certs)
-            .args(["--partitions", &args.partitions.to_string()])
-            .arg("--allow-loopback-targets")
-            .spawn();
-        match child {
-            Ok(child) => children.push(child),
-            Err(e) => {
-                eprintln!("sundial: cannot start node {i}: {e}");
-                stop_all(&mut children);
-                return ExitCode::FAILURE;
-            }
-        }
-    }
+    made.map_err(|e| e.to_string())
+}
+
+/// Starts member `index` of the dev cluster on its data.
+fn dev_member(exe: &std::path::Path, args: &DevClusterArgs, index: u64) -> std::io::Result<std::process::Child> {
+    let offset = |base: u16| base.saturating_add(index as u16);
+    let peers: Vec<String> =
+        (1..=args.nodes).map(|i| format!("{i}@127.0.0.1:{}", args.peer_port.saturating_add(i as u16))).collect();
+    std::process::Command::new(exe)
+        .arg("server")
+        .args(["--node-id", &index.to_string()])
+        .arg("--data")
+        .arg(args.dir.join(format!("node-{index}")))
+        .args(["--http", &format!("127.0.0.1:{}", offset(args.http_port))])
+        .args(["--binary", &format!("127.0.0.1:{}", offset(args.binary_port))])
+        .args(["--peers", &peers.join(",")])
+        .arg("--certs")
+        .arg(args.dir.join("certs"))
+        .args(["--partitions", &args.partitions.to_string()])
+        .arg("--allow-loopback-targets")
+        .spawn()
+}
+
+fn dev_banner(args: &DevClusterArgs, members: &[DevMember]) {
     println!("a {}-node cluster (data and certificates in {}):", args.nodes, args.dir.display());
-    for i in 1..=args.nodes {
-        println!("  node {i}: http://127.0.0.1:{}  sundial://127.0.0.1:{}", offset(args.http_port, i), offset(7070, i));
+    for member in members {
+        let i = member.index as u16;
+        let pid = member.child.as_ref().map_or(0, std::process::Child::id);
+        let (http, binary) = (args.http_port.saturating_add(i), args.binary_port.saturating_add(i));
+        println!("  node {i}: http://127.0.0.1:{http}  sundial://127.0.0.1:{binary}  pid {pid}");
     }
-    println!("see it: curl http://127.0.0.1:{}/debug/cluster   stop: Ctrl-C", offset(args.http_port, 1));
-    // Ctrl-C reaches the children too (same process group); otherwise wait for one to end.
-    // Bounded by the children: it returns once one of them has ended.
-    loop {
-        if children.iter_mut().any(|c| c.try_wait().ok().flatten().is_some()) {
-            break;
+    let first = args.http_port.saturating_add(1);
+    println!("see it: sundial cluster status --node http://127.0.0.1:{first}");
+    println!("break it: kill -9 a node's pid; the others go on and lead its partitions, and it is started again");
+    println!("stop: Ctrl-C");
+}
+
+/// Starts `member` again if it ended (unless the cluster is stopping, or it keeps ending as
+/// soon as it starts).
+fn supervise(exe: &std::path::Path, args: &DevClusterArgs, member: &mut DevMember) {
+    let Some(status) = member.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) else { return };
+    member.child = None;
+    if DEV_CLUSTER_STOPPING.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let index = member.index;
+    member.quick_exits = if member.started.elapsed() < DEV_MEMBER_QUICK_EXIT { member.quick_exits + 1 } else { 0 };
+    if member.quick_exits >= DEV_MEMBER_QUICK_EXITS_MAX {
+        eprintln!(
+            "sundial: node {index} ended {} times within {} s of starting ({status}); left stopped: see its log above",
+            member.quick_exits,
+            DEV_MEMBER_QUICK_EXIT.as_secs()
+        );
+        return;
+    }
+    match dev_member(exe, args, index) {
+        Ok(child) => {
+            println!("node {index} ended ({status}); started again: pid {}", child.id());
+            member.child = Some(child);
+            member.started = std::time::Instant::now();
         }
-        std::thread::sleep(Duration::from_millis(200));
+        Err(e) => eprintln!("sundial: node {index} ended ({status}) and could not be started again: {e}"),
     }
-    stop_all(&mut children);
-    ExitCode::SUCCESS
 }
 
 /// SIGTERM to every child, then waits for each.
