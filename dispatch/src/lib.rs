@@ -669,9 +669,13 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
         // The callback of a fire is a delivery of its own: a receiver keeps both apart.
         key.push_str(":callback");
     }
+    let (uri, host) = keyed_as_limited(uri)?;
     let mut builder = hyper::Request::builder().method(target.method.as_str()).uri(uri);
     for (name, value) in &target.headers {
         builder = builder.header(name.as_str(), value.as_str());
+    }
+    if !builder.headers_ref().is_some_and(|headers| headers.contains_key(hyper::header::HOST)) {
+        builder = builder.header(hyper::header::HOST, host);
     }
     if let Some(content_type) = &target.content_type {
         builder = builder.header("content-type", content_type.as_str());
@@ -694,6 +698,25 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
         builder = builder.header("x-sundial-signature", sign::signatures(&secrets, now_ms(), &target.body));
     }
     builder.body(Full::new(Bytes::from(target.body.clone()))).ok()
+}
+
+/// The URI with its authority spelled as the host's limits key it (`host:port`, lower-cased,
+/// no user info), and the Host header the URI as given would have had (its host, and its
+/// port when not the scheme's default). The client pools connections by the URI's
+/// authority: spelled one way for every spelling of a host, a request finds that host's
+/// idle connections, rather than wait for one of them to close to open its own (the
+/// connections are capped per host, `connections.rs`). What goes on the wire is unchanged.
+fn keyed_as_limited(uri: hyper::Uri) -> Option<(hyper::Uri, String)> {
+    let host = uri.host()?.to_string();
+    let key = connections::host_key_of(&uri);
+    let (scheme, authority) = key.split_once("://")?;
+    let host_header = match (uri.port_u16(), scheme) {
+        (Some(443), "https") | (Some(80), "http") | (None, _) => host,
+        (Some(port), _) => format!("{host}:{port}"),
+    };
+    let path = uri.path_and_query().map_or("/", |p| p.as_str());
+    let keyed = hyper::Uri::builder().scheme(scheme).authority(authority).path_and_query(path).build().ok()?;
+    Some((keyed, host_header))
 }
 
 /// `Retry-After`: delay seconds, or an HTTP date.

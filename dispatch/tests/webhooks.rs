@@ -380,3 +380,26 @@ async fn a_leader_with_peers_sends_a_fire_only_once_its_start_commits() {
     let sent: Vec<String> = receiver.requests().iter().map(|r| r.path.clone()).collect();
     assert_eq!(sent, vec!["/early".to_string()]);
 }
+
+/// Two spellings of one host share its connections: with one connection allowed, a job to
+/// `http://someone@host:port` after one to `http://host:port` uses the connection the first
+/// left open, on its first attempt, instead of waiting for it to close; each request carries
+/// the Host header its URL gives.
+#[tokio::test]
+async fn two_spellings_of_a_host_share_its_connections() {
+    let receiver = Receiver::start(script(|_, _| Reply::status(200))).await;
+    let mut runtime = runtime(|d| d.per_host_concurrency = 1);
+    let now = now_ms();
+    create(&mut runtime, json!({"id": "plain", "run_at": now, "url": receiver.url("/plain")}));
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "plain") == Status::Completed).await);
+    let spelled = receiver.url("/spelled").replacen("http://", "http://someone@", 1);
+    let started = now_ms();
+    create(&mut runtime, json!({"id": "spelled", "run_at": started, "url": spelled}));
+    assert!(runtime.run_until(PATIENCE, |s| status_of(s, "spelled") == Status::Completed).await);
+    let requests = receiver.requests();
+    let second = requests.iter().find(|r| r.path == "/spelled").expect("delivered");
+    assert_eq!(second.header("x-sundial-attempt"), Some("1"), "its first attempt went through");
+    assert!(second.at_ms < started + 5_000, "it did not wait for the other spelling's connection to close");
+    let authority = receiver.url("").trim_start_matches("http://").to_string();
+    assert!(requests.iter().all(|r| r.header("host") == Some(authority.as_str())), "{requests:?}");
+}
