@@ -4,9 +4,9 @@
 //! due time, and the dispatcher makes the attempts — on the replica that leads, only.
 //! Due fire → `FireStarted` proposed → attempt submitted, at once when that is safe (a node
 //! alone, nothing ahead in the log for the job: `send_early`), else once the start applies
-//! (a full queue leaves it due; it is tried again shortly) → outcome → `AttemptFinished` with a retry time (backoff
-//! with jitter, or Retry-After if longer) → the state machine decides retry, success or dead
-//! letter. Every step is completion-driven: nothing waits for the log inside a call.
+//! (a full queue leaves it due; it is tried again shortly) → outcome → `AttemptFinished`
+//! with a retry time (backoff with jitter, or Retry-After if longer) → the state machine
+//! decides retry, success or dead letter. Every step is completion-driven: nothing waits for the log inside a call.
 
 use crate::{now_ms, Attempt, AttemptResult, DispatchConfig, Dispatcher, SharedDispatcher};
 // Maps by job id and flow key: fast, and keyed at random per process, so ids a client
@@ -322,14 +322,12 @@ impl Concern {
 
 impl InLog {
     fn note(&mut self, ticket: Ticket, concern: Option<Concern>) {
+        let Some(concern) = concern else { return };
         match &concern {
-            Some(Concern::Job(id)) => *self.by_job.entry(id.clone()).or_default() += 1,
-            Some(Concern::EveryJob) => self.every_job += 1,
-            None => return,
+            Concern::Job(id) => *self.by_job.entry(id.clone()).or_default() += 1,
+            Concern::EveryJob => self.every_job += 1,
         }
-        if let Some(concern) = concern {
-            self.by_ticket.insert(ticket, concern);
-        }
+        self.by_ticket.insert(ticket, concern);
     }
 
     fn applied(&mut self, ticket: Ticket) {
