@@ -33,7 +33,7 @@ fn runtime(configure: impl FnOnce(&mut DispatchConfig)) -> LocalRuntime {
 
 fn create(runtime: &mut LocalRuntime, request: serde_json::Value) {
     let now = now_ms();
-    let spec = parse_job_request(&request, now, "unused").expect("valid request");
+    let spec = parse_job_request(&request.to_string(), now, "unused").expect("valid request");
     runtime
         .apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: now, dedup_window_ms: None }, now)
         .expect("created");
@@ -328,7 +328,7 @@ async fn fires_with_the_log_held(receiver: &Receiver, alone: bool) -> sundial_di
     let mut runtime = sundial_dispatch::runtime::Runtime::with_log(config, log, now);
     for id in ["early", "cancelled"] {
         let request = json!({"id": id, "run_at": now + 200, "url": receiver.url(&format!("/{id}"))});
-        let spec = parse_job_request(&request, now, "unused").expect("valid request");
+        let spec = parse_job_request(&request.to_string(), now, "unused").expect("valid request");
         runtime.propose(vec![Command::Create { spec: PackedSpec::of(&spec), now_ms: now, dedup_window_ms: None }]);
     }
     runtime.advance(now);

@@ -122,7 +122,7 @@ mod tests {
             "deadline_ms": 60000, "priority": 1, "labels": {"team": "x"}, "secret": "s", "flow": {"key": "k", "parallelism": 2},
             "callbacks": {"on_success": "https://example.com/ok"}, "dst": {"missing": "skip", "repeated": "both"},
         });
-        let spec = crate::request::parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        let spec = crate::request::parse_job_request(&request.to_string(), 1_800_000_000_000, "unused").expect("valid");
         let outcome =
             crate::state::Outcome::Response { status: 503, body: vec![1], retry_after_ms: Some(5), no_retry: false };
         let id = || "pinned".to_string();

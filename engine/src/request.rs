@@ -1,11 +1,14 @@
 //! Turns a JSON job request into a `JobSpec`: Sundial's own format, or Scheduled-DB's as it
 //! is (`type: unico|recurrente`, `timestamp`, `cron_expression`, `last_date`, `webhook_url`,
 //! `payload`). Every problem is reported at once, each with its field and rule; unknown
-//! fields are refused so a typo never silently drops a setting.
+//! fields, and fields given twice, are refused so a typo never silently drops a setting.
+//! The request's text is read in place: its values are parsed straight into the spec.
 
 use crate::job::*;
 use base64::Engine as _;
-use serde_json::{Map, Value};
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Past times further back than this are refused as mistakes; nearer ones fire at once.
@@ -49,19 +52,41 @@ const DST_FIELDS: [&str; 2] = ["repeated", "missing"];
 const FLOW_FIELDS: [&str; 5] = ["key", "parallelism", "rate", "period", "ordered"];
 const CALLBACK_FIELDS: [&str; 2] = ["on_success", "on_failure"];
 
-/// Parses and validates a request made at `now_ms`; `generated_id` is used when it has none.
-pub fn parse_job_request(request: &Value, now_ms: u64, generated_id: &str) -> Result<JobSpec, Vec<FieldError>> {
-    let Some(object) = request.as_object() else {
-        return Err(vec![FieldError::new("(body)", "must be a JSON object")]);
-    };
+/// What a request is read against: when it is made, the id a job gets when its request
+/// names none, and the attempt timeout when it sets none.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestContext<'a> {
+    pub now_ms: u64,
+    pub generated_id: &'a str,
+    pub attempt_timeout_ms: u64,
+}
+
+impl<'a> RequestContext<'a> {
+    /// A request made at `now_ms`, with the engine's default attempt timeout.
+    pub fn new(now_ms: u64, generated_id: &'a str) -> RequestContext<'a> {
+        RequestContext { now_ms, generated_id, attempt_timeout_ms: ATTEMPT_TIMEOUT_MS_DEFAULT }
+    }
+}
+
+/// Parses and validates a request (JSON text) made at `now_ms`; `generated_id` is used when
+/// it has none.
+pub fn parse_job_request(request: &str, now_ms: u64, generated_id: &str) -> Result<JobSpec, Vec<FieldError>> {
+    parse_job_request_in(request, &RequestContext::new(now_ms, generated_id))
+}
+
+/// Parses and validates a request (JSON text) in its context.
+pub fn parse_job_request_in(request: &str, context: &RequestContext) -> Result<JobSpec, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let spec = if object.contains_key("type") {
-        parse_scheduled_db(object, now_ms, generated_id, &mut errors)
+    let object = body_fields(request, "must be a JSON object", &mut errors)?;
+    let spec = if object.has("type") {
+        parse_scheduled_db(&object, context, &mut errors)
     } else {
-        parse_sundial(object, now_ms, generated_id, &mut errors)
+        parse_sundial(&object, context, &mut errors)
     };
     match spec {
-        Some(spec) if errors.is_empty() => spec.validate().and_then(|()| check_fires(&spec, now_ms)).map(|()| spec),
+        Some(spec) if errors.is_empty() => {
+            spec.validate().and_then(|()| check_fires(&spec, context.now_ms)).map(|()| spec)
+        }
         _ => {
             if let Some(spec) = spec {
                 errors.extend(spec.validate().err().unwrap_or_default());
@@ -85,33 +110,54 @@ fn check_fires(spec: &JobSpec, now_ms: u64) -> Result<(), Vec<FieldError>> {
     }
 }
 
-fn unknown_fields(object: &Map<String, Value>, known: &[&str], prefix: &str, errors: &mut Vec<FieldError>) {
-    for key in object.keys() {
-        if !known.contains(&key.as_str()) {
-            errors.push(FieldError::new(format!("{prefix}{key}"), "is not a known field"));
+/// The members of a whole request's text, or the one error that says why it has none.
+fn body_fields<'a>(text: &'a str, rule: &str, errors: &mut Vec<FieldError>) -> Result<Fields<'a>, Vec<FieldError>> {
+    let raw = serde_json::from_str::<&RawValue>(text)
+        .map_err(|e| vec![FieldError::new("(body)", format!("must be JSON ({e})"))])?;
+    Fields::of(raw, "", errors).ok_or_else(|| vec![FieldError::new("(body)", rule)])
+}
+
+/// The id a request names, read without reading the rest (an upsert's id is checked before
+/// the request is).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NamedId {
+    Absent,
+    Text(String),
+    /// Present, but not a string.
+    Other,
+}
+
+/// The `id` of a request (JSON text); `None` when the text is not a JSON object.
+pub fn named_id(request: &str) -> Option<NamedId> {
+    let raw = serde_json::from_str::<&RawValue>(request).ok()?;
+    let object = Fields::of(raw, "", &mut Vec::new())?;
+    Some(match object.get("id") {
+        None => NamedId::Absent,
+        Some(id) => text_of(id).map_or(NamedId::Other, |id| NamedId::Text(id.into_owned())),
+    })
+}
+
+fn unknown_fields(object: &Fields, known: &[&str], prefix: &str, errors: &mut Vec<FieldError>) {
+    for (name, _) in object.sorted() {
+        if !known.contains(&name) {
+            errors.push(FieldError::new(format!("{prefix}{name}"), "is not a known field"));
         }
     }
 }
 
-fn parse_sundial(
-    object: &Map<String, Value>,
-    now_ms: u64,
-    generated_id: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<JobSpec> {
+fn parse_sundial(object: &Fields, context: &RequestContext, errors: &mut Vec<FieldError>) -> Option<JobSpec> {
+    let now_ms = context.now_ms;
     unknown_fields(object, &SUNDIAL_FIELDS, "", errors);
-    let id = optional_string(object, "id", errors).unwrap_or_else(|| generated_id.to_string());
-    let schedule_fields: Vec<&str> =
-        ["run_at", "delay", "cron"].into_iter().filter(|f| object.contains_key(*f)).collect();
+    let id = optional_string(object, "id", errors).unwrap_or_else(|| context.generated_id.to_string());
+    let schedule_fields: Vec<&str> = ["run_at", "delay", "cron"].into_iter().filter(|f| object.has(f)).collect();
     let schedule = match schedule_fields.as_slice() {
         ["run_at"] => time_field(object, "run_at", now_ms, errors).map(|at_ms| Schedule::Once { at_ms }),
         ["delay"] => duration_field(object, "delay", errors).map(|delay| Schedule::Once { at_ms: now_ms + delay }),
         ["cron"] => {
             let expression = optional_string(object, "cron", errors);
             let time_zone = optional_string(object, "time_zone", errors).unwrap_or_else(|| "UTC".into());
-            let start_ms =
-                object.contains_key("start_at").then(|| time_field(object, "start_at", now_ms, errors)).flatten();
-            let end_ms = object.contains_key("end_at").then(|| time_field(object, "end_at", 0, errors)).flatten();
+            let start_ms = object.has("start_at").then(|| time_field(object, "start_at", now_ms, errors)).flatten();
+            let end_ms = object.has("end_at").then(|| time_field(object, "end_at", 0, errors)).flatten();
             let misfire = match optional_string(object, "misfire", errors).as_deref() {
                 None | Some("fire_once") => Some(Misfire::FireOnce),
                 Some("skip") => Some(Misfire::Skip),
@@ -162,7 +208,7 @@ fn parse_sundial(
         for field in
             ["time_zone", "start_at", "end_at", "misfire", "misfire_max", "overlap", "dst", "pause_after_failures"]
         {
-            if object.contains_key(field) {
+            if object.has(field) {
                 errors.push(FieldError::new(field, "applies to cron jobs only"));
             }
         }
@@ -179,22 +225,21 @@ fn parse_sundial(
         }),
     };
     let headers: Vec<(String, String)> = string_map(object, "headers", errors).into_iter().collect();
-    let body_fields: Vec<&str> =
-        ["json", "body", "body_base64"].into_iter().filter(|f| object.contains_key(*f)).collect();
-    let (body, content_type) = match body_fields.as_slice() {
+    let given_bodies: Vec<(&str, &RawValue)> =
+        ["json", "body", "body_base64"].into_iter().filter_map(|f| object.get(f).map(|raw| (f, raw))).collect();
+    let (body, content_type) = match given_bodies.as_slice() {
         [] => (Vec::new(), None),
-        ["json"] => (object["json"].to_string().into_bytes(), Some("application/json".to_string())),
-        ["body"] => match &object["body"] {
-            Value::String(text) => (text.clone().into_bytes(), None),
-            _ => {
+        [("json", json)] => (compact(json), Some("application/json".to_string())),
+        [("body", body)] => match text_of(body) {
+            Some(text) => (text.into_owned().into_bytes(), None),
+            None => {
                 errors.push(FieldError::new("body", "must be a string (use json for JSON values)"));
                 (Vec::new(), None)
             }
         },
-        ["body_base64"] => {
-            let decoded = object["body_base64"]
-                .as_str()
-                .and_then(|text| base64::engine::general_purpose::STANDARD.decode(text).ok());
+        [(_, body_base64)] => {
+            let decoded =
+                text_of(body_base64).and_then(|text| base64::engine::general_purpose::STANDARD.decode(&*text).ok());
             match decoded {
                 Some(bytes) => (bytes, Some("application/octet-stream".to_string())),
                 None => {
@@ -204,7 +249,7 @@ fn parse_sundial(
             }
         }
         _ => {
-            errors.push(FieldError::new(body_fields[1], "only one of json, body or body_base64 may be given"));
+            errors.push(FieldError::new(given_bodies[1].0, "only one of json, body or body_base64 may be given"));
             (Vec::new(), None)
         }
     };
@@ -214,31 +259,31 @@ fn parse_sundial(
         .map(|(_, value)| value.clone())
         .or(content_type);
     let headers = headers.into_iter().filter(|(name, _)| !name.eq_ignore_ascii_case("content-type")).collect();
-    let retry = match object.get("retry") {
+    let retry = match object.get("retry").map(|retry| Fields::of(retry, "retry.", errors)) {
         None => RetryPolicy::default(),
-        Some(Value::Object(retry)) => parse_retry(retry, errors),
-        Some(_) => {
+        Some(Some(retry)) => parse_retry(&retry, errors),
+        Some(None) => {
             errors.push(FieldError::new("retry", "must be an object"));
             RetryPolicy::default()
         }
     };
-    let attempt_timeout_ms = optional_u64(object, "attempt_timeout_ms", errors).unwrap_or(ATTEMPT_TIMEOUT_MS_DEFAULT);
+    let attempt_timeout_ms = optional_u64(object, "attempt_timeout_ms", errors).unwrap_or(context.attempt_timeout_ms);
     let deadline_ms = optional_u64(object, "deadline_ms", errors);
     let priority = optional_u64(object, "priority", errors).unwrap_or(1).min(255) as u8;
-    let depends_on = match object.get("depends_on") {
+    let depends_on = match object.get("depends_on").map(array_of) {
         None => Vec::new(),
-        Some(Value::Array(ids)) => ids
+        Some(Some(ids)) => ids
             .iter()
             .enumerate()
-            .filter_map(|(position, id)| match id {
-                Value::String(id) => Some(id.clone()),
-                _ => {
+            .filter_map(|(position, id)| match text_of(id) {
+                Some(id) => Some(id.into_owned()),
+                None => {
                     errors.push(FieldError::new(format!("depends_on[{position}]"), "must be a job id string"));
                     None
                 }
             })
             .collect(),
-        Some(_) => {
+        Some(None) => {
             errors.push(FieldError::new("depends_on", "must be an array of job ids"));
             Vec::new()
         }
@@ -268,10 +313,10 @@ fn parse_sundial(
 }
 
 /// `flow: {"key": …, "parallelism"?: n, "rate"?: n, "period"?: duration, "ordered"?: bool}`.
-fn parse_flow(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Option<Flow> {
-    let flow = match object.get("flow")? {
-        Value::Object(flow) => flow,
-        _ => {
+fn parse_flow(object: &Fields, errors: &mut Vec<FieldError>) -> Option<Flow> {
+    let flow = match Fields::of(object.get("flow")?, "flow.", errors) {
+        Some(flow) => flow,
+        None => {
             errors.push(FieldError::new(
                 "flow",
                 "must be an object {\"key\": …, \"parallelism\"?, \"rate\"?, \"period\"?, \"ordered\"?}",
@@ -279,15 +324,15 @@ fn parse_flow(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Opti
             return None;
         }
     };
-    unknown_fields(flow, &FLOW_FIELDS, "flow.", errors);
+    unknown_fields(&flow, &FLOW_FIELDS, "flow.", errors);
     let mut nested = Vec::new();
-    let key = optional_string(flow, "key", &mut nested);
-    let parallelism = optional_u64(flow, "parallelism", &mut nested).map(|n| n.min(u64::from(u32::MAX)) as u32);
-    let rate = optional_u64(flow, "rate", &mut nested).map(|n| n.min(u64::from(u32::MAX)) as u32);
-    let period_ms = flow.contains_key("period").then(|| duration_field(flow, "period", &mut nested)).flatten();
+    let key = optional_string(&flow, "key", &mut nested);
+    let parallelism = optional_u64(&flow, "parallelism", &mut nested).map(|n| n.min(u64::from(u32::MAX)) as u32);
+    let rate = optional_u64(&flow, "rate", &mut nested).map(|n| n.min(u64::from(u32::MAX)) as u32);
+    let period_ms = flow.has("period").then(|| duration_field(&flow, "period", &mut nested)).flatten();
     let ordered = match flow.get("ordered") {
         None => None,
-        Some(Value::Bool(ordered)) => Some(*ordered),
+        Some(ordered) if kind(ordered) == Kind::Bool => Some(ordered.get() == "true"),
         Some(_) => {
             nested.push(FieldError::new("ordered", "must be true or false"));
             None
@@ -303,74 +348,76 @@ fn parse_flow(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Opti
 }
 
 /// `callbacks: {"on_success"?: url, "on_failure"?: url}`.
-fn parse_callbacks(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Callbacks {
-    let callbacks = match object.get("callbacks") {
+fn parse_callbacks(object: &Fields, errors: &mut Vec<FieldError>) -> Callbacks {
+    let callbacks = match object.get("callbacks").map(|callbacks| Fields::of(callbacks, "callbacks.", errors)) {
         None => return Callbacks::default(),
-        Some(Value::Object(callbacks)) => callbacks,
-        Some(_) => {
+        Some(Some(callbacks)) => callbacks,
+        Some(None) => {
             errors.push(FieldError::new("callbacks", "must be an object {\"on_success\"?: url, \"on_failure\"?: url}"));
             return Callbacks::default();
         }
     };
-    unknown_fields(callbacks, &CALLBACK_FIELDS, "callbacks.", errors);
+    unknown_fields(&callbacks, &CALLBACK_FIELDS, "callbacks.", errors);
     let mut nested = Vec::new();
-    let on_success = optional_string(callbacks, "on_success", &mut nested);
-    let on_failure = optional_string(callbacks, "on_failure", &mut nested);
+    let on_success = optional_string(&callbacks, "on_success", &mut nested);
+    let on_failure = optional_string(&callbacks, "on_failure", &mut nested);
     errors.extend(nested.into_iter().map(|e| FieldError::new(format!("callbacks.{}", e.field), e.rule)));
     Callbacks { on_success, on_failure }
 }
 
 /// `dst: {"repeated": "first"|"both", "missing": "shift"|"skip"}`, each optional.
-fn parse_dst(object: &Map<String, Value>, errors: &mut Vec<FieldError>) -> DstPolicy {
+fn parse_dst(object: &Fields, errors: &mut Vec<FieldError>) -> DstPolicy {
     let mut policy = DstPolicy::default();
-    let dst = match object.get("dst") {
+    let dst = match object.get("dst").map(|dst| Fields::of(dst, "dst.", errors)) {
         None => return policy,
-        Some(Value::Object(dst)) => dst,
-        Some(_) => {
+        Some(Some(dst)) => dst,
+        Some(None) => {
             errors.push(FieldError::new("dst", "must be an object {\"repeated\": …, \"missing\": …}"));
             return policy;
         }
     };
-    unknown_fields(dst, &DST_FIELDS, "dst.", errors);
-    match dst.get("repeated").map(|v| v.as_str()) {
-        None | Some(Some("first")) => {}
-        Some(Some("both")) => policy.repeated = Repeated::Both,
+    unknown_fields(&dst, &DST_FIELDS, "dst.", errors);
+    match dst.get("repeated").map(text_of) {
+        None => {}
+        Some(Some(text)) if text == "first" => {}
+        Some(Some(text)) if text == "both" => policy.repeated = Repeated::Both,
         Some(_) => errors.push(FieldError::new("dst.repeated", "must be first or both")),
     }
-    match dst.get("missing").map(|v| v.as_str()) {
-        None | Some(Some("shift")) => {}
-        Some(Some("skip")) => policy.missing = Missing::Skip,
+    match dst.get("missing").map(text_of) {
+        None => {}
+        Some(Some(text)) if text == "shift" => {}
+        Some(Some(text)) if text == "skip" => policy.missing = Missing::Skip,
         Some(_) => errors.push(FieldError::new("dst.missing", "must be shift or skip")),
     }
     policy
 }
 
-fn parse_retry(retry: &Map<String, Value>, errors: &mut Vec<FieldError>) -> RetryPolicy {
+fn parse_retry(retry: &Fields, errors: &mut Vec<FieldError>) -> RetryPolicy {
     unknown_fields(retry, &RETRY_FIELDS, "retry.", errors);
     let defaults = RetryPolicy::default();
     let field = |name: &str| format!("retry.{name}");
     let u64_of = |name: &str, errors: &mut Vec<FieldError>| match retry.get(name) {
         None => None,
-        Some(value) => value.as_u64().or_else(|| {
+        Some(value) => whole_of(value).or_else(|| {
             errors.push(FieldError::new(field(name), "must be a whole number ≥ 0"));
             None
         }),
     };
     let f64_of = |name: &str, errors: &mut Vec<FieldError>| match retry.get(name) {
         None => None,
-        Some(value) => value.as_f64().filter(|v| v.is_finite()).or_else(|| {
+        Some(value) => number_of(value).filter(|v| v.is_finite()).or_else(|| {
             errors.push(FieldError::new(field(name), "must be a number"));
             None
         }),
     };
-    let retry_on = match retry.get("retry_on") {
+    let retry_on = match retry.get("retry_on").map(array_of) {
         None => defaults.retry_on.clone(),
-        Some(Value::Array(items)) => items
+        Some(Some(items)) => items
             .iter()
             .filter_map(|item| {
-                let parsed = match item {
-                    Value::Number(n) => n.as_u64().filter(|c| *c <= 999).map(|c| StatusMatch::Exact(c as u16)),
-                    Value::String(text) => parse_status_match(text),
+                let parsed = match kind(item) {
+                    Kind::Number => whole_of(item).filter(|c| *c <= 999).map(|c| StatusMatch::Exact(c as u16)),
+                    Kind::Text => text_of(item).and_then(|text| parse_status_match(&text)),
                     _ => None,
                 };
                 if parsed.is_none() {
@@ -382,7 +429,7 @@ fn parse_retry(retry: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Retr
                 parsed
             })
             .collect(),
-        Some(_) => {
+        Some(None) => {
             errors.push(FieldError::new("retry.retry_on", "must be an array"));
             defaults.retry_on.clone()
         }
@@ -402,20 +449,20 @@ fn parse_retry(retry: &Map<String, Value>, errors: &mut Vec<FieldError>) -> Retr
 }
 
 /// `"exponential"` (the default), `"fixed"`, or a list of delays in ms.
-fn parse_backoff(value: Option<&Value>, errors: &mut Vec<FieldError>) -> Backoff {
+fn parse_backoff(value: Option<&RawValue>, errors: &mut Vec<FieldError>) -> Backoff {
     let rule = "must be \"exponential\", \"fixed\" or a list of delays in ms such as [1000, 5000, 30000]";
-    match value {
-        None => Backoff::Exponential,
-        Some(Value::String(kind)) if kind == "exponential" => Backoff::Exponential,
-        Some(Value::String(kind)) if kind == "fixed" => Backoff::Fixed,
-        Some(Value::Array(items)) => {
-            let delays: Option<Vec<u64>> = items.iter().map(Value::as_u64).collect();
+    let Some(value) = value else { return Backoff::Exponential };
+    match (text_of(value).as_deref(), array_of(value)) {
+        (Some("exponential"), _) => Backoff::Exponential,
+        (Some("fixed"), _) => Backoff::Fixed,
+        (_, Some(items)) => {
+            let delays: Option<Vec<u64>> = items.iter().map(|item| whole_of(item)).collect();
             delays.map(Backoff::Delays).unwrap_or_else(|| {
                 errors.push(FieldError::new("retry.backoff", rule));
                 Backoff::Exponential
             })
         }
-        Some(_) => {
+        _ => {
             errors.push(FieldError::new("retry.backoff", rule));
             Backoff::Exponential
         }
@@ -430,17 +477,13 @@ fn parse_status_match(text: &str) -> Option<StatusMatch> {
     lower.parse::<u16>().ok().map(StatusMatch::Exact)
 }
 
-fn parse_scheduled_db(
-    object: &Map<String, Value>,
-    now_ms: u64,
-    generated_id: &str,
-    errors: &mut Vec<FieldError>,
-) -> Option<JobSpec> {
+fn parse_scheduled_db(object: &Fields, context: &RequestContext, errors: &mut Vec<FieldError>) -> Option<JobSpec> {
+    let now_ms = context.now_ms;
     unknown_fields(object, &SCHEDULED_DB_FIELDS, "", errors);
-    let id = optional_string(object, "id", errors).unwrap_or_else(|| generated_id.to_string());
+    let id = optional_string(object, "id", errors).unwrap_or_else(|| context.generated_id.to_string());
     let schedule = match optional_string(object, "type", errors).as_deref() {
         Some("unico") => {
-            if !object.contains_key("timestamp") {
+            if !object.has("timestamp") {
                 errors.push(FieldError::new("timestamp", "is required for type unico"));
             }
             time_field(object, "timestamp", now_ms, errors).map(|at_ms| Schedule::Once { at_ms })
@@ -450,7 +493,7 @@ fn parse_scheduled_db(
             if expression.is_none() {
                 errors.push(FieldError::new("cron_expression", "is required for type recurrente"));
             }
-            let end_ms = object.contains_key("last_date").then(|| time_field(object, "last_date", 0, errors)).flatten();
+            let end_ms = object.has("last_date").then(|| time_field(object, "last_date", 0, errors)).flatten();
             expression.map(|expression| {
                 Schedule::Cron(CronSpec {
                     expression,
@@ -474,15 +517,16 @@ fn parse_scheduled_db(
         errors.push(FieldError::new("webhook_url", "is required"));
     }
     let (body, content_type) = match object.get("payload") {
-        None | Some(Value::Null) => (Vec::new(), None),
-        Some(payload) => (payload.to_string().into_bytes(), Some("application/json".to_string())),
+        None => (Vec::new(), None),
+        Some(payload) if kind(payload) == Kind::Null => (Vec::new(), None),
+        Some(payload) => (compact(payload), Some("application/json".to_string())),
     };
     Some(JobSpec {
         id,
         schedule: schedule?,
         target: Target { url: url?, method: Method::Post, headers: Vec::new(), body, content_type },
         retry: RetryPolicy::default(),
-        attempt_timeout_ms: ATTEMPT_TIMEOUT_MS_DEFAULT,
+        attempt_timeout_ms: context.attempt_timeout_ms,
         deadline_ms: None,
         priority: 1,
         depends_on: Vec::new(),
@@ -496,41 +540,41 @@ fn parse_scheduled_db(
 }
 
 /// A field holding an object of strings (headers, labels): each non-string value is named.
-fn string_map(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> BTreeMap<String, String> {
-    match object.get(field) {
+fn string_map(object: &Fields, field: &str, errors: &mut Vec<FieldError>) -> BTreeMap<String, String> {
+    let prefix = format!("{field}.");
+    match object.get(field).map(|map| Fields::of(map, &prefix, errors)) {
         None => BTreeMap::new(),
-        Some(Value::Object(map)) => map
-            .iter()
-            .filter_map(|(key, value)| match value {
-                Value::String(value) => Some((key.clone(), value.clone())),
-                _ => {
-                    errors.push(FieldError::new(format!("{field}.{key}"), "must be a string"));
+        Some(Some(map)) => map
+            .sorted()
+            .into_iter()
+            .filter_map(|(key, value)| match text_of(value) {
+                Some(value) => Some((key.to_string(), value.into_owned())),
+                None => {
+                    errors.push(FieldError::new(format!("{prefix}{key}"), "must be a string"));
                     None
                 }
             })
             .collect(),
-        Some(_) => {
+        Some(None) => {
             errors.push(FieldError::new(field, "must be an object of strings"));
             BTreeMap::new()
         }
     }
 }
 
-fn optional_string(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
-    match object.get(field) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(text)) => Some(text.clone()),
-        Some(_) => {
-            errors.push(FieldError::new(field, "must be a string"));
-            None
-        }
-    }
+fn optional_string(object: &Fields, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    let value = object.get(field).filter(|value| kind(value) != Kind::Null)?;
+    text_of(value).map(Cow::into_owned).or_else(|| {
+        errors.push(FieldError::new(field, "must be a string"));
+        None
+    })
 }
 
-fn optional_u64(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
+fn optional_u64(object: &Fields, field: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
     match object.get(field) {
-        None | Some(Value::Null) => None,
-        Some(value) => value.as_u64().or_else(|| {
+        None => None,
+        Some(value) if kind(value) == Kind::Null => None,
+        Some(value) => whole_of(value).or_else(|| {
             errors.push(FieldError::new(field, "must be a whole number ≥ 0"));
             None
         }),
@@ -538,19 +582,17 @@ fn optional_u64(object: &Map<String, Value>, field: &str, errors: &mut Vec<Field
 }
 
 /// `{"from": time, "to": time}` of a backfill (RFC 3339, epoch seconds or ms), both required.
-pub fn parse_backfill(request: &Value) -> Result<(u64, u64), Vec<FieldError>> {
-    let Some(object) = request.as_object() else {
-        return Err(vec![FieldError::new("(body)", "must be a JSON object {\"from\": …, \"to\": …}")]);
-    };
+pub fn parse_backfill(request: &str) -> Result<(u64, u64), Vec<FieldError>> {
     let mut errors = Vec::new();
+    let object = &body_fields(request, "must be a JSON object {\"from\": …, \"to\": …}", &mut errors)?;
     unknown_fields(object, &["from", "to"], "", &mut errors);
     for field in ["from", "to"] {
-        if !object.contains_key(field) {
+        if !object.has(field) {
             errors.push(FieldError::new(field, "is required"));
         }
     }
-    let from = object.contains_key("from").then(|| time_field(object, "from", 0, &mut errors)).flatten();
-    let to = object.contains_key("to").then(|| time_field(object, "to", 0, &mut errors)).flatten();
+    let from = object.has("from").then(|| time_field(object, "from", 0, &mut errors)).flatten();
+    let to = object.has("to").then(|| time_field(object, "to", 0, &mut errors)).flatten();
     match (from, to) {
         (Some(from), Some(to)) if errors.is_empty() => Ok((from, to)),
         _ => Err(errors),
@@ -560,23 +602,16 @@ pub fn parse_backfill(request: &Value) -> Result<(u64, u64), Vec<FieldError>> {
 /// A point in time: RFC 3339 text, or epoch seconds or milliseconds (a number, or digits in
 /// a string; values below 10^11 are seconds). Refused when more than a day before `not_before_ms`
 /// (pass 0 to accept any past time).
-fn time_field(
-    object: &Map<String, Value>,
-    field: &str,
-    not_before_ms: u64,
-    errors: &mut Vec<FieldError>,
-) -> Option<u64> {
+fn time_field(object: &Fields, field: &str, not_before_ms: u64, errors: &mut Vec<FieldError>) -> Option<u64> {
     let rule = "must be an RFC 3339 time (2026-03-01T09:00:00Z) or epoch seconds or milliseconds";
-    let parsed = match object.get(field) {
-        Some(Value::Number(n)) => n.as_u64().map(epoch_to_ms),
-        Some(Value::String(text)) if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() => {
+    let parsed = object.get(field).and_then(|value| match (kind(value), text_of(value)) {
+        (Kind::Number, _) => whole_of(value).map(epoch_to_ms),
+        (_, Some(text)) if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() => {
             text.parse::<u64>().ok().map(epoch_to_ms)
         }
-        Some(Value::String(text)) => {
-            text.parse::<jiff::Timestamp>().ok().and_then(|t| u64::try_from(t.as_millisecond()).ok())
-        }
+        (_, Some(text)) => text.parse::<jiff::Timestamp>().ok().and_then(|t| u64::try_from(t.as_millisecond()).ok()),
         _ => None,
-    };
+    });
     let Some(at_ms) = parsed else {
         errors.push(FieldError::new(field, rule));
         return None;
@@ -597,12 +632,11 @@ fn epoch_to_ms(value: u64) -> u64 {
 }
 
 /// A duration: milliseconds as a number, or text such as "500ms", "90s", "5m", "2h", "1d".
-fn duration_field(object: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
-    let parsed = match object.get(field) {
-        Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(text)) => parse_duration_ms(text),
-        _ => None,
-    };
+fn duration_field(object: &Fields, field: &str, errors: &mut Vec<FieldError>) -> Option<u64> {
+    let parsed = object.get(field).and_then(|value| match kind(value) {
+        Kind::Number => whole_of(value),
+        _ => text_of(value).and_then(|text| parse_duration_ms(&text)),
+    });
     let limit_ms = 10 * 365 * 24 * 3600 * 1000u64;
     match parsed {
         Some(ms) if ms <= limit_ms => Some(ms),
@@ -627,4 +661,162 @@ fn parse_duration_ms(text: &str) -> Option<u64> {
         _ => return None,
     };
     value.checked_mul(unit_ms)
+}
+
+/// A JSON object read in place: each member's name and its value's text, in the order
+/// written. No tree is built: a value is parsed only when a rule reads it, straight into the
+/// type that rule wants (so a request takes one form, the `JobSpec`, on its way from bytes).
+struct Fields<'a> {
+    members: Vec<(Cow<'a, str>, &'a RawValue)>,
+}
+
+impl<'a> Fields<'a> {
+    /// The members of `raw`, or `None` when it is not an object. A name given twice is an
+    /// error (which of two values was meant is a guess), reported as `{prefix}{name}`.
+    fn of(raw: &'a RawValue, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Fields<'a>> {
+        if kind(raw) != Kind::Object {
+            return None;
+        }
+        let members = serde_json::from_str::<Members<'a>>(raw.get()).ok()?.0;
+        let mut names: Vec<&str> = members.iter().map(|(name, _)| name.as_ref()).collect();
+        names.sort_unstable();
+        for pair in names.windows(2).filter(|pair| pair[0] == pair[1]) {
+            errors.push(FieldError::new(format!("{prefix}{}", pair[0]), "is given more than once"));
+        }
+        Some(Fields { members })
+    }
+
+    fn get(&self, name: &str) -> Option<&'a RawValue> {
+        self.members.iter().find(|(member, _)| member == name).map(|(_, value)| *value)
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Members in name order (as a JSON object's members are reported, whatever order they
+    /// were written in).
+    fn sorted(&self) -> Vec<(&str, &'a RawValue)> {
+        let mut sorted: Vec<(&str, &'a RawValue)> =
+            self.members.iter().map(|(name, value)| (name.as_ref(), *value)).collect();
+        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        sorted
+    }
+}
+
+/// What a member's text holds, told by its first byte (serde_json hands a value's text
+/// without the whitespace around it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Null,
+    Bool,
+    Number,
+    Text,
+    Array,
+    Object,
+}
+
+fn kind(raw: &RawValue) -> Kind {
+    match raw.get().as_bytes().first() {
+        Some(b'n') => Kind::Null,
+        Some(b't' | b'f') => Kind::Bool,
+        Some(b'"') => Kind::Text,
+        Some(b'[') => Kind::Array,
+        Some(b'{') => Kind::Object,
+        _ => Kind::Number,
+    }
+}
+
+/// A string value: borrowed from the request when it has no escapes.
+fn text_of(raw: &RawValue) -> Option<Cow<'_, str>> {
+    if kind(raw) != Kind::Text {
+        return None;
+    }
+    match serde_json::from_str::<&str>(raw.get()) {
+        Ok(text) => Some(Cow::Borrowed(text)),
+        Err(_) => serde_json::from_str::<String>(raw.get()).ok().map(Cow::Owned),
+    }
+}
+
+/// A whole number ≥ 0 that fits u64 (`5.0`, `-1` and `1e3` are not).
+fn whole_of(raw: &RawValue) -> Option<u64> {
+    (kind(raw) == Kind::Number).then(|| serde_json::from_str::<u64>(raw.get()).ok()).flatten()
+}
+
+fn number_of(raw: &RawValue) -> Option<f64> {
+    (kind(raw) == Kind::Number).then(|| serde_json::from_str::<f64>(raw.get()).ok()).flatten()
+}
+
+fn array_of(raw: &RawValue) -> Option<Vec<&RawValue>> {
+    (kind(raw) == Kind::Array).then(|| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok()).flatten()
+}
+
+/// A JSON value's text without the whitespace between its tokens: what a webhook body
+/// given as `json` (or Scheduled-DB's `payload`) is sent as. Keys keep the order, and
+/// numbers the digits, the client wrote. `raw` is valid JSON, so outside strings every
+/// whitespace byte is insignificant.
+fn compact(raw: &RawValue) -> Vec<u8> {
+    let text = raw.get().as_bytes();
+    let mut out = Vec::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &byte in text {
+        if in_string {
+            match (escaped, byte) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if byte == b'"' {
+            in_string = true;
+        } else if matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        }
+        out.push(byte);
+    }
+    out
+}
+
+/// An object's members as serde_json reads them, names borrowed where they have no escapes.
+struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Visit<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Members<'a>, M::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(8).min(64));
+                while let Some(name) = map.next_key::<Name<'a>>()? {
+                    members.push((name.0, map.next_value::<&'a RawValue>()?));
+                }
+                Ok(Members(members))
+            }
+        }
+        deserializer.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for Visit<'a> {
+            type Value = Name<'a>;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a member name")
+            }
+            fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Name<'a>, E> {
+                Ok(Name(Cow::Borrowed(name)))
+            }
+            fn visit_str<E>(self, name: &str) -> Result<Name<'a>, E> {
+                Ok(Name(Cow::Owned(name.to_string())))
+            }
+        }
+        deserializer.deserialize_str(Visit(std::marker::PhantomData))
+    }
 }

@@ -321,7 +321,7 @@ mod tests {
 
     fn job(id: &str) -> Job {
         let request = serde_json::json!({"id": id, "run_at": T0 + 60_000, "url": "https://example.com/hook"});
-        let spec = parse_job_request(&request, T0, "unused").expect("valid request");
+        let spec = parse_job_request(&request.to_string(), T0, "unused").expect("valid request");
         Job::new(crate::spec::SpecCell::new(spec), Status::Pending, T0, Some(T0 + 60_000))
     }
 

@@ -242,7 +242,7 @@ fn the_cases_that_were_wrong_fire_as_documented() {
 fn a_job_created_before_spring_forward_fires_after_the_gap_and_is_not_lost() {
     let now = ms("2026-03-08T06:50:00Z") as u64; // 01:50 EST
     let request = json!({"id": "nightly", "cron": "0,30 2 * * *", "time_zone": "America/New_York", "url": "https://example.com/n"});
-    let spec = parse_job_request(&request, now, "unused").expect("a valid job");
+    let spec = parse_job_request(&request.to_string(), now, "unused").expect("a valid job");
     let mut state = State::new();
     state.apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: now, dedup_window_ms: None }).expect("created");
     let due = state.next_due("nightly").expect("a fire is due");
@@ -284,7 +284,7 @@ fn sunday_ranges_and_expressions_that_never_fire() {
     let now = from as u64;
     for (expression, rule) in [("0 0 30 2 *", "no occurrence in the next 5 years"), ("0 0 * * L", "bare L")] {
         let request = json!({"cron": expression, "url": "https://example.com/x"});
-        let problems = parse_job_request(&request, now, "x").expect_err("refused");
+        let problems = parse_job_request(&request.to_string(), now, "x").expect_err("refused");
         assert!(problems.iter().any(|p| p.field == "cron" && p.rule.contains(rule)), "{expression}: {problems:?}");
     }
 }

@@ -21,7 +21,7 @@ fn scheduled_db_one_shot_request_is_accepted_as_is() {
         "webhook_url": "https://example.com/hook",
         "payload": {"order": 42}
     });
-    let spec = parse_job_request(&request, NOW_MS, "generated-1").expect("valid");
+    let spec = parse_job_request(&request.to_string(), NOW_MS, "generated-1").expect("valid");
     assert_eq!(spec.id, "generated-1");
     assert_eq!(spec.schedule, Schedule::Once { at_ms: 1_780_304_400_000 });
     assert_eq!(spec.target.url, "https://example.com/hook");
@@ -38,7 +38,7 @@ fn scheduled_db_recurring_request_with_last_date_and_epoch_seconds() {
         "last_date": 1_790_000_000,
         "webhook_url": "http://example.com/tick"
     });
-    let spec = parse_job_request(&request, NOW_MS, "g").expect("valid");
+    let spec = parse_job_request(&request.to_string(), NOW_MS, "g").expect("valid");
     let Schedule::Cron(cron) = spec.schedule else { panic!("a cron job") };
     assert_eq!((cron.expression.as_str(), cron.time_zone.as_str()), ("*/5 * * * *", "UTC"));
     assert_eq!(cron.end_ms, Some(1_790_000_000_000), "epoch seconds become milliseconds");
@@ -66,7 +66,7 @@ fn sundial_request_with_every_option() {
         "labels": {"team": "billing"},
         "secret": "s3cret"
     });
-    let spec = parse_job_request(&request, NOW_MS, "unused").expect("valid");
+    let spec = parse_job_request(&request.to_string(), NOW_MS, "unused").expect("valid");
     assert_eq!(spec.id, "invoice-7:reminder");
     assert_eq!(spec.target.method, Method::Put);
     assert_eq!(spec.target.headers, vec![("Authorization".to_string(), "Bearer x".to_string())]);
@@ -80,7 +80,8 @@ fn sundial_request_with_every_option() {
 
 #[test]
 fn a_delay_is_counted_from_the_request_time() {
-    let spec = parse_job_request(&json!({"delay": "90s", "url": "https://e.com"}), NOW_MS, "g").expect("valid");
+    let spec =
+        parse_job_request(&json!({"delay": "90s", "url": "https://e.com"}).to_string(), NOW_MS, "g").expect("valid");
     assert_eq!(spec.schedule, Schedule::Once { at_ms: NOW_MS + 90_000 });
 }
 
@@ -97,7 +98,7 @@ fn every_problem_is_reported_at_once_with_its_field() {
         "depends_on": ["has space"],
         "extra": true
     });
-    let got = fields(parse_job_request(&request, NOW_MS, "g"));
+    let got = fields(parse_job_request(&request.to_string(), NOW_MS, "g"));
     let expected = [
         "cron",
         "depends_on[0]",
@@ -116,14 +117,56 @@ fn every_problem_is_reported_at_once_with_its_field() {
 
 #[test]
 fn missing_and_conflicting_fields_are_named() {
-    assert_eq!(fields(parse_job_request(&json!({"url": "https://e.com"}), NOW_MS, "g")), ["run_at"]);
-    assert_eq!(fields(parse_job_request(&json!({"delay": 5}), NOW_MS, "g")), ["url"]);
+    assert_eq!(fields(parse_job_request(&json!({"url": "https://e.com"}).to_string(), NOW_MS, "g")), ["run_at"]);
+    assert_eq!(fields(parse_job_request(&json!({"delay": 5}).to_string(), NOW_MS, "g")), ["url"]);
     let both = json!({"run_at": NOW_MS, "cron": "* * * * *", "url": "https://e.com"});
-    assert_eq!(fields(parse_job_request(&both, NOW_MS, "g")), ["cron"]);
+    assert_eq!(fields(parse_job_request(&both.to_string(), NOW_MS, "g")), ["cron"]);
     let stale = json!({"run_at": "2020-01-01T00:00:00Z", "url": "https://e.com"});
-    assert_eq!(fields(parse_job_request(&stale, NOW_MS, "g")), ["run_at"]);
+    assert_eq!(fields(parse_job_request(&stale.to_string(), NOW_MS, "g")), ["run_at"]);
     let scheduled_db = json!({"type": "semanal", "webhook_url": "https://e.com"});
-    assert_eq!(fields(parse_job_request(&scheduled_db, NOW_MS, "g")), ["type"]);
-    let error = parse_job_request(&json!([1]), NOW_MS, "g").expect_err("refused");
+    assert_eq!(fields(parse_job_request(&scheduled_db.to_string(), NOW_MS, "g")), ["type"]);
+    let error = parse_job_request(&json!([1]).to_string(), NOW_MS, "g").expect_err("refused");
     assert_eq!(error[0].to_string(), "(body): must be a JSON object");
+}
+
+#[test]
+fn a_field_given_twice_is_refused_by_name_wherever_it_is() {
+    // JSON text, as clients send it: a tree would keep only the last of each pair.
+    let request = r#"{"run_at": 1780000100000, "url": "https://e.com/a", "url": "https://e.com/b",
+        "retry": {"max_attempts": 3, "max_attempts": 4}, "labels": {"team": "a", "team": "b"}}"#;
+    let got = fields(parse_job_request(request, NOW_MS, "g"));
+    assert_eq!(got, ["labels.team", "retry.max_attempts", "url"]);
+    let once = r#"{"run_at": 1780000100000, "url": "https://e.com/a", "labels": {"team": "a", "Team": "b"}}"#;
+    assert!(parse_job_request(once, NOW_MS, "g").is_ok(), "names differing in case are two names");
+}
+
+#[test]
+fn a_json_body_is_sent_as_written_without_the_whitespace() {
+    // Keys in the client's order, digits as given (a tree would sort the keys, round the
+    // big number to a float and respell the exponent), escapes and spaces inside strings kept.
+    let request = r#"{"delay": 0, "url": "https://e.com",
+        "json": { "zeta": 1, "alpha": [ 1.50, 2e3 ], "id": 123456789012345678901234567890,
+                  "text": "a \"quoted\"\tword \u00e9" }}"#;
+    let spec = parse_job_request(request, NOW_MS, "g").expect("valid");
+    let sent = String::from_utf8(spec.target.body).expect("utf-8");
+    assert_eq!(
+        sent,
+        r#"{"zeta":1,"alpha":[1.50,2e3],"id":123456789012345678901234567890,"text":"a \"quoted\"\tword \u00e9"}"#
+    );
+    assert_eq!(spec.target.content_type.as_deref(), Some("application/json"));
+    let scheduled_db =
+        r#"{"type": "unico", "timestamp": 1780000100, "webhook_url": "https://e.com", "payload": {"b": 1, "a": 2}}"#;
+    let spec = parse_job_request(scheduled_db, NOW_MS, "g").expect("valid");
+    assert_eq!(spec.target.body, br#"{"b":1,"a":2}"#);
+}
+
+#[test]
+fn names_and_values_with_escapes_are_read_as_their_text() {
+    let request =
+        r#"{"r\u0075n_at": 1780000100000, "url": "https:\/\/e.com\/h\u006fok", "labels": {"t\u00e9am": "x\ny"}}"#;
+    let spec = parse_job_request(request, NOW_MS, "g").expect("valid");
+    assert_eq!(spec.target.url, "https://e.com/hook");
+    assert_eq!(spec.labels.get("téam").map(String::as_str), Some("x\ny"));
+    let error = parse_job_request("{\"url\": ", NOW_MS, "g").expect_err("not JSON");
+    assert_eq!(error[0].field, "(body)");
 }

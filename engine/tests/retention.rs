@@ -14,7 +14,7 @@ const MINUTE_MS: u64 = 60_000;
 const DAY_MS: u64 = 24 * 3600 * 1000;
 
 fn spec(request: serde_json::Value) -> JobSpec {
-    parse_job_request(&request, T0, "unused").expect("valid request")
+    parse_job_request(&request.to_string(), T0, "unused").expect("valid request")
 }
 
 fn once(id: &str, at_ms: u64) -> JobSpec {

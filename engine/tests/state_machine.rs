@@ -102,7 +102,7 @@ impl sundial_engine::spec::SpecSink for MemSpecStore {
 }
 
 fn spec(request: serde_json::Value) -> JobSpec {
-    parse_job_request(&request, T0, "unused").expect("valid request")
+    parse_job_request(&request.to_string(), T0, "unused").expect("valid request")
 }
 
 fn once(id: &str, at_ms: u64) -> JobSpec {
@@ -1185,7 +1185,7 @@ fn dst_policies_hold_through_the_state_machine_with_real_zone_data() {
     let request = json!({"id": "ny", "cron": "30 1 * * *", "time_zone": "America/New_York",
         "url": "https://example.com/h", "dst": {"repeated": "both"}});
     let before = 1_793_448_000_000; // 2026-10-31T12:00:00Z
-    let spec = parse_job_request(&request, before, "unused").expect("valid");
+    let spec = parse_job_request(&request.to_string(), before, "unused").expect("valid");
     state
         .apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: before, dedup_window_ms: None })
         .expect("created");

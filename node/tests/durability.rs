@@ -26,7 +26,7 @@ fn options() -> PartitionOptions {
 fn job(id: &str) -> JobSpec {
     let request =
         serde_json::json!({"id": id, "run_at": T0 + 60_000, "url": "https://example.com/hook", "json": {"n": id}});
-    parse_job_request(&request, T0, "unused").expect("valid")
+    parse_job_request(&request.to_string(), T0, "unused").expect("valid")
 }
 
 /// Proposes a create and processes until its outcome is known (durable by then).

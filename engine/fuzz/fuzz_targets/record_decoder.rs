@@ -18,7 +18,7 @@ fn damaged_command(create: bool, flips: &[u8]) -> Vec<u8> {
     let command = if create {
         let request = serde_json::json!({"id": "fuzzed-job", "cron": "*/5 * * * *", "url": "https://example.com/h",
             "headers": {"x-a": "1"}, "body": "payload", "labels": {"team": "x"}});
-        let spec = parse_job_request(&request, 1_800_000_000_000, "secret").expect("a valid request");
+        let spec = parse_job_request(&request.to_string(), 1_800_000_000_000, "secret").expect("a valid request");
         Command::Create { spec: PackedSpec::of(&spec), now_ms: 3, dedup_window_ms: Some(4) }
     } else {
         Command::Backfill { id: "fuzzed-job".into(), from_ms: 1, to_ms: 2, now_ms: 3 }

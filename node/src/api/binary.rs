@@ -5,9 +5,9 @@
 //! saying why, since the stream cannot be trusted past it.
 
 use crate::api::auth::{Gate, Verdict};
-use crate::api::http::parse_body;
+use crate::api::http::json_text;
 use crate::shard::ops::{Answer, CreateMode, JobOp, Representation};
-use crate::shard::router::Router;
+use crate::shard::router::{CreateRequest, Router};
 use std::sync::Arc;
 use std::time::Duration;
 use sundial_net::codec::{self, Code, DecodeError, Frame, Item, Message, PROTOCOL_VERSION};
@@ -210,13 +210,13 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
         Message::Ping => return Frame::new(id, Message::Pong),
         Message::Topology => vec![router.topology().await],
         Message::Create { jobs } => {
-            let requests = jobs.iter().map(|job| parse_body(job)).collect();
+            let requests = jobs.iter().map(|job| json_text(job).map(CreateRequest::new)).collect();
             router.create(requests, None, CreateMode::Create, representation).await
         }
         Message::Get { ids } => router.job_many_read(&ids, JobOp::Get, stale_ok).await,
         Message::Cancel { ids } => router.job_many(&ids, JobOp::Cancel).await,
         Message::Upsert { jobs } => {
-            let requests = jobs.iter().map(|job| parse_body(job).and_then(with_id)).collect();
+            let requests = jobs.iter().map(|job| json_text(job).and_then(with_id)).collect();
             router.create(requests, None, CreateMode::Upsert, representation).await
         }
         Message::Trigger { ids } => router.job_many(&ids, JobOp::Trigger).await,
@@ -230,9 +230,9 @@ async fn handle(router: &Router, frame: Frame) -> Frame {
 }
 
 /// An upsert names the job it replaces: its document must carry an `id`.
-fn with_id(request: serde_json::Value) -> Result<serde_json::Value, Answer> {
-    match request.get("id") {
-        Some(serde_json::Value::String(_)) => Ok(request),
+fn with_id(request: &str) -> Result<CreateRequest<'_>, Answer> {
+    match sundial_engine::request::named_id(request) {
+        Some(sundial_engine::request::NamedId::Text(_)) => Ok(CreateRequest::new(request)),
         _ => Err(crate::shard::ops::field_error("id", "id: an upsert must name the job it creates or replaces")),
     }
 }

@@ -5,11 +5,13 @@
 
 use crate::api::auth::{Gate, Verdict};
 use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp, Representation};
-use crate::shard::router::{Router, BATCH_MAX, LIST_LIMIT_MAX};
+use crate::shard::router::{CreateRequest, Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::sync::Arc;
+use sundial_engine::request::NamedId;
 use sundial_engine::state::Status;
 use sundial_engine::trace::TraceContext;
 
@@ -220,7 +222,7 @@ pub async fn route(
         },
         ("GET", ["openapi.json"]) => answer(200, serde_json::from_str(OPENAPI).expect("the bundled document is JSON")),
         ("POST", ["jobs"]) => {
-            let requests = vec![parse_body(body)];
+            let requests = vec![json_text(body).map(CreateRequest::new)];
             router.create(requests, parent, CreateMode::Create, representation).await.pop().expect("one answer")
         }
         ("POST", ["jobs", "batch"]) => batch(router, body, parent, representation).await,
@@ -252,8 +254,8 @@ pub async fn route(
         ("POST", ["jobs", id, "trigger"]) => router.job(id, JobOp::Trigger).await,
         ("POST", ["jobs", id, "redrive"]) => router.job(id, JobOp::RedriveAll).await,
         ("POST", ["jobs", id, "backfill"]) => {
-            let range = parse_body(body).and_then(|request| {
-                sundial_engine::request::parse_backfill(&request).map_err(|problems| invalid(&problems))
+            let range = json_text(body).and_then(|request| {
+                sundial_engine::request::parse_backfill(request).map_err(|problems| invalid(&problems))
             });
             match range {
                 Ok((from_ms, to_ms)) => router.job(id, JobOp::Backfill { from_ms, to_ms }).await,
@@ -286,16 +288,26 @@ pub async fn route(
 /// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), answered in order
 /// with each one's status and job or error.
 async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>, representation: Representation) -> Answer {
-    let requests = match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(mut object)) => match object.remove("jobs") {
-            Some(Value::Array(requests)) if requests.len() <= BATCH_MAX => requests,
-            Some(Value::Array(_)) => return error(400, "invalid", format!("jobs: at most {BATCH_MAX} per batch")),
-            _ => return error(400, "invalid", "jobs: must be an array of job requests"),
-        },
-        Ok(_) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
-        Err(e) => return error(400, "malformed_json", format!("the body is not JSON: {e}")),
+    /// The batch's members as written; others than `jobs` are ignored.
+    #[derive(serde::Deserialize)]
+    struct Batch<'a> {
+        #[serde(borrow)]
+        jobs: Option<&'a RawValue>,
+    }
+    let text = match json_text(body) {
+        Ok(text) => text,
+        Err(refused) => return refused,
     };
-    let requests = requests.into_iter().map(Ok).collect();
+    let batch = match serde_json::from_str::<Batch>(text) {
+        Ok(batch) if text.starts_with('{') => batch,
+        _ => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
+    };
+    let requests = match batch.jobs.map(|jobs| serde_json::from_str::<Vec<&RawValue>>(jobs.get())) {
+        Some(Ok(requests)) if requests.len() <= BATCH_MAX => requests,
+        Some(Ok(_)) => return error(400, "invalid", format!("jobs: at most {BATCH_MAX} per batch")),
+        _ => return error(400, "invalid", "jobs: must be an array of job requests"),
+    };
+    let requests = requests.into_iter().map(|request| Ok(CreateRequest::new(request.get()))).collect();
     let answers = router.create(requests, parent, CreateMode::Create, representation).await;
     let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
     answer(200, json!({"results": results}))
@@ -318,17 +330,13 @@ async fn upsert(
     parent: Option<TraceContext>,
     representation: Representation,
 ) -> Answer {
-    let request = parse_body(body).and_then(|mut request| match request.as_object_mut() {
-        Some(object) => match object.get("id") {
-            Some(given) if given.as_str() != Some(id) => {
-                Err(field_error("id", format!("id: must be the id in the path ({id}) or left out")))
-            }
-            _ => {
-                object.insert("id".into(), json!(id));
-                Ok(request)
-            }
-        },
-        None => Ok(request), // refused with its reason by the parser
+    let request = json_text(body).and_then(|text| match sundial_engine::request::named_id(text) {
+        Some(NamedId::Other) => Err(field_error("id", format!("id: must be the id in the path ({id}) or left out"))),
+        Some(NamedId::Text(given)) if given != id => {
+            Err(field_error("id", format!("id: must be the id in the path ({id}) or left out")))
+        }
+        // Not an object: refused with its reason by the parser.
+        _ => Ok(CreateRequest { text, path_id: Some(id) }),
     });
     router.create(vec![request], parent, CreateMode::Upsert, representation).await.pop().expect("one answer")
 }
@@ -349,7 +357,7 @@ fn preview(body: &[u8], query: &str) -> Answer {
             },
             Some(("from", value)) => {
                 let value = percent_decoded(value);
-                match sundial_engine::request::parse_backfill(&json!({"from": value, "to": value})) {
+                match sundial_engine::request::parse_backfill(&json!({"from": value, "to": value}).to_string()) {
                     Ok((at_ms, _)) => from_ms = at_ms,
                     Err(_) => return field_error("from", "from: must be an RFC 3339 time or epoch seconds or ms"),
                 }
@@ -357,11 +365,11 @@ fn preview(body: &[u8], query: &str) -> Answer {
             _ => return error(400, "invalid", format!("unknown query parameter {pair}")),
         }
     }
-    let request = match parse_body(body) {
+    let request = match json_text(body) {
         Ok(request) => request,
         Err(refused) => return refused,
     };
-    match sundial_engine::request::parse_job_request(&request, from_ms, "preview") {
+    match sundial_engine::request::parse_job_request(request, from_ms, "preview") {
         Ok(spec) => {
             let fires = sundial_engine::state::upcoming_fires(&spec, from_ms, count);
             let times: Vec<String> = fires
@@ -479,6 +487,14 @@ async fn bulk(router: &Router, body: &[u8]) -> Answer {
 /// The parsed body of a create, or its refusal.
 pub fn parse_body(body: &[u8]) -> Result<Value, Answer> {
     serde_json::from_slice(body).map_err(|e| error(400, "malformed_json", format!("the body is not JSON: {e}")))
+}
+
+/// A body that must be JSON, checked without building a tree: its text, read in place by
+/// whatever parses it next.
+pub fn json_text(body: &[u8]) -> Result<&str, Answer> {
+    serde_json::from_slice::<&RawValue>(body)
+        .map(RawValue::get)
+        .map_err(|e| error(400, "malformed_json", format!("the body is not JSON: {e}")))
 }
 
 /// `?status=…&limit=…` of `GET /jobs`.

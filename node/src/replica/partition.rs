@@ -1124,7 +1124,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
         let request = serde_json::json!({"id": "a", "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
-        let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        let spec = parse_job_request(&request.to_string(), 1_800_000_000_000, "unused").expect("valid");
         let first = partition
             .propose_one(&Command::Create { spec: PackedSpec::of(&spec), now_ms: 0, dedup_window_ms: None })
             .expect("leads");
@@ -1145,7 +1145,7 @@ mod tests {
 
     fn create(id: &str) -> Command {
         let request = serde_json::json!({"id": id, "run_at": 1_900_000_000_000u64, "url": "https://example.com/"});
-        let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        let spec = parse_job_request(&request.to_string(), 1_800_000_000_000, "unused").expect("valid");
         Command::Create { spec: PackedSpec::of(&spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
     }
 
@@ -1191,7 +1191,7 @@ mod tests {
             let mut commands: Vec<Command> = requests
                 .iter()
                 .map(|request| {
-                    let spec = parse_job_request(request, now_ms, "secret").expect("valid");
+                    let spec = parse_job_request(&request.to_string(), now_ms, "secret").expect("valid");
                     Command::Create { spec: PackedSpec::of(&spec), now_ms, dedup_window_ms: Some(86_400_000) }
                 })
                 .collect();
@@ -1398,7 +1398,7 @@ mod tests {
     fn create_with_body(id: &str, body: &str) -> Command {
         let request =
             serde_json::json!({"id": id, "run_at": 1_900_000_000_000u64, "url": "https://example.com/", "body": body});
-        let spec = parse_job_request(&request, 1_800_000_000_000, "unused").expect("valid");
+        let spec = parse_job_request(&request.to_string(), 1_800_000_000_000, "unused").expect("valid");
         Command::Create { spec: PackedSpec::of(&spec), now_ms: 1_800_000_000_000, dedup_window_ms: None }
     }
 

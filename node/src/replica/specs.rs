@@ -535,7 +535,7 @@ mod tests {
     /// Puts the spec of a job `id` in `store` as the state would, and returns its view.
     fn put_spec(store: &mut SpecStore, id: &str) -> SpecView {
         let request = serde_json::json!({"id": id, "run_at": 2_000_000_000_000u64, "url": "https://example.com/hook"});
-        let spec = sundial_engine::request::parse_job_request(&request, 1_000, "unused").expect("valid");
+        let spec = sundial_engine::request::parse_job_request(&request.to_string(), 1_000, "unused").expect("valid");
         let mut cell = SpecCell::new(spec);
         cell.store_in(store);
         match cell {

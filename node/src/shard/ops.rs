@@ -639,7 +639,7 @@ mod tests {
     const T0: u64 = 1_800_000_000_000;
 
     fn created(state: &mut State, request: Value) -> &Job {
-        let spec = parse_job_request(&request, T0, "unused").expect("valid request");
+        let spec = parse_job_request(&request.to_string(), T0, "unused").expect("valid request");
         let id = spec.id.clone();
         state
             .apply(Command::Create { spec: PackedSpec::of(&spec), now_ms: T0, dedup_window_ms: None })

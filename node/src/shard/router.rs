@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use sundial_dispatch::now_ms;
 use sundial_engine::job::{new_job_id, JobSpec};
-use sundial_engine::request::parse_job_request;
+use sundial_engine::request::{parse_job_request_in, RequestContext};
 use sundial_engine::state::Status;
 use sundial_engine::trace::{SpanRecord, TraceContext};
 use tokio::sync::{mpsc, oneshot};
@@ -65,6 +65,20 @@ pub struct JobDefaults {
 impl Default for JobDefaults {
     fn default() -> JobDefaults {
         JobDefaults { attempt_timeout_ms: sundial_engine::job::ATTEMPT_TIMEOUT_MS_DEFAULT }
+    }
+}
+
+/// One create request as it arrived: its JSON text (read in place by the parser, never
+/// built into a tree) and, for `PUT /jobs/{id}`, the id its path gives.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateRequest<'a> {
+    pub text: &'a str,
+    pub path_id: Option<&'a str>,
+}
+
+impl<'a> CreateRequest<'a> {
+    pub fn new(text: &'a str) -> CreateRequest<'a> {
+        CreateRequest { text, path_id: None }
     }
 }
 
@@ -447,17 +461,19 @@ impl Router {
 
     /// Validates one create request and decides its partition: a job that depends on
     /// others lives with them (its generated id is chosen to hash there).
-    fn prepare(&self, request: &Value, now: u64, trace: &TraceContext) -> Result<(u32, JobSpec), Answer> {
+    fn prepare(&self, request: &CreateRequest, now: u64, trace: &TraceContext) -> Result<(u32, JobSpec), Answer> {
         let generated = new_job_id(now, self.next_random());
-        let mut spec = parse_job_request(request, now, &generated).map_err(|problems| {
+        let context = RequestContext {
+            now_ms: now,
+            generated_id: request.path_id.unwrap_or(&generated),
+            attempt_timeout_ms: self.defaults.attempt_timeout_ms,
+        };
+        let mut spec = parse_job_request_in(request.text, &context).map_err(|problems| {
             let first = problems.first().map(|p| p.field.clone()).unwrap_or_default();
             let message = problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
             let problems: Vec<Value> = problems.iter().map(|p| json!({"field": p.field, "rule": p.rule})).collect();
             answer(400, json!({"error": message, "code": "invalid", "field": first, "problems": problems}))
         })?;
-        if request.get("attempt_timeout_ms").is_none() {
-            spec.attempt_timeout_ms = self.defaults.attempt_timeout_ms;
-        }
         spec.trace = Some(trace.clone());
         // A job lives with its flow key (whose limits its partition's leader enforces), or
         // with its dependencies.
@@ -501,7 +517,7 @@ impl Router {
     /// the jobs belong to this request's span in its trace, or in a new one.
     pub async fn create(
         &self,
-        requests: Vec<Result<Value, Answer>>,
+        requests: Vec<Result<CreateRequest<'_>, Answer>>,
         parent: Option<TraceContext>,
         mode: CreateMode,
         representation: Representation,
