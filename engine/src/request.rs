@@ -112,9 +112,10 @@ fn check_fires(spec: &JobSpec, now_ms: u64) -> Result<(), Vec<FieldError>> {
 
 /// The members of a whole request's text, or the one error that says why it has none.
 fn body_fields<'a>(text: &'a str, rule: &str, errors: &mut Vec<FieldError>) -> Result<Fields<'a>, Vec<FieldError>> {
-    let raw = serde_json::from_str::<&RawValue>(text)
-        .map_err(|e| vec![FieldError::new("(body)", format!("must be JSON ({e})"))])?;
-    Fields::of(raw, "", errors).ok_or_else(|| vec![FieldError::new("(body)", rule)])
+    Fields::of_text(text, "", errors).ok_or_else(|| match serde_json::from_str::<&RawValue>(text) {
+        Ok(_) => vec![FieldError::new("(body)", rule)],
+        Err(e) => vec![FieldError::new("(body)", format!("must be JSON ({e})"))],
+    })
 }
 
 /// The id a request names, read without reading the rest (an upsert's id is checked before
@@ -129,8 +130,7 @@ pub enum NamedId {
 
 /// The `id` of a request (JSON text); `None` when the text is not a JSON object.
 pub fn named_id(request: &str) -> Option<NamedId> {
-    let raw = serde_json::from_str::<&RawValue>(request).ok()?;
-    let object = Fields::of(raw, "", &mut Vec::new())?;
+    let object = Fields::of_text(request, "", &mut Vec::new())?;
     Some(match object.get("id") {
         None => NamedId::Absent,
         Some(id) => text_of(id).map_or(NamedId::Other, |id| NamedId::Text(id.into_owned())),
@@ -674,10 +674,15 @@ impl<'a> Fields<'a> {
     /// The members of `raw`, or `None` when it is not an object. A name given twice is an
     /// error (which of two values was meant is a guess), reported as `{prefix}{name}`.
     fn of(raw: &'a RawValue, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Fields<'a>> {
-        if kind(raw) != Kind::Object {
+        Fields::of_text(raw.get(), prefix, errors)
+    }
+
+    /// As `of`, from a text that may have whitespace around its value (a whole body).
+    fn of_text(text: &'a str, prefix: &str, errors: &mut Vec<FieldError>) -> Option<Fields<'a>> {
+        if !text.trim_start().starts_with('{') {
             return None;
         }
-        let members = serde_json::from_str::<Members<'a>>(raw.get()).ok()?.0;
+        let members = serde_json::from_str::<Members<'a>>(text).ok()?.0;
         let mut names: Vec<&str> = members.iter().map(|(name, _)| name.as_ref()).collect();
         names.sort_unstable();
         for pair in names.windows(2).filter(|pair| pair[0] == pair[1]) {
