@@ -120,13 +120,9 @@ impl ClusterMeta {
     }
 }
 
-/// The partition a job id belongs to: FNV-1a (64-bit) of its bytes, modulo the count.
-/// Stable across versions and machines: it decides where a job's log lives.
-pub fn partition_of(id: &str, partitions: u32) -> u32 {
-    debug_assert!(partitions > 0);
-    // One definition for nodes and clients (a client routes requests by it).
-    sundial_net::partition_of(id, partitions)
-}
+/// The partition a job id belongs to (FNV-1a of its bytes, modulo the count; stable across
+/// versions and machines): one definition for nodes and clients, which route by it.
+pub use sundial_net::partition_of;
 
 /// Replicas per partition unless configured (tolerates one failed node).
 pub const REPLICATION_DEFAULT: usize = 3;
