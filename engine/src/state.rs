@@ -586,8 +586,12 @@ pub struct Job {
     /// The next fire not yet started.
     pub next_fire_ms: Option<u64>,
     /// Fires, history, counters and callbacks: made at the first write to any of them
-    /// (`life_mut`), read through `life()` (all empty without one).
-    life: Option<Box<JobLife>>,
+    /// (`life_mut`), read through `life()` (all empty without one). Shared, copied on write:
+    /// a snapshot's copy of the jobs takes a reference to each life, not a deep copy (the
+    /// shard's pause), and the first change after it copies only the life it changes.
+    /// Archived as the box it was (`LifeAsBox`): snapshots read and write the same bytes.
+    #[rkyv(with = rkyv::with::Map<LifeAsBox>)]
+    life: Option<Arc<JobLife>>,
 }
 
 impl PartialEq for Job {
@@ -663,13 +667,48 @@ impl Job {
 
     /// Its life to change, if it has one (clearing something makes none).
     fn life_if_any(&mut self) -> Option<&mut JobLife> {
-        self.life.as_deref_mut()
+        self.life.as_mut().map(Arc::make_mut)
     }
 }
 
 /// A job's life made if it has none, from the field alone (so the spec may stay borrowed).
-fn life_of(life: &mut Option<Box<JobLife>>) -> &mut JobLife {
-    life.get_or_insert_with(Box::default)
+fn life_of(life: &mut Option<Arc<JobLife>>) -> &mut JobLife {
+    Arc::make_mut(life.get_or_insert_with(Arc::default))
+}
+
+/// rkyv wrapper: a shared `JobLife` archived exactly as a `Box<JobLife>` (snapshot formats
+/// keep their layout), restored unshared.
+pub struct LifeAsBox;
+
+impl rkyv::with::ArchiveWith<Arc<JobLife>> for LifeAsBox {
+    type Archived = rkyv::boxed::ArchivedBox<rkyv::Archived<JobLife>>;
+    type Resolver = rkyv::boxed::BoxResolver;
+
+    fn resolve_with(field: &Arc<JobLife>, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::boxed::ArchivedBox::resolve_from_ref(field.as_ref(), resolver, out);
+    }
+}
+
+impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::with::SerializeWith<Arc<JobLife>, S> for LifeAsBox
+where
+    JobLife: rkyv::SerializeUnsized<S, Archived = rkyv::Archived<JobLife>>,
+{
+    fn serialize_with(field: &Arc<JobLife>, serializer: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::boxed::ArchivedBox::serialize_from_ref(field.as_ref(), serializer)
+    }
+}
+
+impl<D: rkyv::rancor::Fallible + ?Sized>
+    rkyv::with::DeserializeWith<rkyv::boxed::ArchivedBox<rkyv::Archived<JobLife>>, Arc<JobLife>, D> for LifeAsBox
+where
+    rkyv::Archived<JobLife>: rkyv::Deserialize<JobLife, D>,
+{
+    fn deserialize_with(
+        field: &rkyv::boxed::ArchivedBox<rkyv::Archived<JobLife>>,
+        deserializer: &mut D,
+    ) -> Result<Arc<JobLife>, D::Error> {
+        rkyv::Deserialize::deserialize(field.get(), deserializer).map(Arc::new)
+    }
 }
 
 /// A job's JSON form (snapshot format 0, digests): every field at one level, as before the
@@ -720,14 +759,14 @@ impl From<JobForm> for Job {
             paused: form.paused,
             created_ms: form.created_ms,
             next_fire_ms: form.next_fire_ms,
-            life: (life != NO_LIFE).then(|| Box::new(life)),
+            life: (life != NO_LIFE).then(|| Arc::new(life)),
         }
     }
 }
 
 impl From<Job> for JobForm {
     fn from(job: Job) -> JobForm {
-        let life = job.life.map(|life| *life).unwrap_or_default();
+        let life = job.life.map(Arc::unwrap_or_clone).unwrap_or_default();
         JobForm {
             spec: job.spec,
             status: job.status,
@@ -1688,14 +1727,18 @@ impl State {
         let id = spec.id().to_string();
         // A finished job with this id is replaced whole (its dead letters stay: they name
         // past fires of this id, and so do its callbacks still waiting, which go on).
-        let callbacks = self.detach(&id).and_then(|old| old.life).map(|life| life.callbacks).unwrap_or_default();
+        let callbacks = self
+            .detach(&id)
+            .and_then(|old| old.life)
+            .map(|life| Arc::unwrap_or_clone(life).callbacks)
+            .unwrap_or_default();
         if remembered == Remembered::Maybe {
             self.forget_tombstone(&id);
         }
         let mut job = Job::new(spec, status, now_ms, next_fire_ms);
         let finished_ms = (status == Status::Completed).then_some(now_ms);
         if finished_ms.is_some() || !callbacks.is_empty() {
-            job.life = Some(Box::new(JobLife { finished_ms, callbacks, ..JobLife::default() }));
+            job.life = Some(Arc::new(JobLife { finished_ms, callbacks, ..JobLife::default() }));
         }
         if job.spec.flow_key().is_some() {
             self.join_flow_key(&job.spec.get());
@@ -1946,7 +1989,10 @@ impl State {
         let AttemptRecord { fire_ms, attempt, started_ms, finished_ms, outcome, retry_at_ms, .. } = record;
         let job = self.job_mut(id)?;
         let stale = || ApplyError::StaleAttempt { id: id.to_string(), fire_ms, attempt };
-        let callback = job.life.as_deref_mut().and_then(|life| life.callbacks.get_mut(&fire_ms)).ok_or_else(stale)?;
+        if !job.life().callbacks.contains_key(&fire_ms) {
+            return Err(stale());
+        }
+        let callback = life_of(&mut job.life).callbacks.get_mut(&fire_ms).ok_or_else(stale)?;
         if attempt != callback.attempts + 1 {
             return Err(stale());
         }
@@ -2356,8 +2402,8 @@ fn queue_callback(job: &mut Job, fire_ms: u64, callback: PendingCallback, now_ms
 fn count_fire_for_auto_pause(job: &mut Job, failed: bool, fire_ms: u64, now_ms: u64) -> bool {
     let Schedule::Cron(cron) = &job.spec.get().schedule else { return false };
     if !failed {
-        if let Some(life) = job.life.as_deref_mut() {
-            life.failures_in_a_row = 0;
+        if job.life().failures_in_a_row != 0 {
+            job.life_mut().failures_in_a_row = 0;
         }
         return false;
     }
