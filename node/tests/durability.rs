@@ -152,10 +152,17 @@ fn a_log_whose_snapshot_went_missing_is_refused_not_replayed_into_an_empty_state
     let dir = tempfile::tempdir().expect("tempdir");
     {
         let mut partition = Partition::open(dir.path(), options()).expect("open");
-        for i in 0..60 {
-            create(&mut partition, &format!("job-{i}"));
+        // Entries of 30 KB: ~34 fill a 1 MiB segment, so the snapshots (every 50 entries)
+        // cut whole segments of the log away (a cut that frees none is left undone).
+        for i in 0..120 {
+            let request = serde_json::json!({"id": format!("job-{i}"), "run_at": T0 + 60_000,
+                "url": "https://example.com/hook", "body": "x".repeat(30_000)});
+            let spec = parse_job_request(&request.to_string(), T0, "unused").expect("valid");
+            let command = Command::Create { spec: PackedSpec::of(&spec), now_ms: T0, dedup_window_ms: None };
+            partition.propose_one(&command).expect("leader accepts");
+            partition.advance().expect("persisted");
         }
-        assert!(partition.snapshot_index() > 0, "a snapshot replaced the log's start");
+        assert!(partition.snapshot_index() > 50, "a snapshot replaced the log's start");
     }
     for entry in std::fs::read_dir(dir.path()).expect("list") {
         let path = entry.expect("entry").path();

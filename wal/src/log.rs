@@ -670,6 +670,13 @@ impl Wal {
         self.remove_segments_below(upto + 1)
     }
 
+    /// Whether `truncate_prefix(upto)` would retire a segment (give back disk space). A cut
+    /// that retires none only rewrites the metadata (two synced copies): a caller that
+    /// tolerates records at or below `upto` staying readable may skip it until one would.
+    pub fn prefix_cut_frees_a_segment(&self, upto: u64) -> bool {
+        self.segments.len() >= 2 && self.segments[1].first_index <= upto.saturating_add(1)
+    }
+
     /// Empties the log so the next record gets `next_index`; the checksum chain restarts.
     fn reset(&mut self, next_index: u64) -> Result<()> {
         let active = self.segments.last().expect("a log always has a segment");
