@@ -663,8 +663,8 @@ fn parse_duration_ms(text: &str) -> Option<u64> {
     value.checked_mul(unit_ms)
 }
 
-/// A JSON object read in place: each member's name and its value's text, in the order
-/// written. No tree is built: a value is parsed only when a rule reads it, straight into the
+/// A JSON object read in place: each member's name and its value's text, sorted by name.
+/// No tree is built: a value is parsed only when a rule reads it, straight into the
 /// type that rule wants (so a request takes one form, the `JobSpec`, on its way from bytes).
 struct Fields<'a> {
     members: Vec<(Cow<'a, str>, &'a RawValue)>,
@@ -682,17 +682,23 @@ impl<'a> Fields<'a> {
         if !text.trim_start().starts_with('{') {
             return None;
         }
-        let members = serde_json::from_str::<Members<'a>>(text).ok()?.0;
-        let mut names: Vec<&str> = members.iter().map(|(name, _)| name.as_ref()).collect();
-        names.sort_unstable();
-        for pair in names.windows(2).filter(|pair| pair[0] == pair[1]) {
-            errors.push(FieldError::new(format!("{prefix}{}", pair[0]), "is given more than once"));
+        let mut members = serde_json::from_str::<Members<'a>>(text).ok()?.0;
+        // By name (stable: a name given twice keeps its order), so a lookup is a binary
+        // search however many members a body holds.
+        members.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut reported: Option<&str> = None;
+        for pair in members.windows(2).filter(|pair| pair[0].0 == pair[1].0) {
+            if reported != Some(pair[0].0.as_ref()) {
+                errors.push(FieldError::new(format!("{prefix}{}", pair[0].0), "is given more than once"));
+                reported = Some(pair[0].0.as_ref());
+            }
         }
         Some(Fields { members })
     }
 
     fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.members.iter().find(|(member, _)| member == name).map(|(_, value)| *value)
+        let found = self.members.binary_search_by(|(member, _)| member.as_ref().cmp(name)).ok()?;
+        Some(self.members[found].1)
     }
 
     fn has(&self, name: &str) -> bool {
@@ -700,11 +706,15 @@ impl<'a> Fields<'a> {
     }
 
     /// Members in name order (as a JSON object's members are reported, whatever order they
-    /// were written in).
+    /// were written in); a name given twice, once (the last given).
     fn sorted(&self) -> Vec<(&str, &'a RawValue)> {
-        let mut sorted: Vec<(&str, &'a RawValue)> =
-            self.members.iter().map(|(name, value)| (name.as_ref(), *value)).collect();
-        sorted.sort_by(|a, b| a.0.cmp(b.0));
+        let mut sorted: Vec<(&str, &'a RawValue)> = Vec::with_capacity(self.members.len());
+        for (name, value) in &self.members {
+            match sorted.last_mut() {
+                Some(last) if last.0 == name.as_ref() => last.1 = *value,
+                _ => sorted.push((name.as_ref(), *value)),
+            }
+        }
         sorted
     }
 }
@@ -823,5 +833,70 @@ impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
             }
         }
         deserializer.deserialize_str(Visit(std::marker::PhantomData))
+    }
+}
+
+/// Checks a body is JSON as strictly as building a tree from it would — nesting at most
+/// serde_json's 128 levels, escapes that decode (no lone surrogate), numbers in range —
+/// without building one; returns its text, which the parsers read in place.
+pub fn checked_json(body: &[u8]) -> Result<&str, serde_json::Error> {
+    serde_json::from_slice::<Checked>(body)?;
+    // A body that is JSON is UTF-8 (its strings were checked as they decoded, and
+    // everything else in JSON is ASCII): the error is the type's, not one seen.
+    std::str::from_utf8(body).map_err(|_| <serde_json::Error as serde::de::Error>::custom("the body is not UTF-8"))
+}
+
+/// Any JSON value, visited whole and kept nowhere (`checked_json`).
+struct Checked;
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Checked, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_unit<E>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Checked, A::Error> {
+        while items.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+
+    fn visit_map<M: MapAccess<'de>>(self, mut members: M) -> Result<Checked, M::Error> {
+        while members.next_key::<Checked>()?.is_some() {
+            members.next_value::<Checked>()?;
+        }
+        Ok(Checked)
     }
 }

@@ -170,3 +170,28 @@ fn names_and_values_with_escapes_are_read_as_their_text() {
     let error = parse_job_request("{\"url\": ", NOW_MS, "g").expect_err("not JSON");
     assert_eq!(error[0].field, "(body)");
 }
+
+#[test]
+fn a_body_is_checked_as_strictly_as_a_tree_would_be_though_none_is_built() {
+    use sundial_engine::request::checked_json;
+    let fine = br#" {"delay": 0, "url": "https://e.com", "json": {"a": [1, 2.5e3, "\u00e9\ud83d\ude00"]}} "#;
+    assert!(checked_json(fine).is_ok());
+    let lone_surrogate = br#"{"delay": 0, "url": "https://e.com", "json": "\ud800"}"#;
+    let out_of_range = br#"{"delay": 0, "url": "https://e.com", "json": 1e400}"#;
+    let deep = format!("{}1{}", "[".repeat(129), "]".repeat(129));
+    let key_surrogate = br#"{"\udc00": 1}"#;
+    // Why the check: reading a body in place (as the parsers do) skips these checks.
+    for body in [&lone_surrogate[..], &out_of_range[..], deep.as_bytes()] {
+        assert!(serde_json::from_slice::<&serde_json::value::RawValue>(body).is_ok());
+    }
+    for (what, body) in [
+        ("a lone surrogate", &lone_surrogate[..]),
+        ("a number out of range", &out_of_range[..]),
+        ("129 levels", deep.as_bytes()),
+        ("a name with a lone surrogate", &key_surrogate[..]),
+        ("two values", &b"{} {}"[..]),
+        ("not UTF-8", &b"{\"url\": \"\xff\"}"[..]),
+    ] {
+        assert!(checked_json(body).is_err(), "{what} is refused");
+    }
+}

@@ -299,7 +299,10 @@ async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>, repre
         Err(refused) => return refused,
     };
     let batch = match serde_json::from_str::<Batch>(text) {
-        Ok(batch) if text.starts_with('{') => batch,
+        Ok(batch) if text.trim_start().starts_with('{') => batch,
+        Err(e) if e.to_string().starts_with("duplicate field") => {
+            return error(400, "invalid", "jobs: is given more than once")
+        }
         _ => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
     };
     let requests = match batch.jobs.map(|jobs| serde_json::from_str::<Vec<&RawValue>>(jobs.get())) {
@@ -492,8 +495,7 @@ pub fn parse_body(body: &[u8]) -> Result<Value, Answer> {
 /// A body that must be JSON, checked without building a tree: its text, read in place by
 /// whatever parses it next.
 pub fn json_text(body: &[u8]) -> Result<&str, Answer> {
-    serde_json::from_slice::<&RawValue>(body)
-        .map(RawValue::get)
+    sundial_engine::request::checked_json(body)
         .map_err(|e| error(400, "malformed_json", format!("the body is not JSON: {e}")))
 }
 
