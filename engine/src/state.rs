@@ -1730,7 +1730,7 @@ impl State {
         let callbacks = self
             .detach(&id)
             .and_then(|old| old.life)
-            .map(|life| Arc::unwrap_or_clone(life).callbacks)
+            .map(|life| Arc::try_unwrap(life).map_or_else(|shared| shared.callbacks.clone(), |life| life.callbacks))
             .unwrap_or_default();
         if remembered == Remembered::Maybe {
             self.forget_tombstone(&id);
@@ -2180,8 +2180,9 @@ impl State {
 
     /// A copy of what an archived snapshot holds, to encode elsewhere (another thread)
     /// while this state goes on applying: the job records are copied as they are (a stored
-    /// spec's view is shared, not read; what a job gained once it fired, its `JobLife`, and
-    /// a spec kept in the heap are copied whole), the tombstones' chunks into the heap, the
+    /// spec's view and what a job gained once it fired, its `JobLife`, are shared, not
+    /// copied: a life changed meanwhile is copied then; a spec kept in the heap is copied
+    /// whole), the tombstones' chunks into the heap, the
     /// dead letters and the maps of dependents and flow keys as they are; the indexes a
     /// restore rebuilds are left out. Far less than encoding them, but not nothing: it is
     /// the pause a snapshot costs the shard (a metric).
