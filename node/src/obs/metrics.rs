@@ -52,6 +52,10 @@ pub struct Metrics {
     pub elections: Counter,
     /// Entries the slowest follower is behind, per partition this node leads.
     pub replication_lag: Family<Labels, Gauge>,
+    /// Proposals waiting for commit, by partition led (`Replica::backlog_refusal`).
+    pub commit_waiting: Family<Labels, Gauge>,
+    /// How long the oldest of them has waited, by partition led.
+    pub commit_wait: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Partitions this node leads.
     pub partitions_led: Gauge,
     /// Request items this node forwarded to another member (the partition's leader).
@@ -98,6 +102,8 @@ impl Metrics {
             dead_letters_evicted: Gauge::default(),
             elections: Counter::default(),
             replication_lag: Family::default(),
+            commit_waiting: Family::default(),
+            commit_wait: Family::default(),
             partitions_led: Gauge::default(),
             forwarded: Counter::default(),
             cancelled: Counter::default(),
@@ -176,6 +182,16 @@ impl Metrics {
             "replication_lag_entries",
             "Entries the slowest follower is behind, by partition this node leads",
             metrics.replication_lag.clone(),
+        );
+        registry.register(
+            "commit_waiting_proposals",
+            "Writes proposed and waiting for commit, by partition this node leads (past 16,384 or 64 MiB, or 256 with the oldest over 500 ms, clients' writes are refused 503 overloaded)",
+            metrics.commit_waiting.clone(),
+        );
+        registry.register(
+            "commit_oldest_wait_seconds",
+            "How long the oldest write waiting for commit has waited, by partition this node leads",
+            metrics.commit_wait.clone(),
         );
         registry.register("partitions_led", "Partitions this node leads", metrics.partitions_led.clone());
         registry.register(

@@ -8,7 +8,7 @@ pub mod specs;
 pub mod storage;
 pub mod tombstones;
 
-use partition::{LogWrite, Partition, PartitionOptions, SnapshotTaken};
+use partition::{CommitBacklog, LogWrite, Partition, PartitionOptions, SnapshotTaken};
 use std::path::Path;
 use sundial_consensus::{Message, NodeId, ProposeError};
 use sundial_dispatch::runtime::{Runtime, RuntimeConfig, Ticket};
@@ -16,6 +16,19 @@ use sundial_dispatch::AttemptResult;
 use sundial_engine::state::{Applied, ApplyError, Command, State};
 use sundial_engine::trace::SpanRecord;
 use tokio::sync::mpsc;
+
+/// Proposals waiting for commit past which a partition refuses clients' writes
+/// (`Replica::backlog_refusal`): a bound on the memory of what waits.
+pub const COMMIT_WAITING_MAX: usize = 16_384;
+/// Bytes of entries waiting for commit past which writes are refused (64 MiB).
+pub const COMMIT_WAITING_MAX_BYTES: usize = 64 << 20;
+/// How long the oldest proposal may wait for commit before writes are refused, once at
+/// least `COMMIT_LAG_COUNTS_FROM` wait: half the 1 s a client should wait at most for an
+/// answer under overload, so what is admitted commits within it.
+pub const COMMIT_LAG_MAX: std::time::Duration = std::time::Duration::from_millis(500);
+/// Fewer proposals than this waiting never refuse writes, however old the oldest: a slow
+/// disk or a lone slow commit is not a backlog.
+pub const COMMIT_LAG_COUNTS_FROM: usize = 256;
 
 /// A partition's replica on this node: its log and its runtime, with one owner.
 pub struct Replica {
@@ -69,6 +82,17 @@ impl Replica {
     pub fn not_accepting(&self) -> Option<Option<NodeId>> {
         let log = self.runtime.log();
         (!log.accepts_proposals()).then(|| log.leader().filter(|l| *l != log.node_id()))
+    }
+
+    /// Why a client's write to this partition is refused for its commit backlog, if it is:
+    /// more proposals (or bytes) waiting for commit than `COMMIT_WAITING_MAX` (or
+    /// `COMMIT_WAITING_MAX_BYTES`), or some waiting and the oldest for longer than
+    /// `COMMIT_LAG_MAX` — a leader whose commits fall behind what it is asked to write (a
+    /// cluster over its capacity). Refused at once, before the log, a write's answer says
+    /// "retry" rather than waiting out the proposal limit to say "unknown". The runtime's
+    /// own commands (fires, outcomes) are never refused.
+    pub fn backlog_refusal(&self) -> Option<String> {
+        refusal_for(self.runtime.log().commit_backlog())
     }
 
     pub fn propose(&mut self, commands: Vec<Command>) -> Vec<Result<Ticket, ApplyError>> {
@@ -174,5 +198,41 @@ impl Replica {
     pub fn hand_leadership_to(&mut self, preferred: NodeId) -> bool {
         self.fed = true;
         self.runtime.log_mut().hand_leadership_to(preferred)
+    }
+}
+
+/// `Replica::backlog_refusal` for a backlog.
+fn refusal_for(backlog: CommitBacklog) -> Option<String> {
+    let lagging = backlog.proposals >= COMMIT_LAG_COUNTS_FROM && backlog.oldest_wait > COMMIT_LAG_MAX;
+    if backlog.proposals < COMMIT_WAITING_MAX && backlog.bytes < COMMIT_WAITING_MAX_BYTES && !lagging {
+        return None;
+    }
+    Some(format!(
+        "the partition's leader is behind its commits ({} writes, {} KiB waiting, the oldest for {} ms); retry shortly",
+        backlog.proposals,
+        backlog.bytes / 1024,
+        backlog.oldest_wait.as_millis()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn writes_are_refused_for_a_commit_backlog_by_count_bytes_or_lag_but_not_for_one_slow_commit() {
+        let backlog = |proposals, bytes, oldest_ms| CommitBacklog {
+            proposals,
+            bytes,
+            oldest_wait: Duration::from_millis(oldest_ms),
+        };
+        assert_eq!(refusal_for(backlog(0, 0, 0)), None);
+        assert_eq!(refusal_for(backlog(4_000, 1 << 20, 100)), None, "a busy leader keeping up");
+        assert_eq!(refusal_for(backlog(3, 900, 5_000)), None, "a few writes behind a slow disk: not a backlog");
+        let lagging = refusal_for(backlog(COMMIT_LAG_COUNTS_FROM, 90_000, 501)).expect("lagging");
+        assert!(lagging.contains("oldest for 501 ms"), "{lagging}");
+        assert!(refusal_for(backlog(COMMIT_WAITING_MAX, 1 << 20, 1)).is_some(), "too many waiting");
+        assert!(refusal_for(backlog(10, COMMIT_WAITING_MAX_BYTES, 1)).is_some(), "too many bytes waiting");
     }
 }

@@ -109,7 +109,7 @@ pub struct Partition {
     /// index and term is this command, so it is applied as it is rather than decoded back
     /// from the bytes it was just encoded into (measured: ~5 % of a create's node CPU went
     /// to that decoding and to allocating and dropping the spec twice).
-    proposed: BTreeMap<Index, (Proposal, std::time::Instant)>,
+    proposed: Proposals,
     /// The next proposal's ticket (below `READ_TICKETS_FROM`; a counter, never reused).
     next_ticket: Ticket,
     /// Linearizable reads asked here: ticket → the index the state must reach (once Raft
@@ -331,7 +331,7 @@ impl Partition {
             state,
             members,
             options,
-            proposed: BTreeMap::new(),
+            proposed: Proposals::default(),
             reads: BTreeMap::new(),
             next_read_ticket: READ_TICKETS_FROM,
             next_ticket: 1,
@@ -440,28 +440,35 @@ impl Partition {
         self.command_format = format.min(sundial_engine::codec::COMMAND_FORMAT);
     }
 
+    /// Its commit backlog now (`CommitBacklog`): what the replica admits writes by.
+    pub fn commit_backlog(&self) -> CommitBacklog {
+        self.proposed.backlog(std::time::Instant::now())
+    }
+
     pub fn propose_one(&mut self, command: &Command) -> Result<Ticket, PartitionError> {
         let data = sundial_engine::codec::encode_command_as(command, self.command_format);
+        let bytes = data.len();
         let index = self.node.propose(data)?;
-        Ok(self.track(index, None))
+        Ok(self.track(index, bytes, None))
     }
 
     /// `propose_one`, keeping the command to apply as it is once its entry commits.
     fn propose_kept(&mut self, command: Command) -> Result<Ticket, PartitionError> {
         let data = sundial_engine::codec::encode_command_as(&command, self.command_format);
+        let bytes = data.len();
         let index = self.node.propose(data)?;
-        Ok(self.track(index, Some(Box::new(command))))
+        Ok(self.track(index, bytes, Some(Box::new(command))))
     }
 
     /// A ticket for the proposal now at `index`. A proposal still waiting at that index is
     /// from an older term whose entry was truncated: it is answered lost now, not never.
-    fn track(&mut self, index: Index, command: Option<Box<Command>>) -> Ticket {
+    fn track(&mut self, index: Index, bytes: usize, command: Option<Box<Command>>) -> Ticket {
         let ticket = self.next_ticket;
         self.next_ticket += 1;
         debug_assert!(ticket < READ_TICKETS_FROM, "proposal tickets stay below read tickets");
         let term = self.node.status().term;
-        let proposal = Proposal { ticket, term, command };
-        if let Some((lost, _)) = self.proposed.insert(index, (proposal, std::time::Instant::now())) {
+        let proposal = Proposal { ticket, term, bytes, command };
+        if let Some(lost) = self.proposed.insert(index, proposal, std::time::Instant::now()) {
             let reason = "leadership moved before the command committed; retry it";
             self.applied.push(Committed::abandoned(lost.ticket, reason));
         }
@@ -539,11 +546,9 @@ impl Partition {
                     }
                     EntryKind::Normal if entry.data.is_empty() => {} // a new leader's no-op
                     EntryKind::Normal => {
-                        let (ticket, kept) = match self.proposed.remove(&entry.index) {
-                            Some((proposal, _)) if proposal.term == entry.term => {
-                                (Some(proposal.ticket), proposal.command)
-                            }
-                            Some((lost, _)) => {
+                        let (ticket, kept) = match self.proposed.remove(entry.index) {
+                            Some(proposal) if proposal.term == entry.term => (Some(proposal.ticket), proposal.command),
+                            Some(lost) => {
                                 let reason = "leadership moved before the command committed; retry it";
                                 self.applied.push(Committed::abandoned(lost.ticket, reason));
                                 (None, None)
@@ -610,9 +615,7 @@ impl Partition {
                 self.abandon_reads();
                 // Proposals wait up to `PROPOSAL_WAIT_MAX` for the next leader's verdict;
                 // their entries, if they commit, are decoded like any follower's.
-                for (proposal, _) in self.proposed.values_mut() {
-                    proposal.command = None;
-                }
+                self.proposed.forget_commands();
             }
             self.leading = self.is_leader();
             // A failed snapshot is not the applied commands' failure: they are committed.
@@ -656,7 +659,7 @@ impl Partition {
     /// a read's request to the leader was lost) are answered "unknown" rather than never.
     fn expire_waiting(&mut self) {
         let now = std::time::Instant::now();
-        for (_, proposal) in take_expired(&mut self.proposed, now, PROPOSAL_WAIT_MAX) {
+        for proposal in self.proposed.take_expired(now, PROPOSAL_WAIT_MAX) {
             let reason = format!("not committed within {PROPOSAL_WAIT_MAX:?}; the outcome is unknown, retry it");
             self.applied.push(Committed::abandoned(proposal.ticket, reason));
         }
@@ -806,7 +809,8 @@ impl Partition {
         Ok(())
     }
 
-    /// Snapshots the state machine at the applied index and drops the log before it. A
+    /// Snapshots the state machine at the applied index (the log before it goes once a
+    /// whole segment of it can: `WalStorage::adopt_snapshot`). A
     /// leader does so before adding a replica, so the newcomer starts from a snapshot that
     /// carries the group's membership (an empty log would not).
     pub fn compact(&mut self) -> Result<(), PartitionError> {
@@ -862,8 +866,9 @@ impl Partition {
     /// Proposes a membership change (meta group, leader only); answered by its ticket.
     pub fn propose_members(&mut self, command: &MembersCommand) -> Result<Ticket, PartitionError> {
         let data = serde_json::to_vec(command).expect("membership changes serialize");
+        let bytes = data.len();
         let index = self.node.propose(data)?;
-        Ok(self.track(index, None))
+        Ok(self.track(index, bytes, None))
     }
 
     /// One step toward the replicas `placed` (leader only; one single-server change at a
@@ -1064,8 +1069,73 @@ struct Proposal {
     ticket: Ticket,
     /// The term it was proposed in: the entry applied at its index is this one only in it.
     term: Term,
+    /// Its entry's data.
+    bytes: usize,
     /// The command, when kept to be applied as it is (boxed: most commands are small).
     command: Option<Box<Command>>,
+}
+
+/// Proposals waiting for their entries to be applied, by index, with when each was made
+/// and their bytes in all (a leader's commit backlog).
+#[derive(Default)]
+struct Proposals {
+    by_index: BTreeMap<Index, (Proposal, std::time::Instant)>,
+    bytes: usize,
+}
+
+impl Proposals {
+    /// Adds one; returns the proposal it replaced at that index (one of an older term).
+    fn insert(&mut self, index: Index, proposal: Proposal, at: std::time::Instant) -> Option<Proposal> {
+        self.bytes += proposal.bytes;
+        let replaced = self.by_index.insert(index, (proposal, at)).map(|(replaced, _)| replaced);
+        self.bytes -= replaced.as_ref().map_or(0, |replaced| replaced.bytes);
+        replaced
+    }
+
+    fn remove(&mut self, index: Index) -> Option<Proposal> {
+        let (removed, _) = self.by_index.remove(&index)?;
+        self.bytes -= removed.bytes;
+        Some(removed)
+    }
+
+    /// Removes and returns the proposals waiting since `limit` or longer.
+    fn take_expired(&mut self, now: std::time::Instant, limit: std::time::Duration) -> Vec<Proposal> {
+        let expired = take_expired(&mut self.by_index, now, limit);
+        let expired: Vec<Proposal> = expired.into_iter().map(|(_, proposal)| proposal).collect();
+        self.bytes -= expired.iter().map(|proposal| proposal.bytes).sum::<usize>();
+        expired
+    }
+
+    /// Drops the kept commands (a replica that stopped leading decodes what commits).
+    fn forget_commands(&mut self) {
+        for (proposal, _) in self.by_index.values_mut() {
+            proposal.command = None;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.by_index.is_empty()
+    }
+
+    /// The backlog; its age is the lowest index's (the oldest proposal, but for one that
+    /// replaced an older term's entry there: close enough to tell a lagging leader).
+    fn backlog(&self, now: std::time::Instant) -> CommitBacklog {
+        let oldest = self.by_index.first_key_value().map(|(_, (_, at))| *at);
+        CommitBacklog {
+            proposals: self.by_index.len(),
+            bytes: self.bytes,
+            oldest_wait: oldest.map_or(std::time::Duration::ZERO, |at| now.saturating_duration_since(at)),
+        }
+    }
+}
+
+/// How far a partition's commits lag behind its proposals: the proposals waiting for their
+/// entries to be applied, their bytes, and how long the oldest has waited.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitBacklog {
+    pub proposals: usize,
+    pub bytes: usize,
+    pub oldest_wait: std::time::Duration,
 }
 
 /// Removes and returns the entries (key and value) waiting since `limit` or longer.
@@ -1132,7 +1202,7 @@ mod tests {
         // the same log index proposed anew. (Tickets used to be the index: the old request
         // was then never answered, or answered with the new entry's verdict.)
         let index = partition.node.status().last_index;
-        let again = partition.track(index, None);
+        let again = partition.track(index, 0, None);
         assert_ne!(first, again);
         let applied = partition.advance().expect("persisted");
         let verdict = |ticket| applied.iter().find(|c| c.ticket == Some(ticket)).map(|c| c.verdict.clone());
@@ -1141,6 +1211,24 @@ mod tests {
             "{applied:?}"
         );
         assert_eq!(verdict(again), Some(Ok(Applied::Created)), "the entry answers the proposal it belongs to");
+    }
+
+    #[test]
+    fn the_commit_backlog_counts_what_waits_for_commit_and_since_when() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
+        partition.advance().expect("leads");
+        assert_eq!(partition.commit_backlog(), CommitBacklog::default());
+        for i in 0..3 {
+            partition.propose_one(&create(&format!("job-{i}"))).expect("leads");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let backlog = partition.commit_backlog();
+        assert_eq!(backlog.proposals, 3);
+        assert!(backlog.bytes > 3 * 40, "{backlog:?}");
+        assert!(backlog.oldest_wait >= std::time::Duration::from_millis(20), "{backlog:?}");
+        partition.advance().expect("persisted");
+        assert_eq!(partition.commit_backlog(), CommitBacklog::default(), "applied: nothing waits");
     }
 
     fn create(id: &str) -> Command {

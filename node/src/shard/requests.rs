@@ -203,6 +203,11 @@ impl Shard {
             let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
             return;
         }
+        if let Some(reason) = replica.backlog_refusal() {
+            let answer = ops::Refusal::Overloaded.answer(reason);
+            let _ = reply.send(ids.iter().map(|_| answer.clone()).collect());
+            return;
+        }
         let started = Instant::now();
         let tickets = replica.propose(commands);
         self.metrics.applied(started.elapsed());
@@ -254,8 +259,11 @@ impl Shard {
             }
             return;
         };
-        if let Some(leader) = replica.not_accepting() {
-            let answer = ops::not_leader(partition, leader);
+        let refused = match replica.not_accepting() {
+            Some(leader) => Some(ops::not_leader(partition, leader)),
+            None => replica.backlog_refusal().map(|reason| ops::Refusal::Overloaded.answer(reason)),
+        };
+        if let Some(answer) = refused {
             for (specs, _, _, _, reply) in requests {
                 let _ = reply.send(specs.iter().map(|_| answer.clone()).collect());
             }

@@ -824,10 +824,15 @@ impl Router {
         let led: Vec<&Value> = rafts.iter().filter(|p| p["role"] == "leader").collect();
         self.metrics.partitions_led.set(led.len() as i64);
         self.metrics.replication_lag.clear();
+        self.metrics.commit_waiting.clear();
+        self.metrics.commit_wait.clear();
         for partition in led {
             let label = vec![("partition", partition["partition"].as_u64().unwrap_or(0).to_string())];
-            let lag = partition["replication_lag"].as_u64().unwrap_or(0);
-            self.metrics.replication_lag.get_or_create(&label).set(lag as i64);
+            let gauge = |field: &str| partition[field].as_u64().unwrap_or(0) as i64;
+            self.metrics.replication_lag.get_or_create(&label).set(gauge("replication_lag"));
+            self.metrics.commit_waiting.get_or_create(&label).set(gauge("commit_waiting"));
+            let wait_s = partition["commit_oldest_wait_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+            self.metrics.commit_wait.get_or_create(&label).set(wait_s);
         }
         if let Some(dispatcher) = &self.dispatcher {
             self.metrics.host_limit.clear();

@@ -55,6 +55,7 @@ pub(super) fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan, now_m
                 Vec::new()
             };
             let lag = followers.iter().filter_map(|f| f["lag"].as_u64()).max().unwrap_or(0);
+            let backlog = log.commit_backlog();
             json!({
                 "partition": partition,
                 "role": if raft.leader { "leader" } else { "follower" },
@@ -62,6 +63,8 @@ pub(super) fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan, now_m
                 "replicas": log.voters(),
                 "followers": followers,
                 "replication_lag": lag,
+                "commit_waiting": backlog.proposals,
+                "commit_oldest_wait_ms": backlog.oldest_wait.as_millis() as u64,
                 "term": raft.term,
                 "commit_index": raft.commit_index,
                 "applied_index": raft.applied_index,
