@@ -775,8 +775,7 @@ impl Wal {
     }
 
     /// Makes a snapshot written beside the log (`SnapshotDraft::write`, maybe on another
-    /// thread) the newest one: renamed into place, then older snapshots removed — or, for a
-    /// draft its writer placed (`SnapshotDraft::put_in_place`), older ones only removed. Like
+    /// thread) the newest one: renamed into place, then older snapshots removed. Like
     /// `save_snapshot`, it does not truncate the log.
     pub fn adopt_snapshot(&mut self, mut draft: SnapshotDraft) -> Result<()> {
         let Some(synced) = draft.synced.take() else {
@@ -794,24 +793,18 @@ impl Wal {
                 reason: "a snapshot draft written for another log's directory".into(),
             });
         }
-        // A placed draft was renamed and its directory synced by its writer.
-        if !draft.placed {
-            if let Err(error) = rename_into_place(&self.dir, &synced, &snapshot_file_name(draft.index)) {
-                let _ = fs::remove_file(&synced);
-                return Err(error);
-            }
+        if let Err(error) = rename_into_place(&self.dir, &synced, &snapshot_file_name(draft.index)) {
+            let _ = fs::remove_file(&synced);
+            return Err(error);
         }
         let mut removed = 0;
         for (older, path) in list_snapshots(&self.dir)? {
             if older < draft.index {
-                remove_snapshot_file(&path)?;
+                fs::remove_file(&path).map_err(|e| WalError::io("remove", &path, e))?;
                 removed += 1;
             }
         }
-        // After a placed draft the removals are not synced (the owner's thread does not wait
-        // for the disk): an older snapshot back after a crash is never read, since opening
-        // reads the newest, and goes at the next adoption.
-        if removed > 0 && !draft.placed {
+        if removed > 0 {
             fsync_dir(&self.dir)?;
         }
         Ok(())
@@ -862,8 +855,6 @@ pub struct SnapshotDraft {
     index: u64,
     /// The synced file, until adopted.
     synced: Option<PathBuf>,
-    /// Already under its snapshot's name (`put_in_place`).
-    placed: bool,
 }
 
 impl SnapshotDraft {
@@ -893,31 +884,7 @@ impl SnapshotDraft {
         let number = DRAFTS_WRITTEN.fetch_add(1, Ordering::Relaxed);
         let synced = dir.join(format!("{}.{number}.tmp", snapshot_file_name(index)));
         write_flushed_parts(&synced, &file, stop)?;
-        Ok(SnapshotDraft { index, synced: Some(synced), placed: false })
-    }
-
-    /// Puts the synced draft under its snapshot's name and syncs the directory, on the
-    /// writer's thread, so that adopting it moves no file on the thread that owns the log.
-    /// Placed, it is the newest snapshot on disk before it is adopted: whole and synced, at
-    /// an index the log holds, so a crash leaves what opening would read after adoption.
-    /// Dropped unadopted, its file is removed as a draft's is. Never for a draft at the
-    /// index of the log's newest snapshot, whose file it would replace before the owner
-    /// decided to (the caller's to check).
-    pub fn put_in_place(&mut self) -> Result<()> {
-        let Some(synced) = self.synced.take() else {
-            return Err(WalError::Corrupt { path: PathBuf::new(), offset: 0, reason: "an adopted draft".into() });
-        };
-        let Some(dir) = synced.parent().map(Path::to_path_buf) else {
-            return Err(WalError::Corrupt { path: synced, offset: 0, reason: "a draft outside a directory".into() });
-        };
-        let name = snapshot_file_name(self.index);
-        if let Err(error) = rename_into_place(&dir, &synced, &name) {
-            let _ = fs::remove_file(&synced);
-            return Err(error);
-        }
-        self.synced = Some(dir.join(name));
-        self.placed = true;
-        Ok(())
+        Ok(SnapshotDraft { index, synced: Some(synced) })
     }
 
     /// The index the snapshot was taken at.
@@ -940,15 +907,6 @@ impl Drop for SnapshotDraft {
         if let Some(synced) = self.synced.take() {
             let _ = fs::remove_file(synced);
         }
-    }
-}
-
-/// Removes an older snapshot's file; one already gone is not an error (a writer thread and
-/// the log's owner may both be clearing older snapshots).
-fn remove_snapshot_file(path: &Path) -> Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(WalError::io("remove", path, e)),
-        _ => Ok(()),
     }
 }
 

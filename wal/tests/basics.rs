@@ -167,38 +167,6 @@ fn a_snapshot_written_on_another_thread_counts_only_once_adopted_and_a_dropped_o
 }
 
 #[test]
-fn a_draft_placed_by_its_writer_is_the_newest_on_disk_and_adopting_it_moves_no_file() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut wal, _) = Wal::open(dir.path(), options(8192)).expect("open");
-    wal.save_snapshot(10, 2, b"state at 10").expect("save snapshot");
-    let log_dir = wal.dir().to_path_buf();
-    let writer = std::thread::spawn(move || {
-        let mut draft = SnapshotDraft::write(&log_dir, 20, 3, &[b"state at 20"])?;
-        draft.put_in_place().map(|()| draft)
-    });
-    let draft = writer.join().expect("the writer ran").expect("placed");
-    assert_eq!(temp_files(dir.path()), 0, "under its own name already");
-    let on_disk = wal.load_snapshot().expect("load").expect("a snapshot");
-    assert_eq!(on_disk.index, 20, "placed, it is what opening would read (whole, synced)");
-    wal.adopt_snapshot(draft).expect("adopted");
-    assert!(!dir.path().join("snapshot-00000000000000000010.snap").exists(), "the older one went");
-    // Dropped unadopted (a newer one came meanwhile), a placed draft's file goes too.
-    let mut next = SnapshotDraft::write(wal.dir(), 30, 3, &[b"state at 30"]).expect("written");
-    next.put_in_place().expect("placed");
-    drop(next);
-    let names: Vec<String> = fs::read_dir(dir.path())
-        .expect("dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into())
-        .collect();
-    let snapshots: Vec<&String> = names.iter().filter(|name| name.ends_with(".snap")).collect();
-    assert_eq!(snapshots, ["snapshot-00000000000000000020.snap"], "{names:?}");
-    drop(wal);
-    let (wal, _) = Wal::open(dir.path(), options(8192)).expect("reopen");
-    let snapshot = wal.load_snapshot().expect("load").expect("a snapshot");
-    assert_eq!((snapshot.index, &snapshot.data[..]), (20, &b"state at 20"[..]));
-}
-
-#[test]
 fn prefix_truncation_past_the_end_continues_after_the_snapshot_index() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_batches(dir.path(), 8192, &[100]);

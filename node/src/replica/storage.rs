@@ -50,16 +50,10 @@ impl SnapshotPlan {
     /// Writes and syncs the snapshot of the state machine's `data` beside the log (on any
     /// thread; given up once `stop` is set), then maps it back and checks it whole, so
     /// `WalStorage::adopt_snapshot` has only to make it the log's.
-    /// The file is also put under its snapshot's name here (the rename and the directory's
-    /// sync are the writer's, not the log owner's); one that replaces the newest at its own
-    /// index is renamed when adopted.
     pub fn write(&self, data: &[u8], stop: &AtomicBool) -> Result<WrittenSnapshot, WalError> {
-        let mut draft = SnapshotDraft::write_unless(&self.dir, self.index, self.term, &[&self.conf_bytes, data], stop)?;
+        let draft = SnapshotDraft::write_unless(&self.dir, self.index, self.term, &[&self.conf_bytes, data], stop)?;
         let stored = draft.map()?;
         let (conf, data) = decode_snapshot_data(&stored.data).ok_or_else(|| corrupt(&self.dir, "snapshot"))?;
-        if !self.replaces_equal {
-            draft.put_in_place()?;
-        }
         let snapshot = Snapshot { meta: SnapshotMeta { index: stored.index, term: stored.tag, conf }, data };
         Ok(WrittenSnapshot { draft, snapshot })
     }
@@ -181,8 +175,7 @@ impl WalStorage {
         Ok(Some(SnapshotPlan { dir, index, term, conf_bytes, replaces_equal: false }))
     }
 
-    /// Makes a snapshot written from `plan` the newest and cuts the log before it (once a
-    /// whole segment can go) — if it
+    /// Makes a snapshot written from `plan` the newest and drops the log before it — if it
     /// still is newer than the newest and the log still holds its entry in its term (a
     /// snapshot from the leader may have come meanwhile); otherwise its file is removed.
     /// Nothing is read here: the writer mapped and checked the file. Returns whether it was
