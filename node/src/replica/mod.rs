@@ -17,10 +17,10 @@ use sundial_engine::state::{Applied, ApplyError, Command, State};
 use sundial_engine::trace::SpanRecord;
 use tokio::sync::mpsc;
 
-/// Proposals waiting for commit past which a partition refuses clients' writes
+/// Proposals waiting for commit beyond which a partition refuses clients' writes
 /// (`Replica::backlog_refusal`): a bound on the memory of what waits.
 pub const COMMIT_WAITING_MAX: usize = 16_384;
-/// Bytes of entries waiting for commit past which writes are refused (64 MiB).
+/// Bytes of entries waiting for commit beyond which writes are refused (64 MiB).
 pub const COMMIT_WAITING_MAX_BYTES: usize = 64 << 20;
 /// How long the oldest proposal may wait for commit before writes are refused, once at
 /// least `COMMIT_LAG_COUNTS_FROM` wait: half the 1 s a client should wait at most for an
@@ -204,7 +204,7 @@ impl Replica {
 /// `Replica::backlog_refusal` for a backlog.
 fn refusal_for(backlog: CommitBacklog) -> Option<String> {
     let lagging = backlog.proposals >= COMMIT_LAG_COUNTS_FROM && backlog.oldest_wait > COMMIT_LAG_MAX;
-    if backlog.proposals < COMMIT_WAITING_MAX && backlog.bytes < COMMIT_WAITING_MAX_BYTES && !lagging {
+    if backlog.proposals <= COMMIT_WAITING_MAX && backlog.bytes <= COMMIT_WAITING_MAX_BYTES && !lagging {
         return None;
     }
     Some(format!(
@@ -232,7 +232,8 @@ mod tests {
         assert_eq!(refusal_for(backlog(3, 900, 5_000)), None, "a few writes behind a slow disk: not a backlog");
         let lagging = refusal_for(backlog(COMMIT_LAG_COUNTS_FROM, 90_000, 501)).expect("lagging");
         assert!(lagging.contains("oldest for 501 ms"), "{lagging}");
-        assert!(refusal_for(backlog(COMMIT_WAITING_MAX, 1 << 20, 1)).is_some(), "too many waiting");
-        assert!(refusal_for(backlog(10, COMMIT_WAITING_MAX_BYTES, 1)).is_some(), "too many bytes waiting");
+        assert_eq!(refusal_for(backlog(COMMIT_WAITING_MAX, 1 << 20, 1)), None, "at the bound");
+        assert!(refusal_for(backlog(COMMIT_WAITING_MAX + 1, 1 << 20, 1)).is_some(), "too many waiting");
+        assert!(refusal_for(backlog(10, COMMIT_WAITING_MAX_BYTES + 1, 1)).is_some(), "too many bytes waiting");
     }
 }

@@ -538,8 +538,22 @@ impl Partition {
                     // The leader's snapshot is whole in itself (never a linked one).
                     self.snapshot_segments.clear();
                 }
+                // Proposals at indexes the snapshot covers are never applied here: lost.
+                for lost in self.proposed.take_through(snapshot.meta.index) {
+                    let reason = "leadership moved before the command committed; retry it";
+                    self.applied.push(Committed::abandoned(lost.ticket, reason));
+                }
             }
             for entry in &ready.committed_entries {
+                if !matches!(entry.kind, EntryKind::Normal) || entry.data.is_empty() {
+                    // A membership change or a new leader's no-op took the index of a
+                    // proposal of an older term, if one waits there: answered lost now, so
+                    // it does not wait out its limit as the oldest of the commit backlog.
+                    if let Some(lost) = self.proposed.remove(entry.index) {
+                        let reason = "leadership moved before the command committed; retry it";
+                        self.applied.push(Committed::abandoned(lost.ticket, reason));
+                    }
+                }
                 match &entry.kind {
                     EntryKind::ConfChange(change) => {
                         self.node.apply_conf_change(*change);
@@ -1098,6 +1112,15 @@ impl Proposals {
         Some(removed)
     }
 
+    /// Removes and returns the proposals at `index` or below.
+    fn take_through(&mut self, index: Index) -> Vec<Proposal> {
+        let kept = self.by_index.split_off(&index.saturating_add(1));
+        let taken: Vec<Proposal> =
+            std::mem::replace(&mut self.by_index, kept).into_values().map(|(proposal, _)| proposal).collect();
+        self.bytes -= taken.iter().map(|proposal| proposal.bytes).sum::<usize>();
+        taken
+    }
+
     /// Removes and returns the proposals waiting since `limit` or longer.
     fn take_expired(&mut self, now: std::time::Instant, limit: std::time::Duration) -> Vec<Proposal> {
         let expired = take_expired(&mut self.by_index, now, limit);
@@ -1229,6 +1252,27 @@ mod tests {
         assert!(backlog.oldest_wait >= std::time::Duration::from_millis(20), "{backlog:?}");
         partition.advance().expect("persisted");
         assert_eq!(partition.commit_backlog(), CommitBacklog::default(), "applied: nothing waits");
+    }
+
+    #[test]
+    fn a_proposal_whose_index_a_membership_change_took_is_answered_lost_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut partition = Partition::open(dir.path(), PartitionOptions::single_node(1)).expect("open");
+        partition.advance().expect("leads");
+        // What a leader re-elected in a later term may see: a proposal of its earlier term
+        // waiting at an index that now holds an entry it did not track (a membership change
+        // here; a new leader's no-op is the same case).
+        let index = partition.node.status().last_index + 1;
+        let stale = partition.track(index, 100, None);
+        let taken = partition.node.propose_conf_change(ConfChange::AddLearner(9)).expect("leads");
+        assert_eq!(taken, index);
+        let applied = partition.advance().expect("persisted");
+        let verdict = applied.iter().find(|c| c.ticket == Some(stale)).map(|c| c.verdict.clone());
+        assert!(
+            matches!(verdict, Some(Err(ApplyError::Unavailable(reason))) if reason.contains("leadership moved")),
+            "{applied:?}"
+        );
+        assert_eq!(partition.commit_backlog(), CommitBacklog::default(), "not left to wait out its 10 s");
     }
 
     fn create(id: &str) -> Command {

@@ -31,7 +31,7 @@ pub enum Refusal {
     /// No member leads the partition now (an election or a leadership transfer) and nothing
     /// was proposed: safe to retry, and the router does, briefly, before answering.
     NoLeader { partition: u32 },
-    /// A shard's inbox is full.
+    /// A shard's inbox is full, or a partition's leader is behind its commits.
     Overloaded,
     /// The node is stopping.
     Stopping,
