@@ -137,6 +137,26 @@ pub fn named_id(request: &str) -> Option<NamedId> {
     })
 }
 
+/// Why a batch body (`{"jobs": [request, …]}`) holds no requests to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BatchRefusal {
+    NotAnObject,
+    JobsGivenTwice,
+    JobsNotAnArray,
+}
+
+/// The requests of a batch body, each as its JSON text, read in place (members other than
+/// `jobs` are ignored).
+pub fn batch_requests(body: &str) -> Result<Vec<&str>, BatchRefusal> {
+    let mut errors = Vec::new();
+    let object = Fields::of_text(body, "", &mut errors).ok_or(BatchRefusal::NotAnObject)?;
+    if errors.iter().any(|error| error.field == "jobs") {
+        return Err(BatchRefusal::JobsGivenTwice);
+    }
+    let jobs = object.get("jobs").and_then(array_of).ok_or(BatchRefusal::JobsNotAnArray)?;
+    Ok(jobs.into_iter().map(RawValue::get).collect())
+}
+
 fn unknown_fields(object: &Fields, known: &[&str], prefix: &str, errors: &mut Vec<FieldError>) {
     for (name, _) in object.sorted() {
         if !known.contains(&name) {

@@ -195,3 +195,14 @@ fn a_body_is_checked_as_strictly_as_a_tree_would_be_though_none_is_built() {
         assert!(checked_json(body).is_err(), "{what} is refused");
     }
 }
+
+#[test]
+fn a_batch_body_gives_its_requests_as_written_or_says_why_not() {
+    use sundial_engine::request::{batch_requests, BatchRefusal};
+    let body = r#" {"note": 1, "jobs": [{"delay": 0, "url": "https://e.com"}, {"id": "b"}]} "#;
+    assert_eq!(batch_requests(body), Ok(vec![r#"{"delay": 0, "url": "https://e.com"}"#, r#"{"id": "b"}"#]));
+    assert_eq!(batch_requests("[1]"), Err(BatchRefusal::NotAnObject));
+    assert_eq!(batch_requests(r#"{"jobs": [], "jobs": []}"#), Err(BatchRefusal::JobsGivenTwice));
+    assert_eq!(batch_requests(r#"{"jobs": {}}"#), Err(BatchRefusal::JobsNotAnArray));
+    assert_eq!(batch_requests(r#"{"other": []}"#), Err(BatchRefusal::JobsNotAnArray));
+}

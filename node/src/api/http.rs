@@ -8,7 +8,6 @@ use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp, R
 use crate::shard::router::{CreateRequest, Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use sundial_engine::request::NamedId;
@@ -288,29 +287,19 @@ pub async fn route(
 /// `POST /jobs/batch`: `{"jobs": [request, …]}` (at most `BATCH_MAX`), answered in order
 /// with each one's status and job or error.
 async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>, representation: Representation) -> Answer {
-    /// The batch's members as written; others than `jobs` are ignored.
-    #[derive(serde::Deserialize)]
-    struct Batch<'a> {
-        #[serde(borrow)]
-        jobs: Option<&'a RawValue>,
-    }
+    use sundial_engine::request::{batch_requests, BatchRefusal};
     let text = match json_text(body) {
         Ok(text) => text,
         Err(refused) => return refused,
     };
-    let batch = match serde_json::from_str::<Batch>(text) {
-        Ok(batch) if text.trim_start().starts_with('{') => batch,
-        Err(e) if e.to_string().starts_with("duplicate field") => {
-            return error(400, "invalid", "jobs: is given more than once")
-        }
-        _ => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
+    let requests = match batch_requests(text) {
+        Ok(requests) if requests.len() <= BATCH_MAX => requests,
+        Ok(_) => return error(400, "invalid", format!("jobs: at most {BATCH_MAX} per batch")),
+        Err(BatchRefusal::NotAnObject) => return error(400, "invalid", "the body must be an object {\"jobs\": [...]}"),
+        Err(BatchRefusal::JobsGivenTwice) => return error(400, "invalid", "jobs: is given more than once"),
+        Err(BatchRefusal::JobsNotAnArray) => return error(400, "invalid", "jobs: must be an array of job requests"),
     };
-    let requests = match batch.jobs.map(|jobs| serde_json::from_str::<Vec<&RawValue>>(jobs.get())) {
-        Some(Ok(requests)) if requests.len() <= BATCH_MAX => requests,
-        Some(Ok(_)) => return error(400, "invalid", format!("jobs: at most {BATCH_MAX} per batch")),
-        _ => return error(400, "invalid", "jobs: must be an array of job requests"),
-    };
-    let requests = requests.into_iter().map(|request| Ok(CreateRequest::new(request.get()))).collect();
+    let requests = requests.into_iter().map(|request| Ok(CreateRequest::new(request))).collect();
     let answers = router.create(requests, parent, CreateMode::Create, representation).await;
     let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
     answer(200, json!({"results": results}))
