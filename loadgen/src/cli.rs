@@ -77,6 +77,27 @@ pub enum Scenario {
         #[arg(long, default_value_t = 5)]
         sample_s: u64,
     },
+    /// Creates at a multiple of what the target holds: its capacity is measured first (creates
+    /// at max, 16 requests in flight) unless --capacity gives it, then creates go open loop at
+    /// --factor × it (--rate and --max are not used). Counts each answer: accepted, refused (by
+    /// code, each with its Retry-After), or unknown (no answer, or "outcome unknown"); latency of
+    /// every answer; created per second against the capacity; a sample of acknowledged ids read
+    /// back. Any unknown outcome, refusal without Retry-After or lost job → exit 1.
+    Overload {
+        #[command(flatten)]
+        load: Load,
+        /// The open-loop rate as a multiple of the capacity (1..=100).
+        #[arg(long, default_value_t = 2.0)]
+        factor: f64,
+        /// The target's capacity, creates/s (default: measured first).
+        #[arg(long)]
+        capacity: Option<u64>,
+        /// How long to measure the capacity, seconds.
+        #[arg(long, default_value_t = 10)]
+        measure_seconds: u64,
+        #[arg(long, default_value_t = 3_600)]
+        due_in_s: u64,
+    },
     /// The references macro figures are divided by, measured on this machine now.
     Reference {
         #[command(subcommand)]

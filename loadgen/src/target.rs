@@ -34,6 +34,19 @@ pub struct Target {
     examples: std::sync::Mutex<BTreeMap<u16, String>>,
 }
 
+/// One item's answer, as the overload scenario counts it.
+#[derive(Clone, Debug)]
+pub struct Answered {
+    pub status: u16,
+    /// The answer's Retry-After, seconds (0: none).
+    pub retry_after_s: u32,
+    /// The error's `code` ("overloaded", "no_leader", …; "no_answer" for none), empty for 2xx.
+    pub code: String,
+    /// No answer, or one saying the outcome is unknown: the client cannot tell whether the
+    /// job was created.
+    pub unknown: bool,
+}
+
 /// Bytes of an example answer kept.
 const EXAMPLE_BYTES_MAX: usize = 300;
 
@@ -110,44 +123,69 @@ impl Target {
 
     /// Creates the jobs (one frame or one `POST /jobs/batch` for more than one).
     pub async fn create_many(&self, requests: Vec<Value>) -> Vec<u16> {
+        self.create_many_answered(requests).await.into_iter().map(|answered| answered.status).collect()
+    }
+
+    /// `create_many`, with each answer's `Retry-After` and error `code` kept.
+    pub async fn create_many_answered(&self, requests: Vec<Value>) -> Vec<Answered> {
         let count = requests.len();
         match &self.transport {
             Transport::Binary(clients) => match clients[self.pick() % clients.len()].create_many(&requests).await {
-                Ok(items) => items.iter().map(|item| self.note(item.status, &item.body)).collect(),
-                Err(e) => vec![self.note(NO_ANSWER, e.to_string().as_bytes()); count],
+                Ok(items) => {
+                    items.iter().map(|item| self.answered(item.status, item.retry_after_s, &item.body)).collect()
+                }
+                Err(e) => vec![self.answered(NO_ANSWER, 0, e.to_string().as_bytes()); count],
             },
             Transport::Http(pool) if count == 1 => {
                 let body = requests.into_iter().next().unwrap_or_default().to_string();
-                vec![self.note_http(pool.send("POST", "/jobs", body, self.pick()).await)]
+                match pool.send_answered("POST", "/jobs", body, self.pick()).await {
+                    Ok((status, retry_after_s, answer)) => vec![self.answered(status, retry_after_s, &answer)],
+                    Err(e) => vec![self.answered(NO_ANSWER, 0, e.as_bytes())],
+                }
             }
             Transport::Http(pool) => {
                 let body = json!({ "jobs": requests }).to_string();
-                match pool.send("POST", "/jobs/batch", body, self.pick()).await {
-                    Ok((200, answer)) => {
+                match pool.send_answered("POST", "/jobs/batch", body, self.pick()).await {
+                    Ok((200, _, answer)) => {
                         let parsed: Value = serde_json::from_slice(&answer).unwrap_or_default();
-                        let statuses: Vec<u16> = parsed["results"]
+                        let results: Vec<Answered> = parsed["results"]
                             .as_array()
                             .map(|results| {
                                 results
                                     .iter()
                                     .map(|r| {
                                         let status = r["status"].as_u64().unwrap_or(0) as u16;
-                                        self.note(status, r["body"].to_string().as_bytes())
+                                        let retry_after_s = r["retry_after_s"].as_u64().unwrap_or(0) as u32;
+                                        self.answered(status, retry_after_s, r["body"].to_string().as_bytes())
                                     })
                                     .collect()
                             })
                             .unwrap_or_default();
-                        if statuses.len() == count {
-                            statuses
+                        if results.len() == count {
+                            results
                         } else {
-                            vec![NO_ANSWER; count]
+                            vec![self.answered(NO_ANSWER, 0, b"the batch answered another count"); count]
                         }
                     }
-                    Ok((status, body)) => vec![self.note(status, &body); count],
-                    Err(e) => vec![self.note(NO_ANSWER, e.as_bytes()); count],
+                    Ok((status, retry_after_s, answer)) => vec![self.answered(status, retry_after_s, &answer); count],
+                    Err(e) => vec![self.answered(NO_ANSWER, 0, e.as_bytes()); count],
                 }
             }
         }
+    }
+
+    fn answered(&self, status: u16, retry_after_s: u32, body: &[u8]) -> Answered {
+        self.note(status, body);
+        let code = match status {
+            200..=299 => String::new(),
+            NO_ANSWER => "no_answer".to_string(),
+            _ => serde_json::from_slice::<Value>(body)
+                .ok()
+                .and_then(|v| v["code"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "other".to_string()),
+        };
+        let unknown = status == NO_ANSWER || String::from_utf8_lossy(body).contains("outcome is unknown");
+        Answered { status, retry_after_s, code, unknown }
     }
 
     /// Reads a job (linearizable).
@@ -202,13 +240,30 @@ impl HttpPool {
         body: String,
         pick: usize,
     ) -> Result<(u16, Bytes), String> {
+        self.send_answered(method, path, body, pick).await.map(|(status, _, answer)| (status, answer))
+    }
+
+    /// `send`, with the answer's Retry-After (seconds, 0 for none).
+    pub(crate) async fn send_answered(
+        &self,
+        method: &str,
+        path: &str,
+        body: String,
+        pick: usize,
+    ) -> Result<(u16, u32, Bytes), String> {
         match tokio::time::timeout(HTTP_REQUEST_TIMEOUT, self.send_once(method, path, body, pick)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(format!("no answer within {HTTP_REQUEST_TIMEOUT:?}")),
         }
     }
 
-    async fn send_once(&self, method: &str, path: &str, body: String, pick: usize) -> Result<(u16, Bytes), String> {
+    async fn send_once(
+        &self,
+        method: &str,
+        path: &str,
+        body: String,
+        pick: usize,
+    ) -> Result<(u16, u32, Bytes), String> {
         let _connection = self.free.acquire().await.map_err(|e| e.to_string())?;
         let reused = self.idle.lock().await.pop();
         let mut sender = match reused {
@@ -230,9 +285,15 @@ impl HttpPool {
         sender.ready().await.map_err(|e| e.to_string())?;
         let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
+        let retry_after_s = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .unwrap_or(0);
         let answer = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
         self.idle.lock().await.push(sender);
-        Ok((status, answer))
+        Ok((status, retry_after_s, answer))
     }
 
     async fn open(&self, addr: SocketAddr) -> Result<Sender, String> {

@@ -3,6 +3,7 @@
 pub mod fire;
 pub mod ingest;
 pub mod mixed;
+pub mod overload;
 pub mod references;
 
 use crate::cli::Scenario;
@@ -14,6 +15,9 @@ pub async fn run(scenario: Scenario) -> Result<bool, String> {
         Scenario::Fire { load, fire: args } => fire::fire(load, args, None).await,
         Scenario::Soak { load, fire: args, pid, sample_s } => fire::fire(load, args, Some((pid, sample_s))).await,
         Scenario::Mixed { load, mix, due_in_s } => mixed::mixed(load, &mix, due_in_s).await,
+        Scenario::Overload { load, factor, capacity, measure_seconds, due_in_s } => {
+            overload::overload(load, overload::OverloadArgs { factor, capacity, measure_seconds, due_in_s }).await
+        }
         Scenario::Reference { what } => references::run(what).await,
     }
 }

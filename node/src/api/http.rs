@@ -301,7 +301,14 @@ async fn batch(router: &Router, body: &[u8], parent: Option<TraceContext>, repre
     };
     let requests = requests.into_iter().map(|request| Ok(CreateRequest::new(request))).collect();
     let answers = router.create(requests, parent, CreateMode::Create, representation).await;
-    let results: Vec<Value> = answers.into_iter().map(|a| json!({"status": a.status, "body": a.body})).collect();
+    // A refusal to retry says when, as a single create's Retry-After header does.
+    let results: Vec<Value> = answers
+        .into_iter()
+        .map(|a| match a.retry_after_s {
+            Some(retry_after_s) => json!({"status": a.status, "body": a.body, "retry_after_s": retry_after_s}),
+            None => json!({"status": a.status, "body": a.body}),
+        })
+        .collect();
     answer(200, json!({"results": results}))
 }
 

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub commit_wait: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Partitions this node leads.
     pub partitions_led: Gauge,
+    /// Clients' creates this node admits in flight now, and how many are (`shard/admission.rs`).
+    pub admission_limit: Gauge,
+    pub admission_in_flight: Gauge,
     /// Request items this node forwarded to another member (the partition's leader).
     pub forwarded: Counter,
     pub cancelled: Counter,
@@ -105,6 +108,8 @@ impl Metrics {
             commit_waiting: Family::default(),
             commit_wait: Family::default(),
             partitions_led: Gauge::default(),
+            admission_limit: Gauge::default(),
+            admission_in_flight: Gauge::default(),
             forwarded: Counter::default(),
             cancelled: Counter::default(),
             accept_errors: Family::default(),
@@ -195,6 +200,16 @@ impl Metrics {
         );
         registry.register("partitions_led", "Partitions this node leads", metrics.partitions_led.clone());
         registry.register(
+            "admission_limit_jobs",
+            "Clients' creates this node takes in flight now: past it they are refused 503 overloaded at once (lowered while answers take over 250 ms, raised while they are fast)",
+            metrics.admission_limit.clone(),
+        );
+        registry.register(
+            "admission_in_flight_jobs",
+            "Clients' creates admitted and not yet answered",
+            metrics.admission_in_flight.clone(),
+        );
+        registry.register(
             "forwarded",
             "Request items forwarded to the member leading their partition",
             metrics.forwarded.clone(),
@@ -239,7 +254,11 @@ impl Metrics {
     }
 
     pub fn rejected(&self, reason: &str) {
-        self.rejected.get_or_create(&vec![("reason", reason.to_string())]).inc();
+        self.rejected_many(reason, 1);
+    }
+
+    pub fn rejected_many(&self, reason: &str, count: u64) {
+        self.rejected.get_or_create(&vec![("reason", reason.to_string())]).inc_by(count);
     }
 
     /// The Prometheus text exposition (format 0.0.4, what `promtool check metrics` reads).

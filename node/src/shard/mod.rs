@@ -7,6 +7,7 @@
 //! delivers, hands theirs to the mesh, and answers a request once its command is applied
 //! (completion-driven: nothing waits inside the loop).
 
+pub mod admission;
 mod replicas;
 mod requests;
 mod scan;

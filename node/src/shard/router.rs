@@ -8,6 +8,7 @@
 use crate::cluster::meta::{partition_of, ClusterMeta};
 use crate::obs::metrics::Metrics;
 use crate::obs::telemetry::SpanSink;
+use crate::shard::admission::Admission;
 use crate::shard::ops::{
     answer, field_error, raw_json, retry_later, Answer, CreateMode, JobOp, Refusal, Representation,
 };
@@ -99,6 +100,8 @@ pub struct Router {
     scrape_lock: std::sync::Mutex<()>,
     /// Set when the node is a member of a cluster of several.
     pub cluster: Option<RouterCluster>,
+    /// Clients' creates in flight, and how many may be.
+    pub admission: Admission,
 }
 
 /// How the router reaches the rest of the cluster.
@@ -241,6 +244,7 @@ impl Router {
             dispatcher: None,
             scrape_lock: std::sync::Mutex::new(()),
             cluster: None,
+            admission: Admission::default(),
         }
     }
 
@@ -522,6 +526,10 @@ impl Router {
         mode: CreateMode,
         representation: Representation,
     ) -> Vec<Answer> {
+        let count = requests.len();
+        let Some(_admitted) = self.admission.admit(count as u64, std::time::Instant::now()) else {
+            return self.refuse_overloaded(count);
+        };
         let now = now_ms();
         let random = self.next_random();
         let trace = match &parent {
@@ -530,7 +538,6 @@ impl Router {
             }
             None => TraceContext::new(random, (random >> 64) as u64 ^ 0x5bd1_e995),
         };
-        let count = requests.len();
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(requests.len());
         let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<JobSpec>)> = Default::default();
         for request in requests {
@@ -577,6 +584,17 @@ impl Router {
             }]);
         }
         answers
+    }
+
+    /// Creates refused at the door: the jobs in flight are at the admission limit.
+    fn refuse_overloaded(&self, count: usize) -> Vec<Answer> {
+        let (limit, in_flight) = self.admission.levels();
+        let message = format!(
+            "this node has {in_flight} jobs in flight, its limit now ({limit}, lowered while answers take over {} ms); retry shortly",
+            crate::shard::admission::SLOW_MS
+        );
+        self.metrics.rejected_many("overloaded", count as u64);
+        vec![Refusal::Overloaded.answer(message); count]
     }
 
     /// One operation on the job `id`, on the shard owning its partition.
@@ -823,6 +841,9 @@ impl Router {
         self.metrics.dead_letters_evicted.set(sum("dead_letters_evicted"));
         let led: Vec<&Value> = rafts.iter().filter(|p| p["role"] == "leader").collect();
         self.metrics.partitions_led.set(led.len() as i64);
+        let (limit, in_flight) = self.admission.levels();
+        self.metrics.admission_limit.set(limit as i64);
+        self.metrics.admission_in_flight.set(in_flight as i64);
         self.metrics.replication_lag.clear();
         self.metrics.commit_waiting.clear();
         self.metrics.commit_wait.clear();
