@@ -131,6 +131,15 @@ impl Connection {
         self.connection.remote_address()
     }
 
+    /// Opens the stream of the next message, to be written apart (`OutgoingMessage::send`):
+    /// streams are numbered in the order they are opened and accepted in that order, so a
+    /// receiver can take messages in the order they were opened however long each takes
+    /// to write.
+    pub async fn open_message(&self) -> Result<OutgoingMessage, TransportError> {
+        let stream = self.connection.open_uni().await.map_err(|e| TransportError::Connection(e.to_string()))?;
+        Ok(OutgoingMessage { stream })
+    }
+
     /// Sends one message on its own stream.
     pub async fn send(&self, message: &[u8]) -> Result<(), TransportError> {
         if message.len() > MESSAGE_MAX_BYTES {
@@ -159,6 +168,23 @@ impl Connection {
 
     pub fn close(&self) {
         self.connection.close(0u32.into(), b"closing");
+    }
+}
+
+/// A message's stream, opened; `send` writes the message and ends the stream.
+pub struct OutgoingMessage {
+    stream: quinn::SendStream,
+}
+
+impl OutgoingMessage {
+    pub async fn send(mut self, message: &[u8]) -> Result<(), TransportError> {
+        if message.len() > MESSAGE_MAX_BYTES {
+            return Err(TransportError::TooLarge { len_bytes: message.len() });
+        }
+        let failed = |e: &dyn std::fmt::Display| TransportError::Connection(e.to_string());
+        self.stream.write_all(message).await.map_err(|e| failed(&e))?;
+        self.stream.finish().map_err(|e| failed(&e))?;
+        Ok(())
     }
 }
 

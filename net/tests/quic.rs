@@ -80,6 +80,28 @@ async fn peers_of_one_cluster_talk_and_a_peer_of_another_is_refused() {
     a.close();
 }
 
+#[tokio::test]
+async fn messages_are_accepted_in_the_order_their_streams_were_opened_whatever_order_they_are_written() {
+    // The mesh hands a peer's messages on in this order (Raft expects them so): a large
+    // message opened first and written last still comes first.
+    let cluster = CertificateAuthority::generate("order").expect("ca");
+    let (a, mut a_peers) = listening(&identity(&cluster, "node-a"));
+    let (b, _b_peers) = listening(&identity(&cluster, "node-b"));
+    let to_a = tokio::time::timeout(LIMIT, b.connect(a.local_addr().expect("address"))).await.expect("in time");
+    let to_a = to_a.expect("connect");
+    let first = to_a.open_message().await.expect("open the first");
+    let second = to_a.open_message().await.expect("open the second");
+    second.send(b"second").await.expect("send the second");
+    let from_b = tokio::time::timeout(LIMIT, a_peers.recv()).await.expect("in time").expect("a peer");
+    let accepted = tokio::time::timeout(LIMIT, from_b.accept_message()).await.expect("in time").expect("accepted");
+    first.send(&vec![1u8; 1 << 20]).await.expect("send the first");
+    let read = tokio::time::timeout(LIMIT, accepted.read()).await.expect("in time").expect("read");
+    assert_eq!(read.len(), 1 << 20, "the stream opened first is accepted first");
+    let next = tokio::time::timeout(LIMIT, from_b.accept_message()).await.expect("in time").expect("accepted");
+    assert_eq!(next.read().await.expect("read"), b"second");
+    a.close();
+}
+
 #[test]
 fn certificate_files_round_trip_and_are_not_overwritten() {
     let dir = tempfile::tempdir().expect("tempdir");
