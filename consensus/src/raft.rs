@@ -40,6 +40,13 @@ pub struct Config {
     /// for its first `election_tick` ticks; the margin covers tick granularity and clock rates
     /// that differ by up to 1.5×. Faster clocks than that break it: off by default.
     pub lease_read: bool,
+    /// Patience with a slow leader: a follower whose election timeout has passed does not
+    /// campaign (and still withholds its vote) while the caller says the leader's node is
+    /// reachable (`Raft::set_leader_reachable`), for at most this many ticks since the leader's
+    /// own last message. A leader whose process is starved of CPU sends its heartbeats late
+    /// but is not gone; replacing it moves every write in flight. A dead node is replaced
+    /// as fast as without it (its node stops being reachable). 0: no patience.
+    pub leader_patience_tick: u32,
     /// Bytes of entries per Append message (at least one entry is always sent).
     pub max_size_per_msg: usize,
     /// Flow control per follower: appends and bytes in flight.
@@ -68,6 +75,7 @@ impl Config {
             pre_vote: true,
             check_quorum: true,
             lease_read: false,
+            leader_patience_tick: 0,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
             max_inflight_bytes: 8 << 20,
@@ -204,6 +212,8 @@ pub struct Raft<S: Storage> {
     /// A heartbeat round is owed to reads that arrived since the last one: sent once per
     /// `Ready` (or tick), so many reads share one round.
     read_round_owed: bool,
+    /// The caller's word that the leader's node is reachable now (`leader_patience_tick`).
+    leader_reachable: bool,
 }
 
 impl<S: Storage> Raft<S> {
@@ -237,6 +247,7 @@ impl<S: Storage> Raft<S> {
             round_sent_at: VecDeque::new(),
             lease_revoked: false,
             leader_contact_tick: None,
+            leader_reachable: false,
             read_round_owed: false,
             rng: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             config,
@@ -411,9 +422,28 @@ impl<S: Storage> Raft<S> {
         self.election_elapsed += 1;
         if self.role == Role::Leader {
             self.tick_leader();
-        } else if self.promotable() && self.election_elapsed >= self.randomized_election_timeout {
+        } else if self.promotable()
+            && self.election_elapsed >= self.randomized_election_timeout
+            && !self.waits_for_slow_leader()
+        {
             self.campaign(self.config.pre_vote, false);
         }
+    }
+
+    /// Whether the leader's node is reachable now, as the caller's transport sees it (it
+    /// heard from that node lately): read by the next ticks (`Config::leader_patience_tick`).
+    pub fn set_leader_reachable(&mut self, reachable: bool) {
+        self.leader_reachable = reachable;
+    }
+
+    /// A follower past its election timeout that still waits: the leader's node is reachable
+    /// and the leader's own last message is within the patience.
+    fn waits_for_slow_leader(&self) -> bool {
+        let patience = u64::from(self.config.leader_patience_tick);
+        self.role == Role::Follower
+            && self.leader.is_some()
+            && self.leader_reachable
+            && self.leader_contact_tick.is_some_and(|contact| self.ticks < contact + patience)
     }
 
     fn tick_leader(&mut self) {
@@ -492,7 +522,8 @@ impl<S: Storage> Raft<S> {
     /// than one ago even if a newer term has been seen since.
     fn withholds_votes(&self) -> bool {
         let election_ticks = u64::from(self.config.election_tick);
-        let heard_from_leader = self.leader.is_some() && self.election_elapsed < self.config.election_tick;
+        let heard_from_leader = self.leader.is_some()
+            && (self.election_elapsed < self.config.election_tick || self.waits_for_slow_leader());
         // For leases, contact counts even if a higher term has cleared `leader` since.
         let lease_contact = self.config.lease_read
             && (self.ticks < election_ticks

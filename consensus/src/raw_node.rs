@@ -121,6 +121,12 @@ impl<S: Storage> RawNode<S> {
         self.raft.tick();
     }
 
+    /// Whether the leader's node is reachable now (`Config::leader_patience_tick`): the
+    /// caller's transport heard from it lately. Read by the following ticks.
+    pub fn set_leader_reachable(&mut self, reachable: bool) {
+        self.raft.set_leader_reachable(reachable);
+    }
+
     /// A message from a peer.
     pub fn step(&mut self, message: Message) {
         self.raft.step(message);

@@ -62,6 +62,12 @@ pub struct Node {
     exporter: Option<(SpanSink, std::thread::JoinHandle<()>)>,
 }
 
+/// A follower waits for a leader whose node it still hears from (its heartbeats late: its
+/// process starved of CPU) for at most this many election timeouts since the leader's last
+/// message (2 s by default), then campaigns even so: a leader whose shard is stuck is
+/// replaced, later.
+const LEADER_PATIENCE_ELECTION_TIMEOUTS: u32 = 10;
+
 /// The cluster side of a member, opened before its shards (its meta group goes to shard 0).
 struct ClusterStart {
     endpoint: Arc<Endpoint>,
@@ -69,6 +75,8 @@ struct ClusterStart {
     bootstrap: bool,
     /// The newest command format every member reads (the mesh keeps it; replicas write it).
     command_format: Arc<AtomicU8>,
+    /// When each member was last heard from (the mesh notes it; followers read it).
+    contact: Arc<mesh::PeerContact>,
 }
 
 /// What every shard is started with.
@@ -80,7 +88,7 @@ struct ShardStart<'a> {
     metrics: &'a Arc<Metrics>,
     spans: &'a Option<SpanSink>,
     outbox: &'a mpsc::Sender<RaftBatch>,
-    cluster: Option<(Arc<Membership>, bool, Arc<AtomicU8>)>,
+    cluster: Option<&'a ClusterStart>,
     /// The node's one dispatcher, which every partition's runtime submits to.
     dispatcher: SharedDispatcher,
 }
@@ -110,7 +118,7 @@ impl Node {
             metrics: &metrics,
             spans: &spans,
             outbox: &outbox,
-            cluster: cluster.as_ref().map(|c| (c.membership.clone(), c.bootstrap, c.command_format.clone())),
+            cluster: cluster.as_ref(),
             dispatcher: dispatcher.clone(),
         };
         let shards = spawn_shards(&shard_start, meta_group, peer_receivers, &stop, &stopping)?;
@@ -233,6 +241,7 @@ fn open_cluster(settings: &Settings) -> Result<Option<(ClusterStart, Partition)>
         members: Some(initial),
         election_ticks: cluster.election_ticks,
         heartbeat_ticks: cluster.heartbeat_ticks,
+        leader_patience_ticks: cluster.election_ticks.saturating_mul(LEADER_PATIENCE_ELECTION_TIMEOUTS),
         wal: WalOptions { sync: settings.log_sync, ..WalOptions::default() },
         ..PartitionOptions::single_node(node_id)
     };
@@ -240,7 +249,8 @@ fn open_cluster(settings: &Settings) -> Result<Option<(ClusterStart, Partition)>
     let membership = Arc::new(Membership::new(group.members().cloned().unwrap_or_default()));
     // Until each member has said which it reads: the format every build reads.
     let command_format = Arc::new(AtomicU8::new(0));
-    Ok(Some((ClusterStart { endpoint, membership, bootstrap, command_format }, group)))
+    let contact = Arc::new(mesh::PeerContact::default());
+    Ok(Some((ClusterStart { endpoint, membership, bootstrap, command_format, contact }, group)))
 }
 
 /// One inbox per shard for the Raft messages the mesh delivers.
@@ -305,6 +315,10 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
             snapshot_every_entries: settings.snapshot_every,
             election_ticks: settings.cluster.as_ref().map_or(10, |c| c.election_ticks),
             heartbeat_ticks: settings.cluster.as_ref().map_or(1, |c| c.heartbeat_ticks),
+            leader_patience_ticks: settings
+                .cluster
+                .as_ref()
+                .map_or(0, |c| c.election_ticks.saturating_mul(LEADER_PATIENCE_ELECTION_TIMEOUTS)),
             expected_jobs,
             ..PartitionOptions::single_node(node_id)
         },
@@ -324,16 +338,15 @@ fn shard_config(start: &ShardStart, index: usize) -> ShardConfig {
         drain_limit: settings.drain,
         metrics: start.metrics.clone(),
         spans: start.spans.clone(),
-        cluster: settings.cluster.as_ref().zip(start.cluster.clone()).map(
-            |(c, (membership, bootstrap, command_format))| ShardCluster {
-                membership,
-                bootstrap,
-                replication: c.replication,
-                tick: c.tick,
-                outbox: start.outbox.clone(),
-                command_format,
-            },
-        ),
+        cluster: settings.cluster.as_ref().zip(start.cluster).map(|(c, started)| ShardCluster {
+            membership: started.membership.clone(),
+            bootstrap: started.bootstrap,
+            replication: c.replication,
+            tick: c.tick,
+            outbox: start.outbox.clone(),
+            command_format: started.command_format.clone(),
+            contact: started.contact.clone(),
+        }),
     }
 }
 
@@ -422,6 +435,7 @@ fn join_mesh(
         me,
         membership: cluster.membership.clone(),
         command_format: cluster.command_format.clone(),
+        contact: cluster.contact.clone(),
     };
     let mesh = mesh::Mesh::start(config, cluster.endpoint, outgoing, peer_inboxes, serve);
     let replication = settings.cluster.as_ref().map_or(1, |c| c.replication);

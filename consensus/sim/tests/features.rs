@@ -227,6 +227,43 @@ fn check_quorum_makes_a_cut_off_leader_step_down() {
 }
 
 #[test]
+fn a_follower_waits_for_a_slow_leader_whose_node_is_reachable_within_the_patience_only() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.leader_patience_tick = 100);
+    net.elect(1);
+    let term = net.raft(1).term;
+    // The leader's heartbeats stop reaching its followers (its process is starved), but
+    // their transport still hears from its node.
+    net.isolate(1);
+    for follower in [2, 3] {
+        net.node(follower).set_leader_reachable(true);
+    }
+    net.tick(2, 60);
+    net.tick(3, 60);
+    net.settle();
+    assert_eq!((net.raft(2).term, net.raft(2).leader), (term, Some(1)), "past its timeout, it waits");
+    assert_eq!((net.raft(3).term, net.raft(3).leader), (term, Some(1)));
+    // Past the patience (counted from the leader's last message), they campaign regardless.
+    net.tick(2, 50);
+    net.tick(3, 50);
+    net.settle();
+    assert!(net.raft(2).term > term && net.raft(3).term > term, "an election after the patience");
+
+    // Once the leader's node is not reachable, a follower past its timeout campaigns at once.
+    let mut net = Net::new(&[1, 2, 3], |c| c.leader_patience_tick = 100);
+    net.elect(1);
+    let term = net.raft(1).term;
+    net.isolate(1);
+    net.node(2).set_leader_reachable(true);
+    net.tick(2, 45);
+    net.settle();
+    assert_eq!(net.raft(2).term, term, "waiting");
+    net.node(2).set_leader_reachable(false);
+    net.tick(2, 1);
+    net.settle();
+    assert_eq!(net.role(2), Role::PreCandidate, "node 2 campaigned on its next tick");
+}
+
+#[test]
 fn a_divergent_follower_is_repaired_in_few_round_trips() {
     // Leader 1: terms 1 1 1 4 4 5 5 6 6 6; follower 2: terms 1 1 1 2 2 2 3 3 3 3 3.
     let leader_terms = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6];

@@ -93,6 +93,8 @@ struct Shared {
     /// that has not said): what the shards write. Computed once the membership is known
     /// (until then 0, which every build reads).
     command_format: Arc<AtomicU8>,
+    /// When each member was last heard from (`PeerContact`).
+    contact: Arc<PeerContact>,
     /// Hellos of nodes not (yet) members, kept until they are added (a joining node links
     /// before this node's membership view has it; its hello is not sent again).
     early_facts: Mutex<BTreeMap<NodeId, MemberFacts>>,
@@ -115,6 +117,28 @@ pub struct MeshConfig {
     pub membership: Arc<crate::cluster::members::Membership>,
     /// Kept up to date by the mesh: see `Shared::command_format`.
     pub command_format: Arc<AtomicU8>,
+    /// Noted by the mesh on every message from a member.
+    pub contact: Arc<PeerContact>,
+}
+
+/// When each member was last heard from, whatever it sent: a follower whose leader's
+/// heartbeats are late but whose node is heard from waits for it a while rather than
+/// replacing it (`Config::leader_patience_tick`).
+#[derive(Debug, Default)]
+pub struct PeerContact {
+    heard: Mutex<HashMap<NodeId, std::time::Instant>>,
+}
+
+impl PeerContact {
+    pub fn note(&self, peer: NodeId, at: std::time::Instant) {
+        self.heard.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, at);
+    }
+
+    /// Whether `peer` was heard from within `window` before `now`.
+    pub fn heard_within(&self, peer: NodeId, window: Duration, now: std::time::Instant) -> bool {
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.get(&peer).is_some_and(|at| now.saturating_duration_since(*at) <= window)
+    }
 }
 
 impl Mesh {
@@ -137,6 +161,7 @@ impl Mesh {
             shards,
             serve,
             command_format: config.command_format,
+            contact: config.contact,
             early_facts: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(follow_membership(shared.clone(), endpoint.clone(), config.membership));
@@ -332,6 +357,7 @@ impl Shared {
         if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
             entry.last_heard_ms = sundial_dispatch::now_ms();
         }
+        self.contact.note(peer, std::time::Instant::now());
         match tag {
             TAG_HELLO => {
                 if let Ok(facts) = serde_json::from_slice::<MemberFacts>(body) {

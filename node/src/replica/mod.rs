@@ -117,10 +117,10 @@ impl Replica {
         self.runtime.log_mut().read()
     }
 
-    /// One unit of Raft time.
-    pub fn tick(&mut self) {
+    /// One unit of Raft time; `leader_reachable`: the leader's node was heard from lately.
+    pub fn tick(&mut self, leader_reachable: bool) {
         self.fed = true;
-        self.runtime.log_mut().tick();
+        self.runtime.log_mut().tick(leader_reachable);
     }
 
     /// Moves live job specs out of mostly dead spec segments (a bounded amount).

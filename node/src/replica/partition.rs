@@ -36,6 +36,9 @@ pub struct PartitionOptions {
     /// Ticks without a leader before a replica campaigns (randomized in [n, 2n)).
     pub election_ticks: u32,
     pub heartbeat_ticks: u32,
+    /// How long, in ticks since its leader's last message, a follower past its election
+    /// timeout waits for a leader whose node is still heard from (0: not at all).
+    pub leader_patience_ticks: u32,
     /// Set for the meta group: its entries are membership changes applied to `Members`
     /// (starting from this, for a brand-new group) instead of jobs commands.
     pub members: Option<Members>,
@@ -59,6 +62,7 @@ impl PartitionOptions {
             max_uncommitted_entries: 100_000,
             election_ticks: 10,
             heartbeat_ticks: 1,
+            leader_patience_ticks: 0,
             members: None,
             // Linux only: elsewhere a file cannot be reserved, and a write through the
             // mapping to a full disk would be a SIGBUS.
@@ -324,6 +328,7 @@ impl Partition {
         config.max_uncommitted_entries = options.max_uncommitted_entries;
         config.election_tick = options.election_ticks;
         config.heartbeat_tick = options.heartbeat_ticks;
+        config.leader_patience_tick = options.leader_patience_ticks;
         config.seed = options.node_id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ u64::from(options.election_ticks);
         let node = RawNode::new(config, storage)?;
         let mut partition = Partition {
@@ -382,7 +387,10 @@ impl Partition {
         &self.state
     }
 
-    pub fn tick(&mut self) {
+    /// One unit of Raft time; `leader_reachable`: the leader's node was heard from lately
+    /// (`PartitionOptions::leader_patience_ticks`).
+    pub fn tick(&mut self, leader_reachable: bool) {
+        self.node.set_leader_reachable(leader_reachable);
         self.node.tick();
     }
 

@@ -146,12 +146,20 @@ pub struct ShardCluster {
     /// The newest command format every member reads, as the mesh last heard: the format
     /// this shard's replicas write their commands in (an older member must read them).
     pub command_format: Arc<std::sync::atomic::AtomicU8>,
+    /// When each member was last heard from (the mesh notes it): a follower past its
+    /// election timeout waits for a leader whose node is heard from.
+    pub contact: Arc<crate::cluster::mesh::PeerContact>,
 }
 
 /// Raft messages for a shard's partitions, delivered by the mesh.
 pub type PeerMessages = mpsc::Receiver<Vec<(u32, Message)>>;
 /// Peer batches waiting for a shard; beyond it they are dropped (Raft resends).
 pub const PEER_INBOX_CAPACITY: usize = 1_024;
+/// A follower past its election timeout waits for its leader while the leader's node was
+/// heard from within this (anything it sent: another partition's appends will do). Shorter
+/// than the shortest election timeout (200 ms by default), so a node that died is replaced
+/// as fast as before: by then nothing has come from it for longer than this.
+const LEADER_REACHABLE_WITHIN: Duration = Duration::from_millis(150);
 /// How often a leader looks whether its partition's preferred leader should take over.
 const BALANCE_EVERY: Duration = Duration::from_secs(1);
 /// How often a shard repacks its partitions' spec stores (a bounded number of jobs each time;
@@ -287,6 +295,8 @@ struct Shard {
     next_waiting: u64,
     /// What each outstanding ticket answers.
     tickets: std::collections::HashMap<(u32, Ticket), TicketUse>,
+    /// Who led each replica's partition, and in which term, when last looked.
+    leaders_seen: std::collections::HashMap<u32, (Option<u64>, u64)>,
     /// The wall clock at this turn's start (`begin_turn`): every decision of the turn takes
     /// time from here, so the clock is read in one place.
     turn_ms: u64,
@@ -380,6 +390,7 @@ impl Shard {
             waiting: Default::default(),
             next_waiting: 0,
             tickets: Default::default(),
+            leaders_seen: Default::default(),
             turn_ms: opened_ms,
             command_format: sundial_engine::codec::COMMAND_FORMAT,
         };
@@ -467,12 +478,7 @@ impl Shard {
             if let Some(tick) = tick {
                 let now = Instant::now();
                 if now >= next_tick {
-                    for replica in self.replicas.values_mut() {
-                        replica.tick();
-                    }
-                    if let Some(meta) = &mut self.meta {
-                        meta.tick();
-                    }
+                    self.tick_replicas();
                     // A shard that fell far behind ticks once, not in a burst.
                     next_tick = (next_tick + tick).max(now);
                 }
@@ -609,9 +615,7 @@ impl Shard {
                 }
                 _ = tokio::time::sleep(tick) => {
                     if self.config.cluster.is_some() {
-                        for replica in self.replicas.values_mut() {
-                            replica.tick();
-                        }
+                        self.tick_replicas();
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {}
@@ -645,8 +649,38 @@ impl Shard {
     }
 
     /// Hands log writes and gauges to the metrics.
-    fn observe(&mut self) {
+    /// One Raft tick for every replica here (and the meta group), each told whether its
+    /// leader's node was heard from lately (`LEADER_REACHABLE_WITHIN`).
+    fn tick_replicas(&mut self) {
+        let now = Instant::now();
+        let contact = self.config.cluster.as_ref().map(|c| c.contact.clone());
+        let me = self.config.node_id;
+        let reachable = |leader: Option<u64>| {
+            leader
+                .filter(|l| *l != me)
+                .zip(contact.as_ref())
+                .is_some_and(|(leader, contact)| contact.heard_within(leader, LEADER_REACHABLE_WITHIN, now))
+        };
         for replica in self.replicas.values_mut() {
+            let leader_reachable = reachable(replica.partition().leader());
+            replica.tick(leader_reachable);
+        }
+        if let Some(meta) = &mut self.meta {
+            let leader_reachable = reachable(meta.leader());
+            meta.tick(leader_reachable);
+        }
+    }
+
+    fn observe(&mut self) {
+        for (partition, replica) in self.replicas.iter_mut() {
+            let (leader, term) = (replica.partition().leader(), replica.partition().raft_status().term);
+            if let Some(seen) = self.leaders_seen.insert(*partition, (leader, term)) {
+                if seen.0 != leader {
+                    // Who leads each partition, as this member sees it: churn shows here first.
+                    let node = self.config.node_id;
+                    tracing::info!(node, partition, term, leader = ?leader, before = ?seen.0, "the partition's leader changed");
+                }
+            }
             // The log's write records are metrics-only and taken here.
             let writes = replica.take_writes();
             self.metrics.log_writes(&writes);
