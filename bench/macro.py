@@ -85,6 +85,19 @@ class Cluster:
     def pids(self):
         return [c.pid for c in self.children]
 
+    def elections(self):
+        """Elections won, summed over the members (sundial_raft_elections_total)."""
+        total = 0
+        for http in self.http:
+            try:
+                with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as response:
+                    for line in response.read().decode().splitlines():
+                        if line.startswith("sundial_raft_elections_total"):
+                            total += int(float(line.split()[-1]))
+            except Exception:
+                pass
+        return total
+
     def stop(self):
         for child in self.children:
             child.terminate()
@@ -118,10 +131,14 @@ def loadgen(out, name, args):
 
 def scenario(out, name, cluster, args):
     before = cpu_seconds(cluster.pids())
+    elections_before = cluster.elections()
     started = time.time()
     results = loadgen(out, name, args)
     results["node_cpu_s"] = cpu_seconds(cluster.pids()) - before
     results["wall_s"] = time.time() - started
+    if len(cluster.http) > 1:
+        # Elections won during the run: leadership changes (none should happen unless a node dies).
+        results["elections"] = cluster.elections() - elections_before
     return results
 
 
@@ -164,8 +181,11 @@ def main():
             ("fires-alone-10k", ["fire", "--rate", "10000"] + ahead),
             ("deliveries-backlog", ["fire", "--rate", "20000", "--batch", "100", "--connections", "2", "--due-together", "--due-after-ms", "3000", "--seconds", "5"]),
             ("mixed-2k", ["mixed", "--rate", "2000", "--connections", "2"]),
+            # Twice the capacity it measures first (10 s at max, 16 requests in flight).
+            ("overload-2x", ["overload", "--factor", "2", "--batch", "100", "--connections", "2", "--minimal-answers"]),
         ]
-        cluster_plans = ("ingest-binary-max", "ingest-http-max", "fire-1k", "fires-alone-3k", "deliveries-backlog")
+        cluster_plans = ("ingest-binary-max", "ingest-http-max", "fire-1k", "fires-alone-3k", "deliveries-backlog",
+                         "overload-2x")
         plans.append(("soak", ["soak", "--rate", "1000", "--seconds", str(options.seconds * 6)]))
         for nodes in (1, 3):
             if nodes == 3 and options.skip_cluster:
@@ -252,6 +272,8 @@ def summary(results):
             load = f"fires alone, due {run['fires_due_per_s']}/s (all {run.get('acknowledged', 0):,} created first)"
         if run.get("due_together"):
             load = f"{run.get('acknowledged', 0):,} jobs due at one instant"
+        if run["scenario"] == "overload":
+            load = f"{run['factor']}× the capacity measured ({run['max_per_s']:,.0f}/s), batch {run['batch']}"
         lateness = run.get("fire_lateness_us")
         late = f"{ms(lateness.get('p50'))} / {ms(lateness.get('p99'))}" if lateness else "–"
         deliveries = run.get("deliveries_per_s")
@@ -268,6 +290,11 @@ def summary(results):
         cpu = run.get("node_cpu_s")
         cpu_per_k = f"{cpu * 1000 / ok_items:.2f}" if cpu is not None and ok_items else "–"
         verdict = "pass" if run.get("pass") else "FAIL"
+        if run["scenario"] == "overload":
+            answer_p99 = ms(run.get("every_answer_us", {}).get("p99"))
+            verdict += f"; {run['ratio_to_max']:.2f} of the capacity created; every answer p99 {answer_p99} ms; {run['by_class']}"
+        if "elections" in run:
+            verdict += f"; elections {run['elections']}"
         if run["scenario"] == "soak":
             drift = run.get("lateness_p99_drift") or {}
             rss = run.get("memory_samples") or []

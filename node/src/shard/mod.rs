@@ -155,11 +155,6 @@ pub struct ShardCluster {
 pub type PeerMessages = mpsc::Receiver<Vec<(u32, Message)>>;
 /// Peer batches waiting for a shard; beyond it they are dropped (Raft resends).
 pub const PEER_INBOX_CAPACITY: usize = 1_024;
-/// A follower past its election timeout waits for its leader while the leader's node was
-/// heard from within this (anything it sent: another partition's appends will do). Shorter
-/// than the shortest election timeout (200 ms by default), so a node that died is replaced
-/// as fast as before: by then nothing has come from it for longer than this.
-const LEADER_REACHABLE_WITHIN: Duration = Duration::from_millis(150);
 /// How often a leader looks whether its partition's preferred leader should take over.
 const BALANCE_EVERY: Duration = Duration::from_secs(1);
 /// How often a shard repacks its partitions' spec stores (a bounded number of jobs each time;
@@ -650,16 +645,17 @@ impl Shard {
 
     /// Hands log writes and gauges to the metrics.
     /// One Raft tick for every replica here (and the meta group), each told whether its
-    /// leader's node was heard from lately (`LEADER_REACHABLE_WITHIN`).
+    /// leader's node was heard from lately: within three quarters of the shortest election
+    /// timeout (150 ms by default; anything it sent counts, another partition's appends
+    /// too). A node that died is then replaced as fast as before: by the time a follower's
+    /// timeout passes, nothing has come from it for longer than that.
     fn tick_replicas(&mut self) {
         let now = Instant::now();
-        let contact = self.config.cluster.as_ref().map(|c| c.contact.clone());
-        let me = self.config.node_id;
+        let Some(cluster) = &self.config.cluster else { return };
+        let (contact, me) = (cluster.contact.clone(), self.config.node_id);
+        let within = cluster.tick * self.config.partition.election_ticks * 3 / 4;
         let reachable = |leader: Option<u64>| {
-            leader
-                .filter(|l| *l != me)
-                .zip(contact.as_ref())
-                .is_some_and(|(leader, contact)| contact.heard_within(leader, LEADER_REACHABLE_WITHIN, now))
+            leader.is_some_and(|leader| leader != me && contact.heard_within(leader, within, now))
         };
         for replica in self.replicas.values_mut() {
             let leader_reachable = reachable(replica.partition().leader());
