@@ -40,12 +40,14 @@ pub struct Config {
     /// for its first `election_tick` ticks; the margin covers tick granularity and clock rates
     /// that differ by up to 1.5×. Faster clocks than that break it: off by default.
     pub lease_read: bool,
-    /// Patience with a slow leader: a follower whose election timeout has passed does not
+    /// Patience with slow peers. A follower whose election timeout has passed does not
     /// campaign (and still withholds its vote) while the caller says the leader's node is
-    /// reachable (`Raft::set_leader_reachable`), for at most this many ticks since the leader's
-    /// own last message. A leader whose process is starved of CPU sends its heartbeats late
-    /// but is not gone; replacing it moves every write in flight. A dead node is replaced
-    /// as fast as without it (its node stops being reachable). 0: no patience.
+    /// reachable (`Raft::set_reachable`), for at most this many ticks since the leader's own
+    /// last message; a leader that heard from no quorum within an election timeout does not
+    /// step down while the caller says a quorum of voters' nodes is reachable, for at most
+    /// this many ticks since a quorum last answered. A process starved of CPU answers late
+    /// but is not gone; replacing its leadership moves every write in flight. A dead node is
+    /// replaced as fast as without it (it stops being reachable). 0: no patience.
     pub leader_patience_tick: u32,
     /// Bytes of entries per Append message (at least one entry is always sent).
     pub max_size_per_msg: usize,
@@ -212,8 +214,10 @@ pub struct Raft<S: Storage> {
     /// A heartbeat round is owed to reads that arrived since the last one: sent once per
     /// `Ready` (or tick), so many reads share one round.
     read_round_owed: bool,
-    /// The caller's word that the leader's node is reachable now (`leader_patience_tick`).
-    leader_reachable: bool,
+    /// The peers whose nodes the caller says are reachable now (`leader_patience_tick`).
+    reachable: Vec<NodeId>,
+    /// When (in `ticks`) this leader last found a quorum active: its patience counts from it.
+    quorum_active_tick: u64,
 }
 
 impl<S: Storage> Raft<S> {
@@ -247,7 +251,8 @@ impl<S: Storage> Raft<S> {
             round_sent_at: VecDeque::new(),
             lease_revoked: false,
             leader_contact_tick: None,
-            leader_reachable: false,
+            reachable: Vec::new(),
+            quorum_active_tick: 0,
             read_round_owed: false,
             rng: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
             config,
@@ -352,6 +357,7 @@ impl<S: Storage> Raft<S> {
         assert!(matches!(self.role, Role::Candidate), "only a candidate becomes leader");
         self.role = Role::Leader;
         self.leader = Some(self.id);
+        self.quorum_active_tick = self.ticks;
         self.transferee = None;
         self.lease_revoked = false;
         self.round_sent_at.clear();
@@ -430,10 +436,11 @@ impl<S: Storage> Raft<S> {
         }
     }
 
-    /// Whether the leader's node is reachable now, as the caller's transport sees it (it
-    /// heard from that node lately): read by the next ticks (`Config::leader_patience_tick`).
-    pub fn set_leader_reachable(&mut self, reachable: bool) {
-        self.leader_reachable = reachable;
+    /// The peers whose nodes are reachable now, as the caller's transport sees it (it heard
+    /// from them lately): read by the next ticks (`Config::leader_patience_tick`).
+    pub fn set_reachable(&mut self, peers: &[NodeId]) {
+        self.reachable.clear();
+        self.reachable.extend_from_slice(peers);
     }
 
     /// A follower past its election timeout that still waits: the leader's node is reachable
@@ -441,16 +448,25 @@ impl<S: Storage> Raft<S> {
     fn waits_for_slow_leader(&self) -> bool {
         let patience = u64::from(self.config.leader_patience_tick);
         self.role == Role::Follower
-            && self.leader.is_some()
-            && self.leader_reachable
+            && self.leader.is_some_and(|leader| self.reachable.contains(&leader))
             && self.leader_contact_tick.is_some_and(|contact| self.ticks < contact + patience)
+    }
+
+    /// A leader that heard from no quorum lately that still waits: a quorum of voters
+    /// (itself included) is reachable and a quorum last answered within the patience.
+    fn waits_for_slow_quorum(&self) -> bool {
+        let patience = u64::from(self.config.leader_patience_tick);
+        let reachable = self.voters.iter().filter(|id| **id == self.id || self.reachable.contains(id)).count();
+        reachable >= self.quorum() && self.ticks < self.quorum_active_tick + patience
     }
 
     fn tick_leader(&mut self) {
         self.heartbeat_elapsed += 1;
         if self.election_elapsed >= self.config.election_tick {
             self.election_elapsed = 0;
-            if self.config.check_quorum && !self.quorum_active() {
+            if !self.config.check_quorum || self.quorum_active() {
+                self.quorum_active_tick = self.ticks;
+            } else if !self.waits_for_slow_quorum() {
                 self.become_follower(self.term, None);
                 return;
             }

@@ -121,10 +121,10 @@ impl<S: Storage> RawNode<S> {
         self.raft.tick();
     }
 
-    /// Whether the leader's node is reachable now (`Config::leader_patience_tick`): the
-    /// caller's transport heard from it lately. Read by the following ticks.
-    pub fn set_leader_reachable(&mut self, reachable: bool) {
-        self.raft.set_leader_reachable(reachable);
+    /// The peers whose nodes are reachable now (`Config::leader_patience_tick`): the caller's
+    /// transport heard from them lately. Read by the following ticks.
+    pub fn set_reachable(&mut self, peers: &[NodeId]) {
+        self.raft.set_reachable(peers);
     }
 
     /// A message from a peer.

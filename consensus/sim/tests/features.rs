@@ -235,7 +235,7 @@ fn a_follower_waits_for_a_slow_leader_whose_node_is_reachable_within_the_patienc
     // their transport still hears from its node.
     net.isolate(1);
     for follower in [2, 3] {
-        net.node(follower).set_leader_reachable(true);
+        net.node(follower).set_reachable(&[1]);
     }
     net.tick(2, 60);
     net.tick(3, 60);
@@ -253,14 +253,35 @@ fn a_follower_waits_for_a_slow_leader_whose_node_is_reachable_within_the_patienc
     net.elect(1);
     let term = net.raft(1).term;
     net.isolate(1);
-    net.node(2).set_leader_reachable(true);
+    net.node(2).set_reachable(&[1, 3]);
     net.tick(2, 45);
     net.settle();
     assert_eq!(net.raft(2).term, term, "waiting");
-    net.node(2).set_leader_reachable(false);
+    net.node(2).set_reachable(&[3]);
     net.tick(2, 1);
     net.settle();
     assert_eq!(net.role(2), Role::PreCandidate, "node 2 campaigned on its next tick");
+}
+
+#[test]
+fn a_leader_that_hears_no_quorum_stays_while_their_nodes_are_reachable_within_the_patience_only() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.leader_patience_tick = 100);
+    net.elect(1);
+    // The followers' answers stop reaching the leader, but its transport hears their nodes.
+    net.isolate(1);
+    net.node(1).set_reachable(&[2, 3]);
+    net.tick(1, 60);
+    assert_eq!(net.role(1), Role::Leader, "check-quorum waits while a quorum is reachable");
+    net.tick(1, 60);
+    assert_eq!(net.role(1), Role::Follower, "past the patience it steps down");
+
+    // Reachable nodes short of a quorum: it steps down at its election timeout, as without.
+    let mut net = Net::new(&[1, 2, 3], |c| c.leader_patience_tick = 100);
+    net.elect(1);
+    net.isolate(1);
+    net.node(1).set_reachable(&[]);
+    net.tick(1, 25);
+    assert_eq!(net.role(1), Role::Follower);
 }
 
 #[test]

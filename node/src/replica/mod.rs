@@ -117,10 +117,10 @@ impl Replica {
         self.runtime.log_mut().read()
     }
 
-    /// One unit of Raft time; `leader_reachable`: the leader's node was heard from lately.
-    pub fn tick(&mut self, leader_reachable: bool) {
+    /// One unit of Raft time; `reachable`: the members heard from lately.
+    pub fn tick(&mut self, reachable: &[sundial_consensus::NodeId]) {
         self.fed = true;
-        self.runtime.log_mut().tick(leader_reachable);
+        self.runtime.log_mut().tick(reachable);
     }
 
     /// Moves live job specs out of mostly dead spec segments (a bounded amount).

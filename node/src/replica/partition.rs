@@ -36,8 +36,9 @@ pub struct PartitionOptions {
     /// Ticks without a leader before a replica campaigns (randomized in [n, 2n)).
     pub election_ticks: u32,
     pub heartbeat_ticks: u32,
-    /// How long, in ticks since its leader's last message, a follower past its election
-    /// timeout waits for a leader whose node is still heard from (0: not at all).
+    /// How long, in ticks, a follower past its election timeout waits for a leader whose
+    /// node is still heard from, and a leader that heard from no quorum waits for followers
+    /// whose nodes are (0: not at all).
     pub leader_patience_ticks: u32,
     /// Set for the meta group: its entries are membership changes applied to `Members`
     /// (starting from this, for a brand-new group) instead of jobs commands.
@@ -387,10 +388,10 @@ impl Partition {
         &self.state
     }
 
-    /// One unit of Raft time; `leader_reachable`: the leader's node was heard from lately
+    /// One unit of Raft time; `reachable`: the members heard from lately
     /// (`PartitionOptions::leader_patience_ticks`).
-    pub fn tick(&mut self, leader_reachable: bool) {
-        self.node.set_leader_reachable(leader_reachable);
+    pub fn tick(&mut self, reachable: &[NodeId]) {
+        self.node.set_reachable(reachable);
         self.node.tick();
     }
 

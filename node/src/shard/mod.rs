@@ -644,26 +644,26 @@ impl Shard {
     }
 
     /// Hands log writes and gauges to the metrics.
-    /// One Raft tick for every replica here (and the meta group), each told whether its
-    /// leader's node was heard from lately: within three quarters of the shortest election
-    /// timeout (150 ms by default; anything it sent counts, another partition's appends
-    /// too). A node that died is then replaced as fast as before: by the time a follower's
-    /// timeout passes, nothing has come from it for longer than that.
+    /// One Raft tick for every replica here (and the meta group), each told which members
+    /// were heard from lately: within three quarters of the shortest election timeout
+    /// (150 ms by default; anything a member sent counts). A node that died is then
+    /// replaced as fast as before: by the time a follower's timeout passes, nothing has come
+    /// from it for longer than that.
     fn tick_replicas(&mut self) {
         let now = Instant::now();
         let Some(cluster) = &self.config.cluster else { return };
-        let (contact, me) = (cluster.contact.clone(), self.config.node_id);
         let within = cluster.tick * self.config.partition.election_ticks * 3 / 4;
-        let reachable = |leader: Option<u64>| {
-            leader.is_some_and(|leader| leader != me && contact.heard_within(leader, within, now))
-        };
+        let reachable: Vec<u64> = cluster
+            .membership
+            .ids()
+            .into_iter()
+            .filter(|id| *id != self.config.node_id && cluster.contact.heard_within(*id, within, now))
+            .collect();
         for replica in self.replicas.values_mut() {
-            let leader_reachable = reachable(replica.partition().leader());
-            replica.tick(leader_reachable);
+            replica.tick(&reachable);
         }
         if let Some(meta) = &mut self.meta {
-            let leader_reachable = reachable(meta.leader());
-            meta.tick(leader_reachable);
+            meta.tick(&reachable);
         }
     }
 
