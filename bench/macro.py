@@ -192,7 +192,11 @@ def main():
         for nodes in (1, 3):
             if nodes == 3 and options.skip_cluster:
                 break
-            for name, args in plans if nodes == 1 else [p for p in plans if p[0] in cluster_plans]:
+            # A single node at twice its capacity fills its max_jobs within the run (its
+            # capacity is ~70k creates/s here): the overload scenario is the cluster's.
+            for name, args in [p for p in plans if p[0] != "overload-2x"] if nodes == 1 else [
+                p for p in plans if p[0] in cluster_plans
+            ]:
                 # A fresh node (or cluster) per scenario: one run's jobs do not load the next.
                 cluster = Cluster(nodes, work)
                 try:
