@@ -494,7 +494,8 @@ impl<S: Storage> Raft<S> {
     pub fn step(&mut self, m: Message) {
         if m.term > self.term {
             if let MessageKind::VoteRequest { force, .. } = m.kind {
-                if self.withholds_votes() && !force {
+                // The leader itself campaigning (it stepped down) is not a disruption.
+                if self.withholds_votes() && !force && self.leader != Some(m.from) {
                     return; // a leader is alive: a disruptive candidate is ignored
                 }
             }

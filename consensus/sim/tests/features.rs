@@ -285,6 +285,25 @@ fn a_leader_that_hears_no_quorum_stays_while_their_nodes_are_reachable_within_th
 }
 
 #[test]
+fn a_leader_that_stepped_down_is_voted_for_by_followers_that_still_take_it_for_the_leader() {
+    let mut net = Net::new(&[1, 2, 3], |c| c.leader_patience_tick = 100);
+    net.elect(1);
+    let term = net.raft(1).term;
+    // Its followers' answers stop reaching it: it steps down (check-quorum), while they
+    // still take it for their leader and withhold their votes from anyone else.
+    net.cut.insert((2, 1));
+    net.cut.insert((3, 1));
+    net.tick(1, 25);
+    assert_eq!(net.role(1), Role::Follower);
+    net.cut.clear();
+    // Its own campaign is no disruption: they vote for it without waiting out their timeouts.
+    net.tick(1, 45);
+    net.settle();
+    assert_eq!(net.role(1), Role::Leader, "the followers voted for their former leader");
+    assert!(net.raft(1).term > term);
+}
+
+#[test]
 fn a_divergent_follower_is_repaired_in_few_round_trips() {
     // Leader 1: terms 1 1 1 4 4 5 5 6 6 6; follower 2: terms 1 1 1 2 2 2 3 3 3 3 3.
     let leader_terms = [1, 1, 1, 4, 4, 5, 5, 6, 6, 6];

@@ -254,7 +254,7 @@ impl Shared {
     /// Takes a connection to a member: its messages are read until it fails, ours sent over
     /// it meanwhile. Returns when it fails.
     async fn run_link(self: &Arc<Shared>, peer: NodeId, connection: Connection) {
-        let (queue, mut queued) = mpsc::channel::<Vec<u8>>(PEER_QUEUE_MAX);
+        let (queue, queued) = mpsc::channel::<Vec<u8>>(PEER_QUEUE_MAX);
         let link = self.next_link.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         {
             let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
@@ -269,27 +269,7 @@ impl Shared {
             entry.link = link;
         }
         tracing::info!(peer, remote = %connection.remote_address(), "linked to a cluster member");
-        let sender = connection.clone();
-        let large = Arc::new(tokio::sync::Semaphore::new(LARGE_SENDS_MAX));
-        let writer = tokio::spawn(async move {
-            // Bounded by the queue: it ends when the link is dropped.
-            while let Some(message) = queued.recv().await {
-                let permit =
-                    (message.len() > LARGE_MESSAGE_BYTES).then(|| large.clone().try_acquire_owned().ok()).flatten();
-                if let Some(permit) = permit {
-                    // A large append or snapshot chunk is written beside the rest (QUIC flow
-                    // control paces it), on a stream opened here, in order: the receiver
-                    // hands messages on in the order their streams were opened.
-                    let Ok(stream) = sender.open_message().await else { break };
-                    tokio::spawn(async move {
-                        let _ = stream.send(&message).await;
-                        drop(permit);
-                    });
-                } else if sender.send(&message).await.is_err() {
-                    break;
-                }
-            }
-        });
+        let writer = tokio::spawn(write_link(connection.clone(), queued));
         // Each message is read on its own task, at most `READS_MAX` at once per link, and
         // handed on in the order the peer opened their streams: Raft expects a peer's
         // messages in the order they were sent, and appends that overtake one another are
@@ -298,6 +278,9 @@ impl Shared {
         let mut previous: Option<oneshot::Receiver<()>> = None;
         // Bounded by the connection: `accept_message` fails once it closes.
         while let Ok(incoming) = connection.accept_message().await {
+            // Heard from as soon as a message starts, not once it is handed on: one waiting
+            // behind a large message still says the peer is alive.
+            self.contact.note(peer, std::time::Instant::now());
             let Ok(permit) = reads.clone().acquire_owned().await else { break };
             let (shared, connection) = (self.clone(), connection.clone());
             let (handed_on, this_handed_on) = oneshot::channel();
@@ -357,7 +340,6 @@ impl Shared {
         if let Some(entry) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&peer) {
             entry.last_heard_ms = sundial_dispatch::now_ms();
         }
-        self.contact.note(peer, std::time::Instant::now());
         match tag {
             TAG_HELLO => {
                 if let Ok(facts) = serde_json::from_slice::<MemberFacts>(body) {
@@ -410,6 +392,27 @@ impl Shared {
             if !messages.is_empty() {
                 let _ = self.shards[shard].try_send(messages);
             }
+        }
+    }
+}
+
+/// Sends a link's queued messages in order until the queue ends or the link fails.
+async fn write_link(sender: Connection, mut queued: mpsc::Receiver<Vec<u8>>) {
+    let large = Arc::new(tokio::sync::Semaphore::new(LARGE_SENDS_MAX));
+    // Bounded by the queue: it ends when the link is dropped.
+    while let Some(message) = queued.recv().await {
+        let permit = (message.len() > LARGE_MESSAGE_BYTES).then(|| large.clone().try_acquire_owned().ok()).flatten();
+        if let Some(permit) = permit {
+            // A large append or snapshot chunk is written beside the rest (QUIC flow
+            // control paces it), on a stream opened here, in order: the receiver
+            // hands messages on in the order their streams were opened.
+            let Ok(stream) = sender.open_message().await else { break };
+            tokio::spawn(async move {
+                let _ = stream.send(&message).await;
+                drop(permit);
+            });
+        } else if sender.send(&message).await.is_err() {
+            break;
         }
     }
 }

@@ -6,8 +6,8 @@
 //! The limit moves as TCP's window does: it shrinks by a quarter when a request takes longer
 //! than `SLOW_MS` end to end (at most once per `SLOW_MS`, so one slow spell is one cut), and
 //! grows by an eighth of each fast request's jobs while at least half of it is in use. A
-//! node never refuses a request when nothing is in flight, so a batch larger than the limit
-//! still goes through alone.
+//! request larger than the room left is admitted in part (its first jobs; the rest refused,
+//! each job answered on its own), and one that finds nothing in flight is admitted whole.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -53,16 +53,20 @@ impl Default for Admission {
 }
 
 impl Admission {
-    /// Admits `jobs` that arrived at `arrived`, or refuses them (`None`) when they would take
-    /// the jobs in flight past the limit.
+    /// Admits as many of `jobs` (a request's, in order) that arrived at `arrived` as fit under
+    /// the limit — all of them when nothing is in flight — or none (`None`). A request larger
+    /// than the room left is admitted in part, its first jobs (each job is answered on its
+    /// own), so a large batch is never starved by a stream of small ones.
     pub fn admit(&self, jobs: u64, arrived: Instant) -> Option<Admitted<'_>> {
         let mut window = self.lock();
-        if window.in_flight > 0 && window.in_flight.saturating_add(jobs) > window.limit {
+        let admitted =
+            if window.in_flight == 0 { jobs } else { jobs.min(window.limit.saturating_sub(window.in_flight)) };
+        if admitted == 0 {
             return None;
         }
-        window.in_flight = window.in_flight.saturating_add(jobs);
+        window.in_flight = window.in_flight.saturating_add(admitted);
         let busy = window.in_flight.saturating_mul(2) >= window.limit;
-        Some(Admitted { admission: self, jobs, busy, arrived })
+        Some(Admitted { admission: self, jobs: admitted, busy, arrived })
     }
 
     /// Jobs admitted at `arrived` were answered at `now`: the limit learns how long they took.
@@ -71,7 +75,9 @@ impl Admission {
         window.in_flight = window.in_flight.saturating_sub(jobs);
         let slow = Duration::from_millis(SLOW_MS);
         if now.saturating_duration_since(arrived) > slow {
-            if window.cut_at.is_none_or(|cut_at| now.saturating_duration_since(cut_at) > slow) {
+            // Once per spell, as TCP cuts once per window: only a request admitted after the
+            // last cut (under the limit as it is now) may cut it again.
+            if window.cut_at.is_none_or(|cut_at| arrived > cut_at && now.saturating_duration_since(cut_at) > slow) {
                 window.limit = (window.limit - window.limit / 4).max(LIMIT_MIN);
                 window.cut_at = Some(now);
             }
@@ -93,6 +99,11 @@ impl Admission {
 }
 
 impl Admitted<'_> {
+    /// How many of the request's jobs were admitted (its first ones).
+    pub fn jobs(&self) -> u64 {
+        self.jobs
+    }
+
     /// Releases the jobs as answered at `now` (dropping does so at the current time).
     pub fn done_at(self, now: Instant) {
         self.admission.done(self.jobs, self.busy, self.arrived, now);
@@ -111,16 +122,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn past_the_limit_requests_are_refused_until_answers_come_back_and_a_lone_large_batch_passes() {
+    fn past_the_limit_requests_are_refused_or_admitted_in_part_and_a_lone_large_batch_passes() {
         let admission = Admission::default();
         let start = Instant::now();
         let first = admission.admit(LIMIT_START - 10, start).expect("within the limit");
-        assert!(admission.admit(11, start).is_none(), "past the limit: refused");
-        let small = admission.admit(10, start).expect("exactly at the limit");
+        let part = admission.admit(11, start).expect("the room left");
+        assert_eq!(part.jobs(), 10, "the first 10 of 11 fit");
+        assert!(admission.admit(1, start).is_none(), "at the limit: refused");
         first.done_at(start);
-        small.done_at(start);
+        part.done_at(start);
         assert_eq!(admission.levels().1, 0, "nothing in flight once answered");
         let huge = admission.admit(LIMIT_MAX * 2, start).expect("alone, a batch past the limit still goes");
+        assert_eq!(huge.jobs(), LIMIT_MAX * 2);
         assert!(admission.admit(1, start).is_none());
         huge.done_at(start);
     }
@@ -129,17 +142,20 @@ mod tests {
     fn slow_answers_cut_the_limit_once_per_spell_down_to_a_floor_and_fast_busy_ones_raise_it() {
         let admission = Admission::default();
         let start = Instant::now();
-        let late = start + Duration::from_millis(SLOW_MS + 1);
-        for _ in 0..3 {
-            let admitted = admission.admit(100, start).expect("admitted");
-            admitted.done_at(late);
+        let slow = Duration::from_millis(SLOW_MS + 1);
+        let admitted: Vec<Admitted> = (0..3).map(|_| admission.admit(100, start).expect("admitted")).collect();
+        let mut answered_at = start + slow;
+        for request in admitted {
+            request.done_at(answered_at);
+            // Later still, but admitted before the cut: the same spell.
+            answered_at += slow;
         }
         assert_eq!(admission.levels().0, LIMIT_START - LIMIT_START / 4, "one spell, one cut");
-        let mut now = late;
+        let mut now = answered_at;
         for _ in 0..100 {
-            now += Duration::from_millis(SLOW_MS + 1);
-            let admitted = admission.admit(1, now - Duration::from_millis(SLOW_MS + 1)).expect("admitted");
-            admitted.done_at(now);
+            let arrived = now + Duration::from_millis(1);
+            now = arrived + slow;
+            admission.admit(1, arrived).expect("admitted").done_at(now);
         }
         assert_eq!(admission.levels().0, LIMIT_MIN, "never below the floor");
         // Fast answers that found the limit busy raise it; idle ones do not.

@@ -527,9 +527,14 @@ impl Router {
         representation: Representation,
     ) -> Vec<Answer> {
         let count = requests.len();
-        let Some(_admitted) = self.admission.admit(count as u64, std::time::Instant::now()) else {
-            return self.refuse_overloaded(count);
+        let Some(admitted) = self.admission.admit(count as u64, std::time::Instant::now()) else {
+            self.metrics.rejected_many("overloaded", count as u64);
+            return vec![self.overloaded(); count];
         };
+        // Past the room left, the request's last jobs are refused, each on its own (and
+        // counted with the other refusals below).
+        let admitted_count = usize::try_from(admitted.jobs()).unwrap_or(usize::MAX);
+        let refused = (admitted_count < count).then(|| self.overloaded());
         let now = now_ms();
         let random = self.next_random();
         let trace = match &parent {
@@ -540,7 +545,11 @@ impl Router {
         };
         let mut answers: Vec<Option<Answer>> = Vec::with_capacity(requests.len());
         let mut by_partition: std::collections::BTreeMap<u32, (Vec<usize>, Vec<JobSpec>)> = Default::default();
-        for request in requests {
+        for (position, request) in requests.into_iter().enumerate() {
+            if let Some(refused) = refused.as_ref().filter(|_| position >= admitted_count) {
+                answers.push(Some(refused.clone()));
+                continue;
+            }
             let prepared = request.and_then(|request| self.prepare(&request, now, &trace));
             match prepared {
                 Ok((partition, spec)) => {
@@ -565,36 +574,41 @@ impl Router {
             }
         }
         let answers: Vec<Answer> = answers.into_iter().map(|a| a.expect("every request answered")).collect();
+        self.account_creates(&answers, &trace, parent, now);
+        answers
+    }
+
+    /// Counts a create request's refusals by code, and sends its span (OTLP configured).
+    fn account_creates(&self, answers: &[Answer], trace: &TraceContext, parent: Option<TraceContext>, start_ms: u64) {
         for refused in answers.iter().filter(|a| a.status >= 400) {
             let body = refused.body_value();
             let code = body.as_ref().and_then(|b| b["code"].as_str()).unwrap_or("other");
             self.metrics.rejected(code);
         }
         if let Some(spans) = &self.spans {
-            let created = answers.iter().filter(|a| a.status == 201).count();
+            let (count, created) = (answers.len(), answers.iter().filter(|a| a.status == 201).count());
             spans.send([SpanRecord {
                 name: "request",
                 trace_id: trace.trace_id.clone(),
                 span_id: trace.span_id.clone(),
                 parent_span_id: parent.map(|p| p.span_id),
-                start_ms: now,
+                start_ms,
                 end_ms: now_ms(),
                 attributes: vec![("sundial.jobs", count.to_string()), ("sundial.created", created.to_string())],
                 failed: created < count,
             }]);
         }
-        answers
     }
 
-    /// Creates refused at the door: the jobs in flight are at the admission limit.
-    fn refuse_overloaded(&self, count: usize) -> Vec<Answer> {
+    /// The answer to a create refused at the door: the jobs in flight are at the admission
+    /// limit.
+    fn overloaded(&self) -> Answer {
         let (limit, in_flight) = self.admission.levels();
         let message = format!(
             "this node has {in_flight} jobs in flight, its limit now ({limit}, lowered while answers take over {} ms); retry shortly",
             crate::shard::admission::SLOW_MS
         );
-        self.metrics.rejected_many("overloaded", count as u64);
-        vec![Refusal::Overloaded.answer(message); count]
+        Refusal::Overloaded.answer(message)
     }
 
     /// One operation on the job `id`, on the shard owning its partition.
