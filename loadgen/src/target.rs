@@ -184,7 +184,9 @@ impl Target {
                 .and_then(|v| v["code"].as_str().map(str::to_string))
                 .unwrap_or_else(|| "other".to_string()),
         };
-        let unknown = status == NO_ANSWER || String::from_utf8_lossy(body).contains("outcome is unknown");
+        // Only a failure can leave the outcome unknown: a created job's body is not searched.
+        let unknown = status == NO_ANSWER
+            || (!(200..300).contains(&status) && String::from_utf8_lossy(body).contains("outcome is unknown"));
         Answered { status, retry_after_s, code, unknown }
     }
 
