@@ -29,6 +29,10 @@ struct Cluster {
     /// Peer addresses of every node id there are certificates for.
     addresses: BTreeMap<u64, String>,
     members: BTreeMap<u64, Member>,
+    /// Partitions of the cluster, and settings every member is started with besides those
+    /// `spawn_member` gives.
+    partitions: u32,
+    settings: Vec<String>,
 }
 
 struct Member {
@@ -89,7 +93,22 @@ impl Cluster {
         let addresses: BTreeMap<u64, String> =
             (1..=size + spares).zip(ports).map(|(i, p)| (i, format!("127.0.0.1:{p}"))).collect();
         let peers: Vec<String> = addresses.iter().take(size as usize).map(|(i, a)| format!("{i}@{a}")).collect();
-        Cluster { dir, certs, peers: peers.join(","), addresses, members: BTreeMap::new() }
+        Cluster {
+            dir,
+            certs,
+            peers: peers.join(","),
+            addresses,
+            members: BTreeMap::new(),
+            partitions: PARTITIONS,
+            settings: Vec::new(),
+        }
+    }
+
+    /// `partitions` instead of 16, and `settings` given to every member started from now on.
+    fn with_settings(mut self, partitions: u32, settings: &[&str]) -> Cluster {
+        self.partitions = partitions;
+        self.settings = settings.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Starts (or restarts, on its data) member `id`; its log goes to `node-ID.log`.
@@ -122,7 +141,8 @@ impl Cluster {
             .arg(certs)
             .args(extra)
             .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--allow-loopback-targets", "--shards", "2"])
-            .args(["--partitions", &PARTITIONS.to_string(), "--data"])
+            .args(&self.settings)
+            .args(["--partitions", &self.partitions.to_string(), "--data"])
             .arg(&data)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -163,7 +183,7 @@ impl Cluster {
             let mut led: Vec<u64> = self.leaders().into_values().flatten().collect();
             led.sort_unstable();
             led.dedup();
-            led.len() == PARTITIONS as usize
+            led.len() == self.partitions as usize
         })
         .await
     }
@@ -512,6 +532,81 @@ async fn removing_a_node_and_adding_a_fresh_one_loses_no_acknowledged_job() {
         let (first_ms, _) = &seen[id];
         assert!(*first_ms >= job["run_at"].as_u64().expect("due"), "{id} fired early");
     }
+}
+
+/// Each partition of `member` as its /debug/cluster shows it, by partition number.
+fn partitions_of(cluster: &Cluster, member: u64) -> BTreeMap<u64, Value> {
+    let (_, view) = call(cluster.http(member), "GET", "/debug/cluster", b"");
+    let partitions = view["partitions"].as_array().cloned().unwrap_or_default();
+    partitions.into_iter().map(|p| (p["partition"].as_u64().unwrap_or(u64::MAX), p)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_its_leaders_linked_snapshots_is_sent_a_whole_one_and_serves_every_job() {
+    const JOBS: usize = 4_000;
+    let (target, hits) = receiver().await;
+    // Small segments and frequent snapshots, so the leaders' logs are cut while node 3 is down.
+    let mut cluster = Cluster::new(3).with_settings(2, &["--snapshot-every", "200", "--segment-mb", "1"]);
+    for id in 1..=3 {
+        cluster.start_member(id);
+    }
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader\n{}", cluster.logs());
+    cluster.kill(3);
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader without 3\n{}", cluster.logs());
+
+    // 4,000 jobs of ~1 KB each, due together 25 s from now, created while node 3 is down.
+    let due_ms = now_ms() + 25_000;
+    let filler = "x".repeat(1_000);
+    for batch in 0..JOBS / 200 {
+        let jobs: Vec<Value> = (0..200)
+            .map(|i| {
+                let id = format!("s-{}", batch * 200 + i);
+                json!({"id": id, "run_at": due_ms, "url": format!("http://{target}/hook"), "json": {"f": filler}})
+            })
+            .collect();
+        let (status, results) = call(
+            cluster.http(1 + batch as u64 % 2),
+            "POST",
+            "/jobs/batch",
+            json!({"jobs": jobs}).to_string().as_bytes(),
+        );
+        assert_eq!(status, 200, "{results}");
+        assert!(results["results"].as_array().is_some_and(|r| r.iter().all(|r| r["status"] == 201)), "{results}");
+    }
+    // The replicated partitions take linked snapshots (the specs stay in their files).
+    let linked = wait_for(Duration::from_secs(30), || {
+        (1..=2).all(|id| partitions_of(&cluster, id).values().all(|p| p["snapshot_linked"] == true))
+    })
+    .await;
+    assert!(linked, "linked snapshots: {:?}\n{}", partitions_of(&cluster, 1), cluster.logs());
+
+    // Node 3 is behind what the leaders' logs hold: each leader makes a whole snapshot for it.
+    cluster.start_member(3);
+    let caught_up = wait_for(Duration::from_secs(60), || {
+        let mine = partitions_of(&cluster, 3);
+        let leaders: Vec<Value> = (1..=3)
+            .flat_map(|id| partitions_of(&cluster, id).into_values())
+            .filter(|p| p["role"] == "leader")
+            .collect();
+        leaders.len() == 2
+            && leaders.iter().all(|leader| {
+                mine.get(&leader["partition"].as_u64().unwrap_or(u64::MAX)).is_some_and(|p| {
+                    p["snapshots_installed"].as_u64() >= Some(1)
+                        && p["applied_index"].as_u64() >= leader["commit_index"].as_u64()
+                        && p["jobs"] == leader["jobs"]
+                })
+            })
+    })
+    .await;
+    assert!(caught_up, "node 3 did not catch up: {:?}\n{}", partitions_of(&cluster, 3), cluster.logs());
+
+    // Node 1 goes: every partition now needs node 3's copy for a quorum.
+    cluster.kill(1);
+    assert!(cluster.wait_for_leaders(Duration::from_secs(30)).await, "no leader without 1\n{}", cluster.logs());
+    let fired = wait_for(Duration::from_secs(90), || deliveries(&hits).len() >= JOBS).await;
+    let seen = deliveries(&hits);
+    assert!(fired, "{} of {JOBS} fired\n{}", seen.len(), cluster.logs());
+    assert!(seen.values().all(|(first_ms, _)| *first_ms >= due_ms), "none fired early");
 }
 
 /// Items a member forwarded to another (its `sundial_forwarded_total`).

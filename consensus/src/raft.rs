@@ -809,8 +809,12 @@ impl<S: Storage> Raft<S> {
     }
 
     /// Starts sending the storage's snapshot; appends to `to` pause until it is answered.
+    /// Nothing is sent while the storage has none a peer can install (`snapshot_to_send`):
+    /// the next heartbeat's answer tries again.
     fn send_snapshot(&mut self, to: NodeId) -> bool {
-        let index = self.log.storage.snapshot().meta.index;
+        let Some(index) = self.log.storage.snapshot_to_send().map(|snapshot| snapshot.meta.index) else {
+            return false;
+        };
         let Some(progress) = self.progress.get_mut(&to) else { return false };
         progress.become_snapshot(index);
         self.send_snapshot_chunks(to);
@@ -820,10 +824,16 @@ impl<S: Storage> Raft<S> {
     /// Sends the next chunks of the snapshot to `to`, at most `SNAPSHOT_CHUNKS_IN_FLIGHT`
     /// beyond what it acknowledged. A snapshot replaced meanwhile is started over.
     fn send_snapshot_chunks(&mut self, to: NodeId) {
-        let snapshot = self.log.storage.snapshot();
+        let Some(progress) = self.progress.get_mut(&to) else { return };
+        let Some(snapshot) = self.log.storage.snapshot_to_send() else {
+            // Replaced by one no peer can install: started over once there is one again.
+            if matches!(progress.state, ProgressState::Snapshot { .. }) {
+                progress.become_probe();
+            }
+            return;
+        };
         let chunk_bytes = self.config.snapshot_chunk_bytes as u64;
         let total_bytes = snapshot.data.len() as u64;
-        let Some(progress) = self.progress.get_mut(&to) else { return };
         match progress.state {
             ProgressState::Snapshot { index } if index == snapshot.meta.index => {}
             ProgressState::Snapshot { .. } => progress.become_snapshot(snapshot.meta.index),
@@ -1174,5 +1184,21 @@ impl<S: Storage> Raft<S> {
     /// Progress of every member as the leader sees it (for status pages and tests).
     pub fn progress_of(&self, id: NodeId) -> Option<&Progress> {
         self.progress.get(&id)
+    }
+
+    /// Leader: whether a peer is being sent a snapshot, or was heard from within the last
+    /// election timeout and needs one (the log no longer holds the entry before the next it
+    /// needs). A peer that stays silent counts no longer: a transfer to it starts over after
+    /// an election timeout (`tick_leader`), so a member that is down does not hold the
+    /// caller's snapshots back.
+    pub(crate) fn peer_needs_snapshot(&self) -> bool {
+        self.role == Role::Leader
+            && self.progress.iter().any(|(&id, progress)| {
+                id != self.id
+                    && match progress.state {
+                        ProgressState::Snapshot { .. } => true,
+                        _ => progress.recent_active && progress.next_index < self.log.first_index(),
+                    }
+            })
     }
 }

@@ -91,6 +91,14 @@ impl<S: Storage> RawNode<S> {
         self.raft.progress_of(peer).map(|progress| progress.match_index)
     }
 
+    /// Whether a peer needs a snapshot (leader only): one is being sent, or a peer heard from
+    /// lately needs what the log no longer holds. A caller whose newest snapshot no peer can install
+    /// (`Storage::snapshot_to_send`) then makes one that can, and keeps it the newest until
+    /// this turns false.
+    pub fn peer_needs_snapshot(&self) -> bool {
+        self.raft.peer_needs_snapshot()
+    }
+
     /// The storage the node reads through; the caller persists each `Ready` into it.
     pub fn storage(&self) -> &S {
         &self.raft.log.storage

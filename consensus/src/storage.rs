@@ -29,6 +29,13 @@ pub trait Storage {
     fn first_index(&self) -> Index;
     fn last_index(&self) -> Index;
     fn snapshot(&self) -> &Snapshot;
+    /// The newest snapshot if a peer can install it, else `None`: a caller's snapshot may be
+    /// readable only together with its own files (Sundial's linked snapshots). While a peer
+    /// needs one and this answers `None`, nothing is sent to that peer; the leader retries at
+    /// each heartbeat, and `RawNode::peer_needs_snapshot` tells the caller to make one.
+    fn snapshot_to_send(&self) -> Option<&Snapshot> {
+        Some(self.snapshot())
+    }
 }
 
 /// The persisted state of one node, in memory: what survives a simulated crash.
@@ -38,6 +45,9 @@ pub struct MemStorage {
     pub snapshot: Snapshot,
     /// Entries after the snapshot, contiguous from `snapshot.meta.index + 1`.
     entries: Vec<Entry>,
+    /// The snapshot is one no peer can install (as a caller's linked snapshot): tests set it
+    /// to see the leader wait for one it can send.
+    pub snapshot_unsendable: bool,
 }
 
 impl MemStorage {
@@ -124,6 +134,10 @@ impl Storage for MemStorage {
 
     fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    fn snapshot_to_send(&self) -> Option<&Snapshot> {
+        (!self.snapshot_unsendable).then_some(&self.snapshot)
     }
 }
 

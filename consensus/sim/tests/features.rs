@@ -541,6 +541,35 @@ fn a_snapshot_transfer_survives_the_follower_restarting_mid_way() {
 }
 
 #[test]
+fn a_leader_whose_snapshot_no_peer_can_install_sends_nothing_until_it_has_one() {
+    let (mut net, applied) = follower_behind_a_snapshot(5, vec![9; 1000]);
+    // The leader's newest snapshot is readable only with its own files (a linked one).
+    net.node(1).storage_mut().snapshot_unsendable = true;
+    let snapshot_chunks =
+        |net: &Net| net.queue.iter().filter(|m| m.to == 3 && matches!(m.kind, MessageKind::Snapshot { .. })).count();
+    let mut chunks = 0;
+    // Bounded: heartbeat rounds in which node 3 asks for what it lacks.
+    for _ in 0..10 {
+        net.tick(1, 1);
+        net.collect();
+        chunks += snapshot_chunks(&net);
+        net.settle();
+    }
+    assert_eq!(chunks, 0, "nothing a peer cannot install is sent");
+    assert!(net.node(1).peer_needs_snapshot(), "the caller is told a peer needs one");
+    assert!(net.raft(3).log.storage.snapshot.meta.index < applied);
+    // The caller made one a peer can install: the next heartbeat's answer starts it.
+    net.node(1).storage_mut().snapshot_unsendable = false;
+    for _ in 0..30 {
+        net.tick(1, 1);
+        net.settle();
+    }
+    let storage = &net.raft(3).log.storage;
+    assert_eq!((storage.snapshot.meta.index, storage.snapshot.data.len()), (applied, 1000));
+    assert!(!net.node(1).peer_needs_snapshot(), "no peer needs one once it is installed");
+}
+
+#[test]
 fn a_new_node_must_join_as_a_learner_first() {
     let mut net = Net::new(&[1, 2, 3], |_| {});
     net.elect(1);

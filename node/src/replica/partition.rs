@@ -132,6 +132,9 @@ pub struct Partition {
     /// Snapshots that could not be written (retried at the next interval; the log keeps
     /// everything meanwhile).
     snapshot_failures: u64,
+    /// Snapshots installed from a leader since the partition opened (a replica that fell
+    /// behind what the leader's log still holds).
+    snapshots_installed: u64,
     /// The snapshot being encoded and written off the shard (at most one at a time).
     snapshot_in_flight: Option<SnapshotInFlight>,
     /// Snapshots adopted since they were last taken, for metrics.
@@ -306,6 +309,9 @@ pub struct RaftStatus {
     pub applied_index: Index,
     pub last_index: Index,
     pub snapshot_index: Index,
+    /// The newest snapshot is a linked one (its specs stay in this replica's files).
+    pub snapshot_linked: bool,
+    pub snapshots_installed: u64,
 }
 
 impl Partition {
@@ -346,6 +352,7 @@ impl Partition {
             leading_from: None,
             applied_since_snapshot: 0,
             snapshot_failures: 0,
+            snapshots_installed: 0,
             snapshot_in_flight: None,
             snapshots_taken: Vec::new(),
             undecodable_entries: 0,
@@ -501,6 +508,12 @@ impl Partition {
             self.snapshot_failures += 1;
             tracing::warn!(%error, "a snapshot written off the shard was not adopted; the log keeps its entries");
         }
+        if self.whole_snapshot_wanted() {
+            if let Err(error) = self.start_snapshot() {
+                self.snapshot_failures += 1;
+                tracing::warn!(%error, "could not start the whole snapshot a peer needs; tried again later");
+            }
+        }
         // Bounded: a single node produces a finite amount of work between inputs.
         for _ in 0..1_000 {
             if !self.node.has_ready() {
@@ -531,6 +544,7 @@ impl Partition {
                 }
             }
             if let Some(snapshot) = &ready.snapshot {
+                self.snapshots_installed += 1;
                 if self.members.is_some() {
                     self.members = Some(Members::restore(&snapshot.data).map_err(PartitionError::Snapshot)?);
                 } else {
@@ -710,6 +724,11 @@ impl Partition {
     /// cost per applied entry bounded (about one job's encoding) and replay after a crash at
     /// most about as long as the state.
     fn maybe_snapshot(&mut self) -> Result<(), PartitionError> {
+        if self.node.peer_needs_snapshot() && !self.newest_snapshot_is_linked() {
+            // The newest is being sent to a peer (or about to be): a newer one would start
+            // the transfer over. The log keeps its entries meanwhile.
+            return Ok(());
+        }
         let state_size = self.members.as_ref().map_or(self.state.job_count() as u64, |_| 0);
         let wait_entries = if self.links_snapshots() { state_size / LINKED_SNAPSHOT_JOBS_DIVISOR } else { state_size };
         if self.snapshot_in_flight.is_some()
@@ -729,15 +748,19 @@ impl Partition {
     }
 
     /// Whether this partition's snapshots are linked (the table, the specs left in the store's
-    /// segments): only with a spec store, and only while it is the group's one member, since
-    /// a linked snapshot is whole only together with this replica's files and so is never
-    /// sent. A leader about to add a replica takes a whole one first (`compact`).
+    /// segments): with a spec store, in a partition of jobs, and not while a peer needs a
+    /// snapshot. A linked snapshot is whole only together with this replica's files, so no
+    /// peer is ever sent one (`WalStorage::snapshot_to_send`): when a peer needs one, the
+    /// leader makes a whole one (`whole_snapshot_wanted`) and keeps it the newest until the
+    /// peer installed it. A leader about to add a replica takes a whole one first (`compact`).
     fn links_snapshots(&self) -> bool {
-        let conf = self.node.conf_state();
-        self.spec_files.is_some()
-            && self.members.is_none()
-            && conf.learners.is_empty()
-            && conf.voters == [self.options.node_id]
+        self.spec_files.is_some() && self.members.is_none() && !self.node.peer_needs_snapshot()
+    }
+
+    /// Whether to start a whole snapshot now: a peer needs one and the newest is linked, and
+    /// none is being written (a linked one being written is dropped when it is done).
+    fn whole_snapshot_wanted(&self) -> bool {
+        self.snapshot_in_flight.is_none() && self.node.peer_needs_snapshot() && self.newest_snapshot_is_linked()
     }
 
     /// Starts a snapshot of the state at the applied index on a thread of its own: the shard
@@ -747,7 +770,9 @@ impl Partition {
         let Some(turn) = SnapshotTurn::take() else { return Ok(()) };
         self.applied_since_snapshot = 0;
         let applied = self.node.status().applied;
-        let Some(plan) = self.node.storage().plan_snapshot(applied, self.node.conf_state())? else {
+        // A whole snapshot replaces a linked one even at the same index: a peer needs it.
+        let replace_linked = self.newest_snapshot_is_linked() && !self.links_snapshots();
+        let Some(plan) = self.node.storage().plan_snapshot(applied, self.node.conf_state(), replace_linked)? else {
             return Ok(());
         };
         let started = std::time::Instant::now();
@@ -811,7 +836,7 @@ impl Partition {
             Err(_) => return Err(PartitionError::Snapshot("the snapshot's thread panicked".into())),
         };
         if linked && !self.links_snapshots() {
-            // The group grew while it was written: a replica may be sent the newest snapshot.
+            // A peer needs a snapshot now: the newest must be one it can install.
             return Ok(());
         }
         let adopting = std::time::Instant::now();
@@ -996,6 +1021,8 @@ impl Partition {
             applied_index: status.applied,
             last_index: status.last_index,
             snapshot_index: self.snapshot_index(),
+            snapshot_linked: self.newest_snapshot_is_linked(),
+            snapshots_installed: self.snapshots_installed,
         }
     }
 

@@ -154,11 +154,17 @@ impl WalStorage {
 
     /// What a snapshot of the state machine at `index` (with membership `conf`) needs to be
     /// written on another thread; `None` when it would be no newer than the newest.
-    pub fn plan_snapshot(&self, index: Index, conf: ConfState) -> Result<Option<SnapshotPlan>, WalError> {
-        self.plan(index, conf, false)
+    /// With `replace_equal`, also at the newest snapshot's own index (a whole snapshot over
+    /// a linked one).
+    pub fn plan_snapshot(
+        &self,
+        index: Index,
+        conf: ConfState,
+        replace_equal: bool,
+    ) -> Result<Option<SnapshotPlan>, WalError> {
+        self.plan(index, conf, replace_equal)
     }
 
-    /// `plan_snapshot`; with `replace_equal`, also at the newest snapshot's own index.
     fn plan(&self, index: Index, conf: ConfState, replace_equal: bool) -> Result<Option<SnapshotPlan>, WalError> {
         let dir = self.wal.dir().to_path_buf();
         if replace_equal && index == self.snapshot.meta.index && index > 0 {
@@ -283,6 +289,12 @@ impl Storage for WalStorage {
 
     fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// A linked snapshot lists this replica's spec segments instead of holding the specs: no
+    /// peer can install it, so the partition makes a whole one when a peer needs one.
+    fn snapshot_to_send(&self) -> Option<&Snapshot> {
+        (!sundial_engine::state::State::is_linked_snapshot(&self.snapshot.data)).then_some(&self.snapshot)
     }
 }
 
@@ -414,7 +426,7 @@ mod tests {
         let entries = (1..=10).map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![index as u8] });
         storage.persist(&Ready { entries: entries.collect(), ..Ready::default() }).expect("persisted");
         let conf = ConfState { voters: vec![1], learners: Vec::new() };
-        let plan = storage.plan_snapshot(5, conf.clone()).expect("planned").expect("newer than none");
+        let plan = storage.plan_snapshot(5, conf.clone(), false).expect("planned").expect("newer than none");
         let written = plan.write(b"state at 5", &AtomicBool::new(false)).expect("written");
         let leaders =
             Snapshot { meta: SnapshotMeta { index: 8, term: 1, conf }, data: bytes::Bytes::from_static(b"at 8") };
@@ -427,7 +439,8 @@ mod tests {
             .map(|e| e.expect("entry").file_name().to_string_lossy().into())
             .collect();
         assert!(names.iter().all(|name| !name.ends_with(".tmp")), "its file was removed: {names:?}");
-        let stopped = storage.plan_snapshot(9, ConfState { voters: vec![1], learners: Vec::new() }).expect("planned");
+        let stopped =
+            storage.plan_snapshot(9, ConfState { voters: vec![1], learners: Vec::new() }, false).expect("planned");
         let error = stopped.expect("newer").write(&[0; 3 << 20], &AtomicBool::new(true)).expect_err("given up");
         assert!(error.to_string().contains("closing"), "{error}");
     }
@@ -440,7 +453,7 @@ mod tests {
         let entry = |index: u64, bytes: usize| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![7; bytes] };
         let mut storage = WalStorage::open(dir.path(), options, &[1]).expect("open");
         storage.persist(&Ready { entries: (1..=10).map(|i| entry(i, 10)).collect(), ..Ready::default() }).expect("ok");
-        let plan = storage.plan_snapshot(5, conf.clone()).expect("planned").expect("newer");
+        let plan = storage.plan_snapshot(5, conf.clone(), false).expect("planned").expect("newer");
         let written = plan.write(b"state at 5", &AtomicBool::new(false)).expect("written");
         assert!(storage.adopt_snapshot(plan, written).expect("adopted"));
         assert_eq!(storage.wal().first_index(), 1, "nothing freed by a cut: the log is left as it is");
@@ -457,7 +470,7 @@ mod tests {
         // Entries past a segment's worth: the next snapshot cuts, and the disk is given back.
         let big = (11..=40).map(|i| entry(i, 100_000)).collect();
         storage.persist(&Ready { entries: big, ..Ready::default() }).expect("ok");
-        let plan = storage.plan_snapshot(38, conf).expect("planned").expect("newer");
+        let plan = storage.plan_snapshot(38, conf, false).expect("planned").expect("newer");
         let written = plan.write(b"state at 38", &AtomicBool::new(false)).expect("written");
         assert!(storage.adopt_snapshot(plan, written).expect("adopted"));
         assert!(storage.wal().first_index() > 6, "a whole segment lay below the snapshot: cut");

@@ -70,6 +70,8 @@ pub(super) fn scan_one(partition: u32, replica: &mut Replica, scan: &Scan, now_m
                 "applied_index": raft.applied_index,
                 "last_index": raft.last_index,
                 "snapshot_index": raft.snapshot_index,
+                "snapshot_linked": raft.snapshot_linked,
+                "snapshots_installed": raft.snapshots_installed,
                 "elections_won": log.elections_won(),
                 "log_backend": log.log_backend(),
                 "jobs": replica.state().job_count(),
