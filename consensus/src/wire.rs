@@ -27,14 +27,42 @@ pub enum WireError {
 
 /// Encodes messages of several groups into one batch.
 pub fn encode_batch(messages: &[(u32, Message)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + messages.len() * 64);
-    out.push(WIRE_VERSION);
-    put_u32(&mut out, messages.len() as u32);
-    for (group, message) in messages {
-        put_u32(&mut out, *group);
-        encode_message(message, &mut out);
-    }
+    let mut out = Vec::new();
+    encode_batch_into(messages, &mut out);
     out
+}
+
+/// `encode_batch`, appended to `out`, which grows once: a batch of appends runs to
+/// megabytes, and growing by doubling copied it several times over, into fresh pages.
+pub fn encode_batch_into(messages: &[(u32, Message)], out: &mut Vec<u8>) {
+    out.reserve(batch_bytes_max(messages));
+    out.push(WIRE_VERSION);
+    put_u32(out, messages.len() as u32);
+    for (group, message) in messages {
+        put_u32(out, *group);
+        encode_message(message, out);
+    }
+}
+
+/// At least the bytes `encode_batch` writes for `messages`.
+pub fn batch_bytes_max(messages: &[(u32, Message)]) -> usize {
+    5 + messages.iter().map(|(_, message)| 4 + encoded_bytes_max(message)).sum::<usize>()
+}
+
+/// At least the bytes `encode_message` writes for `message`.
+fn encoded_bytes_max(message: &Message) -> usize {
+    // from, to, term, kind, then the largest fixed fields of any kind (a vote request's).
+    let fixed = 8 * 3 + 1 + 32;
+    fixed
+        + match &message.kind {
+            MessageKind::Append { entries, .. } => {
+                4 + entries.iter().map(|e| 8 + 8 + 1 + 8 + 4 + e.data.len()).sum::<usize>()
+            }
+            MessageKind::Snapshot { meta, chunk, .. } => {
+                8 * (2 + meta.conf.voters.len() + meta.conf.learners.len()) + 4 + chunk.len()
+            }
+            _ => 0,
+        }
 }
 
 /// Decodes a batch made by `encode_batch`.

@@ -2,7 +2,7 @@
 //! or refused (never a panic, never a huge allocation from a lying count).
 
 use proptest::prelude::*;
-use sundial_consensus::wire::{decode_batch, encode_batch, WireError};
+use sundial_consensus::wire::{batch_bytes_max, decode_batch, encode_batch, WireError};
 use sundial_consensus::{ConfChange, ConfState, Entry, EntryKind, Message, MessageKind, SnapshotMeta};
 
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -65,6 +65,12 @@ proptest! {
     #[test]
     fn every_batch_round_trips(batch in batch()) {
         prop_assert_eq!(decode_batch(&encode_batch(&batch)).unwrap(), batch);
+    }
+
+    /// The room reserved before encoding is enough: the buffer never grows mid-way.
+    #[test]
+    fn a_batch_fits_the_room_reserved_for_it(batch in batch()) {
+        prop_assert!(encode_batch(&batch).len() <= batch_bytes_max(&batch));
     }
 
     #[test]

@@ -140,16 +140,14 @@ impl Connection {
         Ok(OutgoingMessage { stream })
     }
 
-    /// Sends one message on its own stream.
-    pub async fn send(&self, message: &[u8]) -> Result<(), TransportError> {
+    /// Sends one message on its own stream. The message is handed to QUIC as it is, not
+    /// copied (a batch of appends runs to megabytes).
+    pub async fn send(&self, message: Vec<u8>) -> Result<(), TransportError> {
         if message.len() > MESSAGE_MAX_BYTES {
             return Err(TransportError::TooLarge { len_bytes: message.len() });
         }
-        let failed = |e: &dyn std::fmt::Display| TransportError::Connection(e.to_string());
-        let mut stream = self.connection.open_uni().await.map_err(|e| failed(&e))?;
-        stream.write_all(message).await.map_err(|e| failed(&e))?;
-        stream.finish().map_err(|e| failed(&e))?;
-        Ok(())
+        let stream = self.connection.open_uni().await.map_err(|e| TransportError::Connection(e.to_string()))?;
+        OutgoingMessage { stream }.send(message).await
     }
 
     /// The next message from the peer; an error once the connection is closed.
@@ -177,12 +175,12 @@ pub struct OutgoingMessage {
 }
 
 impl OutgoingMessage {
-    pub async fn send(mut self, message: &[u8]) -> Result<(), TransportError> {
+    pub async fn send(mut self, message: Vec<u8>) -> Result<(), TransportError> {
         if message.len() > MESSAGE_MAX_BYTES {
             return Err(TransportError::TooLarge { len_bytes: message.len() });
         }
         let failed = |e: &dyn std::fmt::Display| TransportError::Connection(e.to_string());
-        self.stream.write_all(message).await.map_err(|e| failed(&e))?;
+        self.stream.write_chunk(message.into()).await.map_err(|e| failed(&e))?;
         self.stream.finish().map_err(|e| failed(&e))?;
         Ok(())
     }

@@ -40,15 +40,15 @@ async fn peers_of_one_cluster_talk_and_a_peer_of_another_is_refused() {
     let a_addr = a.local_addr().expect("address");
 
     let to_a = tokio::time::timeout(LIMIT, b.connect(a_addr)).await.expect("in time").expect("connect");
-    to_a.send(b"hello").await.expect("send");
+    to_a.send(b"hello".to_vec()).await.expect("send");
     let from_b = tokio::time::timeout(LIMIT, a_peers.recv()).await.expect("in time").expect("a peer");
     let message = from_b.receive().await.expect("a message");
-    from_b.send(&[message.as_slice(), b" back"].concat()).await.expect("reply");
+    from_b.send([message.as_slice(), b" back"].concat()).await.expect("reply");
     let reply = tokio::time::timeout(LIMIT, to_a.receive()).await.expect("in time").expect("reply");
     assert_eq!(reply, b"hello back");
     // A large message arrives whole.
     let big = vec![7u8; 1 << 20];
-    to_a.send(&big).await.expect("send big");
+    to_a.send(big.clone()).await.expect("send big");
     assert_eq!(from_b.receive().await.expect("big").len(), big.len());
 
     // Another cluster's node dials A: it never becomes A's peer, and its connection carries
@@ -59,7 +59,7 @@ async fn peers_of_one_cluster_talk_and_a_peer_of_another_is_refused() {
         Err(refused) => assert!(refused.to_string().contains("connecting to"), "{refused}"),
         Ok(connection) => {
             let used = async {
-                connection.send(b"let me in").await?;
+                connection.send(b"let me in".to_vec()).await?;
                 connection.receive().await
             };
             let outcome = tokio::time::timeout(LIMIT, used).await.expect("in time");
@@ -75,7 +75,7 @@ async fn peers_of_one_cluster_talk_and_a_peer_of_another_is_refused() {
     let dialled = tokio::time::timeout(LIMIT, b.connect(stranger_addr)).await.expect("in time");
     assert!(dialled.is_err(), "a server with another CA's certificate is refused");
     // The cluster's own peers are unaffected.
-    to_a.send(b"still here").await.expect("send");
+    to_a.send(b"still here".to_vec()).await.expect("send");
     assert_eq!(from_b.receive().await.expect("message"), b"still here");
     a.close();
 }
@@ -91,10 +91,10 @@ async fn messages_are_accepted_in_the_order_their_streams_were_opened_whatever_o
     let to_a = to_a.expect("connect");
     let first = to_a.open_message().await.expect("open the first");
     let second = to_a.open_message().await.expect("open the second");
-    second.send(b"second").await.expect("send the second");
+    second.send(b"second".to_vec()).await.expect("send the second");
     let from_b = tokio::time::timeout(LIMIT, a_peers.recv()).await.expect("in time").expect("a peer");
     let accepted = tokio::time::timeout(LIMIT, from_b.accept_message()).await.expect("in time").expect("accepted");
-    first.send(&vec![1u8; 1 << 20]).await.expect("send the first");
+    first.send(vec![1u8; 1 << 20]).await.expect("send the first");
     let read = tokio::time::timeout(LIMIT, accepted.read()).await.expect("in time").expect("read");
     assert_eq!(read.len(), 1 << 20, "the stream opened first is accepted first");
     let next = tokio::time::timeout(LIMIT, from_b.accept_message()).await.expect("in time").expect("accepted");
@@ -135,7 +135,7 @@ async fn a_reloaded_ca_issues_certificates_its_cluster_accepts() {
         .await
         .expect("in time")
         .expect("connect");
-    to_later.send(b"ok").await.expect("send");
+    to_later.send(b"ok".to_vec()).await.expect("send");
     let peer = tokio::time::timeout(LIMIT, later_peers.recv()).await.expect("in time").expect("peer");
     assert_eq!(peer.receive().await.expect("message"), b"ok");
 }

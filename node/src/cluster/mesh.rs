@@ -363,7 +363,7 @@ impl Shared {
                         message.push(TAG_ANSWER);
                         message.extend_from_slice(&id.to_le_bytes());
                         message.extend_from_slice(&bytes);
-                        let _ = connection.send(&message).await;
+                        let _ = connection.send(message).await;
                     }
                 });
             }
@@ -408,10 +408,10 @@ async fn write_link(sender: Connection, mut queued: mpsc::Receiver<Vec<u8>>) {
             // hands messages on in the order their streams were opened.
             let Ok(stream) = sender.open_message().await else { break };
             tokio::spawn(async move {
-                let _ = stream.send(&message).await;
+                let _ = stream.send(message).await;
                 drop(permit);
             });
-        } else if sender.send(&message).await.is_err() {
+        } else if sender.send(message).await.is_err() {
             break;
         }
     }
@@ -469,7 +469,7 @@ async fn dial_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>, peer: NodeId, a
         match endpoint.connect(addr).await {
             Ok(connection) => {
                 backoff = REDIAL_MIN;
-                if connection.send(&shared.hello()).await.is_ok() {
+                if connection.send(shared.hello()).await.is_ok() {
                     shared.run_link(peer, connection).await;
                 }
             }
@@ -501,7 +501,7 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Arc<Endpoint>) {
             // A node that is not (yet) a member may link: it is how a joining node hears its
             // partitions' leaders before its own membership view has caught up.
             shared.note_facts(peer, facts);
-            if connection.send(&shared.hello()).await.is_ok() {
+            if connection.send(shared.hello()).await.is_ok() {
                 shared.run_link(peer, connection).await;
             }
         });
@@ -551,9 +551,12 @@ async fn send_loop(shared: Arc<Shared>, mut outbox: mpsc::Receiver<Vec<(u32, Mes
 /// snapshot chunk or an append of 1 MiB fits whole).
 const BATCH_BYTES_MAX: usize = 4 << 20;
 
+/// The tag and the batch, encoded once into a buffer sized for them (the transport then
+/// takes the buffer as it is).
 fn raft_message(batch: &[(u32, Message)]) -> Vec<u8> {
-    let mut message = vec![TAG_RAFT];
-    message.extend(wire::encode_batch(batch));
+    let mut message = Vec::with_capacity(1 + wire::batch_bytes_max(batch));
+    message.push(TAG_RAFT);
+    wire::encode_batch_into(batch, &mut message);
     message
 }
 
