@@ -519,7 +519,7 @@ impl Partition {
             if !self.node.has_ready() {
                 return Ok(());
             }
-            let ready = self.node.ready();
+            let mut ready = self.node.ready();
             if ready.snapshot.as_ref().is_some_and(|snapshot| State::is_linked_snapshot(&snapshot.data)) {
                 // Only the replica that wrote it can read it (its specs are in that replica's
                 // files): refused before it is saved, so this replica's data stays as it was.
@@ -537,7 +537,7 @@ impl Partition {
                 self.writes.push(LogWrite { duration: started.elapsed(), entries: ready.entries.len() });
             }
             // Sent only now: what they promise (votes, appended entries) is durable.
-            self.outbox.extend(ready.messages.iter().cloned());
+            self.outbox.append(&mut ready.messages);
             for read in &ready.read_states {
                 if let Some((slot, _)) = self.reads.get_mut(&read.context) {
                     *slot = Some(read.index);
