@@ -74,17 +74,8 @@ impl Endpoint {
             quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(client_tls).map_err(|e| tls(&e))?));
         client.transport_config(transport_config()?);
 
-        let bind = |source| TransportError::Bind { addr, source };
-        let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
-        // Room for bursts of datagrams: appends of several partitions to a peer arrive as
-        // hundreds of packets at once, and the kernel's default (208 KiB) dropped them on
-        // loopback under load (counted in UdpRcvbufErrors), each drop a retransmission and a
-        // smaller congestion window. The kernel caps the request at net.core.rmem_max.
-        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(UDP_RECEIVE_BUFFER_BYTES);
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| bind(std::io::Error::other("the QUIC endpoint needs a tokio runtime")))?;
         let mut endpoint =
-            quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime).map_err(bind)?;
+            quinn::Endpoint::server(server, addr).map_err(|source| TransportError::Bind { addr, source })?;
         endpoint.set_default_client_config(client);
         Ok(Endpoint { endpoint })
     }
@@ -121,9 +112,6 @@ impl Endpoint {
         self.endpoint.close(0u32.into(), b"closing");
     }
 }
-
-/// The UDP receive buffer asked for (the kernel grants at most net.core.rmem_max).
-const UDP_RECEIVE_BUFFER_BYTES: usize = 8 << 20;
 
 fn transport_config() -> Result<Arc<quinn::TransportConfig>, TransportError> {
     let mut config = quinn::TransportConfig::default();
