@@ -299,6 +299,9 @@ def summary(results):
         if run["scenario"] == "overload":
             answer_p99 = ms(run.get("every_answer_us", {}).get("p99"))
             verdict += f"; {run['ratio_to_max']:.2f} of the capacity created; every answer p99 {answer_p99} ms; {run['by_class']}"
+            lag_p99 = run.get("client_lag_us", {}).get("p99")
+            if lag_p99 is not None:
+                verdict += f"; the client's own lag p99 {ms(lag_p99)} ms"
         if "elections" in run:
             verdict += f"; elections {run['elections']}"
         if run["scenario"] == "soak":

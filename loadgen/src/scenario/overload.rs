@@ -21,6 +21,9 @@ const MEASURE_WINDOW: usize = 16;
 /// The targets, printed beside the figures (never part of the verdict).
 const ANSWER_P99_TARGET_MS: u64 = 1_000;
 const THROUGHPUT_RATIO_TARGET: f64 = 0.9;
+/// Past this lag (p99) of the client's own starts, the figures are the client's as much as
+/// the target's: said beside them.
+const CLIENT_LAG_NOTE_MS: u64 = 100;
 
 /// How the items of the overloaded phase were answered.
 #[derive(Default)]
@@ -36,6 +39,10 @@ struct Tally {
     accepted: Latencies,
     /// Acknowledged ids to read back.
     sample: Vec<String>,
+    /// How late the client itself started each request after its intended time, µs: a
+    /// load generator short of CPU (on the machine it tests) falls behind, and the latencies
+    /// above, measured from the intended time, then include its own delay.
+    client_lag: Latencies,
 }
 
 impl Tally {
@@ -118,10 +125,12 @@ pub async fn overload(load: Load, args: OverloadArgs) -> Result<bool, String> {
         let requests = batch(&run, "o", i, plan.batch, intended_ms + due_in_s * 1_000);
         let (target, tally) = (target.clone(), tally.clone());
         async move {
+            let lag_us = crate::receiver::now_ms().saturating_sub(intended_ms) * 1_000;
             let ids: Vec<String> = requests.iter().map(|r| r["id"].as_str().unwrap_or_default().to_string()).collect();
             let answers = target.create_many_answered(requests).await;
             let latency_us = crate::receiver::now_ms().saturating_sub(intended_ms) * 1_000;
             if let Ok(mut tally) = tally.lock() {
+                tally.client_lag.record_us(lag_us);
                 tally.count(&answers, latency_us, &ids);
             }
             ("create", answers.iter().map(|a| a.status).collect())
@@ -159,6 +168,16 @@ async fn report(
         "created {created_per_s:.0}/s = {ratio:.2} of the maximum (target ≥ {THROUGHPUT_RATIO_TARGET}); answers p99 {p99_ms} ms (target ≤ {ANSWER_P99_TARGET_MS} ms)"
     );
     println!("read back {} acknowledged jobs: {} lost; unknown outcomes: {unknown}", tally.sample.len(), lost.len());
+    let lag_p99_ms = tally.client_lag.at_us(0.99) / 1_000;
+    println!(
+        "the client started requests late by p99 {lag_p99_ms} ms, max {} ms{}",
+        tally.client_lag.at_us(1.0) / 1_000,
+        if lag_p99_ms > CLIENT_LAG_NOTE_MS {
+            " — the client fell behind its own schedule (short of CPU?): the latencies include its delay"
+        } else {
+            ""
+        }
+    );
     let pass = lost.is_empty() && unknown == 0 && tally.refused_without_retry_after == 0;
     let mut results = load.results("overload", plan, driven, target);
     let classes: serde_json::Map<String, Value> = tally.by_class.iter().map(|(c, n)| (c.clone(), json!(n))).collect();
@@ -170,6 +189,7 @@ async fn report(
     results.insert("ratio_to_max".into(), json!(ratio));
     results.insert("every_answer_us".into(), table_json(&tally.every_answer));
     results.insert("accepted_us".into(), table_json(&tally.accepted));
+    results.insert("client_lag_us".into(), table_json(&tally.client_lag));
     results.insert("read_back".into(), json!(tally.sample.len()));
     results.insert("lost".into(), json!(lost));
     finish(&load.plots, &load.json, "overload", driven, results, pass, &[], None)
