@@ -509,7 +509,9 @@ impl Partition {
             tracing::warn!(%error, "a snapshot written off the shard was not adopted; the log keeps its entries");
         }
         if self.whole_snapshot_wanted() {
-            if let Err(error) = self.start_snapshot() {
+            // For an older member (it reads JSON only), one in JSON, on the spot.
+            let started = if self.command_format == 0 { self.compact() } else { self.start_snapshot() };
+            if let Err(error) = started {
                 self.snapshot_failures += 1;
                 tracing::warn!(%error, "could not start the whole snapshot a peer needs; tried again later");
             }
@@ -754,7 +756,11 @@ impl Partition {
     /// leader makes a whole one (`whole_snapshot_wanted`) and keeps it the newest until the
     /// peer installed it. A leader about to add a replica takes a whole one first (`compact`).
     fn links_snapshots(&self) -> bool {
-        self.spec_files.is_some() && self.members.is_none() && !self.node.peer_needs_snapshot()
+        // A partition writing JSON for an older member snapshots in JSON, on the spot.
+        self.spec_files.is_some()
+            && self.members.is_none()
+            && self.command_format != 0
+            && !self.node.peer_needs_snapshot()
     }
 
     /// Whether to start a whole snapshot now: a peer needs one and the newest is linked, and
