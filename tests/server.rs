@@ -803,6 +803,77 @@ fn every_setting_is_documented() {
     assert!(checked >= 20, "only {checked} settings found in --help:\n{help}");
 }
 
+/// The 64 low bits of a UUID's text form (a generated job id's random bits, but for the two
+/// variant bits at 62 and 63).
+fn low_bits_of(id: &str) -> u64 {
+    let hex: String = id.chars().filter(|c| *c != '-').collect();
+    u64::from_str_radix(&hex[16..], 16).unwrap_or(0)
+}
+
+/// The values splitmix64's finalizer maps to `z`: it is a bijection, undone step by step.
+fn splitmix_inverse(z: u64) -> u64 {
+    let inverse_of = |a: u64| (0..6).fold(a, |x: u64, _| x.wrapping_mul(2u64.wrapping_sub(a.wrapping_mul(x))));
+    let unshift = |z: u64, by: u32| (0..64 / by + 1).fold(z, |x, _| z ^ (x >> by));
+    let mut x = unshift(z, 31);
+    x = x.wrapping_mul(inverse_of(0x94d0_49bb_1331_11eb));
+    x = unshift(x, 27);
+    x = x.wrapping_mul(inverse_of(0xbf58_476d_1ce4_e5b9));
+    unshift(x, 30)
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[test]
+fn generated_ids_cannot_be_predicted_from_the_ids_before_them() {
+    // The predictor of the generator ids came from until 2026-12 (splitmix64 over a counter
+    // stepped by the golden ratio): from one id's low bits it finds the counter, then the
+    // next ids' bits. Shown to work on the generator itself first.
+    let golden = 0x9e37_79b9_7f4a_7c15u64;
+    let predict = |id: &str| -> Vec<u64> {
+        let low = low_bits_of(id) & ((1 << 62) - 1);
+        let mut next = Vec::new();
+        for top in 0..4u64 {
+            let counter = splitmix_inverse(low | (top << 62)) ^ 0x5555_5555_5555_5555;
+            for steps in 1..=4u64 {
+                let n = counter.wrapping_add(golden.wrapping_mul(steps)) ^ 0x5555_5555_5555_5555;
+                next.push(splitmix(n) & ((1 << 62) - 1));
+            }
+        }
+        next
+    };
+    let old_id = |n: u64| {
+        format!(
+            "00000000-0000-7000-{:04x}-{:012x}",
+            (splitmix(n ^ 0x5555_5555_5555_5555) >> 48) & 0x3fff | 0x8000,
+            splitmix(n ^ 0x5555_5555_5555_5555) & 0xffff_ffff_ffff
+        )
+    };
+    let seed = 1_796_000_000_001u64;
+    let (first, second) = (old_id(seed), old_id(seed.wrapping_add(golden.wrapping_mul(2))));
+    assert!(predict(&first).contains(&(low_bits_of(&second) & ((1 << 62) - 1))), "the predictor works");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(dir.path());
+    let ids: Vec<String> = (0..40)
+        .map(|_| {
+            let (status, body) = node.call(
+                "POST",
+                "/jobs",
+                json!({"delay": "1h", "url": "https://example.com/hook"}).to_string().as_bytes(),
+            );
+            assert_eq!(status, 201, "{body}");
+            body["id"].as_str().expect("an id").to_string()
+        })
+        .collect();
+    let predicted: std::collections::HashSet<u64> = ids.iter().flat_map(|id| predict(id)).collect();
+    let hits = ids.iter().filter(|id| predicted.contains(&(low_bits_of(id) & ((1 << 62) - 1)))).count();
+    assert_eq!(hits, 0, "{hits} of {} ids were predicted from the ones before them", ids.len());
+}
+
 fn unhex(text: &str) -> Vec<u8> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex")).collect()
 }
