@@ -1,6 +1,8 @@
 //! What an attacker (or a bad moment) must not do to a real `sundial` process: running it
 //! out of file descriptors must not close its ports for good, and clients that have not
-//! shown a token must not make it buffer megabytes (issue 25, its two High items).
+//! shown a token must not make it buffer megabytes (issue 25, its two High items), and
+//! authentication fails closed: a blank or short token stops the node from starting, and a
+//! comma is part of a token, not a separator.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -108,4 +110,55 @@ fn unauthenticated_hellos_cannot_make_the_node_buffer_megabytes() {
         try_exchange(node.addr, "GET", "/jobs?status=pending", b"", &format!("authorization: Bearer {token}\r\n"))
             .expect("the API answers");
     assert_eq!(status, 200);
+}
+
+/// `sundial server` with these arguments and environment, on a fresh directory: whether it
+/// exited (within 20 s) with an error, and what it printed.
+fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(support::sundial_bin())
+        .args(["server", "--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--data"])
+        .arg(data.path())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start sundial");
+    let started = Instant::now();
+    // Bounded: 20 s, then the node is taken as running (not refused).
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut text).expect("read");
+            return (!status.success(), text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    (false, "still running after 20 s".into())
+}
+
+#[test]
+fn blank_or_short_tokens_stop_the_node_and_a_comma_is_part_of_a_token() {
+    for (args, env) in
+        [(vec!["--token", ""], vec![]), (vec![], vec![("SUNDIAL_TOKENS", " , ")]), (vec!["--token", "s3cret"], vec![])]
+    {
+        let (refused, said) = refused_at_start(&args, &env);
+        assert!(refused && said.contains("tokens:"), "{args:?} {env:?}: refused {refused}, said {said}");
+    }
+    let data = tempfile::tempdir().expect("tempdir");
+    let token = "Xq9#mZ2!pL,a-longer-part";
+    let node = Node::start_with(data.path(), &["--token", token]);
+    let status_with = |given: &str| {
+        try_exchange(node.addr, "GET", "/jobs?status=pending", b"", &format!("authorization: Bearer {given}\r\n"))
+            .map(|(status, _, _)| status)
+            .ok()
+    };
+    assert_eq!(status_with(token), Some(200), "the whole token is the token");
+    assert_eq!(status_with("a-longer-part"), Some(401), "the part after the comma is not a token");
+    assert_eq!(status_with("Xq9#mZ2!pL"), Some(401), "nor the part before it");
+    let metrics = node.metrics_text_with(&format!("authorization: Bearer {token}\r\n"));
+    assert!(metrics.contains("sundial_auth_refusals_total{api=\"http\"} 2"), "both wrong tokens counted");
 }

@@ -345,11 +345,12 @@ async fn the_openapi_document_lists_exactly_the_routes_that_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_configured_requests_need_it_and_are_rate_limited() {
     let data = tempfile::tempdir().expect("tempdir");
-    let node = Node::start_with(data.path(), &["--token", "s3cret", "--rate-per-token", "5"]);
+    let node = Node::start_with(data.path(), &["--token", "s3cret-token-0123456789", "--rate-per-token", "5"]);
     assert_eq!(node.call("GET", "/jobs", b"").0, 401, "no token");
     assert_eq!(node.call_authorized("GET", "/jobs", "wrong").0, 401, "a wrong token");
     assert_eq!(node.call("GET", "/health", b"").0, 200, "health stays open for probes");
-    let statuses: Vec<u16> = (0..20).map(|_| node.call_authorized("GET", "/jobs", "s3cret").0).collect();
+    let statuses: Vec<u16> =
+        (0..20).map(|_| node.call_authorized("GET", "/jobs", "s3cret-token-0123456789").0).collect();
     assert_eq!(statuses[0], 200, "the right token");
     assert!(statuses.contains(&429), "20 requests at once pass a burst of 5: {statuses:?}");
 }
@@ -680,12 +681,12 @@ async fn the_binary_protocol_creates_reads_and_cancels_and_refuses_bad_frames() 
 
     // With a token configured, a client without it is refused at the handshake.
     let data = tempfile::tempdir().expect("tempdir");
-    let node = Node::start_with(data.path(), &["--token", "s3cret"]);
+    let node = Node::start_with(data.path(), &["--token", "s3cret-token-0123456789"]);
     match Client::connect(node.binary, ClientOptions::default()).await {
         Err(ClientError::Refused { code: Code::Unauthorized, .. }) => {}
         other => panic!("expected 401, got {:?}", other.map(|_| "a connection")),
     }
-    let options = ClientOptions { token: Some("s3cret".into()), ..ClientOptions::default() };
+    let options = ClientOptions { token: Some("s3cret-token-0123456789".into()), ..ClientOptions::default() };
     let client = Client::connect(node.binary, options).await.expect("with the token");
     assert_eq!(client.get("none").await.expect("get").status, 404);
 }

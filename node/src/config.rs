@@ -56,10 +56,15 @@ pub struct ServerOptions {
     /// Resident memory, MiB, before creates get 507; 0 is no limit [default: 0].
     #[arg(long, env = "SUNDIAL_MAX_MEMORY_MB")]
     pub max_memory_mb: Option<u64>,
-    /// Bearer tokens (repeat the flag, or a comma-separated list); none: no authentication.
-    #[arg(long = "token", env = "SUNDIAL_TOKENS", value_delimiter = ',', hide_env_values = true)]
+    /// A bearer token, at least 16 characters (repeat the flag for more; the environment
+    /// variable takes one per line); none: no authentication.
+    #[arg(long = "token", env = "SUNDIAL_TOKENS", value_delimiter = '\n', hide_env_values = true)]
     #[serde(default)]
     pub tokens: Option<Vec<String>>,
+    /// A file of bearer tokens, one per line (blank lines and lines starting with # skipped),
+    /// beside any given by `--token`.
+    #[arg(long, env = "SUNDIAL_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
     /// Requests per second per token (a token bucket with an equal burst) [default: 1000].
     #[arg(long, env = "SUNDIAL_RATE_PER_TOKEN")]
     pub rate_per_token: Option<u32>,
@@ -199,6 +204,9 @@ pub struct Settings {
     pub cluster: Option<ClusterSettings>,
 }
 
+/// The shortest bearer token a node accepts in its settings.
+const TOKEN_MIN_CHARS: usize = 16;
+
 macro_rules! prefer {
     ($flags:expr, $file:expr; $($field:ident),* $(,)?) => {
         ServerOptions { config: $flags.config.clone(), $($field: $flags.$field.clone().or($file.$field.clone()),)* }
@@ -209,7 +217,7 @@ impl ServerOptions {
     /// Flags and environment over the file's settings.
     pub fn over(&self, file: &ServerOptions) -> ServerOptions {
         prefer!(self, file; data, http, binary, partitions, shards, segment_mb, log_sync, snapshot_every, max_jobs,
-            max_memory_mb, tokens, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allow_loopback_targets, allow_private_targets,
+            max_memory_mb, tokens, tokens_file, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allow_loopback_targets, allow_private_targets,
             attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
             raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join, bootstrap_expect)
@@ -221,6 +229,50 @@ impl ServerOptions {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let file: ServerOptions = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(self.over(&file))
+    }
+
+    /// The tokens of `--token` and of `--tokens-file`, each checked: authentication fails
+    /// closed, so a token that is empty, blank or short stops the node from starting rather
+    /// than leaving the API open or easy to guess. Tokens are never split on commas.
+    fn checked_tokens(&self) -> Result<Vec<String>, String> {
+        let mut tokens: Vec<(String, String)> = self
+            .tokens
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, token)| (format!("tokens: token {}", i + 1), token.clone()))
+            .collect();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("tokens_file: {}: {e}", path.display()))?;
+            let lines =
+                text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'));
+            let before = tokens.len();
+            tokens
+                .extend(lines.map(|(i, l)| (format!("tokens_file: {} line {}", path.display(), i + 1), l.to_string())));
+            if tokens.len() == before {
+                return Err(format!("tokens_file: {} holds no token (one per line)", path.display()));
+            }
+        }
+        let mut checked = Vec::new();
+        for (source, token) in tokens {
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(format!("{source}: empty; give a token of at least {TOKEN_MIN_CHARS} characters, or none for no authentication"));
+            }
+            if token.chars().count() < TOKEN_MIN_CHARS {
+                return Err(format!(
+                    "{source}: {} characters; at least {TOKEN_MIN_CHARS} are needed (a short token is guessed)",
+                    token.chars().count()
+                ));
+            }
+            if !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!(
+                    "{source}: only visible ASCII characters, no spaces (it travels in an Authorization header)"
+                ));
+            }
+            checked.push(token.to_string());
+        }
+        Ok(checked)
     }
 
     /// Fills in defaults and checks each value; an error names the setting and the rule.
@@ -273,14 +325,7 @@ impl ServerOptions {
                 max_jobs: self.max_jobs.unwrap_or(1_000_000),
                 max_memory_bytes: self.max_memory_mb.unwrap_or(0) << 20,
             },
-            tokens: self
-                .tokens
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .collect(),
+            tokens: self.checked_tokens()?,
             rate_per_token: within("rate_per_token", self.rate_per_token.unwrap_or(1_000), 1, u32::MAX)?,
             secret: self.secret.clone().filter(|s| !s.is_empty()),
             secret_next: match (self.secret.as_deref().filter(|s| !s.is_empty()), self.secret_next.as_deref()) {
@@ -392,13 +437,47 @@ mod tests {
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {
         let file: ServerOptions =
-            toml::from_str("max_jobs = 5\nhttp = \"127.0.0.1:9000\"\ntokens = [\"a\"]\n").unwrap();
+            toml::from_str("max_jobs = 5\nhttp = \"127.0.0.1:9000\"\ntokens = [\"a-token-of-16-chars\"]\n").unwrap();
         let flags = ServerOptions { max_jobs: Some(7), ..ServerOptions::default() };
         let settings = flags.over(&file).resolve().unwrap();
         assert_eq!(settings.limits.max_jobs, 7);
         assert_eq!(settings.http, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
-        assert_eq!(settings.tokens, ["a"]);
+        assert_eq!(settings.tokens, ["a-token-of-16-chars"]);
         assert_eq!(settings.binary, "127.0.0.1:7070".parse::<SocketAddr>().unwrap(), "a default");
+    }
+
+    #[test]
+    fn tokens_fail_closed_whole_and_long_enough_or_the_node_does_not_start() {
+        let with = |tokens: &[&str]| {
+            let options =
+                ServerOptions { tokens: Some(tokens.iter().map(|t| t.to_string()).collect()), ..Default::default() };
+            options.resolve().map(|settings| settings.tokens)
+        };
+        let refused = |tokens: &[&str], says: &str| {
+            let error = with(tokens).expect_err("refused");
+            assert!(error.contains(says) && error.starts_with("tokens:"), "{error}");
+        };
+        refused(&[""], "empty");
+        refused(&["   "], "empty");
+        refused(&["a-long-enough-token", " , "], "token 2");
+        refused(&["s3cret"], "at least 16");
+        refused(&["a token with spaces in it"], "no spaces");
+        // A comma is part of the token, never a separator.
+        assert_eq!(with(&["Xq9#mZ2!pL,a-b-c-d-e-f"]).expect("kept whole"), ["Xq9#mZ2!pL,a-b-c-d-e-f"]);
+        assert_eq!(with(&[]).expect("none: no authentication"), Vec::<String>::new());
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# the API's tokens\n\nfirst-token-0123456789\n  second-token-0123456789  \n")
+            .expect("write");
+        let options = ServerOptions { tokens_file: Some(file.clone()), ..Default::default() };
+        assert_eq!(options.resolve().expect("read").tokens, ["first-token-0123456789", "second-token-0123456789"]);
+        std::fs::write(&file, "# nothing but a comment\n").expect("write");
+        let error = options.resolve().expect_err("a file without tokens");
+        assert!(error.contains("holds no token"), "{error}");
+        std::fs::write(&file, "short\n").expect("write");
+        let error = options.resolve().expect_err("a short token");
+        assert!(error.contains("line 1") && error.contains("at least 16"), "{error}");
     }
 
     #[test]

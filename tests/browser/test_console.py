@@ -213,12 +213,12 @@ def test_the_console_lists_shows_and_redrives(browser):
 
 
 def test_with_a_token_the_console_asks_for_it(browser):
-    process, node = start_node("--token", "s3cret")
+    process, node = start_node("--token", "s3cret-token-0123456789")
     try:
         browser.open(node + "/ui")
         assert "Token needed" in browser.text("h1")
         browser.open(node + "/ui/login")
-        browser.command("POST", "/execute/sync", {"script": "document.querySelector('input[name=token]').value='s3cret'; login(document.querySelector('form')); return 1;", "args": []})
+        browser.command("POST", "/execute/sync", {"script": "document.querySelector('input[name=token]').value='s3cret-token-0123456789'; login(document.querySelector('form')); return 1;", "args": []})
         assert wait_for(lambda: browser.text("h1") == "Jobs")
         assert "Jobs" in browser.text("h1")
         browser.screenshot("login.png")

@@ -183,9 +183,14 @@ impl Node {
 
     /// The text of `GET /metrics` (not JSON).
     pub fn metrics_text(&self) -> String {
+        self.metrics_text_with("")
+    }
+
+    /// `metrics_text`, the request carrying `extra_headers` (each line ending in CRLF).
+    pub fn metrics_text_with(&self, extra_headers: &str) -> String {
         let mut stream = TcpStream::connect(self.addr).expect("connect");
         stream.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
-        let head = format!("GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n", self.addr);
+        let head = format!("GET /metrics HTTP/1.1\r\nhost: {}\r\n{extra_headers}connection: close\r\n\r\n", self.addr);
         stream.write_all(head.as_bytes()).expect("send");
         let mut response = String::new();
         stream.read_to_string(&mut response).expect("read");

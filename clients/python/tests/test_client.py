@@ -134,9 +134,9 @@ def test_a_fire_is_recorded_and_a_failing_one_dead_lettered_then_redriven(node, 
 
 
 def test_429_is_retried_after_its_retry_after():
-    process, url = start_node("--token", "t0k", "--rate-per-token", "2")
+    process, url = start_node("--token", "t0k-0123456789abcdef", "--rate-per-token", "2")
     try:
-        client = Client(url, token="t0k", retries=5)
+        client = Client(url, token="t0k-0123456789abcdef", retries=5)
         started = time.time()
         for _ in range(5):
             client.health()
@@ -146,7 +146,7 @@ def test_429_is_retried_after_its_retry_after():
             Client(url, token="wrong").list()
         assert refused.value.status == 401
         with pytest.raises(SundialError) as limited:
-            impatient = Client(url, token="t0k", retries=0)
+            impatient = Client(url, token="t0k-0123456789abcdef", retries=0)
             for _ in range(10):
                 impatient.list()
         assert limited.value.status == 429

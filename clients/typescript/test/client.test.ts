@@ -99,8 +99,8 @@ test("a fire is recorded; a failing one is dead-lettered, redriven and purged", 
 });
 
 test("429 is retried after its Retry-After; a wrong token is 401", async () => {
-  const url = await startNode("--token", "t0k", "--rate-per-token", "2");
-  const client = new Client(url, { token: "t0k", retries: 5 });
+  const url = await startNode("--token", "t0k-0123456789abcdef", "--rate-per-token", "2");
+  const client = new Client(url, { token: "t0k-0123456789abcdef", retries: 5 });
   const begun = Date.now();
   for (let i = 0; i < 5; i++) {
     await client.health();
@@ -108,7 +108,7 @@ test("429 is retried after its Retry-After; a wrong token is 401", async () => {
   }
   assert.ok(Date.now() - begun >= 1000, "some calls waited for the bucket to refill");
   await assert.rejects(new Client(url, { token: "wrong" }).list(), (e: unknown) => e instanceof SundialError && e.status === 401);
-  const impatient = new Client(url, { token: "t0k", retries: 0 });
+  const impatient = new Client(url, { token: "t0k-0123456789abcdef", retries: 0 });
   await assert.rejects(
     (async () => { for (let i = 0; i < 10; i++) await impatient.list(); })(),
     (e: unknown) => e instanceof SundialError && e.status === 429,

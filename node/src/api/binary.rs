@@ -133,7 +133,10 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
                     router.metrics.rejected("rate_limited");
                     refusal(frame.request_id, Code::RateLimited, "this token's request rate is exceeded")
                 }
-                Verdict::Unauthorized => refusal(frame.request_id, Code::Unauthorized, "a valid token is required"),
+                Verdict::Unauthorized => {
+                    router.metrics.auth_refused("binary");
+                    refusal(frame.request_id, Code::Unauthorized, "a valid token is required")
+                }
             };
             let _ = answers_for_frame.send((answer, Some(permit))).await;
         });
@@ -177,7 +180,8 @@ async fn handshake(
     match gate.check("POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms()) {
         Verdict::Allow => {}
         Verdict::Unauthorized => {
-            return Err(refusal(hello.request_id, Code::Unauthorized, "a valid token is required"))
+            router.metrics.auth_refused("binary");
+            return Err(refusal(hello.request_id, Code::Unauthorized, "a valid token is required"));
         }
         Verdict::Limited { .. } => {
             return Err(refusal(hello.request_id, Code::RateLimited, "this token's request rate is exceeded"))

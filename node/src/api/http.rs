@@ -89,6 +89,7 @@ async fn respond(
     match verdict {
         Verdict::Allow => {}
         Verdict::Unauthorized => {
+            router.metrics.auth_refused("http");
             let mut response = to_response(error(401, "unauthorized", "a valid bearer token is required"));
             response.headers_mut().insert("www-authenticate", hyper::header::HeaderValue::from_static("Bearer"));
             return response;

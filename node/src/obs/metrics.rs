@@ -66,6 +66,7 @@ pub struct Metrics {
     pub cancelled: Counter,
     /// Connections a listener failed to accept (retried), by listener and error.
     accept_errors: Family<Labels, Counter>,
+    auth_refusals: Family<Labels, Counter>,
     /// Per host, for the busiest few only (`DISPATCH_HOSTS_SHOWN`): the adaptive limit of
     /// attempts at once, and the connections open. Set at scrape time.
     pub host_limit: Family<Labels, Gauge>,
@@ -113,6 +114,7 @@ impl Metrics {
             forwarded: Counter::default(),
             cancelled: Counter::default(),
             accept_errors: Family::default(),
+            auth_refusals: Family::default(),
             host_limit: Family::default(),
             host_connections: Family::default(),
             registry: Registry::default(),
@@ -122,6 +124,11 @@ impl Metrics {
             "accept_errors",
             "Connections a listener failed to accept and retried, by listener and error",
             metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "auth_refusals",
+            "Requests (HTTP) and connections (binary) refused for a missing or wrong token, by API",
+            metrics.auth_refusals.clone(),
         );
         registry.register("jobs_cancelled", "Jobs cancelled through the API", metrics.cancelled.clone());
         registry.register("jobs_rejected", "Create requests refused, by reason", metrics.rejected.clone());
@@ -251,6 +258,11 @@ impl Metrics {
             _ => format!("{:?}", error.kind()).to_ascii_lowercase(),
         };
         self.accept_errors.get_or_create(&vec![("listener", listener.to_string()), ("error", kind)]).inc();
+    }
+
+    /// A request or connection refused for a missing or wrong token (`api`: "http", "binary").
+    pub fn auth_refused(&self, api: &str) {
+        self.auth_refusals.get_or_create(&vec![("api", api.to_string())]).inc();
     }
 
     pub fn rejected(&self, reason: &str) {
