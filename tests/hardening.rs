@@ -1,8 +1,8 @@
 //! What an attacker (or a bad moment) must not do to a real `sundial` process: running it
 //! out of file descriptors must not close its ports for good, and clients that have not
 //! shown a token must not make it buffer megabytes (issue 25, its two High items), and
-//! authentication fails closed: a blank or short token stops the node from starting, and a
-//! comma is part of a token, not a separator.
+//! authentication fails closed: a blank or short token stops the node from starting, a
+//! comma is part of a token, not a separator, and an address that guesses is held back.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -141,7 +141,7 @@ fn refused_at_start(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
 }
 
 #[test]
-fn blank_or_short_tokens_stop_the_node_and_a_comma_is_part_of_a_token() {
+fn tokens_fail_closed_stay_whole_and_a_guessing_address_is_held_back() {
     for (args, env) in
         [(vec!["--token", ""], vec![]), (vec![], vec![("SUNDIAL_TOKENS", " , ")]), (vec!["--token", "s3cret"], vec![])]
     {
@@ -161,4 +161,14 @@ fn blank_or_short_tokens_stop_the_node_and_a_comma_is_part_of_a_token() {
     assert_eq!(status_with("Xq9#mZ2!pL"), Some(401), "nor the part before it");
     let metrics = node.metrics_text_with(&format!("authorization: Bearer {token}\r\n"));
     assert!(metrics.contains("sundial_auth_refusals_total{api=\"http\"} 2"), "both wrong tokens counted");
+    // Guessing on: the address runs out of guesses, and then even the right token is
+    // answered 429 (so the answers tell a guesser nothing) until its budget refills.
+    let statuses: Vec<Option<u16>> = (0..40).map(|n| status_with(&format!("guess-{n:016}"))).collect();
+    assert!(statuses.contains(&Some(429)), "{statuses:?}");
+    assert_eq!(status_with(token), Some(429), "held back while out of guesses");
+    let refilled = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        status_with(token) == Some(200)
+    });
+    assert!(refilled, "the right token works again once the budget refills");
 }

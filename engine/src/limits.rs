@@ -41,6 +41,12 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket has refilled to its burst (its holder may be forgotten).
+    pub fn is_full(&mut self, now_ms: u64) -> bool {
+        self.refill(now_ms);
+        self.milli_tokens >= self.capacity_milli
+    }
+
     /// When the next token will be there (`now_ms` if one is).
     pub fn next_token_ms(&mut self, now_ms: u64) -> u64 {
         self.refill(now_ms);

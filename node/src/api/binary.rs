@@ -133,10 +133,7 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
                     router.metrics.rejected("rate_limited");
                     refusal(frame.request_id, Code::RateLimited, "this token's request rate is exceeded")
                 }
-                Verdict::Unauthorized => {
-                    router.metrics.auth_refused("binary");
-                    refusal(frame.request_id, Code::Unauthorized, "a valid token is required")
-                }
+                Verdict::Unauthorized => unauthorized(&router, frame.request_id),
             };
             let _ = answers_for_frame.send((answer, Some(permit))).await;
         });
@@ -144,6 +141,12 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
     drop(answers);
     // Answers of frames still being handled are written before the connection closes.
     let _ = writing.await;
+}
+
+/// The refusal of a missing or wrong token, counted.
+fn unauthorized(router: &Router, request_id: u64) -> Frame {
+    router.metrics.auth_refused("binary");
+    refusal(request_id, Code::Unauthorized, "a valid token is required")
 }
 
 /// Reads the Hello and answers Welcome; the refusal to send otherwise.
@@ -177,12 +180,10 @@ async fn handshake(
     }
     let token = (!token.is_empty()).then_some(token);
     let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
-    match gate.check("POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms()) {
+    let client = crate::api::client_address(reader.peer_addr());
+    match gate.check_from(client, "POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms()) {
         Verdict::Allow => {}
-        Verdict::Unauthorized => {
-            router.metrics.auth_refused("binary");
-            return Err(refusal(hello.request_id, Code::Unauthorized, "a valid token is required"));
-        }
+        Verdict::Unauthorized => return Err(unauthorized(router, hello.request_id)),
         Verdict::Limited { .. } => {
             return Err(refusal(hello.request_id, Code::RateLimited, "this token's request rate is exceeded"))
         }

@@ -44,10 +44,11 @@ pub async fn serve(
         let gate = gate.clone();
         acceptor.spawn(stream, move |stream| async move {
             let _permit = permit;
+            let client = crate::api::client_address(stream.peer_addr());
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let router = router.clone();
                 let gate = gate.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate).await) }
+                async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate, client).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -56,24 +57,31 @@ pub async fn serve(
     }
 }
 
-async fn respond(
-    request: hyper::Request<hyper::body::Incoming>,
-    router: &Router,
-    gate: &Gate,
-) -> hyper::Response<Full<Bytes>> {
-    let method = request.method().to_string();
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or("").to_string();
+type Request = hyper::Request<hyper::body::Incoming>;
+
+/// The `Authorization` a request presents. Console pages (GET /ui/…) may carry the token in
+/// the console's cookie instead; API calls (the console's too) carry it in the header.
+fn presented_authorization(request: &Request, console: bool) -> Option<String> {
     let header_token = request.headers().get("authorization").and_then(|v| v.to_str().ok()).map(String::from);
-    // Console pages (GET /ui/…) may carry the token in the console's cookie instead; API
-    // calls (the console's too) carry it in the header.
-    let console = method == "GET" && (path == "/ui" || path.starts_with("/ui/"));
     let cookie_token = console
         .then(|| request.headers().get("cookie").and_then(|v| v.to_str().ok()))
         .flatten()
         .and_then(|cookies| cookies.split(';').find_map(|c| c.trim().strip_prefix("sundial_token=")))
         .map(|token| format!("Bearer {}", crate::api::ui::decoded(token)));
-    let authorization = header_token.or(cookie_token);
+    header_token.or(cookie_token)
+}
+
+async fn respond(
+    request: Request,
+    router: &Router,
+    gate: &Gate,
+    client: std::net::IpAddr,
+) -> hyper::Response<Full<Bytes>> {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().unwrap_or("").to_string();
+    let console = method == "GET" && (path == "/ui" || path.starts_with("/ui/"));
+    let authorization = presented_authorization(&request, console);
     let authorization = authorization.as_deref();
     let parent =
         request.headers().get("traceparent").and_then(|v| v.to_str().ok()).and_then(TraceContext::parse_traceparent);
@@ -81,7 +89,7 @@ async fn respond(
     let verdict = if console && path == "/ui/login" {
         Verdict::Allow
     } else {
-        gate.check(&method, &path, authorization, sundial_dispatch::now_ms())
+        gate.check_from(client, &method, &path, authorization, sundial_dispatch::now_ms())
     };
     if console && verdict != Verdict::Allow {
         return html_response(crate::api::ui::refused(verdict));

@@ -18,6 +18,13 @@ pub fn path_segments(path: &str) -> Vec<&str> {
     path.split('/').filter(|segment| !segment.is_empty()).collect()
 }
 
+/// The address a connection comes from, given its socket's `peer_addr()` (the unspecified
+/// address when the socket cannot say: such connections then share one budget of guesses,
+/// `auth::Gate::check_from`).
+pub fn client_address(peer: std::io::Result<std::net::SocketAddr>) -> std::net::IpAddr {
+    peer.map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |address| address.ip())
+}
+
 /// The first pause after a failed `accept`; it doubles up to `ACCEPT_BACKOFF_MS_MAX`.
 const ACCEPT_BACKOFF_MS_MIN: u64 = 10;
 const ACCEPT_BACKOFF_MS_MAX: u64 = 1_000;
