@@ -235,11 +235,16 @@ impl ServerOptions {
     /// closed, so a token that is empty, blank or short stops the node from starting rather
     /// than leaving the API open or easy to guess. Tokens are never split on commas.
     fn checked_tokens(&self) -> Result<Vec<String>, String> {
-        let mut tokens: Vec<(String, String)> = self
-            .tokens
-            .iter()
-            .flatten()
+        let given: Vec<&String> = self.tokens.iter().flatten().collect();
+        // A value that ends in a newline (an environment file, a secret) leaves an empty last
+        // item: blank items are skipped beside real ones, and refused only when there is
+        // nothing else (which would leave the API open).
+        let blank = |token: &&String| token.trim().is_empty();
+        let skip_blank = given.iter().any(|token| !blank(token));
+        let mut tokens: Vec<(String, String)> = given
+            .into_iter()
             .enumerate()
+            .filter(|(_, token)| !(skip_blank && blank(token)))
             .map(|(i, token)| (format!("tokens: token {}", i + 1), token.clone()))
             .collect();
         if let Some(path) = &self.tokens_file {
@@ -460,6 +465,8 @@ mod tests {
         refused(&[""], "empty");
         refused(&["   "], "empty");
         refused(&["a-long-enough-token", " , "], "token 2");
+        // SUNDIAL_TOKENS="…\n" (or \r\n) ends in an empty item: skipped beside a real token.
+        assert_eq!(with(&["a-long-enough-token\r", ""]).expect("a trailing newline"), ["a-long-enough-token"]);
         refused(&["s3cret"], "at least 16");
         refused(&["a token with spaces in it"], "no spaces");
         // A comma is part of the token, never a separator.

@@ -465,6 +465,9 @@ fn serve_apis(
     (listener, binary_listener): (tokio::net::TcpListener, tokio::net::TcpListener),
     fd_limit: u64,
 ) -> (Vec<JoinHandle<()>>, mpsc::Receiver<String>) {
+    if settings.tokens.iter().any(|token| token.contains(',')) {
+        tracing::warn!("a token contains a comma: tokens are no longer split on commas (give each with its own --token, or one per line)");
+    }
     let gate = Arc::new(Gate::new(settings.tokens.clone(), settings.rate_per_token));
     let handles: Vec<_> = shards.iter().map(|s| s.runtime.clone()).collect();
     let (http_max, binary_max) = connection_caps(fd_limit);

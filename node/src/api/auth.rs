@@ -23,7 +23,15 @@ pub struct Gate {
     /// One bucket per configured token (bounded by the configuration).
     buckets: Mutex<HashMap<String, TokenBucket>>,
     /// One bucket of guesses per client address that presented a wrong or missing token.
-    guesses: Mutex<HashMap<IpAddr, TokenBucket>>,
+    guesses: Mutex<Guesses>,
+}
+
+#[derive(Default)]
+struct Guesses {
+    by_address: HashMap<IpAddr, TokenBucket>,
+    /// When refilled addresses were last forgotten: at most once a second, so a full map
+    /// does not make every wrong token scan it under the lock.
+    swept_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +48,7 @@ impl Gate {
             tokens,
             rate_per_second: rate_per_second.max(1),
             buckets: Mutex::new(HashMap::new()),
-            guesses: Mutex::new(HashMap::new()),
+            guesses: Mutex::new(Guesses::default()),
         }
     }
 
@@ -58,6 +66,7 @@ impl Gate {
             return Verdict::Allow;
         }
         let mut guesses = self.guesses.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Guesses { by_address: guesses, swept_ms } = &mut *guesses;
         if let Some(bucket) = guesses.get_mut(&address) {
             let next_ms = bucket.next_token_ms(now_ms);
             if next_ms > now_ms {
@@ -69,7 +78,10 @@ impl Gate {
             return verdict;
         }
         if !guesses.contains_key(&address) && guesses.len() >= GUESSING_ADDRESSES_MAX {
-            guesses.retain(|_, bucket| !bucket.is_full(now_ms));
+            if now_ms >= *swept_ms + 1_000 {
+                *swept_ms = now_ms;
+                guesses.retain(|_, bucket| !bucket.is_full(now_ms));
+            }
             if guesses.len() >= GUESSING_ADDRESSES_MAX {
                 return Verdict::Limited { retry_after_s: 1 };
             }
@@ -159,7 +171,7 @@ mod tests {
             Verdict::Unauthorized,
             "room once refilled"
         );
-        assert!(full.guesses.lock().unwrap().len() <= GUESSING_ADDRESSES_MAX);
+        assert!(full.guesses.lock().unwrap().by_address.len() <= GUESSING_ADDRESSES_MAX);
     }
 
     #[test]

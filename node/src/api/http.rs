@@ -92,6 +92,9 @@ async fn respond(
         gate.check_from(client, &method, &path, authorization, sundial_dispatch::now_ms())
     };
     if console && verdict != Verdict::Allow {
+        if verdict == Verdict::Unauthorized {
+            router.metrics.auth_refused("http");
+        }
         return html_response(crate::api::ui::refused(verdict));
     }
     match verdict {

@@ -135,6 +135,9 @@ pub struct Partition {
     /// Snapshots installed from a leader since the partition opened (a replica that fell
     /// behind what the leader's log still holds).
     snapshots_installed: u64,
+    /// After a snapshot failed, no whole one is started for a peer before then (a full disk
+    /// or an oversized state would otherwise restart the copy and encode at every turn).
+    whole_snapshot_not_before: Option<std::time::Instant>,
     /// The snapshot being encoded and written off the shard (at most one at a time).
     snapshot_in_flight: Option<SnapshotInFlight>,
     /// Snapshots adopted since they were last taken, for metrics.
@@ -247,6 +250,9 @@ struct WrittenOffShard {
     segments: Vec<std::sync::Arc<FileSegment>>,
 }
 
+/// How long after a failed snapshot a whole one is tried again for a peer.
+const WHOLE_SNAPSHOT_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A linked snapshot is taken once the partition applied this fraction of its job count
 /// since the last (a whole snapshot, once it applied as many as it holds): it writes the
 /// table, not the specs, so taking it more often costs little and bounds the log a restart
@@ -353,6 +359,7 @@ impl Partition {
             applied_since_snapshot: 0,
             snapshot_failures: 0,
             snapshots_installed: 0,
+            whole_snapshot_not_before: None,
             snapshot_in_flight: None,
             snapshots_taken: Vec::new(),
             undecodable_entries: 0,
@@ -506,6 +513,7 @@ impl Partition {
     pub fn process(&mut self) -> Result<(), PartitionError> {
         if let Err(error) = self.finish_snapshot() {
             self.snapshot_failures += 1;
+            self.whole_snapshot_not_before = Some(std::time::Instant::now() + WHOLE_SNAPSHOT_RETRY);
             tracing::warn!(%error, "a snapshot written off the shard was not adopted; the log keeps its entries");
         }
         if self.whole_snapshot_wanted() {
@@ -513,7 +521,8 @@ impl Partition {
             let started = if self.command_format == 0 { self.compact() } else { self.start_snapshot() };
             if let Err(error) = started {
                 self.snapshot_failures += 1;
-                tracing::warn!(%error, "could not start the whole snapshot a peer needs; tried again later");
+                self.whole_snapshot_not_before = Some(std::time::Instant::now() + WHOLE_SNAPSHOT_RETRY);
+                tracing::warn!(%error, "could not make the whole snapshot a peer needs; trying again in 5 s");
             }
         }
         // Bounded: a single node produces a finite amount of work between inputs.
@@ -766,7 +775,10 @@ impl Partition {
     /// Whether to start a whole snapshot now: a peer needs one and the newest is linked, and
     /// none is being written (a linked one being written is dropped when it is done).
     fn whole_snapshot_wanted(&self) -> bool {
-        self.snapshot_in_flight.is_none() && self.node.peer_needs_snapshot() && self.newest_snapshot_is_linked()
+        self.snapshot_in_flight.is_none()
+            && self.whole_snapshot_not_before.is_none_or(|at| std::time::Instant::now() >= at)
+            && self.node.peer_needs_snapshot()
+            && self.newest_snapshot_is_linked()
     }
 
     /// Starts a snapshot of the state at the applied index on a thread of its own: the shard
