@@ -68,9 +68,8 @@ impl Gate {
         let mut guesses = self.guesses.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Guesses { by_address: guesses, swept_ms } = &mut *guesses;
         if let Some(bucket) = guesses.get_mut(&address) {
-            let next_ms = bucket.next_token_ms(now_ms);
-            if next_ms > now_ms {
-                return Verdict::Limited { retry_after_s: (next_ms - now_ms).div_ceil(1000).max(1) as u32 };
+            if bucket.next_token_ms(now_ms) > now_ms {
+                return limited(bucket, now_ms);
             }
         }
         let verdict = self.check(method, path, authorization, now_ms);
@@ -122,9 +121,14 @@ impl Gate {
         if bucket.try_take(now_ms) {
             return Verdict::Allow;
         }
-        let wait_ms = bucket.next_token_ms(now_ms).saturating_sub(now_ms);
-        Verdict::Limited { retry_after_s: wait_ms.div_ceil(1000).max(1) as u32 }
+        limited(bucket, now_ms)
     }
+}
+
+/// The refusal of a request whose bucket is empty: retry once its next token is there.
+fn limited(bucket: &mut TokenBucket, now_ms: u64) -> Verdict {
+    let wait_ms = bucket.next_token_ms(now_ms).saturating_sub(now_ms);
+    Verdict::Limited { retry_after_s: wait_ms.div_ceil(1000).max(1) as u32 }
 }
 
 /// Compares without stopping at the first difference (no timing hint about the token).

@@ -512,16 +512,14 @@ impl Partition {
     /// an outcome taken after it belongs to a command that survives a crash.
     pub fn process(&mut self) -> Result<(), PartitionError> {
         if let Err(error) = self.finish_snapshot() {
-            self.snapshot_failures += 1;
-            self.whole_snapshot_not_before = Some(std::time::Instant::now() + WHOLE_SNAPSHOT_RETRY);
+            self.snapshot_failed();
             tracing::warn!(%error, "a snapshot written off the shard was not adopted; the log keeps its entries");
         }
         if self.whole_snapshot_wanted() {
             // For an older member (it reads JSON only), one in JSON, on the spot.
             let started = if self.command_format == 0 { self.compact() } else { self.start_snapshot() };
             if let Err(error) = started {
-                self.snapshot_failures += 1;
-                self.whole_snapshot_not_before = Some(std::time::Instant::now() + WHOLE_SNAPSHOT_RETRY);
+                self.snapshot_failed();
                 tracing::warn!(%error, "could not make the whole snapshot a peer needs; trying again in 5 s");
             }
         }
@@ -770,6 +768,12 @@ impl Partition {
             && self.members.is_none()
             && self.command_format != 0
             && !self.node.peer_needs_snapshot()
+    }
+
+    /// Counts a snapshot that failed, and holds whole snapshots for a peer back a while.
+    fn snapshot_failed(&mut self) {
+        self.snapshot_failures += 1;
+        self.whole_snapshot_not_before = Some(std::time::Instant::now() + WHOLE_SNAPSHOT_RETRY);
     }
 
     /// Whether to start a whole snapshot now: a peer needs one and the newest is linked, and
