@@ -164,6 +164,9 @@ pub struct Wal {
     /// Retired segment files (all of this log's segment size) waiting to be reused.
     free: Vec<PathBuf>,
     writer: Writer,
+    /// The bytes of the batch whose write was begun ([`Wal::commit_begin`]) and not yet
+    /// finished; while one is, nothing else changes the log (each change finishes it first).
+    in_flight_len: Option<usize>,
     poisoned: bool,
     meta: Meta,
     meta_file: DualFile,
@@ -197,6 +200,7 @@ impl Wal {
             staged: Staged::default(),
             free: Vec::new(),
             writer,
+            in_flight_len: None,
             poisoned: false,
             meta: Meta { first_index: 1, newest_segment_first_index: 1, cut_from: 0 },
             meta_file: DualFile::new("meta", META_MAGIC),
@@ -417,6 +421,11 @@ impl Wal {
         self.last_index
     }
 
+    /// Whether a commit was begun ([`Wal::commit_begin`]) and not yet finished.
+    pub fn commit_begun(&self) -> bool {
+        self.in_flight_len.is_some()
+    }
+
     /// Number of records staged and not yet committed.
     pub fn staged_count(&self) -> u64 {
         self.staged.offsets.len() as u64
@@ -431,6 +440,7 @@ impl Wal {
     /// [`Wal::commit`]. If it does not fit the newest segment, the records staged so far are
     /// committed first and a new segment is started.
     pub fn append(&mut self, tag: u64, body: &[u8]) -> Result<u64> {
+        self.finish_begun()?;
         if self.poisoned {
             return Err(WalError::Poisoned);
         }
@@ -467,12 +477,24 @@ impl Wal {
     /// returns the last durable index. On failure the staged records are dropped and the log
     /// is poisoned; [`Wal::last_index`] still tells what is durable.
     pub fn commit(&mut self) -> Result<u64> {
+        self.commit_begin()?;
+        self.commit_finish()
+    }
+
+    /// Begins making every staged record durable (one write and one fdatasync, as
+    /// [`Wal::commit`]) and returns without waiting for it, so that logs in other
+    /// directories can begin theirs: the file system then commits their fdatasyncs
+    /// together. [`Wal::commit_finish`] waits for it; any other change of the log (an
+    /// append, a cut, a snapshot) finishes it first, and so does dropping the log.
+    pub fn commit_begin(&mut self) -> Result<()> {
+        self.finish_begun()?;
         if self.poisoned {
             return Err(WalError::Poisoned);
         }
         if self.staged.offsets.is_empty() {
-            return Ok(self.last_index);
+            return Ok(());
         }
+        // Never fails: a log always has a segment (opening makes one; cuts keep the newest).
         let active = self.segments.last_mut().expect("a log always has a segment");
         let records_len = self.staged.bytes.len();
         // A zeroed header after the batch marks the clean end, even over a recycled
@@ -480,10 +502,27 @@ impl Wal {
         if active.write_offset + records_len + RECORD_HEADER_SIZE <= active.map.len() {
             self.staged.bytes.extend_from_slice(&[0u8; RECORD_HEADER_SIZE]);
         }
-        let written = self.writer.write_durable(&active.file, active.write_offset as u64, &self.staged.bytes);
+        let bytes = std::mem::take(&mut self.staged.bytes);
+        debug_assert!(!self.writer.is_in_flight());
+        self.writer.begin_durable(&active.file, active.write_offset as u64, bytes);
+        self.in_flight_len = Some(records_len);
+        Ok(())
+    }
+
+    /// Waits for the write [`Wal::commit_begin`] began, if any, and returns the last
+    /// durable index. On failure its records are dropped and the log is poisoned.
+    pub fn commit_finish(&mut self) -> Result<u64> {
+        let Some(records_len) = self.in_flight_len.take() else {
+            return if self.poisoned { Err(WalError::Poisoned) } else { Ok(self.last_index) };
+        };
+        // Never fails: a log always has a segment (opening makes one; cuts keep the newest).
+        let active = self.segments.last_mut().expect("a log always has a segment");
+        // Never fails: `in_flight_len` is set only beside a write begun on the writer.
+        let (mut bytes, written) = self.writer.finish_durable(&active.file).expect("a write was begun");
+        bytes.clear();
+        self.staged.bytes = bytes;
         if let Err(e) = written {
             self.poisoned = true;
-            self.staged.bytes.clear();
             self.staged.offsets.clear();
             return Err(WalError::io("write", &active.path, e));
         }
@@ -492,8 +531,16 @@ impl Wal {
         active.offsets.append(&mut self.staged.offsets);
         self.last_index = active.next_index() - 1;
         self.last_crc = self.staged.last_crc;
-        self.staged.bytes.clear();
         Ok(self.last_index)
+    }
+
+    /// Finishes a begun write before the log changes otherwise (its buffer and its place in
+    /// the newest segment are the log's until then).
+    fn finish_begun(&mut self) -> Result<()> {
+        if self.in_flight_len.is_some() {
+            self.commit_finish()?;
+        }
+        Ok(())
     }
 
     /// Appends a batch of `(tag, body)` records and commits them: one durability barrier.
@@ -581,6 +628,7 @@ impl Wal {
     /// log either as it was or cut at `from`; then later segments are deleted and the removed
     /// records zeroed, and the mark is cleared.
     pub fn truncate_suffix(&mut self, from: u64) -> Result<()> {
+        self.finish_begun()?;
         self.check_writable("truncate_suffix")?;
         if from > self.last_index {
             return Ok(());
@@ -655,6 +703,7 @@ impl Wal {
     /// only such records (Raft: after a snapshot). With `upto ≥ last_index()` the log becomes
     /// empty and continues at `upto + 1`.
     pub fn truncate_prefix(&mut self, upto: u64) -> Result<()> {
+        self.finish_begun()?;
         self.check_writable("truncate_prefix")?;
         if upto == u64::MAX {
             return Err(WalError::OutOfRange { index: upto, first: self.first_index, last: self.last_index });
@@ -744,6 +793,7 @@ impl Wal {
 
     /// Saves a small opaque record (Raft: term, vote, commit) atomically, in two copies.
     pub fn save_hard_state(&mut self, bytes: &[u8]) -> Result<()> {
+        self.finish_begun()?;
         if bytes.len() > HARD_STATE_MAX_BYTES {
             return Err(WalError::TooLarge {
                 what: "hard state",
@@ -765,6 +815,7 @@ impl Wal {
     /// `save_snapshot` of data given as parts, written one after another: a large snapshot
     /// is never copied to be framed.
     pub fn save_snapshot_parts(&mut self, index: u64, tag: u64, parts: &[&[u8]]) -> Result<()> {
+        self.finish_begun()?;
         let draft = SnapshotDraft::write(&self.dir, index, tag, parts)?;
         self.adopt_snapshot(draft)
     }
@@ -778,6 +829,7 @@ impl Wal {
     /// thread) the newest one: renamed into place, then older snapshots removed. Like
     /// `save_snapshot`, it does not truncate the log.
     pub fn adopt_snapshot(&mut self, mut draft: SnapshotDraft) -> Result<()> {
+        self.finish_begun()?;
         let Some(synced) = draft.synced.take() else {
             return Err(WalError::Corrupt {
                 path: self.dir.clone(),
@@ -899,6 +951,14 @@ impl SnapshotDraft {
             Some(path) => map_snapshot(path),
             None => Err(WalError::Corrupt { path: PathBuf::new(), offset: 0, reason: "an adopted draft".into() }),
         }
+    }
+}
+
+impl Drop for Wal {
+    /// A begun write is waited for while its segment's file is still open (the kernel
+    /// names the file by its descriptor when it runs the fdatasync).
+    fn drop(&mut self) {
+        let _ = self.finish_begun();
     }
 }
 

@@ -27,6 +27,16 @@ pub enum SyncChoice {
 pub(crate) struct Writer {
     #[cfg(target_os = "linux")]
     ring: Option<io_uring::IoUring>,
+    /// A durable write submitted and not yet reaped: the writer owns its buffer until then.
+    in_flight: Option<InFlight>,
+}
+
+/// A write begun by [`Writer::begin_durable`]. With io_uring the kernel reads `bytes` until
+/// both completions are reaped; without it, the write is already done and `done` is its result.
+struct InFlight {
+    bytes: Vec<u8>,
+    offset: u64,
+    done: Option<io::Result<()>>,
 }
 
 /// Submission queue depth: one write and its fsync are in flight at a time.
@@ -50,6 +60,7 @@ impl Writer {
         Writer {
             #[cfg(target_os = "linux")]
             ring: None,
+            in_flight: None,
         }
     }
 
@@ -59,7 +70,7 @@ impl Writer {
         if !uring::supports_write_and_fsync(&ring) {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "the kernel's io_uring lacks write or fsync"));
         }
-        Ok(Writer { ring: Some(ring) })
+        Ok(Writer { ring: Some(ring), in_flight: None })
     }
 
     #[cfg(not(target_os = "linux"))]
@@ -76,7 +87,10 @@ impl Writer {
     }
 
     /// Writes all of `bytes` at `offset` and makes them durable (fdatasync) before returning.
+    /// A write begun and not finished is finished first (its result is dropped: callers
+    /// finish their own writes before starting another).
     pub(crate) fn write_durable(&mut self, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        debug_assert!(self.in_flight.is_none(), "a begun write is finished before another");
         #[cfg(target_os = "linux")]
         if let Some(ring) = self.ring.as_mut() {
             return uring::write_durable(ring, file, offset, bytes);
@@ -84,6 +98,57 @@ impl Writer {
         use std::os::unix::fs::FileExt;
         file.write_all_at(bytes, offset)?;
         file.sync_data()
+    }
+
+    /// Starts writing `bytes` at `offset` and making them durable, and returns without
+    /// waiting (with io_uring; without it, the write is done here). Logs on different files
+    /// that begin their writes before finishing any have their fdatasyncs run at once,
+    /// which the file system commits together. `file` must stay open until
+    /// [`Writer::finish_durable`]; the writer keeps `bytes` until then.
+    pub(crate) fn begin_durable(&mut self, file: &File, offset: u64, bytes: Vec<u8>) {
+        assert!(self.in_flight.is_none(), "one begun write at a time");
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = self.ring.as_mut() {
+            let done = uring::submit_durable(ring, file, offset, &bytes).err().map(Err);
+            self.in_flight = Some(InFlight { bytes, offset, done });
+            return;
+        }
+        use std::os::unix::fs::FileExt;
+        let done = file.write_all_at(&bytes, offset).and_then(|()| file.sync_data());
+        self.in_flight = Some(InFlight { bytes, offset, done: Some(done) });
+    }
+
+    /// Whether a write was begun and not finished.
+    pub(crate) fn is_in_flight(&self) -> bool {
+        self.in_flight.is_some()
+    }
+
+    /// Waits until the begun write is durable (writing what a short write left, on `file`,
+    /// the one it began on) and gives its buffer back with the result; `None` when no
+    /// write was begun.
+    pub(crate) fn finish_durable(&mut self, file: &File) -> Option<(Vec<u8>, io::Result<()>)> {
+        let InFlight { bytes, offset, done } = self.in_flight.take()?;
+        if let Some(done) = done {
+            return Some((bytes, done));
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = self.ring.as_mut() {
+            let result = uring::finish_durable(ring, file, offset, &bytes);
+            return Some((bytes, result));
+        }
+        let _ = (file, offset);
+        Some((bytes, Err(io::Error::other("a begun write without io_uring has its result"))))
+    }
+}
+
+impl Drop for Writer {
+    /// The kernel may still read a begun write's buffer: it is waited for before the
+    /// buffer (and the ring) go.
+    fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if let (Some(ring), Some(InFlight { done: None, .. })) = (self.ring.as_mut(), &self.in_flight) {
+            let _ = uring::reap_both(ring);
+        }
     }
 }
 
@@ -104,7 +169,7 @@ mod uring {
     /// Submits what is queued and waits until both completions are reaped. A wait cut short
     /// by a signal (EINTR, or fewer completions than asked) is resumed, so this never returns
     /// while the kernel may still use the caller's buffer.
-    fn reap_both(ring: &mut IoUring) -> io::Result<(i32, i32)> {
+    pub(super) fn reap_both(ring: &mut IoUring) -> io::Result<(i32, i32)> {
         let (mut write_res, mut sync_res) = (None, None);
         let mut retries = 0;
         while write_res.is_none() || sync_res.is_none() {
@@ -137,24 +202,46 @@ mod uring {
     /// (the kernel breaks the link), so the loop writes the rest and syncs again; each turn
     /// writes at least one byte, bounding the loop by `bytes.len()`.
     pub(super) fn write_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        submit_durable(ring, file, offset, bytes)?;
+        finish_durable(ring, file, offset, bytes)
+    }
+
+    /// Queues the write of `bytes` (its first chunk) linked to an fdatasync and submits
+    /// them without waiting. The caller keeps `bytes` and `file` alive and unchanged until
+    /// [`finish_durable`] (or [`reap_both`]) has reaped both completions.
+    pub(super) fn submit_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        push_write_and_sync(ring, file, offset, bytes)?;
+        ring.submit()?;
+        Ok(())
+    }
+
+    fn push_write_and_sync(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let fd = types::Fd(file.as_raw_fd());
+        let chunk = &bytes[..bytes.len().min(WRITE_CHUNK_MAX_BYTES)];
+        let chunk_len = u32::try_from(chunk.len()).expect("chunk is bounded below u32::MAX");
+        let write = opcode::Write::new(fd, chunk.as_ptr(), chunk_len)
+            .offset(offset)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(WRITE_ID);
+        let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC_ID);
+        // SAFETY: the callers keep the buffer `chunk` and the file alive until both
+        // completions are reaped (`finish_durable`, or the writer's drop).
+        unsafe {
+            let mut queue = ring.submission();
+            queue.push(&write).map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            queue.push(&sync).map_err(|_| io::Error::other("io_uring submission queue full"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the write and fdatasync [`submit_durable`] queued; a short write is
+    /// continued (written and synced again) until all of `bytes` is durable.
+    pub(super) fn finish_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
         let mut written = 0usize;
         loop {
-            let rest = &bytes[written..];
-            let chunk = &rest[..rest.len().min(WRITE_CHUNK_MAX_BYTES)];
-            let chunk_len = u32::try_from(chunk.len()).expect("chunk is bounded below u32::MAX");
-            let write = opcode::Write::new(fd, chunk.as_ptr(), chunk_len)
-                .offset(offset + written as u64)
-                .build()
-                .flags(squeue::Flags::IO_LINK)
-                .user_data(WRITE_ID);
-            let sync = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build().user_data(SYNC_ID);
-            // SAFETY: the buffer `chunk` and the file stay alive until both completions are
-            // reaped below, before this function returns.
-            unsafe {
-                let mut queue = ring.submission();
-                queue.push(&write).map_err(|_| io::Error::other("io_uring submission queue full"))?;
-                queue.push(&sync).map_err(|_| io::Error::other("io_uring submission queue full"))?;
+            if written > 0 {
+                push_write_and_sync(ring, file, offset + written as u64, &bytes[written..])?;
             }
             let (write_res, sync_res) = reap_both(ring)?;
             if write_res < 0 {

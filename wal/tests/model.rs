@@ -1,5 +1,6 @@
-//! Property test: random appends, commits, truncations at both ends and reopens against an
-//! in-memory model (a Vec of records), on both durable-write backends.
+//! Property test: random appends, commits (whole, or begun and finished later by whatever
+//! comes next), truncations at both ends and reopens against an in-memory model (a Vec of
+//! records), on both durable-write backends.
 
 use proptest::prelude::*;
 use sundial_wal::{SyncChoice, Wal, WalOptions};
@@ -8,6 +9,11 @@ use sundial_wal::{SyncChoice, Wal, WalOptions};
 enum Op {
     /// Append records with these body lengths, then commit once.
     AppendBatch(Vec<usize>),
+    /// Append records, then only begin their commit: the next op finishes it (explicitly,
+    /// or by changing the log, or by dropping it).
+    BeginBatch(Vec<usize>),
+    /// Finish a begun commit (nothing when none was begun).
+    Finish,
     /// Remove the last `n` records (clamped).
     TruncateSuffix(u64),
     /// Drop the first `n` records (may pass the end: the log empties and continues after it).
@@ -18,6 +24,8 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => prop::collection::vec(prop_oneof![0usize..64, 64usize..900], 1..24).prop_map(Op::AppendBatch),
+        3 => prop::collection::vec(prop_oneof![0usize..64, 64usize..900], 1..24).prop_map(Op::BeginBatch),
+        1 => Just(Op::Finish),
         1 => (0u64..40).prop_map(Op::TruncateSuffix),
         1 => (0u64..60).prop_map(Op::TruncatePrefix),
         1 => Just(Op::Reopen),
@@ -28,11 +36,17 @@ fn op() -> impl Strategy<Value = Op> {
 struct Model {
     first_index: u64,
     records: Vec<(u64, Vec<u8>)>,
+    /// The last records, whose commit was begun and not finished: not yet readable.
+    begun: usize,
 }
 
 impl Model {
     fn last_index(&self) -> u64 {
         self.first_index + self.records.len() as u64 - 1
+    }
+
+    fn durable(&self) -> &[(u64, Vec<u8>)] {
+        &self.records[..self.records.len() - self.begun]
     }
 }
 
@@ -42,15 +56,27 @@ fn body_for(index: u64, len: usize) -> Vec<u8> {
 
 fn check(wal: &Wal, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(wal.first_index(), model.first_index);
-    prop_assert_eq!(wal.last_index(), model.last_index());
-    for (position, (tag, body)) in model.records.iter().enumerate() {
+    prop_assert_eq!(wal.last_index(), model.last_index() - model.begun as u64);
+    for (position, (tag, body)) in model.durable().iter().enumerate() {
         let index = model.first_index + position as u64;
         let entry = wal.get(index).ok_or_else(|| TestCaseError::fail(format!("index {index} missing")))?;
         prop_assert_eq!(entry.tag, *tag);
         prop_assert_eq!(entry.body, &body[..]);
     }
     prop_assert!(wal.get(model.first_index.wrapping_sub(1)).is_none());
-    prop_assert!(wal.get(model.last_index() + 1).is_none());
+    prop_assert!(wal.get(model.last_index() - model.begun as u64 + 1).is_none());
+    Ok(())
+}
+
+/// Appends records of these body lengths to the log and the model (staged, not committed).
+fn append_all(wal: &mut Wal, model: &mut Model, lens: &[usize]) -> Result<(), TestCaseError> {
+    for &len in lens {
+        let index = model.last_index() + 1;
+        let tag = index * 7;
+        let body = body_for(index, len);
+        prop_assert_eq!(wal.append(tag, &body).expect("append"), index);
+        model.records.push((tag, body));
+    }
     Ok(())
 }
 
@@ -65,18 +91,23 @@ fn run(ops: Vec<Op>, sync: SyncChoice) -> Result<(), TestCaseError> {
         }
         opened => opened.expect("open new log"),
     };
-    let mut model = Model { first_index: 1, records: Vec::new() };
+    let mut model = Model { first_index: 1, records: Vec::new(), begun: 0 };
     for op in ops {
+        // Every op but `BeginBatch` finishes a begun commit.
+        model.begun = 0;
         match op {
             Op::AppendBatch(lens) => {
-                for len in lens {
-                    let index = model.last_index() + 1;
-                    let tag = index * 7;
-                    let body = body_for(index, len);
-                    prop_assert_eq!(wal.append(tag, &body).expect("append"), index);
-                    model.records.push((tag, body));
-                }
+                append_all(&mut wal, &mut model, &lens)?;
                 prop_assert_eq!(wal.commit().expect("commit"), model.last_index());
+            }
+            Op::BeginBatch(lens) => {
+                append_all(&mut wal, &mut model, &lens)?;
+                // Records that did not fit the newest segment were committed when it rotated.
+                model.begun = wal.staged_count() as usize;
+                wal.commit_begin().expect("commit_begin");
+            }
+            Op::Finish => {
+                prop_assert_eq!(wal.commit_finish().expect("commit_finish"), model.last_index());
             }
             Op::TruncateSuffix(n) => {
                 let keep = model.records.len().saturating_sub(n as usize);
@@ -99,7 +130,9 @@ fn run(ops: Vec<Op>, sync: SyncChoice) -> Result<(), TestCaseError> {
         }
         check(&wal, &model)?;
     }
+    // Dropping the log finishes a begun commit: its records are there after a reopen.
     drop(wal);
+    model.begun = 0;
     let (wal, _) = Wal::open(dir.path(), options).expect("final reopen");
     check(&wal, &model)
 }

@@ -134,6 +134,30 @@ impl Replica {
         self.runtime.log_mut().step(message);
     }
 
+    /// Begins the durable write of what the log has ready, without waiting for it
+    /// (`Partition::begin_write`); the next `settle` finishes it. A shard begins the write
+    /// of every replica fed since its last settle before settling any: their fdatasyncs
+    /// run at once. A replica given only the runtime's own commands (starts and outcomes of
+    /// fires) is written in turn as before: a fire that comes due while the shard waits
+    /// for another's write can still join its write (measured: beginning those too made
+    /// fires at 10k/s ~0.3 ms later at the median).
+    pub fn begin_write(&mut self) {
+        // A failed log is never advanced again: nothing is begun that would wait forever.
+        if self.fed && self.runtime.log_failure().is_none() {
+            self.runtime.log_mut().begin_write();
+        }
+    }
+
+    /// Waits until the write `begin_write` began is durable.
+    pub fn finish_write(&mut self) {
+        self.runtime.log_mut().finish_write();
+    }
+
+    /// Whether a write was begun that the next `settle` must finish.
+    pub fn write_begun(&self) -> bool {
+        self.runtime.log().write_begun()
+    }
+
     /// Persists and applies what the log has ready; returns the verdicts and the messages.
     pub fn settle(&mut self, now_ms: u64) -> Settled {
         self.fed = false;

@@ -158,6 +158,25 @@ pub struct Partition {
     /// The segments the newest snapshot lists, when it is a linked one: held so their files
     /// stay while it is the newest, whatever the jobs in them became since.
     snapshot_segments: Vec<std::sync::Arc<FileSegment>>,
+    /// A `Ready` whose write `begin_write` began; `process` finishes it first.
+    begun: Option<BegunWrite>,
+}
+
+/// A `Ready` taken by `Partition::begin_write` and not yet handled by `process`.
+struct BegunWrite {
+    ready: sundial_consensus::Ready,
+    started: std::time::Instant,
+    write: BegunState,
+}
+
+/// Where a begun write is.
+enum BegunState {
+    /// Not begun (a snapshot to install first): `process` persists the `Ready` whole.
+    Whole,
+    /// Begun; `finish_write` waits for it.
+    InFlight,
+    /// Durable (or failed) after this long.
+    Done(Result<(), WalError>, std::time::Duration),
 }
 
 /// One durable write of the log: how long it took and how many entries it carried.
@@ -370,6 +389,7 @@ impl Partition {
             repack_cursor: None,
             spec_files,
             snapshot_segments,
+            begun: None,
         };
         partition.process()?;
         if partition.options.voters == [partition.options.node_id] {
@@ -405,6 +425,7 @@ impl Partition {
     /// One unit of Raft time; `reachable`: the members heard from lately
     /// (`PartitionOptions::leader_patience_ticks`).
     pub fn tick(&mut self, reachable: &[NodeId]) {
+        debug_assert!(self.begun.is_none(), "a begun write is processed before the next tick");
         self.node.set_reachable(reachable);
         self.node.tick();
     }
@@ -418,6 +439,7 @@ impl Partition {
 
     /// A message from a peer replica of this group.
     pub fn step(&mut self, message: Message) {
+        debug_assert!(self.begun.is_none(), "a begun write is processed before the next message");
         self.node.step(message);
     }
 
@@ -525,25 +547,12 @@ impl Partition {
         }
         // Bounded: a single node produces a finite amount of work between inputs.
         for _ in 0..1_000 {
-            if !self.node.has_ready() {
-                return Ok(());
-            }
-            let mut ready = self.node.ready();
-            if ready.snapshot.as_ref().is_some_and(|snapshot| State::is_linked_snapshot(&snapshot.data)) {
-                // Only the replica that wrote it can read it (its specs are in that replica's
-                // files): refused before it is saved, so this replica's data stays as it was.
-                return Err(PartitionError::Snapshot(
-                    "the leader sent a linked snapshot (format 5), which only its own replica can read; not installed"
-                        .into(),
-                ));
-            }
-            let started = std::time::Instant::now();
-            self.node.storage_mut().persist(&ready)?;
+            let Some((mut ready, write_duration)) = self.persist_ready()? else { return Ok(()) };
             if !ready.entries.is_empty() {
                 if self.writes.len() >= LOG_WRITES_KEPT_MAX {
                     self.writes.remove(0);
                 }
-                self.writes.push(LogWrite { duration: started.elapsed(), entries: ready.entries.len() });
+                self.writes.push(LogWrite { duration: write_duration, entries: ready.entries.len() });
             }
             // Sent only now: what they promise (votes, appended entries) is durable.
             self.outbox.append(&mut ready.messages);
@@ -671,6 +680,66 @@ impl Partition {
             }
         }
         Ok(())
+    }
+
+    /// Begins writing what the log has ready without waiting for it to be durable; the next
+    /// `process` finishes it and goes on from there. A shard begins every partition's write
+    /// before it processes any, so their fdatasyncs run at once (the file system commits
+    /// them together) rather than one after another on its thread. Nothing may step or
+    /// tick this partition in between.
+    pub fn begin_write(&mut self) {
+        if self.begun.is_some() || !self.node.has_ready() {
+            return;
+        }
+        let ready = self.node.ready();
+        let started = std::time::Instant::now();
+        let write = match ready.snapshot {
+            Some(_) => BegunState::Whole,
+            None => match self.node.storage_mut().persist_begin(&ready) {
+                Ok(()) => BegunState::InFlight,
+                Err(error) => BegunState::Done(Err(error), started.elapsed()),
+            },
+        };
+        self.begun = Some(BegunWrite { ready, started, write });
+    }
+
+    /// Waits until the write `begin_write` began is durable (so its duration is the
+    /// write's, not the time the shard took to come back to it).
+    pub fn finish_write(&mut self) {
+        if let Some(begun @ BegunWrite { write: BegunState::InFlight, .. }) = &mut self.begun {
+            let done = self.node.storage_mut().persist_finish();
+            begun.write = BegunState::Done(done, begun.started.elapsed());
+        }
+    }
+
+    /// Whether `begin_write` took a `Ready` that `process` has not handled yet.
+    pub fn write_begun(&self) -> bool {
+        self.begun.is_some()
+    }
+
+    /// The next `Ready` (the one `begin_write` took first), persisted, with how long its
+    /// write took; `None` when the log has nothing ready.
+    fn persist_ready(&mut self) -> Result<Option<(sundial_consensus::Ready, std::time::Duration)>, PartitionError> {
+        self.finish_write();
+        let (ready, started) = match self.begun.take() {
+            Some(BegunWrite { ready, write: BegunState::Done(done, duration), .. }) => {
+                done?;
+                return Ok(Some((ready, duration)));
+            }
+            Some(BegunWrite { ready, started, .. }) => (ready, started),
+            None if self.node.has_ready() => (self.node.ready(), std::time::Instant::now()),
+            None => return Ok(None),
+        };
+        if ready.snapshot.as_ref().is_some_and(|snapshot| State::is_linked_snapshot(&snapshot.data)) {
+            // Only the replica that wrote it can read it (its specs are in that replica's
+            // files): refused before it is saved, so this replica's data stays as it was.
+            return Err(PartitionError::Snapshot(
+                "the leader sent a linked snapshot (format 5), which only its own replica can read; not installed"
+                    .into(),
+            ));
+        }
+        self.node.storage_mut().persist(&ready)?;
+        Ok(Some((ready, started.elapsed())))
     }
 
     /// Reads whose index this replica has applied are answered.

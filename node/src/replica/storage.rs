@@ -107,6 +107,15 @@ impl WalStorage {
     /// Step 1 of handling a `Ready`: installs its snapshot, appends its entries (replacing a
     /// conflicting suffix) and saves its hard state — all durable on return.
     pub fn persist(&mut self, ready: &Ready) -> Result<(), WalError> {
+        self.persist_begin(ready)?;
+        self.persist_finish()
+    }
+
+    /// `persist`, except that the entries' write is only begun when nothing else in the
+    /// `Ready` needs a sync after it: [`WalStorage::persist_finish`] waits for it. A shard
+    /// begins every partition's write before finishing any, so their fdatasyncs run at
+    /// once (the file system commits them together) instead of one after another.
+    pub fn persist_begin(&mut self, ready: &Ready) -> Result<(), WalError> {
         if let Some(snapshot) = &ready.snapshot {
             self.install_snapshot(snapshot.clone())?;
         }
@@ -121,17 +130,27 @@ impl WalStorage {
                     return Err(WalError::Inconsistent { path: std::path::PathBuf::from("(raft log)"), reason });
                 }
             }
-            self.wal.commit()?;
+            self.wal.commit_begin()?;
         }
         if let Some(hard_state) = ready.hard_state {
             // Term and vote must be durable before messages go out; the commit index need
             // not be (a restarted node learns it again — a group of one by committing its
-            // first entry), so a change of commit alone costs no fsync.
+            // first entry), so a change of commit alone costs no fsync. Saved after the
+            // entries are durable (saving finishes a begun write first), so a saved commit
+            // index never passes the log.
             let vote_changed = (hard_state.term, hard_state.vote) != (self.hard_state.term, self.hard_state.vote);
             if vote_changed {
                 self.wal.save_hard_state(&encode_hard_state(&hard_state))?;
             }
             self.hard_state = hard_state;
+        }
+        Ok(())
+    }
+
+    /// Waits until what [`WalStorage::persist_begin`] began is durable.
+    pub fn persist_finish(&mut self) -> Result<(), WalError> {
+        if self.wal.commit_begun() {
+            self.wal.commit_finish()?;
         }
         Ok(())
     }

@@ -547,9 +547,21 @@ impl Shard {
         let now_ms = self.turn_ms;
         let mut fires_at_ms = self.next_timer_ms();
         let partitions: Vec<u32> = self.replicas.keys().copied().collect();
+        // Every write of the turn is begun before any is waited for: the partitions'
+        // fdatasyncs run at once, and the file system commits them together (on this
+        // machine 8 logs synced at once made ~3× the syncs a second of one after another,
+        // at half the CPU each).
+        for replica in self.replicas.values_mut() {
+            if force || !replica.settle_may_wait(now_ms) {
+                replica.begin_write();
+            }
+        }
+        for replica in self.replicas.values_mut() {
+            replica.finish_write();
+        }
         for partition in partitions {
             let Some(replica) = self.replicas.get_mut(&partition) else { continue };
-            if !force && replica.settle_may_wait(now_ms) {
+            if !force && !replica.write_begun() && replica.settle_may_wait(now_ms) {
                 continue;
             }
             let settled = replica.settle(now_ms);
@@ -557,10 +569,12 @@ impl Shard {
             outgoing.extend(settled.messages.into_iter().map(|m| (partition, m)));
             // A fire that came due during this partition's fsync goes now, not after the
             // other partitions' (its request leaves at once; its start is written with
-            // the next write).
+            // the next write) — except in partitions whose write is begun and not yet
+            // finished: their starts would need a second write in this turn, one after the
+            // other; they go at the next turn, a moment later.
             let clock_ms = sundial_dispatch::now_ms();
             if fires_at_ms.is_some_and(|at| at <= clock_ms) {
-                for replica in self.replicas.values_mut() {
+                for replica in self.replicas.values_mut().filter(|replica| !replica.write_begun()) {
                     replica.fire_due_jobs(clock_ms);
                 }
                 fires_at_ms = self.next_timer_ms();
