@@ -2,7 +2,9 @@
 //! out of file descriptors must not close its ports for good, and clients that have not
 //! shown a token must not make it buffer megabytes (issue 25, its two High items), and
 //! authentication fails closed: a blank or short token stops the node from starting, a
-//! comma is part of a token, not a separator, and an address that guesses is held back.
+//! comma is part of a token, not a separator, and an address that guesses is held back;
+//! silent, trickling and idle HTTP clients are cut off, and one address holds at most a
+//! quarter of a port's connections.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -171,4 +173,122 @@ fn tokens_fail_closed_stay_whole_and_a_guessing_address_is_held_back() {
         status_with(token) == Some(200)
     });
     assert!(refilled, "the right token works again once the budget refills");
+}
+
+/// A node whose descriptor limit (soft and hard) is `nofile`, so its connection caps are
+/// small: HTTP a quarter of it, the binary port an eighth; one address a quarter of each.
+fn start_with_descriptors(data: &std::path::Path, nofile: u32) -> Node {
+    let mut child = std::process::Command::new("prlimit")
+        .arg(format!("--nofile={nofile}:{nofile}"))
+        .arg("--")
+        .arg(support::sundial_bin())
+        .args(["--http", "127.0.0.1:0", "--binary", "127.0.0.1:0", "--data"])
+        .arg(data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("prlimit runs (util-linux)");
+    let (addr, binary) = support::listening_addresses(&mut child);
+    Node { child, addr, binary }
+}
+
+/// A connection to `to` from the loopback address `from` (another client as far as the
+/// node can tell).
+fn connect_from(from: std::net::IpAddr, to: SocketAddr) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_io().build().expect("a runtime");
+    runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket.bind(SocketAddr::new(from, 0)).expect("bind a second loopback address");
+        let stream = socket.connect(to).await.expect("connect").into_std().expect("a std stream");
+        stream.set_nonblocking(false).expect("blocking reads");
+        stream
+    })
+}
+
+/// What the node sends on `stream` until it closes it (or `limit` passes: then `None`).
+fn read_until_closed(mut stream: TcpStream, limit: Duration) -> Option<String> {
+    stream.set_read_timeout(Some(limit)).expect("timeout");
+    let mut seen = Vec::new();
+    match std::io::Read::read_to_end(&mut stream, &mut seen) {
+        Ok(_) => Some(String::from_utf8_lossy(&seen).into_owned()),
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {
+            Some(String::from_utf8_lossy(&seen).into_owned())
+        }
+        Err(_) => None,
+    }
+}
+
+#[test]
+fn one_address_holds_at_most_a_quarter_of_the_connections() {
+    let data = tempfile::tempdir().expect("a data directory");
+    // HTTP: 512 / 4 = 128 connections, 32 per address; binary: 64, 16 per address.
+    let node = start_with_descriptors(data.path(), 512);
+    assert!(health_answers(node.addr, Duration::from_secs(30)), "the node serves before the test");
+    let held = hold(node.addr, 32);
+    let held_binary = hold(node.binary, 16);
+    assert_eq!((held.len(), held_binary.len()), (32, 16), "every connection was taken");
+    // The /health calls' connections may still hold their places a moment: the first
+    // connection past 32 held may be taken, silently, while they go. One of the next few
+    // is refused at once, with a 429 that says why.
+    let mut extra = Vec::new();
+    let said = (0..4).find_map(|_| {
+        let refused = TcpStream::connect_timeout(&node.addr, Duration::from_secs(2)).expect("connects");
+        extra.push(refused.try_clone().expect("a second handle"));
+        read_until_closed(refused, Duration::from_secs(2))
+    });
+    let said = said.expect("one of the 4 connections past the 32 held was refused");
+    assert!(said.starts_with("HTTP/1.1 429") && said.contains("too_many_connections"), "{said}");
+    let refused_binary = TcpStream::connect_timeout(&node.binary, Duration::from_secs(2)).expect("connects");
+    let said = read_until_closed(refused_binary, Duration::from_secs(10)).expect("and the 17th binary one");
+    assert!(said.contains("too many connections"), "an Error frame says why: {said:?}");
+    // Another address is served meanwhile.
+    let mut other = connect_from("127.0.0.2".parse().expect("an address"), node.addr);
+    other.write_all(b"GET /health HTTP/1.1\r\nhost: node\r\nconnection: close\r\n\r\n").expect("a request");
+    let answer = read_until_closed(other, Duration::from_secs(10)).expect("answered");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Once the address lets its connections go, it is served again.
+    drop((held, held_binary, extra));
+    assert!(health_answers(node.addr, Duration::from_secs(10)), "served once its connections closed");
+    let metrics = node.metrics_text();
+    let refusals = |listener: &str| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("sundial_connections_refused_total{") && l.contains(listener))
+            .filter(|l| l.contains("reason=\"per_address\""))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<f64>()
+    };
+    assert!(refusals("listener=\"http\"") >= 1.0 && refusals("listener=\"binary\"") >= 1.0, "counted:\n{metrics}");
+}
+
+#[test]
+fn silent_trickling_and_idle_http_clients_are_cut_off() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let node = Node::start(data.path());
+    assert!(health_answers(node.addr, Duration::from_secs(30)), "the node serves before the test");
+    let connect = || TcpStream::connect_timeout(&node.addr, Duration::from_secs(2)).expect("connects");
+    let silent = connect();
+    let mut partial = connect();
+    partial.write_all(b"POST /jobs HTTP/1.1\r\nhost: node\r\n").expect("half a head");
+    let mut idle = connect();
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: node\r\n\r\n").expect("a keep-alive request");
+    let mut trickle = connect();
+    let head = "POST /jobs HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{";
+    trickle.write_all(head.as_bytes()).expect("a head and a byte of its body");
+    // Each is watched at once on a thread of its own; every one ends well within a minute.
+    let started = Instant::now();
+    let watch = |stream: TcpStream| {
+        std::thread::spawn(move || (read_until_closed(stream, Duration::from_secs(60)), started.elapsed()))
+    };
+    let watched = [watch(silent), watch(partial), watch(idle), watch(trickle)].map(|t| t.join().expect("joined"));
+    let [silent, partial, idle, trickle] =
+        watched.map(|(seen, after)| (seen.expect("closed by the node within a minute"), after));
+    assert_eq!((silent.0.as_str(), partial.0.as_str()), ("", ""), "no head: closed without a word");
+    assert!(idle.0.starts_with("HTTP/1.1 200"), "answered, then closed once idle: {}", idle.0);
+    assert!(trickle.0.starts_with("HTTP/1.1 408") && trickle.0.contains("request_timeout"), "{}", trickle.0);
+    // Not before their time: 10 s for a head (the idle wait included), 30 s for a body.
+    for (what, after) in [("silent", silent.1), ("partial", partial.1), ("idle", idle.1)] {
+        assert!(after >= Duration::from_secs(9), "{what} closed after {after:?}");
+    }
+    assert!(trickle.1 >= Duration::from_secs(29), "the trickling body answered after {:?}", trickle.1);
 }

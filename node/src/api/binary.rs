@@ -59,7 +59,12 @@ pub async fn serve(
     shards: Vec<tokio::runtime::Handle>,
     config: BinaryConfig,
 ) -> String {
-    let mut acceptor = crate::api::Acceptor::new(listener, "binary", config.connections_max, shards);
+    let mut too_many = Vec::new();
+    let refused = refusal(0, Code::RateLimited, "this client address holds too many connections");
+    if codec::encode(&refused, config.frame_max_bytes, &mut too_many).is_err() {
+        too_many.clear(); // then the connection is closed without a word
+    }
+    let mut acceptor = crate::api::Acceptor::new(listener, "binary", config.connections_max, shards, too_many);
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
         let (permit, stream) = match acceptor.next(&router.metrics).await {

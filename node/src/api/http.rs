@@ -19,6 +19,12 @@ pub const REQUEST_BODY_MAX_BYTES: usize = 512 * 1024;
 /// HTTP connections served at once at most; more wait in the listen backlog. The node lowers
 /// it to a share of its file-descriptor limit (`server.rs`).
 pub const CONNECTIONS_MAX: usize = 4_096;
+/// How long a client has to send a request's headers, counted from when the connection is
+/// ready for one (accepted, or done with the previous request): a silent or trickling
+/// client is disconnected, and so is a keep-alive connection idle this long.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a client has to send a request's body once its headers came; past it, 408.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
 /// route it lists answers).
 pub const OPENAPI: &str = include_str!("../../openapi.json");
@@ -33,7 +39,7 @@ pub async fn serve(
     shards: Vec<tokio::runtime::Handle>,
     connections_max: usize,
 ) -> String {
-    let mut acceptor = crate::api::Acceptor::new(listener, "http", connections_max, shards);
+    let mut acceptor = crate::api::Acceptor::new(listener, "http", connections_max, shards, too_many_connections());
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
         let (permit, stream) = match acceptor.next(&router.metrics).await {
@@ -51,6 +57,8 @@ pub async fn serve(
                 async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate, client).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
         });
@@ -58,6 +66,16 @@ pub async fn serve(
 }
 
 type Request = hyper::Request<hyper::body::Incoming>;
+
+/// The answer to a connection refused because its address holds its share of connections.
+fn too_many_connections() -> Vec<u8> {
+    let body = r#"{"error":"this client address holds too many connections","code":"too_many_connections"}"#;
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// The `Authorization` a request presents. Console pages (GET /ui/…) may carry the token in
 /// the console's cookie instead; API calls (the console's too) carry it in the header.
@@ -111,13 +129,9 @@ async fn respond(
             return to_response(Answer { retry_after_s: Some(retry_after_s), ..limited });
         }
     }
-    let body = match Limited::new(request.into_body(), REQUEST_BODY_MAX_BYTES).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            router.metrics.rejected("too_large");
-            return to_response(error(413, "too_large", format!("the body exceeds {REQUEST_BODY_MAX_BYTES} bytes")));
-        }
-        Err(e) => return to_response(error(400, "bad_body", format!("the body could not be read: {e}"))),
+    let body = match read_body(request, router).await {
+        Ok(body) => body,
+        Err(refused) => return refused,
     };
     if console {
         if let Some(page) = crate::api::ui::route(router, &path, &query).await {
@@ -136,6 +150,29 @@ async fn respond(
         response.headers_mut().insert("preference-applied", hyper::header::HeaderValue::from_static("return=minimal"));
     }
     response
+}
+
+/// The request's body, within `BODY_READ_TIMEOUT` and `REQUEST_BODY_MAX_BYTES`; else the
+/// answer that refuses it.
+async fn read_body(request: Request, router: &Router) -> Result<Bytes, hyper::Response<Full<Bytes>>> {
+    let reading =
+        tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(request.into_body(), REQUEST_BODY_MAX_BYTES).collect());
+    let Ok(read) = reading.await else {
+        router.metrics.rejected("body_timeout");
+        let seconds = BODY_READ_TIMEOUT.as_secs();
+        let mut response =
+            to_response(error(408, "request_timeout", format!("the body did not arrive within {seconds} s")));
+        response.headers_mut().insert("connection", hyper::header::HeaderValue::from_static("close"));
+        return Err(response);
+    };
+    match read {
+        Ok(body) => Ok(body.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            router.metrics.rejected("too_large");
+            Err(to_response(error(413, "too_large", format!("the body exceeds {REQUEST_BODY_MAX_BYTES} bytes"))))
+        }
+        Err(e) => Err(to_response(error(400, "bad_body", format!("the body could not be read: {e}")))),
+    }
 }
 
 /// Whether `method` on `path` is one of the create routes.

@@ -8,10 +8,16 @@ pub mod http;
 pub mod ui;
 
 use crate::obs::metrics::Metrics;
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// One client address may hold at most this share of a listener's connections at once
+/// (a quarter): a single address that opens and holds connections cannot lock others out.
+const ADDRESS_SHARE_DIVISOR: usize = 4;
 
 /// A path's segments as routes read them: empty ones (doubled or trailing slashes) dropped.
 pub fn path_segments(path: &str) -> Vec<&str> {
@@ -69,34 +75,99 @@ pub struct Acceptor {
     listener: tokio::net::TcpListener,
     name: &'static str,
     connections: Arc<Semaphore>,
+    per_address: Arc<AddressCounts>,
+    /// Written (best effort) to a connection refused for its address before it is closed.
+    refusal: Vec<u8>,
     shards: Vec<tokio::runtime::Handle>,
     next_shard: usize,
 }
 
+/// A served connection's places: one of the listener's, one of its address's; both given
+/// back when it is dropped.
+pub struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    _address: AddressSlot,
+}
+
+/// Open connections per client address (only addresses with one: at most the listener's cap).
+struct AddressCounts {
+    open: Mutex<HashMap<IpAddr, usize>>,
+    max: usize,
+}
+
+struct AddressSlot {
+    counts: Arc<AddressCounts>,
+    address: IpAddr,
+}
+
+impl AddressCounts {
+    /// A place for one more connection of `address`, unless it holds `max` already.
+    fn take(counts: &Arc<AddressCounts>, address: IpAddr) -> Option<AddressSlot> {
+        let mut open = counts.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let held = open.entry(address).or_insert(0);
+        if *held >= counts.max {
+            return None;
+        }
+        *held += 1;
+        Some(AddressSlot { counts: counts.clone(), address })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.counts.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(held) = open.get_mut(&self.address) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
 impl Acceptor {
+    /// `refusal`: what a connection refused because its address holds its share already
+    /// is sent before it is closed (the protocol's own "too many" answer).
     pub fn new(
         listener: tokio::net::TcpListener,
         name: &'static str,
         connections_max: usize,
         shards: Vec<tokio::runtime::Handle>,
+        refusal: Vec<u8>,
     ) -> Acceptor {
-        let connections = Arc::new(Semaphore::new(connections_max.max(1)));
-        Acceptor { listener, name, connections, shards, next_shard: 0 }
+        let connections_max = connections_max.max(1);
+        let connections = Arc::new(Semaphore::new(connections_max));
+        let per_address = Arc::new(AddressCounts {
+            open: Mutex::new(HashMap::new()),
+            max: (connections_max / ADDRESS_SHARE_DIVISOR).max(1),
+        });
+        Acceptor { listener, name, connections, per_address, refusal, shards, next_shard: 0 }
     }
 
     /// The next connection, once there is room for it under the cap (at the cap, new
-    /// connections wait in the kernel's backlog); its permit is held while it is served.
-    /// An error says why the listener is done.
-    pub async fn next(&self, metrics: &Metrics) -> Result<(OwnedSemaphorePermit, tokio::net::TcpStream), String> {
+    /// connections wait in the kernel's backlog); its slot is held while it is served. A
+    /// connection from an address that holds its share already is refused (counted in
+    /// `sundial_connections_refused_total`) and closed. An error says why the listener is done.
+    pub async fn next(&self, metrics: &Metrics) -> Result<(ConnectionSlot, tokio::net::TcpStream), String> {
         let permit = self
             .connections
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| "its connection limit was closed".to_string())?;
-        let stream = accept(&self.listener, self.name, metrics).await.map_err(|error| error.to_string())?;
-        let _ = stream.set_nodelay(true);
-        Ok((permit, stream))
+        // Bounded by the listener: each turn accepts one connection or returns.
+        loop {
+            let stream = accept(&self.listener, self.name, metrics).await.map_err(|error| error.to_string())?;
+            let address = client_address(stream.peer_addr());
+            let Some(address_slot) = AddressCounts::take(&self.per_address, address) else {
+                metrics.connection_refused(self.name, "per_address");
+                // Best effort: a socket just accepted has room for a short answer.
+                let _ = stream.try_write(&self.refusal);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            return Ok((ConnectionSlot { _permit: permit, _address: address_slot }, stream));
+        }
     }
 
     /// Serves `stream` with `serve` on the next shard's runtime. The stream is moved to that

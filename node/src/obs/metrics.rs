@@ -66,6 +66,7 @@ pub struct Metrics {
     pub cancelled: Counter,
     /// Connections a listener failed to accept (retried), by listener and error.
     accept_errors: Family<Labels, Counter>,
+    connections_refused: Family<Labels, Counter>,
     auth_refusals: Family<Labels, Counter>,
     /// Per host, for the busiest few only (`DISPATCH_HOSTS_SHOWN`): the adaptive limit of
     /// attempts at once, and the connections open. Set at scrape time.
@@ -114,6 +115,7 @@ impl Metrics {
             forwarded: Counter::default(),
             cancelled: Counter::default(),
             accept_errors: Family::default(),
+            connections_refused: Family::default(),
             auth_refusals: Family::default(),
             host_limit: Family::default(),
             host_connections: Family::default(),
@@ -124,6 +126,11 @@ impl Metrics {
             "accept_errors",
             "Connections a listener failed to accept and retried, by listener and error",
             metrics.accept_errors.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Connections closed as soon as accepted, by listener and reason (per_address: the client address held a quarter of the listener's connections already)",
+            metrics.connections_refused.clone(),
         );
         registry.register(
             "auth_refusals",
@@ -261,6 +268,12 @@ impl Metrics {
     }
 
     /// A request or connection refused for a missing or wrong token (`api`: "http", "binary").
+    pub fn connection_refused(&self, listener: &str, reason: &str) {
+        self.connections_refused
+            .get_or_create(&vec![("listener", listener.to_string()), ("reason", reason.to_string())])
+            .inc();
+    }
+
     pub fn auth_refused(&self, api: &str) {
         self.auth_refusals.get_or_create(&vec![("api", api.to_string())]).inc();
     }
