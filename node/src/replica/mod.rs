@@ -4,6 +4,7 @@
 //! only this module reaches a replica's log. Time comes in as `now_ms` from the shard's turn.
 
 pub mod partition;
+mod snapshot_worker;
 pub mod specs;
 pub mod storage;
 pub mod tombstones;

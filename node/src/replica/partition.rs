@@ -8,6 +8,7 @@
 //! rename it into place and cut the log.
 
 use crate::cluster::members::{Members, MembersCommand};
+use crate::replica::snapshot_worker::{self, Pending};
 use crate::replica::specs::{
     FileSegment, SegmentFiles, SpecStore, SEGMENTS_MAX_DEFAULT, SEGMENT_BYTES_DEFAULT, SPECS_DIR,
 };
@@ -188,7 +189,7 @@ pub struct LogWrite {
 
 /// A snapshot encoded and written on a thread of its own; the shard adopts it when done.
 struct SnapshotInFlight {
-    worker: std::thread::JoinHandle<Result<WrittenOffShard, String>>,
+    worker: Pending<Result<WrittenOffShard, String>>,
     /// Set when the partition goes away: the thread gives up between chunks of its write.
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// When the shard began copying the state.
@@ -261,7 +262,7 @@ fn restore(dir: &Path, options: &PartitionOptions, storage: &WalStorage) -> Resu
     Ok(Restored { state, members, spec_files, snapshot_segments })
 }
 
-/// What a snapshot's thread hands back: the file written, and the spec segments it lists
+/// What the snapshot worker hands back: the file written, and the spec segments it lists
 /// (a linked snapshot's), synced.
 struct WrittenOffShard {
     plan: SnapshotPlan,
@@ -876,38 +877,34 @@ impl Partition {
         let is_linked = linked.is_some();
         let dir = self.node.storage().wal().dir().to_path_buf();
         let lands_at_bytes = plan.data_offset_bytes();
-        let worker = std::thread::Builder::new()
-            .name(format!("snapshot-{applied}"))
-            .spawn(move || {
-                let _turn = turn;
-                lower_this_threads_priority();
-                let mut segments = Vec::new();
-                let data = match linked {
-                    None => copy.encode(capacity_bytes),
-                    Some(files) => {
-                        // The segments first, durable up to what the snapshot lists, and
-                        // their names: the snapshot is renamed into place only after.
-                        let mut list = Vec::new();
-                        for segment in copy.link() {
-                            let number = segment.number();
-                            let file = files.get(number).ok_or_else(|| format!("spec segment {number} is gone"))?;
-                            list.push(
-                                file.make_durable()
-                                    .map_err(|error| format!("syncing spec segment {number}: {error}"))?,
-                            );
-                            segments.push(file);
-                        }
-                        SegmentFiles::sync_dir(&dir)
-                            .map_err(|error| format!("syncing the spec segments' directory: {error}"))?;
-                        copy.encode_linked(&list, lands_at_bytes, capacity_bytes)
+        let worker = snapshot_worker::run(move || {
+            let _turn = turn;
+            let mut segments = Vec::new();
+            let data = match linked {
+                None => copy.encode(capacity_bytes),
+                Some(files) => {
+                    // The segments first, durable up to what the snapshot lists, and
+                    // their names: the snapshot is renamed into place only after.
+                    let mut list = Vec::new();
+                    for segment in copy.link() {
+                        let number = segment.number();
+                        let file = files.get(number).ok_or_else(|| format!("spec segment {number} is gone"))?;
+                        list.push(
+                            file.make_durable().map_err(|error| format!("syncing spec segment {number}: {error}"))?,
+                        );
+                        segments.push(file);
                     }
+                    SegmentFiles::sync_dir(&dir)
+                        .map_err(|error| format!("syncing the spec segments' directory: {error}"))?;
+                    copy.encode_linked(&list, lands_at_bytes, capacity_bytes)
                 }
-                .map_err(|error| error.to_string())?;
-                drop(copy);
-                let written = plan.write(&data, &stop_here).map_err(|error| error.to_string())?;
-                Ok(WrittenOffShard { plan, written, segments })
-            })
-            .map_err(|error| PartitionError::Snapshot(format!("starting the snapshot's thread: {error}")))?;
+            }
+            .map_err(|error| error.to_string())?;
+            drop(copy);
+            let written = plan.write(&data, &stop_here).map_err(|error| error.to_string())?;
+            Ok(WrittenOffShard { plan, written, segments })
+        })
+        .map_err(PartitionError::Snapshot)?;
         let shard_pause = started.elapsed();
         self.snapshot_in_flight = Some(SnapshotInFlight { worker, stop, started, shard_pause, linked: is_linked });
         Ok(())
@@ -916,15 +913,15 @@ impl Partition {
     /// Adopts the snapshot written off the shard, once its thread is done (a snapshot from
     /// the leader that came meanwhile supersedes it: its file is then removed).
     fn finish_snapshot(&mut self) -> Result<(), PartitionError> {
-        if !self.snapshot_in_flight.as_ref().is_some_and(|in_flight| in_flight.worker.is_finished()) {
+        if !self.snapshot_in_flight.as_mut().is_some_and(|in_flight| in_flight.worker.is_finished()) {
             return Ok(());
         }
         let Some(SnapshotInFlight { worker, started, shard_pause, linked, .. }) = self.snapshot_in_flight.take() else {
             return Ok(());
         };
-        let WrittenOffShard { plan, written, segments } = match worker.join() {
-            Ok(written) => written.map_err(PartitionError::Snapshot)?,
-            Err(_) => return Err(PartitionError::Snapshot("the snapshot's thread panicked".into())),
+        let WrittenOffShard { plan, written, segments } = match worker.wait() {
+            Some(written) => written.map_err(PartitionError::Snapshot)?,
+            None => return Err(PartitionError::Snapshot("the snapshot's work panicked".into())),
         };
         if linked && !self.links_snapshots() {
             // A peer needs a snapshot now: the newest must be one it can install.
@@ -1308,27 +1305,13 @@ const READ_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(3);
 const READ_TICKETS_FROM: Ticket = 1 << 62;
 
 /// A partition that goes away (a node stopping, a replica removed and its directory deleted
-/// next) first stops its snapshot's thread: it gives up its write between chunks, removes
+/// next) first stops its snapshot in flight: the worker gives up its write between chunks, removes
 /// its file, and is waited for, so nothing writes into the directory afterwards.
 impl Drop for Partition {
     fn drop(&mut self) {
         if let Some(in_flight) = self.snapshot_in_flight.take() {
             in_flight.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let _ = in_flight.worker.join();
-        }
-    }
-}
-
-/// Snapshots are background work: their thread yields to the shards when the CPU is busy
-/// (nice 10 on Linux, where the nice value is per thread; elsewhere nothing).
-fn lower_this_threads_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        // Relative to the node's own nice value (never above it), for this thread only.
-        // SAFETY: nice takes a plain integer and affects the calling thread on Linux.
-        let failed = unsafe { libc::nice(10) } == -1;
-        if failed {
-            tracing::debug!("could not lower the snapshot thread's priority");
+            let _ = in_flight.worker.wait();
         }
     }
 }
@@ -1521,6 +1504,7 @@ mod tests {
         partition.compact().expect("a snapshot taken on the spot");
         let newer = partition.snapshot_index();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut older = older;
         while !older.worker.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
