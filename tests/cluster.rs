@@ -613,7 +613,7 @@ async fn a_member_behind_its_leaders_linked_snapshots_is_sent_a_whole_one_and_se
 fn forwarded(member: SocketAddr) -> u64 {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(member).expect("connect");
-    write!(stream, "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").expect("send");
+    write!(stream, "GET /metrics HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").expect("send");
     let mut body = String::new();
     stream.read_to_string(&mut body).expect("read");
     body.lines()

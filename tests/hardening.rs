@@ -3,8 +3,9 @@
 //! shown a token must not make it buffer megabytes (issue 25, its two High items), and
 //! authentication fails closed: a blank or short token stops the node from starting, a
 //! comma is part of a token, not a separator, and an address that guesses is held back;
-//! silent, trickling and idle HTTP clients are cut off, and one address holds at most a
-//! quarter of a port's connections.
+//! silent, trickling and idle HTTP clients are cut off, one address holds at most a
+//! quarter of a port's connections, and web pages of other sites (or of a name re-pointed at
+//! loopback) cannot drive a node.
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -243,7 +244,7 @@ fn one_address_holds_at_most_a_quarter_of_the_connections() {
     assert!(said.contains("too many connections"), "an Error frame says why: {said:?}");
     // Another address is served meanwhile.
     let mut other = connect_from("127.0.0.2".parse().expect("an address"), node.addr);
-    other.write_all(b"GET /health HTTP/1.1\r\nhost: node\r\nconnection: close\r\n\r\n").expect("a request");
+    other.write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").expect("a request");
     let answer = read_until_closed(other, Duration::from_secs(10)).expect("answered");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     // Once the address lets its connections go, it is served again.
@@ -269,11 +270,12 @@ fn silent_trickling_and_idle_http_clients_are_cut_off() {
     let connect = || TcpStream::connect_timeout(&node.addr, Duration::from_secs(2)).expect("connects");
     let silent = connect();
     let mut partial = connect();
-    partial.write_all(b"POST /jobs HTTP/1.1\r\nhost: node\r\n").expect("half a head");
+    partial.write_all(b"POST /jobs HTTP/1.1\r\nhost: 127.0.0.1\r\n").expect("half a head");
     let mut idle = connect();
-    idle.write_all(b"GET /health HTTP/1.1\r\nhost: node\r\n\r\n").expect("a keep-alive request");
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").expect("a keep-alive request");
     let mut trickle = connect();
-    let head = "POST /jobs HTTP/1.1\r\nhost: node\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{";
+    let head =
+        "POST /jobs HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{";
     trickle.write_all(head.as_bytes()).expect("a head and a byte of its body");
     // Each is watched at once on a thread of its own; every one ends well within a minute.
     let started = Instant::now();
@@ -291,4 +293,40 @@ fn silent_trickling_and_idle_http_clients_are_cut_off() {
         assert!(after >= Duration::from_secs(9), "{what} closed after {after:?}");
     }
     assert!(trickle.1 >= Duration::from_secs(29), "the trickling body answered after {:?}", trickle.1);
+}
+
+#[test]
+fn pages_of_other_sites_and_rebound_names_cannot_drive_a_node() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let node = Node::start_with(data.path(), &["--allow-origin", "https://admin.example"]);
+    assert!(health_answers(node.addr, Duration::from_secs(30)), "the node serves before the test");
+    let job = br#"{"id": "from-a-page", "delay": "1h", "url": "http://127.0.0.1:9/hook"}"#;
+    // A page of another site posts text/plain (no preflight): refused, nothing created.
+    let evil = "origin: https://evil.example\r\ncontent-type: text/plain\r\n";
+    let (status, _, body) = support::exchange(node.addr, "POST", "/jobs", job, evil);
+    assert_eq!((status, body["code"].as_str()), (403, Some("origin_refused")), "{body}");
+    assert_eq!(node.call("GET", "/jobs/from-a-page", b"").0, 404, "nothing was created");
+    // A name re-pointed at 127.0.0.1 (DNS rebinding): the page is "same-origin" to itself.
+    let mut rebound = TcpStream::connect(node.addr).expect("connects");
+    let head = format!(
+        "POST /jobs HTTP/1.1\r\nhost: evil.example:{port}\r\norigin: http://evil.example:{port}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        job.len(),
+        port = node.addr.port()
+    );
+    rebound.write_all(head.as_bytes()).and_then(|()| rebound.write_all(job)).expect("a request");
+    let said = read_until_closed(rebound, Duration::from_secs(10)).expect("answered");
+    assert!(said.starts_with("HTTP/1.1 403") && said.contains("host_refused"), "{said}");
+    assert_eq!(node.call("GET", "/jobs/from-a-page", b"").0, 404, "nothing was created");
+    // The node's own pages, and an allowed origin's (with CORS answers), are served.
+    let own = format!("origin: http://{}\r\n", node.addr);
+    assert_eq!(support::exchange(node.addr, "GET", "/jobs?status=pending", b"", &own).0, 200);
+    let allowed = "origin: https://admin.example\r\n";
+    let preflight = format!("{allowed}access-control-request-method: POST\r\n");
+    let (status, head, _) = support::exchange(node.addr, "OPTIONS", "/jobs", b"", &preflight);
+    assert_eq!(status, 204, "{head}");
+    assert!(head.contains("access-control-allow-origin: https://admin.example"), "{head}");
+    assert!(head.contains("access-control-allow-methods:") && head.contains("authorization"), "{head}");
+    let (status, head, _) = support::exchange(node.addr, "POST", "/jobs", job, allowed);
+    assert_eq!(status, 201, "{head}");
+    assert!(head.contains("access-control-allow-origin: https://admin.example"), "{head}");
 }

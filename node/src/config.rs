@@ -81,6 +81,12 @@ pub struct ServerOptions {
     /// executions and dead letters, before it is removed; 0: removed at once [default: 604800].
     #[arg(long, alias = "retention", env = "SUNDIAL_RETENTION_S")]
     pub retention_s: Option<u64>,
+    /// A web page origin (`https://host[:port]`) whose pages may call the HTTP API from a
+    /// browser, besides the node's own (repeat the flag; the environment variable takes them
+    /// comma-separated); none: requests from other origins' pages are refused.
+    #[arg(long = "allow-origin", env = "SUNDIAL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub allowed_origins: Option<Vec<String>>,
     /// Allow webhook targets on loopback addresses (tests, local receivers) [default: false].
     #[arg(long, env = "SUNDIAL_ALLOW_LOOPBACK_TARGETS", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_loopback_targets: Option<bool>,
@@ -187,6 +193,7 @@ pub struct Settings {
     pub secret_next: Option<String>,
     pub dedup_window_ms: u64,
     pub retention_ms: u64,
+    pub allowed_origins: Vec<String>,
     pub allow_loopback_targets: bool,
     pub allow_private_targets: bool,
     pub attempt_timeout_ms: u64,
@@ -217,8 +224,8 @@ impl ServerOptions {
     /// Flags and environment over the file's settings.
     pub fn over(&self, file: &ServerOptions) -> ServerOptions {
         prefer!(self, file; data, http, binary, partitions, shards, segment_mb, log_sync, snapshot_every, max_jobs,
-            max_memory_mb, tokens, tokens_file, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allow_loopback_targets, allow_private_targets,
-            attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
+            max_memory_mb, tokens, tokens_file, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allowed_origins, allow_loopback_targets,
+            allow_private_targets, attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
             raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join, bootstrap_expect)
     }
@@ -229,6 +236,30 @@ impl ServerOptions {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let file: ServerOptions = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(self.over(&file))
+    }
+
+    /// The origins of `--allow-origin`, each `http` or `https`, `://`, a host and maybe a
+    /// port, nothing after (lower-cased: origins compare so).
+    fn checked_origins(&self) -> Result<Vec<String>, String> {
+        let given = self.allowed_origins.iter().flatten().map(|o| o.trim()).filter(|o| !o.is_empty());
+        given
+            .map(|origin| {
+                let lowered = origin.to_ascii_lowercase();
+                let authority = lowered.strip_prefix("https://").or_else(|| lowered.strip_prefix("http://"));
+                match authority {
+                    Some(authority)
+                        if !authority.is_empty()
+                            && !authority.contains(['/', '?', '#', '@', ' ', '*'])
+                            && authority.is_ascii() =>
+                    {
+                        Ok(lowered.clone())
+                    }
+                    _ => Err(format!(
+                        "allowed_origins: {origin:?} is not an origin (http:// or https://, a host, maybe :port, nothing after)"
+                    )),
+                }
+            })
+            .collect()
     }
 
     /// The tokens of `--token` and of `--tokens-file`, each checked: authentication fails
@@ -340,6 +371,7 @@ impl ServerOptions {
             },
             dedup_window_ms: within("dedup_window_s", self.dedup_window_s.unwrap_or(86_400), 0, 365 * 86_400)? * 1000,
             retention_ms: within("retention_s", self.retention_s.unwrap_or(7 * 86_400), 0, 3650 * 86_400)? * 1000,
+            allowed_origins: self.checked_origins()?,
             allow_loopback_targets: self.allow_loopback_targets.unwrap_or(false),
             allow_private_targets: self.allow_private_targets.unwrap_or(false),
             attempt_timeout_ms: within(
@@ -449,6 +481,25 @@ mod tests {
         assert_eq!(settings.http, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
         assert_eq!(settings.tokens, ["a-token-of-16-chars"]);
         assert_eq!(settings.binary, "127.0.0.1:7070".parse::<SocketAddr>().unwrap(), "a default");
+    }
+
+    #[test]
+    fn allowed_origins_are_origins_lower_cased_or_the_node_does_not_start() {
+        let with = |origins: &[&str]| {
+            let options = ServerOptions {
+                allowed_origins: Some(origins.iter().map(|o| o.to_string()).collect()),
+                ..Default::default()
+            };
+            options.resolve().map(|settings| settings.allowed_origins)
+        };
+        let given = with(&["https://Admin.Example", " http://localhost:3000 "]).expect("origins");
+        assert_eq!(given, ["https://admin.example", "http://localhost:3000"]);
+        for bad in
+            ["admin.example", "https://", "https://admin.example/app", "ftp://admin.example", "*", "https://*.example"]
+        {
+            let error = with(&[bad]).expect_err("refused");
+            assert!(error.starts_with("allowed_origins:") && error.contains(bad.trim()), "{bad}: {error}");
+        }
     }
 
     #[test]

@@ -479,10 +479,14 @@ fn serve_apis(
     let (ended, listener_ended) = mpsc::channel::<String>(2);
     let http_ended = ended.clone();
     let (http_router, http_gate, http_handles) = (router.clone(), gate.clone(), handles.clone());
+    let policy = Arc::new(crate::api::origin::OriginPolicy {
+        loopback_only: listener.local_addr().is_ok_and(|address| address.ip().is_loopback()),
+        allowed_origins: settings.allowed_origins.clone(),
+    });
     let binary_router = router.clone();
     let acceptors = vec![
         tokio::spawn(async move {
-            let why = http::serve(listener, http_router, http_gate, http_handles, http_max).await;
+            let why = http::serve(listener, http_router, http_gate, policy, http_handles, http_max).await;
             let _ = http_ended.send(format!("the HTTP listener ended: {why}")).await;
         }),
         tokio::spawn(async move {

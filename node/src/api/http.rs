@@ -4,6 +4,7 @@
 //! status.
 
 use crate::api::auth::{Gate, Verdict};
+use crate::api::origin::{self, Admission, OriginPolicy};
 use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp, Representation};
 use crate::shard::router::{CreateRequest, Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
@@ -36,6 +37,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Arc<Router>,
     gate: Arc<Gate>,
+    policy: Arc<OriginPolicy>,
     shards: Vec<tokio::runtime::Handle>,
     connections_max: usize,
 ) -> String {
@@ -46,15 +48,13 @@ pub async fn serve(
             Ok(accepted) => accepted,
             Err(why) => return why,
         };
-        let router = router.clone();
-        let gate = gate.clone();
+        let (router, gate, policy) = (router.clone(), gate.clone(), policy.clone());
         acceptor.spawn(stream, move |stream| async move {
             let _permit = permit;
             let client = crate::api::client_address(stream.peer_addr());
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let router = router.clone();
-                let gate = gate.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate, client).await) }
+                let (router, gate, policy) = (router.clone(), gate.clone(), policy.clone());
+                async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate, &policy, client).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -89,7 +89,36 @@ fn presented_authorization(request: &Request, console: bool) -> Option<String> {
     header_token.or(cookie_token)
 }
 
+/// Answers a request the origin policy admits (with CORS headers for an allowed origin's
+/// pages); refuses, before anything else, one from a host name or a page it does not.
 async fn respond(
+    request: Request,
+    router: &Router,
+    gate: &Gate,
+    policy: &OriginPolicy,
+    client: std::net::IpAddr,
+) -> hyper::Response<Full<Bytes>> {
+    match policy.admit(request.method().as_str(), request.headers()) {
+        Admission::Served => answer_request(request, router, gate, client).await,
+        Admission::ServedTo(origin) => {
+            let mut response = answer_request(request, router, gate, client).await;
+            origin::allow_reading(response.headers_mut(), &origin);
+            response
+        }
+        Admission::Preflight(origin) => {
+            let mut response = hyper::Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = hyper::StatusCode::NO_CONTENT;
+            origin::allow_sending(response.headers_mut(), &origin);
+            response
+        }
+        Admission::Refused(code, message) => {
+            router.metrics.rejected(code);
+            to_response(error(403, code, message))
+        }
+    }
+}
+
+async fn answer_request(
     request: Request,
     router: &Router,
     gate: &Gate,

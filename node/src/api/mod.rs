@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod binary;
 pub mod http;
+pub mod origin;
 pub mod ui;
 
 use crate::obs::metrics::Metrics;
