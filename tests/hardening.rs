@@ -330,3 +330,25 @@ fn pages_of_other_sites_and_rebound_names_cannot_drive_a_node() {
     assert_eq!(status, 201, "{head}");
     assert!(head.contains("access-control-allow-origin: https://admin.example"), "{head}");
 }
+
+#[test]
+fn health_tells_a_caller_without_a_token_only_whether_the_node_is_live() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let token = "a-long-enough-token-for-health";
+    let node = Node::start_with(data.path(), &["--token", token]);
+    assert!(health_answers(node.addr, Duration::from_secs(30)), "the node serves before the test");
+    let (status, _, body) = support::exchange(node.addr, "GET", "/health", b"", "");
+    assert_eq!((status, body.clone()), (200, serde_json::json!({"status": "ok"})), "liveness only");
+    let wrong = "authorization: Bearer not-the-token-of-this-node\r\n";
+    assert_eq!(support::exchange(node.addr, "GET", "/health", b"", wrong).2, serde_json::json!({"status": "ok"}));
+    let authorized = format!("authorization: Bearer {token}\r\n");
+    let (status, _, body) = support::exchange(node.addr, "GET", "/health", b"", &authorized);
+    assert_eq!(status, 200);
+    assert!(body["uptime_ms"].is_u64() && body["cluster_id"].is_string() && body["jobs"].is_object(), "{body}");
+    // HEAD answers as GET does, without a body.
+    let mut head = TcpStream::connect(node.addr).expect("connects");
+    head.write_all(b"HEAD /health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").expect("a request");
+    let said = read_until_closed(head, Duration::from_secs(10)).expect("answered");
+    assert!(said.starts_with("HTTP/1.1 200"), "{said}");
+    assert!(said.ends_with("\r\n\r\n"), "no body: {said:?}");
+}

@@ -793,7 +793,12 @@ fn every_setting_is_documented() {
         let flag = line.split([' ', '[', '<']).next().expect("a flag");
         assert!(page.contains(&format!("`{flag}`")), "{flag} is not in docs/CONFIGURATION.md");
         let key = flag.trim_start_matches("--").replace('-', "_");
-        let key = if key == "token" { "tokens".to_string() } else { key };
+        // Repeatable flags name one item; their setting (and variable) all of them.
+        let key = match key.as_str() {
+            "token" => "tokens".to_string(),
+            "allow_origin" => "allowed_origins".to_string(),
+            _ => key,
+        };
         assert!(
             page.contains(&format!("`SUNDIAL_{}`", key.to_uppercase())),
             "SUNDIAL_{} is not documented",
@@ -1066,7 +1071,7 @@ fn the_systemd_unit_verifies_and_its_example_configuration_starts_a_node() {
 
     let data = tempfile::tempdir().expect("tempdir");
     let node = Node::start_with(data.path(), &["--config", &format!("{deploy}/sundial.toml")]);
-    let (status, health) = node.call("GET", "/health", b"");
+    let (status, health) = node.call_authorized("GET", "/health", "change-me-to-a-long-random-token");
     assert_eq!((status, health["limits"]["max_jobs"].as_u64()), (200, Some(5_000_000)), "{health}");
     assert_eq!(node.call("GET", "/jobs", b"").0, 401, "the example turns tokens on");
 }

@@ -91,9 +91,16 @@ impl Gate {
         Verdict::Unauthorized
     }
 
-    /// Whether this request needs a token at all.
+    /// Whether this request needs a token at all (`GET` and `HEAD /health` do not: a
+    /// caller without one is told only whether the node is live).
     fn guards(&self, method: &str, path: &str) -> bool {
-        self.enabled() && !(method == "GET" && path.trim_end_matches('/') == "/health")
+        self.enabled() && !(matches!(method, "GET" | "HEAD") && path.trim_end_matches('/') == "/health")
+    }
+
+    /// Whether `authorization` presents a configured token (not counting against its rate).
+    pub fn recognizes(&self, authorization: Option<&str>) -> bool {
+        let presented = authorization.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim);
+        presented.is_some_and(|given| self.tokens.iter().any(|t| constant_time_eq(t, given)))
     }
 
     /// Bytes of the longest configured token (0 without tokens).

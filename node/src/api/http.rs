@@ -170,6 +170,9 @@ async fn answer_request(
     if method == "GET" && path == "/metrics" {
         return metrics_response(router).await;
     }
+    if matches!(method.as_str(), "GET" | "HEAD") && path.trim_end_matches('/') == "/health" {
+        return to_response(health(router, gate, authorization).await);
+    }
     let answer = route(router, &method, &path, &query, &body, parent, representation).await;
     // Applied when a create route answered with what it created (a refusal is the same
     // error either way).
@@ -202,6 +205,18 @@ async fn read_body(request: Request, router: &Router) -> Result<Bytes, hyper::Re
         }
         Err(e) => Err(to_response(error(400, "bad_body", format!("the body could not be read: {e}")))),
     }
+}
+
+/// `GET /health` (and `HEAD`, whose answer hyper sends without its body): everything to a
+/// node without tokens or to a caller presenting one; to anyone else only whether the node
+/// is live (its uptime, job counts, memory and cluster id stay behind the token).
+async fn health(router: &Router, gate: &Gate, authorization: Option<&str>) -> Answer {
+    let full = router.health().await;
+    if !gate.enabled() || gate.recognizes(authorization) {
+        return full;
+    }
+    let status = full.body_value().and_then(|body| body.get("status").cloned()).unwrap_or(Value::Null);
+    answer(full.status, json!({ "status": status }))
 }
 
 /// Whether `method` on `path` is one of the create routes.
@@ -284,7 +299,6 @@ pub async fn route(
     representation: Representation,
 ) -> Answer {
     match (method, crate::api::path_segments(path).as_slice()) {
-        ("GET", ["health"]) => router.health().await,
         ("GET", ["debug", "cluster"]) => router.cluster().await,
         ("GET", ["cluster", "members"]) => router.members(),
         ("POST", ["cluster", "members"] | ["join"]) => match member_to_add(body) {
