@@ -373,6 +373,12 @@ impl JobSpec {
                 fail(&format!("headers.{name}"), rule);
             }
         }
+        if let Some(content_type) = &target.content_type {
+            if content_type.len() > HEADER_BYTES_MAX || http::HeaderValue::from_str(content_type).is_err() {
+                let rule = format!("at most {HEADER_BYTES_MAX} bytes of visible text, no control characters");
+                fail("headers.Content-Type", rule);
+            }
+        }
         if target.body.len() > BODY_BYTES_MAX {
             fail("body", format!("at most {BODY_BYTES_MAX} bytes"));
         }
@@ -487,6 +493,10 @@ pub fn check_id(id: &str) -> Result<(), String> {
     let allowed = |b: u8| b.is_ascii_alphanumeric() || b"._~:-".contains(&b);
     if id.is_empty() || id.len() > ID_BYTES_MAX || !id.bytes().all(allowed) {
         return Err(format!("must be 1..={ID_BYTES_MAX} characters of A-Z a-z 0-9 . _ ~ : -"));
+    }
+    if id == "." || id == ".." {
+        // In a URL path they name the segment itself or its parent: /jobs/.. is not a job.
+        return Err("must not be . or ..".into());
     }
     Ok(())
 }

@@ -461,8 +461,15 @@ fn parse_retry(retry: &Fields, errors: &mut Vec<FieldError>) -> RetryPolicy {
         max_backoff_ms: u64_of("max_backoff_ms", errors).unwrap_or(defaults.max_backoff_ms),
         multiplier_permille: f64_of("multiplier", errors)
             .map_or(defaults.multiplier_permille, |m| (m * 1000.0).clamp(0.0, 1e9).round() as u32),
-        jitter_percent: f64_of("jitter", errors)
-            .map_or(defaults.jitter_percent, |j| (j * 100.0).clamp(0.0, 255.0).round() as u8),
+        jitter_percent: f64_of("jitter", errors).map_or(defaults.jitter_percent, |j| {
+            if (0.0..=1.0).contains(&j) {
+                (j * 100.0).round() as u8
+            } else {
+                // Refused as given, not clamped into range.
+                errors.push(FieldError::new("retry.jitter", "must be within 0.0..=1.0"));
+                defaults.jitter_percent
+            }
+        }),
         retry_on,
         backoff: parse_backoff(retry.get("backoff"), errors),
     }
@@ -636,15 +643,35 @@ fn time_field(object: &Fields, field: &str, not_before_ms: u64, errors: &mut Vec
         errors.push(FieldError::new(field, rule));
         return None;
     };
+    if at_ms > TIME_MS_MAX {
+        // A job due then could never fire, yet would hold its place under max_jobs forever.
+        errors.push(FieldError::new(field, "must be before the year 10000"));
+        return None;
+    }
     if not_before_ms > 0 && at_ms.saturating_add(PAST_TOLERANCE_MS) < not_before_ms {
-        errors.push(FieldError::new(field, "must not be more than 24 h in the past"));
+        let read_as_ms =
+            object.get(field).and_then(whole_of).is_some_and(|n| (SECONDS_BELOW..MS_FROM_YEAR_2001).contains(&n));
+        let rule = if read_as_ms {
+            "must not be more than 24 h in the past (a number of 100000000000 or more is read as epoch milliseconds: as seconds it would be past the year 5138)"
+        } else {
+            "must not be more than 24 h in the past"
+        };
+        errors.push(FieldError::new(field, rule));
         return None;
     }
     Some(at_ms)
 }
 
+/// The last millisecond of the year 9999: times after it are refused.
+const TIME_MS_MAX: u64 = 253_402_300_799_999;
+/// Epoch numbers below this are seconds; from it, milliseconds.
+const SECONDS_BELOW: u64 = 100_000_000_000;
+/// 2001-09-09 in epoch milliseconds: a number between `SECONDS_BELOW` and this, read as
+/// milliseconds, is in the past (and as seconds, after the year 5138).
+const MS_FROM_YEAR_2001: u64 = 1_000_000_000_000;
+
 fn epoch_to_ms(value: u64) -> u64 {
-    if value < 100_000_000_000 {
+    if value < SECONDS_BELOW {
         value.saturating_mul(1000)
     } else {
         value

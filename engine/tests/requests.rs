@@ -116,6 +116,49 @@ fn every_problem_is_reported_at_once_with_its_field() {
 }
 
 #[test]
+fn jobs_that_could_never_fire_or_break_at_dispatch_are_refused_at_create() {
+    let rules = |request: serde_json::Value| -> Vec<(String, String)> {
+        let refused = parse_job_request(&request.to_string(), NOW_MS, "g").expect_err("refused");
+        refused.into_iter().map(|e| (e.field, e.rule)).collect()
+    };
+    let url = "https://example.com/h";
+    for at in [json!(253_402_300_800_000u64), json!(u64::MAX)] {
+        let said = rules(json!({"run_at": at, "url": url}));
+        assert!(said.iter().any(|(f, r)| f == "run_at" && r.contains("year 10000")), "{at}: {said:?}");
+    }
+    // As text, RFC 3339 has no year 10000 to give.
+    assert_eq!(rules(json!({"run_at": "10000-01-01T00:00:00Z", "url": url}))[0].0, "run_at");
+    // The last second of 9999 in epoch seconds is too large to be read as seconds: the
+    // refusal says how it was read rather than only that it is in the past.
+    let said = rules(json!({"run_at": 253_402_300_799u64, "url": url}));
+    assert!(said.iter().any(|(f, r)| f == "run_at" && r.contains("read as epoch milliseconds")), "{said:?}");
+    for jitter in [-0.5, 1.5] {
+        let said = rules(json!({"delay": "1m", "url": url, "retry": {"jitter": jitter}}));
+        assert_eq!(said, [("retry.jitter".to_string(), "must be within 0.0..=1.0".to_string())], "{jitter}");
+    }
+    for id in [".", ".."] {
+        let said = rules(json!({"id": id, "delay": "1m", "url": url}));
+        assert_eq!(said, [("id".to_string(), "must not be . or ..".to_string())], "{id}");
+    }
+    let said = rules(json!({"delay": "1m", "url": url, "headers": {"Content-Type": "text/plain\r\nX-Evil: 1"}}));
+    assert_eq!(said.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(), ["headers.Content-Type"], "{said:?}");
+    let long = "a".repeat(9_000);
+    let said = rules(json!({"delay": "1m", "url": url, "headers": {"Content-Type": long}}));
+    assert_eq!(said.len(), 1, "a long type is refused too: {said:?}");
+    // Still accepted: the year 9999, a jitter of 0 and 1.
+    for ok in [
+        json!({"run_at": "9999-12-30T00:00:00Z", "url": url}),
+        json!({"delay": "1m", "url": url, "retry": {"jitter": 1.0}}),
+    ] {
+        assert!(
+            parse_job_request(&ok.to_string(), NOW_MS, "g").is_ok(),
+            "{ok}: {:?}",
+            parse_job_request(&ok.to_string(), NOW_MS, "g").err()
+        );
+    }
+}
+
+#[test]
 fn missing_and_conflicting_fields_are_named() {
     assert_eq!(fields(parse_job_request(&json!({"url": "https://e.com"}).to_string(), NOW_MS, "g")), ["run_at"]);
     assert_eq!(fields(parse_job_request(&json!({"delay": 5}).to_string(), NOW_MS, "g")), ["url"]);
