@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
-use sundial_engine::sign::verify;
+use sundial_engine::sign::{verify, verify_v2, Bound};
 use support::now_ms;
 
 mod support;
@@ -450,9 +450,17 @@ async fn during_a_key_rotation_deliveries_carry_both_signatures() {
     let check = |path: &str, good: [&[u8]; 2]| {
         let request = on(&receiver, path).pop().expect("delivered");
         let header = request.header("x-sundial-signature").expect("signed").to_string();
-        assert_eq!(header.matches("v1=").count(), 2, "{header}");
+        assert_eq!((header.matches("v1=").count(), header.matches("v2=").count()), (2, 2), "{header}");
+        // v2 as a receiver checks it: the method, the URL it was sent to, the Idempotency-Key.
+        let url = to(path, &receiver);
+        let key = request.header("idempotency-key").expect("keyed").to_string();
+        let bound = Bound { method: "POST", url: &url, idempotency_key: &key };
         for secret in good {
             assert!(verify(secret, &header, &request.body, now_ms(), 300_000), "{}", String::from_utf8_lossy(secret));
+            assert!(verify_v2(secret, &header, &bound, &request.body, now_ms(), 300_000), "v2 {url}");
+            // The same signature, replayed to another URL, does not verify there.
+            let elsewhere = Bound { url: "https://payments.example/hook", ..bound };
+            assert!(!verify_v2(secret, &header, &elsewhere, &request.body, now_ms(), 300_000), "bound to {url}");
         }
         assert!(!verify(b"retired", &header, &request.body, now_ms(), 300_000), "a third secret does not verify");
     };

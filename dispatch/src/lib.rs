@@ -695,7 +695,8 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
     };
     let secrets: Vec<&[u8]> = current.into_iter().chain(next).map(Vec::as_slice).collect();
     if !secrets.is_empty() {
-        builder = builder.header("x-sundial-signature", sign::signatures(&secrets, now_ms(), &target.body));
+        let bound = sign::Bound { method: target.method.as_str(), url: &target.url, idempotency_key: &key };
+        builder = builder.header("x-sundial-signature", sign::signatures(&secrets, now_ms(), &bound, &target.body));
     }
     builder.body(Full::new(Bytes::from(target.body.clone()))).ok()
 }

@@ -1,12 +1,20 @@
 //! What every attempt carries besides the job's own headers: the idempotency key (stable for
 //! a fire across retries and failovers), W3C trace context (`crate::trace`), and an HMAC-SHA256 signature.
 //!
-//! Signature: `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
-//! A receiver recomputes the HMAC over the timestamp, a dot and the raw body bytes with the
-//! shared secret, compares in constant time, and refuses timestamps too far from its clock
-//! (say five minutes) so a captured request cannot be replayed later. During a key rotation
-//! (a current and a next secret) the header carries one `v1=` per secret, current first: a
-//! receiver accepts the request when any of them verifies with the secret it holds.
+//! Signature: `X-Sundial-Signature: t=<unix ms>,v1=<hex>,v2=<hex>`.
+//! - `v2` = HMAC-SHA256(secret, "v2\n<t>\n<METHOD>\n<url>\n<idempotency key>\n" + body): it
+//!   binds the request's method, the target URL as the job gave it and the Idempotency-Key,
+//!   so a signature made for one URL (or one fire) does not verify for another. Fields are
+//!   separated by newlines, which none of them can hold.
+//! - `v1` = HMAC-SHA256(secret, "<t>." + body), the body only: kept beside `v2` while
+//!   receivers move over (deprecated; any client able to create jobs can have the node sign
+//!   a body of its choosing to a URL of its choosing with it).
+//!
+//! A receiver recomputes the HMAC with the shared secret, compares in constant time, and
+//! refuses timestamps too far from its clock (say five minutes) so a captured request cannot
+//! be replayed later. During a key rotation (a current and a next secret) the header carries
+//! a `v1=` and a `v2=` per secret, current first: a receiver accepts the request when any of
+//! them verifies with the secret it holds.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -16,42 +24,70 @@ pub fn idempotency_key(job_id: &str, fire_ms: u64) -> String {
     format!("{job_id}:{fire_ms}")
 }
 
-/// The value of `X-Sundial-Signature` for `body` sent at `timestamp_ms`.
-pub fn signature(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> String {
-    signatures(&[secret], timestamp_ms, body)
+/// What a `v2=` signature binds besides the timestamp and the body.
+#[derive(Clone, Copy, Debug)]
+pub struct Bound<'a> {
+    /// The request's method, upper-case (`POST`).
+    pub method: &'a str,
+    /// The target URL as the job gave it.
+    pub url: &'a str,
+    pub idempotency_key: &'a str,
 }
 
-/// The header signed by each of `secrets` (current, then next), in order.
-pub fn signatures(secrets: &[&[u8]], timestamp_ms: u64, body: &[u8]) -> String {
+/// The header signed by each of `secrets` (current, then next), in order: `v1` then `v2`
+/// for each.
+pub fn signatures(secrets: &[&[u8]], timestamp_ms: u64, bound: &Bound, body: &[u8]) -> String {
     let mut header = format!("t={timestamp_ms}");
     for secret in secrets {
         header.push_str(",v1=");
         header.push_str(&hex(&hmac(secret, timestamp_ms, body)));
+        header.push_str(",v2=");
+        header.push_str(&hex(&hmac_v2(secret, timestamp_ms, bound, body)));
     }
     header
 }
 
-/// Checks a signature header the way a receiver should (the tests use it as one).
+/// Checks a header's `v2=` signatures the way a receiver should: with the method, URL and
+/// Idempotency-Key of the request it received.
+pub fn verify_v2(secret: &[u8], header: &str, bound: &Bound, body: &[u8], now_ms: u64, tolerance_ms: u64) -> bool {
+    let Some((timestamp, given)) = parse(header, "v2", now_ms, tolerance_ms) else { return false };
+    let expected = hmac_v2(secret, timestamp, bound, body);
+    given.into_iter().filter_map(unhex).any(|given| constant_time_eq(&expected, &given))
+}
+
+/// Checks a header's `v1=` signatures (the body only; deprecated, see the module).
 pub fn verify(secret: &[u8], header: &str, body: &[u8], now_ms: u64, tolerance_ms: u64) -> bool {
+    let Some((timestamp, given)) = parse(header, "v1", now_ms, tolerance_ms) else { return false };
+    let expected = hmac(secret, timestamp, body);
+    given.into_iter().filter_map(unhex).any(|given| constant_time_eq(&expected, &given))
+}
+
+/// The header's timestamp (when within `tolerance_ms` of `now_ms`) and its `scheme=` values.
+fn parse<'a>(header: &'a str, scheme: &str, now_ms: u64, tolerance_ms: u64) -> Option<(u64, Vec<&'a str>)> {
     let mut timestamp = None;
     let mut given = Vec::new();
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", value)) => timestamp = value.parse::<u64>().ok(),
-            Some(("v1", value)) => given.push(value),
+            Some((name, value)) if name == scheme => given.push(value),
             _ => {}
         }
     }
-    let Some(timestamp) = timestamp else { return false };
-    if timestamp.abs_diff(now_ms) > tolerance_ms {
-        return false;
-    }
-    given.into_iter().filter_map(unhex).any(|given| {
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
-        mac.update(format!("{timestamp}.").as_bytes());
-        mac.update(body);
-        mac.verify_slice(&given).is_ok()
-    })
+    let timestamp = timestamp?;
+    (timestamp.abs_diff(now_ms) <= tolerance_ms).then_some((timestamp, given))
+}
+
+fn constant_time_eq(expected: &[u8], given: &[u8]) -> bool {
+    expected.len() == given.len() && expected.iter().zip(given).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+fn hmac_v2(secret: &[u8], timestamp_ms: u64, bound: &Bound, body: &[u8]) -> Vec<u8> {
+    // Never fails: HMAC takes keys of any length.
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+    let Bound { method, url, idempotency_key } = bound;
+    mac.update(format!("v2\n{timestamp_ms}\n{method}\n{url}\n{idempotency_key}\n").as_bytes());
+    mac.update(body);
+    mac.finalize().into_bytes().to_vec()
 }
 
 fn hmac(secret: &[u8], timestamp_ms: u64, body: &[u8]) -> Vec<u8> {
@@ -76,21 +112,46 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 mod tests {
     use super::*;
 
+    const BOUND: Bound = Bound { method: "POST", url: "https://example.com/hook", idempotency_key: "job-1:1000" };
+
     #[test]
     fn a_signature_verifies_and_a_changed_body_or_old_timestamp_does_not() {
-        let header = signature(b"secret", 1_000_000, b"{\"a\":1}");
-        assert!(verify(b"secret", &header, b"{\"a\":1}", 1_000_500, 300_000));
-        assert!(!verify(b"secret", &header, b"{\"a\":2}", 1_000_500, 300_000), "body changed");
-        assert!(!verify(b"other", &header, b"{\"a\":1}", 1_000_500, 300_000), "wrong secret");
-        assert!(!verify(b"secret", &header, b"{\"a\":1}", 2_000_000, 300_000), "too old");
+        let header = signatures(&[b"secret"], 1_000_000, &BOUND, b"{\"a\":1}");
+        for verifies in [
+            |h: &str, s: &[u8], b: &[u8], now| verify(s, h, b, now, 300_000),
+            |h: &str, s: &[u8], b: &[u8], now| verify_v2(s, h, &BOUND, b, now, 300_000),
+        ] {
+            assert!(verifies(&header, b"secret", b"{\"a\":1}", 1_000_500));
+            assert!(!verifies(&header, b"secret", b"{\"a\":2}", 1_000_500), "body changed");
+            assert!(!verifies(&header, b"other", b"{\"a\":1}", 1_000_500), "wrong secret");
+            assert!(!verifies(&header, b"secret", b"{\"a\":1}", 2_000_000), "too old");
+        }
+    }
+
+    #[test]
+    fn a_v2_signature_binds_the_method_the_url_and_the_idempotency_key() {
+        let header = signatures(&[b"secret"], 1_000_000, &BOUND, b"body");
+        let other_url = Bound { url: "https://attacker.example/hook", ..BOUND };
+        let other_method = Bound { method: "PUT", ..BOUND };
+        let other_fire = Bound { idempotency_key: "job-1:2000", ..BOUND };
+        for other in [other_url, other_method, other_fire] {
+            assert!(!verify_v2(b"secret", &header, &other, b"body", 1_000_000, 300_000), "{other:?}");
+        }
+        // A field cannot be shifted into the next: "a\nb" + "c" is not "a" + "b\nc".
+        let shifted = Bound { url: "https://example.com/hook\njob-1:1000", idempotency_key: "", ..BOUND };
+        assert!(!verify_v2(b"secret", &header, &shifted, b"body", 1_000_000, 300_000));
+        // v1 covers the body only: it verifies for any URL (why v2 exists).
+        assert!(verify(b"secret", &header, b"body", 1_000_000, 300_000));
     }
 
     #[test]
     fn during_a_rotation_either_secret_verifies_and_a_third_does_not() {
-        let header = signatures(&[b"current", b"next"], 1_000_000, b"body");
-        assert_eq!(header.matches("v1=").count(), 2, "{header}");
-        assert!(verify(b"current", &header, b"body", 1_000_000, 300_000));
-        assert!(verify(b"next", &header, b"body", 1_000_000, 300_000));
-        assert!(!verify(b"retired", &header, b"body", 1_000_000, 300_000));
+        let header = signatures(&[b"current", b"next"], 1_000_000, &BOUND, b"body");
+        assert_eq!((header.matches("v1=").count(), header.matches("v2=").count()), (2, 2), "{header}");
+        for secret in [&b"current"[..], b"next"] {
+            assert!(verify(secret, &header, b"body", 1_000_000, 300_000));
+            assert!(verify_v2(secret, &header, &BOUND, b"body", 1_000_000, 300_000));
+        }
+        assert!(!verify_v2(b"retired", &header, &BOUND, b"body", 1_000_000, 300_000));
     }
 }

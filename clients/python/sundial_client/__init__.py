@@ -9,6 +9,7 @@ from .client import (
     Job,
     SundialError,
     verify_signature,
+    verify_signature_v2,
 )
 
-__all__ = ["AsyncClient", "Client", "DeadLetter", "Execution", "Job", "SundialError", "verify_signature"]
+__all__ = ["AsyncClient", "Client", "DeadLetter", "Execution", "Job", "SundialError", "verify_signature", "verify_signature_v2"]

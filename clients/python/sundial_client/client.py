@@ -125,6 +125,8 @@ def verify_signature(
 ) -> bool:
     """Checks `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`
     in constant time, refusing timestamps further than `tolerance_ms` from now (replays).
+    Deprecated: v1 covers the body only, so it verifies for any URL; prefer
+    `verify_signature_v2`.
     During a key rotation the header carries one `v1=` per secret: any one verifying is
     enough, so a receiver holding either the current or the next secret accepts it."""
     pairs = [part.strip().split("=", 1) for part in header.split(",") if "=" in part]
@@ -139,6 +141,38 @@ def verify_signature(
         return False
     expected = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     # Every candidate is compared (no early exit on a match's position).
+    matches = [hmac.compare_digest(expected, candidate) for candidate in given]
+    return any(matches)
+
+
+def verify_signature_v2(
+    secret: bytes,
+    header: str,
+    body: bytes,
+    method: str,
+    url: str,
+    idempotency_key: str,
+    now_ms: Optional[int] = None,
+    tolerance_ms: int = 300_000,
+) -> bool:
+    """Checks the `v2=` signatures of `X-Sundial-Signature`, which bind the request: HMAC-SHA256
+    (secret, "v2\\n<t>\\n<METHOD>\\n<url>\\n<idempotency key>\\n" + body), where `url` is the
+    URL the job was created with (the one this receiver was registered as), `method` the
+    request's method and `idempotency_key` its `Idempotency-Key` header. A signature made for
+    another URL, method or fire does not verify. Timestamps further than `tolerance_ms` from now
+    are refused (replays); during a key rotation any one `v2=` verifying is enough."""
+    pairs = [part.strip().split("=", 1) for part in header.split(",") if "=" in part]
+    timestamps = [value for name, value in pairs if name == "t"]
+    given = [value for name, value in pairs if name == "v2"]
+    try:
+        timestamp = int(timestamps[-1])
+    except (IndexError, ValueError):
+        return False
+    now = int(time.time() * 1000) if now_ms is None else now_ms
+    if abs(now - timestamp) > tolerance_ms:
+        return False
+    signed = f"v2\n{timestamp}\n{method.upper()}\n{url}\n{idempotency_key}\n".encode() + body
+    expected = hmac.new(secret, signed, hashlib.sha256).hexdigest()
     matches = [hmac.compare_digest(expected, candidate) for candidate in given]
     return any(matches)
 

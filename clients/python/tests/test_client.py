@@ -16,7 +16,7 @@ from dataclasses import fields
 
 import pytest
 
-from sundial_client import AsyncClient, Client, Job, SundialError, verify_signature
+from sundial_client import AsyncClient, Client, Job, SundialError, verify_signature, verify_signature_v2
 from sundial_client.client import ROUTES
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -183,6 +183,13 @@ def test_signatures_from_a_real_node_verify_and_tampering_does_not(receiver):
         assert not verify_signature(b"other", header, hit["body"])
         assert not verify_signature(b"s3cret", header, hit["body"], now_ms=int(time.time() * 1000) + 3_600_000)
         assert not verify_signature(b"s3cret", "garbage", hit["body"])
+        headers = {k.lower(): v for k, v in hit["headers"].items()}
+        key, sent_to = headers["idempotency-key"], receiver.url + "/signed"
+        assert verify_signature_v2(b"s3cret", header, hit["body"], "POST", sent_to, key)
+        # Bound to where it was sent: the same signature does not verify for another URL or fire.
+        assert not verify_signature_v2(b"s3cret", header, hit["body"], "POST", "https://pay.example/hook", key)
+        assert not verify_signature_v2(b"s3cret", header, hit["body"], "POST", sent_to, key + "0")
+        assert not verify_signature_v2(b"s3cret", header, hit["body"], "PUT", sent_to, key)
     finally:
         process.kill()
         process.wait()

@@ -329,7 +329,8 @@ export class Client {
  * Checks `X-Sundial-Signature: t=<unix ms>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` in
  * constant time, refusing timestamps further than `toleranceMs` from now (replays).
  * During a key rotation the header carries one `v1=` per secret: any one verifying is enough.
- * `body` is the raw request body.
+ * `body` is the raw request body. Deprecated: v1 covers the body only, so it verifies for any
+ * URL; prefer `verifySignatureV2`.
  */
 export function verifySignature(
   secret: string | Buffer,
@@ -348,6 +349,47 @@ export function verifySignature(
   if (Math.abs(nowMs - timestamp) > toleranceMs) return false;
   const expected = Buffer.from(createHmac("sha256", secret).update(`${timestamp}.`).update(body).digest("hex"));
   // Every candidate is compared (no early exit on which one matched).
+  const matches = given.map((candidate) => {
+    const bytes = Buffer.from(candidate);
+    return bytes.length === expected.length && timingSafeEqual(bytes, expected);
+  });
+  return matches.some(Boolean);
+}
+
+/** What a `v2=` signature binds besides the timestamp and the body. */
+export interface SignedRequest {
+  /** The request's method (`POST`). */
+  method: string;
+  /** The URL the job was created with (the one this receiver was registered as). */
+  url: string;
+  /** The request's `Idempotency-Key` header. */
+  idempotencyKey: string;
+}
+
+/**
+ * Checks the `v2=` signatures of `X-Sundial-Signature`: HMAC-SHA256(secret,
+ * "v2\n<t>\n<METHOD>\n<url>\n<idempotency key>\n" + body). A signature made for another
+ * URL, method or fire does not verify; timestamps further than `toleranceMs` from now are
+ * refused (replays); during a key rotation any one `v2=` verifying is enough.
+ */
+export function verifySignatureV2(
+  secret: string | Buffer,
+  header: string,
+  body: string | Buffer,
+  request: SignedRequest,
+  nowMs: number = Date.now(),
+  toleranceMs = 300_000,
+): boolean {
+  const parts = header.split(",").flatMap((part): [string, string][] => {
+    const at = part.indexOf("=");
+    return at > 0 ? [[part.slice(0, at).trim(), part.slice(at + 1).trim()]] : [];
+  });
+  const timestamp = Number(parts.filter(([name]) => name === "t").pop()?.[1]);
+  const given = parts.filter(([name]) => name === "v2").map(([, value]) => value);
+  if (!Number.isSafeInteger(timestamp) || given.length === 0) return false;
+  if (Math.abs(nowMs - timestamp) > toleranceMs) return false;
+  const signed = `v2\n${timestamp}\n${request.method.toUpperCase()}\n${request.url}\n${request.idempotencyKey}\n`;
+  const expected = Buffer.from(createHmac("sha256", secret).update(signed).update(body).digest("hex"));
   const matches = given.map((candidate) => {
     const bytes = Buffer.from(candidate);
     return bytes.length === expected.length && timingSafeEqual(bytes, expected);

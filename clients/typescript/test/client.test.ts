@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { once } from "node:events";
 import { createInterface } from "node:readline";
-import { Client, JOB_FIELDS, ROUTES, SundialError, verifySignature } from "../src/index.js";
+import { Client, JOB_FIELDS, ROUTES, SundialError, verifySignature, verifySignatureV2 } from "../src/index.js";
 
 const binary = process.env.SUNDIAL_BIN ?? resolve(process.cwd(), "../../target/debug/sundial");
 const started: ChildProcess[] = [];
@@ -127,6 +127,12 @@ test("signatures from a real node verify, and tampering does not", async () => {
   assert.ok(!verifySignature("other", header, hit.body));
   assert.ok(!verifySignature("s3cret", header, hit.body, Date.now() + 3_600_000));
   assert.ok(!verifySignature("s3cret", "garbage", hit.body));
+  const signed = { method: "POST", url: target.url + "/signed", idempotencyKey: String(hit.headers["idempotency-key"]) };
+  assert.ok(verifySignatureV2("s3cret", header, hit.body, signed));
+  // Bound to where it was sent: not for another URL, method or fire.
+  assert.ok(!verifySignatureV2("s3cret", header, hit.body, { ...signed, url: "https://pay.example/hook" }));
+  assert.ok(!verifySignatureV2("s3cret", header, hit.body, { ...signed, method: "PUT" }));
+  assert.ok(!verifySignatureV2("s3cret", header, hit.body, { ...signed, idempotencyKey: signed.idempotencyKey + "0" }));
   target.close();
 });
 
