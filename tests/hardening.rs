@@ -345,6 +345,13 @@ fn health_tells_a_caller_without_a_token_only_whether_the_node_is_live() {
     let (status, _, body) = support::exchange(node.addr, "GET", "/health", b"", &authorized);
     assert_eq!(status, 200);
     assert!(body["uptime_ms"].is_u64() && body["cluster_id"].is_string() && body["jobs"].is_object(), "{body}");
+    // Tokens tried on /health count as guesses as on any route: an address that guesses is
+    // held back (even its right token is answered 429), while probes without one still see
+    // whether the node is live.
+    let statuses: Vec<u16> = (0..25).map(|_| support::exchange(node.addr, "GET", "/health", b"", wrong).0).collect();
+    assert!(statuses.contains(&429), "the guesses were held back: {statuses:?}");
+    assert_eq!(support::exchange(node.addr, "GET", "/health", b"", &authorized).0, 429, "held back");
+    assert_eq!(support::exchange(node.addr, "GET", "/health", b"", "").0, 200, "liveness for probes");
     // HEAD answers as GET does, without a body.
     let mut head = TcpStream::connect(node.addr).expect("connects");
     head.write_all(b"HEAD /health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n").expect("a request");

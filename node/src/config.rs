@@ -81,6 +81,10 @@ pub struct ServerOptions {
     /// executions and dead letters, before it is removed; 0: removed at once [default: 604800].
     #[arg(long, alias = "retention", env = "SUNDIAL_RETENTION_S")]
     pub retention_s: Option<u64>,
+    /// Connections one client address may hold at once on each API port; 0: no limit of its
+    /// own (clients that all come through one proxy) [default: a quarter of the port's].
+    #[arg(long, env = "SUNDIAL_CONNECTIONS_PER_ADDRESS")]
+    pub connections_per_address: Option<usize>,
     /// A web page origin (`https://host[:port]`) whose pages may call the HTTP API from a
     /// browser, besides the node's own (repeat the flag; the environment variable takes them
     /// comma-separated); none: requests from other origins' pages are refused.
@@ -194,6 +198,7 @@ pub struct Settings {
     pub dedup_window_ms: u64,
     pub retention_ms: u64,
     pub allowed_origins: Vec<String>,
+    pub connections_per_address: Option<usize>,
     pub allow_loopback_targets: bool,
     pub allow_private_targets: bool,
     pub attempt_timeout_ms: u64,
@@ -224,7 +229,7 @@ impl ServerOptions {
     /// Flags and environment over the file's settings.
     pub fn over(&self, file: &ServerOptions) -> ServerOptions {
         prefer!(self, file; data, http, binary, partitions, shards, segment_mb, log_sync, snapshot_every, max_jobs,
-            max_memory_mb, tokens, tokens_file, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allowed_origins, allow_loopback_targets,
+            max_memory_mb, tokens, tokens_file, rate_per_token, secret, secret_next, dedup_window_s, retention_s, allowed_origins, connections_per_address, allow_loopback_targets,
             allow_private_targets, attempt_timeout_ms, dispatch_queue, per_host_concurrency, per_host_rate, breaker_failures,
             breaker_open_ms, frame_max_bytes, drain_seconds, otlp_endpoint, log_format, log_level, node_id, peers,
             raft, certs, replication, raft_tick_ms, election_ticks, heartbeat_ticks, join, bootstrap_expect)
@@ -252,7 +257,11 @@ impl ServerOptions {
                             && !authority.contains(['/', '?', '#', '@', ' ', '*'])
                             && authority.is_ascii() =>
                     {
-                        Ok(lowered.clone())
+                        // Browsers leave a scheme's default port out of `Origin`.
+                        let normalized = lowered.strip_suffix(":443").filter(|_| lowered.starts_with("https://"));
+                        let normalized =
+                            normalized.or_else(|| lowered.strip_suffix(":80").filter(|_| lowered.starts_with("http://")));
+                        Ok(normalized.unwrap_or(&lowered).to_string())
                     }
                     _ => Err(format!(
                         "allowed_origins: {origin:?} is not an origin (http:// or https://, a host, maybe :port, nothing after)"
@@ -372,6 +381,7 @@ impl ServerOptions {
             dedup_window_ms: within("dedup_window_s", self.dedup_window_s.unwrap_or(86_400), 0, 365 * 86_400)? * 1000,
             retention_ms: within("retention_s", self.retention_s.unwrap_or(7 * 86_400), 0, 3650 * 86_400)? * 1000,
             allowed_origins: self.checked_origins()?,
+            connections_per_address: self.connections_per_address,
             allow_loopback_targets: self.allow_loopback_targets.unwrap_or(false),
             allow_private_targets: self.allow_private_targets.unwrap_or(false),
             attempt_timeout_ms: within(
@@ -492,8 +502,13 @@ mod tests {
             };
             options.resolve().map(|settings| settings.allowed_origins)
         };
-        let given = with(&["https://Admin.Example", " http://localhost:3000 "]).expect("origins");
-        assert_eq!(given, ["https://admin.example", "http://localhost:3000"]);
+        let given =
+            with(&["https://Admin.Example", " http://localhost:3000 ", "https://a.example:443"]).expect("origins");
+        assert_eq!(
+            given,
+            ["https://admin.example", "http://localhost:3000", "https://a.example"],
+            "as browsers send them"
+        );
         for bad in
             ["admin.example", "https://", "https://admin.example/app", "ftp://admin.example", "*", "https://*.example"]
         {

@@ -474,8 +474,10 @@ fn serve_apis(
     let binary_config = BinaryConfig {
         frame_max_bytes: settings.frame_max_bytes,
         connections_max: binary_max,
+        per_address_max: crate::api::per_address_max(settings.connections_per_address, binary_max),
         ..BinaryConfig::default()
     };
+    let http_caps = (http_max, crate::api::per_address_max(settings.connections_per_address, http_max));
     let (ended, listener_ended) = mpsc::channel::<String>(2);
     let http_ended = ended.clone();
     let (http_router, http_gate, http_handles) = (router.clone(), gate.clone(), handles.clone());
@@ -486,7 +488,7 @@ fn serve_apis(
     let binary_router = router.clone();
     let acceptors = vec![
         tokio::spawn(async move {
-            let why = http::serve(listener, http_router, http_gate, policy, http_handles, http_max).await;
+            let why = http::serve(listener, http_router, http_gate, policy, http_handles, http_caps).await;
             let _ = http_ended.send(format!("the HTTP listener ended: {why}")).await;
         }),
         tokio::spawn(async move {

@@ -87,8 +87,7 @@ impl Writer {
     }
 
     /// Writes all of `bytes` at `offset` and makes them durable (fdatasync) before returning.
-    /// A write begun and not finished is finished first (its result is dropped: callers
-    /// finish their own writes before starting another).
+    /// Callers finish a begun write first (the log does, before any other change).
     pub(crate) fn write_durable(&mut self, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
         debug_assert!(self.in_flight.is_none(), "a begun write is finished before another");
         #[cfg(target_os = "linux")]

@@ -97,10 +97,11 @@ impl Gate {
         self.enabled() && !(matches!(method, "GET" | "HEAD") && path.trim_end_matches('/') == "/health")
     }
 
-    /// Whether `authorization` presents a configured token (not counting against its rate).
-    pub fn recognizes(&self, authorization: Option<&str>) -> bool {
-        let presented = authorization.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim);
-        presented.is_some_and(|given| self.tokens.iter().any(|t| constant_time_eq(t, given)))
+    /// `check_from` for the details `/health` gives a caller presenting a token: guarded as
+    /// any route, so a wrong token there counts as a guess (and a guessing address is held
+    /// back) and a right one uses its rate, rather than /health telling guesses apart freely.
+    pub fn check_health_details_from(&self, address: IpAddr, authorization: Option<&str>, now_ms: u64) -> Verdict {
+        self.check_from(address, "GET", "/health/details", authorization, now_ms)
     }
 
     /// Bytes of the longest configured token (0 without tokens).

@@ -27,6 +27,8 @@ pub struct BinaryConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub connections_max: usize,
+    /// Connections one client address may hold at once (more are refused).
+    pub per_address_max: usize,
 }
 
 impl Default for BinaryConfig {
@@ -37,6 +39,7 @@ impl Default for BinaryConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             connections_max: 1_024,
+            per_address_max: 256,
         }
     }
 }
@@ -64,7 +67,8 @@ pub async fn serve(
     if codec::encode(&refused, config.frame_max_bytes, &mut too_many).is_err() {
         too_many.clear(); // then the connection is closed without a word
     }
-    let mut acceptor = crate::api::Acceptor::new(listener, "binary", config.connections_max, shards, too_many);
+    let caps = (config.connections_max, config.per_address_max);
+    let mut acceptor = crate::api::Acceptor::new(listener, "binary", caps, shards, too_many);
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
         let (permit, stream) = match acceptor.next(&router.metrics).await {

@@ -24,13 +24,16 @@ pub const CONNECTIONS_MAX: usize = 4_096;
 /// ready for one (accepted, or done with the previous request): a silent or trickling
 /// client is disconnected, and so is a keep-alive connection idle this long.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// What answers say of idle keep-alive connections: a second under `HEADER_READ_TIMEOUT`.
+const KEEP_ALIVE: &str = "timeout=9";
 /// How long a client has to send a request's body once its headers came; past it, 408.
 pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// The OpenAPI document served at /openapi.json (node/openapi.json; a test checks that every
 /// route it lists answers).
 pub const OPENAPI: &str = include_str!("../../openapi.json");
 
-/// Accepts connections (at most `connections_max` at once), spreading them over the shards'
+/// Accepts connections (`caps`: at most so many at once, and so many per client address),
+/// spreading them over the shards'
 /// runtimes (round robin) so that parsing and routing run on every core. Returns only when
 /// the listener fails for good, saying why (the node then stops).
 pub async fn serve(
@@ -39,9 +42,9 @@ pub async fn serve(
     gate: Arc<Gate>,
     policy: Arc<OriginPolicy>,
     shards: Vec<tokio::runtime::Handle>,
-    connections_max: usize,
+    caps: (usize, usize),
 ) -> String {
-    let mut acceptor = crate::api::Acceptor::new(listener, "http", connections_max, shards, too_many_connections());
+    let mut acceptor = crate::api::Acceptor::new(listener, "http", caps, shards, too_many_connections());
     // Bounded by the process: ends when the listener fails or the task is aborted.
     loop {
         let (permit, stream) = match acceptor.next(&router.metrics).await {
@@ -54,7 +57,14 @@ pub async fn serve(
             let client = crate::api::client_address(stream.peer_addr());
             let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let (router, gate, policy) = (router.clone(), gate.clone(), policy.clone());
-                async move { Ok::<_, std::convert::Infallible>(respond(request, &router, &gate, &policy, client).await) }
+                async move {
+                    let mut response = respond(request, &router, &gate, &policy, client).await;
+                    // Clients' pools that read it drop an idle connection before the node
+                    // does (HEADER_READ_TIMEOUT), instead of reusing one being closed.
+                    let idle = hyper::header::HeaderValue::from_static(KEEP_ALIVE);
+                    response.headers_mut().entry("keep-alive").or_insert(idle);
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -171,7 +181,7 @@ async fn answer_request(
         return metrics_response(router).await;
     }
     if matches!(method.as_str(), "GET" | "HEAD") && path.trim_end_matches('/') == "/health" {
-        return to_response(health(router, gate, authorization).await);
+        return to_response(health(router, gate, authorization, client).await);
     }
     let answer = route(router, &method, &path, &query, &body, parent, representation).await;
     // Applied when a create route answered with what it created (a refusal is the same
@@ -210,10 +220,24 @@ async fn read_body(request: Request, router: &Router) -> Result<Bytes, hyper::Re
 /// `GET /health` (and `HEAD`, whose answer hyper sends without its body): everything to a
 /// node without tokens or to a caller presenting one; to anyone else only whether the node
 /// is live (its uptime, job counts, memory and cluster id stay behind the token).
-async fn health(router: &Router, gate: &Gate, authorization: Option<&str>) -> Answer {
+/// A token presented here is checked as on any route (`Gate::check_health_details_from`).
+async fn health(router: &Router, gate: &Gate, authorization: Option<&str>, client: std::net::IpAddr) -> Answer {
+    let verdict = match (gate.enabled(), authorization) {
+        (false, _) => Verdict::Allow,
+        (true, None) => Verdict::Unauthorized,
+        (true, Some(_)) => gate.check_health_details_from(client, authorization, sundial_dispatch::now_ms()),
+    };
+    if let Verdict::Limited { retry_after_s } = verdict {
+        router.metrics.rejected("rate_limited");
+        let limited = error(429, "rate_limited", "this token's (or this address's) request rate is exceeded");
+        return Answer { retry_after_s: Some(retry_after_s), ..limited };
+    }
     let full = router.health().await;
-    if !gate.enabled() || gate.recognizes(authorization) {
+    if verdict == Verdict::Allow {
         return full;
+    }
+    if authorization.is_some() {
+        router.metrics.auth_refused("http");
     }
     let status = full.body_value().and_then(|body| body.get("status").cloned()).unwrap_or(Value::Null);
     answer(full.status, json!({ "status": status }))

@@ -16,9 +16,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// One client address may hold at most this share of a listener's connections at once
-/// (a quarter): a single address that opens and holds connections cannot lock others out.
+/// By default one client address may hold at most this share of a listener's connections
+/// at once (a quarter): a single address that opens and holds connections cannot lock
+/// others out (`connections_per_address` sets it; 0 turns it off).
 const ADDRESS_SHARE_DIVISOR: usize = 4;
+
+/// The connections one address may hold on a listener of `connections_max`: `setting`
+/// (0: no limit of its own), else a quarter of the listener's.
+pub fn per_address_max(setting: Option<usize>, connections_max: usize) -> usize {
+    match setting {
+        Some(0) => usize::MAX,
+        Some(max) => max,
+        None => (connections_max / ADDRESS_SHARE_DIVISOR).max(1),
+    }
+}
 
 /// A path's segments as routes read them: empty ones (doubled or trailing slashes) dropped.
 pub fn path_segments(path: &str) -> Vec<&str> {
@@ -132,16 +143,12 @@ impl Acceptor {
     pub fn new(
         listener: tokio::net::TcpListener,
         name: &'static str,
-        connections_max: usize,
+        (connections_max, per_address_max): (usize, usize),
         shards: Vec<tokio::runtime::Handle>,
         refusal: Vec<u8>,
     ) -> Acceptor {
-        let connections_max = connections_max.max(1);
-        let connections = Arc::new(Semaphore::new(connections_max));
-        let per_address = Arc::new(AddressCounts {
-            open: Mutex::new(HashMap::new()),
-            max: (connections_max / ADDRESS_SHARE_DIVISOR).max(1),
-        });
+        let connections = Arc::new(Semaphore::new(connections_max.max(1)));
+        let per_address = Arc::new(AddressCounts { open: Mutex::new(HashMap::new()), max: per_address_max.max(1) });
         Acceptor { listener, name, connections, per_address, refusal, shards, next_shard: 0 }
     }
 

@@ -11,6 +11,8 @@ use std::net::IpAddr;
 /// What a preflight may ask for (the API's methods and the headers its clients send).
 const ALLOWED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
 const ALLOWED_HEADERS: &str = "authorization, content-type, prefer, traceparent, tracestate";
+/// What an allowed page may read of an answer besides the simple headers.
+const EXPOSED_HEADERS: &str = "retry-after, preference-applied, location, www-authenticate";
 /// How long a browser may keep a preflight's answer, seconds.
 const PREFLIGHT_MAX_AGE_S: &str = "600";
 
@@ -67,6 +69,7 @@ impl OriginPolicy {
 pub fn allow_reading(headers: &mut HeaderMap, origin: &str) {
     if let Ok(origin) = HeaderValue::from_str(origin) {
         headers.insert("access-control-allow-origin", origin);
+        headers.insert("access-control-expose-headers", HeaderValue::from_static(EXPOSED_HEADERS));
         headers.insert("vary", HeaderValue::from_static("origin"));
     }
 }

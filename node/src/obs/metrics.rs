@@ -138,7 +138,11 @@ impl Metrics {
             metrics.auth_refusals.clone(),
         );
         registry.register("jobs_cancelled", "Jobs cancelled through the API", metrics.cancelled.clone());
-        registry.register("jobs_rejected", "Create requests refused, by reason", metrics.rejected.clone());
+        registry.register(
+            "jobs_rejected",
+            "Requests refused before they reached a job, by reason (creates over limits; any request too large, too slow, or from a refused origin or host)",
+            metrics.rejected.clone(),
+        );
         registry.register("jobs", "Jobs held, by status", metrics.jobs.clone());
         registry.register("dispatch_queue_depth", "Attempts queued or running, by shard", metrics.queue_depth.clone());
         registry.register(
@@ -267,13 +271,14 @@ impl Metrics {
         self.accept_errors.get_or_create(&vec![("listener", listener.to_string()), ("error", kind)]).inc();
     }
 
-    /// A request or connection refused for a missing or wrong token (`api`: "http", "binary").
+    /// A connection closed as soon as accepted (`reason`: "per_address").
     pub fn connection_refused(&self, listener: &str, reason: &str) {
         self.connections_refused
             .get_or_create(&vec![("listener", listener.to_string()), ("reason", reason.to_string())])
             .inc();
     }
 
+    /// A request or connection refused for a missing or wrong token (`api`: "http", "binary").
     pub fn auth_refused(&self, api: &str) {
         self.auth_refusals.get_or_create(&vec![("api", api.to_string())]).inc();
     }
