@@ -16,7 +16,7 @@ import json
 import time
 import urllib.parse
 from dataclasses import dataclass, fields
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 # Every (method, path) the clients call; a test checks each against /openapi.json.
 ROUTES: List[Tuple[str, str]] = [
@@ -129,20 +129,7 @@ def verify_signature(
     `verify_signature_v2`.
     During a key rotation the header carries one `v1=` per secret: any one verifying is
     enough, so a receiver holding either the current or the next secret accepts it."""
-    pairs = [part.strip().split("=", 1) for part in header.split(",") if "=" in part]
-    timestamps = [value for name, value in pairs if name == "t"]
-    given = [value for name, value in pairs if name == "v1"]
-    try:
-        timestamp = int(timestamps[-1])
-    except (IndexError, ValueError):
-        return False
-    now = int(time.time() * 1000) if now_ms is None else now_ms
-    if abs(now - timestamp) > tolerance_ms:
-        return False
-    expected = hmac.new(secret, f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    # Every candidate is compared (no early exit on a match's position).
-    matches = [hmac.compare_digest(expected, candidate) for candidate in given]
-    return any(matches)
+    return _any_signature_matches(secret, header, "v1", lambda t: f"{t}.".encode() + body, now_ms, tolerance_ms)
 
 
 def verify_signature_v2(
@@ -161,9 +148,26 @@ def verify_signature_v2(
     request's method and `idempotency_key` its `Idempotency-Key` header. A signature made for
     another URL, method or fire does not verify. Timestamps further than `tolerance_ms` from now
     are refused (replays); during a key rotation any one `v2=` verifying is enough."""
+
+    def signed(timestamp: int) -> bytes:
+        return f"v2\n{timestamp}\n{method.upper()}\n{url}\n{idempotency_key}\n".encode() + body
+
+    return _any_signature_matches(secret, header, "v2", signed, now_ms, tolerance_ms)
+
+
+def _any_signature_matches(
+    secret: bytes,
+    header: str,
+    scheme: str,
+    signed: Callable[[int], bytes],
+    now_ms: Optional[int],
+    tolerance_ms: int,
+) -> bool:
+    """Whether any `scheme=` value of the header is the HMAC of `signed(t)`, with `t` within
+    `tolerance_ms` of now."""
     pairs = [part.strip().split("=", 1) for part in header.split(",") if "=" in part]
     timestamps = [value for name, value in pairs if name == "t"]
-    given = [value for name, value in pairs if name == "v2"]
+    given = [value for name, value in pairs if name == scheme]
     try:
         timestamp = int(timestamps[-1])
     except (IndexError, ValueError):
@@ -171,8 +175,8 @@ def verify_signature_v2(
     now = int(time.time() * 1000) if now_ms is None else now_ms
     if abs(now - timestamp) > tolerance_ms:
         return False
-    signed = f"v2\n{timestamp}\n{method.upper()}\n{url}\n{idempotency_key}\n".encode() + body
-    expected = hmac.new(secret, signed, hashlib.sha256).hexdigest()
+    expected = hmac.new(secret, signed(timestamp), hashlib.sha256).hexdigest()
+    # Every candidate is compared (no early exit on a match's position).
     matches = [hmac.compare_digest(expected, candidate) for candidate in given]
     return any(matches)
 

@@ -339,15 +339,29 @@ export function verifySignature(
   nowMs: number = Date.now(),
   toleranceMs = 300_000,
 ): boolean {
+  return anySignatureMatches(secret, header, "v1", (t) => [`${t}.`, body], nowMs, toleranceMs);
+}
+
+/** Whether any `scheme=` value of the header is the HMAC of `signed(t)` (its parts in order), `t` within `toleranceMs` of now. */
+function anySignatureMatches(
+  secret: string | Buffer,
+  header: string,
+  scheme: string,
+  signed: (timestamp: number) => (string | Buffer)[],
+  nowMs: number,
+  toleranceMs: number,
+): boolean {
   const parts = header.split(",").flatMap((part): [string, string][] => {
     const at = part.indexOf("=");
     return at > 0 ? [[part.slice(0, at).trim(), part.slice(at + 1).trim()]] : [];
   });
   const timestamp = Number(parts.filter(([name]) => name === "t").pop()?.[1]);
-  const given = parts.filter(([name]) => name === "v1").map(([, value]) => value);
+  const given = parts.filter(([name]) => name === scheme).map(([, value]) => value);
   if (!Number.isSafeInteger(timestamp) || given.length === 0) return false;
   if (Math.abs(nowMs - timestamp) > toleranceMs) return false;
-  const expected = Buffer.from(createHmac("sha256", secret).update(`${timestamp}.`).update(body).digest("hex"));
+  const mac = createHmac("sha256", secret);
+  for (const part of signed(timestamp)) mac.update(part);
+  const expected = Buffer.from(mac.digest("hex"));
   // Every candidate is compared (no early exit on which one matched).
   const matches = given.map((candidate) => {
     const bytes = Buffer.from(candidate);
@@ -380,19 +394,7 @@ export function verifySignatureV2(
   nowMs: number = Date.now(),
   toleranceMs = 300_000,
 ): boolean {
-  const parts = header.split(",").flatMap((part): [string, string][] => {
-    const at = part.indexOf("=");
-    return at > 0 ? [[part.slice(0, at).trim(), part.slice(at + 1).trim()]] : [];
-  });
-  const timestamp = Number(parts.filter(([name]) => name === "t").pop()?.[1]);
-  const given = parts.filter(([name]) => name === "v2").map(([, value]) => value);
-  if (!Number.isSafeInteger(timestamp) || given.length === 0) return false;
-  if (Math.abs(nowMs - timestamp) > toleranceMs) return false;
-  const signed = `v2\n${timestamp}\n${request.method.toUpperCase()}\n${request.url}\n${request.idempotencyKey}\n`;
-  const expected = Buffer.from(createHmac("sha256", secret).update(signed).update(body).digest("hex"));
-  const matches = given.map((candidate) => {
-    const bytes = Buffer.from(candidate);
-    return bytes.length === expected.length && timingSafeEqual(bytes, expected);
-  });
-  return matches.some(Boolean);
+  const { method, url, idempotencyKey } = request;
+  const signed = (t: number) => [`v2\n${t}\n${method.toUpperCase()}\n${url}\n${idempotencyKey}\n`, body];
+  return anySignatureMatches(secret, header, "v2", signed, nowMs, toleranceMs);
 }
