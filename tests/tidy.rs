@@ -137,7 +137,7 @@ const UNJUSTIFIED_PANICS_ALLOWED: &[(&str, usize)] = &[
     ("consensus/src/storage.rs", 1),
     ("consensus/src/wire.rs", 2),
     ("dispatch/src/lib.rs", 8),
-    ("engine/src/sign.rs", 2),
+    ("engine/src/sign.rs", 1),
     ("engine/src/state.rs", 9),
     ("engine/src/wheel.rs", 1),
     ("loadgen/src/histogram.rs", 1),

@@ -275,7 +275,8 @@ impl HttpPool {
         let mut request = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "sundial")
+            // A member's address: a node bound to loopback answers loopback names only.
+            .header("host", self.members[pick % self.members.len()].to_string())
             .header("content-type", "application/json");
         if let Some(token) = &self.token {
             request = request.header("authorization", format!("Bearer {token}"));
