@@ -89,15 +89,15 @@ fn unauthenticated_hellos_cannot_make_the_node_buffer_megabytes() {
     let pid = node.child.id();
     assert!(health_answers(node.addr, Duration::from_secs(30)), "the node serves before the test");
     let before = resident_bytes(pid);
-    // 100 clients each announce a 4 MiB Hello and send 1 MiB of it, then wait: before the
-    // node capped Hellos, it buffered every byte (≥ 100 MiB in all).
+    // 200 clients each announce a 4 MiB Hello and send 1 MiB of it, then wait: before the
+    // node capped Hellos, it buffered every byte (≥ 200 MiB in all).
     let mut header = Vec::new();
     header.extend_from_slice(&(4u32 << 20).to_be_bytes());
     header.extend_from_slice(&[0x01, 0]);
     header.extend_from_slice(&1u64.to_be_bytes());
     let chunk = vec![0u8; 1 << 20];
     let mut clients = Vec::new();
-    for _ in 0..100 {
+    for _ in 0..200 {
         let Ok(mut client) = TcpStream::connect_timeout(&node.binary, Duration::from_secs(2)) else { continue };
         client.set_write_timeout(Some(Duration::from_secs(2))).expect("timeout");
         // A node that refuses the frame closes the connection: the rest of the write fails.
@@ -106,7 +106,8 @@ fn unauthenticated_hellos_cannot_make_the_node_buffer_megabytes() {
     }
     std::thread::sleep(Duration::from_millis(500));
     let grown = resident_bytes(pid).saturating_sub(before);
-    assert!(grown < 40 << 20, "resident memory grew {} MiB for 100 unfinished Hellos", grown >> 20);
+    assert!(clients.len() == 200, "every client connected: {}", clients.len());
+    assert!(grown < 40 << 20, "resident memory grew {} MiB for 200 unfinished Hellos", grown >> 20);
     drop(clients);
     // Authenticated work goes on.
     let (status, _, _) =
