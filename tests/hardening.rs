@@ -360,3 +360,29 @@ fn health_tells_a_caller_without_a_token_only_whether_the_node_is_live() {
     assert!(said.starts_with("HTTP/1.1 200"), "{said}");
     assert!(said.ends_with("\r\n\r\n"), "no body: {said:?}");
 }
+
+#[test]
+fn a_token_does_what_its_scope_allows() {
+    let data = tempfile::tempdir().expect("a data directory");
+    let (reader, writer, admin) = ("reading-token-0123456789", "writing-token-0123456789", "admin-token-0123456789");
+    let node = Node::start_with(
+        data.path(),
+        &["--token", &format!("read:{reader}"), "--token", &format!("write:{writer}"), "--token", admin],
+    );
+    assert!(health_answers(node.addr, Duration::from_secs(30)), "the node serves before the test");
+    let with = |token: &str| format!("authorization: Bearer {token}\r\n");
+    let call = |method: &str, path: &str, body: &[u8], token: &str| {
+        let (status, _, body) = support::exchange(node.addr, method, path, body, &with(token));
+        (status, body["code"].as_str().unwrap_or("").to_string())
+    };
+    let job = br#"{"id": "scoped", "delay": "1h", "url": "http://127.0.0.1:9/hook", "labels": {"t": "1"}}"#;
+    assert_eq!(call("POST", "/jobs", job, reader), (403, "forbidden".into()), "a reader creates nothing");
+    assert_eq!(call("POST", "/jobs", job, writer).0, 201);
+    assert_eq!(call("GET", "/jobs/scoped", b"", reader).0, 200, "a reader reads");
+    let purge = br#"{"action": "purge", "labels": {"t": "1"}}"#;
+    assert_eq!(call("POST", "/jobs/bulk", purge, writer), (403, "forbidden".into()), "a bulk purge is admin's");
+    assert_eq!(call("DELETE", "/dlq", b"", writer), (403, "forbidden".into()), "so is emptying the dead letters");
+    let cancel = br#"{"action": "cancel", "labels": {"t": "1"}}"#;
+    assert_eq!(call("POST", "/jobs/bulk", cancel, writer).0, 200, "a bulk cancel is a writer's");
+    assert_eq!(call("DELETE", "/dlq", b"", admin).0, 200, "a token without a scope is an admin one");
+}

@@ -191,7 +191,7 @@ pub struct Settings {
     pub log_sync: sundial_wal::SyncChoice,
     pub snapshot_every: u64,
     pub limits: Limits,
-    pub tokens: Vec<String>,
+    pub tokens: Vec<TokenGrant>,
     pub rate_per_token: u32,
     pub secret: Option<String>,
     pub secret_next: Option<String>,
@@ -218,6 +218,57 @@ pub struct Settings {
 
 /// The shortest bearer token a node accepts in its settings.
 const TOKEN_MIN_CHARS: usize = 16;
+
+/// What a token may do, each including the one before: `Read` (GET and HEAD, reads over the
+/// binary protocol), `Write` (creating and changing jobs), `Admin` (cluster membership,
+/// purging dead letters, bulk purges and deletes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+/// A configured token: the secret a client presents, what it may do, and its own request
+/// rate (`None`: `rate_per_token`). Given as `[read|write|admin[@RATE]:]SECRET`; a token
+/// without such a prefix is an admin one, as every token was before scopes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenGrant {
+    pub secret: String,
+    pub scope: Scope,
+    pub rate_per_second: Option<u32>,
+}
+
+impl TokenGrant {
+    /// Reads the prefix, if the text has one (the secret is checked by the caller).
+    fn parse(text: &str) -> Result<TokenGrant, String> {
+        let admin = TokenGrant { secret: text.to_string(), scope: Scope::Admin, rate_per_second: None };
+        let Some((prefix, secret)) = text.split_once(':') else { return Ok(admin) };
+        let (scope, rate) = prefix.split_once('@').map_or((prefix, None), |(scope, rate)| (scope, Some(rate)));
+        let scope = match scope {
+            "read" => Scope::Read,
+            "write" => Scope::Write,
+            "admin" => Scope::Admin,
+            _ => return Ok(admin), // a colon inside the secret itself
+        };
+        let rate_per_second = match rate.map(str::parse::<u32>) {
+            None => None,
+            Some(Ok(rate)) if rate > 0 => Some(rate),
+            Some(_) => return Err(format!("{prefix}: the rate after @ is requests per second, 1 or more")),
+        };
+        Ok(TokenGrant { secret: secret.to_string(), scope, rate_per_second })
+    }
+}
 
 macro_rules! prefer {
     ($flags:expr, $file:expr; $($field:ident),* $(,)?) => {
@@ -274,7 +325,7 @@ impl ServerOptions {
     /// The tokens of `--token` and of `--tokens-file`, each checked: authentication fails
     /// closed, so a token that is empty, blank or short stops the node from starting rather
     /// than leaving the API open or easy to guess. Tokens are never split on commas.
-    fn checked_tokens(&self) -> Result<Vec<String>, String> {
+    fn checked_tokens(&self) -> Result<Vec<TokenGrant>, String> {
         let given: Vec<&String> = self.tokens.iter().flatten().collect();
         // A value that ends in a newline (an environment file, a secret) leaves an empty last
         // item: blank items are skipped beside real ones, and refused only when there is
@@ -300,7 +351,8 @@ impl ServerOptions {
         }
         let mut checked = Vec::new();
         for (source, token) in tokens {
-            let token = token.trim();
+            let grant = TokenGrant::parse(token.trim()).map_err(|rule| format!("{source}: {rule}"))?;
+            let token = grant.secret.as_str();
             if token.is_empty() {
                 return Err(format!("{source}: empty; give a token of at least {TOKEN_MIN_CHARS} characters, or none for no authentication"));
             }
@@ -315,7 +367,7 @@ impl ServerOptions {
                     "{source}: only visible ASCII characters, no spaces (it travels in an Authorization header)"
                 ));
             }
-            checked.push(token.to_string());
+            checked.push(grant);
         }
         Ok(checked)
     }
@@ -489,7 +541,7 @@ mod tests {
         let settings = flags.over(&file).resolve().unwrap();
         assert_eq!(settings.limits.max_jobs, 7);
         assert_eq!(settings.http, "127.0.0.1:9000".parse::<SocketAddr>().unwrap());
-        assert_eq!(settings.tokens, ["a-token-of-16-chars"]);
+        assert_eq!(settings.tokens[0].secret, "a-token-of-16-chars");
         assert_eq!(settings.binary, "127.0.0.1:7070".parse::<SocketAddr>().unwrap(), "a default");
     }
 
@@ -518,11 +570,36 @@ mod tests {
     }
 
     #[test]
+    fn a_token_may_name_its_scope_and_rate_and_is_an_admin_one_without() {
+        let grants = |tokens: &[&str]| {
+            let options =
+                ServerOptions { tokens: Some(tokens.iter().map(|t| t.to_string()).collect()), ..Default::default() };
+            options.resolve().map(|settings| settings.tokens)
+        };
+        let given = grants(&["read:a-reading-token-0123", "write@50:a-writing-token-012", "an-old-token:with-colon"])
+            .expect("valid");
+        let seen: Vec<(&str, Scope, Option<u32>)> =
+            given.iter().map(|g| (g.secret.as_str(), g.scope, g.rate_per_second)).collect();
+        assert_eq!(
+            seen,
+            [
+                ("a-reading-token-0123", Scope::Read, None),
+                ("a-writing-token-012", Scope::Write, Some(50)),
+                ("an-old-token:with-colon", Scope::Admin, None),
+            ]
+        );
+        for (bad, says) in [("write@0:a-writing-token-012", "the rate after @"), ("read:short", "at least 16")] {
+            let error = grants(&[bad]).expect_err("refused");
+            assert!(error.starts_with("tokens: token 1") && error.contains(says), "{bad}: {error}");
+        }
+    }
+
+    #[test]
     fn tokens_fail_closed_whole_and_long_enough_or_the_node_does_not_start() {
         let with = |tokens: &[&str]| {
             let options =
                 ServerOptions { tokens: Some(tokens.iter().map(|t| t.to_string()).collect()), ..Default::default() };
-            options.resolve().map(|settings| settings.tokens)
+            options.resolve().map(|settings| settings.tokens.into_iter().map(|grant| grant.secret).collect::<Vec<_>>())
         };
         let refused = |tokens: &[&str], says: &str| {
             let error = with(tokens).expect_err("refused");
@@ -544,7 +621,8 @@ mod tests {
         std::fs::write(&file, "# the API's tokens\n\nfirst-token-0123456789\n  second-token-0123456789  \n")
             .expect("write");
         let options = ServerOptions { tokens_file: Some(file.clone()), ..Default::default() };
-        assert_eq!(options.resolve().expect("read").tokens, ["first-token-0123456789", "second-token-0123456789"]);
+        let secrets: Vec<String> = options.resolve().expect("read").tokens.into_iter().map(|g| g.secret).collect();
+        assert_eq!(secrets, ["first-token-0123456789", "second-token-0123456789"]);
         std::fs::write(&file, "# nothing but a comment\n").expect("write");
         let error = options.resolve().expect_err("a file without tokens");
         assert!(error.contains("holds no token"), "{error}");

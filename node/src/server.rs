@@ -465,7 +465,7 @@ fn serve_apis(
     (listener, binary_listener): (tokio::net::TcpListener, tokio::net::TcpListener),
     fd_limit: u64,
 ) -> (Vec<JoinHandle<()>>, mpsc::Receiver<String>) {
-    if settings.tokens.iter().any(|token| token.contains(',')) {
+    if settings.tokens.iter().any(|token| token.secret.contains(',')) {
         tracing::warn!("a token contains a comma: tokens are no longer split on commas (give each with its own --token, or one per line)");
     }
     let gate = Arc::new(Gate::new(settings.tokens.clone(), settings.rate_per_token));

@@ -1,10 +1,12 @@
 //! Optional bearer-token authentication with a per-token request rate limit. Off until a
 //! token is configured; then every request but `GET /health` needs `Authorization: Bearer
-//! <token>` (401 otherwise), and each token gets a token bucket (429 with Retry-After when
+//! <token>` (401 otherwise) whose scope covers it (read, write, admin: 403 otherwise), and
+//! each token gets a token bucket at its own rate or the node's (429 with Retry-After when
 //! it is empty). Guessing is slowed per client address: past `GUESSES_BURST` wrong or
 //! missing tokens, an address gets `GUESSES_PER_SECOND`, and meanwhile every request from
 //! it is answered 429 before its token is looked at (so answers tell a guesser nothing).
 
+use crate::config::{Scope, TokenGrant};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -18,7 +20,7 @@ const GUESSES_PER_SECOND: u32 = 2;
 const GUESSING_ADDRESSES_MAX: usize = 4_096;
 
 pub struct Gate {
-    tokens: Vec<String>,
+    tokens: Vec<TokenGrant>,
     rate_per_second: u32,
     /// One bucket per configured token (bounded by the configuration).
     buckets: Mutex<HashMap<String, TokenBucket>>,
@@ -38,12 +40,19 @@ struct Guesses {
 pub enum Verdict {
     Allow,
     Unauthorized,
-    Limited { retry_after_s: u32 },
+    Limited {
+        retry_after_s: u32,
+    },
+    /// A right token whose scope is short of what the request needs.
+    Forbidden {
+        scope: Scope,
+        needed: Scope,
+    },
 }
 
 impl Gate {
     /// `rate_per_second` requests per token, with a burst of as many.
-    pub fn new(tokens: Vec<String>, rate_per_second: u32) -> Gate {
+    pub fn new(tokens: Vec<TokenGrant>, rate_per_second: u32) -> Gate {
         Gate {
             tokens,
             rate_per_second: rate_per_second.max(1),
@@ -106,7 +115,17 @@ impl Gate {
 
     /// Bytes of the longest configured token (0 without tokens).
     pub fn longest_token_bytes(&self) -> usize {
-        self.tokens.iter().map(String::len).max().unwrap_or(0)
+        self.tokens.iter().map(|grant| grant.secret.len()).max().unwrap_or(0)
+    }
+
+    /// The scope of the token `authorization` presents, if it is a configured one (every
+    /// request's, when no token is configured: nothing is guarded).
+    pub fn scope_of(&self, authorization: Option<&str>) -> Option<Scope> {
+        if !self.enabled() {
+            return Some(Scope::Admin);
+        }
+        let presented = authorization.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim)?;
+        self.tokens.iter().find(|grant| constant_time_eq(&grant.secret, presented)).map(|grant| grant.scope)
     }
 
     pub fn enabled(&self) -> bool {
@@ -119,17 +138,37 @@ impl Gate {
             return Verdict::Allow;
         }
         let presented = authorization.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim);
-        let Some(token) = presented.and_then(|given| self.tokens.iter().find(|t| constant_time_eq(t, given))) else {
+        let found = presented.and_then(|given| self.tokens.iter().find(|grant| constant_time_eq(&grant.secret, given)));
+        let Some(grant) = found else {
             return Verdict::Unauthorized;
         };
+        let needed = needed_scope(method, path);
+        if grant.scope < needed {
+            return Verdict::Forbidden { scope: grant.scope, needed };
+        }
         let mut buckets = self.buckets.lock().expect("no panic holds the lock");
-        let bucket = buckets
-            .entry(token.clone())
-            .or_insert_with(|| TokenBucket::new(self.rate_per_second, self.rate_per_second, now_ms));
+        let rate = grant.rate_per_second.unwrap_or(self.rate_per_second);
+        let bucket = buckets.entry(grant.secret.clone()).or_insert_with(|| TokenBucket::new(rate, rate, now_ms));
         if bucket.try_take(now_ms) {
             return Verdict::Allow;
         }
         limited(bucket, now_ms)
+    }
+}
+
+/// The scope a request needs, by method and path: reads need `Read` (a preview computes,
+/// it changes nothing); cluster membership and purging dead letters need `Admin`; the rest
+/// `Write`. (A bulk purge or delete needs `Admin` too: the HTTP API checks its action,
+/// which is in the body.) The binary protocol's frames come as `POST /binary/read` or
+/// `POST /binary/write`.
+fn needed_scope(method: &str, path: &str) -> Scope {
+    let segments = crate::api::path_segments(path);
+    match (method, segments.as_slice()) {
+        ("GET" | "HEAD", _) | ("POST", ["jobs", "preview"] | ["binary"] | ["binary", "read"]) => Scope::Read,
+        ("POST", ["cluster", "members"] | ["join"]) | ("DELETE", ["cluster", "members", ..] | ["dlq", ..]) => {
+            Scope::Admin
+        }
+        _ => Scope::Write,
     }
 }
 
@@ -153,9 +192,38 @@ fn constant_time_eq(expected: &str, given: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Admin tokens at the gate's rate, as tokens without a scope are.
+    fn grants(secrets: &[&str]) -> Vec<TokenGrant> {
+        let grant =
+            |secret: &&str| TokenGrant { secret: secret.to_string(), scope: Scope::Admin, rate_per_second: None };
+        secrets.iter().map(grant).collect()
+    }
+
+    #[test]
+    fn a_token_does_what_its_scope_allows_at_its_own_rate() {
+        let token = |secret: &str, scope, rate| TokenGrant { secret: secret.into(), scope, rate_per_second: rate };
+        let gate = Gate::new(vec![token("reader", Scope::Read, None), token("writer", Scope::Write, Some(1))], 100);
+        let (reader, writer) = (Some("Bearer reader"), Some("Bearer writer"));
+        assert_eq!(gate.check("GET", "/jobs/x", reader, 0), Verdict::Allow);
+        assert_eq!(gate.check("POST", "/jobs/preview", reader, 0), Verdict::Allow, "a preview changes nothing");
+        let forbidden = Verdict::Forbidden { scope: Scope::Read, needed: Scope::Write };
+        assert_eq!(gate.check("POST", "/jobs", reader, 0), forbidden);
+        assert_eq!(gate.check("DELETE", "/jobs/x", reader, 0), forbidden);
+        assert_eq!(gate.check("POST", "/binary/write", reader, 0), forbidden);
+        assert_eq!(gate.check("POST", "/jobs", writer, 0), Verdict::Allow);
+        let admin_only = Verdict::Forbidden { scope: Scope::Write, needed: Scope::Admin };
+        for (method, path) in [("POST", "/cluster/members"), ("DELETE", "/cluster/members/3"), ("DELETE", "/dlq/x")] {
+            assert_eq!(gate.check(method, path, writer, 0), admin_only, "{method} {path}");
+        }
+        // The writer's own rate (1/s), not the gate's (100/s).
+        assert_eq!(gate.check("GET", "/jobs", writer, 0), Verdict::Limited { retry_after_s: 1 });
+        assert_eq!(gate.scope_of(reader), Some(Scope::Read));
+        assert_eq!(gate.scope_of(Some("Bearer nobody")), None);
+    }
+
     #[test]
     fn an_address_out_of_guesses_is_refused_before_its_token_is_looked_at() {
-        let gate = Gate::new(vec!["alpha-token-0123456789".into()], 1_000);
+        let gate = Gate::new(grants(&["alpha-token-0123456789"]), 1_000);
         let (guesser, other): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         for _ in 0..GUESSES_BURST {
             assert_eq!(gate.check_from(guesser, "GET", "/jobs", Some("Bearer wrong"), 0), Verdict::Unauthorized);
@@ -171,7 +239,7 @@ mod tests {
 
         // Addresses are bounded: past the bound, those whose budget refilled are forgotten,
         // and while none has, a new address's wrong token is refused 429.
-        let full = Gate::new(vec!["alpha-token-0123456789".into()], 1_000);
+        let full = Gate::new(grants(&["alpha-token-0123456789"]), 1_000);
         for n in 0..GUESSING_ADDRESSES_MAX as u32 {
             let address = IpAddr::from(n.to_be_bytes());
             assert_eq!(full.check_from(address, "GET", "/jobs", None, 0), Verdict::Unauthorized);
@@ -188,7 +256,7 @@ mod tests {
 
     #[test]
     fn tokens_are_checked_and_rate_limited_per_token() {
-        let gate = Gate::new(vec!["alpha".into(), "beta".into()], 2);
+        let gate = Gate::new(grants(&["alpha", "beta"]), 2);
         assert_eq!(gate.check("GET", "/jobs", None, 0), Verdict::Unauthorized);
         assert_eq!(gate.check("GET", "/jobs", Some("Bearer wrong"), 0), Verdict::Unauthorized);
         assert_eq!(gate.check("GET", "/jobs", Some("Bearer alph"), 0), Verdict::Unauthorized);

@@ -132,7 +132,10 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
         };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
         let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
-        let verdict = gate.check("POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms());
+        // Reads need a read token, everything else a write one (`auth::needed_scope`).
+        let reads = matches!(frame.message, Message::Ping | Message::Topology | Message::Get { .. });
+        let path = if reads { "/binary/read" } else { "/binary/write" };
+        let verdict = gate.check("POST", path, authorization.as_deref(), sundial_dispatch::now_ms());
         let router = router.clone();
         let answers_for_frame = answers.clone();
         tokio::spawn(async move {
@@ -143,6 +146,11 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
                     refusal(frame.request_id, Code::RateLimited, "this token's request rate is exceeded")
                 }
                 Verdict::Unauthorized => unauthorized(&router, frame.request_id),
+                Verdict::Forbidden { scope, needed } => {
+                    let (scope, needed) = (scope.as_str(), needed.as_str());
+                    let message = format!("this token's scope is {scope}; this frame needs the {needed} scope");
+                    refusal(frame.request_id, Code::Other(403), message)
+                }
             };
             let _ = answers_for_frame.send((answer, Some(permit))).await;
         });
@@ -192,7 +200,8 @@ async fn handshake(
     let client = crate::api::client_address(reader.peer_addr());
     match gate.check_from(client, "POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms()) {
         Verdict::Allow => {}
-        Verdict::Unauthorized => return Err(unauthorized(router, hello.request_id)),
+        // A Hello needs a read token, which every token is: `Forbidden` never comes here.
+        Verdict::Unauthorized | Verdict::Forbidden { .. } => return Err(unauthorized(router, hello.request_id)),
         Verdict::Limited { .. } => {
             return Err(refusal(hello.request_id, Code::RateLimited, "this token's request rate is exceeded"))
         }

@@ -5,6 +5,7 @@
 
 use crate::api::auth::{Gate, Verdict};
 use crate::api::origin::{self, Admission, OriginPolicy};
+use crate::config::Scope;
 use crate::shard::ops::{answer, error, field_error, Answer, CreateMode, JobOp, Representation};
 use crate::shard::router::{CreateRequest, Router, BATCH_MAX, LIST_LIMIT_MAX};
 use bytes::Bytes;
@@ -167,11 +168,15 @@ async fn answer_request(
             let limited = error(429, "rate_limited", "this token's request rate is exceeded");
             return to_response(Answer { retry_after_s: Some(retry_after_s), ..limited });
         }
+        Verdict::Forbidden { scope, needed } => return to_response(forbidden(scope, needed, &method, &path)),
     }
     let body = match read_body(request, router).await {
         Ok(body) => body,
         Err(refused) => return refused,
     };
+    if let Some(refused) = bulk_scope_refusal(gate, authorization, &method, &path, &body) {
+        return to_response(refused);
+    }
     if console {
         if let Some(page) = crate::api::ui::route(router, &path, &query).await {
             return html_response(page);
@@ -241,6 +246,30 @@ async fn health(router: &Router, gate: &Gate, authorization: Option<&str>, clien
     }
     let status = full.body_value().and_then(|body| body.get("status").cloned()).unwrap_or(Value::Null);
     answer(full.status, json!({ "status": status }))
+}
+
+/// The refusal of a right token whose scope is short of what the request needs.
+fn forbidden(scope: Scope, needed: Scope, method: &str, path: &str) -> Answer {
+    let (scope, needed) = (scope.as_str(), needed.as_str());
+    error(403, "forbidden", format!("this token's scope is {scope}; {method} {path} needs the {needed} scope"))
+}
+
+/// A bulk purge or delete needs an admin token (its action is in the body, which the gate
+/// does not read); other bulk actions a write one, which the gate checked.
+fn bulk_scope_refusal(
+    gate: &Gate,
+    authorization: Option<&str>,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Option<Answer> {
+    if method != "POST" || crate::api::path_segments(path) != ["jobs", "bulk"] {
+        return None;
+    }
+    let action = serde_json::from_slice::<Value>(body).ok()?.get("action")?.as_str()?.to_string();
+    let scope = gate.scope_of(authorization)?;
+    (matches!(action.as_str(), "purge" | "delete") && scope < Scope::Admin)
+        .then(|| forbidden(scope, Scope::Admin, &format!("{method} {path}"), &format!("(action {action})")))
 }
 
 /// Whether `method` on `path` is one of the create routes.
