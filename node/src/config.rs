@@ -56,8 +56,9 @@ pub struct ServerOptions {
     /// Resident memory, MiB, before creates get 507; 0 is no limit [default: 0].
     #[arg(long, env = "SUNDIAL_MAX_MEMORY_MB")]
     pub max_memory_mb: Option<u64>,
-    /// A bearer token, at least 16 characters (repeat the flag for more; the environment
-    /// variable takes one per line); none: no authentication.
+    /// A bearer token, at least 16 characters, optionally `read:`, `write:` or `admin:` (and
+    /// `@RATE`) before it (repeat the flag for more; the environment variable takes one per
+    /// line); none: no authentication.
     #[arg(long = "token", env = "SUNDIAL_TOKENS", value_delimiter = '\n', hide_env_values = true)]
     #[serde(default)]
     pub tokens: Option<Vec<String>>,
@@ -255,7 +256,7 @@ impl TokenGrant {
         let admin = TokenGrant { secret: text.to_string(), scope: Scope::Admin, rate_per_second: None };
         let Some((prefix, secret)) = text.split_once(':') else { return Ok(admin) };
         let (scope, rate) = prefix.split_once('@').map_or((prefix, None), |(scope, rate)| (scope, Some(rate)));
-        let scope = match scope {
+        let scope = match scope.to_ascii_lowercase().as_str() {
             "read" => Scope::Read,
             "write" => Scope::Write,
             "admin" => Scope::Admin,
@@ -366,6 +367,9 @@ impl ServerOptions {
                 return Err(format!(
                     "{source}: only visible ASCII characters, no spaces (it travels in an Authorization header)"
                 ));
+            }
+            if checked.iter().any(|earlier: &TokenGrant| earlier.secret == grant.secret) {
+                return Err(format!("{source}: the same secret is given twice (one scope and rate per secret)"));
             }
             checked.push(grant);
         }
@@ -576,7 +580,7 @@ mod tests {
                 ServerOptions { tokens: Some(tokens.iter().map(|t| t.to_string()).collect()), ..Default::default() };
             options.resolve().map(|settings| settings.tokens)
         };
-        let given = grants(&["read:a-reading-token-0123", "write@50:a-writing-token-012", "an-old-token:with-colon"])
+        let given = grants(&["READ:a-reading-token-0123", "write@50:a-writing-token-012", "an-old-token:with-colon"])
             .expect("valid");
         let seen: Vec<(&str, Scope, Option<u32>)> =
             given.iter().map(|g| (g.secret.as_str(), g.scope, g.rate_per_second)).collect();
@@ -592,6 +596,8 @@ mod tests {
             let error = grants(&[bad]).expect_err("refused");
             assert!(error.starts_with("tokens: token 1") && error.contains(says), "{bad}: {error}");
         }
+        let twice = grants(&["read:the-same-secret-0123", "the-same-secret-0123"]).expect_err("refused");
+        assert!(twice.starts_with("tokens: token 2") && twice.contains("twice"), "{twice}");
     }
 
     #[test]

@@ -465,6 +465,15 @@ fn serve_apis(
     (listener, binary_listener): (tokio::net::TcpListener, tokio::net::TcpListener),
     fd_limit: u64,
 ) -> (Vec<JoinHandle<()>>, mpsc::Receiver<String>) {
+    let looks_scoped = |secret: &str| {
+        secret.split_once(':').is_some_and(|(prefix, _)| {
+            let word = prefix.split('@').next().unwrap_or("");
+            !word.is_empty() && word.bytes().all(|b| b.is_ascii_alphabetic() || b == b'-')
+        })
+    };
+    if settings.tokens.iter().any(|token| token.scope == crate::config::Scope::Admin && looks_scoped(&token.secret)) {
+        tracing::warn!("a token starts with a word and a colon that is not a scope (read, write, admin): it is an admin token, taken whole");
+    }
     if settings.tokens.iter().any(|token| token.secret.contains(',')) {
         tracing::warn!("a token contains a comma: tokens are no longer split on commas (give each with its own --token, or one per line)");
     }

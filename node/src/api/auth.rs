@@ -142,32 +142,31 @@ impl Gate {
         let Some(grant) = found else {
             return Verdict::Unauthorized;
         };
+        // The rate is charged first: refusals for scope count against it too.
+        let mut buckets = self.buckets.lock().expect("no panic holds the lock");
+        let rate = grant.rate_per_second.unwrap_or(self.rate_per_second);
+        let bucket = buckets.entry(grant.secret.clone()).or_insert_with(|| TokenBucket::new(rate, rate, now_ms));
+        if !bucket.try_take(now_ms) {
+            return limited(bucket, now_ms);
+        }
         let needed = needed_scope(method, path);
         if grant.scope < needed {
             return Verdict::Forbidden { scope: grant.scope, needed };
         }
-        let mut buckets = self.buckets.lock().expect("no panic holds the lock");
-        let rate = grant.rate_per_second.unwrap_or(self.rate_per_second);
-        let bucket = buckets.entry(grant.secret.clone()).or_insert_with(|| TokenBucket::new(rate, rate, now_ms));
-        if bucket.try_take(now_ms) {
-            return Verdict::Allow;
-        }
-        limited(bucket, now_ms)
+        Verdict::Allow
     }
 }
 
 /// The scope a request needs, by method and path: reads need `Read` (a preview computes,
-/// it changes nothing); cluster membership and purging dead letters need `Admin`; the rest
-/// `Write`. (A bulk purge or delete needs `Admin` too: the HTTP API checks its action,
-/// which is in the body.) The binary protocol's frames come as `POST /binary/read` or
+/// it changes nothing); cluster membership and emptying every dead letter need `Admin`; the
+/// rest `Write` — a writer may delete or purge jobs one by one. (A bulk purge or delete
+/// needs `Admin` too: the HTTP API checks its action, which is in the body.) The binary protocol's frames come as `POST /binary/read` or
 /// `POST /binary/write`.
 fn needed_scope(method: &str, path: &str) -> Scope {
     let segments = crate::api::path_segments(path);
     match (method, segments.as_slice()) {
         ("GET" | "HEAD", _) | ("POST", ["jobs", "preview"] | ["binary"] | ["binary", "read"]) => Scope::Read,
-        ("POST", ["cluster", "members"] | ["join"]) | ("DELETE", ["cluster", "members", ..] | ["dlq", ..]) => {
-            Scope::Admin
-        }
+        ("POST", ["cluster", "members"] | ["join"]) | ("DELETE", ["cluster", "members", ..] | ["dlq"]) => Scope::Admin,
         _ => Scope::Write,
     }
 }
@@ -212,11 +211,12 @@ mod tests {
         assert_eq!(gate.check("POST", "/binary/write", reader, 0), forbidden);
         assert_eq!(gate.check("POST", "/jobs", writer, 0), Verdict::Allow);
         let admin_only = Verdict::Forbidden { scope: Scope::Write, needed: Scope::Admin };
-        for (method, path) in [("POST", "/cluster/members"), ("DELETE", "/cluster/members/3"), ("DELETE", "/dlq/x")] {
+        for (method, path) in [("POST", "/cluster/members"), ("DELETE", "/cluster/members/3"), ("DELETE", "/dlq")] {
             assert_eq!(gate.check(method, path, writer, 0), admin_only, "{method} {path}");
         }
-        // The writer's own rate (1/s), not the gate's (100/s).
-        assert_eq!(gate.check("GET", "/jobs", writer, 0), Verdict::Limited { retry_after_s: 1 });
+        // The writer's own rate (1/s), not the gate's (100/s); refusals for scope count too.
+        assert_eq!(gate.check("GET", "/jobs", writer, 1_000), Verdict::Allow);
+        assert_eq!(gate.check("DELETE", "/dlq", writer, 1_000), Verdict::Limited { retry_after_s: 1 });
         assert_eq!(gate.scope_of(reader), Some(Scope::Read));
         assert_eq!(gate.scope_of(Some("Bearer nobody")), None);
     }
