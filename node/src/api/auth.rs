@@ -201,7 +201,12 @@ mod tests {
     #[test]
     fn a_token_does_what_its_scope_allows_at_its_own_rate() {
         let token = |secret: &str, scope, rate| TokenGrant { secret: secret.into(), scope, rate_per_second: rate };
-        let gate = Gate::new(vec![token("reader", Scope::Read, None), token("writer", Scope::Write, Some(1))], 100);
+        let grants = vec![
+            token("reader", Scope::Read, None),
+            token("writer", Scope::Write, None),
+            token("slow", Scope::Write, Some(1)),
+        ];
+        let gate = Gate::new(grants, 100);
         let (reader, writer) = (Some("Bearer reader"), Some("Bearer writer"));
         assert_eq!(gate.check("GET", "/jobs/x", reader, 0), Verdict::Allow);
         assert_eq!(gate.check("POST", "/jobs/preview", reader, 0), Verdict::Allow, "a preview changes nothing");
@@ -214,9 +219,13 @@ mod tests {
         for (method, path) in [("POST", "/cluster/members"), ("DELETE", "/cluster/members/3"), ("DELETE", "/dlq")] {
             assert_eq!(gate.check(method, path, writer, 0), admin_only, "{method} {path}");
         }
-        // The writer's own rate (1/s), not the gate's (100/s); refusals for scope count too.
-        assert_eq!(gate.check("GET", "/jobs", writer, 1_000), Verdict::Allow);
-        assert_eq!(gate.check("DELETE", "/dlq", writer, 1_000), Verdict::Limited { retry_after_s: 1 });
+        // A token's own rate (1/s), not the gate's (100/s); refusals for scope count too.
+        let slow = Some("Bearer slow");
+        assert_eq!(
+            gate.check("DELETE", "/dlq", slow, 0),
+            Verdict::Forbidden { scope: Scope::Write, needed: Scope::Admin }
+        );
+        assert_eq!(gate.check("GET", "/jobs", slow, 0), Verdict::Limited { retry_after_s: 1 });
         assert_eq!(gate.scope_of(reader), Some(Scope::Read));
         assert_eq!(gate.scope_of(Some("Bearer nobody")), None);
     }
