@@ -131,33 +131,43 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
             }
         };
         let Ok(permit) = permits.clone().acquire_owned().await else { break };
-        let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
-        // Reads need a read token, everything else a write one (`auth::needed_scope`).
-        let reads = matches!(frame.message, Message::Ping | Message::Topology | Message::Get { .. });
-        let path = if reads { "/binary/read" } else { "/binary/write" };
-        let verdict = gate.check("POST", path, authorization.as_deref(), sundial_dispatch::now_ms());
+        let verdict = frame_verdict(&gate, token.as_deref(), &frame);
         let router = router.clone();
         let answers_for_frame = answers.clone();
         tokio::spawn(async move {
-            let answer = match verdict {
-                Verdict::Allow => handle(&router, frame).await,
-                Verdict::Limited { .. } => {
-                    router.metrics.rejected("rate_limited");
-                    refusal(frame.request_id, Code::RateLimited, "this token's request rate is exceeded")
-                }
-                Verdict::Unauthorized => unauthorized(&router, frame.request_id),
-                Verdict::Forbidden { scope, needed } => {
-                    let (scope, needed) = (scope.as_str(), needed.as_str());
-                    let message = format!("this token's scope is {scope}; this frame needs the {needed} scope");
-                    refusal(frame.request_id, Code::Other(403), message)
-                }
-            };
+            let answer = answer_frame(&router, verdict, frame).await;
             let _ = answers_for_frame.send((answer, Some(permit))).await;
         });
     }
     drop(answers);
     // Answers of frames still being handled are written before the connection closes.
     let _ = writing.await;
+}
+
+/// What the gate says of a frame: reads need a read token, everything else a write one
+/// (`auth::needed_scope`).
+fn frame_verdict(gate: &Gate, token: Option<&str>, frame: &Frame) -> Verdict {
+    let authorization = token.map(|t| format!("Bearer {t}"));
+    let reads = matches!(frame.message, Message::Ping | Message::Topology | Message::Get { .. });
+    let path = if reads { "/binary/read" } else { "/binary/write" };
+    gate.check("POST", path, authorization.as_deref(), sundial_dispatch::now_ms())
+}
+
+/// The frame answered, or refused as the gate said.
+async fn answer_frame(router: &Router, verdict: Verdict, frame: Frame) -> Frame {
+    match verdict {
+        Verdict::Allow => handle(router, frame).await,
+        Verdict::Limited { .. } => {
+            router.metrics.rejected("rate_limited");
+            refusal(frame.request_id, Code::RateLimited, "this token's request rate is exceeded")
+        }
+        Verdict::Unauthorized => unauthorized(router, frame.request_id),
+        Verdict::Forbidden { scope, needed } => {
+            let (scope, needed) = (scope.as_str(), needed.as_str());
+            let message = format!("this token's scope is {scope}; this frame needs the {needed} scope");
+            refusal(frame.request_id, Code::Other(403), message)
+        }
+    }
 }
 
 /// The refusal of a missing or wrong token, counted.
