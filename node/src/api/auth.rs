@@ -74,6 +74,21 @@ impl Gate {
         if !self.guards(method, path) {
             return Verdict::Allow;
         }
+        self.check_scope_from(address, needed_scope(method, path), authorization, now_ms)
+    }
+
+    /// `check_scope`, for a request from `address`: an address out of guesses is refused 429
+    /// at once, and a wrong or missing token uses one of its guesses.
+    pub fn check_scope_from(
+        &self,
+        address: IpAddr,
+        needed: Scope,
+        authorization: Option<&str>,
+        now_ms: u64,
+    ) -> Verdict {
+        if !self.enabled() {
+            return Verdict::Allow;
+        }
         let mut guesses = self.guesses.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let Guesses { by_address: guesses, swept_ms } = &mut *guesses;
         if let Some(bucket) = guesses.get_mut(&address) {
@@ -81,7 +96,7 @@ impl Gate {
                 return limited(bucket, now_ms);
             }
         }
-        let verdict = self.check(method, path, authorization, now_ms);
+        let verdict = self.check_scope(needed, authorization, now_ms);
         if verdict != Verdict::Unauthorized {
             return verdict;
         }
@@ -104,13 +119,6 @@ impl Gate {
     /// caller without one is told only whether the node is live).
     fn guards(&self, method: &str, path: &str) -> bool {
         self.enabled() && !(matches!(method, "GET" | "HEAD") && path.trim_end_matches('/') == "/health")
-    }
-
-    /// `check_from` for the details `/health` gives a caller presenting a token: guarded as
-    /// any route, so a wrong token there counts as a guess (and a guessing address is held
-    /// back) and a right one uses its rate, rather than /health telling guesses apart freely.
-    pub fn check_health_details_from(&self, address: IpAddr, authorization: Option<&str>, now_ms: u64) -> Verdict {
-        self.check_from(address, "GET", "/health/details", authorization, now_ms)
     }
 
     /// Bytes of the longest configured token (0 without tokens).
@@ -137,6 +145,15 @@ impl Gate {
         if !self.guards(method, path) {
             return Verdict::Allow;
         }
+        self.check_scope(needed_scope(method, path), authorization, now_ms)
+    }
+
+    /// Decides on a request that needs `needed` (the binary protocol's frames, the details
+    /// /health gives a token) with this `Authorization` header value, at `now_ms`.
+    pub fn check_scope(&self, needed: Scope, authorization: Option<&str>, now_ms: u64) -> Verdict {
+        if !self.enabled() {
+            return Verdict::Allow;
+        }
         let presented = authorization.and_then(|value| value.strip_prefix("Bearer ")).map(str::trim);
         let found = presented.and_then(|given| self.tokens.iter().find(|grant| constant_time_eq(&grant.secret, given)));
         let Some(grant) = found else {
@@ -149,7 +166,6 @@ impl Gate {
         if !bucket.try_take(now_ms) {
             return limited(bucket, now_ms);
         }
-        let needed = needed_scope(method, path);
         if grant.scope < needed {
             return Verdict::Forbidden { scope: grant.scope, needed };
         }
@@ -160,12 +176,11 @@ impl Gate {
 /// The scope a request needs, by method and path: reads need `Read` (a preview computes,
 /// it changes nothing); cluster membership and emptying every dead letter need `Admin`; the
 /// rest `Write` — a writer may delete or purge jobs one by one. (A bulk purge or delete
-/// needs `Admin` too: the HTTP API checks its action, which is in the body.) The binary protocol's frames come as `POST /binary/read` or
-/// `POST /binary/write`.
+/// needs `Admin` too: the HTTP API checks its action, which is in the body.)
 fn needed_scope(method: &str, path: &str) -> Scope {
     let segments = crate::api::path_segments(path);
     match (method, segments.as_slice()) {
-        ("GET" | "HEAD", _) | ("POST", ["jobs", "preview"] | ["binary"] | ["binary", "read"]) => Scope::Read,
+        ("GET" | "HEAD", _) | ("POST", ["jobs", "preview"]) => Scope::Read,
         ("POST", ["cluster", "members"] | ["join"]) | ("DELETE", ["cluster", "members", ..] | ["dlq"]) => Scope::Admin,
         _ => Scope::Write,
     }
@@ -213,7 +228,7 @@ mod tests {
         let forbidden = Verdict::Forbidden { scope: Scope::Read, needed: Scope::Write };
         assert_eq!(gate.check("POST", "/jobs", reader, 0), forbidden);
         assert_eq!(gate.check("DELETE", "/jobs/x", reader, 0), forbidden);
-        assert_eq!(gate.check("POST", "/binary/write", reader, 0), forbidden);
+        assert_eq!(gate.check_scope(Scope::Write, reader, 0), forbidden);
         assert_eq!(gate.check("POST", "/jobs", writer, 0), Verdict::Allow);
         let admin_only = Verdict::Forbidden { scope: Scope::Write, needed: Scope::Admin };
         for (method, path) in [("POST", "/cluster/members"), ("DELETE", "/cluster/members/3"), ("DELETE", "/dlq")] {

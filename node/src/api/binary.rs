@@ -6,6 +6,7 @@
 
 use crate::api::auth::{Gate, Verdict};
 use crate::api::http::json_text;
+use crate::config::Scope;
 use crate::shard::ops::{Answer, CreateMode, JobOp, Representation};
 use crate::shard::router::{CreateRequest, Router};
 use std::sync::Arc;
@@ -144,13 +145,12 @@ async fn serve_connection(stream: TcpStream, router: Arc<Router>, gate: Arc<Gate
     let _ = writing.await;
 }
 
-/// What the gate says of a frame: reads need a read token, everything else a write one
-/// (`auth::needed_scope`).
+/// What the gate says of a frame: reads need a read token, everything else a write one.
 fn frame_verdict(gate: &Gate, token: Option<&str>, frame: &Frame) -> Verdict {
     let authorization = token.map(|t| format!("Bearer {t}"));
     let reads = matches!(frame.message, Message::Ping | Message::Topology | Message::Get { .. });
-    let path = if reads { "/binary/read" } else { "/binary/write" };
-    gate.check("POST", path, authorization.as_deref(), sundial_dispatch::now_ms())
+    let needed = if reads { Scope::Read } else { Scope::Write };
+    gate.check_scope(needed, authorization.as_deref(), sundial_dispatch::now_ms())
 }
 
 /// The frame answered, or refused as the gate said.
@@ -208,7 +208,7 @@ async fn handshake(
     let token = (!token.is_empty()).then_some(token);
     let authorization = token.as_ref().map(|t| format!("Bearer {t}"));
     let client = crate::api::client_address(reader.peer_addr());
-    match gate.check_from(client, "POST", "/binary", authorization.as_deref(), sundial_dispatch::now_ms()) {
+    match gate.check_scope_from(client, Scope::Read, authorization.as_deref(), sundial_dispatch::now_ms()) {
         Verdict::Allow => {}
         // A Hello needs a read token, which every token is: `Forbidden` never comes here.
         Verdict::Unauthorized | Verdict::Forbidden { .. } => return Err(unauthorized(router, hello.request_id)),

@@ -225,12 +225,13 @@ async fn read_body(request: Request, router: &Router) -> Result<Bytes, hyper::Re
 /// `GET /health` (and `HEAD`, whose answer hyper sends without its body): everything to a
 /// node without tokens or to a caller presenting one; to anyone else only whether the node
 /// is live (its uptime, job counts, memory and cluster id stay behind the token).
-/// A token presented here is checked as on any route (`Gate::check_health_details_from`).
+/// A token presented here is checked as on any route: a wrong one counts as a guess (and a
+/// guessing address is held back), a right one uses its rate.
 async fn health(router: &Router, gate: &Gate, authorization: Option<&str>, client: std::net::IpAddr) -> Answer {
     let verdict = match (gate.enabled(), authorization) {
         (false, _) => Verdict::Allow,
         (true, None) => Verdict::Unauthorized,
-        (true, Some(_)) => gate.check_health_details_from(client, authorization, sundial_dispatch::now_ms()),
+        (true, Some(_)) => gate.check_scope_from(client, Scope::Read, authorization, sundial_dispatch::now_ms()),
     };
     if let Verdict::Limited { retry_after_s } = verdict {
         router.metrics.rejected("rate_limited");
