@@ -7,6 +7,7 @@ use crate::log::RaftLog;
 use crate::progress::{Inflights, Progress, ProgressState};
 use crate::storage::Storage;
 use crate::types::*;
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// A deliberately broken variant, for proving the simulator's checks can fail. Settable only
@@ -375,7 +376,7 @@ impl<S: Storage> Raft<S> {
         // A membership change may be proposed only after this term's first entry is applied.
         self.pending_conf_index = self.log.last_index() + 1;
         let noop =
-            Entry { term: self.term, index: self.log.last_index() + 1, kind: EntryKind::Normal, data: Vec::new() };
+            Entry { term: self.term, index: self.log.last_index() + 1, kind: EntryKind::Normal, data: Bytes::new() };
         self.log.append(&[noop]);
         self.broadcast_append();
         self.maybe_commit();
@@ -976,7 +977,7 @@ impl<S: Storage> Raft<S> {
         Ok(())
     }
 
-    fn append_and_replicate(&mut self, kind: EntryKind, data: Vec<u8>) -> Index {
+    fn append_and_replicate(&mut self, kind: EntryKind, data: Bytes) -> Index {
         let index = self.log.last_index() + 1;
         self.log.append(&[Entry { term: self.term, index, kind, data }]);
         self.broadcast_append();
@@ -986,7 +987,7 @@ impl<S: Storage> Raft<S> {
     /// Appends application data; returns its index. Only the leader accepts proposals.
     pub fn propose(&mut self, data: Vec<u8>) -> Result<Index, ProposeError> {
         self.check_can_propose()?;
-        Ok(self.append_and_replicate(EntryKind::Normal, data))
+        Ok(self.append_and_replicate(EntryKind::Normal, data.into()))
     }
 
     /// Appends several entries at once with one broadcast (batching); returns the index of
@@ -1002,7 +1003,12 @@ impl<S: Storage> Raft<S> {
         let entries: Vec<Entry> = batch
             .into_iter()
             .enumerate()
-            .map(|(i, data)| Entry { term: self.term, index: first + i as u64, kind: EntryKind::Normal, data })
+            .map(|(i, data)| Entry {
+                term: self.term,
+                index: first + i as u64,
+                kind: EntryKind::Normal,
+                data: data.into(),
+            })
             .collect();
         let last = self.log.append(&entries);
         self.broadcast_append();
@@ -1033,7 +1039,7 @@ impl<S: Storage> Raft<S> {
             }
             _ => {}
         }
-        let index = self.append_and_replicate(EntryKind::ConfChange(change), Vec::new());
+        let index = self.append_and_replicate(EntryKind::ConfChange(change), Bytes::new());
         self.pending_conf_index = index;
         Ok(index)
     }

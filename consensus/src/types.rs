@@ -20,7 +20,9 @@ pub struct Entry {
     pub term: Term,
     pub index: Index,
     pub kind: EntryKind,
-    pub data: Vec<u8>,
+    /// Shared, not copied: the same bytes go to the log, to each follower and to the state
+    /// machine, so a clone of an entry is a reference count, not a copy of its command.
+    pub data: bytes::Bytes,
 }
 
 impl Entry {

@@ -206,7 +206,7 @@ fn decode_message(reader: &mut Reader<'_>) -> Result<Message, WireError> {
                     3 => EntryKind::ConfChange(ConfChange::Remove(reader.u64("entry.node")?)),
                     value => return Err(WireError::Unknown { field: "entry.kind", value }),
                 };
-                entries.push(Entry { term, index, kind, data: reader.bytes_field("entry.data")? });
+                entries.push(Entry { term, index, kind, data: reader.bytes_field("entry.data")?.into() });
             }
             MessageKind::Append { prev_index, prev_term, entries, commit }
         }

@@ -16,7 +16,12 @@ fn entry() -> impl Strategy<Value = Entry> {
         any::<u64>().prop_map(|id| EntryKind::ConfChange(ConfChange::AddLearner(id))),
         any::<u64>().prop_map(|id| EntryKind::ConfChange(ConfChange::Remove(id))),
     ];
-    (any::<u64>(), any::<u64>(), kind, bytes()).prop_map(|(term, index, kind, data)| Entry { term, index, kind, data })
+    (any::<u64>(), any::<u64>(), kind, bytes()).prop_map(|(term, index, kind, data)| Entry {
+        term,
+        index,
+        kind,
+        data: data.into(),
+    })
 }
 
 fn kind() -> impl Strategy<Value = MessageKind> {

@@ -1245,7 +1245,7 @@ mod checks_catch_broken_states {
         let last = raw.raft().log.storage.last_index();
         let entry = raw.raft().log.entries(last, last + 1, usize::MAX).expect("held")[0].clone();
         let mut other_data = entry.clone();
-        other_data.data.push(1);
+        other_data.data = [&entry.data[..], &[1]].concat().into();
         let violation = sim.check_log_matching(0, &[other_data]).expect_err("caught");
         assert!(violation.what.contains("two different entries"), "{violation}");
         // Same entry, but recorded as following a different term elsewhere.

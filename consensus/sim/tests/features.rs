@@ -130,13 +130,13 @@ impl Net {
 
     fn applied_data(&self, id: NodeId) -> Vec<Vec<u8>> {
         self.applied.get(&id).map_or(Vec::new(), |entries| {
-            entries.iter().filter(|e| !e.data.is_empty()).map(|e| e.data.clone()).collect()
+            entries.iter().filter(|e| !e.data.is_empty()).map(|e| e.data.to_vec()).collect()
         })
     }
 }
 
 fn entry(index: Index, term: Term) -> Entry {
-    Entry { index, term, kind: EntryKind::Normal, data: format!("{index}@{term}").into_bytes() }
+    Entry { index, term, kind: EntryKind::Normal, data: format!("{index}@{term}").into_bytes().into() }
 }
 
 fn storage_with(voters: &[NodeId], term: Term, entries: &[Entry]) -> MemStorage {

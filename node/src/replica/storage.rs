@@ -4,6 +4,7 @@
 //! membership it was taken at. Everything `persist` writes is durable (fdatasync'd) when it
 //! returns, which is what `RawNode::advance` requires.
 
+use bytes::Bytes;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use sundial_consensus::{
@@ -365,13 +366,13 @@ fn decode_entry(index: Index, term: Term, body: &[u8]) -> Option<Entry> {
     let (&kind, rest) = body.split_first()?;
     let id = || rest.try_into().ok().map(u64::from_le_bytes);
     let kind = match kind {
-        0 => return Some(Entry { term, index, kind: EntryKind::Normal, data: rest.to_vec() }),
+        0 => return Some(Entry { term, index, kind: EntryKind::Normal, data: Bytes::copy_from_slice(rest) }),
         1 => ConfChange::AddVoter(id()?),
         2 => ConfChange::AddLearner(id()?),
         3 => ConfChange::Remove(id()?),
         _ => return None,
     };
-    Some(Entry { term, index, kind: EntryKind::ConfChange(kind), data: Vec::new() })
+    Some(Entry { term, index, kind: EntryKind::ConfChange(kind), data: Bytes::new() })
 }
 
 /// The newest snapshot in the log's directory, its state machine's bytes a view of the file.
@@ -426,10 +427,10 @@ mod tests {
     #[test]
     fn entries_of_every_kind_round_trip() {
         let entries = [
-            Entry { term: 3, index: 7, kind: EntryKind::Normal, data: b"job".to_vec() },
-            Entry { term: 3, index: 8, kind: EntryKind::Normal, data: Vec::new() },
-            Entry { term: 4, index: 9, kind: EntryKind::ConfChange(ConfChange::AddLearner(5)), data: Vec::new() },
-            Entry { term: 4, index: 10, kind: EntryKind::ConfChange(ConfChange::Remove(2)), data: Vec::new() },
+            Entry { term: 3, index: 7, kind: EntryKind::Normal, data: Bytes::from_static(b"job") },
+            Entry { term: 3, index: 8, kind: EntryKind::Normal, data: Bytes::new() },
+            Entry { term: 4, index: 9, kind: EntryKind::ConfChange(ConfChange::AddLearner(5)), data: Bytes::new() },
+            Entry { term: 4, index: 10, kind: EntryKind::ConfChange(ConfChange::Remove(2)), data: Bytes::new() },
         ];
         for entry in entries {
             assert_eq!(decode_entry(entry.index, entry.term, &encode_entry(&entry)), Some(entry));
@@ -442,7 +443,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = WalOptions { segment_size_bytes: 1 << 20, ..WalOptions::default() };
         let mut storage = WalStorage::open(dir.path(), options, &[1]).expect("open");
-        let entries = (1..=10).map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![index as u8] });
+        let entries =
+            (1..=10).map(|index| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![index as u8].into() });
         storage.persist(&Ready { entries: entries.collect(), ..Ready::default() }).expect("persisted");
         let conf = ConfState { voters: vec![1], learners: Vec::new() };
         let plan = storage.plan_snapshot(5, conf.clone(), false).expect("planned").expect("newer than none");
@@ -469,7 +471,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let options = WalOptions { segment_size_bytes: 1 << 20, ..WalOptions::default() };
         let conf = ConfState { voters: vec![1], learners: Vec::new() };
-        let entry = |index: u64, bytes: usize| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![7; bytes] };
+        let entry =
+            |index: u64, bytes: usize| Entry { term: 1, index, kind: EntryKind::Normal, data: vec![7; bytes].into() };
         let mut storage = WalStorage::open(dir.path(), options, &[1]).expect("open");
         storage.persist(&Ready { entries: (1..=10).map(|i| entry(i, 10)).collect(), ..Ready::default() }).expect("ok");
         let plan = storage.plan_snapshot(5, conf.clone(), false).expect("planned").expect("newer");
