@@ -247,6 +247,12 @@ impl Router {
     /// Runs work on a partition: on this node's shard when it holds a replica, and on the
     /// leader (forwarded) for the items the local replica does not lead. Answers in order.
     pub async fn partition_work(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
+        if self.cluster.is_none() {
+            // A single node's partitions elected themselves when they opened (a group of one
+            // never steps down): nothing is forwarded or retried, so the work goes to the
+            // shard as it is, not copied.
+            return self.shard_work(partition, work).await;
+        }
         let mut answers = self.partition_work_once(partition, &work, hops).await;
         if hops > 0 {
             return answers; // the member the request arrived at does the waiting
