@@ -82,6 +82,10 @@ pub trait SpecSink: Send {
     /// Keeps `archive` (an archived `JobSpec`) and returns a view of it, or `None` when the
     /// store cannot take it (full, or a write failed): the spec then stays in the heap.
     fn put(&mut self, archive: &[u8]) -> Option<SpecView>;
+    /// `put` of each archive, in order (a store may write them together).
+    fn put_many(&mut self, archives: &[&[u8]]) -> Vec<Option<SpecView>> {
+        archives.iter().map(|archive| self.put(archive)).collect()
+    }
     /// Some segment asked to be repacked (`SpecSegment::wants_repack`).
     fn repack_wanted(&self) -> bool;
 }
@@ -476,6 +480,22 @@ impl SpecCell {
 
     pub fn is_stored(&self) -> bool {
         matches!(self, SpecCell::Stored(_) | SpecCell::Linked(_))
+    }
+
+    /// The archive of a spec held in the heap as one (a created job's, not yet stored).
+    pub fn packed_bytes(&self) -> Option<&[u8]> {
+        match self {
+            SpecCell::Packed(bytes) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    /// The spec now lies in a store (`view`, from `SpecSink::put_many`), or stays in the heap.
+    pub fn stored_as(&mut self, view: Option<SpecView>) {
+        match view {
+            Some(view) => *self = SpecCell::Stored(view),
+            None => self.keep_in_heap(),
+        }
     }
 
     /// Puts a stored spec again into `sink` if its segment asked to be repacked (the bytes

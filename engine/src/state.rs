@@ -896,14 +896,18 @@ pub struct State {
     spec_sink: SinkSlot,
 }
 
-/// The state's spec store, if attached. A clone of the state shares the stored specs (they
+/// The state's spec store, if attached, and the slots of jobs created since their specs were
+/// last stored (`State::store_new_specs`). A clone of the state shares the stored specs (they
 /// are read-only) but attaches no store of its own.
 #[derive(Default)]
-struct SinkSlot(Option<Box<dyn SpecSink>>);
+struct SinkSlot {
+    sink: Option<Box<dyn SpecSink>>,
+    unstored: Vec<u32>,
+}
 
 impl Clone for SinkSlot {
     fn clone(&self) -> SinkSlot {
-        SinkSlot(None)
+        SinkSlot::default()
     }
 }
 
@@ -917,7 +921,7 @@ impl Eq for SinkSlot {}
 
 impl std::fmt::Debug for SinkSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() { "SinkSlot(attached)" } else { "SinkSlot(none)" })
+        f.write_str(if self.sink.is_some() { "SinkSlot(attached)" } else { "SinkSlot(none)" })
     }
 }
 
@@ -932,7 +936,34 @@ impl State {
         for job in self.jobs.values_mut() {
             job.spec.store_in(&mut *sink);
         }
-        self.spec_sink = SinkSlot(Some(sink));
+        self.spec_sink = SinkSlot { sink: Some(sink), unstored: Vec::new() };
+    }
+
+    /// Moves the specs of the jobs created since the last call into the attached store, in
+    /// one write: a create leaves its spec in the heap (its command's archive) until then.
+    /// Local to this replica: where a spec lives changes nothing replicated.
+    pub fn store_new_specs(&mut self) {
+        let SinkSlot { sink: Some(sink), unstored } = &mut self.spec_sink else { return };
+        if unstored.is_empty() {
+            return;
+        }
+        // A slot freed and taken again meanwhile holds the newer job: stored once.
+        unstored.sort_unstable();
+        unstored.dedup();
+        let mut slots = Vec::with_capacity(unstored.len());
+        let mut archives = Vec::with_capacity(unstored.len());
+        for slot in unstored.drain(..) {
+            if let Some(bytes) = self.jobs.at(slot).and_then(|job| job.spec.packed_bytes()) {
+                slots.push(slot);
+                archives.push(bytes);
+            }
+        }
+        let views = sink.put_many(&archives);
+        for (slot, view) in slots.into_iter().zip(views) {
+            if let Some(job) = self.jobs.at_mut(slot) {
+                job.spec.stored_as(view);
+            }
+        }
     }
 
     /// From now on the dedup window's tombstones are kept in chunks `store` makes (those
@@ -958,7 +989,8 @@ impl State {
 
     /// Takes the attached spec store away (to attach it to the state that replaces this one).
     pub fn detach_spec_store(&mut self) -> Option<Box<dyn SpecSink>> {
-        self.spec_sink.0.take()
+        self.store_new_specs();
+        self.spec_sink.sink.take()
     }
 
     /// Looks at up to `budget` jobs from slot `cursor` on (`None`: from the first) and moves
@@ -966,7 +998,7 @@ impl State {
     /// (`None`: the end was reached) and how many moved. Local to this replica: where a spec
     /// lives changes nothing replicated.
     pub fn repack_specs(&mut self, cursor: Option<u32>, budget: usize) -> (Option<u32>, usize) {
-        let Some(sink) = self.spec_sink.0.as_mut() else { return (None, 0) };
+        let Some(sink) = self.spec_sink.sink.as_mut() else { return (None, 0) };
         if cursor.is_none() && !sink.repack_wanted() {
             return (None, 0);
         }
@@ -986,7 +1018,7 @@ impl State {
 
     /// Moves the spec of `id` into the attached store, if any.
     fn keep_spec(&mut self, id: &str) {
-        if let (Some(sink), Some(job)) = (self.spec_sink.0.as_mut(), self.jobs.get_mut(id)) {
+        if let (Some(sink), Some(job)) = (self.spec_sink.sink.as_mut(), self.jobs.get_mut(id)) {
             job.spec.store_in(&mut **sink);
         }
     }
@@ -1747,15 +1779,20 @@ impl State {
         for dependency in job.spec.depends_on() {
             self.dependents.entry(dependency.to_string()).or_default().insert(id.clone());
         }
-        match self.spec_sink.0.as_mut() {
-            Some(sink) => job.spec.store_in(&mut **sink),
-            None => job.spec.keep_in_heap(),
+        // With a store attached, the spec goes there with the others of this turn's creates
+        // (`store_new_specs`); without one it stays in the heap for good.
+        let deferred = self.spec_sink.sink.is_some();
+        if !deferred {
+            job.spec.keep_in_heap();
         }
         // Only a job with a life (finished, or callbacks waiting) has a place in the expiry
         // order: a new pending job is not looked up again for it.
         let has_life = job.life.is_some();
-        if self.jobs.insert(job).is_err() {
+        let Ok(slot) = self.jobs.insert(job) else {
             unreachable!("room was checked above, and the job it replaced (if any) was detached");
+        };
+        if deferred {
+            self.spec_sink.unstored.push(slot);
         }
         if has_life {
             self.index_retention(&id);

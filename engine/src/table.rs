@@ -171,6 +171,10 @@ impl JobTable {
         self.slots.get(slot as usize)?.as_ref()
     }
 
+    pub fn at_mut(&mut self, slot: u32) -> Option<&mut Job> {
+        self.slots.get_mut(slot as usize)?.as_mut()
+    }
+
     /// Puts `job` in the table, replacing a job of the same id in its slot; returns the slot.
     pub fn insert(&mut self, job: Job) -> Result<u32, TableFull> {
         if let Some(slot) = self.slot_of(job.id()) {

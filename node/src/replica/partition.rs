@@ -659,6 +659,7 @@ impl Partition {
                 }
                 self.applied_since_snapshot += 1;
             }
+            self.state.store_new_specs();
             self.node.advance(ready);
             self.answer_reads();
             // A single voter wins inside `tick`, so a change of role is seen here.

@@ -2,8 +2,10 @@
 //! partition's directory), so a pending job's URL, headers, body, labels and secrets cost
 //! page cache the kernel can write back and evict, not heap.
 //!
-//! A segment is a preallocated file mapped shared, named by its number; specs are appended
-//! at 16-byte alignment and never written again. A linked snapshot (`State::link`) names the
+//! A segment is a preallocated file mapped shared and read-only, named by its number; specs
+//! are appended at 16-byte alignment by `pwrite`, a turn's specs in one write, and never
+//! written again. (Writing through the mapping cost a page fault per new page, and, when the
+//! pages were synced, a TLB flush of both cores per page: more than the write calls.) A linked snapshot (`State::link`) names the
 //! segments its jobs' specs lie in with a length and a CRC32C: before it is written, each of
 //! them is synced up to that length (only past what an earlier snapshot synced, the checksum
 //! carried on from there, since nothing below is ever written again). So the segments the
@@ -16,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -42,9 +45,10 @@ pub(super) const DISK_FREE_FLOOR_BYTES: u64 = 1 << 30;
 /// again (a failing disk is not retried on every create).
 const PUTS_BEFORE_RETRY: u64 = 4096;
 
-/// One segment file, mapped shared and writable.
+/// One segment file, mapped shared and read-only; written with `pwrite`.
 pub struct FileSegment {
     map: memmap2::MmapRaw,
+    file: File,
     path: PathBuf,
     number: u64,
     /// The file's inode: a segment deletes its file only if the name still names it.
@@ -69,9 +73,9 @@ struct Durable {
     crc32c: u32,
 }
 
-// SAFETY: `SpecStore::put` is the only writer: it copies a record to a 16-byte-aligned offset
-// of the page-aligned mapping past every record handed out, then makes its view; nothing
-// writes there again, and the file is never truncated while mapped. A segment opened from a
+// SAFETY: `SpecStore::put_many` is the only writer: it writes records to 16-byte-aligned
+// offsets of the file past every record handed out, then makes their views; nothing writes
+// there again, and the file is never truncated while mapped. A segment opened from a
 // snapshot's list is never written below the length listed (it is sealed).
 unsafe impl SpecSegment for FileSegment {
     fn read(&self, offset: u32, len: u32) -> &[u8] {
@@ -126,9 +130,10 @@ impl FileSegment {
 
     fn map_file(path: &Path, file: &File, number: u64, store_open: Arc<AtomicBool>) -> std::io::Result<FileSegment> {
         use std::os::unix::fs::MetadataExt;
-        let map = memmap2::MmapOptions::new().map_raw(file)?;
+        let map = memmap2::MmapOptions::new().map_raw_read_only(file)?;
         Ok(FileSegment {
             map,
+            file: file.try_clone()?,
             path: path.to_path_buf(),
             number,
             inode: file.metadata()?.ino(),
@@ -341,9 +346,11 @@ impl SpecStore {
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
         header[..8].copy_from_slice(&SEGMENT_MAGIC);
         header[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
-        // SAFETY: the mapping is at least a segment long (reserved above) and nothing else
-        // refers to it yet.
-        unsafe { std::ptr::copy_nonoverlapping(header.as_ptr(), segment.map.as_mut_ptr(), SEGMENT_HEADER_BYTES) };
+        if let Err(error) = segment.file.write_all_at(&header, 0) {
+            drop(segment);
+            let _ = fs::remove_file(&path);
+            return Err(error);
+        }
         let segment = Arc::new(segment);
         files.insert(number, Arc::downgrade(&segment));
         Ok(segment)
@@ -393,51 +400,133 @@ fn open_listed(dir: &Path, listed: &LinkedSegment, store_open: Arc<AtomicBool>) 
     Ok(segment)
 }
 
+/// Specs placed in one segment and not yet written: their bytes as they will lie in the
+/// file from `start`, padding included.
+#[derive(Default)]
+struct Run {
+    segment: Option<Arc<FileSegment>>,
+    start: u64,
+    bytes: Vec<u8>,
+    /// Each spec's position in `put_many`'s list, and its length.
+    specs: Vec<(usize, u32)>,
+}
+
+impl Run {
+    /// Where the next byte would lie in the segment.
+    fn end(&self) -> u64 {
+        self.start + self.bytes.len() as u64
+    }
+}
+
+impl SpecStore {
+    /// Where a spec of `len` bytes goes: in the run's segment, or, when it is full, at the
+    /// start of a new head (the full run written first). `None`: no segment can be made.
+    fn place(&mut self, len: u32, run: &mut Run, views: &mut [Option<SpecView>]) -> Option<u64> {
+        let fits = |segment: &FileSegment, from: u64| align_up(from) + u64::from(len) <= segment.map.len() as u64;
+        if run.segment.is_none() {
+            if let Some(head) = self.head.clone() {
+                let from = head.written_bytes.load(Ordering::Relaxed);
+                *run = Run { segment: Some(head), start: from, ..Run::default() };
+            }
+        }
+        if !run.segment.as_deref().is_some_and(|segment| fits(segment, run.end())) {
+            self.write_run(std::mem::take(run), views);
+            let head = self.new_head()?;
+            let from = head.written_bytes.load(Ordering::Relaxed);
+            *run = Run { segment: Some(head), start: from, ..Run::default() };
+        }
+        Some(align_up(run.end()))
+    }
+
+    /// Seals the head and makes a new one, unless segments are being refused after a failure.
+    fn new_head(&mut self) -> Option<Arc<FileSegment>> {
+        if let Some(old) = self.head.take() {
+            old.sealed.store(true, Ordering::Relaxed);
+        }
+        if self.refusing_puts > 0 {
+            self.refusing_puts -= 1;
+            return None;
+        }
+        match self.new_segment() {
+            Ok(segment) => {
+                self.head = Some(segment.clone());
+                self.warned = false;
+                Some(segment)
+            }
+            Err(error) => {
+                self.refused(&error);
+                None
+            }
+        }
+    }
+
+    fn refused(&mut self, error: &std::io::Error) {
+        if !self.warned {
+            self.warned = true;
+            tracing::warn!(dir = %self.dir.display(), %error, "specs stay in memory: the spec store cannot grow");
+        }
+        self.refusing_puts = PUTS_BEFORE_RETRY;
+    }
+
+    /// Writes a run's bytes and sets the views of its specs in `views`; when the write fails,
+    /// none (those specs stay in the heap) and the segment takes no more.
+    fn write_run(&mut self, run: Run, views: &mut [Option<SpecView>]) {
+        let Some(segment) = run.segment else { return };
+        if run.specs.is_empty() {
+            return;
+        }
+        if let Err(error) = segment.file.write_all_at(&run.bytes, run.start) {
+            segment.sealed.store(true, Ordering::Relaxed);
+            if self.head.as_ref().is_some_and(|head| Arc::ptr_eq(head, &segment)) {
+                self.head = None;
+            }
+            self.refused(&error);
+            return;
+        }
+        let mut at = run.start;
+        for (position, len) in run.specs {
+            at = align_up(at);
+            views[position] = u32::try_from(at).ok().map(|offset| {
+                let as_segment: Arc<dyn SpecSegment> = segment.clone();
+                // SAFETY: the record was just written at `offset` from the archive `put_many`
+                // was given, and nothing writes there again.
+                unsafe { SpecView::new(as_segment, offset, len) }
+            });
+            at += u64::from(len);
+        }
+        // Release: a thread that loads it (Acquire) sees the bytes below it.
+        segment.written_bytes.store(run.start + run.bytes.len() as u64, Ordering::Release);
+    }
+}
+
 impl SpecSink for SpecStore {
     fn put(&mut self, archive: &[u8]) -> Option<SpecView> {
-        let len = u32::try_from(archive.len()).ok()?;
-        if SEGMENT_HEADER_BYTES as u64 + u64::from(len) > self.segment_bytes {
-            return None; // larger than a segment: it stays in the heap
-        }
-        let fits = |segment: &FileSegment| {
-            let at = align_up(segment.written_bytes.load(Ordering::Relaxed));
-            at + u64::from(len) <= segment.map.len() as u64
-        };
-        if !self.head.as_deref().is_some_and(fits) {
-            if let Some(old) = self.head.take() {
-                old.sealed.store(true, Ordering::Relaxed);
-            }
-            if self.refusing_puts > 0 {
-                self.refusing_puts -= 1;
-                return None;
-            }
-            match self.new_segment() {
-                Ok(segment) => {
-                    self.head = Some(segment);
-                    self.warned = false;
-                }
-                Err(error) => {
-                    if !self.warned {
-                        self.warned = true;
-                        tracing::warn!(dir = %self.dir.display(), %error, "specs stay in memory: the spec store cannot grow");
-                    }
-                    self.refusing_puts = PUTS_BEFORE_RETRY;
-                    return None;
-                }
+        self.put_many(&[archive]).pop().flatten()
+    }
+
+    /// Places the archives one after another in the head segment (a new one when it is
+    /// full) and writes each segment's share with one `pwrite`; the views are made once
+    /// their bytes are written.
+    fn put_many(&mut self, archives: &[&[u8]]) -> Vec<Option<SpecView>> {
+        // Larger than a segment, or no room: `None`, and that spec stays in the heap.
+        let mut views: Vec<Option<SpecView>> = archives.iter().map(|_| None).collect();
+        let mut run = Run::default();
+        for (position, archive) in archives.iter().enumerate() {
+            let Some(len) = u32::try_from(archive.len())
+                .ok()
+                .filter(|len| SEGMENT_HEADER_BYTES as u64 + u64::from(*len) <= self.segment_bytes)
+            else {
+                continue;
+            };
+            if let Some(at) = self.place(len, &mut run, &mut views) {
+                let padding = (at - run.end()) as usize;
+                run.bytes.resize(run.bytes.len() + padding, 0);
+                run.bytes.extend_from_slice(archive);
+                run.specs.push((position, len));
             }
         }
-        let head = self.head.as_ref()?;
-        let at = align_up(head.written_bytes.load(Ordering::Relaxed));
-        // SAFETY: `at..at + len` lies inside the mapping (`fits`) and past every record
-        // handed out so far, so no view refers to it.
-        unsafe {
-            std::ptr::copy_nonoverlapping(archive.as_ptr(), head.map.as_mut_ptr().add(at as usize), archive.len())
-        };
-        head.written_bytes.store(at + u64::from(len), Ordering::Release);
-        let offset = u32::try_from(at).ok()?;
-        let segment: Arc<dyn SpecSegment> = head.clone();
-        // SAFETY: the record just copied there from `archive`, as `put` was given it.
-        Some(unsafe { SpecView::new(segment, offset, len) })
+        self.write_run(run, &mut views);
+        views
     }
 
     fn repack_wanted(&self) -> bool {
@@ -530,6 +619,35 @@ mod tests {
         }
         let view = store.put(&record).expect("a new segment once the old one is gone");
         assert_eq!((view.bytes(), files(dir.path()).len()), (record.as_slice(), 1));
+    }
+
+    #[test]
+    fn specs_put_together_read_back_in_order_across_segments_and_one_too_large_stays_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = SpecStore::open(dir.path(), 1 << 16, 4, &[]).expect("open").store;
+        store.files().activate();
+        // 100 records of 1,000 to 1,099 bytes do not fit one 64 KiB segment; one of 70,000
+        // bytes fits none.
+        let records: Vec<Vec<u8>> = (0..100u32).map(|i| vec![i as u8; 1_000 + i as usize]).collect();
+        let too_large = vec![7u8; 70_000];
+        let mut archives: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+        archives.insert(40, &too_large);
+        let views = store.put_many(&archives);
+        assert_eq!(views.len(), 101);
+        assert!(views[40].is_none(), "larger than a segment: left in the heap");
+        for (archive, view) in archives.iter().zip(&views).filter(|(_, view)| view.is_some()) {
+            let view = view.as_ref().expect("filtered");
+            assert_eq!(view.bytes(), *archive, "each spec reads back as it was given, in its place");
+            assert_eq!(view.bytes().as_ptr().align_offset(SPEC_ALIGN_BYTES), 0, "records are aligned");
+        }
+        assert_eq!(views.iter().flatten().count(), 100);
+        assert_eq!(files(dir.path()).len(), 2, "the head filled and a second segment took the rest");
+        // What a snapshot syncs covers every spec written, and the file holds their bytes.
+        let segment = store.files().get(0).expect("the first segment lives");
+        let durable = segment.make_durable().expect("syncs");
+        let file = fs::read(dir.path().join(SPECS_DIR).join(segment_name(0))).expect("read");
+        assert_eq!(durable.crc32c, crc32c::crc32c(&file[..durable.len_bytes as usize]));
+        assert!(durable.len_bytes > 60_000, "{}", durable.len_bytes);
     }
 
     /// Puts the spec of a job `id` in `store` as the state would, and returns its view.
