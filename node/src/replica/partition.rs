@@ -66,8 +66,7 @@ impl PartitionOptions {
             heartbeat_ticks: 1,
             leader_patience_ticks: 0,
             members: None,
-            // Linux only: elsewhere a file cannot be reserved, and a write through the
-            // mapping to a full disk would be a SIGBUS.
+            // Linux only: elsewhere a segment's blocks cannot be reserved ahead.
             spec_segment_bytes: cfg!(target_os = "linux").then_some(SEGMENT_BYTES_DEFAULT),
             expected_jobs: 0,
         }

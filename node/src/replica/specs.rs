@@ -560,8 +560,8 @@ fn align_up(at: u64) -> u64 {
     at.next_multiple_of(SPEC_ALIGN_BYTES as u64)
 }
 
-/// Sizes the file and reserves its blocks, so a write through the mapping never meets a full
-/// disk (which would be a SIGBUS, not an error).
+/// Sizes the file and reserves its blocks, so its writes never meet a full disk (through a
+/// writable mapping, as tombstone chunks are written, that would be a SIGBUS, not an error).
 pub(super) fn reserve(file: &File, bytes: u64) -> std::io::Result<()> {
     file.set_len(bytes)?;
     #[cfg(target_os = "linux")]
