@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use support::now_ms;
 
 mod support;
-use support::{listening_addresses, receiver, wait_for, Node};
+use support::{listening_addresses, receiver, wait_for, Hit, Node};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_created_over_http_fires_and_bad_input_creates_nothing() {
@@ -954,6 +954,37 @@ async fn a_cron_job_fires_repeatedly_until_paused() {
             hit.key.rsplit(':').next().and_then(|ms| ms.parse().ok()).expect("key ends with the fire time");
         assert!(fire_ms % 1_000 == 0 && hit.at_ms >= fire_ms, "on a second boundary and not early: {}", hit.key);
     }
+}
+
+/// Every attempt carries a fencing token (`X-Sundial-Fencing-Token`): fire after fire of a
+/// cron job it grows, and after a kill -9 and a restart (a new leadership) its term is larger
+/// than any before, so a receiver can refuse what the old leader had in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_deliveries_carry_fencing_tokens_that_grow_and_a_restart_raises_their_term() {
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let request = json!({"id": "fenced", "cron": "* * * * * *", "url": format!("http://{target}/fenced")});
+    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
+    assert!(wait_for(Duration::from_secs(30), || hits.lock().expect("hits").len() >= 3).await, "three fires");
+    node.kill();
+    let before = hits.lock().expect("hits").clone();
+    let restarted_ms = now_ms();
+    let node = Node::start(data.path());
+    let more = || hits.lock().expect("hits").iter().filter(|hit| hit.at_ms >= restarted_ms).count() >= 3;
+    assert!(wait_for(Duration::from_secs(30), more).await, "three fires after the restart");
+    node.kill();
+    let token = |hit: &Hit| -> u64 {
+        let value = hit.headers.iter().find(|(name, _)| name == "x-sundial-fencing-token").map(|(_, v)| v.as_str());
+        value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("a fencing token: {:?}", hit.headers))
+    };
+    let term = |hit: &Hit| token(hit) >> sundial_engine::sign::FENCING_INDEX_BITS;
+    let first: Vec<u64> = before.iter().map(token).collect();
+    assert!(first.windows(2).all(|pair| pair[1] > pair[0]), "each fire's token above the last: {first:?}");
+    let old_term = before.iter().map(term).max().expect("fires before the kill");
+    let hits = hits.lock().expect("hits").clone();
+    let after: Vec<&Hit> = hits.iter().filter(|hit| hit.at_ms >= restarted_ms).collect();
+    assert!(after.iter().all(|hit| term(hit) > old_term), "a new leadership's term: {old_term} before, {after:?}");
 }
 
 /// `sundial certs` makes a cluster CA and node certificates, adds nodes later with the same

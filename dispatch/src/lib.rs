@@ -102,6 +102,8 @@ pub struct Attempt {
     pub secret_next: Option<Vec<u8>>,
     /// W3C trace context naming this attempt's span (`crate::trace`).
     pub traceparent: String,
+    /// `X-Sundial-Fencing-Token` (`sundial_engine::sign::fencing_token`).
+    pub fencing_token: u64,
 }
 
 /// What became of an attempt.
@@ -686,6 +688,7 @@ fn build_request(config: &DispatchConfig, attempt: &Attempt, uri: hyper::Uri) ->
         .header("x-sundial-job-id", attempt.job_id.as_str())
         .header("x-sundial-attempt", attempt.attempt.to_string())
         .header("x-sundial-fire-time", attempt.fire_ms.to_string())
+        .header("x-sundial-fencing-token", attempt.fencing_token.to_string())
         .header("x-correlation-id", key.as_str())
         .header("traceparent", attempt.traceparent.as_str());
     // The job's own secrets, else the node's: the current one, then the next during a rotation.

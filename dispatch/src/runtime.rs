@@ -129,6 +129,9 @@ pub trait CommandLog {
         false
     }
 
+    /// The log's last index (an attempt's fencing token is made of it and the term).
+    fn last_index(&self) -> u64;
+
     /// The format commands are written in (`sundial_engine::codec`): 0 while a replica of an
     /// older build, which reads only JSON and knows only older commands, follows the log.
     fn command_format(&self) -> u8 {
@@ -182,6 +185,10 @@ impl CommandLog for DirectLog {
 
     fn leadership(&self) -> Option<u64> {
         Some(1)
+    }
+
+    fn last_index(&self) -> u64 {
+        self.next_ticket - 1
     }
 
     fn leads_alone(&self) -> bool {
@@ -564,6 +571,11 @@ impl<L: CommandLog> Runtime<L> {
             secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             secret_next: spec.secret_next.as_ref().map(|s| s.as_bytes().to_vec()),
             traceparent: sundial_engine::trace::attempt_traceparent(spec.trace.as_ref(), id, fire_ms, attempt),
+            // Made now, by the leader that sends it: a receiver refuses an older term's.
+            fencing_token: sundial_engine::sign::fencing_token(
+                self.log.leadership().unwrap_or(0),
+                self.log.last_index(),
+            ),
         };
         self.dispatcher.submit(submission).is_ok()
     }

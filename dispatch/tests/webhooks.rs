@@ -313,6 +313,10 @@ impl sundial_dispatch::runtime::CommandLog for HeldLog {
     fn leads_alone(&self) -> bool {
         self.alone
     }
+
+    fn last_index(&self) -> u64 {
+        self.next_ticket
+    }
 }
 
 /// A runtime over a `HeldLog` with two jobs due 200 ms from now, "early" and "cancelled", and

@@ -24,6 +24,28 @@ pub fn idempotency_key(job_id: &str, fire_ms: u64) -> String {
     format!("{job_id}:{fire_ms}")
 }
 
+/// Bits of a fencing token that hold the log index; the term holds the 24 above them.
+pub const FENCING_INDEX_BITS: u32 = 40;
+
+/// An attempt's fencing token (`X-Sundial-Fencing-Token`): the leadership term of its
+/// partition in the high 24 bits and the partition's log index when the attempt was made in
+/// the low 40. Every attempt a later leadership makes carries a larger token than any an
+/// earlier one made, so a receiver that saw a token for a job can refuse a request of that
+/// job from an older term: one a deposed leader sent, or had in flight. Within one
+/// leadership a later attempt of a fire carries a token no smaller (its predecessor's
+/// outcome was logged between them). Past their widths (2^24 terms, 2^40 entries) the parts
+/// stay at their largest: tokens then stop growing, never shrink.
+pub fn fencing_token(term: u64, log_index: u64) -> u64 {
+    let term = term.min((1 << (64 - FENCING_INDEX_BITS)) - 1);
+    let log_index = log_index.min((1 << FENCING_INDEX_BITS) - 1);
+    (term << FENCING_INDEX_BITS) | log_index
+}
+
+/// The leadership term a fencing token was made in.
+pub fn fencing_term(token: u64) -> u64 {
+    token >> FENCING_INDEX_BITS
+}
+
 /// What a `v2=` signature binds besides the timestamp and the body.
 #[derive(Clone, Copy, Debug)]
 pub struct Bound<'a> {
@@ -110,6 +132,19 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn fencing_tokens_order_terms_first_then_log_positions_and_saturate() {
+        assert_eq!(fencing_token(3, 7), (3 << 40) | 7);
+        assert_eq!(fencing_term(fencing_token(3, 7)), 3);
+        assert!(fencing_token(4, 1) > fencing_token(3, (1 << 40) - 1), "a later term wins over any index");
+        assert!(fencing_token(3, 8) > fencing_token(3, 7));
+        // Past the widths: the largest, never wrapped into a smaller token.
+        assert_eq!(fencing_token(3, 1 << 41), fencing_token(3, (1 << 40) - 1));
+        assert_eq!(fencing_term(fencing_token(1 << 30, 0)), (1 << 24) - 1);
+        assert!(fencing_token(1 << 30, 0) > fencing_token((1 << 24) - 2, 9), "still above every earlier term");
+    }
+
     use super::*;
 
     const BOUND: Bound = Bound { method: "POST", url: "https://example.com/hook", idempotency_key: "job-1:1000" };

@@ -1,5 +1,5 @@
-"""A typed client for Sundial's HTTP API (sync and asyncio), and the verifier receivers use
-for Sundial's webhook signatures. Standard library only."""
+"""A typed client for Sundial's HTTP API (sync and asyncio), and what receivers use for
+Sundial's webhooks: the signature verifiers and the fencing token. Standard library only."""
 
 from .client import (
     AsyncClient,
@@ -8,8 +8,21 @@ from .client import (
     Execution,
     Job,
     SundialError,
+    fencing_term,
+    fencing_token,
     verify_signature,
     verify_signature_v2,
 )
 
-__all__ = ["AsyncClient", "Client", "DeadLetter", "Execution", "Job", "SundialError", "verify_signature", "verify_signature_v2"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "DeadLetter",
+    "Execution",
+    "Job",
+    "SundialError",
+    "fencing_term",
+    "fencing_token",
+    "verify_signature",
+    "verify_signature_v2",
+]

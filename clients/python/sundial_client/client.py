@@ -16,7 +16,7 @@ import json
 import time
 import urllib.parse
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 # Every (method, path) the clients call; a test checks each against /openapi.json.
 ROUTES: List[Tuple[str, str]] = [
@@ -153,6 +153,31 @@ def verify_signature_v2(
         return f"v2\n{timestamp}\n{method.upper()}\n{url}\n{idempotency_key}\n".encode() + body
 
     return _any_signature_matches(secret, header, "v2", signed, now_ms, tolerance_ms)
+
+
+#: Bits of a fencing token that hold the partition's log index; the term holds those above.
+FENCING_INDEX_BITS = 40
+
+
+def fencing_token(headers: Mapping[str, str]) -> Optional[int]:
+    """The `X-Sundial-Fencing-Token` of a webhook request (`headers` in any case), or None.
+    Every later leadership of the job's partition sends larger tokens than any earlier one
+    did, so a receiver that keeps the largest token it accepted per job can refuse a request
+    whose term (`fencing_term`) is older: one a deposed leader sent or had in flight. Tokens
+    are not signed: check the request's signature first."""
+    for name, value in headers.items():
+        if name.lower() == "x-sundial-fencing-token":
+            try:
+                token = int(value)
+            except ValueError:
+                return None
+            return token if 0 <= token < 1 << 64 else None
+    return None
+
+
+def fencing_term(token: int) -> int:
+    """The leadership term a fencing token was made in."""
+    return token >> FENCING_INDEX_BITS
 
 
 def _any_signature_matches(

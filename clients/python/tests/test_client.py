@@ -16,7 +16,16 @@ from dataclasses import fields
 
 import pytest
 
-from sundial_client import AsyncClient, Client, Job, SundialError, verify_signature, verify_signature_v2
+from sundial_client import (
+    AsyncClient,
+    Client,
+    Job,
+    SundialError,
+    fencing_term,
+    fencing_token,
+    verify_signature,
+    verify_signature_v2,
+)
 from sundial_client.client import ROUTES
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
@@ -190,6 +199,13 @@ def test_signatures_from_a_real_node_verify_and_tampering_does_not(receiver):
         assert not verify_signature_v2(b"s3cret", header, hit["body"], "POST", "https://pay.example/hook", key)
         assert not verify_signature_v2(b"s3cret", header, hit["body"], "POST", sent_to, key + "0")
         assert not verify_signature_v2(b"s3cret", header, hit["body"], "PUT", sent_to, key)
+        # The fencing token: a leadership term above, a log position below.
+        token = fencing_token(hit["headers"])
+        assert token is not None and fencing_term(token) >= 1, hit["headers"]
+        assert token & ((1 << 40) - 1) >= 1, "a log position"
+        assert fencing_token({"X-Sundial-Fencing-Token": "12"}) == 12
+        assert fencing_token({"x-sundial-fencing-token": "-1"}) is None
+        assert fencing_token({}) is None
     finally:
         process.kill()
         process.wait()

@@ -398,3 +398,27 @@ export function verifySignatureV2(
   const signed = (t: number) => [`v2\n${t}\n${method.toUpperCase()}\n${url}\n${idempotencyKey}\n`, body];
   return anySignatureMatches(secret, header, "v2", signed, nowMs, toleranceMs);
 }
+
+/** Bits of a fencing token that hold the partition's log index; the term holds those above. */
+export const FENCING_INDEX_BITS = 40n;
+
+/**
+ * The `X-Sundial-Fencing-Token` of a webhook request (`headers` as Node's `IncomingMessage`
+ * has them, or any object of lower- or mixed-case names), or `undefined`. A bigint: tokens
+ * use all 64 bits. Every later leadership of the job's partition sends larger tokens than
+ * any earlier one did, so a receiver that keeps the largest token it accepted per job can
+ * refuse a request whose term (`fencingTerm`) is older: one a deposed leader sent or had in
+ * flight. Tokens are not signed: check the request's signature first.
+ */
+export function fencingToken(headers: Record<string, string | string[] | undefined>): bigint | undefined {
+  const name = Object.keys(headers).find((key) => key.toLowerCase() === "x-sundial-fencing-token");
+  const value = name === undefined ? undefined : headers[name];
+  if (typeof value !== "string" || !/^[0-9]{1,20}$/.test(value)) return undefined;
+  const token = BigInt(value);
+  return token < 1n << 64n ? token : undefined;
+}
+
+/** The leadership term a fencing token was made in. */
+export function fencingTerm(token: bigint): bigint {
+  return token >> FENCING_INDEX_BITS;
+}

@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { once } from "node:events";
 import { createInterface } from "node:readline";
-import { Client, JOB_FIELDS, ROUTES, SundialError, verifySignature, verifySignatureV2 } from "../src/index.js";
+import { Client, JOB_FIELDS, ROUTES, SundialError, fencingTerm, fencingToken, verifySignature, verifySignatureV2 } from "../src/index.js";
 
 const binary = process.env.SUNDIAL_BIN ?? resolve(process.cwd(), "../../target/debug/sundial");
 const started: ChildProcess[] = [];
@@ -133,6 +133,13 @@ test("signatures from a real node verify, and tampering does not", async () => {
   assert.ok(!verifySignatureV2("s3cret", header, hit.body, { ...signed, url: "https://pay.example/hook" }));
   assert.ok(!verifySignatureV2("s3cret", header, hit.body, { ...signed, method: "PUT" }));
   assert.ok(!verifySignatureV2("s3cret", header, hit.body, { ...signed, idempotencyKey: signed.idempotencyKey + "0" }));
+  // The fencing token: a leadership term above, a log position below.
+  const token = fencingToken(hit.headers);
+  assert.ok(token !== undefined && fencingTerm(token) >= 1n, JSON.stringify(hit.headers));
+  assert.ok((token & ((1n << 40n) - 1n)) >= 1n, "a log position");
+  assert.equal(fencingToken({ "X-Sundial-Fencing-Token": "12" }), 12n);
+  assert.equal(fencingToken({ "x-sundial-fencing-token": "-1" }), undefined);
+  assert.equal(fencingToken({}), undefined);
   target.close();
 });
 

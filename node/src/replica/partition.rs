@@ -1200,6 +1200,10 @@ impl CommandLog for Partition {
     fn leads_alone(&self) -> bool {
         self.is_leader() && self.node.conf_state().voters == [self.node_id()]
     }
+
+    fn last_index(&self) -> u64 {
+        self.node.status().last_index
+    }
 }
 
 /// A command proposed here and waiting for its entry to be applied.
