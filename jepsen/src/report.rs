@@ -339,8 +339,14 @@ mod tests {
             detail: json!({"fault": "partition", "shape": "halves"}),
             error: None,
         }];
-        let deliveries =
-            [Received { job: "j".into(), key: "j:2000".into(), attempt: 1, received_us: 2_004_000, status: 200 }];
+        let deliveries = [Received {
+            job: "j".into(),
+            key: "j:2000".into(),
+            attempt: 1,
+            received_us: 2_004_000,
+            status: 200,
+            fencing_token: None,
+        }];
         let svg = timeline_svg(&ops, &faults, &deliveries, 0, 10_000_000);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
         assert_eq!(svg.matches("fill=\"#2a9d3a\"").count(), 2, "the ok rectangle and its latency dot");

@@ -148,10 +148,12 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
     println!("sundial-jepsen: {} → {}", command_line(&settings), dir.display());
 
     let recorder = Recorder::default();
-    // The receiver fails a share of attempts, so retries (and their keys) are exercised too.
+    // The receiver fails a share of attempts, so retries (and their keys) are exercised too,
+    // and refuses what a deposed leader sent, as a receiver that uses fencing tokens does.
     let receiver_options = sundial_loadgen::receiver::SinkOptions {
         faults: sundial_loadgen::faults::Faults { fail_rate: settings.receiver_fail_rate, ..Default::default() },
         secret: None,
+        fencing: true,
     };
     let (receiver, recorded) = sundial_loadgen::receiver::start(([127, 0, 0, 1], 0).into(), receiver_options)
         .await
@@ -251,6 +253,7 @@ pub async fn run(args: RunArgs) -> Result<bool, String> {
                         attempt: d.attempt,
                         received_us: d.received_us,
                         status: d.status,
+                        fencing_token: d.fencing_token,
                     })
                     .collect()
             })

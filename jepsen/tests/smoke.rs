@@ -69,7 +69,10 @@ fn a_short_run_with_kills_and_partitions_is_valid_and_a_broken_copy_is_not() {
     assert_eq!(results["valid"], true);
     let properties = results["properties"].as_array().unwrap();
     let names: Vec<&str> = properties.iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["lost", "early", "cancel", "keys", "caught-up", "linearizable", "progress", "no-crashes"]);
+    assert_eq!(
+        names,
+        ["lost", "early", "cancel", "keys", "caught-up", "fencing", "linearizable", "progress", "no-crashes"]
+    );
     assert!(properties.iter().all(|p| p["valid"] == true), "{properties:?}");
     let faults: Vec<&str> =
         results["faults"].as_array().unwrap().iter().map(|f| f["detail"]["fault"].as_str().unwrap()).collect();
@@ -117,6 +120,25 @@ fn a_short_run_with_kills_and_partitions_is_valid_and_a_broken_copy_is_not() {
     let (code, text) = check(&early_copy);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("FAILED early"), "{text}");
+
+    // A deposed leader's delivery accepted: a delivery of a newer term is made to arrive just
+    // before an accepted one, which then carries an older term than one accepted before it.
+    let at = deliveries
+        .iter()
+        .position(|d| d["status"] == 200 && d["fencing_token"].is_u64())
+        .expect("an accepted delivery with a token");
+    let mut newer = deliveries[at].clone();
+    let term = deliveries[at]["fencing_token"].as_u64().unwrap() >> 40;
+    newer["fencing_token"] = Value::from((term + 1) << 40);
+    newer["received_us"] = Value::from(deliveries[at]["received_us"].as_u64().unwrap() - 1);
+    let mut fenced = deliveries.clone();
+    fenced.insert(at, newer);
+    let fencing_copy = out.path().join("broken-fencing");
+    copy_run(run, &fencing_copy);
+    write_lines(&fencing_copy.join("deliveries.jsonl"), &fenced);
+    let (code, text) = check(&fencing_copy);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("FAILED fencing"), "{text}");
 
     // A stale read: a read that began after the job's create was acknowledged now says the
     // job does not exist — no linearization has it.

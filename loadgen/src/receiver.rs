@@ -1,6 +1,8 @@
 //! The webhook sink's HTTP server: records each delivery (job id, idempotency key, attempt,
-//! arrival time, what it answered, whether the signature verified) and answers as its
-//! failure injection says. Bounded: beyond `DELIVERIES_MAX` deliveries are counted but not kept.
+//! arrival time, what it answered, whether the signature verified, its fencing token) and
+//! answers as its failure injection says — and, asked to, refuses what a deposed leader sent
+//! (a fencing term older than one it accepted for the job). Bounded: beyond `DELIVERIES_MAX`
+//! deliveries are counted but not kept.
 
 use crate::faults::{Answer, Faults};
 use crate::sink::Delivery;
@@ -12,6 +14,8 @@ use std::time::Duration;
 
 /// Deliveries kept at most (a run of 10 million fires fits).
 pub const DELIVERIES_MAX: usize = 10_000_000;
+/// A fencing token's term is above its low 40 bits (docs/API.md, "Fencing tokens").
+const FENCING_INDEX_BITS: u32 = 40;
 /// How far a signature's timestamp may be from the sink's clock.
 const SIGNATURE_TOLERANCE_MS: u64 = 300_000;
 
@@ -19,6 +23,9 @@ const SIGNATURE_TOLERANCE_MS: u64 = 300_000;
 pub struct Recorded {
     pub deliveries: Vec<Delivery>,
     pub dropped: u64,
+    /// The largest fencing token accepted per job (with `SinkOptions::fencing`; at most
+    /// `DELIVERIES_MAX` jobs).
+    pub fenced: std::collections::HashMap<String, u64>,
 }
 
 /// How the sink behaves.
@@ -27,6 +34,9 @@ pub struct SinkOptions {
     pub faults: Faults,
     /// Verify each delivery's signature with this secret.
     pub secret: Option<Vec<u8>>,
+    /// Answer 409 to a delivery whose fencing term is older than that of one accepted
+    /// before for its job, as a receiver that uses the tokens does.
+    pub fencing: bool,
 }
 
 /// Starts the sink on `addr` (port 0 picks one) on the current tokio runtime.
@@ -64,6 +74,7 @@ async fn record(
     let (job_id, idempotency_key, signature) =
         (header("x-sundial-job-id"), header("idempotency-key"), header("x-sundial-signature"));
     let attempt = header("x-sundial-attempt").parse().unwrap_or(0);
+    let fencing_token: Option<u64> = header("x-sundial-fencing-token").parse().ok();
     let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
     let signature_ok = options
         .secret
@@ -78,8 +89,12 @@ async fn record(
     if options.faults.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(options.faults.delay_ms)).await;
     }
-    let delivery = Delivery { job_id, idempotency_key, attempt, received_us, status, signature_ok };
+    let mut status = status;
     if let Ok(mut recorded) = log.lock() {
+        if options.fencing {
+            status = fenced(&mut recorded.fenced, &job_id, fencing_token, status);
+        }
+        let delivery = Delivery { job_id, idempotency_key, attempt, received_us, status, signature_ok, fencing_token };
         if recorded.deliveries.len() < DELIVERIES_MAX {
             recorded.deliveries.push(delivery);
         } else {
@@ -94,10 +109,48 @@ async fn record(
     response
 }
 
+/// The answer once fencing is looked at: 409 when the token's term is older than the
+/// largest accepted for the job; an accepted one (2xx) raises that largest.
+fn fenced(largest: &mut std::collections::HashMap<String, u64>, job_id: &str, token: Option<u64>, status: u16) -> u16 {
+    let (Some(token), Some(&kept)) = (token, largest.get(job_id)) else {
+        if let Some(token) = token.filter(|_| (200..300).contains(&status) && largest.len() < DELIVERIES_MAX) {
+            largest.insert(job_id.to_string(), token);
+        }
+        return status;
+    };
+    let term = |token: u64| token >> FENCING_INDEX_BITS;
+    if term(token) < term(kept) {
+        return 409;
+    }
+    if (200..300).contains(&status) && token > kept {
+        largest.insert(job_id.to_string(), token);
+    }
+    status
+}
+
 pub fn now_ms() -> u64 {
     now_us() / 1_000
 }
 
 pub fn now_us() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fencing_receiver_refuses_an_older_term_and_keeps_the_largest_accepted_token() {
+        let mut largest = std::collections::HashMap::new();
+        let token = |term: u64, index: u64| Some((term << FENCING_INDEX_BITS) | index);
+        assert_eq!(fenced(&mut largest, "a", token(2, 10), 500), 500, "a failed attempt sets nothing");
+        assert!(largest.is_empty());
+        assert_eq!(fenced(&mut largest, "a", token(2, 10), 200), 200);
+        assert_eq!(fenced(&mut largest, "a", token(1, 99), 200), 409, "an older term is refused");
+        assert_eq!(fenced(&mut largest, "a", token(2, 4), 200), 200, "an older position of the same term is not");
+        assert_eq!(fenced(&mut largest, "b", token(1, 1), 200), 200, "per job");
+        assert_eq!(fenced(&mut largest, "a", None, 200), 200, "without a token nothing is judged");
+        assert_eq!(largest.get("a"), token(2, 10).as_ref());
+    }
 }

@@ -17,6 +17,8 @@ pub struct Delivery {
     pub status: u16,
     /// Whether its signature verified; `None` when the sink was given no secret.
     pub signature_ok: Option<bool>,
+    /// Its `X-Sundial-Fencing-Token`, if it carried one.
+    pub fencing_token: Option<u64>,
 }
 
 /// What a run's deliveries add up to, against what was scheduled.
@@ -157,6 +159,7 @@ mod tests {
             received_us: at * 1_000,
             status: 200,
             signature_ok: None,
+            fencing_token: None,
         }
     }
 
@@ -233,6 +236,7 @@ mod failure_tests {
             received_us: at * 1_000,
             status,
             signature_ok: None,
+            fencing_token: None,
         }
     }
 

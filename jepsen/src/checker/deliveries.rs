@@ -24,6 +24,9 @@ pub struct Received {
     pub attempt: u32,
     pub received_us: u64,
     pub status: u16,
+    /// Its `X-Sundial-Fencing-Token` (none in runs stored before tokens existed).
+    #[serde(default)]
+    pub fencing_token: Option<u64>,
 }
 
 /// Examples kept per property.
@@ -200,6 +203,58 @@ fn fire_ms_of(job: &str, key: &str) -> Option<u64> {
 }
 
 /// Judges the lost, early, cancel, keys and caught-up properties.
+/// Fencing (issue 23): every delivery carries a token, and per job no delivery the receiver
+/// accepted carries a term older than one it accepted before (the receiver refuses those
+/// with 409, as one that uses the tokens does; a stale one accepted would be a receiver or
+/// token that does not order leaderships).
+pub fn check_fencing(deliveries: &[Received]) -> Property {
+    let mut fencing = Property::new(
+        "fencing",
+        "every delivery carries a fencing token; none accepted after a newer leadership's carries an older term",
+    );
+    let mut by_job: BTreeMap<&str, Vec<&Received>> = BTreeMap::new();
+    for delivery in deliveries {
+        by_job.entry(delivery.job.as_str()).or_default().push(delivery);
+    }
+    for arrivals in by_job.values_mut() {
+        arrivals.sort_by_key(|delivery| delivery.received_us);
+        let mut newest: Option<u64> = None;
+        for delivery in arrivals.iter() {
+            let Some(token) = delivery.fencing_token else {
+                fencing
+                    .violation("no_token", format!("{} (attempt {}) carried no token", delivery.key, delivery.attempt));
+                continue;
+            };
+            fencing.count("stale_refused", u64::from(delivery.status == 409));
+            if !(200..300).contains(&delivery.status) {
+                continue;
+            }
+            let term = token >> FENCING_INDEX_BITS;
+            if let Some(newest_term) = newest.map(|newest| newest >> FENCING_INDEX_BITS).filter(|newest| term < *newest)
+            {
+                fencing.violation(
+                    "older_term_accepted",
+                    format!(
+                        "{} (attempt {}) of term {term} accepted after one of term {newest_term}",
+                        delivery.key, delivery.attempt
+                    ),
+                );
+            }
+            newest = newest.max(Some(token));
+        }
+    }
+    fencing.summary = format!(
+        "{} deliveries without a token, {} of an older term accepted, {} refused as stale",
+        fencing.counts.get("no_token").unwrap_or(&0),
+        fencing.counts.get("older_term_accepted").unwrap_or(&0),
+        fencing.counts.get("stale_refused").unwrap_or(&0)
+    );
+    fencing
+}
+
+/// A fencing token's term is above its low 40 bits (docs/API.md, "Fencing tokens").
+const FENCING_INDEX_BITS: u32 = 40;
+
 pub fn check(operations: &[Operation], deliveries: &[Received], bounds: &Bounds) -> Vec<Property> {
     let margin_ms = bounds.margin_ms;
     let faults = fault_windows(operations);
@@ -356,6 +411,27 @@ mod tests {
         }
     }
 
+    #[test]
+    fn fencing_catches_a_missing_token_and_an_older_term_accepted_but_not_one_refused() {
+        let fenced = |term: u64, index: u64, received_ms: u64, status: u16| Received {
+            fencing_token: Some((term << FENCING_INDEX_BITS) | index),
+            status,
+            ..delivery("a", 100, received_ms)
+        };
+        let ordered = [fenced(1, 5, 200, 500), fenced(2, 3, 300, 200), fenced(1, 9, 400, 409), fenced(3, 1, 500, 200)];
+        let fine = check_fencing(&ordered);
+        assert!(fine.valid, "{fine:?}");
+        assert_eq!(fine.counts.get("stale_refused"), Some(&1));
+        let accepted_stale = [fenced(2, 3, 300, 200), fenced(1, 9, 400, 200)];
+        let caught = check_fencing(&accepted_stale);
+        assert!(!caught.valid && caught.counts.get("older_term_accepted") == Some(&1), "{caught:?}");
+        // Arrival order decides, not the order the receiver's log holds them in.
+        let logged_late = [fenced(1, 9, 400, 200), fenced(2, 3, 300, 200)];
+        assert!(!check_fencing(&logged_late).valid);
+        let untokened = [Received { fencing_token: None, ..delivery("a", 100, 200) }];
+        assert_eq!(check_fencing(&untokened).counts.get("no_token"), Some(&1));
+    }
+
     fn once(job: &str, outcome: Kind, run_at_ms: u64) -> Operation {
         operation(job, Call::Create, outcome, 0, 1_000_000, json!({"run_at_ms": run_at_ms}))
     }
@@ -367,6 +443,7 @@ mod tests {
             attempt: 1,
             received_us: received_ms * 1_000,
             status: 200,
+            fencing_token: Some(1 << FENCING_INDEX_BITS),
         }
     }
 

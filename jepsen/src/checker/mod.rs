@@ -31,6 +31,7 @@ pub struct Verdict {
 /// `crashes` lists nodes that exited without being killed by the nemesis.
 pub fn check(operations: &[Operation], deliveries: &[Received], bounds: &Bounds, crashes: &[String]) -> Verdict {
     let mut properties = deliveries::check(operations, deliveries, bounds);
+    properties.push(deliveries::check_fencing(deliveries));
     properties.push(linearizability(operations));
     properties.push(progress(operations, bounds));
     properties.push(no_crashes(crashes));

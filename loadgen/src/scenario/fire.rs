@@ -57,7 +57,7 @@ pub async fn fire(load: Load, args: FireArgs, soak: Option<(Vec<u32>, u64)>) -> 
     if !(1..=100).contains(&args.max_attempts) {
         return Err(format!("--max-attempts: must be within 1..=100 (got {})", args.max_attempts));
     }
-    let options = SinkOptions { faults, secret: args.secret.as_ref().map(|s| s.as_bytes().to_vec()) };
+    let options = SinkOptions { faults, secret: args.secret.as_ref().map(|s| s.as_bytes().to_vec()), fencing: false };
     let (sink_addr, recorded) =
         receiver::start(args.sink, options).await.map_err(|e| format!("--sink {}: {e}", args.sink))?;
     let target = Arc::new(load.target().await?);
