@@ -91,8 +91,12 @@ impl Writer {
     pub(crate) fn write_durable(&mut self, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
         debug_assert!(self.in_flight.is_none(), "a begun write is finished before another");
         #[cfg(target_os = "linux")]
-        if let Some(ring) = self.ring.as_mut() {
-            return uring::write_durable(ring, file, offset, bytes);
+        if self.ring.is_some() {
+            // Through a copy the writer owns: were the completions never reaped, the kernel
+            // could still read the buffer after the caller's was gone (only zeroing comes
+            // here, rarely).
+            self.begin_durable(file, offset, bytes.to_vec());
+            return self.finish_durable(file).map_or(Ok(()), |(_, result)| result);
         }
         use std::os::unix::fs::FileExt;
         file.write_all_at(bytes, offset)?;
@@ -132,8 +136,15 @@ impl Writer {
         }
         #[cfg(target_os = "linux")]
         if let Some(ring) = self.ring.as_mut() {
-            let result = uring::finish_durable(ring, file, offset, &bytes);
-            return Some((bytes, result));
+            return match uring::finish_durable(ring, file, offset, &bytes) {
+                uring::Finished::Done(result) => Some((bytes, result)),
+                uring::Finished::Abandoned(error) => {
+                    // The completions could not be reaped, so the kernel may still read the
+                    // buffer: it is never freed (once; the log fails and writes no more).
+                    std::mem::forget(bytes);
+                    Some((Vec::new(), Err(error)))
+                }
+            };
         }
         let _ = (file, offset);
         Some((bytes, Err(io::Error::other("a begun write without io_uring has its result"))))
@@ -146,7 +157,10 @@ impl Drop for Writer {
     fn drop(&mut self) {
         #[cfg(target_os = "linux")]
         if let (Some(ring), Some(InFlight { done: None, .. })) = (self.ring.as_mut(), &self.in_flight) {
-            let _ = uring::reap_both(ring);
+            if uring::reap_both(ring).is_err() {
+                // Not reaped: the kernel may still read the buffer, so it is never freed.
+                std::mem::forget(self.in_flight.take());
+            }
         }
     }
 }
@@ -165,9 +179,16 @@ mod uring {
     /// One submission writes at most this much, so its length fits the SQE's u32.
     const WRITE_CHUNK_MAX_BYTES: usize = 1 << 30;
 
+    /// What finishing a begun write came to: its result, or `Abandoned` when its completions
+    /// could not be reaped, so the kernel may still read the buffer (never to be freed).
+    pub(super) enum Finished {
+        Done(io::Result<()>),
+        Abandoned(io::Error),
+    }
+
     /// Submits what is queued and waits until both completions are reaped. A wait cut short
-    /// by a signal (EINTR, or fewer completions than asked) is resumed, so this never returns
-    /// while the kernel may still use the caller's buffer.
+    /// by a signal (EINTR, or fewer completions than asked) is resumed. An error means they
+    /// were not all reaped: the kernel may still use the caller's buffer.
     pub(super) fn reap_both(ring: &mut IoUring) -> io::Result<(i32, i32)> {
         let (mut write_res, mut sync_res) = (None, None);
         let mut retries = 0;
@@ -197,20 +218,14 @@ mod uring {
             && probe.is_supported(opcode::Fsync::CODE)
     }
 
-    /// Write linked to fdatasync in one submission. A short write cancels the linked sync
-    /// (the kernel breaks the link), so the loop writes the rest and syncs again; each turn
-    /// writes at least one byte, bounding the loop by `bytes.len()`.
-    pub(super) fn write_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        submit_durable(ring, file, offset, bytes)?;
-        finish_durable(ring, file, offset, bytes)
-    }
-
     /// Queues the write of `bytes` (its first chunk) linked to an fdatasync and submits
     /// them without waiting. The caller keeps `bytes` and `file` alive and unchanged until
     /// [`finish_durable`] (or [`reap_both`]) has reaped both completions.
     pub(super) fn submit_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
         push_write_and_sync(ring, file, offset, bytes)?;
-        ring.submit()?;
+        // Queued now, so in flight whatever this says: a submission refused here is made
+        // again by the wait (`reap_both`), which reports what became of them.
+        let _ = ring.submit();
         Ok(())
     }
 
@@ -228,6 +243,10 @@ mod uring {
         // completions are reaped (`finish_durable`, or the writer's drop).
         unsafe {
             let mut queue = ring.submission();
+            // Both or neither: a write queued without its sync would outlive the error.
+            if queue.capacity() - queue.len() < 2 {
+                return Err(io::Error::other("io_uring submission queue full"));
+            }
             queue.push(&write).map_err(|_| io::Error::other("io_uring submission queue full"))?;
             queue.push(&sync).map_err(|_| io::Error::other("io_uring submission queue full"))?;
         }
@@ -236,27 +255,32 @@ mod uring {
 
     /// Waits for the write and fdatasync [`submit_durable`] queued; a short write is
     /// continued (written and synced again) until all of `bytes` is durable.
-    pub(super) fn finish_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    pub(super) fn finish_durable(ring: &mut IoUring, file: &File, offset: u64, bytes: &[u8]) -> Finished {
         let mut written = 0usize;
         loop {
             if written > 0 {
-                push_write_and_sync(ring, file, offset + written as u64, &bytes[written..])?;
+                if let Err(error) = push_write_and_sync(ring, file, offset + written as u64, &bytes[written..]) {
+                    return Finished::Done(Err(error)); // nothing queued
+                }
             }
-            let (write_res, sync_res) = reap_both(ring)?;
+            let (write_res, sync_res) = match reap_both(ring) {
+                Ok(results) => results,
+                Err(error) => return Finished::Abandoned(error),
+            };
             if write_res < 0 {
-                return Err(io::Error::from_raw_os_error(-write_res));
+                return Finished::Done(Err(io::Error::from_raw_os_error(-write_res)));
             }
             if write_res == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "io_uring write wrote nothing"));
+                return Finished::Done(Err(io::Error::new(io::ErrorKind::WriteZero, "io_uring write wrote nothing")));
             }
             written += write_res as usize;
             if written < bytes.len() {
                 continue; // short write: the sync was cancelled; write the rest.
             }
             if sync_res < 0 {
-                return Err(io::Error::from_raw_os_error(-sync_res));
+                return Finished::Done(Err(io::Error::from_raw_os_error(-sync_res)));
             }
-            return Ok(());
+            return Finished::Done(Ok(()));
         }
     }
 }
