@@ -571,11 +571,10 @@ impl<L: CommandLog> Runtime<L> {
             secret: spec.secret.as_ref().map(|s| s.as_bytes().to_vec()),
             secret_next: spec.secret_next.as_ref().map(|s| s.as_bytes().to_vec()),
             traceparent: sundial_engine::trace::attempt_traceparent(spec.trace.as_ref(), id, fire_ms, attempt),
-            // Made now, by the leader that sends it: a receiver refuses an older term's.
-            fencing_token: sundial_engine::sign::fencing_token(
-                self.log.leadership().unwrap_or(0),
-                self.log.last_index(),
-            ),
+            // Made now, in the term this runtime fires in (the log may have lost leadership
+            // during this turn's advance, before the runtime stops): a receiver that saw a
+            // newer term's token refuses it.
+            fencing_token: sundial_engine::sign::fencing_token(self.leading_term.unwrap_or(0), self.log.last_index()),
         };
         self.dispatcher.submit(submission).is_ok()
     }
@@ -700,10 +699,11 @@ impl<L: CommandLog> Runtime<L> {
             if self.leading {
                 self.stop_leading(now_ms);
             }
+            // Set first: the attempts a take-over runs again carry the new term's tokens.
+            self.leading_term = leadership;
             if leadership.is_some() {
                 self.start_leading(now_ms);
             }
-            self.leading_term = leadership;
         }
     }
 

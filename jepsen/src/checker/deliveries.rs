@@ -206,7 +206,9 @@ fn fire_ms_of(job: &str, key: &str) -> Option<u64> {
 /// Fencing (issue 23): every delivery carries a token, and per job no delivery the receiver
 /// accepted carries a term older than one it accepted before (the receiver refuses those
 /// with 409, as one that uses the tokens does; a stale one accepted would be a receiver or
-/// token that does not order leaderships).
+/// token that does not order leaderships). "Before" is the order the receiver recorded, and
+/// judged, them in — not their timestamps, which are taken when a request arrives, before
+/// its body is read, so two racing requests may be judged in the other order.
 pub fn check_fencing(deliveries: &[Received]) -> Property {
     let mut fencing = Property::new(
         "fencing",
@@ -216,8 +218,7 @@ pub fn check_fencing(deliveries: &[Received]) -> Property {
     for delivery in deliveries {
         by_job.entry(delivery.job.as_str()).or_default().push(delivery);
     }
-    for arrivals in by_job.values_mut() {
-        arrivals.sort_by_key(|delivery| delivery.received_us);
+    for arrivals in by_job.values() {
         let mut newest: Option<u64> = None;
         for delivery in arrivals.iter() {
             let Some(token) = delivery.fencing_token else {
@@ -425,9 +426,9 @@ mod tests {
         let accepted_stale = [fenced(2, 3, 300, 200), fenced(1, 9, 400, 200)];
         let caught = check_fencing(&accepted_stale);
         assert!(!caught.valid && caught.counts.get("older_term_accepted") == Some(&1), "{caught:?}");
-        // Arrival order decides, not the order the receiver's log holds them in.
-        let logged_late = [fenced(1, 9, 400, 200), fenced(2, 3, 300, 200)];
-        assert!(!check_fencing(&logged_late).valid);
+        // The receiver's order decides (it judged them so), not their arrival stamps.
+        let judged_first = [fenced(1, 9, 400, 200), fenced(2, 3, 300, 200)];
+        assert!(check_fencing(&judged_first).valid);
         let untokened = [Received { fencing_token: None, ..delivery("a", 100, 200) }];
         assert_eq!(check_fencing(&untokened).counts.get("no_token"), Some(&1));
     }

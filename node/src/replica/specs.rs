@@ -45,10 +45,10 @@ pub(super) const DISK_FREE_FLOOR_BYTES: u64 = 1 << 30;
 /// again (a failing disk is not retried on every create).
 const PUTS_BEFORE_RETRY: u64 = 4096;
 
-/// One segment file, mapped shared and read-only; written with `pwrite`.
+/// One segment file, mapped shared and read-only (the store writes the head's through a
+/// descriptor it holds; sealed segments keep none open).
 pub struct FileSegment {
     map: memmap2::MmapRaw,
-    file: File,
     path: PathBuf,
     number: u64,
     /// The file's inode: a segment deletes its file only if the name still names it.
@@ -133,7 +133,6 @@ impl FileSegment {
         let map = memmap2::MmapOptions::new().map_raw_read_only(file)?;
         Ok(FileSegment {
             map,
-            file: file.try_clone()?,
             path: path.to_path_buf(),
             number,
             inode: file.metadata()?.ino(),
@@ -218,6 +217,8 @@ pub struct SpecStore {
     segment_bytes: u64,
     segments_max: usize,
     head: Option<Arc<FileSegment>>,
+    /// The head's file, open for writing (only the head's is kept open).
+    head_file: Option<File>,
     /// Segments made or opened, including the head, shared with snapshots' threads; dead
     /// ones are pruned when a segment is made.
     files: SegmentFiles,
@@ -296,6 +297,7 @@ impl SpecStore {
             segment_bytes,
             segments_max,
             head: None,
+            head_file: None,
             files,
             next_number,
             refusing_puts: 0,
@@ -314,7 +316,7 @@ impl SpecStore {
         self.files.lock().values().filter(|segment| segment.strong_count() > 0).count()
     }
 
-    fn new_segment(&mut self) -> std::io::Result<Arc<FileSegment>> {
+    fn new_segment(&mut self) -> std::io::Result<(Arc<FileSegment>, File)> {
         let mut files = self.files.lock();
         files.retain(|_, segment| segment.strong_count() > 0);
         if files.len() >= self.segments_max {
@@ -346,14 +348,14 @@ impl SpecStore {
         let mut header = [0u8; SEGMENT_HEADER_BYTES];
         header[..8].copy_from_slice(&SEGMENT_MAGIC);
         header[8..12].copy_from_slice(&SEGMENT_FORMAT.to_le_bytes());
-        if let Err(error) = segment.file.write_all_at(&header, 0) {
+        if let Err(error) = file.write_all_at(&header, 0) {
             drop(segment);
             let _ = fs::remove_file(&path);
             return Err(error);
         }
         let segment = Arc::new(segment);
         files.insert(number, Arc::downgrade(&segment));
-        Ok(segment)
+        Ok((segment, file))
     }
 }
 
@@ -443,13 +445,15 @@ impl SpecStore {
         if let Some(old) = self.head.take() {
             old.sealed.store(true, Ordering::Relaxed);
         }
+        self.head_file = None;
         if self.refusing_puts > 0 {
             self.refusing_puts -= 1;
             return None;
         }
         match self.new_segment() {
-            Ok(segment) => {
+            Ok((segment, file)) => {
                 self.head = Some(segment.clone());
+                self.head_file = Some(file);
                 self.warned = false;
                 Some(segment)
             }
@@ -475,10 +479,16 @@ impl SpecStore {
         if run.specs.is_empty() {
             return;
         }
-        if let Err(error) = segment.file.write_all_at(&run.bytes, run.start) {
+        let is_head = self.head.as_ref().is_some_and(|head| Arc::ptr_eq(head, &segment));
+        let written = match self.head_file.as_ref().filter(|_| is_head) {
+            Some(file) => file.write_all_at(&run.bytes, run.start),
+            None => Err(std::io::Error::other("specs placed in a segment that is no longer the head")),
+        };
+        if let Err(error) = written {
             segment.sealed.store(true, Ordering::Relaxed);
-            if self.head.as_ref().is_some_and(|head| Arc::ptr_eq(head, &segment)) {
+            if is_head {
                 self.head = None;
+                self.head_file = None;
             }
             self.refused(&error);
             return;

@@ -247,10 +247,11 @@ impl Router {
     /// Runs work on a partition: on this node's shard when it holds a replica, and on the
     /// leader (forwarded) for the items the local replica does not lead. Answers in order.
     pub async fn partition_work(&self, partition: u32, work: PartitionWork, hops: u8) -> Vec<Answer> {
-        if self.cluster.is_none() {
+        if self.cluster.is_none() && matches!(work, PartitionWork::Create { .. }) {
             // A single node's partitions elected themselves when they opened (a group of one
-            // never steps down): nothing is forwarded or retried, so the work goes to the
-            // shard as it is, not copied.
+            // never steps down), so a create is never forwarded or retried for want of a
+            // leader: it goes to the shard as it is, not copied. (A linearizable read not
+            // confirmed in time is retried below, even here.)
             return self.shard_work(partition, work).await;
         }
         let mut answers = self.partition_work_once(partition, &work, hops).await;
