@@ -927,16 +927,23 @@ async fn trace_context_flows_from_the_create_into_the_webhook_and_out_over_otlp(
     assert!(contains(&bytes, &unhex(caller_span)), "the request span's parent is the caller's span");
 }
 
+/// A node with a cron job `id` that fires every second at a fresh receiver, once it fired
+/// three times (the data directory goes when its handle does, after the node).
+async fn every_second_cron_fired_thrice(id: &str) -> (tempfile::TempDir, Node, Arc<Mutex<Vec<Hit>>>) {
+    let (target, hits) = receiver().await;
+    let data = tempfile::tempdir().expect("tempdir");
+    let node = Node::start(data.path());
+    let request = json!({"id": id, "cron": "* * * * * *", "url": format!("http://{target}/{id}")});
+    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
+    assert!(wait_for(Duration::from_secs(30), || hits.lock().expect("hits").len() >= 3).await, "three fires");
+    (data, node, hits)
+}
+
 /// A cron job fires on its schedule again and again, each fire once (its own idempotency
 /// key), and pausing it stops the fires.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cron_job_fires_repeatedly_until_paused() {
-    let (target, hits) = receiver().await;
-    let data = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(data.path());
-    let request = json!({"id": "every-second", "cron": "* * * * * *", "url": format!("http://{target}/cron")});
-    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
-    assert!(wait_for(Duration::from_secs(30), || hits.lock().expect("hits").len() >= 3).await, "three fires");
+    let (_data, node, hits) = every_second_cron_fired_thrice("every-second").await;
     let (status, job) = node.call("POST", "/jobs/every-second/pause", b"");
     assert_eq!((status, job["paused"].as_bool()), (200, Some(true)), "{job}");
     // An attempt already started may still land; after that, nothing more.
@@ -961,17 +968,15 @@ async fn a_cron_job_fires_repeatedly_until_paused() {
 /// than any before, so a receiver can refuse what the old leader had in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cron_deliveries_carry_fencing_tokens_that_grow_and_a_restart_raises_their_term() {
-    let (target, hits) = receiver().await;
-    let data = tempfile::tempdir().expect("tempdir");
-    let node = Node::start(data.path());
-    let request = json!({"id": "fenced", "cron": "* * * * * *", "url": format!("http://{target}/fenced")});
-    assert_eq!(node.call("POST", "/jobs", request.to_string().as_bytes()).0, 201);
-    assert!(wait_for(Duration::from_secs(30), || hits.lock().expect("hits").len() >= 3).await, "three fires");
+    let (data, node, hits) = every_second_cron_fired_thrice("fenced").await;
     node.kill();
     let before = hits.lock().expect("hits").clone();
     let restarted_ms = now_ms();
     let node = Node::start(data.path());
-    let more = || hits.lock().expect("hits").iter().filter(|hit| hit.at_ms >= restarted_ms).count() >= 3;
+    // Fires due after the restart began: only the new process can have sent them (never
+    // early), whenever a request the old one wrote before its death is read.
+    let fire_ms = |hit: &Hit| -> u64 { hit.key.rsplit(':').next().and_then(|ms| ms.parse().ok()).unwrap_or(0) };
+    let more = || hits.lock().expect("hits").iter().filter(|hit| fire_ms(hit) > restarted_ms).count() >= 3;
     assert!(wait_for(Duration::from_secs(30), more).await, "three fires after the restart");
     node.kill();
     let token = |hit: &Hit| -> u64 {
@@ -983,7 +988,7 @@ async fn cron_deliveries_carry_fencing_tokens_that_grow_and_a_restart_raises_the
     assert!(first.windows(2).all(|pair| pair[1] > pair[0]), "each fire's token above the last: {first:?}");
     let old_term = before.iter().map(term).max().expect("fires before the kill");
     let hits = hits.lock().expect("hits").clone();
-    let after: Vec<&Hit> = hits.iter().filter(|hit| hit.at_ms >= restarted_ms).collect();
+    let after: Vec<&Hit> = hits.iter().filter(|hit| fire_ms(hit) > restarted_ms).collect();
     assert!(after.iter().all(|hit| term(hit) > old_term), "a new leadership's term: {old_term} before, {after:?}");
 }
 
