@@ -528,8 +528,9 @@ pub fn new_job_id(now_ms: u64, random: u128) -> String {
     let mut bits = (u128::from(now_ms & 0xFFFF_FFFF_FFFF) << 80) | (random & ((1u128 << 80) - 1));
     bits = (bits & !(0xF << 76)) | (0x7 << 76); // version 7
     bits = (bits & !(0b11 << 62)) | (0b10 << 62); // RFC variant
-                                                  // Written digit by digit: one is made for every create, and `format!` cost more than the
-                                                  // rest of choosing it.
+
+    // Written digit by digit: one is made for every create, and `format!` cost more than the
+    // rest of choosing it.
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(36);
     for nibble in 0..32 {

@@ -5,7 +5,9 @@
 //! A segment is a preallocated file mapped shared and read-only, named by its number; specs
 //! are appended at 16-byte alignment by `pwrite`, a turn's specs in one write, and never
 //! written again. (Writing through the mapping cost a page fault per new page, and, when the
-//! pages were synced, a TLB flush of both cores per page: more than the write calls.) A linked snapshot (`State::link`) names the
+//! pages were synced, a TLB flush of both cores per page: more than the write calls.)
+//!
+//! A linked snapshot (`State::link`) names the
 //! segments its jobs' specs lie in with a length and a CRC32C: before it is written, each of
 //! them is synced up to that length (only past what an earlier snapshot synced, the checksum
 //! carried on from there, since nothing below is ever written again). So the segments the
