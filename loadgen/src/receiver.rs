@@ -15,7 +15,12 @@ use std::time::Duration;
 /// Deliveries kept at most (a run of 10 million fires fits).
 pub const DELIVERIES_MAX: usize = 10_000_000;
 /// A fencing token's term is above its low 40 bits (docs/API.md, "Fencing tokens").
-const FENCING_INDEX_BITS: u32 = 40;
+pub const FENCING_INDEX_BITS: u32 = 40;
+
+/// The leadership term a fencing token was made in.
+pub fn fencing_term(token: u64) -> u64 {
+    token >> FENCING_INDEX_BITS
+}
 /// How far a signature's timestamp may be from the sink's clock.
 const SIGNATURE_TOLERANCE_MS: u64 = 300_000;
 
@@ -118,8 +123,7 @@ fn fenced(largest: &mut std::collections::HashMap<String, u64>, job_id: &str, to
         }
         return status;
     };
-    let term = |token: u64| token >> FENCING_INDEX_BITS;
-    if term(token) < term(kept) {
+    if fencing_term(token) < fencing_term(kept) {
         return 409;
     }
     if (200..300).contains(&status) && token > kept {

@@ -15,6 +15,7 @@ use super::Bounds;
 use crate::history::{Call, Kind, Operation};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
+use sundial_loadgen::receiver::fencing_term;
 
 /// One delivery the receiver got (what `deliveries.jsonl` holds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -230,9 +231,8 @@ pub fn check_fencing(deliveries: &[Received]) -> Property {
             if !(200..300).contains(&delivery.status) {
                 continue;
             }
-            let term = token >> FENCING_INDEX_BITS;
-            if let Some(newest_term) = newest.map(|newest| newest >> FENCING_INDEX_BITS).filter(|newest| term < *newest)
-            {
+            let term = fencing_term(token);
+            if let Some(newest_term) = newest.map(fencing_term).filter(|newest| term < *newest) {
                 fencing.violation(
                     "older_term_accepted",
                     format!(
@@ -252,9 +252,6 @@ pub fn check_fencing(deliveries: &[Received]) -> Property {
     );
     fencing
 }
-
-/// A fencing token's term is above its low 40 bits (docs/API.md, "Fencing tokens").
-const FENCING_INDEX_BITS: u32 = 40;
 
 pub fn check(operations: &[Operation], deliveries: &[Received], bounds: &Bounds) -> Vec<Property> {
     let margin_ms = bounds.margin_ms;
@@ -396,6 +393,7 @@ pub fn check(operations: &[Operation], deliveries: &[Received], bounds: &Bounds)
 mod tests {
     use super::*;
     use serde_json::{json, Value};
+    use sundial_loadgen::receiver::FENCING_INDEX_BITS;
 
     fn operation(job: &str, f: Call, outcome: Kind, invoke_us: u64, complete_us: u64, argument: Value) -> Operation {
         Operation {
